@@ -1,0 +1,109 @@
+"""Dataclass configurations, saved inside every checkpoint and exported model."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+VARIANTS = ("stn-u", "stn-s", "istn-e", "istn-i")
+TRANSFORMS = ("affine", "bspline")
+SOI_KINDS = ("labels", "soft", "landmarks")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a network (and to interpret its output).
+
+    ``grid_size`` is the internal grid in ITK order ``(X, Y[, Z])``;
+    ``grid_spacing`` its isotropic spacing in mm. Translation and B-spline
+    bounds are in normalised units (fractions of the grid's half-extent).
+    """
+
+    ndim: int = 2
+    grid_size: tuple[int, ...] = (128, 128)
+    grid_spacing: float = 1.0
+    transform: str = "affine"
+    variant: str = "istn-i"
+    soi_channels: int = 1
+    itn_channels: tuple[int, ...] = (16, 32, 64)
+    stn_channels: tuple[int, ...] = (16, 32, 64, 64)
+    stn_hidden: int = 128
+    cp_spacing_mm: float = 10.0
+    max_translation: float = 0.3
+    max_rotation_deg: float = 45.0
+    max_log_scale: float = 0.25
+    max_shear: float = 0.25
+    max_displacement: float = 0.3
+
+    def __post_init__(self) -> None:
+        self.grid_size = tuple(int(s) for s in self.grid_size)
+        self.itn_channels = tuple(int(c) for c in self.itn_channels)
+        self.stn_channels = tuple(int(c) for c in self.stn_channels)
+        if self.ndim not in (2, 3):
+            raise ValueError(f"ModelConfig() 'ndim' must be 2 or 3, got {self.ndim}")
+        if len(self.grid_size) != self.ndim:
+            raise ValueError(f"ModelConfig() 'grid_size' must have {self.ndim} entries, got {self.grid_size}")
+        if self.transform not in TRANSFORMS:
+            raise ValueError(f"ModelConfig() 'transform' must be one of {TRANSFORMS}, got {self.transform!r}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"ModelConfig() 'variant' must be one of {VARIANTS}, got {self.variant!r}")
+        levels = len(self.itn_channels) - 1
+        if any(s % (2**levels) for s in self.grid_size):
+            raise ValueError(f"ModelConfig() 'grid_size' must be divisible by {2**levels} (ITN depth), got {self.grid_size}")
+
+    @property
+    def uses_itn(self) -> bool:
+        return self.variant in ("istn-e", "istn-i")
+
+    @property
+    def cp_spacing_voxels(self) -> float:
+        return self.cp_spacing_mm / self.grid_spacing
+
+
+@dataclass
+class TrainConfig:
+    """How a model is trained (saved in the checkpoint and in the exported model)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train_csv: str = ""  # image pairs, header ``src,trg`` (src = moving, trg = fixed)
+    soi_csv: str = ""  # SoI pairs, same rows as ``train_csv``
+    data_root: str = ""  # paths in the CSVs are relative to this (default: the CSV's folder)
+    soi_kind: str = "soft"  # labels | soft | landmarks
+    soi_labels: tuple[int, ...] = ()  # for soi_kind="labels": label values, one channel each
+    val_csv: str = ""  # optional explicit validation pairs (with val_soi_csv)
+    val_soi_csv: str = ""
+    val_fraction: float = 0.2  # otherwise this fraction of train_csv rows, split by split_seed
+    split_seed: int = 0
+    steps: int = 1000
+    batch_size: int = 10
+    lr: float = 1e-3
+    val_every: int = 100
+    seed: int = 42
+    device: str = "auto"
+    threads: int = 1
+    out_dir: str = "runs/istn"
+    intensity_low: float = 0.5  # percentiles mapped to 0 and 1
+    intensity_high: float = 99.5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = ModelConfig(**self.model)
+        self.soi_labels = tuple(int(v) for v in self.soi_labels)
+        if self.soi_kind not in SOI_KINDS:
+            raise ValueError(f"TrainConfig() 'soi_kind' must be one of {SOI_KINDS}, got {self.soi_kind!r}")
+        if self.steps < 1 or self.batch_size < 1 or self.val_every < 1:
+            raise ValueError("TrainConfig() 'steps', 'batch_size' and 'val_every' must be >= 1")
+
+
+def to_dict(config: Any) -> dict:
+    """Dataclass -> plain JSON-able dict (tuples become lists)."""
+    return dataclasses.asdict(config)
+
+
+def train_config_from_dict(d: dict) -> TrainConfig:
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"TrainConfig has no field(s) {sorted(unknown)}")
+    return TrainConfig(**d)

@@ -1,0 +1,185 @@
+"""Data: image pairs from CSV files, SoI encodings, resampling to the network grid, intensity normalisation."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .config import ModelConfig
+from .errors import InputError
+from .geometry import Grid, resample_to_grid
+from .io import check_image
+
+
+# --------------------------------------------------------------------------
+# Intensities and SoI encodings (numpy)
+# --------------------------------------------------------------------------
+
+
+def intensity_window(array: np.ndarray, low: float = 0.5, high: float = 99.5) -> tuple[float, float]:
+    """Percentile window ``(a, b)`` of an image; the engine maps it to ``[0, 1]``."""
+    a, b = np.percentile(array, [low, high])
+    if b <= a:  # very sparse images (landmarks): fall back to the full range
+        a, b = float(array.min()), float(array.max())
+    if b <= a:
+        raise InputError("image is constant: nothing to register")
+    return float(a), float(b)
+
+
+def normalise_intensity(array: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """Map ``window`` to ``[0, 1]`` and clip (float32)."""
+    a, b = window
+    return np.clip((array.astype(np.float32) - a) / (b - a), 0.0, 1.0)
+
+
+def encode_soi(array: np.ndarray, kind: str, labels: Sequence[int] = ()) -> np.ndarray:
+    """SoI image -> ``(K, *shape)`` float32 encoding in ``[0, 1]``.
+
+    - ``labels``: label map -> one binary channel per value in ``labels``
+      (default: one channel for "any non-zero label", i.e. a binary mask);
+    - ``soft`` / ``landmarks``: soft maps and rendered landmarks, scaled by
+      their maximum (one channel).
+    """
+    if kind == "labels":
+        if not labels:
+            return (array > 0).astype(np.float32)[None]
+        return np.stack([(array == v).astype(np.float32) for v in labels])
+    if kind in ("soft", "landmarks"):
+        m = float(array.max())
+        return (array.astype(np.float32) / m if m > 0 else array.astype(np.float32))[None]
+    raise ValueError(f"encode_soi() 'kind' must be labels, soft or landmarks, got {kind!r}")
+
+
+# --------------------------------------------------------------------------
+# Network grid
+# --------------------------------------------------------------------------
+
+
+def network_grid(image: sitk.Image | Grid, cfg: ModelConfig) -> Grid:
+    """The model's internal grid for an image: its centre and direction, the model's size and spacing."""
+    grid = image if isinstance(image, Grid) else Grid.from_image(image)
+    return Grid.centred_on(grid, cfg.grid_size, cfg.grid_spacing)
+
+
+def image_to_tensor(
+    image: sitk.Image,
+    grid: Grid,
+    window: tuple[float, float] | None,
+    transform: sitk.Transform | None = None,
+) -> torch.Tensor:
+    """Resample ``image`` onto ``grid`` (through ``transform``) and normalise: ``(1, 1, *S)`` float32."""
+    arr = sitk.GetArrayFromImage(resample_to_grid(image, grid, transform))
+    if window is not None:
+        arr = normalise_intensity(arr, window)
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
+
+
+def soi_to_tensor(soi: sitk.Image, grid: Grid, kind: str, labels: Sequence[int] = ()) -> torch.Tensor:
+    """Encode an SoI image on its own grid, then resample each channel linearly: ``(1, K, *S)``."""
+    enc = encode_soi(sitk.GetArrayFromImage(soi), kind, labels)
+    channels = []
+    for c in enc:
+        img = sitk.GetImageFromArray(c)
+        img.CopyInformation(soi)
+        channels.append(sitk.GetArrayFromImage(resample_to_grid(img, grid)))
+    return torch.from_numpy(np.stack(channels).astype(np.float32))[None]
+
+
+# --------------------------------------------------------------------------
+# Pairs from CSV
+# --------------------------------------------------------------------------
+
+
+def read_pairs_csv(path: str | Path, root: str | Path | None = None) -> list[tuple[Path, Path]]:
+    """Rows ``src,trg`` (header required) -> ``[(source_path, target_path)]``.
+
+    Relative paths are resolved against ``root`` (default: the CSV's folder).
+    The ISTN convention: ``src`` is the moving image, ``trg`` the fixed one.
+    """
+    path = Path(path)
+    base = Path(root) if root else path.parent
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or not {"src", "trg"} <= set(reader.fieldnames):
+            raise InputError(f"pairs file '{path}' must have a header with columns src,trg")
+        return [(base / row["src"], base / row["trg"]) for row in reader]
+
+
+@dataclass
+class PairTensors:
+    """One training pair on the network grid (batch dimension 1)."""
+
+    source: torch.Tensor  # (1, 1, *S)
+    target: torch.Tensor  # (1, 1, *S)
+    source_soi: torch.Tensor  # (1, K, *S)
+    target_soi: torch.Tensor  # (1, K, *S)
+
+
+def load_pair(
+    source: Path,
+    target: Path,
+    source_soi: Path,
+    target_soi: Path,
+    cfg: ModelConfig,
+    soi_kind: str,
+    soi_labels: Sequence[int] = (),
+    intensity: tuple[float, float] = (0.5, 99.5),
+) -> PairTensors:
+    """Read, check and resample one pair and its SoI encodings onto each image's network grid."""
+    out = []
+    for img_path, soi_path in ((source, source_soi), (target, target_soi)):
+        img = check_image(sitk.ReadImage(str(img_path)), f"image '{img_path}'")
+        if img.GetDimension() != cfg.ndim:
+            raise InputError(f"image '{img_path}' is {img.GetDimension()}D but the model is {cfg.ndim}D")
+        grid = network_grid(img, cfg)
+        window = intensity_window(sitk.GetArrayViewFromImage(img), *intensity)
+        soi = sitk.ReadImage(str(soi_path))
+        out.append((image_to_tensor(img, grid, window), soi_to_tensor(soi, grid, soi_kind, soi_labels)))
+    (s, ss), (t, ts) = out
+    return PairTensors(s, t, ss, ts)
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Pairs held in memory on the network grid; items are dicts of ``(C, *S)`` tensors."""
+
+    def __init__(self, pairs: list[PairTensors]) -> None:
+        self.pairs = pairs
+
+    @classmethod
+    def from_csv(
+        cls,
+        images_csv: str | Path,
+        soi_csv: str | Path,
+        cfg: ModelConfig,
+        soi_kind: str,
+        soi_labels: Sequence[int] = (),
+        root: str | Path | None = None,
+        rows: Sequence[int] | None = None,
+        intensity: tuple[float, float] = (0.5, 99.5),
+    ) -> "PairDataset":
+        images = read_pairs_csv(images_csv, root)
+        sois = read_pairs_csv(soi_csv, root)
+        if len(images) != len(sois):
+            raise InputError(f"'{images_csv}' has {len(images)} rows but '{soi_csv}' has {len(sois)}: row k must be the same pair")
+        idx = range(len(images)) if rows is None else rows
+        return cls([load_pair(*images[i], *sois[i], cfg, soi_kind, soi_labels, intensity) for i in idx])
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        p = self.pairs[i]
+        return {"source": p.source[0], "target": p.target[0], "source_soi": p.source_soi[0], "target_soi": p.target_soi[0]}
+
+
+def split_rows(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded train/validation split of ``n`` rows: ``(train_rows, val_rows)``."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, int(round(n * val_fraction))) if val_fraction > 0 else 0
+    return sorted(perm[n_val:].tolist()), sorted(perm[:n_val].tolist())

@@ -1,0 +1,157 @@
+"""Model export and loading: one TorchScript file with its metadata inside.
+
+The file is a standard TorchScript archive (loads in any process with only
+torch installed) with an extra file ``meta.json``:
+
+    {"format": "istn-model", "format_version": 1, "engine_version": ..,
+     "ndim": .., "transform": "affine"|"bspline", "variant": ..,
+     "grid": {"size": [X, Y, (Z)], "spacing_mm": ..},
+     "control_point_spacing_mm": .., "intensity": {"method": "percentile", "low": .., "high": ..},
+     "soi": {"kind": .., "channels": .., "labels": [..], "description": ..},
+     "model_config": {..}, "training": {"config": {..}, "data": .., "step": .., "best_val": ..},
+     "created": ISO date}
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .config import ModelConfig, TrainConfig, to_dict
+from .errors import ModelFileError
+from .io import atomic_write
+from .networks import ISTN
+
+FORMAT = "istn-model"
+FORMAT_VERSION = 1
+META_NAME = "meta.json"
+
+
+def build_metadata(cfg: TrainConfig, *, soi_description: str = "", training_data: str = "", step: int = 0,
+                   best_val: float | None = None, extra: dict | None = None) -> dict:
+    """Metadata for an exported model, from its training config."""
+    m = cfg.model
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "engine_version": __version__,
+        "torch_version": torch.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "ndim": m.ndim,
+        "transform": m.transform,
+        "variant": m.variant,
+        "grid": {"size": list(m.grid_size), "spacing_mm": m.grid_spacing},
+        "control_point_spacing_mm": m.cp_spacing_mm if m.transform == "bspline" else None,
+        "intensity": {"method": "percentile", "low": cfg.intensity_low, "high": cfg.intensity_high},
+        "soi": {
+            "kind": cfg.soi_kind,
+            "channels": m.soi_channels,
+            "labels": list(cfg.soi_labels),
+            "description": soi_description,
+        },
+        "model_config": to_dict(m),
+        "training": {
+            "data": training_data or cfg.train_csv,
+            "config": to_dict(cfg),
+            "step": step,
+            "best_val": best_val,
+        },
+    }
+    if extra:
+        meta.update(extra)
+    return meta
+
+
+def export_model(model: ISTN, meta: dict, path: str | os.PathLike) -> Path:
+    """Script ``model`` and write it with ``meta`` to ``path`` (atomically)."""
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError("export_model() 'meta' must come from build_metadata()")
+    scripted = torch.jit.script(model.cpu().eval())
+    blob = json.dumps(meta, indent=2, default=str)
+    return atomic_write(path, lambda tmp: torch.jit.save(scripted, tmp, _extra_files={META_NAME: blob}))
+
+
+@dataclass
+class LoadedModel:
+    """A model read from an exported file: the scripted network and its metadata."""
+
+    module: torch.jit.ScriptModule
+    meta: dict[str, Any]
+    path: Path
+
+    @property
+    def config(self) -> ModelConfig:
+        return ModelConfig(**self.meta["model_config"])
+
+    @property
+    def ndim(self) -> int:
+        return int(self.meta["ndim"])
+
+    @property
+    def transform_type(self) -> str:
+        return str(self.meta["transform"])
+
+    @property
+    def intensity(self) -> tuple[float, float]:
+        return float(self.meta["intensity"]["low"]), float(self.meta["intensity"]["high"])
+
+    def to(self, device: torch.device | str) -> "LoadedModel":
+        self.module.to(device)
+        return self
+
+    def describe(self) -> str:
+        """One paragraph for people: what this model is."""
+        m = self.meta
+        grid = "x".join(str(s) for s in m["grid"]["size"])
+        text = (f"{m['variant'].upper()} {m['transform']} {m['ndim']}D model, internal grid {grid} at "
+                f"{m['grid']['spacing_mm']} mm")
+        if m.get("control_point_spacing_mm"):
+            text += f", control points every {m['control_point_spacing_mm']} mm"
+        soi = m.get("soi", {})
+        if soi.get("description"):
+            text += f"; SoI: {soi['description']}"
+        return text + f" (engine {m.get('engine_version', '?')})."
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load an exported model, refusing foreign, corrupt or incompatible files with a clear message."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelFileError(f"model file '{p}' does not exist")
+    if p.is_dir():
+        raise ModelFileError(f"model file '{p}' is a folder")
+    extra = {META_NAME: ""}
+    try:
+        module = torch.jit.load(str(p), map_location=device, _extra_files=extra)
+    except Exception as exc:  # torch raises RuntimeError/ValueError variants for foreign files
+        raise ModelFileError(
+            f"'{p}' is not an ISTN model file (expected a TorchScript archive exported by `istn`): "
+            f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__}"
+        ) from None
+    if not extra[META_NAME]:
+        raise ModelFileError(f"'{p}' is a TorchScript file without ISTN metadata ({META_NAME}); it was not exported by `istn`")
+    try:
+        meta = json.loads(extra[META_NAME])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ModelFileError(f"'{p}' has unreadable ISTN metadata ({META_NAME} is not valid JSON)") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ModelFileError(f"'{p}' metadata is not of format '{FORMAT}'")
+    version = meta.get("format_version")
+    if version is None:
+        raise ModelFileError(f"'{p}' metadata has no format_version; it cannot be interpreted safely")
+    if version != FORMAT_VERSION:
+        raise ModelFileError(
+            f"'{p}' has metadata format_version {version}, but this engine ({__version__}) reads version "
+            f"{FORMAT_VERSION}; use a matching ISTN version or re-export the model"
+        )
+    for key in ("ndim", "transform", "variant", "grid", "intensity", "model_config"):
+        if key not in meta:
+            raise ModelFileError(f"'{p}' metadata lacks the required field '{key}'")
+    return LoadedModel(module.eval(), meta, p)

@@ -1,0 +1,167 @@
+"""Explicit image geometry: voxel, normalised and world coordinates.
+
+Three coordinate systems appear in this engine and every matrix says which
+one it maps between:
+
+- voxel: continuous ITK index ``(i, j[, k])``, voxel centres at integers;
+- normalised: per-axis ``[-1, 1]`` over the voxel centres, the convention of
+  ``torch.nn.functional.grid_sample(..., align_corners=True)``; component order
+  ``(x, y[, z])`` equals the ITK index order ``(i, j[, k])``;
+- world: physical millimetres in ITK's LPS frame,
+  ``world = origin + direction @ diag(spacing) @ voxel``.
+
+All matrices are homogeneous ``(D+1, D+1)`` float64 numpy arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A sampling grid in physical space (the geometry of an ITK image).
+
+    ``size`` and ``spacing`` are in ITK order ``(X, Y[, Z])``; the numpy/torch
+    array of such an image has shape ``(Z, Y, X)``.
+    """
+
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]  # row-major D*D, as sitk.Image.GetDirection()
+
+    def __post_init__(self) -> None:
+        d = len(self.size)
+        if d not in (2, 3):
+            raise ValueError(f"Grid() 'size' must have 2 or 3 entries, got {self.size}")
+        if len(self.spacing) != d or len(self.origin) != d or len(self.direction) != d * d:
+            raise ValueError("Grid() 'spacing', 'origin' and 'direction' must match the dimension of 'size'")
+        if any(s <= 0 for s in self.spacing):
+            raise ValueError(f"Grid() 'spacing' must be positive, got {self.spacing}")
+
+    # -- construction -------------------------------------------------------
+    @classmethod
+    def from_image(cls, image: sitk.Image) -> "Grid":
+        return cls(
+            tuple(int(s) for s in image.GetSize()),
+            tuple(float(s) for s in image.GetSpacing()),
+            tuple(float(o) for o in image.GetOrigin()),
+            tuple(float(c) for c in image.GetDirection()),
+        )
+
+    @classmethod
+    def centred_on(cls, grid: "Grid", size: tuple[int, ...], spacing: float | tuple[float, ...]) -> "Grid":
+        """A grid of ``size`` voxels of ``spacing`` mm with ``grid``'s direction and centre.
+
+        This is the network's internal grid for an image: same orientation as the
+        scan, same physical centre, the model's own resolution.
+        """
+        d = grid.ndim
+        if len(size) != d:
+            raise ValueError(f"Grid.centred_on() 'size' must have {d} entries, got {size}")
+        sp = np.broadcast_to(np.asarray(spacing, dtype=float), (d,))
+        direction = grid.direction_matrix
+        half = direction @ (sp * (np.asarray(size) - 1) / 2.0)
+        origin = grid.centre - half
+        return cls(tuple(int(s) for s in size), tuple(float(s) for s in sp), tuple(origin.tolist()), grid.direction)
+
+    # -- properties ---------------------------------------------------------
+    @property
+    def ndim(self) -> int:
+        return len(self.size)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Array shape ``(Z, Y, X)`` / ``(Y, X)`` of an image on this grid."""
+        return tuple(reversed(self.size))
+
+    @property
+    def direction_matrix(self) -> np.ndarray:
+        return np.asarray(self.direction, dtype=float).reshape(self.ndim, self.ndim)
+
+    @property
+    def centre(self) -> np.ndarray:
+        """World position of the grid centre, ``(D,)``."""
+        return self.voxel_to_world(np.asarray([(s - 1) / 2.0 for s in self.size]))
+
+    # -- matrices -----------------------------------------------------------
+    def voxel_to_world_matrix(self) -> np.ndarray:
+        d = self.ndim
+        m = np.eye(d + 1)
+        m[:d, :d] = self.direction_matrix @ np.diag(self.spacing)
+        m[:d, d] = self.origin
+        return m
+
+    def world_to_voxel_matrix(self) -> np.ndarray:
+        return np.linalg.inv(self.voxel_to_world_matrix())
+
+    def normalised_to_voxel_matrix(self) -> np.ndarray:
+        """``voxel = (n + 1) * (size - 1) / 2`` (align_corners=True)."""
+        d = self.ndim
+        half = np.asarray([(s - 1) / 2.0 for s in self.size])
+        m = np.eye(d + 1)
+        m[:d, :d] = np.diag(half)
+        m[:d, d] = half
+        return m
+
+    def normalised_to_world_matrix(self) -> np.ndarray:
+        return self.voxel_to_world_matrix() @ self.normalised_to_voxel_matrix()
+
+    def world_to_normalised_matrix(self) -> np.ndarray:
+        return np.linalg.inv(self.normalised_to_world_matrix())
+
+    # -- points -------------------------------------------------------------
+    def voxel_to_world(self, points: np.ndarray) -> np.ndarray:
+        """``(..., D)`` voxel indices -> ``(..., D)`` world mm."""
+        return apply_homogeneous(self.voxel_to_world_matrix(), points)
+
+    def world_to_voxel(self, points: np.ndarray) -> np.ndarray:
+        return apply_homogeneous(self.world_to_voxel_matrix(), points)
+
+    def world_points(self) -> np.ndarray:
+        """World coordinates of every voxel centre, array-ordered ``(*shape, D)``."""
+        idx = np.meshgrid(*[np.arange(s) for s in self.shape], indexing="ij")
+        voxel = np.stack(idx[::-1], axis=-1).astype(float)  # (..., i, j, k) order
+        return self.voxel_to_world(voxel)
+
+    # -- SimpleITK ----------------------------------------------------------
+    def reference_image(self, pixel_type: int = sitk.sitkFloat32) -> sitk.Image:
+        """An empty image with this geometry (a resampling reference)."""
+        img = sitk.Image(list(self.size), pixel_type)
+        self.apply_to(img)
+        return img
+
+    def apply_to(self, image: sitk.Image) -> sitk.Image:
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+    def image_from_array(self, array: np.ndarray) -> sitk.Image:
+        """Array ``(*shape)`` or ``(*shape, C)`` -> image with this geometry."""
+        vector = array.ndim == self.ndim + 1
+        img = sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=vector)
+        return self.apply_to(img)
+
+
+def apply_homogeneous(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Apply a ``(D+1, D+1)`` homogeneous matrix to ``(..., D)`` points."""
+    d = matrix.shape[0] - 1
+    pts = np.asarray(points, dtype=float)
+    return pts @ matrix[:d, :d].T + matrix[:d, d]
+
+
+def resample_to_grid(
+    image: sitk.Image,
+    grid: Grid,
+    transform: sitk.Transform | None = None,
+    interpolator: int = sitk.sitkLinear,
+    default: float = 0.0,
+) -> sitk.Image:
+    """Resample ``image`` onto ``grid``; ``transform`` maps grid (world) points to image points."""
+    tx = transform if transform is not None else sitk.Transform(grid.ndim, sitk.sitkIdentity)
+    return sitk.Resample(image, grid.reference_image(), tx, interpolator, default, image.GetPixelID())

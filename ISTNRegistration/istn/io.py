@@ -1,0 +1,145 @@
+"""Reading and checking inputs; writing outputs atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError, OutputError
+
+
+def read_image(path: str | os.PathLike, role: str = "image") -> sitk.Image:
+    """Read an image SimpleITK understands (NIfTI, NRRD, MHA, PNG, ...) and check it.
+
+    ``role`` names the input in error messages ("fixed", "moving", ...).
+    Raises `InputError` for a missing, unreadable or unusable file.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{role} image '{p}' does not exist")
+    if p.is_dir():
+        raise InputError(f"{role} image '{p}' is a folder, not an image file")
+    try:
+        image = sitk.ReadImage(str(p))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+        raise InputError(f"{role} image '{p}' could not be read as an image ({first[:200]})") from None
+    return check_image(image, f"{role} image '{p}'")
+
+
+def check_image(image: sitk.Image, what: str = "image") -> sitk.Image:
+    """Check an in-memory image is a usable 2D/3D scalar image; return it as float32."""
+    d = image.GetDimension()
+    if d not in (2, 3):
+        raise InputError(f"{what} is {d}D; only 2D and 3D images are supported")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(
+            f"{what} has {image.GetNumberOfComponentsPerPixel()} components per pixel (a vector or colour image); "
+            "a scalar (grey-level) image is expected"
+        )
+    if min(image.GetSize()) < 2 and d == 3 and image.GetSize()[2] == 1:
+        raise InputError(f"{what} is a single slice stored as 3D; save it as a 2D image")
+    if min(image.GetSize()) < 4:
+        raise InputError(f"{what} is too small ({image.GetSize()}): at least 4 voxels per axis are needed")
+    arr = sitk.GetArrayViewFromImage(image)
+    if not np.all(np.isfinite(arr)):
+        raise InputError(f"{what} contains NaN or infinite voxel values")
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi <= lo:
+        raise InputError(f"{what} is constant (all voxels {lo:g}): nothing to register")
+    direction = np.asarray(image.GetDirection()).reshape(d, d)
+    if abs(abs(np.linalg.det(direction)) - 1.0) > 1e-3:
+        raise InputError(f"{what} has a direction matrix that is not orthonormal")
+    return sitk.Cast(image, sitk.sitkFloat32)
+
+
+# --------------------------------------------------------------------------
+# Atomic output
+# --------------------------------------------------------------------------
+
+
+def _suffix(path: Path) -> str:
+    name = path.name
+    for ext in (".nii.gz", ".seg.nrrd"):
+        if name.endswith(ext):
+            return ext
+    return path.suffix
+
+
+def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> Path:
+    """Call ``writer(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
+
+    The temporary name keeps the extension so SimpleITK picks the right writer.
+    On failure the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + _suffix(path), dir=path.parent)
+    os.close(fd)
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike) -> Path:
+    return atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, useCompression=True))
+
+
+def write_transform(transform: sitk.Transform, path: str | os.PathLike) -> Path:
+    return atomic_write(path, lambda tmp: sitk.WriteTransform(transform, tmp))
+
+
+def write_json(data: dict, path: str | os.PathLike) -> Path:
+    def _write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, default=_json_default)
+            f.write("\n")
+
+    return atomic_write(path, _write)
+
+
+def _json_default(o: object) -> object:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def prepare_output_dir(out_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike], names: Iterable[str]) -> Path:
+    """Create ``out_dir`` if needed and check it is writable and that no output would overwrite an input.
+
+    Call before any computation, so a bad output location fails fast and writes nothing.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output '{out}' exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"output folder '{out}' cannot be created: {exc.strerror}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise OutputError(f"output folder '{out}' is not writable")
+    try:  # access() lies on some mounts: try for real
+        fd, probe = tempfile.mkstemp(prefix=".istn-write-test.", dir=out)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise OutputError(f"output folder '{out}' is not writable: {exc.strerror}") from None
+    resolved_inputs = {Path(p).resolve() for p in inputs}
+    for name in names:
+        if (out / name).resolve() in resolved_inputs:
+            raise OutputError(f"output '{out / name}' would overwrite an input; choose another output folder")
+    return out

@@ -1,0 +1,200 @@
+"""Training of the four variants (STN-u, STN-s, ISTN-e, ISTN-i), with validation, checkpoints and resume."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .config import TrainConfig, to_dict
+from .data import PairDataset, split_rows
+from .losses import variant_loss
+from .networks import ISTN
+from .transforms import warp
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but no CUDA GPU is available (use --device cpu or auto)")
+    return torch.device(device)
+
+
+@dataclass
+class TrainResult:
+    model: ISTN  # the best-on-validation weights
+    best_checkpoint: Path
+    last_checkpoint: Path
+    best_val: float
+    step: int
+    history: list[dict]
+
+
+def build_datasets(cfg: TrainConfig) -> tuple[PairDataset, PairDataset | None]:
+    """Train/validation datasets from the CSVs of ``cfg`` (split of ``train_csv`` unless ``val_csv`` is given)."""
+    kw = dict(soi_kind=cfg.soi_kind, soi_labels=cfg.soi_labels, root=cfg.data_root or None,
+              intensity=(cfg.intensity_low, cfg.intensity_high))
+    if cfg.val_csv:
+        train = PairDataset.from_csv(cfg.train_csv, cfg.soi_csv, cfg.model, **kw)
+        val = PairDataset.from_csv(cfg.val_csv, cfg.val_soi_csv or cfg.val_csv, cfg.model, **kw)
+        return train, val
+    from .data import read_pairs_csv
+
+    n = len(read_pairs_csv(cfg.train_csv, cfg.data_root or None))
+    train_rows, val_rows = split_rows(n, cfg.val_fraction, cfg.split_seed)
+    train = PairDataset.from_csv(cfg.train_csv, cfg.soi_csv, cfg.model, rows=train_rows, **kw)
+    val = PairDataset.from_csv(cfg.train_csv, cfg.soi_csv, cfg.model, rows=val_rows, **kw) if val_rows else None
+    return train, val
+
+
+def _batch(dataset: torch.utils.data.Dataset, indices: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+    items = [dataset[i] for i in indices]
+    return {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """Deterministic permutation per epoch: resuming at any step replays the same batches."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Indices of training step ``step`` (0-based): consecutive slices of per-epoch permutations."""
+    per_epoch = max(1, n // batch_size)  # drop the last incomplete batch
+    epoch, k = divmod(step, per_epoch)
+    order = _epoch_order(n, seed, epoch)
+    return order[k * batch_size : (k + 1) * batch_size] if n >= batch_size else order
+
+
+@torch.no_grad()
+def validate(model: ISTN, dataset: torch.utils.data.Dataset, device: torch.device, batch_size: int = 10) -> dict[str, float]:
+    """Validation metrics: ``soi_mse`` = MSE(T(S_s), S_t), comparable across variants (lower is better)."""
+    model.eval()
+    total, n = 0.0, 0
+    for start in range(0, len(dataset), batch_size):
+        b = _batch(dataset, list(range(start, min(start + batch_size, len(dataset)))), device)
+        _, _, _, grid = model(b["source"], b["target"])
+        mse = F.mse_loss(warp(b["source_soi"], grid), b["target_soi"], reduction="none")
+        total += float(mse.flatten(1).mean(1).sum())
+        n += b["source"].shape[0]
+    model.train()
+    return {"soi_mse": total / max(n, 1)}
+
+
+def save_checkpoint(path: Path, model: ISTN, optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int,
+                    best_val: float, history: list[dict]) -> None:
+    """A checkpoint of plain tensors and primitives: loads with ``torch.load(weights_only=True)``."""
+    state = {
+        "format": "istn-checkpoint",
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "config": to_dict(cfg),
+        "step": step,
+        "best_val": best_val,
+        "history": history,
+        "torch_rng": torch.get_rng_state(),
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def train(
+    cfg: TrainConfig,
+    train_set: torch.utils.data.Dataset | None = None,
+    val_set: torch.utils.data.Dataset | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train ``cfg.model.variant`` for ``cfg.steps`` steps.
+
+    Datasets default to the CSVs of ``cfg``; items are dicts of ``(C, *S)``
+    tensors ``source, target, source_soi, target_soi`` on the network grid.
+    Writes ``last.pt`` (every validation) and ``best.pt`` (best validation
+    ``soi_mse``; the last step when there is no validation set) in ``cfg.out_dir``
+    and resumes from ``last.pt`` when ``resume``.
+    """
+    if train_set is None:
+        train_set, val_set = build_datasets(cfg)
+    if len(train_set) == 0:
+        raise ValueError("train() got an empty training set")
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(max(1, cfg.threads))
+    torch.manual_seed(cfg.seed)
+    model = ISTN(cfg.model).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    step, best_val, history = 0, math.inf, []
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    if resume and last_path.exists():
+        ck = load_checkpoint(last_path)
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        step, best_val, history = int(ck["step"]), float(ck["best_val"]), list(ck["history"])
+        torch.set_rng_state(ck["torch_rng"])
+        log(f"resumed from {last_path} at step {step}")
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.model.variant} {cfg.model.transform}", unit="step")
+    model.train()
+    t0 = time.perf_counter()
+    try:
+        while step < cfg.steps:
+            b = _batch(train_set, batch_indices(len(train_set), cfg.batch_size, cfg.seed, step), device)
+            s_map, t_map, _, grid = model(b["source"], b["target"])
+            loss = variant_loss(cfg.model.variant, b["source"], b["target"], b["source_soi"], b["target_soi"], s_map, t_map, grid)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.5f}", best=f"{best_val:.5f}" if best_val < math.inf else "-")
+            if step % cfg.val_every == 0 or step == cfg.steps:
+                record = {"step": step, "loss": float(loss.item()), "seconds": time.perf_counter() - t0}
+                if val_set is not None and len(val_set) > 0:
+                    record.update(validate(model, val_set, device))
+                    current = record["soi_mse"]
+                else:
+                    current = -step  # no validation: the latest is the best
+                history.append(record)
+                if current < best_val:
+                    best_val = current
+                    save_checkpoint(best_path, model, optimizer, cfg, step, best_val, history)
+                save_checkpoint(last_path, model, optimizer, cfg, step, best_val, history)
+    finally:
+        if bar is not None:
+            bar.close()
+        torch.set_num_threads(threads_before)
+    best = ISTN(cfg.model)
+    best.load_state_dict(load_checkpoint(best_path)["model"])
+    return TrainResult(best.eval(), best_path, last_path, best_val, step, history)
+
+
+def model_from_checkpoint(path: str | Path) -> tuple[ISTN, TrainConfig]:
+    """Rebuild the network and its training config from a checkpoint."""
+    from .config import train_config_from_dict
+
+    ck = load_checkpoint(path)
+    cfg = train_config_from_dict(ck["config"])
+    model = ISTN(cfg.model)
+    model.load_state_dict(ck["model"])
+    return model.eval(), cfg
