@@ -26,9 +26,9 @@ class ModelConfig:
     transform: str = "affine"
     variant: str = "istn-i"
     soi_channels: int = 1
-    itn_channels: tuple[int, ...] = (16, 32, 64)
-    stn_channels: tuple[int, ...] = (16, 32, 64, 64)
-    stn_hidden: int = 128
+    itn_channels: tuple[int, ...] = (8, 16, 32)
+    stn_channels: tuple[int, ...] = (8, 16, 32, 32)
+    stn_hidden: int = 64
     cp_spacing_mm: float = 10.0
     max_translation: float = 0.3
     max_rotation_deg: float = 45.0

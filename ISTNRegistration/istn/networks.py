@@ -3,7 +3,7 @@
 Same code for 2D and 3D. Changes from the 2019 release, and why:
 
 - ITN: a U-Net with instance normalisation and LeakyReLU, two 3x3 convs per
-  level, concatenation skips, channels (16, 32, 64) instead of (2, 4, 8, 16):
+  level, concatenation skips, channels (8, 16, 32) instead of (2, 4, 8, 16):
   normalisation makes training insensitive to the input scale (the release
   saturated on raw 0..255 inputs) and the wider channels give the learned SoI
   map room to suppress distractors. Linear output, one channel per SoI channel.

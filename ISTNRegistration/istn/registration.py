@@ -119,7 +119,7 @@ def refine(
             optimizer.step()
             losses.append(loss.detach())
             if callback is not None:
-                callback(IterationInfo(it + 1, iterations, float(loss), params.detach(), to_world))
+                callback(IterationInfo(it + 1, iterations, float(loss.detach()), params.detach(), to_world))
         with torch.no_grad():
             params = module.predict(source_map, target_map)
             final = float(refinement_loss(module.warp(source_map, module.sampling_grid(params)), target_map))

@@ -1,0 +1,312 @@
+"""The `istn` command line: a thin adapter over the engine.
+
+    istn train     --train-csv pairs.csv --soi-csv soi.csv --variant istn-i --transform affine --out runs/x
+    istn register  --fixed F --moving M --model P [--model P2] [--refine N] [--lr X] [--device auto] --out DIR
+    istn evaluate  --fixed-labels F --moving-labels M --transform T [--out metrics.json]
+    istn info      --model P
+    istn demo      [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from .errors import ISTNError
+
+REGISTER_OUTPUTS = ("transform.h5", "warped.nii.gz", "itn_fixed.nii.gz", "itn_moving.nii.gz", "result.json")
+
+
+# --------------------------------------------------------------------------
+# register
+# --------------------------------------------------------------------------
+
+
+def run_register(
+    fixed_path: str | Path,
+    moving_path: str | Path,
+    model_paths: Sequence[str | Path],
+    out_dir: str | Path,
+    iterations: int = 50,
+    lr: float | None = None,
+    device: str = "auto",
+    initial_path: str | Path | None = None,
+    quiet: bool = False,
+) -> dict:
+    """Register a pair with one model or a chain (affine, then B-spline) and write the outputs.
+
+    Everything is checked and computed before anything is written; each file
+    is written atomically. Returns the content of ``result.json``.
+    """
+    import SimpleITK as sitk
+
+    from .export import load_model
+    from .io import prepare_output_dir, read_image, write_image, write_json, write_transform
+    from .registration import register, warp_image
+    from .transforms import flatten_transform
+
+    if not model_paths:
+        raise ISTNError("at least one --model is needed")
+    names = list(REGISTER_OUTPUTS) + ["transform.tfm", "affine.tfm"]
+    inputs = [fixed_path, moving_path, *model_paths] + ([initial_path] if initial_path else [])
+    out = prepare_output_dir(out_dir, inputs, names)
+    fixed = read_image(fixed_path, "fixed")
+    moving = read_image(moving_path, "moving")
+    if fixed.GetDimension() != moving.GetDimension():
+        raise ISTNError(f"fixed image is {fixed.GetDimension()}D but moving image is {moving.GetDimension()}D")
+    models = [load_model(p) for p in model_paths]
+    initial = None
+    if initial_path:
+        try:
+            initial = flatten_transform(sitk.ReadTransform(str(initial_path)))
+        except RuntimeError:
+            raise ISTNError(f"initial transform '{initial_path}' could not be read as an ITK transform file") from None
+
+    t0 = time.perf_counter()
+    stages, result = [], None
+    for model in models:
+        def progress(info, _name=model.path.name):
+            if not quiet and (info.iteration % 10 == 0 or info.iteration == info.iterations):
+                print(f"  {_name}: refinement {info.iteration}/{info.iterations} loss {info.loss:.6f}", file=sys.stderr)
+
+        result = register(fixed, moving, model, iterations=iterations, lr=lr, device=device,
+                          initial_transform=initial, callback=progress)
+        stages.append({"model": str(model.path), **result.summary()})
+        initial = result.transform
+    assert result is not None
+    warped = warp_image(moving, fixed, result.transform)
+    summary = {
+        "fixed": str(fixed_path),
+        "moving": str(moving_path),
+        "transform_maps": "fixed world points (mm, LPS) -> moving world points",
+        "stages": stages,
+        "seconds_total": time.perf_counter() - t0,
+    }
+    # Everything computed: now write, each file atomically.
+    write_transform(result.transform, out / "transform.h5")
+    if result.transform_type == "affine":
+        write_transform(result.transform, out / "transform.tfm")
+    elif len(stages) > 1 and result.initial_transform is not None:
+        write_transform(result.initial_transform, out / "affine.tfm")
+    write_image(warped, out / "warped.nii.gz")
+    write_image(result.fixed_map, out / "itn_fixed.nii.gz")
+    write_image(result.warped_moving_map(), out / "itn_moving.nii.gz")
+    write_json(summary, out / "result.json")
+    return summary
+
+
+# --------------------------------------------------------------------------
+# evaluate
+# --------------------------------------------------------------------------
+
+
+def run_evaluate(fixed_labels: str | Path, moving_labels: str | Path, transform_path: str | Path | None,
+                 labels: Sequence[int] | None = None, out_path: str | Path | None = None, soft: bool = False) -> dict:
+    """Dice, ASD and HD95 per label of the moving labels warped into the fixed grid; folding for non-linear transforms.
+
+    Soft maps (``soft=True``, or any non-integer value) are warped linearly and
+    thresholded at half their maximum; label maps use nearest neighbour.
+    """
+    import numpy as np
+    import SimpleITK as sitk
+
+    from .io import write_json
+    from .metrics import folding_fraction, label_metrics, mean_metrics
+    from .registration import warp_image
+    from .transforms import flatten_transform
+
+    def read(p: str | Path) -> sitk.Image:
+        try:
+            return sitk.ReadImage(str(p))
+        except RuntimeError:
+            raise ISTNError(f"label image '{p}' could not be read") from None
+
+    f, m = read(fixed_labels), read(moving_labels)
+    if f.GetDimension() != m.GetDimension():
+        raise ISTNError("fixed and moving label images differ in dimension")
+    tx = sitk.Transform(f.GetDimension(), sitk.sitkIdentity)
+    if transform_path:
+        try:
+            tx = flatten_transform(sitk.ReadTransform(str(transform_path)))
+        except RuntimeError:
+            raise ISTNError(f"transform '{transform_path}' could not be read as an ITK transform file") from None
+    soft = soft or any(not np.allclose(a, np.round(a)) for a in (sitk.GetArrayViewFromImage(f), sitk.GetArrayViewFromImage(m)))
+    if soft:
+        def binarise(img: sitk.Image) -> sitk.Image:
+            a = sitk.GetArrayFromImage(img)
+            out = sitk.GetImageFromArray((a > 0.5 * a.max()).astype(np.uint8))
+            out.CopyInformation(img)
+            return out
+
+        warped = binarise(warp_image(sitk.Cast(m, sitk.sitkFloat32), f, tx, sitk.sitkLinear))
+        f = binarise(f)
+    else:
+        warped = warp_image(m, f, tx, sitk.sitkNearestNeighbor)
+    per_label = label_metrics(f, warped, labels)
+    result: dict = {"per_label": {str(k): v for k, v in per_label.items()}, "mean": mean_metrics(per_label),
+                    "soft_maps_thresholded_at_half_max": soft}
+    is_linear = tx.IsLinear()
+    if not is_linear:
+        result["folding_fraction"] = folding_fraction(tx, f)
+    if out_path:
+        write_json(result, out_path)
+    return result
+
+
+def _print_metrics(result: dict) -> None:
+    print(f"{'label':>8} {'Dice':>7} {'ASD mm':>8} {'HD95 mm':>8}")
+    for k, v in result["per_label"].items():
+        print(f"{k:>8} {v['dice']:7.3f} {v['asd']:8.2f} {v['hd95']:8.2f}")
+    m = result["mean"]
+    print(f"{'mean':>8} {m['dice']:7.3f} {m['asd']:8.2f} {m['hd95']:8.2f}")
+    if "folding_fraction" in result:
+        print(f"folding voxels (Jacobian <= 0): {100 * result['folding_fraction']:.3f} %")
+
+
+# --------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------
+
+
+def run_train(args: argparse.Namespace) -> Path:
+    from .config import ModelConfig, TrainConfig, train_config_from_dict
+    from .export import build_metadata, export_model
+    from .training import train
+
+    if args.config:
+        try:
+            cfg = train_config_from_dict(json.loads(Path(args.config).read_text()))
+        except (OSError, json.JSONDecodeError, ValueError, TypeError) as exc:
+            raise ISTNError(f"config '{args.config}' is not a valid training config: {exc}") from None
+        if args.out:
+            cfg.out_dir = args.out
+        if args.steps:
+            cfg.steps = args.steps
+    else:
+        if not args.train_csv or not args.soi_csv:
+            raise ISTNError("istn train needs --config, or --train-csv and --soi-csv")
+        grid = tuple(args.grid_size) if args.grid_size else (128,) * args.ndim
+        model = ModelConfig(ndim=args.ndim, grid_size=grid, grid_spacing=args.spacing, transform=args.transform,
+                            variant=args.variant, soi_channels=len(args.soi_labels) if args.soi_labels else 1,
+                            cp_spacing_mm=args.cp_spacing)
+        cfg = TrainConfig(model=model, train_csv=args.train_csv, soi_csv=args.soi_csv, soi_kind=args.soi_kind,
+                          soi_labels=tuple(args.soi_labels or ()), val_csv=args.val_csv or "",
+                          val_soi_csv=args.val_soi_csv or "", steps=args.steps or 1000, batch_size=args.batch_size,
+                          lr=args.lr, val_every=args.val_every, seed=args.seed, device=args.device,
+                          threads=args.threads, out_dir=args.out or "runs/istn")
+    result = train(cfg, resume=not args.no_resume, progress=not args.quiet)
+    export_path = Path(args.export) if args.export else Path(cfg.out_dir) / "model.pt"
+    meta = build_metadata(cfg, soi_description=args.soi_description or f"{cfg.soi_kind} from {cfg.soi_csv}",
+                          step=result.step, best_val=result.best_val)
+    export_model(result.model, meta, export_path)
+    print(f"best validation soi_mse {result.best_val:.6f}; model written to {export_path}")
+    return export_path
+
+
+# --------------------------------------------------------------------------
+# argument parsing
+# --------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="istn", description="Structure-guided image registration with ISTNs.")
+    p.add_argument("--version", action="version", version=f"istn {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("register", help="register a moving image to a fixed image")
+    r.add_argument("--fixed", required=True, help="fixed image (NIfTI, NRRD, MHA, PNG, ...)")
+    r.add_argument("--moving", required=True, help="moving image")
+    r.add_argument("--model", action="append", required=True,
+                   help="exported model (.pt); give it twice to chain affine then B-spline")
+    r.add_argument("--refine", type=int, default=50, help="test-time refinement iterations (default 50)")
+    r.add_argument("--lr", type=float, default=None, help="refinement learning rate (default: the model's)")
+    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    r.add_argument("--initial", help="initial ITK transform file (fixed -> moving), e.g. an affine .tfm")
+    r.add_argument("--out", required=True, help="output folder")
+    r.add_argument("--quiet", action="store_true")
+
+    e = sub.add_parser("evaluate", help="Dice, ASD, HD95 (mm) and folding of a registration")
+    e.add_argument("--fixed-labels", required=True)
+    e.add_argument("--moving-labels", required=True)
+    e.add_argument("--transform", help="ITK transform file (fixed -> moving); identity if omitted")
+    e.add_argument("--labels", type=int, nargs="*", help="label values (default: all non-zero)")
+    e.add_argument("--soft", action="store_true", help="the label images are soft maps: threshold at half their maximum")
+    e.add_argument("--out", help="write the metrics as JSON here")
+
+    t = sub.add_parser("train", help="train a variant from CSV pair lists or a config file")
+    t.add_argument("--config", help="JSON TrainConfig (see istn.config)")
+    t.add_argument("--train-csv")
+    t.add_argument("--soi-csv")
+    t.add_argument("--val-csv")
+    t.add_argument("--val-soi-csv")
+    t.add_argument("--soi-kind", default="soft", choices=["labels", "soft", "landmarks"])
+    t.add_argument("--soi-labels", type=int, nargs="*", help="label values, one SoI channel each")
+    t.add_argument("--soi-description", default="")
+    t.add_argument("--variant", default="istn-i", choices=["stn-u", "stn-s", "istn-e", "istn-i"])
+    t.add_argument("--transform", default="affine", choices=["affine", "bspline"])
+    t.add_argument("--ndim", type=int, default=2, choices=[2, 3])
+    t.add_argument("--grid-size", type=int, nargs="*")
+    t.add_argument("--spacing", type=float, default=1.0, help="internal grid spacing (mm)")
+    t.add_argument("--cp-spacing", type=float, default=10.0, help="B-spline control point spacing (mm)")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--batch-size", type=int, default=10)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--val-every", type=int, default=100)
+    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--out", help="run folder (checkpoints; resumes from last.pt)")
+    t.add_argument("--export", help="where to write the exported model (default OUT/model.pt)")
+    t.add_argument("--no-resume", action="store_true")
+    t.add_argument("--quiet", action="store_true")
+
+    i = sub.add_parser("info", help="print a model file's metadata")
+    i.add_argument("--model", required=True)
+
+    d = sub.add_parser("demo", help="register the bundled sample pair with the bundled model")
+    d.add_argument("--out", default="istn-demo", help="output folder (default ./istn-demo)")
+    d.add_argument("--refine", type=int, default=50)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "register":
+            s = run_register(args.fixed, args.moving, args.model, args.out, args.refine, args.lr, args.device,
+                             args.initial, args.quiet)
+            last = s["stages"][-1]
+            print(f"loss {last['loss_one_pass']:.6f} -> {last['loss_final']:.6f} after {last['iterations']} iterations; "
+                  f"{s['seconds_total']:.2f} s; outputs in {args.out}")
+        elif args.command == "evaluate":
+            res = run_evaluate(args.fixed_labels, args.moving_labels, args.transform, args.labels, args.out, args.soft)
+            _print_metrics(res)
+        elif args.command == "train":
+            run_train(args)
+        elif args.command == "info":
+            from .export import load_model
+
+            m = load_model(args.model)
+            print(m.describe())
+            print(json.dumps(m.meta, indent=2))
+        elif args.command == "demo":
+            from .demo import run_demo
+
+            run_demo(args.out, iterations=args.refine)
+    except ISTNError as exc:
+        print(f"istn {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # e.g. --device cuda without a GPU
+        print(f"istn {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
