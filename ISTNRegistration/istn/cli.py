@@ -53,18 +53,22 @@ def run_register(
         raise ISTNError("at least one --model is needed")
     names = list(REGISTER_OUTPUTS) + ["transform.tfm", "affine.tfm"]
     inputs = [fixed_path, moving_path, *model_paths] + ([initial_path] if initial_path else [])
-    out = prepare_output_dir(out_dir, inputs, names)
     fixed = read_image(fixed_path, "fixed")
     moving = read_image(moving_path, "moving")
     if fixed.GetDimension() != moving.GetDimension():
         raise ISTNError(f"fixed image is {fixed.GetDimension()}D but moving image is {moving.GetDimension()}D")
     models = [load_model(p) for p in model_paths]
+    for m in models:
+        if m.ndim != fixed.GetDimension():
+            raise ISTNError(f"the images are {fixed.GetDimension()}D but the model '{m.path}' is {m.ndim}D")
     initial = None
     if initial_path:
         try:
             initial = flatten_transform(sitk.ReadTransform(str(initial_path)))
         except RuntimeError:
             raise ISTNError(f"initial transform '{initial_path}' could not be read as an ITK transform file") from None
+    # Inputs are good: check the output location before the (long) computation.
+    out = prepare_output_dir(out_dir, inputs, names)
 
     t0 = time.perf_counter()
     stages, result = [], None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,9 +74,11 @@ def export_model(model: ISTN, meta: dict, path: str | os.PathLike) -> Path:
     """Script ``model`` and write it with ``meta`` to ``path`` (atomically)."""
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise ValueError("export_model() 'meta' must come from build_metadata()")
-    scripted = torch.jit.script(model.cpu().eval())
     blob = json.dumps(meta, indent=2, default=str)
-    return atomic_write(path, lambda tmp: torch.jit.save(scripted, tmp, _extra_files={META_NAME: blob}))
+    with warnings.catch_warnings():  # torch >= 2.9 marks TorchScript deprecated; it is still the portable format
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(model.cpu().eval())
+        return atomic_write(path, lambda tmp: torch.jit.save(scripted, tmp, _extra_files={META_NAME: blob}))
 
 
 @dataclass
@@ -129,7 +132,9 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> L
         raise ModelFileError(f"model file '{p}' is a folder")
     extra = {META_NAME: ""}
     try:
-        module = torch.jit.load(str(p), map_location=device, _extra_files=extra)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(str(p), map_location=device, _extra_files=extra)
     except Exception as exc:  # torch raises RuntimeError/ValueError variants for foreign files
         raise ModelFileError(
             f"'{p}' is not an ISTN model file (expected a TorchScript archive exported by `istn`): "

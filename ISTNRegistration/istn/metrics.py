@@ -84,18 +84,28 @@ def mean_metrics(per_label: dict[int, dict[str, float]]) -> dict[str, float]:
     return {k: float(np.nanmean([m[k] for m in per_label.values()])) if per_label else float("nan") for k in keys}
 
 
-def jacobian_determinant(transform: sitk.Transform, reference: sitk.Image | Grid) -> sitk.Image:
-    """Jacobian determinant of ``x -> transform(x)`` sampled on ``reference``'s grid."""
-    ref = reference.reference_image() if isinstance(reference, Grid) else reference
+def jacobian_determinant(transform: sitk.Transform, reference: sitk.Image | Grid) -> np.ndarray:
+    """Jacobian determinant of ``x -> transform(x)`` at the voxels of ``reference``: array ``(*shape)``.
+
+    Derivatives by central differences in world units, honouring spacing AND
+    direction (``d/dx_world = d/d_index @ inv(direction @ diag(spacing))``).
+    """
+    grid = reference if isinstance(reference, Grid) else Grid.from_image(reference)
     field = sitk.TransformToDisplacementField(
-        transform, sitk.sitkVectorFloat64, ref.GetSize(), ref.GetOrigin(), ref.GetSpacing(), ref.GetDirection()
+        transform, sitk.sitkVectorFloat64, grid.size, grid.origin, grid.spacing, grid.direction
     )
-    return sitk.DisplacementFieldJacobianDeterminant(field)
+    u = sitk.GetArrayFromImage(field)  # (*shape, D), components in world (x, y, z) order
+    d = grid.ndim
+    # gradient along array axes (z, y, x) -> reorder to index axes (i, j, k)
+    grads = np.stack(np.gradient(u, axis=tuple(range(d))), axis=-1)[..., ::-1]  # (*shape, D comp, D index)
+    to_world = np.linalg.inv(grid.direction_matrix @ np.diag(grid.spacing))  # d index / d world
+    jac = np.eye(d) + grads @ to_world
+    return np.linalg.det(jac)
 
 
 def folding_fraction(transform: sitk.Transform, reference: sitk.Image | Grid, mask: sitk.Image | None = None) -> float:
     """Fraction of voxels (inside ``mask`` if given) where the Jacobian determinant is <= 0."""
-    jac = sitk.GetArrayViewFromImage(jacobian_determinant(transform, reference))
+    jac = jacobian_determinant(transform, reference)
     if mask is not None:
         sel = sitk.GetArrayViewFromImage(mask) > 0
         jac = jac[sel]

@@ -1,0 +1,123 @@
+"""Coordinate systems and transform conventions, with known answers."""
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from conftest import rotation
+from istn.geometry import Grid
+from istn.transforms import (
+    affine_theta, bspline_basis, bspline_displacement, bspline_to_world, compose, identity_grid,
+    matrix_to_sitk_affine, sitk_affine_to_matrix, theta_to_world, warp, world_to_theta,
+)
+
+
+def oblique_grid():
+    return Grid((20, 16, 12), (2.0, 2.5, 3.0), (1.0, 2.0, 3.0), tuple(rotation(3, (10, 20, 30)).ravel()))
+
+
+def test_voxel_world_normalised_round_trip():
+    g = oblique_grid()
+    v = np.array([[0, 0, 0], [19, 15, 11], [3.5, 7.25, 1.0]])
+    w = g.voxel_to_world(v)
+    assert np.allclose(g.world_to_voxel(w), v)
+    # normalised corners are the first and last voxel centres (align_corners=True)
+    n2v = g.normalised_to_voxel_matrix()
+    assert np.allclose(n2v[:3, :3] @ [-1, -1, -1] + n2v[:3, 3], [0, 0, 0])
+    assert np.allclose(n2v[:3, :3] @ [1, 1, 1] + n2v[:3, 3], [19, 15, 11])
+    # the world matrix is what SimpleITK computes
+    img = g.reference_image()
+    assert np.allclose(w[2], img.TransformContinuousIndexToPhysicalPoint(v[2].tolist()))
+
+
+def test_centred_grid_keeps_centre_and_direction():
+    g = oblique_grid()
+    net = Grid.centred_on(g, (8, 8, 8), 5.0)
+    assert np.allclose(net.centre, g.centre)
+    assert net.direction == g.direction and net.spacing == (5.0, 5.0, 5.0)
+
+
+def test_half_unit_translation_is_16_pixels_on_a_65_pixel_grid():
+    img = torch.zeros(1, 1, 65, 65)
+    img[0, 0, 30, 20] = 1.0
+    theta = torch.tensor([[[1.0, 0.0, 0.5], [0.0, 1.0, 0.0]]])  # x_in = x_out + 0.5
+    grid = torch.nn.functional.affine_grid(theta, [1, 1, 65, 65], align_corners=True)
+    out = warp(img, grid)
+    assert out[0, 0, 30, 4] == 1.0 and out.sum() == 1.0  # 20 - 16 = 4
+
+
+def test_rotation_is_rigid_in_world_on_a_non_cubic_grid():
+    """Rotations are composed in a physical frame: a non-square grid must not shear them."""
+    half = torch.tensor([40.0, 10.0])  # 4:1 aspect ratio in mm
+    theta = affine_theta(torch.zeros(1, 2), torch.tensor([[0.5]]), torch.zeros(1, 2), torch.zeros(1, 1), half)
+    g = Grid((81, 21), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))
+    world = theta_to_world(theta[0].double().numpy(), g, g)
+    lin = world[:2, :2]
+    assert np.allclose(lin @ lin.T, np.eye(2), atol=1e-6)
+    assert np.isclose(np.arctan2(lin[1, 0], lin[0, 0]), 0.5, atol=1e-6)
+
+
+def test_affine_parameters_known_answer_3d():
+    half = torch.tensor([10.0, 10.0, 10.0])
+    theta = affine_theta(torch.tensor([[0.1, 0.0, 0.0]]), torch.zeros(1, 3), torch.log(torch.tensor([[2.0, 1.0, 1.0]])),
+                         torch.tensor([[0.5, 0.0, 0.0]]), half)
+    expected = torch.tensor([[2.0, 0.5, 0.0, 0.1], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])  # Sh @ S, true shear
+    assert torch.allclose(theta[0], expected, atol=1e-6)
+
+
+def test_theta_world_round_trip_between_different_grids():
+    gf = oblique_grid()
+    gm = Grid((10, 12, 14), (3.0, 2.0, 1.5), (-5.0, 4.0, 0.0), tuple(rotation(3, (-5, 15, 0)).ravel()))
+    theta = np.array([[1.1, 0.1, 0.0, 0.05], [-0.1, 0.9, 0.05, -0.1], [0.0, 0.02, 1.0, 0.2]])
+    w = theta_to_world(theta, gf, gm)
+    assert np.allclose(world_to_theta(w, gf, gm), theta)
+    # a fixed voxel mapped through theta lands where the world matrix sends its world point
+    v = np.array([4.0, 5.0, 6.0])
+    n = gf.world_to_normalised_matrix() @ np.append(gf.voxel_to_world(v), 1)
+    m_world = gm.normalised_to_world_matrix() @ np.append(theta @ n, 1)
+    assert np.allclose((w @ np.append(gf.voxel_to_world(v), 1))[:3], m_world[:3])
+
+
+def test_sitk_affine_matrix_round_trip_with_centre():
+    tx = sitk.AffineTransform(3)
+    tx.SetMatrix(rotation(3, (5, 10, 15)).ravel().tolist())
+    tx.SetCenter((10.0, -5.0, 3.0))
+    tx.SetTranslation((1.0, 2.0, 3.0))
+    m = sitk_affine_to_matrix(tx)
+    p = np.array([7.0, 8.0, 9.0])
+    assert np.allclose(m[:3, :3] @ p + m[:3, 3], tx.TransformPoint(p.tolist()))
+    back = matrix_to_sitk_affine(m)
+    assert np.allclose(back.TransformPoint(p.tolist()), tx.TransformPoint(p.tolist()))
+
+
+def test_compose_applies_first_then_second():
+    first = matrix_to_sitk_affine(np.array([[1, 0, 10.0], [0, 1, 0], [0, 0, 1]]))
+    second = sitk.ScaleTransform(2, (2.0, 2.0))
+    assert np.allclose(compose(first, second).TransformPoint((1.0, 0.0)), (22.0, 0.0))
+
+
+def test_bspline_basis_partition_of_unity_and_cubic_reproduction():
+    b = bspline_basis(50, 7.0)
+    assert np.allclose(b.sum(1).numpy(), 1.0, atol=1e-6)
+    # control points on a line reproduce the line exactly (cubic B-splines reproduce linear functions)
+    p = (torch.arange(b.shape[1], dtype=torch.float32) - 1.0) * 7.0
+    assert torch.allclose(b @ p, torch.arange(50, dtype=torch.float32), atol=1e-4)
+
+
+def test_bspline_matches_itk_on_an_oblique_anisotropic_grid():
+    g = oblique_grid()
+    s = 5.0
+    bases = [bspline_basis(n, s) for n in g.shape]
+    torch.manual_seed(0)
+    coeffs = torch.randn(1, 3, *[b.shape[1] for b in bases]) * 0.1
+    disp = bspline_displacement(coeffs, bases)[0].double().numpy() @ g.normalised_to_world_matrix()[:3, :3].T
+    tx = bspline_to_world(coeffs[0].double().numpy(), g, s)
+    pts = g.world_points().reshape(-1, 3)
+    itk = np.array([tx.TransformPoint(p.tolist()) for p in pts]) - pts
+    assert np.abs(itk - disp.reshape(-1, 3)).max() < 1e-5
+    assert np.abs(disp).max() > 0.5  # the test is not vacuous
+
+
+def test_identity_grid_is_the_identity_warp():
+    img = torch.rand(1, 2, 9, 7, 5)
+    assert torch.allclose(warp(img, identity_grid([9, 7, 5])), img, atol=1e-6)

@@ -1,0 +1,66 @@
+"""Metrics with known answers, in millimetres."""
+
+import numpy as np
+import SimpleITK as sitk
+
+from istn.geometry import Grid
+from istn.metrics import asd, dice, folding_fraction, hd95, label_metrics
+from istn.transforms import bspline_to_world, matrix_to_sitk_affine
+
+
+def test_dice_known_answer():
+    a = np.zeros((10, 10), bool)
+    b = np.zeros((10, 10), bool)
+    a[:, :4] = True  # 40
+    b[:, 2:6] = True  # 40, overlap 20
+    assert dice(a, b) == 0.5
+    assert dice(np.zeros(3, bool), np.zeros(3, bool)) == 1.0
+
+
+def test_surface_distance_of_a_shifted_slab_in_mm():
+    """Two slabs shifted by 3 voxels along an axis of 2 mm spacing: facing surfaces are 6 mm apart."""
+    a = np.zeros((40, 10, 10), bool)
+    b = np.zeros((40, 10, 10), bool)
+    a[10:20] = True
+    b[13:23] = True
+    spacing = (2.0, 1.0, 1.0)
+    # every surface voxel of one slab is 6 mm (3 voxels x 2 mm) from the other's surface, or on it
+    assert 0 < asd(a, b, spacing) <= 6.0
+    assert hd95(a, b, spacing) == 6.0
+    assert asd(a, a, spacing) == 0.0 and hd95(a, a, spacing) == 0.0
+
+
+def test_asd_is_a_surface_distance_not_a_volume_one():
+    """A big ball vs the same ball grown by one voxel: surface distance ~1 voxel whatever the size."""
+    z, y, x = np.mgrid[:41, :41, :41]
+    r = np.sqrt((z - 20) ** 2 + (y - 20) ** 2 + (x - 20) ** 2)
+    assert 0.5 < asd(r <= 15, r <= 16, (1.0, 1.0, 1.0)) < 1.5
+
+
+def test_label_metrics_per_label_on_images():
+    lab = np.zeros((12, 12), np.uint8)
+    lab[2:6, 2:6] = 1
+    lab[7:11, 7:11] = 3
+    f = sitk.GetImageFromArray(lab)
+    m = label_metrics(f, f)
+    assert set(m) == {1, 3} and all(v["dice"] == 1.0 for v in m.values())
+
+
+def test_folding_fraction_identity_vs_folding_bspline():
+    g = Grid((20, 20), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))
+    assert folding_fraction(matrix_to_sitk_affine(np.eye(3)), g) == 0.0
+    coeffs = np.zeros((2, 7, 7))  # control points every 5 voxels
+    coeffs[0, 3, 3], coeffs[0, 3, 4] = 0.8, -0.8  # neighbours pushed through each other: folds
+    frac = folding_fraction(bspline_to_world(coeffs, g, 5.0), g)
+    assert 0.0 < frac < 0.5
+
+
+def test_jacobian_of_an_affine_on_an_oblique_grid_is_its_determinant():
+    from conftest import rotation
+    from istn.metrics import jacobian_determinant
+
+    g = Grid((12, 10, 8), (1.0, 2.0, 3.0), (5.0, -3.0, 2.0), tuple(rotation(3, (20, -10, 35)).ravel()))
+    m = np.eye(4)
+    m[:3, :3] = np.diag([1.2, 0.9, 1.1]) @ rotation(3, (5, 10, 0))
+    jac = jacobian_determinant(matrix_to_sitk_affine(m), g)
+    assert np.allclose(jac, 1.2 * 0.9 * 1.1, atol=1e-6)
