@@ -1,0 +1,148 @@
+"""Figures people would rather look at than read: a registration at a glance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+
+def _slice(image: sitk.Image, axis: int, index: int) -> np.ndarray:
+    """2D slice of a 3D image along array axis ``axis`` (0 = axial for LPS-ish grids), or the 2D image."""
+    a = sitk.GetArrayFromImage(image)
+    if a.ndim == 2:
+        return a
+    return np.take(a, index, axis=axis)
+
+
+def _window(a: np.ndarray) -> tuple[float, float]:
+    lo, hi = np.percentile(a, [1, 99.5])
+    return float(lo), float(hi if hi > lo else lo + 1)
+
+
+def _centroid_index(labels: sitk.Image | None, reference: sitk.Image, axis: int) -> int:
+    if reference.GetDimension() == 2:
+        return 0
+    shape = sitk.GetArrayViewFromImage(reference).shape
+    if labels is not None:
+        lab = sitk.GetArrayViewFromImage(labels)
+        idx = np.nonzero(lab > 0)
+        if idx[0].size:
+            return int(np.round(idx[axis].mean()))
+    return shape[axis] // 2
+
+
+def checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
+    """Alternate tiles of two equally shaped, equally windowed 2D arrays."""
+    yy, xx = np.indices(a.shape)
+    mask = ((yy * tiles // a.shape[0]) + (xx * tiles // a.shape[1])) % 2 == 0
+    return np.where(mask, a, b)
+
+
+def registration_figure(
+    path: str | Path,
+    fixed: sitk.Image,
+    moving_in_fixed: sitk.Image,
+    warped: sitk.Image,
+    fixed_map: sitk.Image | None = None,
+    warped_moving_map: sitk.Image | None = None,
+    fixed_labels: sitk.Image | None = None,
+    moving_labels_in_fixed: sitk.Image | None = None,
+    warped_labels: sitk.Image | None = None,
+    losses: Mapping[str, Sequence[float]] | None = None,
+    dice_table: Mapping[str, Mapping[str, float]] | None = None,
+    title: str = "",
+    axis: int = 0,
+) -> Path:
+    """Write a PNG: images with label contours, checkerboard, ITN maps, Dice bars and refinement loss curves.
+
+    All images must be on the fixed grid except the ITN maps (resampled to it here).
+    ``dice_table``: ``{stage: {structure: dice}}``; ``losses``: ``{stage: [loss per iteration]}``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = _centroid_index(fixed_labels, fixed, axis)
+    f = _slice(fixed, axis, k)
+    lo, hi = _window(f)
+    norm = lambda a: np.clip((a - lo) / (hi - lo), 0, 1)  # noqa: E731 - the fixed image's window for all
+    mv = _slice(moving_in_fixed, axis, k)
+    mlo, mhi = _window(mv)
+    mnorm = lambda a: np.clip((a - mlo) / (mhi - mlo), 0, 1)  # noqa: E731
+    w = _slice(warped, axis, k)
+    flip = lambda a: a[::-1] if fixed.GetDimension() == 3 and axis != 0 else a  # noqa: E731 - superior up
+
+    fig, axes = plt.subplots(2, 4, figsize=(17, 8.6))
+    fig.patch.set_facecolor("white")
+
+    def show(ax, img, name, contours=(), cmap="gray"):
+        ax.imshow(flip(img), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+        for lab, colour, style in contours:
+            if lab is None:
+                continue
+            s = flip(_slice(lab, axis, k))
+            for v in np.unique(s[s > 0]):
+                ax.contour((s == v).astype(float), levels=[0.5], colors=[colour], linewidths=1.0, linestyles=style)
+        ax.set_title(name, fontsize=11)
+        ax.axis("off")
+
+    fixed_c = (fixed_labels, "#ffd400", "solid")
+    show(axes[0, 0], norm(f), "Fixed (labels in yellow)", [fixed_c])
+    show(axes[0, 1], mnorm(mv), "Moving, unregistered\n(fixed labels in yellow, its own in red)",
+         [fixed_c, (moving_labels_in_fixed, "#ff3b30", "solid")])
+    show(axes[0, 2], mnorm(w), "Warped moving\n(fixed labels yellow, warped red)", [fixed_c, (warped_labels, "#ff3b30", "solid")])
+    show(axes[0, 3], checkerboard(norm(f), mnorm(w)), "Checkerboard fixed / warped")
+
+    if fixed_map is not None and warped_moving_map is not None:
+        fm = sitk.Resample(fixed_map, fixed, sitk.Transform(), sitk.sitkLinear, 0.0)
+        wm = sitk.Resample(warped_moving_map, fixed, sitk.Transform(), sitk.sitkLinear, 0.0)
+        top = max(float(sitk.GetArrayViewFromImage(fm).max()), 1e-6)
+        show(axes[1, 0], np.clip(_slice(fm, axis, k) / top, 0, 1), "ITN map of the fixed image", [fixed_c], cmap="magma")
+        show(axes[1, 1], np.clip(_slice(wm, axis, k) / top, 0, 1), "ITN map of the moving image, warped", [fixed_c], cmap="magma")
+    else:
+        axes[1, 0].axis("off")
+        axes[1, 1].axis("off")
+
+    ax = axes[1, 2]
+    if dice_table:
+        stages = list(dice_table)
+        names = list(next(iter(dice_table.values())))
+        x = np.arange(len(names))
+        width = 0.8 / len(stages)
+        for i, st in enumerate(stages):
+            ax.bar(x + i * width - 0.4 + width / 2, [dice_table[st][n] for n in names], width, label=st)
+        ax.set_xticks(x, [n.replace("_", "\n") for n in names], fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("Dice")
+        ax.legend(fontsize=8, loc="lower right")
+        ax.set_title("Dice per structure", fontsize=11)
+        ax.grid(axis="y", alpha=0.3)
+    else:
+        ax.axis("off")
+
+    ax = axes[1, 3]
+    if losses:
+        for name, curve in losses.items():
+            if len(curve):
+                ax.plot(np.arange(1, len(curve) + 1), curve, label=name)
+        ax.set_xlabel("refinement iteration")
+        ax.set_ylabel("MSE(T(s'), t')")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+        ax.set_title("Test-time refinement", fontsize=11)
+        ax.grid(alpha=0.3)
+    else:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=13)
+    fig.tight_layout()
+    from .io import atomic_write
+
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    finally:
+        plt.close(fig)
