@@ -96,3 +96,28 @@ def pair2d():
     fixed = blob_image((48, 40), (1.5, 2.0), (-35.0, -38.0), rotation(2, (12,)))
     moving = blob_image((44, 44), (1.8, 1.6), (-40.0, -36.0), rotation(2, (-8,)), centre=(4.0, -3.0))
     return fixed, moving
+
+
+@pytest.fixture(scope="session")
+def toy_csv(tmp_path_factory):
+    """Six 2D pairs: a blob (the SoI) plus a distracting square, each moved differently (training, distributed)."""
+    root = tmp_path_factory.mktemp("toy")
+    rows_img, rows_soi = ["src,trg"], ["src,trg"]
+    rng = np.random.default_rng(0)
+    for k in range(6):
+        for role in ("src", "trg"):
+            c = rng.uniform(-4, 4, 2)
+            soi = blob_image((32, 32), (1.0, 1.0), (-15.5, -15.5), np.eye(2), centre=c, extra=False)
+            arr = sitk.GetArrayFromImage(soi)
+            sq = np.zeros_like(arr)
+            a, b = rng.integers(2, 20, 2)
+            sq[a:a + 10, b:b + 10] = 0.7
+            img = sitk.GetImageFromArray(arr + sq)
+            img.CopyInformation(soi)
+            sitk.WriteImage(img, str(root / f"{role}{k}.nii.gz"))
+            sitk.WriteImage(soi, str(root / f"{role}{k}_soi.nii.gz"))
+        rows_img.append(f"src{k}.nii.gz,trg{k}.nii.gz")
+        rows_soi.append(f"src{k}_soi.nii.gz,trg{k}_soi.nii.gz")
+    (root / "pairs.csv").write_text("\n".join(rows_img) + "\n")
+    (root / "soi.csv").write_text("\n".join(rows_soi) + "\n")
+    return root

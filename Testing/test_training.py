@@ -12,31 +12,6 @@ from istn.networks import ISTN
 from istn.training import batch_indices, build_datasets, load_checkpoint, model_from_checkpoint, train, validate
 
 
-@pytest.fixture(scope="module")
-def toy_csv(tmp_path_factory):
-    """Six 2D pairs: a blob (the SoI) plus a distracting square, each moved differently."""
-    root = tmp_path_factory.mktemp("toy")
-    rows_img, rows_soi = ["src,trg"], ["src,trg"]
-    rng = np.random.default_rng(0)
-    for k in range(6):
-        for role in ("src", "trg"):
-            c = rng.uniform(-4, 4, 2)
-            soi = blob_image((32, 32), (1.0, 1.0), (-15.5, -15.5), np.eye(2), centre=c, extra=False)
-            arr = sitk.GetArrayFromImage(soi)
-            sq = np.zeros_like(arr)
-            a, b = rng.integers(2, 20, 2)
-            sq[a:a + 10, b:b + 10] = 0.7
-            img = sitk.GetImageFromArray(arr + sq)
-            img.CopyInformation(soi)
-            sitk.WriteImage(img, str(root / f"{role}{k}.nii.gz"))
-            sitk.WriteImage(soi, str(root / f"{role}{k}_soi.nii.gz"))
-        rows_img.append(f"src{k}.nii.gz,trg{k}.nii.gz")
-        rows_soi.append(f"src{k}_soi.nii.gz,trg{k}_soi.nii.gz")
-    (root / "pairs.csv").write_text("\n".join(rows_img) + "\n")
-    (root / "soi.csv").write_text("\n".join(rows_soi) + "\n")
-    return root
-
-
 def _cfg(root, out, variant="istn-i", transform="affine", steps=6):
     return TrainConfig(model=tiny_config(2, transform, variant, grid_size=(32, 32), grid_spacing=1.0),
                        train_csv=str(root / "pairs.csv"), soi_csv=str(root / "soi.csv"), soi_kind="soft",

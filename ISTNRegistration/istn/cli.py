@@ -1,6 +1,7 @@
 """The `istn` command line: a thin adapter over the engine.
 
     istn train     --train-csv pairs.csv --soi-csv soi.csv --variant istn-i --transform affine --out runs/x
+                   (data-parallel: torchrun --nproc_per_node N -m istn.cli train ...; see docs/distributed.md)
     istn register  --fixed F --moving M --model P [--model P2] [--refine N] [--lr X] [--device auto] --out DIR
     istn evaluate  --fixed-labels F --moving-labels M --transform T [--out metrics.json]
     istn info      --model P
@@ -202,8 +203,11 @@ def run_train(args: argparse.Namespace) -> Path:
                           val_soi_csv=args.val_soi_csv or "", steps=args.steps or 1000, batch_size=args.batch_size,
                           lr=args.lr, val_every=args.val_every, seed=args.seed, device=args.device,
                           threads=args.threads, out_dir=args.out or "runs/istn")
+    # Under torchrun every process runs this; train() shards the batches and only rank 0 writes and exports.
     result = train(cfg, resume=not args.no_resume, progress=not args.quiet)
     export_path = Path(args.export) if args.export else Path(cfg.out_dir) / "model.pt"
+    if result.rank != 0:
+        return export_path
     meta = build_metadata(cfg, soi_description=args.soi_description or f"{cfg.soi_kind} from {cfg.soi_csv}",
                           step=result.step, best_val=result.best_val)
     export_model(result.model, meta, export_path)

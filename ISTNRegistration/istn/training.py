@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .config import TrainConfig, to_dict
 from .data import PairDataset, split_rows
 from .losses import variant_loss
@@ -36,6 +37,8 @@ class TrainResult:
     best_val: float
     step: int
     history: list[dict]
+    rank: int = 0  # this process's rank in data-parallel training (0 otherwise)
+    world_size: int = 1  # the number of data-parallel processes (1 otherwise)
 
 
 def build_datasets(cfg: TrainConfig) -> tuple[PairDataset, PairDataset | None]:
@@ -126,67 +129,116 @@ def train(
     Writes ``last.pt`` (every validation) and ``best.pt`` (best validation
     ``soi_mse``; the last step when there is no validation set) in ``cfg.out_dir``
     and resumes from ``last.pt`` when ``resume``.
+
+    Data-parallel under ``torchrun`` (``WORLD_SIZE`` > 1) or inside an
+    initialised ``torch.distributed`` process group (see ``istn.distributed``
+    and ``docs/distributed.md``): every step's global batch is the same
+    ``batch_indices(...)`` list as in a single process, split into equal,
+    disjoint slices, one per rank (``cfg.batch_size`` must be divisible by the
+    world size), and DistributedDataParallel averages the gradients, so the
+    updates equal single-process training on the whole batch. Rank 0 alone
+    validates (the result is broadcast, so every rank makes the same best/last
+    choice), writes the checkpoints, logs and shows the progress bar; on resume
+    rank 0 reads ``last.pt`` and broadcasts it, so only rank 0 needs ``out_dir``.
+    Every rank returns the same :class:`TrainResult` (``rank`` tells them apart).
     """
     if train_set is None:
         train_set, val_set = build_datasets(cfg)
-    if len(train_set) == 0:
+    n_train = len(train_set)
+    if n_train == 0:
         raise ValueError("train() got an empty training set")
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # batch_indices() gives the whole (shuffled) set when it is smaller than batch_size
+    distributed.check_global_batch(min(n_train, cfg.batch_size), distributed.requested_world_size())
     device = resolve_device(cfg.device)
+    # Joins (or creates: destroyed at exit, so that a script may call train() again) the process group.
+    ctx, device = distributed.setup(device)
+    if not ctx.is_main:
+        log = _silent
+    out = Path(cfg.out_dir)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(max(1, cfg.threads))
-    torch.manual_seed(cfg.seed)
-    model = ISTN(cfg.model).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    net = ISTN(cfg.model).to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     step, best_val, history = 0, math.inf, []
     last_path, best_path = out / "last.pt", out / "best.pt"
-    if resume and last_path.exists():
-        ck = load_checkpoint(last_path)
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        step, best_val, history = int(ck["step"]), float(ck["best_val"]), list(ck["history"])
-        torch.set_rng_state(ck["torch_rng"])
-        log(f"resumed from {last_path} at step {step}")
+    if resume:
+        ck = load_checkpoint(last_path) if ctx.is_main and last_path.exists() else None
+        ck = distributed.broadcast_object(ck, ctx)  # every rank resumes from rank 0's last.pt
+        if ck is not None:
+            net.load_state_dict(ck["model"])
+            optimizer.load_state_dict(ck["optimizer"])
+            step, best_val, history = int(ck["step"]), float(ck["best_val"]), list(ck["history"])
+            torch.set_rng_state(ck["torch_rng"])
+            log(f"resumed from {last_path} at step {step}")
+            del ck
+    model: torch.nn.Module = net
+    if ctx.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                        **distributed.no_buffer_sync_kwargs())
+        log(f"data-parallel training on {ctx.world_size} processes ({ctx.backend}): "
+            f"{min(n_train, cfg.batch_size) // ctx.world_size} pairs per process and step")
 
     bar = None
-    if progress:
+    if progress and ctx.is_main:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.model.variant} {cfg.model.transform}", unit="step")
+    best_state: dict[str, torch.Tensor] | None = None  # DDP: each rank's own copy of the best weights
     model.train()
     t0 = time.perf_counter()
     try:
         while step < cfg.steps:
-            b = _batch(train_set, batch_indices(len(train_set), cfg.batch_size, cfg.seed, step), device)
+            indices = batch_indices(n_train, cfg.batch_size, cfg.seed, step)
+            if ctx.enabled:
+                indices = distributed.shard(indices, ctx.rank, ctx.world_size)
+            b = _batch(train_set, indices, device)
             s_map, t_map, _, grid = model(b["source"], b["target"])
             loss = variant_loss(cfg.model.variant, b["source"], b["target"], b["source_soi"], b["target_soi"], s_map, t_map, grid)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # DDP: gradients averaged over the ranks = the gradient of the global-batch mean
             optimizer.step()
             step += 1
+            loss_value = float(distributed.mean_over_ranks(loss.detach(), ctx).item())  # the global-batch loss
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.5f}", best=f"{best_val:.5f}" if best_val < math.inf else "-")
+                bar.set_postfix(loss=f"{loss_value:.5f}", best=f"{best_val:.5f}" if best_val < math.inf else "-")
             if step % cfg.val_every == 0 or step == cfg.steps:
-                record = {"step": step, "loss": float(loss.item()), "seconds": time.perf_counter() - t0}
-                if val_set is not None and len(val_set) > 0:
-                    record.update(validate(model, val_set, device))
-                    current = record["soi_mse"]
-                else:
-                    current = -step  # no validation: the latest is the best
+                record = None
+                if ctx.is_main:
+                    record = {"step": step, "loss": loss_value, "seconds": time.perf_counter() - t0}
+                    if val_set is not None and len(val_set) > 0:
+                        record.update(validate(net, val_set, device))
+                record = distributed.broadcast_object(record, ctx)  # the same history and choice on every rank
+                current = record["soi_mse"] if "soi_mse" in record else -step  # no validation: the latest is the best
                 history.append(record)
                 if current < best_val:
                     best_val = current
-                    save_checkpoint(best_path, model, optimizer, cfg, step, best_val, history)
-                save_checkpoint(last_path, model, optimizer, cfg, step, best_val, history)
+                    if ctx.is_main:
+                        save_checkpoint(best_path, net, optimizer, cfg, step, best_val, history)
+                    if ctx.enabled:
+                        best_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+                if ctx.is_main:
+                    save_checkpoint(last_path, net, optimizer, cfg, step, best_val, history)
     finally:
         if bar is not None:
             bar.close()
         torch.set_num_threads(threads_before)
+    if ctx.enabled and best_state is None:  # the best is from before a resume: rank 0 has it in best.pt
+        best_state = distributed.broadcast_object(load_checkpoint(best_path)["model"] if ctx.is_main else None, ctx)
+    if best_state is None:
+        best_state = load_checkpoint(best_path)["model"]
     best = ISTN(cfg.model)
-    best.load_state_dict(load_checkpoint(best_path)["model"])
-    return TrainResult(best.eval(), best_path, last_path, best_val, step, history)
+    best.load_state_dict(best_state)
+    return TrainResult(best.eval(), best_path, last_path, best_val, step, history, ctx.rank, ctx.world_size)
+
+
+def _silent(_message: str) -> None:
+    pass
 
 
 def model_from_checkpoint(path: str | Path) -> tuple[ISTN, TrainConfig]:
