@@ -1,0 +1,118 @@
+"""The models the module offers: those bundled in ``Resources/Models`` and custom ``.pt`` files.
+
+An exported ISTN model is a TorchScript archive, i.e. a zip file whose
+``extra/meta.json`` says what the model is. It is read here with ``zipfile``
+so the panel can list and describe models before torch is even installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: The module folder (holds ``Resources/`` and the engine package ``istn``).
+MODULE_DIR = Path(__file__).resolve().parents[1]
+#: Bundled models: ``*.pt`` files, each optionally with a ``.md`` model card of the same stem.
+MODELS_DIR = MODULE_DIR / "Resources" / "Models"
+
+
+class ModelInfoError(ValueError):
+    """A file that is not a readable ISTN model."""
+
+
+@dataclass
+class ModelInfo:
+    """What the panel shows about a model file (read without torch)."""
+
+    path: Path
+    meta: dict = field(repr=False)
+    card: str = field(default="", repr=False)  # the model card (.md next to the file), if any
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    @property
+    def transformType(self) -> str:
+        return str(self.meta.get("transform", "?"))
+
+    @property
+    def ndim(self) -> int:
+        return int(self.meta.get("ndim", 0))
+
+    @property
+    def label(self) -> str:
+        """Short text for a combo box: ``B-spline: brain_bspline``."""
+        kind = {"affine": "Affine", "bspline": "B-spline"}.get(self.transformType, self.transformType)
+        return f"{kind}: {self.name}"
+
+    def describe(self) -> str:
+        """One paragraph for people (the same facts as ``istn.export.LoadedModel.describe``)."""
+        m = self.meta
+        grid = m.get("grid", {})
+        size = "x".join(str(s) for s in grid.get("size", [])) or "?"
+        text = (f"{str(m.get('variant', '?')).upper()} {self.transformType} {self.ndim}D model, "
+                f"internal grid {size} at {grid.get('spacing_mm', '?')} mm")
+        if m.get("control_point_spacing_mm"):
+            text += f", control points every {m['control_point_spacing_mm']} mm"
+        soi = m.get("soi") or {}
+        if soi.get("description"):
+            text += f"; structures of interest: {soi['description']}"
+        training = m.get("training") or {}
+        if training.get("data"):
+            text += f"; trained on {training['data']}"
+        return text + f" (engine {m.get('engine_version', '?')}, file {self.path.name})."
+
+
+def readModelInfo(path: str | os.PathLike) -> ModelInfo:
+    """Read the metadata of an exported model without loading it (no torch needed)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelInfoError(f"model file '{p}' does not exist")
+    try:
+        with zipfile.ZipFile(p) as archive:
+            names = [n for n in archive.namelist() if n.endswith("extra/meta.json")]
+            if not names:
+                raise ModelInfoError(f"'{p}' is not an ISTN model (a TorchScript file without ISTN metadata)")
+            meta = json.loads(archive.read(names[0]).decode("utf-8"))
+    except (zipfile.BadZipFile, OSError):
+        raise ModelInfoError(f"'{p}' is not an ISTN model file (not a TorchScript archive)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ModelInfoError(f"'{p}' has unreadable ISTN metadata") from None
+    if not isinstance(meta, dict) or meta.get("format") != "istn-model":
+        raise ModelInfoError(f"'{p}' is not an ISTN model (its metadata is of another format)")
+    card_path = p.with_suffix(".md")
+    card = card_path.read_text(encoding="utf-8", errors="replace") if card_path.is_file() else ""
+    return ModelInfo(p, meta, card)
+
+
+def bundledModels(directory: str | os.PathLike | None = None, ndim: int | None = 3) -> list[ModelInfo]:
+    """The models shipped with the module (``*.pt`` in ``Resources/Models``), sorted affine first.
+
+    Unreadable files are skipped (they would only confuse the model list);
+    ``ndim`` keeps models of that dimension (Slicer volumes are 3D).
+    """
+    folder = Path(directory) if directory is not None else MODELS_DIR
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in sorted(folder.glob("*.pt")):
+        try:
+            info = readModelInfo(path)
+        except ModelInfoError:
+            continue
+        if ndim is None or info.ndim == ndim:
+            found.append(info)
+    order = {"affine": 0, "bspline": 1}
+    return sorted(found, key=lambda m: (order.get(m.transformType, 2), m.name))
+
+
+def defaultModel(transformType: str, directory: str | os.PathLike | None = None) -> ModelInfo | None:
+    """The first bundled 3D model of ``transformType`` (``affine`` or ``bspline``), or None."""
+    for info in bundledModels(directory):
+        if info.transformType == transformType:
+            return info
+    return None

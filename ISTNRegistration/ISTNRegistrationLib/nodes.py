@@ -1,0 +1,358 @@
+"""MRML nodes <-> engine objects: volumes, label maps, segmentations and transforms.
+
+Coordinates. Slicer works in RAS, ITK (and so the engine) in LPS; the two
+differ by ``F = diag(-1, -1, 1)``. A point maps as ``x_lps = F x_ras``, so a
+transform ``T_lps`` (fixed LPS point -> moving LPS point) is, in Slicer,
+``T_ras = F T_lps F``. Both the engine's transforms and Slicer's "transform
+from parent" map FIXED (world) points to MOVING points: the pull-back that
+resampling uses, and what places the moving volume onto the fixed one when it
+is put under the transform node.
+
+Nothing here needs torch or Qt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+import vtk
+from vtk.util import numpy_support
+
+import slicer
+
+#: LPS <-> RAS, homogeneous (its own inverse).
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+# --------------------------------------------------------------------------
+# Matrices
+# --------------------------------------------------------------------------
+
+
+def arrayFromVtkMatrix(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def vtkMatrixFromArray(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(array[r, c]))
+    return m
+
+
+def lpsToRasMatrix(matrix_lps: np.ndarray) -> np.ndarray:
+    """A homogeneous point transform in LPS -> the same transform in RAS (and back: it is an involution)."""
+    return LPS_TO_RAS @ np.asarray(matrix_lps, dtype=float) @ LPS_TO_RAS
+
+
+def ijkToRasMatrix(volumeNode) -> np.ndarray:
+    m = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(m)
+    return arrayFromVtkMatrix(m)
+
+
+def parentToWorldMatrix(node) -> np.ndarray:
+    """Matrix of the node's parent transforms (identity if none); raises if one of them is not linear."""
+    parent = node.GetParentTransformNode()
+    if parent is None:
+        return np.eye(4)
+    if not parent.IsTransformToWorldLinear():
+        raise ValueError(
+            f"'{node.GetName()}' is under the non-linear transform '{parent.GetName()}'; "
+            "harden it (Data module, right-click > Harden transform) or remove it from the transform first"
+        )
+    m = vtk.vtkMatrix4x4()
+    parent.GetMatrixTransformToWorld(m)
+    return arrayFromVtkMatrix(m)
+
+
+# --------------------------------------------------------------------------
+# Volumes
+# --------------------------------------------------------------------------
+
+
+def _geometryFromVoxelToRas(voxelToRas: np.ndarray) -> tuple[list[float], list[float], list[float]]:
+    """IJK-to-RAS (any orientation, anisotropic) -> ITK spacing, origin, direction (LPS)."""
+    m = LPS_TO_RAS @ voxelToRas  # IJK -> LPS
+    axes = m[:3, :3]
+    spacing = np.linalg.norm(axes, axis=0)
+    if np.any(spacing <= 0):
+        raise ValueError("the volume has a zero voxel spacing")
+    direction = axes / spacing
+    return spacing.tolist(), m[:3, 3].tolist(), direction.ravel().tolist()
+
+
+def voxelToRasFromImage(image: sitk.Image) -> np.ndarray:
+    """ITK image geometry (LPS) -> IJK-to-RAS matrix."""
+    if image.GetDimension() != 3:
+        raise ValueError(f"a {image.GetDimension()}D image cannot be shown as a Slicer volume; 3D is expected")
+    m = np.eye(4)
+    m[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
+    m[:3, 3] = image.GetOrigin()
+    return LPS_TO_RAS @ m
+
+
+def imageFromArray(array_kji: np.ndarray, voxelToRas: np.ndarray) -> sitk.Image:
+    """Array in ``(K, J, I)`` order (Slicer and SimpleITK agree) + IJK-to-RAS -> ITK image in LPS."""
+    spacing, origin, direction = _geometryFromVoxelToRas(voxelToRas)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array_kji))
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(direction)
+    return image
+
+
+def volumeNodeToImage(volumeNode, world: bool = False) -> sitk.Image:
+    """A scalar volume node -> ITK image with its exact geometry (oblique, anisotropic; LPS).
+
+    ``world``: include the node's (linear) parent transforms, i.e. the geometry
+    the volume is displayed with; otherwise the node's own IJK-to-RAS.
+    Voxels are copied: the node is never modified.
+    """
+    if volumeNode is None:
+        raise ValueError("no volume node given")
+    imageData = volumeNode.GetImageData()
+    if imageData is None or imageData.GetPointData().GetScalars() is None:
+        raise ValueError(f"volume '{volumeNode.GetName()}' has no voxels")
+    if imageData.GetNumberOfScalarComponents() != 1:
+        raise ValueError(
+            f"volume '{volumeNode.GetName()}' has {imageData.GetNumberOfScalarComponents()} components per voxel; "
+            "a scalar (grey-level) volume is expected"
+        )
+    array = np.array(slicer.util.arrayFromVolume(volumeNode), copy=True)
+    voxelToRas = ijkToRasMatrix(volumeNode)
+    if world:
+        voxelToRas = parentToWorldMatrix(volumeNode) @ voxelToRas
+    return imageFromArray(array, voxelToRas)
+
+
+def updateVolumeNodeFromImage(volumeNode, image: sitk.Image) -> None:
+    """Write an ITK image (voxels and geometry) into an existing volume node."""
+    volumeNode.SetIJKToRASMatrix(vtkMatrixFromArray(voxelToRasFromImage(image)))
+    slicer.util.updateVolumeFromArray(volumeNode, sitk.GetArrayFromImage(image))
+
+
+def addVolumeNodeFromImage(scene, image: sitk.Image, name: str, className: str = "vtkMRMLScalarVolumeNode"):
+    """New volume node in ``scene`` holding ``image`` (with display nodes)."""
+    node = scene.AddNewNodeByClass(className, scene.GenerateUniqueName(name))
+    updateVolumeNodeFromImage(node, image)
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+# --------------------------------------------------------------------------
+# Label maps and segmentations (for Dice)
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Structure:
+    """One labelled structure: a name, a label value where known, and its binary mask (uint8, LPS)."""
+
+    name: str
+    value: int | None
+    mask: sitk.Image
+
+
+def _labelName(labelmapNode, value: int) -> str:
+    display = labelmapNode.GetDisplayNode()
+    colorNode = display.GetColorNode() if display is not None else None
+    if colorNode is not None and value < colorNode.GetNumberOfColors():
+        name = colorNode.GetColorName(value)
+        if name and name.lower() not in ("(none)", "invalid"):
+            return name
+    return f"label {value}"
+
+
+def structuresFromNode(node, world: bool = False) -> list[Structure]:
+    """Binary masks of every structure of a segmentation node or a label map volume node.
+
+    Segmentations need a binary labelmap representation (the usual one); the
+    node is only read. Label maps give one structure per non-zero value.
+    """
+    if node is None:
+        return []
+    if node.IsA("vtkMRMLSegmentationNode"):
+        return _structuresFromSegmentation(node, world)
+    if node.IsA("vtkMRMLScalarVolumeNode"):
+        labels = volumeNodeToImage(node, world)
+        array = sitk.GetArrayViewFromImage(labels)
+        if not np.issubdtype(array.dtype, np.integer):
+            if not np.all(np.equal(np.mod(array, 1), 0)):
+                raise ValueError(f"'{node.GetName()}' is not a label map (its voxel values are not integers)")
+        out = []
+        for value in sorted(int(v) for v in np.unique(array) if v != 0):
+            mask = sitk.Cast(labels == value, sitk.sitkUInt8)
+            out.append(Structure(_labelName(node, value) if node.IsA("vtkMRMLLabelMapVolumeNode") else f"label {value}", value, mask))
+        return out
+    raise ValueError(f"'{node.GetName()}' is neither a segmentation nor a label map volume")
+
+
+def _structuresFromSegmentation(segmentationNode, world: bool) -> list[Structure]:
+    segmentation = segmentationNode.GetSegmentation()
+    if segmentation.GetNumberOfSegments() == 0:
+        raise ValueError(f"segmentation '{segmentationNode.GetName()}' has no segments")
+    labelmapName = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+    if not segmentation.ContainsRepresentation(labelmapName):
+        raise ValueError(
+            f"segmentation '{segmentationNode.GetName()}' has no binary labelmap representation; "
+            "create one in the Segmentations module (Representations > Binary labelmap > Create)"
+        )
+    toWorld = parentToWorldMatrix(segmentationNode) if world else np.eye(4)
+    out = []
+    for index in range(segmentation.GetNumberOfSegments()):
+        segmentId = segmentation.GetNthSegmentID(index)
+        segment = segmentation.GetSegment(segmentId)
+        oriented = slicer.vtkOrientedImageData()
+        if not segmentationNode.GetBinaryLabelmapRepresentation(segmentId, oriented):
+            raise ValueError(f"segment '{segment.GetName()}' of '{segmentationNode.GetName()}' could not be read")
+        extent = oriented.GetExtent()
+        if extent[1] < extent[0] or extent[3] < extent[2] or extent[5] < extent[4]:
+            continue  # empty segment
+        imageToWorld = vtk.vtkMatrix4x4()
+        oriented.GetImageToWorldMatrix(imageToWorld)
+        voxelToRas = toWorld @ arrayFromVtkMatrix(imageToWorld)
+        # the extent need not start at 0: shift the origin to voxel (extent[0], extent[2], extent[4])
+        shift = np.eye(4)
+        shift[:3, 3] = [extent[0], extent[2], extent[4]]
+        dims = [extent[1] - extent[0] + 1, extent[3] - extent[2] + 1, extent[5] - extent[4] + 1]
+        scalars = numpy_support.vtk_to_numpy(oriented.GetPointData().GetScalars())
+        array = (scalars.reshape(dims[2], dims[1], dims[0]) != 0).astype(np.uint8)
+        value = segment.GetLabelValue() if hasattr(segment, "GetLabelValue") else None
+        out.append(Structure(segment.GetName(), int(value) if value is not None else None,
+                             imageFromArray(array, voxelToRas @ shift)))
+    return out
+
+
+def matchStructures(fixed: list[Structure], moving: list[Structure]) -> list[tuple[Structure, Structure]]:
+    """Pairs of fixed/moving structures: same name first, else same label value."""
+    byName = {s.name: s for s in moving}
+    pairs = [(f, byName[f.name]) for f in fixed if f.name in byName]
+    if pairs:
+        return pairs
+    byValue = {s.value: s for s in moving if s.value is not None}
+    return [(f, byValue[f.value]) for f in fixed if f.value is not None and f.value in byValue]
+
+
+# --------------------------------------------------------------------------
+# Transforms
+# --------------------------------------------------------------------------
+
+
+def setLinearTransformFromParent(transformNode, matrix_ras: np.ndarray) -> None:
+    transformNode.SetMatrixTransformFromParent(vtkMatrixFromArray(matrix_ras))
+
+
+def splitComposite(transform: sitk.Transform) -> tuple[np.ndarray, sitk.BSplineTransform | None]:
+    """An engine result -> (linear part as a 4x4 LPS matrix, B-spline or None).
+
+    The engine returns an ``AffineTransform`` or a composite ``x -> B(A(x))``
+    (affine applied first). Anything else is refused.
+    """
+    from istn.transforms import sitk_affine_to_matrix  # lazy: the engine imports torch
+
+    tx = transform.Downcast() if hasattr(transform, "Downcast") else transform
+    if isinstance(tx, sitk.CompositeTransform):
+        parts = [tx.GetNthTransform(i).Downcast() for i in range(tx.GetNumberOfTransforms())]
+        # ITK applies the LAST transform of a composite first
+        parts = parts[::-1]
+        linear = np.eye(4)
+        bspline = None
+        for part in parts:
+            if isinstance(part, sitk.BSplineTransform):
+                if bspline is not None:
+                    raise ValueError("a result with two B-splines cannot be shown as one transform node")
+                bspline = part
+            else:
+                if bspline is not None:
+                    raise ValueError("a linear transform applied after the B-spline cannot be shown as a parent node")
+                linear = sitk_affine_to_matrix(part) @ linear
+        return linear, bspline
+    if isinstance(tx, sitk.BSplineTransform):
+        return np.eye(4), tx
+    return sitk_affine_to_matrix(tx), None
+
+
+def _bsplineGeometryRas(bspline: sitk.BSplineTransform):
+    fixed = bspline.GetFixedParameters()
+    size = [int(round(v)) for v in fixed[0:3]]
+    origin_lps = np.asarray(fixed[3:6])
+    spacing = list(fixed[6:9])
+    direction_lps = np.asarray(fixed[9:18]).reshape(3, 3)
+    origin_ras = LPS_TO_RAS[:3, :3] @ origin_lps
+    direction_ras = LPS_TO_RAS[:3, :3] @ direction_lps
+    return size, origin_ras, spacing, direction_ras
+
+
+def _bsplineCoefficientsRas(bspline: sitk.BSplineTransform, size: list[int]) -> np.ndarray:
+    """ITK coefficients (component-major, x fastest) -> ``(K, J, I, 3)`` RAS displacements."""
+    params = np.asarray(bspline.GetParameters(), dtype=float).reshape(3, size[2], size[1], size[0])
+    return np.ascontiguousarray(np.moveaxis(params, 0, -1) * np.array([-1.0, -1.0, 1.0]))
+
+
+def bsplineToVtk(bspline: sitk.BSplineTransform) -> "slicer.vtkOrientedBSplineTransform":
+    """ITK cubic B-spline (LPS) -> ``vtkOrientedBSplineTransform`` (RAS), same displacement inside its grid."""
+    if bspline.GetDimension() != 3 or bspline.GetOrder() != 3:
+        raise ValueError("only 3D cubic B-splines can be shown in Slicer")
+    size, origin, spacing, direction = _bsplineGeometryRas(bspline)
+    coefficients = vtk.vtkImageData()
+    coefficients.SetDimensions(size)
+    coefficients.SetOrigin(origin.tolist())
+    coefficients.SetSpacing(spacing)
+    coefficients.AllocateScalars(vtk.VTK_DOUBLE, 3)
+    transform = slicer.vtkOrientedBSplineTransform()
+    direction4 = np.eye(4)
+    direction4[:3, :3] = direction
+    transform.SetGridDirectionMatrix(vtkMatrixFromArray(direction4))
+    transform.SetCoefficientData(coefficients)
+    # Zero beyond the grid. ITK also drops the outermost span (its "valid region"); the engine pads a
+    # ring of zero coefficients, so both agree up to one control point spacing beyond the network grid.
+    transform.SetBorderModeToZero()
+    updateBSplineCoefficients(transform, bspline)
+    return transform
+
+
+def _geometryKey(bspline: sitk.BSplineTransform) -> tuple:
+    return tuple(round(v, 9) for v in bspline.GetFixedParameters())
+
+
+def updateBSplineCoefficients(transform, bspline: sitk.BSplineTransform) -> None:
+    """Write ``bspline``'s coefficients into ``transform`` (made by `bsplineToVtk` from the same grid) in place."""
+    size = _bsplineGeometryRas(bspline)[0]
+    coefficients = transform.GetCoefficientData()
+    target = numpy_support.vtk_to_numpy(coefficients.GetPointData().GetScalars()).reshape(size[2], size[1], size[0], 3)
+    target[...] = _bsplineCoefficientsRas(bspline, size)
+    coefficients.GetPointData().GetScalars().Modified()
+    coefficients.Modified()
+    transform.Modified()
+
+
+class BSplineNodeWriter:
+    """Writes successive B-splines into one transform node, in place while the grid stays the same.
+
+    In-place updates keep the VTK object, so views that follow the node only
+    need the Modified event (the live display during refinement). The writer
+    remembers the VTK transform it made: a B-spline node's default transform
+    has no coefficient image, and asking it for one crashes VTK.
+    """
+
+    def __init__(self, transformNode) -> None:
+        self.node = transformNode
+        self._transform = None
+        self._key: tuple | None = None
+
+    def write(self, bspline: sitk.BSplineTransform) -> None:
+        key = _geometryKey(bspline)
+        current = self.node.GetTransformFromParent()
+        ours = (self._transform is not None and current is not None
+                and current.GetAddressAsString("") == self._transform.GetAddressAsString(""))
+        if ours and key == self._key:
+            updateBSplineCoefficients(self._transform, bspline)
+            self.node.GetTransformFromParent().Modified()
+            return
+        self._transform = bsplineToVtk(bspline)
+        self._key = key
+        self.node.SetAndObserveTransformFromParent(self._transform)

@@ -1,0 +1,483 @@
+"""The Slicer module's logic on real MRML nodes (slicer-core, headless).
+
+Geometry (Slicer's own resampling through the output transform = the engine's
+warp, oblique anisotropic volumes, affine and B-spline), transform node kinds
+and hierarchy, .h5 storage round trips, ITN map volumes, Dice per segment,
+live update, cancel and failure roll-back, inputs unchanged, no leaked nodes.
+The geometry and cancel checks are the very functions the in-Slicer self test
+runs (`ISTNRegistrationLib.selftest`).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML core) is not installed")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("the 'slicer' package here is not Slicer's (slicer-core)", allow_module_level=True)
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "ISTNRegistration"))
+
+from ISTNRegistrationLib import ISTNRegistrationLogic, models as modelfiles, nodes, sampledata, selftest  # noqa: E402
+from ISTNRegistrationLib.logic import ROLE_BSPLINE, ROLE_FIXED_MAP, ROLE_MOVING_MAP  # noqa: E402
+from istn.registration import warp_image  # noqa: E402
+from vtk.util import numpy_support  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    return selftest.makeTinyModels(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture
+def scene():
+    s = slicer.vtkMRMLScene()
+    slicer.mrmlScene = s
+    yield s
+    s.Clear(1)
+
+
+@pytest.fixture
+def pair(scene):
+    """(fixedNode, movingNode, fixedImage, movingImage): oblique, anisotropic, different grids."""
+    return selftest.addObliquePair(scene)
+
+
+def run(logic, pair, tiny_models, kind="affine", **kw):
+    fixed_node, moving_node = pair[:2]
+    kw.setdefault("iterations", 2)
+    kw.setdefault("threads", 1)
+    return logic.register(fixed_node, moving_node, modelPath=tiny_models[kind],
+                          affineModelPath=tiny_models["affine"], **kw)
+
+
+def node_state(node):
+    """Everything about an input node that registration must not change (its parent aside)."""
+    state = {}
+    if node.IsA("vtkMRMLVolumeNode"):
+        state["array"] = np.array(slicer.util.arrayFromVolume(node), copy=True)
+        state["ijk"] = nodes.ijkToRasMatrix(node)
+    if node.IsA("vtkMRMLSegmentationNode"):
+        s = node.GetSegmentation()
+        state["segments"] = [s.GetNthSegmentID(i) for i in range(s.GetNumberOfSegments())]
+    state["name"] = node.GetName()
+    return state
+
+
+def same_state(a, b) -> bool:
+    return all(np.array_equal(a[k], b[k]) if isinstance(a[k], np.ndarray) else a[k] == b[k] for k in a)
+
+
+# --------------------------------------------------------------------------
+# Conversions
+# --------------------------------------------------------------------------
+
+
+def test_volume_node_image_round_trip_keeps_exact_geometry(scene, pair):
+    fixed_node, _, fixed, _ = pair
+    back = nodes.volumeNodeToImage(fixed_node)
+    assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(fixed))
+    assert np.allclose(back.GetSpacing(), fixed.GetSpacing(), atol=1e-12)
+    assert np.allclose(back.GetOrigin(), fixed.GetOrigin(), atol=1e-12)
+    assert np.allclose(back.GetDirection(), fixed.GetDirection(), atol=1e-12)
+    # the same voxel lands on the same physical point: LPS in ITK, RAS in Slicer
+    index = (7, 3, 11)
+    lps = np.array(fixed.TransformIndexToPhysicalPoint(index))
+    ras = (nodes.ijkToRasMatrix(fixed_node) @ [*index, 1.0])[:3]
+    assert np.allclose(ras, lps * [-1, -1, 1], atol=1e-9)
+
+
+def test_world_geometry_includes_linear_parent_and_refuses_nonlinear(scene, pair):
+    fixed_node = pair[0]
+    parent = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    shift = np.eye(4)
+    shift[:3, 3] = [5.0, -3.0, 2.0]
+    parent.SetMatrixTransformToParent(nodes.vtkMatrixFromArray(shift))
+    fixed_node.SetAndObserveTransformNodeID(parent.GetID())
+    local, world = nodes.volumeNodeToImage(fixed_node), nodes.volumeNodeToImage(fixed_node, world=True)
+    assert np.allclose(np.subtract(world.GetOrigin(), local.GetOrigin()), [-5.0, 3.0, 2.0])  # RAS shift in LPS
+    grid = scene.AddNewNodeByClass("vtkMRMLBSplineTransformNode")
+    fixed_node.SetAndObserveTransformNodeID(grid.GetID())
+    with pytest.raises(ValueError, match="non-linear transform"):
+        nodes.volumeNodeToImage(fixed_node, world=True)
+
+
+# --------------------------------------------------------------------------
+# Geometry, node kinds, hierarchy (the in-Slicer self test's checks)
+# --------------------------------------------------------------------------
+
+
+def test_affine_and_bspline_match_slicer_resampling(scene, tiny_models):
+    report = selftest.checkAffineAndBSpline(ISTNRegistrationLogic(), scene, tiny_models, iterations=2)
+    assert report["affine"] < 1e-3 and report["bspline"] < 1e-3
+
+
+def test_bspline_result_is_a_real_deformation_split_into_affine_parent_and_bspline_child(scene, pair, tiny_models):
+    result = run(ISTNRegistrationLogic(), pair, tiny_models, "bspline")
+    linear, bspline = nodes.splitComposite(result.transform)
+    assert bspline is not None
+    fixed = pair[2]
+    points = [fixed.TransformIndexToPhysicalPoint(ix) for ix in ((10, 10, 10), (20, 17, 14), (28, 20, 18))]
+    # the B-spline moves points by millimetres on top of the affine: the geometry test is not trivial
+    moved = [np.linalg.norm(np.subtract(bspline.TransformPoint((linear @ [*p, 1])[:3].tolist()), (linear @ [*p, 1])[:3]))
+             for p in points]
+    assert max(moved) > 0.5
+    # the nodes hold exactly these parts: the affine in the linear node, the B-spline in its child
+    matrix = nodes.arrayFromVtkMatrix(_matrix_from_parent(result.transformNode))
+    assert np.allclose(matrix, nodes.lpsToRasMatrix(linear), atol=1e-9)
+    assert result.bsplineTransformNode.GetTransformFromParent().IsA("vtkOrientedBSplineTransform")
+    p_ras = np.array(points[1]) * [-1, -1, 1]
+    through_nodes = result.bsplineTransformNode.GetTransformFromParent().TransformPoint(
+        result.transformNode.GetTransformFromParent().TransformPoint(p_ras.tolist()))
+    assert np.allclose(np.array(through_nodes) * [-1, -1, 1], result.transform.TransformPoint(points[1]), atol=1e-6)
+
+
+def _matrix_from_parent(node):
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    node.GetMatrixTransformFromParent(m)
+    return m
+
+
+def test_affine_result_is_a_plain_linear_node(scene, pair, tiny_models):
+    result = run(ISTNRegistrationLogic(), pair, tiny_models, "affine")
+    node = result.transformNode
+    assert node.GetClassName() == "vtkMRMLLinearTransformNode" and node.IsLinear()
+    assert result.bsplineTransformNode is None
+    assert pair[1].GetParentTransformNode() is node
+    assert result.metrics["folding_fraction"] is None
+
+
+# --------------------------------------------------------------------------
+# Storage
+# --------------------------------------------------------------------------
+
+
+def test_transform_nodes_round_trip_through_h5(scene, pair, tiny_models, tmp_path):
+    result = run(ISTNRegistrationLogic(), pair, tiny_models, "bspline")
+    files = {}
+    for node, name in ((result.transformNode, "affine.h5"), (result.bsplineTransformNode, "bspline.h5")):
+        storage = scene.AddNewNodeByClass("vtkMRMLTransformStorageNode")
+        storage.SetFileName(str(tmp_path / name))
+        assert storage.WriteData(node)
+        files[name] = tmp_path / name
+    # SimpleITK reads what Slicer wrote: the same LPS transform as the engine's, point for point
+    affine = sitk.ReadTransform(str(files["affine.h5"]))
+    bspline = sitk.ReadTransform(str(files["bspline.h5"])).Downcast()
+    assert isinstance(bspline, sitk.BSplineTransform)
+    fixed = pair[2]
+    for index in ((5, 5, 5), (20, 17, 14), (33, 25, 20)):
+        p = fixed.TransformIndexToPhysicalPoint(index)
+        assert np.allclose(bspline.TransformPoint(affine.TransformPoint(p)), result.transform.TransformPoint(p), atol=1e-5)
+    # and Slicer reads it back into nodes that transform points the same way
+    for original, name, cls in ((result.transformNode, "affine.h5", "vtkMRMLLinearTransformNode"),
+                                (result.bsplineTransformNode, "bspline.h5", "vtkMRMLBSplineTransformNode")):
+        reader = scene.AddNewNodeByClass("vtkMRMLTransformStorageNode")
+        reader.SetFileName(str(files[name]))
+        loaded = scene.AddNewNodeByClass(cls)
+        assert reader.ReadData(loaded)
+        p = [12.0, -7.0, 4.0]
+        assert np.allclose(loaded.GetTransformFromParent().TransformPoint(p),
+                           original.GetTransformFromParent().TransformPoint(p), atol=1e-5)
+
+
+# --------------------------------------------------------------------------
+# ITN maps, output volume, views
+# --------------------------------------------------------------------------
+
+
+def test_itn_maps_are_volumes_with_colour_shown_over_the_fixed_volume(scene, pair, tiny_models):
+    color_logic = slicer.vtkSlicerColorLogic()
+    color_logic.SetMRMLScene(scene)  # the built-in colour tables, as in the application
+    composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")  # one slice view
+    result = run(ISTNRegistrationLogic(), pair, tiny_models, "bspline", showMaps=True)
+    stage = result.stages[-1]
+    for node, image in ((result.fixedMapNode, stage.fixed_map), (result.movingMapNode, stage.moving_map)):
+        assert node.IsA("vtkMRMLScalarVolumeNode")
+        as_image = nodes.volumeNodeToImage(node)
+        assert np.allclose(sitk.GetArrayFromImage(as_image), sitk.GetArrayFromImage(image))
+        assert np.allclose(as_image.GetOrigin(), image.GetOrigin()) and np.allclose(as_image.GetDirection(), image.GetDirection())
+        assert node.GetDisplayNode().GetColorNodeID() == "vtkMRMLColorTableNodeIron"
+    assert result.fixedMapNode.GetParentTransformNode() is None
+    assert result.movingMapNode.GetParentTransformNode() is result.bsplineTransformNode  # displayed aligned
+    assert composite.GetBackgroundVolumeID() == pair[0].GetID()
+    assert composite.GetForegroundVolumeID() == result.movingMapNode.GetID()
+    assert result.transformNode.GetNodeReference(ROLE_FIXED_MAP) is result.fixedMapNode
+    assert result.transformNode.GetNodeReference(ROLE_MOVING_MAP) is result.movingMapNode
+
+
+def test_output_volume_is_the_resampled_moving_and_the_moving_stays_put(scene, pair, tiny_models):
+    fixed_node, moving_node, fixed, moving = pair
+    output = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "resampled")
+    result = run(ISTNRegistrationLogic(), pair, tiny_models, "affine", outputVolumeNode=output)
+    assert moving_node.GetParentTransformNode() is None
+    expected = warp_image(moving, fixed, result.transform)
+    got = nodes.volumeNodeToImage(output)
+    assert np.allclose(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(expected), atol=1e-6)
+    assert np.allclose(nodes.ijkToRasMatrix(output), nodes.ijkToRasMatrix(fixed_node), atol=1e-9)
+
+
+# --------------------------------------------------------------------------
+# Dice
+# --------------------------------------------------------------------------
+
+
+def _labels(image: sitk.Image) -> sitk.Image:
+    return sitk.Cast(image > 0.3, sitk.sitkUInt8) + sitk.Cast(image > 0.7, sitk.sitkUInt8)
+
+
+def test_dice_per_segment_before_and_after(scene, pair, tiny_models):
+    fixed_node, moving_node, fixed, moving = pair
+    fixed_labels = nodes.addVolumeNodeFromImage(scene, _labels(fixed), "fixed labels", "vtkMRMLLabelMapVolumeNode")
+    moving_labelmap = nodes.addVolumeNodeFromImage(scene, _labels(moving), "moving labels", "vtkMRMLLabelMapVolumeNode")
+    moving_seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "moving segmentation")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(moving_labelmap, moving_seg)
+    result = run(ISTNRegistrationLogic(), pair, tiny_models, "affine",
+                 fixedSegmentationNode=fixed_labels, movingSegmentationNode=moving_seg)
+    dice = result.metrics["dice"]
+    assert sorted(dice) == ["label 1", "label 2"]  # label map names; segments matched by label value
+    # independent check: Dice of the label maps warped by the engine
+    warped = sitk.GetArrayFromImage(warp_image(_labels(moving), fixed, result.transform, sitk.sitkNearestNeighbor))
+    before = sitk.GetArrayFromImage(warp_image(_labels(moving), fixed, sitk.Transform(3, sitk.sitkIdentity),
+                                               sitk.sitkNearestNeighbor))
+    target = sitk.GetArrayFromImage(_labels(fixed))
+    for value in (1, 2):
+        t = target == value
+        for key, arr in (("after", warped), ("before", before)):
+            m = arr == value
+            expected = 2.0 * (t & m).sum() / (t.sum() + m.sum())
+            assert dice[f"label {value}"][key] == pytest.approx(expected, abs=1e-9)
+    assert "Dice before → after" in result.summary()
+
+
+def test_segmentations_without_common_structures_are_refused_before_anything_runs(scene, pair, tiny_models):
+    fixed, moving = pair[2], pair[3]
+    a = nodes.addVolumeNodeFromImage(scene, sitk.Cast(fixed > 0.5, sitk.sitkUInt8) * 3, "a", "vtkMRMLLabelMapVolumeNode")
+    b = nodes.addVolumeNodeFromImage(scene, sitk.Cast(moving > 0.5, sitk.sitkUInt8) * 5, "b", "vtkMRMLLabelMapVolumeNode")
+    before = selftest.nodeIds(scene)
+    with pytest.raises(ValueError, match="no structure in common"):
+        run(ISTNRegistrationLogic(), pair, tiny_models, fixedSegmentationNode=a, movingSegmentationNode=b)
+    assert selftest.nodeIds(scene) == before
+
+
+# --------------------------------------------------------------------------
+# Live update, repeat runs
+# --------------------------------------------------------------------------
+
+
+def test_transform_nodes_follow_refinement_live_and_in_place(scene, pair, tiny_models):
+    output = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "out")
+    affine_events, bspline_states = [], []
+    output.AddObserver(slicer.vtkMRMLTransformableNode.TransformModifiedEvent, lambda *a: affine_events.append(1))
+
+    def progress(p):
+        if p.stage == "bspline" and p.iteration > 0:
+            transform = output.GetNodeReference(ROLE_BSPLINE).GetTransformFromParent()
+            coefficients = numpy_support.vtk_to_numpy(transform.GetCoefficientData().GetPointData().GetScalars()).copy()
+            bspline_states.append((transform.GetAddressAsString(""), coefficients))
+
+    run(ISTNRegistrationLogic(), pair, tiny_models, "bspline", iterations=4, outputTransformNode=output,
+        progressCallback=progress)
+    assert len(affine_events) >= 4, "the affine node must change with every affine refinement iteration"
+    assert len(bspline_states) == 4
+    assert len({address for address, _ in bspline_states}) == 1, "the B-spline must be updated in place"
+    assert not np.allclose(bspline_states[0][1], bspline_states[-1][1]), "the B-spline did not change while refining"
+
+
+def test_second_apply_gives_the_same_result_and_reuses_its_nodes(scene, pair, tiny_models):
+    logic = ISTNRegistrationLogic()
+    first = run(logic, pair, tiny_models, "bspline", iterations=3)
+    count = scene.GetNumberOfNodes()
+    m1 = nodes.arrayFromVtkMatrix(_matrix_from_parent(first.transformNode))
+    second = run(logic, pair, tiny_models, "bspline", iterations=3, outputTransformNode=first.transformNode)
+    assert scene.GetNumberOfNodes() == count
+    assert second.bsplineTransformNode is first.bsplineTransformNode
+    assert second.fixedMapNode is first.fixedMapNode and second.movingMapNode is first.movingMapNode
+    assert np.allclose(nodes.arrayFromVtkMatrix(_matrix_from_parent(second.transformNode)), m1, atol=1e-6)
+    assert np.allclose(second.transform.GetNthTransform(0).GetParameters(), first.transform.GetNthTransform(0).GetParameters(), atol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# Cancel, failure, inputs
+# --------------------------------------------------------------------------
+
+
+def test_cancel_mid_refinement_leaves_no_node_behind(scene, tiny_models):
+    selftest.checkCancelLeavesSceneUnchanged(ISTNRegistrationLogic(), scene, tiny_models)
+
+
+def test_cancel_event_restores_a_user_output_transform(scene, pair, tiny_models):
+    output = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "mine")
+    mine = np.eye(4)
+    mine[:3, 3] = [1.0, 2.0, 3.0]
+    output.SetMatrixTransformFromParent(nodes.vtkMatrixFromArray(mine))
+    moving_parent = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "previous parent")
+    pair[1].SetAndObserveTransformNodeID(moving_parent.GetID())
+    before = selftest.nodeIds(scene)
+    stop = threading.Event()
+    result = run(ISTNRegistrationLogic(), pair, tiny_models, "affine", iterations=10, outputTransformNode=output,
+                 cancel=stop, progressCallback=lambda p: p.iteration >= 2 and stop.set())
+    assert result.cancelled and result.transformNode is None
+    assert selftest.nodeIds(scene) == before
+    assert np.allclose(nodes.arrayFromVtkMatrix(_matrix_from_parent(output)), mine)
+    assert pair[1].GetParentTransformNode() is moving_parent
+
+
+def test_failed_run_leaves_the_scene_as_it_was(scene, pair, tiny_models):
+    before = selftest.nodeIds(scene)
+
+    def explode(p):
+        if p.stage == "bspline" and p.iteration == 1:
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run(ISTNRegistrationLogic(), pair, tiny_models, "bspline", iterations=3, progressCallback=explode)
+    assert selftest.nodeIds(scene) == before
+    assert pair[1].GetParentTransformNode() is None
+
+
+def test_inputs_are_never_modified(scene, pair, tiny_models):
+    fixed_node, moving_node, fixed, moving = pair
+    fixed_seg = nodes.addVolumeNodeFromImage(scene, _labels(fixed), "fl", "vtkMRMLLabelMapVolumeNode")
+    moving_seg = nodes.addVolumeNodeFromImage(scene, _labels(moving), "ml", "vtkMRMLLabelMapVolumeNode")
+    inputs = (fixed_node, moving_node, fixed_seg, moving_seg)
+    states = [node_state(n) for n in inputs]
+    run(ISTNRegistrationLogic(), pair, tiny_models, "bspline",
+        fixedSegmentationNode=fixed_seg, movingSegmentationNode=moving_seg)
+    assert all(same_state(s, node_state(n)) for s, n in zip(states, inputs))
+    assert all(scene.IsNodePresent(n) for n in inputs)
+
+
+@pytest.mark.parametrize("case", ["same", "labelmap", "output-is-input", "bad-device", "negative-iterations",
+                                  "wrong-type"])
+def test_bad_arguments_are_refused_before_the_scene_changes(scene, pair, tiny_models, case):
+    fixed_node, moving_node = pair[:2]
+    logic = ISTNRegistrationLogic()
+    before = selftest.nodeIds(scene)
+    kw = dict(modelPath=tiny_models["affine"], iterations=1)
+    if case == "same":
+        call = lambda: logic.register(fixed_node, fixed_node, **kw)  # noqa: E731
+    elif case == "labelmap":
+        lab = nodes.addVolumeNodeFromImage(scene, _labels(pair[2]), "lab", "vtkMRMLLabelMapVolumeNode")
+        before = selftest.nodeIds(scene)
+        call = lambda: logic.register(lab, moving_node, **kw)  # noqa: E731
+    elif case == "output-is-input":
+        call = lambda: logic.register(fixed_node, moving_node, outputVolumeNode=moving_node, **kw)  # noqa: E731
+    elif case == "bad-device":
+        call = lambda: logic.register(fixed_node, moving_node, device="tpu", **kw)  # noqa: E731
+    elif case == "negative-iterations":
+        call = lambda: logic.register(fixed_node, moving_node, modelPath=tiny_models["affine"], iterations=-1)  # noqa: E731
+    else:
+        call = lambda: logic.register(fixed_node, moving_node, transformType="bspline", **kw)  # noqa: E731
+    with pytest.raises(ValueError):
+        call()
+    assert selftest.nodeIds(scene) == before
+    assert moving_node.GetParentTransformNode() is None
+
+
+def test_engine_warnings_reach_the_result(scene, pair, tiny_models, monkeypatch):
+    import istn.registration as engine
+
+    real = engine.register
+
+    def on_gpu_that_ran_out(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result.warnings.append("GPU out of memory: the registration ran on the CPU instead")
+        return result
+
+    monkeypatch.setattr(engine, "register", on_gpu_that_ran_out)
+    result = run(ISTNRegistrationLogic(), pair, tiny_models, "affine")
+    assert any("GPU out of memory" in w for w in result.warnings)
+    assert "GPU out of memory" in result.summary()
+
+
+# --------------------------------------------------------------------------
+# Models, dependencies, sample data
+# --------------------------------------------------------------------------
+
+
+def test_bundled_models_are_listed_and_used_by_default(scene, pair, tiny_models, tmp_path, monkeypatch):
+    folder = tmp_path / "Models"
+    folder.mkdir()
+    monkeypatch.setattr(modelfiles, "MODELS_DIR", folder)
+    with pytest.raises(ValueError, match="no bundled affine model"):
+        ISTNRegistrationLogic().register(pair[0], pair[1], iterations=1)
+    for kind in ("bspline", "affine"):
+        (folder / f"brain_{kind}.pt").write_bytes(Path(tiny_models[kind]).read_bytes())
+    (folder / "brain_affine.md").write_text("# Affine brain model\n")
+    (folder / "broken.pt").write_text("not a model")
+    listed = ISTNRegistrationLogic.availableModels()
+    assert [m.name for m in listed] == ["brain_affine", "brain_bspline"]
+    assert listed[0].card.startswith("# Affine")
+    assert "affine 3D model" in listed[0].describe()
+    result = ISTNRegistrationLogic().register(pair[0], pair[1], transformType="bspline", iterations=1, threads=1)
+    assert [s.transform_type for s in result.stages] == ["affine", "bspline"]
+
+
+def test_a_foreign_file_is_not_taken_for_a_model(tmp_path):
+    bad = tmp_path / "x.pt"
+    bad.write_bytes(b"PK\x03\x04 definitely not a zip")
+    with pytest.raises(modelfiles.ModelInfoError):
+        modelfiles.readModelInfo(bad)
+
+
+def test_module_library_imports_and_explains_without_torch(tmp_path):
+    """Importing must not fail when torch is missing; the registration then says what to install."""
+    code = r"""
+import sys, importlib.abc
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError("No module named 'torch'")
+sys.meta_path.insert(0, NoTorch())
+import importlib.util
+importlib.util.find_spec = (lambda f: (lambda name, *a: None if name.split('.')[0] == 'torch' else f(name, *a)))(importlib.util.find_spec)
+sys.path.insert(0, sys.argv[1])
+import slicer
+slicer.mrmlScene = slicer.vtkMRMLScene()
+import ISTNRegistrationLib as lib
+assert "torch" in lib.missingPackages(), lib.missingPackages()
+assert "PyTorch extension" in lib.dependencyMessage()
+v = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+w = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+try:
+    lib.ISTNRegistrationLogic().register(v, w)
+except RuntimeError as e:
+    assert "torch" in str(e)
+    print("OK")
+assert "torch" not in sys.modules
+"""
+    out = subprocess.run([sys.executable, "-c", code, str(REPO / "ISTNRegistration")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
+
+
+def test_sample_data_registration(tmp_path, monkeypatch):
+    import types
+
+    for name, _, _ in sampledata.FILES:
+        (tmp_path / name).write_bytes(b"x")
+    args = sampledata.sampleDataSourceArguments(tmp_path)
+    assert args["category"] == "ISTN Registration"
+    assert args["fileNames"] == ["fixed_t1.nii.gz", "moving_t1.nii.gz", "fixed_labels.nii.gz", "moving_labels.nii.gz"]
+    assert all(u.startswith("file://") and Path(u[len("file://"):]).exists() for u in args["uris"])
+    assert args["loadFileType"] == ["VolumeFile", "VolumeFile", "SegmentationFile", "SegmentationFile"]
+    assert len(args["nodeNames"]) == len(args["checksums"]) == 4
+    # registered through Slicer's Sample Data module (a stand-in here: SampleData exists only in the application)
+    calls = []
+    fake = types.SimpleNamespace(SampleDataLogic=types.SimpleNamespace(
+        registerCustomSampleDataSource=lambda **kw: calls.append(kw)))
+    monkeypatch.setitem(sys.modules, "SampleData", fake)
+    monkeypatch.setattr(sampledata, "sampleDataDirectory", lambda: tmp_path)
+    assert sampledata.registerSampleData() and calls[0]["sampleName"] == sampledata.SAMPLE_NAME
+    monkeypatch.setattr(sampledata, "sampleDataDirectory", lambda: None)
+    assert sampledata.registerSampleData() is False
