@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""ANTs worker of `brain3d.py`, run with the interpreter of the separate ANTs venv (antspyx 0.6.3).
+
+antspyx pins older numpy/scipy than the project, so it never runs in the project's environment: `brain3d.py`
+calls this file as a subprocess that reads NIfTI images, runs ``ants.registration`` and leaves ANTs' own
+transform files (``0GenericAffine.mat``, ``1Warp.nii.gz``) plus ANTs' own warped image (``warped.nii.gz``,
+used to check the conversion) in the work folder. Only ``ants`` and the standard library are imported.
+
+    python brain3d_ants.py SPEC.json METHOD      # METHOD: ants_affine | ants_syn
+
+``SPEC.json`` (written by brain3d.py): ``{"fixed": path, "pairs": [{"index", "moving"}, ...], "work": folder,
+"threads": n, "syn_iterations": [..]}``. Writes ``<work>/<METHOD>/records.json``: per pair the wall and CPU
+seconds of the ``ants.registration`` call and the peak resident memory of this process during it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _reset_peak() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
+    except OSError:
+        pass
+
+
+def main(spec_path: str, method: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(spec["threads"])
+    t0 = time.perf_counter()
+    import ants
+
+    import_s = time.perf_counter() - t0
+    work = Path(spec["work"])
+    out_dir = work / method
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fixed = ants.image_read(spec["fixed"])
+    records = []
+    for pair in spec["pairs"]:
+        i = pair["index"]
+        moving = ants.image_read(pair["moving"])
+        prefix = str(out_dir / f"pair{i:02d}_")
+        if method == "ants_affine":
+            kwargs = dict(type_of_transform="Affine")
+        elif method == "ants_syn":
+            # from ANTs' own affine of this pair; SyNOnly = the SyN stage alone (no second affine)
+            init = str(work / "ants_affine" / f"pair{i:02d}_0GenericAffine.mat")
+            kwargs = dict(type_of_transform="SyNOnly", initial_transform=init,
+                          reg_iterations=tuple(spec["syn_iterations"]))
+        else:
+            raise SystemExit(f"brain3d_ants.py: unknown method {method!r}")
+        _reset_peak()
+        rss_before = _status_kb("VmRSS")
+        w0, c0 = time.perf_counter(), time.process_time()
+        reg = ants.registration(fixed, moving, outprefix=prefix, **kwargs)
+        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+        peak = _status_kb("VmHWM")
+        ants.image_write(reg["warpedmovout"], prefix + "warped.nii.gz")
+        records.append({"index": i, "seconds": wall, "cpu_seconds": cpu, "peak_mb": peak / 1024.0,
+                        "rss_before_mb": rss_before / 1024.0, "fwdtransforms": list(reg["fwdtransforms"])})
+        print(f"  {method} pair {i}: {wall:.1f} s", flush=True)
+    (out_dir / "records.json").write_text(json.dumps({"method": method, "records": records, "setup_seconds": {"import_ants": import_s},
+                                                      "ants_version": ants.__version__}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:3]))
