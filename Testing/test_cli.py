@@ -198,3 +198,8 @@ def test_cuda_without_gpu_is_a_clear_error(files, tmp_path, capsys):
         pytest.skip("a GPU is present")
     assert _register(files, tmp_path / "out", **{"--device": "cuda"}) == 1
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_data_prepare_refuses_an_unknown_subset(tmp_path, capsys):
+    assert main(["data", "prepare", "--out", str(tmp_path / "d"), "--subset", "nope"]) == 2
+    assert "unknown names ['nope']" in capsys.readouterr().err

