@@ -121,14 +121,6 @@ class ISTNRegistrationResult:
         return "\n".join(lines)
 
 
-def _isCancelled(flag: CancelFlag) -> bool:
-    if flag is None:
-        return False
-    if isinstance(flag, threading.Event):
-        return flag.is_set()
-    return bool(flag())
-
-
 class _SceneChanges:
     """Every change a run makes to the scene, undone if the run fails or is cancelled."""
 
@@ -329,10 +321,12 @@ class ISTNRegistrationLogic:
 
             torch.manual_seed(int(seed))
 
+        from istn.registration import is_cancelled
+
         userCancel = cancel
 
         def cancelled() -> bool:
-            return self._cancelEvent.is_set() or _isCancelled(userCancel)
+            return self._cancelEvent.is_set() or is_cancelled(userCancel)
 
         result = ISTNRegistrationResult(transformType=transformType, warnings=warnings)
         changes = _SceneChanges(scene)

@@ -68,7 +68,8 @@ class RefineOutput:
     cancelled: bool
 
 
-def _is_cancelled(cancel: CancelFlag) -> bool:
+def is_cancelled(cancel: CancelFlag) -> bool:
+    """True when ``cancel`` (an Event, a callable or None) asks to stop."""
     if cancel is None:
         return False
     if isinstance(cancel, threading.Event):
@@ -109,7 +110,7 @@ def refine(
     try:
         optimizer = torch.optim.Adam(stn_params, lr=lr)
         for it in range(iterations):
-            if _is_cancelled(cancel):
+            if is_cancelled(cancel):
                 cancelled = True
                 break
             params = module.predict(source_map, target_map)
