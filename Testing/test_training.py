@@ -79,3 +79,29 @@ def test_label_soi_encoding_gives_one_channel_per_label(tmp_path):
                   "labels", (1, 3))
     assert p.source_soi.shape == (1, 2, 16, 16)
     assert p.source_soi[0, 0].sum() == 64 and p.source_soi[0, 1].sum() == 64
+
+
+def test_normalised_soi_loss_does_not_reward_warping_structures_out_of_view():
+    """With sparse SoI, plain MSE prefers an empty warped map to a misaligned one; nmse does not."""
+    import torch.nn.functional as F
+
+    from istn.losses import normalised_mse
+
+    target = torch.zeros(1, 1, 32, 32)
+    target[0, 0, 10:14, 10:14] = 1.0
+    misaligned = torch.roll(target, 8, dims=3)  # no overlap
+    empty = torch.zeros_like(target)  # everything warped out of view
+    assert F.mse_loss(empty, target) < F.mse_loss(misaligned, target)
+    assert normalised_mse(empty, target) == pytest.approx(1.0, abs=1e-4)
+    assert normalised_mse(misaligned, target) == pytest.approx(1.0, abs=1e-4)
+    half = torch.roll(target, 2, dims=3)  # half overlap: better than both
+    assert normalised_mse(half, target) < normalised_mse(empty, target)
+    assert normalised_mse(target, target) == 0.0
+
+
+def test_training_with_the_normalised_soi_loss(toy_csv, tmp_path):
+    cfg = _cfg(toy_csv, tmp_path, "istn-i", steps=6)
+    cfg.soi_loss = "nmse"
+    res = train(cfg, progress=False)
+    assert np.isfinite(res.best_val)
+    assert load_checkpoint(res.best_checkpoint)["config"]["soi_loss"] == "nmse"

@@ -83,6 +83,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 1
     out_dir: str = "runs/istn"
+    soi_loss: str = "mse"  # mse (the paper's) | nmse (normalised: for sparse SoI, see losses.normalised_mse)
     intensity_low: float = 0.5  # percentiles mapped to 0 and 1
     intensity_high: float = 99.5
 
@@ -92,6 +93,8 @@ class TrainConfig:
         self.soi_labels = tuple(int(v) for v in self.soi_labels)
         if self.soi_kind not in SOI_KINDS:
             raise ValueError(f"TrainConfig() 'soi_kind' must be one of {SOI_KINDS}, got {self.soi_kind!r}")
+        if self.soi_loss not in ("mse", "nmse"):
+            raise ValueError(f"TrainConfig() 'soi_loss' must be mse or nmse, got {self.soi_loss!r}")
         if self.steps < 1 or self.batch_size < 1 or self.val_every < 1:
             raise ValueError("TrainConfig() 'steps', 'batch_size' and 'val_every' must be >= 1")
 

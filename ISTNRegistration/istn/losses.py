@@ -8,6 +8,21 @@ import torch.nn.functional as F
 from .transforms import warp
 
 
+def normalised_mse(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``|a - b|^2 / (|a|^2 + |b|^2)`` per sample and channel, averaged: ``(N, K, *S) -> ()``.
+
+    Equals ``1 - soft Dice`` for non-negative maps. Unlike plain MSE it does not
+    reward warping sparse structures out of view: with small SoI (sub-cortical
+    labels) and large initial misalignment, MSE is lower for an empty warped
+    map (``mean(b^2)``) than for a misaligned one (``mean(a^2) + mean(b^2)``),
+    and an affine STN trained on it drifted to its bounds and saturated.
+    """
+    dims = tuple(range(2, a.dim()))
+    num = ((a - b) ** 2).sum(dims)
+    den = (a * a).sum(dims) + (b * b).sum(dims) + eps
+    return (num / den).mean()
+
+
 def variant_loss(
     variant: str,
     source: torch.Tensor,
@@ -17,6 +32,7 @@ def variant_loss(
     source_map: torch.Tensor,
     target_map: torch.Tensor,
     grid: torch.Tensor,
+    soi_loss: str = "mse",
 ) -> torch.Tensor:
     """Loss of one batch.
 
@@ -29,17 +45,23 @@ def variant_loss(
     | stn-s   | MSE(T(S_s), S_t) |
     | istn-e  | MSE(s', S_s) + MSE(t', S_t) + MSE(T(S_s), S_t) |
     | istn-i  | MSE(T(s'), S_t) + MSE(T(S_s), t') + MSE(T(S_s), S_t) |
+
+    ``soi_loss="nmse"`` replaces MSE by `normalised_mse` in the terms that
+    compare a WARPED map (those with T); the ITN terms of ISTN-e stay MSE.
     """
+    if soi_loss not in ("mse", "nmse"):
+        raise ValueError(f"variant_loss() 'soi_loss' must be mse or nmse, got {soi_loss!r}")
+    term = F.mse_loss if soi_loss == "mse" else normalised_mse
     if variant == "stn-u":
         return F.mse_loss(warp(source, grid), target)
     warped_soi = warp(source_soi, grid)
-    soi_term = F.mse_loss(warped_soi, target_soi)
+    soi_term = term(warped_soi, target_soi)
     if variant == "stn-s":
         return soi_term
     if variant == "istn-e":
         return F.mse_loss(source_map, source_soi) + F.mse_loss(target_map, target_soi) + soi_term
     if variant == "istn-i":
-        return F.mse_loss(warp(source_map, grid), target_soi) + F.mse_loss(warped_soi, target_map) + soi_term
+        return term(warp(source_map, grid), target_soi) + term(warped_soi, target_map) + soi_term
     raise ValueError(f"variant_loss() 'variant' must be one of stn-u, stn-s, istn-e, istn-i, got {variant!r}")
 
 

@@ -198,7 +198,8 @@ def train(
                 indices = distributed.shard(indices, ctx.rank, ctx.world_size)
             b = _batch(train_set, indices, device)
             s_map, t_map, _, grid = model(b["source"], b["target"])
-            loss = variant_loss(cfg.model.variant, b["source"], b["target"], b["source_soi"], b["target_soi"], s_map, t_map, grid)
+            loss = variant_loss(cfg.model.variant, b["source"], b["target"], b["source_soi"], b["target_soi"], s_map, t_map,
+                                grid, cfg.soi_loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # DDP: gradients averaged over the ranks = the gradient of the global-batch mean
             optimizer.step()
