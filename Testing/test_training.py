@@ -105,3 +105,15 @@ def test_training_with_the_normalised_soi_loss(toy_csv, tmp_path):
     res = train(cfg, progress=False)
     assert np.isfinite(res.best_val)
     assert load_checkpoint(res.best_checkpoint)["config"]["soi_loss"] == "nmse"
+
+
+def test_image_weight_adds_the_dense_intensity_term():
+    from istn.losses import variant_loss
+    from istn.transforms import identity_grid
+
+    s, t = torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8)
+    soi = torch.zeros(1, 1, 8, 8)
+    g = identity_grid([8, 8])
+    base = variant_loss("istn-e", s, t, soi, soi, soi, soi, g, "nmse")
+    with_image = variant_loss("istn-e", s, t, soi, soi, soi, soi, g, "nmse", image_weight=2.0)
+    assert float(with_image - base) == pytest.approx(2.0 * float(((s - t) ** 2).mean()), rel=1e-5)

@@ -84,6 +84,7 @@ class TrainConfig:
     threads: int = 1
     out_dir: str = "runs/istn"
     soi_loss: str = "mse"  # mse (the paper's) | nmse (normalised: for sparse SoI, see losses.normalised_mse)
+    image_weight: float = 0.0  # > 0 adds image_weight * MSE(T(s), t) to SoI variants (losses.variant_loss)
     intensity_low: float = 0.5  # percentiles mapped to 0 and 1
     intensity_high: float = 99.5
 

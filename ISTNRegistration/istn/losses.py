@@ -33,6 +33,7 @@ def variant_loss(
     target_map: torch.Tensor,
     grid: torch.Tensor,
     soi_loss: str = "mse",
+    image_weight: float = 0.0,
 ) -> torch.Tensor:
     """Loss of one batch.
 
@@ -48,7 +49,11 @@ def variant_loss(
 
     ``soi_loss="nmse"`` replaces MSE by `normalised_mse` in the terms that
     compare a WARPED map (those with T); the ITN terms of ISTN-e stay MSE.
+    ``image_weight > 0`` adds ``image_weight * MSE(T(s), t)`` (the STN-u term) to
+    the SoI variants: a dense signal while sparse structures do not overlap yet
+    (large initial misalignment), when every SoI term has a zero gradient.
     """
+    extra = image_weight * F.mse_loss(warp(source, grid), target) if image_weight > 0 and variant != "stn-u" else 0.0
     if soi_loss not in ("mse", "nmse"):
         raise ValueError(f"variant_loss() 'soi_loss' must be mse or nmse, got {soi_loss!r}")
     term = F.mse_loss if soi_loss == "mse" else normalised_mse
@@ -57,11 +62,11 @@ def variant_loss(
     warped_soi = warp(source_soi, grid)
     soi_term = term(warped_soi, target_soi)
     if variant == "stn-s":
-        return soi_term
+        return soi_term + extra
     if variant == "istn-e":
-        return F.mse_loss(source_map, source_soi) + F.mse_loss(target_map, target_soi) + soi_term
+        return F.mse_loss(source_map, source_soi) + F.mse_loss(target_map, target_soi) + soi_term + extra
     if variant == "istn-i":
-        return term(warp(source_map, grid), target_soi) + term(warped_soi, target_map) + soi_term
+        return term(warp(source_map, grid), target_soi) + term(warped_soi, target_map) + soi_term + extra
     raise ValueError(f"variant_loss() 'variant' must be one of stn-u, stn-s, istn-e, istn-i, got {variant!r}")
 
 

@@ -199,7 +199,7 @@ def train(
             b = _batch(train_set, indices, device)
             s_map, t_map, _, grid = model(b["source"], b["target"])
             loss = variant_loss(cfg.model.variant, b["source"], b["target"], b["source_soi"], b["target_soi"], s_map, t_map,
-                                grid, cfg.soi_loss)
+                                grid, cfg.soi_loss, cfg.image_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # DDP: gradients averaged over the ranks = the gradient of the global-batch mean
             optimizer.step()
