@@ -117,3 +117,15 @@ def test_image_weight_adds_the_dense_intensity_term():
     base = variant_loss("istn-e", s, t, soi, soi, soi, soi, g, "nmse")
     with_image = variant_loss("istn-e", s, t, soi, soi, soi, soi, g, "nmse", image_weight=2.0)
     assert float(with_image - base) == pytest.approx(2.0 * float(((s - t) ** 2).mean()), rel=1e-5)
+
+
+def test_soft_maps_and_landmarks_are_scaled_to_unit_maximum():
+    from istn.data import encode_soi
+
+    soft = np.zeros((6, 6), np.uint8)
+    soft[2, 3], soft[4, 4] = 208, 104  # synth2d-like blurred map, 0..208
+    enc = encode_soi(soft, "soft")
+    assert enc.shape == (1, 6, 6) and enc.max() == 1.0 and enc[0, 4, 4] == 0.5
+    assert np.array_equal(encode_soi(soft, "landmarks"), enc)
+    binary = encode_soi(soft, "labels")  # no label list: any non-zero label is the structure
+    assert binary.sum() == 2 and binary.max() == 1.0
