@@ -68,8 +68,9 @@ def structure_dice(fixed_labels: sitk.Image, moving_labels: sitk.Image, transfor
     from .registration import warp_image
 
     tx = transform if transform is not None else sitk.Transform(3, sitk.sitkIdentity)
-    w = sitk.GetArrayViewFromImage(warp_image(moving_labels, fixed_labels, tx, sitk.sitkNearestNeighbor))
-    f = sitk.GetArrayViewFromImage(fixed_labels)
+    # GetArrayFromImage (a copy): a view of the temporary warped image would outlive the image's memory
+    w = sitk.GetArrayFromImage(warp_image(moving_labels, fixed_labels, tx, sitk.sitkNearestNeighbor))
+    f = sitk.GetArrayFromImage(fixed_labels)
     return {name: dice(f == v, w == v) for name, v in LABELS.items()}
 
 

