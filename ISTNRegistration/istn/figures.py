@@ -66,65 +66,78 @@ def registration_figure(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    k = _centroid_index(fixed_labels, fixed, axis)
-    f = _slice(fixed, axis, k)
-    lo, hi = _window(f)
-    norm = lambda a: np.clip((a - lo) / (hi - lo), 0, 1)  # noqa: E731 - the fixed image's window for all
-    mv = _slice(moving_in_fixed, axis, k)
-    mlo, mhi = _window(mv)
-    mnorm = lambda a: np.clip((a - mlo) / (mhi - mlo), 0, 1)  # noqa: E731
-    w = _slice(warped, axis, k)
-    flip = lambda a: a[::-1] if fixed.GetDimension() == 3 and axis != 0 else a  # noqa: E731 - superior up
+    is3d = fixed.GetDimension() == 3
+    views = [axis] + ([1] if is3d and axis == 0 else [])  # axial, then coronal through the structures
+    view_name = {0: "axial", 1: "coronal", 2: "sagittal"}
+    f_all = sitk.GetArrayFromImage(fixed)
+    lo, hi = _window(f_all[f_all > 0] if (f_all > 0).any() else f_all)
+    norm = lambda a: np.clip((a - lo) / (hi - lo), 0, 1)  # noqa: E731 - the fixed image's window
+    m_all = sitk.GetArrayFromImage(moving_in_fixed)
+    mlo, mhi = _window(m_all[m_all > 0] if (m_all > 0).any() else m_all)
+    mnorm = lambda a: np.clip((a - mlo) / (mhi - mlo), 0, 1)  # noqa: E731 - the moving image's window
 
-    fig, axes = plt.subplots(2, 4, figsize=(17, 8.6))
+    rows = len(views) + 1
+    fig, axes = plt.subplots(rows, 4, figsize=(17, 4.3 * rows), squeeze=False)
     fig.patch.set_facecolor("white")
 
-    def show(ax, img, name, contours=(), cmap="gray"):
-        ax.imshow(flip(img), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+    def show(ax, img, name, ax_, k, contours=(), cmap="gray"):
+        flip = (lambda a: a[::-1]) if is3d and ax_ != 0 else (lambda a: a)  # superior up
+        ax.imshow(flip(img), cmap=cmap, vmin=0, vmax=1, interpolation="bilinear")
         for lab, colour, style in contours:
             if lab is None:
                 continue
-            s = flip(_slice(lab, axis, k))
+            s = flip(_slice(lab, ax_, k))
             for v in np.unique(s[s > 0]):
-                ax.contour((s == v).astype(float), levels=[0.5], colors=[colour], linewidths=1.0, linestyles=style)
+                ax.contour((s == v).astype(float), levels=[0.5], colors=[colour], linewidths=1.1, linestyles=style)
         ax.set_title(name, fontsize=11)
         ax.axis("off")
 
     fixed_c = (fixed_labels, "#ffd400", "solid")
-    show(axes[0, 0], norm(f), "Fixed (labels in yellow)", [fixed_c])
-    show(axes[0, 1], mnorm(mv), "Moving, unregistered\n(fixed labels in yellow, its own in red)",
-         [fixed_c, (moving_labels_in_fixed, "#ff3b30", "solid")])
-    show(axes[0, 2], mnorm(w), "Warped moving\n(fixed labels yellow, warped red)", [fixed_c, (warped_labels, "#ff3b30", "solid")])
-    show(axes[0, 3], checkerboard(norm(f), mnorm(w)), "Checkerboard fixed / warped")
+    for r, ax_ in enumerate(views):
+        k = _centroid_index(fixed_labels, fixed, ax_)
+        f, mv, w = (_slice(im, ax_, k) for im in (fixed, moving_in_fixed, warped))
+        tag = f" ({view_name[ax_]})" if is3d else ""
+        show(axes[r, 0], norm(f), f"Fixed{tag}\nits labels in yellow", ax_, k, [fixed_c])
+        show(axes[r, 1], mnorm(mv), f"Moving, unregistered{tag}\nits labels in red", ax_, k,
+             [fixed_c, (moving_labels_in_fixed, "#ff3b30", "solid")])
+        show(axes[r, 2], mnorm(w), f"Warped moving{tag}\nwarped labels in red", ax_, k,
+             [fixed_c, (warped_labels, "#ff3b30", "solid")])
+        show(axes[r, 3], checkerboard(norm(f), mnorm(w)), f"Checkerboard fixed / warped{tag}", ax_, k)
 
     if fixed_map is not None and warped_moving_map is not None:
+        k = _centroid_index(fixed_labels, fixed, axis)
         fm = sitk.Resample(fixed_map, fixed, sitk.Transform(), sitk.sitkLinear, 0.0)
         wm = sitk.Resample(warped_moving_map, fixed, sitk.Transform(), sitk.sitkLinear, 0.0)
-        top = max(float(sitk.GetArrayViewFromImage(fm).max()), 1e-6)
-        show(axes[1, 0], np.clip(_slice(fm, axis, k) / top, 0, 1), "ITN map of the fixed image", [fixed_c], cmap="magma")
-        show(axes[1, 1], np.clip(_slice(wm, axis, k) / top, 0, 1), "ITN map of the moving image, warped", [fixed_c], cmap="magma")
+        top = max(float(np.percentile(sitk.GetArrayViewFromImage(fm), 99.9)), 1e-6)
+        show(axes[-1, 0], np.clip(_slice(fm, axis, k) / top, 0, 1), "ITN map of the fixed image\n(learned, no labels)",
+             axis, k, [fixed_c], cmap="magma")
+        show(axes[-1, 1], np.clip(_slice(wm, axis, k) / top, 0, 1), "ITN map of the moving image, warped",
+             axis, k, [fixed_c], cmap="magma")
     else:
-        axes[1, 0].axis("off")
-        axes[1, 1].axis("off")
+        axes[-1, 0].axis("off")
+        axes[-1, 1].axis("off")
 
-    ax = axes[1, 2]
+    ax = axes[-1, 2]
     if dice_table:
         stages = list(dice_table)
         names = list(next(iter(dice_table.values())))
         x = np.arange(len(names))
         width = 0.8 / len(stages)
         for i, st in enumerate(stages):
-            ax.bar(x + i * width - 0.4 + width / 2, [dice_table[st][n] for n in names], width, label=st)
-        ax.set_xticks(x, [n.replace("_", "\n") for n in names], fontsize=7)
-        ax.set_ylim(0, 1)
+            vals = [dice_table[st][n] for n in names]
+            ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=f"{st} (mean {np.mean(vals):.2f})")
+        short = [n.replace("left_", "L ").replace("right_", "R ").replace("_", " ") for n in names]
+        ax.set_xticks(x, short, fontsize=8, rotation=45, ha="right")
+        ax.set_ylim(0, 1.18)
+        ax.set_yticks(np.linspace(0, 1, 6))
         ax.set_ylabel("Dice")
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=7.5, loc="upper left", ncol=1, frameon=False)
         ax.set_title("Dice per structure", fontsize=11)
         ax.grid(axis="y", alpha=0.3)
     else:
         ax.axis("off")
 
-    ax = axes[1, 3]
+    ax = axes[-1, 3]
     if losses:
         for name, curve in losses.items():
             if len(curve):
