@@ -60,10 +60,8 @@ class ModelInfo:
             text += f", control points every {m['control_point_spacing_mm']} mm"
         soi = m.get("soi") or {}
         if soi.get("description"):
-            text += f"; structures of interest: {soi['description']}"
-        training = m.get("training") or {}
-        if training.get("data"):
-            text += f"; trained on {training['data']}"
+            # the first clause only: a panel label, not the model card (training data lives there)
+            text += f"; structures of interest: {soi['description'].split(';')[0].strip()}"
         return text + f" (engine {m.get('engine_version', '?')}, file {self.path.name})."
 
 
