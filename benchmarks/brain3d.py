@@ -167,6 +167,7 @@ def worker_istn(spec: dict, method: str) -> dict:
     threads = spec["threads"]
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
+    models = {k: _model_info(spec[k]) for k in ("affine_model", "bspline_model")}  # what is loaded (files may change)
     affine_model = load_model(spec["affine_model"])
     bspline_model = load_model(spec["bspline_model"]) if method == "istn_bspline" else None
     load_s = time.perf_counter() - t0
@@ -197,7 +198,7 @@ def worker_istn(spec: dict, method: str) -> dict:
         records.append(t.record(i, timings=res.timings, loss_one_pass=res.loss_one_pass, loss_final=res.loss_final))
         print(f"  {method} pair {i}: {t.seconds:.1f} s wall, {t.cpu_seconds:.1f} s CPU, {t.peak_mb:.0f} MB", flush=True)
     return {"records": records, "setup_seconds": {"load_models": load_s, "warmup_registration": warm_s},
-            "models": {k: _model_info(spec[k]) for k in ("affine_model", "bspline_model")}}
+            "models": models}
 
 
 def _model_info(path: str) -> dict:
@@ -484,8 +485,8 @@ def launch(method: str, spec_path: Path, ants_python: str, env: dict) -> float:
     load0 = os.getloadavg()[0]
     print(f"[{_dt.datetime.now():%H:%M:%S}] {method} (load average {load0:.1f})", flush=True)
     subprocess.run(cmd, check=True, env=env)
-    LOADS[method] = {"start_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                     "load_before": load0, "load_after": os.getloadavg()[0]}
+    LOADS[method] = {"end_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                     "load_before": load0, "load_after": os.getloadavg()[0], "nice": os.nice(0)}
     return time.perf_counter() - t0
 
 
