@@ -64,3 +64,24 @@ def test_jacobian_of_an_affine_on_an_oblique_grid_is_its_determinant():
     m[:3, :3] = np.diag([1.2, 0.9, 1.1]) @ rotation(3, (5, 10, 0))
     jac = jacobian_determinant(matrix_to_sitk_affine(m), g)
     assert np.allclose(jac, 1.2 * 0.9 * 1.1, atol=1e-6)
+
+
+def test_label_metrics_equal_the_whole_volume_computation():
+    rng = np.random.default_rng(0)
+    lab_f = np.zeros((30, 40, 35), np.uint8)
+    lab_w = np.zeros_like(lab_f)
+    lab_f[5:15, 10:25, 3:12] = 1
+    lab_w[7:16, 12:24, 0:10] = 1  # touches the volume's edge
+    lab_f[20:28, 2:9, 20:33] = 2
+    lab_w[19:27, 3:10, 22:35] = 2
+    lab_w[rng.random(lab_w.shape) > 0.999] = 2  # scattered voxels far from the box
+    f, w = sitk.GetImageFromArray(lab_f), sitk.GetImageFromArray(lab_w)
+    for img in (f, w):
+        img.SetSpacing((1.5, 1.0, 2.0))
+    spacing = (2.0, 1.0, 1.5)
+    got = label_metrics(f, w)
+    for v in (1, 2):
+        a, b = lab_f == v, lab_w == v
+        assert got[v]["dice"] == dice(a, b)
+        assert np.isclose(got[v]["asd"], asd(a, b, spacing))
+        assert np.isclose(got[v]["hd95"], hd95(a, b, spacing))

@@ -62,7 +62,10 @@ def hd95(a: np.ndarray, b: np.ndarray, spacing: Sequence[float]) -> float:
 def label_metrics(fixed_labels: sitk.Image, warped_labels: sitk.Image, labels: Sequence[int] | None = None) -> dict[int, dict[str, float]]:
     """Per-label Dice, ASD (mm) and HD95 (mm) of two label maps on the same grid.
 
-    ``labels`` defaults to every non-zero value present in either image.
+    ``labels`` defaults to every non-zero value present in either image. Each
+    label is scored inside the bounding box of both masks, padded with
+    background (so the values equal a whole-volume computation, at a fraction
+    of the cost), and its surface distances are computed once for ASD and HD95.
     """
     fa = sitk.GetArrayViewFromImage(fixed_labels)
     wa = sitk.GetArrayViewFromImage(warped_labels)
@@ -74,7 +77,19 @@ def label_metrics(fixed_labels: sitk.Image, warped_labels: sitk.Image, labels: S
     out = {}
     for v in labels:
         a, b = fa == v, wa == v
-        out[int(v)] = {"dice": dice(a, b), "asd": asd(a, b, spacing), "hd95": hd95(a, b, spacing)}
+        both = a | b
+        if not both.any():
+            out[int(v)] = {"dice": 1.0, "asd": float("nan"), "hd95": float("nan")}
+            continue
+        box = tuple(slice(max(0, int(k.min()) - 1), int(k.max()) + 2) for k in np.nonzero(both))
+        a, b = np.pad(a[box], 1), np.pad(b[box], 1)  # background all round, as at the volume's edge
+        ab, ba = surface_distances(a, b, spacing)
+        if ab.size == 0:
+            dist = {"asd": float("nan"), "hd95": float("nan")}
+        else:
+            dist = {"asd": float((ab.sum() + ba.sum()) / (ab.size + ba.size)),
+                    "hd95": float(max(np.percentile(ab, 95), np.percentile(ba, 95)))}
+        out[int(v)] = {"dice": dice(a, b), **dist}
     return out
 
 
