@@ -493,32 +493,8 @@ def launch(method: str, spec_path: Path, ants_python: str, env: dict) -> float:
 LOADS: dict[str, dict] = {}
 
 
-def label_metrics_cropped(fixed_labels: sitk.Image, warped: sitk.Image, labels: list[int]) -> dict[int, dict[str, float]]:
-    """`istn.metrics.label_metrics`, computed per label inside the bounding box of both masks (+2 voxels).
-
-    Same values (every surface voxel of both masks lies in the box, and no mask touches its border), but the
-    distance transforms run on a small box instead of the whole volume: ~30x faster here.
-    """
-    from istn.metrics import asd, dice, hd95
-
-    fa, wa = sitk.GetArrayViewFromImage(fixed_labels), sitk.GetArrayViewFromImage(warped)
-    spacing = tuple(reversed(fixed_labels.GetSpacing()))
-    out = {}
-    for v in labels:
-        a, b = fa == v, wa == v
-        both = a | b
-        if not both.any():
-            out[int(v)] = {"dice": 1.0, "asd": float("nan"), "hd95": float("nan")}
-            continue
-        idx = np.nonzero(both)
-        box = tuple(slice(max(0, int(k.min()) - 2), int(k.max()) + 3) for k in idx)
-        a, b = np.pad(a[box], 2), np.pad(b[box], 2)  # the pad keeps masks off the border at the volume's edge too
-        out[int(v)] = {"dice": dice(a, b), "asd": asd(a, b, spacing), "hd95": hd95(a, b, spacing)}
-    return out
-
-
 def score(work: Path, spec: dict, methods: list[str]) -> dict:
-    from istn.metrics import folding_fraction, mean_metrics
+    from istn.metrics import folding_fraction, label_metrics, mean_metrics
 
     fixed = sitk.ReadImage(spec["fixed"], sitk.sitkFloat32)
     fixed_labels = sitk.ReadImage(spec["fixed_labels"])
@@ -552,7 +528,7 @@ def score(work: Path, spec: dict, methods: list[str]) -> dict:
                 sample_tx = sitk.DisplacementFieldTransform(field)
             warped = sitk.Resample(moving_labels, fixed_labels, sample_tx, sitk.sitkNearestNeighbor, 0,
                                    moving_labels.GetPixelID())
-            per_label = label_metrics_cropped(fixed_labels, warped, LABEL_VALUES)
+            per_label = label_metrics(fixed_labels, warped, LABEL_VALUES)
             row = {"index": i, **mean_metrics(per_label), "dice_per_label": [per_label[v]["dice"] for v in LABEL_VALUES]}
             r = rec.get(i, {"seconds": 0.0, "cpu_seconds": 0.0, "peak_mb": float("nan")})
             row.update(seconds=r["seconds"], cpu_seconds=r["cpu_seconds"], peak_mb=r["peak_mb"])
