@@ -14,8 +14,9 @@ all threads, and on CUDA when available:
   after the one pass; fresh Adam on the STN, ITN frozen): iterations per second and the
   time of 50 iterations (measured, or extrapolated from N < 50 iterations where marked *);
 - peak memory: the rise of the process's peak resident set size (VmHWM, reset before each
-  phase through /proc/self/clear_refs) above the resident size at the start of the phase,
-  and ``torch.cuda.max_memory_allocated`` on the GPU.
+  phase through /proc/self/clear_refs) above the resident size at the start of the phase
+  (warm-up included; for refinement the ITN maps already exist), and
+  ``torch.cuda.max_memory_allocated`` on the GPU.
 
 Each measurement runs in a fresh subprocess so memory peaks and thread settings do not leak.
 Results go to ``benchmarks/results/speed.{md,json}``; runs from other machines already in
@@ -146,12 +147,12 @@ def worker(spec: dict) -> dict:
         r = register(fixed, moving, model, iterations=0, device=device, threads=threads)
         return {**r.timings, "cpu": time.process_time() - c0}
 
-    for _ in range(spec["warmup"]):
-        one()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    with PeakRSS() as mem:
+    with PeakRSS() as mem:  # the window includes the warm-up: the first call's memory counts too
+        for _ in range(spec["warmup"]):
+            one()
         times = [one() for _ in range(spec["repeats"])]
     out["one_pass_ms"] = 1000 * statistics.median(t["one_pass"] for t in times)
     out["register_total_ms"] = 1000 * statistics.median(t["total"] for t in times)
@@ -171,12 +172,12 @@ def worker(spec: dict) -> dict:
         trg = image_to_tensor(fixed, g_f if transform == "affine" else g_m,
                               intensity_window(sitk.GetArrayViewFromImage(fixed))).to(dev)
         s_map, t_map = module.representation(src), module.representation(trg)
-    refine(module, s_map, t_map, iterations=spec["refine_warmup"])
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     n = spec["refine_iterations"]
     with PeakRSS() as mem:
+        refine(module, s_map, t_map, iterations=spec["refine_warmup"])
         rt, ct = [], []
         for _ in range(spec["refine_repeats"]):
             t0, c0 = time.perf_counter(), time.process_time()
@@ -362,7 +363,8 @@ def render_markdown(data: dict, profile_text: str) -> str:
          "One pass = `register(..., iterations=0)` `timings['one_pass']` (ITN on both images, STN, warp, loss; "
          "'register total' adds resampling the images onto the network grids and building the output maps). "
          "Refinement = `istn.registration.refine` (fresh Adam on the STN, ITN frozen) on the ITN maps. Median of "
-         "repeats after warm-up. Memory: rise of the process's peak RSS over the phase (VmHWM reset before it) and "
+         "repeats after warm-up. Memory: rise of the process's peak RSS over the phase, warm-up included (VmHWM reset "
+         "before it; the model is loaded before the one-pass phase, the ITN maps exist before the refinement phase) and "
          "`torch.cuda.max_memory_allocated` on GPU. * = 50-iteration time extrapolated from fewer iterations. "
          "(CPU ...) = process CPU time of the same work (all threads summed): on a shared, loaded machine the "
          "one-thread CPU time is the better estimate of the uncontended wall time.\n"]
@@ -402,7 +404,7 @@ def render_markdown(data: dict, profile_text: str) -> str:
                          f"{r['params']} parameters, {r['stn_params']} of them in the STN.")
             L.append("")
     if profile_text:
-        L.append("## Where the refinement time goes (torch.profiler, 2D 128^2, one thread)\n")
+        L.append("## Where the time goes (2D 128^2, one thread)\n")
         L.append(profile_text)
     notes = Path(__file__).resolve().parent / "results" / "speed_notes.md"
     if notes.exists():
