@@ -80,6 +80,8 @@ import sys
 import time
 from pathlib import Path
 
+from procmem import reset_peak, status_kb  # benchmarks/procmem.py, beside this script
+
 import numpy as np
 import SimpleITK as sitk
 
@@ -114,33 +116,21 @@ DEFAULT_MODELS = REPO / "ISTNRegistration" / "Resources" / "Models"
 # --------------------------------------------------------------------------
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
-    except OSError:
-        pass
 
 
 class Timed:
     """Wall seconds, CPU seconds (all threads of this process) and peak RSS (MB) of a block."""
 
     def __enter__(self) -> "Timed":
-        _reset_peak()
-        self.rss_before_mb = _status_kb("VmRSS") / 1024.0
+        reset_peak()
+        self.rss_before_mb = status_kb("VmRSS") / 1024.0
         self.w0, self.c0 = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exc) -> None:
         self.seconds = time.perf_counter() - self.w0
         self.cpu_seconds = time.process_time() - self.c0
-        self.peak_mb = _status_kb("VmHWM") / 1024.0
+        self.peak_mb = status_kb("VmHWM") / 1024.0
 
     def record(self, index: int, **extra) -> dict:
         return {"index": index, "seconds": self.seconds, "cpu_seconds": self.cpu_seconds, "peak_mb": self.peak_mb,

@@ -21,19 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
+from procmem import reset_peak, status_kb  # benchmarks/procmem.py, beside this script
 
 
-def _reset_peak() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
-    except OSError:
-        pass
 
 
 def main(spec_path: str, method: str) -> int:
@@ -61,12 +51,12 @@ def main(spec_path: str, method: str) -> int:
                           reg_iterations=tuple(spec["syn_iterations"]))
         else:
             raise SystemExit(f"brain3d_ants.py: unknown method {method!r}")
-        _reset_peak()
-        rss_before = _status_kb("VmRSS")
+        reset_peak()
+        rss_before = status_kb("VmRSS")
         w0, c0 = time.perf_counter(), time.process_time()
         reg = ants.registration(fixed, moving, outprefix=prefix, **kwargs)
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-        peak = _status_kb("VmHWM")
+        peak = status_kb("VmHWM")
         ants.image_write(reg["warpedmovout"], prefix + "warped.nii.gz")
         records.append({"index": i, "seconds": wall, "cpu_seconds": cpu, "peak_mb": peak / 1024.0,
                         "rss_before_mb": rss_before / 1024.0, "fwdtransforms": list(reg["fwdtransforms"])})
