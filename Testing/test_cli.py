@@ -203,3 +203,12 @@ def test_cuda_without_gpu_is_a_clear_error(files, tmp_path, capsys):
 def test_data_prepare_refuses_an_unknown_subset(tmp_path, capsys):
     assert main(["data", "prepare", "--out", str(tmp_path / "d"), "--subset", "nope"]) == 2
     assert "unknown names ['nope']" in capsys.readouterr().err
+
+
+def test_train_init_from_a_missing_checkpoint_is_refused(toy_csv, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--train-csv", str(toy_csv / "pairs.csv"), "--soi-csv", str(toy_csv / "soi.csv"),
+                 "--grid-size", "32", "32", "--steps", "1", "--out", str(out), "--quiet",
+                 "--init-from", str(tmp_path / "nope.pt")])
+    assert code == 2
+    assert "is not a checkpoint file" in capsys.readouterr().err and not out.exists()

@@ -58,7 +58,24 @@ def test_training_is_reproducible_and_resume_matches_an_uninterrupted_run(toy_cs
     c = train(_cfg(toy_csv, tmp_path / "c", steps=6), progress=False)
     wc = load_checkpoint(c.last_checkpoint)["model"]
     assert c.step == 6
+    secs = [h["seconds"] for h in load_checkpoint(c.last_checkpoint)["history"]]
+    assert secs == sorted(secs)  # training time continues across the resume
     assert all(torch.allclose(wa[k], wc[k], atol=1e-6) for k in wa)
+
+
+def test_init_from_starts_a_new_run_from_another_variants_weights(toy_csv, tmp_path):
+    a = train(_cfg(toy_csv, tmp_path / "i", "istn-i", steps=3), progress=False)
+    start = load_checkpoint(a.last_checkpoint)["model"]
+    cfg = _cfg(toy_csv, tmp_path / "e", "istn-e", steps=1)
+    cfg.lr = 0.0  # one step that changes nothing: the weights must be exactly the ones loaded
+    e = train(cfg, progress=False, init_from=a.last_checkpoint)
+    ck = load_checkpoint(e.last_checkpoint)
+    assert ck["step"] == 1 and ck["config"]["model"]["variant"] == "istn-e"
+    assert all(torch.equal(start[k], ck["model"][k]) for k in start)
+    # another network (B-spline head) is refused with a clear message, before anything is written
+    with pytest.raises(ValueError, match="network differs"):
+        train(_cfg(toy_csv, tmp_path / "b", "istn-e", "bspline", steps=1), progress=False, init_from=a.last_checkpoint)
+    assert not (tmp_path / "b" / "last.pt").exists()
 
 
 def test_model_and_config_rebuild_from_checkpoint(toy_csv, tmp_path):
@@ -117,6 +134,22 @@ def test_image_weight_adds_the_dense_intensity_term():
     base = variant_loss("istn-e", s, t, soi, soi, soi, soi, g, "nmse")
     with_image = variant_loss("istn-e", s, t, soi, soi, soi, soi, g, "nmse", image_weight=2.0)
     assert float(with_image - base) == pytest.approx(2.0 * float(((s - t) ** 2).mean()), rel=1e-5)
+
+
+def test_istn_e_itn_terms_follow_the_soi_loss():
+    from istn.losses import variant_loss
+    from istn.transforms import identity_grid
+
+    s, t = torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8)
+    soi = torch.zeros(1, 1, 8, 8)
+    soi[..., 2:5, 3:6] = 1.0
+    g = identity_grid([8, 8])
+    half = 0.5 * soi  # ITN output at half strength; warped SoI (identity) is exact
+    # nmse: |0.5 S - S|^2 / (|0.5 S|^2 + |S|^2) = 0.25 / 1.25 per ITN term, whatever the structure's size
+    assert float(variant_loss("istn-e", s, t, soi, soi, half, half, g, "nmse")) == pytest.approx(0.4, rel=1e-5)
+    # mse: the same error averaged over all pixels (9 of 64 in the structure)
+    assert float(variant_loss("istn-e", s, t, soi, soi, half, half, g, "mse")) == pytest.approx(
+        2 * 0.25 * 9 / 64, rel=1e-5)
 
 
 def test_soft_maps_and_landmarks_are_scaled_to_unit_maximum():

@@ -126,10 +126,7 @@ def _axial(image: sitk.Image, interpolator: int) -> sitk.Image:
 
 def _anatomy(name: str, image: sitk.Image, labels: sitk.Image) -> Anatomy:
     """An `Anatomy` from in-memory images (same recipe as `Anatomy.from_files`)."""
-    tmp_img, tmp_lab = _TMP / f"{name}_img.nii.gz", _TMP / f"{name}_lab.nii.gz"
-    sitk.WriteImage(image, str(tmp_img))
-    sitk.WriteImage(labels, str(tmp_lab))
-    return Anatomy.from_files(tmp_img, tmp_lab, LABELS, name=name)
+    return Anatomy.from_images(image, labels, LABELS, name=name)
 
 
 def _brain_mask(data: Path, name: str, reference: sitk.Image) -> sitk.Image | None:
@@ -304,7 +301,8 @@ def train_stage(args, stage: str, variant: str, steps: int, train_anat, val_anat
                        image_weight=args.image_weight if stage == "affine" else 0.0)
     train_set, val_set = make_sets(args, stage, cfg, train_anat, val_anat)
     t0 = time.time()
-    res = train(tcfg, train_set, val_set, resume=True, progress=not args.no_progress, log=log)
+    init = Path(args.init_from) / stage / "best.pt" if args.init_from else None
+    res = train(tcfg, train_set, val_set, resume=True, progress=not args.no_progress, log=log, init_from=init)
     return tcfg, res, val_set, time.time() - t0
 
 
@@ -509,21 +507,18 @@ def main(argv=None) -> int:
                         "sub-cortical labels out of view and saturate) or mse (the paper's)")
     p.add_argument("--val-every", type=int, default=50)
     p.add_argument("--export-only", action="store_true", help="export the current best checkpoint(s), no training")
+    p.add_argument("--init-from", metavar="RUN_DIR",
+                   help="start each stage from <RUN_DIR>/<stage>/best.pt (e.g. ISTN-e fine-tuned from an ISTN-i run)")
     p.add_argument("--no-export", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--quick", action="store_true", help="smoke run: synthetic anatomies, 32^3 grid, a few steps")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    global _TMP
-    _TMP = Path(args.out) / "anatomies"
-    _TMP.mkdir(parents=True, exist_ok=True)
     if args.quick:
         args.out = str(REPO / "runs" / "brain-quick")
         args.models = str(Path(args.out) / "models")
         args.steps, args.grid, args.spacing, args.val_pairs, args.val_every = 4, 32, 6.0, 2, 2
         args.itn_channels, args.stn_channels = [4, 8], [4, 8]
-        _TMP = Path(args.out) / "anatomies"
-        _TMP.mkdir(parents=True, exist_ok=True)
         anat = synthetic_anatomies()
         train_anat, val_anat = anat[:2], anat[2:]
         described = [f"{a.name} (training; synthetic)" for a in train_anat] + [f"{val_anat[0].name} (validation)"]
@@ -543,8 +538,6 @@ def main(argv=None) -> int:
             export_stage(args, stage, out, described, val_anat, train_anat)
     return 0
 
-
-_TMP = Path("/tmp")
 
 if __name__ == "__main__":
     sys.exit(main())

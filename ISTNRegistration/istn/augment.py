@@ -53,13 +53,21 @@ class Anatomy:
     @classmethod
     def from_files(cls, image: str | Path, labels: str | Path, label_values: Sequence[int],
                    intensity: tuple[float, float] = (0.5, 99.5), name: str = "") -> "Anatomy":
-        img = sitk.Cast(sitk.ReadImage(str(image)), sitk.sitkFloat32)
-        lab = sitk.ReadImage(str(labels))
+        """An anatomy from an image file and its label file (any format SimpleITK reads)."""
+        return cls.from_images(sitk.ReadImage(str(image)), sitk.ReadImage(str(labels)), label_values, intensity,
+                               name or Path(image).name)
+
+    @classmethod
+    def from_images(cls, image: sitk.Image, labels: sitk.Image, label_values: Sequence[int],
+                    intensity: tuple[float, float] = (0.5, 99.5), name: str = "") -> "Anatomy":
+        """As `from_files`, from images in memory (labels are resampled onto the image's grid)."""
+        img = sitk.Cast(image, sitk.sitkFloat32)
+        lab = labels
         arr = sitk.GetArrayFromImage(img)
         norm = normalise_intensity(arr, intensity_window(arr, *intensity))
         lab = sitk.Resample(lab, img, sitk.Transform(), sitk.sitkNearestNeighbor)  # same grid as the image
         soi = encode_soi(sitk.GetArrayFromImage(lab), "labels", label_values)
-        return cls(name or Path(image).name, torch.from_numpy(norm)[None], torch.from_numpy(soi), Grid.from_image(img))
+        return cls(name, torch.from_numpy(norm)[None], torch.from_numpy(soi), Grid.from_image(img))
 
 
 def _random_affine(rng: np.random.Generator, ndim: int, a: AugmentConfig) -> np.ndarray:

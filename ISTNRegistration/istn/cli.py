@@ -205,7 +205,12 @@ def run_train(args: argparse.Namespace) -> Path:
                           lr=args.lr, val_every=args.val_every, seed=args.seed, device=args.device,
                           threads=args.threads, out_dir=args.out or "runs/istn")
     # Under torchrun every process runs this; train() shards the batches and only rank 0 writes and exports.
-    result = train(cfg, resume=not args.no_resume, progress=not args.quiet)
+    if args.init_from and not Path(args.init_from).is_file():
+        raise ISTNError(f"--init-from '{args.init_from}' is not a checkpoint file (a run's best.pt or last.pt)")
+    try:
+        result = train(cfg, resume=not args.no_resume, progress=not args.quiet, init_from=args.init_from)
+    except ValueError as exc:
+        raise ISTNError(str(exc)) from None
     export_path = Path(args.export) if args.export else Path(cfg.out_dir) / "model.pt"
     if result.rank != 0:
         return export_path
@@ -272,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--out", help="run folder (checkpoints; resumes from last.pt)")
     t.add_argument("--export", help="where to write the exported model (default OUT/model.pt)")
+    t.add_argument("--init-from", metavar="CHECKPOINT",
+                   help="start a new run from this checkpoint's weights (same network; e.g. ISTN-e from ISTN-i)")
     t.add_argument("--no-resume", action="store_true")
     t.add_argument("--quiet", action="store_true")
 

@@ -47,8 +47,9 @@ def variant_loss(
     | istn-e  | MSE(s', S_s) + MSE(t', S_t) + MSE(T(S_s), S_t) |
     | istn-i  | MSE(T(s'), S_t) + MSE(T(S_s), t') + MSE(T(S_s), S_t) |
 
-    ``soi_loss="nmse"`` replaces MSE by `normalised_mse` in the terms that
-    compare a WARPED map (those with T); the ITN terms of ISTN-e stay MSE.
+    ``soi_loss="nmse"`` replaces MSE by `normalised_mse` in every SoI term,
+    including ISTN-e's ITN terms, where it is 1 - soft Dice: a segmentation loss
+    that sparse structures (1-2 % of a brain volume) do not drown in, unlike MSE.
     ``image_weight > 0`` adds ``image_weight * MSE(T(s), t)`` (the STN-u term) to
     the SoI variants: a dense signal while sparse structures do not overlap yet
     (large initial misalignment), when every SoI term has a zero gradient.
@@ -64,7 +65,7 @@ def variant_loss(
     if variant == "stn-s":
         return soi_term + extra
     if variant == "istn-e":
-        return F.mse_loss(source_map, source_soi) + F.mse_loss(target_map, target_soi) + soi_term + extra
+        return term(source_map, source_soi) + term(target_map, target_soi) + soi_term + extra
     if variant == "istn-i":
         return term(warp(source_map, grid), target_soi) + term(warped_soi, target_map) + soi_term + extra
     raise ValueError(f"variant_loss() 'variant' must be one of stn-u, stn-s, istn-e, istn-i, got {variant!r}")

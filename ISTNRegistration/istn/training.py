@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
-from .config import TrainConfig, to_dict
+from .config import ModelConfig, TrainConfig, to_dict, train_config_from_dict
 from .data import PairDataset, split_rows
 from .losses import variant_loss
 from .networks import ISTN
@@ -110,6 +110,13 @@ def save_checkpoint(path: Path, model: ISTN, optimizer: torch.optim.Optimizer, c
     os.replace(tmp, path)
 
 
+def _same_network(a: ModelConfig, b: ModelConfig) -> bool:
+    """Same weights' shapes AND meaning (grid, bounds, transform); only the ISTN-e/-i loss may differ."""
+    da, db = to_dict(a), to_dict(b)
+    va, vb = da.pop("variant"), db.pop("variant")
+    return da == db and va.startswith("istn") == vb.startswith("istn")
+
+
 def load_checkpoint(path: str | Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -121,8 +128,13 @@ def train(
     resume: bool = True,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    init_from: str | Path | None = None,
 ) -> TrainResult:
     """Train ``cfg.model.variant`` for ``cfg.steps`` steps.
+
+    ``init_from``: a checkpoint whose network weights start a NEW run (fine-tuning,
+    e.g. ISTN-e from an ISTN-i model of the same architecture; the optimizer, step
+    and history start afresh). Ignored when resuming from ``last.pt``.
 
     Datasets default to the CSVs of ``cfg``; items are dicts of ``(C, *S)``
     tensors ``source, target, source_soi, target_soi`` on the network grid.
@@ -164,6 +176,13 @@ def train(
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     step, best_val, history = 0, math.inf, []
     last_path, best_path = out / "last.pt", out / "best.pt"
+    if init_from is not None and not (resume and last_path.exists()):
+        init = load_checkpoint(init_from)
+        if not _same_network(train_config_from_dict(init["config"]).model, cfg.model):
+            raise ValueError(f"train() 'init_from' {init_from}: its network differs from cfg.model "
+                             "(grid, channels, transform and SoI channels must match)")
+        net.load_state_dict(init["model"])  # the same weights on every rank (DDP broadcasts rank 0's anyway)
+        log(f"initialised from {init_from} (step {init['step']})")
     if resume:
         ck = load_checkpoint(last_path) if ctx.is_main and last_path.exists() else None
         ck = distributed.broadcast_object(ck, ctx)  # every rank resumes from rank 0's last.pt
@@ -190,6 +209,7 @@ def train(
         bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.model.variant} {cfg.model.transform}", unit="step")
     best_state: dict[str, torch.Tensor] | None = None  # DDP: each rank's own copy of the best weights
     model.train()
+    elapsed0 = float(history[-1]["seconds"]) if history else 0.0  # training time so far: a resume continues it
     t0 = time.perf_counter()
     try:
         while step < cfg.steps:
@@ -211,7 +231,7 @@ def train(
             if step % cfg.val_every == 0 or step == cfg.steps:
                 record = None
                 if ctx.is_main:
-                    record = {"step": step, "loss": loss_value, "seconds": time.perf_counter() - t0}
+                    record = {"step": step, "loss": loss_value, "seconds": elapsed0 + time.perf_counter() - t0}
                     if val_set is not None and len(val_set) > 0:
                         record.update(validate(net, val_set, device))
                 record = distributed.broadcast_object(record, ctx)  # the same history and choice on every rank
@@ -244,8 +264,6 @@ def _silent(_message: str) -> None:
 
 def model_from_checkpoint(path: str | Path) -> tuple[ISTN, TrainConfig]:
     """Rebuild the network and its training config from a checkpoint."""
-    from .config import train_config_from_dict
-
     ck = load_checkpoint(path)
     cfg = train_config_from_dict(ck["config"])
     model = ISTN(cfg.model)
