@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import platform
 import sys
 import time
@@ -67,9 +68,10 @@ LABEL_NAMES = ("L caudate", "R caudate", "L putamen", "R putamen", "L pallidum",
 SOI_DESCRIPTION = ("8 channels, one per sub-cortical structure of the protocol: labels 1..8 = left/right caudate, "
                    "putamen, pallidum, thalamus (AAL ids 71..78 order)")
 VARIANT_TEXT = {
-    "istn-i": "the ITN learns its representation implicitly, through the transformation losses MSE(T(s'), S_t), "
-              "MSE(T(S_s), t') and MSE(T(S_s), S_t)",
-    "istn-e": "the ITN is supervised explicitly (MSE(s', S_s) + MSE(t', S_t)) plus MSE(T(S_s), S_t)",
+    "istn-i": "the ITN learns its representation implicitly, through the transformation losses T(s') ~ S_t, "
+              "T(S_s) ~ t' and T(S_s) ~ S_t",
+    "istn-e": "the ITN is supervised explicitly to output the structures (s' ~ S_s, t' ~ S_t), the STN by "
+              "T(S_s) ~ S_t",
 }
 HELD_OUT = ("colin27", "single_subj")  # the test subject: never in training or validation
 MODELS = REPO / "ISTNRegistration" / "Resources" / "Models"
@@ -152,6 +154,19 @@ def _brain_mask(data: Path, name: str, reference: sitk.Image) -> sitk.Image | No
     return None
 
 
+def anatomy_images(data: Path, row: dict) -> list[tuple[str, sitk.Image, sitk.Image]]:
+    """``(name, image, labels)`` of one ``train.csv`` row: as stored, and skull-stripped (``<name>_brain``)
+    where ``prepare`` wrote tissue maps; identity direction, labels on the image's grid."""
+    image = _axial(sitk.ReadImage(str(data / row["image"])), sitk.sitkLinear)
+    labels = _axial(sitk.ReadImage(str(data / row["labels"])), sitk.sitkNearestNeighbor)
+    labels = sitk.Resample(labels, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    versions = [(row["name"], image, labels)]
+    mask = _brain_mask(data, row["name"], image)
+    if mask is not None:
+        versions.append((row["name"] + "_brain", sitk.Mask(sitk.Cast(image, sitk.sitkFloat32), mask), labels))
+    return versions
+
+
 def load_anatomies(data: Path, val_name: str, log=print) -> tuple[list[Anatomy], list[Anatomy], list[str]]:
     """T1 anatomies of ``train.csv``: (training, validation, descriptions)."""
     rows = list(csv.DictReader(open(data / "train.csv")))
@@ -161,16 +176,8 @@ def load_anatomies(data: Path, val_name: str, log=print) -> tuple[list[Anatomy],
             raise SystemExit(f"train.csv names the held-out test subject ({r}): refusing to train on it")
         if r["contrast"] != "t1":
             continue
-        image = _axial(sitk.ReadImage(str(data / r["image"])), sitk.sitkLinear)
-        labels = _axial(sitk.ReadImage(str(data / r["labels"])), sitk.sitkNearestNeighbor)
-        labels = sitk.Resample(labels, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-        versions = [(r["name"], image)]
-        mask = _brain_mask(data, r["name"], image)
-        if mask is not None:
-            stripped = sitk.Mask(sitk.Cast(image, sitk.sitkFloat32), mask)
-            versions.append((r["name"] + "_brain", stripped))
         target = val_set if r["name"] == val_name else train_set
-        for name, img in versions:
+        for name, img, labels in anatomy_images(data, r):
             target.append(_anatomy(name, img, labels))
             described.append(f"{name} ({'validation' if target is val_set else 'training'}; "
                              f"{r['labels_from']})")
@@ -314,7 +321,7 @@ def seconds_per_step(history: list[dict]) -> float | None:
 
 
 def export_stage(args, stage: str, out: Path, described: list[str], val_anat, train_anat, log=print) -> dict:
-    ck_path = out / "best.pt"
+    ck_path = out / f"{args.checkpoint}.pt"
     if not ck_path.exists():
         raise SystemExit(f"no checkpoint {ck_path} to export")
     from istn.training import model_from_checkpoint
@@ -324,13 +331,15 @@ def export_stage(args, stage: str, out: Path, described: list[str], val_anat, tr
     history = ck["history"]
     _, val_set = make_sets(args, stage, tcfg.model, train_anat, val_anat)
     dice = validation_dice(model, val_set)
-    best = load_checkpoint(ck_path)
+    chosen = load_checkpoint(ck_path)
+    best_step = int(load_checkpoint(out / "best.pt")["step"]) if (out / "best.pt").exists() else int(chosen["step"])
+    chosen_val = {h["step"]: h.get("soi_mse") for h in history}.get(int(chosen["step"])) or float(chosen["best_val"])
     moving, fixed = AUGMENT[stage]
     data_text = ("on-the-fly variations (istn.augment.sample_view) of the T1 anatomies " + ", ".join(
         d for d in described if "training" in d) + f"; validation: {', '.join(d for d in described if 'validation' in d) or 'seeded pairs of the training anatomies'}"
         " against the training anatomies. Colin27 / SPM single_subj_T1 held out (test subject).")
-    meta = build_metadata(tcfg, soi_description=SOI_DESCRIPTION, training_data=data_text, step=int(best["step"]),
-                          best_val=float(best["best_val"]),
+    meta = build_metadata(tcfg, soi_description=SOI_DESCRIPTION, training_data=data_text, step=int(chosen["step"]),
+                          best_val=float(chosen_val),
                           extra={"augmentation": {"moving": to_dict(moving), "fixed": to_dict(fixed)},
                                  "validation": dice, "steps_trained": int(ck["step"]),
                                  "script": "benchmarks/train_brain.py"})
@@ -338,16 +347,17 @@ def export_stage(args, stage: str, out: Path, described: list[str], val_anat, tr
     path = Path(args.models) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     export_model(model, meta, path)
-    summary = {"stage": stage, "model": str(path), "bytes": path.stat().st_size, "best_step": int(best["step"]),
-               "steps": int(ck["step"]), "best_val_soi_mse": float(best["best_val"]), "validation": dice,
+    summary = {"stage": stage, "model": str(path), "bytes": path.stat().st_size, "best_step": best_step,
+               "steps": int(ck["step"]), "best_val_soi_mse": float(ck["best_val"]), "validation": dice,
+               "checkpoint": args.checkpoint, "exported_step": int(chosen["step"]), "exported_val_soi_mse": chosen_val,
                "seconds_per_step": seconds_per_step(history), "history": history, "config": to_dict(tcfg),
                "anatomies": described, "engine": ENGINE_VERSION, "torch": torch.__version__,
                "machine": platform.platform(), "command": " ".join(sys.argv)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     card = path.with_suffix(".md")
     card.write_text(model_card(summary, name, data_text, args))
-    log(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB), best step {best['step']}, val soi_mse "
-        f"{best['best_val']:.6f}, Dice {dice['mean_dice_unregistered']:.3f} -> {dice['mean_dice_one_pass']:.3f}")
+    log(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB), {args.checkpoint} checkpoint, step {chosen['step']}, "
+        f"val soi_mse {chosen_val:.6f}, Dice {dice['mean_dice_unregistered']:.3f} -> {dice['mean_dice_one_pass']:.3f}")
     return summary
 
 
@@ -365,6 +375,61 @@ def _licences(described: list[str]) -> list[str]:
             for k in keys]
 
 
+def _checkpoint_text(summary: dict) -> str:
+    if summary["checkpoint"] == "best":
+        return ("The checkpoint exported is the one with the lowest validation MSE(T(S_s), S_t): "
+                f"**{summary['exported_val_soi_mse']:.6f}** (step {summary['exported_step']}).")
+    return (f"The checkpoint exported is the LATEST one (step {summary['exported_step']}, validation "
+            f"MSE(T(S_s), S_t) {summary['exported_val_soi_mse']:.6f}; the lowest was {summary['best_val_soi_mse']:.6f} "
+            f"at step {summary['best_step']}): that MSE scores one pass of the network only, not how well the ITN's "
+            "maps serve test-time refinement, and the full-pipeline validation below preferred the latest weights.")
+
+
+def _rel(path: str) -> str:
+    return os.path.relpath(path, REPO) if Path(path).is_absolute() else path
+
+
+def _made_text(summary: dict, args) -> str:
+    """How the weights were trained: the command(s), the time, the machine (from the run summaries)."""
+    cfg, m, stage = summary["config"], summary["config"]["model"], summary["stage"]
+    sps = summary["seconds_per_step"] or 0.0
+    common = f"--grid {m['grid_size'][0]} --spacing {m['grid_spacing']:g} --batch {cfg['batch_size']} --threads {cfg['threads']}"
+    lines = []
+    parent = Path(args.init_from) / stage / "summary.json" if args.init_from else None
+    if parent is not None and parent.exists():
+        ps = json.loads(parent.read_text())
+        pm = ps["config"]["model"]
+        lines.append(f"    python benchmarks/train_brain.py --stage {stage} --variant {pm['variant']} --out {_rel(args.init_from)} "
+                     f"--steps {ps['steps']} {common}")
+        lines.append(f"    python benchmarks/train_brain.py --stage {stage} --variant {m['variant']} --out {_rel(args.out)} "
+                     f"--init-from {_rel(args.init_from)} --steps {summary['steps']} {common}")
+        first = (f"Two runs: {pm['variant'].upper()} for {ps['steps']} steps (best validation at step {ps['best_step']}), "
+                 f"then {m['variant'].upper()} initialised from that best checkpoint (same network; only the loss "
+                 f"differs) for {summary['steps']} more steps.")
+        total = (ps["seconds_per_step"] or 0.0) * ps["steps"] + sps * summary["steps"]
+    else:
+        lines.append(f"    python benchmarks/train_brain.py --stage {stage} --variant {m['variant']} --steps {summary['steps']} {common}")
+        first = f"One run of {summary['steps']} steps."
+        total = sps * summary["steps"]
+    return ("\n".join(lines) + f"\n\n{first} Each was run in the background with a larger `--steps` and "
+            "`--no-export`, stopped by hand when the time budget ran out, then exported with `--export-only`; rerunning a "
+            "command resumes from its `last.pt`. CPU only "
+            f"({summary['machine']}, {cfg['threads']} torch thread per run, the affine and B-spline stages side by "
+            f"side on 2 cores): {sps:.1f} s per step, about {total / 60:.0f} min of training in all; "
+            f"torch {summary['torch']}, engine {summary['engine']}.")
+
+
+def _variant_text() -> str:
+    """The validation comparison of the candidate variants (benchmarks/brain_validation.py), when it was run."""
+    path = REPO / "benchmarks" / "results" / "brain_validation.md"
+    if not path.exists():
+        return "No variant comparison was run for this model."
+    table = [ln for ln in path.read_text().splitlines() if ln.startswith("|")]
+    return ("Chosen by `benchmarks/brain_validation.py` on validation pairs (the held-out validation anatomy in "
+            "scanner positions -> ICBM 2009c, the whole `istn demo` pipeline, mean Dice of the 8 structures; "
+            "details in `benchmarks/results/brain_validation.md`):\n\n" + "\n".join(table))
+
+
 def model_card(summary: dict, name: str, data_text: str, args) -> str:
     """The Markdown model card written next to the exported model."""
     cfg = summary["config"]
@@ -376,7 +441,6 @@ def model_card(summary: dict, name: str, data_text: str, args) -> str:
                      f"+-{100 * a.scale:g} %, shear +-{a.shear:g}, smooth deformation ~{a.deform_mm:g} mm "
                      f"({a.deform_points}^3 control grid), bias field exp(+-{a.bias:g}), gamma exp(+-{a.gamma:g}), "
                      f"noise sigma {a.noise:g}")
-    sps = summary["seconds_per_step"]
     curve = "\n".join(f"| {h['step']} | {h['loss']:.5f} | {h.get('soi_mse', float('nan')):.6f} |"
                        for h in summary["history"])
     dice_rows = "\n".join(f"| {k} | {val['dice_unregistered'][k]:.3f} | {val['dice_one_pass'][k]:.3f} |"
@@ -400,7 +464,8 @@ brain T1: {what}. Use: {use}.
 | internal grid | {'x'.join(str(g) for g in m['grid_size'])} voxels at {m['grid_spacing']:g} mm, centred on each image |
 | ITN / STN channels | {tuple(m['itn_channels'])} / {tuple(m['stn_channels'])}, hidden {m['stn_hidden']} |
 | SoI | {SOI_DESCRIPTION} |
-| training | {summary['steps']} steps, batch {cfg['batch_size']}, Adam lr {cfg['lr']:g}, seed {cfg['seed']}; best validation at step {summary['best_step']} |
+| loss | {'normalised MSE (1 - soft Dice) in every SoI term' if cfg['soi_loss'] == 'nmse' else 'MSE'}{f", plus {cfg['image_weight']:g} x MSE(T(s), t) (dense while structures do not overlap yet)" if cfg['image_weight'] else ''} |
+| training | {summary['steps']} steps, batch {cfg['batch_size']}, Adam lr {cfg['lr']:g}, seed {cfg['seed']}; exported: step {summary['exported_step']} ({summary['checkpoint']} checkpoint; lowest validation MSE at step {summary['best_step']}) |
 | file | {summary['bytes'] / 1e6:.1f} MB TorchScript with the metadata (config, training data, validation) inside |
 
 ## Input expectations
@@ -423,7 +488,7 @@ of those anatomies{' (two different ones: the real anatomical differences)' if s
 ## Validation
 {val['pairs']} fixed, seeded pairs (seed {1000 + STAGE_INDEX[stage]}; training uses seed {STAGE_INDEX[stage]}): the held-out
 anatomy above as moving image against the training anatomies as fixed images, with the same variation as
-training. The checkpoint kept is the one with the lowest validation MSE(T(S_s), S_t): **{summary['best_val_soi_mse']:.6f}**.
+training. {_checkpoint_text(summary)}
 Dice of the 8 structures on these pairs (network grid, SoI > 0.5), one pass of the network, no refinement:
 mean **{val['mean_dice_unregistered']:.3f} -> {val['mean_dice_one_pass']:.3f}**.
 
@@ -438,19 +503,14 @@ Validation curve (training loss of the step, validation soi_mse):
 {curve}
 
 ## How it was made
-    python benchmarks/train_brain.py --stage {stage} --steps {summary['steps']} --grid {m['grid_size'][0]} --spacing {m['grid_spacing']:g} --batch {cfg['batch_size']} --threads {cfg['threads']}
+{_made_text(summary, args)}
 
-(trained in the background with a larger `--steps` and `--no-export`, stopped after {summary['steps']} steps for
-lack of time, then exported with `--export-only`; rerunning the command resumes from `runs/brain/{stage}/last.pt`).
-CPU only ({summary['machine']}, {cfg['threads']} torch thread, 2 cores shared with 3-4 other jobs):
-{f'{sps:.1f}' if sps else '?'} s per step, about {(sps or 0) * summary['steps'] / 60:.0f} min in all; torch {summary['torch']},
-engine {summary['engine']}.
+Choices forced by a CPU budget: the internal grid is {m['grid_size'][0]}^3 at {m['grid_spacing']:g} mm (the same ~190 mm field of
+view as the paper's 64^3 at 3 mm, at about half the cost per step); thousands rather than the paper's tens of
+thousands of steps, so test-time refinement (`istn register`, default 50 iterations) does much of the work.
 
-Choices forced by that budget: the internal grid is {m['grid_size'][0]}^3 at {m['grid_spacing']:g} mm (the same ~190 mm field of view as the
-paper's 64^3 at 3 mm, at about half the cost per step: 1.4 CPU-s measured vs ~3.3 scaled from 64^3 runs; 3.3 vs 6.4 s wall measured side by side); the variant is ISTN-i, the
-paper's best, without an ISTN-e comparison run (a fair one would have cost the whole budget); a few hundred steps
-only, so this is an early model: test-time refinement (`istn register --refine`, default 50 iterations)
-does much of the work.
+## Variant choice
+{_variant_text()}
 
 ## Licences of the training data
 The weights were learned from the images and labels below; no image or label is inside the model file.
@@ -509,6 +569,8 @@ def main(argv=None) -> int:
     p.add_argument("--export-only", action="store_true", help="export the current best checkpoint(s), no training")
     p.add_argument("--init-from", metavar="RUN_DIR",
                    help="start each stage from <RUN_DIR>/<stage>/best.pt (e.g. ISTN-e fine-tuned from an ISTN-i run)")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                   help="what --export-only exports: the lowest validation MSE (best) or the latest weights (last)")
     p.add_argument("--no-export", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--quick", action="store_true", help="smoke run: synthetic anatomies, 32^3 grid, a few steps")
