@@ -5,9 +5,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from conftest import tiny_config
 from istn.data import image_to_tensor, intensity_window, network_grid
 from istn.export import load_model
-from istn.registration import register, warp_image
+from istn.registration import aligned_grid, register, warp_image
 from istn.transforms import matrix_to_sitk_affine, sitk_affine_to_matrix
 
 
@@ -19,20 +20,42 @@ def _network_points(model, fixed, moving, result):
     wm = intensity_window(sitk.GetArrayViewFromImage(moving), *model.intensity)
     mod = model.module
     with torch.no_grad():
-        s = image_to_tensor(moving, gm, wm)
         if model.transform_type == "affine":
+            src_grid = gm
+            s = image_to_tensor(moving, gm, wm)
             t, out_grid, a = image_to_tensor(fixed, gf, wf), gf, np.eye(4)
         else:
             a = sitk_affine_to_matrix(result.initial_transform) if result.initial_transform else np.eye(4)
-            t = image_to_tensor(fixed, gm, wf, matrix_to_sitk_affine(np.linalg.inv(a)))
-            out_grid = gm
+            src_grid = out_grid = aligned_grid(gf, a)  # the B-spline's grid in moving space
+            s = image_to_tensor(moving, src_grid, wm)
+            t = image_to_tensor(fixed, src_grid, wf, matrix_to_sitk_affine(np.linalg.inv(a)))
         grid = mod.sampling_grid(mod.predict(mod.representation(s), mod.representation(t)))[0].double().numpy()
-    n2w = gm.normalised_to_world_matrix()
+    n2w = src_grid.normalised_to_world_matrix()
     sampled = grid.reshape(-1, 3) @ n2w[:3, :3].T + n2w[:3, 3]
     out_pts = out_grid.world_points().reshape(-1, 3)
     a_inv = np.linalg.inv(a)
     fixed_pts = out_pts @ a_inv[:3, :3].T + a_inv[:3, 3]  # B-spline grid lives in moving space: x = A^-1(y)
     return fixed_pts, sampled
+
+
+def test_aligned_grid_is_the_fixed_grid_carried_by_the_rigid_part(oblique_pair):
+    from scipy.spatial.transform import Rotation
+
+    fixed, _ = oblique_pair
+    gf = network_grid(fixed, tiny_config(3))
+    rigid = np.eye(4)
+    rigid[:3, :3] = Rotation.from_euler("xyz", [15, -10, 20], degrees=True).as_matrix()
+    rigid[:3, 3] = [12.0, -7.0, 3.0]
+    ga = aligned_grid(gf, rigid)
+    pts = gf.world_points().reshape(-1, 3)
+    assert np.allclose(ga.world_points().reshape(-1, 3), pts @ rigid[:3, :3].T + rigid[:3, 3], atol=1e-6)
+    # with scale and shear: still orthonormal, same size/spacing, centred on A(centre)
+    affine = rigid.copy()
+    affine[:3, :3] = rigid[:3, :3] @ np.array([[1.1, 0.05, 0], [0, 0.9, 0], [0, 0, 1.05]])
+    gb = aligned_grid(gf, affine)
+    d = gb.direction_matrix
+    assert np.allclose(d @ d.T, np.eye(3), atol=1e-9) and gb.size == gf.size and gb.spacing == gf.spacing
+    assert np.allclose(gb.centre, affine[:3, :3] @ gf.centre + affine[:3, 3])
 
 
 @pytest.mark.parametrize("transform", ["affine", "bspline"])

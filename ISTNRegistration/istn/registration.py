@@ -14,9 +14,13 @@ Results are WORLD transforms mapping fixed points to moving points (ITK/Slicer
   transform ``I`` the moving image is first pulled into the fixed grid through
   it and the result is ``x -> I(A(x))``;
 - B-spline model, optionally after an affine ``A`` (identity if none): the
-  B-spline ``B`` lives on the MOVING image's internal grid (the fixed image is
-  pulled there through ``A^-1``) and the result is ``x -> B(A(x))``, the order
-  of elastix and of Slicer's "B-spline node under the affine node" hierarchy.
+  B-spline ``B`` lives in MOVING space, on the fixed internal grid carried there
+  by the rotation and translation of ``A`` (`aligned_grid`; the fixed image is
+  pulled onto it through ``A^-1``), and the result is ``x -> B(A(x))``, the
+  order of elastix and of Slicer's "B-spline node under the affine node"
+  hierarchy. Carrying the fixed grid (rather than using the moving image's own
+  grid) shows the network both heads upright, as in training, whatever the
+  scanner position of the moving head.
 """
 
 from __future__ import annotations
@@ -189,6 +193,23 @@ def _map_image(maps: torch.Tensor, grid: Grid) -> sitk.Image:
     return grid.image_from_array(maps[0].sum(0).detach().cpu().numpy().astype(np.float32))
 
 
+def aligned_grid(grid: Grid, matrix: np.ndarray) -> Grid:
+    """``grid`` carried by the rigid part of the affine ``matrix`` ``(D+1, D+1)`` (world -> world).
+
+    Same size and spacing; centre ``A(c)``; direction ``R @ D`` with ``R`` the
+    rotation of the polar decomposition of ``A``'s linear part (scale and shear
+    are left out, so the grid stays orthonormal, as ITK and Slicer images are).
+    """
+    d = grid.ndim
+    u, _, vt = np.linalg.svd(matrix[:d, :d])
+    if np.linalg.det(u @ vt) < 0:  # a reflection: keep the proper rotation nearest to it
+        u[:, -1] *= -1
+    direction = (u @ vt) @ grid.direction_matrix
+    centre = matrix[:d, :d] @ grid.centre + matrix[:d, d]
+    half = direction @ (np.asarray(grid.spacing) * (np.asarray(grid.size) - 1) / 2.0)
+    return Grid(grid.size, grid.spacing, tuple((centre - half).tolist()), tuple(direction.ravel().tolist()))
+
+
 def _linear_matrix(transform: sitk.Transform, ndim: int) -> np.ndarray:
     try:
         return sitk_affine_to_matrix(transform)
@@ -275,13 +296,13 @@ def _register(fixed, moving, model, iterations, lr, dev, initial_transform, call
     else:
         a_mat = np.eye(d + 1) if initial_transform is None else _linear_matrix(initial_transform, d)
         a_tx = matrix_to_sitk_affine(a_mat)
-        work_grid = grid_m
-        source = image_to_tensor(moving, grid_m, win_m)
-        target = image_to_tensor(fixed, grid_m, win_f, matrix_to_sitk_affine(np.linalg.inv(a_mat)))
+        work_grid = aligned_grid(grid_f, a_mat)
+        source = image_to_tensor(moving, work_grid, win_m)
+        target = image_to_tensor(fixed, work_grid, win_f, matrix_to_sitk_affine(np.linalg.inv(a_mat)))
         spacing_vox = cfg.cp_spacing_voxels
 
         def to_world(params: torch.Tensor) -> sitk.Transform:
-            b = bspline_to_world(params[0].detach().cpu().double().numpy(), grid_m, spacing_vox)
+            b = bspline_to_world(params[0].detach().cpu().double().numpy(), work_grid, spacing_vox)
             return compose(a_tx, b)
 
     timings["prepare"] = time.perf_counter() - t_start
@@ -299,10 +320,10 @@ def _register(fixed, moving, model, iterations, lr, dev, initial_transform, call
 
     # Maps for display: ITN(fixed) on the fixed grid, ITN(moving) on the moving grid.
     with torch.no_grad():
-        fixed_map = _map_image(t_map, grid_f) if work_grid is grid_f else _map_image(
+        fixed_map = _map_image(t_map, grid_f) if model.transform_type == "affine" else _map_image(
             module.representation(image_to_tensor(fixed, grid_f, win_f).to(dev)), grid_f)
-        moving_map = _map_image(s_map, grid_m) if (work_grid is grid_m or initial_transform is None) else _map_image(
-            module.representation(image_to_tensor(moving, grid_m, win_m).to(dev)), grid_m)
+        moving_map = _map_image(s_map, grid_m) if (model.transform_type == "affine" and initial_transform is None) \
+            else _map_image(module.representation(image_to_tensor(moving, grid_m, win_m).to(dev)), grid_m)
     timings["total"] = time.perf_counter() - t_start
     return RegistrationResult(
         transform=to_world(out.params),
