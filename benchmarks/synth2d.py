@@ -249,7 +249,7 @@ def soi_best_case(pairs: list[Pair], transform: str, models: Path, iterations: i
         grid_f, grid_m = network_grid(p.fixed, cfg), network_grid(p.moving, cfg)
         s_soi = soi_to_tensor(p.moving_seg, grid_m, "soft")
         # affine: source on the moving grid, target on the fixed grid (as `register`);
-        # B-spline: both on the moving grid (as `register` without an initial transform).
+        # B-spline: both on one grid (`register` uses the fixed one; synth2d pairs share one geometry).
         t_soi = soi_to_tensor(p.fixed_seg, grid_f if transform == "affine" else grid_m, "soft")
 
         def world(params: torch.Tensor) -> sitk.Transform:

@@ -448,8 +448,9 @@ def model_card(summary: dict, name: str, data_text: str, args) -> str:
     what = ("affine (translation, rotation, scale, shear; bounds: translation "
             f"{m['max_translation']:g} x half-extent, rotation {m['max_rotation_deg']:g} deg)" if stage == "affine" else
             f"cubic B-spline, control point spacing {m['cp_spacing_mm']:g} mm (bound {m['max_displacement']:g} x "
-            "half-extent per control point), applied AFTER an affine: the B-spline lives on the moving image's "
-            "internal grid and the result is x -> B(A(x))")
+            "half-extent per control point), applied AFTER an affine: the B-spline lives in moving space on the "
+            "fixed internal grid carried there by the affine's rotation and translation, and the result is "
+            "x -> B(A(x))")
     use = ("`istn register --model brain-t1-affine.pt FIXED MOVING OUT`, then the B-spline model with the affine "
            "as initial transform (`istn demo` does both)" if stage == "affine" else
            "after `brain-t1-affine.pt`: `register(fixed, moving, bspline, initial_transform=affine.transform)`")
