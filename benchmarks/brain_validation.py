@@ -98,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
                          "std": rows.std(0).tolist(),
                          "models": {k: load_model(Path(folder) / f"brain-t1-{k}.pt").meta.get("training", {}).get(
                              "step") for k in ("affine", "bspline")}}
-    head = "| models | " + " | ".join(STAGES) + " |\n| --- |" + " --- |" * len(STAGES)
-    lines = [f"| {n} | " + " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in zip(r["mean"], r["std"])) + " |"
+    head = "| models | training steps (affine / B-spline) | " + " | ".join(STAGES) + " |\n| --- | --- |" + \
+        " --- |" * len(STAGES)
+    lines = [f"| {n} | {r['models']['affine']} / {r['models']['bspline']} | " + " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in zip(r["mean"], r["std"])) + " |"
              for n, r in results.items()]
     best = max(results, key=lambda n: results[n]["mean"][3])
     md = f"""# Brain model variant chosen on validation
