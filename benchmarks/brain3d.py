@@ -624,6 +624,17 @@ def verdict(summary: dict) -> list[str]:
     return out
 
 
+def _load_text(m: dict) -> str:
+    """Whether other jobs shared the machine: the 1-min load beyond the benchmark's own threads."""
+    loads = [v for w in m.get("load_average_1min", {}).values() for v in (w.get("load_before"), w.get("load_after"))
+             if v is not None]
+    if loads and max(loads) <= m["threads"] + 1.0:
+        return (f"no other heavy job during the run (1-min load average at most {max(loads):.1f}: the benchmark's "
+                f"own {m['threads']} threads)")
+    return ("shared with other jobs during the run (wall times are inflated and noisy; CPU seconds are the "
+            "steadier cost)")
+
+
 def write_report(path_md: Path, path_json: Path, summary: dict, meta: dict, per: dict) -> None:
     data = {"affine": summary["affine"], "nonlinear": summary["nonlinear"], "meta": meta, "per_pair": per}
     path_json.write_text(json.dumps(data, indent=1))
@@ -673,8 +684,7 @@ Wall and CPU seconds: the registration call alone; non-linear rows are cumulativ
 
 ## Setup
 
-- Machine: {m['machine']}; {m['cpus']} CPU cores, shared with other jobs during the run (wall times are
-  inflated and noisy; CPU seconds are the steadier cost). Every tool ran with {m['threads']} threads
+- Machine: {m['machine']}; {m['cpus']} CPU cores, {_load_text(m)}. Every tool ran with {m['threads']} threads
   (torch threads, SimpleITK/ITK global default threads, ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS for ANTs),
   one method at a time, each method in its own worker subprocess over all pairs.
 - Command: `{m['command']}`; total runtime {m['total_seconds'] / 60:.1f} min (started {m.get('started_utc')}, includes any wait for the ISTN models and the scoring).
@@ -684,7 +694,7 @@ Wall and CPU seconds: the registration call alone; non-linear rows are cumulativ
 - ISTN model files when the ISTN methods started (they ran last, after the classical tools): {model_state}.
 - One-off costs outside the per-pair timing: {setup or '-'}.
 - Worker run times (min, all pairs, incl. start-up) and the 1-minute load average before -> after each
-  worker (2 cores; other jobs were running): {', '.join(f"{k} {v / 60:.1f} ({m['load_average_1min'].get(k, {}).get('load_before', float('nan')):.1f} -> {m['load_average_1min'].get(k, {}).get('load_after', float('nan')):.1f})" for k, v in m['worker_seconds'].items())}.
+  worker ({m['cpus']} cores): {', '.join(f"{k} {v / 60:.1f} ({m['load_average_1min'].get(k, {}).get('load_before', float('nan')):.1f} -> {m['load_average_1min'].get(k, {}).get('load_after', float('nan')):.1f})" for k, v in m['worker_seconds'].items())}.
 - Data: `{m['data']}` (eval volumes' md5 in brain3d.json){m.get('data_note', '')}.
 - Settings: SimpleITK affine Mattes MI 50 bins, 10 % random sampling, RegularStepGradientDescent lr 2 /
   {m['settings']['sitk_affine_iterations']} its, scales from physical shift, shrink 4-2-1, smoothing 2-1-0 mm, MOMENTS centred
