@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "ISTNRegistration"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from brain_validation import SEED0, mean_dice, validation_moving  # noqa: E402
+from brain_validation import SEED0, mean_dice, validation_inputs  # noqa: E402
 from istn.data import image_to_tensor, intensity_window, network_grid  # noqa: E402
 from istn.demo import place_in_scanner  # noqa: E402
 from istn.export import load_model  # noqa: E402
@@ -56,9 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     data = Path(args.data)
-    fixed = sitk.ReadImage(str(data / "eval" / "icbm2009c_t1.nii.gz"), sitk.sitkFloat32)
-    fixed_labels = sitk.ReadImage(str(data / "eval" / "icbm2009c_labels.nii.gz"))
-    image, labels = validation_moving(data, args.val_anatomy)
+    fixed, fixed_labels, image, labels = validation_inputs(data, args.val_anatomy)
     model = load_model(args.model)
     if model.transform_type != "affine":
         raise SystemExit("an affine model, please (the B-spline stage needs an affine first)")

@@ -53,6 +53,13 @@ def validation_moving(data: Path, name: str) -> tuple[sitk.Image, sitk.Image]:
     return sitk.Cast(img, sitk.sitkFloat32), lab
 
 
+def validation_inputs(data: Path, name: str) -> tuple[sitk.Image, sitk.Image, sitk.Image, sitk.Image]:
+    """(fixed ICBM 2009c image, its labels, validation anatomy image, its labels)."""
+    fixed = sitk.ReadImage(str(data / "eval" / "icbm2009c_t1.nii.gz"), sitk.sitkFloat32)
+    fixed_labels = sitk.ReadImage(str(data / "eval" / "icbm2009c_labels.nii.gz"))
+    return (fixed, fixed_labels, *validation_moving(data, name))
+
+
 def mean_dice(fixed_labels: sitk.Image, moving_labels: sitk.Image, tx: sitk.Transform) -> float:
     warped = sitk.Resample(moving_labels, fixed_labels, tx, sitk.sitkNearestNeighbor, 0, moving_labels.GetPixelID())
     return mean_metrics(label_metrics(fixed_labels, warped, range(1, 9)))["dice"]
@@ -85,9 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     data = Path(args.data)
-    fixed = sitk.ReadImage(str(data / "eval" / "icbm2009c_t1.nii.gz"), sitk.sitkFloat32)
-    fixed_labels = sitk.ReadImage(str(data / "eval" / "icbm2009c_labels.nii.gz"))
-    image, labels = validation_moving(data, args.val_anatomy)
+    fixed, fixed_labels, image, labels = validation_inputs(data, args.val_anatomy)
     pairs = [place_in_scanner(image, labels, seed=SEED0 + i)[:2] for i in range(args.pairs)]
     identity = [mean_dice(fixed_labels, lab, sitk.Transform(3, sitk.sitkIdentity)) for _, lab in pairs]
     results = {}
