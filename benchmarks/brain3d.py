@@ -116,8 +116,6 @@ DEFAULT_MODELS = REPO / "ISTNRegistration" / "Resources" / "Models"
 # --------------------------------------------------------------------------
 
 
-
-
 class Timed:
     """Wall seconds, CPU seconds (all threads of this process) and peak RSS (MB) of a block."""
 

@@ -331,9 +331,10 @@ def export_stage(args, stage: str, out: Path, described: list[str], val_anat, tr
     history = ck["history"]
     _, val_set = make_sets(args, stage, tcfg.model, train_anat, val_anat)
     dice = validation_dice(model, val_set)
-    chosen = load_checkpoint(ck_path)
-    best_step = int(load_checkpoint(out / "best.pt")["step"]) if (out / "best.pt").exists() else int(chosen["step"])
-    chosen_val = {h["step"]: h.get("soi_mse") for h in history}.get(int(chosen["step"])) or float(chosen["best_val"])
+    chosen = ck if args.checkpoint == "last" else load_checkpoint(ck_path)
+    val_at = {h["step"]: h["soi_mse"] for h in history if "soi_mse" in h}
+    best_step = min(val_at, key=val_at.get) if val_at else int(chosen["step"])  # where best.pt was written
+    chosen_val = val_at.get(int(chosen["step"]), float(chosen["best_val"]))
     moving, fixed = AUGMENT[stage]
     data_text = ("on-the-fly variations (istn.augment.sample_view) of the T1 anatomies " + ", ".join(
         d for d in described if "training" in d) + f"; validation: {', '.join(d for d in described if 'validation' in d) or 'seeded pairs of the training anatomies'}"

@@ -43,20 +43,22 @@ def surface_distances(a: np.ndarray, b: np.ndarray, spacing: Sequence[float]) ->
     return dist_to_b[sa], dist_to_a[sb]
 
 
+def _distance_scores(ab: np.ndarray, ba: np.ndarray) -> dict[str, float]:
+    """ASD and HD95 (mm) from the two directed surface distance sets; NaN when a mask is empty."""
+    if ab.size == 0:
+        return {"asd": float("nan"), "hd95": float("nan")}
+    return {"asd": float((ab.sum() + ba.sum()) / (ab.size + ba.size)),
+            "hd95": float(max(np.percentile(ab, 95), np.percentile(ba, 95)))}
+
+
 def asd(a: np.ndarray, b: np.ndarray, spacing: Sequence[float]) -> float:
     """Average symmetric surface distance (mm); NaN if a mask is empty."""
-    ab, ba = surface_distances(a, b, spacing)
-    if ab.size == 0:
-        return float("nan")
-    return float((ab.sum() + ba.sum()) / (ab.size + ba.size))
+    return _distance_scores(*surface_distances(a, b, spacing))["asd"]
 
 
 def hd95(a: np.ndarray, b: np.ndarray, spacing: Sequence[float]) -> float:
     """95th-percentile symmetric Hausdorff distance (mm); NaN if a mask is empty."""
-    ab, ba = surface_distances(a, b, spacing)
-    if ab.size == 0:
-        return float("nan")
-    return float(max(np.percentile(ab, 95), np.percentile(ba, 95)))
+    return _distance_scores(*surface_distances(a, b, spacing))["hd95"]
 
 
 def label_metrics(fixed_labels: sitk.Image, warped_labels: sitk.Image, labels: Sequence[int] | None = None) -> dict[int, dict[str, float]]:
@@ -83,13 +85,7 @@ def label_metrics(fixed_labels: sitk.Image, warped_labels: sitk.Image, labels: S
             continue
         box = tuple(slice(max(0, int(k.min()) - 1), int(k.max()) + 2) for k in np.nonzero(both))
         a, b = np.pad(a[box], 1), np.pad(b[box], 1)  # background all round, as at the volume's edge
-        ab, ba = surface_distances(a, b, spacing)
-        if ab.size == 0:
-            dist = {"asd": float("nan"), "hd95": float("nan")}
-        else:
-            dist = {"asd": float((ab.sum() + ba.sum()) / (ab.size + ba.size)),
-                    "hd95": float(max(np.percentile(ab, 95), np.percentile(ba, 95)))}
-        out[int(v)] = {"dice": dice(a, b), **dist}
+        out[int(v)] = {"dice": dice(a, b), **_distance_scores(*surface_distances(a, b, spacing))}
     return out
 
 
