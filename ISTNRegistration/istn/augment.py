@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .data import encode_soi, intensity_window, network_grid, normalise_intensity
+from .data import encode_soi, foreground_centre, intensity_window, network_grid, normalise_intensity
 from .geometry import Grid
 
 
@@ -49,25 +49,27 @@ class Anatomy:
     image: torch.Tensor  # (1, Z, Y, X)
     soi: torch.Tensor  # (K, Z, Y, X)
     grid: Grid
+    centre: np.ndarray | None = None  # world (D,): where the network grid is centred (`istn.data.foreground_centre`)
 
     @classmethod
     def from_files(cls, image: str | Path, labels: str | Path, label_values: Sequence[int],
-                   intensity: tuple[float, float] = (0.5, 99.5), name: str = "") -> "Anatomy":
+                   intensity: tuple[float, float] = (0.5, 99.5), name: str = "", foreground: bool = True) -> "Anatomy":
         """An anatomy from an image file and its label file (any format SimpleITK reads)."""
         return cls.from_images(sitk.ReadImage(str(image)), sitk.ReadImage(str(labels)), label_values, intensity,
-                               name or Path(image).name)
+                               name or Path(image).name, foreground)
 
     @classmethod
     def from_images(cls, image: sitk.Image, labels: sitk.Image, label_values: Sequence[int],
-                    intensity: tuple[float, float] = (0.5, 99.5), name: str = "") -> "Anatomy":
+                    intensity: tuple[float, float] = (0.5, 99.5), name: str = "", foreground: bool = True) -> "Anatomy":
         """As `from_files`, from images in memory (labels are resampled onto the image's grid)."""
         img = sitk.Cast(image, sitk.sitkFloat32)
         lab = labels
         arr = sitk.GetArrayFromImage(img)
-        norm = normalise_intensity(arr, intensity_window(arr, *intensity))
+        norm = normalise_intensity(arr, intensity_window(arr, *intensity, foreground=foreground))
         lab = sitk.Resample(lab, img, sitk.Transform(), sitk.sitkNearestNeighbor)  # same grid as the image
         soi = encode_soi(sitk.GetArrayFromImage(lab), "labels", label_values)
-        return cls(name, torch.from_numpy(norm)[None], torch.from_numpy(soi), Grid.from_image(img))
+        return cls(name, torch.from_numpy(norm)[None], torch.from_numpy(soi), Grid.from_image(img),
+                   foreground_centre(img))
 
 
 def _random_affine(rng: np.random.Generator, ndim: int, a: AugmentConfig) -> np.ndarray:
@@ -95,7 +97,8 @@ def _smooth_field(rng: np.random.Generator, channels: int, shape: Sequence[int],
 
 def sample_view(anatomy: Anatomy, cfg: ModelConfig, rng: np.random.Generator, aug: AugmentConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """One randomly varied view of ``anatomy`` on its network grid: ``(1, *S)`` image and ``(K, *S)`` SoI."""
-    net = network_grid(anatomy.grid, cfg)
+    # the frame of inference: world axes, centred as `network_grid` centres the model's inputs
+    net = network_grid(anatomy.grid, cfg, anatomy.centre if cfg.centre_on_foreground else None)
     d = net.ndim
     shape = net.shape
     pts = torch.from_numpy(net.world_points()).float()  # (*S, D) world

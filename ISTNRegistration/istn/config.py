@@ -35,6 +35,10 @@ class ModelConfig:
     max_log_scale: float = 0.25
     max_shear: float = 0.25
     max_displacement: float = 0.3
+    # where the internal grid is centred (`istn.data.network_grid`): "foreground" (the anatomy's centre),
+    # "image" (the image's centre) or "auto" (foreground in 3D, where heads come with necks and padded fields
+    # of view; image in 2D, where the toy data's frame is the natural one)
+    grid_centre: str = "auto"
 
     def __post_init__(self) -> None:
         self.grid_size = tuple(int(s) for s in self.grid_size)
@@ -48,6 +52,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig() 'transform' must be one of {TRANSFORMS}, got {self.transform!r}")
         if self.variant not in VARIANTS:
             raise ValueError(f"ModelConfig() 'variant' must be one of {VARIANTS}, got {self.variant!r}")
+        if self.grid_centre not in ("auto", "foreground", "image"):
+            raise ValueError(f"ModelConfig() 'grid_centre' must be auto, foreground or image, got {self.grid_centre!r}")
         levels = len(self.itn_channels) - 1
         if any(s % (2**levels) for s in self.grid_size):
             raise ValueError(f"ModelConfig() 'grid_size' must be divisible by {2**levels} (ITN depth), got {self.grid_size}")
@@ -55,6 +61,10 @@ class ModelConfig:
     @property
     def uses_itn(self) -> bool:
         return self.variant in ("istn-e", "istn-i")
+
+    @property
+    def centre_on_foreground(self) -> bool:
+        return self.grid_centre == "foreground" or (self.grid_centre == "auto" and self.ndim == 3)
 
     @property
     def cp_spacing_voxels(self) -> float:
@@ -87,6 +97,8 @@ class TrainConfig:
     image_weight: float = 0.0  # > 0 adds image_weight * MSE(T(s), t) to SoI variants (losses.variant_loss)
     intensity_low: float = 0.5  # percentiles mapped to 0 and 1
     intensity_high: float = 99.5
+    # upper percentile over the foreground only (`istn.data.intensity_window`); False: over all voxels (models before 0.4)
+    intensity_foreground: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):

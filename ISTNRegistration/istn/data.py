@@ -22,9 +22,20 @@ from .io import check_image
 # --------------------------------------------------------------------------
 
 
-def intensity_window(array: np.ndarray, low: float = 0.5, high: float = 99.5) -> tuple[float, float]:
-    """Percentile window ``(a, b)`` of an image; the engine maps it to ``[0, 1]``."""
+def intensity_window(array: np.ndarray, low: float = 0.5, high: float = 99.5, foreground: bool = False) -> tuple[float, float]:
+    """Percentile window ``(a, b)`` of an image; the engine maps it to ``[0, 1]``.
+
+    ``foreground=True`` takes the upper percentile over the foreground voxels
+    only (above Otsu's threshold, `otsu_threshold`): the brightness the network
+    sees then does not change when the field of view grows (padding, a neck,
+    an oblique acquisition's larger box), which shifts percentiles of all voxels.
+    """
     a, b = np.percentile(array, [low, high])
+    if foreground:
+        arr = np.asarray(array)
+        fg = arr[arr > otsu_threshold(arr)]
+        if fg.size >= 16:
+            b = np.percentile(fg, high)
     if b <= a:  # very sparse images (landmarks): fall back to the full range
         a, b = float(array.min()), float(array.max())
     if b <= a:
@@ -61,10 +72,69 @@ def encode_soi(array: np.ndarray, kind: str, labels: Sequence[int] = ()) -> np.n
 # --------------------------------------------------------------------------
 
 
-def network_grid(image: sitk.Image | Grid, cfg: ModelConfig) -> Grid:
-    """The model's internal grid for an image: its centre and direction, the model's size and spacing."""
-    grid = image if isinstance(image, Grid) else Grid.from_image(image)
-    return Grid.centred_on(grid, cfg.grid_size, cfg.grid_spacing)
+def foreground_centre(image: sitk.Image) -> np.ndarray:
+    """World centre ``(D,)`` (mm, LPS) of an image's foreground: the centroid of the voxels above Otsu's threshold.
+
+    Independent of how the voxels are stored: the histogram and the centroid
+    are sums over all voxels, so any axis order, flip or obliquity of the same
+    content gives the same point. Binary (not intensity-weighted) so that a bias
+    field or a bright fat layer does not pull it. Falls back to the grid centre
+    when no foreground separates from the background.
+    """
+    grid = Grid.from_image(image)
+    arr = sitk.GetArrayViewFromImage(image)
+    if not float(arr.max()) > float(arr.min()):
+        return grid.centre
+    mask = arr > otsu_threshold(arr)
+    total = int(mask.sum())
+    if total == 0:
+        return grid.centre
+    voxel = []
+    for axis in range(arr.ndim):  # per-axis marginals: cheaper than the coordinates of every voxel
+        others = tuple(a for a in range(arr.ndim) if a != axis)
+        counts = mask.sum(axis=others, dtype=np.int64)
+        voxel.append(float((counts * np.arange(counts.size)).sum()) / total)
+    return grid.voxel_to_world(np.asarray(voxel[::-1]))  # array (k, j, i) -> ITK index (i, j, k)
+
+
+def otsu_threshold(array: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold (maximal between-class variance) of a 256-bin histogram; order-independent."""
+    lo, hi = float(np.min(array)), float(np.max(array))
+    if not hi > lo:
+        return lo
+    hist, edges = np.histogram(array, bins=bins, range=(lo, hi))
+    return float(edges[1:][_otsu_index(hist)])
+
+
+def _otsu_index(hist: np.ndarray) -> int:
+    """Index of the last histogram bin below Otsu's threshold."""
+    p = hist.astype(float) / max(1, hist.sum())
+    omega = np.cumsum(p)
+    mu = np.cumsum(p * np.arange(p.size))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mu[-1] * omega - mu) ** 2 / (omega * (1.0 - omega))
+    between = np.nan_to_num(between[:-1], nan=-1.0, posinf=-1.0)
+    return int(np.argmax(between))
+
+
+def network_grid(image: sitk.Image | Grid, cfg: ModelConfig, centre: np.ndarray | None = None) -> Grid:
+    """The model's internal grid for an image, in the PATIENT frame: world (LPS) axes, the model's size and spacing.
+
+    The direction is the identity whatever the file's voxel order, flips or
+    obliquity, so the network always sees a head as it saw heads in training
+    (an image's direction matrix is used only to place its voxels in the world).
+    The grid is centred on ``centre`` (world mm), by default (``cfg.grid_centre``)
+    the image's foreground centre (`foreground_centre`), so a neck, padding or
+    an off-centre field of view does not push the anatomy towards the grid's
+    edge, or the image's centre; a bare `Grid` (no voxels) on its own centre.
+    """
+    if centre is not None:
+        c = np.asarray(centre, dtype=float)
+    elif isinstance(image, Grid) or not cfg.centre_on_foreground:
+        c = (image if isinstance(image, Grid) else Grid.from_image(image)).centre
+    else:
+        c = foreground_centre(image)
+    return Grid.centred_at(c, cfg.grid_size, cfg.grid_spacing)
 
 
 def image_to_tensor(
@@ -130,6 +200,7 @@ def load_pair(
     soi_kind: str,
     soi_labels: Sequence[int] = (),
     intensity: tuple[float, float] = (0.5, 99.5),
+    foreground: bool = True,
 ) -> PairTensors:
     """Read, check and resample one pair and its SoI encodings onto each image's network grid."""
     out = []
@@ -138,7 +209,7 @@ def load_pair(
         if img.GetDimension() != cfg.ndim:
             raise InputError(f"image '{img_path}' is {img.GetDimension()}D but the model is {cfg.ndim}D")
         grid = network_grid(img, cfg)
-        window = intensity_window(sitk.GetArrayViewFromImage(img), *intensity)
+        window = intensity_window(sitk.GetArrayViewFromImage(img), *intensity, foreground=foreground)
         soi = sitk.ReadImage(str(soi_path))
         out.append((image_to_tensor(img, grid, window), soi_to_tensor(soi, grid, soi_kind, soi_labels)))
     (s, ss), (t, ts) = out
@@ -162,13 +233,14 @@ class PairDataset(torch.utils.data.Dataset):
         root: str | Path | None = None,
         rows: Sequence[int] | None = None,
         intensity: tuple[float, float] = (0.5, 99.5),
+        foreground: bool = True,
     ) -> "PairDataset":
         images = read_pairs_csv(images_csv, root)
         sois = read_pairs_csv(soi_csv, root)
         if len(images) != len(sois):
             raise InputError(f"'{images_csv}' has {len(images)} rows but '{soi_csv}' has {len(sois)}: row k must be the same pair")
         idx = range(len(images)) if rows is None else rows
-        return cls([load_pair(*images[i], *sois[i], cfg, soi_kind, soi_labels, intensity) for i in idx])
+        return cls([load_pair(*images[i], *sois[i], cfg, soi_kind, soi_labels, intensity, foreground) for i in idx])
 
     def __len__(self) -> int:
         return len(self.pairs)

@@ -6,7 +6,7 @@ torch installed) with an extra file ``meta.json``:
     {"format": "istn-model", "format_version": 1, "engine_version": ..,
      "ndim": .., "transform": "affine"|"bspline", "variant": ..,
      "grid": {"size": [X, Y, (Z)], "spacing_mm": ..},
-     "control_point_spacing_mm": .., "intensity": {"method": "percentile", "low": .., "high": ..},
+     "control_point_spacing_mm": .., "intensity": {"method": "percentile"|"foreground-percentile", "low": .., "high": ..},
      "soi": {"kind": .., "channels": .., "labels": [..], "description": ..},
      "model_config": {..}, "training": {"config": {..}, "data": .., "step": .., "best_val": ..},
      "created": ISO date}
@@ -50,7 +50,8 @@ def build_metadata(cfg: TrainConfig, *, soi_description: str = "", training_data
         "variant": m.variant,
         "grid": {"size": list(m.grid_size), "spacing_mm": m.grid_spacing},
         "control_point_spacing_mm": m.cp_spacing_mm if m.transform == "bspline" else None,
-        "intensity": {"method": "percentile", "low": cfg.intensity_low, "high": cfg.intensity_high},
+        "intensity": {"method": "foreground-percentile" if cfg.intensity_foreground else "percentile",
+                      "low": cfg.intensity_low, "high": cfg.intensity_high},
         "soi": {
             "kind": cfg.soi_kind,
             "channels": m.soi_channels,
@@ -104,6 +105,11 @@ class LoadedModel:
     @property
     def intensity(self) -> tuple[float, float]:
         return float(self.meta["intensity"]["low"]), float(self.meta["intensity"]["high"])
+
+    @property
+    def intensity_foreground(self) -> bool:
+        """Whether the upper percentile is taken over the foreground (`istn.data.intensity_window`)."""
+        return self.meta["intensity"].get("method", "percentile") == "foreground-percentile"
 
     def to(self, device: torch.device | str) -> "LoadedModel":
         self.module.to(device)
@@ -160,3 +166,12 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> L
         if key not in meta:
             raise ModelFileError(f"'{p}' metadata lacks the required field '{key}'")
     return LoadedModel(module.eval(), meta, p)
+
+
+def rewrite_metadata(path: str | os.PathLike, meta: dict) -> Path:
+    """Replace the metadata of an exported model file (weights untouched), atomically."""
+    model = load_model(path)
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError("rewrite_metadata() 'meta' must keep the format and format_version of build_metadata()")
+    blob = json.dumps(meta, indent=2, default=str)
+    return atomic_write(path, lambda tmp: torch.jit.save(model.module, tmp, _extra_files={META_NAME: blob}))

@@ -55,19 +55,28 @@ class Grid:
 
     @classmethod
     def centred_on(cls, grid: "Grid", size: tuple[int, ...], spacing: float | tuple[float, ...]) -> "Grid":
-        """A grid of ``size`` voxels of ``spacing`` mm with ``grid``'s direction and centre.
+        """A grid of ``size`` voxels of ``spacing`` mm with ``grid``'s direction and centre."""
+        if len(size) != grid.ndim:
+            raise ValueError(f"Grid.centred_on() 'size' must have {grid.ndim} entries, got {size}")
+        return cls.centred_at(grid.centre, size, spacing, grid.direction_matrix)
 
-        This is the network's internal grid for an image: same orientation as the
-        scan, same physical centre, the model's own resolution.
+    @classmethod
+    def centred_at(cls, centre: np.ndarray, size: tuple[int, ...], spacing: float | tuple[float, ...],
+                   direction: np.ndarray | None = None) -> "Grid":
+        """A grid of ``size`` voxels of ``spacing`` mm whose centre is the world point ``centre``.
+
+        ``direction`` ``(D, D)`` defaults to the identity: axes along the world
+        (LPS) axes, the patient frame of the network's internal grids.
         """
-        d = grid.ndim
+        c = np.asarray(centre, dtype=float)
+        d = c.size
         if len(size) != d:
-            raise ValueError(f"Grid.centred_on() 'size' must have {d} entries, got {size}")
+            raise ValueError(f"Grid.centred_at() 'size' must have {d} entries, got {size}")
         sp = np.broadcast_to(np.asarray(spacing, dtype=float), (d,))
-        direction = grid.direction_matrix
-        half = direction @ (sp * (np.asarray(size) - 1) / 2.0)
-        origin = grid.centre - half
-        return cls(tuple(int(s) for s in size), tuple(float(s) for s in sp), tuple(origin.tolist()), grid.direction)
+        dm = np.eye(d) if direction is None else np.asarray(direction, dtype=float).reshape(d, d)
+        origin = c - dm @ (sp * (np.asarray(size) - 1) / 2.0)
+        return cls(tuple(int(s) for s in size), tuple(float(s) for s in sp), tuple(origin.tolist()),
+                   tuple(dm.ravel().tolist()))
 
     # -- properties ---------------------------------------------------------
     @property

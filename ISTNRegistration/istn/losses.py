@@ -74,3 +74,39 @@ def variant_loss(
 def refinement_loss(warped_source_map: torch.Tensor, target_map: torch.Tensor) -> torch.Tensor:
     """Test-time objective MSE(T(s'), t') (no annotations)."""
     return F.mse_loss(warped_source_map, target_map)
+
+
+def bending_energy(coeffs: torch.Tensor, cp_spacing_mm: float, half_extent_mm: torch.Tensor) -> torch.Tensor:
+    """Bending energy of a cubic B-spline from its control points, in physical units (mm^-2).
+
+    ``coeffs (N, D, *cp)``: control point displacements in normalised units of
+    a grid with world-aligned axes whose half-extent is ``half_extent_mm (D,)``
+    (component ``c`` is scaled by ``half_extent_mm[c]`` to get mm). Second
+    derivatives ``d2u_i / dx_j dx_k`` are the control lattice's central second
+    differences divided by the spacing squared (the B-spline's own second
+    derivative up to its smoothing); the energy is their square summed over
+    components and derivative pairs (mixed pairs twice, as in the thin-plate
+    bending energy), averaged over the lattice: ``u_x = a x^2`` gives ``4 a^2``. Zero for any
+    affine displacement (a translation, a rotation to first order), so it
+    penalises only the wiggles the affine stage cannot explain.
+    """
+    d = coeffs.shape[1]
+    u = coeffs * half_extent_mm.to(coeffs).view([1, d] + [1] * d)
+    # spatial dims of u: 2.. in array order (Z, Y, X); the lattice spacing is the same in mm along every axis
+    dims = list(range(2, 2 + d))
+    h2 = float(cp_spacing_mm) ** 2
+    total = u.new_zeros(())
+    for a in dims:
+        for b in dims:
+            if b < a:
+                continue
+            if a == b:
+                n = u.shape[a]
+                second = u.narrow(a, 2, n - 2) - 2 * u.narrow(a, 1, n - 2) + u.narrow(a, 0, n - 2)
+                w = 1.0
+            else:
+                da = u.narrow(a, 1, u.shape[a] - 1) - u.narrow(a, 0, u.shape[a] - 1)
+                second = da.narrow(b, 1, da.shape[b] - 1) - da.narrow(b, 0, da.shape[b] - 1)
+                w = 2.0
+            total = total + w * (second / h2).pow(2).sum(1).mean()
+    return total

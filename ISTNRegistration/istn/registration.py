@@ -40,7 +40,7 @@ from .errors import InputError
 from .export import LoadedModel
 from .geometry import Grid
 from .io import check_image
-from .losses import refinement_loss
+from .losses import bending_energy, refinement_loss
 from .training import resolve_device
 from .transforms import bspline_to_world, compose, matrix_to_sitk_affine, sitk_affine_to_matrix, theta_to_world
 
@@ -66,10 +66,13 @@ class IterationInfo:
 
 @dataclass
 class RefineOutput:
-    params: torch.Tensor  # final parameters, detached
-    losses: list[float]  # loss of each iteration
-    final_loss: float
+    params: torch.Tensor  # the best iterate's parameters (lowest objective), detached
+    losses: list[float]  # objective of each iteration's parameters (iteration 1: the one pass)
+    final_loss: float  # objective of ``params``
     cancelled: bool
+    best_iteration: int = 0  # 1-based iteration whose parameters are returned; iterations + 1: after the last step
+    converged: bool = False  # stopped by the tolerance before the iteration cap
+    similarity: float = float("nan")  # MSE(T(s'), t') of ``params`` (the objective without the bending term)
 
 
 def is_cancelled(cancel: CancelFlag) -> bool:
@@ -81,6 +84,10 @@ def is_cancelled(cancel: CancelFlag) -> bool:
     return bool(cancel())
 
 
+# Refinement stops when the best objective improved by less than `tolerance` (relative) over this many iterations.
+CONVERGENCE_WINDOW = 10
+
+
 def refine(
     module: torch.nn.Module,
     source_map: torch.Tensor,
@@ -90,17 +97,31 @@ def refine(
     callback: Callable[[IterationInfo], None] | None = None,
     cancel: CancelFlag = None,
     to_world: Callable[[torch.Tensor], sitk.Transform] | None = None,
+    *,
+    adjust: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    regulariser: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    tolerance: float = 0.0,
 ) -> RefineOutput:
     """Test-time refinement of the STN of ``module`` on one pair.
 
     ``source_map``/``target_map`` ``(1, K, *S)``: the frozen ITN outputs (computed
-    once by the caller). Fresh Adam on the STN weights; ``cancel`` is checked
-    before every iteration, so a cancel stops within one iteration and the
-    result is the transform of the current weights. The STN's weights are
-    restored before returning.
+    once by the caller). Fresh Adam on the STN weights minimises
+    ``MSE(T(s'), t') + regulariser(params)``. ``adjust(params)`` maps the STN's
+    output to the parameters actually used (a fixed offset that starts the
+    refinement from the inverse-consistent estimate, see `_register`).
+
+    Keeps the BEST iterate, not the last: a too-high learning rate can make
+    Adam climb, and the returned parameters never have a higher objective
+    than the one pass. ``tolerance > 0`` stops once the best objective gained
+    less than ``tolerance`` (relative) over `CONVERGENCE_WINDOW` iterations;
+    ``iterations`` is the cap. ``cancel`` is checked before every iteration,
+    so a cancel stops within one iteration with a valid result. The STN's
+    weights are restored before returning.
     """
     if iterations < 0:
         raise ValueError(f"refine() 'iterations' must be >= 0, got {iterations}")
+    if not (lr > 0 and np.isfinite(lr)):
+        raise ValueError(f"refine() 'lr' must be a positive number, got {lr}")
     stn_params = list(module.stn.parameters())
     saved = [p.detach().clone() for p in stn_params]
     grad_flags = [(p, p.requires_grad) for p in module.parameters()]
@@ -109,8 +130,19 @@ def refine(
     for p in stn_params:
         p.requires_grad_(True)
     source_map, target_map = source_map.detach(), target_map.detach()
+
+    def objective(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sim = refinement_loss(module.warp(source_map, module.sampling_grid(params)), target_map)
+        return (sim + regulariser(params) if regulariser is not None else sim), sim
+
+    def current() -> torch.Tensor:
+        params = module.predict(source_map, target_map)
+        return adjust(params) if adjust is not None else params
+
     losses: list[torch.Tensor] = []
-    cancelled = False
+    cancelled = converged = False
+    best: tuple[float, float, torch.Tensor, int] | None = None  # (objective, similarity, params, iteration)
+    history: list[float] = []  # best objective after each iteration
     try:
         try:  # the fused kernel: ~15 % less time per refinement iteration on CPU (benchmarks/results/speed.md)
             optimizer = torch.optim.Adam(stn_params, lr=lr, fused=True)
@@ -120,24 +152,36 @@ def refine(
             if is_cancelled(cancel):
                 cancelled = True
                 break
-            params = module.predict(source_map, target_map)
-            loss = refinement_loss(module.warp(source_map, module.sampling_grid(params)), target_map)
+            params = current()
+            loss, sim = objective(params)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            value = float(loss.detach())
             losses.append(loss.detach())
+            if best is None or value < best[0]:
+                best = (value, float(sim.detach()), params.detach().clone(), it + 1)
+            history.append(best[0])
             if callback is not None:
-                callback(IterationInfo(it + 1, iterations, float(loss.detach()), params.detach(), to_world))
-        with torch.no_grad():
-            params = module.predict(source_map, target_map)
-            final = float(refinement_loss(module.warp(source_map, module.sampling_grid(params)), target_map))
+                callback(IterationInfo(it + 1, iterations, value, params.detach(), to_world))
+            if tolerance > 0 and len(history) > CONVERGENCE_WINDOW:
+                before = history[-1 - CONVERGENCE_WINDOW]
+                if before - history[-1] <= tolerance * abs(before):
+                    converged = it + 1 < iterations
+                    break
+        with torch.no_grad():  # the parameters after the last step
+            params = current()
+            loss, sim = objective(params)
+            if best is None or float(loss) < best[0]:
+                best = (float(loss), float(sim), params.detach().clone(), len(losses) + 1)
     finally:
         with torch.no_grad():
             for p, s in zip(stn_params, saved):
                 p.copy_(s)
         for p, flag in grad_flags:
             p.requires_grad_(flag)
-    return RefineOutput(params.detach(), [float(v) for v in losses], final, cancelled)
+    value, sim_value, params, best_it = best
+    return RefineOutput(params, [float(v) for v in losses], value, cancelled, best_it, converged, sim_value)
 
 
 @dataclass
@@ -159,6 +203,9 @@ class RegistrationResult:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     model_meta: dict = field(default_factory=dict)
+    converged: bool = False  # refinement stopped by its tolerance before the iteration cap
+    best_iteration: int = 0  # the refinement iterate returned (the lowest loss; 1 = the one pass)
+    similarity_final: float = float("nan")  # MSE(T(s'), t') of the result, without the bending term
 
     def warped_moving_map(self) -> sitk.Image:
         """The moving ITN map resampled into the fixed map's grid through the final transform."""
@@ -172,6 +219,9 @@ class RegistrationResult:
             "loss_final": self.loss_final,
             "loss_per_iteration": self.losses,
             "iterations": self.iterations,
+            "converged": self.converged,
+            "best_iteration": self.best_iteration,
+            "similarity_final": self.similarity_final,
             "cancelled": self.cancelled,
             "device": self.device,
             "timings_s": self.timings,
@@ -217,6 +267,43 @@ def _linear_matrix(transform: sitk.Transform, ndim: int) -> np.ndarray:
         raise InputError("the initial transform of a B-spline registration must be linear (affine, rigid, ...)") from None
 
 
+def _inverse_consistent_theta(theta_st: np.ndarray, theta_ts: np.ndarray) -> np.ndarray:
+    """Homogeneous ``(D+1, D+1)`` midpoint ``(T_st @ T_ts^-1)^(1/2)`` of the forward and backward predictions.
+
+    ``theta_st`` maps fixed-grid to moving-grid normalised points, ``theta_ts`` (the
+    network on the swapped pair) the reverse. A consistent network gives
+    ``T_ts = T_st^-1`` and the midpoint is ``T_st``; for an image and itself
+    (same grid) it is exactly the identity, whatever the network's bias.
+    """
+    from scipy.linalg import sqrtm
+
+    d = theta_st.shape[0]
+    hom = [np.vstack([t, np.eye(d + 1)[d:]]) for t in (theta_st, theta_ts)]
+    with np.errstate(all="ignore"):
+        mid = np.real(sqrtm(hom[0] @ np.linalg.inv(hom[1])))
+    if not np.all(np.isfinite(mid)):  # no real square root (never for the STN's bounded outputs): forward only
+        return hom[0]
+    mid[d, :] = np.eye(d + 1)[d]
+    return mid
+
+
+def _self_check(model: LoadedModel, similarity: float) -> str | None:
+    """A warning when the refined loss lies far outside what the model's validation pairs reached."""
+    ref = model.meta.get("validation", {}).get("refinement_loss", {}).get("refined")
+    if not ref or not np.isfinite(similarity):
+        return None
+    high = float(ref["max"])
+    if similarity <= SELF_CHECK_FACTOR * high:
+        return None
+    return (f"this pair looks unlike what the model was trained on: the refined loss {similarity:.4g} is "
+            f"{similarity / high:.1f}x the highest of its validation pairs ({high:.4g}); check orientation, "
+            "contrast and field of view")
+
+
+# A refined loss above this multiple of the worst validation pair's triggers the self-check warning.
+SELF_CHECK_FACTOR = 3.0
+
+
 def register(
     fixed: sitk.Image,
     moving: sitk.Image,
@@ -229,14 +316,27 @@ def register(
     callback: Callable[[IterationInfo], None] | None = None,
     cancel: CancelFlag = None,
     threads: int | None = None,
+    bending: float | None = None,
+    tolerance: float | None = None,
+    symmetric: bool = True,
 ) -> RegistrationResult:
-    """Register ``moving`` to ``fixed`` with ``model``: one pass, then ``iterations`` of refinement.
+    """Register ``moving`` to ``fixed`` with ``model``: one pass, then up to ``iterations`` of refinement.
 
     ``lr`` defaults to the model's training learning rate. ``device``: auto |
     cpu | cuda; a GPU out-of-memory falls back to the CPU with a warning.
     ``callback(IterationInfo)`` is called after every refinement iteration;
     ``cancel`` (an Event or a callable) stops refinement within one iteration
     and still returns a valid result (``cancelled=True``).
+
+    ``bending`` (B-spline models): weight of the bending energy (mm^2, see
+    `istn.losses.bending_energy`) added to the refinement loss; default: the
+    model's ``refinement.bending`` metadata (chosen on validation pairs), else 0.
+    ``tolerance``: stop refinement once the loss improves by less than this
+    (relative) over `CONVERGENCE_WINDOW` iterations; default: the model's
+    ``refinement.tolerance``, else 0 (run all ``iterations``).
+    ``symmetric``: start refinement from the inverse-consistent one pass (the
+    network run on both orders of the pair), so that an image registered to
+    itself starts, and stays, at the identity.
     """
     fixed = check_image(fixed, "fixed image")
     moving = check_image(moving, "moving image")
@@ -244,35 +344,49 @@ def register(
         raise InputError(f"fixed image is {fixed.GetDimension()}D but moving image is {moving.GetDimension()}D")
     if fixed.GetDimension() != model.ndim:
         raise InputError(f"the images are {fixed.GetDimension()}D but the model '{model.path.name}' is {model.ndim}D")
+    defaults = model.meta.get("refinement", {})
     if lr is None:
         lr = float(model.meta.get("training", {}).get("config", {}).get("lr", 1e-3))
+    if bending is None:
+        bending = float(defaults.get("bending", 0.0)) if model.transform_type == "bspline" else 0.0
+    if tolerance is None:
+        tolerance = float(defaults.get("tolerance", 0.0))
+    if not (bending >= 0 and np.isfinite(bending)):
+        raise InputError(f"the bending weight must be a number >= 0, got {bending}")
+    if not (tolerance >= 0 and np.isfinite(tolerance)):
+        raise InputError(f"the convergence tolerance must be a number >= 0, got {tolerance}")
     dev = resolve_device(device)
     threads_before = torch.get_num_threads()
     # Tiny 2D networks run fastest on one thread; 3D ones use the cores they get.
     torch.set_num_threads(threads or (1 if model.ndim == 2 else max(1, min(8, os.cpu_count() or 1))))
+    opts = dict(bending=bending, tolerance=tolerance, symmetric=symmetric)
     try:
         try:
-            return _register(fixed, moving, model, iterations, lr, dev, initial_transform, callback, cancel)
+            return _register(fixed, moving, model, iterations, lr, dev, initial_transform, callback, cancel, **opts)
         except torch.cuda.OutOfMemoryError:
             if dev.type != "cuda":
                 raise
             torch.cuda.empty_cache()
-            result = _register(fixed, moving, model, iterations, lr, torch.device("cpu"), initial_transform, callback, cancel)
+            result = _register(fixed, moving, model, iterations, lr, torch.device("cpu"), initial_transform, callback,
+                               cancel, **opts)
             result.warnings.append("GPU out of memory: the registration ran on the CPU instead")
             return result
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _register(fixed, moving, model, iterations, lr, dev, initial_transform, callback, cancel) -> RegistrationResult:
+def _register(fixed, moving, model, iterations, lr, dev, initial_transform, callback, cancel, *,
+              bending: float, tolerance: float, symmetric: bool) -> RegistrationResult:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     cfg = model.config
     module = model.to(dev).module
-    win_f = intensity_window(sitk.GetArrayViewFromImage(fixed), *model.intensity)
-    win_m = intensity_window(sitk.GetArrayViewFromImage(moving), *model.intensity)
+    fg = model.intensity_foreground
+    win_f = intensity_window(sitk.GetArrayViewFromImage(fixed), *model.intensity, foreground=fg)
+    win_m = intensity_window(sitk.GetArrayViewFromImage(moving), *model.intensity, foreground=fg)
     grid_f, grid_m = network_grid(fixed, cfg), network_grid(moving, cfg)
     d = model.ndim
+    regulariser = None
 
     if model.transform_type == "affine":
         if initial_transform is None:
@@ -300,6 +414,12 @@ def _register(fixed, moving, model, iterations, lr, dev, initial_transform, call
         source = image_to_tensor(moving, work_grid, win_m)
         target = image_to_tensor(fixed, work_grid, win_f, matrix_to_sitk_affine(np.linalg.inv(a_mat)))
         spacing_vox = cfg.cp_spacing_voxels
+        if bending > 0:
+            half = torch.tensor([s * (n - 1) / 2.0 for s, n in zip(work_grid.spacing, work_grid.size)],
+                                dtype=torch.float32, device=dev)
+
+            def regulariser(params: torch.Tensor) -> torch.Tensor:
+                return bending * bending_energy(params, cfg.cp_spacing_mm, half)
 
         def to_world(params: torch.Tensor) -> sitk.Transform:
             b = bspline_to_world(params[0].detach().cpu().double().numpy(), work_grid, spacing_vox)
@@ -307,24 +427,56 @@ def _register(fixed, moving, model, iterations, lr, dev, initial_transform, call
 
     timings["prepare"] = time.perf_counter() - t_start
     t0 = time.perf_counter()
+    adjust = None
     with torch.no_grad():
         source, target = source.to(dev), target.to(dev)
         s_map = module.representation(source)
         t_map = module.representation(target)
-        params0 = module.predict(s_map, t_map)
-        loss0 = float(refinement_loss(module.warp(s_map, module.sampling_grid(params0)), t_map))
+        forward = module.predict(s_map, t_map)
+        if symmetric:
+            backward = module.predict(t_map, s_map)
+            if model.transform_type == "affine":
+                th = forward[0].cpu().double().numpy()
+                mid = _inverse_consistent_theta(th, backward[0].cpu().double().numpy())
+                k = torch.from_numpy(np.linalg.inv(np.vstack([th, np.eye(d + 1)[d:]])) @ mid).to(forward)
+
+                def adjust(params: torch.Tensor) -> torch.Tensor:
+                    return params @ k  # theta @ K: the fixed correction that makes the one pass the midpoint
+            else:
+                offset = -(forward + backward) / 2.0
+
+                def adjust(params: torch.Tensor) -> torch.Tensor:
+                    return params + offset
+        params0 = adjust(forward) if adjust is not None else forward
+        sim0 = refinement_loss(module.warp(s_map, module.sampling_grid(params0)), t_map)
+        loss0 = float(sim0 + regulariser(params0)) if regulariser is not None else float(sim0)
     timings["one_pass"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out = refine(module, s_map, t_map, iterations, lr, callback, cancel, to_world)
+    out = refine(module, s_map, t_map, iterations, lr, callback, cancel, to_world,
+                 adjust=adjust, regulariser=regulariser, tolerance=tolerance)
+    if not out.losses:  # no refinement: the one pass is the result
+        out.params, out.final_loss, out.similarity = params0, loss0, float(sim0)
     timings["refine"] = time.perf_counter() - t0
 
-    # Maps for display: ITN(fixed) on the fixed grid, ITN(moving) on the moving grid.
+    # Maps for display, each on a grid of its own image's space, reusing the passes above where they are there.
     with torch.no_grad():
-        fixed_map = _map_image(t_map, grid_f) if model.transform_type == "affine" else _map_image(
-            module.representation(image_to_tensor(fixed, grid_f, win_f).to(dev)), grid_f)
-        moving_map = _map_image(s_map, grid_m) if (model.transform_type == "affine" and initial_transform is None) \
-            else _map_image(module.representation(image_to_tensor(moving, grid_m, win_m).to(dev)), grid_m)
+        if model.transform_type == "affine":
+            fixed_map = _map_image(t_map, grid_f)
+            moving_map = _map_image(s_map, grid_m) if initial_transform is None else _map_image(
+                module.representation(image_to_tensor(moving, grid_m, win_m).to(dev)), grid_m)
+        else:  # s_map lies on work_grid in moving space; t_map is the fixed map pulled there through A^-1
+            moving_map = _map_image(s_map, work_grid)
+            fixed_map = warp_image(_map_image(t_map, work_grid), grid_f, a_tx)
     timings["total"] = time.perf_counter() - t_start
+    warnings_: list[str] = []
+    worst_after = max(out.losses[out.best_iteration - 1:] or [0.0])
+    if worst_after > 2.0 * out.final_loss + 1e-6:  # Adam climbed away from its best: learning rate too high
+        warnings_.append(
+            f"refinement raised the loss (from {out.final_loss:.4g} at iteration {out.best_iteration} to "
+            f"{worst_after:.4g}); the best iterate was kept: a lower learning rate may help (now {lr:g})")
+    check = _self_check(model, out.similarity)
+    if check:
+        warnings_.append(check)
     return RegistrationResult(
         transform=to_world(out.params),
         one_pass_transform=to_world(params0),
@@ -339,5 +491,9 @@ def _register(fixed, moving, model, iterations, lr, dev, initial_transform, call
         cancelled=out.cancelled,
         device=str(dev),
         timings=timings,
+        warnings=warnings_,
         model_meta=model.meta,
+        converged=out.converged,
+        best_iteration=out.best_iteration,
+        similarity_final=out.similarity,
     )

@@ -44,7 +44,7 @@ class TrainResult:
 def build_datasets(cfg: TrainConfig) -> tuple[PairDataset, PairDataset | None]:
     """Train/validation datasets from the CSVs of ``cfg`` (split of ``train_csv`` unless ``val_csv`` is given)."""
     kw = dict(soi_kind=cfg.soi_kind, soi_labels=cfg.soi_labels, root=cfg.data_root or None,
-              intensity=(cfg.intensity_low, cfg.intensity_high))
+              intensity=(cfg.intensity_low, cfg.intensity_high), foreground=cfg.intensity_foreground)
     if cfg.val_csv:
         train = PairDataset.from_csv(cfg.train_csv, cfg.soi_csv, cfg.model, **kw)
         val = PairDataset.from_csv(cfg.val_csv, cfg.val_soi_csv or cfg.val_csv, cfg.model, **kw)

@@ -1,0 +1,192 @@
+"""The network frame: results do not depend on how the voxels are stored, and the grid sits on the anatomy."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import blob_image, rotation
+from istn.data import foreground_centre, network_grid
+from istn.export import load_model
+from istn.losses import bending_energy
+from istn.registration import register
+
+# The 48 axis layouts of a 3D image: every axis order, every sign (DICOM orientation codes).
+LAYOUTS = ["".join(p) for axes in itertools.permutations(("LR", "PA", "SI"))
+           for p in itertools.product(*axes)]
+
+
+def _head(centre=(4.0, -6.0, 8.0)) -> sitk.Image:
+    """A small asymmetric 'head' (blobs in world mm) on an identity-direction grid with a padded, off-centre FOV."""
+    return blob_image((30, 26, 34), (2.0, 2.0, 2.0), (-18.0, -38.0, -22.0), np.eye(3), centre=centre)
+
+
+def _max_distance(a: sitk.Transform, b: sitk.Transform, ref: sitk.Image) -> float:
+    """Largest |a(x) - b(x)| (mm) over the voxel centres of ``ref``."""
+    def field(t):
+        f = sitk.TransformToDisplacementField(t, sitk.sitkVectorFloat64, ref.GetSize(), ref.GetOrigin(),
+                                              ref.GetSpacing(), ref.GetDirection())
+        return sitk.GetArrayFromImage(f)
+    return float(np.linalg.norm(field(a) - field(b), axis=-1).max())
+
+
+def _oblique_copy(image: sitk.Image, degrees=(20.0, -15.0, 25.0)) -> sitk.Image:
+    """The same world content resampled on an oblique grid covering it (a tilted acquisition)."""
+    rot = rotation(3, degrees)
+    size = [int(s * 1.4) for s in image.GetSize()]
+    spacing = [1.8, 1.8, 1.8]
+    centre = np.asarray(image.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in image.GetSize()]))
+    origin = centre - rot @ (np.asarray(spacing) * (np.asarray(size) - 1) / 2)
+    ref = sitk.Image(size, sitk.sitkFloat32)
+    ref.SetSpacing(spacing)
+    ref.SetOrigin(origin.tolist())
+    ref.SetDirection(rot.ravel().tolist())
+    return sitk.Resample(image, ref, sitk.Transform(), sitk.sitkBSpline, 0.0, sitk.sitkFloat32)
+
+
+def test_there_are_48_distinct_layouts():
+    img = _head()
+    directions = {tuple(np.round(sitk.DICOMOrient(img, code).GetDirection(), 6)) for code in LAYOUTS}
+    assert len(LAYOUTS) == 48 and len(directions) == 48
+
+
+def test_foreground_centre_is_the_same_point_for_every_layout():
+    img = _head()
+    ref = foreground_centre(img)
+    for code in LAYOUTS:
+        assert np.allclose(foreground_centre(sitk.DICOMOrient(img, code)), ref, atol=1e-6), code
+    # and it is the blob's centre, not the (off-centre, padded) field of view's
+    grid_centre = np.asarray(img.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in img.GetSize()]))
+    assert np.linalg.norm(ref - np.array([4.0, -6.0, 8.0])) < 4.0 < np.linalg.norm(grid_centre - np.array([4.0, -6.0, 8.0]))
+
+
+def test_network_grid_is_in_the_patient_frame_on_the_anatomy(tiny3d):
+    img = _head()
+    for code in ("LPS", "RAS", "ASL", "SAR"):
+        g = network_grid(sitk.DICOMOrient(img, code), tiny3d)
+        assert np.allclose(g.direction_matrix, np.eye(3))
+        assert np.allclose(g.centre, foreground_centre(img), atol=1e-6)
+    # padding the image with background moves the grid by a hair (Otsu's threshold sees more background), not
+    # by the shift of the field of view's centre (10-12 voxels of 2 mm)
+    padded = sitk.ConstantPad(img, [10, 0, 6], [0, 12, 0], 0.0)
+    assert np.linalg.norm(network_grid(padded, tiny3d).centre - network_grid(img, tiny3d).centre) < 0.1
+
+
+@pytest.fixture
+def tiny3d():
+    from conftest import tiny_config
+
+    return tiny_config(3)
+
+
+def test_every_axis_layout_gives_the_same_world_transform(make_model):
+    """All 48 storage layouts of the moving image (and some of the fixed) give one world transform."""
+    model = load_model(make_model(3, "affine", scale=0.3))
+    fixed = _head()
+    moving = _head(centre=(8.0, -2.0, 4.0))
+    ref = register(fixed, moving, model, iterations=3).transform
+    worst = 0.0
+    for k, code in enumerate(LAYOUTS):
+        f = sitk.DICOMOrient(fixed, LAYOUTS[(7 * k) % 48]) if k % 6 == 0 else fixed
+        res = register(f, sitk.DICOMOrient(moving, code), model, iterations=3)
+        worst = max(worst, _max_distance(res.transform, ref, fixed))
+    assert worst < 0.5  # mm; in practice float rounding only
+
+
+def test_an_oblique_acquisition_gives_the_same_world_transform(make_model):
+    model = load_model(make_model(3, "affine", scale=0.3))
+    fixed, moving = _head(), _head(centre=(8.0, -2.0, 4.0))
+    ref = register(fixed, moving, model, iterations=3).transform
+    res = register(fixed, _oblique_copy(moving), model, iterations=3)
+    assert _max_distance(res.transform, ref, fixed) < 0.5
+
+
+def test_bspline_stage_is_layout_invariant(make_model):
+    model = load_model(make_model(3, "bspline", scale=0.3))
+    fixed, moving = _head(), _head(centre=(8.0, -2.0, 4.0))
+    initial = sitk.AffineTransform(3)
+    initial.SetTranslation((3.0, -2.0, 1.0))
+    ref = register(fixed, moving, model, iterations=2, initial_transform=initial).transform
+    for code in ("RAS", "SAL", "IRP"):
+        res = register(sitk.DICOMOrient(fixed, code), sitk.DICOMOrient(moving, code[::-1]), model, iterations=2,
+                       initial_transform=initial)
+        assert _max_distance(res.transform, ref, fixed) < 0.5, code
+
+
+@pytest.mark.parametrize("transform", ["affine", "bspline"])
+def test_an_image_registered_to_itself_stays_at_the_identity(make_model, transform):
+    """The inverse-consistent start: a biased network still returns the identity for identical inputs."""
+    model = load_model(make_model(3, transform, scale=0.5))
+    img = _head()
+    raw = register(img, img, model, iterations=0, symmetric=False).transform
+    assert _max_distance(raw, sitk.Transform(3, sitk.sitkIdentity), img) > 1.0  # the network alone is biased
+    res = register(img, img, model, iterations=10)
+    assert _max_distance(res.transform, sitk.Transform(3, sitk.sitkIdentity), img) < 1e-3
+
+
+def test_refinement_keeps_the_best_iterate_and_warns_when_the_loss_rose(make_model):
+    model = load_model(make_model(3, "affine", scale=0.3))
+    fixed, moving = _head(), _head(centre=(8.0, -2.0, 4.0))
+    res = register(fixed, moving, model, iterations=15, lr=5.0)  # absurd learning rate: Adam climbs
+    assert max(res.losses) > 2 * res.loss_final
+    assert res.loss_final <= res.loss_one_pass + 1e-9
+    assert res.loss_final == pytest.approx(min(res.losses), rel=1e-6) or res.best_iteration == len(res.losses) + 1
+    assert any("raised the loss" in w for w in res.warnings)
+    calm = register(fixed, moving, model, iterations=15, lr=1e-5)
+    assert not any("raised the loss" in w for w in calm.warnings)
+
+
+def test_convergence_tolerance_stops_early_and_reports_it(make_model):
+    model = load_model(make_model(3, "affine", scale=0.3))
+    img = _head()
+    full = register(img, _head(centre=(6.0, -4.0, 6.0)), model, iterations=60, tolerance=0.0)
+    assert full.iterations == 60 and not full.converged
+    early = register(img, _head(centre=(6.0, -4.0, 6.0)), model, iterations=60, tolerance=0.5)
+    assert early.converged and early.iterations < 60
+    assert early.summary()["iterations"] == early.iterations and early.summary()["converged"] is True
+
+
+def test_bending_energy_known_values():
+    h = 10.0  # mm between control points
+    half = torch.tensor([50.0, 40.0, 30.0])
+    idx = torch.arange(7, dtype=torch.float64) * h
+    x = idx.view(1, 1, 7)  # array order (Z, Y, X): X is the last axis
+    a = 0.002
+    u = torch.zeros(1, 3, 7, 7, 7, dtype=torch.float64)
+    u[:, 0] = a * x ** 2 / half[0]  # x-component (normalised) = a x^2 mm
+    assert float(bending_energy(u, h, half)) == pytest.approx(4 * a * a, rel=1e-9)
+    # any affine displacement has zero bending energy
+    z, y, xx = torch.meshgrid(idx, idx, idx, indexing="ij")
+    lin = torch.stack([0.01 * xx - 0.02 * y + 3, 0.03 * z + 0.01 * xx, -0.02 * y + 1.0])[None]
+    assert float(bending_energy(lin / half.view(1, 3, 1, 1, 1).double(), h, half)) == pytest.approx(0.0, abs=1e-20)
+    # mixed derivative: u_y = b x z -> d2/dxdz = b, counted twice
+    b = 0.001
+    mixed = torch.zeros_like(u)
+    mixed[:, 1] = b * xx * z / half[1]
+    assert float(bending_energy(mixed, h, half)) == pytest.approx(2 * b * b, rel=1e-9)
+
+
+def test_bending_weight_smooths_the_bspline(make_model):
+    model = load_model(make_model(3, "bspline", scale=0.4))
+    fixed, moving = _head(), _head(centre=(8.0, -2.0, 4.0))
+    free = register(fixed, moving, model, iterations=15, bending=0.0)
+    stiff = register(fixed, moving, model, iterations=15, bending=1e6)
+    ident = sitk.Transform(3, sitk.sitkIdentity)
+    # a huge weight keeps the B-spline near its (inverse-consistent) start; fewer wiggles than the free one
+    assert _max_distance(stiff.transform, ident, fixed) < _max_distance(free.transform, ident, fixed)
+    with pytest.raises(Exception, match="bending"):
+        register(fixed, moving, model, iterations=1, bending=-1.0)
+
+
+def test_self_check_warns_when_the_pair_is_unlike_validation(make_model):
+    model = load_model(make_model(3, "affine", scale=0.3))
+    fixed, moving = _head(), _head(centre=(8.0, -2.0, 4.0))
+    model.meta["validation"] = {"refinement_loss": {"refined": {"min": 0.0, "median": 1e-9, "max": 1e-9}}}
+    res = register(fixed, moving, model, iterations=2)
+    assert any("unlike what the model was trained on" in w for w in res.warnings)
+    model.meta["validation"]["refinement_loss"]["refined"]["max"] = 10.0
+    assert not any("unlike" in w for w in register(fixed, moving, model, iterations=2).warnings)

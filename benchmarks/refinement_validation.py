@@ -1,0 +1,218 @@
+#!/usr/bin/env python3
+"""Choose the refinement settings stored in the brain models (bending weight, convergence tolerance) on VALIDATION pairs.
+
+Validation pairs, as `brain_validation.py` builds them and never the evaluation subject: the validation
+anatomy (``spm_avg305``, never trained on) placed in seeded scanner positions (seeds 500..) as moving image,
+both WHOLE-HEAD and brain-extracted, registered to ICBM 2009c. Per setting and pair:
+
+- sub-cortical Dice (8 protocol labels) after the affine and after the B-spline;
+- brain-mask Dice after each stage (harm outside the structures of interest; the moving brain mask comes
+  from SPM's tissue priors, the fixed one is the skull-stripped ICBM 2009c's support);
+- folding (fraction of fixed brain voxels with Jacobian determinant <= 0);
+- iterations run and seconds (with the tolerance);
+- the validation anatomy registered to itself: mean and max distance from the identity over its brain.
+
+The chosen bending weight is the largest B-spline sub-cortical gain whose brain-mask Dice is at least the
+affine's on every pair (the "does no harm" rule of the issue); the tolerance the largest whose Dice stays
+within 0.002 of running all iterations. With ``--write-models`` the choice and the refinement losses of the
+validation pairs (one pass and refined: the range the self-check compares a user's registration with) are
+written into the models' metadata (weights untouched).
+
+    python benchmarks/refinement_validation.py --pairs 4 [--write-models]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "ISTNRegistration"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from brain_validation import SEED0, mean_dice  # noqa: E402
+from train_brain import _brain_mask, anatomy_images  # noqa: E402
+
+from istn.demo import MODELS_DIR, place_in_scanner  # noqa: E402
+from istn.export import load_model, rewrite_metadata  # noqa: E402
+from istn.metrics import dice, folding_fraction  # noqa: E402
+from istn.registration import register  # noqa: E402
+
+BENDING = (0.0, 1.0, 3.0, 10.0, 30.0)
+TOLERANCE = (0.0, 1e-3, 3e-3, 1e-2)
+
+
+def mask_dice(fixed_mask: sitk.Image, moving_mask: sitk.Image, tx: sitk.Transform) -> float:
+    w = sitk.Resample(moving_mask, fixed_mask, tx, sitk.sitkNearestNeighbor, 0, moving_mask.GetPixelID())
+    return dice(sitk.GetArrayViewFromImage(fixed_mask) > 0, sitk.GetArrayViewFromImage(w) > 0)
+
+
+def identity_distance(tx: sitk.Transform, ref: sitk.Image, mask: np.ndarray) -> tuple[float, float]:
+    """Mean and max |T(x) - x| (mm) over ``mask`` of ``ref``'s grid."""
+    f = sitk.TransformToDisplacementField(tx, sitk.sitkVectorFloat64, ref.GetSize(), ref.GetOrigin(),
+                                          ref.GetSpacing(), ref.GetDirection())
+    n = np.linalg.norm(sitk.GetArrayFromImage(f), axis=-1)[mask]
+    return float(n.mean()), float(n.max())
+
+
+def validation_pairs(data: Path, name: str, n: int):
+    """``[(label, moving, labels, brain mask)]``: ``n`` scanner positions x (whole head, brain-extracted)."""
+    import csv
+
+    row = next(r for r in csv.DictReader(open(data / "train.csv")) if r["name"] == name and r["contrast"] == "t1")
+    versions = {v: (img, lab) for v, img, lab in anatomy_images(data, row)}
+    head, labels = versions[name]
+    brain = versions[f"{name}_brain"][0]
+    mask = _brain_mask(data, name, head)
+    pairs = []
+    for k in range(n):
+        seed = SEED0 + k
+        for kind, img in (("whole head", head), ("brain", brain)):
+            moved, moved_labels, _ = place_in_scanner(sitk.Cast(img, sitk.sitkFloat32), labels, seed)
+            _, moved_mask, _ = place_in_scanner(sitk.Cast(img, sitk.sitkFloat32), mask, seed)
+            pairs.append((f"{kind} seed {seed}", moved, moved_labels, moved_mask))
+    return pairs, sitk.Cast(brain, sitk.sitkFloat32), mask
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="/work/braindata", help="output of `istn data prepare`")
+    p.add_argument("--models", default=str(MODELS_DIR))
+    p.add_argument("--val-anatomy", default="spm_avg305")
+    p.add_argument("--pairs", type=int, default=4, help="scanner positions (each as whole head and brain)")
+    p.add_argument("--iterations", type=int, default=50)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--write-models", action="store_true", help="store the choice in the models' metadata")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "refinement_validation"))
+    args = p.parse_args(argv)
+    data, models = Path(args.data), Path(args.models)
+    affine, bspline = load_model(models / "brain-t1-affine.pt"), load_model(models / "brain-t1-bspline.pt")
+    fixed = sitk.ReadImage(str(data / "eval" / "icbm2009c_t1.nii.gz"), sitk.sitkFloat32)
+    fixed_labels = sitk.ReadImage(str(data / "eval" / "icbm2009c_labels.nii.gz"))
+    fixed_mask = sitk.Cast(fixed > 0, sitk.sitkUInt8)
+    pairs, self_image, self_mask = validation_pairs(data, args.val_anatomy, args.pairs)
+    opts = dict(iterations=args.iterations, device="cpu", threads=args.threads)
+
+    rows, losses = [], {"affine": {"one_pass": [], "refined": []}, "bspline": {"one_pass": [], "refined": []}}
+    for label, moving, labels, mask in pairs:
+        ra = register(fixed, moving, affine, tolerance=0.0, **opts)
+        losses["affine"]["one_pass"].append(ra.loss_one_pass)
+        losses["affine"]["refined"].append(ra.similarity_final)
+        base = {"pair": label, "affine_dice": mean_dice(fixed_labels, labels, ra.transform),
+                "affine_mask_dice": mask_dice(fixed_mask, mask, ra.transform)}
+        for w in BENDING:
+            t0 = time.perf_counter()
+            rb = register(fixed, moving, bspline, initial_transform=ra.transform, bending=w, tolerance=0.0, **opts)
+            if w == 0.0:
+                losses["bspline"]["one_pass"].append(rb.loss_one_pass)
+            rows.append({**base, "bending": w, "tolerance": 0.0,
+                         "dice": mean_dice(fixed_labels, labels, rb.transform),
+                         "mask_dice": mask_dice(fixed_mask, mask, rb.transform),
+                         "folding": folding_fraction(rb.transform, fixed, fixed_mask),
+                         "iterations": rb.iterations, "seconds": time.perf_counter() - t0,
+                         "similarity": rb.similarity_final})
+            r = rows[-1]
+            print(f"{label}: bending {w:g}: affine {base['affine_dice']:.3f}/{base['affine_mask_dice']:.3f} -> "
+                  f"B-spline {r['dice']:.3f}/{r['mask_dice']:.3f} folding {r['folding']:.4f}", flush=True)
+    by_w = {w: [r for r in rows if r["bending"] == w] for w in BENDING}
+    harmless = [w for w in BENDING if all(r["mask_dice"] >= r["affine_mask_dice"] - 1e-3 for r in by_w[w])]
+    chosen = max(harmless or [max(BENDING)], key=lambda w: np.mean([r["dice"] for r in by_w[w]]))
+    for r in by_w[chosen]:
+        losses["bspline"]["refined"].append(r["similarity"])
+
+    # Tolerance: affine and B-spline (chosen bending) with early stopping.
+    tol_rows = []
+    for tol in TOLERANCE:
+        for label, moving, labels, mask in pairs:
+            t0 = time.perf_counter()
+            ra = register(fixed, moving, affine, tolerance=tol, **opts)
+            t1 = time.perf_counter()
+            rb = register(fixed, moving, bspline, initial_transform=ra.transform, bending=chosen, tolerance=tol, **opts)
+            tol_rows.append({"pair": label, "tolerance": tol, "affine_dice": mean_dice(fixed_labels, labels, ra.transform),
+                             "dice": mean_dice(fixed_labels, labels, rb.transform),
+                             "affine_iterations": ra.iterations, "bspline_iterations": rb.iterations,
+                             "affine_seconds": t1 - t0, "bspline_seconds": time.perf_counter() - t1})
+            print(f"{label}: tolerance {tol:g}: {tol_rows[-1]['affine_dice']:.3f} ({ra.iterations} its) -> "
+                  f"{tol_rows[-1]['dice']:.3f} ({rb.iterations} its)", flush=True)
+    by_t = {t: [r for r in tol_rows if r["tolerance"] == t] for t in TOLERANCE}
+    ref_dice = np.mean([r["dice"] for r in by_t[0.0]])
+    ref_aff = np.mean([r["affine_dice"] for r in by_t[0.0]])
+    ok = [t for t in TOLERANCE if np.mean([r["dice"] for r in by_t[t]]) >= ref_dice - 0.002
+          and np.mean([r["affine_dice"] for r in by_t[t]]) >= ref_aff - 0.002]
+    tol_chosen = max(ok)
+
+    # The validation anatomy registered to itself.
+    sm = sitk.GetArrayFromImage(self_mask) > 0
+    sa = register(self_image, self_image, affine, tolerance=tol_chosen, **opts)
+    sb = register(self_image, self_image, bspline, initial_transform=sa.transform, bending=chosen,
+                  tolerance=tol_chosen, **opts)
+    self_dist = {"affine": identity_distance(sa.transform, self_image, sm),
+                 "bspline": identity_distance(sb.transform, self_image, sm)}
+
+    def spread(v):
+        return {"min": float(np.min(v)), "median": float(np.median(v)), "max": float(np.max(v)), "n": len(v)}
+
+    summary = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "pairs": [r[0] for r in pairs], "validation_anatomy": args.val_anatomy, "iterations_cap": args.iterations,
+        "bending": {str(w): {k: float(np.mean([r[k] for r in by_w[w]])) for k in
+                             ("affine_dice", "dice", "affine_mask_dice", "mask_dice", "folding", "seconds")}
+                    | {"min_mask_gain": float(min(r["mask_dice"] - r["affine_mask_dice"] for r in by_w[w]))}
+                    for w in BENDING},
+        "bending_chosen": chosen,
+        "tolerance": {str(t): {k: float(np.mean([r[k] for r in by_t[t]])) for k in
+                               ("affine_dice", "dice", "affine_iterations", "bspline_iterations",
+                                "affine_seconds", "bspline_seconds")} for t in TOLERANCE},
+        "tolerance_chosen": tol_chosen,
+        "self_registration_mm": {k: {"mean": v[0], "max": v[1]} for k, v in self_dist.items()},
+        "refinement_loss": {k: {s: spread(v) for s, v in d.items() if v} for k, d in losses.items()},
+        "rows": rows, "tolerance_rows": tol_rows,
+    }
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    md = [f"# Refinement settings chosen on validation pairs ({summary['created']})", "",
+          f"Moving: `{args.val_anatomy}` (never trained on) in {args.pairs} seeded scanner positions (seeds "
+          f"{SEED0}..), whole head and brain-extracted; fixed: ICBM 2009c. {args.iterations} iterations cap. "
+          "Means over pairs. Made by `python benchmarks/refinement_validation.py`.", "",
+          "## B-spline bending weight", "",
+          "| bending (mm^2) | affine Dice | B-spline Dice | affine brain-mask Dice | B-spline brain-mask Dice | "
+          "worst brain-mask change | folding | B-spline s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for w in BENDING:
+        b = summary["bending"][str(w)]
+        md.append(f"| {w:g}{' (chosen)' if w == chosen else ''} | {b['affine_dice']:.3f} | {b['dice']:.3f} | "
+                  f"{b['affine_mask_dice']:.3f} | {b['mask_dice']:.3f} | {b['min_mask_gain']:+.3f} | "
+                  f"{b['folding']:.4f} | {b['seconds']:.1f} |")
+    md += ["", "## Convergence tolerance (chosen bending)", "",
+           "| tolerance | affine Dice | B-spline Dice | affine its | B-spline its | affine s | B-spline s |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    for t in TOLERANCE:
+        b = summary["tolerance"][str(t)]
+        md.append(f"| {t:g}{' (chosen)' if t == tol_chosen else ''} | {b['affine_dice']:.3f} | {b['dice']:.3f} | "
+                  f"{b['affine_iterations']:.1f} | {b['bspline_iterations']:.1f} | {b['affine_seconds']:.2f} | "
+                  f"{b['bspline_seconds']:.2f} |")
+    md += ["", "## Validation anatomy registered to itself (distance from the identity over its brain, mm)", "",
+           "| stage | mean | max |", "| --- | --- | --- |"]
+    md += [f"| {k} | {v[0]:.3f} | {v[1]:.3f} |" for k, v in self_dist.items()]
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+    if args.write_models:
+        for key, model in (("affine", affine), ("bspline", bspline)):
+            meta = dict(model.meta)
+            meta["refinement"] = {"tolerance": tol_chosen, **({"bending": chosen} if key == "bspline" else {}),
+                                  "chosen_by": "benchmarks/refinement_validation.py"}
+            meta.setdefault("validation", {})["refinement_loss"] = summary["refinement_loss"][key]
+            rewrite_metadata(model.path, meta)
+            print(f"wrote refinement settings into {model.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
