@@ -264,10 +264,10 @@ def check_register_inputs(
         raise InputError(f"models cannot be chained in this order: {chain}; valid chains are affine models, "
                          "then at most one B-spline model, last")
     if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 0:
-        raise InputError(f"refinement iterations must be a whole number >= 0, got {iterations!r}")
+        raise InputError(f"register() 'iterations' must be a whole number >= 0, got {iterations!r}")
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float, np.number))
                            or not np.isfinite(lr) or lr <= 0):
-        raise InputError(f"refinement learning rate must be a finite number > 0, got {lr!r}")
+        raise InputError(f"register() 'lr' must be a finite number > 0, got {lr!r}")
     check_device(device)
     if initial_transform is not None:
         if initial_transform.GetDimension() != d:
