@@ -329,14 +329,21 @@ def test_unreadable_transform_file_no_hdf5_dump_unless_verbose(files, tmp_path, 
     assert "HDF5" in capfd.readouterr().err  # the detail is kept for --verbose
 
 
-def test_initial_transform_of_the_wrong_dimension(files, tmp_path, capfd, no_stage_runs):
-    """Row 5: a 3D --initial for 2D images (a 2D one for 3D images alike): named, exit 2."""
-    t3 = tmp_path / "t3.tfm"
-    sitk.WriteTransform(sitk.AffineTransform(3), str(t3))
+@pytest.mark.parametrize("image_dim", [3, 2])
+def test_initial_transform_of_the_wrong_dimension(files, tmp_path, capfd, no_stage_runs, oblique_pair, image_dim):
+    """Row 5: a 2D --initial for 3D images (was SimpleITK's "Possible miss matching dimensions!"), and 3D for 2D."""
+    tdim = 5 - image_dim
+    t = tmp_path / f"t{tdim}.tfm"
+    sitk.WriteTransform(sitk.AffineTransform(tdim), str(t))
+    over = {"--initial": t}
+    if image_dim == 3:
+        moving3d = tmp_path / "moving3d.nii.gz"
+        sitk.WriteImage(oblique_pair[1], str(moving3d))
+        over.update({"--fixed": files["fixed3d"], "--moving": moving3d, "--model": files["model3d"]})
     out = tmp_path / "out"
-    assert _register(files, out, **{"--initial": t3}) == 2
+    assert _register(files, out, **over) == 2
     line = _one_error_line(capfd.readouterr().err)
-    assert f"--initial transform '{t3}' is 3D but the images are 2D" in line and not out.exists()
+    assert f"--initial transform '{t}' is {tdim}D but the images are {image_dim}D" in line and not out.exists()
 
 
 @pytest.mark.parametrize("option, value, message", [
