@@ -274,8 +274,8 @@ def check_register_inputs(
             raise InputError(f"{initial_name} is {initial_transform.GetDimension()}D but the images are {d}D")
         if not flatten_transform(initial_transform).IsLinear() and "bspline" in kinds:
             raise InputError(f"{initial_name} is non-linear (e.g. an affine + B-spline result); a B-spline model "
-                             "needs a linear one: start from its affine part (the affine.tfm written beside it) "
-                             "or use affine models only")
+                             "needs a linear one: start from its affine part (`istn register` writes it as affine.tfm beside "
+                             "transform.h5) or use affine models only")
 
 
 def check_device(device: str) -> None:
