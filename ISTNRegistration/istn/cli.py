@@ -6,11 +6,11 @@
                    [--initial T] [--background V] --out DIR
     istn evaluate  --fixed-labels F --moving-labels M --transform T [--labels ..] [--out metrics.json]
     istn info      --model P
+    istn data prepare --out DIR
+    istn demo      [--out DIR]
 
 Bad input (any user error): one line naming the input, exit status 2, nothing
 written; --verbose adds what the libraries said. Exit status 1: the tool failed.
-    istn data prepare --out DIR
-    istn demo      [--out DIR]
 """
 
 from __future__ import annotations
@@ -35,16 +35,16 @@ REGISTER_OUTPUTS = ("transform.h5", "warped.nii.gz", "itn_fixed.nii.gz", "itn_mo
 # --------------------------------------------------------------------------
 
 
-def check_register_options(iterations: int, lr: float | None, device: str) -> None:
+def check_register_options(iterations: int, lr: float | None, device: str, background: float | None = None) -> None:
     """The numeric and device options, checked before any file is read (messages name the flags)."""
-    import math
-
     from .registration import check_device
 
     if iterations < 0:
         raise InputError(f"--refine must be a whole number >= 0 (refinement iterations), got {iterations}")
-    if lr is not None and (not math.isfinite(lr) or lr <= 0):
+    if lr is not None and (not np.isfinite(lr) or lr <= 0):
         raise InputError(f"--lr must be a finite number > 0 (refinement learning rate), got {lr:g}")
+    if background is not None and not np.isfinite(background):
+        raise InputError(f"--background must be a finite number, got {background:g}")
     check_device(device)
 
 
@@ -75,7 +75,7 @@ def run_register(
 
     if not model_paths:
         raise InputError("at least one --model is needed")
-    check_register_options(iterations, lr, device)
+    check_register_options(iterations, lr, device, background)
     names = list(REGISTER_OUTPUTS) + ["transform.tfm", "affine.tfm"]
     inputs = [fixed_path, moving_path, *model_paths] + ([initial_path] if initial_path else [])
     fixed = read_image(fixed_path, "fixed")
@@ -86,8 +86,6 @@ def run_register(
     initial = read_transform(initial_path, "--initial transform") if initial_path else None
     check_register_inputs(fixed, moving, models, iterations=iterations, lr=lr, device=device,
                           initial_transform=initial, initial_name=f"--initial transform '{initial_path}'")
-    if background is not None and not np.isfinite(background):
-        raise InputError(f"--background must be a finite number, got {background}")
     bg = float(sitk.GetArrayViewFromImage(moving).min()) if background is None else float(background)
     # Inputs are good: check the output location before the (long) computation.
     created = not Path(out_dir).exists()
