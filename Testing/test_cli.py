@@ -196,8 +196,9 @@ def test_cuda_without_gpu_is_a_clear_error(files, tmp_path, capsys):
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    assert _register(files, tmp_path / "out", **{"--device": "cuda"}) == 1
-    assert "no CUDA GPU" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert _register(files, out, **{"--device": "cuda"}) == 2  # a user error, as the README documents
+    assert "no CUDA GPU" in capsys.readouterr().err and not out.exists()
 
 
 def test_data_prepare_refuses_an_unknown_subset(tmp_path, capsys):
@@ -212,3 +213,215 @@ def test_train_init_from_a_missing_checkpoint_is_refused(toy_csv, tmp_path, caps
                  "--init-from", str(tmp_path / "nope.pt")])
     assert code == 2
     assert "is not a checkpoint file" in capsys.readouterr().err and not out.exists()
+
+
+# --------------------------------------------------------------------------
+# Issue #9: every user error checked up front (exit 2, one line, nothing written); chaining; background
+# --------------------------------------------------------------------------
+
+
+def _one_error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("istn ") and ": error: " in lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def no_stage_runs(monkeypatch):
+    """Fails the test if a registration stage starts (the checks must come first)."""
+    import istn.registration
+
+    calls = []
+    monkeypatch.setattr(istn.registration, "register", lambda *a, **k: calls.append(1) or pytest.fail("a stage ran"))
+    return calls
+
+
+@pytest.fixture
+def chain_run(files, tmp_path, make_model):
+    """An affine + B-spline run of the tool; its output folder."""
+    out = tmp_path / "chain"
+    bspline = make_model(2, "bspline", seed=1, scale=0.2)
+    argv = ["register", "--refine", "2", "--quiet", "--fixed", str(files["fixed"]), "--moving", str(files["moving"]),
+            "--model", str(files["model"]), "--model", str(bspline), "--out", str(out)]
+    assert main(argv) == 0
+    files["bspline"] = bspline
+    return out
+
+
+def _parts(tx):
+    tx = tx.Downcast()
+    return [tx.GetNthTransform(i).Downcast() for i in range(tx.GetNumberOfTransforms())]
+
+
+def test_affine_bspline_result_is_a_valid_initial_for_an_affine_run(files, chain_run, tmp_path, capfd):
+    """Row 1: the tool's own affine + B-spline transform.h5 as --initial: a flat composite, readable back."""
+    first = sitk.ReadTransform(str(chain_run / "transform.h5"))
+    out = tmp_path / "again"
+    assert _register(files, out, **{"--initial": chain_run / "transform.h5"}) == 0
+    assert "error" not in capfd.readouterr().err
+    second = sitk.ReadTransform(str(out / "transform.h5"))  # readable: no nested composite
+    p1, p2 = _parts(first), _parts(second)
+    assert [type(p).__name__ for p in p2] == ["BSplineTransform", "AffineTransform", "AffineTransform"]
+    for a, b in zip(p1, p2[:2]):  # the earlier result, unchanged, applied after the new affine
+        assert np.allclose(a.GetParameters(), b.GetParameters())
+    x = (3.0, -7.0)
+    assert np.allclose(second.TransformPoint(x), first.TransformPoint(p2[2].TransformPoint(x)), atol=1e-9)
+    assert (out / "warped.nii.gz").is_file() and not (out / "transform.tfm").exists()
+
+
+def test_bspline_result_cannot_start_a_bspline_model_but_its_affine_part_can(files, chain_run, tmp_path, capfd,
+                                                                             monkeypatch):
+    """A B-spline model needs a linear start: refused up front, pointing at the affine.tfm written beside it."""
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        import istn.registration
+
+        m.setattr(istn.registration, "register", lambda *a, **k: pytest.fail("a stage ran"))
+        assert _register(files, out, **{"--model": files["bspline"], "--initial": chain_run / "transform.h5"}) == 2
+    line = _one_error_line(capfd.readouterr().err)
+    assert "non-linear" in line and "affine.tfm" in line and not out.exists()
+    assert sitk.ReadTransform(str(chain_run / "affine.tfm")).IsLinear()
+    assert _register(files, out, **{"--model": files["bspline"], "--initial": chain_run / "affine.tfm"}) == 0
+    assert sitk.ReadTransform(str(out / "transform.h5")).GetDimension() == 2
+
+
+@pytest.mark.parametrize("order", [("bspline", "affine"), ("affine", "bspline", "bspline"), ("bspline", "bspline")])
+def test_invalid_model_chain_is_refused_before_any_stage(files, tmp_path, make_model, capfd, no_stage_runs, order):
+    """Rows 2-3: wrong order, or two B-splines: exit 2 before any stage runs, no output folder."""
+    paths = {"affine": files["model"], "bspline": make_model(2, "bspline")}
+    out = tmp_path / "out"
+    argv = ["register", "--quiet", "--fixed", str(files["fixed"]), "--moving", str(files["moving"]), "--out", str(out)]
+    for kind in order:
+        argv += ["--model", str(paths[kind])]
+    assert main(argv) == 2
+    line = _one_error_line(capfd.readouterr().err)
+    assert "cannot be chained" in line and "at most one B-spline model, last" in line
+    assert not out.exists() and not no_stage_runs
+
+
+@pytest.mark.parametrize("flag", ["--initial", "--transform"])
+def test_missing_transform_file_says_so_in_one_line(files, tmp_path, capfd, flag):
+    """Row 4: a missing --initial / --transform: "does not exist", no HDF5 diagnostics."""
+    nope = tmp_path / "nope.h5"
+    out = tmp_path / "out"
+    if flag == "--initial":
+        code = _register(files, out, **{"--initial": nope})
+    else:
+        code = main(["evaluate", "--fixed-labels", str(files["fixed"]), "--moving-labels", str(files["fixed"]),
+                     "--transform", str(nope)])
+    assert code == 2
+    line = _one_error_line(capfd.readouterr().err)
+    assert f"{flag} transform '{nope}' does not exist" in line or f"{flag} '{nope}' does not exist" in line
+    assert not out.exists()
+
+
+def test_unreadable_transform_file_no_hdf5_dump_unless_verbose(files, tmp_path, capfd):
+    bad = tmp_path / "garbage.h5"
+    bad.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 64)
+    out = tmp_path / "out"
+    assert _register(files, out, **{"--initial": bad}) == 2
+    line = _one_error_line(capfd.readouterr().err)
+    assert "could not be read as an ITK transform file" in line and not out.exists()
+    argv = ["register", "--quiet", "--verbose", "--fixed", str(files["fixed"]), "--moving", str(files["moving"]),
+            "--model", str(files["model"]), "--initial", str(bad), "--out", str(out)]
+    assert main(argv) == 2
+    assert "HDF5" in capfd.readouterr().err  # the detail is kept for --verbose
+
+
+@pytest.mark.parametrize("image_dim", [3, 2])
+def test_initial_transform_of_the_wrong_dimension(files, tmp_path, capfd, no_stage_runs, oblique_pair, image_dim):
+    """Row 5: a 2D --initial for 3D images (was SimpleITK's "Possible miss matching dimensions!"), and 3D for 2D."""
+    tdim = 5 - image_dim
+    t = tmp_path / f"t{tdim}.tfm"
+    sitk.WriteTransform(sitk.AffineTransform(tdim), str(t))
+    over = {"--initial": t}
+    if image_dim == 3:
+        moving3d = tmp_path / "moving3d.nii.gz"
+        sitk.WriteImage(oblique_pair[1], str(moving3d))
+        over.update({"--fixed": files["fixed3d"], "--moving": moving3d, "--model": files["model3d"]})
+    out = tmp_path / "out"
+    assert _register(files, out, **over) == 2
+    line = _one_error_line(capfd.readouterr().err)
+    assert f"--initial transform '{t}' is {tdim}D but the images are {image_dim}D" in line and not out.exists()
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--refine", "-5", "--refine must be a whole number >= 0"),
+    ("--lr", "0", "--lr must be a finite number > 0"),
+    ("--lr", "-0.001", "--lr must be a finite number > 0"),
+    ("--lr", "nan", "--lr must be a finite number > 0"),
+    ("--lr", "inf", "--lr must be a finite number > 0"),
+])
+def test_bad_numeric_options(files, tmp_path, capfd, no_stage_runs, option, value, message):
+    """Rows 6-7: --refine -5 (was a traceback) and --lr 0 (was accepted)."""
+    out = tmp_path / "out"
+    assert _register(files, out, **{option: value}) == 2
+    assert message in _one_error_line(capfd.readouterr().err) and not out.exists()
+
+
+def _ct_like(p):
+    """A moving image with a -1000 background and a field of view smaller than the fixed image's."""
+    img = blob_image((24, 24), (1.5, 1.5), (-18.0, -18.0), np.eye(2))
+    a = sitk.GetArrayFromImage(img)
+    a[a < 0.05] = 0.0  # air: exactly -1000 below
+    ct = sitk.GetImageFromArray(a * 1000.0 - 1000.0)
+    ct.CopyInformation(img)
+    sitk.WriteImage(ct, str(p))
+
+
+@pytest.mark.parametrize("background", [None, 5.0])
+def test_warped_keeps_the_moving_background(files, tmp_path, background):
+    """Row 14: outside the moving field of view warped.nii.gz holds its minimum (or --background), not 0."""
+    moving = tmp_path / "ct.nii.gz"
+    _ct_like(moving)
+    out = tmp_path / "out"
+    over = {"--moving": moving} if background is None else {"--moving": moving, "--background": background}
+    assert _register(files, out, **over) == 0
+    warped = sitk.ReadImage(str(out / "warped.nii.gz"))
+    tx = sitk.ReadTransform(str(out / "transform.h5"))
+    ones = sitk.Image(sitk.ReadImage(str(moving)).GetSize(), sitk.sitkFloat32) + 1.0
+    ones.CopyInformation(sitk.ReadImage(str(moving)))
+    inside = sitk.GetArrayFromImage(sitk.Resample(ones, warped, tx, sitk.sitkLinear, 0.0)) > 0
+    w = sitk.GetArrayFromImage(warped)
+    expected = -1000.0 if background is None else background
+    assert (~inside).sum() > 100 and np.all(w[~inside] == expected)
+    assert json.loads((out / "result.json").read_text())["background"] == expected
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"just some text\n", "this file is not a zip archive"),
+    ("checkpoint", "is a PyTorch checkpoint (torch.save), not an ISTN model file"),
+])
+def test_info_on_a_foreign_file_is_one_honest_line(tmp_path, capfd, content, message):
+    """Row 13: a text file or a torch.save checkpoint: no torch "miniz" text, nothing cut off."""
+    import torch
+
+    p = tmp_path / "thing.pt"
+    if content == "checkpoint":
+        torch.save({"weights": torch.zeros(3)}, p)
+    else:
+        p.write_bytes(content)
+    assert main(["info", "--model", str(p)]) == 2
+    err = capfd.readouterr().err
+    line = _one_error_line(err)
+    assert message in line and "miniz" not in err.lower() and line.endswith(")")
+
+
+def test_nonfinite_result_is_not_written(files, tmp_path, capfd, monkeypatch):
+    """Every result is checked before it is written: a NaN transform -> exit 1, no files, no output folder."""
+    import istn.registration
+
+    real = istn.registration.register
+
+    def diverged(*a, **k):
+        res = real(*a, **k)
+        tx = sitk.AffineTransform(2)
+        tx.SetTranslation((float("nan"), 0.0))
+        res.transform = tx
+        return res
+
+    monkeypatch.setattr(istn.registration, "register", diverged)
+    out = tmp_path / "out"
+    assert _register(files, out) == 1
+    assert "non-finite transform" in capfd.readouterr().err and not out.exists()

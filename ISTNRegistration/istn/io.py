@@ -2,16 +2,78 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError, OutputError
+
+
+class CapturedText:
+    """What a library wrote to file descriptor 2 while `quiet_stderr` was active."""
+
+    text: str = ""
+
+
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[CapturedText]:
+    """Send what C libraries write to fd 2 (HDF5's error stack, ITK warnings) to a buffer instead of the terminal.
+
+    The HDF5 library prints ~20 lines of diagnostics for a file it cannot open
+    before ITK raises; callers summarise the error in one line and keep the
+    captured text as the ``--verbose`` detail.
+    """
+    captured = CapturedText()
+    fd = 2  # the C libraries write to fd 2 whatever Python's sys.stderr is
+    try:
+        sys.stderr.flush()
+        saved = os.dup(fd)
+    except (AttributeError, OSError, ValueError):  # no fd 2 (some GUI processes): nothing to silence
+        yield captured
+        return
+    with tempfile.TemporaryFile() as buf:
+        os.dup2(buf.fileno(), fd)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+            buf.seek(0)
+            captured.text = buf.read().decode("utf-8", "replace")
+
+
+def check_input_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a Path, or `InputError` naming ``what`` if it is missing or a folder."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{what} '{p}' does not exist")
+    if p.is_dir():
+        raise InputError(f"{what} '{p}' is a folder, not a file")
+    return p
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def read_raw_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
+    """Read any image SimpleITK understands, as stored (no checks on its content)."""
+    p = check_input_file(path, what)
+    try:
+        with quiet_stderr() as err:
+            image = sitk.ReadImage(str(p))
+    except RuntimeError as exc:
+        raise InputError(f"{what} '{p}' could not be read as an image ({_last_line(exc)})",
+                         detail=f"{err.text}{exc}") from None
+    return image
 
 
 def read_image(path: str | os.PathLike, role: str = "image") -> sitk.Image:
@@ -20,17 +82,26 @@ def read_image(path: str | os.PathLike, role: str = "image") -> sitk.Image:
     ``role`` names the input in error messages ("fixed", "moving", ...).
     Raises `InputError` for a missing, unreadable or unusable file.
     """
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"{role} image '{p}' does not exist")
-    if p.is_dir():
-        raise InputError(f"{role} image '{p}' is a folder, not an image file")
+    image = read_raw_image(path, f"{role} image")
+    return check_image(image, f"{role} image '{Path(path)}'")
+
+
+def read_transform(path: str | os.PathLike, what: str = "transform") -> sitk.Transform:
+    """Read an ITK transform file (.h5, .tfm, .txt, .mat) as its simplest equivalent (`flatten_transform`).
+
+    Raises `InputError` in one line for a missing or unreadable file; the
+    library's own diagnostics go to the error's ``detail``.
+    """
+    from .transforms import flatten_transform  # lazy: transforms imports torch
+
+    p = check_input_file(path, what)
     try:
-        image = sitk.ReadImage(str(p))
+        with quiet_stderr() as err:
+            tx = sitk.ReadTransform(str(p))
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
-        raise InputError(f"{role} image '{p}' could not be read as an image ({first[:200]})") from None
-    return check_image(image, f"{role} image '{p}'")
+        raise InputError(f"{what} '{p}' could not be read as an ITK transform file (.h5, .tfm, .txt, .mat)",
+                         detail=f"{err.text}{exc}") from None
+    return flatten_transform(tx)
 
 
 def check_image(image: sitk.Image, what: str = "image") -> sitk.Image:
@@ -103,7 +174,11 @@ def write_image(image: sitk.Image, path: str | os.PathLike) -> Path:
 
 
 def write_transform(transform: sitk.Transform, path: str | os.PathLike) -> Path:
-    return atomic_write(path, lambda tmp: sitk.WriteTransform(transform, tmp))
+    """Write ``transform`` flattened (`flatten_transform`), so every ITK reader, ANTs and Slicer can read it back."""
+    from .transforms import flatten_transform  # lazy: transforms imports torch
+
+    flat = flatten_transform(transform)
+    return atomic_write(path, lambda tmp: sitk.WriteTransform(flat, tmp))
 
 
 def write_json(data: dict, path: str | os.PathLike) -> Path:

@@ -61,13 +61,19 @@ def hd95(a: np.ndarray, b: np.ndarray, spacing: Sequence[float]) -> float:
     return _distance_scores(*surface_distances(a, b, spacing))["hd95"]
 
 
-def label_metrics(fixed_labels: sitk.Image, warped_labels: sitk.Image, labels: Sequence[int] | None = None) -> dict[int, dict[str, float]]:
-    """Per-label Dice, ASD (mm) and HD95 (mm) of two label maps on the same grid.
+def label_metrics(fixed_labels: sitk.Image, warped_labels: sitk.Image,
+                  labels: Sequence[int] | None = None) -> dict[int, dict[str, float | str]]:
+    """Per-label Dice, ASD (mm) and HD95 (mm) of two label maps on the same grid, and where the label is.
 
     ``labels`` defaults to every non-zero value present in either image. Each
     label is scored inside the bounding box of both masks, padded with
     background (so the values equal a whole-volume computation, at a fraction
     of the cost), and its surface distances are computed once for ASD and HD95.
+
+    ``present`` says where the label was found: ``"both"``, ``"fixed"``,
+    ``"moving"`` (only in one: Dice 0, distances NaN) or ``"neither"`` (all
+    metrics NaN, left out of `mean_metrics`: a label that is nowhere did not
+    register perfectly).
     """
     fa = sitk.GetArrayViewFromImage(fixed_labels)
     wa = sitk.GetArrayViewFromImage(warped_labels)
@@ -76,23 +82,30 @@ def label_metrics(fixed_labels: sitk.Image, warped_labels: sitk.Image, labels: S
     if labels is None:
         labels = sorted((set(np.unique(fa).tolist()) | set(np.unique(wa).tolist())) - {0})
     spacing = tuple(reversed(fixed_labels.GetSpacing()))
-    out = {}
+    out: dict[int, dict[str, float | str]] = {}
     for v in labels:
         a, b = fa == v, wa == v
-        both = a | b
-        if not both.any():
-            out[int(v)] = {"dice": 1.0, "asd": float("nan"), "hd95": float("nan")}
+        in_a, in_b = bool(a.any()), bool(b.any())
+        if not (in_a or in_b):
+            out[int(v)] = {"dice": float("nan"), "asd": float("nan"), "hd95": float("nan"), "present": "neither"}
             continue
+        both = a | b
         box = tuple(slice(max(0, int(k.min()) - 1), int(k.max()) + 2) for k in np.nonzero(both))
         a, b = np.pad(a[box], 1), np.pad(b[box], 1)  # background all round, as at the volume's edge
-        out[int(v)] = {"dice": dice(a, b), **_distance_scores(*surface_distances(a, b, spacing))}
+        present = "both" if in_a and in_b else ("fixed" if in_a else "moving")
+        out[int(v)] = {"dice": dice(a, b), **_distance_scores(*surface_distances(a, b, spacing)), "present": present}
     return out
 
 
-def mean_metrics(per_label: dict[int, dict[str, float]]) -> dict[str, float]:
-    """Mean over labels of each metric (NaNs ignored)."""
-    keys = ("dice", "asd", "hd95")
-    return {k: float(np.nanmean([m[k] for m in per_label.values()])) if per_label else float("nan") for k in keys}
+def mean_metrics(per_label: dict[int, dict[str, float | str]]) -> dict[str, float]:
+    """Mean over the labels present in at least one image of each metric (NaNs ignored; NaN if none is left)."""
+    scored = [m for m in per_label.values() if m.get("present", "both") != "neither"]
+    out = {}
+    for k in ("dice", "asd", "hd95"):
+        values = np.asarray([m[k] for m in scored], dtype=float)
+        values = values[np.isfinite(values)]  # filtered here, so numpy never warns about an empty mean
+        out[k] = float(values.mean()) if values.size else float("nan")
+    return out
 
 
 def jacobian_determinant(transform: sitk.Transform, reference: sitk.Image | Grid) -> np.ndarray:

@@ -29,7 +29,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Union
+from typing import Callable, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -42,7 +42,8 @@ from .geometry import Grid
 from .io import check_image
 from .losses import bending_energy, refinement_loss
 from .training import resolve_device
-from .transforms import bspline_to_world, compose, matrix_to_sitk_affine, sitk_affine_to_matrix, theta_to_world
+from .transforms import (bspline_to_world, compose, flatten_transform, matrix_to_sitk_affine, sitk_affine_to_matrix,
+                         theta_to_world)
 
 CancelFlag = Union[threading.Event, Callable[[], bool], None]
 
@@ -231,11 +232,18 @@ class RegistrationResult:
 
 
 def warp_image(
-    moving: sitk.Image, reference: sitk.Image | Grid, transform: sitk.Transform, interpolator: int = sitk.sitkLinear
+    moving: sitk.Image, reference: sitk.Image | Grid, transform: sitk.Transform, interpolator: int = sitk.sitkLinear,
+    default_value: float | None = 0.0,
 ) -> sitk.Image:
-    """Resample ``moving`` onto ``reference``'s grid; ``transform`` maps reference points to moving points."""
+    """Resample ``moving`` onto ``reference``'s grid; ``transform`` maps reference points to moving points.
+
+    ``default_value`` fills the points that fall outside ``moving``; ``None``
+    uses ``moving``'s minimum, its background (-1000 for CT, not 0).
+    """
     ref = reference.reference_image() if isinstance(reference, Grid) else reference
-    return sitk.Resample(moving, ref, transform, interpolator, 0.0, moving.GetPixelID())
+    if default_value is None:
+        default_value = float(sitk.GetArrayViewFromImage(moving).min())
+    return sitk.Resample(moving, ref, transform, interpolator, float(default_value), moving.GetPixelID())
 
 
 def _map_image(maps: torch.Tensor, grid: Grid) -> sitk.Image:
@@ -304,6 +312,76 @@ def _self_check(model: LoadedModel, similarity: float) -> str | None:
 SELF_CHECK_FACTOR = 3.0
 
 
+def check_register_inputs(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    models: Sequence[LoadedModel],
+    *,
+    iterations: int = 50,
+    lr: float | None = None,
+    device: str = "auto",
+    initial_transform: sitk.Transform | None = None,
+    initial_name: str = "the initial transform",
+) -> None:
+    """Check everything about a registration that can be checked before any computation.
+
+    ``models`` is the chain run in order, each stage starting from the previous
+    stage's result (`register` checks its one model; the CLI checks its
+    ``--model`` list). Valid chains: any number of affine models, then at most
+    one B-spline model (a B-spline stage needs a linear initial transform, so
+    nothing can follow it and it cannot follow another). A non-linear
+    ``initial_transform`` (e.g. an earlier affine + B-spline result) can start
+    affine models only. ``initial_name`` names it in messages (the CLI passes
+    "--initial 'path'"). Raises `InputError` with a one-line message.
+    """
+    d = fixed.GetDimension()
+    if moving.GetDimension() != d:
+        raise InputError(f"fixed image is {d}D but moving image is {moving.GetDimension()}D")
+    if not models:
+        raise InputError("at least one model is needed")
+    for m in models:
+        if m.ndim != d:
+            raise InputError(f"the images are {d}D but the model '{m.path.name}' is {m.ndim}D")
+    kinds = [m.transform_type for m in models]
+    if any(k not in ("affine", "bspline") for k in kinds):
+        raise InputError(f"unknown model transform type in {kinds}; expected 'affine' or 'bspline'")
+    first_bspline = kinds.index("bspline") if "bspline" in kinds else len(kinds)
+    if first_bspline < len(kinds) - 1:
+        chain = ", ".join(f"{m.path.name} ({m.transform_type})" for m in models)
+        raise InputError(f"models cannot be chained in this order: {chain}; valid chains are affine models, "
+                         "then at most one B-spline model, last")
+    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 0:
+        raise InputError(f"register() 'iterations' must be a whole number >= 0, got {iterations!r}")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float, np.number))
+                           or not np.isfinite(lr) or lr <= 0):
+        raise InputError(f"register() 'lr' must be a finite number > 0, got {lr!r}")
+    check_device(device)
+    if initial_transform is not None:
+        if initial_transform.GetDimension() != d:
+            raise InputError(f"{initial_name} is {initial_transform.GetDimension()}D but the images are {d}D")
+        if not flatten_transform(initial_transform).IsLinear() and "bspline" in kinds:
+            raise InputError(f"{initial_name} is non-linear (e.g. an affine + B-spline result); a B-spline model "
+                             "needs a linear one: start from its affine part (`istn register` writes it as affine.tfm beside "
+                             "transform.h5) or use affine models only")
+
+
+def check_device(device: str) -> None:
+    """`InputError` unless ``device`` is auto, cpu, cuda or cuda:N and that device exists here."""
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"device '{device}' is not one of auto, cpu, cuda, cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device '{device}' was asked for but no CUDA GPU is available (use auto or cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"device '{device}' does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif dev.type != "cpu":
+        raise InputError(f"device '{device}' is not one of auto, cpu, cuda, cuda:N")
+
+
 def register(
     fixed: sitk.Image,
     moving: sitk.Image,
@@ -344,6 +422,10 @@ def register(
         raise InputError(f"fixed image is {fixed.GetDimension()}D but moving image is {moving.GetDimension()}D")
     if fixed.GetDimension() != model.ndim:
         raise InputError(f"the images are {fixed.GetDimension()}D but the model '{model.path.name}' is {model.ndim}D")
+    check_register_inputs(fixed, moving, [model], iterations=iterations, lr=lr, device=device,
+                          initial_transform=initial_transform)
+    if initial_transform is not None:  # any linear class -> AffineTransform; composites flat (istn.transforms)
+        initial_transform = flatten_transform(initial_transform)
     defaults = model.meta.get("refinement", {})
     if lr is None:
         lr = float(model.meta.get("training", {}).get("config", {}).get("lr", 1e-3))

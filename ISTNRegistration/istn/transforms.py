@@ -212,15 +212,62 @@ def bspline_to_world(coeffs: np.ndarray, grid: Grid, spacing_voxels: float) -> s
     return tx
 
 
-def compose(first: sitk.Transform, second: sitk.Transform) -> sitk.CompositeTransform:
-    """World transform ``x -> second(first(x))`` (``first`` applied to the point first)."""
+def compose(first: sitk.Transform, second: sitk.Transform) -> sitk.Transform:
+    """World transform ``x -> second(first(x))`` (``first`` applied to the point first).
+
+    The result is flat (see `flatten_transform`): composing a composite (e.g. an
+    earlier affine + B-spline result) never nests it, since ITK's transform files
+    cannot hold a composite inside a composite.
+    """
     composite = sitk.CompositeTransform(first.GetDimension())
     # ITK applies the transform added LAST first.
     composite.AddTransform(second)
     composite.AddTransform(first)
-    return composite
+    return flatten_transform(composite)
+
+
+def linear_matrix(transform: sitk.Transform) -> np.ndarray:
+    """Homogeneous world matrix ``(D+1, D+1)`` of ANY linear transform (Euler, similarity, composites of them ...).
+
+    Read off the images of the origin and the unit vectors, since SimpleITK
+    converts only some linear classes to ``AffineTransform``.
+    """
+    d = transform.GetDimension()
+    o = np.asarray(transform.TransformPoint((0.0,) * d), dtype=float)
+    m = np.eye(d + 1)
+    m[:d, d] = o
+    for i in range(d):
+        e = [0.0] * d
+        e[i] = 1.0
+        m[:d, i] = np.asarray(transform.TransformPoint(e), dtype=float) - o
+    return m
 
 
 def flatten_transform(transform: sitk.Transform) -> sitk.Transform:
-    """Downcast a generic transform read from disk to its concrete class."""
-    return transform.Downcast() if hasattr(transform, "Downcast") else transform
+    """The simplest equivalent of ``transform``, writable and readable by ITK, SimpleITK, ANTs and Slicer.
+
+    - a generic transform read from disk is downcast to its concrete class;
+    - a linear transform of any class, or a composite of linear ones, becomes
+      one ``AffineTransform`` (so it can start a B-spline stage);
+    - a composite holding a non-linear part becomes ONE flat composite (nested
+      composites cannot be written: "Composite Transform can only be 1st
+      transform in a file"); a composite of one transform becomes that transform.
+    """
+    tx = transform.Downcast() if hasattr(transform, "Downcast") else transform
+    if tx.IsLinear():
+        if isinstance(tx, sitk.AffineTransform):
+            return tx
+        return matrix_to_sitk_affine(linear_matrix(tx))
+    if isinstance(tx, sitk.CompositeTransform):
+        flat = sitk.CompositeTransform(tx.GetDimension())
+        for i in range(tx.GetNumberOfTransforms()):  # same order: the last one is applied first
+            part = flatten_transform(tx.GetNthTransform(i))
+            if isinstance(part, sitk.CompositeTransform):
+                for j in range(part.GetNumberOfTransforms()):
+                    flat.AddTransform(part.GetNthTransform(j))
+            else:
+                flat.AddTransform(part)
+        if flat.GetNumberOfTransforms() == 1:
+            return flatten_transform(flat.GetNthTransform(0))
+        return flat
+    return tx

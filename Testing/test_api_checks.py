@@ -1,0 +1,137 @@
+"""The Python API refuses bad input up front (`check_register_inputs`), and model files load honestly."""
+
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from istn.errors import InputError, ModelFileError
+from istn.export import load_model
+from istn.registration import check_register_inputs, register, warp_image
+from istn.transforms import compose, flatten_transform
+
+
+@pytest.fixture
+def models(make_model):
+    return {"affine": load_model(make_model(2, "affine")), "bspline": load_model(make_model(2, "bspline"))}
+
+
+def _bspline_composite(fixed):
+    b = sitk.BSplineTransformInitializer(fixed, [3, 3])
+    b.SetParameters(list(np.random.default_rng(0).normal(0, 0.5, len(b.GetParameters()))))
+    return compose(sitk.Euler2DTransform((0.0, 0.0), 0.1, (2.0, -1.0)), b)
+
+
+@pytest.mark.parametrize("chain", [["affine"], ["bspline"], ["affine", "bspline"], ["affine", "affine", "bspline"]])
+def test_valid_chains(models, pair2d, chain):
+    check_register_inputs(*pair2d, [models[k] for k in chain])
+
+
+@pytest.mark.parametrize("chain", [["bspline", "affine"], ["affine", "bspline", "bspline"], ["bspline", "bspline"]])
+def test_invalid_chains(models, pair2d, chain):
+    with pytest.raises(InputError, match="cannot be chained"):
+        check_register_inputs(*pair2d, [models[k] for k in chain])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"iterations": -5}, "'iterations' must be a whole number >= 0"),
+    ({"lr": 0.0}, "'lr' must be a finite number > 0"),
+    ({"lr": float("nan")}, "'lr' must be a finite number > 0"),
+    ({"device": "tpu"}, "device 'tpu' is not one of"),
+])
+def test_register_refuses_bad_arguments_before_computing(models, pair2d, monkeypatch, kwargs, message):
+    import istn.registration
+
+    monkeypatch.setattr(istn.registration, "_register", lambda *a, **k: pytest.fail("computed"))
+    with pytest.raises(InputError, match=message):
+        register(*pair2d, models["affine"], **kwargs)
+    with pytest.raises(ValueError):  # InputError is a ValueError, as refine()'s was
+        register(*pair2d, models["affine"], **kwargs)
+
+
+def test_cuda_without_gpu_is_an_input_error(models, pair2d):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(InputError, match="no CUDA GPU"):
+        register(*pair2d, models["affine"], device="cuda")
+
+
+def test_initial_transform_checks(models, pair2d):
+    fixed, moving = pair2d
+    with pytest.raises(InputError, match="the initial transform is 3D but the images are 2D"):
+        register(fixed, moving, models["affine"], initial_transform=sitk.AffineTransform(3))
+    with pytest.raises(InputError, match="is non-linear"):
+        register(fixed, moving, models["bspline"], initial_transform=_bspline_composite(fixed))
+
+
+def test_a_rigid_initial_of_any_linear_class_starts_a_bspline_model(models, pair2d):
+    """SimpleITK cannot turn an Euler transform into an AffineTransform; the engine reads its matrix instead."""
+    fixed, moving = pair2d
+    euler = sitk.Euler2DTransform((1.0, 2.0), 0.05, (1.5, -0.5))
+    res = register(fixed, moving, models["bspline"], iterations=1, initial_transform=euler)
+    x = (4.0, -3.0)
+    assert np.allclose(res.initial_transform.TransformPoint(x), euler.TransformPoint(x), atol=1e-9)
+
+
+def test_nested_composites_are_flattened_and_written(tmp_path, pair2d):
+    fixed = pair2d[0]
+    inner = _bspline_composite(fixed)
+    nested = sitk.CompositeTransform(2)
+    nested.AddTransform(inner)
+    nested.AddTransform(sitk.TranslationTransform(2, (3.0, 1.0)))
+    flat = flatten_transform(nested)
+    assert [type(flat.GetNthTransform(i).Downcast()).__name__ for i in range(flat.GetNumberOfTransforms())] == \
+        ["BSplineTransform", "AffineTransform", "AffineTransform"]
+    from istn.io import write_transform
+
+    write_transform(nested, tmp_path / "t.h5")
+    back = sitk.ReadTransform(str(tmp_path / "t.h5"))
+    for x in [(0.0, 0.0), (5.0, -7.0), (-12.0, 9.0)]:
+        assert np.allclose(back.TransformPoint(x), nested.TransformPoint(x), atol=1e-9)
+    linear = flatten_transform(compose(sitk.Euler2DTransform((0, 0), 0.2), sitk.ScaleTransform(2, (1.1, 0.9))))
+    assert isinstance(linear, sitk.AffineTransform)
+
+
+def test_warp_image_background(pair2d):
+    fixed, moving = pair2d
+    shifted = sitk.TranslationTransform(2, (500.0, 0.0))  # everything outside the moving image
+    ct = moving * 1000.0 - 1000.0
+    lo = float(sitk.GetArrayViewFromImage(ct).min())
+    assert np.all(sitk.GetArrayFromImage(warp_image(ct, fixed, shifted)) == 0.0)  # the default stays 0
+    assert np.all(sitk.GetArrayFromImage(warp_image(ct, fixed, shifted, default_value=None)) == np.float32(lo))
+    assert np.all(sitk.GetArrayFromImage(warp_image(ct, fixed, shifted, default_value=-7.0)) == -7.0)
+
+
+def test_model_under_a_non_ascii_folder(make_model, tmp_path, monkeypatch):
+    """Loaded from an open file: torch.jit.load(str) fails for non-ASCII paths on Windows (simulated here)."""
+    folder = tmp_path / "Modèles" / "ñ"
+    folder.mkdir(parents=True)
+    p = folder / "modèle.pt"
+    shutil.copy(make_model(2, "affine"), p)
+    real = torch.jit.load
+
+    def windows_like(f, *a, **k):
+        if isinstance(f, str) and not f.isascii():
+            raise RuntimeError("open file failed because of errno 2 on fopen: No such file or directory")
+        return real(f, *a, **k)
+
+    monkeypatch.setattr(torch.jit, "load", windows_like)
+    m = load_model(p)
+    assert m.transform_type == "affine" and m.path == p
+
+
+def test_a_torchscript_archive_that_fails_to_load_is_not_called_foreign(make_model, tmp_path):
+    src = make_model(2, "affine")
+    broken = tmp_path / "broken.pt"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(broken, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item)
+            if "/code/" in item.filename and item.filename.endswith(".py"):
+                data = b"def this is not python(\n"
+            zout.writestr(item, data)
+    with pytest.raises(ModelFileError, match="is a TorchScript archive but torch .* could not load it") as e:
+        load_model(broken)
+    assert "not an ISTN model file" not in str(e.value) and "\n" not in str(e.value)

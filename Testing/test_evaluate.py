@@ -1,0 +1,131 @@
+"""`istn evaluate` reports what is there: absent labels, one-sided labels, implausible inputs, no numpy noise."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import blob_image
+from istn.cli import main
+
+
+def _write(tmp_path, name, arr, origin=(0.0, 0.0)):
+    img = sitk.GetImageFromArray(np.asarray(arr))
+    img.SetSpacing((1.0, 1.0))
+    img.SetOrigin(origin)
+    p = tmp_path / name
+    sitk.WriteImage(img, str(p))
+    return p
+
+
+def _pair(tmp_path):
+    """Label 3 identical (Dice 1); label 4 shifted by half its width (Dice 0.5); label 5 only in the fixed image."""
+    f = np.zeros((24, 24), np.uint8)
+    m = np.zeros_like(f)
+    f[2:8, 2:8] = m[2:8, 2:8] = 3
+    f[10:14, 2:6] = 4
+    m[10:14, 4:8] = 4
+    f[16:20, 16:20] = 5
+    return _write(tmp_path, "f.nii.gz", f), _write(tmp_path, "m.nii.gz", m)
+
+
+def _evaluate(tmp_path, fixed, moving, *extra):
+    out = tmp_path / "metrics.json"
+    code = main(["evaluate", "--fixed-labels", str(fixed), "--moving-labels", str(moving), "--out", str(out), *extra])
+    assert code == 0
+    return json.loads(out.read_text())
+
+
+def _notes(err: str) -> list[str]:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert all(ln.startswith("note: ") for ln in lines), err  # no numpy warning or library text
+    return lines
+
+
+def test_label_in_neither_image_is_absent_and_left_out_of_the_mean(tmp_path, capfd):
+    """Row 9: `--labels 3 4 99`: 99 was scored Dice 1.0, lifting the mean."""
+    f, m = _pair(tmp_path)
+    res = _evaluate(tmp_path, f, m, "--labels", "3", "4", "99")
+    assert res["per_label"]["3"]["dice"] == 1.0 and res["per_label"]["4"]["dice"] == 0.5
+    assert res["per_label"]["99"]["present"] == "neither" and math.isnan(res["per_label"]["99"]["dice"])
+    assert res["mean"]["dice"] == 0.75
+    out, err = capfd.readouterr()
+    assert any(ln.split()[:2] == ["99", "absent"] for ln in out.splitlines())
+    assert any("99 in neither image" in n for n in _notes(err))
+
+
+def test_label_in_one_image_scores_zero_and_is_flagged(tmp_path, capfd):
+    f, m = _pair(tmp_path)
+    res = _evaluate(tmp_path, f, m, "--transform", str(_identity(tmp_path)))
+    five = res["per_label"]["5"]
+    assert five["present"] == "fixed" and five["dice"] == 0.0
+    assert res["mean"]["dice"] == pytest.approx(0.5)  # (1 + 0.5 + 0) / 3
+    out, err = capfd.readouterr()
+    assert "only in fixed" in [ln for ln in out.splitlines() if ln.split()[0] == "5"][0]
+    assert _notes(err) == ["note: label(s) 5 only in the fixed image (moving: after the transform): scored Dice 0"]
+
+
+def _identity(tmp_path):
+    p = tmp_path / "identity.tfm"
+    sitk.WriteTransform(sitk.AffineTransform(2), str(p))
+    return p
+
+
+def test_label_sets_that_do_not_overlap(tmp_path, capfd):
+    """Row 10a: labels 1..8 vs 11..18: a note, Dice 0 everywhere, no "Mean of empty slice"."""
+    f = np.zeros((40, 40), np.uint8)
+    for k in range(8):
+        f[4 * k:4 * k + 3, 2:10] = k + 1
+    m = np.where(f > 0, f + 10, 0).astype(np.uint8)
+    res = _evaluate(tmp_path, _write(tmp_path, "f.nii.gz", f), _write(tmp_path, "m.nii.gz", m),
+                    "--transform", str(_identity(tmp_path)))
+    assert len(res["per_label"]) == 16 and res["mean"]["dice"] == 0.0 and math.isnan(res["mean"]["asd"])
+    notes = _notes(capfd.readouterr().err)
+    assert notes == ["note: the label sets do not overlap (fixed 1..8, moving 11..18): no label can match; are both "
+                     "maps of the same protocol?"]
+
+
+def test_labels_500_mm_apart(tmp_path, capfd):
+    """Row 10b: the same labels, but the moving map lies 500 mm away: a note, no numpy warning."""
+    f, _ = _pair(tmp_path)
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(f)))
+    m = _write(tmp_path, "far.nii.gz", arr, origin=(500.0, 0.0))
+    res = _evaluate(tmp_path, f, m, "--transform", str(_identity(tmp_path)))
+    assert all(v["dice"] == 0.0 and v["present"] == "fixed" for v in res["per_label"].values())
+    assert _notes(capfd.readouterr().err) == [
+        "note: no moving label lands inside the fixed image: the images do not overlap in world space (check their "
+        "origins and the transform)"]
+
+
+def test_an_intensity_image_given_as_labels(tmp_path, capfd):
+    """Row 11: a T1-like image (many values that rarely repeat between neighbours): a note."""
+    g = blob_image((48, 48), (1.0, 1.0), (-24.0, -24.0), np.eye(2))
+    noise = np.random.default_rng(0).normal(0, 3, (48, 48))
+    t1 = np.clip(np.round(sitk.GetArrayFromImage(g) * 120 + noise), 0, None).astype(np.uint8)
+    lab = (sitk.GetArrayFromImage(g) > 0.5).astype(np.uint8)
+    t1p, labp = _write(tmp_path, "t1.nii.gz", t1), _write(tmp_path, "lab.nii.gz", lab)
+    _evaluate(tmp_path, labp, t1p, "--transform", str(_identity(tmp_path)))
+    notes = _notes(capfd.readouterr().err)
+    assert [n for n in notes if "looks like an intensity image" in n and "moving label image" in n]
+
+
+def test_many_coherent_labels_are_not_taken_for_an_intensity_image(tmp_path, capfd):
+    """60 labels in blocks (a fine parcellation): no intensity-image note."""
+    f = np.zeros((60, 60), np.uint8)
+    for k in range(60):
+        f[(k // 10) * 10:(k // 10) * 10 + 8, (k % 10) * 6:(k % 10) * 6 + 5] = k + 1
+    p = _write(tmp_path, "parc.nii.gz", f)
+    res = _evaluate(tmp_path, p, p, "--transform", str(_identity(tmp_path)))
+    assert len(res["per_label"]) == 60 and res["mean"]["dice"] == 1.0
+    assert _notes(capfd.readouterr().err) == []
+
+
+def test_missing_transform_is_noted(tmp_path, capfd):
+    """Row 12: no --transform: the identity is used and the output says so."""
+    f, m = _pair(tmp_path)
+    res = _evaluate(tmp_path, f, m, "--labels", "3", "4")
+    assert res["transform"] is None and res["mean"]["dice"] == 0.75
+    assert _notes(capfd.readouterr().err) == [
+        "note: no --transform given: the identity was used (the moving labels are scored where they lie)"]
