@@ -642,3 +642,85 @@ def test_moving_volume_stored_with_another_ijk_to_ras_gives_the_same_transform(s
     gap = max(np.linalg.norm(np.subtract(plain.transform.TransformPoint(p), restored.transform.TransformPoint(p)))
               for p in points)
     assert gap < 0.5, f"the output transforms differ by {gap:.2f} mm"
+
+
+# --------------------------------------------------------------------------
+# Dependencies: torch version, installers
+# --------------------------------------------------------------------------
+
+
+from ISTNRegistrationLib import dependencies  # noqa: E402
+
+
+@pytest.mark.parametrize("version, too_old", [("2.8.0+cu126", True), ("2.11.1", True), ("2.12.0", False),
+                                              ("2.13.0+cpu", False), ("3.0.0a0", False)])
+def test_torch_older_than_the_bundled_models_need_is_reported(monkeypatch, version, too_old):
+    assert dependencies.torchTooOld(version) is too_old
+    monkeypatch.setattr(dependencies, "installedTorchVersion", lambda: version)
+    monkeypatch.setattr(dependencies, "missingRequirements", lambda *a: [])
+    missing = dependencies.missingPackages()
+    assert missing == (["torch>=2.12"] if too_old else [])
+    message = dependencies.dependencyMessage()
+    if too_old:
+        assert f"PyTorch {version} is installed" in message and "2.12 or newer" in message
+        assert "restart Slicer" in message and "Slicer 5.10 or newer" in message
+    else:
+        assert message == ""
+
+
+def test_install_torch_passes_the_minimum_version_to_pytorchutils(monkeypatch):
+    import types
+
+    calls = []
+
+    class Logic:
+        def installTorch(self, **kwargs):
+            calls.append(kwargs)
+            return object()
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=Logic))
+    monkeypatch.setattr(dependencies, "torchAvailable", lambda: False)
+    monkeypatch.setattr(dependencies, "installedTorchVersion", lambda: None)
+    assert dependencies.installTorch(askConfirmation=False)
+    assert calls == [{"askConfirmation": False, "torchVersionRequirement": ">=2.12"}]
+    # an outdated torch: updated, then the user is told to restart (the old one stays loaded in this session)
+    monkeypatch.setattr(dependencies, "torchAvailable", lambda: True)
+    monkeypatch.setattr(dependencies, "installedTorchVersion", lambda: "2.8.0")
+    with pytest.raises(RuntimeError, match="updated from 2.8.0; restart Slicer"):
+        dependencies.installTorch(askConfirmation=True)
+    assert calls[-1]["torchVersionRequirement"] == ">=2.12"
+
+
+@pytest.mark.parametrize("slicer_version", ["5.12", "5.10"])
+def test_requirements_install_with_constraints_holding_slicer_packages(monkeypatch, slicer_version):
+    import importlib.metadata
+    import types
+
+    seen = {}
+    state = {"missing": ["scipy>=1.10"]}
+    monkeypatch.setattr(dependencies, "missingRequirements", lambda *a: list(state["missing"]))
+
+    def record(requirements, **kwargs):
+        constraints = kwargs.get("constraints") or requirements[requirements.index("-c") + 1]
+        seen["constraints"] = Path(constraints).read_text().split()
+        seen["kwargs"], seen["requirements"] = kwargs, requirements
+        state["missing"] = []
+
+    if slicer_version == "5.12":
+        packaging = types.ModuleType("slicer.packaging")
+        packaging.load_requirements = lambda path: ["<requirements of %s>" % Path(path).name]
+        packaging.pip_ensure = record
+        monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
+    else:
+        monkeypatch.delitem(sys.modules, "slicer.packaging", raising=False)
+        monkeypatch.setattr(slicer.util, "pip_install", record)
+    assert dependencies.installRequirements(askConfirmation=False)
+    assert f"numpy=={importlib.metadata.version('numpy')}" in seen["constraints"]
+    assert f"SimpleITK=={importlib.metadata.version('SimpleITK')}" in seen["constraints"]
+    assert "skip_packages" not in seen["kwargs"]
+    if slicer_version == "5.12":
+        assert seen["requirements"] == ["<requirements of requirements.txt>"]
+        assert seen["kwargs"]["prompt_install"] is False and seen["kwargs"]["requester"] == "ISTN Registration"
+    else:
+        assert seen["requirements"][0] == "scipy>=1.10" and seen["requirements"][1] == "-c"
+    assert not Path(seen["kwargs"].get("constraints") or seen["requirements"][2]).exists()  # temporary file removed
