@@ -462,25 +462,77 @@ assert "torch" not in sys.modules
 
 
 def test_sample_data_registration(tmp_path, monkeypatch):
+    import hashlib
     import types
 
     for name, _, _ in sampledata.FILES:
-        (tmp_path / name).write_bytes(b"x")
+        (tmp_path / name).write_bytes(name.encode())
     args = sampledata.sampleDataSourceArguments(tmp_path)
-    assert args["category"] == "ISTN Registration"
-    assert args["fileNames"] == ["fixed_t1.nii.gz", "moving_t1.nii.gz", "fixed_labels.nii.gz", "moving_labels.nii.gz"]
+    assert args["category"] == "ISTN Registration" and args["sampleName"] == "ISTN brain pair"  # the button text
+    # cache names cannot collide with other modules' sample data in Slicer's shared cache
+    assert args["fileNames"] == ["ISTNRegistration_fixed_t1.nii.gz", "ISTNRegistration_moving_t1.nii.gz",
+                                 "ISTNRegistration_fixed_labels.seg.nrrd", "ISTNRegistration_moving_labels.seg.nrrd"]
     assert all(u.startswith("file://") and Path(u[len("file://"):]).exists() for u in args["uris"])
-    assert args["loadFileType"] == ["VolumeFile", "VolumeFile", "SegmentationFile", "SegmentationFile"]
-    assert len(args["nodeNames"]) == len(args["checksums"]) == 4
+    assert args["loadFileTypes"] == ["VolumeFile", "VolumeFile", "SegmentationFile", "SegmentationFile"]
+    assert "loadFileType" not in args  # the singular form is deprecated
+    assert args["checksums"][0] == "SHA256:" + hashlib.sha256(b"fixed_t1.nii.gz").hexdigest()
+    assert len(args["nodeNames"]) == len(set(args["checksums"])) == 4
     # registered through Slicer's Sample Data module (a stand-in here: SampleData exists only in the application)
     calls = []
-    fake = types.SimpleNamespace(SampleDataLogic=types.SimpleNamespace(
-        registerCustomSampleDataSource=lambda **kw: calls.append(kw)))
-    monkeypatch.setitem(sys.modules, "SampleData", fake)
+
+    def current(**kw):  # Slicer >= 5.8
+        calls.append(kw)
+
+    def before_5_8(category=None, sampleName=None, uris=None, fileNames=None, nodeNames=None,
+                   customDownloader=None, thumbnailFileName=None, loadFileType="VolumeFile", loadFiles=None,
+                   loadFileProperties={}, checksums=None):  # noqa: B006  (Slicer 5.6's signature)
+        calls.append(dict(loadFileType=loadFileType, sampleName=sampleName))
+
     monkeypatch.setattr(sampledata, "sampleDataDirectory", lambda: tmp_path)
-    assert sampledata.registerSampleData() and calls[0]["sampleName"] == sampledata.SAMPLE_NAME
+    for register in (current, before_5_8):
+        fake = types.SimpleNamespace(SampleDataLogic=types.SimpleNamespace(registerCustomSampleDataSource=register))
+        monkeypatch.setitem(sys.modules, "SampleData", fake)
+        assert sampledata.registerSampleData()
+    assert calls[0]["loadFileTypes"] == args["loadFileTypes"] and calls[0]["sampleName"] == sampledata.SAMPLE_NAME
+    assert calls[1]["loadFileType"] == args["loadFileTypes"]  # the same list under the old keyword
     monkeypatch.setattr(sampledata, "sampleDataDirectory", lambda: None)
     assert sampledata.registerSampleData() is False
+
+
+def _read_segmentation(scene, path):
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", Path(path).name)
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node)
+    return node
+
+
+def test_shipped_sample_segmentations_carry_structure_names_and_the_label_maps_voxels(scene):
+    folder = REPO / "Resources" / "SampleData"
+    assert sampledata.sampleDataDirectory() == folder
+    for role in ("fixed", "moving"):
+        segmentation = _read_segmentation(scene, folder / f"{role}_labels.seg.nrrd")
+        structures = nodes.structuresFromNode(segmentation)
+        assert [s.name for s in structures] == list(sampledata.STRUCTURES.values())
+        assert [s.value for s in structures] == list(sampledata.STRUCTURES)
+        labels = sitk.ReadImage(str(folder / f"{role}_labels.nii.gz"))
+        for structure in structures:  # every segment is exactly its label's voxels, at the same place
+            expected = sitk.Cast(labels == structure.value, sitk.sitkUInt8)
+            on_label_grid = sitk.Resample(structure.mask, expected, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+            assert np.array_equal(sitk.GetArrayFromImage(on_label_grid), sitk.GetArrayFromImage(expected))
+
+
+def test_dice_of_the_sample_pair_is_reported_by_structure_name(scene, tiny_models):
+    folder = REPO / "Resources" / "SampleData"
+    fixed_node = nodes.addVolumeNodeFromImage(scene, sitk.ReadImage(str(folder / "fixed_t1.nii.gz")), "ISTN fixed T1")
+    moving_node = nodes.addVolumeNodeFromImage(scene, sitk.ReadImage(str(folder / "moving_t1.nii.gz")),
+                                               "ISTN moving T1")
+    result = ISTNRegistrationLogic().register(
+        fixed_node, moving_node, modelPath=tiny_models["affine"], iterations=0, threads=1,
+        fixedSegmentationNode=_read_segmentation(scene, folder / "fixed_labels.seg.nrrd"),
+        movingSegmentationNode=_read_segmentation(scene, folder / "moving_labels.seg.nrrd"))
+    assert list(result.metrics["dice"]) == list(sampledata.STRUCTURES.values())
+    assert "left caudate" in result.summary()
 
 
 # --------------------------------------------------------------------------
