@@ -32,7 +32,8 @@ WIDGETS_FOR_TYPE = {
     "str": {"QComboBox", "QLineEdit", "QTextEdit"},
     "pathlib.Path": {"ctkPathLineEdit", "ctkDirectoryButton"},
 }
-NOT_BOUND = {"modelChoice"}  # kept in the parameter node, set by code (the model list is dynamic)
+#: kept in the parameter node, set by code: the model list is dynamic; a Path bound to ctkPathLineEdit starts as "."
+NOT_BOUND = {"modelChoice", "customModelPath"}
 
 
 # --------------------------------------------------------------------------
