@@ -242,6 +242,65 @@ def test_icons_are_128_pixel_pngs():
         assert Image.open(icon).size == (128, 128), icon
 
 
+def test_repository_name_and_urls_pass_the_extensions_index_checks():
+    """What scripts/check_description_files.py of Slicer/ExtensionsIndex checks, without the network."""
+    entry = json.loads((REPO / "ISTNRegistration.json").read_text())
+    repository = re.match(r"https://github\.com/([\w.-]+)/([\w.-]+)\.git$", entry["scm_url"])
+    assert repository, entry["scm_url"]
+    owner, name = repository.groups()
+    assert "slicer" in name.lower() and name == "Slicer" + "ISTNRegistration"  # convention: Slicer + extension name
+    cmake = (REPO / "CMakeLists.txt").read_text()
+    assert re.findall(r"project\s*\(\s*([^\s\)]+)", cmake)[0] == "ISTNRegistration"  # = the .json file name
+    icon = re.findall(r'set\s*\(EXTENSION_ICONURL\s*"([^"]+)"[ ]*\)', cmake)
+    shots = re.findall(r'set\s*\(EXTENSION_SCREENSHOTURLS\s*"([^"]+)"\)', cmake)
+    assert icon and shots, "literal icon and screenshot URLs"
+    raw = f"https://raw.githubusercontent.com/{owner}/{name}/{entry['scm_revision']}/"
+    for url in icon + shots[0].split():
+        assert url.startswith(raw) and (REPO / url[len(raw):]).is_file(), url  # the file is in the repository
+    homepage = re.search(r'set\(EXTENSION_HOMEPAGE "([^"]+)"\)', cmake).group(1)
+    prefix = f"https://github.com/{owner}/{name}/blob/{entry['scm_revision']}/"
+    assert homepage.startswith(prefix) and (REPO / homepage[len(prefix):]).is_file()
+    # every other copy of the URL agrees with scm_url (one place to edit: .ci/set_repository_url.py)
+    done = subprocess.run([sys.executable, str(REPO / ".ci" / "set_repository_url.py")], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_set_repository_url_rewrites_every_copy(tmp_path):
+    import shutil
+
+    for relative in ("ISTNRegistration.json", "CMakeLists.txt", "ISTNRegistration/ISTNRegistration.py", "README.md",
+                     "docs/slicer.md", ".ci/set_repository_url.py"):
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / relative, tmp_path / relative)
+    script = str(tmp_path / ".ci" / "set_repository_url.py")
+    done = subprocess.run([sys.executable, script, "https://github.com/some-lab/SlicerISTNRegistration"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    texts = "".join((tmp_path / r).read_text() for r in ("ISTNRegistration.json", "CMakeLists.txt",
+                                                         "ISTNRegistration/ISTNRegistration.py"))
+    assert "istn-registration" not in texts
+    assert "https://github.com/some-lab/SlicerISTNRegistration.git" in texts
+    assert "raw.githubusercontent.com/some-lab/SlicerISTNRegistration/main/ISTNRegistration.png" in texts
+    assert "ISTN Registration maintainers (some-lab)" in texts
+    refused = subprocess.run([sys.executable, script, "https://github.com/some-lab/ISTNRegistration"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "'Slicer' in the repository name" in refused.stderr
+
+
+def test_contributors_are_name_organisation_and_agree():
+    cmake = (REPO / "CMakeLists.txt").read_text()
+    contributors = re.search(r'set\(EXTENSION_CONTRIBUTORS "([^"]+)"\)', cmake).group(1)
+    assert re.fullmatch(r"[^,()]+ \([^()]+\)(, [^,()]+ \([^()]+\))*", contributors), contributors
+    module = MODULE_FILE.read_text()
+    assert f'self.parent.contributors = ["{contributors}"]' in module
+
+
+def test_cmake_minimums_are_those_of_the_slicer_5_10_template():
+    cmake = (REPO / "CMakeLists.txt").read_text()
+    assert cmake.startswith("cmake_minimum_required(VERSION 3.20.6...3.22.6 FATAL_ERROR)")
+
+
 def test_extensions_index_entry():
     entry = json.loads((REPO / "ISTNRegistration.json").read_text())
     allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
