@@ -322,3 +322,49 @@ def test_documentation_for_slicer_users():
                  "Resources/Screenshots/panel.png", "PyTorch"):
         assert must in doc, must
     assert (REPO / "Resources" / "Screenshots" / "panel.png").is_file()
+
+
+# --------------------------------------------------------------------------
+# Older Slicer Pythons (.ci/py39_check.py)
+# --------------------------------------------------------------------------
+
+
+def _python(version: str) -> str | None:
+    import glob
+    import shutil
+
+    found = sorted(glob.glob(f"/root/.pyenv/versions/{version}.*/bin/python")) or [shutil.which(f"python{version}")]
+    return found[-1] if found and found[-1] else None
+
+
+@pytest.mark.parametrize("version", ["3.9", "3.12"])  # Slicer 5.6/5.8, and 5.10 or later
+def test_shipped_code_compiles_and_imports_on_slicer_pythons(version):
+    python = _python(version)
+    if python is None:
+        pytest.skip(f"no Python {version} here (CI's .ci/run requires 3.9)")
+    done = subprocess.run([python, str(REPO / ".ci" / "py39_check.py")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_py39_check_catches_runtime_only_syntax(tmp_path):
+    import shutil
+
+    python = _python("3.9")
+    if python is None:
+        pytest.skip("no Python 3.9 here")
+    shutil.copytree(REPO / "ISTNRegistration", tmp_path / "ISTNRegistration",
+                    ignore=shutil.ignore_patterns("*.pt", "__pycache__"))
+    shutil.copytree(REPO / "Resources" / "SampleData", tmp_path / "Resources" / "SampleData")
+    (tmp_path / ".ci").mkdir()
+    shutil.copy(REPO / ".ci" / "py39_check.py", tmp_path / ".ci")
+    for model in (REPO / "ISTNRegistration" / "Resources" / "Models").glob("*.pt"):  # only the metadata is read
+        shutil.copy(model, tmp_path / "ISTNRegistration" / "Resources" / "Models")
+    config = tmp_path / "ISTNRegistration" / "istn" / "config.py"
+    config.write_text(config.read_text() + "\nOptionalInt = int | None  # a runtime union: Python >= 3.10\n")
+    done = subprocess.run([python, str(tmp_path / ".ci" / "py39_check.py")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1 and "import istn.config: TypeError" in done.stderr, done.stderr
+    config.write_text(config.read_text() + "\nmatch 1:\n    case _:\n        pass\n")
+    done = subprocess.run([python, str(tmp_path / ".ci" / "py39_check.py")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1 and "istn/config.py" in done.stderr and "invalid syntax" in done.stderr, done.stderr
