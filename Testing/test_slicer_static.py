@@ -368,3 +368,25 @@ def test_py39_check_catches_runtime_only_syntax(tmp_path):
     done = subprocess.run([python, str(tmp_path / ".ci" / "py39_check.py")], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 1 and "istn/config.py" in done.stderr and "invalid syntax" in done.stderr, done.stderr
+
+
+def test_library_messages_go_through_tr_with_placeholders():
+    """Every error the Lib raises for people is ``_("... {name} ...").format(...)``: translatable, no concatenation."""
+
+    def translated(node) -> bool:
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "format":
+            node = node.func.value
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dependencyMessage":
+            return True  # builds its text with _() itself
+        return (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "_"
+                and len(node.args) == 1 and isinstance(node.args[0], ast.Constant))
+
+    bad = []
+    for path in sorted(LIB.glob("*.py")):
+        if path.name == "selftest.py":  # test checks: assertion messages for developers
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and node.exc.args:
+                if not translated(node.exc.args[0]):
+                    bad.append(f"{path.name}:{node.lineno}")
+    assert not bad, bad
