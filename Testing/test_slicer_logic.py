@@ -522,6 +522,12 @@ def test_shipped_sample_segmentations_carry_structure_names_and_the_label_maps_v
             assert np.array_equal(sitk.GetArrayFromImage(on_label_grid), sitk.GetArrayFromImage(expected))
 
 
+def test_sample_segment_names_are_the_engine_protocol_labels():
+    from istn.braindata import LABELS
+
+    assert sampledata.STRUCTURES == {value: name.replace("_", " ") for name, value in LABELS.items()}
+
+
 def test_dice_of_the_sample_pair_is_reported_by_structure_name(scene, tiny_models):
     folder = REPO / "Resources" / "SampleData"
     fixed_node = nodes.addVolumeNodeFromImage(scene, sitk.ReadImage(str(folder / "fixed_t1.nii.gz")), "ISTN fixed T1")
