@@ -18,6 +18,7 @@ import sys
 from html import escape
 from typing import Annotated, Optional, Union
 
+import qt
 import vtk
 
 import slicer
@@ -42,10 +43,15 @@ _MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 if _MODULE_DIR not in sys.path:  # ISTNRegistrationLib and the engine `istn` live next to this file
     sys.path.append(_MODULE_DIR)
 
-import ISTNRegistrationLib  # noqa: E402  (imports without torch)
+# Slicer imports every scripted module at start-up: ISTNRegistrationLib imports neither numpy, SimpleITK,
+# torch nor the engine until a registration runs (checked by Testing/test_slicer_widget.py).
+import ISTNRegistrationLib  # noqa: E402
 from ISTNRegistrationLib import dependencies, sampledata  # noqa: E402
+from ISTNRegistrationLib.logic import ATTRIBUTE_MOVING  # noqa: E402
 
 CUSTOM_MODEL = "custom"  # modelChoice value of "a model file of my own"
+#: Where the documentation lives (the repository placeholder: see .ci/set_repository_url.py).
+DOCUMENTATION_URL = "https://github.com/istn-registration/SlicerISTNRegistration/blob/main/docs/slicer.md"
 
 
 #
@@ -61,15 +67,14 @@ class ISTNRegistration(ScriptedLoadableModule):
         self.parent.title = _("ISTN Registration")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Registration")]
         self.parent.dependencies = []  # torch comes from the PyTorch extension, checked when the panel opens
-        self.parent.contributors = ["ISTN Registration contributors"]
+        self.parent.contributors = ["ISTN Registration maintainers (istn-registration)"]
         self.parent.helpText = _("""
 Structure-guided image registration with Image-and-Spatial Transformer Networks (ISTNs).
 Pick a fixed and a moving volume and click Apply: a trained network predicts an affine or
 B-spline transform in one pass, then refines it on this pair (test-time refinement) while the
 views follow. The learned structure maps (ITN maps) can be shown over the images. Optional
 segmentations give Dice per structure before and after.
-See <a href="https://github.com/istn-registration/ISTNRegistration/blob/main/docs/slicer.md">the documentation</a>.
-""")
+""") + _('See <a href="{url}">the documentation</a>.').format(url=DOCUMENTATION_URL)
         self.parent.acknowledgementText = _("""
 Method: M. C. H. Lee, O. Oktay, A. Schuh, M. Schaap, B. Glocker, "Image-and-Spatial Transformer
 Networks for Structure-Guided Image Registration", MICCAI 2019. Module layout after the Slicer
@@ -98,7 +103,9 @@ class ISTNRegistrationParameterNode:
 
     Every field but ``modelChoice`` is bound to the widget whose
     ``SlicerParameterName`` property (in the .ui) has the field's name.
-    ``modelChoice``: file name of a bundled model, or "custom" for ``customModelPath``.
+    ``modelChoice``: file name of a bundled model, or "custom" for ``customModelPath``;
+    ``customModelPath``: the custom model file, "" for none (set by code: a
+    ``pathlib.Path`` bound to the path widget would start as ".").
     """
 
     fixedVolume: vtkMRMLScalarVolumeNode
@@ -106,7 +113,7 @@ class ISTNRegistrationParameterNode:
     fixedSegmentation: Optional[Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]]
     movingSegmentation: Optional[Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]]
     modelChoice: str = ""
-    customModelPath: pathlib.Path
+    customModelPath: str = ""
     preAlign: bool = True
     iterations: Annotated[int, WithinRange(0, 1000)] = 50
     learningRate: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
@@ -133,6 +140,9 @@ class ISTNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._running = False
+        self._closing = False  # the scene or the application is closing during a run
+        self._busy = False  # a wait cursor is shown
+        self._autoOutputTransform = None  # the output transform the panel selected after creating it
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -148,13 +158,14 @@ class ISTNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
-        self.ui.customModelPathLineEdit.connect("currentPathChanged(QString)", self.updateModelInfo)
+        self.ui.customModelPathLineEdit.connect("currentPathChanged(QString)", self.onCustomModelPathChanged)
 
         self.populateModels()
         self.updateDependencies()
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        self._stopRun()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -168,7 +179,22 @@ class ISTNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
 
     def onSceneStartClose(self, caller, event) -> None:
+        self._stopRun()
         self.setParameterNode(None)
+
+    def _stopRun(self) -> None:
+        """Cancel a run in progress because the scene or the application closes.
+
+        The run sits lower on this very call stack (this handler is reached from
+        `slicer.app.processEvents` in `onProgress`), so it cannot be waited for
+        here; instead no more events are processed once this returns, and the run
+        unwinds at its next check, before anything else happens. The logic
+        itself also stops on the scene's StartCloseEvent and touches nothing of
+        the closed scene; the panel does not write into the old parameter node.
+        """
+        if self._running:
+            self._closing = True
+            self.logic.requestCancel()
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -182,6 +208,7 @@ class ISTNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if first and not first.IsA("vtkMRMLLabelMapVolumeNode"):
                 self._parameterNode.fixedVolume = first
         self.selectModel(self._parameterNode.modelChoice)
+        self.ui.customModelPathLineEdit.currentPath = self._parameterNode.customModelPath
 
     def setParameterNode(self, inputParameterNode: Optional[ISTNRegistrationParameterNode]) -> None:
         if self._parameterNode:
@@ -235,6 +262,11 @@ class ISTNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.customModelPathLineEdit.visible = custom
         self.updateModelInfo()
 
+    def onCustomModelPathChanged(self, path: str) -> None:
+        if self._parameterNode and self._parameterNode.customModelPath != path:
+            self._parameterNode.customModelPath = path
+        self.updateModelInfo()
+
     def selectedModelPath(self) -> Optional[pathlib.Path]:
         choice = self.ui.modelComboBox.itemData(self.ui.modelComboBox.currentIndex) or ""
         if choice == CUSTOM_MODEL:
@@ -284,13 +316,19 @@ class ISTNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         p = self._parameterNode
         modelPath = self.selectedModelPath()
+        output = p.outputTransform
+        if output is not None and output is self._autoOutputTransform \
+                and output.GetAttribute(ATTRIBUTE_MOVING) not in (None, p.movingVolume.GetID()):
+            # the panel picked this transform after registering another moving volume, which is still under it:
+            # a new moving volume gets a new transform (a transform the user picked is checked by the logic)
+            output = p.outputTransform = None
         self._setRunning(True)
         self.ui.resultsLabel.text = ""
         try:
             result = self.logic.register(
                 p.fixedVolume, p.movingVolume,
                 iterations=p.iterations,
-                outputTransformNode=p.outputTransform,
+                outputTransformNode=output,
                 modelPath=modelPath,
                 preAlign=p.preAlign,
                 learningRate=p.learningRate if p.learningRate > 0 else None,
@@ -303,19 +341,33 @@ class ISTNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 seed=p.seed if p.seed >= 0 else None,
                 progressCallback=self.onProgress,
             )
-            if not result.cancelled and p.outputTransform is None:
-                p.outputTransform = result.transformNode
+            if self._closing:  # the parameter node belongs to the closed scene
+                return
+            if not result.cancelled and output is None:
+                p.outputTransform = self._autoOutputTransform = result.transformNode
             self._showMessage(result.summary(), warning=bool(result.warnings))
         except Exception as error:  # shown in the panel and logged with its traceback, never swallowed
             logging.exception("ISTN Registration failed")
-            self._showMessage(_("Registration failed: ") + str(error), error=True)
+            self._showMessage(_("Registration failed: {error}").format(error=error), error=True)
         finally:
+            self._closing = False
             self._setRunning(False)
 
     def onProgress(self, progress) -> None:
         self.ui.progressBar.value = int(round(1000 * progress.fraction))
         self.ui.statusLabel.text = str(progress)
-        slicer.app.processEvents()  # views follow the live transform; Cancel is clickable
+        self._setBusy(progress.busy)  # model load, one pass, outputs: nothing to report until they end
+        if not self._closing:  # once closing, the run must unwind before any other event
+            slicer.app.processEvents()  # views follow the live transform; Cancel is clickable; status painted
+
+    def _setBusy(self, busy: bool) -> None:
+        if busy == self._busy:
+            return
+        if busy:
+            slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
+        else:
+            slicer.app.restoreOverrideCursor()
+        self._busy = busy
 
     def _setRunning(self, running: bool) -> None:
         self._running = running
@@ -327,6 +379,7 @@ class ISTNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.enabled = True
         self.ui.progressBar.value = 0
         if not running:
+            self._setBusy(False)
             self.ui.statusLabel.text = ""
             self._checkCanApply()
 
@@ -363,6 +416,12 @@ class ISTNRegistrationTest(ScriptedLoadableModuleTest):
     def setUp(self):
         slicer.mrmlScene.Clear()
 
+    def _skipWithoutDependencies(self) -> None:
+        # slicer_add_python_unittest runs each test_* method on its own (not runTest): each one checks
+        missing = dependencies.missingPackages()
+        if missing:
+            self.skipTest(f"needs {', '.join(missing)}, not installed in this Slicer")
+
     def runTest(self):
         self.setUp()
         self.test_ModuleImportsWithoutTorch()
@@ -388,6 +447,7 @@ class ISTNRegistrationTest(ScriptedLoadableModuleTest):
         return selftest.makeTinyModels(pathlib.Path(slicer.app.temporaryPath) / "ISTNRegistrationTest")
 
     def test_AffineAndBSplineGeometry(self):
+        self._skipWithoutDependencies()
         from ISTNRegistrationLib import selftest
 
         self.delayDisplay("Affine and B-spline on oblique anisotropic volumes")
@@ -395,12 +455,14 @@ class ISTNRegistrationTest(ScriptedLoadableModuleTest):
         self.delayDisplay(f"Slicer resampling vs engine (relative max difference): {report}")
 
     def test_CancelLeavesSceneUnchanged(self):
+        self._skipWithoutDependencies()
         from ISTNRegistrationLib import selftest
 
         self.delayDisplay("Cancel during refinement")
         selftest.checkCancelLeavesSceneUnchanged(ISTNRegistrationLogic(), slicer.mrmlScene, self._models())
 
     def test_SampleData(self):
+        self._skipWithoutDependencies()
         if sampledata.sampleDataDirectory() is None:
             self.delayDisplay("Sample pair not installed: skipped")
             return
@@ -413,10 +475,11 @@ class ISTNRegistrationTest(ScriptedLoadableModuleTest):
                                 fixedSegmentationNode=loaded["fixedLabels"],
                                 movingSegmentationNode=loaded["movingLabels"])
         self.assertFalse(result.cancelled)
-        self.assertTrue(result.metrics.get("dice"))
+        self.assertIn("left caudate", result.metrics.get("dice", {}))  # segments loaded with structure names
         self.delayDisplay(result.summary())
 
     def test_WidgetApply(self):
+        self._skipWithoutDependencies()
         from ISTNRegistrationLib import selftest
 
         self.delayDisplay("Apply from the panel")

@@ -462,22 +462,323 @@ assert "torch" not in sys.modules
 
 
 def test_sample_data_registration(tmp_path, monkeypatch):
+    import hashlib
     import types
 
     for name, _, _ in sampledata.FILES:
-        (tmp_path / name).write_bytes(b"x")
+        (tmp_path / name).write_bytes(name.encode())
     args = sampledata.sampleDataSourceArguments(tmp_path)
-    assert args["category"] == "ISTN Registration"
-    assert args["fileNames"] == ["fixed_t1.nii.gz", "moving_t1.nii.gz", "fixed_labels.nii.gz", "moving_labels.nii.gz"]
+    assert args["category"] == "ISTN Registration" and args["sampleName"] == "ISTN brain pair"  # the button text
+    # cache names cannot collide with other modules' sample data in Slicer's shared cache
+    assert args["fileNames"] == ["ISTNRegistration_fixed_t1.nii.gz", "ISTNRegistration_moving_t1.nii.gz",
+                                 "ISTNRegistration_fixed_labels.seg.nrrd", "ISTNRegistration_moving_labels.seg.nrrd"]
     assert all(u.startswith("file://") and Path(u[len("file://"):]).exists() for u in args["uris"])
-    assert args["loadFileType"] == ["VolumeFile", "VolumeFile", "SegmentationFile", "SegmentationFile"]
-    assert len(args["nodeNames"]) == len(args["checksums"]) == 4
+    assert args["loadFileTypes"] == ["VolumeFile", "VolumeFile", "SegmentationFile", "SegmentationFile"]
+    assert "loadFileType" not in args  # the singular form is deprecated
+    assert args["checksums"][0] == "SHA256:" + hashlib.sha256(b"fixed_t1.nii.gz").hexdigest()
+    assert len(args["nodeNames"]) == len(set(args["checksums"])) == 4
     # registered through Slicer's Sample Data module (a stand-in here: SampleData exists only in the application)
     calls = []
-    fake = types.SimpleNamespace(SampleDataLogic=types.SimpleNamespace(
-        registerCustomSampleDataSource=lambda **kw: calls.append(kw)))
-    monkeypatch.setitem(sys.modules, "SampleData", fake)
+
+    def current(**kw):  # Slicer >= 5.8
+        calls.append(kw)
+
+    def before_5_8(category=None, sampleName=None, uris=None, fileNames=None, nodeNames=None,
+                   customDownloader=None, thumbnailFileName=None, loadFileType="VolumeFile", loadFiles=None,
+                   loadFileProperties={}, checksums=None):  # noqa: B006  (Slicer 5.6's signature)
+        calls.append(dict(loadFileType=loadFileType, sampleName=sampleName))
+
     monkeypatch.setattr(sampledata, "sampleDataDirectory", lambda: tmp_path)
-    assert sampledata.registerSampleData() and calls[0]["sampleName"] == sampledata.SAMPLE_NAME
+    for register in (current, before_5_8):
+        fake = types.SimpleNamespace(SampleDataLogic=types.SimpleNamespace(registerCustomSampleDataSource=register))
+        monkeypatch.setitem(sys.modules, "SampleData", fake)
+        assert sampledata.registerSampleData()
+    assert calls[0]["loadFileTypes"] == args["loadFileTypes"] and calls[0]["sampleName"] == sampledata.SAMPLE_NAME
+    assert calls[1]["loadFileType"] == args["loadFileTypes"]  # the same list under the old keyword
     monkeypatch.setattr(sampledata, "sampleDataDirectory", lambda: None)
     assert sampledata.registerSampleData() is False
+
+
+def _read_segmentation(scene, path):
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", Path(path).name)
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node)
+    return node
+
+
+def test_shipped_sample_segmentations_carry_structure_names_and_the_label_maps_voxels(scene):
+    folder = REPO / "Resources" / "SampleData"
+    assert sampledata.sampleDataDirectory() == folder
+    for role in ("fixed", "moving"):
+        segmentation = _read_segmentation(scene, folder / f"{role}_labels.seg.nrrd")
+        structures = nodes.structuresFromNode(segmentation)
+        assert [s.name for s in structures] == list(sampledata.STRUCTURES.values())
+        assert [s.value for s in structures] == list(sampledata.STRUCTURES)
+        labels = sitk.ReadImage(str(folder / f"{role}_labels.nii.gz"))
+        for structure in structures:  # every segment is exactly its label's voxels, at the same place
+            expected = sitk.Cast(labels == structure.value, sitk.sitkUInt8)
+            on_label_grid = sitk.Resample(structure.mask, expected, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+            assert np.array_equal(sitk.GetArrayFromImage(on_label_grid), sitk.GetArrayFromImage(expected))
+
+
+def test_sample_segment_names_are_the_engine_protocol_labels():
+    from istn.braindata import LABELS
+
+    assert sampledata.STRUCTURES == {value: name.replace("_", " ") for name, value in LABELS.items()}
+
+
+def test_dice_of_the_sample_pair_is_reported_by_structure_name(scene, tiny_models):
+    folder = REPO / "Resources" / "SampleData"
+    fixed_node = nodes.addVolumeNodeFromImage(scene, sitk.ReadImage(str(folder / "fixed_t1.nii.gz")), "ISTN fixed T1")
+    moving_node = nodes.addVolumeNodeFromImage(scene, sitk.ReadImage(str(folder / "moving_t1.nii.gz")),
+                                               "ISTN moving T1")
+    result = ISTNRegistrationLogic().register(
+        fixed_node, moving_node, modelPath=tiny_models["affine"], iterations=0, threads=1,
+        fixedSegmentationNode=_read_segmentation(scene, folder / "fixed_labels.seg.nrrd"),
+        movingSegmentationNode=_read_segmentation(scene, folder / "moving_labels.seg.nrrd"))
+    assert list(result.metrics["dice"]) == list(sampledata.STRUCTURES.values())
+    assert "left caudate" in result.summary()
+
+
+# --------------------------------------------------------------------------
+# Scene closed mid-run, output transform placement, views, RNG
+# --------------------------------------------------------------------------
+
+
+def test_closing_the_scene_mid_run_cancels_and_touches_nothing_of_the_next_scene(scene, pair, tiny_models):
+    """File > Close Scene while the panel's progress callback processes events (same thread, nested)."""
+    logic = ISTNRegistrationLogic()
+    after_close = {}
+
+    def progress(p):
+        if p.stage == "affine" and p.iteration == 2 and not after_close:
+            scene.Clear(0)  # what closing the scene does, from inside the run
+            # the next scene already has nodes when the run resumes, possibly with the IDs the run remembered
+            after_close["volume"] = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "next scene volume")
+            after_close["transform"] = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "next scene transform")
+            after_close["ids"] = selftest.nodeIds(scene)
+
+    result = run(logic, pair, tiny_models, "affine", iterations=20, progressCallback=progress)
+    assert result.cancelled and result.transformNode is None
+    assert selftest.nodeIds(scene) == after_close["ids"], "the run wrote into the next scene"
+    assert after_close["volume"].GetParentTransformNode() is None
+    assert nodes.arrayFromVtkMatrix(_matrix_from_parent(after_close["transform"])).tolist() == np.eye(4).tolist()
+    assert not logic.running
+    # the logic is usable again on the new scene
+    fixed_node, moving_node = selftest.addObliquePair(scene)[:2]
+    again = logic.register(fixed_node, moving_node, modelPath=tiny_models["affine"], iterations=1, threads=1)
+    assert not again.cancelled and moving_node.GetParentTransformNode() is again.transformNode
+
+
+def test_output_transform_under_another_transform_is_refused(scene, pair, tiny_models):
+    parent = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "parent")
+    output = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "output")
+    output.SetAndObserveTransformNodeID(parent.GetID())
+    before = selftest.nodeIds(scene)
+    with pytest.raises(ValueError, match="is itself under the transform 'parent'"):
+        run(ISTNRegistrationLogic(), pair, tiny_models, "affine", outputTransformNode=output)
+    assert selftest.nodeIds(scene) == before and pair[1].GetParentTransformNode() is None
+
+
+@pytest.mark.parametrize("kind", ["affine", "bspline"])
+def test_reusing_an_output_transform_for_another_moving_volume_is_refused(scene, pair, tiny_models, kind):
+    """The first moving volume is still under the transform: a second registration would silently move it."""
+    fixed_node, first_moving, _, moving = pair
+    logic = ISTNRegistrationLogic()
+    first = run(logic, pair, tiny_models, kind, iterations=1)
+    second_moving = nodes.addVolumeNodeFromImage(scene, moving, "second moving")
+    matrix = nodes.arrayFromVtkMatrix(_matrix_from_parent(first.transformNode))
+    with pytest.raises(ValueError, match="holds the registration of 'ISTN test moving'"):
+        logic.register(fixed_node, second_moving, modelPath=tiny_models[kind], affineModelPath=tiny_models["affine"],
+                       iterations=1, outputTransformNode=first.transformNode)
+    assert np.array_equal(nodes.arrayFromVtkMatrix(_matrix_from_parent(first.transformNode)), matrix)
+    assert second_moving.GetParentTransformNode() is None
+    # the same moving volume again is fine (a second Apply), and so is the other one once the first is moved out
+    run(logic, pair, tiny_models, kind, iterations=1, outputTransformNode=first.transformNode)
+    first_moving.SetAndObserveTransformNodeID(None)
+    again = logic.register(fixed_node, second_moving, modelPath=tiny_models[kind],
+                           affineModelPath=tiny_models["affine"], iterations=1, outputTransformNode=first.transformNode)
+    assert second_moving.GetParentTransformNode() is (again.bsplineTransformNode or again.transformNode)
+
+
+def test_cancel_puts_the_slice_views_back(scene, pair, tiny_models):
+    composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+    other = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "shown before")
+    composite.SetBackgroundVolumeID(other.GetID())
+    composite.SetForegroundVolumeID(None)
+    composite.SetForegroundOpacity(0.2)
+    logic = ISTNRegistrationLogic()
+    seen = []
+
+    def progress(p):
+        if p.iteration == 1:
+            seen.append((composite.GetBackgroundVolumeID(), composite.GetForegroundVolumeID()))
+            logic.requestCancel()
+
+    result = run(logic, pair, tiny_models, "affine", iterations=5, progressCallback=progress)
+    assert result.cancelled
+    assert seen == [(pair[0].GetID(), pair[1].GetID())]  # the run did show the pair
+    assert composite.GetBackgroundVolumeID() == other.GetID() and composite.GetForegroundVolumeID() is None
+    assert composite.GetForegroundOpacity() == pytest.approx(0.2)
+
+
+def test_seed_leaves_the_global_torch_rng_alone(scene, pair, tiny_models):
+    import torch
+
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    run(ISTNRegistrationLogic(), pair, tiny_models, "affine", iterations=1, seed=7)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_summary_reports_iterations_run_and_warnings(scene, pair, tiny_models, monkeypatch):
+    import istn.registration as engine
+
+    real = engine.register
+
+    def converged_early(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result.iterations = 3  # as if refinement had converged after 3 of the 5 allowed iterations
+        result.warnings.append("refinement converged after 3 iterations")
+        return result
+
+    monkeypatch.setattr(engine, "register", converged_early)
+    result = run(ISTNRegistrationLogic(), pair, tiny_models, "affine", iterations=5)
+    assert result.metrics["stages"][0]["iterations"] == 3
+    assert result.metrics["stages"][0]["iterations_requested"] == 5
+    text = result.summary()
+    assert "after 3 refinement iterations (stopped early at convergence; 5 allowed)" in text
+    assert "Warning: refinement converged after 3 iterations" in text
+
+
+# --------------------------------------------------------------------------
+# Volumes are passed as loaded: any IJK-to-RAS
+# --------------------------------------------------------------------------
+
+
+def _restored_volume(scene, node, permutation, flips, name):
+    """The same image content (same world position of every voxel) stored with permuted/flipped voxel axes."""
+    array = np.array(slicer.util.arrayFromVolume(node))  # (k, j, i)
+    ijk_to_ras = nodes.ijkToRasMatrix(node)
+    size_ijk = np.array(array.shape[::-1])
+    # new voxel axis a is old axis permutation[a], reversed if flips[a]
+    new_to_old = np.zeros((4, 4))
+    new_to_old[3, 3] = 1.0
+    for new_axis, old_axis in enumerate(permutation):
+        if flips[new_axis]:
+            new_to_old[old_axis, new_axis] = -1.0
+            new_to_old[old_axis, 3] = size_ijk[old_axis] - 1
+        else:
+            new_to_old[old_axis, new_axis] = 1.0
+    data = np.transpose(array, [2 - p for p in reversed(permutation)])  # array axes are (k, j, i)
+    for new_axis, flip in enumerate(flips):
+        if flip:
+            data = np.flip(data, axis=2 - new_axis)
+    return slicer.util.addVolumeFromArray(np.ascontiguousarray(data), ijkToRAS=ijk_to_ras @ new_to_old, name=name)
+
+
+@pytest.mark.xfail(strict=False, reason="needs world-frame network grid")
+@pytest.mark.parametrize("layout", ["lps-flip", "sagittal-permuted"])
+def test_moving_volume_stored_with_another_ijk_to_ras_gives_the_same_transform(scene, pair, tiny_models, layout):
+    fixed_node, moving_node, fixed, _ = pair
+    permutation, flips = {"lps-flip": ((0, 1, 2), (True, True, False)),
+                          "sagittal-permuted": ((2, 0, 1), (False, True, False))}[layout]
+    other = _restored_volume(scene, moving_node, permutation, flips, "moving restored")
+    # the restored volume really is the same content at the same world points
+    probe = (5, 9, 13)
+    old_ras = nodes.ijkToRasMatrix(moving_node) @ [*probe, 1.0]
+    new_ijk = np.linalg.solve(nodes.ijkToRasMatrix(other), old_ras)[:3].round().astype(int)
+    assert slicer.util.arrayFromVolume(other)[tuple(new_ijk[::-1])] == slicer.util.arrayFromVolume(moving_node)[probe[::-1]]
+    logic = ISTNRegistrationLogic()
+    plain = logic.register(fixed_node, moving_node, modelPath=tiny_models["affine"], iterations=2, threads=1,
+                           updateViews=False)
+    restored = logic.register(fixed_node, other, modelPath=tiny_models["affine"], iterations=2, threads=1,
+                              updateViews=False)
+    points = [fixed.TransformIndexToPhysicalPoint(ix) for ix in ((5, 5, 5), (20, 17, 14), (35, 30, 24))]
+    gap = max(np.linalg.norm(np.subtract(plain.transform.TransformPoint(p), restored.transform.TransformPoint(p)))
+              for p in points)
+    assert gap < 0.5, f"the output transforms differ by {gap:.2f} mm"
+
+
+# --------------------------------------------------------------------------
+# Dependencies: torch version, installers
+# --------------------------------------------------------------------------
+
+
+from ISTNRegistrationLib import dependencies  # noqa: E402
+
+
+@pytest.mark.parametrize("version, too_old", [("2.8.0+cu126", True), ("2.11.1", True), ("2.12.0", False),
+                                              ("2.13.0+cpu", False), ("3.0.0a0", False)])
+def test_torch_older_than_the_bundled_models_need_is_reported(monkeypatch, version, too_old):
+    assert dependencies.torchTooOld(version) is too_old
+    monkeypatch.setattr(dependencies, "installedTorchVersion", lambda: version)
+    monkeypatch.setattr(dependencies, "missingRequirements", lambda *a: [])
+    missing = dependencies.missingPackages()
+    assert missing == (["torch>=2.12"] if too_old else [])
+    message = dependencies.dependencyMessage()
+    if too_old:
+        assert f"PyTorch {version} is installed" in message and "2.12 or newer" in message
+        assert "restart Slicer" in message and "Slicer 5.10 or newer" in message
+    else:
+        assert message == ""
+
+
+def test_install_torch_passes_the_minimum_version_to_pytorchutils(monkeypatch):
+    import types
+
+    calls = []
+
+    class Logic:
+        def installTorch(self, **kwargs):
+            calls.append(kwargs)
+            return object()
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=Logic))
+    monkeypatch.setattr(dependencies, "torchAvailable", lambda: False)
+    monkeypatch.setattr(dependencies, "installedTorchVersion", lambda: None)
+    assert dependencies.installTorch(askConfirmation=False)
+    assert calls == [{"askConfirmation": False, "torchVersionRequirement": ">=2.12"}]
+    # an outdated torch: updated, then the user is told to restart (the old one stays loaded in this session)
+    monkeypatch.setattr(dependencies, "torchAvailable", lambda: True)
+    monkeypatch.setattr(dependencies, "installedTorchVersion", lambda: "2.8.0")
+    with pytest.raises(RuntimeError, match="updated from 2.8.0; restart Slicer"):
+        dependencies.installTorch(askConfirmation=True)
+    assert calls[-1]["torchVersionRequirement"] == ">=2.12"
+
+
+@pytest.mark.parametrize("slicer_version", ["5.12", "5.10"])
+def test_requirements_install_with_constraints_holding_slicer_packages(monkeypatch, slicer_version):
+    import importlib.metadata
+    import types
+
+    seen = {}
+    state = {"missing": ["scipy>=1.10"]}
+    monkeypatch.setattr(dependencies, "missingRequirements", lambda *a: list(state["missing"]))
+
+    def record(requirements, **kwargs):
+        constraints = kwargs.get("constraints") or requirements[requirements.index("-c") + 1]
+        seen["constraints"] = Path(constraints).read_text().split()
+        seen["kwargs"], seen["requirements"] = kwargs, requirements
+        state["missing"] = []
+
+    if slicer_version == "5.12":
+        packaging = types.ModuleType("slicer.packaging")
+        packaging.load_requirements = lambda path: ["<requirements of %s>" % Path(path).name]
+        packaging.pip_ensure = record
+        monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
+    else:
+        monkeypatch.delitem(sys.modules, "slicer.packaging", raising=False)
+        monkeypatch.setattr(slicer.util, "pip_install", record)
+    assert dependencies.installRequirements(askConfirmation=False)
+    assert f"numpy=={importlib.metadata.version('numpy')}" in seen["constraints"]
+    assert f"SimpleITK=={importlib.metadata.version('SimpleITK')}" in seen["constraints"]
+    assert "skip_packages" not in seen["kwargs"]
+    if slicer_version == "5.12":
+        assert seen["requirements"] == ["<requirements of requirements.txt>"]
+        assert seen["kwargs"]["prompt_install"] is False and seen["kwargs"]["requester"] == "ISTN Registration"
+    else:
+        assert seen["requirements"][0] == "scipy>=1.10" and seen["requirements"][1] == "-c"
+    assert not Path(seen["kwargs"].get("constraints") or seen["requirements"][2]).exists()  # temporary file removed

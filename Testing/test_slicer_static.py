@@ -32,7 +32,8 @@ WIDGETS_FOR_TYPE = {
     "str": {"QComboBox", "QLineEdit", "QTextEdit"},
     "pathlib.Path": {"ctkPathLineEdit", "ctkDirectoryButton"},
 }
-NOT_BOUND = {"modelChoice"}  # kept in the parameter node, set by code (the model list is dynamic)
+#: kept in the parameter node, set by code: the model list is dynamic; a Path bound to ctkPathLineEdit starts as "."
+NOT_BOUND = {"modelChoice", "customModelPath"}
 
 
 # --------------------------------------------------------------------------
@@ -241,6 +242,65 @@ def test_icons_are_128_pixel_pngs():
         assert Image.open(icon).size == (128, 128), icon
 
 
+def test_repository_name_and_urls_pass_the_extensions_index_checks():
+    """What scripts/check_description_files.py of Slicer/ExtensionsIndex checks, without the network."""
+    entry = json.loads((REPO / "ISTNRegistration.json").read_text())
+    repository = re.match(r"https://github\.com/([\w.-]+)/([\w.-]+)\.git$", entry["scm_url"])
+    assert repository, entry["scm_url"]
+    owner, name = repository.groups()
+    assert "slicer" in name.lower() and name == "Slicer" + "ISTNRegistration"  # convention: Slicer + extension name
+    cmake = (REPO / "CMakeLists.txt").read_text()
+    assert re.findall(r"project\s*\(\s*([^\s\)]+)", cmake)[0] == "ISTNRegistration"  # = the .json file name
+    icon = re.findall(r'set\s*\(EXTENSION_ICONURL\s*"([^"]+)"[ ]*\)', cmake)
+    shots = re.findall(r'set\s*\(EXTENSION_SCREENSHOTURLS\s*"([^"]+)"\)', cmake)
+    assert icon and shots, "literal icon and screenshot URLs"
+    raw = f"https://raw.githubusercontent.com/{owner}/{name}/{entry['scm_revision']}/"
+    for url in icon + shots[0].split():
+        assert url.startswith(raw) and (REPO / url[len(raw):]).is_file(), url  # the file is in the repository
+    homepage = re.search(r'set\(EXTENSION_HOMEPAGE "([^"]+)"\)', cmake).group(1)
+    prefix = f"https://github.com/{owner}/{name}/blob/{entry['scm_revision']}/"
+    assert homepage.startswith(prefix) and (REPO / homepage[len(prefix):]).is_file()
+    # every other copy of the URL agrees with scm_url (one place to edit: .ci/set_repository_url.py)
+    done = subprocess.run([sys.executable, str(REPO / ".ci" / "set_repository_url.py")], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_set_repository_url_rewrites_every_copy(tmp_path):
+    import shutil
+
+    for relative in ("ISTNRegistration.json", "CMakeLists.txt", "ISTNRegistration/ISTNRegistration.py", "README.md",
+                     "docs/slicer.md", ".ci/set_repository_url.py"):
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / relative, tmp_path / relative)
+    script = str(tmp_path / ".ci" / "set_repository_url.py")
+    done = subprocess.run([sys.executable, script, "https://github.com/some-lab/SlicerISTNRegistration"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    texts = "".join((tmp_path / r).read_text() for r in ("ISTNRegistration.json", "CMakeLists.txt",
+                                                         "ISTNRegistration/ISTNRegistration.py"))
+    assert "istn-registration" not in texts
+    assert "https://github.com/some-lab/SlicerISTNRegistration.git" in texts
+    assert "raw.githubusercontent.com/some-lab/SlicerISTNRegistration/main/ISTNRegistration.png" in texts
+    assert "ISTN Registration maintainers (some-lab)" in texts
+    refused = subprocess.run([sys.executable, script, "https://github.com/some-lab/ISTNRegistration"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "'Slicer' in the repository name" in refused.stderr
+
+
+def test_contributors_are_name_organisation_and_agree():
+    cmake = (REPO / "CMakeLists.txt").read_text()
+    contributors = re.search(r'set\(EXTENSION_CONTRIBUTORS "([^"]+)"\)', cmake).group(1)
+    assert re.fullmatch(r"[^,()]+ \([^()]+\)(, [^,()]+ \([^()]+\))*", contributors), contributors
+    module = MODULE_FILE.read_text()
+    assert f'self.parent.contributors = ["{contributors}"]' in module
+
+
+def test_cmake_minimums_are_those_of_the_slicer_5_10_template():
+    cmake = (REPO / "CMakeLists.txt").read_text()
+    assert cmake.startswith("cmake_minimum_required(VERSION 3.20.6...3.22.6 FATAL_ERROR)")
+
+
 def test_extensions_index_entry():
     entry = json.loads((REPO / "ISTNRegistration.json").read_text())
     allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
@@ -262,3 +322,71 @@ def test_documentation_for_slicer_users():
                  "Resources/Screenshots/panel.png", "PyTorch"):
         assert must in doc, must
     assert (REPO / "Resources" / "Screenshots" / "panel.png").is_file()
+
+
+# --------------------------------------------------------------------------
+# Older Slicer Pythons (.ci/py39_check.py)
+# --------------------------------------------------------------------------
+
+
+def _python(version: str) -> str | None:
+    import glob
+    import shutil
+
+    found = sorted(glob.glob(f"/root/.pyenv/versions/{version}.*/bin/python")) or [shutil.which(f"python{version}")]
+    return found[-1] if found and found[-1] else None
+
+
+@pytest.mark.parametrize("version", ["3.9", "3.12"])  # Slicer 5.6/5.8, and 5.10 or later
+def test_shipped_code_compiles_and_imports_on_slicer_pythons(version):
+    python = _python(version)
+    if python is None:
+        pytest.skip(f"no Python {version} here (CI's .ci/run requires 3.9)")
+    done = subprocess.run([python, str(REPO / ".ci" / "py39_check.py")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_py39_check_catches_runtime_only_syntax(tmp_path):
+    import shutil
+
+    python = _python("3.9")
+    if python is None:
+        pytest.skip("no Python 3.9 here")
+    shutil.copytree(REPO / "ISTNRegistration", tmp_path / "ISTNRegistration",
+                    ignore=shutil.ignore_patterns("*.pt", "__pycache__"))
+    shutil.copytree(REPO / "Resources" / "SampleData", tmp_path / "Resources" / "SampleData")
+    (tmp_path / ".ci").mkdir()
+    shutil.copy(REPO / ".ci" / "py39_check.py", tmp_path / ".ci")
+    for model in (REPO / "ISTNRegistration" / "Resources" / "Models").glob("*.pt"):  # only the metadata is read
+        shutil.copy(model, tmp_path / "ISTNRegistration" / "Resources" / "Models")
+    config = tmp_path / "ISTNRegistration" / "istn" / "config.py"
+    config.write_text(config.read_text() + "\nOptionalInt = int | None  # a runtime union: Python >= 3.10\n")
+    done = subprocess.run([python, str(tmp_path / ".ci" / "py39_check.py")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1 and "import istn.config: TypeError" in done.stderr, done.stderr
+    config.write_text(config.read_text() + "\nmatch 1:\n    case _:\n        pass\n")
+    done = subprocess.run([python, str(tmp_path / ".ci" / "py39_check.py")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1 and "istn/config.py" in done.stderr and "invalid syntax" in done.stderr, done.stderr
+
+
+def test_library_messages_go_through_tr_with_placeholders():
+    """Every error the Lib raises for people is ``_("... {name} ...").format(...)``: translatable, no concatenation."""
+
+    def translated(node) -> bool:
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "format":
+            node = node.func.value
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dependencyMessage":
+            return True  # builds its text with _() itself
+        return (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "_"
+                and len(node.args) == 1 and isinstance(node.args[0], ast.Constant))
+
+    bad = []
+    for path in sorted(LIB.glob("*.py")):
+        if path.name == "selftest.py":  # test checks: assertion messages for developers
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and node.exc.args:
+                if not translated(node.exc.args[0]):
+                    bad.append(f"{path.name}:{node.lineno}")
+    assert not bad, bad

@@ -82,7 +82,7 @@ def bundled_models() -> tuple[list[str], int, str]:
         shown = next((i for i, m in enumerate(found) if m.transformType == "bspline"), 0)
         return [m.label for m in found], shown, found[shown].describe()
     return (["Affine: brain-t1-affine", "B-spline: brain-t1-bspline"], 1,
-            "ISTN-I bspline 3D model, internal grid 64x64x64 at 3.0 mm, control points every 12.0 mm; "
+            "ISTN-E bspline 3D model, internal grid 48x48x48 at 4.0 mm, control points every 30.0 mm; "
             "structures of interest: sub-cortical structures (illustrative entry: no bundled model yet).")
 
 

@@ -17,11 +17,12 @@ result is put between the two: Slicer's "transform from parent" of the output
 maps fixed (world, RAS) points to moving points, which is what places the
 moving volume onto the fixed one when it is put under the transform.
 
-Nothing here imports Qt; torch is imported only when a registration runs.
+Nothing here imports Qt; numpy, SimpleITK and torch are imported only when a registration runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -29,15 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Union
 
-import numpy as np
-import SimpleITK as sitk
 import vtk
 
 import slicer
 
-from . import nodes as nodeio
 from .dependencies import dependencyMessage, missingPackages
+from .i18n import _
 from .models import ModelInfo, bundledModels, defaultModel, readModelInfo
+
+# numpy, SimpleITK, `nodes` and the engine are imported where they are used:
+# Slicer imports every scripted module at start-up, and this one should cost nothing then.
 
 CancelFlag = Union[threading.Event, Callable[[], bool], None]
 
@@ -52,6 +54,9 @@ MAP_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLColorTable
                       "vtkMRMLColorTableNodeIron")
 #: Above this many voxels the folding fraction is computed on a coarser copy of the fixed grid.
 FOLDING_MAX_VOXELS = 2_000_000
+#: Attribute on an output transform node: the ID of the moving volume its last run registered.
+ATTRIBUTE_MOVING = "ISTNRegistration.movingVolumeID"
+STAGE_NAMES = {"affine": "Affine", "bspline": "B-spline"}
 
 
 class RegistrationCancelled(Exception):
@@ -62,13 +67,18 @@ class RegistrationCancelled(Exception):
 class RegistrationProgress:
     """What ``progressCallback`` receives: after each refinement iteration, and at each step."""
 
-    stage: str  # "affine" | "bspline" | "outputs"
+    stage: str  # "load" | "affine" | "bspline" | "outputs"
     stageIndex: int  # 1-based
     stageCount: int
     iteration: int  # 0 before the first refinement iteration
     iterations: int
     loss: float | None
     message: str = ""
+
+    @property
+    def busy(self) -> bool:
+        """A step that reports nothing until it is done (model load, one pass, outputs): show a wait cursor."""
+        return bool(self.message)
 
     @property
     def fraction(self) -> float:
@@ -79,9 +89,11 @@ class RegistrationProgress:
     def __str__(self) -> str:
         if self.message:
             return self.message
-        name = {"affine": "Affine", "bspline": "B-spline"}.get(self.stage, self.stage)
-        loss = f", loss {self.loss:.5g}" if self.loss is not None else ""
-        return f"{name} refinement: iteration {self.iteration}/{self.iterations}{loss}"
+        text = _("{stage} refinement: iteration {iteration}/{iterations}").format(
+            stage=STAGE_NAMES.get(self.stage, self.stage), iteration=self.iteration, iterations=self.iterations)
+        if self.loss is not None:
+            text += _(", loss {loss:.5g}").format(loss=self.loss)
+        return text
 
 
 @dataclass
@@ -95,7 +107,7 @@ class ISTNRegistrationResult:
     fixedMapNode: object = None  # ITN(fixed) as a scalar volume
     movingMapNode: object = None  # ITN(moving), under the output transform (so it is displayed aligned)
     outputVolumeNode: object = None  # moving volume resampled onto the fixed grid, if asked for
-    transform: sitk.Transform | None = None  # the final world transform (ITK, LPS, fixed -> moving points)
+    transform: object = None  # SimpleITK transform: the final world transform (LPS, fixed -> moving points)
     metrics: dict = field(default_factory=dict)
     stages: list = field(default_factory=list)  # istn.registration.RegistrationResult of each stage
     warnings: list[str] = field(default_factory=list)
@@ -105,19 +117,32 @@ class ISTNRegistrationResult:
     def summary(self) -> str:
         """A few lines for people (the panel shows them)."""
         if self.cancelled:
-            return "Registration cancelled: the scene was left as it was before."
-        kind = {"affine": "Affine", "bspline": "B-spline"}[self.transformType]
-        lines = [f"{kind} registration done in {self.timings.get('total', 0.0):.1f} s on {self.device}."]
+            lines = [_("Registration cancelled: the scene was left as it was before.")]
+            lines.extend(_("Warning: {warning}").format(warning=w) for w in self.warnings)
+            return "\n".join(lines)
+        lines = [_("{kind} registration done in {seconds:.1f} s on {device}.").format(
+            kind=STAGE_NAMES[self.transformType], seconds=self.timings.get("total", 0.0), device=self.device)]
         for stage in self.metrics.get("stages", []):
-            lines.append(f"{stage['stage']}: ITN map MSE {stage['loss_one_pass']:.4g} after one pass, "
-                         f"{stage['loss_final']:.4g} after {stage['iterations']} refinement iterations.")
+            values = dict(stage=STAGE_NAMES.get(stage["stage"], stage["stage"]), onePass=stage["loss_one_pass"],
+                          final=stage["loss_final"], iterations=stage["iterations"],
+                          requested=stage.get("iterations_requested", stage["iterations"]))
+            if values["iterations"] < values["requested"]:  # refinement converged before the last iteration
+                lines.append(_("{stage}: ITN map MSE {onePass:.4g} after one pass, {final:.4g} after {iterations} "
+                               "refinement iterations (stopped early at convergence; {requested} allowed).")
+                             .format(**values))
+            else:
+                lines.append(_("{stage}: ITN map MSE {onePass:.4g} after one pass, {final:.4g} after {iterations} "
+                               "refinement iterations.").format(**values))
         dice = self.metrics.get("dice", {})
         if dice:
-            parts = [f"{name} {v['before']:.3f} → {v['after']:.3f}" for name, v in dice.items()]
-            lines.append("Dice before → after: " + "; ".join(parts) + ".")
+            parts = "; ".join(_("{name} {before:.3f} → {after:.3f}").format(name=name, before=v["before"],
+                                                                             after=v["after"])
+                              for name, v in dice.items())
+            lines.append(_("Dice before → after: {parts}.").format(parts=parts))
         if self.metrics.get("folding_fraction") is not None:
-            lines.append(f"Folding (Jacobian ≤ 0): {100.0 * self.metrics['folding_fraction']:.3f} % of voxels.")
-        lines.extend(f"Warning: {w}" for w in self.warnings)
+            lines.append(_("Folding (Jacobian ≤ 0): {percent:.3f} % of voxels.").format(
+                percent=100.0 * self.metrics["folding_fraction"]))
+        lines.extend(_("Warning: {warning}").format(warning=w) for w in self.warnings)
         return "\n".join(lines)
 
 
@@ -128,6 +153,7 @@ class _SceneChanges:
         self.scene = scene
         self.created: list = []
         self.undo: list[Callable[[], None]] = []
+        self.sceneClosed = False  # set when the scene closes mid-run: then nothing of it may be touched
 
     def addNode(self, className: str, name: str):
         node = self.scene.AddNewNodeByClass(className, self.scene.GenerateUniqueName(name))
@@ -157,7 +183,32 @@ class _SceneChanges:
         old = node.GetNodeReferenceID(role)
         self.undo.append(lambda: node.SetNodeReferenceID(role, old))
 
+    def rememberAttribute(self, node, name: str) -> None:
+        old = node.GetAttribute(name)
+        self.undo.append(lambda: node.SetAttribute(name, old) if old is not None else node.RemoveAttribute(name))
+
+    def rememberViews(self) -> None:
+        """The layers of every slice view, put back on cancel (the run shows its own)."""
+        saved = []
+        for i in range(self.scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+            composite = self.scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+            saved.append((composite, composite.GetBackgroundVolumeID(), composite.GetForegroundVolumeID(),
+                          composite.GetForegroundOpacity()))
+
+        def restore() -> None:
+            for composite, background, foreground, opacity in saved:
+                composite.SetBackgroundVolumeID(background)
+                composite.SetForegroundVolumeID(foreground)
+                composite.SetForegroundOpacity(opacity)
+
+        self.undo.append(restore)
+
     def rollback(self) -> None:
+        if self.sceneClosed:
+            # the scene was cleared under the run: its nodes are gone and the IDs it remembered may now
+            # name nodes of the next scene, so nothing is restored or removed
+            self.created, self.undo = [], []
+            return
         for undo in reversed(self.undo):
             try:
                 undo()
@@ -194,6 +245,13 @@ class ISTNRegistrationLogic:
         self._scene = scene
         self._models: dict[tuple[str, float], object] = {}
         self._cancelEvent = threading.Event()
+        self._running = False
+        self._sceneClosed = False
+
+    @property
+    def running(self) -> bool:
+        """True while `register` runs (a progress callback may ask: a run cannot start inside another)."""
+        return self._running
 
     # -- small helpers ----------------------------------------------------
     @property
@@ -220,7 +278,7 @@ class ISTNRegistrationLogic:
 
         p = Path(path).resolve()
         if not p.is_file():
-            raise ValueError(f"model file '{p}' does not exist")
+            raise ValueError(_("model file '{path}' does not exist").format(path=p))
         key = (str(p), p.stat().st_mtime)
         if key not in self._models:
             self._models[key] = load_model(p)
@@ -279,182 +337,228 @@ class ISTNRegistrationLogic:
         transform is set (when no output volume is asked for). A failed run
         raises and leaves the scene as it was.
         """
-        started = time.perf_counter()
-        self._cancelEvent.clear()
         scene = self.scene
         if scene is None:
-            raise RuntimeError("no MRML scene: set slicer.mrmlScene or pass a scene to ISTNRegistrationLogic(scene)")
+            raise RuntimeError(_("no MRML scene: set slicer.mrmlScene or pass a scene to ISTNRegistrationLogic(scene)"))
+        if self._running:
+            raise RuntimeError(_("a registration is already running; cancel it or wait until it ends"))
+        self._cancelEvent.clear()
+        self._sceneClosed = False
 
-        # ---- check everything before touching the scene ------------------------
-        self._checkInputs(fixedVolumeNode, movingVolumeNode, outputTransformNode, outputVolumeNode)
-        iterations = int(iterations)
-        if iterations < 0:
-            raise ValueError(f"'iterations' must be >= 0, got {iterations}")
-        device = {"gpu": "cuda"}.get(str(device).lower(), str(device).lower())
-        if device not in DEVICES:
-            raise ValueError(f"'device' must be one of {', '.join(DEVICES)}, got {device!r}")
-        missing = missingPackages()
-        if missing:
-            raise RuntimeError(dependencyMessage(missing))
-        stagesToRun = self._resolveModels(transformType, modelPath, preAlign, affineModelPath)
-        transformType = stagesToRun[-1][0]
-        warnings: list[str] = []
-        if transformType == "bspline" and len(stagesToRun) == 1 and preAlign:
-            warnings.append("no affine model is available for the pre-alignment: the B-spline starts from the identity")
-        fixedStructures = nodeio.structuresFromNode(fixedSegmentationNode, world=True)
-        movingStructures = nodeio.structuresFromNode(movingSegmentationNode, world=False)
-        pairs = nodeio.matchStructures(fixedStructures, movingStructures)
-        if fixedSegmentationNode is not None and movingSegmentationNode is not None and not pairs:
-            raise ValueError(
-                f"'{fixedSegmentationNode.GetName()}' and '{movingSegmentationNode.GetName()}' have no structure in "
-                "common (segments are matched by name, else by label value)"
-            )
-        if (fixedSegmentationNode is None) != (movingSegmentationNode is None):
-            warnings.append("Dice needs both a fixed and a moving segmentation: only one was given, no Dice computed")
-            pairs = []
-        fixedImage = nodeio.volumeNodeToImage(fixedVolumeNode, world=True)
-        movingImage = nodeio.volumeNodeToImage(movingVolumeNode, world=False)
+        def onSceneClose(caller, event) -> None:
+            # File > Close Scene (or quitting) while the panel's progress callback processes events:
+            # stop at the next check and touch nothing of that scene again
+            self._sceneClosed = True
+            self._cancelEvent.set()
 
-        models = [(kind, self.loadModel(path)) for kind, path in stagesToRun]
-        if seed is not None:
-            import torch
-
-            torch.manual_seed(int(seed))
-
-        from istn.registration import is_cancelled
-
-        userCancel = cancel
-
-        def cancelled() -> bool:
-            return self._cancelEvent.is_set() or is_cancelled(userCancel)
-
-        result = ISTNRegistrationResult(transformType=transformType, warnings=warnings)
-        changes = _SceneChanges(scene)
+        closeObserver = scene.AddObserver(scene.StartCloseEvent, onSceneClose)
+        self._running = True
+        stack = contextlib.ExitStack()
         try:
-            linearNode, bsplineNode, leafNode = self._prepareTransformNodes(
-                changes, transformType, outputTransformNode, fixedVolumeNode, movingVolumeNode)
-            bsplineWriter = nodeio.BSplineNodeWriter(bsplineNode) if bsplineNode is not None else None
-            if outputVolumeNode is None:
-                changes.rememberParent(movingVolumeNode)
-                movingVolumeNode.SetAndObserveTransformNodeID(leafNode.GetID())
-                if updateViews:
-                    self._showInSliceViews(fixedVolumeNode, movingVolumeNode, 0.5)
+            started = time.perf_counter()
+            from . import nodes as nodeio
 
-            initial = None
-            final = None
-            for index, (kind, model) in enumerate(models, start=1):
+            scene = self.scene
+            # ---- check everything before touching the scene ------------------------
+            self._checkInputs(fixedVolumeNode, movingVolumeNode, outputTransformNode, outputVolumeNode)
+            iterations = int(iterations)
+            if iterations < 0:
+                raise ValueError(_("'iterations' must be >= 0, got {iterations}").format(iterations=iterations))
+            device = {"gpu": "cuda"}.get(str(device).lower(), str(device).lower())
+            if device not in DEVICES:
+                raise ValueError(_("'device' must be one of {choices}, got '{device}'").format(
+                    choices=", ".join(DEVICES), device=device))
+            missing = missingPackages()
+            if missing:
+                raise RuntimeError(dependencyMessage(missing))
+            stagesToRun = self._resolveModels(transformType, modelPath, preAlign, affineModelPath)
+            transformType = stagesToRun[-1][0]
+            warnings: list[str] = []
+            if transformType == "bspline" and len(stagesToRun) == 1 and preAlign:
+                warnings.append(_("no affine model is available for the pre-alignment: the B-spline starts from the "
+                                  "identity"))
+            fixedStructures = nodeio.structuresFromNode(fixedSegmentationNode, world=True)
+            movingStructures = nodeio.structuresFromNode(movingSegmentationNode, world=False)
+            pairs = nodeio.matchStructures(fixedStructures, movingStructures)
+            if fixedSegmentationNode is not None and movingSegmentationNode is not None and not pairs:
+                raise ValueError(_("'{fixed}' and '{moving}' have no structure in common (segments are matched by name, "
+                                   "else by label value)").format(fixed=fixedSegmentationNode.GetName(),
+                                                                  moving=movingSegmentationNode.GetName()))
+            if (fixedSegmentationNode is None) != (movingSegmentationNode is None):
+                warnings.append(_("Dice needs both a fixed and a moving segmentation: only one was given, no Dice "
+                                  "computed"))
+                pairs = []
+            fixedImage = nodeio.volumeNodeToImage(fixedVolumeNode, world=True)
+            movingImage = nodeio.volumeNodeToImage(movingVolumeNode, world=False)
+
+            from istn.registration import is_cancelled
+
+            models = []
+            for kind, path in stagesToRun:
+                if progressCallback is not None:  # loading is silent: the panel shows a wait cursor meanwhile
+                    progressCallback(RegistrationProgress("load", 1, len(stagesToRun), 0, iterations, None,
+                                                          _("Loading the model {name}...").format(name=Path(path).name)))
+                models.append((kind, self.loadModel(path)))
+            # refinement draws no random numbers today; seeding in a fork keeps Slicer's global RNG as it was
+            stack.enter_context(_seededTorch(seed, device))
+
+            userCancel = cancel
+
+            def cancelled() -> bool:
+                return self._cancelEvent.is_set() or self._sceneClosed or is_cancelled(userCancel)
+
+            result = ISTNRegistrationResult(transformType=transformType, warnings=warnings)
+            changes = _SceneChanges(scene)
+            try:
+                if cancelled():  # e.g. the scene closed while a model was loading
+                    raise RegistrationCancelled()
+                if updateViews:
+                    changes.rememberViews()
+                linearNode, bsplineNode, leafNode = self._prepareTransformNodes(
+                    changes, transformType, outputTransformNode, fixedVolumeNode, movingVolumeNode)
+                bsplineWriter = nodeio.BSplineNodeWriter(bsplineNode) if bsplineNode is not None else None
+                if outputVolumeNode is None:
+                    changes.rememberParent(movingVolumeNode)
+                    movingVolumeNode.SetAndObserveTransformNodeID(leafNode.GetID())
+                    if updateViews:
+                        self._showInSliceViews(fixedVolumeNode, movingVolumeNode, 0.5)
+
+                initial = None
+                final = None
+                for index, (kind, model) in enumerate(models, start=1):
+                    if cancelled():
+                        raise RegistrationCancelled()
+                    stageResult = self._runStage(kind, model, index, len(models), fixedImage, movingImage, initial,
+                                                 iterations, learningRate, device, threads, liveUpdate,
+                                                 linearNode, bsplineWriter, progressCallback, cancelled)
+                    if stageResult.cancelled:
+                        raise RegistrationCancelled()
+                    result.stages.append(stageResult)
+                    result.warnings.extend(w for w in stageResult.warnings if w not in result.warnings)
+                    initial = final = stageResult.transform
+                self._writeTransform(final, linearNode, bsplineWriter)
+
+                if progressCallback is not None:
+                    progressCallback(RegistrationProgress("outputs", len(models), len(models), iterations, iterations,
+                                                          None, _("Computing outputs and quality measures...")))
+                last = result.stages[-1]
+                result.metrics = self._metrics(result.stages, final, fixedImage, pairs, transformType, iterations)
                 if cancelled():
                     raise RegistrationCancelled()
-                stageResult = self._runStage(kind, model, index, len(models), fixedImage, movingImage, initial,
-                                             iterations, learningRate, device, threads, liveUpdate,
-                                             linearNode, bsplineWriter, progressCallback, cancelled)
-                if stageResult.cancelled:
-                    raise RegistrationCancelled()
-                result.stages.append(stageResult)
-                result.warnings.extend(w for w in stageResult.warnings if w not in result.warnings)
-                initial = final = stageResult.transform
-            self._writeTransform(final, linearNode, bsplineWriter)
+                result.fixedMapNode, result.movingMapNode = self._writeMaps(
+                    changes, linearNode, leafNode, last, fixedVolumeNode, movingVolumeNode)
+                if outputVolumeNode is not None:
+                    from istn.registration import warp_image
 
-            if progressCallback is not None:
-                progressCallback(RegistrationProgress("outputs", len(models), len(models), iterations, iterations,
-                                                      None, "Computing outputs and quality measures..."))
-            last = result.stages[-1]
-            result.metrics = self._metrics(result.stages, final, fixedImage, pairs, transformType)
-            if cancelled():
-                raise RegistrationCancelled()
-            result.fixedMapNode, result.movingMapNode = self._writeMaps(
-                changes, linearNode, leafNode, last, fixedVolumeNode, movingVolumeNode)
-            if outputVolumeNode is not None:
-                from istn.registration import warp_image
+                    warped = warp_image(movingImage, fixedImage, final)
+                    nodeio.updateVolumeNodeFromImage(outputVolumeNode, warped)
+                    outputVolumeNode.SetAndObserveTransformNodeID(None)
+                    if outputVolumeNode.GetDisplayNode() is None:
+                        outputVolumeNode.CreateDefaultDisplayNodes()
+                    result.outputVolumeNode = outputVolumeNode
+                if updateViews:
+                    foreground = result.movingMapNode if showMaps else (outputVolumeNode or movingVolumeNode)
+                    self._showInSliceViews(fixedVolumeNode, foreground, 0.5)
+            except RegistrationCancelled:
+                changes.sceneClosed = self._sceneClosed
+                changes.rollback()
+                return ISTNRegistrationResult(transformType=transformType, cancelled=True, warnings=result.warnings,
+                                              timings={"total": time.perf_counter() - started})
+            except BaseException:
+                changes.sceneClosed = self._sceneClosed
+                changes.rollback()
+                raise
 
-                warped = warp_image(movingImage, fixedImage, final)
-                nodeio.updateVolumeNodeFromImage(outputVolumeNode, warped)
-                outputVolumeNode.SetAndObserveTransformNodeID(None)
-                if outputVolumeNode.GetDisplayNode() is None:
-                    outputVolumeNode.CreateDefaultDisplayNodes()
-                result.outputVolumeNode = outputVolumeNode
-            if updateViews:
-                foreground = result.movingMapNode if showMaps else (outputVolumeNode or movingVolumeNode)
-                self._showInSliceViews(fixedVolumeNode, foreground, 0.5)
-        except RegistrationCancelled:
-            changes.rollback()
-            return ISTNRegistrationResult(transformType=transformType, cancelled=True, warnings=result.warnings,
-                                          timings={"total": time.perf_counter() - started})
-        except BaseException:
-            changes.rollback()
-            raise
-
-        result.transformNode = linearNode
-        result.bsplineTransformNode = bsplineNode
-        result.transform = final
-        result.device = last.device
-        result.timings = {"total": time.perf_counter() - started}
-        for stage in result.stages:
-            for key, value in stage.timings.items():
-                result.timings[f"{stage.transform_type}_{key}"] = value
-        return result
+            result.transformNode = linearNode
+            result.bsplineTransformNode = bsplineNode
+            result.transform = final
+            result.device = last.device
+            result.timings = {"total": time.perf_counter() - started}
+            for stage in result.stages:
+                for key, value in stage.timings.items():
+                    result.timings[f"{stage.transform_type}_{key}"] = value
+            return result
+        finally:
+            stack.close()
+            self._running = False
+            scene.RemoveObserver(closeObserver)
 
     # -- steps ----------------------------------------------------------------
     @staticmethod
     def _checkInputs(fixed, moving, outputTransform, outputVolume) -> None:
         for role, node in (("fixed", fixed), ("moving", moving)):
             if node is None:
-                raise ValueError(f"no {role} volume selected")
+                raise ValueError(_("no {role} volume selected").format(role=role))
             if not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
-                raise ValueError(f"the {role} volume '{node.GetName()}' must be a scalar (grey-level) volume")
+                raise ValueError(_("the {role} volume '{name}' must be a scalar (grey-level) volume").format(
+                    role=role, name=node.GetName()))
         if fixed is moving:
-            raise ValueError("the fixed and moving volumes are the same node; pick two different volumes")
+            raise ValueError(_("the fixed and moving volumes are the same node; pick two different volumes"))
         if outputTransform is not None:
+            name = outputTransform.GetName()
             if not outputTransform.IsA("vtkMRMLLinearTransformNode") or outputTransform.IsA("vtkMRMLBSplineTransformNode") \
                     or outputTransform.IsA("vtkMRMLGridTransformNode"):
-                raise ValueError(
-                    f"the output transform '{outputTransform.GetName()}' must be a linear transform node "
-                    "(a B-spline result is written into a child node of it)")
-            parent = fixed.GetParentTransformNode()
-            while parent is not None:
-                if parent is outputTransform:
-                    raise ValueError(f"the fixed volume is under the output transform '{outputTransform.GetName()}'; "
-                                     "pick another output transform or move the fixed volume out of it")
-                parent = parent.GetParentTransformNode()
+                raise ValueError(_("the output transform '{name}' must be a linear transform node (a B-spline result "
+                                   "is written into a child node of it)").format(name=name))
+            if _isUnder(fixed, outputTransform):
+                raise ValueError(_("the fixed volume is under the output transform '{name}'; pick another output "
+                                   "transform or move the fixed volume out of it").format(name=name))
+            parent = outputTransform.GetParentTransformNode()
+            if parent is not None:
+                # the result maps fixed WORLD points to moving points; under a parent it would be composed with it
+                raise ValueError(_("the output transform '{name}' is itself under the transform '{parent}', which "
+                                   "would misalign the result; pick a transform that is not under another one, or "
+                                   "'Create new transform'").format(name=name, parent=parent.GetName()))
+            previous = _previousMovingVolume(outputTransform)
+            if previous is not None and previous is not moving and _isUnder(previous, outputTransform):
+                raise ValueError(_("the output transform '{name}' holds the registration of '{previous}', which is "
+                                   "still under it and would move; pick 'Create new transform' (or another output "
+                                   "transform) for '{moving}'").format(name=name, previous=previous.GetName(),
+                                                                       moving=moving.GetName()))
         if outputVolume is not None and (outputVolume is fixed or outputVolume is moving):
-            raise ValueError("the output volume must not be one of the inputs: inputs are never overwritten")
+            raise ValueError(_("the output volume must not be one of the inputs: inputs are never overwritten"))
 
     @staticmethod
     def _resolveModels(transformType, modelPath, preAlign, affineModelPath) -> list[tuple[str, Path]]:
         """``[(kind, path)]`` in the order they run."""
         if transformType is not None and transformType not in TRANSFORM_TYPES:
-            raise ValueError(f"'transformType' must be 'affine' or 'bspline', got {transformType!r}")
+            raise ValueError(_("'transformType' must be 'affine' or 'bspline', got '{value}'").format(
+                value=transformType))
         if modelPath:
             info = readModelInfo(modelPath)
             if info.ndim != 3:
-                raise ValueError(f"model '{info.path.name}' is {info.ndim}D; Slicer volumes need a 3D model")
+                raise ValueError(_("model '{name}' is {ndim}D; Slicer volumes need a 3D model").format(
+                    name=info.path.name, ndim=info.ndim))
             if transformType is not None and info.transformType != transformType:
-                raise ValueError(f"model '{info.path.name}' is a {info.transformType} model, not {transformType}")
+                raise ValueError(_("model '{name}' is a {kind} model, not {wanted}").format(
+                    name=info.path.name, kind=info.transformType, wanted=transformType))
             transformType = info.transformType
         else:
             transformType = transformType or "affine"
             info = defaultModel(transformType)
             if info is None:
-                raise ValueError(
-                    f"no bundled {transformType} model is installed (Resources/Models of the module); "
-                    "choose a model file (.pt)")
+                raise ValueError(_("no bundled {kind} model is installed (Resources/Models of the module); choose "
+                                   "a model file (.pt)").format(kind=transformType))
         stages = [(transformType, info.path)]
         if transformType == "bspline" and preAlign:
             affine = readModelInfo(affineModelPath) if affineModelPath else defaultModel("affine")
             if affine is not None:
                 if affine.transformType != "affine" or affine.ndim != 3:
-                    raise ValueError(f"pre-alignment model '{affine.path.name}' is not a 3D affine model")
+                    raise ValueError(_("pre-alignment model '{name}' is not a 3D affine model").format(
+                        name=affine.path.name))
                 stages.insert(0, ("affine", affine.path))
         return stages
 
     def _prepareTransformNodes(self, changes, transformType, outputNode, fixedNode, movingNode):
         """(linear node, B-spline node or None, leaf node); created or reused, their old content remembered."""
         if outputNode is None:
-            name = f"{movingNode.GetName()} to {fixedNode.GetName()} (ISTN)"
+            name = _("{moving} to {fixed} (ISTN)").format(moving=movingNode.GetName(), fixed=fixedNode.GetName())
             outputNode = changes.addNode("vtkMRMLLinearTransformNode", name)
         else:
             changes.rememberTransform(outputNode)
-        nodeio.setLinearTransformFromParent(outputNode, np.eye(4))
+            changes.rememberAttribute(outputNode, ATTRIBUTE_MOVING)
+        outputNode.SetAttribute(ATTRIBUTE_MOVING, movingNode.GetID())  # a later run for another volume is refused
+        outputNode.SetMatrixTransformFromParent(vtk.vtkMatrix4x4())  # identity
         if transformType != "bspline":
             return outputNode, None, outputNode
         bspline = outputNode.GetNodeReference(ROLE_BSPLINE)
@@ -463,7 +567,8 @@ class ISTNRegistrationLogic:
             changes.rememberParent(bspline)
             bspline.SetAndObserveTransformFromParent(vtk.vtkTransform())  # identity until the B-spline stage
         else:
-            bspline = changes.addNode("vtkMRMLBSplineTransformNode", f"{outputNode.GetName()} B-spline")
+            bspline = changes.addNode("vtkMRMLBSplineTransformNode",
+                                      _("{name} B-spline").format(name=outputNode.GetName()))
             # identity until the B-spline stage (its default B-spline has no coefficients yet)
             bspline.SetAndObserveTransformFromParent(vtk.vtkTransform())
             changes.rememberReference(outputNode, ROLE_BSPLINE)
@@ -481,16 +586,20 @@ class ISTNRegistrationLogic:
             if progressCallback is not None:
                 progressCallback(RegistrationProgress(kind, index, count, info.iteration, info.iterations, info.loss))
 
-        if progressCallback is not None:
-            name = {"affine": "affine", "bspline": "B-spline"}[kind]
+        if progressCallback is not None:  # the one pass reports nothing until it is done
             progressCallback(RegistrationProgress(kind, index, count, 0, iterations, None,
-                                                  f"Running the {name} model ({model.path.name})..."))
+                                                  _("Running the {stage} model ({name})...").format(
+                                                      stage=STAGE_NAMES[kind], name=model.path.name)))
         lr = float(learningRate) if learningRate is not None and learningRate > 0 else None
         return register(fixedImage, movingImage, model, iterations=iterations, lr=lr, device=device,
                         initial_transform=initial, callback=callback, cancel=cancelled, threads=threads)
 
     @staticmethod
-    def _writeTransform(transform: sitk.Transform, linearNode, bsplineWriter) -> None:
+    def _writeTransform(transform, linearNode, bsplineWriter) -> None:
+        import numpy as np
+
+        from . import nodes as nodeio
+
         linear, bspline = nodeio.splitComposite(transform)
         current = vtk.vtkMatrix4x4()
         linearNode.GetMatrixTransformFromParent(current)
@@ -499,16 +608,20 @@ class ISTNRegistrationLogic:
             nodeio.setLinearTransformFromParent(linearNode, matrix)
         if bspline is not None:
             if bsplineWriter is None:
-                raise RuntimeError("a B-spline result needs a B-spline transform node")
+                raise RuntimeError(_("a B-spline result needs a B-spline transform node"))
             bsplineWriter.write(bspline)
 
     @staticmethod
-    def _metrics(stages, final, fixedImage, pairs, transformType) -> dict:
+    def _metrics(stages, final, fixedImage, pairs, transformType, iterations: int) -> dict:
+        import SimpleITK as sitk
+
         from istn.metrics import dice, folding_fraction
 
+        # "iterations": those the engine ran (it may stop early at convergence); "iterations_requested": the limit
         metrics: dict = {"stages": [
             {"stage": s.transform_type, "loss_one_pass": s.loss_one_pass, "loss_final": s.loss_final,
-             "iterations": s.iterations, "losses": list(s.losses)} for s in stages]}
+             "iterations": s.iterations, "iterations_requested": iterations, "losses": list(s.losses)}
+            for s in stages]}
         metrics["loss_one_pass"] = stages[-1].loss_one_pass
         metrics["loss_final"] = stages[-1].loss_final
         if pairs:
@@ -534,6 +647,8 @@ class ISTNRegistrationLogic:
         return metrics
 
     def _writeMaps(self, changes, linearNode, leafNode, stage, fixedNode, movingNode):
+        from . import nodes as nodeio
+
         maps = []
         for role, image, source, parent in (
             (ROLE_FIXED_MAP, stage.fixed_map, fixedNode, None),
@@ -541,7 +656,8 @@ class ISTNRegistrationLogic:
         ):
             node = linearNode.GetNodeReference(role)
             if node is None or not self.scene.IsNodePresent(node) or not node.IsA("vtkMRMLScalarVolumeNode"):
-                node = changes.adopt(nodeio.addVolumeNodeFromImage(self.scene, image, f"{source.GetName()} ITN map"))
+                node = changes.adopt(nodeio.addVolumeNodeFromImage(
+                    self.scene, image, _("{name} ITN map").format(name=source.GetName())))
                 changes.rememberReference(linearNode, role)
                 linearNode.SetNodeReferenceID(role, node.GetID())
             else:
@@ -555,6 +671,9 @@ class ISTNRegistrationLogic:
         return maps[0], maps[1]
 
     def _styleMap(self, node, image) -> None:
+        import numpy as np
+        import SimpleITK as sitk
+
         display = node.GetDisplayNode()
         if display is None:
             return
@@ -569,6 +688,9 @@ class ISTNRegistrationLogic:
     def _showInSliceViews(self, background, foreground, opacity: float) -> None:
         """Fixed volume as background, ``foreground`` over it, in every slice view of the scene."""
         scene = self.scene
+        if scene is slicer.mrmlScene:
+            slicer.util.setSliceViewerLayers(background=background, foreground=foreground, foregroundOpacity=opacity)
+            return
         for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
             composite = scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
             composite.SetBackgroundVolumeID(background.GetID() if background is not None else None)
@@ -576,8 +698,11 @@ class ISTNRegistrationLogic:
             composite.SetForegroundOpacity(opacity)
 
 
-def _foldingGrid(fixedImage: sitk.Image) -> sitk.Image:
-    """The fixed grid, made coarser (same extent and direction) if it is very large."""
+def _foldingGrid(fixedImage):
+    """The fixed grid (a SimpleITK image), made coarser (same extent and direction) if it is very large."""
+    import numpy as np
+    import SimpleITK as sitk
+
     size = np.asarray(fixedImage.GetSize(), dtype=float)
     factor = max(1.0, (size.prod() / FOLDING_MAX_VOXELS) ** (1.0 / 3.0))
     if factor <= 1.0:
@@ -589,3 +714,43 @@ def _foldingGrid(fixedImage: sitk.Image) -> sitk.Image:
     reference.SetDirection(fixedImage.GetDirection())
     reference.SetSpacing(spacing)
     return reference
+
+
+def _isUnder(node, transformNode) -> bool:
+    """Whether ``node`` is (directly or further down) under ``transformNode``."""
+    parent = node.GetParentTransformNode()
+    while parent is not None:
+        if parent is transformNode:
+            return True
+        parent = parent.GetParentTransformNode()
+    return False
+
+
+def _previousMovingVolume(outputTransform):
+    """The moving volume an earlier run registered into ``outputTransform`` (None if none or gone)."""
+    nodeId = outputTransform.GetAttribute(ATTRIBUTE_MOVING)
+    scene = outputTransform.GetScene()
+    return scene.GetNodeByID(nodeId) if nodeId and scene is not None else None
+
+
+def _seededTorch(seed: int | None, device: str):
+    """A context in which torch's random numbers start from ``seed``; the global generators are restored after.
+
+    Slicer's Python is shared by every module: reseeding its global RNG would
+    change what other code draws.
+    """
+    if seed is None:
+        return contextlib.nullcontext()
+    import torch
+
+    cuda = device != "cpu" and torch.cuda.is_available()
+
+    @contextlib.contextmanager
+    def seeded():
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
+            torch.random.default_generator.manual_seed(int(seed))
+            if cuda:
+                torch.cuda.manual_seed(int(seed))
+            yield
+
+    return seeded()

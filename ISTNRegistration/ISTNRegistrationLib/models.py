@@ -13,6 +13,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .i18n import _
+
 #: The module folder (holds ``Resources/`` and the engine package ``istn``).
 MODULE_DIR = Path(__file__).resolve().parents[1]
 #: Bundled models: ``*.pt`` files, each optionally with a ``.md`` model card of the same stem.
@@ -47,41 +49,45 @@ class ModelInfo:
     def label(self) -> str:
         """Short text for a combo box: ``B-spline: brain_bspline``."""
         kind = {"affine": "Affine", "bspline": "B-spline"}.get(self.transformType, self.transformType)
-        return f"{kind}: {self.name}"
+        return _("{kind}: {name}").format(kind=kind, name=self.name)
 
     def describe(self) -> str:
         """One paragraph for people (the same facts as ``istn.export.LoadedModel.describe``)."""
         m = self.meta
         grid = m.get("grid", {})
         size = "x".join(str(s) for s in grid.get("size", [])) or "?"
-        text = (f"{str(m.get('variant', '?')).upper()} {self.transformType} {self.ndim}D model, "
-                f"internal grid {size} at {grid.get('spacing_mm', '?')} mm")
+        text = _("{variant} {kind} {ndim}D model, internal grid {size} at {spacing} mm").format(
+            variant=str(m.get("variant", "?")).upper(), kind=self.transformType, ndim=self.ndim, size=size,
+            spacing=grid.get("spacing_mm", "?"))
         if m.get("control_point_spacing_mm"):
-            text += f", control points every {m['control_point_spacing_mm']} mm"
+            text += _(", control points every {spacing} mm").format(spacing=m["control_point_spacing_mm"])
         soi = m.get("soi") or {}
         if soi.get("description"):
             # the first clause only: a panel label, not the model card (training data lives there)
-            text += f"; structures of interest: {soi['description'].split(';')[0].strip()}"
-        return text + f" (engine {m.get('engine_version', '?')}, file {self.path.name})."
+            text += _("; structures of interest: {soi}").format(soi=soi["description"].split(";")[0].strip())
+        return text + _(" (engine {version}, file {name}).").format(version=m.get("engine_version", "?"),
+                                                                    name=self.path.name)
 
 
 def readModelInfo(path: str | os.PathLike) -> ModelInfo:
     """Read the metadata of an exported model without loading it (no torch needed)."""
     p = Path(path)
     if not p.is_file():
-        raise ModelInfoError(f"model file '{p}' does not exist")
+        raise ModelInfoError(_("model file '{path}' does not exist").format(path=p))
     try:
         with zipfile.ZipFile(p) as archive:
             names = [n for n in archive.namelist() if n.endswith("extra/meta.json")]
             if not names:
-                raise ModelInfoError(f"'{p}' is not an ISTN model (a TorchScript file without ISTN metadata)")
+                raise ModelInfoError(_("'{path}' is not an ISTN model (a TorchScript file without ISTN "
+                                       "metadata)").format(path=p))
             meta = json.loads(archive.read(names[0]).decode("utf-8"))
     except (zipfile.BadZipFile, OSError):
-        raise ModelInfoError(f"'{p}' is not an ISTN model file (not a TorchScript archive)") from None
+        raise ModelInfoError(_("'{path}' is not an ISTN model file (not a TorchScript archive)").format(path=p)) \
+            from None
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ModelInfoError(f"'{p}' has unreadable ISTN metadata") from None
+        raise ModelInfoError(_("'{path}' has unreadable ISTN metadata").format(path=p)) from None
     if not isinstance(meta, dict) or meta.get("format") != "istn-model":
-        raise ModelInfoError(f"'{p}' is not an ISTN model (its metadata is of another format)")
+        raise ModelInfoError(_("'{path}' is not an ISTN model (its metadata is of another format)").format(path=p))
     card_path = p.with_suffix(".md")
     card = card_path.read_text(encoding="utf-8", errors="replace") if card_path.is_file() else ""
     return ModelInfo(p, meta, card)

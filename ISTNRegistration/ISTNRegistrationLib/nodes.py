@@ -22,6 +22,8 @@ from vtk.util import numpy_support
 
 import slicer
 
+from .i18n import _
+
 #: LPS <-> RAS, homogeneous (its own inverse).
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -60,10 +62,9 @@ def parentToWorldMatrix(node) -> np.ndarray:
     if parent is None:
         return np.eye(4)
     if not parent.IsTransformToWorldLinear():
-        raise ValueError(
-            f"'{node.GetName()}' is under the non-linear transform '{parent.GetName()}'; "
-            "harden it (Data module, right-click > Harden transform) or remove it from the transform first"
-        )
+        raise ValueError(_("'{name}' is under the non-linear transform '{parent}'; harden it (Data module, "
+                           "right-click > Harden transform) or remove it from the transform first").format(
+                               name=node.GetName(), parent=parent.GetName()))
     m = vtk.vtkMatrix4x4()
     parent.GetMatrixTransformToWorld(m)
     return arrayFromVtkMatrix(m)
@@ -80,7 +81,7 @@ def _geometryFromVoxelToRas(voxelToRas: np.ndarray) -> tuple[list[float], list[f
     axes = m[:3, :3]
     spacing = np.linalg.norm(axes, axis=0)
     if np.any(spacing <= 0):
-        raise ValueError("the volume has a zero voxel spacing")
+        raise ValueError(_("the volume has a zero voxel spacing"))
     direction = axes / spacing
     return spacing.tolist(), m[:3, 3].tolist(), direction.ravel().tolist()
 
@@ -88,7 +89,8 @@ def _geometryFromVoxelToRas(voxelToRas: np.ndarray) -> tuple[list[float], list[f
 def voxelToRasFromImage(image: sitk.Image) -> np.ndarray:
     """ITK image geometry (LPS) -> IJK-to-RAS matrix."""
     if image.GetDimension() != 3:
-        raise ValueError(f"a {image.GetDimension()}D image cannot be shown as a Slicer volume; 3D is expected")
+        raise ValueError(_("a {ndim}D image cannot be shown as a Slicer volume; 3D is expected").format(
+            ndim=image.GetDimension()))
     m = np.eye(4)
     m[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
     m[:3, 3] = image.GetOrigin()
@@ -113,15 +115,14 @@ def volumeNodeToImage(volumeNode, world: bool = False) -> sitk.Image:
     Voxels are copied: the node is never modified.
     """
     if volumeNode is None:
-        raise ValueError("no volume node given")
+        raise ValueError(_("no volume node given"))
     imageData = volumeNode.GetImageData()
     if imageData is None or imageData.GetPointData().GetScalars() is None:
-        raise ValueError(f"volume '{volumeNode.GetName()}' has no voxels")
+        raise ValueError(_("volume '{name}' has no voxels").format(name=volumeNode.GetName()))
     if imageData.GetNumberOfScalarComponents() != 1:
-        raise ValueError(
-            f"volume '{volumeNode.GetName()}' has {imageData.GetNumberOfScalarComponents()} components per voxel; "
-            "a scalar (grey-level) volume is expected"
-        )
+        raise ValueError(_("volume '{name}' has {components} components per voxel; a scalar (grey-level) volume "
+                           "is expected").format(name=volumeNode.GetName(),
+                                                 components=imageData.GetNumberOfScalarComponents()))
     array = np.array(slicer.util.arrayFromVolume(volumeNode), copy=True)
     voxelToRas = ijkToRasMatrix(volumeNode)
     if world:
@@ -182,25 +183,25 @@ def structuresFromNode(node, world: bool = False) -> list[Structure]:
         array = sitk.GetArrayViewFromImage(labels)
         if not np.issubdtype(array.dtype, np.integer):
             if not np.all(np.equal(np.mod(array, 1), 0)):
-                raise ValueError(f"'{node.GetName()}' is not a label map (its voxel values are not integers)")
+                raise ValueError(_("'{name}' is not a label map (its voxel values are not integers)").format(
+                    name=node.GetName()))
         out = []
         for value in sorted(int(v) for v in np.unique(array) if v != 0):
             mask = sitk.Cast(labels == value, sitk.sitkUInt8)
             out.append(Structure(_labelName(node, value) if node.IsA("vtkMRMLLabelMapVolumeNode") else f"label {value}", value, mask))
         return out
-    raise ValueError(f"'{node.GetName()}' is neither a segmentation nor a label map volume")
+    raise ValueError(_("'{name}' is neither a segmentation nor a label map volume").format(name=node.GetName()))
 
 
 def _structuresFromSegmentation(segmentationNode, world: bool) -> list[Structure]:
     segmentation = segmentationNode.GetSegmentation()
     if segmentation.GetNumberOfSegments() == 0:
-        raise ValueError(f"segmentation '{segmentationNode.GetName()}' has no segments")
+        raise ValueError(_("segmentation '{name}' has no segments").format(name=segmentationNode.GetName()))
     labelmapName = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
     if not segmentation.ContainsRepresentation(labelmapName):
-        raise ValueError(
-            f"segmentation '{segmentationNode.GetName()}' has no binary labelmap representation; "
-            "create one in the Segmentations module (Representations > Binary labelmap > Create)"
-        )
+        raise ValueError(_("segmentation '{name}' has no binary labelmap representation; create one in the "
+                           "Segmentations module (Representations > Binary labelmap > Create)").format(
+                               name=segmentationNode.GetName()))
     toWorld = parentToWorldMatrix(segmentationNode) if world else np.eye(4)
     out = []
     for index in range(segmentation.GetNumberOfSegments()):
@@ -208,7 +209,8 @@ def _structuresFromSegmentation(segmentationNode, world: bool) -> list[Structure
         segment = segmentation.GetSegment(segmentId)
         oriented = slicer.vtkOrientedImageData()
         if not segmentationNode.GetBinaryLabelmapRepresentation(segmentId, oriented):
-            raise ValueError(f"segment '{segment.GetName()}' of '{segmentationNode.GetName()}' could not be read")
+            raise ValueError(_("segment '{segment}' of '{name}' could not be read").format(
+                segment=segment.GetName(), name=segmentationNode.GetName()))
         extent = oriented.GetExtent()
         if extent[1] < extent[0] or extent[3] < extent[2] or extent[5] < extent[4]:
             continue  # empty segment
@@ -264,11 +266,12 @@ def splitComposite(transform: sitk.Transform) -> tuple[np.ndarray, sitk.BSplineT
         for part in parts:
             if isinstance(part, sitk.BSplineTransform):
                 if bspline is not None:
-                    raise ValueError("a result with two B-splines cannot be shown as one transform node")
+                    raise ValueError(_("a result with two B-splines cannot be shown as one transform node"))
                 bspline = part
             else:
                 if bspline is not None:
-                    raise ValueError("a linear transform applied after the B-spline cannot be shown as a parent node")
+                    raise ValueError(_("a linear transform applied after the B-spline cannot be shown as a parent "
+                                       "node"))
                 linear = sitk_affine_to_matrix(part) @ linear
         return linear, bspline
     if isinstance(tx, sitk.BSplineTransform):
@@ -296,7 +299,7 @@ def _bsplineCoefficientsRas(bspline: sitk.BSplineTransform, size: list[int]) -> 
 def bsplineToVtk(bspline: sitk.BSplineTransform) -> "slicer.vtkOrientedBSplineTransform":
     """ITK cubic B-spline (LPS) -> ``vtkOrientedBSplineTransform`` (RAS), same displacement inside its grid."""
     if bspline.GetDimension() != 3 or bspline.GetOrder() != 3:
-        raise ValueError("only 3D cubic B-splines can be shown in Slicer")
+        raise ValueError(_("only 3D cubic B-splines can be shown in Slicer"))
     size, origin, spacing, direction = _bsplineGeometryRas(bspline)
     coefficients = vtk.vtkImageData()
     coefficients.SetDimensions(size)
