@@ -16,8 +16,9 @@ def _network_points(model, fixed, moving, result):
     """World points the network's own sampling grid pulls from, and the fixed-side world points."""
     cfg = model.config
     gf, gm = network_grid(fixed, cfg), network_grid(moving, cfg)
-    wf = intensity_window(sitk.GetArrayViewFromImage(fixed), *model.intensity)
-    wm = intensity_window(sitk.GetArrayViewFromImage(moving), *model.intensity)
+    fg = model.intensity_foreground
+    wf = intensity_window(sitk.GetArrayViewFromImage(fixed), *model.intensity, foreground=fg)
+    wm = intensity_window(sitk.GetArrayViewFromImage(moving), *model.intensity, foreground=fg)
     mod = model.module
     with torch.no_grad():
         if model.transform_type == "affine":
@@ -114,8 +115,10 @@ def test_engine_warp_matches_sitk_resampling_on_internal_grid(make_model, pair2d
         s = image_to_tensor(moving, gm, None)
         t = image_to_tensor(fixed, gf, None)
         mod = model.module
-        params = mod.predict(mod.representation(image_to_tensor(moving, gm, intensity_window(sitk.GetArrayViewFromImage(moving)))),
-                             mod.representation(image_to_tensor(fixed, gf, intensity_window(sitk.GetArrayViewFromImage(fixed)))))
+        fg = model.intensity_foreground
+        params = mod.predict(
+            mod.representation(image_to_tensor(moving, gm, intensity_window(sitk.GetArrayViewFromImage(moving), foreground=fg))),
+            mod.representation(image_to_tensor(fixed, gf, intensity_window(sitk.GetArrayViewFromImage(fixed), foreground=fg))))
         torch_warp = mod.warp(s, mod.sampling_grid(params))[0, 0].numpy()
     sitk_warp = sitk.GetArrayFromImage(warp_image(moving, gf, res.one_pass_transform))
     inside = torch_warp > 0.05

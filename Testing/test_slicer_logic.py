@@ -679,12 +679,12 @@ def _restored_volume(scene, node, permutation, flips, name):
     return slicer.util.addVolumeFromArray(np.ascontiguousarray(data), ijkToRAS=ijk_to_ras @ new_to_old, name=name)
 
 
-@pytest.mark.xfail(strict=False, reason="needs world-frame network grid")
-@pytest.mark.parametrize("layout", ["lps-flip", "sagittal-permuted"])
+@pytest.mark.parametrize("layout", ["lps-flip", "sagittal-permuted", "ras-oblique"])
 def test_moving_volume_stored_with_another_ijk_to_ras_gives_the_same_transform(scene, pair, tiny_models, layout):
     fixed_node, moving_node, fixed, _ = pair
     permutation, flips = {"lps-flip": ((0, 1, 2), (True, True, False)),
-                          "sagittal-permuted": ((2, 0, 1), (False, True, False))}[layout]
+                          "sagittal-permuted": ((2, 0, 1), (False, True, False)),
+                          "ras-oblique": ((1, 0, 2), (False, False, True))}[layout]
     other = _restored_volume(scene, moving_node, permutation, flips, "moving restored")
     # the restored volume really is the same content at the same world points
     probe = (5, 9, 13)

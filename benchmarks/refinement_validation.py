@@ -46,7 +46,7 @@ from istn.metrics import dice, folding_fraction  # noqa: E402
 from istn.registration import register  # noqa: E402
 
 BENDING = (0.0, 1.0, 3.0, 10.0, 30.0)
-TOLERANCE = (0.0, 1e-3, 3e-3, 1e-2)
+TOLERANCE = (0.0, 1e-3, 3e-3, 1e-2, 2e-2, 5e-2, 1e-1)
 
 
 def mask_dice(fixed_mask: sitk.Image, moving_mask: sitk.Image, tx: sitk.Transform) -> float:
@@ -89,11 +89,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", type=int, default=4, help="scanner positions (each as whole head and brain)")
     p.add_argument("--iterations", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--bending-grid", default=",".join(f"{w:g}" for w in bendings), help="weights to try (with 0)")
+    p.add_argument("--tolerance-grid", default=",".join(f"{t:g}" for t in tolerances), help="tolerances to try (with 0)")
+    p.add_argument("--intensity-method", choices=("percentile", "foreground-percentile"), default=None,
+                   help="validate (and with --write-models store) this intensity normalisation (default: the models')")
     p.add_argument("--write-models", action="store_true", help="store the choice in the models' metadata")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "refinement_validation"))
     args = p.parse_args(argv)
     data, models = Path(args.data), Path(args.models)
     affine, bspline = load_model(models / "brain-t1-affine.pt"), load_model(models / "brain-t1-bspline.pt")
+    bendings = sorted({0.0, *(float(w) for w in args.bending_grid.split(","))})
+    tolerances = sorted({0.0, *(float(t) for t in args.tolerance_grid.split(","))})
+    if args.intensity_method:
+        for m in (affine, bspline):
+            m.meta["intensity"]["method"] = args.intensity_method
     fixed = sitk.ReadImage(str(data / "eval" / "icbm2009c_t1.nii.gz"), sitk.sitkFloat32)
     fixed_labels = sitk.ReadImage(str(data / "eval" / "icbm2009c_labels.nii.gz"))
     fixed_mask = sitk.Cast(fixed > 0, sitk.sitkUInt8)
@@ -107,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         losses["affine"]["refined"].append(ra.similarity_final)
         base = {"pair": label, "affine_dice": mean_dice(fixed_labels, labels, ra.transform),
                 "affine_mask_dice": mask_dice(fixed_mask, mask, ra.transform)}
-        for w in BENDING:
+        for w in bendings:
             t0 = time.perf_counter()
             rb = register(fixed, moving, bspline, initial_transform=ra.transform, bending=w, tolerance=0.0, **opts)
             if w == 0.0:
@@ -121,15 +130,15 @@ def main(argv: list[str] | None = None) -> int:
             r = rows[-1]
             print(f"{label}: bending {w:g}: affine {base['affine_dice']:.3f}/{base['affine_mask_dice']:.3f} -> "
                   f"B-spline {r['dice']:.3f}/{r['mask_dice']:.3f} folding {r['folding']:.4f}", flush=True)
-    by_w = {w: [r for r in rows if r["bending"] == w] for w in BENDING}
-    harmless = [w for w in BENDING if all(r["mask_dice"] >= r["affine_mask_dice"] - 1e-3 for r in by_w[w])]
-    chosen = max(harmless or [max(BENDING)], key=lambda w: np.mean([r["dice"] for r in by_w[w]]))
+    by_w = {w: [r for r in rows if r["bending"] == w] for w in bendings}
+    harmless = [w for w in bendings if all(r["mask_dice"] >= r["affine_mask_dice"] - 1e-3 for r in by_w[w])]
+    chosen = max(harmless or [max(bendings)], key=lambda w: np.mean([r["dice"] for r in by_w[w]]))
     for r in by_w[chosen]:
         losses["bspline"]["refined"].append(r["similarity"])
 
     # Tolerance: affine and B-spline (chosen bending) with early stopping.
     tol_rows = []
-    for tol in TOLERANCE:
+    for tol in tolerances:
         for label, moving, labels, mask in pairs:
             t0 = time.perf_counter()
             ra = register(fixed, moving, affine, tolerance=tol, **opts)
@@ -141,10 +150,10 @@ def main(argv: list[str] | None = None) -> int:
                              "affine_seconds": t1 - t0, "bspline_seconds": time.perf_counter() - t1})
             print(f"{label}: tolerance {tol:g}: {tol_rows[-1]['affine_dice']:.3f} ({ra.iterations} its) -> "
                   f"{tol_rows[-1]['dice']:.3f} ({rb.iterations} its)", flush=True)
-    by_t = {t: [r for r in tol_rows if r["tolerance"] == t] for t in TOLERANCE}
+    by_t = {t: [r for r in tol_rows if r["tolerance"] == t] for t in tolerances}
     ref_dice = np.mean([r["dice"] for r in by_t[0.0]])
     ref_aff = np.mean([r["affine_dice"] for r in by_t[0.0]])
-    ok = [t for t in TOLERANCE if np.mean([r["dice"] for r in by_t[t]]) >= ref_dice - 0.002
+    ok = [t for t in tolerances if np.mean([r["dice"] for r in by_t[t]]) >= ref_dice - 0.002
           and np.mean([r["affine_dice"] for r in by_t[t]]) >= ref_aff - 0.002]
     tol_chosen = max(ok)
 
@@ -165,11 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         "bending": {str(w): {k: float(np.mean([r[k] for r in by_w[w]])) for k in
                              ("affine_dice", "dice", "affine_mask_dice", "mask_dice", "folding", "seconds")}
                     | {"min_mask_gain": float(min(r["mask_dice"] - r["affine_mask_dice"] for r in by_w[w]))}
-                    for w in BENDING},
+                    for w in bendings},
         "bending_chosen": chosen,
         "tolerance": {str(t): {k: float(np.mean([r[k] for r in by_t[t]])) for k in
                                ("affine_dice", "dice", "affine_iterations", "bspline_iterations",
-                                "affine_seconds", "bspline_seconds")} for t in TOLERANCE},
+                                "affine_seconds", "bspline_seconds")} for t in tolerances},
         "tolerance_chosen": tol_chosen,
         "self_registration_mm": {k: {"mean": v[0], "max": v[1]} for k, v in self_dist.items()},
         "refinement_loss": {k: {s: spread(v) for s, v in d.items() if v} for k, d in losses.items()},
@@ -179,12 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     md = [f"# Refinement settings chosen on validation pairs ({summary['created']})", "",
           f"Moving: `{args.val_anatomy}` (never trained on) in {args.pairs} seeded scanner positions (seeds "
-          f"{SEED0}..), whole head and brain-extracted; fixed: ICBM 2009c. {args.iterations} iterations cap. "
+          f"{SEED0}..), whole head and brain-extracted; fixed: ICBM 2009c. {args.iterations} iterations cap; "
+          f"intensity normalisation: {affine.meta['intensity']['method']}; {args.threads} threads on a shared "
+          "machine (seconds are indicative only). "
           "Means over pairs. Made by `python benchmarks/refinement_validation.py`.", "",
           "## B-spline bending weight", "",
           "| bending (mm^2) | affine Dice | B-spline Dice | affine brain-mask Dice | B-spline brain-mask Dice | "
           "worst brain-mask change | folding | B-spline s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for w in BENDING:
+    for w in bendings:
         b = summary["bending"][str(w)]
         md.append(f"| {w:g}{' (chosen)' if w == chosen else ''} | {b['affine_dice']:.3f} | {b['dice']:.3f} | "
                   f"{b['affine_mask_dice']:.3f} | {b['mask_dice']:.3f} | {b['min_mask_gain']:+.3f} | "
@@ -192,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     md += ["", "## Convergence tolerance (chosen bending)", "",
            "| tolerance | affine Dice | B-spline Dice | affine its | B-spline its | affine s | B-spline s |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
-    for t in TOLERANCE:
+    for t in tolerances:
         b = summary["tolerance"][str(t)]
         md.append(f"| {t:g}{' (chosen)' if t == tol_chosen else ''} | {b['affine_dice']:.3f} | {b['dice']:.3f} | "
                   f"{b['affine_iterations']:.1f} | {b['bspline_iterations']:.1f} | {b['affine_seconds']:.2f} | "

@@ -463,7 +463,7 @@ brain T1: {what}. Use: {use}.
 | | |
 | --- | --- |
 | variant | {m['variant']}: {VARIANT_TEXT.get(m['variant'], '')} |
-| internal grid | {'x'.join(str(g) for g in m['grid_size'])} voxels at {m['grid_spacing']:g} mm, centred on each image |
+| internal grid | {'x'.join(str(g) for g in m['grid_size'])} voxels at {m['grid_spacing']:g} mm, on world (patient LPS) axes, centred on the image's foreground: any storage layout gives the same input |
 | ITN / STN channels | {tuple(m['itn_channels'])} / {tuple(m['stn_channels'])}, hidden {m['stn_hidden']} |
 | SoI | {SOI_DESCRIPTION} |
 | loss | {'normalised MSE (1 - soft Dice) in every SoI term' if cfg['soi_loss'] == 'nmse' else 'MSE'}{f", plus {cfg['image_weight']:g} x MSE(T(s), t) (dense while structures do not overlap yet)" if cfg['image_weight'] else ''} |
@@ -473,9 +473,12 @@ brain T1: {what}. Use: {use}.
 ## Input expectations
 - T1-weighted brain MRI, whole head or skull-stripped, in any position a scanner puts a head (the affine model
   was trained for rotations up to ~20 degrees, translations up to ~20 mm, scaling +-10 %), voxel sizes of
-  roughly 1-3 mm. Intensities are normalised inside (0.5-99.5 percentiles).
-- The image's direction matrix must be right (the internal grid follows it): an image whose header puts the
-  head upside down or in another axis order is outside what the model has seen.
+  roughly 1-3 mm. Intensities are normalised inside (0.5 percentile of the image, 99.5 percentile of its
+  foreground, so a padded field of view or a neck does not change the brightness the network sees).
+- Any correct header works: the internal grid is built on the patient's axes (world LPS) and centred on the
+  head's foreground, whatever the file's voxel order, flips or obliquity (RAS-stored NIfTI, sagittal,
+  oblique: the same world transform within rounding, `Testing/test_network_frame.py`). A header that is
+  WRONG (e.g. left and right swapped by a converter) cannot be detected.
 - Other contrasts (T2, PD), children, lesions, strongly atrophied or cropped brains: not trained for.
 
 ## Training data

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Sequence
-
-import numpy as np
 
 from .errors import InputError, ISTNError, ResultError
 
@@ -35,16 +34,25 @@ REGISTER_OUTPUTS = ("transform.h5", "warped.nii.gz", "itn_fixed.nii.gz", "itn_mo
 # --------------------------------------------------------------------------
 
 
-def check_register_options(iterations: int, lr: float | None, device: str, background: float | None = None) -> None:
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
+
+
+def check_register_options(iterations: int, lr: float | None, device: str, background: float | None = None,
+                           bending: float | None = None, tolerance: float | None = None) -> None:
     """The numeric and device options, checked before any file is read (messages name the flags)."""
     from .registration import check_device
 
     if iterations < 0:
         raise InputError(f"--refine must be a whole number >= 0 (refinement iterations), got {iterations}")
-    if lr is not None and (not np.isfinite(lr) or lr <= 0):
+    if lr is not None and (not _finite(lr) or lr <= 0):
         raise InputError(f"--lr must be a finite number > 0 (refinement learning rate), got {lr:g}")
-    if background is not None and not np.isfinite(background):
+    if background is not None and not _finite(background):
         raise InputError(f"--background must be a finite number, got {background:g}")
+    if bending is not None and (not _finite(bending) or bending < 0):
+        raise InputError(f"--bending must be a finite number >= 0 (B-spline bending energy weight), got {bending:g}")
+    if tolerance is not None and (not _finite(tolerance) or tolerance < 0):
+        raise InputError(f"--tolerance must be a finite number >= 0 (0 runs every iteration), got {tolerance:g}")
     check_device(device)
 
 
@@ -59,13 +67,18 @@ def run_register(
     initial_path: str | Path | None = None,
     quiet: bool = False,
     background: float | None = None,
+    bending: float | None = None,
+    tolerance: float | None = None,
 ) -> dict:
     """Register a pair with one model or a chain (affine models, then at most one B-spline) and write the outputs.
 
     Everything is checked (`check_register_inputs`) before any computation and
     every result before anything is written; each file is written atomically.
     ``background`` fills ``warped.nii.gz`` outside the moving image (default:
-    the moving image's minimum). Returns the content of ``result.json``.
+    the moving image's minimum). ``bending`` (B-spline stage) and ``tolerance``
+    (every stage) override the models' refinement settings (`register`).
+    Returns the content of ``result.json``; its ``warnings`` gather every
+    stage's (the CLI prints them).
     """
     import SimpleITK as sitk
 
@@ -75,7 +88,7 @@ def run_register(
 
     if not model_paths:
         raise InputError("at least one --model is needed")
-    check_register_options(iterations, lr, device, background)
+    check_register_options(iterations, lr, device, background, bending, tolerance)
     names = list(REGISTER_OUTPUTS) + ["transform.tfm", "affine.tfm"]
     inputs = [fixed_path, moving_path, *model_paths] + ([initial_path] if initial_path else [])
     fixed = read_image(fixed_path, "fixed")
@@ -100,8 +113,8 @@ def run_register(
                           file=sys.stderr)
 
             result = register(fixed, moving, model, iterations=iterations, lr=lr, device=device,
-                              initial_transform=initial, callback=progress)
-            stages.append({"model": str(model.path), **result.summary()})
+                              initial_transform=initial, callback=progress, bending=bending, tolerance=tolerance)
+            stages.append({**result.summary(), "model_file": str(model.path)})  # summary's "model": the metadata
             initial = result.transform
         assert result is not None
         warped = warp_image(moving, fixed, result.transform, default_value=bg)
@@ -121,6 +134,7 @@ def run_register(
         "transform_maps": "fixed world points (mm, LPS) -> moving world points",
         "background": bg,
         "stages": stages,
+        "warnings": [f"{Path(s['model_file']).name}: {w}" for s in stages for w in s["warnings"]],
         "seconds_total": time.perf_counter() - t0,
     }
     # Everything computed and checked: now write, each file atomically.
@@ -138,6 +152,7 @@ def run_register(
 
 def _check_result(transform, images: dict) -> None:
     """Refuse to write a non-finite transform or image (a diverged refinement)."""
+    import numpy as np
     import SimpleITK as sitk
 
     from .transforms import flatten_transform
@@ -174,6 +189,7 @@ MIN_LABEL_COHERENCE = 0.3
 
 
 def _label_values(image) -> set[int]:
+    import numpy as np
     import SimpleITK as sitk
 
     return set(np.unique(sitk.GetArrayViewFromImage(image)).tolist()) - {0}
@@ -181,6 +197,7 @@ def _label_values(image) -> set[int]:
 
 def _looks_like_intensities(image) -> bool:
     """Many distinct values, rarely shared by the next voxel along x: not a label map."""
+    import numpy as np
     import SimpleITK as sitk
 
     a = sitk.GetArrayViewFromImage(image)
@@ -209,6 +226,7 @@ def run_evaluate(fixed_labels: str | Path, moving_labels: str | Path, transform_
     the numbers alone would hide: no --transform, label sets that do not
     overlap, an image that does not look like a label map.
     """
+    import numpy as np
     import SimpleITK as sitk
 
     from .io import read_raw_image, read_transform, write_json
@@ -364,6 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exported model (.pt); repeat to chain: affine models, then at most one B-spline model, last")
     r.add_argument("--refine", type=int, default=50, help="test-time refinement iterations (default 50)")
     r.add_argument("--lr", type=float, default=None, help="refinement learning rate (default: the model's)")
+    r.add_argument("--bending", type=float, default=None,
+                   help="B-spline refinement: bending energy weight in mm^2 (default: the model's, chosen on validation)")
+    r.add_argument("--tolerance", type=float, default=None,
+                   help="stop refining once the loss improves by less than this (relative) over 10 iterations; "
+                        "--refine is then a cap (default: the model's; 0 runs every iteration)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--initial", help="initial ITK transform file (fixed -> moving), e.g. an affine .tfm or an earlier "
                    "transform.h5 (a non-linear one can start affine models only)")
@@ -434,10 +457,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "register":
             s = run_register(args.fixed, args.moving, args.model, args.out, args.refine, args.lr, args.device,
-                             args.initial, args.quiet, args.background)
-            last = s["stages"][-1]
-            print(f"loss {last['loss_one_pass']:.6f} -> {last['loss_final']:.6f} after {last['iterations']} iterations; "
-                  f"{s['seconds_total']:.2f} s; outputs in {args.out}")
+                             args.initial, args.quiet, args.background, args.bending, args.tolerance)
+            for st in s["stages"]:
+                stop = " (converged)" if st["converged"] else ""
+                print(f"{Path(st['model_file']).name}: loss {st['loss_one_pass']:.6f} -> {st['loss_final']:.6f} after "
+                      f"{st['iterations']} iterations{stop}")
+            for w in s["warnings"]:
+                print(f"istn register: warning: {w}", file=sys.stderr)
+            print(f"{s['seconds_total']:.2f} s; outputs in {args.out}")
         elif args.command == "evaluate":
             res = run_evaluate(args.fixed_labels, args.moving_labels, args.transform, args.labels, args.out, args.soft)
             _print_metrics(res)

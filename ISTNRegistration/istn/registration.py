@@ -6,7 +6,8 @@ The model's trained weights are restored afterwards, so every pair (and every
 second Apply in Slicer) starts from the same trained network.
 
 Geometry. The network runs on internal grids (`istn.data.network_grid`): the
-model's size and spacing, centred on each image, in the image's direction.
+model's size and spacing, on the world (patient LPS) axes and centred on each
+image's foreground, whatever the file's voxel order or obliquity.
 Results are WORLD transforms mapping fixed points to moving points (ITK/Slicer
 "from parent" convention):
 
