@@ -117,6 +117,8 @@ class ISTNRegistrationParameterNode:
     preAlign: bool = True
     iterations: Annotated[int, WithinRange(0, 1000)] = 50
     learningRate: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
+    bending: Annotated[float, WithinRange(-1.0, 1e6)] = -1.0  # < 0: the model's (chosen on validation)
+    tolerance: Annotated[float, WithinRange(-1.0, 1.0)] = -1.0  # < 0: the model's
     liveUpdate: bool = True
     outputTransform: Optional[vtkMRMLLinearTransformNode]
     outputVolume: Optional[vtkMRMLScalarVolumeNode]
@@ -332,6 +334,8 @@ class ISTNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 modelPath=modelPath,
                 preAlign=p.preAlign,
                 learningRate=p.learningRate if p.learningRate > 0 else None,
+                bending=p.bending if p.bending >= 0 else None,
+                tolerance=p.tolerance if p.tolerance >= 0 else None,
                 liveUpdate=p.liveUpdate,
                 outputVolumeNode=p.outputVolume,
                 showMaps=p.showMaps,

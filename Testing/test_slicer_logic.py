@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import SimpleITK as sitk
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML core) is not installed")
@@ -782,3 +783,22 @@ def test_requirements_install_with_constraints_holding_slicer_packages(monkeypat
     else:
         assert seen["requirements"][0] == "scipy>=1.10" and seen["requirements"][1] == "-c"
     assert not Path(seen["kwargs"].get("constraints") or seen["requirements"][2]).exists()  # temporary file removed
+
+
+def test_bending_and_tolerance_reach_the_engine_and_bad_values_are_refused_before_running(scene, pair, tiny_models):
+    fixed_node, moving_node = pair[:2]
+    logic = ISTNRegistrationLogic()
+    early = logic.register(fixed_node, moving_node, modelPath=tiny_models["affine"], iterations=40, threads=1,
+                           tolerance=0.5, updateViews=False)
+    assert early.stages[-1].converged and early.stages[-1].iterations < 40
+    free = logic.register(fixed_node, moving_node, modelPath=tiny_models["bspline"], preAlign=False, iterations=4,
+                          threads=1, bending=0.0, updateViews=False)
+    stiff = logic.register(fixed_node, moving_node, modelPath=tiny_models["bspline"], preAlign=False, iterations=4,
+                           threads=1, bending=1e6, updateViews=False)
+    assert stiff.stages[-1].loss_final != free.stages[-1].loss_final  # the bending term is in the objective
+    if not torch.cuda.is_available():  # the engine's checks run before anything is touched
+        before = scene.GetNumberOfNodes()
+        with pytest.raises(Exception, match="GPU"):
+            logic.register(fixed_node, moving_node, modelPath=tiny_models["affine"], iterations=2, device="cuda",
+                           updateViews=False)
+        assert scene.GetNumberOfNodes() == before

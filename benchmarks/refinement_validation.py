@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", type=int, default=4, help="scanner positions (each as whole head and brain)")
     p.add_argument("--iterations", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--bending-grid", default=",".join(f"{w:g}" for w in bendings), help="weights to try (with 0)")
-    p.add_argument("--tolerance-grid", default=",".join(f"{t:g}" for t in tolerances), help="tolerances to try (with 0)")
+    p.add_argument("--bending-grid", default=",".join(f"{w:g}" for w in BENDING), help="weights to try (with 0)")
+    p.add_argument("--tolerance-grid", default=",".join(f"{t:g}" for t in TOLERANCE), help="tolerances to try (with 0)")
     p.add_argument("--intensity-method", choices=("percentile", "foreground-percentile"), default=None,
                    help="validate (and with --write-models store) this intensity normalisation (default: the models')")
     p.add_argument("--write-models", action="store_true", help="store the choice in the models' metadata")

@@ -297,6 +297,8 @@ class ISTNRegistrationLogic:
         preAlign: bool = True,
         affineModelPath: str | Path | None = None,
         learningRate: float | None = None,
+        bending: float | None = None,
+        tolerance: float | None = None,
         liveUpdate: bool = True,
         outputVolumeNode=None,
         showMaps: bool = True,
@@ -318,7 +320,10 @@ class ISTNRegistrationLogic:
           bundled one) runs first; its result goes into ``outputTransformNode``
           (a linear node) and the B-spline into a child node of it.
         - ``iterations`` of test-time refinement per model (0: one pass only);
-          ``learningRate`` None or <= 0 uses the model's own.
+          ``learningRate`` None or <= 0 uses the model's own; ``bending`` (B-spline
+          stage, mm^2) and ``tolerance`` (stop refining when the loss gains
+          less than this over 10 iterations) None or < 0 use the model's
+          settings, chosen on its validation pairs.
         - ``outputTransformNode``: a linear transform node, created if None.
           Without ``outputVolumeNode`` the moving volume is placed under the
           result; with it, the moving volume stays where it is and the output
@@ -390,6 +395,10 @@ class ISTNRegistrationLogic:
                 pairs = []
             fixedImage = nodeio.volumeNodeToImage(fixedVolumeNode, world=True)
             movingImage = nodeio.volumeNodeToImage(movingVolumeNode, world=False)
+            lr = float(learningRate) if learningRate is not None and learningRate > 0 else None
+            refineOptions = {"lr": lr,
+                             "bending": float(bending) if bending is not None and bending >= 0 else None,
+                             "tolerance": float(tolerance) if tolerance is not None and tolerance >= 0 else None}
 
             from istn.registration import is_cancelled
 
@@ -399,6 +408,11 @@ class ISTNRegistrationLogic:
                     progressCallback(RegistrationProgress("load", 1, len(stagesToRun), 0, iterations, None,
                                                           _("Loading the model {name}...").format(name=Path(path).name)))
                 models.append((kind, self.loadModel(path)))
+            from istn.registration import check_register_inputs
+
+            # the engine's own checks (chain order, dimensions, numbers, device) before anything runs
+            check_register_inputs(fixedImage, movingImage, [m for _, m in models], iterations=iterations, lr=lr,
+                                  device=device)
             # refinement draws no random numbers today; seeding in a fork keeps Slicer's global RNG as it was
             stack.enter_context(_seededTorch(seed, device))
 
@@ -429,7 +443,7 @@ class ISTNRegistrationLogic:
                     if cancelled():
                         raise RegistrationCancelled()
                     stageResult = self._runStage(kind, model, index, len(models), fixedImage, movingImage, initial,
-                                                 iterations, learningRate, device, threads, liveUpdate,
+                                                 iterations, refineOptions, device, threads, liveUpdate,
                                                  linearNode, bsplineWriter, progressCallback, cancelled)
                     if stageResult.cancelled:
                         raise RegistrationCancelled()
@@ -576,7 +590,7 @@ class ISTNRegistrationLogic:
         bspline.SetAndObserveTransformNodeID(outputNode.GetID())
         return outputNode, bspline, bspline
 
-    def _runStage(self, kind, model, index, count, fixedImage, movingImage, initial, iterations, learningRate,
+    def _runStage(self, kind, model, index, count, fixedImage, movingImage, initial, iterations, refineOptions,
                   device, threads, liveUpdate, linearNode, bsplineWriter, progressCallback, cancelled):
         from istn.registration import register
 
@@ -590,9 +604,9 @@ class ISTNRegistrationLogic:
             progressCallback(RegistrationProgress(kind, index, count, 0, iterations, None,
                                                   _("Running the {stage} model ({name})...").format(
                                                       stage=STAGE_NAMES[kind], name=model.path.name)))
-        lr = float(learningRate) if learningRate is not None and learningRate > 0 else None
-        return register(fixedImage, movingImage, model, iterations=iterations, lr=lr, device=device,
-                        initial_transform=initial, callback=callback, cancel=cancelled, threads=threads)
+        return register(fixedImage, movingImage, model, iterations=iterations, device=device,
+                        initial_transform=initial, callback=callback, cancel=cancelled, threads=threads,
+                        **refineOptions)
 
     @staticmethod
     def _writeTransform(transform, linearNode, bsplineWriter) -> None:
