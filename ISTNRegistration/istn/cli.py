@@ -39,7 +39,8 @@ def _finite(x: float) -> bool:
 
 
 def check_register_options(iterations: int, lr: float | None, device: str, background: float | None = None,
-                           bending: float | None = None, tolerance: float | None = None) -> None:
+                           bending: float | None = None, tolerance: float | None = None,
+                           threads: int | None = None) -> None:
     """The numeric and device options, checked before any file is read (messages name the flags)."""
     from .registration import check_device
 
@@ -49,6 +50,8 @@ def check_register_options(iterations: int, lr: float | None, device: str, backg
         raise InputError(f"--lr must be a finite number > 0 (refinement learning rate), got {lr:g}")
     if background is not None and not _finite(background):
         raise InputError(f"--background must be a finite number, got {background:g}")
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be a whole number >= 1, got {threads}")
     if bending is not None and (not _finite(bending) or bending < 0):
         raise InputError(f"--bending must be a finite number >= 0 (B-spline bending energy weight), got {bending:g}")
     if tolerance is not None and (not _finite(tolerance) or tolerance < 0):
@@ -69,6 +72,7 @@ def run_register(
     background: float | None = None,
     bending: float | None = None,
     tolerance: float | None = None,
+    threads: int | None = None,
 ) -> dict:
     """Register a pair with one model or a chain (affine models, then at most one B-spline) and write the outputs.
 
@@ -88,7 +92,7 @@ def run_register(
 
     if not model_paths:
         raise InputError("at least one --model is needed")
-    check_register_options(iterations, lr, device, background, bending, tolerance)
+    check_register_options(iterations, lr, device, background, bending, tolerance, threads)
     names = list(REGISTER_OUTPUTS) + ["transform.tfm", "affine.tfm"]
     inputs = [fixed_path, moving_path, *model_paths] + ([initial_path] if initial_path else [])
     fixed = read_image(fixed_path, "fixed")
@@ -113,7 +117,8 @@ def run_register(
                           file=sys.stderr)
 
             result = register(fixed, moving, model, iterations=iterations, lr=lr, device=device,
-                              initial_transform=initial, callback=progress, bending=bending, tolerance=tolerance)
+                              initial_transform=initial, callback=progress, bending=bending, tolerance=tolerance,
+                              threads=threads)
             stages.append({**result.summary(), "model_file": str(model.path)})  # summary's "model": the metadata
             initial = result.transform
         assert result is not None
@@ -382,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exported model (.pt); repeat to chain: affine models, then at most one B-spline model, last")
     r.add_argument("--refine", type=int, default=50, help="test-time refinement iterations (default 50)")
     r.add_argument("--lr", type=float, default=None, help="refinement learning rate (default: the model's)")
+    r.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: the cores this process may use, at most 8; see istn.threads)")
     r.add_argument("--bending", type=float, default=None,
                    help="B-spline refinement: bending energy weight in mm^2 (default: the model's, chosen on validation)")
     r.add_argument("--tolerance", type=float, default=None,
@@ -457,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "register":
             s = run_register(args.fixed, args.moving, args.model, args.out, args.refine, args.lr, args.device,
-                             args.initial, args.quiet, args.background, args.bending, args.tolerance)
+                             args.initial, args.quiet, args.background, args.bending, args.tolerance, args.threads)
             for st in s["stages"]:
                 stop = " (converged)" if st["converged"] else ""
                 print(f"{Path(st['model_file']).name}: loss {st['loss_one_pass']:.6f} -> {st['loss_final']:.6f} after "

@@ -42,6 +42,7 @@ from .export import LoadedModel
 from .geometry import Grid
 from .io import check_image
 from .losses import bending_energy, refinement_loss
+from .threads import default_threads
 from .training import resolve_device
 from .transforms import (bspline_to_world, compose, flatten_transform, matrix_to_sitk_affine, sitk_affine_to_matrix,
                          theta_to_world)
@@ -440,8 +441,7 @@ def register(
         raise InputError(f"the convergence tolerance must be a number >= 0, got {tolerance}")
     dev = resolve_device(device)
     threads_before = torch.get_num_threads()
-    # Tiny 2D networks run fastest on one thread; 3D ones use the cores they get.
-    torch.set_num_threads(threads or (1 if model.ndim == 2 else max(1, min(8, os.cpu_count() or 1))))
+    torch.set_num_threads(threads or default_threads(model.ndim))  # the cores this process really has (istn.threads)
     opts = dict(bending=bending, tolerance=tolerance, symmetric=symmetric)
     try:
         try:
