@@ -1,0 +1,59 @@
+"""The bundled brain models on the files users bring: storage layouts and an image registered to itself."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from istn.demo import AFFINE_MODEL, BSPLINE_MODEL, MODELS_DIR, place_in_scanner, sample_pair, structure_dice
+from istn.export import load_model
+from istn.registration import register
+
+pytestmark = pytest.mark.skipif(not (MODELS_DIR / AFFINE_MODEL).exists() or not (MODELS_DIR / BSPLINE_MODEL).exists(),
+                                reason="bundled models absent")
+ITERATIONS = 5  # enough to exercise refinement; the properties hold for any count
+
+
+@pytest.fixture(scope="module")
+def models():
+    return load_model(MODELS_DIR / AFFINE_MODEL), load_model(MODELS_DIR / BSPLINE_MODEL)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    p = sample_pair()
+    moving, labels, _ = place_in_scanner(p["moving"], p["moving_labels"])
+    return p["fixed"], p["fixed_labels"], moving, labels
+
+
+def _chain(fixed, moving, models):
+    a, b = models
+    ra = register(fixed, moving, a, iterations=ITERATIONS, threads=1)
+    return ra, register(fixed, moving, b, iterations=ITERATIONS, initial_transform=ra.transform, threads=1)
+
+
+def _displacement(tx: sitk.Transform, ref: sitk.Image) -> np.ndarray:
+    f = sitk.TransformToDisplacementField(tx, sitk.sitkVectorFloat64, ref.GetSize(), ref.GetOrigin(), ref.GetSpacing(),
+                                          ref.GetDirection())
+    return sitk.GetArrayFromImage(f)
+
+
+def test_the_sample_head_registered_to_itself_stays_at_the_identity(models, pair):
+    fixed = pair[0]
+    brain = sitk.GetArrayFromImage(sitk.OtsuThreshold(fixed, 0, 1)) > 0
+    ra, rb = _chain(fixed, fixed, models)
+    for res in (ra, rb):
+        d = np.linalg.norm(_displacement(res.transform, fixed), axis=-1)[brain]
+        assert d.mean() < 0.5 and d.max() < 2.0, (res.transform_type, d.mean(), d.max())
+
+
+@pytest.mark.parametrize("layout", ["RAS", "ASL"])  # RAS-stored NIfTI as converters write it; a sagittal order
+def test_a_moving_head_stored_in_another_layout_gives_the_same_result(models, pair, layout):
+    fixed, fixed_labels, moving, labels = pair
+    _, plain = _chain(fixed, moving, models)
+    _, other = _chain(fixed, sitk.DICOMOrient(moving, layout), models)
+    gap = np.linalg.norm(_displacement(plain.transform, fixed) - _displacement(other.transform, fixed), axis=-1)
+    assert gap.max() < 0.5  # mm, over the whole fixed grid
+    dice = [np.mean(list(structure_dice(fixed_labels, labels, r.transform).values())) for r in (plain, other)]
+    assert abs(dice[0] - dice[1]) < 0.01 and dice[0] > 0.5
