@@ -22,6 +22,17 @@ from .io import check_image
 # --------------------------------------------------------------------------
 
 
+# Statistics of larger images (window, foreground centre) use a regular subsample of about this many voxels:
+# a 256^3 volume then costs ~0.1 s instead of ~1 s per image, and its percentiles move by far less than noise.
+STATS_VOXELS = 2**21
+
+
+def statistics_sample(array: np.ndarray) -> tuple[np.ndarray, int]:
+    """``(view, step)``: every ``step``-th voxel along each axis, ``step`` = 1 for images up to `STATS_VOXELS`."""
+    step = max(1, int(np.ceil((array.size / STATS_VOXELS) ** (1.0 / array.ndim))))
+    return (array if step == 1 else array[(slice(None, None, step),) * array.ndim]), step
+
+
 def intensity_window(array: np.ndarray, low: float = 0.5, high: float = 99.5, foreground: bool = False) -> tuple[float, float]:
     """Percentile window ``(a, b)`` of an image; the engine maps it to ``[0, 1]``.
 
@@ -30,14 +41,14 @@ def intensity_window(array: np.ndarray, low: float = 0.5, high: float = 99.5, fo
     sees then does not change when the field of view grows (padding, a neck,
     an oblique acquisition's larger box), which shifts percentiles of all voxels.
     """
-    a, b = np.percentile(array, [low, high])
+    arr, _ = statistics_sample(np.asarray(array))
+    a, b = np.percentile(arr, [low, high])
     if foreground:
-        arr = np.asarray(array)
         fg = arr[arr > otsu_threshold(arr)]
         if fg.size >= 16:
             b = np.percentile(fg, high)
     if b <= a:  # very sparse images (landmarks): fall back to the full range
-        a, b = float(array.min()), float(array.max())
+        a, b = float(np.min(array)), float(np.max(array))
     if b <= a:
         raise InputError("image is constant: nothing to register")
     return float(a), float(b)
@@ -76,13 +87,15 @@ def foreground_centre(image: sitk.Image) -> np.ndarray:
     """World centre ``(D,)`` (mm, LPS) of an image's foreground: the centroid of the voxels above Otsu's threshold.
 
     Independent of how the voxels are stored: the histogram and the centroid
-    are sums over all voxels, so any axis order, flip or obliquity of the same
-    content gives the same point. Binary (not intensity-weighted) so that a bias
+    are sums over the voxels, so any axis order, flip or obliquity of the same
+    content gives the same point (exactly up to `STATS_VOXELS` voxels; above,
+    over a regular subsample, which a flip shifts by a voxel: the point moves by
+    a fraction of a voxel). Binary (not intensity-weighted) so that a bias
     field or a bright fat layer does not pull it. Falls back to the grid centre
     when no foreground separates from the background.
     """
     grid = Grid.from_image(image)
-    arr = sitk.GetArrayViewFromImage(image)
+    arr, step = statistics_sample(sitk.GetArrayViewFromImage(image))
     if not float(arr.max()) > float(arr.min()):
         return grid.centre
     mask = arr > otsu_threshold(arr)
@@ -93,7 +106,7 @@ def foreground_centre(image: sitk.Image) -> np.ndarray:
     for axis in range(arr.ndim):  # per-axis marginals: cheaper than the coordinates of every voxel
         others = tuple(a for a in range(arr.ndim) if a != axis)
         counts = mask.sum(axis=others, dtype=np.int64)
-        voxel.append(float((counts * np.arange(counts.size)).sum()) / total)
+        voxel.append(float((counts * np.arange(counts.size) * step).sum()) / total)
     return grid.voxel_to_world(np.asarray(voxel[::-1]))  # array (k, j, i) -> ITK index (i, j, k)
 
 
