@@ -97,7 +97,7 @@ class TrainConfig:
     image_weight: float = 0.0  # > 0 adds image_weight * MSE(T(s), t) to SoI variants (losses.variant_loss)
     intensity_low: float = 0.5  # percentiles mapped to 0 and 1
     intensity_high: float = 99.5
-    # upper percentile over the foreground only (`istn.data.intensity_window`); False: over all voxels (models before 0.4)
+    # upper percentile over the foreground only (`istn.data.intensity_window`); False: over all voxels (engine 0.1 models)
     intensity_foreground: bool = True
 
     def __post_init__(self) -> None:
