@@ -1,23 +1,34 @@
 #!/usr/bin/env python3
-"""ISTN side by side with classical registration on real 3D brain MRI (held-out Colin27 -> ICBM 2009c).
+"""ISTN side by side with classical registration on real 3D brain MRI (held-out Colin27 -> ICBM 2009c), on the
+files users bring: brain-extracted and whole-head moving images, three storage layouts, and self-registration.
 
 Protocol
 --------
 - Fixed: ICBM 2009c T1 (skull-stripped) with its HCPex-derived labels, from ``python -m istn.braindata DIR``
-  (``DIR/eval/icbm2009c_{t1,labels}.nii.gz``, 2 mm).
-- Moving: Colin27 (never in any training set), BRAIN-EXTRACTED (``colin27_t1_brain``) by default, the same
-  input for every method: the fixed image is skull-stripped and intensity-based affine registration of a
-  whole head to a stripped brain degrades badly (peers.md). ``--moving whole-head`` runs the whole-head
-  variant (``colin27_t1``) instead.
-- Each pair: Colin27 placed in a scanner position by a seeded random affine
-  (`istn.braindata.scanner_perturbation`, 10-20 deg, 10-20 mm, +-10 %; seeds 101, 102, ...), image
-  resampled linearly and labels nearest-neighbour onto a 20 mm padded grid (`istn.demo.place_in_scanner`).
-- Scored: labels 1..8 (L/R caudate, putamen, pallidum, thalamus). Every method's result is expressed as one
-  ITK world transform (fixed -> moving points) and the moving labels are warped through it with the SAME
-  nearest-neighbour resampling onto the fixed grid. Per pair: Dice, ASD (real average symmetric surface
-  distance, mm) and HD95 (mm), each the mean over the 8 labels (`istn.metrics`); folding = fraction of fixed
-  brain voxels (fixed > 0) with Jacobian determinant <= 0 of the composed world transform. Tables give mean
-  and std over pairs.
+  (``DIR/eval/icbm2009c_{t1,labels}.nii.gz``, 2 mm). Fixed brain mask: ``icbm2009c_t1 > 0``.
+- Moving, BOTH variants in one run, every method given the same files:
+  ``brain``: Colin27 brain-extracted (``colin27_t1_brain``); ``whole-head``: Colin27 whole head (``colin27_t1``).
+  Colin27 was never in any training set. Moving brain mask: ``colin27_t1_brain > 0``.
+- Each pair: Colin27 placed in a scanner position by a seeded random affine (`istn.braindata.scanner_perturbation`,
+  10-20 deg, 10-20 mm, +-10 %; seeds 101, 102, ...), image resampled linearly and labels and brain mask
+  nearest-neighbour onto a 20 mm padded grid (`istn.demo.place_in_scanner`); the two variants of one seed share
+  the scanner position exactly.
+- Storage layouts (``--layouts``): ``LPS`` as prepared (identity direction); ``RAS`` (fixed, moving, labels and
+  masks all re-stored with ``sitk.DICOMOrient(img, "RAS")``: the same world content in flipped voxel order, as
+  NIfTI converters write); ``sagittal`` (``DICOMOrient`` code ``--sagittal-code``, default ``ASL``: sagittal
+  slices, left-handed voxel axes). Re-storing is a pure permutation/flip of voxels (no resampling). Each method
+  gets the re-stored files as its input.
+- Counts: ``--pairs`` seeds in LPS for every method and both variants; the first ``--layout-pairs`` seeds also
+  in every other layout; self-registration (unless ``--no-self``): the fixed image registered to itself and the
+  whole-head moving image (seed 101, LPS) registered to itself.
+- Scored in world space, whatever the layout: every method's result is one ITK world transform (fixed ->
+  moving points); the moving labels / brain mask AS STORED for the case are warped through it with the same
+  nearest-neighbour resampling onto the LPS fixed grid. Per pair: Dice, ASD (average symmetric surface
+  distance, mm), HD95 (mm), each the mean over labels 1..8 (L/R caudate, putamen, pallidum, thalamus;
+  `istn.metrics`); brain-mask Dice (fixed mask vs warped moving mask: harm outside the structures of
+  interest); folding = fraction of fixed brain voxels with Jacobian determinant <= 0 (non-linear methods).
+  Layout cases also: |T_layout(x) - T_LPS(x)| (mm) over the fixed brain mask against the same method's LPS
+  result of the same pair. Self-registration: |T(x) - x| (mm) over the image's brain mask, mean and max.
 
 Methods (`--methods`, comma separated; default all)
 ---------------------------------------------------
@@ -29,6 +40,7 @@ non-linear: istn_bspline (from istn_refined), sitk_bspline (from sitk_affine), e
   scales from physical shift, shrink 4-2-1, smoothing 2-1-0 mm, centred initialiser (MOMENTS: centres of
   mass, as ANTs' initialiser). B-spline: 30 mm mesh, Mattes MI, 5 % sampling, GradientDescentLineSearch
   lr 5 / 30 its, shrink 2-1 (smoothing 1-0 mm), the affine as moving initial transform: y = A(B(x)).
+  Sampling seeds follow the scanner seed (1000 + seed, 2000 + seed), the same in every layout.
 - elastix (itk-elastix): default ``affine`` parameter map; then default ``bspline`` map with
   ``FinalGridSpacingInPhysicalUnits 30`` started from the affine's TransformParameters file; converted to
   ITK transforms and composed y = B(A(x)).
@@ -36,22 +48,23 @@ non-linear: istn_bspline (from istn_refined), sitk_bspline (from sitk_affine), e
   (peers.md: the default 40x20x0 under-fits) from the ANTs affine; [1Warp, 0GenericAffine] composed
   y = A(x + u(x)).
 - ISTN: ``register(fixed, moving, affine_model, iterations=0)`` (one pass) / ``iterations=50`` (refined), then
-  ``register(fixed, moving, bspline_model, iterations=50, initial_transform=refined affine)``.
+  ``register(fixed, moving, bspline_model, iterations=50, initial_transform=refined affine)``; bending weight
+  and convergence tolerance: the engine's defaults (the models' ``refinement`` metadata). The JSON records
+  per registration the iterations actually run, convergence and the engine's warnings.
 
-Costs: each method runs in its own worker subprocess over all pairs (sequentially, one method at a time).
-Per registration: wall seconds and CPU seconds (``time.process_time``: all threads of the worker) of the
-registration call alone, and the worker's peak resident memory during it (VmHWM reset through
-/proc/self/clear_refs just before the call, read just after: libraries loaded by the worker count, the
-image reading before does not). One-off costs outside the per-pair timing are reported separately: the
-lazy loading of ITK/elastix (first access of ``itk.ElastixRegistrationMethod``), ``import ants``, and for
-ISTN loading the TorchScript models plus one short warm-up registration (TorchScript's profiling executor
-optimises during the first calls). Non-linear times are CUMULATIVE (the method's own affine + its
-non-linear stage); ``stage_seconds`` has the non-linear stage alone. All tools get the same thread count
-(``--threads``, default: the machine's cores).
+Costs: cases run in groups (LPS pairs shared with the layouts, the other layouts, self-registration, the
+remaining LPS pairs); in each group each method runs in its own worker subprocess over the group's cases
+(one method at a time), then everything finished is scored and the tables are rewritten, so an interrupted
+run still has tables. Per registration: wall seconds and CPU seconds (``time.process_time``: all threads of
+the worker) of the registration call alone, and the worker's peak resident memory during it (VmHWM reset
+just before the call). One-off costs outside the per-pair timing (lazy ITK loading, ``import ants``, ISTN
+model loading + one short warm-up registration) are reported separately. Non-linear times are CUMULATIVE
+(the method's own affine + its non-linear stage). All tools get the same thread count (``--threads``). The
+1-minute load average is sampled every 10 s while the workers run (the machine may be shared).
 
 Conversion check: for elastix and ANTs the world transform built from the tool's files is applied with
-SimpleITK and compared with the tool's own warped image of the first pair (elastix: cubic B-spline
-interpolation, ANTs: linear, as each tool resamples); the normalised mean absolute difference is reported.
+SimpleITK and compared with the tool's own warped image (first brain-variant pair of each layout; elastix:
+cubic B-spline interpolation, ANTs: linear, as each tool resamples); normalised mean absolute difference.
 
 Install (once)
 --------------
@@ -62,9 +75,10 @@ Install (once)
 
 Run
 ---
-    python benchmarks/brain3d.py                          # 10 pairs -> benchmarks/results/brain3d.{md,json}
-    python benchmarks/brain3d.py --quick                  # 2 pairs, fewer iterations -> runs/brain3d-quick
-    python benchmarks/brain3d.py --pairs 3 --methods identity,sitk_affine,sitk_bspline --out runs/b3
+    python benchmarks/brain3d.py --threads 2              # 5 LPS pairs, 2 in RAS/sagittal, self -> benchmarks/results
+    python benchmarks/brain3d.py --quick                  # 1 pair, 1 layout pair, fewer iterations -> runs/brain3d-quick
+    python benchmarks/brain3d.py --resume                 # continue an interrupted run (finished cases kept)
+    python benchmarks/brain3d.py --pairs 3 --layout-pairs 1 --methods identity,sitk_affine,sitk_bspline --out runs/b3
 """
 
 from __future__ import annotations
@@ -107,6 +121,9 @@ NAMES = {
     "elastix_bspline": "elastix B-spline 30 mm",
     "ants_syn": "ANTs SyN (SyNOnly 100x70x50x20)",
 }
+VARIANTS = {"brain": "colin27_t1_brain", "whole-head": "colin27_t1"}
+VARIANT_TEXT = {"brain": "brain-extracted (`colin27_t1_brain`)", "whole-head": "whole head (`colin27_t1`)"}
+LAYOUT_CODES = {"LPS": "LPS", "RAS": "RAS"}  # + "sagittal": --sagittal-code
 SEED0 = 101
 DEFAULT_MODELS = REPO / "ISTNRegistration" / "Resources" / "Models"
 
@@ -141,8 +158,20 @@ def _pair_dir(work: Path, method: str) -> Path:
     return d
 
 
+class _Images:
+    """Read each image file once per worker (the fixed image is shared by many cases)."""
+
+    def __init__(self, reader) -> None:
+        self.reader, self.cache = reader, {}
+
+    def __call__(self, path: str):
+        if path not in self.cache:
+            self.cache[path] = self.reader(path)
+        return self.cache[path]
+
+
 # --------------------------------------------------------------------------
-# workers (one process per method, all pairs)
+# workers (one process per method, all cases of a group)
 # --------------------------------------------------------------------------
 
 
@@ -159,19 +188,19 @@ def worker_istn(spec: dict, method: str) -> dict:
     affine_model = load_model(spec["affine_model"])
     bspline_model = load_model(spec["bspline_model"]) if method == "istn_bspline" else None
     load_s = time.perf_counter() - t0
-    fixed = sitk.ReadImage(spec["fixed"], sitk.sitkFloat32)
+    read = _Images(lambda p: sitk.ReadImage(p, sitk.sitkFloat32))
     its = spec["istn_iterations"]
     out = _pair_dir(Path(spec["work"]), method)
     # warm-up (untimed, reported): TorchScript optimises the graph during the first calls
-    m0 = sitk.ReadImage(spec["pairs"][0]["moving"], sitk.sitkFloat32)
+    c0 = spec["pairs"][0]
     t0 = time.perf_counter()
     model = bspline_model if method == "istn_bspline" else affine_model
-    register(fixed, m0, model, iterations=2, device="cpu", threads=threads)
+    register(read(c0["fixed"]), read(c0["moving"]), model, iterations=5, device="cpu", threads=threads)
     warm_s = time.perf_counter() - t0
     records = []
     for pair in spec["pairs"]:
         i = pair["index"]
-        moving = sitk.ReadImage(pair["moving"], sitk.sitkFloat32)
+        fixed, moving = read(pair["fixed"]), read(pair["moving"])
         if method == "istn_bspline":
             init = _read(Path(spec["work"]) / "istn_refined" / f"pair{i:02d}.tfm")
             with Timed() as t:
@@ -183,10 +212,18 @@ def worker_istn(spec: dict, method: str) -> dict:
                 res = register(fixed, moving, affine_model, iterations=0 if method == "istn_onepass" else its,
                                device="cpu", threads=threads)
             sitk.WriteTransform(res.transform, str(out / f"pair{i:02d}.tfm"))
-        records.append(t.record(i, timings=res.timings, loss_one_pass=res.loss_one_pass, loss_final=res.loss_final))
-        print(f"  {method} pair {i}: {t.seconds:.1f} s wall, {t.cpu_seconds:.1f} s CPU, {t.peak_mb:.0f} MB", flush=True)
+        records.append(t.record(i, timings=res.timings, loss_one_pass=res.loss_one_pass, loss_final=res.loss_final,
+                                iterations=res.iterations, converged=res.converged,
+                                best_iteration=res.best_iteration, warnings=list(res.warnings)))
+        checkpoint(spec, method, records[-1])
+        print(f"  {method} case {i} ({pair['key']}): {t.seconds:.1f} s wall, {t.cpu_seconds:.1f} s CPU, "
+              f"{t.peak_mb:.0f} MB, {res.iterations} its{', WARNINGS: ' + '; '.join(res.warnings) if res.warnings else ''}",
+              flush=True)
+    refinement = {"affine": affine_model.meta.get("refinement")}
+    if bspline_model is not None:
+        refinement["bspline"] = bspline_model.meta.get("refinement")
     return {"records": records, "setup_seconds": {"load_models": load_s, "warmup_registration": warm_s},
-            "models": models}
+            "models": models, "refinement_metadata": refinement}
 
 
 def _model_info(path: str) -> dict:
@@ -199,7 +236,8 @@ def _model_info(path: str) -> dict:
     tr = m.meta.get("training", {})
     return {"path": str(p.relative_to(REPO) if p.is_relative_to(REPO) else p),
             "sha256": hashlib.sha256(p.read_bytes()).hexdigest()[:16], "describe": m.describe(),
-            "created": m.meta.get("created"), "step": tr.get("step"), "best_val": tr.get("best_val")}
+            "created": m.meta.get("created"), "step": tr.get("step"), "best_val": tr.get("best_val"),
+            "refinement": m.meta.get("refinement")}
 
 
 def _sitk_affine(fixed: sitk.Image, moving: sitk.Image, its: int, seed: int) -> sitk.Transform:
@@ -240,25 +278,29 @@ def _sitk_bspline(fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transform,
     return compose(bsp, affine)  # y = A(B(x)): the moving initial transform is applied after the optimised one
 
 
+
+
 def worker_sitk(spec: dict, method: str) -> dict:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(spec["threads"])
-    fixed = sitk.ReadImage(spec["fixed"], sitk.sitkFloat32)
+    read = _Images(lambda p: sitk.ReadImage(p, sitk.sitkFloat32))
     out = _pair_dir(Path(spec["work"]), method)
     records = []
     for pair in spec["pairs"]:
         i = pair["index"]
-        moving = sitk.ReadImage(pair["moving"], sitk.sitkFloat32)
+        fixed, moving = read(pair["fixed"]), read(pair["moving"])
         if method == "sitk_affine":
             with Timed() as t:
-                tx = _sitk_affine(fixed, moving, spec["sitk_affine_iterations"], 1000 + i)
+                tx = _sitk_affine(fixed, moving, spec["sitk_affine_iterations"], 1000 + pair["sample_seed"])
             sitk.WriteTransform(tx, str(out / f"pair{i:02d}.tfm"))
         else:
             aff = _read(Path(spec["work"]) / "sitk_affine" / f"pair{i:02d}.tfm")
             with Timed() as t:
-                tx = _sitk_bspline(fixed, moving, aff, spec["sitk_bspline_iterations"], 2000 + i)
+                tx = _sitk_bspline(fixed, moving, aff, spec["sitk_bspline_iterations"], 2000 + pair["sample_seed"])
             sitk.WriteTransform(tx, str(out / f"pair{i:02d}.h5"))
         records.append(t.record(i))
-        print(f"  {method} pair {i}: {t.seconds:.1f} s wall, {t.cpu_seconds:.1f} s CPU, {t.peak_mb:.0f} MB", flush=True)
+        checkpoint(spec, method, records[-1])
+        print(f"  {method} case {i} ({pair['key']}): {t.seconds:.1f} s wall, {t.cpu_seconds:.1f} s CPU, "
+              f"{t.peak_mb:.0f} MB", flush=True)
     return {"records": records, "setup_seconds": {}}
 
 
@@ -270,7 +312,7 @@ def worker_elastix(spec: dict, method: str) -> dict:
     image_type = itk.Image[itk.F, 3]
     method_cls = itk.ElastixRegistrationMethod[image_type, image_type]  # first access: lazy loading of ITK
     load_s = time.perf_counter() - t0
-    fixed = itk.imread(spec["fixed"], itk.F)
+    read = _Images(lambda p: itk.imread(p, itk.F))
     work = Path(spec["work"])
     out = _pair_dir(work, method)
     po = itk.ParameterObject.New()
@@ -286,7 +328,7 @@ def worker_elastix(spec: dict, method: str) -> dict:
     records = []
     for pair in spec["pairs"]:
         i = pair["index"]
-        moving = itk.imread(pair["moving"], itk.F)
+        fixed, moving = read(pair["fixed"]), read(pair["moving"])
         reg = method_cls.New()
         reg.SetFixedImage(fixed)
         reg.SetMovingImage(moving)
@@ -308,7 +350,9 @@ def worker_elastix(spec: dict, method: str) -> dict:
         own.WriteParameterFile(str(out / f"pair{i:02d}_TransformParameters.0.txt"))
         itk.imwrite(reg.GetOutput(), str(out / f"pair{i:02d}_warped.nii.gz"))
         records.append(t.record(i, number_of_transforms=int(n)))
-        print(f"  {method} pair {i}: {t.seconds:.1f} s wall, {t.cpu_seconds:.1f} s CPU, {t.peak_mb:.0f} MB", flush=True)
+        checkpoint(spec, method, records[-1])
+        print(f"  {method} case {i} ({pair['key']}): {t.seconds:.1f} s wall, {t.cpu_seconds:.1f} s CPU, "
+              f"{t.peak_mb:.0f} MB", flush=True)
     return {"records": records, "setup_seconds": {"itk_lazy_loading": load_s},
             "itk_elastix_version": _dist_version("itk-elastix"), "itk_version": itk.Version.GetITKVersion()}
 
@@ -322,6 +366,27 @@ def _dist_version(name: str) -> str | None:
         return None
 
 
+def checkpoint(spec: dict, method: str, record: dict) -> None:
+    """Save one finished case at once (an interrupted worker keeps its finished cases for --resume)."""
+    path = Path(spec["work"]) / method / "records.json"
+    old = json.loads(path.read_text()) if path.exists() else {"method": method, "records": []}
+    old["records"] = sorted([r for r in old["records"] if r["index"] != record["index"]] + [record],
+                            key=lambda r: r["index"])
+    path.write_text(json.dumps(old, indent=1))
+
+
+def merge_records(path: Path, res: dict) -> dict:
+    """Add this worker run's records to the method's records.json (a method runs once per group of cases)."""
+    old = json.loads(path.read_text()) if path.exists() else {}
+    new_idx = {r["index"] for r in res["records"]}
+    records = [r for r in old.get("records", []) if r["index"] not in new_idx] + res["records"]
+    merged = {**old, **res, "records": sorted(records, key=lambda r: r["index"])}
+    merged["setup_seconds"] = old.get("setup_seconds") or res.get("setup_seconds", {})  # the first run's
+    merged["setup_seconds_runs"] = old.get("setup_seconds_runs", []) + [res.get("setup_seconds", {})]
+    path.write_text(json.dumps(merged, indent=1))
+    return merged
+
+
 def run_worker(spec_path: str, method: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     if method.startswith("istn"):
@@ -333,13 +398,15 @@ def run_worker(spec_path: str, method: str) -> int:
     else:
         raise SystemExit(f"brain3d.py: no worker for {method!r}")
     res["method"] = method
-    (Path(spec["work"]) / method / "records.json").write_text(json.dumps(res, indent=1))
+    merge_records(Path(spec["work"]) / method / "records.json", res)
     return 0
 
 
 # --------------------------------------------------------------------------
 # world transforms from each tool's files
 # --------------------------------------------------------------------------
+
+
 
 
 def _single(tx: sitk.Transform) -> sitk.Transform:
@@ -375,6 +442,7 @@ def world_transform(work: Path, method: str, i: int) -> sitk.Transform:
     raise ValueError(method)
 
 
+
 def conversion_check(work: Path, method: str, i: int, fixed: sitk.Image, moving: sitk.Image,
                      tx: sitk.Transform, wrong_order: sitk.Transform | None = None) -> dict | None:
     """Compare the tool's own warped image with SimpleITK applying our converted world transform."""
@@ -408,30 +476,94 @@ def wrong_order(work: Path, method: str, i: int) -> sitk.Transform | None:
 
 
 # --------------------------------------------------------------------------
-# orchestration
+# cases: moving variants x storage layouts, self-registration
 # --------------------------------------------------------------------------
 
 
-def make_pairs(data: Path, work: Path, n: int, moving_kind: str) -> list[dict]:
+def _restore(img: sitk.Image, code: str) -> sitk.Image:
+    """The same world content stored in another voxel order (``DICOMOrient``: a permutation/flip, no resampling)."""
+    out = sitk.DICOMOrient(img, code)
+    return out
+
+
+def make_cases(data: Path, work: Path, n_pairs: int, n_layout_pairs: int, layouts: list[str], variants: list[str],
+               self_reg: bool, codes: dict[str, str]) -> list[dict]:
+    """Write every case's input files (fixed, moving, labels, brain masks in the case's layout) and list them.
+
+    Groups, in the order they run: 0 = the LPS pairs that the other layouts share, 1 = those pairs in the
+    other layouts, 2 = self-registration, 3 = the remaining LPS pairs.
+    """
     from istn.demo import place_in_scanner
 
-    name = "colin27_t1_brain" if moving_kind == "brain" else "colin27_t1"
-    image = sitk.ReadImage(str(data / "eval" / f"{name}.nii.gz"), sitk.sitkFloat32)
-    labels = sitk.ReadImage(str(data / "eval" / "colin27_labels.nii.gz"))
-    pairs = []
-    (work / "pairs").mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        seed = SEED0 + i
-        moved, moved_labels, tx = place_in_scanner(image, labels, seed=seed)
-        mp, lp = work / "pairs" / f"moving{i:02d}.nii.gz", work / "pairs" / f"moving_labels{i:02d}.nii.gz"
-        sitk.WriteImage(moved, str(mp))
-        sitk.WriteImage(moved_labels, str(lp))
-        m = np.asarray(tx.GetMatrix()).reshape(3, 3)
-        angle = float(np.degrees(np.arccos(np.clip((np.trace(m / np.cbrt(np.linalg.det(m))) - 1) / 2, -1, 1))))
-        pairs.append({"index": i, "seed": seed, "moving": str(mp), "moving_labels": str(lp),
-                      "perturbation": {"translation_mm": float(np.linalg.norm(tx.GetTranslation())),
-                                       "approx_rotation_deg": angle}})
-    return pairs
+    d = work / "cases"
+    d.mkdir(parents=True, exist_ok=True)
+    ev = data / "eval"
+    fixed = sitk.ReadImage(str(ev / "icbm2009c_t1.nii.gz"), sitk.sitkFloat32)
+    fixed_labels = sitk.ReadImage(str(ev / "icbm2009c_labels.nii.gz"))
+    fixed_mask = sitk.Cast(fixed > 0, sitk.sitkUInt8)
+    brain = sitk.ReadImage(str(ev / "colin27_t1_brain.nii.gz"), sitk.sitkFloat32)
+    brain_mask = sitk.Cast(brain > 0, sitk.sitkUInt8)
+    labels = sitk.ReadImage(str(ev / "colin27_labels.nii.gz"))
+    layouts = ["LPS"] + [q for q in layouts if q != "LPS"]
+
+    def write(img: sitk.Image, name: str, layout: str) -> str:
+        p = d / f"{name}_{layout}.nii.gz"
+        sitk.WriteImage(_restore(img, codes[layout]), str(p))
+        return str(p)
+
+    fx = {lay: {"fixed": write(fixed, "fixed", lay), "fixed_labels": write(fixed_labels, "fixed_labels", lay),
+                "fixed_mask": write(fixed_mask, "fixed_mask", lay)} for lay in layouts}
+    ref = {"ref_fixed": fx["LPS"]["fixed"], "ref_labels": fx["LPS"]["fixed_labels"], "ref_mask": fx["LPS"]["fixed_mask"]}
+    cases: list[dict] = []
+    n_lps = max(n_pairs, n_layout_pairs)
+    placed: dict = {}
+    for k in range(n_lps):
+        seed = SEED0 + k
+        mask_tx = None
+        for var in variants:
+            img = sitk.ReadImage(str(ev / f"{VARIANTS[var]}.nii.gz"), sitk.sitkFloat32)
+            moved, moved_labels, tx = place_in_scanner(img, labels, seed=seed)
+            _, moved_mask, _ = place_in_scanner(brain, brain_mask, seed=seed)
+            m = np.asarray(tx.GetMatrix()).reshape(3, 3)
+            angle = float(np.degrees(np.arccos(np.clip((np.trace(m / np.cbrt(np.linalg.det(m))) - 1) / 2, -1, 1))))
+            pert = {"translation_mm": float(np.linalg.norm(tx.GetTranslation())), "approx_rotation_deg": angle}
+            placed[(var, seed)] = (moved, moved_labels, moved_mask)
+            for lay in layouts if k < n_layout_pairs else ["LPS"]:
+                tag = f"{'brain' if var == 'brain' else 'head'}_s{seed}"
+                cases.append({"kind": "pair", "variant": var, "layout": lay, "seed": seed, "sample_seed": seed,
+                              "key": f"{var}/{lay}/seed {seed}", **fx[lay], **ref,
+                              "moving": write(moved, tag, lay), "moving_labels": write(moved_labels, tag + "_labels", lay),
+                              "moving_mask": write(moved_mask, tag + "_mask", lay), "perturbation": pert,
+                              "group": 0 if (k < n_layout_pairs and lay == "LPS") else 1 if k < n_layout_pairs else 3})
+    if self_reg:
+        cases.append({"kind": "self", "variant": "fixed", "layout": "LPS", "seed": None, "sample_seed": 900,
+                      "key": "self/fixed (ICBM 2009c)", **fx["LPS"], **ref, "moving": fx["LPS"]["fixed"],
+                      "moving_labels": fx["LPS"]["fixed_labels"], "moving_mask": fx["LPS"]["fixed_mask"], "group": 2})
+        if "whole-head" in variants:
+            moved, moved_labels, moved_mask = placed[("whole-head", SEED0)]
+            p = {"fixed": write(moved, f"head_s{SEED0}", "LPS"), "fixed_labels": write(moved_labels, f"head_s{SEED0}_labels", "LPS"),
+                 "fixed_mask": write(moved_mask, f"head_s{SEED0}_mask", "LPS")}
+            cases.append({"kind": "self", "variant": "whole-head", "layout": "LPS", "seed": SEED0, "sample_seed": 901,
+                          "key": f"self/whole head (Colin27, seed {SEED0})", **p, "ref_fixed": p["fixed"],
+                          "ref_labels": p["fixed_labels"], "ref_mask": p["fixed_mask"], "moving": p["fixed"],
+                          "moving_labels": p["fixed_labels"], "moving_mask": p["fixed_mask"], "group": 2})
+    cases.sort(key=lambda c: c["group"])  # stable: within a group, seed then variant then layout
+    for i, c in enumerate(cases):
+        c["index"] = i
+    for c in cases:  # the LPS case of the same pair, for the layout agreement
+        if c["kind"] == "pair" and c["layout"] != "LPS":
+            c["lps_index"] = next(q["index"] for q in cases if q["kind"] == "pair" and q["layout"] == "LPS"
+                                  and q["variant"] == c["variant"] and q["seed"] == c["seed"])
+    return cases
+
+
+GROUP_NAMES = {0: "LPS pairs shared with the layouts", 1: "the same pairs in the other layouts",
+               2: "self-registration", 3: "the remaining LPS pairs"}
+
+
+# --------------------------------------------------------------------------
+# orchestration
+# --------------------------------------------------------------------------
 
 
 def _committed(path: Path) -> bool:
@@ -464,106 +596,252 @@ def wait_for_models(paths: list[Path], until: str | None) -> dict:
     return {"waited_seconds": time.perf_counter() - t0, "state": state}
 
 
-def launch(method: str, spec_path: Path, ants_python: str, env: dict) -> float:
+
+
+LOADS: dict = {"samples": [], "workers": []}
+
+
+def launch(method: str, spec_path: Path, ants_python: str, env: dict, group: int) -> float:
     if method.startswith("ants"):
         cmd = [ants_python, str(Path(__file__).with_name("brain3d_ants.py")), str(spec_path), method]
     else:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--spec", str(spec_path)]
     t0 = time.perf_counter()
     load0 = os.getloadavg()[0]
-    print(f"[{_dt.datetime.now():%H:%M:%S}] {method} (load average {load0:.1f})", flush=True)
-    subprocess.run(cmd, check=True, env=env)
-    LOADS[method] = {"end_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                     "load_before": load0, "load_after": os.getloadavg()[0], "nice": os.nice(0)}
+    print(f"[{_dt.datetime.now(_dt.timezone.utc):%H:%M:%S}] {method}, group {group} (load average {load0:.1f})", flush=True)
+    proc = subprocess.Popen(cmd, env=env)
+    samples = [load0]
+    while True:
+        try:
+            rc = proc.wait(timeout=10)
+            break
+        except subprocess.TimeoutExpired:
+            samples.append(os.getloadavg()[0])
+            LOADS["samples"].append([_dt.datetime.now(_dt.timezone.utc).strftime("%H:%M:%S"), samples[-1]])
+    if rc != 0:
+        raise subprocess.CalledProcessError(rc, cmd)
+    samples.append(os.getloadavg()[0])
+    LOADS["workers"].append({"method": method, "group": group, "seconds": time.perf_counter() - t0,
+                             "end_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                             "load_before": load0, "load_after": samples[-1], "load_mean": float(np.mean(samples)),
+                             "load_max": float(np.max(samples)), "nice": os.nice(0)})
     return time.perf_counter() - t0
 
 
-LOADS: dict[str, dict] = {}
+def _done_indices(work: Path, method: str) -> set[int]:
+    rp = work / method / "records.json"
+    return {r["index"] for r in json.loads(rp.read_text())["records"]} if rp.exists() else set()
 
 
-def score(work: Path, spec: dict, methods: list[str]) -> dict:
+# --------------------------------------------------------------------------
+# scoring (world space, whatever the layout)
+# --------------------------------------------------------------------------
+
+
+def _point_map(tx: sitk.Transform, ref: sitk.Image) -> np.ndarray:
+    """T(x) - x (mm, LPS) at every voxel of ``ref``, array (z, y, x, 3)."""
+    f = sitk.TransformToDisplacementField(tx, sitk.sitkVectorFloat64, ref.GetSize(), ref.GetOrigin(),
+                                          ref.GetSpacing(), ref.GetDirection())
+    return sitk.GetArrayFromImage(f)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    s = int(a.sum()) + int(b.sum())
+    return float(2.0 * np.logical_and(a, b).sum() / s) if s else float("nan")
+
+
+def _record_key(work: Path, method: str, i: int) -> list:
+    """What a cached score depends on: the records of this method (and its affine) for case i."""
+    keys = []
+    for m in [method] + ([FROM_AFFINE[method]] if method in FROM_AFFINE else []):
+        rp = work / m / "records.json"
+        r = {x["index"]: x for x in json.loads(rp.read_text())["records"]}.get(i) if rp.exists() else None
+        keys.append(None if r is None else [r["seconds"], r["cpu_seconds"]])
+    return keys
+
+
+def score_case(work: Path, method: str, case: dict, cases: list[dict], rec: dict, read, check: bool) -> dict:
     from istn.metrics import folding_fraction, label_metrics, mean_metrics
 
-    fixed = sitk.ReadImage(spec["fixed"], sitk.sitkFloat32)
-    fixed_labels = sitk.ReadImage(spec["fixed_labels"])
-    brain = sitk.Cast(fixed > 0, sitk.sitkUInt8)
+    i = case["index"]
+    ref = read(case["ref_fixed"], sitk.sitkFloat32)
+    ref_mask = read(case["ref_mask"], sitk.sitkUInt8)
+    mask = sitk.GetArrayViewFromImage(ref_mask) > 0
+    tx = world_transform(work, method, i)
+    disp = _point_map(tx, ref)
+    sample_tx = tx
+    if method in NONLINEAR:
+        # the (slow) non-linear transform evaluated once at the fixed voxels; warping and the Jacobian use those
+        # exact values (a displacement field sampled at its own grid points)
+        f = sitk.GetImageFromArray(disp, isVector=True)
+        f.CopyInformation(ref)
+        sample_tx = sitk.DisplacementFieldTransform(f)
+    row = {"index": i, "key": case["key"], "kind": case["kind"], "variant": case["variant"], "layout": case["layout"],
+           "seed": case["seed"]}
+    if case["kind"] == "self":
+        d = np.linalg.norm(disp[mask], axis=1)
+        row.update(self_mean_mm=float(d.mean()), self_max_mm=float(d.max()))
+    else:
+        ref_labels = read(case["ref_labels"], sitk.sitkUInt8)
+        moving_labels = read(case["moving_labels"], sitk.sitkUInt8)
+        moving_mask = read(case["moving_mask"], sitk.sitkUInt8)
+        warped = sitk.Resample(moving_labels, ref_labels, sample_tx, sitk.sitkNearestNeighbor, 0, moving_labels.GetPixelID())
+        per_label = label_metrics(ref_labels, warped, LABEL_VALUES)
+        row.update(mean_metrics(per_label))
+        row["dice_per_label"] = [per_label[v]["dice"] for v in LABEL_VALUES]
+        wm = sitk.Resample(moving_mask, ref_mask, sample_tx, sitk.sitkNearestNeighbor, 0, moving_mask.GetPixelID())
+        row["mask_dice"] = _dice(mask, sitk.GetArrayViewFromImage(wm) > 0)
+        if case.get("lps_index") is not None and (work / method / "records.json").exists() and \
+                case["lps_index"] in _done_indices(work, method):
+            other = _point_map(world_transform(work, method, case["lps_index"]), ref)
+            dd = np.linalg.norm((disp - other)[mask], axis=1)
+            row.update(vs_lps_mean_mm=float(dd.mean()), vs_lps_max_mm=float(dd.max()))
+    r = rec.get(i, {"seconds": 0.0, "cpu_seconds": 0.0, "peak_mb": float("nan")})
+    row.update(seconds=r["seconds"], cpu_seconds=r["cpu_seconds"], peak_mb=r["peak_mb"])
+    for k in ("iterations", "converged", "best_iteration", "warnings"):
+        if k in r:
+            row[k] = r[k]
+    if method in NONLINEAR:
+        row["folding"] = folding_fraction(sample_tx, ref, ref_mask)
+        a = json.loads((work / FROM_AFFINE[method] / "records.json").read_text())
+        ar = {x["index"]: x for x in a["records"]}[i]
+        row["stage_seconds"], row["stage_cpu_seconds"] = row["seconds"], row["cpu_seconds"]
+        row["seconds"] += ar["seconds"]
+        row["cpu_seconds"] += ar["cpu_seconds"]
+        row["peak_mb"] = max(row["peak_mb"], ar["peak_mb"])
+        if "iterations" in ar:
+            row["affine_iterations"] = ar["iterations"]
+    if check:
+        fixed = read(case["fixed"], sitk.sitkFloat32)
+        moving = read(case["moving"], sitk.sitkFloat32)
+        chk = conversion_check(work, method, i, fixed, moving, tx, wrong_order(work, method, i))
+        if chk is not None:
+            row["conversion_check"] = chk
+    return row
+
+
+def score(work: Path, cases: list[dict], methods: list[str]) -> dict:
+    """Score every finished (method, case); cached in <work>/<method>/scores.json. Returns {method: [rows]}."""
+    cache_imgs: dict = {}
+
+    def read(path: str, pixel):
+        if (path, pixel) not in cache_imgs:
+            cache_imgs[(path, pixel)] = sitk.ReadImage(path, pixel)
+        return cache_imgs[(path, pixel)]
+
+    checked = {}  # the first brain pair of each layout gets the conversion check
+    for c in cases:
+        if c["kind"] == "pair" and c["variant"] in ("brain", cases[0]["variant"]) and c["layout"] not in checked:
+            checked[c["layout"]] = c["index"]
     per = {}
     for method in methods:
-        cache = work / method / "scores.json"
-        records_path = work / method / "records.json"
-        if cache.exists() and (method == "identity" or cache.stat().st_mtime >= records_path.stat().st_mtime):
-            rows = json.loads(cache.read_text())
-            if [r["index"] for r in rows] == [q["index"] for q in spec["pairs"]]:
-                per[method] = rows
-                print(f"  scored {method} (cached): Dice {np.mean([r['dice'] for r in rows]):.3f}", flush=True)
-                continue
+        cache_path = work / method / "scores.json"
+        cache = {int(k): v for k, v in json.loads(cache_path.read_text()).items()} if cache_path.exists() else {}
         rec = {}
         if method != "identity":
-            info = json.loads((work / method / "records.json").read_text())
-            rec = {r["index"]: r for r in info["records"]}
-        rows = []
-        for pair in spec["pairs"]:
-            i = pair["index"]
-            moving = sitk.ReadImage(pair["moving"], sitk.sitkFloat32)
-            moving_labels = sitk.ReadImage(pair["moving_labels"])
-            tx = world_transform(work, method, i)
-            sample_tx = tx
-            if method in NONLINEAR:
-                # evaluate the (slow) non-linear transform once at the fixed voxels; warping the labels and the
-                # Jacobian then use those exact values (a displacement field sampled at its own grid points)
-                field = sitk.TransformToDisplacementField(tx, sitk.sitkVectorFloat64, fixed.GetSize(), fixed.GetOrigin(),
-                                                          fixed.GetSpacing(), fixed.GetDirection())
-                sample_tx = sitk.DisplacementFieldTransform(field)
-            warped = sitk.Resample(moving_labels, fixed_labels, sample_tx, sitk.sitkNearestNeighbor, 0,
-                                   moving_labels.GetPixelID())
-            per_label = label_metrics(fixed_labels, warped, LABEL_VALUES)
-            row = {"index": i, **mean_metrics(per_label), "dice_per_label": [per_label[v]["dice"] for v in LABEL_VALUES]}
-            r = rec.get(i, {"seconds": 0.0, "cpu_seconds": 0.0, "peak_mb": float("nan")})
-            row.update(seconds=r["seconds"], cpu_seconds=r["cpu_seconds"], peak_mb=r["peak_mb"])
-            if method in NONLINEAR:
-                row["folding"] = folding_fraction(sample_tx, fixed, brain)
-                a = json.loads((work / FROM_AFFINE[method] / "records.json").read_text())
-                ar = {x["index"]: x for x in a["records"]}[i]
-                row["stage_seconds"], row["stage_cpu_seconds"] = row["seconds"], row["cpu_seconds"]
-                row["seconds"] += ar["seconds"]
-                row["cpu_seconds"] += ar["cpu_seconds"]
-                row["peak_mb"] = max(row["peak_mb"], ar["peak_mb"])
-            chk = conversion_check(work, method, i, fixed, moving, tx, wrong_order(work, method, i)) if i == 0 else None
-            if chk is not None:
-                row["conversion_check"] = chk
+            rp = work / method / "records.json"
+            if not rp.exists():
+                continue
+            rec = {r["index"]: r for r in json.loads(rp.read_text())["records"]}
+        rows, new = [], 0
+        for c in cases:
+            i = c["index"]
+            if method != "identity" and (i not in rec or (method in FROM_AFFINE and
+                                                          i not in _done_indices(work, FROM_AFFINE[method]))):
+                continue
+            key = _record_key(work, method, i)
+            need_lps = method != "identity" and c.get("lps_index") is not None and c["lps_index"] in rec
+            hit = cache.get(i)
+            if hit is not None and hit.get("_key") == key and (not need_lps or "vs_lps_mean_mm" in hit["row"]):
+                rows.append(hit["row"])
+                continue
+            row = score_case(work, method, c, cases, rec, read, check=checked.get(c["layout"]) == i)
+            cache[i] = {"_key": key, "row": row}
             rows.append(row)
-        per[method] = rows
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(rows))
-        print(f"  scored {method}: Dice {np.mean([r['dice'] for r in rows]):.3f}", flush=True)
+            new += 1
+        work.joinpath(method).mkdir(parents=True, exist_ok=True)
+        cache_path.write_text(json.dumps({str(k): v for k, v in cache.items()}))
+        if rows:
+            per[method] = rows
+            print(f"  scored {method}: {len(rows)} cases ({new} new)", flush=True)
     return per
 
 
-def summarise(per: dict) -> dict:
-    out = {"affine": {}, "nonlinear": {}}
+# --------------------------------------------------------------------------
+# summaries and tables
+# --------------------------------------------------------------------------
+
+
+def _stats(rows: list[dict], keys) -> dict:
+    s = {}
+    for k in keys:
+        v = [r[k] for r in rows if r.get(k) is not None and np.isfinite(r[k])]
+        if v:
+            s[k] = float(np.mean(v))
+            s[k + "_std"] = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+    return s
+
+
+def summarise(per: dict, cases: list[dict], n_layout_pairs: int) -> dict:
+    variants = list(dict.fromkeys(c["variant"] for c in cases if c["kind"] == "pair"))
+    layouts = list(dict.fromkeys(c["layout"] for c in cases if c["kind"] == "pair"))
+    main, lay_s, self_s = {v: {} for v in variants}, {v: {} for v in variants}, {}
     for method, rows in per.items():
-        cat = "nonlinear" if method in NONLINEAR else "affine"
-        s = {}
-        for k in ("dice", "asd", "hd95", "seconds", "cpu_seconds", "folding", "stage_seconds"):
-            v = [r[k] for r in rows if k in r]
-            if v:
-                s[k] = float(np.mean(v))
-                s[k + "_std"] = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
-        s["peak_mb"] = float(np.nanmax([r["peak_mb"] for r in rows])) if method != "identity" else None
-        s["dice_min"] = float(np.min([r["dice"] for r in rows]))
-        s["pairs"] = len(rows)
-        s["name"] = NAMES[method]
-        if method in FROM_AFFINE:
-            s["from_affine"] = FROM_AFFINE[method]
-        checks = [r["conversion_check"] for r in rows if "conversion_check" in r]
+        for var in variants:
+            rr = [r for r in rows if r["kind"] == "pair" and r["variant"] == var and r["layout"] == "LPS"]
+            if rr:
+                s = _stats(rr, ("dice", "asd", "hd95", "mask_dice", "seconds", "cpu_seconds", "folding",
+                                "stage_seconds", "iterations", "affine_iterations"))
+                s["peak_mb"] = float(np.nanmax([r["peak_mb"] for r in rr])) if method != "identity" else None
+                s["dice_min"] = float(np.min([r["dice"] for r in rr]))
+                s["mask_dice_min"] = float(np.min([r["mask_dice"] for r in rr]))
+                s["pairs"] = len(rr)
+                s["seeds"] = [r["seed"] for r in rr]
+                s["name"] = NAMES[method]
+                its = [r["iterations"] for r in rr if "iterations" in r]
+                if its:
+                    s["iterations_min"], s["iterations_max"] = int(min(its)), int(max(its))
+                    s["converged"] = int(sum(bool(r.get("converged")) for r in rr))
+                warns = sorted({w for r in rr for w in r.get("warnings", [])})
+                s["warnings"] = warns
+                s["pairs_with_warnings"] = int(sum(bool(r.get("warnings")) for r in rr))
+                if method in FROM_AFFINE:
+                    s["from_affine"] = FROM_AFFINE[method]
+                main[var][method] = s
+            # layouts: the seeds present in every layout for this method
+            by = {}
+            for r in rows:
+                if r["kind"] == "pair" and r["variant"] == var:
+                    by.setdefault(r["seed"], {})[r["layout"]] = r
+            shared = sorted(sd for sd, d in by.items() if len(d) == len(layouts)) if len(layouts) > 1 else []
+            if shared:
+                t = {"seeds": shared, "layouts": {}}
+                for lay in layouts:
+                    t["layouts"][lay] = {"dice": float(np.mean([by[sd][lay]["dice"] for sd in shared])),
+                                         "mask_dice": float(np.mean([by[sd][lay]["mask_dice"] for sd in shared]))}
+                    vs = [by[sd][lay]["vs_lps_max_mm"] for sd in shared if "vs_lps_max_mm" in by[sd][lay]]
+                    if vs:
+                        t["layouts"][lay]["vs_lps_mean_mm"] = float(np.mean([by[sd][lay]["vs_lps_mean_mm"] for sd in shared]))
+                        t["layouts"][lay]["vs_lps_max_mm"] = float(np.max(vs))
+                for k in ("dice", "mask_dice"):  # the largest per-pair spread between layouts
+                    t[f"max_diff_{k}"] = float(max(max(by[sd][q][k] for q in layouts) - min(by[sd][q][k] for q in layouts)
+                                                   for sd in shared))
+                vs = [v["vs_lps_max_mm"] for v in t["layouts"].values() if "vs_lps_max_mm" in v]
+                if vs:
+                    t["max_vs_lps_mm"] = float(max(vs))
+                lay_s[var][method] = t
+        for r in rows:
+            if r["kind"] == "self":
+                self_s.setdefault(method, {})[r["variant"]] = {
+                    "mean_mm": r["self_mean_mm"], "max_mm": r["self_max_mm"], "folding": r.get("folding"),
+                    "seconds": r["seconds"], "iterations": r.get("iterations"), "warnings": r.get("warnings", [])}
+        checks = [r["conversion_check"] | {"layout": r["layout"], "index": r["index"]} for r in rows if "conversion_check" in r]
         if checks:
-            s["conversion_check_max_mean_abs_diff"] = float(max(c["mean_abs_diff"] for c in checks))
-            s["conversion_check_min_corr"] = float(min(c["corr"] for c in checks))
-            wrong = [c["wrong_order_mean_abs_diff"] for c in checks if "wrong_order_mean_abs_diff" in c]
-            if wrong:
-                s["conversion_check_wrong_order_mean_abs_diff"] = float(wrong[0])
-        out[cat][method] = s
-    return out
+            for var in main:
+                if method in main[var]:
+                    main[var][method]["conversion_checks"] = checks
+                    break
+    return {"main": main, "layouts": lay_s, "self": self_s, "layout_names": layouts}
 
 
 def _fmt(s: dict, k: str, nd: int, scale: float = 1.0) -> str:
@@ -572,18 +850,76 @@ def _fmt(s: dict, k: str, nd: int, scale: float = 1.0) -> str:
     return f"{s[k] * scale:.{nd}f} ± {s.get(k + '_std', 0.0) * scale:.{nd}f}"
 
 
-def _table(cat: dict, nonlinear: bool) -> str:
-    head = "| method | Dice | ASD mm | HD95 mm |" + (" folding % |" if nonlinear else "") + \
-        " wall s | CPU s | peak MB |"
+def _main_table(cat: dict) -> str:
+    head = "| method | Dice | ASD mm | HD95 mm | brain-mask Dice | folding % | wall s | CPU s | peak MB | ISTN its |"
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
-    for m, s in cat.items():
-        cols = [s["name"], _fmt(s, "dice", 3), _fmt(s, "asd", 2), _fmt(s, "hd95", 2)]
-        if nonlinear:
-            cols.append(_fmt(s, "folding", 3, 100.0))
-        wall = "-" if m == "identity" else _fmt(s, "seconds", 1)
-        cpu = "-" if m == "identity" else _fmt(s, "cpu_seconds", 1)
-        cols += [wall, cpu, "-" if s["peak_mb"] is None else f"{s['peak_mb']:.0f}"]
+    for m in AFFINE + NONLINEAR:
+        if m not in cat:
+            continue
+        s = cat[m]
+        its = "-"
+        if "iterations_min" in s:
+            its = f"{s['iterations_min']}-{s['iterations_max']}" if s["iterations_min"] != s["iterations_max"] else str(s["iterations_min"])
+            if s.get("pairs_with_warnings"):
+                its += f" ({s['pairs_with_warnings']} warned)"
+        cols = [s["name"], _fmt(s, "dice", 3), _fmt(s, "asd", 2), _fmt(s, "hd95", 2), _fmt(s, "mask_dice", 3),
+                _fmt(s, "folding", 3, 100.0) if m in NONLINEAR else "-",
+                "-" if m == "identity" else _fmt(s, "seconds", 1), "-" if m == "identity" else _fmt(s, "cpu_seconds", 1),
+                "-" if s["peak_mb"] is None else f"{s['peak_mb']:.0f}", its]
         lines.append("| " + " | ".join(cols) + " |")
+    return "\n".join(lines)
+
+
+def _layout_table(cat: dict, layouts: list[str]) -> str:
+    head = ("| method | " + " | ".join(f"Dice {q}" for q in layouts) + " | max ΔDice | "
+            + " | ".join(f"mask Dice {q}" for q in layouts) + " | max Δmask | max \\|T − T_LPS\\| mm |")
+    lines = [head, "|" + " --- |" * (head.count(" | ") + 1)]
+    for m in AFFINE + NONLINEAR:
+        if m not in cat:
+            continue
+        t = cat[m]
+        cols = [NAMES[m]] + [f"{t['layouts'][q]['dice']:.3f}" for q in layouts] + [f"{t['max_diff_dice']:.3f}"]
+        cols += [f"{t['layouts'][q]['mask_dice']:.3f}" for q in layouts] + [f"{t['max_diff_mask_dice']:.3f}"]
+        cols.append(_mm(t["max_vs_lps_mm"]) if "max_vs_lps_mm" in t else "-")
+        lines.append("| " + " | ".join(cols) + " |")
+    return "\n".join(lines)
+
+
+def _mm(x: float) -> str:
+    return "0" if x == 0 else f"{x:.1e}" if abs(x) < 1e-3 else f"{x:.3f}"
+
+
+def _short(w: str, n: int = 110) -> str:
+    w = w.replace("|", "/")
+    return w if len(w) <= n else w[: n - 3] + "..."
+
+
+def _self_table(self_s: dict) -> str:
+    cols = [("fixed", "fixed ICBM 2009c → itself"), ("whole-head", "whole-head Colin27 → itself")]
+    present = [c for c in cols if any(c[0] in v for v in self_s.values())]
+    head = "| method | " + " | ".join(f"{t}: mean mm | max mm" for _, t in present) + " | notes |"
+    lines = [head, "|" + " --- |" * (1 + 2 * len(present) + 1)]
+    for m in AFFINE + NONLINEAR:
+        if m not in self_s:
+            continue
+        v = self_s[m]
+        row = [NAMES[m]]
+        notes = []
+        for k, _ in present:
+            if k in v:
+                row += [_mm(v[k]["mean_mm"]), _mm(v[k]["max_mm"])]
+                note = []
+                if v[k].get("iterations") is not None:
+                    note.append(f"{v[k]['iterations']} its")
+                if v[k].get("warnings"):
+                    note.append("engine warning: " + "; ".join(_short(w.split(" (")[0], 60) for w in v[k]["warnings"]))
+                if v[k].get("folding"):
+                    note.append(f"folding {100 * v[k]['folding']:.3f} %")
+                if note:
+                    notes.append(f"{k}: " + ", ".join(note))
+            else:
+                row += ["-", "-"]
+        lines.append("| " + " | ".join(row + ["; ".join(notes) or "-"]) + " |")
     return "\n".join(lines)
 
 
@@ -591,19 +927,20 @@ STRUCTURES = ("L caudate", "R caudate", "L putamen", "R putamen", "L pallidum", 
               "R thalamus")
 
 
-def _structure_table(per: dict) -> str:
+def _structure_table(per: dict, variant: str) -> str:
     lines = ["| method | " + " | ".join(STRUCTURES) + " |", "|" + " --- |" * (len(STRUCTURES) + 1)]
-    for m, rows in per.items():
-        d = np.mean([r["dice_per_label"] for r in rows], axis=0)
-        lines.append(f"| {NAMES[m]} | " + " | ".join(f"{v:.3f}" for v in d) + " |")
+    for m in AFFINE + NONLINEAR:
+        rows = [r for r in per.get(m, []) if r["kind"] == "pair" and r["variant"] == variant and r["layout"] == "LPS"]
+        if rows:
+            d = np.mean([r["dice_per_label"] for r in rows], axis=0)
+            lines.append(f"| {NAMES[m]} | " + " | ".join(f"{v:.3f}" for v in d) + " |")
     return "\n".join(lines)
 
 
-def verdict(summary: dict) -> list[str]:
+def verdict(c: dict) -> list[str]:
     out = []
-    for cat, istn, label in (("affine", "istn_refined", "affine"), ("nonlinear", "istn_bspline", "non-linear")):
-        c = summary[cat]
-        classical = {m: s for m, s in c.items() if not m.startswith("istn") and m != "identity"}
+    for cat, istn, label in ((AFFINE, "istn_refined", "affine"), (NONLINEAR, "istn_bspline", "non-linear")):
+        classical = {m: c[m] for m in cat if m in c and not m.startswith("istn") and m != "identity"}
         if istn not in c or not classical:
             out.append(f"- {label}: not comparable in this run (methods missing).")
             continue
@@ -614,8 +951,9 @@ def verdict(summary: dict) -> list[str]:
         ok_time = s["seconds"] < b["seconds"]
         word = "MEETS" if ok_dice and ok_time else "does NOT meet"
         out.append(
-            f"- {label}: ISTN refined {word} the bar. Dice {s['dice']:.3f} ± {s['dice_std']:.3f} vs the best classical "
+            f"- {label}: ISTN {word} the bar. Dice {s['dice']:.3f} ± {s['dice_std']:.3f} vs the best classical "
             f"method ({b['name']}) {b['dice']:.3f} ± {b['dice_std']:.3f} (difference {s['dice'] - b['dice']:+.3f}); "
+            f"brain-mask Dice {s['mask_dice']:.3f} vs {b['mask_dice']:.3f}; "
             f"wall time {s['seconds']:.1f} s vs {b['seconds']:.1f} s ({'faster' if ok_time else 'slower'}); "
             f"CPU {s['cpu_seconds']:.1f} s vs {b['cpu_seconds']:.1f} s. Fastest classical: {c[fastest]['name']} "
             f"{c[fastest]['seconds']:.1f} s, Dice {c[fastest]['dice']:.3f}.")
@@ -623,117 +961,170 @@ def verdict(summary: dict) -> list[str]:
 
 
 def _load_text(m: dict) -> str:
-    """Whether other jobs shared the machine: the 1-min load beyond the benchmark's own threads."""
-    loads = [v for w in m.get("load_average_1min", {}).values() for v in (w.get("load_before"), w.get("load_after"))
-             if v is not None]
-    if loads and max(loads) <= m["threads"] + 1.0:
-        return (f"no other heavy job during the run (1-min load average at most {max(loads):.1f}: the benchmark's "
-                f"own {m['threads']} threads)")
-    return ("shared with other jobs during the run (wall times are inflated and noisy; CPU seconds are the "
-            "steadier cost)")
+    loads = m.get("load_average_1min", {})
+    s = [v for _, v in loads.get("samples", [])] + [w[k] for w in loads.get("workers", []) for k in ("load_before", "load_after")]
+    if not s:
+        return "load not recorded"
+    txt = (f"1-minute load average while the workers ran (sampled every 10 s, {len(s)} samples): mean {np.mean(s):.1f}, "
+           f"median {np.median(s):.1f}, max {np.max(s):.1f} (the benchmark's own {m['threads']} threads account for ~{m['threads']})")
+    if np.median(s) > m["threads"] + 1.0:
+        txt += "; SHARED with other jobs: wall times are inflated and noisy, CPU seconds are the steadier cost"
+    return txt
 
 
-def write_report(path_md: Path, path_json: Path, summary: dict, meta: dict, per: dict) -> None:
-    data = {"affine": summary["affine"], "nonlinear": summary["nonlinear"], "meta": meta, "per_pair": per}
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+def engine_state() -> dict:
+    """The commit of the engine and models, and which of their files differ from it (the checkout is shared)."""
+    dirty = _git("status", "--porcelain", "--", "ISTNRegistration/istn", "ISTNRegistration/Resources/Models").splitlines()
+    return {"head": _git("rev-parse", "HEAD"), "head_subject": _git("log", "-1", "--format=%s"),
+            "engine_or_models_modified": [l.strip() for l in dirty],
+            "models_last_commit": _git("log", "-1", "--format=%h %cI %s", "--", "ISTNRegistration/Resources/Models"),
+            "engine_last_commit": _git("log", "-1", "--format=%h %cI %s", "--", "ISTNRegistration/istn")}
+
+
+def write_report(path_md: Path, path_json: Path, summary: dict, meta: dict, per: dict, cases: list[dict]) -> None:
+    data = {**summary, "meta": meta, "cases": cases, "per_case": per}
     path_json.write_text(json.dumps(data, indent=1))
     m = meta
+    main, lay = summary["main"], summary["layouts"]
+    layouts = summary["layout_names"]
     setup = "; ".join(f"{k}: " + ", ".join(f"{kk} {vv:.1f} s" for kk, vv in v.items()) for k, v in m["setup_seconds"].items() if v)
-    checks = [f"{NAMES[k]} {s['conversion_check_max_mean_abs_diff']:.1e} (correlation >= {s['conversion_check_min_corr']:.6f}"
-              + (f"; the other composition order: {s['conversion_check_wrong_order_mean_abs_diff']:.3f}"
-                 if "conversion_check_wrong_order_mean_abs_diff" in s else "") + ")"
-              for cat in ("affine", "nonlinear") for k, s in summary[cat].items() if "conversion_check_max_mean_abs_diff" in s]
+    checks = []
+    for var in main:
+        for k, s in main[var].items():
+            for c in s.get("conversion_checks", []):
+                checks.append(f"{NAMES[k]} ({c['layout']}) {c['mean_abs_diff']:.1e} (corr {c['corr']:.6f}"
+                              + (f"; other composition order {c['wrong_order_mean_abs_diff']:.3f}" if "wrong_order_mean_abs_diff" in c else "")
+                              + ")")
     models = m.get("istn_models") or {}
-    wait = m.get("model_wait") or {}
-    model_state = ", ".join(f"`{Path(k).name}` {v}" for k, v in wait.get("state", {}).items()) or "-"
-    if wait:
-        model_state += f" (waited {wait['waited_seconds'] / 60:.1f} min)"
     model_lines = [f"  - `{v.get('path')}`: {v.get('describe', 'MISSING')} (created {v.get('created')}, training step "
-                   f"{v.get('step')}, sha256 {v.get('sha256')})" for v in models.values()]
-    txt = f"""# ISTN vs classical registration, real 3D brain MRI (held-out Colin27 -> ICBM 2009c)
+                   f"{v.get('step')}, sha256 {v.get('sha256')}, refinement metadata {json.dumps(v.get('refinement'))})"
+                   for v in models.values()]
+    es = m["engine"]
+    todo = m.get("incomplete") or []
+    sections = []
+    for var in main:
+        n = max((s["pairs"] for s in main[var].values()), default=0)
+        seeds = max((s["seeds"] for s in main[var].values()), key=len, default=[])
+        sections.append(f"### Moving: {VARIANT_TEXT[var]} ({n} pairs, LPS storage, seeds {', '.join(map(str, seeds))})\n\n"
+                        f"{_main_table(main[var])}\n\nVerdict (bar: ISTN matches or beats the best classical Dice "
+                        f"in its category while taking less wall time):\n\n" + "\n".join(verdict(main[var])))
+    lay_sections = []
+    for var in lay:
+        if lay[var]:
+            seeds = next(iter(lay[var].values()))["seeds"]
+            lay_sections.append(f"### Moving: {VARIANT_TEXT[var]} (seeds {', '.join(map(str, seeds))}; means over these pairs)\n\n"
+                                + _layout_table(lay[var], layouts))
+    struct = "\n\n".join(f"### {VARIANT_TEXT[var]}\n\n{_structure_table(per, var)}" for var in main)
+    ists = []
+    for var in main:
+        for k in ("istn_onepass", "istn_refined", "istn_bspline"):
+            s = main[var].get(k)
+            if s and "iterations" in s:
+                ists.append(f"- {VARIANT_TEXT[var]}, {NAMES[k]}: iterations run {s['iterations']:.1f} on average "
+                            f"({s['iterations_min']}-{s['iterations_max']}), {s.get('converged', 0)}/{s['pairs']} stopped by the "
+                            f"tolerance; warnings: {'; '.join(s['warnings']) if s['warnings'] else 'none'}.")
+    for k in ("istn_onepass", "istn_refined", "istn_bspline"):
+        rows = per.get(k, [])
+        if rows and any("iterations" in r for r in rows):
+            warned = [r for r in rows if r.get("warnings")]
+            kinds = sorted({_short(w.split(" (")[0], 60) for r in warned for w in r["warnings"]})
+            ists.append(f"- {NAMES[k]}, all {len(rows)} cases (every variant, layout and self-registration): iterations "
+                        f"{min(r['iterations'] for r in rows)}-{max(r['iterations'] for r in rows)}, "
+                        f"{sum(bool(r.get('converged')) for r in rows)} stopped by the tolerance; engine warnings on "
+                        f"{len(warned)} ({', '.join(sorted({r['key'] for r in warned})) or '-'})"
+                        + (f": {'; '.join(kinds)}" if kinds else "") + ".")
+    txt = f"""# ISTN vs classical registration on the files users bring: real 3D brain MRI (held-out Colin27 -> ICBM 2009c)
 
-Generated by `benchmarks/brain3d.py` on {m['date']}. {m['pairs']} pairs: Colin27 **brain-extracted**
-(`colin27_t1_brain`, the same moving image for every method{'' if m['moving'] == 'brain' else ' -- NO: this run used the WHOLE-HEAD colin27_t1'})
-placed in a scanner position by seeded random affines (seeds {m['seeds'][0]}..{m['seeds'][-1]}: 10-20 deg,
-10-20 mm, ±10 %; `istn.demo.place_in_scanner`) registered to ICBM 2009c (skull-stripped), 2 mm grids.
-Scores over labels 1..8 (L/R caudate, putamen, pallidum, thalamus; Colin27 AAL vs ICBM 2009c HCPex
-labels -- two different atlases, so Dice has a ceiling well below 1), mean ± std over pairs of the per-pair
-mean over the 8 labels. Moving labels warped nearest-neighbour through each method's own transform
-expressed as one ITK world transform (fixed -> moving). ASD = average symmetric surface distance (mm),
-HD95 = 95th-percentile Hausdorff (mm). Folding = % of fixed brain voxels with Jacobian determinant <= 0.
-Wall and CPU seconds: the registration call alone; non-linear rows are cumulative (the method's own affine
-+ its non-linear stage). Peak MB: the worker process's peak resident memory during the registration
-(libraries included).
+Generated by `benchmarks/brain3d.py` on {m['date']}{' -- PARTIAL RUN, missing: ' + '; '.join(todo) if todo else ''}.
+Engine and models: commit `{es['head']}` ({es['head_subject']}){'; working-tree changes to engine/model files at the start: ' + ', '.join('`' + x + '`' for x in m['engine_start']['engine_or_models_modified']) if m['engine_start']['engine_or_models_modified'] else ', engine and model files as committed'}{'' if m['engine_start']['head'] == es['head'] else ' (HEAD at the start: `' + m['engine_start']['head'] + '`)'}.
+Machine: {m['cpus']} CPU cores, shared; {_load_text(m)}.
 
-## Affine
+Every method gets the same input files. Moving: Colin27 (held out) placed in scanner positions by seeded random
+affines (10-20 deg, 10-20 mm, ±10 %; `istn.demo.place_in_scanner`), as **brain-extracted** and **whole-head**
+images (same positions), registered to ICBM 2009c (skull-stripped), 2 mm grids. Storage layouts: LPS (as
+prepared), RAS (`sitk.DICOMOrient(img, "RAS")`) and sagittal (`DICOMOrient` "{m['sagittal_code']}"): fixed, moving, labels and
+masks re-stored alike. Scores in world space: the moving labels / brain mask as stored are warped
+nearest-neighbour through each method's world transform (fixed -> moving) onto the LPS fixed grid. Dice, ASD
+(average symmetric surface distance, mm) and HD95 (mm): mean over labels 1..8 (L/R caudate, putamen,
+pallidum, thalamus; Colin27 AAL vs ICBM 2009c HCPex labels, two atlases, so the Dice ceiling is well below 1);
+brain-mask Dice: `icbm2009c_t1 > 0` vs Colin27's `colin27_t1_brain > 0` warped (harm outside the structures).
+Folding: % of fixed brain voxels with Jacobian determinant <= 0. Mean ± std over pairs. Wall and CPU seconds:
+the registration call alone; non-linear rows cumulative (own affine + non-linear stage). Peak MB: worker's
+peak resident memory during the registration (libraries included). ISTN its: refinement iterations run.
 
-{_table(summary['affine'], False)}
+## 1. Main results, per moving variant
 
-## Non-linear (each from its own method's affine)
+{(chr(10) * 2).join(sections)}
 
-{_table(summary['nonlinear'], True)}
+## 2. Storage layouts: the same pairs stored LPS / RAS / sagittal
 
-## Dice per structure (mean over pairs)
+Mean over the shared pairs of the per-pair Dice (labels 1..8) and brain-mask Dice in each layout; max Δ: the
+largest per-pair difference between layouts; max |T − T_LPS|: the largest distance (mm) over the fixed brain
+mask between the method's world transform from a re-stored pair and from the LPS pair (0 = identical result).
 
-{_structure_table(per)}
+{(chr(10) * 2).join(lay_sections) if lay_sections else '(no layout pairs finished)'}
 
-## Verdict against the bar "ISTN refined matches or beats the best classical method's Dice in each category while taking less wall time"
+## 3. Self-registration: an image registered to itself (distance from identity)
 
-{chr(10).join(verdict(summary))}
+|T(x) − x| in mm over the image's brain mask (fixed: `icbm2009c_t1 > 0`; whole head: Colin27's brain mask
+in its scanner position, seed {SEED0}), LPS storage.
+
+{_self_table(summary['self']) if summary['self'] else '(not run)'}
+
+## ISTN refinement (engine defaults from the models' metadata)
+
+{chr(10).join(ists) if ists else '-'}
+
+## Dice per structure (LPS pairs, mean over pairs)
+
+{struct}
 
 ## Setup
 
-- Machine: {m['machine']}; {m['cpus']} CPU cores, {_load_text(m)}. Every tool ran with {m['threads']} threads
-  (torch threads, SimpleITK/ITK global default threads, ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS for ANTs),
-  one method at a time, each method in its own worker subprocess over all pairs.
-- Command: `{m['command']}`; total runtime {m['total_seconds'] / 60:.1f} min (started {m.get('started_utc')}, includes any wait for the ISTN models and the scoring).
+- Machine: {m['machine']}; {m['cpus']} CPU cores. Every tool ran with {m['threads']} threads (torch threads,
+  SimpleITK/ITK global default threads, ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS for ANTs), one method at a time,
+  each method in its own worker subprocess per group of cases.
+- Command: `{m['command']}`; total runtime {m['total_seconds'] / 60:.1f} min (started {m.get('started_utc')}, scoring included).
+- Engine/models: HEAD `{es['head']}`; last commit touching the models: {es['models_last_commit']}; the engine: {es['engine_last_commit']}.
 - Versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}.
 - ISTN models:
 {chr(10).join(model_lines) if model_lines else '  - (not run)'}
-- ISTN model files when the ISTN methods started (they ran last, after the classical tools): {model_state}.
-- One-off costs outside the per-pair timing: {setup or '-'}.
-- Worker run times (min, all pairs, incl. start-up) and the 1-minute load average before -> after each
-  worker ({m['cpus']} cores): {', '.join(f"{k} {v / 60:.1f} ({m['load_average_1min'].get(k, {}).get('load_before', float('nan')):.1f} -> {m['load_average_1min'].get(k, {}).get('load_after', float('nan')):.1f})" for k, v in m['worker_seconds'].items())}.
-- Data: `{m['data']}` (eval volumes' md5 in brain3d.json){m.get('data_note', '')}.
+- One-off costs outside the per-pair timing (first worker of each method): {setup or '-'}.
+- Worker runs (method/group: minutes, 1-min load mean/max): {', '.join(f"{w['method']}/{w['group']} {w['seconds'] / 60:.1f} ({w['load_mean']:.1f}/{w['load_max']:.1f})" for w in m['load_average_1min'].get('workers', []))}.
+- Data: `{m['data']}` (md5 of the eval volumes in brain3d.json).
 - Settings: SimpleITK affine Mattes MI 50 bins, 10 % random sampling, RegularStepGradientDescent lr 2 /
   {m['settings']['sitk_affine_iterations']} its, scales from physical shift, shrink 4-2-1, smoothing 2-1-0 mm, MOMENTS centred
   initialiser; SimpleITK B-spline 30 mm mesh, MI, 5 % sampling, GradientDescentLineSearch lr 5 /
-  {m['settings']['sitk_bspline_iterations']} its, shrink 2-1, smoothing 1-0 mm; elastix default affine map, then default B-spline
-  map with FinalGridSpacingInPhysicalUnits 30 from the affine's parameter file{'' if not m['settings'].get('elastix_iterations') else ' (MaximumNumberOfIterations ' + str(m['settings']['elastix_iterations']) + ')'};
+  {m['settings']['sitk_bspline_iterations']} its, shrink 2-1, smoothing 1-0 mm (sampling seeds 1000/2000 + scanner seed, the same in every
+  layout); elastix default affine map, then default B-spline map with FinalGridSpacingInPhysicalUnits 30 from the
+  affine's parameter file{'' if not m['settings'].get('elastix_iterations') else ' (MaximumNumberOfIterations ' + str(m['settings']['elastix_iterations']) + ')'};
   ANTs `Affine` (defaults), then `SyNOnly` from it with iterations {'x'.join(map(str, m['settings']['syn_iterations']))};
-  ISTN {m['settings']['istn_iterations']} refinement iterations (lr from the model), CPU.
-- Transform conversion check (tool's own warped image vs SimpleITK applying our converted transform,
-  first pair, mean |difference| / 99th-percentile intensity): {'; '.join(checks) if checks else '-'}.
+  ISTN up to {m['settings']['istn_iterations']} refinement iterations, lr, bending weight and tolerance from the models, CPU.
+- Transform conversion check (tool's own warped image vs SimpleITK applying our converted world transform,
+  first brain pair of each layout, mean |difference| / 99th-percentile intensity): {'; '.join(checks) if checks else '-'}.
 """
     path_md.write_text(txt)
 
 
-def _complete(work: Path, method: str, spec: dict) -> bool:
-    rp = work / method / "records.json"
-    if not rp.exists():
-        return False
-    done = {r["index"] for r in json.loads(rp.read_text())["records"]}
-    return done >= {q["index"] for q in spec["pairs"]}
-
-
-def _data_note(data: Path) -> str:
-    """Whether the eval volumes used are byte-identical to those of the standard location /work/braindata."""
-    std = Path("/work/braindata/eval")
-    if data.resolve() == std.parent.resolve() or not std.exists():
-        return ""
-    names = ("icbm2009c_t1", "icbm2009c_labels", "colin27_t1_brain", "colin27_t1", "colin27_labels")
-    same = all((std / f"{n}.nii.gz").exists() and hashlib.md5((std / f"{n}.nii.gz").read_bytes()).digest()
-               == hashlib.md5((data / "eval" / f"{n}.nii.gz").read_bytes()).digest() for n in names)
-    return (", byte-identical to the `istn.braindata.prepare` output in /work/braindata/eval" if same
-            else ", which DIFFERS from /work/braindata/eval")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--pairs", type=int, default=None, help="number of pairs (default 10; 2 with --quick)")
-    p.add_argument("--quick", action="store_true", help="2 pairs, fewer iterations, results into runs/brain3d-quick")
+    p.add_argument("--pairs", type=int, default=None, help="scanner seeds in LPS storage (default 5; 1 with --quick)")
+    p.add_argument("--layout-pairs", type=int, default=None,
+                   help="of those, how many also in every other layout (default 2; 1 with --quick)")
+    p.add_argument("--layouts", default="LPS,RAS,sagittal", help="storage layouts (LPS always runs)")
+    p.add_argument("--sagittal-code", default="ASL", help="DICOMOrient code of the sagittal layout (default ASL)")
+    p.add_argument("--variants", default="brain,whole-head", help="moving variants: brain, whole-head")
+    p.add_argument("--no-self", action="store_true", help="leave out the self-registration cases")
+    p.add_argument("--quick", action="store_true", help="1 pair, fewer iterations, results into runs/brain3d-quick")
     p.add_argument("--methods", default=",".join(AFFINE + NONLINEAR))
     p.add_argument("--data", default=os.environ.get("ISTN_BRAINDATA", "/work/braindata"))
-    p.add_argument("--moving", choices=("brain", "whole-head"), default="brain")
     p.add_argument("--affine-model", default=str(DEFAULT_MODELS / "brain-t1-affine.pt"))
     p.add_argument("--bspline-model", default=str(DEFAULT_MODELS / "brain-t1-bspline.pt"))
     p.add_argument("--ants-python", default="/work/venv-ants/bin/python")
@@ -742,9 +1133,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=None, help="folder of the transforms and images (default runs/brain3d[-quick])")
     p.add_argument("--score-only", action="store_true", help="re-score an existing work folder (report only)")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run in its work folder: same pairs, complete methods kept")
+                   help="continue an interrupted run in its work folder: same cases, finished (method, case) kept")
     p.add_argument("--wait-models", default=None, metavar="HH:MM",
-                   help="before the ISTN methods (run last), wait until then (UTC) for the model files to be committed")
+                   help="before the first ISTN worker, wait until then (UTC) for the model files to be committed")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -752,80 +1143,104 @@ def main(argv: list[str] | None = None) -> int:
         return run_worker(a.spec, a.worker)
 
     t_start = time.perf_counter()
-    n = a.pairs or (2 if a.quick else 10)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in AFFINE + NONLINEAR]
     if unknown:
         p.error(f"unknown methods {unknown}; known: {AFFINE + NONLINEAR}")
     methods = [m for m in AFFINE + NONLINEAR if m in methods]
-    tag = "brain3d" + ("" if a.moving == "brain" else "-wholehead")
-    work = Path(a.work or REPO / "runs" / (tag + ("-quick" if a.quick else "")))
+    layouts = [q.strip() for q in a.layouts.split(",") if q.strip()]
+    variants = [q.strip() for q in a.variants.split(",") if q.strip()]
+    if set(layouts) - {"LPS", "RAS", "sagittal"} or set(variants) - set(VARIANTS) or not variants:
+        p.error("layouts: LPS, RAS, sagittal; variants: brain, whole-head")
+    codes = {**LAYOUT_CODES, "sagittal": a.sagittal_code}
+    work = Path(a.work or REPO / "runs" / ("brain3d" + ("-quick" if a.quick else "")))
     for m in methods:
         if m in FROM_AFFINE and FROM_AFFINE[m] not in methods and not (work / FROM_AFFINE[m] / "records.json").exists():
             p.error(f"{m} starts from {FROM_AFFINE[m]}: list it too")
-    out = Path(a.out or (REPO / "runs" / (tag + "-quick") if a.quick else REPO / "benchmarks" / "results"))
+    out = Path(a.out or (REPO / "runs" / "brain3d-quick" if a.quick else REPO / "benchmarks" / "results"))
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     data = Path(a.data)
     spec = {
-        "fixed": str(data / "eval" / "icbm2009c_t1.nii.gz"),
-        "fixed_labels": str(data / "eval" / "icbm2009c_labels.nii.gz"),
-        "work": str(work), "threads": a.threads,
+        "data": str(data), "work": str(work), "threads": a.threads,
         "affine_model": str(Path(a.affine_model).resolve()), "bspline_model": str(Path(a.bspline_model).resolve()),
         "istn_iterations": 10 if a.quick else 50,
         "sitk_affine_iterations": 50 if a.quick else 200,
         "sitk_bspline_iterations": 10 if a.quick else 30,
         "elastix_iterations": 64 if a.quick else None,
         "syn_iterations": [20, 10, 0] if a.quick else [100, 70, 50, 20],
+        "sagittal_code": a.sagittal_code,
     }
     spec_path = work / "spec.json"
     command = "python benchmarks/brain3d.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if a.score_only or a.resume:
         old_spec = json.loads(spec_path.read_text())
         if not a.score_only:
-            old_spec.update({k: spec[k] for k in ("affine_model", "bspline_model")})
+            old_spec.update({k: spec[k] for k in ("affine_model", "bspline_model", "threads")})
         spec = old_spec
-        # started_utc: when the first invocation wrote its spec (older specs lack the key)
-        spec.setdefault("started_utc", _dt.datetime.fromtimestamp(spec_path.stat().st_mtime, _dt.timezone.utc)
-                        .isoformat(timespec="seconds"))
-        data = Path(spec["fixed"]).parents[1]
+        data = Path(spec["data"])
     else:
-        spec["pairs"] = make_pairs(data, work, n, a.moving)
+        n_pairs = a.pairs or (1 if a.quick else 5)
+        n_lay = a.layout_pairs if a.layout_pairs is not None else (1 if a.quick else 2)
+        spec["cases"] = make_cases(data, work, n_pairs, min(n_lay, n_pairs), layouts, variants, not a.no_self, codes)
+        spec["n_layout_pairs"] = min(n_lay, n_pairs)
         spec["started_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        spec["engine_start"] = engine_state()
+        for f in ("records.json", "scores.json"):  # a fresh run into an old work folder starts clean
+            for q in work.glob(f"*/{f}"):
+                q.unlink()
+        for f in ("loads.json",):
+            (work / f).unlink(missing_ok=True)
     spec.setdefault("commands", []).append(command + (" (report only)" if a.score_only else ""))
     spec_path.write_text(json.dumps(spec, indent=1))
-    runtimes = json.loads((work / "runtimes.json").read_text()) if (work / "runtimes.json").exists() else {}
+    cases = spec["cases"]
+    LOADS.update(json.loads((work / "loads.json").read_text()) if (work / "loads.json").exists() else {})
+
+    def report() -> Path:
+        per = score(work, cases, methods)
+        summary = summarise(per, cases, spec["n_layout_pairs"])
+        path = write_all(out, work, spec, methods, per, summary, cases, a, t_start)
+        return path
+
     if not a.score_only:
-        env = dict(os.environ, ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads),
-                   PYTHONUNBUFFERED="1")
-        # a partial or resumed run into an existing work folder keeps the other methods' records
-        LOADS.update(json.loads((work / "loads.json").read_text()) if (work / "loads.json").exists() else {})
+        env = dict(os.environ, ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(spec["threads"]),
+                   OMP_NUM_THREADS=str(spec["threads"]), PYTHONUNBUFFERED="1")
         order = [m for m in methods if m != "identity" and not m.startswith("istn")]
-        order += [m for m in methods if m.startswith("istn")]  # last: their models may still be on their way
-        for m in order:
-            if a.resume and _complete(work, m, spec):
-                print(f"{m}: complete in {work}, kept", flush=True)
-                continue
-            if m.startswith("istn") and "model_wait" not in spec:
-                # the classical results are scored while waiting (the scores are cached)
-                print("scoring the finished methods while the ISTN models are awaited", flush=True)
-                score(work, spec, [q for q in methods if not q.startswith("istn") and (q == "identity" or _complete(work, q, spec))])
-                spec["model_wait"] = wait_for_models([Path(spec["affine_model"]), Path(spec["bspline_model"])],
-                                                     a.wait_models)
-                spec_path.write_text(json.dumps(spec, indent=1))
-            if m.startswith("istn") and not all(Path(spec[k]).exists() for k in ("affine_model", "bspline_model")):
-                print(f"{m}: SKIPPED, model file missing: {spec['model_wait']['state']}", flush=True)
-                methods = [q for q in methods if q != m]
-                continue
-            runtimes[m] = launch(m, spec_path, a.ants_python, env)
-            (work / "runtimes.json").write_text(json.dumps(runtimes))
-            (work / "loads.json").write_text(json.dumps(LOADS))
-    print("scoring", flush=True)
-    per = score(work, spec, methods)
-    summary = summarise(per)
-    setup = {}
-    models = None
-    versions = {"python": platform.python_version(), "SimpleITK": sitk.Version_VersionString()}
+        order += [m for m in methods if m.startswith("istn")]
+        for g in sorted({c["group"] for c in cases}):
+            gcases = [c for c in cases if c["group"] == g]
+            print(f"== group {g}: {GROUP_NAMES[g]} ({len(gcases)} cases)", flush=True)
+            for m in order:
+                todo = [c for c in gcases if c["index"] not in _done_indices(work, m)]
+                if not todo:
+                    print(f"{m}: group {g} complete, kept", flush=True)
+                    continue
+                if m.startswith("istn") and "model_wait" not in spec:
+                    spec["model_wait"] = wait_for_models([Path(spec["affine_model"]), Path(spec["bspline_model"])],
+                                                         a.wait_models)
+                    spec_path.write_text(json.dumps(spec, indent=1))
+                gspec = {k: v for k, v in spec.items() if k != "cases"} | {"pairs": todo}
+                gpath = work / f"spec_group{g}_{m}.json"
+                gpath.write_text(json.dumps(gspec, indent=1))
+                try:
+                    launch(m, gpath, a.ants_python, env, g)
+                except subprocess.CalledProcessError as e:  # one tool failing must not stop the others
+                    print(f"{m}: worker FAILED ({e}); its remaining cases are missing from the tables", flush=True)
+                    spec.setdefault("failures", []).append(f"{m} group {g}: exit {e.returncode}")
+                    spec_path.write_text(json.dumps(spec, indent=1))
+                (work / "loads.json").write_text(json.dumps(LOADS))
+            print(f"scoring after group {g}", flush=True)
+            path = report()
+            print(f"wrote {path} ({(time.perf_counter() - t_start) / 60:.1f} min)", flush=True)
+    else:
+        path = report()
+        print(f"wrote {path}")
+    return 0
+
+
+def write_all(out: Path, work: Path, spec: dict, methods: list[str], per: dict, summary: dict, cases: list[dict],
+              a, t_start: float) -> Path:
+    setup, models, versions = {}, None, {"python": platform.python_version(), "SimpleITK": sitk.Version_VersionString()}
     import torch
 
     versions["torch"] = torch.__version__
@@ -843,33 +1258,39 @@ def main(argv: list[str] | None = None) -> int:
             versions["ITK"] = info["itk_version"]
         if "ants_version" in info:
             versions["antspyx"] = info["ants_version"]
+    incomplete = []
+    for m in methods:
+        if m == "identity":
+            continue
+        missing = [c["key"] for c in cases if c["index"] not in _done_indices(work, m)]
+        if missing:
+            incomplete.append(f"{m}: {len(missing)} of {len(cases)} cases")
     cpu_model = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                       if l.startswith("model name")), platform.processor())
+    data = Path(spec["data"])
     meta = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "pairs": len(spec["pairs"]), "seeds": [q["seed"] for q in spec["pairs"]],
-        "perturbations": [q["perturbation"] for q in spec["pairs"]],
-        "moving": a.moving, "machine": f"{cpu_model}, {platform.system()} {platform.release()}",
+        "machine": f"{cpu_model}, {platform.system()} {platform.release()}",
         "cpus": os.cpu_count(), "threads": spec["threads"],
         "command": " ; then ".join(spec["commands"]),
         "started_utc": spec.get("started_utc"),
         "total_seconds": ((_dt.datetime.now(_dt.timezone.utc) - _dt.datetime.fromisoformat(spec["started_utc"]))
                           .total_seconds() if spec.get("started_utc") else time.perf_counter() - t_start),
-        "worker_seconds": runtimes, "setup_seconds": setup, "istn_models": models, "versions": versions,
-        "model_wait": spec.get("model_wait"),
+        "setup_seconds": setup, "istn_models": models, "versions": versions,
+        "model_wait": spec.get("model_wait"), "failures": spec.get("failures", []),
+        "engine": engine_state(), "engine_start": spec.get("engine_start") or engine_state(),
+        "sagittal_code": spec.get("sagittal_code", "ASL"),
         "settings": {k: spec[k] for k in ("istn_iterations", "sitk_affine_iterations", "sitk_bspline_iterations",
                                           "elastix_iterations", "syn_iterations")},
         "data": str(data),
-        "data_md5": {Path(q).name: hashlib.md5(Path(q).read_bytes()).hexdigest()
-                     for q in (spec["fixed"], spec["fixed_labels"], str(data / "eval" / "colin27_t1_brain.nii.gz"),
-                               str(data / "eval" / "colin27_t1.nii.gz"), str(data / "eval" / "colin27_labels.nii.gz"))
-                     if Path(q).exists()},
-        "data_note": _data_note(data),
-        "load_average_1min": json.loads((work / "loads.json").read_text()) if (work / "loads.json").exists() else {},
+        "data_md5": {n: hashlib.md5((data / "eval" / f"{n}.nii.gz").read_bytes()).hexdigest()
+                     for n in ("icbm2009c_t1", "icbm2009c_labels", "colin27_t1_brain", "colin27_t1", "colin27_labels")
+                     if (data / "eval" / f"{n}.nii.gz").exists()},
+        "load_average_1min": LOADS, "load_now": list(os.getloadavg()),
+        "incomplete": incomplete,
     }
-    write_report(out / f"{tag}.md", out / f"{tag}.json", summary, meta, per)
-    print(f"wrote {out / (tag + '.md')} and {out / (tag + '.json')} ({meta['total_seconds'] / 60:.1f} min)")
-    return 0
+    write_report(out / "brain3d.md", out / "brain3d.json", summary, meta, per, cases)
+    return out / "brain3d.md"
 
 
 if __name__ == "__main__":

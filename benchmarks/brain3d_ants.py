@@ -8,9 +8,10 @@ used to check the conversion) in the work folder. Only ``ants`` and the standard
 
     python brain3d_ants.py SPEC.json METHOD      # METHOD: ants_affine | ants_syn
 
-``SPEC.json`` (written by brain3d.py): ``{"fixed": path, "pairs": [{"index", "moving"}, ...], "work": folder,
-"threads": n, "syn_iterations": [..]}``. Writes ``<work>/<METHOD>/records.json``: per pair the wall and CPU
-seconds of the ``ants.registration`` call and the peak resident memory of this process during it.
+``SPEC.json`` (written by brain3d.py for one group of cases): ``{"pairs": [{"index", "key", "fixed", "moving"},
+...], "work": folder, "threads": n, "syn_iterations": [..]}`` (each case has its own fixed image: the storage
+layouts re-store it). Adds to ``<work>/<METHOD>/records.json`` (records of earlier groups kept): per case the
+wall and CPU seconds of the ``ants.registration`` call and the peak resident memory of this process during it.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ from pathlib import Path
 from procmem import reset_peak, status_kb  # benchmarks/procmem.py, beside this script
 
 
-
-
 def main(spec_path: str, method: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(spec["threads"])
@@ -36,11 +35,18 @@ def main(spec_path: str, method: str) -> int:
     work = Path(spec["work"])
     out_dir = work / method
     out_dir.mkdir(parents=True, exist_ok=True)
-    fixed = ants.image_read(spec["fixed"])
+    images: dict = {}
+
+    def read(path: str):
+        if path not in images:
+            images[path] = ants.image_read(path)
+        return images[path]
+
     records = []
     for pair in spec["pairs"]:
         i = pair["index"]
-        moving = ants.image_read(pair["moving"])
+        fixed = read(pair.get("fixed", spec.get("fixed")))
+        moving = read(pair["moving"])
         prefix = str(out_dir / f"pair{i:02d}_")
         if method == "ants_affine":
             kwargs = dict(type_of_transform="Affine")
@@ -60,9 +66,20 @@ def main(spec_path: str, method: str) -> int:
         ants.image_write(reg["warpedmovout"], prefix + "warped.nii.gz")
         records.append({"index": i, "seconds": wall, "cpu_seconds": cpu, "peak_mb": peak / 1024.0,
                         "rss_before_mb": rss_before / 1024.0, "fwdtransforms": list(reg["fwdtransforms"])})
-        print(f"  {method} pair {i}: {wall:.1f} s", flush=True)
-    (out_dir / "records.json").write_text(json.dumps({"method": method, "records": records, "setup_seconds": {"import_ants": import_s},
-                                                      "ants_version": ants.__version__}, indent=1))
+        rp = out_dir / "records.json"  # saved case by case: an interrupted worker keeps its finished cases
+        old = json.loads(rp.read_text()) if rp.exists() else {"method": method, "records": []}
+        old["records"] = sorted([r for r in old["records"] if r["index"] != i] + [records[-1]], key=lambda r: r["index"])
+        rp.write_text(json.dumps(old, indent=1))
+        print(f"  {method} case {i} ({pair.get('key', '')}): {wall:.1f} s wall, {cpu:.1f} s CPU, {peak / 1024:.0f} MB",
+              flush=True)
+    rp = out_dir / "records.json"
+    old = json.loads(rp.read_text()) if rp.exists() else {}
+    new_idx = {r["index"] for r in records}
+    merged = [r for r in old.get("records", []) if r["index"] not in new_idx] + records
+    rp.write_text(json.dumps({"method": method, "records": sorted(merged, key=lambda r: r["index"]),
+                              "setup_seconds": old.get("setup_seconds") or {"import_ants": import_s},
+                              "setup_seconds_runs": old.get("setup_seconds_runs", []) + [{"import_ants": import_s}],
+                              "ants_version": ants.__version__}, indent=1))
     return 0
 
 
