@@ -491,7 +491,8 @@ def make_cases(data: Path, work: Path, n_pairs: int, n_layout_pairs: int, layout
     """Write every case's input files (fixed, moving, labels, brain masks in the case's layout) and list them.
 
     Groups, in the order they run: 0 = the LPS pairs that the other layouts share, 1 = those pairs in the
-    other layouts, 2 = self-registration, 3 = the remaining LPS pairs.
+    other layouts, 2 = self-registration, 3, 4, ... = the remaining LPS pairs, one seed per group (so an
+    interrupted run leaves every method with the same pairs but at most one).
     """
     from istn.demo import place_in_scanner
 
@@ -534,7 +535,8 @@ def make_cases(data: Path, work: Path, n_pairs: int, n_layout_pairs: int, layout
                               "key": f"{var}/{lay}/seed {seed}", **fx[lay], **ref,
                               "moving": write(moved, tag, lay), "moving_labels": write(moved_labels, tag + "_labels", lay),
                               "moving_mask": write(moved_mask, tag + "_mask", lay), "perturbation": pert,
-                              "group": 0 if (k < n_layout_pairs and lay == "LPS") else 1 if k < n_layout_pairs else 3})
+                              "group": 0 if (k < n_layout_pairs and lay == "LPS") else 1 if k < n_layout_pairs
+                              else 3 + k - n_layout_pairs})
     if self_reg:
         cases.append({"kind": "self", "variant": "fixed", "layout": "LPS", "seed": None, "sample_seed": 900,
                       "key": "self/fixed (ICBM 2009c)", **fx["LPS"], **ref, "moving": fx["LPS"]["fixed"],
@@ -557,8 +559,9 @@ def make_cases(data: Path, work: Path, n_pairs: int, n_layout_pairs: int, layout
     return cases
 
 
-GROUP_NAMES = {0: "LPS pairs shared with the layouts", 1: "the same pairs in the other layouts",
-               2: "self-registration", 3: "the remaining LPS pairs"}
+def group_name(g: int) -> str:
+    return {0: "LPS pairs shared with the layouts", 1: "the same pairs in the other layouts",
+            2: "self-registration"}.get(g, "one more LPS pair")
 
 
 # --------------------------------------------------------------------------
@@ -786,9 +789,15 @@ def summarise(per: dict, cases: list[dict], n_layout_pairs: int) -> dict:
     variants = list(dict.fromkeys(c["variant"] for c in cases if c["kind"] == "pair"))
     layouts = list(dict.fromkeys(c["layout"] for c in cases if c["kind"] == "pair"))
     main, lay_s, self_s = {v: {} for v in variants}, {v: {} for v in variants}, {}
+    common = {}  # the LPS seeds every method has finished (a partial run compares methods on the same pairs)
+    for var in variants:
+        sets = [{r["seed"] for r in rows if r["kind"] == "pair" and r["variant"] == var and r["layout"] == "LPS"}
+                for m, rows in per.items() if m != "identity"]
+        common[var] = set.intersection(*sets) if sets else None
     for method, rows in per.items():
         for var in variants:
-            rr = [r for r in rows if r["kind"] == "pair" and r["variant"] == var and r["layout"] == "LPS"]
+            rr = [r for r in rows if r["kind"] == "pair" and r["variant"] == var and r["layout"] == "LPS"
+                  and (common[var] is None or r["seed"] in common[var])]
             if rr:
                 s = _stats(rr, ("dice", "asd", "hd95", "mask_dice", "seconds", "cpu_seconds", "folding",
                                 "stage_seconds", "iterations", "affine_iterations"))
@@ -927,10 +936,11 @@ STRUCTURES = ("L caudate", "R caudate", "L putamen", "R putamen", "L pallidum", 
               "R thalamus")
 
 
-def _structure_table(per: dict, variant: str) -> str:
+def _structure_table(per: dict, variant: str, seeds: list) -> str:
     lines = ["| method | " + " | ".join(STRUCTURES) + " |", "|" + " --- |" * (len(STRUCTURES) + 1)]
     for m in AFFINE + NONLINEAR:
-        rows = [r for r in per.get(m, []) if r["kind"] == "pair" and r["variant"] == variant and r["layout"] == "LPS"]
+        rows = [r for r in per.get(m, []) if r["kind"] == "pair" and r["variant"] == variant and r["layout"] == "LPS"
+                and r["seed"] in seeds]
         if rows:
             d = np.mean([r["dice_per_label"] for r in rows], axis=0)
             lines.append(f"| {NAMES[m]} | " + " | ".join(f"{v:.3f}" for v in d) + " |")
@@ -1021,7 +1031,9 @@ def write_report(path_md: Path, path_json: Path, summary: dict, meta: dict, per:
             seeds = next(iter(lay[var].values()))["seeds"]
             lay_sections.append(f"### Moving: {VARIANT_TEXT[var]} (seeds {', '.join(map(str, seeds))}; means over these pairs)\n\n"
                                 + _layout_table(lay[var], layouts))
-    struct = "\n\n".join(f"### {VARIANT_TEXT[var]}\n\n{_structure_table(per, var)}" for var in main)
+    struct = "\n\n".join(f"### {VARIANT_TEXT[var]}\n\n"
+                         f"{_structure_table(per, var, max((s['seeds'] for s in main[var].values()), key=len, default=[]))}"
+                         for var in main)
     ists = []
     for var in main:
         for k in ("istn_onepass", "istn_refined", "istn_bspline"):
@@ -1063,7 +1075,7 @@ peak resident memory during the registration (libraries included). ISTN its: ref
 
 {(chr(10) * 2).join(sections)}
 
-## 2. Storage layouts: the same pairs stored LPS / RAS / sagittal
+## 2. Storage layouts: the same pairs stored {" / ".join(layouts)}
 
 Mean over the shared pairs of the per-pair Dice (labels 1..8) and brain-mask Dice in each layout; max Δ: the
 largest per-pair difference between layouts; max |T − T_LPS|: the largest distance (mm) over the fixed brain
@@ -1209,7 +1221,7 @@ def main(argv: list[str] | None = None) -> int:
         order += [m for m in methods if m.startswith("istn")]
         for g in sorted({c["group"] for c in cases}):
             gcases = [c for c in cases if c["group"] == g]
-            print(f"== group {g}: {GROUP_NAMES[g]} ({len(gcases)} cases)", flush=True)
+            print(f"== group {g}: {group_name(g)} ({len(gcases)} cases)", flush=True)
             for m in order:
                 todo = [c for c in gcases if c["index"] not in _done_indices(work, m)]
                 if not todo:
