@@ -119,8 +119,14 @@ def run_demo(out_dir: str | Path = "istn-demo", iterations: int = 50, device: st
         print(f"{n:<16}" + "".join(f"{stages[s][n]:22.3f}" for s in stages))
     means = {s: float(np.mean(list(v.values()))) for s, v in stages.items()}
     print(f"{'mean':<16}" + "".join(f"{means[s]:22.3f}" for s in stages))
-    print(f"\ntime: affine {t_aff:.1f} s, B-spline {t_bsp:.1f} s ({iterations} refinement iterations each, "
-          f"device {aff.device})")
+    def ran(r) -> str:
+        return f"{r.iterations} refinement iterations" + (", converged" if r.converged else "")
+
+    print(f"\ntime: affine {t_aff:.1f} s ({ran(aff)}), B-spline {t_bsp:.1f} s ({ran(bsp)}; at most {iterations} "
+          f"each), device {aff.device}")
+    for stage, r in (("affine", aff), ("B-spline", bsp)):
+        for w in r.warnings:
+            print(f"warning ({stage}): {w}")
 
     warped = warp_image(moving, fixed, bsp.transform)
     warped_labels = warp_image(moving_labels, fixed_labels, bsp.transform, sitk.sitkNearestNeighbor)
