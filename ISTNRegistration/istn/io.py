@@ -64,16 +64,20 @@ def _last_line(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
-def read_raw_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
-    """Read any image SimpleITK understands, as stored (no checks on its content)."""
+def _read_quietly(read: Callable[[str], object], path: str | os.PathLike, what: str, failure: str):
+    """``read(path)`` with the library's diagnostics kept out of the terminal; a failure is one `InputError` line."""
     p = check_input_file(path, what)
     try:
         with quiet_stderr() as err:
-            image = sitk.ReadImage(str(p))
+            return read(str(p))
     except RuntimeError as exc:
-        raise InputError(f"{what} '{p}' could not be read as an image ({_last_line(exc)})",
+        raise InputError(f"{what} '{p}' {failure}".replace("{reason}", _last_line(exc)),
                          detail=f"{err.text}{exc}") from None
-    return image
+
+
+def read_raw_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
+    """Read any image SimpleITK understands, as stored (no checks on its content)."""
+    return _read_quietly(sitk.ReadImage, path, what, "could not be read as an image ({reason})")
 
 
 def read_image(path: str | os.PathLike, role: str = "image") -> sitk.Image:
@@ -94,13 +98,7 @@ def read_transform(path: str | os.PathLike, what: str = "transform") -> sitk.Tra
     """
     from .transforms import flatten_transform  # lazy: transforms imports torch
 
-    p = check_input_file(path, what)
-    try:
-        with quiet_stderr() as err:
-            tx = sitk.ReadTransform(str(p))
-    except RuntimeError as exc:
-        raise InputError(f"{what} '{p}' could not be read as an ITK transform file (.h5, .tfm, .txt, .mat)",
-                         detail=f"{err.text}{exc}") from None
+    tx = _read_quietly(sitk.ReadTransform, path, what, "could not be read as an ITK transform file (.h5, .tfm, .txt, .mat)")
     return flatten_transform(tx)
 
 
