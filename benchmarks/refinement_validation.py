@@ -81,6 +81,54 @@ def validation_pairs(data: Path, name: str, n: int):
     return pairs, sitk.Cast(brain, sitk.sitkFloat32), mask
 
 
+CARD_BEGIN = "<!-- refinement settings: written by benchmarks/refinement_validation.py -->"
+CARD_END = "<!-- end of refinement settings -->"
+
+
+def card_section(summary: dict, key: str) -> str:
+    """The model card's section on the refinement settings and the self-check, from a run's summary."""
+    loss = summary["refinement_loss"][key]
+    lines = [CARD_BEGIN, "## Refinement settings (chosen on validation pairs)", "",
+             f"Chosen by `benchmarks/refinement_validation.py` ({summary['created']}) on {len(summary['pairs'])} "
+             f"validation pairs ({summary['validation_anatomy']}, never trained on, whole head and brain-extracted, "
+             "in seeded scanner positions, registered to ICBM 2009c); full tables in "
+             "`benchmarks/results/refinement_validation.md`.", ""]
+    if key == "bspline":
+        w = summary["bending_chosen"]
+        b = summary["bending"][str(float(w))]
+        lines += [f"- Bending energy weight **{w:g} mm^2** (`--bending`, panel: Bending weight): the weight with the best "
+                  "sub-cortical Dice among those whose brain-mask Dice after the B-spline is at least the affine's on "
+                  f"every pair: sub-cortical Dice {b['affine_dice']:.3f} (affine) -> {b['dice']:.3f}, brain-mask Dice "
+                  f"{b['affine_mask_dice']:.3f} -> {b['mask_dice']:.3f}, folding {b['folding']:.4f}."]
+    t = summary["tolerance_chosen"]
+    tt = summary["tolerance"][str(float(t))]
+    its = tt["affine_iterations"] if key == "affine" else tt["bspline_iterations"]
+    lines += [f"- Stop tolerance **{t:g}** (`--tolerance`): refinement stops once the loss gained less than this "
+              f"(relative) over 10 iterations; {its:.1f} of at most {summary['iterations_cap']} iterations ran on "
+              "average, at the same Dice (within 0.002) as running them all."]
+    sr = summary["self_registration_mm"][key]
+    lines += [f"- The validation head registered to itself: {sr['mean']:.3f} mm mean, {sr['max']:.3f} mm max from the "
+              "identity over the brain (refinement starts from the inverse-consistent one pass).",
+              f"- Self-check: refinement loss MSE(T(s'), t') on the validation pairs, one pass "
+              f"{loss['one_pass']['min']:.3g}-{loss['one_pass']['max']:.3g}, refined "
+              f"{loss['refined']['min']:.3g}-{loss['refined']['max']:.3g}. A registration ending above "
+              "3x that range's top is reported (\"this pair looks unlike what the model was trained on: check "
+              "orientation, contrast and field of view\") on the command line, in result.json and in the panel.",
+              CARD_END]
+    return "\n".join(lines) + "\n"
+
+
+def write_card_section(card: Path, section: str) -> None:
+    text = card.read_text() if card.exists() else ""
+    if CARD_BEGIN in text:
+        head, rest = text.split(CARD_BEGIN, 1)
+        tail = rest.split(CARD_END, 1)[1].lstrip("\n") if CARD_END in rest else ""
+        text = head + section + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    card.write_text(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="/work/braindata", help="output of `istn data prepare`")
@@ -95,8 +143,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="validate (and with --write-models store) this intensity normalisation (default: the models')")
     p.add_argument("--write-models", action="store_true", help="store the choice in the models' metadata")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "refinement_validation"))
+    p.add_argument("--cards-only", action="store_true",
+                   help="only (re)write the model cards' refinement section from the existing --out JSON")
     args = p.parse_args(argv)
     data, models = Path(args.data), Path(args.models)
+    if args.cards_only:
+        summary = json.loads(Path(args.out).with_suffix(".json").read_text())
+        for key in ("affine", "bspline"):
+            write_card_section(models / f"brain-t1-{key}.md", card_section(summary, key))
+        return 0
     affine, bspline = load_model(models / "brain-t1-affine.pt"), load_model(models / "brain-t1-bspline.pt")
     bendings = sorted({0.0, *(float(w) for w in args.bending_grid.split(","))})
     tolerances = sorted({0.0, *(float(t) for t in args.tolerance_grid.split(","))})
@@ -221,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                                   "chosen_by": "benchmarks/refinement_validation.py"}
             meta.setdefault("validation", {})["refinement_loss"] = summary["refinement_loss"][key]
             rewrite_metadata(model.path, meta)
-            print(f"wrote refinement settings into {model.path}")
+            write_card_section(model.path.with_suffix(".md"), card_section(summary, key))
+            print(f"wrote refinement settings into {model.path} and its card")
     return 0
 
 
