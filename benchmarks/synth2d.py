@@ -131,7 +131,8 @@ def train_one(variant: str, transform: str, args: argparse.Namespace, data: Path
     info_path = run_dir / "train_info.json"
     if path.exists():
         wanted = to_dict(model_config(variant, transform, args))
-        have = load_model(path).meta["model_config"]
+        # fields a file predates read as their defaults (as `LoadedModel.config` reads them)
+        have = json.loads(json.dumps(to_dict(load_model(path).config)))
         if have != json.loads(json.dumps(wanted)):
             diff = {k: (have.get(k), v) for k, v in json.loads(json.dumps(wanted)).items() if have.get(k) != v}
             raise SystemExit(f"{path} exists but was trained with other settings {diff} (file, wanted); "
