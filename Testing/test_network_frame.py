@@ -190,3 +190,8 @@ def test_self_check_warns_when_the_pair_is_unlike_validation(make_model):
     assert any("unlike what the model was trained on" in w for w in res.warnings)
     model.meta["validation"]["refinement_loss"]["refined"]["max"] = 10.0
     assert not any("unlike" in w for w in register(fixed, moving, model, iterations=2).warnings)
+    # a one pass (no refinement) is held to the validation pairs' one-pass losses, not to the refined ones
+    model.meta["validation"]["refinement_loss"] = {"refined": {"max": 1e-9}, "one_pass": {"max": 10.0}}
+    assert not any("unlike" in w for w in register(fixed, moving, model, iterations=0).warnings)
+    model.meta["validation"]["refinement_loss"]["one_pass"]["max"] = 1e-9
+    assert any("one-pass loss" in w for w in register(fixed, moving, model, iterations=0).warnings)

@@ -297,15 +297,21 @@ def _inverse_consistent_theta(theta_st: np.ndarray, theta_ts: np.ndarray) -> np.
     return mid
 
 
-def _self_check(model: LoadedModel, similarity: float) -> str | None:
-    """A warning when the refined loss lies far outside what the model's validation pairs reached."""
-    ref = model.meta.get("validation", {}).get("refinement_loss", {}).get("refined")
+def _self_check(model: LoadedModel, similarity: float, refined: bool) -> str | None:
+    """A warning when the loss lies far outside what the model's validation pairs reached at the same stage.
+
+    ``refined``: compare with the validation pairs' refined losses, else (no
+    refinement ran) with their one-pass losses.
+    """
+    stage = "refined" if refined else "one_pass"
+    ref = model.meta.get("validation", {}).get("refinement_loss", {}).get(stage)
     if not ref or not np.isfinite(similarity):
         return None
     high = float(ref["max"])
     if similarity <= SELF_CHECK_FACTOR * high:
         return None
-    return (f"this pair looks unlike what the model was trained on: the refined loss {similarity:.4g} is "
+    what = "refined loss" if refined else "one-pass loss"
+    return (f"this pair looks unlike what the model was trained on: the {what} {similarity:.4g} is "
             f"{similarity / high:.1f}x the highest of its validation pairs ({high:.4g}); check orientation, "
             "contrast and field of view")
 
@@ -557,7 +563,7 @@ def _register(fixed, moving, model, iterations, lr, dev, initial_transform, call
         warnings_.append(
             f"refinement raised the loss (from {out.final_loss:.4g} at iteration {out.best_iteration} to "
             f"{worst_after:.4g}); the best iterate was kept: a lower learning rate may help (now {lr:g})")
-    check = _self_check(model, out.similarity)
+    check = _self_check(model, out.similarity, refined=bool(out.losses))
     if check:
         warnings_.append(check)
     return RegistrationResult(
