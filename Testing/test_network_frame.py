@@ -195,3 +195,14 @@ def test_self_check_warns_when_the_pair_is_unlike_validation(make_model):
     assert not any("unlike" in w for w in register(fixed, moving, model, iterations=0).warnings)
     model.meta["validation"]["refinement_loss"]["one_pass"]["max"] = 1e-9
     assert any("one-pass loss" in w for w in register(fixed, moving, model, iterations=0).warnings)
+
+
+def test_odd_intensity_ranges_give_the_same_world_transform(make_model):
+    """CT-like offsets, 16-bit scales, tiny floats: the percentile window maps them all to the same input."""
+    model = load_model(make_model(3, "affine", scale=0.3))
+    fixed, moving = _head(), _head(centre=(8.0, -2.0, 4.0))
+    ref = register(fixed, moving, model, iterations=3).transform
+    for scale, offset in ((4000.0, -1000.0), (1e-3, 0.0), (65535.0, 0.0)):
+        odd = sitk.ShiftScale(moving, shift=offset / scale, scale=scale)  # (x + shift) * scale
+        res = register(fixed, odd, model, iterations=3)
+        assert _max_distance(res.transform, ref, fixed) < 0.05, (scale, offset)

@@ -156,8 +156,14 @@ def image_to_tensor(
     window: tuple[float, float] | None,
     transform: sitk.Transform | None = None,
 ) -> torch.Tensor:
-    """Resample ``image`` onto ``grid`` (through ``transform``) and normalise: ``(1, 1, *S)`` float32."""
-    arr = sitk.GetArrayFromImage(resample_to_grid(image, grid, transform))
+    """Resample ``image`` onto ``grid`` (through ``transform``) and normalise: ``(1, 1, *S)`` float32.
+
+    Outside the image the grid gets the window's low end (0 after normalisation,
+    as training's zero padding): a raw 0 would be mid-grey for a CT-like -1000
+    background or any offset intensity range.
+    """
+    default = float(window[0]) if window is not None else 0.0
+    arr = sitk.GetArrayFromImage(resample_to_grid(image, grid, transform, default=default))
     if window is not None:
         arr = normalise_intensity(arr, window)
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
