@@ -46,6 +46,7 @@ def test_the_sample_head_registered_to_itself_stays_at_the_identity(models, pair
     for res in (ra, rb):
         d = np.linalg.norm(_displacement(res.transform, fixed), axis=-1)[brain]
         assert d.mean() < 0.5 and d.max() < 2.0, (res.transform_type, d.mean(), d.max())
+        assert res.warnings == []  # an exact start is not "refinement raised the loss"
 
 
 @pytest.mark.parametrize("layout", ["RAS", "ASL"])  # RAS-stored NIfTI as converters write it; a sagittal order

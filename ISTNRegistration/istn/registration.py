@@ -559,7 +559,11 @@ def _register(fixed, moving, model, iterations, lr, dev, initial_transform, call
     timings["total"] = time.perf_counter() - t_start
     warnings_: list[str] = []
     worst_after = max(out.losses[out.best_iteration - 1:] or [0.0])
-    if worst_after > 2.0 * out.final_loss + 1e-6:  # Adam climbed away from its best: learning rate too high
+    # Adam's first step moves every weight by ~lr: from an exact start (an image and itself) any step climbs,
+    # harmlessly (the best iterate is kept), so a start already below every validation pair's refined loss is quiet
+    best_low = model.meta.get("validation", {}).get("refinement_loss", {}).get("refined", {}).get("min")
+    at_optimum = out.best_iteration == 1 and best_low is not None and out.final_loss <= float(best_low)
+    if worst_after > 2.0 * out.final_loss + 1e-6 and not at_optimum:  # Adam climbed away: learning rate too high
         warnings_.append(
             f"refinement raised the loss (from {out.final_loss:.4g} at iteration {out.best_iteration} to "
             f"{worst_after:.4g}); the best iterate was kept: a lower learning rate may help (now {lr:g})")
