@@ -26,7 +26,6 @@ Results are WORLD transforms mapping fixed points to moving points (ITK/Slicer
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -76,6 +75,8 @@ class RefineOutput:
     best_iteration: int = 0  # 1-based iteration whose parameters are returned; iterations + 1: after the last step
     converged: bool = False  # stopped by the tolerance before the iteration cap
     similarity: float = float("nan")  # MSE(T(s'), t') of ``params`` (the objective without the bending term)
+    start_loss: float = float("nan")  # objective of the starting parameters (the one pass)
+    start_similarity: float = float("nan")  # and its MSE part
 
 
 def is_cancelled(cancel: CancelFlag) -> bool:
@@ -162,6 +163,8 @@ def refine(
             optimizer.step()
             value = float(loss.detach())
             losses.append(loss.detach())
+            if best is None:
+                start = (value, float(sim.detach()))
             if best is None or value < best[0]:
                 best = (value, float(sim.detach()), params.detach().clone(), it + 1)
             history.append(best[0])
@@ -175,6 +178,8 @@ def refine(
         with torch.no_grad():  # the parameters after the last step
             params = current()
             loss, sim = objective(params)
+            if best is None:  # no iteration ran: the starting parameters are the result
+                start = (float(loss), float(sim))
             if best is None or float(loss) < best[0]:
                 best = (float(loss), float(sim), params.detach().clone(), len(losses) + 1)
     finally:
@@ -184,7 +189,7 @@ def refine(
         for p, flag in grad_flags:
             p.requires_grad_(flag)
     value, sim_value, params, best_it = best
-    return RefineOutput(params, [float(v) for v in losses], value, cancelled, best_it, converged, sim_value)
+    return RefineOutput(params, [float(v) for v in losses], value, cancelled, best_it, converged, sim_value, *start)
 
 
 @dataclass
@@ -330,6 +335,8 @@ def check_register_inputs(
     device: str = "auto",
     initial_transform: sitk.Transform | None = None,
     initial_name: str = "the initial transform",
+    bending: float | None = None,
+    tolerance: float | None = None,
 ) -> None:
     """Check everything about a registration that can be checked before any computation.
 
@@ -363,6 +370,10 @@ def check_register_inputs(
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float, np.number))
                            or not np.isfinite(lr) or lr <= 0):
         raise InputError(f"register() 'lr' must be a finite number > 0, got {lr!r}")
+    if bending is not None and not (bending >= 0 and np.isfinite(bending)):
+        raise InputError(f"the bending weight must be a number >= 0, got {bending}")
+    if tolerance is not None and not (tolerance >= 0 and np.isfinite(tolerance)):
+        raise InputError(f"the convergence tolerance must be a number >= 0, got {tolerance}")
     check_device(device)
     if initial_transform is not None:
         if initial_transform.GetDimension() != d:
@@ -426,12 +437,8 @@ def register(
     """
     fixed = check_image(fixed, "fixed image")
     moving = check_image(moving, "moving image")
-    if fixed.GetDimension() != moving.GetDimension():
-        raise InputError(f"fixed image is {fixed.GetDimension()}D but moving image is {moving.GetDimension()}D")
-    if fixed.GetDimension() != model.ndim:
-        raise InputError(f"the images are {fixed.GetDimension()}D but the model '{model.path.name}' is {model.ndim}D")
     check_register_inputs(fixed, moving, [model], iterations=iterations, lr=lr, device=device,
-                          initial_transform=initial_transform)
+                          initial_transform=initial_transform, bending=bending, tolerance=tolerance)
     if initial_transform is not None:  # any linear class -> AffineTransform; composites flat (istn.transforms)
         initial_transform = flatten_transform(initial_transform)
     defaults = model.meta.get("refinement", {})
@@ -441,10 +448,6 @@ def register(
         bending = float(defaults.get("bending", 0.0)) if model.transform_type == "bspline" else 0.0
     if tolerance is None:
         tolerance = float(defaults.get("tolerance", 0.0))
-    if not (bending >= 0 and np.isfinite(bending)):
-        raise InputError(f"the bending weight must be a number >= 0, got {bending}")
-    if not (tolerance >= 0 and np.isfinite(tolerance)):
-        raise InputError(f"the convergence tolerance must be a number >= 0, got {tolerance}")
     dev = resolve_device(device)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads or default_threads(model.ndim))  # the cores this process really has (istn.threads)
@@ -537,14 +540,10 @@ def _register(fixed, moving, model, iterations, lr, dev, initial_transform, call
                 def adjust(params: torch.Tensor) -> torch.Tensor:
                     return params + offset
         params0 = adjust(forward) if adjust is not None else forward
-        sim0 = refinement_loss(module.warp(s_map, module.sampling_grid(params0)), t_map)
-        loss0 = float(sim0 + regulariser(params0)) if regulariser is not None else float(sim0)
     timings["one_pass"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     out = refine(module, s_map, t_map, iterations, lr, callback, cancel, to_world,
                  adjust=adjust, regulariser=regulariser, tolerance=tolerance)
-    if not out.losses:  # no refinement: the one pass is the result
-        out.params, out.final_loss, out.similarity = params0, loss0, float(sim0)
     timings["refine"] = time.perf_counter() - t0
 
     # Maps for display, each on a grid of its own image's space, reusing the passes above where they are there.
@@ -577,7 +576,7 @@ def _register(fixed, moving, model, iterations, lr, dev, initial_transform, call
         transform_type=model.transform_type,
         fixed_map=fixed_map,
         moving_map=moving_map,
-        loss_one_pass=loss0,
+        loss_one_pass=out.start_loss,
         loss_final=out.final_loss,
         losses=out.losses,
         iterations=len(out.losses),
