@@ -95,9 +95,11 @@ AUGMENT = {
 }
 
 
-def model_config(stage: str, variant: str, grid: int, spacing: float, itn_channels, stn_channels) -> ModelConfig:
+def model_config(stage: str, variant: str, grid: int, spacing: float, itn_channels, stn_channels,
+                 itn_output: str = "linear") -> ModelConfig:
     common = dict(ndim=3, grid_size=(grid,) * 3, grid_spacing=spacing, variant=variant, soi_channels=len(LABELS),
-                  itn_channels=tuple(itn_channels), stn_channels=tuple(stn_channels), stn_hidden=64)
+                  itn_channels=tuple(itn_channels), stn_channels=tuple(stn_channels), stn_hidden=64,
+                  itn_output=itn_output)
     if stage == "affine":
         return ModelConfig(transform="affine", max_translation=0.4, max_rotation_deg=30.0, max_log_scale=0.2,
                            max_shear=0.1, **common)
@@ -301,7 +303,7 @@ def make_sets(args, stage: str, cfg: ModelConfig, train_anat, val_anat):
 
 
 def train_stage(args, stage: str, variant: str, steps: int, train_anat, val_anat, out: Path, log=print):
-    cfg = model_config(stage, variant, args.grid, args.spacing, args.itn_channels, args.stn_channels)
+    cfg = model_config(stage, variant, args.grid, args.spacing, args.itn_channels, args.stn_channels, args.itn_output)
     tcfg = TrainConfig(model=cfg, soi_kind="labels", soi_labels=LABELS, steps=steps, batch_size=args.batch,
                        lr=1e-3 if stage == "affine" else 5e-4, val_every=args.val_every, seed=STAGE_INDEX[stage],
                        threads=args.threads, out_dir=str(out), soi_loss=args.soi_loss,
@@ -395,6 +397,8 @@ def _made_text(summary: dict, args) -> str:
     cfg, m, stage = summary["config"], summary["config"]["model"], summary["stage"]
     sps = summary["seconds_per_step"] or 0.0
     common = f"--grid {m['grid_size'][0]} --spacing {m['grid_spacing']:g} --batch {cfg['batch_size']} --threads {cfg['threads']}"
+    if m.get("itn_output", "linear") != "linear":
+        common += f" --itn-output {m['itn_output']}"
     lines = []
     parent = Path(args.init_from) / stage / "summary.json" if args.init_from else None
     if parent is not None and parent.exists():
@@ -558,6 +562,8 @@ def main(argv=None) -> int:
     p.add_argument("--grid", type=int, default=64, help="internal grid size per axis (paper: 64)")
     p.add_argument("--spacing", type=float, default=3.0, help="internal grid spacing in mm (paper: 3)")
     p.add_argument("--itn-channels", type=int, nargs="+", default=[8, 16, 32])
+    p.add_argument("--itn-output", choices=("linear", "sigmoid"), default="linear",
+                   help="ITN head: unbounded (engine 0.1 models) or a sigmoid per structure (maps in [0, 1])")
     p.add_argument("--stn-channels", type=int, nargs="+", default=[8, 16, 32, 32])
     p.add_argument("--variant", default="istn-i", choices=("istn-i", "istn-e", "stn-s", "stn-u"))
     p.add_argument("--compare-variants", type=int, default=0, metavar="STEPS",

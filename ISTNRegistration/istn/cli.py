@@ -342,7 +342,7 @@ def run_train(args: argparse.Namespace) -> Path:
         grid = tuple(args.grid_size) if args.grid_size else (128,) * args.ndim
         model = ModelConfig(ndim=args.ndim, grid_size=grid, grid_spacing=args.spacing, transform=args.transform,
                             variant=args.variant, soi_channels=len(args.soi_labels) if args.soi_labels else 1,
-                            cp_spacing_mm=args.cp_spacing)
+                            cp_spacing_mm=args.cp_spacing, itn_output=args.itn_output)
         cfg = TrainConfig(model=model, train_csv=args.train_csv, soi_csv=args.soi_csv, soi_kind=args.soi_kind,
                           soi_labels=tuple(args.soi_labels or ()), val_csv=args.val_csv or "",
                           val_soi_csv=args.val_soi_csv or "", steps=args.steps or 1000, batch_size=args.batch_size,
@@ -427,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--grid-size", type=int, nargs="*")
     t.add_argument("--spacing", type=float, default=1.0, help="internal grid spacing (mm)")
     t.add_argument("--cp-spacing", type=float, default=10.0, help="B-spline control point spacing (mm)")
+    t.add_argument("--itn-output", default="linear", choices=["linear", "sigmoid"],
+                   help="ITN head: unbounded maps (the paper's) or one map in [0, 1] per structure")
     t.add_argument("--steps", type=int)
     t.add_argument("--batch-size", type=int, default=10)
     t.add_argument("--lr", type=float, default=1e-3)

@@ -39,6 +39,9 @@ class ModelConfig:
     # "image" (the image's centre) or "auto" (foreground in 3D, where heads come with necks and padded fields
     # of view; image in 2D, where the toy data's frame is the natural one)
     grid_centre: str = "auto"
+    # ITN output: "linear" (unbounded, the paper's and engine 0.1's) or "sigmoid" (each channel in [0, 1], one map
+    # per structure: what a clinician reads as the structure's overlay; thresholded at 0.5 it is a segmentation)
+    itn_output: str = "linear"
 
     def __post_init__(self) -> None:
         self.grid_size = tuple(int(s) for s in self.grid_size)
@@ -54,6 +57,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig() 'variant' must be one of {VARIANTS}, got {self.variant!r}")
         if self.grid_centre not in ("auto", "foreground", "image"):
             raise ValueError(f"ModelConfig() 'grid_centre' must be auto, foreground or image, got {self.grid_centre!r}")
+        if self.itn_output not in ("linear", "sigmoid"):
+            raise ValueError(f"ModelConfig() 'itn_output' must be linear or sigmoid, got {self.itn_output!r}")
         levels = len(self.itn_channels) - 1
         if any(s % (2**levels) for s in self.grid_size):
             raise ValueError(f"ModelConfig() 'grid_size' must be divisible by {2**levels} (ITN depth), got {self.grid_size}")

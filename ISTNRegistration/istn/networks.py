@@ -61,12 +61,15 @@ class ConvBlock(nn.Module):
 class ITN(nn.Module):
     """Image Transformer Network: ``(N, C_in, *S) -> (N, K, *S)`` SoI representation.
 
-    ``*S`` must be divisible by ``2 ** (len(channels) - 1)``.
+    ``*S`` must be divisible by ``2 ** (len(channels) - 1)``. ``bounded``: a sigmoid on the head, so each
+    channel is a map in [0, 1] (a structure's probability-like overlay) instead of an unbounded feature.
     """
 
-    def __init__(self, ndim: int, in_channels: int, out_channels: int, channels: Tuple[int, ...]) -> None:
+    def __init__(self, ndim: int, in_channels: int, out_channels: int, channels: Tuple[int, ...],
+                 bounded: bool = False) -> None:
         super().__init__()
         self.ndim = ndim
+        self.bounded = bounded
         self.mode = "bilinear" if ndim == 2 else "trilinear"
         self.down = nn.ModuleList()
         c_prev = in_channels
@@ -89,7 +92,10 @@ class ITN(nn.Module):
             skip = skips.pop()
             x = F.interpolate(x, size=skip.shape[2:], mode=self.mode, align_corners=False)
             x = block(torch.cat([x, skip], dim=1))
-        return self.head(x)
+        x = self.head(x)
+        if self.bounded:
+            x = torch.sigmoid(x)
+        return x
 
 
 class FeatureExtractor(nn.Module):
@@ -183,7 +189,8 @@ class ISTN(nn.Module):
         self.uses_itn = cfg.uses_itn
         self.is_affine = cfg.transform == "affine"
         self.grid_shape: List[int] = list(reversed(cfg.grid_size))  # array order
-        self.itn = ITN(cfg.ndim, 1, cfg.soi_channels, cfg.itn_channels) if cfg.uses_itn else nn.Identity()
+        self.itn = (ITN(cfg.ndim, 1, cfg.soi_channels, cfg.itn_channels, cfg.itn_output == "sigmoid")
+                    if cfg.uses_itn else nn.Identity())
         map_channels = cfg.soi_channels if cfg.uses_itn else 1
         bases: List[torch.Tensor] = []
         if self.is_affine:
