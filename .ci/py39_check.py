@@ -44,8 +44,14 @@ IMPORTED = ("istn", "istn.errors", "istn.config", "istn.cli", "istn.threads", "I
 COMPILED_ONLY = {
     "ISTNRegistrationLib.nodes": "numpy, SimpleITK, vtk.util.numpy_support",
     "ISTNRegistrationLib.selftest": "numpy, SimpleITK",
-    "istn.augment": "numpy, SimpleITK, torch", "istn.braindata": "numpy, SimpleITK",
-    "istn.data": "numpy, SimpleITK, torch", "istn.demo": "numpy, SimpleITK",
+    "istn.augment": "numpy, SimpleITK, torch", "istn.braindata": "numpy, SimpleITK, torch",
+    "istn.data": "numpy, SimpleITK, torch", "istn.data.images": "numpy, SimpleITK, torch",
+    "istn.data.pairs": "numpy, SimpleITK, torch", "istn.data.augment": "numpy, SimpleITK, torch",
+    # the brain recipe needs numpy and SimpleITK; its parent `istn.data` imports torch
+    **{f"istn.data.brain{m}": "numpy, SimpleITK, torch" for m in (
+        "", ".build", ".datasets", ".grids", ".label_transfer", ".labels", ".perturbation", ".sample", ".sources")},
+    "istn.data.brain.__main__": "runs the command line",
+    "istn.demo": "numpy, SimpleITK",
     "istn.distributed": "torch", "istn.export": "torch", "istn.figures": "numpy, SimpleITK",
     "istn.geometry": "numpy, SimpleITK", "istn.io": "numpy, SimpleITK", "istn.losses": "torch",
     "istn.metrics": "numpy, SimpleITK, scipy", "istn.networks": "torch", "istn.registration": "numpy, SimpleITK, torch",
@@ -56,9 +62,9 @@ COMPILED_ONLY = {
 
 def shipped_files() -> list[Path]:
     files = [MODULE_DIR / "ISTNRegistration.py"]
-    for folder in ("ISTNRegistrationLib", "istn", "Testing/Python"):
+    for folder in ("ISTNRegistrationLib", "Testing/Python"):
         files += sorted((MODULE_DIR / folder).glob("*.py"))
-    return files
+    return files + sorted((MODULE_DIR / "istn").rglob("*.py"))  # the engine and its subpackages
 
 
 def byte_compile(files: list[Path]) -> list[str]:
@@ -141,7 +147,7 @@ def import_and_run() -> list[str]:
 
 def main() -> int:
     files = shipped_files()
-    names = {f"{p.parent.name}.{p.stem}" if p.parent != MODULE_DIR else p.stem for p in files}
+    names = {".".join(p.relative_to(MODULE_DIR).with_suffix("").parts) for p in files}
     names = {n[:-len(".__init__")] if n.endswith(".__init__") else n for n in names}
     unaccounted = {n for n in names if n.split(".")[0] in ("istn", "ISTNRegistrationLib")} - set(IMPORTED) - set(
         COMPILED_ONLY)

@@ -5,7 +5,7 @@ import SimpleITK as sitk
 import torch
 
 from conftest import blob_image, tiny_config
-from istn.augment import Anatomy, AugmentConfig, AugmentedPairDataset, sample_view
+from istn.data.augment import Anatomy, AugmentConfig, AugmentedPairDataset, sample_view
 
 
 def _anatomy(tmp_path):

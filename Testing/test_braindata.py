@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from istn import braindata as bd
+from istn.data import brain as bd
+from istn.data.brain import labels as brain_labels, sources as brain_sources
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "Resources" / "SampleData"
@@ -66,17 +67,17 @@ def _hcpex_like_names() -> dict[int, str]:
 
 
 def test_atlas_ids_from_names_recovers_the_pinned_ids():
-    assert bd.atlas_ids_from_names(_hcpex_like_names(), bd._HCPEX_NAMES) == bd.HCPEX_IDS
+    assert bd.atlas_ids_from_names(_hcpex_like_names(), brain_labels._HCPEX_NAMES) == bd.HCPEX_IDS
     aal = {71: "Caudate_L", 72: "Caudate_R", 73: "Putamen_L", 74: "Putamen_R", 75: "Pallidum_L",
            76: "Pallidum_R", 77: "Thalamus_L", 78: "Thalamus_R", 37: "Hippocampus_L", 79: "Heschl_L"}
-    assert bd.atlas_ids_from_names(aal, bd._AAL_NAMES) == bd.AAL_IDS
+    assert bd.atlas_ids_from_names(aal, brain_labels._AAL_NAMES) == bd.AAL_IDS
 
 
 def test_renumbered_atlas_fails_loudly():
     names = _hcpex_like_names()
     names[999] = names.pop(383)  # Caudate_L moved
     with pytest.raises(bd.DataSourceError, match="left_caudate"):
-        bd._checked_ids(names, bd._HCPEX_NAMES, bd.HCPEX_IDS, "HCPEx.txt")
+        brain_labels._checked_ids(names, brain_labels._HCPEX_NAMES, bd.HCPEX_IDS, "HCPEx.txt")
 
 
 def test_dice_known_answer():
@@ -224,10 +225,10 @@ def test_extract_deb_without_dpkg(tmp_path, monkeypatch):
     deb = tmp_path / "x.deb"
     deb.write_bytes(b"!<arch>\n" + _ar_member("debian-binary", b"2.0\n") + _ar_member("control.tar.gz", b"xyz")
                     + _ar_member("data.tar.gz", buf.getvalue()))
-    monkeypatch.setattr(bd.shutil, "which", lambda name: None)
+    monkeypatch.setattr(brain_sources.shutil, "which", lambda name: None)
     dest = tmp_path / "out"
     dest.mkdir()
-    bd._extract_deb(deb, dest)
+    brain_sources._extract_deb(deb, dest)
     assert (dest / "usr/share/x/file.txt").read_bytes() == b"hello brain"
 
 

@@ -43,7 +43,7 @@ def test_demo_registration_improves_dice(demo_run):
     assert means["affine, refined"] > means["unregistered"] + 0.05
     assert means["+ B-spline, refined"] > means["unregistered"] + 0.1
     assert means["+ B-spline, refined"] >= means["affine, refined"] - 0.02
-    from istn.braindata import LABELS
+    from istn.data.brain import LABELS
 
     assert set(result["dice"]["+ B-spline, refined"]) == set(LABELS)
 

@@ -524,7 +524,7 @@ def test_shipped_sample_segmentations_carry_structure_names_and_the_label_maps_v
 
 
 def test_sample_segment_names_are_the_engine_protocol_labels():
-    from istn.braindata import LABELS
+    from istn.data.brain import LABELS
 
     assert sampledata.STRUCTURES == {value: name.replace("_", " ") for name, value in LABELS.items()}
 

@@ -4,12 +4,12 @@ files users bring: brain-extracted and whole-head moving images, three storage l
 
 Protocol
 --------
-- Fixed: ICBM 2009c T1 (skull-stripped) with its HCPex-derived labels, from ``python -m istn.braindata DIR``
+- Fixed: ICBM 2009c T1 (skull-stripped) with its HCPex-derived labels, from ``python -m istn.data.brain DIR``
   (``DIR/eval/icbm2009c_{t1,labels}.nii.gz``, 2 mm). Fixed brain mask: ``icbm2009c_t1 > 0``.
 - Moving, BOTH variants in one run, every method given the same files:
   ``brain``: Colin27 brain-extracted (``colin27_t1_brain``); ``whole-head``: Colin27 whole head (``colin27_t1``).
   Colin27 was never in any training set. Moving brain mask: ``colin27_t1_brain > 0``.
-- Each pair: Colin27 placed in a scanner position by a seeded random affine (`istn.braindata.scanner_perturbation`,
+- Each pair: Colin27 placed in a scanner position by a seeded random affine (`istn.data.brain.scanner_perturbation`,
   10-20 deg, 10-20 mm, +-10 %; seeds 101, 102, ...), image resampled linearly and labels and brain mask
   nearest-neighbour onto a 20 mm padded grid (`istn.demo.place_in_scanner`); the two variants of one seed share
   the scanner position exactly.
@@ -71,7 +71,7 @@ Install (once)
     pip install -r benchmarks/requirements-brain3d.txt    # itk-elastix 0.25.4 into the project venv (1.6 GB)
     python -m venv /work/venv-ants                        # antspyx downgrades numpy/scipy: its own venv
     /work/venv-ants/bin/pip install -r benchmarks/requirements-ants.txt
-    python -m istn.braindata /work/braindata              # the evaluation volumes
+    python -m istn.data.brain /work/braindata             # the evaluation volumes
 
 Run
 ---

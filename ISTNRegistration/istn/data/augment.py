@@ -21,9 +21,9 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig
-from .data import encode_soi, foreground_centre, intensity_window, network_grid, normalise_intensity
-from .geometry import Grid
+from ..config import ModelConfig
+from ..geometry import Grid
+from .images import encode_soi, foreground_centre, intensity_window, network_grid, normalise_intensity
 
 
 @dataclass

@@ -1,0 +1,48 @@
+"""Data: what the networks see, and where training pairs come from.
+
+- `images`: an image on the model's internal grid (intensity window, Otsu
+  foreground and its centre, `network_grid`, resampling to tensors, SoI
+  encodings). Inference uses only this.
+- `pairs`: pairs of images and SoI listed in CSV files, held in memory on the
+  network grid (`PairDataset`), seeded train/validation splits.
+- `augment`: endless training pairs varied on the fly from a few real
+  anatomies (`AugmentedPairDataset`).
+- `brain`: the brain MRI recipe, a set of real volumes and their sub-cortical
+  labels built from pinned packages (`istn.data.brain.prepare`, ``istn data
+  prepare``); imported on its own, not from here.
+
+Label-driven synthesis (images generated from label maps) will have its own
+module here, beside `augment`.
+"""
+
+from .images import (
+    STATS_VOXELS,
+    encode_soi,
+    foreground_centre,
+    image_to_tensor,
+    intensity_window,
+    network_grid,
+    normalise_intensity,
+    otsu_threshold,
+    soi_to_tensor,
+    statistics_sample,
+)
+from .pairs import PairDataset, PairTensors, load_pair, read_pairs_csv, split_rows
+
+__all__ = [
+    "STATS_VOXELS",
+    "PairDataset",
+    "PairTensors",
+    "encode_soi",
+    "foreground_centre",
+    "image_to_tensor",
+    "intensity_window",
+    "load_pair",
+    "network_grid",
+    "normalise_intensity",
+    "otsu_threshold",
+    "read_pairs_csv",
+    "soi_to_tensor",
+    "split_rows",
+    "statistics_sample",
+]
