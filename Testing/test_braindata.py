@@ -331,3 +331,15 @@ def test_sample_pair_geometry_labels_and_licences():
     assert "Louis Collins" in (SAMPLE / "LICENSE-MNI-templates.txt").read_text()
     assert "Tzourio-Mazoyer" in (SAMPLE / "ATTRIBUTION-AAL.txt").read_text()
     assert "HCPex" in (SAMPLE / "README.md").read_text()  # says it is not in there
+
+
+def test_old_module_names_still_name_the_moved_code():
+    # istn.braindata and istn.augment moved into istn.data; the old names stay for data folders, model cards and
+    # the bundled models' metadata that cite them
+    import istn.augment
+    import istn.braindata
+    from istn.data import augment
+
+    assert istn.braindata.prepare is bd.prepare and istn.braindata.LABELS is bd.LABELS
+    assert all(getattr(istn.braindata, n) is getattr(bd, n) for n in bd.__all__)
+    assert istn.augment.sample_view is augment.sample_view and istn.augment.Anatomy is augment.Anatomy
