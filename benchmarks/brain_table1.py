@@ -36,7 +36,7 @@ structure dilated by ``--dilation-mm`` (spots beside the structures).
 Writes ``<out>/brain_table1.{md,json}`` (default benchmarks/results) and prints the table. Work (exported
 models, a per-case cache that makes an interrupted run resume) goes to ``--work`` (default runs/brain_table1).
 
-    python benchmarks/brain_table1.py --runs /work/table1                  # the report (both stages, 4 variants)
+    python benchmarks/brain_table1.py --runs /work/table1                  # the report: 8 pairs, ~16-20 min
     python benchmarks/brain_table1.py --runs /work/table1 --pairs 1 --stages affine --checkpoint last
     python benchmarks/brain_table1.py --quick --runs R --data D --out O    # tiny smoke run (the test)
 """
@@ -465,9 +465,15 @@ def build_markdown(res: dict) -> str:
                 L.append(f"| {NAMES[v]} | {t} | missing ({m['missing']}) | | | | | | | | |")
                 continue
             sps = f"{m['seconds_per_step']:.2f}" if m.get("seconds_per_step") else "?"
+            itn = m["itn_output"] if v in ISTNS else "- (no ITN)"
             L.append(f"| {NAMES[v]} | {t} | {m['which']} | {m['exported_step']} | {m['steps']} | {m['best_step']} | "
-                     f"{m['best_val_soi_mse']:.6f} | {sps} | {m['lr']:g} | {m['grid']} | {m['itn_output']} |")
+                     f"{m['best_val_soi_mse']:.6f} | {sps} | {m['lr']:g} | {m['grid']} | {itn} |")
     L.append("")
+    for t in stages:
+        steps = {NAMES[v]: per[t]["steps"] for v, per in res["models"].items() if "steps" in per.get(t, {})}
+        if len(set(steps.values())) > 1:
+            L.append(f"**{TRANSFORM_NAMES[t]} models were trained for different numbers of steps** ("
+                     + ", ".join(f"{n} {k}" for n, k in steps.items()) + "): the comparison is not at equal training.\n")
     L.append("## Settings\n")
     L.append(f"- Command: `{s['command']}`")
     L.append(f"- Runs: `{s['runs']}` (`<variant>/<stage>/{s['checkpoint']}.pt`, exported to TorchScript in "
@@ -487,7 +493,9 @@ def build_markdown(res: dict) -> str:
                  f"network(s), fed the pair's TRUE label maps (one channel per structure, resampled linearly onto the "
                  f"grids `register` uses) instead of ITN maps, refined with `istn.registration.refine` for "
                  f"{s['soi_iterations']} iterations (Adam, the model's training lr) minimising MSE(T(S_s), S_t); "
-                 "the B-spline starts from the SoI affine result. Its transforms are scored like the models'. It is "
+                 "the B-spline starts from the SoI affine result"
+                 + ("" if (soi_start or {}).get("bspline") or "bspline" not in stages else
+                    " (B-spline: not computed, no ISTN B-spline model)") + ". Its transforms are scored like the models'. It is "
                  "the best these maps allow the STN, not the best registration possible (the labels of the two "
                  "atlases differ).")
     L.append(f"- ITN map threshold 0.5; dilation {s['dilation_mm']:g} mm (= {res['dilation_voxels']} voxel(s) of the "
@@ -509,13 +517,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 epilog=__doc__)
     p.add_argument("--runs", type=Path, default=Path("/work/table1"), help="variant folders of train_brain.py runs")
     p.add_argument("--data", type=Path, default=Path("/work/braindata"), help="output of python -m istn.braindata")
-    p.add_argument("--out", type=Path, default=HERE / "results", help="where brain_table1.{md,json} go")
+    p.add_argument("--out", type=Path, help="where brain_table1.{md,json} go (default benchmarks/results; --quick: WORK/results)")
     p.add_argument("--work", type=Path, help="exported models and the evaluation cache (default runs/brain_table1)")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     p.add_argument("--moving", nargs="+", choices=MOVING, default=list(MOVING), help="moving image variants")
-    p.add_argument("--pairs", type=int, default=4, help="scanner positions (seeds 101, 102, ...)")
+    p.add_argument("--pairs", type=int, default=8,
+                   help="scanner positions (seeds 101, 102, ...); each costs ~2 min on one thread (4 variants x "
+                        "affine + B-spline x brain-extracted + whole-head, SoI best case): 8 ~ 16-20 min")
     p.add_argument("--iterations", type=int, default=50, help="refinement iterations ('after' rows)")
     p.add_argument("--bending", type=float, default=None, help="B-spline bending weight (default: model metadata, else 0)")
     p.add_argument("--tolerance", type=float, default=None, help="refinement tolerance (default: model metadata, else 0)")
@@ -529,6 +539,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.quick:
         a.pairs, a.iterations, a.soi_iterations = 1, 2, 3
     a.work = a.work or REPO / "runs" / ("brain_table1-quick" if a.quick else "brain_table1")
+    a.out = a.out or (a.work / "results" if a.quick else HERE / "results")
     return a
 
 
