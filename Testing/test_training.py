@@ -162,3 +162,19 @@ def test_soft_maps_and_landmarks_are_scaled_to_unit_maximum():
     assert np.array_equal(encode_soi(soft, "landmarks"), enc)
     binary = encode_soi(soft, "labels")  # no label list: any non-zero label is the structure
     assert binary.sum() == 2 and binary.max() == 1.0
+
+
+def test_soi_to_tensor_through_a_transform():
+    from istn.data import soi_to_tensor
+    from istn.geometry import Grid
+
+    labels = np.zeros((8, 8, 8), np.uint8)
+    labels[4, 4, 4] = 3
+    img = sitk.GetImageFromArray(labels)
+    img.SetSpacing((2.0, 2.0, 2.0))
+    grid = Grid.from_image(img)
+    plain = soi_to_tensor(img, grid, "labels", (3,))
+    assert plain.shape == (1, 1, 8, 8, 8) and plain[0, 0, 4, 4, 4] == 1.0
+    # grid point x samples the labels at x + 2 mm (one voxel along x): the structure appears one voxel lower
+    moved = soi_to_tensor(img, grid, "labels", (3,), sitk.TranslationTransform(3, (2.0, 0.0, 0.0)))
+    assert moved[0, 0, 4, 4, 3] == 1.0 and float(moved.sum()) == 1.0

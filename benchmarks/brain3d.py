@@ -490,6 +490,36 @@ def _restore(img: sitk.Image, code: str) -> sitk.Image:
     return out
 
 
+def eval_volumes(data: Path) -> dict[str, sitk.Image]:
+    """The evaluation volumes of ``python -m istn.braindata DATA``: the fixed ICBM 2009c T1, its labels and brain
+    mask (``t1 > 0``), and the held-out moving subject Colin27 (``colin27_t1``, ``colin27_t1_brain``, labels,
+    brain mask ``colin27_t1_brain > 0``)."""
+    ev = data / "eval"
+    vols = {"fixed": sitk.ReadImage(str(ev / "icbm2009c_t1.nii.gz"), sitk.sitkFloat32),
+            "fixed_labels": sitk.ReadImage(str(ev / "icbm2009c_labels.nii.gz")),
+            "brain": sitk.ReadImage(str(ev / "colin27_t1_brain.nii.gz"), sitk.sitkFloat32),
+            "labels": sitk.ReadImage(str(ev / "colin27_labels.nii.gz"))}
+    vols["fixed_mask"] = sitk.Cast(vols["fixed"] > 0, sitk.sitkUInt8)
+    vols["brain_mask"] = sitk.Cast(vols["brain"] > 0, sitk.sitkUInt8)
+    for var, name in VARIANTS.items():
+        vols[var] = vols["brain"] if var == "brain" else sitk.ReadImage(str(ev / f"{name}.nii.gz"), sitk.sitkFloat32)
+    return vols
+
+
+def place_pair(vols: dict[str, sitk.Image], variant: str, seed: int) -> tuple[sitk.Image, sitk.Image, sitk.Image, dict]:
+    """One evaluation pair's moving side: Colin27 (``variant`` brain | whole-head) in the scanner position of
+    ``seed`` (`istn.demo.place_in_scanner`), with its labels and brain mask; the two variants of a seed share
+    the position exactly. Returns (image, labels, brain mask, perturbation summary)."""
+    from istn.demo import place_in_scanner
+
+    moved, moved_labels, tx = place_in_scanner(vols[variant], vols["labels"], seed=seed)
+    _, moved_mask, _ = place_in_scanner(vols["brain"], vols["brain_mask"], seed=seed)
+    m = np.asarray(tx.GetMatrix()).reshape(3, 3)
+    angle = float(np.degrees(np.arccos(np.clip((np.trace(m / np.cbrt(np.linalg.det(m))) - 1) / 2, -1, 1))))
+    return moved, moved_labels, moved_mask, {"translation_mm": float(np.linalg.norm(tx.GetTranslation())),
+                                             "approx_rotation_deg": angle}
+
+
 def make_cases(data: Path, work: Path, n_pairs: int, n_layout_pairs: int, layouts: list[str], variants: list[str],
                self_reg: bool, codes: dict[str, str]) -> list[dict]:
     """Write every case's input files (fixed, moving, labels, brain masks in the case's layout) and list them.
@@ -498,17 +528,10 @@ def make_cases(data: Path, work: Path, n_pairs: int, n_layout_pairs: int, layout
     other layouts, 2 = self-registration, 3, 4, ... = the remaining LPS pairs, one seed per group (so an
     interrupted run leaves every method with the same pairs but at most one).
     """
-    from istn.demo import place_in_scanner
-
     d = work / "cases"
     d.mkdir(parents=True, exist_ok=True)
-    ev = data / "eval"
-    fixed = sitk.ReadImage(str(ev / "icbm2009c_t1.nii.gz"), sitk.sitkFloat32)
-    fixed_labels = sitk.ReadImage(str(ev / "icbm2009c_labels.nii.gz"))
-    fixed_mask = sitk.Cast(fixed > 0, sitk.sitkUInt8)
-    brain = sitk.ReadImage(str(ev / "colin27_t1_brain.nii.gz"), sitk.sitkFloat32)
-    brain_mask = sitk.Cast(brain > 0, sitk.sitkUInt8)
-    labels = sitk.ReadImage(str(ev / "colin27_labels.nii.gz"))
+    vols = eval_volumes(data)
+    fixed, fixed_labels, fixed_mask = vols["fixed"], vols["fixed_labels"], vols["fixed_mask"]
     layouts = ["LPS"] + [q for q in layouts if q != "LPS"]
 
     def write(img: sitk.Image, name: str, layout: str) -> str:
@@ -526,12 +549,7 @@ def make_cases(data: Path, work: Path, n_pairs: int, n_layout_pairs: int, layout
         seed = SEED0 + k
         mask_tx = None
         for var in variants:
-            img = sitk.ReadImage(str(ev / f"{VARIANTS[var]}.nii.gz"), sitk.sitkFloat32)
-            moved, moved_labels, tx = place_in_scanner(img, labels, seed=seed)
-            _, moved_mask, _ = place_in_scanner(brain, brain_mask, seed=seed)
-            m = np.asarray(tx.GetMatrix()).reshape(3, 3)
-            angle = float(np.degrees(np.arccos(np.clip((np.trace(m / np.cbrt(np.linalg.det(m))) - 1) / 2, -1, 1))))
-            pert = {"translation_mm": float(np.linalg.norm(tx.GetTranslation())), "approx_rotation_deg": angle}
+            moved, moved_labels, moved_mask, pert = place_pair(vols, var, seed)
             placed[(var, seed)] = (moved, moved_labels, moved_mask)
             for lay in layouts if k < n_layout_pairs else ["LPS"]:
                 tag = f"{'brain' if var == 'brain' else 'head'}_s{seed}"
@@ -657,6 +675,31 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2.0 * np.logical_and(a, b).sum() / s) if s else float("nan")
 
 
+def sampled_transform(tx: sitk.Transform, ref: sitk.Image, nonlinear: bool) -> tuple[sitk.Transform, np.ndarray]:
+    """``(transform to resample with, T(x) - x at the voxels of ref)``. A non-linear transform is evaluated once
+    at the fixed voxels and replaced by that displacement field (sampled at its own grid points: the exact
+    values), so warping and the Jacobian do not evaluate the slow transform again."""
+    disp = _point_map(tx, ref)
+    if not nonlinear:
+        return tx, disp
+    f = sitk.GetImageFromArray(disp, isVector=True)
+    f.CopyInformation(ref)
+    return sitk.DisplacementFieldTransform(f), disp
+
+
+def overlap_scores(tx: sitk.Transform, ref_labels: sitk.Image, ref_mask: sitk.Image, moving_labels: sitk.Image,
+                   moving_mask: sitk.Image) -> dict:
+    """Moving labels and brain mask warped nearest-neighbour through ``tx`` (fixed -> moving points) onto the
+    fixed grid: mean Dice, ASD, HD95 over labels 1..8 (`istn.metrics`), Dice per label, brain-mask Dice."""
+    from istn.metrics import label_metrics, mean_metrics
+
+    warped = sitk.Resample(moving_labels, ref_labels, tx, sitk.sitkNearestNeighbor, 0, moving_labels.GetPixelID())
+    per_label = label_metrics(ref_labels, warped, LABEL_VALUES)
+    wm = sitk.Resample(moving_mask, ref_mask, tx, sitk.sitkNearestNeighbor, 0, moving_mask.GetPixelID())
+    return {**mean_metrics(per_label), "dice_per_label": [per_label[v]["dice"] for v in LABEL_VALUES],
+            "mask_dice": _dice(sitk.GetArrayViewFromImage(ref_mask) > 0, sitk.GetArrayViewFromImage(wm) > 0)}
+
+
 def _record_key(work: Path, method: str, i: int) -> list:
     """What a cached score depends on: the records of this method (and its affine) for case i."""
     keys = []
@@ -668,36 +711,22 @@ def _record_key(work: Path, method: str, i: int) -> list:
 
 
 def score_case(work: Path, method: str, case: dict, cases: list[dict], rec: dict, read, check: bool) -> dict:
-    from istn.metrics import folding_fraction, label_metrics, mean_metrics
+    from istn.metrics import folding_fraction
 
     i = case["index"]
     ref = read(case["ref_fixed"], sitk.sitkFloat32)
     ref_mask = read(case["ref_mask"], sitk.sitkUInt8)
     mask = sitk.GetArrayViewFromImage(ref_mask) > 0
     tx = world_transform(work, method, i)
-    disp = _point_map(tx, ref)
-    sample_tx = tx
-    if method in NONLINEAR:
-        # the (slow) non-linear transform evaluated once at the fixed voxels; warping and the Jacobian use those
-        # exact values (a displacement field sampled at its own grid points)
-        f = sitk.GetImageFromArray(disp, isVector=True)
-        f.CopyInformation(ref)
-        sample_tx = sitk.DisplacementFieldTransform(f)
+    sample_tx, disp = sampled_transform(tx, ref, method in NONLINEAR)
     row = {"index": i, "key": case["key"], "kind": case["kind"], "variant": case["variant"], "layout": case["layout"],
            "seed": case["seed"]}
     if case["kind"] == "self":
         d = np.linalg.norm(disp[mask], axis=1)
         row.update(self_mean_mm=float(d.mean()), self_max_mm=float(d.max()))
     else:
-        ref_labels = read(case["ref_labels"], sitk.sitkUInt8)
-        moving_labels = read(case["moving_labels"], sitk.sitkUInt8)
-        moving_mask = read(case["moving_mask"], sitk.sitkUInt8)
-        warped = sitk.Resample(moving_labels, ref_labels, sample_tx, sitk.sitkNearestNeighbor, 0, moving_labels.GetPixelID())
-        per_label = label_metrics(ref_labels, warped, LABEL_VALUES)
-        row.update(mean_metrics(per_label))
-        row["dice_per_label"] = [per_label[v]["dice"] for v in LABEL_VALUES]
-        wm = sitk.Resample(moving_mask, ref_mask, sample_tx, sitk.sitkNearestNeighbor, 0, moving_mask.GetPixelID())
-        row["mask_dice"] = _dice(mask, sitk.GetArrayViewFromImage(wm) > 0)
+        row.update(overlap_scores(sample_tx, read(case["ref_labels"], sitk.sitkUInt8), ref_mask,
+                                  read(case["moving_labels"], sitk.sitkUInt8), read(case["moving_mask"], sitk.sitkUInt8)))
         if case.get("lps_index") is not None and (work / method / "records.json").exists() and \
                 case["lps_index"] in _done_indices(work, method):
             other = _point_map(world_transform(work, method, case["lps_index"]), ref)

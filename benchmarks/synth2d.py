@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import platform
 import sys
 import time
@@ -53,9 +52,9 @@ from istn.metrics import asd, dice, folding_fraction, hd95  # noqa: E402
 from istn.registration import refine, register, warp_image  # noqa: E402
 from istn.training import train  # noqa: E402
 from istn.transforms import bspline_to_world, matrix_to_sitk_affine, theta_to_world  # noqa: E402
+from table1 import NAMES, TRANSFORM_NAMES, console_table, fmt, markdown_table  # noqa: E402  (beside this script)
 
 DATA = REPO.parent / "shared" / "data" / "synth2d"
-NAMES = {"stn-u": "STN-u", "stn-s": "STN-s", "istn-e": "ISTN-e", "istn-i": "ISTN-i"}
 METRIC_KEYS = ("dice", "asd", "hd95", "dice_release")
 
 
@@ -338,12 +337,6 @@ def build_json(ev: dict, split: dict, args: argparse.Namespace, train_info: dict
     return res
 
 
-def _fmt(mean: float, std: float | None = None, digits: int = 3) -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return ""
-    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
-
-
 def build_markdown(res: dict, args: argparse.Namespace, notes: str) -> str:
     L = []
     cols = ["Id"] + [NAMES[v] for v in VARIANTS] + ["SoI best case", "ground-truth transform"]
@@ -353,24 +346,10 @@ def build_markdown(res: dict, args: argparse.Namespace, notes: str) -> str:
               f"VALIDATION pairs (an investigation, not the reported result): {len(res['identity']['per_pair'])}")
              + "; mean ± std over pairs. "
              "Dice and ASD (average symmetric SURFACE distance, mm = px) of the vessel tree.\n")
-    L.append("| | " + " | ".join(cols) + " |")
-    L.append("| --- " * (len(cols) + 1) + "|")
     idn, gt = res["identity"], res["ground_truth"]
-    tnames = {"affine": "Affine", "bspline": "B-spline"}
-    for t in args.transforms:
-        if t not in res:
-            continue
-        soi = res["soi"].get(t, {})
-        for metric, digits in (("dice", 3), ("asd", 2)):
-            for stage in ("before", "after"):
-                label = f"{tnames[t]} {'Dice' if metric == 'dice' else 'ASD'} {stage}" + (" refinement" if stage == "before" else "")
-                row = [_fmt(idn[metric], idn[metric + "_std"], digits) if stage == "before" else ""]
-                for v in VARIANTS:
-                    r = res[t].get(v)
-                    row.append(_fmt(r[f"{metric}_{stage}"], r[f"{metric}_{stage}_std"], digits) if r else "n/a")
-                row.append(_fmt(soi.get(metric), soi.get(metric + "_std"), digits) if stage == "before" and soi else "")
-                row.append(_fmt(gt[metric], gt[metric + "_std"], digits) if stage == "before" else "")
-                L.append(f"| {label} | " + " | ".join(row) + " |")
+    tnames = TRANSFORM_NAMES
+    L += markdown_table(res, args.transforms, before=[(cols[0], {t: idn for t in args.transforms})],
+                        after=[(cols[-2], res["soi"]), (cols[-1], {t: gt for t in args.transforms})])
     L.append("")
     L.append("Id: no registration. SoI best case: see below; shown in the 'before' rows as in the paper. "
              "Ground-truth transform: `inv(S_src) @ S_trg` from the `_transform.txt` files (a reference, not a method).\n")
@@ -392,9 +371,9 @@ def build_markdown(res: dict, args: argparse.Namespace, notes: str) -> str:
         if t not in res:
             continue
         for stage in ("before", "after"):
-            row = [_fmt(idn["dice_release_metric"]) if stage == "before" else ""]
-            row += [_fmt(res[t][v][f"dice_release_metric_{stage}"]) if v in res[t] else "n/a" for v in VARIANTS]
-            row.append(_fmt(gt["dice_release_metric"]) if stage == "before" else "")
+            row = [fmt(idn["dice_release_metric"]) if stage == "before" else ""]
+            row += [fmt(res[t][v][f"dice_release_metric_{stage}"]) if v in res[t] else "n/a" for v in VARIANTS]
+            row.append(fmt(gt["dice_release_metric"]) if stage == "before" else "")
             what = "one pass" if stage == "before" else f"after {args.refine} refinement steps"
             L.append(f"| this engine, {tnames[t]}, {what} | " + " | ".join(row) + " |")
     L.append("")
@@ -424,8 +403,8 @@ def build_markdown(res: dict, args: argparse.Namespace, notes: str) -> str:
                  f"network grids, as in training) instead of ITN maps, refined with `istn.registration.refine` for "
                  f"{soi['iterations']} iterations (Adam, lr {soi['lr']}) minimising MSE(T(S_s), S_t); its final transform is "
                  "evaluated like the others. The same optimisation from an untrained (identity) network gives: "
-                 + "; ".join(f"{tnames[t]} Dice {_fmt(v['from_identity']['dice'], v['from_identity']['dice_std'])}, "
-                             f"ASD {_fmt(v['from_identity']['asd'], v['from_identity']['asd_std'], 2)}"
+                 + "; ".join(f"{tnames[t]} Dice {fmt(v['from_identity']['dice'], v['from_identity']['dice_std'])}, "
+                             f"ASD {fmt(v['from_identity']['asd'], v['from_identity']['asd_std'], 2)}"
                              for t, v in res["soi"].items()) + ".")
     L.append(f"- Command: `{s['command']}`")
     L.append(f"- Time (2 shared CPU cores, one thread): training {tm['train_s'] / 60:.1f} min in all, evaluation "
@@ -608,18 +587,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def summary_table(res: dict, args: argparse.Namespace) -> str:
-    lines = [f"{'':22s} {'Id':>6s} " + " ".join(f"{NAMES[v]:>7s}" for v in VARIANTS) + f" {'SoI':>6s} {'GT':>6s}"]
-    for t in args.transforms:
-        if t not in res:
-            continue
-        for metric in ("dice", "asd"):
-            for stage in ("before", "after"):
-                first = f"{res['identity'][metric]:6.3f}" if stage == "before" else " " * 6
-                vals = " ".join(f"{res[t][v][f'{metric}_{stage}']:7.3f}" if v in res[t] else "    n/a" for v in VARIANTS)
-                soi = f"{res['soi'][t][metric]:6.3f}" if stage == "before" and t in res["soi"] else " " * 6
-                gt = f"{res['ground_truth'][metric]:6.3f}" if stage == "before" else ""
-                lines.append(f"{t + ' ' + metric + ' ' + stage:22s} {first} {vals} {soi} {gt}")
-    return "\n".join(lines)
+    return console_table(res, args.transforms, before=[("Id", {t: res["identity"] for t in args.transforms})],
+                         after=[("SoI", res["soi"]), ("GT", {t: res["ground_truth"] for t in args.transforms})])
 
 
 if __name__ == "__main__":

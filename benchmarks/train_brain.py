@@ -322,44 +322,55 @@ def seconds_per_step(history: list[dict]) -> float | None:
     return float(np.median(rates)) if rates else None
 
 
-def export_stage(args, stage: str, out: Path, described: list[str], val_anat, train_anat, log=print) -> dict:
-    ck_path = out / f"{args.checkpoint}.pt"
-    if not ck_path.exists():
-        raise SystemExit(f"no checkpoint {ck_path} to export")
+def read_run(out: Path, checkpoint: str = "best") -> dict:
+    """A stage's run folder: the network of ``<out>/<checkpoint>.pt`` (best | last) and what the run's
+    ``last.pt`` records about its training (steps, best validation step, seconds per step)."""
     from istn.training import model_from_checkpoint
 
+    ck_path = out / f"{checkpoint}.pt"
+    if not ck_path.exists():
+        raise SystemExit(f"no checkpoint {ck_path} to export")
     model, tcfg = model_from_checkpoint(ck_path)
-    ck = load_checkpoint(out / "last.pt")
-    history = ck["history"]
+    last = load_checkpoint(out / "last.pt")
+    history = last["history"]
+    chosen = last if checkpoint == "last" else load_checkpoint(ck_path)
+    val_at = {h["step"]: h["soi_mse"] for h in history if "soi_mse" in h}
+    return {"model": model, "config": tcfg, "history": history, "steps": int(last["step"]),
+            "best_step": min(val_at, key=val_at.get) if val_at else int(chosen["step"]),  # where best.pt was written
+            "best_val": float(last["best_val"]), "exported_step": int(chosen["step"]),
+            "exported_val": val_at.get(int(chosen["step"]), float(chosen["best_val"])),
+            "seconds_per_step": seconds_per_step(history)}
+
+
+def export_stage(args, stage: str, out: Path, described: list[str], val_anat, train_anat, log=print) -> dict:
+    run = read_run(out, args.checkpoint)
+    model, tcfg, history = run["model"], run["config"], run["history"]
     _, val_set = make_sets(args, stage, tcfg.model, train_anat, val_anat)
     dice = validation_dice(model, val_set)
-    chosen = ck if args.checkpoint == "last" else load_checkpoint(ck_path)
-    val_at = {h["step"]: h["soi_mse"] for h in history if "soi_mse" in h}
-    best_step = min(val_at, key=val_at.get) if val_at else int(chosen["step"])  # where best.pt was written
-    chosen_val = val_at.get(int(chosen["step"]), float(chosen["best_val"]))
+    best_step, chosen_step, chosen_val = run["best_step"], run["exported_step"], run["exported_val"]
     moving, fixed = AUGMENT[stage]
     data_text = ("on-the-fly variations (istn.data.augment.sample_view) of the T1 anatomies " + ", ".join(
         d for d in described if "training" in d) + f"; validation: {', '.join(d for d in described if 'validation' in d) or 'seeded pairs of the training anatomies'}"
         " against the training anatomies. Colin27 / SPM single_subj_T1 held out (test subject).")
-    meta = build_metadata(tcfg, soi_description=SOI_DESCRIPTION, training_data=data_text, step=int(chosen["step"]),
+    meta = build_metadata(tcfg, soi_description=SOI_DESCRIPTION, training_data=data_text, step=chosen_step,
                           best_val=float(chosen_val),
                           extra={"augmentation": {"moving": to_dict(moving), "fixed": to_dict(fixed)},
-                                 "validation": dice, "steps_trained": int(ck["step"]),
+                                 "validation": dice, "steps_trained": run["steps"],
                                  "script": "benchmarks/train_brain.py"})
     name = f"brain-t1-{stage}.pt"
     path = Path(args.models) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     export_model(model, meta, path)
     summary = {"stage": stage, "model": str(path), "bytes": path.stat().st_size, "best_step": best_step,
-               "steps": int(ck["step"]), "best_val_soi_mse": float(ck["best_val"]), "validation": dice,
-               "checkpoint": args.checkpoint, "exported_step": int(chosen["step"]), "exported_val_soi_mse": chosen_val,
-               "seconds_per_step": seconds_per_step(history), "history": history, "config": to_dict(tcfg),
+               "steps": run["steps"], "best_val_soi_mse": run["best_val"], "validation": dice,
+               "checkpoint": args.checkpoint, "exported_step": chosen_step, "exported_val_soi_mse": chosen_val,
+               "seconds_per_step": run["seconds_per_step"], "history": history, "config": to_dict(tcfg),
                "anatomies": described, "engine": ENGINE_VERSION, "torch": torch.__version__,
                "machine": platform.platform(), "command": " ".join(sys.argv)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     card = path.with_suffix(".md")
     card.write_text(model_card(summary, name, data_text, args))
-    log(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB), {args.checkpoint} checkpoint, step {chosen['step']}, "
+    log(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB), {args.checkpoint} checkpoint, step {chosen_step}, "
         f"val soi_mse {chosen_val:.6f}, Dice {dice['mean_dice_unregistered']:.3f} -> {dice['mean_dice_one_pass']:.3f}")
     return summary
 

@@ -165,12 +165,14 @@ def image_to_tensor(
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
 
 
-def soi_to_tensor(soi: sitk.Image, grid: Grid, kind: str, labels: Sequence[int] = ()) -> torch.Tensor:
-    """Encode an SoI image on its own grid, then resample each channel linearly: ``(1, K, *S)``."""
+def soi_to_tensor(soi: sitk.Image, grid: Grid, kind: str, labels: Sequence[int] = (),
+                  transform: sitk.Transform | None = None) -> torch.Tensor:
+    """Encode an SoI image on its own grid, then resample each channel linearly onto ``grid`` (through
+    ``transform``, grid points -> SoI points, as `image_to_tensor`): ``(1, K, *S)``."""
     enc = encode_soi(sitk.GetArrayFromImage(soi), kind, labels)
     channels = []
     for c in enc:
         img = sitk.GetImageFromArray(c)
         img.CopyInformation(soi)
-        channels.append(sitk.GetArrayFromImage(resample_to_grid(img, grid)))
+        channels.append(sitk.GetArrayFromImage(resample_to_grid(img, grid, transform)))
     return torch.from_numpy(np.stack(channels).astype(np.float32))[None]
