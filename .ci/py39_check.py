@@ -47,9 +47,11 @@ COMPILED_ONLY = {
     "istn.augment": "numpy, SimpleITK, torch", "istn.braindata": "numpy, SimpleITK, torch",
     "istn.data": "numpy, SimpleITK, torch", "istn.data.images": "numpy, SimpleITK, torch",
     "istn.data.pairs": "numpy, SimpleITK, torch", "istn.data.augment": "numpy, SimpleITK, torch",
+    "istn.data.synthesis": "numpy, torch",
     # the brain recipe needs numpy and SimpleITK; its parent `istn.data` imports torch
     **{f"istn.data.brain{m}": "numpy, SimpleITK, torch" for m in (
-        "", ".build", ".datasets", ".grids", ".label_transfer", ".labels", ".perturbation", ".sample", ".sources")},
+        "", ".build", ".datasets", ".grids", ".label_transfer", ".labels", ".perturbation", ".sample", ".sources",
+        ".tissue")},
     "istn.data.brain.__main__": "runs the command line",
     "istn.demo": "numpy, SimpleITK",
     "istn.distributed": "torch", "istn.export": "torch", "istn.figures": "numpy, SimpleITK",

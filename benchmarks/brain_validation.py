@@ -48,7 +48,7 @@ def validation_moving(data: Path, name: str) -> tuple[sitk.Image, sitk.Image]:
                None)
     if row is None:
         raise SystemExit(f"no T1 row named {name!r} in {data / 'train.csv'}")
-    versions = {n: (img, lab) for n, img, lab in anatomy_images(data, row)}
+    versions = {n: (img, lab) for n, img, lab, _ in anatomy_images(data, row, tissue=False)}
     img, lab = versions.get(f"{name}_brain", versions[name])
     return sitk.Cast(img, sitk.sitkFloat32), lab
 

@@ -69,7 +69,7 @@ def validation_pairs(data: Path, name: str, n: int):
     import csv
 
     row = next(r for r in csv.DictReader(open(data / "train.csv")) if r["name"] == name and r["contrast"] == "t1")
-    versions = {v: (img, lab) for v, img, lab in anatomy_images(data, row)}
+    versions = {v: (img, lab) for v, img, lab, _ in anatomy_images(data, row, tissue=False)}
     head, labels = versions[name]
     brain = versions[f"{name}_brain"][0]
     mask = _brain_mask(data, name, head)

