@@ -40,7 +40,7 @@ from .data import image_to_tensor, network_grid
 from .errors import InputError
 from .export import LoadedModel
 from .geometry import Grid
-from .io import check_image
+from .inputs import PreparedImage, prepare_image
 from .losses import bending_energy, refinement_loss
 from .threads import default_threads
 from .training import resolve_device
@@ -536,9 +536,13 @@ def register(
     network run on both orders of the pair), so that an image registered to
     itself starts, and stays, at the identity.
     """
-    fixed = check_image(fixed, "fixed image")
-    moving = check_image(moving, "moving image")
-    check_register_inputs(fixed, moving, [model], iterations=iterations, lr=lr, device=device,
+    t_start = time.perf_counter()
+    # checked and prepared once per image object (istn.inputs): a later stage on the same images reuses it
+    cfg = model.config
+    fixed, moving = (prepare_image(image, cfg.grid_spacing, model.intensity, model.intensity_foreground,
+                                   cfg.centre_on_foreground, what) for image, what in
+                     ((fixed, "fixed image"), (moving, "moving image")))
+    check_register_inputs(fixed.image, moving.image, [model], iterations=iterations, lr=lr, device=device,
                           initial_transform=initial_transform, bending=bending, tolerance=tolerance)
     if initial_transform is not None:  # any linear class -> AffineTransform; composites flat (istn.transforms)
         initial_transform = flatten_transform(initial_transform)
@@ -552,7 +556,7 @@ def register(
     dev = resolve_device(device)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads or default_threads(model.ndim))  # the cores this process really has (istn.threads)
-    opts = dict(bending=bending, tolerance=tolerance, symmetric=symmetric)
+    opts = dict(bending=bending, tolerance=tolerance, symmetric=symmetric, t_start=t_start)
     try:
         try:
             return _register(fixed, moving, model, iterations, lr, dev, initial_transform, callback, cancel, **opts)
@@ -568,16 +572,15 @@ def register(
         torch.set_num_threads(threads_before)
 
 
-def _register(fixed, moving, model, iterations, lr, dev, initial_transform, callback, cancel, *,
-              bending: float, tolerance: float, symmetric: bool) -> RegistrationResult:
-    t_start = time.perf_counter()
+def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iterations, lr, dev, initial_transform,
+              callback, cancel, *, bending: float, tolerance: float, symmetric: bool,
+              t_start: float) -> RegistrationResult:
     timings: dict[str, float] = {}
     cfg = model.config
     module = model.to(dev).module
-    fg = model.intensity_foreground
-    win_f = intensity_window(sitk.GetArrayViewFromImage(fixed), *model.intensity, foreground=fg)
-    win_m = intensity_window(sitk.GetArrayViewFromImage(moving), *model.intensity, foreground=fg)
-    grid_f, grid_m = network_grid(fixed, cfg), network_grid(moving, cfg)
+    fixed, moving = fixed_in.image, moving_in.image  # the working copies (anti-aliased when much finer than the grid)
+    win_f, win_m = fixed_in.window, moving_in.window
+    grid_f, grid_m = network_grid(fixed, cfg, fixed_in.centre), network_grid(moving, cfg, moving_in.centre)
     d = model.ndim
     regulariser = None
 

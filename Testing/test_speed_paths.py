@@ -1,0 +1,163 @@
+"""Fast paths of issue #12: the output warp through a dense field, inputs prepared once, coarse-to-fine refinement."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from istn import inputs
+from istn.data import foreground_centre, intensity_window, otsu_threshold
+from istn.geometry import Grid
+from istn.registration import displacement_field, warp_image
+
+
+def _blob(size=(48, 44, 40), spacing=(1.0, 1.0, 1.0), pixel=sitk.sitkFloat32, seed=0) -> sitk.Image:
+    """A smooth random 3D image: a few Gaussian blobs on a dark background."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(*[np.arange(n, dtype=float) for n in reversed(size)], indexing="ij")
+    arr = np.zeros(z.shape)
+    for _ in range(6):
+        c = rng.uniform(0.25, 0.75, 3) * np.array(z.shape)
+        arr += rng.uniform(50, 100) * np.exp(-((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2) / 40.0)
+    img = sitk.Cast(sitk.GetImageFromArray(arr.astype(np.float32)), pixel)
+    img.SetSpacing(spacing)
+    img.SetOrigin((-10.0, 5.0, 2.0))
+    return img
+
+
+def _composite(image: sitk.Image) -> sitk.Transform:
+    """Affine (rotation, shift) then a smooth B-spline (30 mm mesh, ~1.5 mm displacements)."""
+    affine = sitk.AffineTransform(3)
+    affine.SetCenter(Grid.from_image(image).centre.tolist())
+    affine.Rotate(0, 1, 0.1)
+    affine.SetTranslation((1.5, -2.0, 0.7))
+    mesh = sitk.BSplineTransformInitializer(image, [2, 2, 2])
+    rng = np.random.default_rng(1)
+    mesh.SetParameters(rng.normal(0.0, 1.5, len(mesh.GetParameters())).tolist())
+    composite = sitk.CompositeTransform(3)
+    composite.AddTransform(mesh)
+    composite.AddTransform(affine)  # applied first
+    return composite
+
+
+def test_field_warp_is_itk_resampling_through_the_same_field():
+    """The torch resampler gives what ITK gives through a DisplacementFieldTransform of the field."""
+    moving, fixed = _blob(seed=0), _blob(seed=2)
+    tx = _composite(fixed)
+    field = displacement_field(tx, Grid.from_image(fixed), 4.0)
+    assert field is not None and field.GetSpacing() == (3.0, 3.0, 3.0)  # capped: 1/8 of the 24 mm mesh
+    itk = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, sitk.DisplacementFieldTransform(field),
+                                               sitk.sitkLinear, -5.0))
+    fast = sitk.GetArrayFromImage(warp_image(moving, fixed, tx, default_value=-5.0, field_spacing=4.0))
+    outside = (fast == -5.0) != (itk == -5.0)
+    assert outside.mean() < 1e-3  # float32 rounding at the image's edge only
+    np.testing.assert_allclose(fast[~outside], itk[~outside], atol=1e-4 * float(itk.max()))
+
+
+def test_field_warp_is_close_to_the_exact_warp():
+    moving, fixed = _blob(seed=0), _blob(seed=2)
+    tx = _composite(fixed)
+    exact = sitk.GetArrayFromImage(warp_image(moving, fixed, tx))
+    fast = sitk.GetArrayFromImage(warp_image(moving, fixed, tx, field_spacing=4.0))
+    assert np.abs(fast - exact).mean() < 1e-3 * float(exact.max())
+
+
+def test_field_of_a_linear_transform_is_exact():
+    """Trilinear interpolation reproduces an affine field exactly: the warp through it equals ITK's."""
+    moving, fixed = _blob(seed=0), _blob(seed=3)
+    affine = sitk.AffineTransform(3)
+    affine.SetMatrix((1.02, 0.05, 0.0, -0.04, 0.98, 0.01, 0.0, 0.02, 1.0))
+    affine.SetTranslation((2.3, -1.1, 0.4))
+    zero_mesh = sitk.BSplineTransformInitializer(fixed, [2, 2, 2])  # non-linear class, zero displacement
+    tx = sitk.CompositeTransform(3)
+    tx.AddTransform(zero_mesh)
+    tx.AddTransform(affine)
+    exact = sitk.GetArrayFromImage(warp_image(moving, fixed, affine, default_value=-5.0))
+    fast = sitk.GetArrayFromImage(warp_image(moving, fixed, tx, default_value=-5.0, field_spacing=4.0))
+    edge = (fast == -5.0) != (exact == -5.0)  # points on the half-voxel limit: float32 rounding decides
+    assert edge.mean() < 1e-3
+    np.testing.assert_allclose(fast[~edge], exact[~edge], atol=1e-4 * float(exact.max()))
+
+
+def test_field_warp_keeps_integer_pixel_types():
+    moving = _blob(pixel=sitk.sitkUInt8)
+    fixed = _blob(seed=2)
+    tx = _composite(fixed)
+    fast = warp_image(moving, fixed, tx, field_spacing=4.0)
+    exact = warp_image(moving, fixed, tx)
+    assert fast.GetPixelID() == sitk.sitkUInt8
+    assert np.abs(sitk.GetArrayFromImage(fast).astype(int) - sitk.GetArrayFromImage(exact).astype(int)).max() <= 1
+
+
+def test_displacement_field_lattice():
+    ref = Grid((256, 256, 180), (1.0, 1.0, 1.2), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    tx = sitk.CompositeTransform(3)
+    tx.AddTransform(sitk.BSplineTransform(3, 3))  # mesh spacing 1 mm: caps the field at 1/8 mm -> none
+    assert displacement_field(tx, ref, 4.0) is None
+    mesh = sitk.BSplineTransform(3, 3)
+    mesh.SetFixedParameters([4, 4, 4, 0, 0, 0, 40, 40, 40, 1, 0, 0, 0, 1, 0, 0, 0, 1])
+    field = displacement_field(mesh, ref, 4.0)  # 40 mm mesh: 4 mm allowed -> k = 4, 4, 3
+    assert field.GetSpacing() == pytest.approx((4.0, 4.0, 3.6))
+    assert field.GetSize() == (65, 65, 61)  # (255 / 4 -> 64 spans + 1), (179 / 3 -> 60 spans (ceil) + 1)
+    assert field.GetOrigin() == ref.origin
+
+
+# --------------------------------------------------------------------------
+# inputs prepared once
+# --------------------------------------------------------------------------
+
+
+def test_shrink_factors():
+    assert inputs.shrink_factors((1.0, 1.0, 1.0), 4.0) == (2, 2, 2)
+    assert inputs.shrink_factors((2.0, 2.0, 2.0), 4.0) == (1, 1, 1)  # the training resolution: as it is
+    assert inputs.shrink_factors((0.5, 0.5, 3.0), 4.0) == (4, 4, 1)
+    assert inputs.shrink_factors((1.0, 1.0), 1.0) == (1, 1)
+
+
+def test_prepared_image_is_the_block_average():
+    img = _blob(size=(40, 36, 32), spacing=(1.0, 1.0, 1.0))
+    p = inputs.prepare_image(img, 4.0, foreground=True)
+    assert p.shrink == (2, 2, 2)
+    assert p.image.GetSize() == (20, 18, 16) and p.image.GetSpacing() == (2.0, 2.0, 2.0)
+    # block centres: the first block of 1 mm voxels 0 and 1 is centred half a millimetre further
+    np.testing.assert_allclose(p.image.GetOrigin(), np.asarray(img.GetOrigin()) + 0.5)
+    a = sitk.GetArrayFromImage(img)
+    blocks = a.reshape(16, 2, 18, 2, 20, 2).mean(axis=(1, 3, 5))
+    np.testing.assert_allclose(sitk.GetArrayFromImage(p.image), blocks, rtol=1e-5)
+    work = sitk.GetArrayViewFromImage(p.image)
+    assert p.window == intensity_window(work, foreground=True)
+    np.testing.assert_allclose(p.centre, foreground_centre(p.image))
+
+
+def test_prepare_image_is_cached_per_image_and_redone_when_it_changes():
+    inputs.clear_cache()
+    img = _blob(spacing=(2.0, 2.0, 2.0))
+    first = inputs.prepare_image(img, 4.0)
+    assert inputs.prepare_image(img, 4.0) is first  # the B-spline stage reuses the affine stage's
+    other = inputs.prepare_image(img, 2.0)
+    assert other is not first  # another model's grid: its own entry
+    assert inputs.prepare_image(img, 2.0) is other and inputs.prepare_image(img, 4.0) is first
+    copy = sitk.Image(img)
+    assert inputs.prepare_image(copy, 4.0) is not first  # another object
+    view = sitk.GetArrayViewFromImage(img)
+    img[0, 0, 0] = float(view.max()) + 100.0  # changed in place (the first sampled voxel)
+    again = inputs.prepare_image(img, 4.0)
+    assert again is not first
+
+
+def test_prepare_image_checks_its_input():
+    from istn.errors import InputError
+
+    inputs.clear_cache()
+    flat = sitk.Image(8, 8, 8, sitk.sitkFloat32)
+    with pytest.raises(InputError, match="moving image is constant"):
+        inputs.prepare_image(flat, 4.0, what="moving image")
+
+
+def test_statistics_with_a_known_threshold_are_the_same():
+    arr = sitk.GetArrayFromImage(_blob())
+    t = otsu_threshold(arr)
+    assert intensity_window(arr, foreground=True, threshold=t) == intensity_window(arr, foreground=True)
+    img = _blob()
+    np.testing.assert_allclose(foreground_centre(img, threshold=t), foreground_centre(img))
