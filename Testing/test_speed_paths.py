@@ -161,3 +161,79 @@ def test_statistics_with_a_known_threshold_are_the_same():
     assert intensity_window(arr, foreground=True, threshold=t) == intensity_window(arr, foreground=True)
     img = _blob()
     np.testing.assert_allclose(foreground_centre(img, threshold=t), foreground_centre(img))
+
+
+# --------------------------------------------------------------------------
+# coarse to fine
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(16, 20), (12, 16, 20)])
+def test_half_resolution_commutes_with_a_two_voxel_shift(shape):
+    """Shifting by 2 voxels then averaging 2^D blocks = averaging then shifting by 1 half-resolution voxel."""
+    import torch
+    import torch.nn.functional as F
+
+    from istn.registration import half_resolution
+    from istn.transforms import identity_grid, warp
+
+    torch.manual_seed(0)
+    maps = torch.rand(1, 3, *shape)
+    d = len(shape)
+    theta = torch.eye(d, d + 1)[None]
+    theta[0, 0, d] = 2 * 2.0 / (shape[-1] - 1)  # x: 2 voxels, normalised
+    grid = F.affine_grid(theta, [1, 1, *shape], align_corners=True)
+    half, _, grid_half = half_resolution(maps, maps)
+    pool = F.avg_pool2d if d == 2 else F.avg_pool3d
+    expected = pool(warp(maps, grid), 2)
+    got = warp(half, grid_half(grid))
+    inside = (slice(None), slice(None)) + (slice(None),) * (d - 1) + (slice(0, shape[-1] // 2 - 1),)
+    torch.testing.assert_close(got[inside], expected[inside], atol=1e-5, rtol=1e-5)
+    # the identity grid averaged is the half-resolution identity grid
+    torch.testing.assert_close(grid_half(identity_grid(list(shape))), identity_grid([n // 2 for n in shape]),
+                               atol=1e-6, rtol=1e-6)
+
+
+def test_coarse_to_fine_refinement(make_model, pair2d):
+    from istn.export import load_model
+    from istn.registration import register
+
+    fixed, moving = pair2d
+    model = load_model(make_model(2, "affine"))
+    base = register(fixed, moving, model, iterations=6, lr=1e-2, tolerance=0.0)
+    res = register(fixed, moving, model, iterations=6, lr=1e-2, tolerance=0.0, coarse_iterations=4)
+    assert res.coarse_iterations == 4 and res.iterations == 6 and res.summary()["coarse_iterations"] == 4
+    assert res.loss_one_pass == pytest.approx(base.loss_one_pass)  # the one pass, on the full grid
+    assert res.loss_final <= res.loss_one_pass  # the best full-grid iterate: never worse than the one pass
+    assert res.best_iteration == 1 or res.best_iteration > 4  # a coarse iterate is never the one returned ...
+    # ... unless after the last step (iteration 7 here), where it is evaluated on the full grid
+    every = register(fixed, moving, model, iterations=3, lr=1e-2, tolerance=0.0, coarse_iterations=10)
+    assert every.coarse_iterations == 3 and every.loss_final <= every.loss_one_pass
+    model.meta["refinement"] = {"coarse_iterations": 2}  # the model's stored default
+    assert register(fixed, moving, model, iterations=3, lr=1e-2, tolerance=0.0).coarse_iterations == 2
+    assert register(fixed, moving, model, iterations=3, lr=1e-2, coarse_iterations=0).coarse_iterations == 0
+
+
+def test_coarse_to_fine_needs_even_grids():
+    import torch
+
+    from istn.registration import refine
+
+    class Odd(torch.nn.Module):  # a 1-parameter "STN": a shift along x on a 9 x 10 grid
+        def __init__(self):
+            super().__init__()
+            self.stn = torch.nn.Linear(1, 1)
+
+        def predict(self, s, t):
+            theta = torch.eye(2, 3)[None].clone()
+            return theta + torch.nn.functional.pad(self.stn.weight.view(1, 1, 1), (2, 0, 0, 1))
+
+        def sampling_grid(self, params):
+            return torch.nn.functional.affine_grid(params, [1, 1, 9, 10], align_corners=True)
+
+        def warp(self, x, grid):
+            return torch.nn.functional.grid_sample(x, grid, align_corners=True)
+
+    maps = torch.rand(1, 1, 9, 10)
+    out = refine(Odd(), maps, maps.roll(1, -1), iterations=3, lr=1e-2, coarse_iterations=2)
+    assert out.coarse_iterations == 0 and len(out.losses) == 3

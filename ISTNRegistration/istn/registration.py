@@ -78,6 +78,7 @@ class RefineOutput:
     similarity: float = float("nan")  # MSE(T(s'), t') of ``params`` (the objective without the bending term)
     start_loss: float = float("nan")  # objective of the starting parameters (the one pass)
     start_similarity: float = float("nan")  # and its MSE part
+    coarse_iterations: int = 0  # iterations run on the half-resolution copy of the maps (coarse to fine)
 
 
 def is_cancelled(cancel: CancelFlag) -> bool:
@@ -106,6 +107,7 @@ def refine(
     adjust: Callable[[torch.Tensor], torch.Tensor] | None = None,
     regulariser: Callable[[torch.Tensor], torch.Tensor] | None = None,
     tolerance: float = 0.0,
+    coarse_iterations: int = 0,
 ) -> RefineOutput:
     """Test-time refinement of the STN of ``module`` on one pair.
 
@@ -122,6 +124,15 @@ def refine(
     ``iterations`` is the cap. ``cancel`` is checked before every iteration,
     so a cancel stops within one iteration with a valid result. The STN's
     weights are restored before returning.
+
+    Coarse to fine: the first ``coarse_iterations`` iterations (fewer when the
+    tolerance stops them: refinement then goes on to the full grid) compare
+    the maps at half resolution (`half_resolution`): the STN still sees the
+    full maps, but the warp and the loss, about a third of an iteration, run
+    on an eighth of the voxels. Their objective values (``losses``, the
+    callback's) are those of the half-resolution maps; the returned iterate is
+    the best on the FULL grid, the one pass included (evaluated first). Grids
+    with an odd size are refined on the full grid only.
     """
     if iterations < 0:
         raise ValueError(f"refine() 'iterations' must be >= 0, got {iterations}")
@@ -140,6 +151,17 @@ def refine(
         sim = refinement_loss(module.warp(source_map, module.sampling_grid(params)), target_map)
         return (sim + regulariser(params) if regulariser is not None else sim), sim
 
+    if coarse_iterations < 0:
+        raise ValueError(f"refine() 'coarse_iterations' must be >= 0, got {coarse_iterations}")
+    if any(n % 2 for n in source_map.shape[2:]):
+        coarse_iterations = 0
+    if coarse_iterations:
+        source_half, target_half, grid_half = half_resolution(source_map, target_map)
+
+        def coarse_objective(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            sim = refinement_loss(module.warp(source_half, grid_half(module.sampling_grid(params))), target_half)
+            return (sim + regulariser(params) if regulariser is not None else sim), sim
+
     def current() -> torch.Tensor:
         params = module.predict(source_map, target_map)
         return adjust(params) if adjust is not None else params
@@ -147,33 +169,50 @@ def refine(
     losses: list[torch.Tensor] = []
     cancelled = converged = False
     best: tuple[float, float, torch.Tensor, int] | None = None  # (objective, similarity, params, iteration)
-    history: list[float] = []  # best objective after each iteration
+    history: list[float] = []  # best objective (of the current resolution) after each iteration
+    coarse_best = float("inf")
+    coarse_run = 0
     try:
         try:  # the fused kernel: ~15 % less time per refinement iteration on CPU (benchmarks/results/speed.md)
             optimizer = torch.optim.Adam(stn_params, lr=lr, fused=True)
         except (RuntimeError, TypeError):
             optimizer = torch.optim.Adam(stn_params, lr=lr)
+        if coarse_iterations and iterations:  # the one pass on the full grid: the start, and a candidate
+            with torch.no_grad():
+                params = current()
+                loss, sim = objective(params)
+            start = (float(loss), float(sim))
+            best = (*start, params.detach().clone(), 1)
         for it in range(iterations):
             if is_cancelled(cancel):
                 cancelled = True
                 break
+            coarse = it < coarse_iterations
             params = current()
-            loss, sim = objective(params)
+            loss, sim = (coarse_objective if coarse else objective)(params)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             value = float(loss.detach())
             losses.append(loss.detach())
-            if best is None:
-                start = (value, float(sim.detach()))
-            if best is None or value < best[0]:
-                best = (value, float(sim.detach()), params.detach().clone(), it + 1)
-            history.append(best[0])
+            if coarse:
+                coarse_run += 1
+                coarse_best = min(coarse_best, value)
+                history.append(coarse_best)
+            else:
+                if best is None:
+                    start = (value, float(sim.detach()))
+                if best is None or value < best[0]:
+                    best = (value, float(sim.detach()), params.detach().clone(), it + 1)
+                history.append(best[0])
             if callback is not None:
                 callback(IterationInfo(it + 1, iterations, value, params.detach(), to_world))
             if tolerance > 0 and len(history) > CONVERGENCE_WINDOW:
                 before = history[-1 - CONVERGENCE_WINDOW]
                 if before - history[-1] <= tolerance * abs(before):
+                    if coarse:  # converged at half resolution: go on to the full grid
+                        coarse_iterations, history = coarse_run, []
+                        continue
                     converged = it + 1 < iterations
                     break
         with torch.no_grad():  # the parameters after the last step
@@ -190,7 +229,31 @@ def refine(
         for p, flag in grad_flags:
             p.requires_grad_(flag)
     value, sim_value, params, best_it = best
-    return RefineOutput(params, [float(v) for v in losses], value, cancelled, best_it, converged, sim_value, *start)
+    return RefineOutput(params, [float(v) for v in losses], value, cancelled, best_it, converged, sim_value, *start,
+                        coarse_iterations=coarse_run)
+
+
+def half_resolution(source_map: torch.Tensor, target_map: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """The maps ``(1, K, *S)`` averaged over 2^D blocks ``(1, K, *S/2)``, and the matching sampling grid.
+
+    ``grid_half(grid)``: a full-resolution sampling grid ``(1, *S, D)`` averaged
+    the same way ``(1, *S/2, D)``, in the half-resolution maps' normalised
+    coordinates. A block average sits at the centre of its block: voxel ``u``
+    of an axis of ``N`` voxels at full-resolution voxel ``2u + 1/2``; so with
+    ``align_corners=True`` coordinates, full-resolution ``n`` is half-resolution
+    ``n (N - 1) / (N - 2)`` (exact for an affine grid, whose average is its
+    value at the block centre). ``*S`` must be even.
+    """
+    d = source_map.dim() - 2
+    pool = F.avg_pool2d if d == 2 else F.avg_pool3d
+    scale = torch.tensor([(n - 1) / (n - 2) for n in reversed(source_map.shape[2:])], dtype=source_map.dtype,
+                         device=source_map.device)  # (x, y[, z]) order, as the grid's last dimension
+
+    def grid_half(grid: torch.Tensor) -> torch.Tensor:
+        return pool(grid.movedim(-1, 1), 2).movedim(1, -1) * scale
+
+    return pool(source_map, 2), pool(target_map, 2), grid_half
 
 
 @dataclass
@@ -215,6 +278,7 @@ class RegistrationResult:
     converged: bool = False  # refinement stopped by its tolerance before the iteration cap
     best_iteration: int = 0  # the refinement iterate returned (the lowest loss; 1 = the one pass)
     similarity_final: float = float("nan")  # MSE(T(s'), t') of the result, without the bending term
+    coarse_iterations: int = 0  # of ``iterations``, those run on the half-resolution maps (coarse to fine)
 
     def warped_moving_map(self) -> sitk.Image:
         """The moving ITN map resampled into the fixed map's grid through the final transform."""
@@ -231,6 +295,7 @@ class RegistrationResult:
             "converged": self.converged,
             "best_iteration": self.best_iteration,
             "similarity_final": self.similarity_final,
+            "coarse_iterations": self.coarse_iterations,
             "cancelled": self.cancelled,
             "device": self.device,
             "timings_s": self.timings,
@@ -517,6 +582,7 @@ def register(
     bending: float | None = None,
     tolerance: float | None = None,
     symmetric: bool = True,
+    coarse_iterations: int | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with ``model``: one pass, then up to ``iterations`` of refinement.
 
@@ -535,6 +601,9 @@ def register(
     ``symmetric``: start refinement from the inverse-consistent one pass (the
     network run on both orders of the pair), so that an image registered to
     itself starts, and stays, at the identity.
+    ``coarse_iterations``: refine first on a half-resolution copy of the ITN
+    maps for up to this many of the ``iterations`` (`refine`); default: the
+    model's ``refinement.coarse_iterations``, else 0.
     """
     t_start = time.perf_counter()
     # checked and prepared once per image object (istn.inputs): a later stage on the same images reuses it
@@ -553,10 +622,16 @@ def register(
         bending = float(defaults.get("bending", 0.0)) if model.transform_type == "bspline" else 0.0
     if tolerance is None:
         tolerance = float(defaults.get("tolerance", 0.0))
+    if coarse_iterations is None:
+        coarse_iterations = int(defaults.get("coarse_iterations", 0))
+    if isinstance(coarse_iterations, bool) or not isinstance(coarse_iterations, (int, np.integer)) \
+            or coarse_iterations < 0:
+        raise InputError(f"register() 'coarse_iterations' must be a whole number >= 0, got {coarse_iterations!r}")
     dev = resolve_device(device)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads or default_threads(model.ndim))  # the cores this process really has (istn.threads)
-    opts = dict(bending=bending, tolerance=tolerance, symmetric=symmetric, t_start=t_start)
+    opts = dict(bending=bending, tolerance=tolerance, symmetric=symmetric, t_start=t_start,
+                coarse_iterations=int(coarse_iterations))
     try:
         try:
             return _register(fixed, moving, model, iterations, lr, dev, initial_transform, callback, cancel, **opts)
@@ -574,7 +649,7 @@ def register(
 
 def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iterations, lr, dev, initial_transform,
               callback, cancel, *, bending: float, tolerance: float, symmetric: bool,
-              t_start: float) -> RegistrationResult:
+              t_start: float, coarse_iterations: int) -> RegistrationResult:
     timings: dict[str, float] = {}
     cfg = model.config
     module = model.to(dev).module
@@ -647,7 +722,7 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
     timings["one_pass"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     out = refine(module, s_map, t_map, iterations, lr, callback, cancel, to_world,
-                 adjust=adjust, regulariser=regulariser, tolerance=tolerance)
+                 adjust=adjust, regulariser=regulariser, tolerance=tolerance, coarse_iterations=coarse_iterations)
     timings["refine"] = time.perf_counter() - t0
 
     # Maps for display, each on a grid of its own image's space, reusing the passes above where they are there.
@@ -692,4 +767,5 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
         converged=out.converged,
         best_iteration=out.best_iteration,
         similarity_final=out.similarity,
+        coarse_iterations=out.coarse_iterations,
     )
