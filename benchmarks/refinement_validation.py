@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_models:
         for key, model in (("affine", affine), ("bspline", bspline)):
             meta = dict(model.meta)
-            meta["refinement"] = {"tolerance": tol_chosen, **({"bending": chosen} if key == "bspline" else {}),
+            meta["refinement"] = {**meta.get("refinement", {}),  # keeps coarse_iterations (coarse_to_fine.py)
+                                  "tolerance": tol_chosen, **({"bending": chosen} if key == "bspline" else {}),
                                   "chosen_by": "benchmarks/refinement_validation.py"}
             meta.setdefault("validation", {})["refinement_loss"] = summary["refinement_loss"][key]
             rewrite_metadata(model.path, meta)
