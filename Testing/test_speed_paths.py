@@ -237,3 +237,25 @@ def test_coarse_to_fine_needs_even_grids():
     maps = torch.rand(1, 1, 9, 10)
     out = refine(Odd(), maps, maps.roll(1, -1), iterations=3, lr=1e-2, coarse_iterations=2)
     assert out.coarse_iterations == 0 and len(out.losses) == 3
+
+
+# --------------------------------------------------------------------------
+# ITN for inference
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_inference_itn_gives_the_same_maps(make_model, ndim):
+    import torch
+
+    from istn.export import load_model
+
+    model = load_model(make_model(ndim, "affine"))
+    shape = (1, 1) + tuple(reversed(model.config.grid_size))
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.module.representation(x)
+    got = model.representation(x)
+    assert not got.requires_grad and got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert model.representation(x) is not None and len(model._inference) == 1  # built once, kept

@@ -703,8 +703,8 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
     adjust = None
     with torch.no_grad():
         source, target = source.to(dev), target.to(dev)
-        s_map = module.representation(source)
-        t_map = module.representation(target)
+        s_map = model.representation(source)  # a frozen, inference-optimised copy of the ITN on the CPU
+        t_map = model.representation(target)
         forward = module.predict(s_map, t_map)
         if symmetric:
             backward = module.predict(t_map, s_map)
@@ -732,7 +732,7 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
         if model.transform_type == "affine":
             fixed_map = _map_image(t_map, grid_f)
             moving_map = _map_image(s_map, grid_m) if initial_transform is None else _map_image(
-                module.representation(image_to_tensor(moving, grid_m, win_m).to(dev)), grid_m)
+                model.representation(image_to_tensor(moving, grid_m, win_m).to(dev)), grid_m)
         else:  # s_map lies on work_grid in moving space; t_map is the fixed map pulled there through A^-1
             moving_map = _map_image(s_map, work_grid)
             fixed_map = warp_image(_map_image(t_map, work_grid), grid_f, a_tx)
