@@ -259,3 +259,23 @@ def test_inference_itn_gives_the_same_maps(make_model, ndim):
     assert not got.requires_grad and got.shape == expected.shape
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert model.representation(x) is not None and len(model._inference) == 1  # built once, kept
+
+
+def test_adam_is_torch_adam():
+    """The refinement's Adam takes torch.optim.Adam's steps (which it replaces to spare the torch._dynamo import)."""
+    import torch
+
+    from istn.registration import Adam
+
+    torch.manual_seed(0)
+    target = torch.rand(5, 3)
+    a = [torch.rand(5, 3, requires_grad=True), torch.rand(4, requires_grad=True)]
+    b = [t.detach().clone().requires_grad_(True) for t in a]
+    ours, theirs = Adam(a, 1e-2), torch.optim.Adam(b, lr=1e-2)
+    for _ in range(20):
+        for params, opt in ((a, ours), (b, theirs)):
+            opt.zero_grad()
+            ((params[0] - target) ** 2).sum().backward()  # params[1] gets no gradient: it must stay put
+            opt.step()
+    torch.testing.assert_close(a[0], b[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(a[1], b[1])

@@ -9,7 +9,8 @@ On the bundled brain models (48^3 internal grid, 8 ITN channels), one thread by 
 - ``torch.compile`` of the same ITN, rebuilt as an eager module (the models are TorchScript files, which
   ``torch.compile`` does not take): compile time and per-call time, or why it did not run;
 - refinement iteration (STN forward, warp, MSE, backward, optimizer step, as in `istn.registration.refine`):
-  ``Adam(fused=True)`` (the engine), ``Adam(foreach=True)``, ``Adam(foreach=False)``, and fused with oneDNN off.
+  the engine's own Adam (`istn.registration.Adam`, foreach kernels), ``torch.optim.Adam`` fused / foreach /
+  for-loop, and the engine's with oneDNN off; and what the first ``torch.optim.Adam`` of a process costs.
 
 Median milliseconds of ``--repeats`` calls after two warm-up calls. Maps are ITN outputs of two random 48^3 images
 (the cost does not depend on the content).
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -37,6 +39,7 @@ from istn.demo import MODELS_DIR  # noqa: E402
 from istn.export import load_model  # noqa: E402
 from istn.losses import refinement_loss  # noqa: E402
 from istn.networks import ISTN  # noqa: E402
+from istn.registration import Adam  # noqa: E402
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -113,19 +116,20 @@ def refine_rows(module, s: torch.Tensor, t: torch.Tensor, repeats: int) -> list[
     for p in stn:
         p.requires_grad_(True)
     rows = []
-    for name, kw, mkldnn in (("Adam(fused=True) (engine)", {"fused": True}, True),
-                             ("Adam(foreach=True)", {"foreach": True}, True),
-                             ("Adam(foreach=False)", {"foreach": False}, True),
-                             ("Adam(fused=True), oneDNN disabled", {"fused": True}, False)):
+    for name, kw, mkldnn in (("istn.registration.Adam (engine: foreach kernels)", None, True),
+                             ("torch.optim.Adam(fused=True)", {"fused": True}, True),
+                             ("torch.optim.Adam(foreach=True)", {"foreach": True}, True),
+                             ("torch.optim.Adam(foreach=False)", {"foreach": False}, True),
+                             ("istn.registration.Adam, oneDNN disabled", None, False)):
         with torch.no_grad():
             for p, v in zip(stn, saved):
                 p.copy_(v)
-        opt = torch.optim.Adam(stn, lr=1e-4, **kw)
+        opt = Adam(stn, 1e-4) if kw is None else torch.optim.Adam(stn, lr=1e-4, **kw)
 
         def step():
             params = module.predict(s, t)
             loss = refinement_loss(module.warp(s, module.sampling_grid(params)), t)
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss.backward()
             opt.step()
 
@@ -135,6 +139,15 @@ def refine_rows(module, s: torch.Tensor, t: torch.Tensor, repeats: int) -> list[
         for p, v in zip(stn, saved):
             p.copy_(v)
     return rows
+
+
+def first_optimizer_row() -> dict:
+    """Seconds of the first ``torch.optim.Adam`` a fresh process builds (it imports torch._dynamo)."""
+    code = ("import time, torch; t = time.perf_counter(); torch.optim.Adam([torch.zeros(1, requires_grad=True)]); "
+            "print(time.perf_counter() - t)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return {"what": "first torch.optim.Adam(...) of a process (imports torch._dynamo)",
+            "ms": 1000.0 * float(out.stdout.strip().splitlines()[-1]), "note": "once per process; istn's Adam: 0"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         if kind == "affine" and not args.no_compile:
             rows.append(compile_row(model, x, args.repeats))
         rows += refine_rows(load_model(model.path).module, s, t, args.repeats)
+        if kind == "affine":
+            rows.append(first_optimizer_row())
         results[kind] = rows
         for r in rows:
             print(kind, r, flush=True)
