@@ -291,7 +291,8 @@ def write_models(summary: dict, models) -> None:
     """Store a run's choice (tolerance, bending) and validation loss ranges in the models' metadata and cards."""
     for key, model in zip(("affine", "bspline"), models):
         meta = dict(model.meta)
-        meta["refinement"] = {"tolerance": summary["tolerance_chosen"],
+        meta["refinement"] = {**meta.get("refinement", {}),  # keeps coarse_iterations (coarse_to_fine.py)
+                              "tolerance": summary["tolerance_chosen"],
                               **({"bending": summary["bending_chosen"]} if key == "bspline" else {}),
                               "chosen_by": "benchmarks/refinement_validation.py"}
         meta.setdefault("validation", {})["refinement_loss"] = summary["refinement_loss"][key]

@@ -11,7 +11,8 @@ images already in memory are part of it: ``rss_before_mb`` in the JSON).
 
 - ISTN (project venv): ``register(fixed, moving, load_model("brain-t1-affine.pt"), device="cpu", threads=2)``,
   iterations / bending / tolerance: the models' own defaults (their metadata), nothing passed; then the moving
-  image warped onto the fixed grid (linear, `istn.registration.warp_image`). Affine + B-spline = that affine
+  image warped onto the fixed grid (linear, `istn.registration.warp_image`; through a dense field for the
+  B-spline result, as `istn register` writes its output image: `OUTPUT_FIELD_SPACING_MM`). Affine + B-spline = that affine
   registration, then ``register(fixed, moving, bspline_model, initial_transform=affine.transform, threads=2)``
   and one warp through the final transform (the affine's own warp is not part of the B-spline pipeline).
   The same run also has the ``tolerance=0`` rows (every refinement iteration the model allows, no early stop).
@@ -298,7 +299,7 @@ def _skip_reason(spec: dict, row: str, case: dict, done: dict) -> str | None:
 
 def istn_pipeline(fixed, moving, aff_m, bsp_m, threads: int, kw: dict):
     """ISTN affine (+ warp), then B-spline from it (+ warp), with Marks at the stage boundaries."""
-    from istn.registration import register, warp_image
+    from istn.registration import OUTPUT_FIELD_SPACING_MM, register, warp_image
 
     m = Marks()
     a = register(fixed, moving, aff_m, device="cpu", threads=threads, **kw)
@@ -308,7 +309,7 @@ def istn_pipeline(fixed, moving, aff_m, bsp_m, threads: int, kw: dict):
     del w
     b = register(fixed, moving, bsp_m, device="cpu", threads=threads, initial_transform=a.transform, **kw)
     m("bspline_register")
-    w = warp_image(moving, fixed, b.transform)
+    w = warp_image(moving, fixed, b.transform, field_spacing=OUTPUT_FIELD_SPACING_MM)  # as `istn register` writes it
     m("bspline_warp")
     del w
     return a, b, m

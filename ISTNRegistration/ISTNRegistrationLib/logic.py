@@ -462,9 +462,9 @@ class ISTNRegistrationLogic:
                 result.fixedMapNode, result.movingMapNode = self._writeMaps(
                     changes, linearNode, leafNode, last, fixedVolumeNode, movingVolumeNode)
                 if outputVolumeNode is not None:
-                    from istn.registration import warp_image
+                    from istn.registration import OUTPUT_FIELD_SPACING_MM, warp_image
 
-                    warped = warp_image(movingImage, fixedImage, final)
+                    warped = warp_image(movingImage, fixedImage, final, field_spacing=OUTPUT_FIELD_SPACING_MM)
                     nodeio.updateVolumeNodeFromImage(outputVolumeNode, warped)
                     outputVolumeNode.SetAndObserveTransformNodeID(None)
                     if outputVolumeNode.GetDisplayNode() is None:

@@ -88,7 +88,7 @@ def run_register(
 
     from .export import load_model
     from .io import prepare_output_dir, read_image, read_transform, write_image, write_json, write_transform
-    from .registration import check_register_inputs, register, warp_image
+    from .registration import OUTPUT_FIELD_SPACING_MM, check_register_inputs, register, warp_image
 
     if not model_paths:
         raise InputError("at least one --model is needed")
@@ -122,7 +122,8 @@ def run_register(
             stages.append({**result.summary(), "model_file": str(model.path)})  # summary's "model": the metadata
             initial = result.transform
         assert result is not None
-        warped = warp_image(moving, fixed, result.transform, default_value=bg)
+        # the output image through a dense field (fast at 1 mm); the transform written is the exact one
+        warped = warp_image(moving, fixed, result.transform, default_value=bg, field_spacing=OUTPUT_FIELD_SPACING_MM)
         itn_moving = result.warped_moving_map()
         linear_part = None
         if result.transform_type == "bspline":  # its linear part: a valid --initial for a B-spline model

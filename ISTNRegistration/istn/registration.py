@@ -26,6 +26,7 @@ Results are WORLD transforms mapping fixed points to moving points (ITK/Slicer
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,12 +35,13 @@ from typing import Callable, Sequence, Union
 import numpy as np
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 
-from .data import image_to_tensor, intensity_window, network_grid
+from .data import image_to_tensor, network_grid
 from .errors import InputError
 from .export import LoadedModel
 from .geometry import Grid
-from .io import check_image
+from .inputs import PreparedImage, prepare_image
 from .losses import bending_energy, refinement_loss
 from .threads import default_threads
 from .training import resolve_device
@@ -77,6 +79,7 @@ class RefineOutput:
     similarity: float = float("nan")  # MSE(T(s'), t') of ``params`` (the objective without the bending term)
     start_loss: float = float("nan")  # objective of the starting parameters (the one pass)
     start_similarity: float = float("nan")  # and its MSE part
+    coarse_iterations: int = 0  # iterations run on the half-resolution copy of the maps (coarse to fine)
 
 
 def is_cancelled(cancel: CancelFlag) -> bool:
@@ -105,6 +108,7 @@ def refine(
     adjust: Callable[[torch.Tensor], torch.Tensor] | None = None,
     regulariser: Callable[[torch.Tensor], torch.Tensor] | None = None,
     tolerance: float = 0.0,
+    coarse_iterations: int = 0,
 ) -> RefineOutput:
     """Test-time refinement of the STN of ``module`` on one pair.
 
@@ -121,6 +125,17 @@ def refine(
     ``iterations`` is the cap. ``cancel`` is checked before every iteration,
     so a cancel stops within one iteration with a valid result. The STN's
     weights are restored before returning.
+
+    Coarse to fine: the first ``coarse_iterations`` iterations (fewer when the
+    tolerance stops them: refinement then goes on to the full grid) compare
+    the maps at half resolution (`half_resolution`): the STN still sees the
+    full maps, but the warp and the loss, about a third of an iteration, run
+    on an eighth of the voxels (feeding the STN the half maps too was twice as
+    fast per iteration but lost 0.02-0.05 B-spline Dice on validation pairs:
+    benchmarks/results/coarse_to_fine_notes.md). Their objective values (``losses``, the
+    callback's) are those of the half-resolution maps; the returned iterate is
+    the best on the FULL grid, the one pass included (evaluated first). Grids
+    with an odd size are refined on the full grid only.
     """
     if iterations < 0:
         raise ValueError(f"refine() 'iterations' must be >= 0, got {iterations}")
@@ -139,6 +154,17 @@ def refine(
         sim = refinement_loss(module.warp(source_map, module.sampling_grid(params)), target_map)
         return (sim + regulariser(params) if regulariser is not None else sim), sim
 
+    if coarse_iterations < 0:
+        raise ValueError(f"refine() 'coarse_iterations' must be >= 0, got {coarse_iterations}")
+    if any(n % 2 for n in source_map.shape[2:]):
+        coarse_iterations = 0
+    if coarse_iterations:
+        source_half, target_half, grid_half = half_resolution(source_map, target_map)
+
+        def coarse_objective(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            sim = refinement_loss(module.warp(source_half, grid_half(module.sampling_grid(params))), target_half)
+            return (sim + regulariser(params) if regulariser is not None else sim), sim
+
     def current() -> torch.Tensor:
         params = module.predict(source_map, target_map)
         return adjust(params) if adjust is not None else params
@@ -146,33 +172,47 @@ def refine(
     losses: list[torch.Tensor] = []
     cancelled = converged = False
     best: tuple[float, float, torch.Tensor, int] | None = None  # (objective, similarity, params, iteration)
-    history: list[float] = []  # best objective after each iteration
+    history: list[float] = []  # best objective (of the current resolution) after each iteration
+    coarse_best = float("inf")
+    coarse_run = 0
     try:
-        try:  # the fused kernel: ~15 % less time per refinement iteration on CPU (benchmarks/results/speed.md)
-            optimizer = torch.optim.Adam(stn_params, lr=lr, fused=True)
-        except (RuntimeError, TypeError):
-            optimizer = torch.optim.Adam(stn_params, lr=lr)
+        optimizer = Adam(stn_params, lr)
+        if coarse_iterations and iterations:  # the one pass on the full grid: the start, and a candidate
+            with torch.no_grad():
+                params = current()
+                loss, sim = objective(params)
+            start = (float(loss), float(sim))
+            best = (*start, params.detach().clone(), 1)
         for it in range(iterations):
             if is_cancelled(cancel):
                 cancelled = True
                 break
+            coarse = it < coarse_iterations
             params = current()
-            loss, sim = objective(params)
-            optimizer.zero_grad(set_to_none=True)
+            loss, sim = (coarse_objective if coarse else objective)(params)
+            optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             value = float(loss.detach())
             losses.append(loss.detach())
-            if best is None:
-                start = (value, float(sim.detach()))
-            if best is None or value < best[0]:
-                best = (value, float(sim.detach()), params.detach().clone(), it + 1)
-            history.append(best[0])
+            if coarse:
+                coarse_run += 1
+                coarse_best = min(coarse_best, value)
+                history.append(coarse_best)
+            else:
+                if best is None:
+                    start = (value, float(sim.detach()))
+                if best is None or value < best[0]:
+                    best = (value, float(sim.detach()), params.detach().clone(), it + 1)
+                history.append(best[0])
             if callback is not None:
                 callback(IterationInfo(it + 1, iterations, value, params.detach(), to_world))
             if tolerance > 0 and len(history) > CONVERGENCE_WINDOW:
                 before = history[-1 - CONVERGENCE_WINDOW]
                 if before - history[-1] <= tolerance * abs(before):
+                    if coarse:  # converged at half resolution: go on to the full grid
+                        coarse_iterations, history = coarse_run, []
+                        continue
                     converged = it + 1 < iterations
                     break
         with torch.no_grad():  # the parameters after the last step
@@ -189,7 +229,66 @@ def refine(
         for p, flag in grad_flags:
             p.requires_grad_(flag)
     value, sim_value, params, best_it = best
-    return RefineOutput(params, [float(v) for v in losses], value, cancelled, best_it, converged, sim_value, *start)
+    return RefineOutput(params, [float(v) for v in losses], value, cancelled, best_it, converged, sim_value, *start,
+                        coarse_iterations=coarse_run)
+
+
+class Adam:
+    """Adam (Kingma and Ba; ``torch.optim.Adam``'s defaults and arithmetic) on a list of tensors, foreach kernels.
+
+    Not ``torch.optim.Adam``: the first optimizer a process builds imports
+    ``torch._dynamo`` (``torch._compile._disable_dynamo``), ~1 s, as long as
+    20 refinement iterations of the 3D brain models on one CPU thread, paid by
+    every `istn register` run. The refinement needs only the plain update.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        self.params = list(params)
+        self.lr, self.betas, self.eps = float(lr), betas, eps
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        self.steps = 0
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        b1, b2 = self.betas
+        self.steps += 1
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        torch._foreach_lerp_(self.exp_avg, grads, 1.0 - b1)
+        torch._foreach_mul_(self.exp_avg_sq, b2)
+        torch._foreach_addcmul_(self.exp_avg_sq, grads, grads, 1.0 - b2)
+        denom = torch._foreach_sqrt(self.exp_avg_sq)
+        torch._foreach_div_(denom, math.sqrt(1.0 - b2 ** self.steps))
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_addcdiv_(self.params, self.exp_avg, denom, -self.lr / (1.0 - b1 ** self.steps))
+
+
+def half_resolution(source_map: torch.Tensor, target_map: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """The maps ``(1, K, *S)`` averaged over 2^D blocks ``(1, K, *S/2)``, and the matching sampling grid.
+
+    ``grid_half(grid)``: a full-resolution sampling grid ``(1, *S, D)`` averaged
+    the same way ``(1, *S/2, D)``, in the half-resolution maps' normalised
+    coordinates. A block average sits at the centre of its block: voxel ``u``
+    of an axis of ``N`` voxels at full-resolution voxel ``2u + 1/2``; so with
+    ``align_corners=True`` coordinates, full-resolution ``n`` is half-resolution
+    ``n (N - 1) / (N - 2)`` (exact for an affine grid, whose average is its
+    value at the block centre). ``*S`` must be even.
+    """
+    d = source_map.dim() - 2
+    pool = F.avg_pool2d if d == 2 else F.avg_pool3d
+    scale = torch.tensor([(n - 1) / (n - 2) for n in reversed(source_map.shape[2:])], dtype=source_map.dtype,
+                         device=source_map.device)  # (x, y[, z]) order, as the grid's last dimension
+
+    def grid_half(grid: torch.Tensor) -> torch.Tensor:
+        return pool(grid.movedim(-1, 1), 2).movedim(1, -1) * scale
+
+    return pool(source_map, 2), pool(target_map, 2), grid_half
 
 
 @dataclass
@@ -214,6 +313,7 @@ class RegistrationResult:
     converged: bool = False  # refinement stopped by its tolerance before the iteration cap
     best_iteration: int = 0  # the refinement iterate returned (the lowest loss; 1 = the one pass)
     similarity_final: float = float("nan")  # MSE(T(s'), t') of the result, without the bending term
+    coarse_iterations: int = 0  # of ``iterations``, those run on the half-resolution maps (coarse to fine)
 
     def warped_moving_map(self) -> sitk.Image:
         """The moving ITN map resampled into the fixed map's grid through the final transform."""
@@ -230,6 +330,7 @@ class RegistrationResult:
             "converged": self.converged,
             "best_iteration": self.best_iteration,
             "similarity_final": self.similarity_final,
+            "coarse_iterations": self.coarse_iterations,
             "cancelled": self.cancelled,
             "device": self.device,
             "timings_s": self.timings,
@@ -238,19 +339,119 @@ class RegistrationResult:
         }
 
 
+# Spacing (mm) of the dense field through which `warp_image` resamples through a non-linear transform when asked to
+# (``field_spacing``): the output image of `istn register` and of the Slicer module. At most an eighth of the
+# B-spline's control point spacing (`displacement_field`): with the bundled 30 mm mesh the field moves points by
+# 0.005 mm at most over the brain, 12x faster than the exact warp at 1 mm 256^3 (benchmarks/results/final_warp.md).
+OUTPUT_FIELD_SPACING_MM = 4.0
+# The field's spacing is at most this fraction of the finest B-spline control point spacing in the transform:
+# linear interpolation's error grows as (spacing / mesh)^2.
+FIELD_PER_MESH = 1.0 / 8.0
+
+
 def warp_image(
     moving: sitk.Image, reference: sitk.Image | Grid, transform: sitk.Transform, interpolator: int = sitk.sitkLinear,
-    default_value: float | None = 0.0,
+    default_value: float | None = 0.0, field_spacing: float | None = None,
 ) -> sitk.Image:
     """Resample ``moving`` onto ``reference``'s grid; ``transform`` maps reference points to moving points.
 
     ``default_value`` fills the points that fall outside ``moving``; ``None``
     uses ``moving``'s minimum, its background (-1000 for CT, not 0).
+    ``field_spacing`` (mm): a non-linear ``transform`` is first sampled as a
+    displacement field at this spacing over the reference (`displacement_field`)
+    and the image resampled through that field, linearly interpolated: much
+    faster for a fine reference (a 1 mm 256^3 grid), approximate (see
+    `OUTPUT_FIELD_SPACING_MM`). Linear transforms, and references not at least
+    4x larger than the field, are resampled exactly. ``None``: exact.
     """
     ref = reference.reference_image() if isinstance(reference, Grid) else reference
     if default_value is None:
         default_value = float(sitk.GetArrayViewFromImage(moving).min())
+    if field_spacing is not None and not transform.IsLinear():
+        field = displacement_field(transform, Grid.from_image(ref), field_spacing)
+        if field is not None:
+            if interpolator == sitk.sitkLinear and moving.GetNumberOfComponentsPerPixel() == 1:
+                return _resample_through_field(moving, Grid.from_image(ref), field, float(default_value))
+            transform = sitk.DisplacementFieldTransform(field)  # takes the field's buffer: no copy
     return sitk.Resample(moving, ref, transform, interpolator, float(default_value), moving.GetPixelID())
+
+
+def _resample_through_field(moving: sitk.Image, reference: Grid, field: sitk.Image, default_value: float,
+                            slab: int = 16) -> sitk.Image:
+    """Linear resampling of scalar ``moving`` onto ``reference`` through a coarser displacement ``field`` (mm).
+
+    ``field`` is `displacement_field`'s: the reference's origin and direction,
+    an integer multiple ``k`` of its spacing per axis. What ITK does through a
+    ``DisplacementFieldTransform``, several times faster (ITK's per-point
+    transform calls dominate): the moving image's normalised coordinates of
+    ``x + u(x)`` are computed at the field's points and upsampled trilinearly
+    (exactly the field's linear interpolation, since the coordinate map is
+    affine), then the image sampled there with ``grid_sample``. Points more
+    than half a voxel outside the moving image get ``default_value``, as in
+    ITK's linear resampling; integer pixel types are clamped and truncated, as
+    ``sitk.Resample`` casts. Slabs of ``slab`` reference slices bound the memory.
+    """
+    d = reference.ndim
+    f_grid = Grid.from_image(field)
+    k = [int(round(fs / rs)) for fs, rs in zip(f_grid.spacing, reference.spacing)]
+    m_grid = Grid.from_image(moving)
+    w2n = m_grid.world_to_normalised_matrix()
+    # moving normalised coordinates of x + u(x) at the field's points, (1, D, *S_f)
+    pts = (f_grid.world_points() + sitk.GetArrayViewFromImage(field)) @ w2n[:d, :d].T + w2n[:d, d]
+    coarse = torch.from_numpy(pts.astype(np.float32)).movedim(-1, 0)[None]
+    src = torch.from_numpy(sitk.GetArrayFromImage(moving).astype(np.float32, copy=False))[None, None]
+    # ITK's linear interpolator takes points up to half a voxel beyond the edge voxel centres (edge value)
+    limit = torch.tensor([1.0 + 1.0 / max(1, n - 1) for n in m_grid.size], dtype=torch.float32)
+    shape, k_arr = reference.shape, k[::-1]  # array order (Z, Y, X)
+    step = k_arr[0] * max(1, slab // k_arr[0])  # slabs start on field planes
+    mode = "trilinear" if d == 3 else "bilinear"
+    out = np.empty(shape, dtype=np.float32)
+    with torch.inference_mode():
+        for z0 in range(0, shape[0], step):
+            n = min(step, shape[0] - z0)
+            planes = coarse[:, :, z0 // k_arr[0]: z0 // k_arr[0] + (n - 1) // k_arr[0] + 2]
+            size = [(planes.shape[2] - 1) * k_arr[0] + 1] + [(m - 1) * kk + 1 for m, kk in
+                                                              zip(planes.shape[3:], k_arr[1:])]
+            grid = F.interpolate(planes, size=size, mode=mode, align_corners=True)
+            grid = grid[(slice(None), slice(None), slice(0, n)) + tuple(slice(0, m) for m in shape[1:])]
+            grid = grid[0].movedim(0, -1)  # (n, *shape[1:], D)
+            val = F.grid_sample(src, grid[None], mode="bilinear", padding_mode="border", align_corners=True)[0, 0]
+            out[z0:z0 + n] = val.masked_fill_((grid.abs() > limit).any(-1), default_value).numpy()
+    array = sitk.GetArrayViewFromImage(moving)
+    if not np.issubdtype(array.dtype, np.floating):
+        info = np.iinfo(array.dtype)
+        out = np.trunc(np.clip(out, info.min, info.max))
+    return reference.image_from_array(out.astype(array.dtype, copy=False))
+
+
+def displacement_field(transform: sitk.Transform, reference: Grid, spacing: float) -> sitk.Image | None:
+    """``transform`` sampled as a float64 displacement field (mm) covering ``reference`` about every ``spacing`` mm.
+
+    ``spacing`` is first capped at `FIELD_PER_MESH` times the finest control
+    point spacing of the B-splines (and at the spacing of the displacement
+    fields) inside ``transform``. The field has the reference's origin and
+    direction; per axis a whole multiple ``k = round(spacing / reference
+    spacing)`` (at least 1) of the reference's spacing, so that every reference
+    voxel lies on the field's lattice lines, and enough points to cover the
+    reference's last voxel. None when it would not have at least 4x fewer
+    points than the reference.
+    """
+    flat = flatten_transform(transform)
+    parts = [flat.GetNthTransform(i) for i in range(flat.GetNumberOfTransforms())] \
+        if isinstance(flat, sitk.CompositeTransform) else [flat]
+    for part in parts:
+        part = part.Downcast() if hasattr(part, "Downcast") else part
+        if isinstance(part, sitk.BSplineTransform):
+            spacing = min(spacing, FIELD_PER_MESH * min(part.GetFixedParameters()[2 * part.GetDimension():
+                                                                                  3 * part.GetDimension()]))
+        elif isinstance(part, sitk.DisplacementFieldTransform):
+            spacing = min(spacing, min(part.GetFixedParameters()[2 * part.GetDimension():3 * part.GetDimension()]))
+    k = [max(1, int(round(spacing / s))) for s in reference.spacing]
+    size = [(n - 1 + kk - 1) // kk + 1 for n, kk in zip(reference.size, k)]
+    if 4 * int(np.prod(size)) > int(np.prod(reference.size)):
+        return None
+    return sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, size, reference.origin,
+                                             [kk * s for kk, s in zip(k, reference.spacing)], reference.direction)
 
 
 def _map_image(maps: torch.Tensor, grid: Grid) -> sitk.Image:
@@ -416,6 +617,7 @@ def register(
     bending: float | None = None,
     tolerance: float | None = None,
     symmetric: bool = True,
+    coarse_iterations: int | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with ``model``: one pass, then up to ``iterations`` of refinement.
 
@@ -434,10 +636,17 @@ def register(
     ``symmetric``: start refinement from the inverse-consistent one pass (the
     network run on both orders of the pair), so that an image registered to
     itself starts, and stays, at the identity.
+    ``coarse_iterations``: refine first on a half-resolution copy of the ITN
+    maps for up to this many of the ``iterations`` (`refine`); default: the
+    model's ``refinement.coarse_iterations``, else 0.
     """
-    fixed = check_image(fixed, "fixed image")
-    moving = check_image(moving, "moving image")
-    check_register_inputs(fixed, moving, [model], iterations=iterations, lr=lr, device=device,
+    t_start = time.perf_counter()
+    # checked and prepared once per image object (istn.inputs): a later stage on the same images reuses it
+    cfg = model.config
+    fixed, moving = (prepare_image(image, cfg.grid_spacing, model.intensity, model.intensity_foreground,
+                                   cfg.centre_on_foreground, what) for image, what in
+                     ((fixed, "fixed image"), (moving, "moving image")))
+    check_register_inputs(fixed.image, moving.image, [model], iterations=iterations, lr=lr, device=device,
                           initial_transform=initial_transform, bending=bending, tolerance=tolerance)
     if initial_transform is not None:  # any linear class -> AffineTransform; composites flat (istn.transforms)
         initial_transform = flatten_transform(initial_transform)
@@ -448,10 +657,16 @@ def register(
         bending = float(defaults.get("bending", 0.0)) if model.transform_type == "bspline" else 0.0
     if tolerance is None:
         tolerance = float(defaults.get("tolerance", 0.0))
+    if coarse_iterations is None:
+        coarse_iterations = int(defaults.get("coarse_iterations", 0))
+    if isinstance(coarse_iterations, bool) or not isinstance(coarse_iterations, (int, np.integer)) \
+            or coarse_iterations < 0:
+        raise InputError(f"register() 'coarse_iterations' must be a whole number >= 0, got {coarse_iterations!r}")
     dev = resolve_device(device)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads or default_threads(model.ndim))  # the cores this process really has (istn.threads)
-    opts = dict(bending=bending, tolerance=tolerance, symmetric=symmetric)
+    opts = dict(bending=bending, tolerance=tolerance, symmetric=symmetric, t_start=t_start,
+                coarse_iterations=int(coarse_iterations))
     try:
         try:
             return _register(fixed, moving, model, iterations, lr, dev, initial_transform, callback, cancel, **opts)
@@ -467,16 +682,15 @@ def register(
         torch.set_num_threads(threads_before)
 
 
-def _register(fixed, moving, model, iterations, lr, dev, initial_transform, callback, cancel, *,
-              bending: float, tolerance: float, symmetric: bool) -> RegistrationResult:
-    t_start = time.perf_counter()
+def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iterations, lr, dev, initial_transform,
+              callback, cancel, *, bending: float, tolerance: float, symmetric: bool,
+              t_start: float, coarse_iterations: int) -> RegistrationResult:
     timings: dict[str, float] = {}
     cfg = model.config
     module = model.to(dev).module
-    fg = model.intensity_foreground
-    win_f = intensity_window(sitk.GetArrayViewFromImage(fixed), *model.intensity, foreground=fg)
-    win_m = intensity_window(sitk.GetArrayViewFromImage(moving), *model.intensity, foreground=fg)
-    grid_f, grid_m = network_grid(fixed, cfg), network_grid(moving, cfg)
+    fixed, moving = fixed_in.image, moving_in.image  # the working copies (anti-aliased when much finer than the grid)
+    win_f, win_m = fixed_in.window, moving_in.window
+    grid_f, grid_m = network_grid(fixed, cfg, fixed_in.centre), network_grid(moving, cfg, moving_in.centre)
     d = model.ndim
     regulariser = None
 
@@ -522,8 +736,8 @@ def _register(fixed, moving, model, iterations, lr, dev, initial_transform, call
     adjust = None
     with torch.no_grad():
         source, target = source.to(dev), target.to(dev)
-        s_map = module.representation(source)
-        t_map = module.representation(target)
+        s_map = model.representation(source)  # a frozen, inference-optimised copy of the ITN on the CPU
+        t_map = model.representation(target)
         forward = module.predict(s_map, t_map)
         if symmetric:
             backward = module.predict(t_map, s_map)
@@ -543,7 +757,7 @@ def _register(fixed, moving, model, iterations, lr, dev, initial_transform, call
     timings["one_pass"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     out = refine(module, s_map, t_map, iterations, lr, callback, cancel, to_world,
-                 adjust=adjust, regulariser=regulariser, tolerance=tolerance)
+                 adjust=adjust, regulariser=regulariser, tolerance=tolerance, coarse_iterations=coarse_iterations)
     timings["refine"] = time.perf_counter() - t0
 
     # Maps for display, each on a grid of its own image's space, reusing the passes above where they are there.
@@ -551,7 +765,7 @@ def _register(fixed, moving, model, iterations, lr, dev, initial_transform, call
         if model.transform_type == "affine":
             fixed_map = _map_image(t_map, grid_f)
             moving_map = _map_image(s_map, grid_m) if initial_transform is None else _map_image(
-                module.representation(image_to_tensor(moving, grid_m, win_m).to(dev)), grid_m)
+                model.representation(image_to_tensor(moving, grid_m, win_m).to(dev)), grid_m)
         else:  # s_map lies on work_grid in moving space; t_map is the fixed map pulled there through A^-1
             moving_map = _map_image(s_map, work_grid)
             fixed_map = warp_image(_map_image(t_map, work_grid), grid_f, a_tx)
@@ -588,4 +802,5 @@ def _register(fixed, moving, model, iterations, lr, dev, initial_transform, call
         converged=out.converged,
         best_iteration=out.best_iteration,
         similarity_final=out.similarity,
+        coarse_iterations=out.coarse_iterations,
     )

@@ -29,18 +29,20 @@ def statistics_sample(array: np.ndarray) -> tuple[np.ndarray, int]:
     return (array if step == 1 else array[(slice(None, None, step),) * array.ndim]), step
 
 
-def intensity_window(array: np.ndarray, low: float = 0.5, high: float = 99.5, foreground: bool = False) -> tuple[float, float]:
+def intensity_window(array: np.ndarray, low: float = 0.5, high: float = 99.5, foreground: bool = False,
+                     threshold: float | None = None) -> tuple[float, float]:
     """Percentile window ``(a, b)`` of an image; the engine maps it to ``[0, 1]``.
 
     ``foreground=True`` takes the upper percentile over the foreground voxels
     only (above Otsu's threshold, `otsu_threshold`): the brightness the network
     sees then does not change when the field of view grows (padding, a neck,
     an oblique acquisition's larger box), which shifts percentiles of all voxels.
+    ``threshold``: Otsu's threshold of the same image when already known.
     """
     arr, _ = statistics_sample(np.asarray(array))
     a, b = np.percentile(arr, [low, high])
     if foreground:
-        fg = arr[arr > otsu_threshold(arr)]
+        fg = arr[arr > (otsu_threshold(arr) if threshold is None else threshold)]
         if fg.size >= 16:
             b = np.percentile(fg, high)
     if b <= a:  # very sparse images (landmarks): fall back to the full range
@@ -79,7 +81,7 @@ def encode_soi(array: np.ndarray, kind: str, labels: Sequence[int] = ()) -> np.n
 # --------------------------------------------------------------------------
 
 
-def foreground_centre(image: sitk.Image) -> np.ndarray:
+def foreground_centre(image: sitk.Image, threshold: float | None = None) -> np.ndarray:
     """World centre ``(D,)`` (mm, LPS) of an image's foreground: the centroid of the voxels above Otsu's threshold.
 
     Independent of how the voxels are stored: the histogram and the centroid
@@ -88,13 +90,14 @@ def foreground_centre(image: sitk.Image) -> np.ndarray:
     over a regular subsample, which a flip shifts by a voxel: the point moves by
     a fraction of a voxel). Binary (not intensity-weighted) so that a bias
     field or a bright fat layer does not pull it. Falls back to the grid centre
-    when no foreground separates from the background.
+    when no foreground separates from the background. ``threshold``: Otsu's
+    threshold of the image when already known.
     """
     grid = Grid.from_image(image)
     arr, step = statistics_sample(sitk.GetArrayViewFromImage(image))
     if not float(arr.max()) > float(arr.min()):
         return grid.centre
-    mask = arr > otsu_threshold(arr)
+    mask = arr > (otsu_threshold(arr) if threshold is None else threshold)
     total = int(mask.sum())
     if total == 0:
         return grid.centre
