@@ -58,6 +58,9 @@ class ConvBlock(nn.Module):
         return self.body(x)
 
 
+BOUNDED_PRIOR_LOGIT = -4.0  # sigmoid(-4) = 0.018: the initial value of a bounded ITN map
+
+
 class ITN(nn.Module):
     """Image Transformer Network: ``(N, C_in, *S) -> (N, K, *S)`` SoI representation.
 
@@ -81,6 +84,10 @@ class ITN(nn.Module):
             self.up.append(ConvBlock(ndim, c_prev + c_skip, c_skip))
             c_prev = c_skip
         self.head = _conv(ndim)(c_prev, out_channels, 1)
+        if bounded:
+            # start every map near 0 (structures fill ~1 % of a head): a 0.5-everywhere start spends its first
+            # thousand steps erasing the background (measured: the soft-Dice ITN terms barely moved in 1000 steps)
+            nn.init.constant_(self.head.bias, BOUNDED_PRIOR_LOGIT)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips: List[torch.Tensor] = []
