@@ -49,6 +49,16 @@ def test_register_writes_every_output(files, tmp_path, capsys):
     assert "outputs in" in capsys.readouterr().out
 
 
+def test_coarse_iterations_flag_reaches_every_stage(files, tmp_path):
+    """--coarse-iterations 2 of --refine 3: result.json says 2 ran on the half-resolution maps (0 by default here)."""
+    out = tmp_path / "out"
+    assert _register(files, out, **{"--coarse-iterations": "2", "--tolerance": "0"}) == 0
+    assert json.loads((out / "result.json").read_text())["stages"][0]["coarse_iterations"] == 2
+    plain = tmp_path / "plain"
+    assert _register(files, plain) == 0
+    assert json.loads((plain / "result.json").read_text())["stages"][0]["coarse_iterations"] == 0
+
+
 def test_evaluate_identity_gives_perfect_scores(tmp_path, capsys):
     lab = np.zeros((20, 20, 20), np.uint8)
     lab[5:12, 5:12, 5:12] = 1
@@ -352,6 +362,7 @@ def test_initial_transform_of_the_wrong_dimension(files, tmp_path, capfd, no_sta
     ("--lr", "-0.001", "--lr must be a finite number > 0"),
     ("--lr", "nan", "--lr must be a finite number > 0"),
     ("--lr", "inf", "--lr must be a finite number > 0"),
+    ("--coarse-iterations", "-1", "--coarse-iterations must be a whole number >= 0"),
 ])
 def test_bad_numeric_options(files, tmp_path, capfd, no_stage_runs, option, value, message):
     """Rows 6-7: --refine -5 (was a traceback) and --lr 0 (was accepted)."""

@@ -40,7 +40,7 @@ def _finite(x: float) -> bool:
 
 def check_register_options(iterations: int, lr: float | None, device: str, background: float | None = None,
                            bending: float | None = None, tolerance: float | None = None,
-                           threads: int | None = None) -> None:
+                           threads: int | None = None, coarse_iterations: int | None = None) -> None:
     """The numeric and device options, checked before any file is read (messages name the flags)."""
     from .registration import check_device
 
@@ -56,6 +56,9 @@ def check_register_options(iterations: int, lr: float | None, device: str, backg
         raise InputError(f"--bending must be a finite number >= 0 (B-spline bending energy weight), got {bending:g}")
     if tolerance is not None and (not _finite(tolerance) or tolerance < 0):
         raise InputError(f"--tolerance must be a finite number >= 0 (0 runs every iteration), got {tolerance:g}")
+    if coarse_iterations is not None and coarse_iterations < 0:
+        raise InputError(f"--coarse-iterations must be a whole number >= 0 (0: every iteration on the full grid), "
+                         f"got {coarse_iterations}")
     check_device(device)
 
 
@@ -73,6 +76,7 @@ def run_register(
     bending: float | None = None,
     tolerance: float | None = None,
     threads: int | None = None,
+    coarse_iterations: int | None = None,
 ) -> dict:
     """Register a pair with one model or a chain (affine models, then at most one B-spline) and write the outputs.
 
@@ -80,7 +84,9 @@ def run_register(
     every result before anything is written; each file is written atomically.
     ``background`` fills ``warped.nii.gz`` outside the moving image (default:
     the moving image's minimum). ``bending`` (B-spline stage) and ``tolerance``
-    (every stage) override the models' refinement settings (`register`).
+    (every stage) and ``coarse_iterations`` (every stage: how many of the first
+    iterations run on half-resolution maps) override the models' refinement
+    settings (`register`).
     Returns the content of ``result.json``; its ``warnings`` gather every
     stage's (the CLI prints them).
     """
@@ -92,7 +98,7 @@ def run_register(
 
     if not model_paths:
         raise InputError("at least one --model is needed")
-    check_register_options(iterations, lr, device, background, bending, tolerance, threads)
+    check_register_options(iterations, lr, device, background, bending, tolerance, threads, coarse_iterations)
     names = list(REGISTER_OUTPUTS) + ["transform.tfm", "affine.tfm"]
     inputs = [fixed_path, moving_path, *model_paths] + ([initial_path] if initial_path else [])
     fixed = read_image(fixed_path, "fixed")
@@ -118,7 +124,7 @@ def run_register(
 
             result = register(fixed, moving, model, iterations=iterations, lr=lr, device=device,
                               initial_transform=initial, callback=progress, bending=bending, tolerance=tolerance,
-                              threads=threads)
+                              threads=threads, coarse_iterations=coarse_iterations)
             stages.append({**result.summary(), "model_file": str(model.path)})  # summary's "model": the metadata
             initial = result.transform
         assert result is not None
@@ -395,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tolerance", type=float, default=None,
                    help="stop refining once the loss improves by less than this (relative) over 10 iterations; "
                         "--refine is then a cap (default: the model's; 0 runs every iteration)")
+    r.add_argument("--coarse-iterations", type=int, default=None,
+                   help="of the refinement iterations, how many run first on half-resolution maps (coarse to fine; "
+                        "default: the model's, chosen on validation; 0: all on the full grid)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--initial", help="initial ITK transform file (fixed -> moving), e.g. an affine .tfm or an earlier "
                    "transform.h5 (a non-linear one can start affine models only)")
@@ -467,7 +476,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "register":
             s = run_register(args.fixed, args.moving, args.model, args.out, args.refine, args.lr, args.device,
-                             args.initial, args.quiet, args.background, args.bending, args.tolerance, args.threads)
+                             args.initial, args.quiet, args.background, args.bending, args.tolerance, args.threads,
+                             args.coarse_iterations)
             for st in s["stages"]:
                 stop = " (converged)" if st["converged"] else ""
                 print(f"{Path(st['model_file']).name}: loss {st['loss_one_pass']:.6f} -> {st['loss_final']:.6f} after "
