@@ -55,11 +55,14 @@ def registration_figure(
     dice_table: Mapping[str, Mapping[str, float]] | None = None,
     title: str = "",
     axis: int = 0,
+    coarse: Mapping[str, int] | None = None,
 ) -> Path:
     """Write a PNG: images with label contours, checkerboard, ITN maps, Dice bars and refinement loss curves.
 
     All images must be on the fixed grid except the ITN maps (resampled to it here).
-    ``dice_table``: ``{stage: {structure: dice}}``; ``losses``: ``{stage: [loss per iteration]}``.
+    ``dice_table``: ``{stage: {structure: dice}}``; ``losses``: ``{stage: [loss per iteration]}``;
+    ``coarse``: ``{stage: iterations run on half-resolution maps}`` (drawn dotted: their loss is on the
+    smoother maps, not comparable with the full grid's).
     """
     import matplotlib
 
@@ -141,7 +144,12 @@ def registration_figure(
     if losses:
         for name, curve in losses.items():
             if len(curve):
-                ax.plot(np.arange(1, len(curve) + 1), curve, label=name)
+                k = min(int((coarse or {}).get(name, 0)), len(curve))
+                it = np.arange(1, len(curve) + 1)
+                line = ax.plot(it[k:], curve[k:], label=name)[0] if k < len(curve) else None
+                if k:
+                    ax.plot(it[:k], curve[:k], ":", color=line.get_color() if line else None,
+                            label=f"{name}, half-resolution maps")
         ax.set_xlabel("refinement iteration")
         ax.set_ylabel("MSE(T(s'), t')")
         ax.set_yscale("log")
