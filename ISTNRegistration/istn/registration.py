@@ -441,11 +441,10 @@ def displacement_field(transform: sitk.Transform, reference: Grid, spacing: floa
         if isinstance(flat, sitk.CompositeTransform) else [flat]
     for part in parts:
         part = part.Downcast() if hasattr(part, "Downcast") else part
-        if isinstance(part, sitk.BSplineTransform):
-            spacing = min(spacing, FIELD_PER_MESH * min(part.GetFixedParameters()[2 * part.GetDimension():
-                                                                                  3 * part.GetDimension()]))
-        elif isinstance(part, sitk.DisplacementFieldTransform):
-            spacing = min(spacing, min(part.GetFixedParameters()[2 * part.GetDimension():3 * part.GetDimension()]))
+        if isinstance(part, (sitk.BSplineTransform, sitk.DisplacementFieldTransform)):
+            n = part.GetDimension()  # both keep size, origin, spacing, ... in their fixed parameters
+            lattice = min(part.GetFixedParameters()[2 * n:3 * n])
+            spacing = min(spacing, FIELD_PER_MESH * lattice if isinstance(part, sitk.BSplineTransform) else lattice)
     k = [max(1, int(round(spacing / s))) for s in reference.spacing]
     size = [(n - 1 + kk - 1) // kk + 1 for n, kk in zip(reference.size, k)]
     if 4 * int(np.prod(size)) > int(np.prod(reference.size)):
@@ -538,6 +537,7 @@ def check_register_inputs(
     initial_name: str = "the initial transform",
     bending: float | None = None,
     tolerance: float | None = None,
+    coarse_iterations: int | None = None,
 ) -> None:
     """Check everything about a registration that can be checked before any computation.
 
@@ -575,6 +575,10 @@ def check_register_inputs(
         raise InputError(f"the bending weight must be a number >= 0, got {bending}")
     if tolerance is not None and not (tolerance >= 0 and np.isfinite(tolerance)):
         raise InputError(f"the convergence tolerance must be a number >= 0, got {tolerance}")
+    if coarse_iterations is not None and (isinstance(coarse_iterations, bool)
+                                          or not isinstance(coarse_iterations, (int, np.integer))
+                                          or coarse_iterations < 0):
+        raise InputError(f"register() 'coarse_iterations' must be a whole number >= 0, got {coarse_iterations!r}")
     check_device(device)
     if initial_transform is not None:
         if initial_transform.GetDimension() != d:
@@ -647,7 +651,8 @@ def register(
                                    cfg.centre_on_foreground, what) for image, what in
                      ((fixed, "fixed image"), (moving, "moving image")))
     check_register_inputs(fixed.image, moving.image, [model], iterations=iterations, lr=lr, device=device,
-                          initial_transform=initial_transform, bending=bending, tolerance=tolerance)
+                          initial_transform=initial_transform, bending=bending, tolerance=tolerance,
+                          coarse_iterations=coarse_iterations)
     if initial_transform is not None:  # any linear class -> AffineTransform; composites flat (istn.transforms)
         initial_transform = flatten_transform(initial_transform)
     defaults = model.meta.get("refinement", {})
@@ -659,9 +664,6 @@ def register(
         tolerance = float(defaults.get("tolerance", 0.0))
     if coarse_iterations is None:
         coarse_iterations = int(defaults.get("coarse_iterations", 0))
-    if isinstance(coarse_iterations, bool) or not isinstance(coarse_iterations, (int, np.integer)) \
-            or coarse_iterations < 0:
-        raise InputError(f"register() 'coarse_iterations' must be a whole number >= 0, got {coarse_iterations!r}")
     dev = resolve_device(device)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads or default_threads(model.ndim))  # the cores this process really has (istn.threads)
