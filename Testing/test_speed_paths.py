@@ -212,6 +212,11 @@ def test_coarse_to_fine_refinement(make_model, pair2d):
     model.meta["refinement"] = {"coarse_iterations": 2}  # the model's stored default
     assert register(fixed, moving, model, iterations=3, lr=1e-2, tolerance=0.0).coarse_iterations == 2
     assert register(fixed, moving, model, iterations=3, lr=1e-2, coarse_iterations=0).coarse_iterations == 0
+    from istn.errors import InputError
+
+    for bad in (-1, 2.5, True):  # checked with the other numbers, before any computation
+        with pytest.raises(InputError, match="'coarse_iterations' must be a whole number >= 0"):
+            register(fixed, moving, model, iterations=3, coarse_iterations=bad)
 
 
 def test_coarse_to_fine_needs_even_grids():
