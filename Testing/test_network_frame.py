@@ -13,7 +13,7 @@ from conftest import blob_image, rotation
 from istn.data import foreground_centre, network_grid
 from istn.export import load_model
 from istn.losses import bending_energy
-from istn.registration import register
+from istn.registration import loss_rise, register
 
 # The 48 axis layouts of a 3D image: every axis order, every sign (DICOM orientation codes).
 LAYOUTS = ["".join(p) for axes in itertools.permutations(("LR", "PA", "SI"))
@@ -137,6 +137,28 @@ def test_refinement_keeps_the_best_iterate_and_warns_when_the_loss_rose(make_mod
     assert res.loss_final == pytest.approx(min(res.losses), rel=1e-6) or res.best_iteration == len(res.losses) + 1
     assert any("raised the loss" in w for w in res.warnings)
     calm = register(fixed, moving, model, iterations=15, lr=1e-5)
+    assert not any("raised the loss" in w for w in calm.warnings)
+
+
+def test_loss_rise_compares_coarse_losses_with_coarse_and_full_with_full():
+    # full grid only: the best iterate is the 3rd (loss 1.0); 2.5 after it is a climb, 1.9 is not
+    assert loss_rise([3.0, 2.0, 1.0, 2.5, 1.2], 3, 0, 1.0) == (1.0, 2.5, 3)
+    assert loss_rise([3.0, 2.0, 1.0, 1.9, 1.2], 3, 0, 1.0) is None
+    assert loss_rise([3.0, 2.0, 1.0], 4, 0, 0.9) is None  # the best is the parameters after the last step
+    # coarse to fine: half-resolution losses (lower) are not compared with the full grid's best...
+    assert loss_rise([0.2, 0.15, 0.1, 0.5, 0.45], 1, 2, 0.3) is None  # 0.2 > 2 x 0.1 would be a false climb
+    # ...but a climb within the coarse phase is one, and a full-grid climb after the one pass too
+    assert loss_rise([0.2, 0.1, 0.35, 0.5, 0.45], 1, 3, 0.3) == (0.1, 0.35, 2)
+    assert loss_rise([0.2, 0.1, 0.5, 0.9], 1, 2, 0.3) == (0.3, 0.9, 1)
+
+
+def test_the_rise_warning_with_coarse_to_fine(make_model):
+    model = load_model(make_model(3, "affine", scale=0.3))
+    fixed, moving = _head(), _head(centre=(8.0, -2.0, 4.0))
+    wild = register(fixed, moving, model, iterations=15, lr=5.0, coarse_iterations=5)
+    assert wild.coarse_iterations == 5
+    assert any("raised the loss" in w for w in wild.warnings)
+    calm = register(fixed, moving, model, iterations=15, lr=1e-5, coarse_iterations=5)
     assert not any("raised the loss" in w for w in calm.warnings)
 
 

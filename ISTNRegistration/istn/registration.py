@@ -233,6 +233,27 @@ def refine(
                         coarse_iterations=coarse_run)
 
 
+def loss_rise(losses: Sequence[float], best_iteration: int, coarse_iterations: int, best_loss: float,
+              factor: float = 2.0) -> tuple[float, float, int] | None:
+    """``(low, high, iteration of low)`` when refinement's loss climbed above ``factor`` x its best, else None.
+
+    Like is compared with like: the losses of the coarse-to-fine phase (the
+    first ``coarse_iterations``, on half-resolution maps, lower than the full
+    grid's) against their own best before them; the full-grid losses after
+    the best iterate (``best_iteration``, 1-based, ``best_loss``) against it.
+    """
+    coarse, full = list(losses[:coarse_iterations]), list(losses[coarse_iterations:])
+    if coarse:
+        at = int(np.argmin(coarse))
+        high = max(coarse[at:])
+        if high > factor * coarse[at] + 1e-6:
+            return coarse[at], high, at + 1
+    after = full[max(best_iteration - 1 - coarse_iterations, 0):]
+    if after and max(after) > factor * best_loss + 1e-6:
+        return best_loss, max(after), best_iteration
+    return None
+
+
 class Adam:
     """Adam (Kingma and Ba; ``torch.optim.Adam``'s defaults and arithmetic) on a list of tensors, foreach kernels.
 
@@ -773,15 +794,16 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
             fixed_map = warp_image(_map_image(t_map, work_grid), grid_f, a_tx)
     timings["total"] = time.perf_counter() - t_start
     warnings_: list[str] = []
-    worst_after = max(out.losses[out.best_iteration - 1:] or [0.0])
+    rise = loss_rise(out.losses, out.best_iteration, out.coarse_iterations, out.final_loss)
     # Adam's first step moves every weight by ~lr: from an exact start (an image and itself) any step climbs,
     # harmlessly (the best iterate is kept), so a start already below every validation pair's refined loss is quiet
     best_low = model.meta.get("validation", {}).get("refinement_loss", {}).get("refined", {}).get("min")
     at_optimum = out.best_iteration == 1 and best_low is not None and out.final_loss <= float(best_low)
-    if worst_after > 2.0 * out.final_loss + 1e-6 and not at_optimum:  # Adam climbed away: learning rate too high
+    if rise is not None and not at_optimum:  # Adam climbed away: learning rate too high
+        low, high, at = rise
         warnings_.append(
-            f"refinement raised the loss (from {out.final_loss:.4g} at iteration {out.best_iteration} to "
-            f"{worst_after:.4g}); the best iterate was kept: a lower learning rate may help (now {lr:g})")
+            f"refinement raised the loss (from {low:.4g} at iteration {at} to {high:.4g}); the best iterate was "
+            f"kept: a lower learning rate may help (now {lr:g})")
     check = _self_check(model, out.similarity, refined=bool(out.losses))
     if check:
         warnings_.append(check)
