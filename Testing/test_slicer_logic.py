@@ -216,6 +216,22 @@ def test_itn_maps_are_volumes_with_colour_shown_over_the_fixed_volume(scene, pai
     assert result.transformNode.GetNodeReference(ROLE_MOVING_MAP) is result.movingMapNode
 
 
+def test_bounded_maps_show_the_structures_only(scene, pair, tiny_models, make_model):
+    """A sigmoid ITN's maps are probabilities: window 0..1, the floor below 0.1 transparent; free maps are not."""
+    sigmoid = make_model(3, "affine", itn_output="sigmoid")
+    result = run(ISTNRegistrationLogic(), pair, {"affine": sigmoid}, "affine", showMaps=True)
+    for node in (result.fixedMapNode, result.movingMapNode):
+        display = node.GetDisplayNode()
+        assert display.GetApplyThreshold() == 1
+        assert display.GetLowerThreshold() == pytest.approx(0.1) and display.GetUpperThreshold() == pytest.approx(1.0)
+        assert (display.GetWindow(), display.GetLevel()) == pytest.approx((1.0, 0.5))
+        image = nodes.volumeNodeToImage(node)
+        a = sitk.GetArrayViewFromImage(image)
+        assert 0.0 <= a.min() and a.max() <= 1.0
+    free = run(ISTNRegistrationLogic(), pair, tiny_models, "affine", showMaps=True)
+    assert free.fixedMapNode.GetDisplayNode().GetApplyThreshold() == 0
+
+
 def test_output_volume_is_the_resampled_moving_and_the_moving_stays_put(scene, pair, tiny_models):
     fixed_node, moving_node, fixed, moving = pair
     output = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "resampled")

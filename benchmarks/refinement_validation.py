@@ -120,11 +120,12 @@ def card_section(summary: dict, key: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_card_section(card: Path, section: str) -> None:
+def write_card_section(card: Path, section: str, begin: str = CARD_BEGIN, end: str = CARD_END) -> None:
+    """Put ``section`` (which starts with ``begin`` and ends with ``end``) in the card, replacing an earlier one."""
     text = card.read_text() if card.exists() else ""
-    if CARD_BEGIN in text:
-        head, rest = text.split(CARD_BEGIN, 1)
-        tail = rest.split(CARD_END, 1)[1].lstrip("\n") if CARD_END in rest else ""
+    if begin in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1].lstrip("\n") if end in rest else ""
         text = head + section + ("\n" + tail if tail else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section

@@ -695,8 +695,17 @@ class ISTNRegistrationLogic:
             if self.scene.GetNodeByID(colorId) is not None:
                 display.SetAndObserveColorNodeID(colorId)
                 break
-        high = float(np.max(sitk.GetArrayViewFromImage(image)))
+        from istn.registration import MAP_DISPLAY_THRESHOLD, bounded_map
+
         display.AutoWindowLevelOff()
+        if bounded_map(image):  # probabilities: the structures only, the sigmoid's floor transparent
+            display.SetWindowLevelMinMax(0.0, 1.0)
+            display.SetLowerThreshold(MAP_DISPLAY_THRESHOLD)
+            display.SetUpperThreshold(1.0)
+            display.SetApplyThreshold(1)
+            return
+        high = float(np.max(sitk.GetArrayViewFromImage(image)))
+        display.SetApplyThreshold(0)
         display.SetWindowLevelMinMax(0.0, high if high > 0 else 1.0)
 
     def _showInSliceViews(self, background, foreground, opacity: float) -> None:

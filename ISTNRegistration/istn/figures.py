@@ -8,6 +8,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from .registration import MAP_DISPLAY_THRESHOLD, bounded_map
+
 
 def _slice(image: sitk.Image, axis: int, index: int) -> np.ndarray:
     """2D slice of a 3D image along array axis ``axis`` (0 = axial for LPS-ish grids), or the 2D image."""
@@ -111,11 +113,14 @@ def registration_figure(
         k = _centroid_index(fixed_labels, fixed, axis)
         fm = sitk.Resample(fixed_map, fixed, sitk.Transform(), sitk.sitkLinear, 0.0)
         wm = sitk.Resample(warped_moving_map, fixed, sitk.Transform(), sitk.sitkLinear, 0.0)
-        top = max(float(np.percentile(sitk.GetArrayViewFromImage(fm), 99.9)), 1e-6)
-        show(axes[-1, 0], np.clip(_slice(fm, axis, k) / top, 0, 1), "ITN map of the fixed image\n(learned, no labels)",
-             axis, k, [fixed_c], cmap="magma")
-        show(axes[-1, 1], np.clip(_slice(wm, axis, k) / top, 0, 1), "ITN map of the moving image, warped",
-             axis, k, [fixed_c], cmap="magma")
+        if bounded_map(fixed_map):  # probabilities: 0.1..1, as the Slicer overlay shows them
+            low, top = MAP_DISPLAY_THRESHOLD, 1.0
+        else:
+            low, top = 0.0, max(float(np.percentile(sitk.GetArrayViewFromImage(fm), 99.9)), 1e-6)
+        show(axes[-1, 0], np.clip((_slice(fm, axis, k) - low) / (top - low), 0, 1),
+             "ITN map of the fixed image\n(learned, no labels)", axis, k, [fixed_c], cmap="magma")
+        show(axes[-1, 1], np.clip((_slice(wm, axis, k) - low) / (top - low), 0, 1),
+             "ITN map of the moving image, warped", axis, k, [fixed_c], cmap="magma")
     else:
         axes[-1, 0].axis("off")
         axes[-1, 1].axis("off")

@@ -470,9 +470,24 @@ def displacement_field(transform: sitk.Transform, reference: Grid, spacing: floa
                                              [kk * s for kk, s in zip(k, reference.spacing)], reference.direction)
 
 
+# Bounded (sigmoid) maps are shown from this value up: their floor (~0.02 away from every structure) is hidden.
+MAP_DISPLAY_THRESHOLD = 0.1
+
+
+def bounded_map(image: sitk.Image) -> bool:
+    """Whether a map image holds probabilities (values in [0, 1], a sigmoid ITN head) rather than free values."""
+    a = sitk.GetArrayViewFromImage(image)
+    return bool(a.size) and float(a.min()) >= 0.0 and float(a.max()) <= 1.0 + 1e-6
+
+
 def _map_image(maps: torch.Tensor, grid: Grid) -> sitk.Image:
-    """``(1, K, *S)`` ITN output -> scalar image on ``grid`` (channels summed: the union of the structures)."""
-    return grid.image_from_array(maps[0].sum(0).detach().cpu().numpy().astype(np.float32))
+    """``(1, K, *S)`` ITN output -> scalar image on ``grid``: the maximum over the K structures (their union).
+
+    The maximum, not the sum: a bounded map stays a probability in [0, 1], and
+    the sigmoid's floor (~0.02 per structure) does not add up to a glow over
+    the whole head (8 structures: 0.15 summed).
+    """
+    return grid.image_from_array(maps[0].amax(0).detach().cpu().numpy().astype(np.float32))
 
 
 def aligned_grid(grid: Grid, matrix: np.ndarray) -> Grid:
