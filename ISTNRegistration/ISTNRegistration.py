@@ -119,6 +119,7 @@ class ISTNRegistrationParameterNode:
     learningRate: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
     bending: Annotated[float, WithinRange(-1.0, 1e6)] = -1.0  # < 0: the model's (chosen on validation)
     tolerance: Annotated[float, WithinRange(-1.0, 1.0)] = -1.0  # < 0: the model's
+    coarseIterations: Annotated[int, WithinRange(-1, 1000)] = -1  # < 0: the model's (coarse to fine)
     liveUpdate: bool = True
     outputTransform: Optional[vtkMRMLLinearTransformNode]
     outputVolume: Optional[vtkMRMLScalarVolumeNode]
@@ -336,6 +337,7 @@ class ISTNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 learningRate=p.learningRate if p.learningRate > 0 else None,
                 bending=p.bending if p.bending >= 0 else None,
                 tolerance=p.tolerance if p.tolerance >= 0 else None,
+                coarseIterations=p.coarseIterations if p.coarseIterations >= 0 else None,
                 liveUpdate=p.liveUpdate,
                 outputVolumeNode=p.outputVolume,
                 showMaps=p.showMaps,

@@ -812,6 +812,16 @@ def test_bending_and_tolerance_reach_the_engine_and_bad_values_are_refused_befor
     stiff = logic.register(fixed_node, moving_node, modelPath=tiny_models["bspline"], preAlign=False, iterations=4,
                            threads=1, bending=1e6, updateViews=False)
     assert stiff.stages[-1].loss_final != free.stages[-1].loss_final  # the bending term is in the objective
+    for k in (0, 3):  # coarse to fine: the panel's "Coarse iterations" reaches every stage
+        res = logic.register(fixed_node, moving_node, modelPath=tiny_models["bspline"], affineModelPath=tiny_models["affine"],
+                             iterations=6, threads=1, coarseIterations=k, updateViews=False)
+        assert [st.coarse_iterations for st in res.stages] == [k, k]
+    before = scene.GetNumberOfNodes()
+    for bad in (2.5, True):
+        with pytest.raises(Exception, match="coarse_iterations"):
+            logic.register(fixed_node, moving_node, modelPath=tiny_models["affine"], iterations=6, threads=1,
+                           coarseIterations=bad, updateViews=False)
+    assert scene.GetNumberOfNodes() == before
     if not torch.cuda.is_available():  # the engine's checks run before anything is touched
         before = scene.GetNumberOfNodes()
         with pytest.raises(Exception, match="GPU"):

@@ -299,6 +299,7 @@ class ISTNRegistrationLogic:
         learningRate: float | None = None,
         bending: float | None = None,
         tolerance: float | None = None,
+        coarseIterations: int | None = None,
         liveUpdate: bool = True,
         outputVolumeNode=None,
         showMaps: bool = True,
@@ -323,7 +324,8 @@ class ISTNRegistrationLogic:
           ``learningRate`` None or <= 0 uses the model's own; ``bending`` (B-spline
           stage, mm^2) and ``tolerance`` (stop refining when the loss gains
           less than this over 10 iterations) None or < 0 use the model's
-          settings, chosen on its validation pairs.
+          settings, chosen on its validation pairs; so does ``coarseIterations``
+          (the first iterations on half-resolution maps, coarse to fine; 0: off).
         - ``outputTransformNode``: a linear transform node, created if None.
           Without ``outputVolumeNode`` the moving volume is placed under the
           result; with it, the moving volume stays where it is and the output
@@ -398,7 +400,10 @@ class ISTNRegistrationLogic:
             lr = float(learningRate) if learningRate is not None and learningRate > 0 else None
             refineOptions = {"lr": lr,
                              "bending": float(bending) if bending is not None and bending >= 0 else None,
-                             "tolerance": float(tolerance) if tolerance is not None and tolerance >= 0 else None}
+                             "tolerance": float(tolerance) if tolerance is not None and tolerance >= 0 else None,
+                             # passed as given (a fraction or a bool is refused by the engine's check)
+                             "coarse_iterations": (coarseIterations if coarseIterations is not None
+                                                   and not coarseIterations < 0 else None)}
 
             from istn.registration import is_cancelled
 
@@ -411,8 +416,8 @@ class ISTNRegistrationLogic:
             from istn.registration import check_register_inputs
 
             # the engine's own checks (chain order, dimensions, numbers, device) before anything runs
-            check_register_inputs(fixedImage, movingImage, [m for _, m in models], iterations=iterations, lr=lr,
-                                  device=device)
+            check_register_inputs(fixedImage, movingImage, [m for _, m in models], iterations=iterations,
+                                  device=device, **refineOptions)
             # refinement draws no random numbers today; seeding in a fork keeps Slicer's global RNG as it was
             stack.enter_context(_seededTorch(seed, device))
 
