@@ -1,0 +1,44 @@
+"""benchmarks/hard_inputs.py: the cropped field of view keeps the head's superior part, whatever the storage."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from hard_inputs import crop_superior  # noqa: E402
+
+
+def _head() -> tuple[sitk.Image, sitk.Image]:
+    """A 'head' filling world z in [-40, 40) mm (1 mm voxels, 20..99 of 120 slices), labels = the slice's decade."""
+    arr = np.zeros((120, 12, 10), np.float32)
+    arr[20:100] = 1.0
+    img = sitk.GetImageFromArray(arr)
+    img.SetOrigin((0.0, 0.0, -60.0))
+    labels = sitk.GetImageFromArray((np.arange(120) // 10).astype(np.uint8)[:, None, None] * np.ones((1, 12, 10), np.uint8))
+    labels.CopyInformation(img)
+    return img, labels
+
+
+def _world_z_range(img: sitk.Image) -> tuple[float, float]:
+    corners = [img.TransformIndexToPhysicalPoint((i, j, k)) for i in (0, img.GetWidth() - 1)
+               for j in (0, img.GetHeight() - 1) for k in (0, img.GetDepth() - 1)]
+    z = [c[2] for c in corners]
+    return min(z), max(z)
+
+
+@pytest.mark.parametrize("code", ["LPS", "LPI", "SAL", "IRP", "RAS"])
+def test_crop_keeps_the_superior_part_of_the_head_in_any_layout(code):
+    img, labels = _head()
+    stored, stored_labels = sitk.DICOMOrient(img, code), sitk.DICOMOrient(labels, code)
+    cropped, cropped_labels = crop_superior(stored, stored_labels, 0.25)
+    # the head spans z -40..39 (80 slices): the top quarter is z 20..39, whatever the voxel order
+    assert _world_z_range(cropped) == pytest.approx((20.0, 39.0))
+    assert _world_z_range(cropped_labels) == pytest.approx((20.0, 39.0))
+    assert sorted(np.unique(sitk.GetArrayViewFromImage(cropped_labels))) == [8, 9]
