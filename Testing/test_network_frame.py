@@ -13,7 +13,7 @@ from conftest import blob_image, rotation
 from istn.data import foreground_centre, network_grid
 from istn.export import load_model
 from istn.losses import bending_energy
-from istn.registration import loss_rise, register
+from istn.registration import CONVERGENCE_WINDOW, loss_rise, register
 
 # The 48 axis layouts of a 3D image: every axis order, every sign (DICOM orientation codes).
 LAYOUTS = ["".join(p) for axes in itertools.permutations(("LR", "PA", "SI"))
@@ -159,6 +159,16 @@ def test_the_rise_warning_with_coarse_to_fine(make_model):
     assert any("raised the loss" in w for w in wild.warnings)
     calm = register(fixed, moving, model, iterations=15, lr=1e-5, coarse_iterations=5)
     assert not any("raised the loss" in w for w in calm.warnings)
+
+
+def test_the_full_grid_gets_its_own_convergence_window_after_coarse_to_fine(make_model):
+    """After the coarse iterations the tolerance compares full-grid losses only: never a coarse one (lower, on
+    half-resolution maps) with a full-grid one, which read as 'converged' right after the switch."""
+    model = load_model(make_model(3, "affine", scale=0.3))
+    fixed, moving = _head(), _head(centre=(8.0, -2.0, 4.0))
+    res = register(fixed, moving, model, iterations=30, coarse_iterations=5, tolerance=1e-12)
+    assert res.coarse_iterations == 5  # fewer than a window: the coarse phase cannot converge, it ends by count
+    assert res.iterations - res.coarse_iterations > CONVERGENCE_WINDOW  # a whole window on the full grid first
 
 
 def test_convergence_tolerance_stops_early_and_reports_it(make_model):

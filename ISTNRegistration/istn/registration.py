@@ -200,6 +200,8 @@ def refine(
                 coarse_best = min(coarse_best, value)
                 history.append(coarse_best)
             else:
+                if it == coarse_iterations and it:  # the switch to the full grid: its losses are on another scale
+                    history = []
                 if best is None:
                     start = (value, float(sim.detach()))
                 if best is None or value < best[0]:
