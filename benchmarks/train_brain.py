@@ -541,8 +541,8 @@ def _made_text(summary: dict, args) -> str:
                  f"same variant; see the README there), then {summary['steps']} more steps.")
         total = sps * summary["steps"]
     else:
-        lines.append(f"    python benchmarks/train_brain.py --stage {stage} --variant {m['variant']} --steps {summary['steps']} "
-                     f"{common}{flags(summary)}")
+        lines.append(f"    python benchmarks/train_brain.py --stage {stage} --variant {m['variant']} --out {_rel(args.out)} "
+                     f"--steps {summary['steps']} {common}{flags(summary)}")
         first = f"One run of {summary['steps']} steps."
         total = sps * summary["steps"]
     return ("\n".join(lines) + f"\n\n{first} Each was run in the background with a larger `--steps` and "
