@@ -440,6 +440,14 @@ def test_bundled_models_are_listed_and_used_by_default(scene, pair, tiny_models,
     assert [s.transform_type for s in result.stages] == ["affine", "bspline"]
 
 
+def test_the_panel_says_which_contrasts_a_bundled_model_is_validated_on():
+    listed = ISTNRegistrationLogic.availableModels()
+    assert listed and all("validated on T1 images (T2, PD: not validated" in m.describe() for m in listed)
+    t2 = modelfiles.ModelInfo(listed[0].path, {**listed[0].meta, "data_options": {"contrasts": ["t1", "t2"]}})
+    assert "(PD: not validated" in t2.describe()
+    assert modelfiles.ModelInfo(listed[0].path, {"transform": "affine"}).contrasts() == ""  # no recipe, no claim
+
+
 def test_a_foreign_file_is_not_taken_for_a_model(tmp_path):
     bad = tmp_path / "x.pt"
     bad.write_bytes(b"PK\x03\x04 definitely not a zip")

@@ -65,8 +65,26 @@ class ModelInfo:
         if soi.get("description"):
             # the first clause only: a panel label, not the model card (training data lives there)
             text += _("; structures of interest: {soi}").format(soi=soi["description"].split(";")[0].strip())
-        return text + _(" (engine {version}, file {name}).").format(version=m.get("engine_version", "?"),
-                                                                    name=self.path.name)
+        return text + self.contrasts() + _(" (engine {version}, file {name}).").format(
+            version=m.get("engine_version", "?"), name=self.path.name)
+
+    def contrasts(self) -> str:
+        """Which image contrasts the model was trained and validated on, for the panel ('' when unknown).
+
+        The brain recipe (``benchmarks/train_brain.py``) records its data options; its validation pairs are T1
+        whatever the training views were, so other contrasts are never 'validated' by it.
+        """
+        options = self.meta.get("data_options")
+        if not isinstance(options, dict):
+            return ""
+        trained = [str(c).upper() for c in options.get("contrasts", ["t1"])]
+        if options.get("synth_prob"):
+            trained.append(_("synthetic contrasts"))
+        others = [c for c in ("T2", "PD") if c not in trained]
+        text = _("; validated on T1 images")
+        if others:
+            text += _(" ({others}: not validated, see the model card)").format(others=", ".join(others))
+        return text
 
 
 def readModelInfo(path: str | os.PathLike) -> ModelInfo:
