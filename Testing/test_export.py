@@ -22,6 +22,14 @@ def test_metadata_round_trip(make_model):
         assert key in meta
     assert m.config.cp_spacing_mm == 24.0
     assert "ISTN-I bspline 3D" in m.describe()
+    assert "validated on" not in m.describe()  # no training recipe data options: no claim
+
+
+def test_the_bundled_models_say_which_contrasts_they_are_validated_on():
+    from istn.demo import AFFINE_MODEL, BSPLINE_MODEL, bundled_model
+
+    for name in (AFFINE_MODEL, BSPLINE_MODEL):
+        assert "validated on T1 images (T2, PD: not validated)" in load_model(bundled_model(name)).describe()
 
 
 def test_loads_in_a_fresh_process_with_only_torch(make_model):

@@ -149,6 +149,10 @@ class LoadedModel:
         soi = m.get("soi", {})
         if soi.get("description"):
             text += f"; SoI: {soi['description']}"
+        options = m.get("data_options")
+        if isinstance(options, dict):  # the brain recipe's models: its validation pairs are T1 (as the panel says)
+            others = [c for c in ("T2", "PD") if c.lower() not in options.get("contrasts", ["t1"])]
+            text += "; validated on T1 images" + (f" ({', '.join(others)}: not validated)" if others else "")
         return text + f" (engine {m.get('engine_version', '?')})."
 
 
