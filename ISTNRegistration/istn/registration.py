@@ -243,8 +243,8 @@ def loss_rise(losses: Sequence[float], best_iteration: int, coarse_iterations: i
     are compared with the best: the first ``coarse_iterations`` losses (coarse
     to fine) are of half-resolution maps, on another scale, and a climb there
     that the full grid recovered from is harmless (seen on the sample pair with
-    the 0.1 models: 0.001 -> 0.017 at half resolution, then 0.0005 on the full
-    grid, below the one pass).
+    the first-generation affine model: 0.001 -> 0.017 at half resolution, then
+    0.0005 on the full grid, below the one pass).
     """
     after = list(losses[max(best_iteration - 1, coarse_iterations):])
     if after and max(after) > factor * best_loss + 1e-6:
