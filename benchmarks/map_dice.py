@@ -96,7 +96,7 @@ def main() -> None:
     for stage in ("affine", "bspline"):
         path = Path(args.models) / f"brain-t1-{stage}.pt"
         model = load_model(path)
-        if model.meta.get("config", {}).get("itn_output", model.config.itn_output) != "sigmoid":
+        if model.config.itn_output != "sigmoid":
             print(f"note: {path.name} has an unbounded ITN head: its maps are not probabilities")
         res = measure(model, vols, args.pairs, args.dilation_mm)
         results[stage] = res

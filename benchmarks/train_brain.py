@@ -534,7 +534,7 @@ def _made_text(summary: dict, args) -> str:
                  f"differs) for {summary['steps']} more steps.")
         total = (ps["seconds_per_step"] or 0.0) * ps["steps"] + sps * summary["steps"]
     elif args.init_from:  # a start without a run summary (e.g. the committed Table 1 checkpoints)
-        start = torch.load(Path(args.init_from) / stage / "best.pt", map_location="cpu", weights_only=False)
+        start = load_checkpoint(Path(args.init_from) / stage / "best.pt")
         lines.append(f"    python benchmarks/train_brain.py --stage {stage} --variant {m['variant']} --out {_rel(args.out)} "
                      f"--init-from {_rel(args.init_from)} --steps {summary['steps']} {common}{flags(summary)}")
         first = (f"Initialised from `{_rel(args.init_from)}/{stage}/best.pt` (step {start.get('step')} of a run of the "

@@ -77,9 +77,7 @@ class ModelInfo:
         options = self.meta.get("data_options")
         if not isinstance(options, dict):
             return ""
-        trained = [str(c).upper() for c in options.get("contrasts", ["t1"])]
-        if options.get("synth_prob"):
-            trained.append(_("synthetic contrasts"))
+        trained = {str(c).upper() for c in options.get("contrasts", ["t1"])}
         others = [c for c in ("T2", "PD") if c not in trained]
         text = _("; validated on T1 images")
         if others:
