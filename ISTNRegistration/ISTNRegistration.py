@@ -120,6 +120,7 @@ class ISTNRegistrationParameterNode:
     bending: Annotated[float, WithinRange(-1.0, 1e6)] = -1.0  # < 0: the model's (chosen on validation)
     tolerance: Annotated[float, WithinRange(-1.0, 1.0)] = -1.0  # < 0: the model's
     coarseIterations: Annotated[int, WithinRange(-1, 1000)] = -1  # < 0: the model's (coarse to fine)
+    refineLayers: Annotated[str, Choice(["model default", "all", "fc"])] = "model default"  # STN weights refined
     liveUpdate: bool = True
     outputTransform: Optional[vtkMRMLLinearTransformNode]
     outputVolume: Optional[vtkMRMLScalarVolumeNode]
@@ -338,6 +339,7 @@ class ISTNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 bending=p.bending if p.bending >= 0 else None,
                 tolerance=p.tolerance if p.tolerance >= 0 else None,
                 coarseIterations=p.coarseIterations if p.coarseIterations >= 0 else None,
+                refineLayers=p.refineLayers if p.refineLayers in ("all", "fc") else None,
                 liveUpdate=p.liveUpdate,
                 outputVolumeNode=p.outputVolume,
                 showMaps=p.showMaps,

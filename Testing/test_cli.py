@@ -59,6 +59,18 @@ def test_coarse_iterations_flag_reaches_every_stage(files, tmp_path):
     assert json.loads((plain / "result.json").read_text())["stages"][0]["coarse_iterations"] == 0
 
 
+def test_refine_layers_flag_reaches_result_json_and_a_wrong_value_is_refused(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _register(files, out, **{"--refine-layers": "fc"}) == 0
+    assert json.loads((out / "result.json").read_text())["stages"][0]["refine_layers"] == "fc"
+    plain = tmp_path / "plain"
+    assert _register(files, plain) == 0  # the test model has no refinement metadata: the paper's "all"
+    assert json.loads((plain / "result.json").read_text())["stages"][0]["refine_layers"] == "all"
+    with pytest.raises(SystemExit):
+        _register(files, tmp_path / "bad", **{"--refine-layers": "convs"})
+    assert "invalid choice" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 def test_evaluate_identity_gives_perfect_scores(tmp_path, capsys):
     lab = np.zeros((20, 20, 20), np.uint8)
     lab[5:12, 5:12, 5:12] = 1

@@ -1,6 +1,7 @@
 """Coordinate systems and transform conventions, with known answers."""
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 
@@ -121,3 +122,23 @@ def test_bspline_matches_itk_on_an_oblique_anisotropic_grid():
 def test_identity_grid_is_the_identity_warp():
     img = torch.rand(1, 2, 9, 7, 5)
     assert torch.allclose(warp(img, identity_grid([9, 7, 5])), img, atol=1e-6)
+
+
+@pytest.mark.parametrize("depth", [48, 20, 7])
+def test_warp_in_slabs_gives_grid_samples_values_and_gradients(depth):
+    """`warp` cuts a single CPU volume into slabs (torch's 3D grid_sample is parallel over the batch only)."""
+    import torch.nn.functional as F
+    from istn.transforms import warp
+
+    torch.manual_seed(0)
+    image = torch.rand(1, 3, 12, 10, 9)
+    theta = (torch.eye(3, 4) + 0.1 * torch.randn(3, 4))[None]
+    results = []
+    for fn in (lambda g: F.grid_sample(image, g, padding_mode="zeros", align_corners=True), lambda g: warp(image, g)):
+        th = theta.clone().requires_grad_(True)
+        out = fn(F.affine_grid(th, [1, 1, depth, 11, 8], align_corners=True))
+        (out * torch.linspace(0, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), th.grad))
+    (a, ga), (b, gb) = results
+    assert b.shape == (1, 3, depth, 11, 8) and a.abs().sum() > 0
+    assert torch.allclose(a, b, atol=1e-6) and torch.allclose(ga, gb, rtol=1e-4, atol=1e-6)

@@ -9,6 +9,7 @@ import torch
 
 from conftest import blob_image
 from istn.export import load_model
+from istn.networks import ISTN
 from istn.registration import register
 from istn.transforms import sitk_affine_to_matrix
 
@@ -82,3 +83,102 @@ def test_refinement_lowers_the_loss_on_a_loaded_3d_bspline_model(make_model, obl
     res = register(fixed, moving, model, iterations=10, lr=1e-2)
     assert res.loss_final < res.loss_one_pass
     assert len(res.losses) == 10 and res.device == "cpu"
+
+
+@pytest.mark.parametrize("transform", ["affine", "bspline"])
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_the_stn_split_in_two_predicts_what_the_whole_stn_predicts(make_model, ndim, transform):
+    """stn_pooled then predict_from_pooled == predict, in the scripted file (what FC-only refinement relies on)."""
+    model = load_model(make_model(ndim, transform))
+    torch.manual_seed(1)
+    shape = [1, 1] + list(reversed(model.config.grid_size))
+    s, t = model.module.representation(torch.rand(shape)), model.module.representation(torch.rand(shape))
+    with torch.no_grad():
+        whole = model.module.predict(s, t)
+        split = model.module.predict_from_pooled(model.module.stn_pooled(s, t))
+    assert whole.abs().max() > 1e-4  # a perturbed model: not the trivial identity
+    assert torch.allclose(whole, split, atol=1e-6)
+
+
+def test_fc_refinement_recovers_the_known_translation_and_never_moves_the_convolutions(make_model):
+    """layers="fc": the same shift as the whole STN finds, with every convolution weight as trained throughout."""
+    fixed, moving = _shifted_pair((5.0, -3.0))
+    model = load_model(make_model(2, "affine", "stn-u", perturb=False, grid_size=(48, 48), grid_spacing=1.0))
+    convs = {n: p.detach().clone() for n, p in model.module.stn.named_parameters() if n.startswith("features.convs.")}
+    fcs = {n: p.detach().clone() for n, p in model.module.stn.named_parameters() if n not in convs}
+    moved = []
+
+    def watch(info):
+        params = dict(model.module.stn.named_parameters())
+        assert all(torch.equal(params[n], v) for n, v in convs.items())
+        moved.append(any(not torch.equal(params[n], v) for n, v in fcs.items()))
+
+    res = register(fixed, moving, model, iterations=150, lr=3e-3, refine_layers="fc", callback=watch)
+    m = sitk_affine_to_matrix(res.transform)
+    assert np.allclose(m[:2, 2], (5.0, -3.0), atol=0.5), m
+    assert np.allclose(m[:2, :2], np.eye(2), atol=0.05)
+    assert all(moved) and res.refine_layers == "fc" and res.summary()["refine_layers"] == "fc"
+    after = dict(model.module.stn.named_parameters())  # restored: the next pair starts from the trained weights
+    assert all(torch.equal(after[n], v) for n, v in {**convs, **fcs}.items())
+
+
+def test_fc_refinement_lowers_the_loss_of_a_3d_bspline_model(make_model, oblique_pair):
+    fixed, moving = oblique_pair
+    model = load_model(make_model(3, "bspline"))
+    res = register(fixed, moving, model, iterations=15, lr=1e-2, refine_layers="fc")
+    assert res.loss_final < res.loss_one_pass and res.iterations == 15
+
+
+class _OldISTN(ISTN):
+    """The network of istn < 0.3: no split STN methods in the scripted file."""
+
+    def stn_pooled(self, source_map, target_map):  # not exported: absent from the TorchScript
+        raise AssertionError("not scripted")
+
+    def predict_from_pooled(self, z):
+        raise AssertionError("not scripted")
+
+
+def test_an_older_model_file_refuses_fc_refinement_clearly_and_rescripts_to_the_same_results(tmp_path, pair2d):
+    from istn.config import TrainConfig
+    from istn.errors import InputError
+    from istn.export import build_metadata, export_model, rescript_model
+    from conftest import tiny_config
+
+    cfg = tiny_config(2, "affine", "istn-i")
+    old = tmp_path / "old.pt"
+    net = _OldISTN(cfg).eval()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    export_model(net, build_metadata(TrainConfig(model=cfg)), old)
+    model = load_model(old)
+    assert not hasattr(model.module, "predict_from_pooled")
+    fixed, moving = pair2d
+    with pytest.raises(InputError, match="predates FC-only refinement"):
+        register(fixed, moving, model, iterations=3, refine_layers="fc")
+    before = register(fixed, moving, model, iterations=3, lr=1e-2)  # "all" (the default) still works
+    new = rescript_model(old, tmp_path / "new.pt")
+    with pytest.raises(ValueError, match="must differ"):
+        rescript_model(new, new)
+    again = load_model(new)
+    assert again.meta["rescripted_by"] and {k: v for k, v in again.meta.items() if k != "rescripted_by"} == model.meta
+    after = register(fixed, moving, again, iterations=3, lr=1e-2)
+    assert np.allclose(sitk_affine_to_matrix(before.transform), sitk_affine_to_matrix(after.transform), atol=1e-6)
+    assert register(fixed, moving, again, iterations=3, lr=1e-2, refine_layers="fc").iterations == 3
+
+
+def test_refine_layers_default_is_the_models_metadata(make_model, pair2d):
+    from istn.export import rewrite_metadata
+
+    path = make_model(2, "affine")
+    fixed, moving = pair2d
+    assert register(fixed, moving, load_model(path), iterations=2).refine_layers == "all"  # no metadata: the paper
+    meta = load_model(path).meta
+    rewrite_metadata(path, {**meta, "refinement": {"layers": "fc"}})
+    assert register(fixed, moving, load_model(path), iterations=2).refine_layers == "fc"
+    assert register(fixed, moving, load_model(path), iterations=2, refine_layers="all").refine_layers == "all"
+    from istn.errors import InputError
+    with pytest.raises(InputError, match="refined layers"):
+        register(fixed, moving, load_model(path), iterations=2, refine_layers="convs")

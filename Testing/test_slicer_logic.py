@@ -824,7 +824,15 @@ def test_bending_and_tolerance_reach_the_engine_and_bad_values_are_refused_befor
         res = logic.register(fixed_node, moving_node, modelPath=tiny_models["bspline"], affineModelPath=tiny_models["affine"],
                              iterations=6, threads=1, coarseIterations=k, updateViews=False)
         assert [st.coarse_iterations for st in res.stages] == [k, k]
+    for layers in ("fc", "all", None):  # the panel's "Refined layers" reaches every stage (None: the model's)
+        res = logic.register(fixed_node, moving_node, modelPath=tiny_models["bspline"], affineModelPath=tiny_models["affine"],
+                             iterations=3, threads=1, refineLayers=layers, updateViews=False)
+        assert [st.refine_layers for st in res.stages] == [layers or "all"] * 2
     before = scene.GetNumberOfNodes()
+    with pytest.raises(Exception, match="refined layers"):
+        logic.register(fixed_node, moving_node, modelPath=tiny_models["affine"], iterations=3, threads=1,
+                       refineLayers="convolutions", updateViews=False)
+    assert scene.GetNumberOfNodes() == before
     for bad in (2.5, True):
         with pytest.raises(Exception, match="coarse_iterations"):
             logic.register(fixed_node, moving_node, modelPath=tiny_models["affine"], iterations=6, threads=1,

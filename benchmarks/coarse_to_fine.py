@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Coarse-to-fine refinement (issue #12 item 2) on VALIDATION pairs: Dice and seconds with and without.
+"""Refinement settings for speed (issue #12 items 1-2) on VALIDATION pairs: Dice and seconds per setting.
 
-`register(..., coarse_iterations=c)` runs the first ``c`` refinement iterations (fewer when the tolerance stops
+A setting is ``LAYERS:C``: the STN layers refined (``all``, the paper; ``fc``, its fully connected layers on
+convolutional features computed once, `istn.registration.refine`) and the coarse-to-fine count ``C`` (a plain
+``C`` means ``all:C``). `register(..., coarse_iterations=c)` runs the first ``c`` refinement iterations (fewer when the tolerance stops
 them) on a half-resolution copy of the ITN maps (`istn.registration.half_resolution`), then the rest on the full
 grid. Pairs: those of `refinement_validation.py` (``spm_avg305``, never trained on and never the evaluation
 subject, in seeded scanner positions 500.., whole head and brain-extracted, -> ICBM 2009c). Per setting and
@@ -9,10 +11,11 @@ pair: the affine stage, and the B-spline stage from the affine WITHOUT coarse to
 effect is measured on its own), both at the models' stored tolerance and bending (model defaults),
 ``--iterations`` cap. Settings run in turn on each pair (fair under a drifting machine load). The rule of the
 issue, per stage: make it the default only at equal Dice (within 0.002, mean over pairs) and less time.
-``--write-models`` stores each stage's choice (the fastest setting that keeps the Dice; 0 if none is faster) in
-the model's ``refinement.coarse_iterations``.
+``--write-models`` stores each stage's choice (the fastest setting that keeps the Dice of the FIRST setting, the
+baseline; the baseline if none is faster) in the model's ``refinement.coarse_iterations`` and
+``refinement.layers``.
 
-    python benchmarks/coarse_to_fine.py --pairs 4 --settings 0,20,35 --threads 1
+    python benchmarks/coarse_to_fine.py --pairs 4 --settings all:0,all:35,fc:0,fc:25,fc:35,fc:50 --threads 2
 """
 
 from __future__ import annotations
@@ -32,11 +35,37 @@ sys.path.insert(0, str(REPO / "ISTNRegistration"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from brain_validation import mean_dice  # noqa: E402
-from refinement_validation import validation_pairs  # noqa: E402
+from refinement_validation import validation_pairs, write_card_section  # noqa: E402
 
 from istn.demo import MODELS_DIR  # noqa: E402
 from istn.export import load_model, rewrite_metadata  # noqa: E402
 from istn.registration import register  # noqa: E402
+
+
+CARD_BEGIN = "<!-- speed settings: written by benchmarks/coarse_to_fine.py -->"
+CARD_END = "<!-- end of speed settings -->"
+
+
+def card_section(summary: dict, stage: str, args: argparse.Namespace) -> str:
+    """The model card's lines on the refined layers and coarse to fine, from this run's means."""
+    chosen, base = summary["chosen"][stage], summary["settings"][0]
+    layers, _, coarse = chosen.partition(":")
+    m, b = summary["means"][chosen], summary["means"][base]
+    name = {"affine": "affine", "bspline": "B-spline"}[stage]
+    what = ("every STN weight, as in the paper" if layers == "all" else
+            "only the STN's fully connected layers; its convolutions see the same frozen maps at every iteration, "
+            "so they run once per pair")
+    return "\n".join([
+        CARD_BEGIN,
+        f"- Refined layers **{layers}** (`refinement.layers`, `--refine-layers`, panel: Refined layers): {what}. "
+        f"Coarse to fine **{coarse}** iterations (`refinement.coarse_iterations`, `--coarse-iterations`, panel: "
+        "Coarse iterations): the first refinement iterations compare the ITN maps at half resolution, then the "
+        "full grid (with its own convergence window). Chosen together by `python benchmarks/coarse_to_fine.py "
+        f"--pairs {args.pairs} --settings {args.settings} --threads {args.threads} --write-models` on the same "
+        f"validation pairs: the fastest setting within 0.002 Dice of `{base}` ({name} Dice {m[stage + '_dice']:.4f} "
+        f"vs {b[stage + '_dice']:.4f}; register {m[stage + '_s']:.2f} vs {b[stage + '_s']:.2f} s, mean of "
+        f"{len(summary['pairs'])} pairs, {args.threads} threads; `benchmarks/results/coarse_to_fine.md`).",
+        CARD_END, ""])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=str(MODELS_DIR))
     p.add_argument("--val-anatomy", default="spm_avg305")
     p.add_argument("--pairs", type=int, default=4, help="scanner positions (each as whole head and brain)")
-    p.add_argument("--settings", default="0,20,35", help="coarse_iterations values to compare (0: full grid only)")
+    p.add_argument("--settings", default="all:0,all:35,fc:0,fc:35",
+                   help="LAYERS:COARSE settings to compare, the first is the baseline (COARSE 0: full grid only)")
     p.add_argument("--iterations", type=int, default=50)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--write-models", action="store_true", help="store each stage's choice in its model's metadata")
@@ -53,7 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     data, models = Path(args.data), Path(args.models)
     affine, bspline = load_model(models / "brain-t1-affine.pt"), load_model(models / "brain-t1-bspline.pt")
-    settings = [int(c) for c in args.settings.split(",")]
+    settings = [c if ":" in c else f"all:{c}" for c in args.settings.split(",")]
+
+    def parse(setting: str) -> dict:
+        layers, _, c = setting.partition(":")
+        return {"refine_layers": layers, "coarse_iterations": int(c)}
+
     fixed = sitk.ReadImage(str(data / "eval" / "icbm2009c_t1.nii.gz"), sitk.sitkFloat32)
     fixed_labels = sitk.ReadImage(str(data / "eval" / "icbm2009c_labels.nii.gz"))
     pairs, _, _ = validation_pairs(data, args.val_anatomy, args.pairs)
@@ -62,14 +97,14 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for label, moving, labels, _ in pairs:
-        start = register(fixed, moving, affine, coarse_iterations=0, **opts).transform  # each B-spline starts here
+        start = register(fixed, moving, affine, **parse(settings[0]), **opts).transform  # each B-spline starts here
         for c in settings:
             t0 = time.perf_counter()
-            ra = register(fixed, moving, affine, coarse_iterations=c, **opts)
+            ra = register(fixed, moving, affine, **parse(c), **opts)
             t1 = time.perf_counter()
-            rb = register(fixed, moving, bspline, initial_transform=start, coarse_iterations=c, **opts)
+            rb = register(fixed, moving, bspline, initial_transform=start, **parse(c), **opts)
             t2 = time.perf_counter()
-            rows.append({"pair": label, "coarse": c,
+            rows.append({"pair": label, "setting": c,
                          "affine_dice": mean_dice(fixed_labels, labels, ra.transform),
                          "bspline_dice": mean_dice(fixed_labels, labels, rb.transform),
                          "affine_s": t1 - t0, "bspline_s": t2 - t1,
@@ -78,11 +113,11 @@ def main(argv: list[str] | None = None) -> int:
                          "affine_coarse_its": ra.coarse_iterations, "bspline_coarse_its": rb.coarse_iterations,
                          "affine_loss": ra.similarity_final, "bspline_loss": rb.similarity_final})
             r = rows[-1]
-            print(f"{label}: coarse {c}: affine {r['affine_dice']:.3f} ({r['affine_its']} its, {r['affine_s']:.2f} s) "
+            print(f"{label}: {c}: affine {r['affine_dice']:.3f} ({r['affine_its']} its, {r['affine_s']:.2f} s) "
                   f"-> B-spline {r['bspline_dice']:.3f} ({r['bspline_its']} its, {r['bspline_s']:.2f} s)", flush=True)
 
     def mean(c, key):
-        return float(np.mean([r[key] for r in rows if r["coarse"] == c]))
+        return float(np.mean([r[key] for r in rows if r["setting"] == c]))
 
     keys = ("affine_dice", "bspline_dice", "affine_s", "bspline_s", "affine_refine_s", "bspline_refine_s",
             "affine_its", "bspline_its", "affine_coarse_its", "bspline_coarse_its", "affine_loss", "bspline_loss")
@@ -90,19 +125,21 @@ def main(argv: list[str] | None = None) -> int:
                "settings": settings, "threads": args.threads, "iterations_cap": args.iterations,
                "refinement_metadata": {"affine": affine.meta.get("refinement"),
                                        "bspline": bspline.meta.get("refinement")},
-               "means": {str(c): {k: mean(c, k) for k in keys} for c in settings}, "rows": rows}
-    base = summary["means"][str(settings[0])]
-    md = [f"# Coarse-to-fine refinement on validation pairs ({summary['created']})", "",
+               "means": {c: {k: mean(c, k) for k in keys} for c in settings}, "rows": rows}
+    base = summary["means"][settings[0]]
+    md = [f"# Refinement settings for speed on validation pairs ({summary['created']})", "",
           f"Command: `python benchmarks/coarse_to_fine.py --pairs {args.pairs} --settings {args.settings} "
           f"--threads {args.threads}`. Moving: `{args.val_anatomy}` (never trained on) in {args.pairs} scanner "
           "positions, whole head and brain-extracted; fixed: ICBM 2009c; model defaults (stored tolerance and "
           f"bending), {args.iterations} iterations cap; {args.threads} thread(s) on a shared machine. Means over "
-          f"{len(pairs)} pairs; Dice: 8 structures. s: whole register call; refine s: its refinement part.", "",
-          "| coarse its | affine Dice | B-spline Dice | affine s | B-spline s | affine refine s | B-spline refine s | "
+          f"{len(pairs)} pairs; Dice: 8 structures. s: whole register call; refine s: its refinement part. Setting: "
+          "refined STN layers (all: the paper; fc: the fully connected layers, convolutions once) : coarse-to-fine "
+          "iterations.", "",
+          "| setting | affine Dice | B-spline Dice | affine s | B-spline s | affine refine s | B-spline refine s | "
           "affine its (coarse) | B-spline its (coarse) | d Dice vs first (aff / B-sp) |",
           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in settings:
-        m = summary["means"][str(c)]
+        m = summary["means"][c]
         md.append(f"| {c} | {m['affine_dice']:.4f} | {m['bspline_dice']:.4f} | {m['affine_s']:.2f} | "
                   f"{m['bspline_s']:.2f} | {m['affine_refine_s']:.2f} | {m['bspline_refine_s']:.2f} | "
                   f"{m['affine_its']:.1f} ({m['affine_coarse_its']:.1f}) | {m['bspline_its']:.1f} "
@@ -110,11 +147,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{m['bspline_dice'] - base['bspline_dice']:+.4f} |")
     chosen = {}
     for stage in ("affine", "bspline"):
-        ok = [c for c in settings if summary["means"][str(c)][f"{stage}_dice"] >= base[f"{stage}_dice"] - 0.002
-              and summary["means"][str(c)][f"{stage}_s"] < base[f"{stage}_s"]]
-        chosen[stage] = min(ok, key=lambda c: summary["means"][str(c)][f"{stage}_s"]) if ok else 0
+        ok = [c for c in settings if summary["means"][c][f"{stage}_dice"] >= base[f"{stage}_dice"] - 0.002
+              and summary["means"][c][f"{stage}_s"] < base[f"{stage}_s"]]
+        chosen[stage] = min(ok, key=lambda c: summary["means"][c][f"{stage}_s"]) if ok else settings[0]
     summary["chosen"] = chosen
-    md += ["", f"Chosen per stage (the fastest setting within 0.002 Dice of {settings[0]}, else 0): affine "
+    md += ["", f"Chosen per stage (the fastest setting within 0.002 Dice of {settings[0]}, else it): affine "
            f"{chosen['affine']}, B-spline {chosen['bspline']}."]
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
@@ -122,13 +159,18 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(md))
     if args.write_models:
         for stage, model in (("affine", affine), ("bspline", bspline)):
-            if model.meta.get("refinement", {}).get("coarse_iterations", 0) == chosen[stage]:
-                continue  # stored already (or 0, the engine's default): leave the file as it is
+            new = {"coarse_iterations": parse(chosen[stage])["coarse_iterations"],
+                   "layers": parse(chosen[stage])["refine_layers"]}
+            stored = model.meta.get("refinement", {})
+            if all(stored.get(k) == v for k, v in new.items()):
+                continue  # stored already: leave the file as it is
             meta = dict(model.meta)
-            meta["refinement"] = {**meta.get("refinement", {}), "coarse_iterations": chosen[stage],
-                                  "coarse_iterations_chosen_by": "benchmarks/coarse_to_fine.py"}
+            meta["refinement"] = {**stored, **new, "coarse_iterations_chosen_by": "benchmarks/coarse_to_fine.py",
+                                  "layers_chosen_by": "benchmarks/coarse_to_fine.py"}
             rewrite_metadata(model.path, meta)
-            print(f"wrote coarse_iterations={chosen[stage]} into {model.path}")
+            print(f"wrote {new} into {model.path}")
+        for stage, model in (("affine", affine), ("bspline", bspline)):
+            write_card_section(model.path.with_suffix(".md"), card_section(summary, stage, args), CARD_BEGIN, CARD_END)
     return 0
 
 

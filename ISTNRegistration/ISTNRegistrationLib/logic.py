@@ -300,6 +300,7 @@ class ISTNRegistrationLogic:
         bending: float | None = None,
         tolerance: float | None = None,
         coarseIterations: int | None = None,
+        refineLayers: str | None = None,
         liveUpdate: bool = True,
         outputVolumeNode=None,
         showMaps: bool = True,
@@ -325,7 +326,9 @@ class ISTNRegistrationLogic:
           stage, mm^2) and ``tolerance`` (stop refining when the loss gains
           less than this over 10 iterations) None or < 0 use the model's
           settings, chosen on its validation pairs; so does ``coarseIterations``
-          (the first iterations on half-resolution maps, coarse to fine; 0: off).
+          (the first iterations on half-resolution maps, coarse to fine; 0: off)
+          and ``refineLayers`` ("all" STN weights, the paper, or "fc": only its
+          fully connected layers, a cheaper iteration; None: the model's).
         - ``outputTransformNode``: a linear transform node, created if None.
           Without ``outputVolumeNode`` the moving volume is placed under the
           result; with it, the moving volume stays where it is and the output
@@ -403,7 +406,8 @@ class ISTNRegistrationLogic:
                              "tolerance": float(tolerance) if tolerance is not None and tolerance >= 0 else None,
                              # passed as given (a fraction or a bool is refused by the engine's check)
                              "coarse_iterations": (coarseIterations if coarseIterations is not None
-                                                   and not coarseIterations < 0 else None)}
+                                                   and not coarseIterations < 0 else None),
+                             "refine_layers": refineLayers or None}
 
             from istn.registration import is_cancelled
 

@@ -13,4 +13,4 @@ Vocabulary used throughout:
 - refine: test-time optimisation of the STN on one pair, ITN frozen.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

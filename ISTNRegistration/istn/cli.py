@@ -77,6 +77,7 @@ def run_register(
     tolerance: float | None = None,
     threads: int | None = None,
     coarse_iterations: int | None = None,
+    refine_layers: str | None = None,
 ) -> dict:
     """Register a pair with one model or a chain (affine models, then at most one B-spline) and write the outputs.
 
@@ -85,8 +86,9 @@ def run_register(
     ``background`` fills ``warped.nii.gz`` outside the moving image (default:
     the moving image's minimum). ``bending`` (B-spline stage) and ``tolerance``
     (every stage) and ``coarse_iterations`` (every stage: how many of the first
-    iterations run on half-resolution maps) override the models' refinement
-    settings (`register`).
+    iterations run on half-resolution maps) and ``refine_layers`` (every stage:
+    "all" STN weights or its fully connected layers, "fc") override the models'
+    refinement settings (`register`).
     Returns the content of ``result.json``; its ``warnings`` gather every
     stage's (the CLI prints them).
     """
@@ -108,7 +110,8 @@ def run_register(
     models = [load_model(p) for p in model_paths]
     initial = read_transform(initial_path, "--initial transform") if initial_path else None
     check_register_inputs(fixed, moving, models, iterations=iterations, lr=lr, device=device,
-                          initial_transform=initial, initial_name=f"--initial transform '{initial_path}'")
+                          initial_transform=initial, initial_name=f"--initial transform '{initial_path}'",
+                          refine_layers=refine_layers)
     bg = float(sitk.GetArrayViewFromImage(moving).min()) if background is None else float(background)
     # Inputs are good: check the output location before the (long) computation.
     created = not Path(out_dir).exists()
@@ -124,7 +127,7 @@ def run_register(
 
             result = register(fixed, moving, model, iterations=iterations, lr=lr, device=device,
                               initial_transform=initial, callback=progress, bending=bending, tolerance=tolerance,
-                              threads=threads, coarse_iterations=coarse_iterations)
+                              threads=threads, coarse_iterations=coarse_iterations, refine_layers=refine_layers)
             stages.append({**result.summary(), "model_file": str(model.path)})  # summary's "model": the metadata
             initial = result.transform
         assert result is not None
@@ -404,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--coarse-iterations", type=int, default=None,
                    help="of the refinement iterations, how many run first on half-resolution maps (coarse to fine; "
                         "default: the model's, chosen on validation; 0: all on the full grid)")
+    r.add_argument("--refine-layers", choices=["all", "fc"], default=None,
+                   help="STN weights refined: all (the paper) or fc, its fully connected layers only (the "
+                        "convolutions run once: a cheaper iteration; default: the model's, chosen on validation)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--initial", help="initial ITK transform file (fixed -> moving), e.g. an affine .tfm or an earlier "
                    "transform.h5 (a non-linear one can start affine models only)")
@@ -477,7 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "register":
             s = run_register(args.fixed, args.moving, args.model, args.out, args.refine, args.lr, args.device,
                              args.initial, args.quiet, args.background, args.bending, args.tolerance, args.threads,
-                             args.coarse_iterations)
+                             args.coarse_iterations, args.refine_layers)
             for st in s["stages"]:
                 stop = " (converged)" if st["converged"] else ""
                 print(f"{Path(st['model_file']).name}: loss {st['loss_one_pass']:.6f} -> {st['loss_final']:.6f} after "

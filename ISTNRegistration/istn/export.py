@@ -216,6 +216,24 @@ def rewrite_metadata(path: str | os.PathLike, meta: dict) -> Path:
     return atomic_write(path, lambda tmp: torch.jit.save(model.module, tmp, _extra_files={META_NAME: blob}))
 
 
+def rescript_model(path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Script the weights of an exported model again with this engine's network code, metadata kept.
+
+    For files of an older engine whose TorchScript lacks a method this one
+    uses (e.g. ``predict_from_pooled``, istn 0.3): the weights and the
+    metadata are the same, so every existing result is reproduced; the
+    metadata records ``rescripted_by``. Refuses to overwrite ``path`` itself.
+    """
+    src, dst = Path(path), Path(out)
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise ValueError("rescript_model() writes a new file: 'out' must differ from 'path'")
+    model = load_model(src)
+    net = ISTN(model.config)
+    net.load_state_dict(model.module.state_dict())
+    meta = dict(model.meta, rescripted_by=__version__)
+    return export_model(net.eval(), meta, dst)
+
+
 def _archive_kind(path: Path) -> str:
     """"torchscript", "checkpoint" (a torch.save zip), "zip" (another or a corrupt zip) or "not-zip"."""
     import zipfile

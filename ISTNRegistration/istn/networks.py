@@ -120,7 +120,11 @@ class FeatureExtractor(nn.Module):
         self.fc = nn.Sequential(nn.Linear(c_prev * 4**ndim, hidden), nn.LeakyReLU(0.2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(self.convs(x)), 1))
+        return self.fc(self.pooled(x))
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, *S) -> (N, C' 4^D)``: the convolutional part, before the FC layer."""
+        return torch.flatten(self.pool(self.convs(x)), 1)
 
 
 def _zero_linear(c_in: int, c_out: int) -> nn.Linear:
@@ -150,7 +154,15 @@ class AffineSTN(nn.Module):
         self.register_buffer("half_extent", torch.tensor(half, dtype=torch.float32))
 
     def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        h = self.features(torch.cat([source, target], dim=1))
+        return self.from_pooled(self.pooled(source, target))
+
+    def pooled(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The convolutional features of the pair ``(N, C' 4^D)``: what the fully connected layers see."""
+        return self.features.pooled(torch.cat([source, target], dim=1))
+
+    def from_pooled(self, z: torch.Tensor) -> torch.Tensor:
+        """``theta`` from the convolutional features ``z`` (`pooled`): the fully connected layers and heads."""
+        h = self.features.fc(z)
         return affine_theta(
             torch.tanh(self.translation(h)) * self.max_translation,
             torch.tanh(self.rotation(h)) * self.max_rotation,
@@ -174,8 +186,15 @@ class BSplineSTN(nn.Module):
         self.max_displacement = float(cfg.max_displacement)
 
     def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        h = self.features(torch.cat([source, target], dim=1))
-        c = torch.tanh(self.head(h)) * self.max_displacement
+        return self.from_pooled(self.pooled(source, target))
+
+    def pooled(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The convolutional features of the pair ``(N, C' 4^D)``: what the fully connected layers see."""
+        return self.features.pooled(torch.cat([source, target], dim=1))
+
+    def from_pooled(self, z: torch.Tensor) -> torch.Tensor:
+        """Control points from the convolutional features ``z`` (`pooled`): the fully connected layers."""
+        c = torch.tanh(self.head(self.features.fc(z))) * self.max_displacement
         return c.view([c.shape[0], -1] + self.cp_shape)
 
 
@@ -186,6 +205,9 @@ class ISTN(nn.Module):
 
     - ``representation(x)``: ITN map ``(N, K, *S)`` (the input itself for STN-u/s);
     - ``predict(source_map, target_map)``: transform parameters (``theta`` or control points);
+    - ``stn_pooled(source_map, target_map)`` ``(N, F)`` and ``predict_from_pooled(z)``: ``predict`` in two
+      parts, the STN's convolutions and its fully connected layers (refinement of the FC layers alone runs
+      the convolutions once per pair);
     - ``sampling_grid(params)``: ``(N, *S, D)`` normalised pull-back grid;
     - ``warp(x, grid)``: resample ``x`` through ``grid``.
     """
@@ -219,6 +241,16 @@ class ISTN(nn.Module):
     @torch.jit.export
     def predict(self, source_map: torch.Tensor, target_map: torch.Tensor) -> torch.Tensor:
         return self.stn(source_map, target_map)
+
+    @torch.jit.export
+    def stn_pooled(self, source_map: torch.Tensor, target_map: torch.Tensor) -> torch.Tensor:
+        """The STN's convolutional features ``(N, F)`` of a pair of maps (fixed while the maps are)."""
+        return self.stn.pooled(source_map, target_map)
+
+    @torch.jit.export
+    def predict_from_pooled(self, z: torch.Tensor) -> torch.Tensor:
+        """``predict`` from `stn_pooled`'s features: the STN's fully connected layers only."""
+        return self.stn.from_pooled(z)
 
     @torch.jit.export
     def sampling_grid(self, params: torch.Tensor) -> torch.Tensor:

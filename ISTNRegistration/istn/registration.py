@@ -91,6 +91,19 @@ def is_cancelled(cancel: CancelFlag) -> bool:
     return bool(cancel())
 
 
+REFINE_LAYERS = ("all", "fc")
+
+
+def supports_fc_refinement(module: torch.nn.Module) -> bool:
+    """Whether ``module`` (scripted or not) splits its STN for FC-only refinement (files of istn >= 0.3)."""
+    return hasattr(module, "predict_from_pooled") and hasattr(module, "stn_pooled")
+
+
+def refinement_layers(model: LoadedModel) -> str:
+    """The STN layers a model refines by default: its ``refinement.layers`` metadata, else "all" (the paper)."""
+    return str(model.meta.get("refinement", {}).get("layers", "all"))
+
+
 # Refinement stops when the best objective improved by less than `tolerance` (relative) over this many iterations.
 CONVERGENCE_WINDOW = 10
 
@@ -109,6 +122,7 @@ def refine(
     regulariser: Callable[[torch.Tensor], torch.Tensor] | None = None,
     tolerance: float = 0.0,
     coarse_iterations: int = 0,
+    layers: str = "all",
 ) -> RefineOutput:
     """Test-time refinement of the STN of ``module`` on one pair.
 
@@ -136,12 +150,26 @@ def refine(
     callback's) are those of the half-resolution maps; the returned iterate is
     the best on the FULL grid, the one pass included (evaluated first). Grids
     with an odd size are refined on the full grid only.
+
+    ``layers``: "all" refines every STN weight (the paper); "fc" only its fully
+    connected layers (`ISTN.predict_from_pooled`): the maps are frozen, so the
+    convolutions' output is the same at every iteration and runs once, and an
+    iteration costs the warp and the loss alone. The FC layers end in the
+    parameter heads, so "fc" can still reach any transform the heads can
+    express (their biases alone are the transform's parameters).
     """
     if iterations < 0:
         raise ValueError(f"refine() 'iterations' must be >= 0, got {iterations}")
     if not (lr > 0 and np.isfinite(lr)):
         raise ValueError(f"refine() 'lr' must be a positive number, got {lr}")
-    stn_params = list(module.stn.parameters())
+    if layers not in REFINE_LAYERS:
+        raise ValueError(f"refine() 'layers' must be one of {', '.join(REFINE_LAYERS)}, got {layers!r}")
+    if layers == "fc" and not supports_fc_refinement(module):
+        raise ValueError("refine() layers='fc' needs a model file exported by istn >= 0.3 (older files: "
+                         "istn.export.rescript_model)")
+    # parameter names under the STN: features.convs.* (convolutions), features.fc.* and the heads (FC layers)
+    stn_params = [p for name, p in module.stn.named_parameters()
+                  if layers == "all" or not name.startswith("features.convs.")]
     saved = [p.detach().clone() for p in stn_params]
     grad_flags = [(p, p.requires_grad) for p in module.parameters()]
     for p, _ in grad_flags:
@@ -149,6 +177,10 @@ def refine(
     for p in stn_params:
         p.requires_grad_(True)
     source_map, target_map = source_map.detach(), target_map.detach()
+    pooled = None
+    if layers == "fc":
+        with torch.no_grad():
+            pooled = module.stn_pooled(source_map, target_map)
 
     def objective(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sim = refinement_loss(module.warp(source_map, module.sampling_grid(params)), target_map)
@@ -166,7 +198,7 @@ def refine(
             return (sim + regulariser(params) if regulariser is not None else sim), sim
 
     def current() -> torch.Tensor:
-        params = module.predict(source_map, target_map)
+        params = module.predict(source_map, target_map) if pooled is None else module.predict_from_pooled(pooled)
         return adjust(params) if adjust is not None else params
 
     losses: list[torch.Tensor] = []
@@ -333,6 +365,7 @@ class RegistrationResult:
     best_iteration: int = 0  # the refinement iterate returned (the lowest loss; 1 = the one pass)
     similarity_final: float = float("nan")  # MSE(T(s'), t') of the result, without the bending term
     coarse_iterations: int = 0  # of ``iterations``, those run on the half-resolution maps (coarse to fine)
+    refine_layers: str = "all"  # the STN layers refined: "all" or "fc" (its fully connected layers)
 
     def warped_moving_map(self) -> sitk.Image:
         """The moving ITN map resampled into the fixed map's grid through the final transform."""
@@ -350,6 +383,7 @@ class RegistrationResult:
             "best_iteration": self.best_iteration,
             "similarity_final": self.similarity_final,
             "coarse_iterations": self.coarse_iterations,
+            "refine_layers": self.refine_layers,
             "cancelled": self.cancelled,
             "device": self.device,
             "timings_s": self.timings,
@@ -572,6 +606,7 @@ def check_register_inputs(
     bending: float | None = None,
     tolerance: float | None = None,
     coarse_iterations: int | None = None,
+    refine_layers: str | None = None,
 ) -> None:
     """Check everything about a registration that can be checked before any computation.
 
@@ -613,6 +648,12 @@ def check_register_inputs(
                                           or not isinstance(coarse_iterations, (int, np.integer))
                                           or coarse_iterations < 0):
         raise InputError(f"register() 'coarse_iterations' must be a whole number >= 0, got {coarse_iterations!r}")
+    if refine_layers is not None and refine_layers not in REFINE_LAYERS:
+        raise InputError(f"the refined layers must be one of {', '.join(REFINE_LAYERS)}, got {refine_layers!r}")
+    for m in models:
+        if (refine_layers or refinement_layers(m)) == "fc" and not supports_fc_refinement(m.module):
+            raise InputError(f"the model '{m.path.name}' predates FC-only refinement (istn < 0.3): refine all STN "
+                             "layers ('all') or re-script the file (istn.export.rescript_model)")
     check_device(device)
     if initial_transform is not None:
         if initial_transform.GetDimension() != d:
@@ -656,6 +697,7 @@ def register(
     tolerance: float | None = None,
     symmetric: bool = True,
     coarse_iterations: int | None = None,
+    refine_layers: str | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with ``model``: one pass, then up to ``iterations`` of refinement.
 
@@ -677,6 +719,9 @@ def register(
     ``coarse_iterations``: refine first on a half-resolution copy of the ITN
     maps for up to this many of the ``iterations`` (`refine`); default: the
     model's ``refinement.coarse_iterations``, else 0.
+    ``refine_layers``: "all" STN weights (the paper) or only its fully connected
+    layers, "fc" (`refine`: same transforms reachable, a cheaper iteration);
+    default: the model's ``refinement.layers``, else "all".
     """
     t_start = time.perf_counter()
     # checked and prepared once per image object (istn.inputs): a later stage on the same images reuses it
@@ -686,7 +731,7 @@ def register(
                      ((fixed, "fixed image"), (moving, "moving image")))
     check_register_inputs(fixed.image, moving.image, [model], iterations=iterations, lr=lr, device=device,
                           initial_transform=initial_transform, bending=bending, tolerance=tolerance,
-                          coarse_iterations=coarse_iterations)
+                          coarse_iterations=coarse_iterations, refine_layers=refine_layers)
     if initial_transform is not None:  # any linear class -> AffineTransform; composites flat (istn.transforms)
         initial_transform = flatten_transform(initial_transform)
     defaults = model.meta.get("refinement", {})
@@ -698,11 +743,13 @@ def register(
         tolerance = float(defaults.get("tolerance", 0.0))
     if coarse_iterations is None:
         coarse_iterations = int(defaults.get("coarse_iterations", 0))
+    if refine_layers is None:
+        refine_layers = refinement_layers(model)
     dev = resolve_device(device)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads or default_threads(model.ndim))  # the cores this process really has (istn.threads)
     opts = dict(bending=bending, tolerance=tolerance, symmetric=symmetric, t_start=t_start,
-                coarse_iterations=int(coarse_iterations))
+                coarse_iterations=int(coarse_iterations), refine_layers=refine_layers)
     try:
         try:
             return _register(fixed, moving, model, iterations, lr, dev, initial_transform, callback, cancel, **opts)
@@ -720,7 +767,7 @@ def register(
 
 def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iterations, lr, dev, initial_transform,
               callback, cancel, *, bending: float, tolerance: float, symmetric: bool,
-              t_start: float, coarse_iterations: int) -> RegistrationResult:
+              t_start: float, coarse_iterations: int, refine_layers: str) -> RegistrationResult:
     timings: dict[str, float] = {}
     cfg = model.config
     module = model.to(dev).module
@@ -793,7 +840,8 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
     timings["one_pass"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     out = refine(module, s_map, t_map, iterations, lr, callback, cancel, to_world,
-                 adjust=adjust, regulariser=regulariser, tolerance=tolerance, coarse_iterations=coarse_iterations)
+                 adjust=adjust, regulariser=regulariser, tolerance=tolerance, coarse_iterations=coarse_iterations,
+                 layers=refine_layers)
     timings["refine"] = time.perf_counter() - t0
 
     # Maps for display, each on a grid of its own image's space, reusing the passes above where they are there.
@@ -840,4 +888,5 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
         best_iteration=out.best_iteration,
         similarity_final=out.similarity,
         coarse_iterations=out.coarse_iterations,
+        refine_layers=refine_layers,
     )

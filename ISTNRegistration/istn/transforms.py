@@ -139,8 +139,25 @@ def identity_grid(shape: List[int], dtype: torch.dtype = torch.float32, device: 
     return F.affine_grid(theta, [1, 1] + shape, align_corners=True)
 
 
-def warp(image: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
-    """Pull ``image (N, C, *S_in)`` back through ``grid (N, *S_out, D)``; zeros outside."""
+def warp(image: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear", slabs: int = 8) -> torch.Tensor:
+    """Pull ``image (N, C, *S_in)`` back through ``grid (N, *S_out, D)``; zeros outside.
+
+    A single 3D volume on the CPU is sampled as ``slabs`` slabs of the output's
+    depth (fewer when they do not divide it): torch's CPU ``grid_sample`` for 3D
+    parallelises over the batch only, so a batch of one ran on one thread
+    (2 cores, 8 maps at 48^3, forward + backward: 35 -> 22 ms). The values are
+    the same: each slab is the same sampling of the same input.
+    """
+    if image.dim() == 5 and image.shape[0] == 1 and grid.shape[0] == 1 and image.device.type == "cpu":
+        depth = grid.shape[1]
+        while slabs > 1 and depth % slabs != 0:
+            slabs = slabs // 2
+        if slabs > 1:  # the output's depth cut into slabs that form a batch, the input shared (a view, no copy)
+            c = image.shape[1]
+            out = F.grid_sample(image.expand(slabs, -1, -1, -1, -1),
+                                grid.reshape(slabs, depth // slabs, grid.shape[2], grid.shape[3], 3),
+                                mode=mode, padding_mode="zeros", align_corners=True)
+            return out.transpose(0, 1).reshape(1, c, depth, grid.shape[2], grid.shape[3])
     return F.grid_sample(image, grid, mode=mode, padding_mode="zeros", align_corners=True)
 
 
