@@ -71,6 +71,16 @@ def test_refine_layers_flag_reaches_result_json_and_a_wrong_value_is_refused(fil
     assert "invalid choice" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
+def test_region_margin_flag_is_checked_and_reaches_result_json(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _register(files, out, **{"--region-margin": "inf"}) == 0
+    assert json.loads((out / "result.json").read_text())["stages"][0]["region_margin_mm"] is None
+    assert _register(files, tmp_path / "neg", **{"--region-margin": "-1"}) == 2
+    assert "--region-margin must be" in capsys.readouterr().err and not (tmp_path / "neg").exists()
+    assert _register(files, tmp_path / "lin", **{"--region-margin": "20"}) == 2  # the test model's maps are linear
+    assert "unbounded maps" in capsys.readouterr().err and not (tmp_path / "lin").exists()
+
+
 def test_evaluate_identity_gives_perfect_scores(tmp_path, capsys):
     lab = np.zeros((20, 20, 20), np.uint8)
     lab[5:12, 5:12, 5:12] = 1

@@ -182,3 +182,57 @@ def test_refine_layers_default_is_the_models_metadata(make_model, pair2d):
     from istn.errors import InputError
     with pytest.raises(InputError, match="refined layers"):
         register(fixed, moving, load_model(path), iterations=2, refine_layers="convs")
+
+
+def test_structure_box_is_the_bounding_box_of_the_structures_grown_and_clipped():
+    from istn.registration import MAP_DISPLAY_THRESHOLD, crop, structure_box
+
+    maps = torch.full((1, 2, 10, 12, 14), 0.02)  # a bounded map's floor everywhere
+    maps[0, 0, 3:5, 4:6, 6:9] = 0.9
+    maps[0, 1, 4, 7, 12] = MAP_DISPLAY_THRESHOLD  # a second structure reaching the threshold widens the box
+    assert structure_box(maps, 0) == (slice(3, 5), slice(4, 8), slice(6, 13))
+    assert structure_box(maps, 2) == (slice(1, 7), slice(2, 10), slice(4, 14))  # clipped at the grid's end
+    assert structure_box(torch.full((1, 2, 4, 4, 4), 0.02), 3) is None  # no structure: the whole grid
+    box = structure_box(maps, 1)
+    assert crop(maps, box).shape == (1, 2, 4, 6, 9)
+    assert crop(torch.zeros(1, 10, 12, 14, 3), box, grid=True).shape == (1, 4, 6, 9, 3)
+    assert crop(maps, None) is maps
+
+
+def test_a_region_margin_covering_the_grid_gives_the_whole_grid_result(make_model, oblique_pair):
+    """Margin >= the grid: the box is the whole grid, the same refinement; a small margin still refines."""
+    fixed, moving = oblique_pair
+    model = load_model(make_model(3, "affine", itn_output="sigmoid"))
+    whole = register(fixed, moving, model, iterations=6, lr=1e-2, region_margin_mm=float("inf"))
+    big = register(fixed, moving, model, iterations=6, lr=1e-2, region_margin_mm=1000.0)
+    assert whole.region_margin_mm is None and big.region_margin_mm == 1000.0
+    assert whole.losses == pytest.approx(big.losses, rel=1e-6)
+    assert np.allclose(sitk_affine_to_matrix(whole.transform), sitk_affine_to_matrix(big.transform), atol=1e-6)
+    near = register(fixed, moving, model, iterations=6, lr=1e-2, region_margin_mm=0.0)
+    assert near.summary()["region_margin_mm"] == 0.0 and near.loss_final <= near.loss_one_pass
+
+
+def test_a_region_needs_bounded_maps_and_a_sane_margin(make_model, pair2d):
+    from istn.errors import InputError
+
+    fixed, moving = pair2d
+    linear = load_model(make_model(2, "affine"))  # unbounded (linear) ITN maps: no "structure" threshold
+    with pytest.raises(InputError, match="unbounded maps"):
+        register(fixed, moving, linear, iterations=2, region_margin_mm=20.0)
+    assert register(fixed, moving, linear, iterations=2, region_margin_mm=float("inf")).region_margin_mm is None
+    bounded = load_model(make_model(2, "affine", itn_output="sigmoid"))
+    for bad in (-1.0, float("nan"), "20", True):
+        with pytest.raises(InputError, match="margin"):
+            register(fixed, moving, bounded, iterations=2, region_margin_mm=bad)
+
+
+def test_the_models_region_margin_is_the_default(make_model, pair2d):
+    from istn.export import rewrite_metadata
+
+    path = make_model(2, "affine", itn_output="sigmoid")
+    fixed, moving = pair2d
+    assert register(fixed, moving, load_model(path), iterations=2).region_margin_mm is None  # no metadata
+    rewrite_metadata(path, {**load_model(path).meta, "refinement": {"region_margin_mm": 8.0}})
+    assert register(fixed, moving, load_model(path), iterations=2).region_margin_mm == 8.0
+    assert register(fixed, moving, load_model(path), iterations=2,
+                    region_margin_mm=float("inf")).region_margin_mm is None

@@ -833,6 +833,14 @@ def test_bending_and_tolerance_reach_the_engine_and_bad_values_are_refused_befor
         logic.register(fixed_node, moving_node, modelPath=tiny_models["affine"], iterations=3, threads=1,
                        refineLayers="convolutions", updateViews=False)
     assert scene.GetNumberOfNodes() == before
+    res = logic.register(fixed_node, moving_node, modelPath=tiny_models["affine"], iterations=3, threads=1,
+                         regionMargin=float("inf"), updateViews=False)
+    assert res.stages[-1].region_margin_mm is None  # the whole grid
+    before = scene.GetNumberOfNodes()
+    with pytest.raises(Exception, match="unbounded maps"):  # these tiny models have linear maps
+        logic.register(fixed_node, moving_node, modelPath=tiny_models["affine"], iterations=3, threads=1,
+                       regionMargin=20.0, updateViews=False)
+    assert scene.GetNumberOfNodes() == before
     for bad in (2.5, True):
         with pytest.raises(Exception, match="coarse_iterations"):
             logic.register(fixed_node, moving_node, modelPath=tiny_models["affine"], iterations=6, threads=1,

@@ -301,6 +301,7 @@ class ISTNRegistrationLogic:
         tolerance: float | None = None,
         coarseIterations: int | None = None,
         refineLayers: str | None = None,
+        regionMargin: float | None = None,
         liveUpdate: bool = True,
         outputVolumeNode=None,
         showMaps: bool = True,
@@ -328,7 +329,10 @@ class ISTNRegistrationLogic:
           settings, chosen on its validation pairs; so does ``coarseIterations``
           (the first iterations on half-resolution maps, coarse to fine; 0: off)
           and ``refineLayers`` ("all" STN weights, the paper, or "fc": only its
-          fully connected layers, a cheaper iteration; None: the model's).
+          fully connected layers, a cheaper iteration; None: the model's) and
+          ``regionMargin`` (mm: the maps compared in the box around the fixed
+          structures grown by this, ``float("inf")``: the whole grid; None: the
+          model's; not in the panel, which uses the model's).
         - ``outputTransformNode``: a linear transform node, created if None.
           Without ``outputVolumeNode`` the moving volume is placed under the
           result; with it, the moving volume stays where it is and the output
@@ -407,7 +411,8 @@ class ISTNRegistrationLogic:
                              # passed as given (a fraction or a bool is refused by the engine's check)
                              "coarse_iterations": (coarseIterations if coarseIterations is not None
                                                    and not coarseIterations < 0 else None),
-                             "refine_layers": refineLayers or None}
+                             "refine_layers": refineLayers or None,
+                             "region_margin_mm": regionMargin}
 
             from istn.registration import is_cancelled
 

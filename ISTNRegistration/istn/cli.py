@@ -40,7 +40,8 @@ def _finite(x: float) -> bool:
 
 def check_register_options(iterations: int, lr: float | None, device: str, background: float | None = None,
                            bending: float | None = None, tolerance: float | None = None,
-                           threads: int | None = None, coarse_iterations: int | None = None) -> None:
+                           threads: int | None = None, coarse_iterations: int | None = None,
+                           region_margin_mm: float | None = None) -> None:
     """The numeric and device options, checked before any file is read (messages name the flags)."""
     from .registration import check_device
 
@@ -59,6 +60,8 @@ def check_register_options(iterations: int, lr: float | None, device: str, backg
     if coarse_iterations is not None and coarse_iterations < 0:
         raise InputError(f"--coarse-iterations must be a whole number >= 0 (0: every iteration on the full grid), "
                          f"got {coarse_iterations}")
+    if region_margin_mm is not None and not region_margin_mm >= 0:
+        raise InputError(f"--region-margin must be a number of mm >= 0 (inf: the whole grid), got {region_margin_mm:g}")
     check_device(device)
 
 
@@ -78,6 +81,7 @@ def run_register(
     threads: int | None = None,
     coarse_iterations: int | None = None,
     refine_layers: str | None = None,
+    region_margin_mm: float | None = None,
 ) -> dict:
     """Register a pair with one model or a chain (affine models, then at most one B-spline) and write the outputs.
 
@@ -86,9 +90,11 @@ def run_register(
     ``background`` fills ``warped.nii.gz`` outside the moving image (default:
     the moving image's minimum). ``bending`` (B-spline stage) and ``tolerance``
     (every stage) and ``coarse_iterations`` (every stage: how many of the first
-    iterations run on half-resolution maps) and ``refine_layers`` (every stage:
-    "all" STN weights or its fully connected layers, "fc") override the models'
-    refinement settings (`register`).
+    iterations run on half-resolution maps), ``refine_layers`` (every stage:
+    "all" STN weights or its fully connected layers, "fc") and
+    ``region_margin_mm`` (every stage: the maps compared around the fixed
+    structures, inf: the whole grid) override the models' refinement settings
+    (`register`).
     Returns the content of ``result.json``; its ``warnings`` gather every
     stage's (the CLI prints them).
     """
@@ -100,7 +106,8 @@ def run_register(
 
     if not model_paths:
         raise InputError("at least one --model is needed")
-    check_register_options(iterations, lr, device, background, bending, tolerance, threads, coarse_iterations)
+    check_register_options(iterations, lr, device, background, bending, tolerance, threads, coarse_iterations,
+                           region_margin_mm)
     names = list(REGISTER_OUTPUTS) + ["transform.tfm", "affine.tfm"]
     inputs = [fixed_path, moving_path, *model_paths] + ([initial_path] if initial_path else [])
     fixed = read_image(fixed_path, "fixed")
@@ -111,7 +118,7 @@ def run_register(
     initial = read_transform(initial_path, "--initial transform") if initial_path else None
     check_register_inputs(fixed, moving, models, iterations=iterations, lr=lr, device=device,
                           initial_transform=initial, initial_name=f"--initial transform '{initial_path}'",
-                          refine_layers=refine_layers)
+                          refine_layers=refine_layers, region_margin_mm=region_margin_mm)
     bg = float(sitk.GetArrayViewFromImage(moving).min()) if background is None else float(background)
     # Inputs are good: check the output location before the (long) computation.
     created = not Path(out_dir).exists()
@@ -127,7 +134,8 @@ def run_register(
 
             result = register(fixed, moving, model, iterations=iterations, lr=lr, device=device,
                               initial_transform=initial, callback=progress, bending=bending, tolerance=tolerance,
-                              threads=threads, coarse_iterations=coarse_iterations, refine_layers=refine_layers)
+                              threads=threads, coarse_iterations=coarse_iterations, refine_layers=refine_layers,
+                              region_margin_mm=region_margin_mm)
             stages.append({**result.summary(), "model_file": str(model.path)})  # summary's "model": the metadata
             initial = result.transform
         assert result is not None
@@ -410,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--refine-layers", choices=["all", "fc"], default=None,
                    help="STN weights refined: all (the paper) or fc, its fully connected layers only (the "
                         "convolutions run once: a cheaper iteration; default: the model's, chosen on validation)")
+    r.add_argument("--region-margin", type=float, default=None, metavar="MM",
+                   help="compare the structure maps only in the box around the fixed image's structures grown by "
+                        "MM (bounded-map models; inf: the whole grid; default: the model's, chosen on validation)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--initial", help="initial ITK transform file (fixed -> moving), e.g. an affine .tfm or an earlier "
                    "transform.h5 (a non-linear one can start affine models only)")
@@ -483,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "register":
             s = run_register(args.fixed, args.moving, args.model, args.out, args.refine, args.lr, args.device,
                              args.initial, args.quiet, args.background, args.bending, args.tolerance, args.threads,
-                             args.coarse_iterations, args.refine_layers)
+                             args.coarse_iterations, args.refine_layers, args.region_margin)
             for st in s["stages"]:
                 stop = " (converged)" if st["converged"] else ""
                 print(f"{Path(st['model_file']).name}: loss {st['loss_one_pass']:.6f} -> {st['loss_final']:.6f} after "

@@ -91,12 +91,43 @@ def is_cancelled(cancel: CancelFlag) -> bool:
     return bool(cancel())
 
 
+# Bounded (sigmoid) maps are shown from this value up: their floor (~0.02 away from every structure) is hidden;
+# the same value marks a structure for the refinement's comparison region (`structure_box`).
+MAP_DISPLAY_THRESHOLD = 0.1
+
 REFINE_LAYERS = ("all", "fc")
 
 
 def supports_fc_refinement(module: torch.nn.Module) -> bool:
     """Whether ``module`` (scripted or not) splits its STN for FC-only refinement (files of istn >= 0.3)."""
     return hasattr(module, "predict_from_pooled") and hasattr(module, "stn_pooled")
+
+
+def structure_box(maps: torch.Tensor, margin: int) -> tuple[slice, ...] | None:
+    """Array-order slices of the box around the voxels where any of ``maps (1, K, *S)`` reaches
+    `MAP_DISPLAY_THRESHOLD` (a structure, for bounded maps), grown by ``margin`` voxels and clipped to the
+    grid; None when no voxel does (then the whole grid is compared)."""
+    inside = maps.detach().amax(1)[0] >= MAP_DISPLAY_THRESHOLD
+    if not bool(inside.any()):
+        return None
+    box = []
+    for axis, n in enumerate(inside.shape):
+        hits = torch.nonzero(inside.any(dim=tuple(j for j in range(inside.dim()) if j != axis))).flatten()
+        box.append(slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, n)))
+    return tuple(box)
+
+
+def crop(x: torch.Tensor, box: tuple[slice, ...] | None, grid: bool = False) -> torch.Tensor:
+    """``x`` inside ``box`` (`structure_box`): maps ``(N, C, *S)``, or with ``grid`` sampling grids ``(N, *S, D)``."""
+    if box is None:
+        return x
+    return x[(slice(None),) + box] if grid else x[(slice(None), slice(None)) + box]
+
+
+def model_region_margin(model: LoadedModel) -> float:
+    """A model's comparison-region margin (mm): its ``refinement.region_margin_mm``, else inf (the whole grid)."""
+    value = model.meta.get("refinement", {}).get("region_margin_mm")
+    return float("inf") if value is None else float(value)
 
 
 def refinement_layers(model: LoadedModel) -> str:
@@ -123,6 +154,7 @@ def refine(
     tolerance: float = 0.0,
     coarse_iterations: int = 0,
     layers: str = "all",
+    region_margin: int | None = None,
 ) -> RefineOutput:
     """Test-time refinement of the STN of ``module`` on one pair.
 
@@ -157,6 +189,13 @@ def refine(
     iteration costs the warp and the loss alone. The FC layers end in the
     parameter heads, so "fc" can still reach any transform the heads can
     express (their biases alone are the transform's parameters).
+
+    ``region_margin`` (voxels of the internal grid; bounded maps only): compare
+    the maps only inside the box around the fixed map's structures
+    (`structure_box`) grown by this margin, not over the whole grid: outside
+    it both maps are background, and the warp and the loss cost in proportion
+    to the voxels compared (half the margin on the half-resolution maps).
+    The objective values are then means over the box. None: the whole grid.
     """
     if iterations < 0:
         raise ValueError(f"refine() 'iterations' must be >= 0, got {iterations}")
@@ -182,8 +221,13 @@ def refine(
         with torch.no_grad():
             pooled = module.stn_pooled(source_map, target_map)
 
+    if region_margin is not None and region_margin < 0:
+        raise ValueError(f"refine() 'region_margin' must be None or >= 0, got {region_margin}")
+    box = structure_box(target_map, region_margin) if region_margin is not None else None
+    target_box = crop(target_map, box)
+
     def objective(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sim = refinement_loss(module.warp(source_map, module.sampling_grid(params)), target_map)
+        sim = refinement_loss(module.warp(source_map, crop(module.sampling_grid(params), box, grid=True)), target_box)
         return (sim + regulariser(params) if regulariser is not None else sim), sim
 
     if coarse_iterations < 0:
@@ -192,9 +236,12 @@ def refine(
         coarse_iterations = 0
     if coarse_iterations:
         source_half, target_half, grid_half = half_resolution(source_map, target_map)
+        box_half = structure_box(target_half, region_margin // 2) if region_margin is not None else None
+        target_half = crop(target_half, box_half)
 
         def coarse_objective(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            sim = refinement_loss(module.warp(source_half, grid_half(module.sampling_grid(params))), target_half)
+            grid = crop(grid_half(module.sampling_grid(params)), box_half, grid=True)
+            sim = refinement_loss(module.warp(source_half, grid), target_half)
             return (sim + regulariser(params) if regulariser is not None else sim), sim
 
     def current() -> torch.Tensor:
@@ -366,6 +413,7 @@ class RegistrationResult:
     similarity_final: float = float("nan")  # MSE(T(s'), t') of the result, without the bending term
     coarse_iterations: int = 0  # of ``iterations``, those run on the half-resolution maps (coarse to fine)
     refine_layers: str = "all"  # the STN layers refined: "all" or "fc" (its fully connected layers)
+    region_margin_mm: float | None = None  # maps compared in the structures' box grown by this; None: whole grid
 
     def warped_moving_map(self) -> sitk.Image:
         """The moving ITN map resampled into the fixed map's grid through the final transform."""
@@ -384,6 +432,7 @@ class RegistrationResult:
             "similarity_final": self.similarity_final,
             "coarse_iterations": self.coarse_iterations,
             "refine_layers": self.refine_layers,
+            "region_margin_mm": self.region_margin_mm,
             "cancelled": self.cancelled,
             "device": self.device,
             "timings_s": self.timings,
@@ -506,10 +555,6 @@ def displacement_field(transform: sitk.Transform, reference: Grid, spacing: floa
                                              [kk * s for kk, s in zip(k, reference.spacing)], reference.direction)
 
 
-# Bounded (sigmoid) maps are shown from this value up: their floor (~0.02 away from every structure) is hidden.
-MAP_DISPLAY_THRESHOLD = 0.1
-
-
 def bounded_map(image: sitk.Image) -> bool:
     """Whether a map image holds probabilities (values in [0, 1], a sigmoid ITN head) rather than free values."""
     a = sitk.GetArrayViewFromImage(image)
@@ -607,6 +652,7 @@ def check_register_inputs(
     tolerance: float | None = None,
     coarse_iterations: int | None = None,
     refine_layers: str | None = None,
+    region_margin_mm: float | None = None,
 ) -> None:
     """Check everything about a registration that can be checked before any computation.
 
@@ -650,7 +696,15 @@ def check_register_inputs(
         raise InputError(f"register() 'coarse_iterations' must be a whole number >= 0, got {coarse_iterations!r}")
     if refine_layers is not None and refine_layers not in REFINE_LAYERS:
         raise InputError(f"the refined layers must be one of {', '.join(REFINE_LAYERS)}, got {refine_layers!r}")
+    if region_margin_mm is not None and (isinstance(region_margin_mm, bool) or not isinstance(
+            region_margin_mm, (int, float, np.number)) or not region_margin_mm >= 0):
+        raise InputError(f"the comparison region's margin must be a number of mm >= 0 (inf: the whole grid), "
+                         f"got {region_margin_mm!r}")
     for m in models:
+        margin = region_margin_mm if region_margin_mm is not None else model_region_margin(m)
+        if np.isfinite(margin) and m.config.itn_output != "sigmoid":
+            raise InputError(f"the model '{m.path.name}' has unbounded maps: a comparison region around its "
+                             "structures needs bounded (sigmoid) structure maps; use the whole grid (margin inf)")
         if (refine_layers or refinement_layers(m)) == "fc" and not supports_fc_refinement(m.module):
             raise InputError(f"the model '{m.path.name}' predates FC-only refinement (istn < 0.3): refine all STN "
                              "layers ('all') or re-script the file (istn.export.rescript_model)")
@@ -698,6 +752,7 @@ def register(
     symmetric: bool = True,
     coarse_iterations: int | None = None,
     refine_layers: str | None = None,
+    region_margin_mm: float | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with ``model``: one pass, then up to ``iterations`` of refinement.
 
@@ -722,6 +777,10 @@ def register(
     ``refine_layers``: "all" STN weights (the paper) or only its fully connected
     layers, "fc" (`refine`: same transforms reachable, a cheaper iteration);
     default: the model's ``refinement.layers``, else "all".
+    ``region_margin_mm``: compare the maps only in the box around the fixed
+    image's structures grown by this margin (`refine`; bounded maps only);
+    ``inf``: the whole grid; default: the model's
+    ``refinement.region_margin_mm``, else the whole grid.
     """
     t_start = time.perf_counter()
     # checked and prepared once per image object (istn.inputs): a later stage on the same images reuses it
@@ -731,7 +790,8 @@ def register(
                      ((fixed, "fixed image"), (moving, "moving image")))
     check_register_inputs(fixed.image, moving.image, [model], iterations=iterations, lr=lr, device=device,
                           initial_transform=initial_transform, bending=bending, tolerance=tolerance,
-                          coarse_iterations=coarse_iterations, refine_layers=refine_layers)
+                          coarse_iterations=coarse_iterations, refine_layers=refine_layers,
+                          region_margin_mm=region_margin_mm)
     if initial_transform is not None:  # any linear class -> AffineTransform; composites flat (istn.transforms)
         initial_transform = flatten_transform(initial_transform)
     defaults = model.meta.get("refinement", {})
@@ -745,11 +805,14 @@ def register(
         coarse_iterations = int(defaults.get("coarse_iterations", 0))
     if refine_layers is None:
         refine_layers = refinement_layers(model)
+    if region_margin_mm is None:
+        region_margin_mm = model_region_margin(model)
     dev = resolve_device(device)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads or default_threads(model.ndim))  # the cores this process really has (istn.threads)
     opts = dict(bending=bending, tolerance=tolerance, symmetric=symmetric, t_start=t_start,
-                coarse_iterations=int(coarse_iterations), refine_layers=refine_layers)
+                coarse_iterations=int(coarse_iterations), refine_layers=refine_layers,
+                region_margin_mm=float(region_margin_mm))
     try:
         try:
             return _register(fixed, moving, model, iterations, lr, dev, initial_transform, callback, cancel, **opts)
@@ -767,7 +830,8 @@ def register(
 
 def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iterations, lr, dev, initial_transform,
               callback, cancel, *, bending: float, tolerance: float, symmetric: bool,
-              t_start: float, coarse_iterations: int, refine_layers: str) -> RegistrationResult:
+              t_start: float, coarse_iterations: int, refine_layers: str,
+              region_margin_mm: float) -> RegistrationResult:
     timings: dict[str, float] = {}
     cfg = model.config
     module = model.to(dev).module
@@ -841,7 +905,9 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
     t0 = time.perf_counter()
     out = refine(module, s_map, t_map, iterations, lr, callback, cancel, to_world,
                  adjust=adjust, regulariser=regulariser, tolerance=tolerance, coarse_iterations=coarse_iterations,
-                 layers=refine_layers)
+                 layers=refine_layers,
+                 region_margin=(math.ceil(region_margin_mm / cfg.grid_spacing - 1e-9)
+                                if np.isfinite(region_margin_mm) else None))
     timings["refine"] = time.perf_counter() - t0
 
     # Maps for display, each on a grid of its own image's space, reusing the passes above where they are there.
@@ -889,4 +955,5 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
         similarity_final=out.similarity,
         coarse_iterations=out.coarse_iterations,
         refine_layers=refine_layers,
+        region_margin_mm=region_margin_mm if np.isfinite(region_margin_mm) else None,
     )
