@@ -124,7 +124,7 @@ def test_identity_grid_is_the_identity_warp():
     assert torch.allclose(warp(img, identity_grid([9, 7, 5])), img, atol=1e-6)
 
 
-@pytest.mark.parametrize("depth", [48, 20, 7])
+@pytest.mark.parametrize("depth", [48, 20, 19, 7, 1])
 def test_warp_in_slabs_gives_grid_samples_values_and_gradients(depth):
     """`warp` cuts a single CPU volume into slabs (torch's 3D grid_sample is parallel over the batch only)."""
     import torch.nn.functional as F
