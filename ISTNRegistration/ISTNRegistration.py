@@ -121,6 +121,7 @@ class ISTNRegistrationParameterNode:
     tolerance: Annotated[float, WithinRange(-1.0, 1.0)] = -1.0  # < 0: the model's
     coarseIterations: Annotated[int, WithinRange(-1, 1000)] = -1  # < 0: the model's (coarse to fine)
     refineLayers: Annotated[str, Choice(["model default", "all", "fc"])] = "model default"  # STN weights refined
+    comparedRegion: Annotated[str, Choice(["model default", "whole grid"])] = "model default"  # where maps are compared
     liveUpdate: bool = True
     outputTransform: Optional[vtkMRMLLinearTransformNode]
     outputVolume: Optional[vtkMRMLScalarVolumeNode]
@@ -340,6 +341,7 @@ class ISTNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 tolerance=p.tolerance if p.tolerance >= 0 else None,
                 coarseIterations=p.coarseIterations if p.coarseIterations >= 0 else None,
                 refineLayers=p.refineLayers if p.refineLayers in ("all", "fc") else None,
+                regionMargin=float("inf") if p.comparedRegion == "whole grid" else None,
                 liveUpdate=p.liveUpdate,
                 outputVolumeNode=p.outputVolume,
                 showMaps=p.showMaps,

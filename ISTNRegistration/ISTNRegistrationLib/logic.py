@@ -332,7 +332,7 @@ class ISTNRegistrationLogic:
           fully connected layers, a cheaper iteration; None: the model's) and
           ``regionMargin`` (mm: the maps compared in the box around the fixed
           structures grown by this, ``float("inf")``: the whole grid; None: the
-          model's; not in the panel, which uses the model's).
+          model's; the panel's "Compared region": model default or whole grid).
         - ``outputTransformNode``: a linear transform node, created if None.
           Without ``outputVolumeNode`` the moving volume is placed under the
           result; with it, the moving volume stays where it is and the output
