@@ -236,3 +236,18 @@ def test_the_models_region_margin_is_the_default(make_model, pair2d):
     assert register(fixed, moving, load_model(path), iterations=2).region_margin_mm == 8.0
     assert register(fixed, moving, load_model(path), iterations=2,
                     region_margin_mm=float("inf")).region_margin_mm is None
+
+
+def test_the_half_resolution_region_grid_is_the_cropped_average_of_the_full_grid():
+    """Cropping the full grid to the half box's blocks before averaging == averaging, then cropping."""
+    from istn.registration import crop, half_resolution, structure_box
+
+    torch.manual_seed(0)
+    maps = torch.full((1, 2, 16, 12, 10), 0.02)
+    maps[0, 1, 5:9, 3:6, 4:7] = 0.8
+    grid = torch.rand(1, 16, 12, 10, 3) * 2 - 1
+    _, target_half, grid_half = half_resolution(maps, maps)
+    box = structure_box(target_half, 1)
+    assert box is not None and any(b.stop - b.start < n for b, n in zip(box, target_half.shape[2:]))
+    blocks = tuple(slice(2 * b.start, 2 * b.stop) for b in box)
+    assert torch.allclose(grid_half(crop(grid, blocks, grid=True)), crop(grid_half(grid), box, grid=True), atol=1e-6)

@@ -238,9 +238,12 @@ def refine(
         source_half, target_half, grid_half = half_resolution(source_map, target_map)
         box_half = structure_box(target_half, region_margin // 2) if region_margin is not None else None
         target_half = crop(target_half, box_half)
+        # the full-resolution grid cropped to the 2x2(x2) blocks that average into the half box, then averaged:
+        # the same values as averaging the whole grid and cropping, on a fraction of it
+        box_blocks = None if box_half is None else tuple(slice(2 * b.start, 2 * b.stop) for b in box_half)
 
         def coarse_objective(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            grid = crop(grid_half(module.sampling_grid(params)), box_half, grid=True)
+            grid = grid_half(crop(module.sampling_grid(params), box_blocks, grid=True))
             sim = refinement_loss(module.warp(source_half, grid), target_half)
             return (sim + regulariser(params) if regulariser is not None else sim), sim
 
