@@ -251,3 +251,17 @@ def test_the_half_resolution_region_grid_is_the_cropped_average_of_the_full_grid
     assert box is not None and any(b.stop - b.start < n for b, n in zip(box, target_half.shape[2:]))
     blocks = tuple(slice(2 * b.start, 2 * b.stop) for b in box)
     assert torch.allclose(grid_half(crop(grid, blocks, grid=True)), crop(grid_half(grid), box, grid=True), atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [dict(coarse_iterations=-1), dict(region_margin=-1), dict(layers="convs")])
+def test_refine_refuses_bad_arguments_before_touching_the_weights_flags(make_model, bad):
+    """A refused call leaves every weight's requires_grad as it was (the next registration starts clean)."""
+    from istn.registration import refine
+
+    model = load_model(make_model(2, "affine"))
+    flags = [p.requires_grad for p in model.module.parameters()]
+    shape = [1, 1] + list(reversed(model.config.grid_size))
+    maps = model.module.representation(torch.rand(shape)).detach()
+    with pytest.raises(ValueError):
+        refine(model.module, maps, maps, 3, **bad)
+    assert [p.requires_grad for p in model.module.parameters()] == flags

@@ -206,6 +206,15 @@ def refine(
     if layers == "fc" and not supports_fc_refinement(module):
         raise ValueError("refine() layers='fc' needs a model file exported by istn >= 0.3 (older files: "
                          "istn.export.rescript_model)")
+    if coarse_iterations < 0:
+        raise ValueError(f"refine() 'coarse_iterations' must be >= 0, got {coarse_iterations}")
+    if region_margin is not None and region_margin < 0:
+        raise ValueError(f"refine() 'region_margin' must be None or >= 0, got {region_margin}")
+    source_map, target_map = source_map.detach(), target_map.detach()
+    pooled = None
+    if layers == "fc":  # before the weights' flags change below: a failure here (e.g. GPU memory) leaves them alone
+        with torch.no_grad():
+            pooled = module.stn_pooled(source_map, target_map)
     # parameter names under the STN: features.convs.* (convolutions), features.fc.* and the heads (FC layers)
     stn_params = [p for name, p in module.stn.named_parameters()
                   if layers == "all" or not name.startswith("features.convs.")]
@@ -215,14 +224,7 @@ def refine(
         p.requires_grad_(False)
     for p in stn_params:
         p.requires_grad_(True)
-    source_map, target_map = source_map.detach(), target_map.detach()
-    pooled = None
-    if layers == "fc":
-        with torch.no_grad():
-            pooled = module.stn_pooled(source_map, target_map)
 
-    if region_margin is not None and region_margin < 0:
-        raise ValueError(f"refine() 'region_margin' must be None or >= 0, got {region_margin}")
     box = structure_box(target_map, region_margin) if region_margin is not None else None
     target_box = crop(target_map, box)
 
@@ -230,8 +232,6 @@ def refine(
         sim = refinement_loss(module.warp(source_map, crop(module.sampling_grid(params), box, grid=True)), target_box)
         return (sim + regulariser(params) if regulariser is not None else sim), sim
 
-    if coarse_iterations < 0:
-        raise ValueError(f"refine() 'coarse_iterations' must be >= 0, got {coarse_iterations}")
     if any(n % 2 for n in source_map.shape[2:]):
         coarse_iterations = 0
     if coarse_iterations:
