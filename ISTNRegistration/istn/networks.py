@@ -134,7 +134,22 @@ def _zero_linear(c_in: int, c_out: int) -> nn.Linear:
     return layer
 
 
-class AffineSTN(nn.Module):
+class _STN(nn.Module):
+    """What both STNs share: ``forward = from_pooled(pooled(source, target))``; subclasses set ``features``
+    (a `FeatureExtractor` on the pair's channels) and define ``from_pooled``."""
+
+    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.from_pooled(self.pooled(source, target))
+
+    def pooled(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The convolutional features of the pair ``(N, C' 4^D)``: what the fully connected layers see."""
+        return self.features.pooled(torch.cat([source, target], dim=1))
+
+    def from_pooled(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class AffineSTN(_STN):
     """Affine STN: ``(source, target) -> theta (N, D, D+1)`` normalised, identity when untrained."""
 
     def __init__(self, cfg: ModelConfig, in_channels: int) -> None:
@@ -153,13 +168,6 @@ class AffineSTN(nn.Module):
         half = [(s - 1) * cfg.grid_spacing / 2.0 for s in cfg.grid_size]
         self.register_buffer("half_extent", torch.tensor(half, dtype=torch.float32))
 
-    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.from_pooled(self.pooled(source, target))
-
-    def pooled(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The convolutional features of the pair ``(N, C' 4^D)``: what the fully connected layers see."""
-        return self.features.pooled(torch.cat([source, target], dim=1))
-
     def from_pooled(self, z: torch.Tensor) -> torch.Tensor:
         """``theta`` from the convolutional features ``z`` (`pooled`): the fully connected layers and heads."""
         h = self.features.fc(z)
@@ -172,7 +180,7 @@ class AffineSTN(nn.Module):
         )
 
 
-class BSplineSTN(nn.Module):
+class BSplineSTN(_STN):
     """B-spline STN: ``(source, target) -> control points (N, D, *cp)`` normalised, zero when untrained."""
 
     def __init__(self, cfg: ModelConfig, in_channels: int, cp_shape: List[int]) -> None:
@@ -184,13 +192,6 @@ class BSplineSTN(nn.Module):
             n_out *= c
         self.head = _zero_linear(cfg.stn_hidden, n_out)
         self.max_displacement = float(cfg.max_displacement)
-
-    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.from_pooled(self.pooled(source, target))
-
-    def pooled(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The convolutional features of the pair ``(N, C' 4^D)``: what the fully connected layers see."""
-        return self.features.pooled(torch.cat([source, target], dim=1))
 
     def from_pooled(self, z: torch.Tensor) -> torch.Tensor:
         """Control points from the convolutional features ``z`` (`pooled`): the fully connected layers."""
