@@ -115,13 +115,14 @@ class ISTNRegistrationParameterNode:
     modelChoice: str = ""
     customModelPath: str = ""
     preAlign: bool = True
-    iterations: Annotated[int, WithinRange(0, 1000)] = 50
+    iterations: Annotated[int, WithinRange(-1, 1000)] = -1  # < 0: the model's (chosen on validation)
     learningRate: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
     bending: Annotated[float, WithinRange(-1.0, 1e6)] = -1.0  # < 0: the model's (chosen on validation)
     tolerance: Annotated[float, WithinRange(-1.0, 1.0)] = -1.0  # < 0: the model's
     coarseIterations: Annotated[int, WithinRange(-1, 1000)] = -1  # < 0: the model's (coarse to fine)
     refineLayers: Annotated[str, Choice(["model default", "all", "fc"])] = "model default"  # STN weights refined
     comparedRegion: Annotated[str, Choice(["model default", "whole grid"])] = "model default"  # where maps are compared
+    polish: Annotated[int, WithinRange(-1, 1000)] = -1  # < 0: the model's (quasi-Newton evaluations at the end)
     liveUpdate: bool = True
     outputTransform: Optional[vtkMRMLLinearTransformNode]
     outputVolume: Optional[vtkMRMLScalarVolumeNode]
@@ -332,7 +333,7 @@ class ISTNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             result = self.logic.register(
                 p.fixedVolume, p.movingVolume,
-                iterations=p.iterations,
+                iterations=p.iterations if p.iterations >= 0 else None,
                 outputTransformNode=output,
                 modelPath=modelPath,
                 preAlign=p.preAlign,
@@ -342,6 +343,7 @@ class ISTNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 coarseIterations=p.coarseIterations if p.coarseIterations >= 0 else None,
                 refineLayers=p.refineLayers if p.refineLayers in ("all", "fc") else None,
                 regionMargin=float("inf") if p.comparedRegion == "whole grid" else None,
+                polish=p.polish if p.polish >= 0 else None,
                 liveUpdate=p.liveUpdate,
                 outputVolumeNode=p.outputVolume,
                 showMaps=p.showMaps,

@@ -81,6 +81,16 @@ def test_region_margin_flag_is_checked_and_reaches_result_json(files, tmp_path, 
     assert "unbounded maps" in capsys.readouterr().err and not (tmp_path / "lin").exists()
 
 
+def test_polish_flag_is_checked_and_reaches_result_json(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _register(files, out, **{"--polish": "3", "--refine": "5"}) == 0
+    stage = json.loads((out / "result.json").read_text())["stages"][0]
+    assert 0 < stage["polish_iterations"] <= 3 and stage["iterations"] <= 8
+    assert "of them polish" in capsys.readouterr().out
+    assert _register(files, tmp_path / "neg", **{"--polish": "-1"}) == 2
+    assert "--polish must be" in capsys.readouterr().err and not (tmp_path / "neg").exists()
+
+
 def test_evaluate_identity_gives_perfect_scores(tmp_path, capsys):
     lab = np.zeros((20, 20, 20), np.uint8)
     lab[5:12, 5:12, 5:12] = 1

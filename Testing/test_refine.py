@@ -265,3 +265,147 @@ def test_refine_refuses_bad_arguments_before_touching_the_weights_flags(make_mod
     with pytest.raises(ValueError):
         refine(model.module, maps, maps, 3, **bad)
     assert [p.requires_grad for p in model.module.parameters()] == flags
+
+
+def test_the_lbfgs_polish_finds_the_minimum_of_a_known_quadratic():
+    """istn.registration._lbfgs_polish (our L-BFGS): a 12-parameter least squares with a known minimiser."""
+    from istn.registration import _lbfgs_polish
+
+    torch.manual_seed(0)
+    a = torch.randn(40, 12) * torch.logspace(0, 0.5, 12)  # column scales 1..3
+    truth = 0.08 * torch.tanh(torch.randn(1, 12))  # within the trust region (0.1) of the start, 0
+    b = truth @ a.T
+
+    def objective(x):
+        loss = ((x @ a.T - b) ** 2).mean()
+        return loss, loss
+
+    start = torch.zeros(1, 12)
+    best0 = (float(objective(start)[0]), float(objective(start)[1]), start, 1)
+    losses, seen = [], []
+    best, cancelled, used = _lbfgs_polish(objective, best0, 60, losses, lambda info: seen.append(info.loss), None,
+                                          None, 99)
+    assert not cancelled and used <= 60 and len(losses) == len(seen) == used
+    assert torch.allclose(best[2], truth, atol=1e-4), (best[2] - truth).abs().max()
+    assert all(b <= a for a, b in zip(losses, losses[1:]))  # the current iterate's objective never rises
+    assert best[0] == pytest.approx(losses[-1]) and best[0] < 1e-6 * best0[0]
+
+
+def test_the_gauss_newton_polish_solves_a_known_least_squares_in_a_few_iterations():
+    """istn.registration._gauss_newton_polish: residuals linear in 12 parameters -> the minimiser, ~exactly."""
+    from istn.registration import _gauss_newton_polish
+
+    torch.manual_seed(0)
+    a = torch.randn(200, 12, dtype=torch.float64) * torch.logspace(0, 2, 12, dtype=torch.float64)  # ill-conditioned
+    truth = 0.08 * torch.tanh(torch.randn(1, 3, 4, dtype=torch.float64))
+    b = truth.flatten() @ a.T + 0.01 * torch.randn(200, dtype=torch.float64)  # a residual left at the minimum
+    best_x = torch.linalg.lstsq(a, b).solution.reshape(1, 3, 4)
+
+    def residuals(x):
+        return x.flatten(1) @ a.T - b
+
+    start = torch.zeros(1, 3, 4, dtype=torch.float64)
+    v0 = float((residuals(start) ** 2).mean())
+    losses = []
+    best, cancelled, run = _gauss_newton_polish(residuals, (v0, v0, start, 1), 10, losses, None, None, None, 99,
+                                                step=1e-6)
+    assert not cancelled and 1 <= run <= 5 and len(losses) == run
+    assert torch.allclose(best[2], best_x, atol=1e-6)
+
+
+def test_the_polish_alone_recovers_a_known_translation(make_model):
+    """No Adam step at all, Gauss-Newton on the affine's parameters: the blob's shift, in a few iterations."""
+    fixed, moving = _shifted_pair((2.0, -1.5))  # within the trust region (0.1 x the 23.5 mm half-width)
+    model = load_model(make_model(2, "affine", "stn-u", perturb=False, grid_size=(48, 48), grid_spacing=1.0))
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    res = register(fixed, moving, model, iterations=0, polish=10, tolerance=0.0)
+    m = sitk_affine_to_matrix(res.transform)
+    assert np.allclose(m[:2, 2], (2.0, -1.5), atol=0.1), m
+    assert np.allclose(m[:2, :2], np.eye(2), atol=0.01)
+    assert 0 < res.polish_iterations <= 10 and res.iterations == res.polish_iterations
+    assert res.summary()["polish_iterations"] == res.polish_iterations
+    assert all(b <= a for a, b in zip(res.losses, res.losses[1:])) and res.loss_final < 0.1 * res.loss_one_pass
+    assert all(torch.equal(v, before[k]) for k, v in model.module.state_dict().items())  # weights untouched
+
+
+def test_the_polish_stays_in_its_trust_region(make_model):
+    """An 8 mm shift is beyond the polish's reach from the identity: it moves towards it, no further than its radius."""
+    from istn.registration import POLISH_RADIUS
+
+    fixed, moving = _shifted_pair((8.0, 0.0))
+    model = load_model(make_model(2, "affine", "stn-u", perturb=False, grid_size=(48, 48), grid_spacing=1.0))
+    res = register(fixed, moving, model, iterations=0, polish=20, tolerance=0.0)
+    shift = sitk_affine_to_matrix(res.transform)[0, 2]
+    half_width = 23.5  # mm: the grid's centre to its outer voxel centres
+    assert 0.5 * POLISH_RADIUS * half_width < shift <= POLISH_RADIUS * half_width + 1e-3, shift
+
+
+def test_the_polish_makes_the_result_independent_of_where_adam_stopped(make_model):
+    """Two Adam budgets stop at different points; the same polish after each lands at the same, known, transform."""
+    fixed, moving = _shifted_pair((2.0, -1.5))
+    model = load_model(make_model(2, "affine", "stn-u", perturb=False, grid_size=(48, 48), grid_spacing=1.0))
+    kw = dict(lr=2e-3, tolerance=0.0)
+    a4, a12 = (sitk_affine_to_matrix(register(fixed, moving, model, iterations=n, **kw).transform) for n in (4, 12))
+    p4, p12 = (sitk_affine_to_matrix(register(fixed, moving, model, iterations=n, polish=8, **kw).transform)
+               for n in (4, 12))
+    apart, polished = np.abs(a4 - a12).max(), np.abs(p4 - p12).max()
+    assert apart > 0.2 and polished < 0.05 * apart, (polished, apart)
+    assert np.allclose(p4[:2, 2], (2.0, -1.5), atol=0.1) and np.allclose(p12[:2, 2], (2.0, -1.5), atol=0.1)
+    again = register(fixed, moving, model, iterations=12, polish=8, **kw)  # and the polish is deterministic
+    assert np.array_equal(sitk_affine_to_matrix(again.transform), p12)
+
+
+def test_the_lbfgs_polish_of_a_bspline_lowers_the_loss_further(make_model, pair2d):
+    fixed, moving = pair2d
+    model = load_model(make_model(2, "bspline"))
+    adam = register(fixed, moving, model, iterations=5, lr=1e-2, tolerance=0.0)
+    polished = register(fixed, moving, model, iterations=5, lr=1e-2, tolerance=0.0, polish=10)
+    assert polished.losses[:5] == pytest.approx(adam.losses)  # the same Adam phase first
+    assert polished.iterations == 5 + polished.polish_iterations and 0 < polished.polish_iterations <= 10
+    assert polished.loss_final < adam.loss_final
+
+
+def test_a_cancel_during_the_polish_stops_within_one_iteration(make_model, pair2d):
+    fixed, moving = pair2d
+    model = load_model(make_model(2, "affine"))
+    event = threading.Event()
+
+    def on_iteration(info):
+        assert info.iterations == 15  # Adam's 5 + the polish's 10
+        if info.iteration == 7:  # the polish's 2nd iteration
+            event.set()
+
+    res = register(fixed, moving, model, iterations=5, polish=10, tolerance=0.0, callback=on_iteration, cancel=event)
+    assert res.cancelled and res.iterations == 7 and res.polish_iterations == 2
+    m = sitk_affine_to_matrix(res.transform)
+    assert np.all(np.isfinite(m)) and abs(np.linalg.det(m)) > 0.1
+
+
+def test_the_models_polish_is_the_default_and_bad_values_are_refused(make_model, pair2d):
+    from istn.errors import InputError
+    from istn.export import rewrite_metadata
+
+    path = make_model(2, "affine")
+    fixed, moving = pair2d
+    assert register(fixed, moving, load_model(path), iterations=4).polish_iterations == 0  # no metadata: Adam only
+    rewrite_metadata(path, {**load_model(path).meta, "refinement": {"polish": 3}})
+    res = register(fixed, moving, load_model(path), iterations=4, tolerance=0.0)
+    assert 0 < res.polish_iterations <= 3 and res.iterations == 4 + res.polish_iterations
+    assert register(fixed, moving, load_model(path), iterations=4, polish=0).polish_iterations == 0
+    for bad in (-1, 2.5, True, "3"):
+        with pytest.raises(InputError, match="polish"):
+            register(fixed, moving, load_model(path), iterations=4, polish=bad)
+
+
+def test_the_models_iteration_count_is_the_default(make_model, pair2d):
+    """register(iterations=None): the model's refinement.iterations, else 50 (the paper's)."""
+    from istn.export import rewrite_metadata
+
+    path = make_model(2, "affine")
+    fixed, moving = pair2d
+    plain = register(fixed, moving, load_model(path), tolerance=0.0)
+    assert plain.iterations == plain.iterations_allowed == 50
+    rewrite_metadata(path, {**load_model(path).meta, "refinement": {"iterations": 7, "polish": 2}})
+    res = register(fixed, moving, load_model(path), tolerance=0.0)
+    assert res.iterations_allowed == 9 and res.iterations == 7 + res.polish_iterations
+    assert register(fixed, moving, load_model(path), iterations=3, polish=0, tolerance=0.0).iterations == 3

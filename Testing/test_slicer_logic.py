@@ -841,6 +841,15 @@ def test_bending_and_tolerance_reach_the_engine_and_bad_values_are_refused_befor
         logic.register(fixed_node, moving_node, modelPath=tiny_models["affine"], iterations=3, threads=1,
                        regionMargin=20.0, updateViews=False)
     assert scene.GetNumberOfNodes() == before
+    for polish in (0, 4, None):  # the panel's "Polish evaluations" reaches every stage (None: the model's, here 0)
+        res = logic.register(fixed_node, moving_node, modelPath=tiny_models["bspline"], affineModelPath=tiny_models["affine"],
+                             iterations=6, threads=1, polish=polish, updateViews=False)
+        assert [0 < st.polish_iterations <= 4 if polish else st.polish_iterations == 0 for st in res.stages] == [True] * 2
+    before = scene.GetNumberOfNodes()
+    with pytest.raises(Exception, match="polish"):
+        logic.register(fixed_node, moving_node, modelPath=tiny_models["affine"], iterations=6, threads=1,
+                       polish=2.5, updateViews=False)
+    assert scene.GetNumberOfNodes() == before
     for bad in (2.5, True):
         with pytest.raises(Exception, match="coarse_iterations"):
             logic.register(fixed_node, moving_node, modelPath=tiny_models["affine"], iterations=6, threads=1,

@@ -125,14 +125,17 @@ class ISTNRegistrationResult:
         for stage in self.metrics.get("stages", []):
             values = dict(stage=STAGE_NAMES.get(stage["stage"], stage["stage"]), onePass=stage["loss_one_pass"],
                           final=stage["loss_final"], iterations=stage["iterations"],
-                          requested=stage.get("iterations_requested", stage["iterations"]))
+                          requested=stage.get("iterations_requested", stage["iterations"]),
+                          polish=stage.get("polish_iterations", 0))
             if values["iterations"] < values["requested"]:  # refinement converged before the last iteration
-                lines.append(_("{stage}: ITN map MSE {onePass:.4g} after one pass, {final:.4g} after {iterations} "
-                               "refinement iterations (stopped early at convergence; {requested} allowed).")
-                             .format(**values))
+                line = _("{stage}: ITN map MSE {onePass:.4g} after one pass, {final:.4g} after {iterations} "
+                         "refinement iterations (stopped early at convergence; {requested} allowed).")
             else:
-                lines.append(_("{stage}: ITN map MSE {onePass:.4g} after one pass, {final:.4g} after {iterations} "
-                               "refinement iterations.").format(**values))
+                line = _("{stage}: ITN map MSE {onePass:.4g} after one pass, {final:.4g} after {iterations} "
+                         "refinement iterations.")
+            if values["polish"]:
+                line += " " + _("The last {polish} polished the transform itself.")
+            lines.append(line.format(**values))
         dice = self.metrics.get("dice", {})
         if dice:
             parts = "; ".join(_("{name} {before:.3f} → {after:.3f}").format(name=name, before=v["before"],
@@ -290,7 +293,7 @@ class ISTNRegistrationLogic:
         fixedVolumeNode,
         movingVolumeNode,
         transformType: str | None = None,
-        iterations: int = 50,
+        iterations: int | None = None,
         outputTransformNode=None,
         *,
         modelPath: str | Path | None = None,
@@ -302,6 +305,7 @@ class ISTNRegistrationLogic:
         coarseIterations: int | None = None,
         refineLayers: str | None = None,
         regionMargin: float | None = None,
+        polish: int | None = None,
         liveUpdate: bool = True,
         outputVolumeNode=None,
         showMaps: bool = True,
@@ -322,7 +326,8 @@ class ISTNRegistrationLogic:
         - B-spline: with ``preAlign`` an affine model (``affineModelPath`` or the
           bundled one) runs first; its result goes into ``outputTransformNode``
           (a linear node) and the B-spline into a child node of it.
-        - ``iterations`` of test-time refinement per model (0: one pass only);
+        - ``iterations`` of test-time refinement per model (0: one pass only;
+          None: each model's own number, chosen on its validation pairs);
           ``learningRate`` None or <= 0 uses the model's own; ``bending`` (B-spline
           stage, mm^2) and ``tolerance`` (stop refining when the loss gains
           less than this over 10 iterations) None or < 0 use the model's
@@ -332,7 +337,11 @@ class ISTNRegistrationLogic:
           fully connected layers, a cheaper iteration; None: the model's) and
           ``regionMargin`` (mm: the maps compared in the box around the fixed
           structures grown by this, ``float("inf")``: the whole grid; None: the
-          model's; the panel's "Compared region": model default or whole grid).
+          model's; the panel's "Compared region": model default or whole grid)
+          and ``polish`` (iterations after the refinement that polish the
+          transform's parameters themselves, Gauss-Newton for an affine,
+          L-BFGS for a B-spline, so that the result does not depend on where
+          the network's refinement stopped; None or < 0: the model's; 0: off).
         - ``outputTransformNode``: a linear transform node, created if None.
           Without ``outputVolumeNode`` the moving volume is placed under the
           result; with it, the moving volume stays where it is and the output
@@ -375,9 +384,11 @@ class ISTNRegistrationLogic:
             scene = self.scene
             # ---- check everything before touching the scene ------------------------
             self._checkInputs(fixedVolumeNode, movingVolumeNode, outputTransformNode, outputVolumeNode)
-            iterations = int(iterations)
-            if iterations < 0:
-                raise ValueError(_("'iterations' must be >= 0, got {iterations}").format(iterations=iterations))
+            if iterations is not None:
+                iterations = int(iterations)
+                if iterations < 0:
+                    raise ValueError(_("'iterations' must be >= 0, got {iterations}").format(iterations=iterations))
+            shown = iterations if iterations is not None else 1  # the busy steps' progress: 0 of this
             device = {"gpu": "cuda"}.get(str(device).lower(), str(device).lower())
             if device not in DEVICES:
                 raise ValueError(_("'device' must be one of {choices}, got '{device}'").format(
@@ -412,14 +423,15 @@ class ISTNRegistrationLogic:
                              "coarse_iterations": (coarseIterations if coarseIterations is not None
                                                    and not coarseIterations < 0 else None),
                              "refine_layers": refineLayers or None,
-                             "region_margin_mm": regionMargin}
+                             "region_margin_mm": regionMargin,
+                             "polish": polish if polish is not None and not polish < 0 else None}
 
             from istn.registration import is_cancelled
 
             models = []
             for kind, path in stagesToRun:
                 if progressCallback is not None:  # loading is silent: the panel shows a wait cursor meanwhile
-                    progressCallback(RegistrationProgress("load", 1, len(stagesToRun), 0, iterations, None,
+                    progressCallback(RegistrationProgress("load", 1, len(stagesToRun), 0, shown, None,
                                                           _("Loading the model {name}...").format(name=Path(path).name)))
                 models.append((kind, self.loadModel(path)))
             from istn.registration import check_register_inputs
@@ -467,10 +479,10 @@ class ISTNRegistrationLogic:
                 self._writeTransform(final, linearNode, bsplineWriter)
 
                 if progressCallback is not None:
-                    progressCallback(RegistrationProgress("outputs", len(models), len(models), iterations, iterations,
+                    progressCallback(RegistrationProgress("outputs", len(models), len(models), shown, shown,
                                                           None, _("Computing outputs and quality measures...")))
                 last = result.stages[-1]
-                result.metrics = self._metrics(result.stages, final, fixedImage, pairs, transformType, iterations)
+                result.metrics = self._metrics(result.stages, final, fixedImage, pairs, transformType)
                 if cancelled():
                     raise RegistrationCancelled()
                 result.fixedMapNode, result.movingMapNode = self._writeMaps(
@@ -615,7 +627,7 @@ class ISTNRegistrationLogic:
                 progressCallback(RegistrationProgress(kind, index, count, info.iteration, info.iterations, info.loss))
 
         if progressCallback is not None:  # the one pass reports nothing until it is done
-            progressCallback(RegistrationProgress(kind, index, count, 0, iterations, None,
+            progressCallback(RegistrationProgress(kind, index, count, 0, iterations if iterations is not None else 1, None,
                                                   _("Running the {stage} model ({name})...").format(
                                                       stage=STAGE_NAMES[kind], name=model.path.name)))
         return register(fixedImage, movingImage, model, iterations=iterations, device=device,
@@ -640,15 +652,17 @@ class ISTNRegistrationLogic:
             bsplineWriter.write(bspline)
 
     @staticmethod
-    def _metrics(stages, final, fixedImage, pairs, transformType, iterations: int) -> dict:
+    def _metrics(stages, final, fixedImage, pairs, transformType) -> dict:
         import SimpleITK as sitk
 
         from istn.metrics import dice, folding_fraction
 
-        # "iterations": those the engine ran (it may stop early at convergence); "iterations_requested": the limit
+        # "iterations": those the engine ran (it may stop early at convergence), "polish_iterations" of them the
+        # polish's; "iterations_requested": the limit (refinement + polish)
         metrics: dict = {"stages": [
             {"stage": s.transform_type, "loss_one_pass": s.loss_one_pass, "loss_final": s.loss_final,
-             "iterations": s.iterations, "iterations_requested": iterations, "losses": list(s.losses)}
+             "iterations": s.iterations, "polish_iterations": s.polish_iterations,
+             "iterations_requested": s.iterations_allowed, "losses": list(s.losses)}
             for s in stages]}
         metrics["loss_one_pass"] = stages[-1].loss_one_pass
         metrics["loss_final"] = stages[-1].loss_final

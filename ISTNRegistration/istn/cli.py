@@ -38,14 +38,14 @@ def _finite(x: float) -> bool:
     return math.isfinite(x)
 
 
-def check_register_options(iterations: int, lr: float | None, device: str, background: float | None = None,
+def check_register_options(iterations: int | None, lr: float | None, device: str, background: float | None = None,
                            bending: float | None = None, tolerance: float | None = None,
                            threads: int | None = None, coarse_iterations: int | None = None,
-                           region_margin_mm: float | None = None) -> None:
+                           region_margin_mm: float | None = None, polish: int | None = None) -> None:
     """The numeric and device options, checked before any file is read (messages name the flags)."""
     from .registration import check_device
 
-    if iterations < 0:
+    if iterations is not None and iterations < 0:
         raise InputError(f"--refine must be a whole number >= 0 (refinement iterations), got {iterations}")
     if lr is not None and (not _finite(lr) or lr <= 0):
         raise InputError(f"--lr must be a finite number > 0 (refinement learning rate), got {lr:g}")
@@ -62,6 +62,8 @@ def check_register_options(iterations: int, lr: float | None, device: str, backg
                          f"got {coarse_iterations}")
     if region_margin_mm is not None and not region_margin_mm >= 0:
         raise InputError(f"--region-margin must be a number of mm >= 0 (inf: the whole grid), got {region_margin_mm:g}")
+    if polish is not None and polish < 0:
+        raise InputError(f"--polish must be a whole number >= 0 (polish iterations; 0: Adam only), got {polish}")
     check_device(device)
 
 
@@ -70,7 +72,7 @@ def run_register(
     moving_path: str | Path,
     model_paths: Sequence[str | Path],
     out_dir: str | Path,
-    iterations: int = 50,
+    iterations: int | None = None,
     lr: float | None = None,
     device: str = "auto",
     initial_path: str | Path | None = None,
@@ -82,6 +84,7 @@ def run_register(
     coarse_iterations: int | None = None,
     refine_layers: str | None = None,
     region_margin_mm: float | None = None,
+    polish: int | None = None,
 ) -> dict:
     """Register a pair with one model or a chain (affine models, then at most one B-spline) and write the outputs.
 
@@ -93,8 +96,10 @@ def run_register(
     iterations run on half-resolution maps), ``refine_layers`` (every stage:
     "all" STN weights or its fully connected layers, "fc") and
     ``region_margin_mm`` (every stage: the maps compared around the fixed
-    structures, inf: the whole grid) override the models' refinement settings
-    (`register`).
+    structures, inf: the whole grid) and ``polish`` (every stage: iterations
+    polishing the transform's parameters after the refinement) override the
+    models' refinement settings (`register`). ``iterations`` None: each
+    model's ``refinement.iterations``, else 50.
     Returns the content of ``result.json``; its ``warnings`` gather every
     stage's (the CLI prints them).
     """
@@ -107,7 +112,7 @@ def run_register(
     if not model_paths:
         raise InputError("at least one --model is needed")
     check_register_options(iterations, lr, device, background, bending, tolerance, threads, coarse_iterations,
-                           region_margin_mm)
+                           region_margin_mm, polish)
     names = list(REGISTER_OUTPUTS) + ["transform.tfm", "affine.tfm"]
     inputs = [fixed_path, moving_path, *model_paths] + ([initial_path] if initial_path else [])
     fixed = read_image(fixed_path, "fixed")
@@ -118,7 +123,7 @@ def run_register(
     initial = read_transform(initial_path, "--initial transform") if initial_path else None
     check_register_inputs(fixed, moving, models, iterations=iterations, lr=lr, device=device,
                           initial_transform=initial, initial_name=f"--initial transform '{initial_path}'",
-                          refine_layers=refine_layers, region_margin_mm=region_margin_mm)
+                          refine_layers=refine_layers, region_margin_mm=region_margin_mm, polish=polish)
     bg = float(sitk.GetArrayViewFromImage(moving).min()) if background is None else float(background)
     # Inputs are good: check the output location before the (long) computation.
     created = not Path(out_dir).exists()
@@ -135,7 +140,7 @@ def run_register(
             result = register(fixed, moving, model, iterations=iterations, lr=lr, device=device,
                               initial_transform=initial, callback=progress, bending=bending, tolerance=tolerance,
                               threads=threads, coarse_iterations=coarse_iterations, refine_layers=refine_layers,
-                              region_margin_mm=region_margin_mm)
+                              region_margin_mm=region_margin_mm, polish=polish)
             stages.append({**result.summary(), "model_file": str(model.path)})  # summary's "model": the metadata
             initial = result.transform
         assert result is not None
@@ -403,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--moving", required=True, help="moving image")
     r.add_argument("--model", action="append", required=True,
                    help="exported model (.pt); repeat to chain: affine models, then at most one B-spline model, last")
-    r.add_argument("--refine", type=int, default=50, help="test-time refinement iterations (default 50)")
+    r.add_argument("--refine", type=int, default=None,
+                   help="test-time refinement iterations (default: the model's, chosen on validation, else 50)")
     r.add_argument("--lr", type=float, default=None, help="refinement learning rate (default: the model's)")
     r.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: the cores this process may use, at most 8; see istn.threads)")
@@ -421,6 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--region-margin", type=float, default=None, metavar="MM",
                    help="compare the structure maps only in the box around the fixed image's structures grown by "
                         "MM (bounded-map models; inf: the whole grid; default: the model's, chosen on validation)")
+    r.add_argument("--polish", type=int, default=None, metavar="N",
+                   help="after the --refine iterations, up to N iterations polishing the transform's parameters "
+                        "themselves (Gauss-Newton for an affine, L-BFGS for a B-spline), so that the result does not "
+                        "depend on where the network's refinement stopped (default: the model's, chosen on "
+                        "validation; 0: off, the paper)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--initial", help="initial ITK transform file (fixed -> moving), e.g. an affine .tfm or an earlier "
                    "transform.h5 (a non-linear one can start affine models only)")
@@ -483,7 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="register the bundled sample pair with the bundled model")
     d.add_argument("--out", default="istn-demo", help="output folder (default ./istn-demo)")
-    d.add_argument("--refine", type=int, default=50)
+    d.add_argument("--refine", type=int, default=None,
+                   help="refinement iterations per stage (default: each bundled model's)")
     return p
 
 
@@ -494,11 +506,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "register":
             s = run_register(args.fixed, args.moving, args.model, args.out, args.refine, args.lr, args.device,
                              args.initial, args.quiet, args.background, args.bending, args.tolerance, args.threads,
-                             args.coarse_iterations, args.refine_layers, args.region_margin)
+                             args.coarse_iterations, args.refine_layers, args.region_margin, args.polish)
             for st in s["stages"]:
                 stop = " (converged)" if st["converged"] else ""
+                polished = f", {st['polish_iterations']} of them polish" if st.get("polish_iterations") else ""
                 print(f"{Path(st['model_file']).name}: loss {st['loss_one_pass']:.6f} -> {st['loss_final']:.6f} after "
-                      f"{st['iterations']} iterations{stop}")
+                      f"{st['iterations']} iterations{polished}{stop}")
             for w in s["warnings"]:
                 print(f"istn register: warning: {w}", file=sys.stderr)
             print(f"{s['seconds_total']:.2f} s; outputs in {args.out}")

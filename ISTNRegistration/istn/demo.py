@@ -74,7 +74,7 @@ def structure_dice(fixed_labels: sitk.Image, moving_labels: sitk.Image, transfor
     return {name: dice(f == v, w == v) for name, v in LABELS.items()}
 
 
-def run_demo(out_dir: str | Path = "istn-demo", iterations: int = 50, device: str = "auto") -> dict:
+def run_demo(out_dir: str | Path = "istn-demo", iterations: int | None = None, device: str = "auto") -> dict:
     """Run the demo; writes transforms, images, ITN maps, ``demo.png`` and ``result.json`` to ``out_dir``."""
     from .export import load_model
     from .figures import registration_figure
@@ -120,10 +120,11 @@ def run_demo(out_dir: str | Path = "istn-demo", iterations: int = 50, device: st
     means = {s: float(np.mean(list(v.values()))) for s, v in stages.items()}
     print(f"{'mean':<16}" + "".join(f"{means[s]:22.3f}" for s in stages))
     def ran(r) -> str:
-        return f"{r.iterations} refinement iterations" + (", converged" if r.converged else "")
+        polish = f" + {r.polish_iterations} polish" if r.polish_iterations else ""
+        return (f"{r.iterations - r.polish_iterations}{polish} refinement iterations of at most "
+                f"{r.iterations_allowed}" + (", converged" if r.converged else ""))
 
-    print(f"\ntime: affine {t_aff:.1f} s ({ran(aff)}), B-spline {t_bsp:.1f} s ({ran(bsp)}; at most {iterations} "
-          f"each), device {aff.device}")
+    print(f"\ntime: affine {t_aff:.1f} s ({ran(aff)}), B-spline {t_bsp:.1f} s ({ran(bsp)}), device {aff.device}")
     for stage, r in (("affine", aff), ("B-spline", bsp)):
         for w in r.warnings:
             print(f"warning ({stage}): {w}")

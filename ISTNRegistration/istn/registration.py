@@ -80,6 +80,7 @@ class RefineOutput:
     start_loss: float = float("nan")  # objective of the starting parameters (the one pass)
     start_similarity: float = float("nan")  # and its MSE part
     coarse_iterations: int = 0  # iterations run on the half-resolution copy of the maps (coarse to fine)
+    polish_iterations: int = 0  # iterations of the final polish of the transform's parameters (`refine`'s ``polish``)
 
 
 def is_cancelled(cancel: CancelFlag) -> bool:
@@ -135,6 +136,9 @@ def refinement_layers(model: LoadedModel) -> str:
     return str(model.meta.get("refinement", {}).get("layers", "all"))
 
 
+# Refinement iterations when neither the caller nor the model's ``refinement.iterations`` says (the paper's 50)
+DEFAULT_ITERATIONS = 50
+
 # Refinement stops when the best objective improved by less than `tolerance` (relative) over this many iterations.
 CONVERGENCE_WINDOW = 10
 
@@ -155,6 +159,7 @@ def refine(
     coarse_iterations: int = 0,
     layers: str = "all",
     region_margin: int | None = None,
+    polish: int = 0,
 ) -> RefineOutput:
     """Test-time refinement of the STN of ``module`` on one pair.
 
@@ -196,6 +201,24 @@ def refine(
     it both maps are background, and the warp and the loss cost in proportion
     to the voxels compared (half the margin on the half-resolution maps).
     The objective values are then means over the box. None: the whole grid.
+
+    ``polish``: after the (up to) ``iterations`` Adam steps, up to this many
+    iterations that polish the transform's parameters themselves (the heads'
+    output; the weights are no longer involved), from the best iterate, on
+    the full grid (or box). Adam on an over-parameterised network stops
+    circling somewhere along the loss's flat directions, so where it stopped
+    depended on its start (the same head acquired obliquely vs.
+    axis-aligned: ~1 mm apart over the brain); the polish goes down that
+    valley to its floor, which depends on the maps alone. Few parameters
+    (an affine: 6 or 12, no regulariser): Levenberg-Marquardt with the
+    Jacobian of the warped maps by finite differences (`_gauss_newton_polish`:
+    one iteration costs about as much as ~6 Adam iterations and converges in
+    a few); many (a B-spline): L-BFGS (`_lbfgs_polish`: one iteration is one
+    objective evaluation, about one Adam iteration). ``losses`` gains the
+    objective of the polish's current iterate after each of its iterations
+    (never rising), and the callback is called after each; the callback's
+    ``iterations`` is then ``iterations + polish``. The polish stays within
+    `POLISH_RADIUS` of its start.
     """
     if iterations < 0:
         raise ValueError(f"refine() 'iterations' must be >= 0, got {iterations}")
@@ -210,6 +233,9 @@ def refine(
         raise ValueError(f"refine() 'coarse_iterations' must be >= 0, got {coarse_iterations}")
     if region_margin is not None and region_margin < 0:
         raise ValueError(f"refine() 'region_margin' must be None or >= 0, got {region_margin}")
+    if polish < 0:
+        raise ValueError(f"refine() 'polish' must be >= 0, got {polish}")
+    adam_iterations, iterations = iterations, iterations + polish  # ``iterations`` from here on: the whole budget
     source_map, target_map = source_map.detach(), target_map.detach()
     pooled = None
     if layers == "fc":  # before the weights' flags change below: a failure here (e.g. GPU memory) leaves them alone
@@ -256,16 +282,16 @@ def refine(
     best: tuple[float, float, torch.Tensor, int] | None = None  # (objective, similarity, params, iteration)
     history: list[float] = []  # best objective (of the current resolution) after each iteration
     coarse_best = float("inf")
-    coarse_run = 0
+    coarse_run = polished = 0
     try:
         optimizer = Adam(stn_params, lr)
-        if coarse_iterations and iterations:  # the one pass on the full grid: the start, and a candidate
+        if coarse_iterations and adam_iterations:  # the one pass on the full grid: the start, and a candidate
             with torch.no_grad():
                 params = current()
                 loss, sim = objective(params)
             start = (float(loss), float(sim))
             best = (*start, params.detach().clone(), 1)
-        for it in range(iterations):
+        for it in range(adam_iterations):
             if is_cancelled(cancel):
                 cancelled = True
                 break
@@ -297,7 +323,7 @@ def refine(
                     if coarse:  # converged at half resolution: go on to the full grid
                         coarse_iterations, history = coarse_run, []
                         continue
-                    converged = it + 1 < iterations
+                    converged = it + 1 < adam_iterations
                     break
         with torch.no_grad():  # the parameters after the last step
             params = current()
@@ -306,6 +332,20 @@ def refine(
                 start = (float(loss), float(sim))
             if best is None or float(loss) < best[0]:
                 best = (float(loss), float(sim), params.detach().clone(), len(losses) + 1)
+        if polish and not cancelled:
+            for p in stn_params:  # the polish moves the parameters alone: no gradient for the weights
+                p.requires_grad_(False)
+            if regulariser is None and best[2].numel() <= GAUSS_NEWTON_MAX_PARAMETERS:
+                def residuals(params: torch.Tensor) -> torch.Tensor:  # (B, *P) -> (B, M): warped - target
+                    grid = crop(module.sampling_grid(params), box, grid=True)
+                    warped = module.warp(source_map.expand(params.shape[0], *source_map.shape[1:]), grid)
+                    return (warped - target_box).flatten(1)
+
+                best, cancelled, polished = _gauss_newton_polish(residuals, best, polish, losses, callback, cancel,
+                                                                 to_world, iterations)
+            else:
+                best, cancelled, polished = _lbfgs_polish(objective, best, polish, losses, callback, cancel,
+                                                          to_world, iterations)
     finally:
         with torch.no_grad():
             for p, s in zip(stn_params, saved):
@@ -314,7 +354,199 @@ def refine(
             p.requires_grad_(flag)
     value, sim_value, params, best_it = best
     return RefineOutput(params, [float(v) for v in losses], value, cancelled, best_it, converged, sim_value, *start,
-                        coarse_iterations=coarse_run)
+                        coarse_iterations=coarse_run, polish_iterations=polished)
+
+
+# Transforms with at most this many parameters (affine: 6 in 2D, 12 in 3D) are polished by Gauss-Newton
+GAUSS_NEWTON_MAX_PARAMETERS = 16
+# The polish's trust region, in the transform's normalised parameters (each within this of the polish's start):
+# 0.1 of the grid's half-width in translation (~10 mm on the 48^3 x 4 mm brain grids), 0.1 in the matrix's entries
+# (~6 degrees, 10 % scale) or in each B-spline control point's displacement
+POLISH_RADIUS = 0.1
+
+
+def _cubic_minimum(t: float, f0: float, d0: float, ft: float, dt: float) -> float:
+    """The minimiser on [0, t] of the cubic through (0, f0) and (t, ft) with slopes d0 and dt (t / 2 if none)."""
+    d1 = d0 + dt - 3.0 * (f0 - ft) / (0.0 - t)
+    disc = d1 * d1 - d0 * dt
+    if disc < 0 or not np.isfinite(disc):
+        return 0.5 * t
+    d2 = float(np.sqrt(disc))
+    m = t - t * (dt + d2 - d1) / (dt - d0 + 2.0 * d2) if (dt - d0 + 2.0 * d2) != 0 else 0.5 * t
+    return m if np.isfinite(m) else 0.5 * t
+
+
+def _lbfgs_polish(objective: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+            best: tuple[float, float, torch.Tensor, int], evaluations: int, losses: list,
+            callback: Callable[[IterationInfo], None] | None, cancel: CancelFlag,
+            to_world: Callable[[torch.Tensor], sitk.Transform] | None,
+            iterations: int, history: int = 10) -> tuple[tuple[float, float, torch.Tensor, int], bool, int]:
+    """L-BFGS on the transform's parameters from ``best`` for at most ``evaluations`` objective evaluations
+    (the polish's iterations, `refine`).
+
+    A small L-BFGS of our own (two-loop recursion, backtracking Armijo line
+    search): torch.optim.LBFGS imports torch._dynamo on construction, 1.6 s
+    of a cold command-line call. ``best`` = (objective, similarity, params,
+    iteration) is returned updated (only accepted, lower points replace it);
+    the objective of the current iterate after each evaluation is appended
+    to ``losses`` (it never rises). Every point tried stays within
+    `POLISH_RADIUS` of the start in every parameter (a trust region: the
+    polish finishes Adam's work, it does not search anew, and it cannot walk
+    past the bounds the STN's heads put on its own output). Returns
+    ``(best, cancelled, evaluations run)``.
+    """
+    count = 0
+
+    def evaluate(x: torch.Tensor) -> tuple[float, float, torch.Tensor]:
+        nonlocal count
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss, sim = objective(x)
+            (grad,) = torch.autograd.grad(loss, x)
+        count += 1
+        return float(loss.detach()), float(sim.detach()), grad.detach().double().flatten()
+
+    reported = 0
+
+    def report() -> None:  # one entry (and callback) per evaluation not reported yet: the current best
+        nonlocal reported
+        for _ in range(count - reported):
+            losses.append(best[0])
+            if callback is not None:
+                callback(IterationInfo(len(losses), iterations, best[0], best[2], to_world))
+        reported = count
+
+    if is_cancelled(cancel):
+        return best, True, count
+    x = best[2].detach().clone()
+    origin = x.clone()
+    value, _, g = evaluate(x)  # the start's gradient (its value is best[0])
+    report()
+    steps: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # (s, y, 1 / y.s), oldest first
+    while count < evaluations:
+        # direction -H g by the two-loop recursion; H0 = (s.y / y.y) I
+        q = -g.clone()
+        alphas = []
+        for s_, y_, rho in reversed(steps):
+            a = rho * float(s_ @ q)
+            alphas.append(a)
+            q -= a * y_
+        if steps:
+            s_, y_, _ = steps[-1]
+            q *= float(s_ @ y_) / float(y_ @ y_)
+        else:  # first step: Polyak's length f / |g|^2 (exact if the minimum were 0), at most 0.05 per parameter
+            q *= min(value / max(float(g @ g), 1e-30), 0.05 / max(float(q.abs().max()), 1e-30))
+        for (s_, y_, rho), a in zip(steps, reversed(alphas)):
+            q += (a - rho * float(y_ @ q)) * s_
+        slope = float(g @ q)
+        if not slope < 0:  # not a descent direction (rounding): start the memory afresh along -g
+            steps.clear()
+            continue
+        # line search: t = 1 first (the quasi-Newton step); too little decrease -> cubic interpolation back
+        # towards 0; enough decrease but still steeply downhill (weak Wolfe curvature unmet) -> twice as far,
+        # keeping the last point that decreased enough. Reported once the line search ends.
+        t, bracketed, accepted = 1.0, False, None
+        while count < evaluations:
+            if is_cancelled(cancel):
+                report()
+                return best, True, count
+            trial = x + (t * q).to(x).view_as(x)
+            if float((trial - origin).abs().max()) > POLISH_RADIUS:  # outside the trust region (costs nothing)
+                if accepted is not None:  # extrapolating: keep the last good point
+                    break
+                t *= 0.5
+                if t < 1e-8:
+                    break
+                continue
+            v, sim, g_new = evaluate(trial)
+            slope_t = float(g_new @ q)
+            if v <= value + 1e-4 * t * slope:  # Armijo: enough decrease
+                accepted = (trial, v, sim, g_new)
+                if slope_t >= 0.9 * slope or bracketed:  # curvature met, or already bracketed
+                    break
+                t *= 2.0
+                continue
+            bracketed = True
+            if accepted is not None:  # the doubled step overshot: keep the last good one
+                break
+            t = min(max(_cubic_minimum(t, value, slope, v, slope_t), 0.1 * t), 0.5 * t)
+        if accepted is None:
+            report()
+            break
+        trial, v, sim, g_new = accepted
+        s_vec, y_vec = (trial - x).double().flatten(), g_new - g
+        if float(s_vec @ y_vec) > 1e-12 * float(s_vec @ s_vec):  # curvature positive: keep the pair
+            steps.append((s_vec, y_vec, 1.0 / float(s_vec @ y_vec)))
+            del steps[:-history]
+        gain = value - v
+        x, value, g = trial, v, g_new
+        if v < best[0]:
+            # its place (1-based) in ``losses``: that of the line search's last evaluation, reported next
+            best = (v, sim, trial.detach().clone(), len(losses) + count - reported)
+        report()
+        if gain <= 1e-7 * abs(value):  # converged to the floor of the valley
+            break
+    return best, False, count
+
+
+def _gauss_newton_polish(residuals: Callable[[torch.Tensor], torch.Tensor],
+                         best: tuple[float, float, torch.Tensor, int], iterations: int, losses: list,
+                         callback: Callable[[IterationInfo], None] | None, cancel: CancelFlag,
+                         to_world: Callable[[torch.Tensor], sitk.Transform] | None,
+                         total: int, step: float = 1e-3) -> tuple[tuple[float, float, torch.Tensor, int], bool, int]:
+    """Levenberg-Marquardt on the transform's few parameters from ``best`` for at most ``iterations`` iterations.
+
+    ``residuals(params (B, *P)) -> (B, M)``: the warped source map minus the
+    target map, flattened, for a batch of parameter sets; the objective is
+    their mean square (`refinement_loss`). Each iteration: the Jacobian by
+    forward differences of ``step`` (all P perturbations warped as one batch:
+    no backward pass), then damped Gauss-Newton steps until one lowers the
+    objective within `POLISH_RADIUS` of the start (the damping grows tenfold
+    per refused step and shrinks tenfold per accepted one). Stops early when
+    no step lowers the objective or the gain is below 1e-7 (relative).
+    Returns ``(best, cancelled, iterations run)``; ``losses`` gains the
+    current objective after each iteration.
+    """
+    with torch.no_grad():
+        x = best[2].detach().clone()
+        origin, n = x.clone(), x.numel()
+        r = residuals(x)[0]
+        value = float((r * r).mean())
+        damping, run = 1e-3, 0
+        basis = torch.eye(n, dtype=x.dtype, device=x.device).reshape(n, *x.shape[1:]) * step
+        for _ in range(iterations):
+            if is_cancelled(cancel):
+                return best, True, run
+            jac = ((residuals(x + basis) - r) / step).double()  # (P, M)
+            jtj, grad = jac @ jac.T, jac @ r.double()
+            diag = torch.diag(torch.diag(jtj)) + 1e-12 * torch.eye(n, dtype=jtj.dtype, device=jtj.device)
+            accepted = None
+            while damping <= 1e6:
+                delta = -torch.linalg.solve(jtj + damping * diag, grad)
+                trial = x + delta.to(x).reshape(x.shape)
+                if float((trial - origin).abs().max()) > POLISH_RADIUS:  # outside the trust region: damp more
+                    damping *= 10.0
+                    continue
+                rt = residuals(trial)[0]
+                vt = float((rt * rt).mean())
+                if vt < value:
+                    accepted = (trial, rt, vt)
+                    damping = max(damping / 10.0, 1e-9)
+                    break
+                damping *= 10.0
+            run += 1
+            gain = 0.0
+            if accepted is not None:
+                gain = value - accepted[2]
+                x, r, value = accepted
+                if value < best[0]:
+                    best = (value, value, x.clone(), len(losses) + 1)
+            losses.append(best[0])
+            if callback is not None:
+                callback(IterationInfo(len(losses), total, best[0], best[2], to_world))
+            if accepted is None or gain <= 1e-7 * value:
+                break
+    return best, False, run
 
 
 def loss_rise(losses: Sequence[float], best_iteration: int, coarse_iterations: int, best_loss: float,
@@ -417,6 +649,8 @@ class RegistrationResult:
     coarse_iterations: int = 0  # of ``iterations``, those run on the half-resolution maps (coarse to fine)
     refine_layers: str = "all"  # the STN layers refined: "all" or "fc" (its fully connected layers)
     region_margin_mm: float | None = None  # maps compared in the structures' box grown by this; None: whole grid
+    polish_iterations: int = 0  # of ``iterations``, the last ones: the polish of the transform's parameters
+    iterations_allowed: int = 0  # the cap: refinement iterations + polish iterations (``iterations`` may stop short)
 
     def warped_moving_map(self) -> sitk.Image:
         """The moving ITN map resampled into the fixed map's grid through the final transform."""
@@ -436,6 +670,8 @@ class RegistrationResult:
             "coarse_iterations": self.coarse_iterations,
             "refine_layers": self.refine_layers,
             "region_margin_mm": self.region_margin_mm,
+            "polish_iterations": self.polish_iterations,
+            "iterations_allowed": self.iterations_allowed,
             "cancelled": self.cancelled,
             "device": self.device,
             "timings_s": self.timings,
@@ -656,6 +892,7 @@ def check_register_inputs(
     coarse_iterations: int | None = None,
     refine_layers: str | None = None,
     region_margin_mm: float | None = None,
+    polish: int | None = None,
 ) -> None:
     """Check everything about a registration that can be checked before any computation.
 
@@ -684,7 +921,8 @@ def check_register_inputs(
         chain = ", ".join(f"{m.path.name} ({m.transform_type})" for m in models)
         raise InputError(f"models cannot be chained in this order: {chain}; valid chains are affine models, "
                          "then at most one B-spline model, last")
-    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 0:
+    if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer))
+                                   or iterations < 0):
         raise InputError(f"register() 'iterations' must be a whole number >= 0, got {iterations!r}")
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float, np.number))
                            or not np.isfinite(lr) or lr <= 0):
@@ -697,6 +935,8 @@ def check_register_inputs(
                                           or not isinstance(coarse_iterations, (int, np.integer))
                                           or coarse_iterations < 0):
         raise InputError(f"register() 'coarse_iterations' must be a whole number >= 0, got {coarse_iterations!r}")
+    if polish is not None and (isinstance(polish, bool) or not isinstance(polish, (int, np.integer)) or polish < 0):
+        raise InputError(f"register() 'polish' must be a whole number >= 0 (polish iterations), got {polish!r}")
     if refine_layers is not None and refine_layers not in REFINE_LAYERS:
         raise InputError(f"the refined layers must be one of {', '.join(REFINE_LAYERS)}, got {refine_layers!r}")
     if region_margin_mm is not None and (isinstance(region_margin_mm, bool) or not isinstance(
@@ -743,7 +983,7 @@ def register(
     moving: sitk.Image,
     model: LoadedModel,
     *,
-    iterations: int = 50,
+    iterations: int | None = None,
     lr: float | None = None,
     device: str = "auto",
     initial_transform: sitk.Transform | None = None,
@@ -756,8 +996,10 @@ def register(
     coarse_iterations: int | None = None,
     refine_layers: str | None = None,
     region_margin_mm: float | None = None,
+    polish: int | None = None,
 ) -> RegistrationResult:
-    """Register ``moving`` to ``fixed`` with ``model``: one pass, then up to ``iterations`` of refinement.
+    """Register ``moving`` to ``fixed`` with ``model``: one pass, then up to ``iterations`` of refinement
+    (default: the model's ``refinement.iterations``, else `DEFAULT_ITERATIONS`), then up to ``polish``.
 
     ``lr`` defaults to the model's training learning rate. ``device``: auto |
     cpu | cuda; a GPU out-of-memory falls back to the CPU with a warning.
@@ -784,6 +1026,11 @@ def register(
     image's structures grown by this margin (`refine`; bounded maps only);
     ``inf``: the whole grid; default: the model's
     ``refinement.region_margin_mm``, else the whole grid.
+    ``polish``: after the ``iterations``, up to this many iterations polishing
+    the transform's parameters themselves (Gauss-Newton for an affine, L-BFGS
+    for a B-spline; `refine`), so that the result no longer depends on where
+    Adam stopped; default: the model's ``refinement.polish``, else 0 (Adam
+    only, the paper).
     """
     t_start = time.perf_counter()
     # checked and prepared once per image object (istn.inputs): a later stage on the same images reuses it
@@ -794,7 +1041,7 @@ def register(
     check_register_inputs(fixed.image, moving.image, [model], iterations=iterations, lr=lr, device=device,
                           initial_transform=initial_transform, bending=bending, tolerance=tolerance,
                           coarse_iterations=coarse_iterations, refine_layers=refine_layers,
-                          region_margin_mm=region_margin_mm)
+                          region_margin_mm=region_margin_mm, polish=polish)
     if initial_transform is not None:  # any linear class -> AffineTransform; composites flat (istn.transforms)
         initial_transform = flatten_transform(initial_transform)
     defaults = model.meta.get("refinement", {})
@@ -810,12 +1057,16 @@ def register(
         refine_layers = refinement_layers(model)
     if region_margin_mm is None:
         region_margin_mm = model_region_margin(model)
+    if polish is None:
+        polish = int(defaults.get("polish", 0))
+    if iterations is None:
+        iterations = int(defaults.get("iterations", DEFAULT_ITERATIONS))
     dev = resolve_device(device)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads or default_threads(model.ndim))  # the cores this process really has (istn.threads)
     opts = dict(bending=bending, tolerance=tolerance, symmetric=symmetric, t_start=t_start,
                 coarse_iterations=int(coarse_iterations), refine_layers=refine_layers,
-                region_margin_mm=float(region_margin_mm))
+                region_margin_mm=float(region_margin_mm), polish=int(polish))
     try:
         try:
             return _register(fixed, moving, model, iterations, lr, dev, initial_transform, callback, cancel, **opts)
@@ -834,7 +1085,7 @@ def register(
 def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iterations, lr, dev, initial_transform,
               callback, cancel, *, bending: float, tolerance: float, symmetric: bool,
               t_start: float, coarse_iterations: int, refine_layers: str,
-              region_margin_mm: float) -> RegistrationResult:
+              region_margin_mm: float, polish: int) -> RegistrationResult:
     timings: dict[str, float] = {}
     cfg = model.config
     module = model.to(dev).module
@@ -910,7 +1161,7 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
                  adjust=adjust, regulariser=regulariser, tolerance=tolerance, coarse_iterations=coarse_iterations,
                  layers=refine_layers,
                  region_margin=(math.ceil(region_margin_mm / cfg.grid_spacing - 1e-9)
-                                if np.isfinite(region_margin_mm) else None))
+                                if np.isfinite(region_margin_mm) else None), polish=polish)
     timings["refine"] = time.perf_counter() - t0
 
     # Maps for display, each on a grid of its own image's space, reusing the passes above where they are there.
@@ -959,4 +1210,6 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
         coarse_iterations=out.coarse_iterations,
         refine_layers=refine_layers,
         region_margin_mm=region_margin_mm if np.isfinite(region_margin_mm) else None,
+        polish_iterations=out.polish_iterations,
+        iterations_allowed=iterations + polish,
     )
