@@ -160,6 +160,7 @@ def refine(
     layers: str = "all",
     region_margin: int | None = None,
     polish: int = 0,
+    pooled: torch.Tensor | None = None,
 ) -> RefineOutput:
     """Test-time refinement of the STN of ``module`` on one pair.
 
@@ -202,6 +203,10 @@ def refine(
     to the voxels compared (half the margin on the half-resolution maps).
     The objective values are then means over the box. None: the whole grid.
 
+    ``pooled``: the STN's convolutional features of (source, target)
+    (`ISTN.stn_pooled`) when the caller has them already (`_register`'s one
+    pass); used by ``layers="fc"`` instead of running the convolutions again.
+
     ``polish``: after the (up to) ``iterations`` Adam steps, up to this many
     iterations that polish the transform's parameters themselves (the heads'
     output; the weights are no longer involved), from the best iterate, on
@@ -237,10 +242,13 @@ def refine(
         raise ValueError(f"refine() 'polish' must be >= 0, got {polish}")
     adam_iterations, iterations = iterations, iterations + polish  # ``iterations`` from here on: the whole budget
     source_map, target_map = source_map.detach(), target_map.detach()
-    pooled = None
-    if layers == "fc":  # before the weights' flags change below: a failure here (e.g. GPU memory) leaves them alone
+    if layers != "fc":
+        pooled = None
+    elif pooled is None:  # before the weights' flags change below: a failure here (e.g. GPU memory) leaves them alone
         with torch.no_grad():
             pooled = module.stn_pooled(source_map, target_map)
+    else:
+        pooled = pooled.detach()
     # parameter names under the STN: features.convs.* (convolutions), features.fc.* and the heads (FC layers)
     stn_params = [p for name, p in module.stn.named_parameters()
                   if layers == "all" or not name.startswith("features.convs.")]
@@ -1139,7 +1147,12 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
         source, target = source.to(dev), target.to(dev)
         s_map = model.representation(source)  # a frozen, inference-optimised copy of the ITN on the CPU
         t_map = model.representation(target)
-        forward = module.predict(s_map, t_map)
+        pooled = None
+        if refine_layers == "fc":  # the one pass through the split STN: refinement reuses its convolutions' output
+            pooled = module.stn_pooled(s_map, t_map)
+            forward = module.predict_from_pooled(pooled)
+        else:
+            forward = module.predict(s_map, t_map)
         if symmetric:
             backward = module.predict(t_map, s_map)
             if model.transform_type == "affine":
@@ -1161,7 +1174,7 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
                  adjust=adjust, regulariser=regulariser, tolerance=tolerance, coarse_iterations=coarse_iterations,
                  layers=refine_layers,
                  region_margin=(math.ceil(region_margin_mm / cfg.grid_spacing - 1e-9)
-                                if np.isfinite(region_margin_mm) else None), polish=polish)
+                                if np.isfinite(region_margin_mm) else None), polish=polish, pooled=pooled)
     timings["refine"] = time.perf_counter() - t0
 
     # Maps for display, each on a grid of its own image's space, reusing the passes above where they are there.
