@@ -31,7 +31,10 @@ def test_demo_writes_its_outputs(demo_run):
         assert (out / name).stat().st_size > 0, name
     png = (out / "demo.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    assert result["affine"]["iterations"] == 3 and result["bspline"]["iterations"] == 3
+    for stage in ("affine", "bspline"):  # 3 refinement iterations, then the model's polish (up to its number)
+        polish = result[stage]["model"]["refinement"]["polish"]
+        assert 0 < result[stage]["polish_iterations"] <= polish
+        assert result[stage]["iterations"] == 3 + result[stage]["polish_iterations"]
 
 
 def test_demo_registration_improves_dice(demo_run):

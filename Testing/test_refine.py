@@ -392,6 +392,8 @@ def test_the_models_polish_is_the_default_and_bad_values_are_refused(make_model,
     res = register(fixed, moving, load_model(path), iterations=4, tolerance=0.0)
     assert 0 < res.polish_iterations <= 3 and res.iterations == 4 + res.polish_iterations
     assert register(fixed, moving, load_model(path), iterations=4, polish=0).polish_iterations == 0
+    one_pass = register(fixed, moving, load_model(path), iterations=0)  # a one pass stays one: no polish
+    assert one_pass.iterations == one_pass.polish_iterations == 0 and one_pass.loss_final == one_pass.loss_one_pass
     for bad in (-1, 2.5, True, "3"):
         with pytest.raises(InputError, match="polish"):
             register(fixed, moving, load_model(path), iterations=4, polish=bad)

@@ -32,7 +32,7 @@ Protocol
 
 Methods (`--methods`, comma separated; default all)
 ---------------------------------------------------
-affine:     identity, istn_onepass, istn_refined (50 its), sitk_affine, elastix_affine, ants_affine
+affine:     identity, istn_onepass, istn_refined, sitk_affine, elastix_affine, ants_affine
 non-linear: istn_bspline (from istn_refined), sitk_bspline (from sitk_affine), elastix_bspline (from
             elastix_affine), ants_syn (from ants_affine)
 
@@ -47,9 +47,10 @@ non-linear: istn_bspline (from istn_refined), sitk_bspline (from sitk_affine), e
 - ANTs (antspyx, own venv, `brain3d_ants.py`): ``Affine``; then ``SyNOnly`` with iterations 100x70x50x20
   (peers.md: the default 40x20x0 under-fits) from the ANTs affine; [1Warp, 0GenericAffine] composed
   y = A(x + u(x)).
-- ISTN: ``register(fixed, moving, affine_model, iterations=0)`` (one pass) / ``iterations=50`` (refined), then
-  ``register(fixed, moving, bspline_model, iterations=50, initial_transform=refined affine)``; bending weight
-  and convergence tolerance: the engine's defaults (the models' ``refinement`` metadata). The JSON records
+- ISTN: ``register(fixed, moving, affine_model, iterations=0)`` (one pass) / the model's own refinement
+  (refined), then ``register(fixed, moving, bspline_model, initial_transform=refined affine)``: iterations,
+  polish, bending weight, convergence tolerance and the rest are the engine's defaults (the models'
+  ``refinement`` metadata). The JSON records
   per registration the iterations actually run, convergence and the engine's warnings.
 
 Costs: cases run in groups (LPS pairs shared with the layouts, the other layouts, self-registration, the
@@ -112,11 +113,11 @@ LABEL_VALUES = list(range(1, 9))
 NAMES = {
     "identity": "identity (scanner position)",
     "istn_onepass": "ISTN affine, one pass",
-    "istn_refined": "ISTN affine, refined (50 its)",
+    "istn_refined": "ISTN affine, refined",
     "sitk_affine": "SimpleITK affine",
     "elastix_affine": "elastix affine",
     "ants_affine": "ANTs Affine",
-    "istn_bspline": "ISTN B-spline, refined (50 its)",
+    "istn_bspline": "ISTN B-spline, refined",
     "sitk_bspline": "SimpleITK B-spline 30 mm",
     "elastix_bspline": "elastix B-spline 30 mm",
     "ants_syn": "ANTs SyN (SyNOnly 100x70x50x20)",
@@ -1163,7 +1164,7 @@ in its scanner position, seed {SEED0}), LPS storage.
   layout); elastix default affine map, then default B-spline map with FinalGridSpacingInPhysicalUnits 30 from the
   affine's parameter file{'' if not m['settings'].get('elastix_iterations') else ' (MaximumNumberOfIterations ' + str(m['settings']['elastix_iterations']) + ')'};
   ANTs `Affine` (defaults), then `SyNOnly` from it with iterations {'x'.join(map(str, m['settings']['syn_iterations']))};
-  ISTN up to {m['settings']['istn_iterations']} refinement iterations, lr, bending weight and tolerance from the models, CPU.
+  ISTN {('up to ' + str(m['settings']['istn_iterations']) + ' refinement iterations, everything else') if m['settings'].get('istn_iterations') else 'refinement iterations, polish, lr, bending weight, tolerance and the rest'} from the models' metadata, CPU.
 - Transform conversion check (tool's own warped image vs SimpleITK applying our converted world transform,
   first brain pair of each layout, mean |difference| / 99th-percentile intensity): {'; '.join(checks) if checks else '-'}.
 """
@@ -1221,7 +1222,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = {
         "data": str(data), "work": str(work), "threads": a.threads,
         "affine_model": str(Path(a.affine_model).resolve()), "bspline_model": str(Path(a.bspline_model).resolve()),
-        "istn_iterations": 10 if a.quick else 50,
+        "istn_iterations": 10 if a.quick else None,  # None: each model's own settings (refinement metadata)
         "sitk_affine_iterations": 50 if a.quick else 200,
         "sitk_bspline_iterations": 10 if a.quick else 30,
         "elastix_iterations": 64 if a.quick else None,

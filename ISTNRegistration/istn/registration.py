@@ -1037,8 +1037,9 @@ def register(
     ``polish``: after the ``iterations``, up to this many iterations polishing
     the transform's parameters themselves (Gauss-Newton for an affine, L-BFGS
     for a B-spline; `refine`), so that the result no longer depends on where
-    Adam stopped; default: the model's ``refinement.polish``, else 0 (Adam
-    only, the paper).
+    Adam stopped; default: the model's ``refinement.polish`` (none with
+    ``iterations=0``: a one pass stays a one pass), else 0 (Adam only, the
+    paper).
     """
     t_start = time.perf_counter()
     # checked and prepared once per image object (istn.inputs): a later stage on the same images reuses it
@@ -1065,10 +1066,10 @@ def register(
         refine_layers = refinement_layers(model)
     if region_margin_mm is None:
         region_margin_mm = model_region_margin(model)
-    if polish is None:
-        polish = int(defaults.get("polish", 0))
     if iterations is None:
         iterations = int(defaults.get("iterations", DEFAULT_ITERATIONS))
+    if polish is None:  # the model's polish finishes its refinement: none after a one pass (iterations 0)
+        polish = int(defaults.get("polish", 0)) if iterations > 0 else 0
     dev = resolve_device(device)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads or default_threads(model.ndim))  # the cores this process really has (istn.threads)
