@@ -1234,7 +1234,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.score_only or a.resume:
         old_spec = json.loads(spec_path.read_text())
         if not a.score_only:
-            old_spec.update({k: spec[k] for k in ("affine_model", "bspline_model", "threads")})
+            # the models and how ISTN runs them follow this command (delete the istn_* folders to re-run those rows)
+            old_spec.update({k: spec[k] for k in ("affine_model", "bspline_model", "threads", "istn_iterations")})
         spec = old_spec
         data = Path(spec["data"])
     else:
