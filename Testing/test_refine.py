@@ -292,7 +292,10 @@ def test_the_lbfgs_polish_finds_the_minimum_of_a_known_quadratic():
 
 
 def test_the_gauss_newton_polish_solves_a_known_least_squares_in_a_few_iterations():
-    """istn.registration._gauss_newton_polish: residuals linear in 12 parameters -> the minimiser, ~exactly."""
+    """istn.registration._gauss_newton_polish: residuals linear in 12 parameters -> the minimiser, ~exactly.
+
+    Also when the curvature comes from other residuals than the objective's (as the half-resolution maps' do):
+    the steps follow the objective's own gradient, so its minimum is where the polish ends."""
     from istn.registration import _gauss_newton_polish
 
     torch.manual_seed(0)
@@ -304,19 +307,37 @@ def test_the_gauss_newton_polish_solves_a_known_least_squares_in_a_few_iteration
     def residuals(x):
         return x.flatten(1) @ a.T - b
 
+    def objective(x):
+        loss = (residuals(x) ** 2).mean()
+        return loss, loss
+
     start = torch.zeros(1, 3, 4, dtype=torch.float64)
     v0 = float((residuals(start) ** 2).mean())
     losses = []
-    best, cancelled, run = _gauss_newton_polish(residuals, (v0, v0, start, 1), 10, losses, None, None, None, 99,
-                                                step=1e-6)
+    best, cancelled, run = _gauss_newton_polish(objective, residuals, (v0, v0, start, 1), 10, losses, None, None,
+                                                None, 99, step=1e-6)
     assert not cancelled and 1 <= run <= 5 and len(losses) == run
     assert torch.allclose(best[2], best_x, atol=1e-6)
+    coarse = a[::4]  # a quarter of the rows: another curvature, the same minimum
+    losses = []
+    best, _, run = _gauss_newton_polish(objective, lambda x: x.flatten(1) @ coarse.T, (v0, v0, start, 1), 30, losses,
+                                        None, None, None, 99, step=1e-6)
+    assert run <= 30 and torch.allclose(best[2], best_x, atol=1e-5)
+
+
+def _well_posed_pair(shift_mm=(2.0, -1.5)):
+    """Two blobs (so rotation and shear are pinned), well inside a 64 mm field of view (so the border does not
+    pull): the minimum is the known translation."""
+    eye = np.eye(2)
+    fixed = blob_image((64, 64), (1.0, 1.0), (-31.5, -31.5), eye, extra=True)
+    moving = blob_image((64, 64), (1.0, 1.0), (-31.5, -31.5), eye, centre=shift_mm, extra=True)
+    return fixed, moving
 
 
 def test_the_polish_alone_recovers_a_known_translation(make_model):
-    """No Adam step at all, Gauss-Newton on the affine's parameters: the blob's shift, in a few iterations."""
-    fixed, moving = _shifted_pair((2.0, -1.5))  # within the trust region (0.1 x the 23.5 mm half-width)
-    model = load_model(make_model(2, "affine", "stn-u", perturb=False, grid_size=(48, 48), grid_spacing=1.0))
+    """No Adam step at all, Gauss-Newton on the affine's parameters: the blobs' shift."""
+    fixed, moving = _well_posed_pair((2.0, -1.5))  # within the trust region (0.1 x the 31.5 mm half-width)
+    model = load_model(make_model(2, "affine", "stn-u", perturb=False, grid_size=(64, 64), grid_spacing=1.0))
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
     res = register(fixed, moving, model, iterations=0, polish=10, tolerance=0.0)
     m = sitk_affine_to_matrix(res.transform)
@@ -324,7 +345,7 @@ def test_the_polish_alone_recovers_a_known_translation(make_model):
     assert np.allclose(m[:2, :2], np.eye(2), atol=0.01)
     assert 0 < res.polish_iterations <= 10 and res.iterations == res.polish_iterations
     assert res.summary()["polish_iterations"] == res.polish_iterations
-    assert all(b <= a for a, b in zip(res.losses, res.losses[1:])) and res.loss_final < 0.1 * res.loss_one_pass
+    assert all(b <= a for a, b in zip(res.losses, res.losses[1:])) and res.loss_final < 0.05 * res.loss_one_pass
     assert all(torch.equal(v, before[k]) for k, v in model.module.state_dict().items())  # weights untouched
 
 
@@ -342,14 +363,14 @@ def test_the_polish_stays_in_its_trust_region(make_model):
 
 def test_the_polish_makes_the_result_independent_of_where_adam_stopped(make_model):
     """Two Adam budgets stop at different points; the same polish after each lands at the same, known, transform."""
-    fixed, moving = _shifted_pair((2.0, -1.5))
-    model = load_model(make_model(2, "affine", "stn-u", perturb=False, grid_size=(48, 48), grid_spacing=1.0))
+    fixed, moving = _well_posed_pair((2.0, -1.5))
+    model = load_model(make_model(2, "affine", "stn-u", perturb=False, grid_size=(64, 64), grid_spacing=1.0))
     kw = dict(lr=2e-3, tolerance=0.0)
     a4, a12 = (sitk_affine_to_matrix(register(fixed, moving, model, iterations=n, **kw).transform) for n in (4, 12))
     p4, p12 = (sitk_affine_to_matrix(register(fixed, moving, model, iterations=n, polish=8, **kw).transform)
                for n in (4, 12))
     apart, polished = np.abs(a4 - a12).max(), np.abs(p4 - p12).max()
-    assert apart > 0.2 and polished < 0.05 * apart, (polished, apart)
+    assert apart > 0.5 and polished < 0.01 * apart, (polished, apart)
     assert np.allclose(p4[:2, 2], (2.0, -1.5), atol=0.1) and np.allclose(p12[:2, 2], (2.0, -1.5), atol=0.1)
     again = register(fixed, moving, model, iterations=12, polish=8, **kw)  # and the polish is deterministic
     assert np.array_equal(sitk_affine_to_matrix(again.transform), p12)

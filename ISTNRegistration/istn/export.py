@@ -128,15 +128,31 @@ class LoadedModel:
         if x.device.type != "cpu":
             with torch.no_grad():
                 return self.module.representation(x)
+        with torch.no_grad():
+            return self._fast_cpu().representation(x)
+
+    def stn_pooled(self, source_map: torch.Tensor, target_map: torch.Tensor) -> torch.Tensor:
+        """The STN's convolutional features of a pair of maps (`ISTN.stn_pooled`), for inference (no gradient).
+
+        The same frozen, oneDNN-optimised copy as `representation` on the CPU (files
+        of istn >= 0.3, which have the method); elsewhere, or for older files, the module's own.
+        """
+        if source_map.device.type != "cpu" or not hasattr(self.module, "stn_pooled"):
+            with torch.no_grad():
+                return self.module.stn_pooled(source_map, target_map)
+        with torch.no_grad():
+            return self._fast_cpu().stn_pooled(source_map, target_map)
+
+    def _fast_cpu(self) -> torch.jit.ScriptModule:
+        """The frozen, inference-optimised copy of the network (built once)."""
         fast = self._inference.get("cpu")
         if fast is None:
+            methods = ["representation"] + (["stn_pooled"] if hasattr(self.module, "stn_pooled") else [])
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                frozen = torch.jit.freeze(self.module.eval(), preserved_attrs=["representation"])
-                fast = self._inference["cpu"] = torch.jit.optimize_for_inference(
-                    frozen, other_methods=["representation"])
-        with torch.no_grad():
-            return fast.representation(x)
+                frozen = torch.jit.freeze(self.module.eval(), preserved_attrs=methods)
+                fast = self._inference["cpu"] = torch.jit.optimize_for_inference(frozen, other_methods=methods)
+        return fast
 
     def describe(self) -> str:
         """One paragraph for people: what this model is."""
