@@ -292,10 +292,7 @@ def test_the_lbfgs_polish_finds_the_minimum_of_a_known_quadratic():
 
 
 def test_the_gauss_newton_polish_solves_a_known_least_squares_in_a_few_iterations():
-    """istn.registration._gauss_newton_polish: residuals linear in 12 parameters -> the minimiser, ~exactly.
-
-    Also when the curvature comes from other residuals than the objective's (as the half-resolution maps' do):
-    the steps follow the objective's own gradient, so its minimum is where the polish ends."""
+    """istn.registration._gauss_newton_polish: residuals linear in 12 parameters -> the minimiser, ~exactly."""
     from istn.registration import _gauss_newton_polish
 
     torch.manual_seed(0)
@@ -307,22 +304,13 @@ def test_the_gauss_newton_polish_solves_a_known_least_squares_in_a_few_iteration
     def residuals(x):
         return x.flatten(1) @ a.T - b
 
-    def objective(x):
-        loss = (residuals(x) ** 2).mean()
-        return loss, loss
-
     start = torch.zeros(1, 3, 4, dtype=torch.float64)
     v0 = float((residuals(start) ** 2).mean())
     losses = []
-    best, cancelled, run = _gauss_newton_polish(objective, residuals, (v0, v0, start, 1), 10, losses, None, None,
-                                                None, 99, step=1e-6)
+    best, cancelled, run = _gauss_newton_polish(residuals, (v0, v0, start, 1), 10, losses, None, None, None, 99,
+                                                step=1e-6)
     assert not cancelled and 1 <= run <= 5 and len(losses) == run
     assert torch.allclose(best[2], best_x, atol=1e-6)
-    coarse = a[::4]  # a quarter of the rows: another curvature, the same minimum
-    losses = []
-    best, _, run = _gauss_newton_polish(objective, lambda x: x.flatten(1) @ coarse.T, (v0, v0, start, 1), 30, losses,
-                                        None, None, None, 99, step=1e-6)
-    assert run <= 30 and torch.allclose(best[2], best_x, atol=1e-5)
 
 
 def _well_posed_pair(shift_mm=(2.0, -1.5)):

@@ -268,8 +268,7 @@ def refine(
 
     if any(n % 2 for n in source_map.shape[2:]):
         coarse_iterations = 0
-    have_half = bool(coarse_iterations)  # half-resolution maps: the coarse phase's, and the polish's curvature
-    if have_half:
+    if coarse_iterations:
         source_half, target_half, grid_half = half_resolution(source_map, target_map)
         box_half = structure_box(target_half, region_margin // 2) if region_margin is not None else None
         target_half = crop(target_half, box_half)
@@ -345,19 +344,13 @@ def refine(
             for p in stn_params:  # the polish moves the parameters alone: no gradient for the weights
                 p.requires_grad_(False)
             if regulariser is None and best[2].numel() <= GAUSS_NEWTON_MAX_PARAMETERS:
-                if have_half:  # the curvature from the half-resolution maps: an eighth of the voxels
-                    def residuals(params: torch.Tensor) -> torch.Tensor:  # (B, *P) -> (B, M): warped - target
-                        grid = grid_half(crop(module.sampling_grid(params), box_blocks, grid=True))
-                        src = source_half.expand(params.shape[0], *source_half.shape[1:])
-                        return (module.warp(src, grid) - target_half).flatten(1)
-                else:
-                    def residuals(params: torch.Tensor) -> torch.Tensor:
-                        grid = crop(module.sampling_grid(params), box, grid=True)
-                        warped = module.warp(source_map.expand(params.shape[0], *source_map.shape[1:]), grid)
-                        return (warped - target_box).flatten(1)
+                def residuals(params: torch.Tensor) -> torch.Tensor:  # (B, *P) -> (B, M): warped - target
+                    grid = crop(module.sampling_grid(params), box, grid=True)
+                    warped = module.warp(source_map.expand(params.shape[0], *source_map.shape[1:]), grid)
+                    return (warped - target_box).flatten(1)
 
-                best, cancelled, polished = _gauss_newton_polish(objective, residuals, best, polish, losses,
-                                                                 callback, cancel, to_world, iterations)
+                best, cancelled, polished = _gauss_newton_polish(residuals, best, polish, losses, callback, cancel,
+                                                                 to_world, iterations)
             else:
                 best, cancelled, polished = _lbfgs_polish(objective, best, polish, losses, callback, cancel,
                                                           to_world, iterations)
@@ -504,78 +497,63 @@ def _lbfgs_polish(objective: Callable[[torch.Tensor], tuple[torch.Tensor, torch.
     return best, False, count
 
 
-def _gauss_newton_polish(objective: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-                         residuals: Callable[[torch.Tensor], torch.Tensor],
+def _gauss_newton_polish(residuals: Callable[[torch.Tensor], torch.Tensor],
                          best: tuple[float, float, torch.Tensor, int], iterations: int, losses: list,
                          callback: Callable[[IterationInfo], None] | None, cancel: CancelFlag,
                          to_world: Callable[[torch.Tensor], sitk.Transform] | None,
                          total: int, step: float = 1e-3) -> tuple[tuple[float, float, torch.Tensor, int], bool, int]:
     """Levenberg-Marquardt on the transform's few parameters from ``best`` for at most ``iterations`` iterations.
 
-    ``objective(params (1, *P)) -> (loss, similarity)``: the refinement
-    objective, a mean of squared residuals; its exact gradient (autograd)
-    makes every step. ``residuals(params (B, *P)) -> (B, M)``: residuals of a
-    batch of parameter sets whose Jacobian J at the start, by forward
-    differences of ``step`` (all P perturbations warped as one batch),
-    gives the curvature ``H = 2 J J^T / M`` used by every iteration (a
-    Gauss-Newton curvature kept fixed, as in inverse-compositional image
-    alignment: the polish moves little): the objective's own residuals, or
-    those of the half-resolution maps (an eighth of the voxels). Either way
-    the minimum is the full objective's, where its gradient vanishes. Damped steps ``-(H +
-    damping diag H)^-1 grad`` until one lowers the objective within
-    `POLISH_RADIUS` of the start (the damping grows tenfold per refused step,
-    shrinks tenfold per accepted one). Stops early when no step lowers the
-    objective or the gain is below 1e-7 (relative). Returns ``(best,
-    cancelled, iterations run)``; ``losses`` gains the current objective after
-    each iteration.
+    ``residuals(params (B, *P)) -> (B, M)``: the warped source map minus the
+    target map, flattened, for a batch of parameter sets; the objective is
+    their mean square (`refinement_loss`). Each iteration: the Jacobian by
+    forward differences of ``step`` (all P perturbations warped as one batch:
+    no backward pass), then damped Gauss-Newton steps until one lowers the
+    objective within `POLISH_RADIUS` of the start (the damping grows tenfold
+    per refused step and shrinks tenfold per accepted one). Stops early when
+    no step lowers the objective or the gain is below 1e-7 (relative).
+    Returns ``(best, cancelled, iterations run)``; ``losses`` gains the
+    current objective after each iteration.
     """
-    def value_and_gradient(params: torch.Tensor) -> tuple[float, float, torch.Tensor]:
-        params = params.detach().requires_grad_(True)
-        with torch.enable_grad():
-            loss, sim = objective(params)
-            (grad,) = torch.autograd.grad(loss, params)
-        return float(loss.detach()), float(sim.detach()), grad.detach().double().flatten()
-
-    x = best[2].detach().clone()
-    origin, n = x.clone(), x.numel()
-    value, _, grad = value_and_gradient(x)
-    damping, run = 1e-3, 0
-    basis = torch.eye(n, dtype=x.dtype, device=x.device).reshape(n, *x.shape[1:]) * step
-    curvature = diag = None
-    for _ in range(iterations):
-        if is_cancelled(cancel):
-            return best, True, run
-        if curvature is None:  # once, at the start: the polish moves little, and the gradient is exact anyway
-            with torch.no_grad():
-                both = residuals(torch.cat([x, x + basis]))  # the start and its P perturbations, one batch
-                jac = ((both[1:] - both[:1]) / step).double()  # (P, M)
-            curvature = 2.0 * (jac @ jac.T) / jac.shape[1]
-            diag = torch.diag(torch.diag(curvature)) + 1e-12 * torch.eye(n, dtype=jac.dtype, device=jac.device)
-        accepted = None
-        while damping <= 1e6:
-            delta = -torch.linalg.solve(curvature + damping * diag, grad)
-            trial = x + delta.to(x).reshape(x.shape)
-            if float((trial - origin).abs().max()) > POLISH_RADIUS:  # outside the trust region: damp more
+    with torch.no_grad():
+        x = best[2].detach().clone()
+        origin, n = x.clone(), x.numel()
+        r = residuals(x)[0]
+        value = float((r * r).mean())
+        damping, run = 1e-3, 0
+        basis = torch.eye(n, dtype=x.dtype, device=x.device).reshape(n, *x.shape[1:]) * step
+        for _ in range(iterations):
+            if is_cancelled(cancel):
+                return best, True, run
+            jac = ((residuals(x + basis) - r) / step).double()  # (P, M); all P perturbations as one batch
+            jtj, grad = jac @ jac.T, jac @ r.double()
+            diag = torch.diag(torch.diag(jtj)) + 1e-12 * torch.eye(n, dtype=jtj.dtype, device=jtj.device)
+            accepted = None
+            while damping <= 1e6:
+                delta = -torch.linalg.solve(jtj + damping * diag, grad)
+                trial = x + delta.to(x).reshape(x.shape)
+                if float((trial - origin).abs().max()) > POLISH_RADIUS:  # outside the trust region: damp more
+                    damping *= 10.0
+                    continue
+                rt = residuals(trial)[0]
+                vt = float((rt * rt).mean())
+                if vt < value:
+                    accepted = (trial, rt, vt)
+                    damping = max(damping / 10.0, 1e-9)
+                    break
                 damping *= 10.0
-                continue
-            vt, st, gt = value_and_gradient(trial)
-            if vt < value:
-                accepted = (trial, vt, st, gt)
-                damping = max(damping / 10.0, 1e-9)
+            run += 1
+            gain = 0.0
+            if accepted is not None:
+                gain = value - accepted[2]
+                x, r, value = accepted
+                if value < best[0]:
+                    best = (value, value, x.clone(), len(losses) + 1)
+            losses.append(best[0])
+            if callback is not None:
+                callback(IterationInfo(len(losses), total, best[0], best[2], to_world))
+            if accepted is None or gain <= 1e-7 * value:
                 break
-            damping *= 10.0
-        run += 1
-        gain = 0.0
-        if accepted is not None:
-            gain = value - accepted[1]
-            x, value, sim, grad = accepted
-            if value < best[0]:
-                best = (value, sim, x.clone(), len(losses) + 1)
-        losses.append(best[0])
-        if callback is not None:
-            callback(IterationInfo(len(losses), total, best[0], best[2], to_world))
-        if accepted is None or gain <= 1e-7 * value:
-            break
     return best, False, run
 
 
