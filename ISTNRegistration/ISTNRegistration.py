@@ -7,7 +7,7 @@ Python console::
 
     import ISTNRegistration
     logic = ISTNRegistration.ISTNRegistrationLogic()
-    result = logic.register(getNode("fixed"), getNode("moving"), transformType="bspline", iterations=50)
+    result = logic.register(getNode("fixed"), getNode("moving"), transformType="bspline")
     print(result.summary())
 """
 

@@ -4,7 +4,7 @@ Example (Slicer's Python console)::
 
     from ISTNRegistrationLib import ISTNRegistrationLogic
     fixed = getNode("fixed_t1"); moving = getNode("moving_t1")
-    result = ISTNRegistrationLogic().register(fixed, moving, transformType="bspline", iterations=50)
+    result = ISTNRegistrationLogic().register(fixed, moving, transformType="bspline")
     print(result.summary())
     result.transformNode          # linear node (the affine), moving volume placed under the B-spline child
     result.bsplineTransformNode   # the B-spline, child of transformNode
