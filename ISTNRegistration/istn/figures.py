@@ -58,13 +58,15 @@ def registration_figure(
     title: str = "",
     axis: int = 0,
     coarse: Mapping[str, int] | None = None,
+    polish: Mapping[str, int] | None = None,
 ) -> Path:
     """Write a PNG: images with label contours, checkerboard, ITN maps, Dice bars and refinement loss curves.
 
     All images must be on the fixed grid except the ITN maps (resampled to it here).
     ``dice_table``: ``{stage: {structure: dice}}``; ``losses``: ``{stage: [loss per iteration]}``;
     ``coarse``: ``{stage: iterations run on half-resolution maps}`` (drawn dotted: their loss is on the
-    smoother maps, not comparable with the full grid's).
+    smoother maps, not comparable with the full grid's); ``polish``: ``{stage: last iterations that polished
+    the transform itself}`` (drawn with markers).
     """
     import matplotlib
 
@@ -150,11 +152,15 @@ def registration_figure(
         for name, curve in losses.items():
             if len(curve):
                 k = min(int((coarse or {}).get(name, 0)), len(curve))
+                p = min(int((polish or {}).get(name, 0)), len(curve) - k)
                 it = np.arange(1, len(curve) + 1)
                 line = ax.plot(it[k:], curve[k:], label=name)[0] if k < len(curve) else None
                 if k:
                     ax.plot(it[:k], curve[:k], ":", color=line.get_color() if line else None,
                             label=f"{name}, half-resolution maps")
+                if p:
+                    ax.plot(it[len(curve) - p:], curve[len(curve) - p:], "o", markersize=4,
+                            color=line.get_color() if line else None, label=f"{name}, polish")
         ax.set_xlabel("refinement iteration")
         ax.set_ylabel("MSE(T(s'), t')")
         ax.set_yscale("log")
