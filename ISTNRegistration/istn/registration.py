@@ -385,10 +385,10 @@ def _cubic_minimum(t: float, f0: float, d0: float, ft: float, dt: float) -> floa
 
 
 def _lbfgs_polish(objective: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-            best: tuple[float, float, torch.Tensor, int], evaluations: int, losses: list,
-            callback: Callable[[IterationInfo], None] | None, cancel: CancelFlag,
-            to_world: Callable[[torch.Tensor], sitk.Transform] | None,
-            iterations: int, history: int = 10) -> tuple[tuple[float, float, torch.Tensor, int], bool, int]:
+                  best: tuple[float, float, torch.Tensor, int], evaluations: int, losses: list,
+                  callback: Callable[[IterationInfo], None] | None, cancel: CancelFlag,
+                  to_world: Callable[[torch.Tensor], sitk.Transform] | None,
+                  iterations: int, history: int = 10) -> tuple[tuple[float, float, torch.Tensor, int], bool, int]:
     """L-BFGS on the transform's parameters from ``best`` for at most ``evaluations`` objective evaluations
     (the polish's iterations, `refine`).
 
@@ -399,8 +399,8 @@ def _lbfgs_polish(objective: Callable[[torch.Tensor], tuple[torch.Tensor, torch.
     the objective of the current iterate after each evaluation is appended
     to ``losses`` (it never rises). Every point tried stays within
     `POLISH_RADIUS` of the start in every parameter (a trust region: the
-    polish finishes Adam's work, it does not search anew, and it cannot walk
-    past the bounds the STN's heads put on its own output). Returns
+    polish finishes Adam's work, it does not search anew, and it stays close
+    to what the STN's bounded heads could express). Returns
     ``(best, cancelled, evaluations run)``.
     """
     count = 0
