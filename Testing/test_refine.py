@@ -420,3 +420,28 @@ def test_the_models_iteration_count_is_the_default(make_model, pair2d):
     res = register(fixed, moving, load_model(path), tolerance=0.0)
     assert res.iterations_allowed == 9 and res.iterations == 7 + res.polish_iterations
     assert register(fixed, moving, load_model(path), iterations=3, polish=0, tolerance=0.0).iterations == 3
+
+
+def test_a_gpu_out_of_memory_falls_back_to_the_cpu_with_a_warning(make_model, pair2d, monkeypatch):
+    """Simulated (no GPU here): the first attempt on "cuda" runs out of memory; the same registration then runs on
+    the CPU and says so. A real GPU run of this path needs the device machine (issue #12 item 7)."""
+    import istn.registration as reg
+
+    fixed, moving = pair2d
+    model = load_model(make_model(2, "affine"))
+    expected = register(fixed, moving, model, iterations=3, polish=2, tolerance=0.0)
+    real, tried = reg._register, []
+
+    def flaky(fixed_in, moving_in, model_, iterations, lr, dev, *args, **kwargs):
+        tried.append(dev.type)
+        if dev.type == "cuda":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(fixed_in, moving_in, model_, iterations, lr, dev, *args, **kwargs)
+
+    monkeypatch.setattr(reg, "resolve_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(reg, "_register", flaky)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    res = register(fixed, moving, model, iterations=3, polish=2, tolerance=0.0)
+    assert tried == ["cuda", "cpu"] and res.device == "cpu"
+    assert any("GPU out of memory" in w for w in res.warnings)
+    assert np.allclose(sitk_affine_to_matrix(res.transform), sitk_affine_to_matrix(expected.transform))
