@@ -262,8 +262,13 @@ def refine(
     box = structure_box(target_map, region_margin) if region_margin is not None else None
     target_box = crop(target_map, box)
 
+    def warped(params: torch.Tensor) -> torch.Tensor:
+        """The source map through each of ``params (B, *P)`` on the compared grid (or box): ``(B, K, *box)``."""
+        grid = crop(module.sampling_grid(params), box, grid=True)
+        return module.warp(source_map.expand(params.shape[0], *source_map.shape[1:]), grid)
+
     def objective(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sim = refinement_loss(module.warp(source_map, crop(module.sampling_grid(params), box, grid=True)), target_box)
+        sim = refinement_loss(warped(params), target_box)
         return (sim + regulariser(params) if regulariser is not None else sim), sim
 
     if any(n % 2 for n in source_map.shape[2:]):
@@ -344,10 +349,8 @@ def refine(
             for p in stn_params:  # the polish moves the parameters alone: no gradient for the weights
                 p.requires_grad_(False)
             if regulariser is None and best[2].numel() <= GAUSS_NEWTON_MAX_PARAMETERS:
-                def residuals(params: torch.Tensor) -> torch.Tensor:  # (B, *P) -> (B, M): warped - target
-                    grid = crop(module.sampling_grid(params), box, grid=True)
-                    warped = module.warp(source_map.expand(params.shape[0], *source_map.shape[1:]), grid)
-                    return (warped - target_box).flatten(1)
+                def residuals(params: torch.Tensor) -> torch.Tensor:  # (B, *P) -> (B, M): the objective's residuals
+                    return (warped(params) - target_box).flatten(1)
 
                 best, cancelled, polished = _gauss_newton_polish(residuals, best, polish, losses, callback, cancel,
                                                                  to_world, iterations)
