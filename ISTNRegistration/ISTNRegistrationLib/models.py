@@ -74,11 +74,11 @@ class ModelInfo:
         The brain recipe (``benchmarks/train_brain.py``) records its data options; its validation pairs are T1
         whatever the training views were, so other contrasts are never 'validated' by it.
         """
-        options = self.meta.get("data_options")
-        if not isinstance(options, dict):
+        from istn.config import unvalidated_contrasts  # torch-free: the panel reads models without torch
+
+        others = unvalidated_contrasts(self.meta)
+        if others is None:
             return ""
-        trained = {str(c).upper() for c in options.get("contrasts", ["t1"])}
-        others = [c for c in ("T2", "PD") if c not in trained]
         text = _("; validated on T1 images")
         if others:
             text += _(" ({others}: not validated, see the model card)").format(others=", ".join(others))

@@ -128,3 +128,18 @@ def train_config_from_dict(d: dict) -> TrainConfig:
     if unknown:
         raise ValueError(f"TrainConfig has no field(s) {sorted(unknown)}")
     return TrainConfig(**d)
+
+
+#: The contrasts a brain-recipe model can be asked about; its validation pairs are T1 whatever it trained on.
+BRAIN_CONTRASTS = ("T1", "T2", "PD")
+
+
+def unvalidated_contrasts(meta: dict) -> list[str] | None:
+    """The contrasts of `BRAIN_CONTRASTS` a model was neither trained nor validated on, from its metadata's
+    ``data_options`` (the brain recipe, ``benchmarks/train_brain.py``, writes them); None when the model does
+    not say (it was not made by that recipe). The one rule behind the panel's and ``describe``'s wording."""
+    options = meta.get("data_options") if isinstance(meta, dict) else None
+    if not isinstance(options, dict):
+        return None
+    trained = {str(c).upper() for c in options.get("contrasts", ["t1"])}
+    return [c for c in BRAIN_CONTRASTS[1:] if c not in trained]

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .config import ModelConfig, TrainConfig, to_dict
+from .config import ModelConfig, TrainConfig, to_dict, unvalidated_contrasts
 from .errors import ModelFileError
 from .io import atomic_write
 from .networks import ISTN
@@ -165,9 +165,8 @@ class LoadedModel:
         soi = m.get("soi", {})
         if soi.get("description"):
             text += f"; SoI: {soi['description']}"
-        options = m.get("data_options")
-        if isinstance(options, dict):  # the brain recipe's models: its validation pairs are T1 (as the panel says)
-            others = [c for c in ("T2", "PD") if c.lower() not in options.get("contrasts", ["t1"])]
+        others = unvalidated_contrasts(m)  # the brain recipe's models: its validation pairs are T1 (as the panel says)
+        if others is not None:
             text += "; validated on T1 images" + (f" ({', '.join(others)}: not validated)" if others else "")
         return text + f" (engine {m.get('engine_version', '?')})."
 
