@@ -9,6 +9,10 @@ in seeded scanner positions, whole head and brain-extracted, registered to ICBM 
 
 - ``validation``: ``spm_avg305`` (never trained on; brain mask from SPM's avg152 priors, as in training), the
   anatomy every refinement setting is chosen on (seeds 500.., as `refinement_validation.py`);
+- ``validation, deformed``: the same anatomy first deformed by a real inter-subject field (nitransforms'
+  OASIS template -> subject displacement, ``extra/oasis_warp_warp.nii.gz`` of `istn data prepare`; its voxel
+  array laid on an LPS grid centred on the head: a realistic individual deformation, not that subject's
+  anatomy), so that the pair differs by more than two population averages do;
 - ``training``: ``itk_subject``, the one single-subject training anatomy (brain mask from its k-means tissue
   classes); a single subject like the held-out one, but the ITN has seen it;
 - ``held-out`` (``--held-out``, only to REPORT: never to choose): Colin27, brain3d's test subject and seeds
@@ -45,7 +49,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from brain3d import SEED0 as TEST_SEED0, eval_volumes, place_pair  # noqa: E402
 from brain_validation import SEED0, mean_dice  # noqa: E402
 from refinement_validation import mask_dice, validation_pairs  # noqa: E402
-from train_brain import anatomy_images  # noqa: E402
+from train_brain import _brain_mask, anatomy_images  # noqa: E402
 
 from istn.demo import MODELS_DIR, place_in_scanner  # noqa: E402
 from istn.data.synthesis import CSF, GM, WM  # noqa: E402
@@ -69,6 +73,35 @@ def training_pairs(data: Path, name: str, n: int) -> list[Pair]:
     pairs = []
     for k in range(n):
         for kind, img in (("whole head", head), ("brain", brain)):
+            moved, moved_labels, _ = place_in_scanner(img, labels, SEED0 + k)
+            _, moved_mask, _ = place_in_scanner(img, mask, SEED0 + k)
+            pairs.append((f"{kind} seed {SEED0 + k}", moved, moved_labels, moved_mask))
+    return pairs
+
+
+def deformed_validation_pairs(data: Path, name: str, n: int) -> list[Pair]:
+    """``validation_pairs`` of ``name`` after warping its image, labels and brain mask by the OASIS field."""
+    row = next(r for r in csv.DictReader(open(data / "train.csv")) if r["name"] == name and r["contrast"] == "t1")
+    versions = {v: (img, lab) for v, img, lab, _ in anatomy_images(data, row, tissue=False)}
+    (head, labels), brain = versions[name], versions[f"{name}_brain"][0]
+    mask = _brain_mask(data, name, head)
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(data / "extra" / "oasis_warp_warp.nii.gz")))  # (3, Z, Y, X)
+    vec = np.moveaxis(arr, 0, -1).astype(np.float64)[:, ::-1, ::-1]  # stored RAS-style: x, y flipped to LPS
+    vec[..., :2] *= -1
+    field = sitk.GetImageFromArray(np.ascontiguousarray(vec), isVector=True)
+    field.SetSpacing((2.0, 2.0, 2.0))
+    centre = np.array(head.TransformContinuousIndexToPhysicalPoint([(k - 1) / 2 for k in head.GetSize()]))
+    field.SetOrigin(tuple(centre - (np.array(field.GetSize()) - 1) * 2.0 / 2))
+    tx = sitk.DisplacementFieldTransform(field)
+
+    def warp(img: sitk.Image, interpolator: int) -> sitk.Image:
+        return sitk.Resample(img, img, tx, interpolator, 0.0, img.GetPixelID())
+
+    labels, mask = warp(labels, sitk.sitkNearestNeighbor), warp(sitk.Cast(mask, sitk.sitkUInt8), sitk.sitkNearestNeighbor)
+    pairs = []
+    for k in range(n):
+        for kind, img in (("whole head", head), ("brain", brain)):
+            img = warp(sitk.Cast(img, sitk.sitkFloat32), sitk.sitkLinear)
             moved, moved_labels, _ = place_in_scanner(img, labels, SEED0 + k)
             _, moved_mask, _ = place_in_scanner(img, mask, SEED0 + k)
             pairs.append((f"{kind} seed {SEED0 + k}", moved, moved_labels, moved_mask))
@@ -141,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     fixed_labels = sitk.ReadImage(str(data / "eval" / "icbm2009c_labels.nii.gz"))
     fixed_mask = sitk.Cast(fixed > 0, sitk.sitkUInt8)
     sets = {"validation (spm_avg305)": lambda: validation_pairs(data, "spm_avg305", a.pairs)[0],
+            "validation, deformed by a real inter-subject field": lambda: deformed_validation_pairs(
+                data, "spm_avg305", a.pairs),
             "training (itk_subject)": lambda: training_pairs(data, "itk_subject", a.pairs)}
     if a.held_out:
         sets["held-out (Colin27, brain3d's test subject)"] = lambda: held_out_pairs(data, a.pairs)
