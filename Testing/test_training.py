@@ -9,7 +9,8 @@ from conftest import blob_image, tiny_config
 from istn.config import TrainConfig
 from istn.data import PairDataset, load_pair, read_pairs_csv, split_rows
 from istn.networks import ISTN
-from istn.training import batch_indices, build_datasets, load_checkpoint, model_from_checkpoint, train, validate
+from istn.training import (batch_indices, build_datasets, learning_rate, load_checkpoint, model_from_checkpoint,
+                           train, validate)
 
 
 def _cfg(root, out, variant="istn-i", transform="affine", steps=6):
@@ -61,6 +62,30 @@ def test_training_is_reproducible_and_resume_matches_an_uninterrupted_run(toy_cs
     secs = [h["seconds"] for h in load_checkpoint(c.last_checkpoint)["history"]]
     assert secs == sorted(secs)  # training time continues across the resume
     assert all(torch.allclose(wa[k], wc[k], atol=1e-6) for k in wa)
+
+
+def test_learning_rate_anneals_from_the_decay_step_to_the_final_fraction():
+    constant = TrainConfig(lr=1e-3, steps=100)
+    assert {learning_rate(constant, s) for s in (0, 50, 99)} == {1e-3}
+    cfg = TrainConfig(lr=1e-3, steps=100, lr_decay_start=60, lr_final=0.1)
+    rates = [learning_rate(cfg, s) for s in range(100)]
+    assert rates[:60] == [1e-3] * 60 and rates[60] < 1e-3  # constant for the first 60 updates
+    assert rates[79] == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # half-way down the half cosine
+    assert rates[99] == pytest.approx(1e-4)  # the final fraction at the last update
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    with pytest.raises(ValueError, match="lr_final"):
+        TrainConfig(lr_final=1.5)
+
+
+def test_annealed_training_records_its_rates_and_resumes_on_the_same_schedule(toy_csv, tmp_path):
+    def cfg(out, steps):
+        return TrainConfig(**{**_cfg(toy_csv, out, steps=steps).__dict__, "lr_decay_start": 3, "lr_final": 0.0})
+
+    a = train(cfg(tmp_path / "a", 9), progress=False)
+    assert [h["lr"] for h in a.history] == pytest.approx([1e-2, 1e-2 * 0.5, 0.0])  # the updates to steps 3, 6, 9
+    train(cfg(tmp_path / "b", 6), progress=False)  # interrupted at step 6 (its schedule then ended at 6) ...
+    b = train(cfg(tmp_path / "b", 9), progress=False)  # ... and resumed with the longer run's schedule
+    assert b.step == 9 and b.history[-1]["lr"] == pytest.approx(0.0)
 
 
 def test_init_from_starts_a_new_run_from_another_variants_weights(toy_csv, tmp_path):

@@ -408,7 +408,8 @@ def validation_set(args, stage: str, cfg: ModelConfig, train_anat, val_anat, cro
 def train_stage(args, stage: str, variant: str, steps: int, train_anat, val_anat, out: Path, log=print):
     cfg = model_config(stage, variant, args.grid, args.spacing, args.itn_channels, args.stn_channels, args.itn_output)
     tcfg = TrainConfig(model=cfg, soi_kind="labels", soi_labels=LABELS, steps=steps, batch_size=args.batch,
-                       lr=1e-3 if stage == "affine" else 5e-4, val_every=args.val_every, seed=STAGE_INDEX[stage],
+                       lr=1e-3 if stage == "affine" else 5e-4, lr_decay_start=args.lr_decay_from,
+                       lr_final=args.lr_final, val_every=args.val_every, seed=STAGE_INDEX[stage],
                        threads=args.threads, out_dir=str(out), soi_loss=args.soi_loss,
                        image_weight=args.image_weight if stage == "affine" else 0.0)
     options = check_data_options(out, data_options(args), write=True)
@@ -417,6 +418,14 @@ def train_stage(args, stage: str, variant: str, steps: int, train_anat, val_anat
     init = Path(args.init_from) / stage / "best.pt" if args.init_from else None
     res = train(tcfg, train_set, val_set, resume=True, progress=not args.no_progress, log=log, init_from=init)
     return tcfg, res, val_set, time.time() - t0
+
+
+def _schedule(cfg: dict) -> str:
+    """The model card's words for the learning-rate schedule of a training config (dict)."""
+    start = int(cfg.get("lr_decay_start", -1))
+    if start < 0:
+        return " (constant)"
+    return f" (constant to step {start}, then a half cosine to {cfg.get('lr_final', 0.01):g} x lr at step {cfg['steps']})"
 
 
 def seconds_per_step(history: list[dict]) -> float | None:
@@ -519,6 +528,8 @@ def _made_text(summary: dict, args) -> str:
     common = f"--grid {m['grid_size'][0]} --spacing {m['grid_spacing']:g} --batch {cfg['batch_size']} --threads {cfg['threads']}"
     if m.get("itn_output", "linear") != "linear":
         common += f" --itn-output {m['itn_output']}"
+    if int(cfg.get("lr_decay_start", -1)) >= 0:
+        common += f" --lr-decay-from {cfg['lr_decay_start']} --lr-final {cfg.get('lr_final', 0.01):g}"
     flags = lambda s: (" " + data_flags(s["data_options"])) if data_flags(s.get("data_options", {})) else ""  # noqa: E731
     lines = []
     parent = Path(args.init_from) / stage / "summary.json" if args.init_from else None
@@ -625,7 +636,7 @@ brain T1: {what}. Use: {use}.
 | ITN / STN channels | {tuple(m['itn_channels'])} / {tuple(m['stn_channels'])}, hidden {m['stn_hidden']} |
 | SoI | {SOI_DESCRIPTION} |
 | loss | {'normalised MSE (1 - soft Dice) in every SoI term' if cfg['soi_loss'] == 'nmse' else 'MSE'}{f", plus {cfg['image_weight']:g} x MSE(T(s), t) (dense while structures do not overlap yet)" if cfg['image_weight'] else ''} |
-| training | {summary['steps']} steps, batch {cfg['batch_size']}, Adam lr {cfg['lr']:g}, seed {cfg['seed']}; exported: step {summary['exported_step']} ({summary['checkpoint']} checkpoint; lowest validation MSE at step {summary['best_step']}) |
+| training | {summary['steps']} steps, batch {cfg['batch_size']}, Adam lr {cfg['lr']:g}{_schedule(cfg)}, seed {cfg['seed']}; exported: step {summary['exported_step']} ({summary['checkpoint']} checkpoint; lowest validation MSE at step {summary['best_step']}) |
 | file | {summary['bytes'] / 1e6:.1f} MB TorchScript with the metadata (config, training data, validation) inside |
 
 ## Input expectations
@@ -731,6 +742,10 @@ def main(argv=None) -> int:
                    help="SoI terms of the loss: nmse (default; plain MSE let the affine STN warp the sparse "
                         "sub-cortical labels out of view and saturate) or mse (the paper's)")
     p.add_argument("--val-every", type=int, default=50)
+    p.add_argument("--lr-decay-from", type=int, default=-1, metavar="STEP",
+                   help="from this step on, anneal the learning rate along a half cosine to --lr-final x lr at "
+                        "--steps (-1: constant, the paper's release); with a resumed run, the step it is at")
+    p.add_argument("--lr-final", type=float, default=0.01, help="the annealed learning rate's end, a fraction of lr")
     p.add_argument("--export-only", action="store_true", help="export the current best checkpoint(s), no training")
     p.add_argument("--init-from", metavar="RUN_DIR",
                    help="start each stage from <RUN_DIR>/<stage>/best.pt (e.g. ISTN-e fine-tuned from an ISTN-i run)")

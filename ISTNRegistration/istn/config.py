@@ -93,6 +93,10 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 10
     lr: float = 1e-3
+    # from this step on, the learning rate falls along a half cosine from ``lr`` to ``lr * lr_final`` at ``steps``
+    # (an annealing phase that ends a long constant-rate run); -1: constant throughout (the paper's release)
+    lr_decay_start: int = -1
+    lr_final: float = 0.01
     val_every: int = 100
     seed: int = 42
     device: str = "auto"
@@ -115,6 +119,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig() 'soi_loss' must be mse or nmse, got {self.soi_loss!r}")
         if self.steps < 1 or self.batch_size < 1 or self.val_every < 1:
             raise ValueError("TrainConfig() 'steps', 'batch_size' and 'val_every' must be >= 1")
+        if self.lr_decay_start < -1 or not 0.0 <= self.lr_final <= 1.0:
+            raise ValueError("TrainConfig() 'lr_decay_start' must be -1 (no decay) or a step >= 0, and 'lr_final' "
+                             f"a fraction in [0, 1]; got {self.lr_decay_start}, {self.lr_final}")
 
 
 def to_dict(config: Any) -> dict:

@@ -121,6 +121,21 @@ def load_checkpoint(path: str | Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of training step ``step`` (0-based: the update that makes ``step + 1`` steps).
+
+    Constant ``cfg.lr`` unless ``cfg.lr_decay_start >= 0``: the updates after that many steps follow a half
+    cosine from ``cfg.lr`` down to ``cfg.lr * cfg.lr_final``, reached by the last update (the one that makes
+    ``cfg.steps``). A function of the step alone, so a resumed run (or a longer ``steps`` given later)
+    follows the schedule of the command that runs it.
+    """
+    start = cfg.lr_decay_start
+    if start < 0 or step < start or cfg.steps <= start:
+        return cfg.lr
+    t = min(1.0, (step + 1 - start) / (cfg.steps - start))
+    return cfg.lr * (cfg.lr_final + (1.0 - cfg.lr_final) * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+
 def train(
     cfg: TrainConfig,
     train_set: torch.utils.data.Dataset | None = None,
@@ -222,6 +237,8 @@ def train(
                                 grid, cfg.soi_loss, cfg.image_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # DDP: gradients averaged over the ranks = the gradient of the global-batch mean
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, step)
             optimizer.step()
             step += 1
             loss_value = float(distributed.mean_over_ranks(loss.detach(), ctx).item())  # the global-batch loss
@@ -231,7 +248,8 @@ def train(
             if step % cfg.val_every == 0 or step == cfg.steps:
                 record = None
                 if ctx.is_main:
-                    record = {"step": step, "loss": loss_value, "seconds": elapsed0 + time.perf_counter() - t0}
+                    record = {"step": step, "loss": loss_value, "seconds": elapsed0 + time.perf_counter() - t0,
+                              "lr": learning_rate(cfg, step - 1)}
                     if val_set is not None and len(val_set) > 0:
                         record.update(validate(net, val_set, device))
                 record = distributed.broadcast_object(record, ctx)  # the same history and choice on every rank
