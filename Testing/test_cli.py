@@ -257,6 +257,20 @@ def test_train_init_from_a_missing_checkpoint_is_refused(toy_csv, tmp_path, caps
     assert "is not a checkpoint file" in capsys.readouterr().err and not out.exists()
 
 
+def test_train_anneals_the_learning_rate_when_asked_and_refuses_a_bad_schedule(toy_csv, tmp_path, capsys):
+    from istn.training import load_checkpoint
+
+    base = ["train", "--train-csv", str(toy_csv / "pairs.csv"), "--soi-csv", str(toy_csv / "soi.csv"),
+            "--grid-size", "32", "32", "--steps", "4", "--val-every", "2", "--quiet"]
+    assert main(base + ["--out", str(tmp_path / "run"), "--lr", "0.01", "--lr-decay-from", "2",
+                        "--lr-final", "0.1"]) == 0
+    history = load_checkpoint(tmp_path / "run" / "last.pt")["history"]
+    assert [h["lr"] for h in history] == pytest.approx([0.01, 0.001])  # constant, then annealed to 0.1 x lr
+    bad = tmp_path / "bad"
+    assert main(base + ["--out", str(bad), "--lr-final", "2"]) == 2
+    assert "lr_final" in capsys.readouterr().err and not bad.exists()
+
+
 # --------------------------------------------------------------------------
 # Issue #9: every user error checked up front (exit 2, one line, nothing written); chaining; background
 # --------------------------------------------------------------------------

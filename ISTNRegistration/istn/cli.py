@@ -366,11 +366,15 @@ def run_train(args: argparse.Namespace) -> Path:
         model = ModelConfig(ndim=args.ndim, grid_size=grid, grid_spacing=args.spacing, transform=args.transform,
                             variant=args.variant, soi_channels=len(args.soi_labels) if args.soi_labels else 1,
                             cp_spacing_mm=args.cp_spacing, itn_output=args.itn_output)
-        cfg = TrainConfig(model=model, train_csv=args.train_csv, soi_csv=args.soi_csv, soi_kind=args.soi_kind,
-                          soi_labels=tuple(args.soi_labels or ()), val_csv=args.val_csv or "",
-                          val_soi_csv=args.val_soi_csv or "", steps=args.steps or 1000, batch_size=args.batch_size,
-                          lr=args.lr, val_every=args.val_every, seed=args.seed, device=args.device,
-                          threads=args.threads, out_dir=args.out or "runs/istn")
+        try:
+            cfg = TrainConfig(model=model, train_csv=args.train_csv, soi_csv=args.soi_csv, soi_kind=args.soi_kind,
+                              soi_labels=tuple(args.soi_labels or ()), val_csv=args.val_csv or "",
+                              val_soi_csv=args.val_soi_csv or "", steps=args.steps or 1000,
+                              batch_size=args.batch_size, lr=args.lr, lr_decay_start=args.lr_decay_from,
+                              lr_final=args.lr_final, val_every=args.val_every, seed=args.seed, device=args.device,
+                              threads=args.threads, out_dir=args.out or "runs/istn")
+        except ValueError as exc:
+            raise ISTNError(f"istn train: {exc}") from None
     from .registration import check_device
 
     check_device(cfg.device)
@@ -470,6 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int)
     t.add_argument("--batch-size", type=int, default=10)
     t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--lr-decay-from", type=int, default=-1, metavar="STEP",
+                   help="from this step on, anneal the learning rate along a half cosine to --lr-final x --lr at "
+                        "the last step (default -1: constant, the paper's)")
+    t.add_argument("--lr-final", type=float, default=0.01, help="the annealed learning rate's end, a fraction of --lr")
     t.add_argument("--val-every", type=int, default=100)
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--device", default="auto")
