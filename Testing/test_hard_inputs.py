@@ -12,7 +12,7 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from hard_inputs import crop_superior  # noqa: E402
+from hard_inputs import crop_superior, markdown  # noqa: E402
 
 
 def _head() -> tuple[sitk.Image, sitk.Image]:
@@ -42,3 +42,13 @@ def test_crop_keeps_the_superior_part_of_the_head_in_any_layout(code):
     assert _world_z_range(cropped) == pytest.approx((20.0, 39.0))
     assert _world_z_range(cropped_labels) == pytest.approx((20.0, 39.0))
     assert sorted(np.unique(sitk.GetArrayViewFromImage(cropped_labels))) == [8, 9]
+
+
+def test_the_table_says_when_a_model_set_cannot_raise_the_self_check():
+    row = {"unregistered": 0.2, "affine": 0.8, "B-spline": 0.1, "warnings": []}
+    warned = {**row, "warnings": ["this pair looks unlike ..."]}
+    res = {"date": "today", "sets": {"a": "A", "b": "B"}, "self_check": {"a": True, "b": False},
+           "cases": {"contrast t2": {"a": [warned, row], "b": [row, row]}}}
+    text = markdown(res, "cmd")
+    assert "| contrast t2 | 2 | 0.200 | 0.800 | 0.100 (2 below unregistered) | 0.800 |" in text
+    assert "a 1, b 0 (its models carry no validation loss ranges: the self-check cannot warn)." in text
