@@ -440,6 +440,29 @@ def test_bundled_models_are_listed_and_used_by_default(scene, pair, tiny_models,
     assert [s.transform_type for s in result.stages] == ["affine", "bspline"]
 
 
+def test_the_default_family_comes_first_and_a_bspline_is_prealigned_by_its_own_familys_affine(tiny_models, tmp_path,
+                                                                                               monkeypatch):
+    folder = tmp_path / "Models"
+    folder.mkdir()
+    monkeypatch.setattr(modelfiles, "MODELS_DIR", folder)
+    for family in ("brain-any", "brain-t1"):  # "brain-any" sorts first by name; the default family still leads
+        for kind in ("affine", "bspline"):
+            (folder / f"{family}-{kind}.pt").write_bytes(Path(tiny_models[kind]).read_bytes())
+    assert [m.name for m in ISTNRegistrationLogic.availableModels()] == [
+        "brain-t1-affine", "brain-any-affine", "brain-t1-bspline", "brain-any-bspline"]
+    assert modelfiles.defaultModel("bspline").name == "brain-t1-bspline"
+    resolve = ISTNRegistrationLogic._resolveModels
+    assert resolve("bspline", None, True, None) == [("affine", folder / "brain-t1-affine.pt"),
+                                                    ("bspline", folder / "brain-t1-bspline.pt")]
+    other = folder / "brain-any-bspline.pt"
+    assert resolve(None, other, True, None) == [("affine", folder / "brain-any-affine.pt"), ("bspline", other)]
+    # a chosen pre-alignment model wins; without a companion the default affine is used
+    assert resolve(None, other, True, folder / "brain-t1-affine.pt")[0] == ("affine", folder / "brain-t1-affine.pt")
+    (folder / "brain-any-affine.pt").write_text("not a model")
+    assert resolve(None, other, True, None)[0] == ("affine", folder / "brain-t1-affine.pt")
+    assert resolve(None, other, False, None) == [("bspline", other)]
+
+
 def test_the_panel_says_which_contrasts_a_bundled_model_is_validated_on():
     listed = ISTNRegistrationLogic.availableModels()
     assert listed and all("validated on T1 images (T2, PD: not validated" in m.describe() for m in listed)

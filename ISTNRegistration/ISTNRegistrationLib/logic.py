@@ -36,7 +36,7 @@ import slicer
 
 from .dependencies import dependencyMessage, missingPackages
 from .i18n import _
-from .models import ModelInfo, bundledModels, defaultModel, readModelInfo
+from .models import ModelInfo, bundledModels, companionAffine, defaultModel, readModelInfo
 
 # numpy, SimpleITK, `nodes` and the engine are imported where they are used:
 # Slicer imports every scripted module at start-up, and this one should cost nothing then.
@@ -323,8 +323,9 @@ class ISTNRegistrationLogic:
         - ``transformType``: ``"affine"`` or ``"bspline"``; default: that of
           ``modelPath``, else ``"affine"``. Without ``modelPath`` the bundled
           model of that type is used.
-        - B-spline: with ``preAlign`` an affine model (``affineModelPath`` or the
-          bundled one) runs first; its result goes into ``outputTransformNode``
+        - B-spline: with ``preAlign`` an affine model (``affineModelPath``, else
+          the affine of the B-spline's own family next to it, ``X-bspline.pt``
+          -> ``X-affine.pt``, else the bundled default) runs first; its result goes into ``outputTransformNode``
           (a linear node) and the B-spline into a child node of it.
         - ``iterations`` of test-time refinement per model (0: one pass only;
           None: each model's own number, chosen on its validation pairs);
@@ -581,7 +582,9 @@ class ISTNRegistrationLogic:
                                    "a model file (.pt)").format(kind=transformType))
         stages = [(transformType, info.path)]
         if transformType == "bspline" and preAlign:
-            affine = readModelInfo(affineModelPath) if affineModelPath else defaultModel("affine")
+            # the chosen affine, else the B-spline's own family's (X-bspline -> X-affine), else the default one
+            affine = (readModelInfo(affineModelPath) if affineModelPath
+                      else companionAffine(info) or defaultModel("affine"))
             if affine is not None:
                 if affine.transformType != "affine" or affine.ndim != 3:
                     raise ValueError(_("pre-alignment model '{name}' is not a 3D affine model").format(

@@ -126,13 +126,34 @@ def bundledModels(directory: str | os.PathLike | None = None, ndim: int | None =
             continue
         if ndim is None or info.ndim == ndim:
             found.append(info)
+    from istn.config import DEFAULT_MODEL_STEMS  # torch-free
+
     order = {"affine": 0, "bspline": 1}
-    return sorted(found, key=lambda m: (order.get(m.transformType, 2), m.name))
+    defaults = set(DEFAULT_MODEL_STEMS.values())
+    # affine first; within a type the default family (what `istn demo` runs) first, then by name
+    return sorted(found, key=lambda m: (order.get(m.transformType, 2), m.name not in defaults, m.name))
 
 
 def defaultModel(transformType: str, directory: str | os.PathLike | None = None) -> ModelInfo | None:
-    """The first bundled 3D model of ``transformType`` (``affine`` or ``bspline``), or None."""
+    """The bundled 3D model of ``transformType`` (``affine`` or ``bspline``) used when none is chosen: the
+    default family's (``brain-t1-<type>``) when it is there, else the first by name; None without one."""
     for info in bundledModels(directory):
         if info.transformType == transformType:
             return info
     return None
+
+
+def companionAffine(model: ModelInfo) -> ModelInfo | None:
+    """The affine model of ``model``'s family next to it (``X-bspline.pt`` -> ``X-affine.pt``, a readable 3D
+    affine model), the B-spline's pre-alignment; None when there is none."""
+    from istn.config import companion_stem
+
+    stem = companion_stem(model.name, "affine")
+    path = model.path.with_name(f"{stem}.pt") if stem else None
+    if path is None or path == model.path or not path.is_file():
+        return None
+    try:
+        info = readModelInfo(path)
+    except ModelInfoError:
+        return None
+    return info if info.transformType == "affine" and info.ndim == model.ndim else None

@@ -137,6 +137,19 @@ def train_config_from_dict(d: dict) -> TrainConfig:
     return TrainConfig(**d)
 
 
+#: The bundled models used when none is named (``istn demo``, the Slicer panel's first entries), by transform.
+DEFAULT_MODEL_STEMS = {"affine": "brain-t1-affine", "bspline": "brain-t1-bspline"}
+
+
+def companion_stem(stem: str, transform: str) -> str | None:
+    """The stem of the model of ``transform`` in the same family as model ``stem`` (``brain-t1-bspline`` ->
+    ``brain-t1-affine``): the stem with its last ``-affine``/``-bspline`` replaced; None without one."""
+    for kind in ("affine", "bspline"):
+        if stem.endswith("-" + kind):
+            return stem[: -len(kind)] + transform
+    return None
+
+
 #: The contrasts a brain-recipe model can be asked about; its validation pairs are T1 whatever it trained on.
 BRAIN_CONTRASTS = ("T1", "T2", "PD")
 

@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .config import DEFAULT_MODEL_STEMS
 from .errors import ISTNError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 MODELS_DIR = PACKAGE_DIR.parent / "Resources" / "Models"  # the Slicer module's resources
 SAMPLE_DIR = PACKAGE_DIR.parents[1] / "Resources" / "SampleData"
-AFFINE_MODEL = "brain-t1-affine.pt"
-BSPLINE_MODEL = "brain-t1-bspline.pt"
+AFFINE_MODEL = DEFAULT_MODEL_STEMS["affine"] + ".pt"
+BSPLINE_MODEL = DEFAULT_MODEL_STEMS["bspline"] + ".pt"
 PERTURBATION_SEED = 2019
 
 
