@@ -40,7 +40,7 @@ Stages (each resumable: rerun the same command; ``<out>/<stage>/last.pt`` is pic
   smooth deformations of ~4 mm, cross-anatomy pairs (the real anatomical differences); control point spacing
   30 mm (the paper's), lr 5e-4 (the release's).
 
-Exports ``<models>/brain-t1-{affine,bspline}.pt`` (best-on-validation weights, metadata inside) and
+Exports ``<models>/<family>-{affine,bspline}.pt`` (``--family``, default ``brain-t1``) (best-on-validation weights, metadata inside) and
 ``<out>/<stage>/summary.json`` (config, seconds/step, validation curve, Dice). ``--export-only`` exports the
 current best checkpoint without training (useful while a long run is still going).
 
@@ -473,7 +473,7 @@ def export_stage(args, stage: str, out: Path, described: list[str], val_anat, tr
                                  "data_options": options, "validation": dice, "validation_cropped": dice_cropped,
                                  "steps_trained": run["steps"],
                                  "script": "benchmarks/train_brain.py"})
-    name = f"brain-t1-{stage}.pt"
+    name = f"{args.family}-{stage}.pt"
     path = Path(args.models) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     export_model(model, meta, path)
@@ -608,7 +608,12 @@ def model_card(summary: dict, name: str, data_text: str, args) -> str:
                     f"{100 * CROP_KEEP[0]:g}-{100 * CROP_KEEP[1]:g} % of the head kept): "
                     f"**{cropped['mean_dice_unregistered']:.3f} -> {cropped['mean_dice_one_pass']:.3f}**.")
     trained_for = [c.upper() for c in options["contrasts"] if c != "t1"]
-    not_trained = ", ".join(x for x in ("Other contrasts (T2, PD)" if not trained_for else "", "children", "lesions",
+    synthetic = ("" if trained_for or not options["synth_prob"] else
+                 f"Other contrasts (T2, PD) were seen only through label-driven synthesis (random tissue intensities, "
+                 f"{100 * options['synth_prob']:g} % of the views), and the validation pairs are T1: not validated "
+                 "(measured on avg152 T2/PD: `benchmarks/hard_inputs.py`)")
+    not_trained = ", ".join(x for x in ("Other contrasts (T2, PD)" if not trained_for and not synthetic else "",
+                                         "children", "lesions",
                                          "strongly atrophied brains",
                                          "cropped fields of view" if not options["crop_prob"] else "") if x)
     curve = "\n".join(f"| {h['step']} | {h['loss']:.5f} | {h.get('soi_mse', float('nan')):.6f} |"
@@ -621,9 +626,9 @@ def model_card(summary: dict, name: str, data_text: str, args) -> str:
             "half-extent per control point), applied AFTER an affine: the B-spline lives in moving space on the "
             "fixed internal grid carried there by the affine's rotation and translation, and the result is "
             "x -> B(A(x))")
-    use = ("`istn register --model brain-t1-affine.pt FIXED MOVING OUT`, then the B-spline model with the affine "
-           "as initial transform (`istn demo` does both)" if stage == "affine" else
-           "after `brain-t1-affine.pt`: `register(fixed, moving, bspline, initial_transform=affine.transform)`")
+    use = (f"`istn register --model {args.family}-affine.pt FIXED MOVING OUT`, then the B-spline model with the "
+           "affine as initial transform (`istn demo` does both with the default family, brain-t1)" if stage == "affine"
+           else f"after `{args.family}-affine.pt`: `register(fixed, moving, bspline, initial_transform=affine.transform)`")
     return f"""# {name}: 3D brain T1, {stage} ISTN ({m['variant'].upper()})
 
 An Image-and-Spatial Transformer Network (Lee et al., MICCAI 2019) that registers a moving brain T1 to a fixed
@@ -648,7 +653,7 @@ brain T1: {what}. Use: {use}.
   head's foreground, whatever the file's voxel order, flips or obliquity (RAS-stored NIfTI, sagittal,
   oblique: the same world transform within rounding, `Testing/test_network_frame.py`). A header that is
   WRONG (e.g. left and right swapped by a converter) cannot be detected.
-- {not_trained}: not trained for.{f" Also trained on {' and '.join(trained_for)} images (SPM's avg152)." if trained_for else ""}
+- {not_trained}: not trained for.{f" Also trained on {' and '.join(trained_for)} images (SPM's avg152)." if trained_for else ""}{f" {synthetic}." if synthetic else ""}
 
 ## Training data
 {data_text}
@@ -719,7 +724,9 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--data", default="/work/braindata", help="output of istn.data.brain.prepare")
     p.add_argument("--out", help="run folder (checkpoints, summaries; default runs/brain, runs/brain-quick with --quick)")
-    p.add_argument("--models", default=str(MODELS), help="where brain-t1-<stage>.pt is exported")
+    p.add_argument("--models", default=str(MODELS), help="where <family>-<stage>.pt is exported")
+    p.add_argument("--family", default="brain-t1", help="file name stem of the exported pair (default brain-t1, the "
+                   "bundled default; another family sits beside it, see Resources/Models/README.md)")
     p.add_argument("--stage", choices=("affine", "bspline", "both"), default="both")
     p.add_argument("--steps", type=int, default=1500, help="training steps per stage")
     p.add_argument("--batch", type=int, default=2)
