@@ -31,7 +31,6 @@ Writes ``benchmarks/results/bspline_outline.{md,json}``.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
@@ -47,11 +46,11 @@ sys.path.insert(0, str(REPO / "ISTNRegistration"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from brain3d import SEED0 as TEST_SEED0, eval_volumes, place_pair  # noqa: E402
-from brain_validation import SEED0, mean_dice  # noqa: E402
-from refinement_validation import mask_dice, validation_pairs  # noqa: E402
+from brain_validation import mean_dice, t1_row  # noqa: E402
+from refinement_validation import mask_dice, placed_pairs, validation_pairs  # noqa: E402
 from train_brain import _brain_mask, anatomy_images  # noqa: E402
 
-from istn.demo import MODELS_DIR, place_in_scanner  # noqa: E402
+from istn.demo import MODELS_DIR  # noqa: E402
 from istn.data.synthesis import CSF, GM, WM  # noqa: E402
 from istn.export import load_model  # noqa: E402
 from istn.registration import register  # noqa: E402
@@ -62,27 +61,18 @@ Pair = tuple[str, sitk.Image, sitk.Image, sitk.Image]  # (label, moving image, i
 def training_pairs(data: Path, name: str, n: int) -> list[Pair]:
     """``n`` scanner positions (seeds 500..) x (whole head, brain-extracted) of a training anatomy with
     tissue classes; its brain mask: CSF, GM and WM classes, closed and hole-filled."""
-    row = next(r for r in csv.DictReader(open(data / "train.csv")) if r["name"] == name and r["contrast"] == "t1")
-    _, head, labels, classes = anatomy_images(data, row, tissue=True)[0]
+    _, head, labels, classes = anatomy_images(data, t1_row(data, name), tissue=True)[0]
     cl = sitk.GetArrayFromImage(classes)
     mask = sitk.GetImageFromArray(np.isin(cl, (CSF, GM, WM)).astype(np.uint8))
     mask.CopyInformation(classes)
     mask = sitk.BinaryFillhole(sitk.BinaryMorphologicalClosing(mask, [2, 2, 2]))
     head = sitk.Cast(head, sitk.sitkFloat32)
-    brain = sitk.Mask(head, mask)
-    pairs = []
-    for k in range(n):
-        for kind, img in (("whole head", head), ("brain", brain)):
-            moved, moved_labels, _ = place_in_scanner(img, labels, SEED0 + k)
-            _, moved_mask, _ = place_in_scanner(img, mask, SEED0 + k)
-            pairs.append((f"{kind} seed {SEED0 + k}", moved, moved_labels, moved_mask))
-    return pairs
+    return placed_pairs(head, sitk.Mask(head, mask), labels, mask, n)
 
 
 def deformed_validation_pairs(data: Path, name: str, n: int) -> list[Pair]:
     """``validation_pairs`` of ``name`` after warping its image, labels and brain mask by the OASIS field."""
-    row = next(r for r in csv.DictReader(open(data / "train.csv")) if r["name"] == name and r["contrast"] == "t1")
-    versions = {v: (img, lab) for v, img, lab, _ in anatomy_images(data, row, tissue=False)}
+    versions = {v: (img, lab) for v, img, lab, _ in anatomy_images(data, t1_row(data, name), tissue=False)}
     (head, labels), brain = versions[name], versions[f"{name}_brain"][0]
     mask = _brain_mask(data, name, head)
     arr = sitk.GetArrayFromImage(sitk.ReadImage(str(data / "extra" / "oasis_warp_warp.nii.gz")))  # (3, Z, Y, X)
@@ -97,15 +87,9 @@ def deformed_validation_pairs(data: Path, name: str, n: int) -> list[Pair]:
     def warp(img: sitk.Image, interpolator: int) -> sitk.Image:
         return sitk.Resample(img, img, tx, interpolator, 0.0, img.GetPixelID())
 
+    head, brain = (warp(sitk.Cast(img, sitk.sitkFloat32), sitk.sitkLinear) for img in (head, brain))  # once each
     labels, mask = warp(labels, sitk.sitkNearestNeighbor), warp(sitk.Cast(mask, sitk.sitkUInt8), sitk.sitkNearestNeighbor)
-    pairs = []
-    for k in range(n):
-        for kind, img in (("whole head", head), ("brain", brain)):
-            img = warp(sitk.Cast(img, sitk.sitkFloat32), sitk.sitkLinear)
-            moved, moved_labels, _ = place_in_scanner(img, labels, SEED0 + k)
-            _, moved_mask, _ = place_in_scanner(img, mask, SEED0 + k)
-            pairs.append((f"{kind} seed {SEED0 + k}", moved, moved_labels, moved_mask))
-    return pairs
+    return placed_pairs(head, brain, labels, mask, n)
 
 
 def held_out_pairs(data: Path, n: int) -> list[Pair]:

@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "ISTNRegistration"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from brain_validation import SEED0, mean_dice  # noqa: E402
+from brain_validation import SEED0, mean_dice, t1_row  # noqa: E402
 from train_brain import _brain_mask, anatomy_images  # noqa: E402
 
 from istn.demo import MODELS_DIR, place_in_scanner  # noqa: E402
@@ -68,23 +68,27 @@ def identity_distance(tx: sitk.Transform, ref: sitk.Image, mask: np.ndarray) -> 
     return float(n.mean()), float(n.max())
 
 
-def validation_pairs(data: Path, name: str, n: int):
-    """``[(label, moving, labels, brain mask)]``: ``n`` scanner positions x (whole head, brain-extracted)."""
-    import csv
-
-    row = next(r for r in csv.DictReader(open(data / "train.csv")) if r["name"] == name and r["contrast"] == "t1")
-    versions = {v: (img, lab) for v, img, lab, _ in anatomy_images(data, row, tissue=False)}
-    head, labels = versions[name]
-    brain = versions[f"{name}_brain"][0]
-    mask = _brain_mask(data, name, head)
+def placed_pairs(head: sitk.Image, brain: sitk.Image, labels: sitk.Image, mask: sitk.Image, n: int) -> list:
+    """``[(label, moving, labels, brain mask)]``: the anatomy in ``n`` seeded scanner positions (seeds
+    `SEED0`..), each as whole head and brain-extracted; labels and brain mask moved with it."""
     pairs = []
     for k in range(n):
         seed = SEED0 + k
         for kind, img in (("whole head", head), ("brain", brain)):
-            moved, moved_labels, _ = place_in_scanner(sitk.Cast(img, sitk.sitkFloat32), labels, seed)
-            _, moved_mask, _ = place_in_scanner(sitk.Cast(img, sitk.sitkFloat32), mask, seed)
+            img = sitk.Cast(img, sitk.sitkFloat32)
+            moved, moved_labels, _ = place_in_scanner(img, labels, seed)
+            _, moved_mask, _ = place_in_scanner(img, mask, seed)
             pairs.append((f"{kind} seed {seed}", moved, moved_labels, moved_mask))
-    return pairs, sitk.Cast(brain, sitk.sitkFloat32), mask
+    return pairs
+
+
+def validation_pairs(data: Path, name: str, n: int):
+    """``([(label, moving, labels, brain mask)], brain image, brain mask)``: `placed_pairs` of anatomy ``name``."""
+    versions = {v: (img, lab) for v, img, lab, _ in anatomy_images(data, t1_row(data, name), tissue=False)}
+    head, labels = versions[name]
+    brain = versions[f"{name}_brain"][0]
+    mask = _brain_mask(data, name, head)
+    return placed_pairs(head, brain, labels, mask, n), sitk.Cast(brain, sitk.sitkFloat32), mask
 
 
 CARD_BEGIN = "<!-- refinement settings: written by benchmarks/refinement_validation.py -->"

@@ -40,8 +40,8 @@ Stages (each resumable: rerun the same command; ``<out>/<stage>/last.pt`` is pic
   smooth deformations of ~4 mm, cross-anatomy pairs (the real anatomical differences); control point spacing
   30 mm (the paper's), lr 5e-4 (the release's).
 
-Exports ``<models>/<family>-{affine,bspline}.pt`` (``--family``, default ``brain-t1``) (best-on-validation weights, metadata inside) and
-``<out>/<stage>/summary.json`` (config, seconds/step, validation curve, Dice). ``--export-only`` exports the
+Exports ``<models>/<family>-{affine,bspline}.pt`` (``--family``, default ``brain-t1``; best-on-validation weights,
+metadata inside) and ``<out>/<stage>/summary.json`` (config, seconds/step, validation curve, Dice). ``--export-only`` exports the
 current best checkpoint without training (useful while a long run is still going).
 
     python benchmarks/train_brain.py --stage both --steps 1500 --threads 2      # the bundled models
