@@ -197,3 +197,35 @@ def test_report_contents(table_run):
     assert "| Affine Dice before refinement |" in md and "| B-spline ASD after |" in md
     assert "## Moving: whole head" in md and "## ITN maps on the held-out heads" in md
     assert "## The paper's claims on these numbers" in md and "| STN-s | affine | missing" not in md
+
+
+# --------------------------------------------------------------------------
+# training_curves: what the runs' last.pt records, drawn and tabulated
+# --------------------------------------------------------------------------
+
+
+def test_training_curves_reads_the_recorded_validation_history(tmp_path):
+    import training_curves
+
+    runs = tmp_path / "runs"
+    vals = {"affine": [0.09, 0.04, 0.06], "bspline": [0.03, 0.05, 0.02]}
+    for stage, decay in (("affine", 20), ("bspline", -1)):
+        cfg = tiny_config(3, stage, "istn-e", soi_channels=8, itn_output="sigmoid")
+        model = perturbed_model(cfg, seed=0, scale=0.3)
+        tcfg = TrainConfig(model=cfg, soi_kind="labels", soi_labels=LABELS, lr=1e-3, steps=30, lr_decay_start=decay)
+        history = [{"step": 10 * (i + 1), "seconds": 5.0 * (i + 1), "loss": 0.5, "soi_mse": v}
+                   for i, v in enumerate(vals[stage])]
+        out = runs / "istn-e" / stage
+        out.mkdir(parents=True)
+        save_checkpoint(out / "last.pt", model, torch.optim.Adam(model.parameters()), tcfg, 30, min(vals[stage]),
+                        history)
+    stem = tmp_path / "curves"
+    assert training_curves.main([f"ISTN-e={runs / 'istn-e'}", "--out", str(stem)]) == 0
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    md = (tmp_path / "curves.md").read_text()
+    assert ("| ISTN-e | Affine | istn-e | 16^3 x 4 mm | 30 | 20 | 0.040000 | 0.060000 | 0.50 | "
+            "0.001, half cosine from step 20 to x0.01 |") in md
+    assert "| ISTN-e | B-spline | istn-e | 16^3 x 4 mm | 30 | 30 | 0.020000 | 0.020000 | 0.50 | 0.001 constant |" in md
+    with pytest.raises(SystemExit):  # a folder without runs is refused, nothing written
+        training_curves.main([f"none={tmp_path / 'empty'}", "--out", str(tmp_path / "nothing")])
+    assert not (tmp_path / "nothing.md").exists()
