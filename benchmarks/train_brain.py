@@ -73,7 +73,7 @@ sys.path.insert(0, str(REPO / "ISTNRegistration"))  # the engine without install
 from istn import __version__ as ENGINE_VERSION  # noqa: E402
 from istn.data.augment import Anatomy, AugmentConfig, sample_view  # noqa: E402
 from istn.data.brain.tissue import tissue_map, tissue_source  # noqa: E402
-from istn.config import ModelConfig, TrainConfig, to_dict  # noqa: E402
+from istn.config import DEFAULT_MODEL_FAMILY, ModelConfig, TrainConfig, to_dict  # noqa: E402
 from istn.export import build_metadata, export_model  # noqa: E402
 from istn.training import load_checkpoint, train  # noqa: E402
 from istn.transforms import warp  # noqa: E402
@@ -725,7 +725,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", default="/work/braindata", help="output of istn.data.brain.prepare")
     p.add_argument("--out", help="run folder (checkpoints, summaries; default runs/brain, runs/brain-quick with --quick)")
     p.add_argument("--models", default=str(MODELS), help="where <family>-<stage>.pt is exported")
-    p.add_argument("--family", default="brain-t1", help="file name stem of the exported pair (default brain-t1, the "
+    p.add_argument("--family", default=DEFAULT_MODEL_FAMILY, help="file name stem of the exported pair (default brain-t1, the "
                    "bundled default; another family sits beside it, see Resources/Models/README.md)")
     p.add_argument("--stage", choices=("affine", "bspline", "both"), default="both")
     p.add_argument("--steps", type=int, default=1500, help="training steps per stage")

@@ -137,8 +137,10 @@ def train_config_from_dict(d: dict) -> TrainConfig:
     return TrainConfig(**d)
 
 
-#: The bundled models used when none is named (``istn demo``, the Slicer panel's first entries), by transform.
-DEFAULT_MODEL_STEMS = {"affine": "brain-t1-affine", "bspline": "brain-t1-bspline"}
+#: The bundled model family used when none is named (``istn demo``, the Slicer panel's first entries) and its
+#: models' file stems by transform (``<family>-<transform>.pt``, the names ``benchmarks/train_brain.py`` exports).
+DEFAULT_MODEL_FAMILY = "brain-t1"
+DEFAULT_MODEL_STEMS = {t: f"{DEFAULT_MODEL_FAMILY}-{t}" for t in ("affine", "bspline")}
 
 
 def companion_stem(stem: str, transform: str) -> str | None:
