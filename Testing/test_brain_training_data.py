@@ -95,3 +95,51 @@ def test_tissue_maps_from_what_the_anatomy_has(tmp_path):
     brain = np.where((t1 >= 0.2) & (t1 <= 0.8), t1, 0).astype(np.float32)
     t = sitk.GetArrayFromImage(tissue_map(tmp_path, "b", _write(tmp_path / "train" / "b_t1.nii.gz", brain)))
     assert [t[6, 7, 7], t[6, 9, 9], t[6, 12, 12], t[6, 0, 0]] == [GM, WM, CSF, 0]
+
+
+@pytest.mark.parametrize("transform", ["affine", "bspline"])
+def test_a_brain_channel_added_to_a_trained_model_keeps_its_prediction(transform):
+    import dataclasses
+
+    import torch
+
+    from conftest import perturbed_model, tiny_config
+    from istn.config import TrainConfig, to_dict
+    from istn.networks import ISTN
+
+    cfg8 = tiny_config(3, transform, "istn-e", soi_channels=2, itn_output="sigmoid")
+    old = perturbed_model(cfg8, seed=3)
+    checkpoint = {"model": old.state_dict(), "config": to_dict(TrainConfig(model=cfg8)), "step": 700}
+    tcfg = TrainConfig(model=dataclasses.replace(cfg8, soi_channels=3))
+    start = train_brain.expand_soi_channels(checkpoint, tcfg)
+    new = ISTN(tcfg.model)
+    new.load_state_dict(start["model"])  # strict: every tensor has the new shape
+    new.eval()
+    assert start["step"] == 0 and start["config"]["model"]["soi_channels"] == 3
+    torch.manual_seed(0)
+    x, y = torch.rand(1, 1, 16, 16, 16), torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        s_old, t_old, s_new, t_new = old.itn(x), old.itn(y), new.itn(x), new.itn(y)
+        assert s_new.shape[1] == 3 and torch.allclose(s_new[:, :2], s_old)
+        assert torch.allclose(new.predict(s_new, t_new), old.predict(s_old, t_old), atol=1e-6)
+        # the new channel is a fresh output, not a copy, and reaches the STN once training moves its weights
+        assert not torch.allclose(s_new[:, 2], s_new[:, 0])
+
+
+def test_the_brain_label_fills_the_brain_outside_the_structures():
+    labels = np.zeros((4, 5, 6), np.uint8)
+    labels[1, 2, 3] = 4
+    brain = np.zeros_like(labels)
+    brain[1:3, 1:4, 1:5] = 1
+    lab_img, brain_img = sitk.GetImageFromArray(labels), sitk.GetImageFromArray(brain)
+    lab_img.SetSpacing((2.0, 2.0, 2.0))
+    brain_img.CopyInformation(lab_img)
+    out = train_brain.with_brain_label(lab_img, brain_img)
+    arr = sitk.GetArrayFromImage(out)
+    assert out.GetSpacing() == (2.0, 2.0, 2.0)
+    assert arr[1, 2, 3] == 4  # a structure keeps its label
+    assert (arr == train_brain.BRAIN_LABEL).sum() == brain.sum() - 1
+    assert (arr[brain == 0] == 0).all()
+    assert train_brain.soi_labels({"brain_channel": True}) == train_brain.LABELS + (train_brain.BRAIN_LABEL,)
+    assert train_brain.soi_labels({}) == train_brain.LABELS
+    assert train_brain.data_flags({"brain_channel": True}) == "--brain-channel"

@@ -25,6 +25,12 @@ model card's command. Validation (checkpoint choice) always uses the stage's pla
 runs with and without these options are scored on the same pairs; the export also scores CROPPED moving
 images (``validation_cropped``: one pass must not end below the unregistered Dice).
 
+``--brain-channel`` (an experiment, off by default) gives the ITN a 9th SoI channel, the rest of the brain (the
+anatomy's brain mask minus the 8 structures; for a whole head too, so the ITN learns where the brain ends),
+so that test-time refinement sees the brain's outline as well as the structures. With ``--init-from`` a run
+of 8 channels starts it: the 8 structure channels' weights are kept and the new channel's enter at zero in the
+STN (`expand_soi_channels`), so the first step predicts what the 8-channel model does.
+
 Validation: one whole anatomy held out of training (``--val-anatomy``, default ``spm_avg305``; skull-stripped
 with the avg152 priors when possible) registered to the training anatomies: a FIXED set of ``--val-pairs``
 pairs (seed 1000 + stage, training uses seed = stage index) made with the same variation as training. The
@@ -75,6 +81,7 @@ from istn.data.augment import Anatomy, AugmentConfig, sample_view  # noqa: E402
 from istn.data.brain.tissue import tissue_map, tissue_source  # noqa: E402
 from istn.config import DEFAULT_MODEL_FAMILY, ModelConfig, TrainConfig, to_dict  # noqa: E402
 from istn.export import build_metadata, export_model  # noqa: E402
+from istn.networks import ISTN  # noqa: E402
 from istn.training import load_checkpoint, train  # noqa: E402
 from istn.transforms import warp  # noqa: E402
 
@@ -95,7 +102,8 @@ STAGE_INDEX = {"affine": 0, "bspline": 1}
 TRAIN_LENGTH = 50_000  # distinct seeded training pairs (fixed, so resuming with more --steps replays the same)
 CONTRASTS = ("t1", "t2", "pd")
 #: The options that change the training data (`data_options`), their defaults: today's training.
-DATA_DEFAULTS = {"contrasts": ["t1"], "synth_prob": 0.0, "crop_prob": 0.0, "blur_mm": 0.0}
+DATA_DEFAULTS = {"contrasts": ["t1"], "synth_prob": 0.0, "crop_prob": 0.0, "blur_mm": 0.0, "brain_channel": False}
+BRAIN_LABEL = 9  # --brain-channel: label of the brain outside the 8 structures (the 9th SoI channel)
 CROP_KEEP = (0.5, 0.9)  # fraction of the head kept by a crop (superior end)
 
 # Variation of each stage: moving side, fixed side.
@@ -116,8 +124,8 @@ AUGMENT = {
 
 
 def model_config(stage: str, variant: str, grid: int, spacing: float, itn_channels, stn_channels,
-                 itn_output: str = "linear") -> ModelConfig:
-    common = dict(ndim=3, grid_size=(grid,) * 3, grid_spacing=spacing, variant=variant, soi_channels=len(LABELS),
+                 itn_output: str = "linear", soi_channels: int = len(LABELS)) -> ModelConfig:
+    common = dict(ndim=3, grid_size=(grid,) * 3, grid_spacing=spacing, variant=variant, soi_channels=soi_channels,
                   itn_channels=tuple(itn_channels), stn_channels=tuple(stn_channels), stn_hidden=64,
                   itn_output=itn_output)
     if stage == "affine":
@@ -148,9 +156,19 @@ def _axial(image: sitk.Image, interpolator: int) -> sitk.Image:
     return sitk.Resample(image, ref, sitk.Transform(), interpolator, 0.0, image.GetPixelID())
 
 
-def _anatomy(name: str, image: sitk.Image, labels: sitk.Image, tissue: sitk.Image | None = None) -> Anatomy:
+def _anatomy(name: str, image: sitk.Image, labels: sitk.Image, tissue: sitk.Image | None = None,
+             label_values: tuple[int, ...] = LABELS) -> Anatomy:
     """An `Anatomy` from in-memory images (same recipe as `Anatomy.from_files`)."""
-    return Anatomy.from_images(image, labels, LABELS, name=name, tissue=tissue)
+    return Anatomy.from_images(image, labels, label_values, name=name, tissue=tissue)
+
+
+def with_brain_label(labels: sitk.Image, brain: sitk.Image) -> sitk.Image:
+    """``labels`` with ``BRAIN_LABEL`` wherever ``brain`` (a mask on the same grid) is set and no structure is."""
+    lab = sitk.GetArrayFromImage(labels)
+    out = np.where((lab == 0) & (sitk.GetArrayFromImage(brain) > 0), BRAIN_LABEL, lab).astype(lab.dtype)
+    img = sitk.GetImageFromArray(out)
+    img.CopyInformation(labels)
+    return img
 
 
 def subject(name: str) -> str:
@@ -191,12 +209,14 @@ def _brain_mask(data: Path, name: str, reference: sitk.Image) -> sitk.Image | No
     return None
 
 
-def anatomy_images(data: Path, row: dict, t1_row: dict | None = None,
-                   tissue: bool = True) -> list[tuple[str, sitk.Image, sitk.Image, sitk.Image | None]]:
+def anatomy_images(data: Path, row: dict, t1_row: dict | None = None, tissue: bool = True,
+                   brain_label: bool = False) -> list[tuple[str, sitk.Image, sitk.Image, sitk.Image | None]]:
     """``(name, image, labels, tissue)`` of one ``train.csv`` row: as stored, and skull-stripped
     (``<name>_brain``) where ``prepare`` wrote tissue maps; identity direction, labels and tissue classes
     (`istn.data.brain.tissue.tissue_map`, from the anatomy's T1 ``t1_row``, default ``row``) on the image's
-    grid. A row of another contrast than T1 is named ``<name>_<contrast>``."""
+    grid. A row of another contrast than T1 is named ``<name>_<contrast>``. ``brain_label``: the labels
+    also carry ``BRAIN_LABEL`` (`with_brain_label`) from the brain mask (an anatomy without tissue maps is
+    skull-stripped already: its foreground, holes filled)."""
     image = _axial(sitk.ReadImage(str(data / row["image"])), sitk.sitkLinear)
     labels = _axial(sitk.ReadImage(str(data / row["labels"])), sitk.sitkNearestNeighbor)
     labels = sitk.Resample(labels, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
@@ -207,13 +227,17 @@ def anatomy_images(data: Path, row: dict, t1_row: dict | None = None,
         t1 = image if t1_row is None else sitk.Resample(
             _axial(sitk.ReadImage(str(data / t1_row["image"])), sitk.sitkLinear), image)
         classes = [tissue_map(data, row["name"], t1), None if mask is None else tissue_map(data, row["name"], t1, mask)]
+    if brain_label:
+        brain = mask if mask is not None else sitk.BinaryFillhole(sitk.Cast(image > 0, sitk.sitkUInt8))
+        labels = with_brain_label(labels, brain)
     versions = [(name, image, labels, classes[0])]
     if mask is not None:
         versions.append((name + "_brain", sitk.Mask(sitk.Cast(image, sitk.sitkFloat32), mask), labels, classes[1]))
     return versions
 
 
-def load_anatomies(data: Path, val_name: str, log=print, contrasts=("t1",)) -> tuple[list[Anatomy], list[Anatomy], list[str]]:
+def load_anatomies(data: Path, val_name: str, log=print, contrasts=("t1",),
+                   brain_label: bool = False) -> tuple[list[Anatomy], list[Anatomy], list[str]]:
     """Anatomies of ``train.csv`` in ``contrasts`` (default T1 only): (training, validation, descriptions).
 
     Each carries its tissue classes (`istn.data.brain.tissue`, made here once) for label-driven synthesis.
@@ -227,8 +251,8 @@ def load_anatomies(data: Path, val_name: str, log=print, contrasts=("t1",)) -> t
         if r["contrast"] not in contrasts:
             continue
         target = val_set if r["name"] == val_name else train_set
-        for name, img, labels, tissue in anatomy_images(data, r, t1_rows.get(r["name"])):
-            target.append(_anatomy(name, img, labels, tissue))
+        for name, img, labels, tissue in anatomy_images(data, r, t1_rows.get(r["name"]), brain_label=brain_label):
+            target.append(_anatomy(name, img, labels, tissue, LABELS + ((BRAIN_LABEL,) if brain_label else ())))
             described.append(f"{name} ({'validation' if target is val_set else 'training'}; "
                              f"{r['labels_from']})")
             log(f"anatomy {name}: {'validation' if target is val_set else 'training'}, grid "
@@ -341,7 +365,21 @@ def stage_paths(args, stage: str, variant: str | None = None) -> Path:
 def data_options(args) -> dict:
     """The options of this command that change the training data (`DATA_DEFAULTS`)."""
     return {"contrasts": list(args.contrasts), "synth_prob": float(args.synth_prob),
-            "crop_prob": float(args.crop_prob), "blur_mm": float(args.blur_mm)}
+            "crop_prob": float(args.crop_prob), "blur_mm": float(args.blur_mm),
+            "brain_channel": bool(args.brain_channel)}
+
+
+def soi_description(options: dict) -> str:
+    """The model's SoI in words (metadata and card)."""
+    if not {**DATA_DEFAULTS, **options}["brain_channel"]:
+        return SOI_DESCRIPTION
+    return (f"9 channels: {SOI_DESCRIPTION}; and channel 9 (label {BRAIN_LABEL}): the rest of the brain (brain mask "
+            "minus the structures), context for the outline, not a structure")
+
+
+def soi_labels(options: dict) -> tuple[int, ...]:
+    """The label of each SoI channel: the 8 structures, and the rest of the brain with ``brain_channel``."""
+    return LABELS + ((BRAIN_LABEL,) if {**DATA_DEFAULTS, **options}["brain_channel"] else ())
 
 
 def data_flags(options: dict) -> str:
@@ -353,6 +391,8 @@ def data_flags(options: dict) -> str:
     for key in ("synth_prob", "crop_prob", "blur_mm"):
         if o[key] != DATA_DEFAULTS[key]:
             flags.append(f"--{key.replace('_', '-')} {o[key]:g}")
+    if o["brain_channel"]:
+        flags.append("--brain-channel")
     return " ".join(flags)
 
 
@@ -406,8 +446,10 @@ def validation_set(args, stage: str, cfg: ModelConfig, train_anat, val_anat, cro
 
 
 def train_stage(args, stage: str, variant: str, steps: int, train_anat, val_anat, out: Path, log=print):
-    cfg = model_config(stage, variant, args.grid, args.spacing, args.itn_channels, args.stn_channels, args.itn_output)
-    tcfg = TrainConfig(model=cfg, soi_kind="labels", soi_labels=LABELS, steps=steps, batch_size=args.batch,
+    labels = soi_labels(data_options(args))
+    cfg = model_config(stage, variant, args.grid, args.spacing, args.itn_channels, args.stn_channels, args.itn_output,
+                       soi_channels=len(labels))
+    tcfg = TrainConfig(model=cfg, soi_kind="labels", soi_labels=labels, steps=steps, batch_size=args.batch,
                        lr=1e-3 if stage == "affine" else 5e-4, lr_decay_start=args.lr_decay_from,
                        lr_final=args.lr_final, val_every=args.val_every, seed=STAGE_INDEX[stage],
                        threads=args.threads, out_dir=str(out), soi_loss=args.soi_loss,
@@ -416,8 +458,45 @@ def train_stage(args, stage: str, variant: str, steps: int, train_anat, val_anat
     train_set, val_set = make_sets(args, stage, cfg, train_anat, val_anat, options)
     t0 = time.time()
     init = Path(args.init_from) / stage / "best.pt" if args.init_from else None
+    if init is not None and not (out / "last.pt").exists():
+        start = load_checkpoint(init)
+        if start["config"]["model"]["soi_channels"] < cfg.soi_channels:  # 8 structures -> + the brain channel
+            init = out / "init_expanded.pt"
+            torch.save(expand_soi_channels(start, tcfg), init)
+            log(f"{stage}: {args.init_from}'s {start['config']['model']['soi_channels']} SoI channels expanded to "
+                f"{cfg.soi_channels} ({init})")
     res = train(tcfg, train_set, val_set, resume=True, progress=not args.no_progress, log=log, init_from=init)
     return tcfg, res, val_set, time.time() - t0
+
+
+def expand_soi_channels(checkpoint: dict, tcfg: TrainConfig) -> dict:
+    """A checkpoint of K SoI channels as the start of a run of ``tcfg``'s K' > K (weights only).
+
+    The ITN head's first K outputs and the STN's inputs of the K structure channels keep their weights; the
+    new head outputs start from a fresh initialisation (seeded as the run is) and the STN's weights on the new
+    map channels at zero, so the start predicts exactly what the K-channel model predicts.
+    """
+    old = checkpoint["model"]
+    k = checkpoint["config"]["model"]["soi_channels"]
+    torch.manual_seed(tcfg.seed)
+    state = ISTN(tcfg.model).state_dict()
+    kk = tcfg.model.soi_channels
+    for name, new in state.items():
+        w = old.get(name)
+        if w is None:
+            raise ValueError(f"expand_soi_channels: {name} is not in the checkpoint")
+        if w.shape == new.shape:
+            state[name] = w.clone()
+        elif name.startswith("itn.head."):  # (K, ...) -> (K', ...): the structures' outputs kept
+            new[:k] = w
+        elif name == "stn.features.convs.0.body.0.weight":  # inputs [source K | target K] -> [K' | K']
+            new.zero_()
+            new[:, :k] = w[:, :k]
+            new[:, kk:kk + k] = w[:, k:]
+        else:
+            raise ValueError(f"expand_soi_channels: {name} is {tuple(w.shape)}, the run wants {tuple(new.shape)}")
+    return {**checkpoint, "model": state, "config": to_dict(tcfg), "step": 0, "history": [],
+            "best_val": float("inf")}
 
 
 def _schedule(cfg: dict) -> str:
@@ -467,7 +546,7 @@ def export_stage(args, stage: str, out: Path, described: list[str], val_anat, tr
     data_text = (f"on-the-fly variations (istn.data.augment.sample_view) of the {kinds} anatomies " + ", ".join(
         d for d in described if "training" in d) + f"; validation: {', '.join(d for d in described if 'validation' in d) or 'seeded pairs of the training anatomies'}"
         " against the training anatomies. Colin27 / SPM single_subj_T1 held out (test subject).")
-    meta = build_metadata(tcfg, soi_description=SOI_DESCRIPTION, training_data=data_text, step=chosen_step,
+    meta = build_metadata(tcfg, soi_description=soi_description(options), training_data=data_text, step=chosen_step,
                           best_val=float(chosen_val),
                           extra={"augmentation": {"moving": to_dict(moving), "fixed": to_dict(fixed)},
                                  "data_options": options, "validation": dice, "validation_cropped": dice_cropped,
@@ -639,7 +718,7 @@ brain T1: {what}. Use: {use}.
 | variant | {m['variant']}: {VARIANT_TEXT.get(m['variant'], '')} |
 | internal grid | {'x'.join(str(g) for g in m['grid_size'])} voxels at {m['grid_spacing']:g} mm, on world (patient LPS) axes, centred on the image's foreground: any storage layout gives the same input |
 | ITN / STN channels | {tuple(m['itn_channels'])} / {tuple(m['stn_channels'])}, hidden {m['stn_hidden']} |
-| SoI | {SOI_DESCRIPTION} |
+| SoI | {soi_description(summary.get('data_options', {}))} |
 | loss | {'normalised MSE (1 - soft Dice) in every SoI term' if cfg['soi_loss'] == 'nmse' else 'MSE'}{f", plus {cfg['image_weight']:g} x MSE(T(s), t) (dense while structures do not overlap yet)" if cfg['image_weight'] else ''} |
 | training | {summary['steps']} steps, batch {cfg['batch_size']}, Adam lr {cfg['lr']:g}{_schedule(cfg)}, seed {cfg['seed']}; exported: step {summary['exported_step']} ({summary['checkpoint']} checkpoint; lowest validation MSE at step {summary['best_step']}) |
 | file | {summary['bytes'] / 1e6:.1f} MB TorchScript with the metadata (config, training data, validation) inside |
@@ -767,6 +846,8 @@ def main(argv=None) -> int:
                    help="probability that a view (moving or fixed) is drawn from the labels (istn.data.synthesis)")
     p.add_argument("--crop-prob", type=float, default=0.0,
                    help="probability that the moving image's field of view is cropped (superior 50-90 %% kept)")
+    p.add_argument("--brain-channel", action="store_true",
+                   help="experiment: a 9th SoI channel, the rest of the brain (the refinement then sees the outline)")
     p.add_argument("--blur-mm", type=float, default=0.0, help="blur the moving image by sigma uniform in [0, S] mm")
     args = p.parse_args(argv)
     if args.out is None and not args.quick:
@@ -790,7 +871,8 @@ def main(argv=None) -> int:
         train_anat, val_anat = anat[:2], anat[2:]
         described = [f"{a.name} (training; synthetic)" for a in train_anat] + [f"{val_anat[0].name} (validation)"]
     else:
-        train_anat, val_anat, described = load_anatomies(Path(args.data), args.val_anatomy, contrasts=args.contrasts)
+        train_anat, val_anat, described = load_anatomies(Path(args.data), args.val_anatomy, contrasts=args.contrasts,
+                                                         brain_label=args.brain_channel)
     stages = ("affine", "bspline") if args.stage == "both" else (args.stage,)
     for stage in stages:
         variant = args.variant
