@@ -445,3 +445,33 @@ def test_a_gpu_out_of_memory_falls_back_to_the_cpu_with_a_warning(make_model, pa
     assert tried == ["cuda", "cpu"] and res.device == "cpu"
     assert any("GPU out of memory" in w for w in res.warnings)
     assert np.allclose(sitk_affine_to_matrix(res.transform), sitk_affine_to_matrix(expected.transform))
+
+
+@pytest.mark.parametrize("layers,margin", [("all", None), ("fc", 2)])
+def test_channel_weights_weigh_the_compared_maps_not_what_the_stn_sees(layers, margin):
+    """Weights of 1 change nothing; 4 on every channel scales the objective by 4 and (Adam being scale-free)
+    takes the same steps; a 0 drops that channel from the objective, not from the STN's input."""
+    import torch.nn.functional as F
+
+    from conftest import perturbed_model, tiny_config
+    from istn.registration import refine
+
+    model = perturbed_model(tiny_config(2, "affine", "istn-e", soi_channels=2, itn_output="sigmoid"), seed=5, scale=0.1)
+    torch.manual_seed(1)
+    s_map, t_map = torch.rand(1, 2, 32, 32), torch.rand(1, 2, 32, 32)
+    kw = dict(iterations=4, lr=1e-3, layers=layers, region_margin=margin, coarse_iterations=2)
+    plain = refine(model, s_map, t_map, **kw)
+    ones = refine(model, s_map, t_map, channel_weights=[1.0, 1.0], **kw)
+    assert ones.losses == plain.losses and torch.equal(ones.params, plain.params)
+    four = refine(model, s_map, t_map, channel_weights=[4.0, 4.0], **kw)
+    assert np.allclose(four.losses, 4 * np.asarray(plain.losses), rtol=1e-4)
+    assert torch.allclose(four.params, plain.params, atol=1e-5)
+    only0 = refine(model, s_map, t_map, iterations=0, channel_weights=[1.0, 0.0])
+    with torch.no_grad():
+        params = model.predict(s_map, t_map)  # the STN saw both channels
+        warped = model.warp(s_map, model.sampling_grid(params))
+    assert only0.start_loss == pytest.approx(0.5 * float(F.mse_loss(warped[:, :1], t_map[:, :1])), rel=1e-5)
+    with pytest.raises(ValueError, match="channel_weights"):
+        refine(model, s_map, t_map, iterations=1, channel_weights=[1.0])
+    with pytest.raises(ValueError, match="channel_weights"):
+        refine(model, s_map, t_map, iterations=1, channel_weights=[1.0, -1.0])

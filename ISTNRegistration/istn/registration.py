@@ -161,6 +161,7 @@ def refine(
     region_margin: int | None = None,
     polish: int = 0,
     pooled: torch.Tensor | None = None,
+    channel_weights: Sequence[float] | None = None,
 ) -> RefineOutput:
     """Test-time refinement of the STN of ``module`` on one pair.
 
@@ -203,6 +204,13 @@ def refine(
     to the voxels compared (half the margin on the half-resolution maps).
     The objective values are then means over the box. None: the whole grid.
 
+    ``channel_weights`` ``(K,)``: the weight of each map channel in the
+    objective (None: 1 each), i.e. the maps COMPARED are scaled by their
+    square roots, while the STN still sees them as they are. A context channel
+    that covers far more voxels than the structures (e.g. the rest of the
+    brain) would otherwise outweigh them. The objective values are then of
+    the weighted maps.
+
     ``pooled``: the STN's convolutional features of (source, target)
     (`ISTN.stn_pooled`) when the caller has them already (`_register`'s one
     pass); used by ``layers="fc"`` instead of running the convolutions again.
@@ -242,6 +250,14 @@ def refine(
         raise ValueError(f"refine() 'polish' must be >= 0, got {polish}")
     adam_iterations, iterations = iterations, iterations + polish  # ``iterations`` from here on: the whole budget
     source_map, target_map = source_map.detach(), target_map.detach()
+    compared_source, compared_target = source_map, target_map  # what the objective compares (the STN sees the maps)
+    if channel_weights is not None:
+        w = torch.as_tensor(channel_weights, dtype=source_map.dtype, device=source_map.device)
+        if w.shape != (source_map.shape[1],) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+            raise ValueError(f"refine() 'channel_weights' must be {source_map.shape[1]} numbers >= 0, got "
+                             f"{list(channel_weights)}")
+        scale = w.sqrt().view(1, -1, *([1] * (source_map.dim() - 2)))  # warping is linear in the values
+        compared_source, compared_target = source_map * scale, target_map * scale
     if layers != "fc":
         pooled = None
     elif pooled is None:  # before the weights' flags change below: a failure here (e.g. GPU memory) leaves them alone
@@ -260,12 +276,12 @@ def refine(
         p.requires_grad_(True)
 
     box = structure_box(target_map, region_margin) if region_margin is not None else None
-    target_box = crop(target_map, box)
+    target_box = crop(compared_target, box)
 
     def warped(params: torch.Tensor) -> torch.Tensor:
         """The source map through each of ``params (B, *P)`` on the compared grid (or box): ``(B, K, *box)``."""
         grid = crop(module.sampling_grid(params), box, grid=True)
-        return module.warp(source_map.expand(params.shape[0], *source_map.shape[1:]), grid)
+        return module.warp(compared_source.expand(params.shape[0], *compared_source.shape[1:]), grid)
 
     def objective(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sim = refinement_loss(warped(params), target_box)
@@ -274,8 +290,12 @@ def refine(
     if any(n % 2 for n in source_map.shape[2:]):
         coarse_iterations = 0
     if coarse_iterations:
-        source_half, target_half, grid_half = half_resolution(source_map, target_map)
-        box_half = structure_box(target_half, region_margin // 2) if region_margin is not None else None
+        source_half, target_half, grid_half = half_resolution(compared_source, compared_target)
+        if region_margin is not None:  # the box from the maps as they are (weights would move its threshold)
+            plain_half = target_half if compared_target is target_map else half_resolution(source_map, target_map)[1]
+            box_half = structure_box(plain_half, region_margin // 2)
+        else:
+            box_half = None
         target_half = crop(target_half, box_half)
         # the full-resolution grid cropped to the 2x2(x2) blocks that average into the half box, then averaged:
         # the same values as averaging the whole grid and cropping, on a fraction of it
@@ -1182,7 +1202,8 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
                  layers=refine_layers,
                  region_margin=(math.ceil(region_margin_mm / cfg.grid_spacing - 1e-9)
                                 if np.isfinite(region_margin_mm) else None), polish=polish,
-                 pooled=pooled if refine_layers == "fc" else None)
+                 pooled=pooled if refine_layers == "fc" else None,
+                 channel_weights=model.meta.get("refinement", {}).get("channel_weights"))
     timings["refine"] = time.perf_counter() - t0
 
     # Maps for display, each on a grid of its own image's space, reusing the passes above where they are there.
