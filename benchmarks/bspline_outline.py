@@ -205,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
               "seconds": time.perf_counter() - t0, "results": results}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    out.with_suffix(".md").write_text(markdown(report))
+    out.with_name(out.name + ".json").write_text(json.dumps(report, indent=1))
+    out.with_name(out.name + ".md").write_text(markdown(report))
     print(markdown(report))
     return 0
 

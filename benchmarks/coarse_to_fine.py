@@ -236,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
            f"Dice; when no setting keeps the bound, the closest): affine {chosen['affine']}, B-spline "
            f"{chosen['bspline']}."]
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    out.with_name(out.name + ".json").write_text(json.dumps(summary, indent=2))
+    out.with_name(out.name + ".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     if args.write_models:
         for stage, model in (("affine", affine), ("bspline", bspline)):

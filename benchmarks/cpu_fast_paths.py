@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "threads": args.threads,
                "torch": torch.__version__, "repeats": args.repeats, "results": results}
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    out.with_name(out.name + ".json").write_text(json.dumps(summary, indent=2))
     md = [f"# CPU fast paths of torch, bundled 3D models ({summary['created']})", "",
           f"Command: `python benchmarks/cpu_fast_paths.py --threads {args.threads}`; torch {torch.__version__}, "
           f"{args.threads} thread(s), shared machine; median of {args.repeats} after 2 warm-up calls. The ITN pass is "
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             ms = f"{r['ms']:.1f}" if r["ms"] is not None else "-"
             md.append(f"| {kind} | {r['what']} | {ms} | {r.get('note', '')} |")
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    out.with_name(out.name + ".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

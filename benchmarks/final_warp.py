@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                "fixed_size": list(fixed.GetSize()), "moving_size": list(moving.GetSize()), "rows": rows,
                "brain_voxels": int(brain.sum())}
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    out.with_name(out.name + ".json").write_text(json.dumps(summary, indent=2))
     md = [f"# Final warp of a 1 mm 256^3 moving image: exact vs dense field ({summary['created']})", "",
           f"Command: `python benchmarks/final_warp.py --threads {args.threads} --spacings {args.spacings} "
           f"--repeats {args.repeats}`. Affine + B-spline result of the bundled models (model defaults) for the 1 mm "
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             md.append(f"| {r['method']} | {r['seconds']:.2f} | {r['transform_max_mm']:.4f} | "
                       f"{r['transform_mean_mm']:.5f} | {r['image_max']:.3f} | {r['image_mean']:.4f} |")
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    out.with_name(out.name + ".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

@@ -158,9 +158,9 @@ def main() -> None:
                   f"({r['seconds']:.1f} s){' [warned]' if r['warnings'] else ''}", flush=True)
     command = "python benchmarks/hard_inputs.py " + " ".join(sys.argv[1:])
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps({**res, "command": command}, indent=1))
+    out.with_name(out.name + ".json").write_text(json.dumps({**res, "command": command}, indent=1))
     md = markdown(res, command)
-    out.with_suffix(".md").write_text(md)
+    out.with_name(out.name + ".md").write_text(md)
     print(md)
 
 

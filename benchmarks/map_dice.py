@@ -105,9 +105,9 @@ def main() -> None:
         if args.write_models:
             write_card_section(path.with_suffix(".md"), card_section(res, date, args.dilation_mm), CARD_BEGIN, CARD_END)
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps({"date": date, "command": command, "models": args.models,
+    out.with_name(out.name + ".json").write_text(json.dumps({"date": date, "command": command, "models": args.models,
                                                     "dilation_mm": args.dilation_mm, "results": results}, indent=1))
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    out.with_name(out.name + ".md").write_text("\n".join(md) + "\n")
 
 
 if __name__ == "__main__":

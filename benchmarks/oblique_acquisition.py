@@ -176,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
            "axis-aligned grid moved by 1 mm per axis: what resampling alone changes, whatever the orientation."]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    out.with_name(out.name + ".json").write_text(json.dumps(summary, indent=1))
+    out.with_name(out.name + ".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

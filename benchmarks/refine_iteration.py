@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         md.append(f"| {r['model']} | {r['layers']} | {r['maps']} | {r['warp']} | {r['compared']} | {r['ms']:.1f} | "
                   f"{base[(r['model'], r['maps'])] / r['ms']:.2f}x |")
     out = Path(args.out)
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=1))
+    out.with_name(out.name + ".md").write_text("\n".join(md) + "\n")
+    out.with_name(out.name + ".json").write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=1))
     print("\n".join(md))
     return 0
 

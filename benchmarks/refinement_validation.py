@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     data, models = Path(args.data), Path(args.models)
     if args.cards_only or args.write_models_from:
-        summary = json.loads(Path(args.write_models_from or Path(args.out).with_suffix(".json")).read_text())
+        summary = json.loads(Path(args.write_models_from or f"{args.out}.json").read_text())
         if args.write_models_from:  # a finished run's summary, without running it again
             write_models(summary, [load_model(models / f"brain-t1-{key}.pt") for key in ("affine", "bspline")])
             return 0
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows, "tolerance_rows": tol_rows,
     }
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    out.with_name(out.name + ".json").write_text(json.dumps(summary, indent=2))
     cap_text = args.iterations or "each model's own (refinement.iterations) plus its polish"
     md = [f"# Refinement settings chosen on validation pairs ({summary['created']})", "",
           f"Moving: `{args.val_anatomy}` (never trained on) in {args.pairs} seeded scanner positions (seeds "
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     md += ["", "## Validation anatomy registered to itself (distance from the identity over its brain, mm)", "",
            "| stage | mean | max |", "| --- | --- | --- |"]
     md += [f"| {k} | {v[0]:.3f} | {v[1]:.3f} |" for k, v in self_dist.items()]
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    out.with_name(out.name + ".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
     if args.write_models:

@@ -130,7 +130,7 @@ def main(argv=None) -> int:
             p.error(f"{d}: no <stage>/last.pt with a validation history")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot(curves, out.with_suffix(".png"), args.title)
+    plot(curves, out.with_name(out.name + ".png"), args.title)
     command = ["python", "benchmarks/training_curves.py", *args.runs, "--out", args.out]
     if args.title != p.get_default("title"):
         command += ["--title", args.title]
@@ -140,10 +140,10 @@ def main(argv=None) -> int:
              "Validation MSE: MSE(T(S_s), S_t) on each run's fixed validation pairs (spm_avg305, never trained on), on "
              "the run's own internal grid: comparable between runs on the same grid only. s/step: median over the "
              "validation records (validation included).", "",
-             f"![curves]({out.with_suffix('.png').name})", "", *table(curves), ""]
-    out.with_suffix(".md").write_text("\n".join(lines))
+             f"![curves]({out.name}.png)", "", *table(curves), ""]
+    out.with_name(out.name + ".md").write_text("\n".join(lines))
     print("\n".join(table(curves)))
-    print(f"wrote {out.with_suffix('.png')} and {out.with_suffix('.md')}")
+    print(f"wrote {out}.png and {out}.md")
     return 0
 
 
