@@ -548,7 +548,6 @@ def make_cases(data: Path, work: Path, n_pairs: int, n_layout_pairs: int, layout
     placed: dict = {}
     for k in range(n_lps):
         seed = SEED0 + k
-        mask_tx = None
         for var in variants:
             moved, moved_labels, moved_mask, pert = place_pair(vols, var, seed)
             placed[(var, seed)] = (moved, moved_labels, moved_mask)

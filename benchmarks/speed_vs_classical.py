@@ -893,7 +893,7 @@ def write_report(out: Path, meta: dict, summary: dict, tgt: list[dict], records:
               "- Workers (run time min, 1-minute load average before -> after, max): " + "; ".join(
                   f"{w['worker']} {w['seconds'] / 60:.1f} ({w['load_before']:.1f} -> {w['load_after']:.1f}, max "
                   f"{w['load_max']:.1f})" for w in LOADS["workers"]) + ".",
-              f"- Cases: " + "; ".join(f"{c['key']}: fixed {'x'.join(map(str, c['fixed_size']))}, moving "
+              "- Cases: " + "; ".join(f"{c['key']}: fixed {'x'.join(map(str, c['fixed_size']))}, moving "
                                         f"{'x'.join(map(str, c['moving_size']))}" for c in cases) + ".",
               ]
     md.write_text("\n".join(lines) + "\n")
