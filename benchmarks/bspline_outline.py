@@ -224,10 +224,6 @@ def markdown(report: dict) -> str:
                   "| --- | --- | --- | --- | --- |"]
         for key, s in res["summary"].items():
             variant, setting = key.split("|")
-            try:  # reports written before the settings were named (the key was the bending weight)
-                setting = f"bending {float(setting):g} mm^2"
-            except ValueError:
-                pass
             lines.append(f"| {variant} ({s['pairs']} pairs; affine {s['affine_dice']:.3f}, mask "
                          f"{s['affine_mask_dice']:.4f}) | {setting} | {s['d_dice']:+.4f} | {s['d_mask']:+.4f} | "
                          f"{s['worst_d_mask']:+.4f} |")

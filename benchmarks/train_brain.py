@@ -252,7 +252,7 @@ def load_anatomies(data: Path, val_name: str, log=print, contrasts=("t1",),
             continue
         target = val_set if r["name"] == val_name else train_set
         for name, img, labels, tissue in anatomy_images(data, r, t1_rows.get(r["name"]), brain_label=brain_label):
-            target.append(_anatomy(name, img, labels, tissue, LABELS + ((BRAIN_LABEL,) if brain_label else ())))
+            target.append(_anatomy(name, img, labels, tissue, soi_labels({"brain_channel": brain_label})))
             described.append(f"{name} ({'validation' if target is val_set else 'training'}; "
                              f"{r['labels_from']})")
             log(f"anatomy {name}: {'validation' if target is val_set else 'training'}, grid "

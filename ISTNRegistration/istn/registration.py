@@ -250,14 +250,16 @@ def refine(
         raise ValueError(f"refine() 'polish' must be >= 0, got {polish}")
     adam_iterations, iterations = iterations, iterations + polish  # ``iterations`` from here on: the whole budget
     source_map, target_map = source_map.detach(), target_map.detach()
-    compared_source, compared_target = source_map, target_map  # what the objective compares (the STN sees the maps)
+    scale = None  # per-channel factor of the COMPARED maps (the STN sees the maps as they are)
     if channel_weights is not None:
         w = torch.as_tensor(channel_weights, dtype=source_map.dtype, device=source_map.device)
         if w.shape != (source_map.shape[1],) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
             raise ValueError(f"refine() 'channel_weights' must be {source_map.shape[1]} numbers >= 0, got "
                              f"{list(channel_weights)}")
-        scale = w.sqrt().view(1, -1, *([1] * (source_map.dim() - 2)))  # warping is linear in the values
-        compared_source, compared_target = source_map * scale, target_map * scale
+        # warping and block averaging are linear in the values: scaling before or after them is the same
+        scale = w.sqrt().view(1, -1, *([1] * (source_map.dim() - 2)))
+    compared_source, compared_target = (source_map, target_map) if scale is None else (source_map * scale,
+                                                                                      target_map * scale)
     if layers != "fc":
         pooled = None
     elif pooled is None:  # before the weights' flags change below: a failure here (e.g. GPU memory) leaves them alone
@@ -290,12 +292,11 @@ def refine(
     if any(n % 2 for n in source_map.shape[2:]):
         coarse_iterations = 0
     if coarse_iterations:
-        source_half, target_half, grid_half = half_resolution(compared_source, compared_target)
-        if region_margin is not None:  # the box from the maps as they are (weights would move its threshold)
-            plain_half = target_half if compared_target is target_map else half_resolution(source_map, target_map)[1]
-            box_half = structure_box(plain_half, region_margin // 2)
-        else:
-            box_half = None
+        source_half, target_half, grid_half = half_resolution(source_map, target_map)
+        # the box from the maps as they are (weights would move its threshold), then the weights
+        box_half = structure_box(target_half, region_margin // 2) if region_margin is not None else None
+        if scale is not None:
+            source_half, target_half = source_half * scale, target_half * scale
         target_half = crop(target_half, box_half)
         # the full-resolution grid cropped to the 2x2(x2) blocks that average into the half box, then averaged:
         # the same values as averaging the whole grid and cropping, on a fraction of it
