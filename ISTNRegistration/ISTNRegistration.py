@@ -118,6 +118,7 @@ class ISTNRegistrationParameterNode:
     iterations: Annotated[int, WithinRange(-1, 1000)] = -1  # < 0: the model's (chosen on validation)
     learningRate: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
     bending: Annotated[float, WithinRange(-1.0, 1e6)] = -1.0  # < 0: the model's (chosen on validation)
+    anchor: Annotated[float, WithinRange(-1.0, 1e3)] = -1.0  # < 0: the model's (chosen on validation)
     tolerance: Annotated[float, WithinRange(-1.0, 1.0)] = -1.0  # < 0: the model's
     coarseIterations: Annotated[int, WithinRange(-1, 1000)] = -1  # < 0: the model's (coarse to fine)
     refineLayers: Annotated[str, Choice(["model default", "all", "fc"])] = "model default"  # STN weights refined
@@ -339,6 +340,7 @@ class ISTNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 preAlign=p.preAlign,
                 learningRate=p.learningRate if p.learningRate > 0 else None,
                 bending=p.bending if p.bending >= 0 else None,
+                anchor=p.anchor if p.anchor >= 0 else None,
                 tolerance=p.tolerance if p.tolerance >= 0 else None,
                 coarseIterations=p.coarseIterations if p.coarseIterations >= 0 else None,
                 refineLayers=p.refineLayers if p.refineLayers in ("all", "fc") else None,

@@ -58,3 +58,23 @@ def test_a_moving_head_stored_in_another_layout_gives_the_same_result(models, pa
     assert gap.max() < 0.5  # mm, over the whole fixed grid
     dice = [np.mean(list(structure_dice(fixed_labels, labels, r.transform).values())) for r in (plain, other)]
     assert abs(dice[0] - dice[1]) < 0.01 and dice[0] > 0.5
+
+
+def test_the_anchor_holds_the_bspline_at_the_affine_away_from_the_structures(models, pair):
+    fixed, fixed_labels, moving, _ = pair
+    a, b = models
+    ra = register(fixed, moving, a, iterations=ITERATIONS, threads=1)
+    affine = _displacement(ra.transform, fixed)
+    structures = sitk.Cast(fixed_labels > 0, sitk.sitkUInt8)
+    far = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(structures, insideIsPositive=False,
+                                                              squaredDistance=False, useImageSpacing=True)) > 80.0
+    near = sitk.GetArrayFromImage(structures) > 0
+    moved = {}
+    for weight in (0.0, 1.0):
+        rb = register(fixed, moving, b, iterations=ITERATIONS, initial_transform=ra.transform, threads=1, anchor=weight)
+        moved[weight] = np.linalg.norm(_displacement(rb.transform, fixed) - affine, axis=-1)  # the B-spline's own part
+    # 80 mm from every structure only the tails of the free control points' kernels (30 mm spacing) reach
+    assert moved[1.0][far].max() < 0.01 and moved[0.0][far].max() > 0.1
+    assert moved[1.0][near].mean() > 0.3  # the structures still move
+    with pytest.raises(Exception, match="anchor"):
+        register(fixed, moving, b, iterations=1, initial_transform=ra.transform, anchor=-1.0)

@@ -91,6 +91,18 @@ def test_polish_flag_is_checked_and_reaches_result_json(files, tmp_path, capsys)
     assert "--polish must be" in capsys.readouterr().err and not (tmp_path / "neg").exists()
 
 
+def test_anchor_flag_is_checked_and_reaches_result_json(files, make_model, tmp_path, capsys):
+    bspline = make_model(2, "bspline", itn_output="sigmoid")
+    out = tmp_path / "out"
+    assert _register(files, out, **{"--model": bspline, "--anchor": "0.5", "--bending": "2"}) == 0
+    stage = json.loads((out / "result.json").read_text())["stages"][0]
+    assert (stage["anchor"], stage["bending"]) == (0.5, 2.0)
+    assert _register(files, tmp_path / "neg", **{"--model": bspline, "--anchor": "-1"}) == 2
+    assert "--anchor must be" in capsys.readouterr().err and not (tmp_path / "neg").exists()
+    assert _register(files, tmp_path / "lin", **{"--model": make_model(2, "bspline"), "--anchor": "1"}) == 2
+    assert "unbounded maps: anchoring" in capsys.readouterr().err and not (tmp_path / "lin").exists()
+
+
 def test_evaluate_identity_gives_perfect_scores(tmp_path, capsys):
     lab = np.zeros((20, 20, 20), np.uint8)
     lab[5:12, 5:12, 5:12] = 1

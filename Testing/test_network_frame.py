@@ -12,7 +12,7 @@ import torch
 from conftest import blob_image, rotation
 from istn.data import foreground_centre, network_grid
 from istn.export import load_model
-from istn.losses import bending_energy
+from istn.losses import anchor_energy, anchored_control_points, bending_energy
 from istn.registration import CONVERGENCE_WINDOW, loss_rise, register
 
 # The 48 axis layouts of a 3D image: every axis order, every sign (DICOM orientation codes).
@@ -201,6 +201,28 @@ def test_bending_energy_known_values():
     assert float(bending_energy(mixed, h, half)) == pytest.approx(2 * b * b, rel=1e-9)
 
 
+def test_anchored_control_points_are_those_whose_cells_hold_no_structure():
+    maps = torch.zeros(1, 2, 20, 20)
+    maps[0, 1, 7, 13] = 0.5  # nearest control points: row round(7 / 5) + 1 = 2, column round(13 / 5) + 1 = 4
+    maps[0, 0, 2, 2] = 0.05  # below the threshold: not a structure
+    held = anchored_control_points(maps, 5.0, 0.1)
+    assert held.shape == (7, 7)  # floor(19 / 5) + 4 points per axis, point k at voxel (k - 1) * 5
+    free = torch.nonzero(held == 0).tolist()
+    assert free == [[2, 4]] and float(held.sum()) == 48
+    assert bool((anchored_control_points(torch.zeros(1, 2, 20, 20), 5.0, 0.1) == 1).all())  # no structure: all held
+
+
+def test_anchor_energy_known_values():
+    half = torch.tensor([50.0, 40.0], dtype=torch.float64)
+    u = torch.zeros(1, 2, 4, 4, dtype=torch.float64)
+    u[:, 0] = 3.0 / half[0]  # x-component 3 mm everywhere
+    u[:, 1, 0, 0] = 4.0 / half[1]  # plus 4 mm of y at one point: 5 mm there
+    held = torch.zeros(4, 4, dtype=torch.float64)
+    held[0, :2] = 1.0  # two points held: 25 + 9 mm^2, averaged over 16 points
+    assert float(anchor_energy(u, held, half)) == pytest.approx(34.0 / 16, rel=1e-12)
+    assert float(anchor_energy(u, torch.zeros_like(held), half)) == 0.0
+
+
 def test_bending_weight_smooths_the_bspline(make_model):
     model = load_model(make_model(3, "bspline", scale=0.4))
     fixed, moving = _head(), _head(centre=(8.0, -2.0, 4.0))
@@ -211,6 +233,8 @@ def test_bending_weight_smooths_the_bspline(make_model):
     assert _max_distance(stiff.transform, ident, fixed) < _max_distance(free.transform, ident, fixed)
     with pytest.raises(Exception, match="bending"):
         register(fixed, moving, model, iterations=1, bending=-1.0)
+    with pytest.raises(Exception, match="unbounded maps: anchoring"):  # no structures to anchor away from
+        register(fixed, moving, model, iterations=1, anchor=1.0)
 
 
 def test_self_check_warns_when_the_pair_is_unlike_validation(make_model):

@@ -843,6 +843,12 @@ def test_bending_and_tolerance_reach_the_engine_and_bad_values_are_refused_befor
     stiff = logic.register(fixed_node, moving_node, modelPath=tiny_models["bspline"], preAlign=False, iterations=4,
                            threads=1, bending=1e6, updateViews=False)
     assert stiff.stages[-1].loss_final != free.stages[-1].loss_final  # the bending term is in the objective
+    assert (free.stages[-1].bending, stiff.stages[-1].bending, free.stages[-1].anchor) == (0.0, 1e6, 0.0)
+    before = scene.GetNumberOfNodes()
+    with pytest.raises(Exception, match="anchoring"):  # these tiny models' maps are unbounded: nothing to anchor to
+        logic.register(fixed_node, moving_node, modelPath=tiny_models["bspline"], preAlign=False, iterations=2,
+                       threads=1, anchor=1.0, updateViews=False)
+    assert scene.GetNumberOfNodes() == before
     for k in (0, 3):  # coarse to fine: the panel's "Coarse iterations" reaches every stage
         res = logic.register(fixed_node, moving_node, modelPath=tiny_models["bspline"], affineModelPath=tiny_models["affine"],
                              iterations=6, threads=1, coarseIterations=k, updateViews=False)

@@ -113,7 +113,7 @@ def make_widget(module, logic):
     widget.logic = logic
     widget._parameterNode = types.SimpleNamespace(
         fixedVolume=None, movingVolume=None, fixedSegmentation=None, movingSegmentation=None, modelChoice="",
-        customModelPath="", preAlign=True, iterations=7, learningRate=0.0, bending=-1.0, tolerance=-1.0, coarseIterations=-1,
+        customModelPath="", preAlign=True, iterations=7, learningRate=0.0, bending=-1.0, anchor=-1.0, tolerance=-1.0, coarseIterations=-1,
         refineLayers="model default", comparedRegion="model default", polish=-1, liveUpdate=True,
         outputTransform=None, outputVolume=None, showMaps=True, device="cpu", seed=-1)
     return widget
@@ -157,8 +157,8 @@ def test_module_description(module):
 
 def test_parameter_node_fields(module):
     fields = module.ISTNRegistrationParameterNode.__annotations__
-    assert {"fixedVolume", "movingVolume", "iterations", "learningRate", "bending", "tolerance", "coarseIterations",
-            "refineLayers", "comparedRegion", "polish", "liveUpdate",
+    assert {"fixedVolume", "movingVolume", "iterations", "learningRate", "bending", "anchor", "tolerance",
+            "coarseIterations", "refineLayers", "comparedRegion", "polish", "liveUpdate",
             "outputTransform", "outputVolume", "showMaps", "device", "seed"} <= set(fields)
 
 
@@ -210,6 +210,7 @@ def test_apply_turns_into_cancel_shows_progress_and_the_result(module, model_fil
     assert kw["iterations"] == 7 and kw["modelPath"] == Path(model_file) and kw["device"] == "cpu"
     assert kw["seed"] is None and kw["learningRate"] is None  # "none" and "model default"
     assert kw["bending"] is None and kw["tolerance"] is None  # "model default": the model's validated settings
+    assert kw["anchor"] is None
     assert kw["coarseIterations"] is None and kw["refineLayers"] is None and kw["regionMargin"] is None
     assert kw["polish"] is None  # "model default"
     assert seen == {"button": "Cancel", "inputs enabled": False, "progress": round(1000 * 3 / 7),

@@ -120,6 +120,9 @@ def refinement_settings(weights: list[float], refinements: list[str]) -> list[tu
             settings.append(("the model's own settings", {}))
             continue
         layers, _, n = r.partition(":")
+        if layers == "anchor":
+            settings.append((f"anchor {float(n):g} mm^-2", {"anchor": float(n)}))
+            continue
         if layers not in ("fc", "all") or not n.isdigit():
             raise SystemExit(f"--refinement: 'own' or LAYERS:N with LAYERS fc or all, got {r!r}")
         settings.append((f"Adam on {layers} layers, {n} its, whole grid, no polish",

@@ -13,10 +13,16 @@ both WHOLE-HEAD and brain-extracted, registered to ICBM 2009c. Per setting and p
 - the validation anatomy registered to itself: mean and max distance from the identity over its brain.
 
 The bending weights are compared at the models' stored tolerance (and their other stored settings: what a user
-runs), the tolerances at the chosen weight.
+runs), the anchor weights at the chosen bending weight, the tolerances at both chosen weights.
 
 The chosen bending weight is the largest B-spline sub-cortical gain whose brain-mask Dice is at least the
-affine's on every pair (the "does no harm" rule of the issue), the smallest such weight on a tie (Dice within 0.001); the tolerance the largest whose Dice stays
+affine's on every pair (the "does no harm" rule of the issue), the smallest such weight on a tie (Dice within 0.001).
+The anchor weight (`istn.losses.anchor_energy`: the B-spline held at the affine's result at the control points
+whose cells hold no structure) is the smallest that keeps the B-spline's own displacement (its result against
+the affine's) below `FAR_LIMIT_MM` at every fixed brain voxel farther than `FAR_MM` from every structure, on
+every pair: the maps carry nothing there, so whatever moves there is the networks' extrapolation (on the
+held-out subject, labelled by another atlas, it lowered the brain-mask Dice while the validation anatomy's
+could not show it: `bspline_outline.py`); the largest weight of the grid if none does. The tolerance the largest whose Dice stays
 within 0.002 of the best tolerance's (0, running all iterations, included; with coarse to fine, running all of
 them can be the worse: a coarse phase as long as the cap then never reaches the full grid). With ``--write-models`` the choice and the refinement losses of the
 validation pairs (one pass and refined: the range the self-check compares a user's registration with) are
@@ -51,6 +57,9 @@ from istn.metrics import dice, folding_fraction  # noqa: E402
 from istn.registration import register  # noqa: E402
 
 BENDING = (10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)
+ANCHOR = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+FAR_MM = 40.0  # "away from the structures": fixed brain voxels farther than this from every structure label
+FAR_LIMIT_MM = 1.0  # the B-spline's own displacement allowed there
 DICE_TIE = 1e-3  # mean sub-cortical Dice differences below this are ties between bending weights
 TOLERANCE = (0.0, 1e-3, 3e-3, 1e-2, 2e-2, 5e-2, 1e-1)
 
@@ -66,6 +75,22 @@ def identity_distance(tx: sitk.Transform, ref: sitk.Image, mask: np.ndarray) -> 
                                           ref.GetSpacing(), ref.GetDirection())
     n = np.linalg.norm(sitk.GetArrayFromImage(f), axis=-1)[mask]
     return float(n.mean()), float(n.max())
+
+
+def far_displacement(tx: sitk.Transform, affine: sitk.Transform, ref: sitk.Image, far: np.ndarray) -> float:
+    """Largest |tx(x) - affine(x)| (mm) over ``far`` (a mask of ``ref``'s grid): the B-spline's own displacement."""
+    def field(t):
+        f = sitk.TransformToDisplacementField(t, sitk.sitkVectorFloat64, ref.GetSize(), ref.GetOrigin(),
+                                              ref.GetSpacing(), ref.GetDirection())
+        return sitk.GetArrayFromImage(f)
+    return float(np.linalg.norm(field(tx) - field(affine), axis=-1)[far].max())
+
+
+def far_mask(labels: sitk.Image, brain: sitk.Image, distance_mm: float) -> np.ndarray:
+    """Voxels of ``brain`` farther than ``distance_mm`` from every voxel of ``labels > 0``."""
+    dist = sitk.SignedMaurerDistanceMap(sitk.Cast(labels > 0, sitk.sitkUInt8), insideIsPositive=False,
+                                        squaredDistance=False, useImageSpacing=True)
+    return (sitk.GetArrayFromImage(dist) > distance_mm) & (sitk.GetArrayFromImage(brain) > 0)
 
 
 def placed_pairs(head: sitk.Image, brain: sitk.Image, labels: sitk.Image, mask: sitk.Image, n: int) -> list:
@@ -110,6 +135,15 @@ def card_section(summary: dict, key: str) -> str:
                   "sub-cortical Dice among those whose brain-mask Dice after the B-spline is at least the affine's on "
                   f"every pair: sub-cortical Dice {b['affine_dice']:.3f} (affine) -> {b['dice']:.3f}, brain-mask Dice "
                   f"{b['affine_mask_dice']:.3f} -> {b['mask_dice']:.3f}, folding {b['folding']:.4f}."]
+        if "anchor_chosen" in summary:
+            w = summary["anchor_chosen"]
+            b, free = summary["anchor"][str(float(w))], summary["anchor"]["0.0"]
+            lines += [f"- Anchor weight **{w:g} mm^-2** (`--anchor`, panel: Anchor weight): the smallest that holds the "
+                      f"B-spline at the affine's result away from the structures (its own displacement at most "
+                      f"{summary['far_limit_mm']:g} mm beyond {summary['far_mm']:g} mm from every structure, on every "
+                      f"pair; {b['far_max']:.2f} mm, without the anchor {free['far_max']:.2f} mm): sub-cortical Dice "
+                      f"{b['affine_dice']:.3f} -> {b['dice']:.3f} (without: {free['dice']:.3f}), brain-mask Dice "
+                      f"{b['affine_mask_dice']:.4f} -> {b['mask_dice']:.4f} (without: {free['mask_dice']:.4f})."]
     t = summary["tolerance_chosen"]
     tt = summary["tolerance"][str(float(t))]
     its = tt["affine_iterations"] if key == "affine" else tt["bspline_iterations"]
@@ -152,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="refinement iterations cap (default: each model's own, `refinement.iterations`)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--bending-grid", default=",".join(f"{w:g}" for w in BENDING), help="weights to try (with 0)")
+    p.add_argument("--anchor-grid", default=",".join(f"{w:g}" for w in ANCHOR), help="anchor weights to try (with 0)")
     p.add_argument("--tolerance-grid", default=",".join(f"{t:g}" for t in TOLERANCE), help="tolerances to try (with 0)")
     p.add_argument("--intensity-method", choices=("percentile", "foreground-percentile"), default=None,
                    help="validate (and with --write-models store) this intensity normalisation (default: the models')")
@@ -173,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     affine, bspline = load_model(models / "brain-t1-affine.pt"), load_model(models / "brain-t1-bspline.pt")
     bendings = sorted({0.0, *(float(w) for w in args.bending_grid.split(","))})
+    anchors = sorted({0.0, *(float(w) for w in args.anchor_grid.split(",") if w.strip())})
     tolerances = sorted({0.0, *(float(t) for t in args.tolerance_grid.split(","))})
     if args.intensity_method:
         for m in (affine, bspline):
@@ -180,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     fixed = sitk.ReadImage(str(data / "eval" / "icbm2009c_t1.nii.gz"), sitk.sitkFloat32)
     fixed_labels = sitk.ReadImage(str(data / "eval" / "icbm2009c_labels.nii.gz"))
     fixed_mask = sitk.Cast(fixed > 0, sitk.sitkUInt8)
+    far = far_mask(fixed_labels, fixed_mask, FAR_MM)
     pairs, self_image, self_mask = validation_pairs(data, args.val_anatomy, args.pairs)
     opts = dict(iterations=args.iterations, device="cpu", threads=args.threads)
 
@@ -188,15 +225,17 @@ def main(argv: list[str] | None = None) -> int:
     # reaching the full grid, which is not what a user runs
     stored = {k: float(m.meta.get("refinement", {}).get("tolerance", 0.0)) for k, m in (("affine", affine),
                                                                                          ("bspline", bspline))}
+    affine_results = {}
     for label, moving, labels, mask in pairs:
         ra = register(fixed, moving, affine, tolerance=stored["affine"], **opts)
+        affine_results[label] = ra
         losses["affine"]["one_pass"].append(ra.loss_one_pass)
         losses["affine"]["refined"].append(ra.similarity_final)
         base = {"pair": label, "affine_dice": mean_dice(fixed_labels, labels, ra.transform),
                 "affine_mask_dice": mask_dice(fixed_mask, mask, ra.transform)}
         for w in bendings:
             t0 = time.perf_counter()
-            rb = register(fixed, moving, bspline, initial_transform=ra.transform, bending=w,
+            rb = register(fixed, moving, bspline, initial_transform=ra.transform, bending=w, anchor=0.0,
                           tolerance=stored["bspline"], **opts)
             if w == 0.0:
                 losses["bspline"]["one_pass"].append(rb.loss_one_pass)
@@ -218,7 +257,29 @@ def main(argv: list[str] | None = None) -> int:
     # results/refinement_validation_bending_grid.md; a rule set after that comparison, said so there)
     best = max(mean_dice_of.values())
     chosen = min(w for w in candidates if mean_dice_of[w] >= best - DICE_TIE)
-    for r in by_w[chosen]:
+
+    # Anchor: at the chosen bending weight, how far the B-spline moves away from the structures.
+    anchor_rows = []
+    for label, moving, labels, mask in pairs:
+        ra = affine_results[label]
+        base = {"pair": label, "affine_dice": mean_dice(fixed_labels, labels, ra.transform),
+                "affine_mask_dice": mask_dice(fixed_mask, mask, ra.transform)}
+        for w in anchors:
+            t0 = time.perf_counter()
+            rb = register(fixed, moving, bspline, initial_transform=ra.transform, bending=chosen, anchor=w,
+                          tolerance=stored["bspline"], **opts)
+            anchor_rows.append({**base, "anchor": w, "dice": mean_dice(fixed_labels, labels, rb.transform),
+                                "mask_dice": mask_dice(fixed_mask, mask, rb.transform),
+                                "far_max": far_displacement(rb.transform, ra.transform, fixed, far),
+                                "folding": folding_fraction(rb.transform, fixed, fixed_mask),
+                                "seconds": time.perf_counter() - t0, "similarity": rb.similarity_final})
+            r = anchor_rows[-1]
+            print(f"{label}: anchor {w:g}: B-spline {r['dice']:.3f}/{r['mask_dice']:.4f} (affine "
+                  f"{base['affine_mask_dice']:.4f}), {r['far_max']:.2f} mm beyond {FAR_MM:g} mm", flush=True)
+    by_a = {w: [r for r in anchor_rows if r["anchor"] == w] for w in anchors}
+    holding = [w for w in anchors if all(r["far_max"] <= FAR_LIMIT_MM for r in by_a[w])]
+    anchor_chosen = min(holding) if holding else max(anchors)
+    for r in by_a[anchor_chosen]:
         losses["bspline"]["refined"].append(r["similarity"])
 
     # Tolerance: affine and B-spline (chosen bending) with early stopping.
@@ -228,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             ra = register(fixed, moving, affine, tolerance=tol, **opts)
             t1 = time.perf_counter()
-            rb = register(fixed, moving, bspline, initial_transform=ra.transform, bending=chosen, tolerance=tol, **opts)
+            rb = register(fixed, moving, bspline, initial_transform=ra.transform, bending=chosen,
+                          anchor=anchor_chosen, tolerance=tol, **opts)
             tol_rows.append({"pair": label, "tolerance": tol, "affine_dice": mean_dice(fixed_labels, labels, ra.transform),
                              "dice": mean_dice(fixed_labels, labels, rb.transform),
                              "affine_iterations": ra.iterations, "bspline_iterations": rb.iterations,
@@ -246,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     sm = sitk.GetArrayFromImage(self_mask) > 0
     sa = register(self_image, self_image, affine, tolerance=tol_chosen, **opts)
     sb = register(self_image, self_image, bspline, initial_transform=sa.transform, bending=chosen,
-                  tolerance=tol_chosen, **opts)
+                  anchor=anchor_chosen, tolerance=tol_chosen, **opts)
     self_dist = {"affine": identity_distance(sa.transform, self_image, sm),
                  "bspline": identity_distance(sb.transform, self_image, sm)}
 
@@ -261,13 +323,19 @@ def main(argv: list[str] | None = None) -> int:
                     | {"min_mask_gain": float(min(r["mask_dice"] - r["affine_mask_dice"] for r in by_w[w]))}
                     for w in bendings},
         "bending_chosen": chosen,
+        "anchor": {str(w): {k: float(np.mean([r[k] for r in by_a[w]])) for k in
+                            ("affine_dice", "dice", "affine_mask_dice", "mask_dice", "folding", "seconds")}
+                   | {"min_mask_gain": float(min(r["mask_dice"] - r["affine_mask_dice"] for r in by_a[w])),
+                      "far_max": float(max(r["far_max"] for r in by_a[w]))}
+                   for w in anchors},
+        "anchor_chosen": anchor_chosen, "far_mm": FAR_MM, "far_limit_mm": FAR_LIMIT_MM,
         "tolerance": {str(t): {k: float(np.mean([r[k] for r in by_t[t]])) for k in
                                ("affine_dice", "dice", "affine_iterations", "bspline_iterations",
                                 "affine_seconds", "bspline_seconds")} for t in tolerances},
         "tolerance_chosen": tol_chosen,
         "self_registration_mm": {k: {"mean": v[0], "max": v[1]} for k, v in self_dist.items()},
         "refinement_loss": {k: {s: spread(v) for s, v in d.items() if v} for k, d in losses.items()},
-        "rows": rows, "tolerance_rows": tol_rows,
+        "rows": rows, "anchor_rows": anchor_rows, "tolerance_rows": tol_rows,
     }
     out = Path(args.out)
     out.with_name(out.name + ".json").write_text(json.dumps(summary, indent=2))
@@ -286,7 +354,19 @@ def main(argv: list[str] | None = None) -> int:
         md.append(f"| {w:g}{' (chosen)' if w == chosen else ''} | {b['affine_dice']:.3f} | {b['dice']:.3f} | "
                   f"{b['affine_mask_dice']:.3f} | {b['mask_dice']:.3f} | {b['min_mask_gain']:+.3f} | "
                   f"{b['folding']:.4f} | {b['seconds']:.1f} |")
-    md += ["", "## Convergence tolerance (chosen bending)", "",
+    md += ["", "## B-spline anchor weight (chosen bending)", "",
+           f"The B-spline's own displacement (its result against the affine's) at the fixed brain voxels farther than "
+           f"{FAR_MM:g} mm from every structure, largest over pairs; chosen: the smallest weight keeping it at most "
+           f"{FAR_LIMIT_MM:g} mm on every pair.", "",
+           "| anchor (mm^-2) | B-spline Dice | affine brain-mask Dice | B-spline brain-mask Dice | "
+           "worst brain-mask change | displacement far from the structures (max, mm) | folding | B-spline s |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for w in anchors:
+        b = summary["anchor"][str(w)]
+        md.append(f"| {w:g}{' (chosen)' if w == anchor_chosen else ''} | {b['dice']:.3f} | {b['affine_mask_dice']:.4f} | "
+                  f"{b['mask_dice']:.4f} | {b['min_mask_gain']:+.4f} | {b['far_max']:.2f} | {b['folding']:.4f} | "
+                  f"{b['seconds']:.1f} |")
+    md += ["", "## Convergence tolerance (chosen bending and anchor)", "",
            "| tolerance | affine Dice | B-spline Dice | affine its | B-spline its | affine s | B-spline s |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
     for t in tolerances:
@@ -312,6 +392,8 @@ def write_models(summary: dict, models) -> None:
         meta["refinement"] = {**meta.get("refinement", {}),  # keeps coarse_iterations (coarse_to_fine.py)
                               "tolerance": summary["tolerance_chosen"],
                               **({"bending": summary["bending_chosen"]} if key == "bspline" else {}),
+                              **({"anchor": summary["anchor_chosen"]}
+                                 if key == "bspline" and "anchor_chosen" in summary else {}),
                               "chosen_by": "benchmarks/refinement_validation.py"}
         meta.setdefault("validation", {})["refinement_loss"] = summary["refinement_loss"][key]
         rewrite_metadata(model.path, meta)

@@ -301,6 +301,7 @@ class ISTNRegistrationLogic:
         affineModelPath: str | Path | None = None,
         learningRate: float | None = None,
         bending: float | None = None,
+        anchor: float | None = None,
         tolerance: float | None = None,
         coarseIterations: int | None = None,
         refineLayers: str | None = None,
@@ -330,7 +331,8 @@ class ISTNRegistrationLogic:
         - ``iterations`` of test-time refinement per model (0: one pass only;
           None: each model's own number, chosen on its validation pairs);
           ``learningRate`` None or <= 0 uses the model's own; ``bending`` (B-spline
-          stage, mm^2) and ``tolerance`` (stop refining when the loss gains
+          stage, mm^2), ``anchor`` (B-spline stage, mm^-2: holds the B-spline
+          at the affine's result away from the structures) and ``tolerance`` (stop refining when the loss gains
           less than this over 10 iterations) None or < 0 use the model's
           settings, chosen on its validation pairs; so does ``coarseIterations``
           (the first iterations on half-resolution maps, coarse to fine; 0: off)
@@ -419,6 +421,7 @@ class ISTNRegistrationLogic:
             lr = float(learningRate) if learningRate is not None and learningRate > 0 else None
             refineOptions = {"lr": lr,
                              "bending": float(bending) if bending is not None and bending >= 0 else None,
+                             "anchor": float(anchor) if anchor is not None and anchor >= 0 else None,
                              "tolerance": float(tolerance) if tolerance is not None and tolerance >= 0 else None,
                              # passed as given (a fraction or a bool is refused by the engine's check)
                              "coarse_iterations": (coarseIterations if coarseIterations is not None

@@ -41,7 +41,8 @@ def _finite(x: float) -> bool:
 def check_register_options(iterations: int | None, lr: float | None, device: str, background: float | None = None,
                            bending: float | None = None, tolerance: float | None = None,
                            threads: int | None = None, coarse_iterations: int | None = None,
-                           region_margin_mm: float | None = None, polish: int | None = None) -> None:
+                           region_margin_mm: float | None = None, polish: int | None = None,
+                           anchor: float | None = None) -> None:
     """The numeric and device options, checked before any file is read (messages name the flags)."""
     from .registration import check_device
 
@@ -55,6 +56,8 @@ def check_register_options(iterations: int | None, lr: float | None, device: str
         raise InputError(f"--threads must be a whole number >= 1, got {threads}")
     if bending is not None and (not _finite(bending) or bending < 0):
         raise InputError(f"--bending must be a finite number >= 0 (B-spline bending energy weight), got {bending:g}")
+    if anchor is not None and (not _finite(anchor) or anchor < 0):
+        raise InputError(f"--anchor must be a finite number >= 0 (B-spline anchor weight, mm^-2), got {anchor:g}")
     if tolerance is not None and (not _finite(tolerance) or tolerance < 0):
         raise InputError(f"--tolerance must be a finite number >= 0 (0 runs every iteration), got {tolerance:g}")
     if coarse_iterations is not None and coarse_iterations < 0:
@@ -85,13 +88,14 @@ def run_register(
     refine_layers: str | None = None,
     region_margin_mm: float | None = None,
     polish: int | None = None,
+    anchor: float | None = None,
 ) -> dict:
     """Register a pair with one model or a chain (affine models, then at most one B-spline) and write the outputs.
 
     Everything is checked (`check_register_inputs`) before any computation and
     every result before anything is written; each file is written atomically.
     ``background`` fills ``warped.nii.gz`` outside the moving image (default:
-    the moving image's minimum). ``bending`` (B-spline stage) and ``tolerance``
+    the moving image's minimum). ``bending`` and ``anchor`` (B-spline stage) and ``tolerance``
     (every stage) and ``coarse_iterations`` (every stage: how many of the first
     iterations run on half-resolution maps), ``refine_layers`` (every stage:
     "all" STN weights or its fully connected layers, "fc") and
@@ -112,7 +116,7 @@ def run_register(
     if not model_paths:
         raise InputError("at least one --model is needed")
     check_register_options(iterations, lr, device, background, bending, tolerance, threads, coarse_iterations,
-                           region_margin_mm, polish)
+                           region_margin_mm, polish, anchor)
     names = list(REGISTER_OUTPUTS) + ["transform.tfm", "affine.tfm"]
     inputs = [fixed_path, moving_path, *model_paths] + ([initial_path] if initial_path else [])
     fixed = read_image(fixed_path, "fixed")
@@ -123,7 +127,8 @@ def run_register(
     initial = read_transform(initial_path, "--initial transform") if initial_path else None
     check_register_inputs(fixed, moving, models, iterations=iterations, lr=lr, device=device,
                           initial_transform=initial, initial_name=f"--initial transform '{initial_path}'",
-                          refine_layers=refine_layers, region_margin_mm=region_margin_mm, polish=polish)
+                          refine_layers=refine_layers, region_margin_mm=region_margin_mm, polish=polish,
+                          anchor=anchor)
     bg = float(sitk.GetArrayViewFromImage(moving).min()) if background is None else float(background)
     # Inputs are good: check the output location before the (long) computation.
     created = not Path(out_dir).exists()
@@ -140,7 +145,7 @@ def run_register(
             result = register(fixed, moving, model, iterations=iterations, lr=lr, device=device,
                               initial_transform=initial, callback=progress, bending=bending, tolerance=tolerance,
                               threads=threads, coarse_iterations=coarse_iterations, refine_layers=refine_layers,
-                              region_margin_mm=region_margin_mm, polish=polish)
+                              region_margin_mm=region_margin_mm, polish=polish, anchor=anchor)
             stages.append({**result.summary(), "model_file": str(model.path)})  # summary's "model": the metadata
             initial = result.transform
         assert result is not None
@@ -419,6 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads (default: the cores this process may use, at most 8; see istn.threads)")
     r.add_argument("--bending", type=float, default=None,
                    help="B-spline refinement: bending energy weight in mm^2 (default: the model's, chosen on validation)")
+    r.add_argument("--anchor", type=float, default=None, metavar="W",
+                   help="B-spline refinement: weight (mm^-2) holding the B-spline at the affine's result away from the "
+                        "structures, where the maps carry nothing to register (default: the model's, chosen on "
+                        "validation; 0: off)")
     r.add_argument("--tolerance", type=float, default=None,
                    help="stop refining once the loss improves by less than this (relative) over 10 iterations; "
                         "--refine is then a cap (default: the model's; 0 runs every iteration)")
@@ -514,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "register":
             s = run_register(args.fixed, args.moving, args.model, args.out, args.refine, args.lr, args.device,
                              args.initial, args.quiet, args.background, args.bending, args.tolerance, args.threads,
-                             args.coarse_iterations, args.refine_layers, args.region_margin, args.polish)
+                             args.coarse_iterations, args.refine_layers, args.region_margin, args.polish, args.anchor)
             for st in s["stages"]:
                 stop = " (converged)" if st["converged"] else ""
                 polished = f", {st['polish_iterations']} of them polish" if st.get("polish_iterations") else ""

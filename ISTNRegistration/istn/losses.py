@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .transforms import warp
+from .transforms import control_point_count, warp
 
 
 def normalised_mse(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -110,3 +110,30 @@ def bending_energy(coeffs: torch.Tensor, cp_spacing_mm: float, half_extent_mm: t
                 w = 2.0
             total = total + w * (second / h2).pow(2).sum(1).mean()
     return total
+
+
+def anchored_control_points(maps: torch.Tensor, spacing_voxels: float, threshold: float) -> torch.Tensor:
+    """Which control points of a B-spline on the grid of ``maps (1, K, *S)`` lie away from the structures: ``(*cp)``,
+    1 where the control point's cell (the voxels nearer to it than to any other control point; point ``k`` at voxel
+    ``(k - 1) * spacing_voxels``, `istn.transforms.control_point_count`) holds no voxel where any channel reaches
+    ``threshold``, else 0. All ones when no voxel does."""
+    shape = maps.shape[2:]
+    cp = [control_point_count(n, spacing_voxels) for n in shape]
+    anchored = torch.ones(cp, dtype=maps.dtype, device=maps.device)
+    inside = torch.nonzero(maps.detach().amax(1)[0] >= threshold)  # (M, D) voxel indices, array order
+    if inside.numel():
+        k = torch.round(inside.to(torch.float64) / float(spacing_voxels)).long() + 1
+        anchored[tuple(k.t())] = 0.0
+    return anchored
+
+
+def anchor_energy(coeffs: torch.Tensor, anchored: torch.Tensor, half_extent_mm: torch.Tensor) -> torch.Tensor:
+    """Mean squared displacement (mm^2) of the anchored control points, averaged over all control points.
+
+    ``coeffs (N, D, *cp)`` as in `bending_energy`; ``anchored (*cp)``: 1 for the points held
+    (`anchored_control_points`). Unlike the bending energy it is not zero for a smooth offset: it holds the
+    B-spline at the affine's result away from the structures, where the maps carry nothing to register.
+    """
+    d = coeffs.shape[1]
+    u = coeffs * half_extent_mm.to(coeffs).view([1, d] + [1] * d)
+    return (u.pow(2).sum(1) * anchored.to(coeffs)).mean()

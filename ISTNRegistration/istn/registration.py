@@ -42,7 +42,7 @@ from .errors import InputError
 from .export import LoadedModel
 from .geometry import Grid
 from .inputs import PreparedImage, prepare_image
-from .losses import bending_energy, refinement_loss
+from .losses import anchor_energy, anchored_control_points, bending_energy, refinement_loss
 from .threads import default_threads
 from .training import resolve_device
 from .transforms import (bspline_to_world, compose, flatten_transform, matrix_to_sitk_affine, sitk_affine_to_matrix,
@@ -683,6 +683,8 @@ class RegistrationResult:
     region_margin_mm: float | None = None  # maps compared in the structures' box grown by this; None: whole grid
     polish_iterations: int = 0  # of ``iterations``, the last ones: the polish of the transform's parameters
     iterations_allowed: int = 0  # the cap: refinement iterations + polish iterations (``iterations`` may stop short)
+    bending: float = 0.0  # the B-spline's bending energy weight (mm^2) used
+    anchor: float = 0.0  # the B-spline's anchor weight (mm^-2) used
 
     def warped_moving_map(self) -> sitk.Image:
         """The moving ITN map resampled into the fixed map's grid through the final transform."""
@@ -704,6 +706,8 @@ class RegistrationResult:
             "region_margin_mm": self.region_margin_mm,
             "polish_iterations": self.polish_iterations,
             "iterations_allowed": self.iterations_allowed,
+            "bending": self.bending,
+            "anchor": self.anchor,
             "cancelled": self.cancelled,
             "device": self.device,
             "timings_s": self.timings,
@@ -925,6 +929,7 @@ def check_register_inputs(
     refine_layers: str | None = None,
     region_margin_mm: float | None = None,
     polish: int | None = None,
+    anchor: float | None = None,
 ) -> None:
     """Check everything about a registration that can be checked before any computation.
 
@@ -961,6 +966,8 @@ def check_register_inputs(
         raise InputError(f"register() 'lr' must be a finite number > 0, got {lr!r}")
     if bending is not None and not (bending >= 0 and np.isfinite(bending)):
         raise InputError(f"the bending weight must be a number >= 0, got {bending}")
+    if anchor is not None and not (anchor >= 0 and np.isfinite(anchor)):
+        raise InputError(f"the anchor weight must be a number >= 0, got {anchor}")
     if tolerance is not None and not (tolerance >= 0 and np.isfinite(tolerance)):
         raise InputError(f"the convergence tolerance must be a number >= 0, got {tolerance}")
     if coarse_iterations is not None and (isinstance(coarse_iterations, bool)
@@ -980,6 +987,10 @@ def check_register_inputs(
         if np.isfinite(margin) and m.config.itn_output != "sigmoid":
             raise InputError(f"the model '{m.path.name}' has unbounded maps: a comparison region around its "
                              "structures needs bounded (sigmoid) structure maps; use the whole grid (margin inf)")
+        held = anchor if anchor is not None else float(m.meta.get("refinement", {}).get("anchor", 0.0))
+        if m.transform_type == "bspline" and held > 0 and m.config.itn_output != "sigmoid":
+            raise InputError(f"the model '{m.path.name}' has unbounded maps: anchoring the B-spline away from its "
+                             "structures needs bounded (sigmoid) structure maps; use anchor 0")
         if (refine_layers or refinement_layers(m)) == "fc" and not supports_fc_refinement(m.module):
             raise InputError(f"the model '{m.path.name}' predates FC-only refinement (istn < 0.3): refine all STN "
                              "layers ('all') or re-script the file (istn.export.rescript_model)")
@@ -1029,6 +1040,7 @@ def register(
     refine_layers: str | None = None,
     region_margin_mm: float | None = None,
     polish: int | None = None,
+    anchor: float | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with ``model``: one pass, then up to ``iterations`` of refinement
     (default: the model's ``refinement.iterations``, else `DEFAULT_ITERATIONS`), then up to ``polish``.
@@ -1054,6 +1066,11 @@ def register(
     ``refine_layers``: "all" STN weights (the paper) or only its fully connected
     layers, "fc" (`refine`: same transforms reachable, a cheaper iteration);
     default: the model's ``refinement.layers``, else "all".
+    ``anchor`` (B-spline models): weight (mm^-2) of the anchoring term
+    (`istn.losses.anchor_energy`): the mean squared displacement of the
+    control points whose cells hold no structure of the fixed map, so that
+    away from the structures the B-spline keeps the affine's result; default:
+    the model's ``refinement.anchor``, else 0.
     ``region_margin_mm``: compare the maps only in the box around the fixed
     image's structures grown by this margin (`refine`; bounded maps only);
     ``inf``: the whole grid; default: the model's
@@ -1074,7 +1091,7 @@ def register(
     check_register_inputs(fixed.image, moving.image, [model], iterations=iterations, lr=lr, device=device,
                           initial_transform=initial_transform, bending=bending, tolerance=tolerance,
                           coarse_iterations=coarse_iterations, refine_layers=refine_layers,
-                          region_margin_mm=region_margin_mm, polish=polish)
+                          region_margin_mm=region_margin_mm, polish=polish, anchor=anchor)
     if initial_transform is not None:  # any linear class -> AffineTransform; composites flat (istn.transforms)
         initial_transform = flatten_transform(initial_transform)
     defaults = model.meta.get("refinement", {})
@@ -1082,6 +1099,10 @@ def register(
         lr = float(model.meta.get("training", {}).get("config", {}).get("lr", 1e-3))
     if bending is None:
         bending = float(defaults.get("bending", 0.0)) if model.transform_type == "bspline" else 0.0
+    if anchor is None:
+        anchor = float(defaults.get("anchor", 0.0)) if model.transform_type == "bspline" else 0.0
+    if model.transform_type != "bspline":  # B-spline terms: an affine stage has neither (recorded as 0)
+        bending = anchor = 0.0
     if tolerance is None:
         tolerance = float(defaults.get("tolerance", 0.0))
     if coarse_iterations is None:
@@ -1097,7 +1118,7 @@ def register(
     dev = resolve_device(device)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads or default_threads(model.ndim))  # the cores this process really has (istn.threads)
-    opts = dict(bending=bending, tolerance=tolerance, symmetric=symmetric, t_start=t_start,
+    opts = dict(bending=bending, anchor=anchor, tolerance=tolerance, symmetric=symmetric, t_start=t_start,
                 coarse_iterations=int(coarse_iterations), refine_layers=refine_layers,
                 region_margin_mm=float(region_margin_mm), polish=int(polish))
     try:
@@ -1116,7 +1137,7 @@ def register(
 
 
 def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iterations, lr, dev, initial_transform,
-              callback, cancel, *, bending: float, tolerance: float, symmetric: bool,
+              callback, cancel, *, bending: float, anchor: float, tolerance: float, symmetric: bool,
               t_start: float, coarse_iterations: int, refine_layers: str,
               region_margin_mm: float, polish: int) -> RegistrationResult:
     timings: dict[str, float] = {}
@@ -1154,12 +1175,6 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
         source = image_to_tensor(moving, work_grid, win_m)
         target = image_to_tensor(fixed, work_grid, win_f, matrix_to_sitk_affine(np.linalg.inv(a_mat)))
         spacing_vox = cfg.cp_spacing_voxels
-        if bending > 0:
-            half = torch.tensor([s * (n - 1) / 2.0 for s, n in zip(work_grid.spacing, work_grid.size)],
-                                dtype=torch.float32, device=dev)
-
-            def regulariser(params: torch.Tensor) -> torch.Tensor:
-                return bending * bending_energy(params, cfg.cp_spacing_mm, half)
 
         def to_world(params: torch.Tensor) -> sitk.Transform:
             b = bspline_to_world(params[0].detach().cpu().double().numpy(), work_grid, spacing_vox)
@@ -1196,6 +1211,18 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
                 def adjust(params: torch.Tensor) -> torch.Tensor:
                     return params + offset
         params0 = adjust(forward) if adjust is not None else forward
+    if model.transform_type == "bspline" and (bending > 0 or anchor > 0):
+        half = torch.tensor([s * (n - 1) / 2.0 for s, n in zip(work_grid.spacing, work_grid.size)],
+                            dtype=torch.float32, device=dev)
+        anchored = anchored_control_points(t_map, spacing_vox, MAP_DISPLAY_THRESHOLD) if anchor > 0 else None
+
+        def regulariser(params: torch.Tensor) -> torch.Tensor:
+            total = params.new_zeros(())
+            if bending > 0:
+                total = total + bending * bending_energy(params, cfg.cp_spacing_mm, half)
+            if anchored is not None:
+                total = total + anchor * anchor_energy(params, anchored, half)
+            return total
     timings["one_pass"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     out = refine(module, s_map, t_map, iterations, lr, callback, cancel, to_world,
@@ -1255,4 +1282,6 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
         region_margin_mm=region_margin_mm if np.isfinite(region_margin_mm) else None,
         polish_iterations=out.polish_iterations,
         iterations_allowed=iterations + polish,
+        bending=bending,
+        anchor=anchor,
     )
