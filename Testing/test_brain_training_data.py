@@ -143,3 +143,32 @@ def test_the_brain_label_fills_the_brain_outside_the_structures():
     assert train_brain.soi_labels({"brain_channel": True}) == train_brain.LABELS + (train_brain.BRAIN_LABEL,)
     assert train_brain.soi_labels({}) == train_brain.LABELS
     assert train_brain.data_flags({"brain_channel": True}) == "--brain-channel"
+
+
+def test_an_excluded_anatomy_is_left_out_in_every_contrast(tmp_path):
+    (tmp_path / "train").mkdir()
+    head = np.zeros((10, 12, 12), np.float32)
+    head[2:8, 2:10, 2:10] = 1.0
+    labels = (head > 0).astype(np.uint8)
+    rows = ["image,labels,contrast,name,labels_from"]
+    for name, contrasts in (("a", ("t1", "t2", "pd")), ("b", ("t1",)), ("v", ("t1",))):
+        _write(tmp_path / "train" / f"{name}_labels.nii.gz", labels)
+        for c in contrasts:
+            _write(tmp_path / "train" / f"{name}_{c}.nii.gz", head * (1 + contrasts.index(c)))
+            rows.append(f"train/{name}_{c}.nii.gz,train/{name}_labels.nii.gz,{c},{name},test")
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    quiet = dict(log=lambda *a, **k: None, contrasts=("t1", "t2", "pd"))
+    train, val, _ = train_brain.load_anatomies(tmp_path, "v", **quiet)
+    assert sorted(a.name for a in train) == ["a", "a_pd", "a_t2", "b"] and [a.name for a in val] == ["v"]
+    train, val, described = train_brain.load_anatomies(tmp_path, "v", exclude=("a",), **quiet)
+    assert [a.name for a in train] == ["b"] and [a.name for a in val] == ["v"]
+    assert not any(d.startswith("a") for d in described)
+    with pytest.raises(SystemExit, match="not in"):
+        train_brain.load_anatomies(tmp_path, "v", exclude=("c",), **quiet)
+    with pytest.raises(SystemExit, match="validation anatomy"):
+        train_brain.load_anatomies(tmp_path, "v", exclude=("v",), **quiet)
+    options = dict(train_brain.DATA_DEFAULTS, exclude=["a"])
+    assert train_brain.data_flags(options) == "--exclude a"
+    train_brain.check_data_options(tmp_path / "run", options, write=True)
+    with pytest.raises(SystemExit, match="--exclude a"):  # a resume without the exclusion would mix data
+        train_brain.check_data_options(tmp_path / "run", train_brain.DATA_DEFAULTS, write=True)

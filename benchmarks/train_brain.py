@@ -102,7 +102,8 @@ STAGE_INDEX = {"affine": 0, "bspline": 1}
 TRAIN_LENGTH = 50_000  # distinct seeded training pairs (fixed, so resuming with more --steps replays the same)
 CONTRASTS = ("t1", "t2", "pd")
 #: The options that change the training data (`data_options`), their defaults: today's training.
-DATA_DEFAULTS = {"contrasts": ["t1"], "synth_prob": 0.0, "crop_prob": 0.0, "blur_mm": 0.0, "brain_channel": False}
+DATA_DEFAULTS = {"contrasts": ["t1"], "synth_prob": 0.0, "crop_prob": 0.0, "blur_mm": 0.0, "brain_channel": False,
+                 "exclude": []}
 BRAIN_LABEL = 9  # --brain-channel: label of the brain outside the 8 structures (the 9th SoI channel)
 CROP_KEEP = (0.5, 0.9)  # fraction of the head kept by a crop (superior end)
 
@@ -237,12 +238,19 @@ def anatomy_images(data: Path, row: dict, t1_row: dict | None = None, tissue: bo
 
 
 def load_anatomies(data: Path, val_name: str, log=print, contrasts=("t1",),
-                   brain_label: bool = False) -> tuple[list[Anatomy], list[Anatomy], list[str]]:
+                   brain_label: bool = False, exclude=()) -> tuple[list[Anatomy], list[Anatomy], list[str]]:
     """Anatomies of ``train.csv`` in ``contrasts`` (default T1 only): (training, validation, descriptions).
 
     Each carries its tissue classes (`istn.data.brain.tissue`, made here once) for label-driven synthesis.
+    ``exclude``: ``train.csv`` names left out altogether, every contrast (e.g. ``spm_avg152``, the only anatomy
+    with real T2 and PD images here, so that they can be held-out pairs).
     """
     rows = list(csv.DictReader(open(data / "train.csv")))
+    unknown = sorted(set(exclude) - {r["name"] for r in rows})
+    if unknown or val_name in exclude:
+        raise SystemExit(f"--exclude: {', '.join(unknown) or val_name} "
+                         f"{'not in ' + str(data / 'train.csv') if unknown else 'is the validation anatomy'}")
+    rows = [r for r in rows if r["name"] not in exclude]
     t1_rows = {r["name"]: r for r in rows if r["contrast"] == "t1"}
     train_set, val_set, described = [], [], []
     for r in rows:
@@ -366,7 +374,7 @@ def data_options(args) -> dict:
     """The options of this command that change the training data (`DATA_DEFAULTS`)."""
     return {"contrasts": list(args.contrasts), "synth_prob": float(args.synth_prob),
             "crop_prob": float(args.crop_prob), "blur_mm": float(args.blur_mm),
-            "brain_channel": bool(args.brain_channel)}
+            "brain_channel": bool(args.brain_channel), "exclude": sorted(args.exclude)}
 
 
 def soi_description(options: dict) -> str:
@@ -393,6 +401,8 @@ def data_flags(options: dict) -> str:
             flags.append(f"--{key.replace('_', '-')} {o[key]:g}")
     if o["brain_channel"]:
         flags.append("--brain-channel")
+    if list(o["exclude"]):
+        flags.append("--exclude " + ",".join(o["exclude"]))
     return " ".join(flags)
 
 
@@ -545,7 +555,8 @@ def export_stage(args, stage: str, out: Path, described: list[str], val_anat, tr
     kinds = "T1" if options["contrasts"] == ["t1"] else "/".join(c.upper() for c in options["contrasts"])
     data_text = (f"on-the-fly variations (istn.data.augment.sample_view) of the {kinds} anatomies " + ", ".join(
         d for d in described if "training" in d) + f"; validation: {', '.join(d for d in described if 'validation' in d) or 'seeded pairs of the training anatomies'}"
-        " against the training anatomies. Colin27 / SPM single_subj_T1 held out (test subject).")
+        " against the training anatomies. Colin27 / SPM single_subj_T1 held out (test subject)." + (
+            f" Left out of training altogether: {', '.join(options['exclude'])}." if options.get("exclude") else ""))
     meta = build_metadata(tcfg, soi_description=soi_description(options), training_data=data_text, step=chosen_step,
                           best_val=float(chosen_val),
                           extra={"augmentation": {"moving": to_dict(moving), "fixed": to_dict(fixed)},
@@ -846,6 +857,9 @@ def main(argv=None) -> int:
                    help="probability that a view (moving or fixed) is drawn from the labels (istn.data.synthesis)")
     p.add_argument("--crop-prob", type=float, default=0.0,
                    help="probability that the moving image's field of view is cropped (superior 50-90 %% kept)")
+    p.add_argument("--exclude", default="", type=lambda v: [n.strip() for n in v.split(",") if n.strip()],
+                   help="train.csv anatomies left out of training altogether (every contrast), e.g. spm_avg152 so "
+                        "that its T2 and PD images can be held-out pairs")
     p.add_argument("--brain-channel", action="store_true",
                    help="experiment: a 9th SoI channel, the rest of the brain (the refinement then sees the outline)")
     p.add_argument("--blur-mm", type=float, default=0.0, help="blur the moving image by sigma uniform in [0, S] mm")
@@ -872,7 +886,7 @@ def main(argv=None) -> int:
         described = [f"{a.name} (training; synthetic)" for a in train_anat] + [f"{val_anat[0].name} (validation)"]
     else:
         train_anat, val_anat, described = load_anatomies(Path(args.data), args.val_anatomy, contrasts=args.contrasts,
-                                                         brain_label=args.brain_channel)
+                                                         brain_label=args.brain_channel, exclude=args.exclude)
     stages = ("affine", "bspline") if args.stage == "both" else (args.stage,)
     for stage in stages:
         variant = args.variant
