@@ -69,21 +69,22 @@ def mask_dice(fixed_mask: sitk.Image, moving_mask: sitk.Image, tx: sitk.Transfor
     return dice(sitk.GetArrayViewFromImage(fixed_mask) > 0, sitk.GetArrayViewFromImage(w) > 0)
 
 
-def identity_distance(tx: sitk.Transform, ref: sitk.Image, mask: np.ndarray) -> tuple[float, float]:
-    """Mean and max |T(x) - x| (mm) over ``mask`` of ``ref``'s grid."""
+def displacement(tx: sitk.Transform, ref: sitk.Image) -> np.ndarray:
+    """``T(x) - x`` (mm) at the voxels of ``ref``'s grid: ``(*array shape, D)``."""
     f = sitk.TransformToDisplacementField(tx, sitk.sitkVectorFloat64, ref.GetSize(), ref.GetOrigin(),
                                           ref.GetSpacing(), ref.GetDirection())
-    n = np.linalg.norm(sitk.GetArrayFromImage(f), axis=-1)[mask]
+    return sitk.GetArrayFromImage(f)
+
+
+def identity_distance(tx: sitk.Transform, ref: sitk.Image, mask: np.ndarray) -> tuple[float, float]:
+    """Mean and max |T(x) - x| (mm) over ``mask`` of ``ref``'s grid."""
+    n = np.linalg.norm(displacement(tx, ref), axis=-1)[mask]
     return float(n.mean()), float(n.max())
 
 
 def far_displacement(tx: sitk.Transform, affine: sitk.Transform, ref: sitk.Image, far: np.ndarray) -> float:
     """Largest |tx(x) - affine(x)| (mm) over ``far`` (a mask of ``ref``'s grid): the B-spline's own displacement."""
-    def field(t):
-        f = sitk.TransformToDisplacementField(t, sitk.sitkVectorFloat64, ref.GetSize(), ref.GetOrigin(),
-                                              ref.GetSpacing(), ref.GetDirection())
-        return sitk.GetArrayFromImage(f)
-    return float(np.linalg.norm(field(tx) - field(affine), axis=-1)[far].max())
+    return float(np.linalg.norm(displacement(tx, ref) - displacement(affine, ref), axis=-1)[far].max())
 
 
 def far_mask(labels: sitk.Image, brain: sitk.Image, distance_mm: float) -> np.ndarray:
@@ -225,14 +226,14 @@ def main(argv: list[str] | None = None) -> int:
     # reaching the full grid, which is not what a user runs
     stored = {k: float(m.meta.get("refinement", {}).get("tolerance", 0.0)) for k, m in (("affine", affine),
                                                                                          ("bspline", bspline))}
-    affine_results = {}
+    affine_results = {}  # label -> (the affine result, its scores): the anchor rows below start from the same
     for label, moving, labels, mask in pairs:
         ra = register(fixed, moving, affine, tolerance=stored["affine"], **opts)
-        affine_results[label] = ra
         losses["affine"]["one_pass"].append(ra.loss_one_pass)
         losses["affine"]["refined"].append(ra.similarity_final)
         base = {"pair": label, "affine_dice": mean_dice(fixed_labels, labels, ra.transform),
                 "affine_mask_dice": mask_dice(fixed_mask, mask, ra.transform)}
+        affine_results[label] = ra, base
         for w in bendings:
             t0 = time.perf_counter()
             rb = register(fixed, moving, bspline, initial_transform=ra.transform, bending=w, anchor=0.0,
@@ -261,9 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     # Anchor: at the chosen bending weight, how far the B-spline moves away from the structures.
     anchor_rows = []
     for label, moving, labels, mask in pairs:
-        ra = affine_results[label]
-        base = {"pair": label, "affine_dice": mean_dice(fixed_labels, labels, ra.transform),
-                "affine_mask_dice": mask_dice(fixed_mask, mask, ra.transform)}
+        ra, base = affine_results[label]
         for w in anchors:
             t0 = time.perf_counter()
             rb = register(fixed, moving, bspline, initial_transform=ra.transform, bending=chosen, anchor=w,
