@@ -46,7 +46,8 @@ non-linear: istn_bspline (from istn_refined), sitk_bspline (from sitk_affine), e
   ITK transforms and composed y = B(A(x)).
 - ANTs (antspyx, own venv, `brain3d_ants.py`): ``Affine``; then ``SyNOnly`` with iterations 100x70x50x20
   (peers.md: the default 40x20x0 under-fits) from the ANTs affine; [1Warp, 0GenericAffine] composed
-  y = A(x + u(x)).
+  y = A(x + u(x)). ANTs' metric sampling is seeded (``--random-seed 1``; runs before 2026-12-02 unseeded); it
+  repeats exactly only with ``--threads 1`` (with two threads its affine still varies from run to run).
 - ISTN: ``register(fixed, moving, affine_model, iterations=0)`` (one pass) / the model's own refinement
   (refined), then ``register(fixed, moving, bspline_model, initial_transform=refined affine)``: iterations,
   polish, bending weight, convergence tolerance and the rest are the engine's defaults (the models'
@@ -1162,7 +1163,7 @@ in its scanner position, seed {SEED0}), LPS storage.
   {m['settings']['sitk_bspline_iterations']} its, shrink 2-1, smoothing 1-0 mm (sampling seeds 1000/2000 + scanner seed, the same in every
   layout); elastix default affine map, then default B-spline map with FinalGridSpacingInPhysicalUnits 30 from the
   affine's parameter file{'' if not m['settings'].get('elastix_iterations') else ' (MaximumNumberOfIterations ' + str(m['settings']['elastix_iterations']) + ')'};
-  ANTs `Affine` (defaults), then `SyNOnly` from it with iterations {'x'.join(map(str, m['settings']['syn_iterations']))};
+  ANTs `Affine` (defaults, {'sampling seed ' + str(m['settings']['ants_seed']) if m['settings'].get('ants_seed') is not None else 'unseeded sampling'}), then `SyNOnly` from it with iterations {'x'.join(map(str, m['settings']['syn_iterations']))};
   ISTN {('up to ' + str(m['settings']['istn_iterations']) + ' refinement iterations, everything else') if m['settings'].get('istn_iterations') else 'refinement iterations, polish, lr, bending weight, tolerance and the rest'} from the models' metadata, CPU.
 - Transform conversion check (tool's own warped image vs SimpleITK applying our converted world transform,
   first brain pair of each layout, mean |difference| / 99th-percentile intensity): {'; '.join(checks) if checks else '-'}.
@@ -1226,6 +1227,7 @@ def main(argv: list[str] | None = None) -> int:
         "sitk_bspline_iterations": 10 if a.quick else 30,
         "elastix_iterations": 64 if a.quick else None,
         "syn_iterations": [20, 10, 0] if a.quick else [100, 70, 50, 20],
+        "ants_seed": 1,  # ANTs' metric sampling (brain3d_ants.py); a resumed older run keeps its own (none)
         "sagittal_code": a.sagittal_code,
     }
     spec_path = work / "spec.json"
@@ -1343,8 +1345,8 @@ def write_all(out: Path, work: Path, spec: dict, methods: list[str], per: dict, 
         "model_wait": spec.get("model_wait"), "failures": spec.get("failures", []),
         "engine": engine_state(), "engine_start": spec.get("engine_start") or engine_state(),
         "sagittal_code": spec.get("sagittal_code", "ASL"),
-        "settings": {k: spec[k] for k in ("istn_iterations", "sitk_affine_iterations", "sitk_bspline_iterations",
-                                          "elastix_iterations", "syn_iterations")},
+        "settings": {k: spec.get(k) for k in ("istn_iterations", "sitk_affine_iterations", "sitk_bspline_iterations",
+                                          "elastix_iterations", "syn_iterations", "ants_seed")},
         "data": str(data),
         "data_md5": {n: hashlib.md5((data / "eval" / f"{n}.nii.gz").read_bytes()).hexdigest()
                      for n in ("icbm2009c_t1", "icbm2009c_labels", "colin27_t1_brain", "colin27_t1", "colin27_labels")
