@@ -12,7 +12,7 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from hard_inputs import crop_superior, markdown  # noqa: E402
+from hard_inputs import crop_superior, held_out, markdown  # noqa: E402
 
 
 def _head() -> tuple[sitk.Image, sitk.Image]:
@@ -52,3 +52,29 @@ def test_the_table_says_when_a_model_set_cannot_raise_the_self_check():
     text = markdown(res, "cmd")
     assert "| contrast t2 | 2 | 0.200 | 0.800 | 0.100 (2 below unregistered) | 0.800 |" in text
     assert "a 1, b 0 (its models carry no validation loss ranges: the self-check cannot warn)." in text
+
+
+class _Model:
+    def __init__(self, meta: dict):
+        self.meta = meta
+
+
+def test_a_set_holds_avg152_out_only_when_every_model_was_trained_without_it():
+    without = _Model({"data_options": {"exclude": ["spm_avg152"]}})
+    assert held_out((without, without))
+    assert not held_out((without, _Model({"data_options": {"exclude": []}})))
+    assert not held_out((without, _Model({})))  # older models record nothing: they trained on every anatomy
+
+
+def test_the_contrast_gap_is_t1_minus_each_other_contrast_per_set_and_stage():
+    def rows(aff: float, bsp: float) -> list[dict]:  # two pairs around the given means
+        return [{"unregistered": 0.2, "affine": aff - 0.01, "B-spline": bsp + 0.02, "warnings": []},
+                {"unregistered": 0.2, "affine": aff + 0.01, "B-spline": bsp - 0.02, "warnings": []}]
+    res = {"date": "today", "sets": {"old": "A", "new": "B"}, "avg152_held_out": {"old": False, "new": True},
+           "cases": {"contrast t1": {"old": rows(0.80, 0.82), "new": rows(0.78, 0.80)},
+                     "contrast t2": {"old": rows(0.20, 0.10), "new": rows(0.75, 0.79)},
+                     "contrast pd": {"old": rows(0.30, 0.20), "new": rows(0.70, 0.78)}}}
+    text = markdown(res, "cmd")
+    assert "old: a training anatomy; new: held out (never trained on, any contrast)" in text
+    assert "- old (avg152 a training anatomy): affine +0.600 / +0.500; B-spline +0.720 / +0.620." in text
+    assert "- new (avg152 held out): affine +0.030 / +0.080; B-spline +0.010 / +0.020 (within 0.05)." in text
