@@ -126,6 +126,40 @@ def test_a_brain_channel_added_to_a_trained_model_keeps_its_prediction(transform
         assert not torch.allclose(s_new[:, 2], s_new[:, 0])
 
 
+def test_a_bspline_run_on_a_finer_control_grid_starts_from_a_trained_one_at_the_identity():
+    import dataclasses
+
+    import torch
+
+    from conftest import perturbed_model, tiny_config
+    from istn.config import TrainConfig, to_dict
+    from istn.networks import ISTN
+
+    coarse = tiny_config(3, "bspline", "istn-e", soi_channels=2, itn_output="sigmoid", cp_spacing_mm=24.0)
+    old = perturbed_model(coarse, seed=3)
+    checkpoint = {"model": old.state_dict(), "config": to_dict(TrainConfig(model=coarse)), "step": 700}
+    tcfg = TrainConfig(model=dataclasses.replace(coarse, cp_spacing_mm=12.0))
+    start = train_brain.regrid_bspline_head(checkpoint, tcfg)
+    new = ISTN(tcfg.model)
+    new.load_state_dict(start["model"])  # strict: every tensor has the run's shape
+    new.eval()
+    assert start["step"] == 0 and start["config"]["model"]["cp_spacing_mm"] == 12.0
+    assert start["model"]["stn.head.weight"].shape[0] > old.state_dict()["stn.head.weight"].shape[0]
+    for name, w in old.state_dict().items():
+        if not name.startswith(("stn.head.", "basis")):  # basis*: the B-spline's sampling of its own grid
+            assert torch.equal(start["model"][name], w), name  # the ITN and STN features carried over
+    torch.manual_seed(0)
+    x, y = torch.rand(1, 1, 16, 16, 16), torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        s, t = new.itn(x), new.itn(y)
+        assert torch.equal(s, old.itn(x))  # the same maps
+        coeffs = new.predict(s, t)
+        assert torch.count_nonzero(coeffs) == 0  # the identity deformation to start from
+        assert torch.count_nonzero(old.predict(old.itn(x), old.itn(y))) > 0  # (the trained head was not)
+    with pytest.raises(ValueError, match="only the control-point spacing"):
+        train_brain.regrid_bspline_head(checkpoint, TrainConfig(model=dataclasses.replace(tcfg.model, soi_channels=3)))
+
+
 def test_the_brain_label_fills_the_brain_outside_the_structures():
     labels = np.zeros((4, 5, 6), np.uint8)
     labels[1, 2, 3] = 4

@@ -64,6 +64,19 @@ def test_training_is_reproducible_and_resume_matches_an_uninterrupted_run(toy_cs
     assert all(torch.allclose(wa[k], wc[k], atol=1e-6) for k in wa)
 
 
+def test_resuming_a_run_with_another_network_is_refused_and_its_checkpoint_kept(toy_csv, tmp_path):
+    import dataclasses
+
+    train(_cfg(toy_csv, tmp_path, transform="bspline", steps=3), progress=False)
+    before = (tmp_path / "last.pt").read_bytes()
+    cfg = _cfg(toy_csv, tmp_path, transform="bspline", steps=6)
+    other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, cp_spacing_mm=cfg.model.cp_spacing_mm / 2))
+    with pytest.raises(ValueError, match="another network"):
+        train(other, progress=False)
+    assert (tmp_path / "last.pt").read_bytes() == before
+    assert train(cfg, progress=False).step == 6  # its own settings still resume it
+
+
 def test_learning_rate_anneals_from_the_decay_step_to_the_final_fraction():
     constant = TrainConfig(lr=1e-3, steps=100)
     assert {learning_rate(constant, s) for s in (0, 50, 99)} == {1e-3}

@@ -31,6 +31,11 @@ so that test-time refinement sees the brain's outline as well as the structures.
 of 8 channels starts it: the 8 structure channels' weights are kept and the new channel's enter at zero in the
 STN (`expand_soi_channels`), so the first step predicts what the 8-channel model does.
 
+``--cp-spacing MM`` sets the B-spline's control-point spacing (default 30 mm, the bundled models'). With
+``--init-from`` a B-spline run of another spacing starts it: its ITN and STN features are kept and the head
+(one output per control point) starts at zero (`regrid_bspline_head`), so the first step predicts the identity
+from maps the ITN already draws. A run folder resumes only with its own network (``istn.training.train``).
+
 Validation: one whole anatomy held out of training (``--val-anatomy``, default ``spm_avg305``; skull-stripped
 with the avg152 priors when possible) registered to the training anatomies: a FIXED set of ``--val-pairs``
 pairs (seed 1000 + stage, training uses seed = stage index) made with the same variation as training. The
@@ -125,7 +130,7 @@ AUGMENT = {
 
 
 def model_config(stage: str, variant: str, grid: int, spacing: float, itn_channels, stn_channels,
-                 itn_output: str = "linear", soi_channels: int = len(LABELS)) -> ModelConfig:
+                 itn_output: str = "linear", soi_channels: int = len(LABELS), cp_spacing_mm: float = 30.0) -> ModelConfig:
     common = dict(ndim=3, grid_size=(grid,) * 3, grid_spacing=spacing, variant=variant, soi_channels=soi_channels,
                   itn_channels=tuple(itn_channels), stn_channels=tuple(stn_channels), stn_hidden=64,
                   itn_output=itn_output)
@@ -133,7 +138,7 @@ def model_config(stage: str, variant: str, grid: int, spacing: float, itn_channe
         return ModelConfig(transform="affine", max_translation=0.4, max_rotation_deg=30.0, max_log_scale=0.2,
                            max_shear=0.1, **common)
     # the B-spline bound: normalised units of the half-extent; 0.15 * 94.5 mm ~ 14 mm per control point
-    return ModelConfig(transform="bspline", cp_spacing_mm=30.0, max_displacement=0.15, **common)
+    return ModelConfig(transform="bspline", cp_spacing_mm=cp_spacing_mm, max_displacement=0.15, **common)
 
 
 # --------------------------------------------------------------------------
@@ -458,7 +463,7 @@ def validation_set(args, stage: str, cfg: ModelConfig, train_anat, val_anat, cro
 def train_stage(args, stage: str, variant: str, steps: int, train_anat, val_anat, out: Path, log=print):
     labels = soi_labels(data_options(args))
     cfg = model_config(stage, variant, args.grid, args.spacing, args.itn_channels, args.stn_channels, args.itn_output,
-                       soi_channels=len(labels))
+                       soi_channels=len(labels), cp_spacing_mm=args.cp_spacing)
     tcfg = TrainConfig(model=cfg, soi_kind="labels", soi_labels=labels, steps=steps, batch_size=args.batch,
                        lr=1e-3 if stage == "affine" else 5e-4, lr_decay_start=args.lr_decay_from,
                        lr_final=args.lr_final, val_every=args.val_every, seed=STAGE_INDEX[stage],
@@ -470,11 +475,21 @@ def train_stage(args, stage: str, variant: str, steps: int, train_anat, val_anat
     init = Path(args.init_from) / stage / "best.pt" if args.init_from else None
     if init is not None and not (out / "last.pt").exists():
         start = load_checkpoint(init)
-        if start["config"]["model"]["soi_channels"] < cfg.soi_channels:  # 8 structures -> + the brain channel
+        more_channels = start["config"]["model"]["soi_channels"] < cfg.soi_channels
+        other_grid = stage == "bspline" and start["config"]["model"]["cp_spacing_mm"] != cfg.cp_spacing_mm
+        if more_channels and other_grid:
+            raise SystemExit("--init-from: a run with other SoI channels AND another control-point spacing; "
+                             "change one at a time")
+        if more_channels:  # 8 structures -> + the brain channel
             init = out / "init_expanded.pt"
             torch.save(expand_soi_channels(start, tcfg), init)
             log(f"{stage}: {args.init_from}'s {start['config']['model']['soi_channels']} SoI channels expanded to "
                 f"{cfg.soi_channels} ({init})")
+        elif other_grid:
+            init = out / "init_regridded.pt"
+            torch.save(regrid_bspline_head(start, tcfg), init)
+            log(f"{stage}: {args.init_from}'s ITN and STN features kept, its {start['config']['model']['cp_spacing_mm']:g} mm "
+                f"B-spline head replaced by a zero {cfg.cp_spacing_mm:g} mm one (the start predicts the identity) ({init})")
     res = train(tcfg, train_set, val_set, resume=True, progress=not args.no_progress, log=log, init_from=init)
     return tcfg, res, val_set, time.time() - t0
 
@@ -505,6 +520,28 @@ def expand_soi_channels(checkpoint: dict, tcfg: TrainConfig) -> dict:
             new[:, kk:kk + k] = w[:, k:]
         else:
             raise ValueError(f"expand_soi_channels: {name} is {tuple(w.shape)}, the run wants {tuple(new.shape)}")
+    return {**checkpoint, "model": state, "config": to_dict(tcfg), "step": 0, "history": [],
+            "best_val": float("inf")}
+
+
+def regrid_bspline_head(checkpoint: dict, tcfg: TrainConfig) -> dict:
+    """A B-spline checkpoint as the start of a run whose control points lie on another grid (weights only).
+
+    The ITN and the STN's convolutional and fully connected layers keep their weights; the B-spline head (one
+    output per control point and axis) starts at zero, as a fresh model's does, so the start predicts the
+    identity deformation from maps the ITN already draws. Everything else must match ``tcfg.model``.
+    """
+    old = checkpoint["model"]
+    state = ISTN(tcfg.model).state_dict()  # the fresh head: zero-initialised (istn.networks)
+    for name, new in state.items():
+        if name.startswith("stn.head.") or name.startswith("basis"):  # basis*: buffers computed from the grid
+            continue
+        w = old.get(name)
+        if w is None or w.shape != new.shape:
+            raise ValueError(f"regrid_bspline_head: {name} is "
+                             f"{'missing' if w is None else tuple(w.shape)} in the checkpoint, the run wants "
+                             f"{tuple(new.shape)}: only the control-point spacing may differ")
+        state[name] = w.clone()
     return {**checkpoint, "model": state, "config": to_dict(tcfg), "step": 0, "history": [],
             "best_val": float("inf")}
 
@@ -823,6 +860,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--grid", type=int, default=64, help="internal grid size per axis (paper: 64)")
     p.add_argument("--spacing", type=float, default=3.0, help="internal grid spacing in mm (paper: 3)")
+    p.add_argument("--cp-spacing", type=float, default=30.0, metavar="MM",
+                   help="B-spline control-point spacing in mm (the bundled models: 30); with --init-from a run of "
+                        "another spacing, its ITN and STN features start this one and the head starts at zero")
     p.add_argument("--itn-channels", type=int, nargs="+", default=[8, 16, 32])
     p.add_argument("--itn-output", choices=("linear", "sigmoid"), default="linear",
                    help="ITN head: unbounded (engine 0.1 models) or a sigmoid per structure (maps in [0, 1])")

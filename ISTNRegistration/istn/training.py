@@ -202,6 +202,10 @@ def train(
         ck = load_checkpoint(last_path) if ctx.is_main and last_path.exists() else None
         ck = distributed.broadcast_object(ck, ctx)  # every rank resumes from rank 0's last.pt
         if ck is not None:
+            if not _same_network(train_config_from_dict(ck["config"]).model, cfg.model):
+                raise ValueError(f"train(): {last_path} is a run of another network (grid, channels, transform, "
+                                 "control points or bounds differ from cfg.model): resume it with its own "
+                                 "settings, or train into another folder")
             net.load_state_dict(ck["model"])
             optimizer.load_state_dict(ck["optimizer"])
             step, best_val, history = int(ck["step"]), float(ck["best_val"]), list(ck["history"])
