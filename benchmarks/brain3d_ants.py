@@ -10,9 +10,9 @@ used to check the conversion) in the work folder. Only ``ants`` and the standard
 
 ``SPEC.json`` (written by brain3d.py for one group of cases): ``{"pairs": [{"index", "key", "fixed", "moving"},
 ...], "work": folder, "threads": n, "syn_iterations": [..], "ants_seed": n}`` ("ants_seed" absent: unseeded, as
-runs before it existed; each case has its own fixed image: the storage layouts re-store it). Adds to ``<work>/<METHOD>/records.json``
-(records of earlier groups kept): per case the wall and CPU seconds of the ``ants.registration`` call and the
-peak resident memory of this process during it.
+runs before it existed; each case has its own fixed image: the storage layouts re-store it). Adds to
+``<work>/<METHOD>/records.json`` (records of earlier groups kept): per case the wall and CPU seconds of the
+``ants.registration`` call and the peak resident memory of this process during it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 from procmem import reset_peak, status_kb  # benchmarks/procmem.py, beside this script
-
 
 
 def main(spec_path: str, method: str) -> int:

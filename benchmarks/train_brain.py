@@ -129,8 +129,12 @@ AUGMENT = {
 }
 
 
+CP_SPACING_MM = 30.0  # the B-spline's control-point spacing of the bundled models (--cp-spacing)
+
+
 def model_config(stage: str, variant: str, grid: int, spacing: float, itn_channels, stn_channels,
-                 itn_output: str = "linear", soi_channels: int = len(LABELS), cp_spacing_mm: float = 30.0) -> ModelConfig:
+                 itn_output: str = "linear", soi_channels: int = len(LABELS),
+                 cp_spacing_mm: float = CP_SPACING_MM) -> ModelConfig:
     common = dict(ndim=3, grid_size=(grid,) * 3, grid_spacing=spacing, variant=variant, soi_channels=soi_channels,
                   itn_channels=tuple(itn_channels), stn_channels=tuple(stn_channels), stn_hidden=64,
                   itn_output=itn_output)
@@ -488,10 +492,16 @@ def train_stage(args, stage: str, variant: str, steps: int, train_anat, val_anat
         elif other_grid:
             init = out / "init_regridded.pt"
             torch.save(regrid_bspline_head(start, tcfg), init)
-            log(f"{stage}: {args.init_from}'s ITN and STN features kept, its {start['config']['model']['cp_spacing_mm']:g} mm "
-                f"B-spline head replaced by a zero {cfg.cp_spacing_mm:g} mm one (the start predicts the identity) ({init})")
+            log(f"{stage}: {args.init_from}'s ITN and STN features kept, its "
+                f"{start['config']['model']['cp_spacing_mm']:g} mm B-spline head replaced by a zero "
+                f"{cfg.cp_spacing_mm:g} mm one (the start predicts the identity) ({init})")
     res = train(tcfg, train_set, val_set, resume=True, progress=not args.no_progress, log=log, init_from=init)
     return tcfg, res, val_set, time.time() - t0
+
+
+def _start_checkpoint(checkpoint: dict, state: dict, tcfg: TrainConfig) -> dict:
+    """``checkpoint`` made the step-0 start of a run of ``tcfg`` with the weights ``state`` (for ``init_from``)."""
+    return {**checkpoint, "model": state, "config": to_dict(tcfg), "step": 0, "history": [], "best_val": float("inf")}
 
 
 def expand_soi_channels(checkpoint: dict, tcfg: TrainConfig) -> dict:
@@ -520,8 +530,7 @@ def expand_soi_channels(checkpoint: dict, tcfg: TrainConfig) -> dict:
             new[:, kk:kk + k] = w[:, k:]
         else:
             raise ValueError(f"expand_soi_channels: {name} is {tuple(w.shape)}, the run wants {tuple(new.shape)}")
-    return {**checkpoint, "model": state, "config": to_dict(tcfg), "step": 0, "history": [],
-            "best_val": float("inf")}
+    return _start_checkpoint(checkpoint, state, tcfg)
 
 
 def regrid_bspline_head(checkpoint: dict, tcfg: TrainConfig) -> dict:
@@ -534,7 +543,7 @@ def regrid_bspline_head(checkpoint: dict, tcfg: TrainConfig) -> dict:
     old = checkpoint["model"]
     state = ISTN(tcfg.model).state_dict()  # the fresh head: zero-initialised (istn.networks)
     for name, new in state.items():
-        if name.startswith("stn.head.") or name.startswith("basis"):  # basis*: buffers computed from the grid
+        if name.startswith(("stn.head.", "basis")):  # basis*: buffers computed from the grid
             continue
         w = old.get(name)
         if w is None or w.shape != new.shape:
@@ -542,8 +551,7 @@ def regrid_bspline_head(checkpoint: dict, tcfg: TrainConfig) -> dict:
                              f"{'missing' if w is None else tuple(w.shape)} in the checkpoint, the run wants "
                              f"{tuple(new.shape)}: only the control-point spacing may differ")
         state[name] = w.clone()
-    return {**checkpoint, "model": state, "config": to_dict(tcfg), "step": 0, "history": [],
-            "best_val": float("inf")}
+    return _start_checkpoint(checkpoint, state, tcfg)
 
 
 def _schedule(cfg: dict) -> str:
@@ -860,9 +868,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--grid", type=int, default=64, help="internal grid size per axis (paper: 64)")
     p.add_argument("--spacing", type=float, default=3.0, help="internal grid spacing in mm (paper: 3)")
-    p.add_argument("--cp-spacing", type=float, default=30.0, metavar="MM",
-                   help="B-spline control-point spacing in mm (the bundled models: 30); with --init-from a run of "
-                        "another spacing, its ITN and STN features start this one and the head starts at zero")
+    p.add_argument("--cp-spacing", type=float, default=CP_SPACING_MM, metavar="MM",
+                   help=f"B-spline control-point spacing in mm (the bundled models: {CP_SPACING_MM:g}); with "
+                        "--init-from a run of another spacing, its ITN and STN features start this one and the head "
+                        "starts at zero")
     p.add_argument("--itn-channels", type=int, nargs="+", default=[8, 16, 32])
     p.add_argument("--itn-output", choices=("linear", "sigmoid"), default="linear",
                    help="ITN head: unbounded (engine 0.1 models) or a sigmoid per structure (maps in [0, 1])")
