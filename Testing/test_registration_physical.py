@@ -113,7 +113,6 @@ def test_engine_warp_matches_sitk_resampling_on_internal_grid(make_model, pair2d
     gf, gm = network_grid(fixed, cfg), network_grid(moving, cfg)
     with torch.no_grad():
         s = image_to_tensor(moving, gm, None)
-        t = image_to_tensor(fixed, gf, None)
         mod = model.module
         fg = model.intensity_foreground
         params = mod.predict(

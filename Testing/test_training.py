@@ -7,7 +7,7 @@ import torch
 
 from conftest import blob_image, tiny_config
 from istn.config import TrainConfig
-from istn.data import PairDataset, load_pair, read_pairs_csv, split_rows
+from istn.data import load_pair, read_pairs_csv, split_rows
 from istn.networks import ISTN
 from istn.training import (batch_indices, build_datasets, learning_rate, load_checkpoint, model_from_checkpoint,
                            train, validate)

@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO / "ISTNRegistration"))  # the engine without install
 
 from istn import __version__ as ENGINE_VERSION  # noqa: E402
 from istn.config import TRANSFORMS, VARIANTS, ModelConfig, TrainConfig, to_dict  # noqa: E402
-from istn.data import network_grid, read_pairs_csv, soi_to_tensor  # noqa: E402
+from istn.data import network_grid, soi_to_tensor  # noqa: E402
 from istn.export import build_metadata, export_model, load_model  # noqa: E402
 from istn.geometry import Grid  # noqa: E402
 from istn.metrics import asd, dice, folding_fraction, hd95  # noqa: E402
