@@ -2,8 +2,33 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Callable, TypeVar
+
 import numpy as np
 import SimpleITK as sitk
+
+
+F = TypeVar("F", bound=Callable)
+
+
+def _one_itk_thread(fn: F) -> F:
+    """Run ``fn`` with ITK's global default thread count at 1 (restored after).
+
+    ITK's multi-threaded metric and scales estimation sum in no fixed order, and the labels `register` makes (the
+    validation anatomy's among them) differed from one preparation to the next; the registration method's own
+    SetNumberOfThreads does not reach all of them, the global default does.
+    """
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _centroid(mask: sitk.Image) -> np.ndarray:
@@ -12,6 +37,7 @@ def _centroid(mask: sitk.Image) -> np.ndarray:
     return np.asarray(stats.GetCentroid(1))
 
 
+@_one_itk_thread
 def register(
     fixed: sitk.Image,
     moving: sitk.Image,
@@ -43,19 +69,6 @@ def register(
     the atlases draw the structures): identity 0.718, affine 0.776, affine +
     30 mm B-spline 0.799 (20 mm: 0.757); about 30 s on one loaded CPU core.
     """
-    # One thread: ITK's multi-threaded metric and scales estimation sum in no fixed order, and the labels this
-    # makes (the validation anatomy's among them) differed from one preparation to the next; the method's own
-    # SetNumberOfThreads does not reach all of them, the global default does.
-    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-    try:
-        return _register(fixed, moving, fixed_mask, moving_mask, init, bspline_mm, bspline_iterations, seed)
-    finally:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-
-
-def _register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | None, moving_mask: sitk.Image | None,
-              init: str, bspline_mm: float | None, bspline_iterations: int, seed: int) -> sitk.Transform:
     fixed = sitk.Cast(fixed, sitk.sitkFloat32)
     moving = sitk.Cast(moving, sitk.sitkFloat32)
     fmask = sitk.Cast((fixed_mask if fixed_mask is not None else fixed) > 0, sitk.sitkUInt8)
