@@ -53,6 +53,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -221,8 +222,12 @@ def _lr(model: LoadedModel) -> float:
     return float(model.meta.get("training", {}).get("config", {}).get("lr", 1e-3))
 
 
-def map_quality(model: LoadedModel, image: sitk.Image, labels: sitk.Image, dilation_mm: float) -> dict:
+def map_quality(model: LoadedModel, image: sitk.Image, labels: sitk.Image, dilation_mm: float,
+                representation: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
     """The model's ITN maps of ``image`` on its internal grid (as `register` computes them) against ``labels``.
+
+    ``representation``: what makes the maps from the normalised image ``(1, 1, *S) -> (1, K, *S)`` (default the
+    model's ITN; `refinement_maps.py` probes others).
 
     Per structure k: Dice of (map_k > 0.5) with the reference structure resampled nearest-neighbour onto the
     grid; ``mass_outside``: the fraction of map_k's mass outside the structure dilated by ``dilation_mm``;
@@ -235,7 +240,7 @@ def map_quality(model: LoadedModel, image: sitk.Image, labels: sitk.Image, dilat
     window = intensity_window(sitk.GetArrayViewFromImage(image), *model.intensity,
                               foreground=model.intensity_foreground)
     with torch.no_grad():
-        maps = model.module.representation(image_to_tensor(image, grid, window))[0].numpy()
+        maps = (representation or model.module.representation)(image_to_tensor(image, grid, window))[0].numpy()
     mass_maps = np.clip(maps, 0.0, None)  # a linear ITN head can go negative: no mass there
     ref = sitk.GetArrayFromImage(resample_to_grid(labels, grid, interpolator=sitk.sitkNearestNeighbor))
     radius = int(round(dilation_mm / cfg.grid_spacing))
