@@ -13,7 +13,8 @@ from conftest import blob_image, rotation
 from istn.data import foreground_centre, network_grid
 from istn.export import load_model
 from istn.losses import anchor_energy, anchored_control_points, bending_energy
-from istn.registration import CONVERGENCE_WINDOW, loss_rise, register
+from istn.refinement import CONVERGENCE_WINDOW, loss_rise
+from istn.registration import register
 
 # The 48 axis layouts of a 3D image: every axis order, every sign (DICOM orientation codes).
 LAYOUTS = ["".join(p) for axes in itertools.permutations(("LR", "PA", "SI"))

@@ -185,7 +185,7 @@ def test_refine_layers_default_is_the_models_metadata(make_model, pair2d):
 
 
 def test_structure_box_is_the_bounding_box_of_the_structures_grown_and_clipped():
-    from istn.registration import MAP_DISPLAY_THRESHOLD, crop, structure_box
+    from istn.refinement import MAP_DISPLAY_THRESHOLD, crop, structure_box
 
     maps = torch.full((1, 2, 10, 12, 14), 0.02)  # a bounded map's floor everywhere
     maps[0, 0, 3:5, 4:6, 6:9] = 0.9
@@ -240,7 +240,7 @@ def test_the_models_region_margin_is_the_default(make_model, pair2d):
 
 def test_the_half_resolution_region_grid_is_the_cropped_average_of_the_full_grid():
     """Cropping the full grid to the half box's blocks before averaging == averaging, then cropping."""
-    from istn.registration import crop, half_resolution, structure_box
+    from istn.refinement import crop, half_resolution, structure_box
 
     torch.manual_seed(0)
     maps = torch.full((1, 2, 16, 12, 10), 0.02)
@@ -256,7 +256,7 @@ def test_the_half_resolution_region_grid_is_the_cropped_average_of_the_full_grid
 @pytest.mark.parametrize("bad", [dict(coarse_iterations=-1), dict(region_margin=-1), dict(layers="convs")])
 def test_refine_refuses_bad_arguments_before_touching_the_weights_flags(make_model, bad):
     """A refused call leaves every weight's requires_grad as it was (the next registration starts clean)."""
-    from istn.registration import refine
+    from istn.refinement import refine
 
     model = load_model(make_model(2, "affine"))
     flags = [p.requires_grad for p in model.module.parameters()]
@@ -268,8 +268,8 @@ def test_refine_refuses_bad_arguments_before_touching_the_weights_flags(make_mod
 
 
 def test_the_lbfgs_polish_finds_the_minimum_of_a_known_quadratic():
-    """istn.registration._lbfgs_polish (our L-BFGS): a 12-parameter least squares with a known minimiser."""
-    from istn.registration import _lbfgs_polish
+    """istn.refinement._lbfgs_polish (our L-BFGS): a 12-parameter least squares with a known minimiser."""
+    from istn.refinement import _lbfgs_polish
 
     torch.manual_seed(0)
     a = torch.randn(40, 12) * torch.logspace(0, 0.5, 12)  # column scales 1..3
@@ -292,8 +292,8 @@ def test_the_lbfgs_polish_finds_the_minimum_of_a_known_quadratic():
 
 
 def test_the_gauss_newton_polish_solves_a_known_least_squares_in_a_few_iterations():
-    """istn.registration._gauss_newton_polish: residuals linear in 12 parameters -> the minimiser, ~exactly."""
-    from istn.registration import _gauss_newton_polish
+    """istn.refinement._gauss_newton_polish: residuals linear in 12 parameters -> the minimiser, ~exactly."""
+    from istn.refinement import _gauss_newton_polish
 
     torch.manual_seed(0)
     a = torch.randn(200, 12, dtype=torch.float64) * torch.logspace(0, 2, 12, dtype=torch.float64)  # ill-conditioned
@@ -339,7 +339,7 @@ def test_the_polish_alone_recovers_a_known_translation(make_model):
 
 def test_the_polish_stays_in_its_trust_region(make_model):
     """An 8 mm shift is beyond the polish's reach from the identity: it moves towards it, no further than its radius."""
-    from istn.registration import POLISH_RADIUS
+    from istn.refinement import POLISH_RADIUS
 
     fixed, moving = _shifted_pair((8.0, 0.0))
     model = load_model(make_model(2, "affine", "stn-u", perturb=False, grid_size=(48, 48), grid_spacing=1.0))
@@ -454,7 +454,7 @@ def test_channel_weights_weigh_the_compared_maps_not_what_the_stn_sees(layers, m
     import torch.nn.functional as F
 
     from conftest import perturbed_model, tiny_config
-    from istn.registration import refine
+    from istn.refinement import refine
 
     model = perturbed_model(tiny_config(2, "affine", "istn-e", soi_channels=2, itn_output="sigmoid"), seed=5, scale=0.1)
     torch.manual_seed(1)

@@ -174,7 +174,7 @@ def test_half_resolution_commutes_with_a_two_voxel_shift(shape):
     import torch
     import torch.nn.functional as F
 
-    from istn.registration import half_resolution
+    from istn.refinement import half_resolution
     from istn.transforms import identity_grid, warp
 
     torch.manual_seed(0)
@@ -222,7 +222,7 @@ def test_coarse_to_fine_refinement(make_model, pair2d):
 def test_coarse_to_fine_needs_even_grids():
     import torch
 
-    from istn.registration import refine
+    from istn.refinement import refine
 
     class Odd(torch.nn.Module):  # a 1-parameter "STN": a shift along x on a 9 x 10 grid
         def __init__(self):
@@ -270,7 +270,7 @@ def test_adam_is_torch_adam():
     """The refinement's Adam takes torch.optim.Adam's steps (which it replaces to spare the torch._dynamo import)."""
     import torch
 
-    from istn.registration import Adam
+    from istn.refinement import Adam
 
     torch.manual_seed(0)
     target = torch.rand(5, 3)

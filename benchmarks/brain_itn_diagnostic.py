@@ -31,7 +31,7 @@ from istn.data import image_to_tensor, intensity_window, network_grid  # noqa: E
 from istn.demo import place_in_scanner  # noqa: E402
 from istn.export import load_model  # noqa: E402
 from istn.geometry import resample_to_grid  # noqa: E402
-from istn.registration import refine  # noqa: E402
+from istn.refinement import refine  # noqa: E402
 from istn.transforms import matrix_to_sitk_affine, theta_to_world  # noqa: E402
 
 

@@ -24,7 +24,7 @@ Scores (`brain3d.overlap_scores`, world space): the moving labels and brain mask
 the transform onto the fixed grid; Dice, ASD (average symmetric SURFACE distance, mm) and HD95, each the mean
 over the 8 structures (labels 1..8: L/R caudate, putamen, pallidum, thalamus); brain-mask Dice; B-spline folding.
 
-SoI best case: the STN refined on the pair's TRUE label maps instead of the ITN maps (`istn.registration.refine`,
+SoI best case: the STN refined on the pair's TRUE label maps instead of the ITN maps (`istn.refinement.refine`,
 MSE(T(S_s), S_t), the network grids of `register`), from the trained ISTN-e network of the stage (its STN was
 trained on maps regressed onto the SoI); affine, then B-spline from that affine: the upper bound the maps allow.
 
@@ -72,7 +72,8 @@ from istn.data import image_to_tensor, intensity_window, network_grid, soi_to_te
 from istn.export import LoadedModel, build_metadata, export_model, load_model  # noqa: E402
 from istn.geometry import resample_to_grid  # noqa: E402
 from istn.metrics import dice, folding_fraction  # noqa: E402
-from istn.registration import aligned_grid, refine, register  # noqa: E402
+from istn.refinement import refine  # noqa: E402
+from istn.registration import aligned_grid, register  # noqa: E402
 from istn.transforms import (bspline_to_world, compose, matrix_to_sitk_affine, sitk_affine_to_matrix,  # noqa: E402
                              theta_to_world)
 from table1 import (ISTNS, NAMES, TRANSFORM_NAMES, VARIANTS, claims, claims_markdown, console_table,  # noqa: E402
@@ -496,7 +497,7 @@ def build_markdown(res: dict) -> str:
     else:
         L.append(f"- SoI best case: the trained {', '.join(f'{TRANSFORM_NAMES[t]} {NAMES.get(v, v)}' for t, v in (soi_start or {}).items() if v)} "
                  f"network(s), fed the pair's TRUE label maps (one channel per structure, resampled linearly onto the "
-                 f"grids `register` uses) instead of ITN maps, refined with `istn.registration.refine` for "
+                 f"grids `register` uses) instead of ITN maps, refined with `istn.refinement.refine` for "
                  f"{s['soi_iterations']} iterations (Adam, the model's training lr) minimising MSE(T(S_s), S_t); "
                  "the B-spline starts from the SoI affine result"
                  + ("" if (soi_start or {}).get("bspline") or "bspline" not in stages else

@@ -2,12 +2,12 @@
 """Refinement settings for speed (issue #12 items 1-2) on VALIDATION pairs: Dice and seconds per setting.
 
 A setting is ``LAYERS:C[:MARGIN[:POLISH[:ITERATIONS]]]``: the STN layers refined (``all``, the paper; ``fc``, its
-fully connected layers on convolutional features computed once, `istn.registration.refine`), the coarse-to-fine
+fully connected layers on convolutional features computed once, `istn.refinement.refine`), the coarse-to-fine
 count ``C`` (a plain ``C`` means ``all:C``), the comparison region's margin in mm (the maps compared only in the
 box around the fixed structures grown by MARGIN; ``inf``, the default: the whole grid), the polish iterations
 after the refinement (Gauss-Newton for the affine, L-BFGS evaluations for the B-spline; default 0) and the
 refinement iterations (default ``--iterations``). `register(..., coarse_iterations=c)` runs the first ``c`` refinement iterations (fewer when the tolerance stops
-them) on a half-resolution copy of the ITN maps (`istn.registration.half_resolution`), then the rest on the full
+them) on a half-resolution copy of the ITN maps (`istn.refinement.half_resolution`), then the rest on the full
 grid. Pairs: those of `refinement_validation.py` (``spm_avg305``, never trained on and never the evaluation
 subject, in seeded scanner positions 500.., whole head and brain-extracted, -> ICBM 2009c). Per setting and
 pair: the affine stage, and the B-spline stage from the affine WITHOUT coarse to fine (so that each stage's

@@ -8,8 +8,8 @@ On the bundled brain models (48^3 internal grid, 8 ITN channels), one thread by 
   ``torch.jit.optimize_for_inference`` (oneDNN convolution layouts, folded constants);
 - ``torch.compile`` of the same ITN, rebuilt as an eager module (the models are TorchScript files, which
   ``torch.compile`` does not take): compile time and per-call time, or why it did not run;
-- refinement iteration (STN forward, warp, MSE, backward, optimizer step, as in `istn.registration.refine`):
-  the engine's own Adam (`istn.registration.Adam`, foreach kernels), ``torch.optim.Adam`` fused / foreach /
+- refinement iteration (STN forward, warp, MSE, backward, optimizer step, as in `istn.refinement.refine`):
+  the engine's own Adam (`istn.refinement.Adam`, foreach kernels), ``torch.optim.Adam`` fused / foreach /
   for-loop, and the engine's with oneDNN off; and what the first ``torch.optim.Adam`` of a process costs.
 
 Median milliseconds of ``--repeats`` calls after two warm-up calls. Maps are ITN outputs of two random 48^3 images
@@ -39,7 +39,7 @@ from istn.demo import MODELS_DIR  # noqa: E402
 from istn.export import load_model  # noqa: E402
 from istn.losses import refinement_loss  # noqa: E402
 from istn.networks import ISTN  # noqa: E402
-from istn.registration import Adam  # noqa: E402
+from istn.refinement import Adam  # noqa: E402
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -116,11 +116,11 @@ def refine_rows(module, s: torch.Tensor, t: torch.Tensor, repeats: int) -> list[
     for p in stn:
         p.requires_grad_(True)
     rows = []
-    for name, kw, mkldnn in (("istn.registration.Adam (engine: foreach kernels)", None, True),
+    for name, kw, mkldnn in (("istn.refinement.Adam (engine: foreach kernels)", None, True),
                              ("torch.optim.Adam(fused=True)", {"fused": True}, True),
                              ("torch.optim.Adam(foreach=True)", {"foreach": True}, True),
                              ("torch.optim.Adam(foreach=False)", {"foreach": False}, True),
-                             ("istn.registration.Adam, oneDNN disabled", None, False)):
+                             ("istn.refinement.Adam, oneDNN disabled", None, False)):
         with torch.no_grad():
             for p, v in zip(stn, saved):
                 p.copy_(v)

@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Cost of one refinement iteration of the bundled 3D brain models, per setting (issue #12 items 2-4).
 
-Times `istn.registration.refine` on the models' own ITN maps of the bundled sample pair (``Resources/SampleData``,
+Times `istn.refinement.refine` on the models' own ITN maps of the bundled sample pair (``Resources/SampleData``,
 on the internal grid, 48^3 at 4 mm, as `register` builds them: captured from one `register` call): milliseconds per
 iteration (median of ``--repeats`` runs of ``--iterations``, after a warm-up), for the refined layers (``all``:
 every STN weight, the paper; ``fc``: the fully connected layers, convolutions once), full grid or half-resolution
 maps (coarse to fine), the 3D warp as one batch or in depth slabs (`istn.transforms.warp`, ``slabs=1`` patched in
 for the "one batch" rows), and the maps compared on the whole grid or in the comparison region (the box around the
-fixed structures grown by 16 mm, `istn.registration.structure_box`; fc and slabs only).
+fixed structures grown by 16 mm, `istn.refinement.structure_box`; fc and slabs only).
 
     python benchmarks/refine_iteration.py --threads 2
 """
@@ -32,7 +32,7 @@ import istn.registration as registration  # noqa: E402
 import istn.transforms as transforms  # noqa: E402
 from istn.demo import MODELS_DIR, sample_pair  # noqa: E402
 from istn.export import load_model  # noqa: E402
-from istn.registration import refine  # noqa: E402
+from istn.refinement import refine  # noqa: E402
 
 
 def sample_maps(model) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ all threads, and on CUDA when available:
   its ``timings["one_pass"]`` (both ITN passes, the STN, the warp and the loss) and its
   ``timings["total"]`` (plus reading the images onto the network grids and making the
   output maps); median of repeats after warm-up;
-- refinement: ``istn.registration.refine(module, s_map, t_map, N)`` (what `register` runs
+- refinement: ``istn.refinement.refine(module, s_map, t_map, N)`` (what `register` runs
   after the one pass; fresh Adam on the STN, ITN frozen): iterations per second and the
   time of 50 iterations (measured, or extrapolated from N < 50 iterations where marked *);
 - peak memory: the rise of the process's peak resident set size (VmHWM, reset before each
@@ -121,7 +121,8 @@ def worker(spec: dict) -> dict:
 
     from istn.config import ModelConfig, TrainConfig
     from istn.export import build_metadata, export_model, load_model
-    from istn.registration import refine, register
+    from istn.refinement import refine
+    from istn.registration import register
 
     ndim, size, transform, device, threads = spec["ndim"], spec["size"], spec["transform"], spec["device"], spec["threads"]
     torch.set_num_threads(threads)
@@ -207,7 +208,7 @@ def profile_refine(transform: str, iterations: int = 50) -> str:
     from istn.config import ModelConfig, TrainConfig
     from istn.export import build_metadata, export_model, load_model
     from istn.networks import ISTN
-    from istn.registration import refine
+    from istn.refinement import refine
 
     torch.set_num_threads(1)
     cfg = ModelConfig(ndim=2, grid_size=(128, 128), transform=transform, variant="istn-i", cp_spacing_mm=10.0)
@@ -272,7 +273,7 @@ def profile_refine(transform: str, iterations: int = 50) -> str:
     lines = "\n".join(f"| {k} | {1000 * v[0] / iterations:.2f} | {1000 * v[1] / iterations:.2f} | "
                       f"{1000 * v[2] / iterations:.2f} | {1000 * sum(v) / iterations:.2f} |" for k, v in phases.items())
     return (f"### 2D 128^2 {transform}: {iterations} refinement iterations, 1 thread\n\n"
-            f"- `istn.registration.refine` as it is (TorchScript module): {plain:.3f} s\n"
+            f"- `istn.refinement.refine` as it is (TorchScript module): {plain:.3f} s\n"
             f"- same weights, eager module: {eager_s:.3f} s\n"
             f"- `refine` with `torch.optim.Adam(..., fused=True)` patched in: {fused_s:.3f} s\n\n"
             "Per iteration (ms), the loop of `refine` written out:\n\n"
@@ -362,7 +363,7 @@ def render_markdown(data: dict, profile_text: str) -> str:
          "10 voxels), exported and loaded as TorchScript like a user's model; synthetic images of the grid size. "
          "One pass = `register(..., iterations=0)` `timings['one_pass']` (ITN on both images, STN, warp, loss; "
          "'register total' adds resampling the images onto the network grids and building the output maps). "
-         "Refinement = `istn.registration.refine` (fresh Adam on the STN, ITN frozen) on the ITN maps. Median of "
+         "Refinement = `istn.refinement.refine` (fresh Adam on the STN, ITN frozen) on the ITN maps. Median of "
          "repeats after warm-up. Memory: rise of the process's peak RSS over the phase, warm-up included (VmHWM reset "
          "before it; the model is loaded before the one-pass phase, the ITN maps exist before the refinement phase) and "
          "`torch.cuda.max_memory_allocated` on GPU. * = 50-iteration time extrapolated from fewer iterations. "

@@ -49,7 +49,8 @@ from istn.data import network_grid, soi_to_tensor  # noqa: E402
 from istn.export import build_metadata, export_model, load_model  # noqa: E402
 from istn.geometry import Grid  # noqa: E402
 from istn.metrics import asd, dice, folding_fraction, hd95  # noqa: E402
-from istn.registration import refine, register, warp_image  # noqa: E402
+from istn.refinement import refine  # noqa: E402
+from istn.registration import register, warp_image  # noqa: E402
 from istn.training import train  # noqa: E402
 from istn.transforms import bspline_to_world, matrix_to_sitk_affine, theta_to_world  # noqa: E402
 from table1 import NAMES, TRANSFORM_NAMES, console_table, fmt, markdown_table  # noqa: E402  (beside this script)
@@ -229,7 +230,7 @@ def soi_best_case(pairs: list[Pair], transform: str, models: Path, iterations: i
 
     The network of the trained ISTN-e model of the same transform type (its STN was trained
     on ITN maps that are regressed onto the SoI, so the true SoI maps are in-distribution)
-    is refined with `istn.registration.refine` on the pair's SoI encodings (soft
+    is refined with `istn.refinement.refine` on the pair's SoI encodings (soft
     segmentations / max, on the network grids, exactly as in training): ``iterations``
     Adam steps at ``lr`` on all STN weights minimising MSE(T(S_s), S_t). Falls back to
     ISTN-i, then to an untrained (identity) network, when ISTN-e was not trained. The
@@ -400,7 +401,7 @@ def build_markdown(res: dict, args: argparse.Namespace, notes: str) -> str:
     if soi:
         L.append(f"- SoI best case: the network of the trained ISTN-e model of the same transform type "
                  f"(`{soi['start_model']}` for the first), fed the pair's true SoI maps (soft segmentations / max on the "
-                 f"network grids, as in training) instead of ITN maps, refined with `istn.registration.refine` for "
+                 f"network grids, as in training) instead of ITN maps, refined with `istn.refinement.refine` for "
                  f"{soi['iterations']} iterations (Adam, lr {soi['lr']}) minimising MSE(T(S_s), S_t); its final transform is "
                  "evaluated like the others. The same optimisation from an untrained (identity) network gives: "
                  + "; ".join(f"{tnames[t]} Dice {fmt(v['from_identity']['dice'], v['from_identity']['dice_std'])}, "

@@ -430,7 +430,7 @@ class ISTNRegistrationLogic:
                              "region_margin_mm": regionMargin,
                              "polish": polish if polish is not None and not polish < 0 else None}
 
-            from istn.registration import is_cancelled
+            from istn.refinement import is_cancelled
 
             models = []
             for kind, path in stagesToRun:
@@ -729,7 +729,8 @@ class ISTNRegistrationLogic:
             if self.scene.GetNodeByID(colorId) is not None:
                 display.SetAndObserveColorNodeID(colorId)
                 break
-        from istn.registration import MAP_DISPLAY_THRESHOLD, bounded_map
+        from istn.refinement import MAP_DISPLAY_THRESHOLD
+        from istn.registration import bounded_map
 
         display.AutoWindowLevelOff()
         if bounded_map(image):  # probabilities: the structures only, the sigmoid's floor transparent

@@ -8,7 +8,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .registration import MAP_DISPLAY_THRESHOLD, bounded_map
+from .refinement import MAP_DISPLAY_THRESHOLD
+from .registration import bounded_map
 
 
 def _slice(image: sitk.Image, axis: int, index: int) -> np.ndarray:
