@@ -103,6 +103,16 @@ def test_anchor_flag_is_checked_and_reaches_result_json(files, make_model, tmp_p
     assert "unbounded maps: anchoring" in capsys.readouterr().err and not (tmp_path / "lin").exists()
 
 
+def test_passes_flag_is_checked_and_reaches_result_json(files, make_model, tmp_path, capsys):
+    bspline = make_model(2, "bspline")
+    out = tmp_path / "out"
+    assert _register(files, out, **{"--model": bspline, "--passes": "2", "--tolerance": "0"}) == 0
+    stage = json.loads((out / "result.json").read_text())["stages"][0]
+    assert stage["passes"] == 2 and stage["iterations"] == 6 and len(stage["loss_per_iteration"]) == 6
+    assert _register(files, tmp_path / "zero", **{"--model": bspline, "--passes": "0"}) == 2
+    assert "--passes must be" in capsys.readouterr().err and not (tmp_path / "zero").exists()
+
+
 def test_evaluate_identity_gives_perfect_scores(tmp_path, capsys):
     lab = np.zeros((20, 20, 20), np.uint8)
     lab[5:12, 5:12, 5:12] = 1

@@ -31,10 +31,12 @@ def test_demo_writes_its_outputs(demo_run):
         assert (out / name).stat().st_size > 0, name
     png = (out / "demo.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    for stage in ("affine", "bspline"):  # 3 refinement iterations, then the model's polish (up to its number)
+    for stage in ("affine", "bspline"):  # 3 refinement iterations, then the model's polish, in each of its passes
+        passes = result[stage]["passes"]
         polish = result[stage]["model"]["refinement"]["polish"]
-        assert 0 < result[stage]["polish_iterations"] <= polish
-        assert result[stage]["iterations"] == 3 + result[stage]["polish_iterations"]
+        assert passes == result[stage]["model"]["refinement"].get("passes", 1) if stage == "bspline" else passes == 1
+        assert 0 < result[stage]["polish_iterations"] <= passes * polish
+        assert result[stage]["iterations"] == 3 * passes + result[stage]["polish_iterations"]
 
 
 def test_demo_registration_improves_dice(demo_run):

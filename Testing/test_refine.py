@@ -57,18 +57,23 @@ def test_callback_every_iteration_with_current_transform(make_model, pair2d):
     assert all(isinstance(s[2], sitk.CompositeTransform) for s in seen)
 
 
+def _cancelled_at(iteration: int, kind: str, fixed, moving, model, **kw):
+    """register(**kw) with a cancel (an Event or its is_set) set by the callback at ``iteration``."""
+    event = threading.Event()
+
+    def on_iteration(info):
+        if info.iteration == iteration:
+            event.set()
+
+    return register(fixed, moving, model, callback=on_iteration, cancel=event if kind == "event" else event.is_set,
+                    **kw)
+
+
 @pytest.mark.parametrize("kind", ["event", "callable"])
 def test_cancel_stops_within_one_iteration_and_leaves_a_valid_result(make_model, pair2d, kind):
     fixed, moving = pair2d
     model = load_model(make_model(2, "affine"))
-    event = threading.Event()
-
-    def on_iteration(info):
-        if info.iteration == 3:
-            event.set()
-
-    cancel = event if kind == "event" else event.is_set
-    res = register(fixed, moving, model, iterations=100, callback=on_iteration, cancel=cancel)
+    res = _cancelled_at(3, kind, fixed, moving, model, iterations=100)
     assert res.cancelled and res.iterations == 3
     m = sitk_affine_to_matrix(res.transform)
     assert np.all(np.isfinite(m)) and abs(np.linalg.det(m)) > 0.1
@@ -475,3 +480,54 @@ def test_channel_weights_weigh_the_compared_maps_not_what_the_stn_sees(layers, m
         refine(model, s_map, t_map, iterations=1, channel_weights=[1.0])
     with pytest.raises(ValueError, match="channel_weights"):
         refine(model, s_map, t_map, iterations=1, channel_weights=[1.0, -1.0])
+
+
+def test_a_second_bspline_pass_goes_on_from_the_first_and_counts_on(make_model):
+    """passes=2 on raw images (STN-u): the second look starts where the first pass ended and lowers the loss there;
+    the iterations, the callback and the summary count both passes."""
+    fixed, moving = _shifted_pair((4.0, -3.0))
+    model = load_model(make_model(2, "bspline", "stn-u", perturb=False, grid_size=(48, 48), grid_spacing=1.0))
+    one = register(fixed, moving, model, iterations=8, lr=3e-3, tolerance=0.0)
+    seen = []
+    two = register(fixed, moving, model, iterations=8, lr=3e-3, tolerance=0.0, passes=2,
+                   callback=lambda info: seen.append((info.iteration, info.iterations)))
+    assert two.losses[:8] == pytest.approx(one.losses)  # the same first pass
+    assert seen == [(i, 16) for i in range(1, 17)] and two.iterations == two.iterations_allowed == 16
+    assert two.passes == 2 and two.summary()["passes"] == 2
+    # the second pass's start is the first pass's result (a zero residual on raw images) and it only goes down
+    assert two.losses[8] == pytest.approx(one.loss_final, rel=0.05) and two.loss_final < one.loss_final
+
+    def error(res):  # the displacement at the blob's centre against the known shift (mm)
+        return np.linalg.norm(np.asarray(res.transform.TransformPoint((0.0, 0.0))) - (4.0, -3.0))
+
+    assert error(two) < error(one)
+
+
+def test_passes_default_to_the_models_metadata_apply_to_bsplines_only_and_are_checked(make_model, pair2d):
+    from istn.errors import InputError
+    from istn.export import rewrite_metadata
+
+    fixed, moving = pair2d
+    path = make_model(2, "bspline")
+    assert register(fixed, moving, load_model(path), iterations=3, tolerance=0.0).passes == 1  # the paper's
+    rewrite_metadata(path, {**load_model(path).meta, "refinement": {"passes": 2}})
+    res = register(fixed, moving, load_model(path), iterations=3, tolerance=0.0)
+    assert res.passes == 2 and res.iterations == 6
+    assert register(fixed, moving, load_model(path), iterations=3, passes=1).iterations == 3
+    assert register(fixed, moving, load_model(path), iterations=0).passes == 1  # a one pass stays one
+    affine = load_model(make_model(2, "affine"))
+    assert register(fixed, moving, affine, iterations=3, tolerance=0.0, passes=3).iterations == 3
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(InputError, match="passes"):
+            register(fixed, moving, load_model(path), iterations=3, passes=bad)
+
+
+def test_a_cancel_stops_the_passes_where_it_comes(make_model, pair2d):
+    fixed, moving = pair2d
+    res = _cancelled_at(2, "event", fixed, moving, load_model(make_model(2, "bspline")), iterations=5, tolerance=0.0,
+                        passes=2)
+    assert res.cancelled and res.iterations == 2
+    res = _cancelled_at(7, "event", fixed, moving, load_model(make_model(2, "bspline")), iterations=5, tolerance=0.0,
+                        passes=2)  # in the second pass: it stops there, with a valid B-spline
+    assert res.cancelled and res.iterations == 7
+    assert np.all(np.isfinite(res.transform.GetNthTransform(1).GetParameters()))

@@ -42,7 +42,7 @@ def check_register_options(iterations: int | None, lr: float | None, device: str
                            bending: float | None = None, tolerance: float | None = None,
                            threads: int | None = None, coarse_iterations: int | None = None,
                            region_margin_mm: float | None = None, polish: int | None = None,
-                           anchor: float | None = None) -> None:
+                           anchor: float | None = None, passes: int | None = None) -> None:
     """The numeric and device options, checked before any file is read (messages name the flags)."""
     from .registration import check_device
 
@@ -67,6 +67,8 @@ def check_register_options(iterations: int | None, lr: float | None, device: str
         raise InputError(f"--region-margin must be a number of mm >= 0 (inf: the whole grid), got {region_margin_mm:g}")
     if polish is not None and polish < 0:
         raise InputError(f"--polish must be a whole number >= 0 (polish iterations; 0: Adam only), got {polish}")
+    if passes is not None and passes < 1:
+        raise InputError(f"--passes must be a whole number >= 1 (B-spline refinement passes; 1: the paper), got {passes}")
     check_device(device)
 
 
@@ -89,6 +91,7 @@ def run_register(
     region_margin_mm: float | None = None,
     polish: int | None = None,
     anchor: float | None = None,
+    passes: int | None = None,
 ) -> dict:
     """Register a pair with one model or a chain (affine models, then at most one B-spline) and write the outputs.
 
@@ -101,8 +104,9 @@ def run_register(
     "all" STN weights or its fully connected layers, "fc") and
     ``region_margin_mm`` (every stage: the maps compared around the fixed
     structures, inf: the whole grid) and ``polish`` (every stage: iterations
-    polishing the transform's parameters after the refinement) override the
-    models' refinement settings (`register`). ``iterations`` None: each
+    polishing the transform's parameters after the refinement) and ``passes``
+    (B-spline stage: refinement passes, each a new look of the network at the
+    moving image warped so far) override the models' refinement settings (`register`). ``iterations`` None: each
     model's ``refinement.iterations``, else 50.
     Returns the content of ``result.json``; its ``warnings`` gather every
     stage's (the CLI prints them).
@@ -116,7 +120,7 @@ def run_register(
     if not model_paths:
         raise InputError("at least one --model is needed")
     check_register_options(iterations, lr, device, background, bending, tolerance, threads, coarse_iterations,
-                           region_margin_mm, polish, anchor)
+                           region_margin_mm, polish, anchor, passes)
     names = list(REGISTER_OUTPUTS) + ["transform.tfm", "affine.tfm"]
     inputs = [fixed_path, moving_path, *model_paths] + ([initial_path] if initial_path else [])
     fixed = read_image(fixed_path, "fixed")
@@ -128,7 +132,7 @@ def run_register(
     check_register_inputs(fixed, moving, models, iterations=iterations, lr=lr, device=device,
                           initial_transform=initial, initial_name=f"--initial transform '{initial_path}'",
                           refine_layers=refine_layers, region_margin_mm=region_margin_mm, polish=polish,
-                          anchor=anchor)
+                          anchor=anchor, passes=passes)
     bg = float(sitk.GetArrayViewFromImage(moving).min()) if background is None else float(background)
     # Inputs are good: check the output location before the (long) computation.
     created = not Path(out_dir).exists()
@@ -145,7 +149,7 @@ def run_register(
             result = register(fixed, moving, model, iterations=iterations, lr=lr, device=device,
                               initial_transform=initial, callback=progress, bending=bending, tolerance=tolerance,
                               threads=threads, coarse_iterations=coarse_iterations, refine_layers=refine_layers,
-                              region_margin_mm=region_margin_mm, polish=polish, anchor=anchor)
+                              region_margin_mm=region_margin_mm, polish=polish, anchor=anchor, passes=passes)
             stages.append({**result.summary(), "model_file": str(model.path)})  # summary's "model": the metadata
             initial = result.transform
         assert result is not None
@@ -445,6 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "themselves (Gauss-Newton for an affine, L-BFGS for a B-spline), so that the result does not "
                         "depend on where the network's refinement stopped (default: the model's, chosen on "
                         "validation; 0: off, the paper)")
+    r.add_argument("--passes", type=int, default=None, metavar="N",
+                   help="B-spline stage: refine N times, each time with the network's new look at the moving image "
+                        "warped so far, the result still one B-spline (default: the model's, chosen on validation; "
+                        "1: the paper)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--initial", help="initial ITK transform file (fixed -> moving), e.g. an affine .tfm or an earlier "
                    "transform.h5 (a non-linear one can start affine models only)")
@@ -523,7 +531,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "register":
             s = run_register(args.fixed, args.moving, args.model, args.out, args.refine, args.lr, args.device,
                              args.initial, args.quiet, args.background, args.bending, args.tolerance, args.threads,
-                             args.coarse_iterations, args.refine_layers, args.region_margin, args.polish, args.anchor)
+                             args.coarse_iterations, args.refine_layers, args.region_margin, args.polish, args.anchor,
+                             args.passes)
             for st in s["stages"]:
                 stop = " (converged)" if st["converged"] else ""
                 polished = f", {st['polish_iterations']} of them polish" if st.get("polish_iterations") else ""

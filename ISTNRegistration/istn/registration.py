@@ -27,6 +27,7 @@ Results are WORLD transforms mapping fixed points to moving points (ITK/Slicer
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from .geometry import Grid
 from .inputs import PreparedImage, prepare_image
 from .losses import anchor_energy, anchored_control_points, bending_energy
 from .refinement import (DEFAULT_ITERATIONS, MAP_DISPLAY_THRESHOLD, REFINE_LAYERS, CancelFlag, IterationInfo, loss_rise,
-                         model_region_margin, refine, refinement_layers, supports_fc_refinement)
+                         RefineOutput, model_region_margin, refine, refinement_layers, supports_fc_refinement)
 from .threads import default_threads
 from .training import resolve_device
 from .transforms import (bspline_to_world, compose, flatten_transform, matrix_to_sitk_affine, sitk_affine_to_matrix,
@@ -60,10 +61,10 @@ class RegistrationResult:
     transform_type: str
     fixed_map: sitk.Image  # ITN(fixed) on the fixed image's internal grid
     moving_map: sitk.Image  # ITN(moving) on the moving image's internal grid (not warped)
-    loss_one_pass: float
-    loss_final: float
-    losses: list[float]
-    iterations: int  # iterations actually run
+    loss_one_pass: float  # refinement objective of the one pass
+    loss_final: float  # ... of the result (with ``passes`` > 1: on the last pass's maps, of its moving image warped)
+    losses: list[float]  # objective after each iteration, every pass's in turn
+    iterations: int  # iterations actually run (all passes)
     cancelled: bool
     device: str
     timings: dict[str, float] = field(default_factory=dict)
@@ -75,10 +76,11 @@ class RegistrationResult:
     coarse_iterations: int = 0  # of ``iterations``, those run on the half-resolution maps (coarse to fine)
     refine_layers: str = "all"  # the STN layers refined: "all" or "fc" (its fully connected layers)
     region_margin_mm: float | None = None  # maps compared in the structures' box grown by this; None: whole grid
-    polish_iterations: int = 0  # of ``iterations``, the last ones: the polish of the transform's parameters
-    iterations_allowed: int = 0  # the cap: refinement iterations + polish iterations (``iterations`` may stop short)
+    polish_iterations: int = 0  # of ``iterations``, the last ones of each pass: the polish of the transform's parameters
+    iterations_allowed: int = 0  # the cap: passes x (refinement + polish iterations) (``iterations`` may stop short)
     bending: float = 0.0  # the B-spline's bending energy weight (mm^2) used
     anchor: float = 0.0  # the B-spline's anchor weight (mm^-2) used
+    passes: int = 1  # B-spline: refinement passes allowed (`register`'s ``passes``); 1 for an affine
 
     def warped_moving_map(self) -> sitk.Image:
         """The moving ITN map resampled into the fixed map's grid through the final transform."""
@@ -102,6 +104,7 @@ class RegistrationResult:
             "iterations_allowed": self.iterations_allowed,
             "bending": self.bending,
             "anchor": self.anchor,
+            "passes": self.passes,
             "cancelled": self.cancelled,
             "device": self.device,
             "timings_s": self.timings,
@@ -324,6 +327,7 @@ def check_register_inputs(
     region_margin_mm: float | None = None,
     polish: int | None = None,
     anchor: float | None = None,
+    passes: int | None = None,
 ) -> None:
     """Check everything about a registration that can be checked before any computation.
 
@@ -370,6 +374,8 @@ def check_register_inputs(
         raise InputError(f"register() 'coarse_iterations' must be a whole number >= 0, got {coarse_iterations!r}")
     if polish is not None and (isinstance(polish, bool) or not isinstance(polish, (int, np.integer)) or polish < 0):
         raise InputError(f"register() 'polish' must be a whole number >= 0 (polish iterations), got {polish!r}")
+    if passes is not None and (isinstance(passes, bool) or not isinstance(passes, (int, np.integer)) or passes < 1):
+        raise InputError(f"register() 'passes' must be a whole number >= 1 (B-spline refinement passes), got {passes!r}")
     if refine_layers is not None and refine_layers not in REFINE_LAYERS:
         raise InputError(f"the refined layers must be one of {', '.join(REFINE_LAYERS)}, got {refine_layers!r}")
     if region_margin_mm is not None and (isinstance(region_margin_mm, bool) or not isinstance(
@@ -435,6 +441,7 @@ def register(
     region_margin_mm: float | None = None,
     polish: int | None = None,
     anchor: float | None = None,
+    passes: int | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with ``model``: one pass, then up to ``iterations`` of refinement
     (default: the model's ``refinement.iterations``, else `DEFAULT_ITERATIONS`), then up to ``polish``.
@@ -475,6 +482,13 @@ def register(
     Adam stopped; default: the model's ``refinement.polish`` (none with
     ``iterations=0``: a one pass stays a one pass), else 0 (Adam only, the
     paper).
+    ``passes`` (B-spline models): run the network again on the moving image
+    warped through the refined result, add its (inverse-consistent) one pass
+    to the refined parameters and refine again from there, this many passes in
+    all: the residual a second look finds, still ONE B-spline on the same
+    grid, refined on the unwarped maps (so the sum's approximation of the
+    composition is refined away); default: the model's
+    ``refinement.passes``, else 1 (the paper). Ignored with ``iterations=0``.
     """
     t_start = time.perf_counter()
     # checked and prepared once per image object (istn.inputs): a later stage on the same images reuses it
@@ -485,7 +499,7 @@ def register(
     check_register_inputs(fixed.image, moving.image, [model], iterations=iterations, lr=lr, device=device,
                           initial_transform=initial_transform, bending=bending, tolerance=tolerance,
                           coarse_iterations=coarse_iterations, refine_layers=refine_layers,
-                          region_margin_mm=region_margin_mm, polish=polish, anchor=anchor)
+                          region_margin_mm=region_margin_mm, polish=polish, anchor=anchor, passes=passes)
     if initial_transform is not None:  # any linear class -> AffineTransform; composites flat (istn.transforms)
         initial_transform = flatten_transform(initial_transform)
     defaults = model.meta.get("refinement", {})
@@ -509,12 +523,16 @@ def register(
         iterations = int(defaults.get("iterations", DEFAULT_ITERATIONS))
     if polish is None:  # the model's polish finishes its refinement: none after a one pass (iterations 0)
         polish = int(defaults.get("polish", 0)) if iterations > 0 else 0
+    if passes is None:
+        passes = int(defaults.get("passes", 1))
+    if model.transform_type != "bspline" or iterations == 0:  # a second look needs a refined B-spline to add to
+        passes = 1
     dev = resolve_device(device)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads or default_threads(model.ndim))  # the cores this process really has (istn.threads)
     opts = dict(bending=bending, anchor=anchor, tolerance=tolerance, symmetric=symmetric, t_start=t_start,
                 coarse_iterations=int(coarse_iterations), refine_layers=refine_layers,
-                region_margin_mm=float(region_margin_mm), polish=int(polish))
+                region_margin_mm=float(region_margin_mm), polish=int(polish), passes=int(passes))
     try:
         try:
             return _register(fixed, moving, model, iterations, lr, dev, initial_transform, callback, cancel, **opts)
@@ -533,7 +551,7 @@ def register(
 def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iterations, lr, dev, initial_transform,
               callback, cancel, *, bending: float, anchor: float, tolerance: float, symmetric: bool,
               t_start: float, coarse_iterations: int, refine_layers: str,
-              region_margin_mm: float, polish: int) -> RegistrationResult:
+              region_margin_mm: float, polish: int, passes: int = 1) -> RegistrationResult:
     timings: dict[str, float] = {}
     cfg = model.config
     module = model.to(dev).module
@@ -619,13 +637,62 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
             return total
     timings["one_pass"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out = refine(module, s_map, t_map, iterations, lr, callback, cancel, to_world,
-                 adjust=adjust, regulariser=regulariser, tolerance=tolerance, coarse_iterations=coarse_iterations,
-                 layers=refine_layers,
-                 region_margin=(math.ceil(region_margin_mm / cfg.grid_spacing - 1e-9)
-                                if np.isfinite(region_margin_mm) else None), polish=polish,
-                 pooled=pooled if refine_layers == "fc" else None,
-                 channel_weights=model.meta.get("refinement", {}).get("channel_weights"))
+    budget = iterations + polish  # per pass: the callback counts on across passes
+    margin = math.ceil(region_margin_mm / cfg.grid_spacing - 1e-9) if np.isfinite(region_margin_mm) else None
+
+    def run_pass(k: int, s_map_k, pooled_k, adjust_k, regulariser_k, to_world_k) -> RefineOutput:
+        def pass_callback(info: IterationInfo) -> None:
+            callback(IterationInfo(k * budget + info.iteration, passes * budget, info.loss, info.params,
+                                   info._to_world))
+
+        return refine(module, s_map_k, t_map, iterations, lr, pass_callback if callback is not None else None, cancel,
+                      to_world_k, adjust=adjust_k, regulariser=regulariser_k, tolerance=tolerance,
+                      coarse_iterations=coarse_iterations, layers=refine_layers, region_margin=margin, polish=polish,
+                      pooled=pooled_k if refine_layers == "fc" else None,
+                      channel_weights=model.meta.get("refinement", {}).get("channel_weights"))
+
+    out = run_pass(0, s_map, pooled, adjust, regulariser, to_world)
+    params, losses = out.params, list(out.losses)  # the B-spline so far; objectives over all passes
+    best_iteration, coarse_run, polished = out.best_iteration, out.coarse_iterations, out.polish_iterations
+    for k in range(1, passes):
+        if out.cancelled:
+            break
+        # The network's next look: the moving image through the B-spline so far, its maps, and a B-spline for
+        # what is left, refined on those maps; the result is the SUM of the two on the same control grid (the
+        # composition to first order: the difference is the product of the first's gradient and the second, small).
+        with torch.no_grad():
+            s_map_k = model.representation(module.warp(source, module.sampling_grid(params)))
+            pooled_k = model.stn_pooled(s_map_k, t_map) if split else None
+            f_k = module.predict_from_pooled(pooled_k) if split else module.predict(s_map_k, t_map)
+            if symmetric:  # inverse-consistent, as the first pass: (f - b) / 2, zero for maps that already match
+                b_k = module.predict_from_pooled(model.stn_pooled(t_map, s_map_k)) if split else module.predict(
+                    t_map, s_map_k)
+                offset_k = -(f_k + b_k) / 2.0
+        prev = params
+
+        def adjust_k(p: torch.Tensor, offset_k=offset_k if symmetric else None) -> torch.Tensor:
+            return p + offset_k if offset_k is not None else p
+
+        def regulariser_k(r: torch.Tensor, prev=prev) -> torch.Tensor:
+            return regulariser(prev + r)
+
+        def to_world_k(r: torch.Tensor, prev=prev) -> sitk.Transform:
+            return to_world(prev + r)
+
+        reg_k = regulariser_k if regulariser is not None else None
+        out_k = run_pass(k, s_map_k, pooled_k, adjust_k, reg_k, to_world_k)
+        coarse_run, polished = coarse_run + out_k.coarse_iterations, polished + out_k.polish_iterations
+        # never worse than the B-spline so far (a zero residual), on this look's maps
+        stay = refine(module, s_map_k, t_map, 0, lr, None, None, to_world_k, adjust=torch.zeros_like, regulariser=reg_k,
+                      layers=refine_layers, region_margin=margin, pooled=pooled_k if refine_layers == "fc" else None,
+                      channel_weights=model.meta.get("refinement", {}).get("channel_weights"))
+        if out_k.final_loss <= stay.final_loss:
+            best_iteration = len(losses) + out_k.best_iteration
+            params = prev + out_k.params
+            out = out_k
+        else:
+            out = dataclasses.replace(stay, cancelled=out_k.cancelled, converged=out_k.converged)
+        losses += list(out_k.losses)
     timings["refine"] = time.perf_counter() - t0
 
     # Maps for display, each on a grid of its own image's space, reusing the passes above where they are there.
@@ -639,7 +706,7 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
             fixed_map = warp_image(_map_image(t_map, work_grid), grid_f, a_tx)
     timings["total"] = time.perf_counter() - t_start
     warnings_: list[str] = []
-    rise = loss_rise(out.losses, out.best_iteration, out.coarse_iterations, out.final_loss)
+    rise = loss_rise(out.losses, out.best_iteration, out.coarse_iterations, out.final_loss)  # of the pass returned
     # Adam's first step moves every weight by ~lr: from an exact start (an image and itself) any step climbs,
     # harmlessly (the best iterate is kept), so a start already below every validation pair's refined loss is quiet
     best_low = model.meta.get("validation", {}).get("refinement_loss", {}).get("refined", {}).get("min")
@@ -653,7 +720,7 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
     if check:
         warnings_.append(check)
     return RegistrationResult(
-        transform=to_world(out.params),
+        transform=to_world(params),
         one_pass_transform=to_world(params0),
         initial_transform=initial_transform,
         transform_type=model.transform_type,
@@ -661,21 +728,22 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
         moving_map=moving_map,
         loss_one_pass=out.start_loss,
         loss_final=out.final_loss,
-        losses=out.losses,
-        iterations=len(out.losses),
+        losses=losses,
+        iterations=len(losses),
         cancelled=out.cancelled,
         device=str(dev),
         timings=timings,
         warnings=warnings_,
         model_meta=model.meta,
         converged=out.converged,
-        best_iteration=out.best_iteration,
+        best_iteration=best_iteration,
         similarity_final=out.similarity,
-        coarse_iterations=out.coarse_iterations,
+        coarse_iterations=coarse_run,
         refine_layers=refine_layers,
         region_margin_mm=region_margin_mm if np.isfinite(region_margin_mm) else None,
-        polish_iterations=out.polish_iterations,
-        iterations_allowed=iterations + polish,
+        polish_iterations=polished,
+        iterations_allowed=passes * (iterations + polish),
+        passes=passes,
         bending=bending,
         anchor=anchor,
     )
