@@ -124,6 +124,7 @@ class ISTNRegistrationParameterNode:
     refineLayers: Annotated[str, Choice(["model default", "all", "fc"])] = "model default"  # STN weights refined
     comparedRegion: Annotated[str, Choice(["model default", "whole grid"])] = "model default"  # where maps are compared
     polish: Annotated[int, WithinRange(-1, 1000)] = -1  # < 0: the model's (quasi-Newton evaluations at the end)
+    passes: Annotated[int, WithinRange(0, 5)] = 0  # 0: the model's (B-spline refinement passes)
     liveUpdate: bool = True
     outputTransform: Optional[vtkMRMLLinearTransformNode]
     outputVolume: Optional[vtkMRMLScalarVolumeNode]
@@ -346,6 +347,7 @@ class ISTNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 refineLayers=p.refineLayers if p.refineLayers in ("all", "fc") else None,
                 regionMargin=float("inf") if p.comparedRegion == "whole grid" else None,
                 polish=p.polish if p.polish >= 0 else None,
+                passes=p.passes if p.passes >= 1 else None,
                 liveUpdate=p.liveUpdate,
                 outputVolumeNode=p.outputVolume,
                 showMaps=p.showMaps,

@@ -114,7 +114,7 @@ def make_widget(module, logic):
     widget._parameterNode = types.SimpleNamespace(
         fixedVolume=None, movingVolume=None, fixedSegmentation=None, movingSegmentation=None, modelChoice="",
         customModelPath="", preAlign=True, iterations=7, learningRate=0.0, bending=-1.0, anchor=-1.0, tolerance=-1.0, coarseIterations=-1,
-        refineLayers="model default", comparedRegion="model default", polish=-1, liveUpdate=True,
+        refineLayers="model default", comparedRegion="model default", polish=-1, passes=0, liveUpdate=True,
         outputTransform=None, outputVolume=None, showMaps=True, device="cpu", seed=-1)
     return widget
 
@@ -158,7 +158,7 @@ def test_module_description(module):
 def test_parameter_node_fields(module):
     fields = module.ISTNRegistrationParameterNode.__annotations__
     assert {"fixedVolume", "movingVolume", "iterations", "learningRate", "bending", "anchor", "tolerance",
-            "coarseIterations", "refineLayers", "comparedRegion", "polish", "liveUpdate",
+            "coarseIterations", "refineLayers", "comparedRegion", "polish", "passes", "liveUpdate",
             "outputTransform", "outputVolume", "showMaps", "device", "seed"} <= set(fields)
 
 
@@ -212,7 +212,7 @@ def test_apply_turns_into_cancel_shows_progress_and_the_result(module, model_fil
     assert kw["bending"] is None and kw["tolerance"] is None  # "model default": the model's validated settings
     assert kw["anchor"] is None
     assert kw["coarseIterations"] is None and kw["refineLayers"] is None and kw["regionMargin"] is None
-    assert kw["polish"] is None  # "model default"
+    assert kw["polish"] is None and kw["passes"] is None  # "model default"
     assert seen == {"button": "Cancel", "inputs enabled": False, "progress": round(1000 * 3 / 7),
                     "status": "Affine refinement: iteration 3/7, loss 0.25"}
     assert ("processEvents",) in module.events
@@ -223,10 +223,12 @@ def test_apply_turns_into_cancel_shows_progress_and_the_result(module, model_fil
     p.refineLayers, p.outputTransform = "fc", None  # the combo box's text reaches the logic as the engine's name
     p.comparedRegion = "whole grid"  # an infinite margin: the box is the whole grid
     p.polish = 0  # the spin box's 0: Adam only
+    p.passes = 1  # one B-spline refinement, the paper's
     p.iterations = -1  # "model default"
     widget.onApplyButton()
     assert logic.calls[-1][2]["refineLayers"] == "fc" and logic.calls[-1][2]["regionMargin"] == float("inf")
     assert logic.calls[-1][2]["polish"] == 0 and logic.calls[-1][2]["iterations"] is None
+    assert logic.calls[-1][2]["passes"] == 1
 
 
 def test_errors_are_shown_in_the_panel(module, model_file, caplog):

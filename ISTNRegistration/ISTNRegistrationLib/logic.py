@@ -307,6 +307,7 @@ class ISTNRegistrationLogic:
         refineLayers: str | None = None,
         regionMargin: float | None = None,
         polish: int | None = None,
+        passes: int | None = None,
         liveUpdate: bool = True,
         outputVolumeNode=None,
         showMaps: bool = True,
@@ -344,7 +345,10 @@ class ISTNRegistrationLogic:
           and ``polish`` (iterations after the refinement that polish the
           transform's parameters themselves, Gauss-Newton for an affine,
           L-BFGS for a B-spline, so that the result does not depend on where
-          the network's refinement stopped; None or < 0: the model's; 0: off).
+          the network's refinement stopped; None or < 0: the model's; 0: off)
+          and ``passes`` (B-spline stage: refinements, each after the network's
+          new look at the moving image warped so far, still one B-spline in the
+          end; None or < 1: the model's; 1: one, the paper).
         - ``outputTransformNode``: a linear transform node, created if None.
           Without ``outputVolumeNode`` the moving volume is placed under the
           result; with it, the moving volume stays where it is and the output
@@ -428,7 +432,8 @@ class ISTNRegistrationLogic:
                                                    and not coarseIterations < 0 else None),
                              "refine_layers": refineLayers or None,
                              "region_margin_mm": regionMargin,
-                             "polish": polish if polish is not None and not polish < 0 else None}
+                             "polish": polish if polish is not None and not polish < 0 else None,
+                             "passes": passes if passes is not None and not passes < 1 else None}
 
             from istn.refinement import is_cancelled
 
