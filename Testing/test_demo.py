@@ -37,6 +37,8 @@ def test_demo_writes_its_outputs(demo_run):
         assert passes == result[stage]["model"]["refinement"].get("passes", 1) if stage == "bspline" else passes == 1
         assert 0 < result[stage]["polish_iterations"] <= passes * polish
         assert result[stage]["iterations"] == 3 * passes + result[stage]["polish_iterations"]
+        runs = result[stage]["pass_iterations"]  # the figure's curve segments: one per pass, 3 + its polish each
+        assert len(runs) == passes and [n - p for n, _, p in runs] == [3] * passes
 
 
 def test_demo_registration_improves_dice(demo_run):

@@ -494,6 +494,7 @@ def test_a_second_bspline_pass_goes_on_from_the_first_and_counts_on(make_model):
     assert two.losses[:8] == pytest.approx(one.losses)  # the same first pass
     assert seen == [(i, 16) for i in range(1, 17)] and two.iterations == two.iterations_allowed == 16
     assert two.passes == 2 and two.summary()["passes"] == 2
+    assert two.pass_iterations == [(8, 0, 0), (8, 0, 0)] and one.pass_iterations == [(8, 0, 0)]
     # the second pass's start is the first pass's result (a zero residual on raw images) and it only goes down
     assert two.losses[8] == pytest.approx(one.loss_final, rel=0.05) and two.loss_final < one.loss_final
 

@@ -148,6 +148,7 @@ def run_demo(out_dir: str | Path = "istn-demo", iterations: int | None = None, d
         losses={"affine": aff.losses, "B-spline": bsp.losses},
         coarse={"affine": aff.coarse_iterations, "B-spline": bsp.coarse_iterations},
         polish={"affine": aff.polish_iterations, "B-spline": bsp.polish_iterations},
+        passes={"affine": aff.pass_iterations, "B-spline": bsp.pass_iterations},
         dice_table={"unregistered": stages["unregistered"], "affine refined": stages["affine, refined"],
                     "+ B-spline refined": stages["+ B-spline, refined"]},
         title=f"ISTN demo: Colin27 (scanner position) to ICBM 2009a; mean Dice {means['unregistered']:.2f} -> "

@@ -60,6 +60,7 @@ def registration_figure(
     axis: int = 0,
     coarse: Mapping[str, int] | None = None,
     polish: Mapping[str, int] | None = None,
+    passes: Mapping[str, Sequence[tuple[int, int, int]]] | None = None,
 ) -> Path:
     """Write a PNG: images with label contours, checkerboard, ITN maps, Dice bars and refinement loss curves.
 
@@ -67,7 +68,10 @@ def registration_figure(
     ``dice_table``: ``{stage: {structure: dice}}``; ``losses``: ``{stage: [loss per iteration]}``;
     ``coarse``: ``{stage: iterations run on half-resolution maps}`` (drawn dotted: their loss is on the
     smoother maps, not comparable with the full grid's); ``polish``: ``{stage: last iterations that polished
-    the transform itself}`` (drawn with markers).
+    the transform itself}`` (drawn with markers); ``passes``: ``{stage: [(iterations, coarse, polish) per
+    refinement pass]}`` (`RegistrationResult.pass_iterations`), which replaces that stage's ``coarse`` and
+    ``polish``: each pass is drawn as its own segment (a later pass compares other maps: those of the moving
+    image warped so far), a thin line where it starts.
     """
     import matplotlib
 
@@ -151,17 +155,33 @@ def registration_figure(
     ax = axes[-1, 3]
     if losses:
         for name, curve in losses.items():
-            if len(curve):
-                k = min(int((coarse or {}).get(name, 0)), len(curve))
-                p = min(int((polish or {}).get(name, 0)), len(curve) - k)
-                it = np.arange(1, len(curve) + 1)
-                line = ax.plot(it[k:], curve[k:], label=name)[0] if k < len(curve) else None
+            segments = list((passes or {}).get(name) or [(len(curve), (coarse or {}).get(name, 0),
+                                                           (polish or {}).get(name, 0))])
+            color, start, labelled = None, 0, set()
+
+            def label(kind: str) -> str | None:  # each kind once in the legend
+                text = name if kind == "" else f"{name}, {kind}"
+                if text in labelled:
+                    return None
+                labelled.add(text)
+                return text
+
+            for n, k, p in segments:
+                seg = np.asarray(curve[start:start + int(n)], float)
+                if not len(seg):
+                    break
+                k = min(int(k), len(seg))
+                p = min(int(p), len(seg) - k)
+                it = np.arange(start + 1, start + len(seg) + 1)
+                if start:  # a later pass: its own maps, so its own curve
+                    ax.axvline(start + 0.5, color=color, lw=0.6, alpha=0.5)
+                if k < len(seg):
+                    color = ax.plot(it[k:], seg[k:], color=color, label=label(""))[0].get_color()
                 if k:
-                    ax.plot(it[:k], curve[:k], ":", color=line.get_color() if line else None,
-                            label=f"{name}, half-resolution maps")
+                    color = ax.plot(it[:k], seg[:k], ":", color=color, label=label("half-resolution maps"))[0].get_color()
                 if p:
-                    ax.plot(it[len(curve) - p:], curve[len(curve) - p:], "o", markersize=4,
-                            color=line.get_color() if line else None, label=f"{name}, polish")
+                    ax.plot(it[len(seg) - p:], seg[len(seg) - p:], "o", markersize=4, color=color, label=label("polish"))
+                start += len(seg)
         ax.set_xlabel("refinement iteration")
         ax.set_ylabel("MSE(T(s'), t')")
         ax.set_yscale("log")

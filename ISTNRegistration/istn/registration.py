@@ -81,6 +81,8 @@ class RegistrationResult:
     bending: float = 0.0  # the B-spline's bending energy weight (mm^2) used
     anchor: float = 0.0  # the B-spline's anchor weight (mm^-2) used
     passes: int = 1  # B-spline: refinement passes allowed (`register`'s ``passes``); 1 for an affine
+    # (iterations, of them on half-resolution maps, of them polish) of each pass run, in order: ``losses`` in pieces
+    pass_iterations: list[tuple[int, int, int]] = field(default_factory=list)
 
     def warped_moving_map(self) -> sitk.Image:
         """The moving ITN map resampled into the fixed map's grid through the final transform."""
@@ -105,6 +107,7 @@ class RegistrationResult:
             "bending": self.bending,
             "anchor": self.anchor,
             "passes": self.passes,
+            "pass_iterations": [list(p) for p in self.pass_iterations],
             "cancelled": self.cancelled,
             "device": self.device,
             "timings_s": self.timings,
@@ -654,6 +657,7 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
     out = run_pass(0, s_map, pooled, adjust, regulariser, to_world)
     params, losses = out.params, list(out.losses)  # the B-spline so far; objectives over all passes
     best_iteration, coarse_run, polished = out.best_iteration, out.coarse_iterations, out.polish_iterations
+    pass_iterations = [(len(out.losses), out.coarse_iterations, out.polish_iterations)]
     for k in range(1, passes):
         if out.cancelled:
             break
@@ -682,6 +686,7 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
         reg_k = regulariser_k if regulariser is not None else None
         out_k = run_pass(k, s_map_k, pooled_k, adjust_k, reg_k, to_world_k)
         coarse_run, polished = coarse_run + out_k.coarse_iterations, polished + out_k.polish_iterations
+        pass_iterations.append((len(out_k.losses), out_k.coarse_iterations, out_k.polish_iterations))
         # never worse than the B-spline so far (a zero residual), on this look's maps
         stay = refine(module, s_map_k, t_map, 0, lr, None, None, to_world_k, adjust=torch.zeros_like, regulariser=reg_k,
                       layers=refine_layers, region_margin=margin, pooled=pooled_k if refine_layers == "fc" else None,
@@ -744,6 +749,7 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
         polish_iterations=polished,
         iterations_allowed=passes * (iterations + polish),
         passes=passes,
+        pass_iterations=pass_iterations,
         bending=bending,
         anchor=anchor,
     )
