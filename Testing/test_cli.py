@@ -109,6 +109,10 @@ def test_passes_flag_is_checked_and_reaches_result_json(files, make_model, tmp_p
     assert _register(files, out, **{"--model": bspline, "--passes": "2", "--tolerance": "0"}) == 0
     stage = json.loads((out / "result.json").read_text())["stages"][0]
     assert stage["passes"] == 2 and stage["iterations"] == 6 and len(stage["loss_per_iteration"]) == 6
+    capsys.readouterr()
+    assert main(["register", "--fixed", str(files["fixed"]), "--moving", str(files["moving"]), "--model", str(bspline),
+                 "--out", str(tmp_path / "loud"), "--refine", "3", "--passes", "2", "--tolerance", "0"]) == 0
+    assert "refinement 6/6 (pass 2/2) loss" in capsys.readouterr().err  # progress says which look the loss is on
     assert _register(files, tmp_path / "zero", **{"--model": bspline, "--passes": "0"}) == 2
     assert "--passes must be" in capsys.readouterr().err and not (tmp_path / "zero").exists()
 

@@ -490,9 +490,14 @@ def test_a_second_bspline_pass_goes_on_from_the_first_and_counts_on(make_model):
     one = register(fixed, moving, model, iterations=8, lr=3e-3, tolerance=0.0)
     seen = []
     two = register(fixed, moving, model, iterations=8, lr=3e-3, tolerance=0.0, passes=2,
-                   callback=lambda info: seen.append((info.iteration, info.iterations)))
+                   callback=lambda info: seen.append((info.iteration, info.iterations, info.pass_number, info.label())))
     assert two.losses[:8] == pytest.approx(one.losses)  # the same first pass
-    assert seen == [(i, 16) for i in range(1, 17)] and two.iterations == two.iterations_allowed == 16
+    assert [s[:2] for s in seen] == [(i, 16) for i in range(1, 17)] and two.iterations == two.iterations_allowed == 16
+    assert [s[2] for s in seen] == [1] * 8 + [2] * 8  # which look each loss is on
+    assert seen[8][3] == "9/16 (pass 2/2)"
+    one_seen = []
+    register(fixed, moving, model, iterations=2, lr=3e-3, tolerance=0.0, callback=one_seen.append)
+    assert [i.label() for i in one_seen] == ["1/2", "2/2"]  # one pass: no pass in the label
     assert two.passes == 2 and two.summary()["passes"] == 2
     assert two.pass_iterations == [(8, 0, 0), (8, 0, 0)] and one.pass_iterations == [(8, 0, 0)]
     # the second pass's start is the first pass's result (a zero residual on raw images) and it only goes down

@@ -74,6 +74,8 @@ class RegistrationProgress:
     iterations: int
     loss: float | None
     message: str = ""
+    passNumber: int = 1  # B-spline refinement pass (each compares a new look of the network: its own loss scale)
+    passes: int = 1
 
     @property
     def busy(self) -> bool:
@@ -91,6 +93,8 @@ class RegistrationProgress:
             return self.message
         text = _("{stage} refinement: iteration {iteration}/{iterations}").format(
             stage=STAGE_NAMES.get(self.stage, self.stage), iteration=self.iteration, iterations=self.iterations)
+        if self.passes > 1:
+            text += _(" (pass {number}/{passes})").format(number=self.passNumber, passes=self.passes)
         if self.loss is not None:
             text += _(", loss {loss:.5g}").format(loss=self.loss)
         return text
@@ -635,7 +639,8 @@ class ISTNRegistrationLogic:
             if liveUpdate:
                 self._writeTransform(info.transform(), linearNode, bsplineWriter)
             if progressCallback is not None:
-                progressCallback(RegistrationProgress(kind, index, count, info.iteration, info.iterations, info.loss))
+                progressCallback(RegistrationProgress(kind, index, count, info.iteration, info.iterations, info.loss,
+                                                      passNumber=info.pass_number, passes=info.passes))
 
         if progressCallback is not None:  # the one pass reports nothing until it is done
             progressCallback(RegistrationProgress(kind, index, count, 0, iterations if iterations is not None else 1, None,

@@ -143,7 +143,7 @@ def run_register(
         for model in models:
             def progress(info, _name=model.path.name):
                 if not quiet and (info.iteration % 10 == 0 or info.iteration == info.iterations):
-                    print(f"  {_name}: refinement {info.iteration}/{info.iterations} loss {info.loss:.6f}",
+                    print(f"  {_name}: refinement {info.label()} loss {info.loss:.6f}",
                           file=sys.stderr)
 
             result = register(fixed, moving, model, iterations=iterations, lr=lr, device=device,

@@ -95,7 +95,7 @@ def run_demo(out_dir: str | Path = "istn-demo", iterations: int | None = None, d
 
     def progress(info, stage):
         if info.iteration % 10 == 0 or info.iteration == info.iterations:
-            print(f"  {stage}: refinement {info.iteration}/{info.iterations} loss {info.loss:.5f}", flush=True)
+            print(f"  {stage}: refinement {info.label()} loss {info.loss:.5f}", flush=True)
 
     t0 = time.perf_counter()
     aff = register(fixed, moving, affine_model, iterations=iterations, device=device,

@@ -36,6 +36,15 @@ class IterationInfo:
     loss: float  # MSE(T(s'), t') of the parameters used in this iteration
     params: torch.Tensor  # those parameters (normalised units, detached)
     _to_world: Callable[[torch.Tensor], sitk.Transform] | None = None
+    # B-spline refinement passes (register(passes=)): each pass compares a new look of
+    # the network, so ``loss`` is on that pass's maps and may rise from one pass to the next
+    pass_number: int = 1
+    passes: int = 1
+
+    def label(self) -> str:
+        """``"12/30 (pass 2/2)"``: the iteration counted over all passes, and the pass when there are several."""
+        text = f"{self.iteration}/{self.iterations}"
+        return text + (f" (pass {self.pass_number}/{self.passes})" if self.passes > 1 else "")
 
     def transform(self) -> sitk.Transform:
         """The current world transform (fixed -> moving points); built on demand."""

@@ -646,7 +646,7 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
     def run_pass(k: int, s_map_k, pooled_k, adjust_k, regulariser_k, to_world_k) -> RefineOutput:
         def pass_callback(info: IterationInfo) -> None:
             callback(IterationInfo(k * budget + info.iteration, passes * budget, info.loss, info.params,
-                                   info._to_world))
+                                   info._to_world, pass_number=k + 1, passes=passes))
 
         return refine(module, s_map_k, t_map, iterations, lr, pass_callback if callback is not None else None, cancel,
                       to_world_k, adjust=adjust_k, regulariser=regulariser_k, tolerance=tolerance,
