@@ -206,3 +206,11 @@ def test_an_excluded_anatomy_is_left_out_in_every_contrast(tmp_path):
     train_brain.check_data_options(tmp_path / "run", options, write=True)
     with pytest.raises(SystemExit, match="--exclude a"):  # a resume without the exclusion would mix data
         train_brain.check_data_options(tmp_path / "run", train_brain.DATA_DEFAULTS, write=True)
+
+
+def test_soi_names_follow_the_protocol_labels_of_each_channel():
+    """Exported brain models name their channels (metadata soi.names), so the engine's warnings can say which."""
+    names = train_brain.soi_names(train_brain.DATA_DEFAULTS)
+    assert names[0] == "left_caudate" and names[5] == "right_pallidum" and len(names) == 8
+    with_brain = train_brain.soi_names(dict(train_brain.DATA_DEFAULTS, brain_channel=True))
+    assert with_brain[:8] == names and with_brain[8] == "rest of the brain"

@@ -83,6 +83,7 @@ sys.path.insert(0, str(REPO / "ISTNRegistration"))  # the engine without install
 
 from istn import __version__ as ENGINE_VERSION  # noqa: E402
 from istn.data.augment import Anatomy, AugmentConfig, sample_view  # noqa: E402
+from istn.data.brain.labels import LABELS as PROTOCOL_LABELS  # noqa: E402
 from istn.data.brain.tissue import tissue_map, tissue_source  # noqa: E402
 from istn.config import DEFAULT_MODEL_FAMILY, ModelConfig, TrainConfig, to_dict  # noqa: E402
 from istn.export import build_metadata, export_model  # noqa: E402
@@ -394,6 +395,12 @@ def soi_description(options: dict) -> str:
             "minus the structures), context for the outline, not a structure")
 
 
+def soi_names(options: dict) -> list[str]:
+    """The name of each SoI channel (metadata ``soi.names``: the engine's warnings name structures by them)."""
+    by_label = {v: k for k, v in PROTOCOL_LABELS.items()}
+    return [by_label.get(v, "rest of the brain") for v in soi_labels(options)]
+
+
 def soi_labels(options: dict) -> tuple[int, ...]:
     """The label of each SoI channel: the 8 structures, and the rest of the brain with ``brain_channel``."""
     return LABELS + ((BRAIN_LABEL,) if {**DATA_DEFAULTS, **options}["brain_channel"] else ())
@@ -608,6 +615,7 @@ def export_stage(args, stage: str, out: Path, described: list[str], val_anat, tr
                                  "data_options": options, "validation": dice, "validation_cropped": dice_cropped,
                                  "steps_trained": run["steps"],
                                  "script": "benchmarks/train_brain.py"})
+    meta["soi"]["names"] = soi_names(options)
     name = f"{args.family}-{stage}.pt"
     path = Path(args.models) / name
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -83,6 +83,9 @@ class RegistrationResult:
     passes: int = 1  # B-spline: refinement passes allowed (`register`'s ``passes``); 1 for an affine
     # (iterations, of them on half-resolution maps, of them polish) of each pass run, in order: ``losses`` in pieces
     pass_iterations: list[tuple[int, int, int]] = field(default_factory=list)
+    # (K,) bounded maps only: each structure's map volume in the moving image over that in the fixed one, as the
+    # network compared them in the first pass (`map_volume_ratios`); empty for unbounded maps
+    map_volume_ratio: list[float] = field(default_factory=list)
 
     def warped_moving_map(self) -> sitk.Image:
         """The moving ITN map resampled into the fixed map's grid through the final transform."""
@@ -108,6 +111,7 @@ class RegistrationResult:
             "anchor": self.anchor,
             "passes": self.passes,
             "pass_iterations": [list(p) for p in self.pass_iterations],
+            "map_volume_ratio": [None if not np.isfinite(r) else r for r in self.map_volume_ratio],
             "cancelled": self.cancelled,
             "device": self.device,
             "timings_s": self.timings,
@@ -311,6 +315,55 @@ def _self_check(model: LoadedModel, similarity: float, refined: bool) -> str | N
 
 # A refined loss above this multiple of the worst validation pair's triggers the self-check warning.
 SELF_CHECK_FACTOR = 3.0
+
+# A structure the network sees with less than this fraction of its volume in the other image (or more than its
+# inverse) triggers the map-volume self-check. On the validation pairs the bundled models' ratios lie within
+# 0.55-1.05 (brain-t1) and 0.74-1.01 (brain-synth): the bound is their lowest less 0.1, so that an anatomy unlike
+# the fixed one stays quiet; T2 and PD through the T1-only model reach 0.00-0.37 and a head cropped to its top
+# 60 % 0.38-0.64 (benchmarks/results/map_volume_check.md).
+MAP_VOLUME_RATIO_BOUND = 0.45
+
+
+def map_volume_ratios(source_map: torch.Tensor, target_map: torch.Tensor,
+                      threshold: float = MAP_DISPLAY_THRESHOLD) -> np.ndarray:
+    """``(K,)``: each structure map's volume in ``source_map`` over that in ``target_map``.
+
+    ``source_map``, ``target_map`` ``(1, K, *S)``: bounded ITN maps on grids of
+    the same spacing (the network's), so that voxel sums compare volumes. A
+    map's volume: the sum of its values from ``threshold`` up (below it the
+    sigmoid's floor, ~0.02 over a whole grid, would outweigh a small
+    structure). ``inf`` where only the target has none; ``nan`` where neither has any.
+    """
+    def volumes(maps: torch.Tensor) -> np.ndarray:
+        m = maps[0].detach().float()
+        return (m * (m >= threshold)).flatten(1).sum(1).cpu().double().numpy()
+
+    s, t = volumes(source_map), volumes(target_map)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(t > 0, s / np.where(t > 0, t, 1.0), np.where(s > 0, np.inf, np.nan))
+
+
+def _map_volume_check(model: LoadedModel, ratios: np.ndarray) -> str | None:
+    """A warning naming the structures whose volume the network sees very differently in the two images: a
+    contrast, field of view or anatomy it was not trained for, which the loss alone does not show (the maps of
+    both images may match each other well and still miss the structure)."""
+    bound = MAP_VOLUME_RATIO_BOUND
+    off = [k for k, r in enumerate(ratios) if r == np.inf or (np.isfinite(r) and not bound <= r <= 1.0 / bound)]
+    if not off:
+        return None
+    soi = model.meta.get("soi", {})
+    names, labels = soi.get("names") or [], soi.get("labels") or []
+
+    def name(k: int) -> str:
+        if k < len(names):
+            return str(names[k])
+        return f"structure {k + 1}" + (f" (label {labels[k]})" if k < len(labels) else "")
+
+    parts = [f"{name(k)} x{ratios[k]:.2f}" if np.isfinite(ratios[k]) else f"{name(k)}: none in the fixed image"
+             for k in off]
+    return ("the network sees the structures at very different volumes in the moving and the fixed image (moving / "
+            f"fixed: {'; '.join(parts)}; validation pairs stay within {bound:g}-{1 / bound:.2f}): a contrast, field "
+            "of view or anatomy it was not trained for; check the result before using it")
 
 
 def check_register_inputs(
@@ -724,6 +777,10 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
     check = _self_check(model, out.similarity, refined=bool(out.losses))
     if check:
         warnings_.append(check)
+    volume_ratio = map_volume_ratios(s_map, t_map) if model.config.itn_output == "sigmoid" else np.zeros(0)
+    check = _map_volume_check(model, volume_ratio)
+    if check:
+        warnings_.append(check)
     return RegistrationResult(
         transform=to_world(params),
         one_pass_transform=to_world(params0),
@@ -748,6 +805,7 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
         region_margin_mm=region_margin_mm if np.isfinite(region_margin_mm) else None,
         polish_iterations=polished,
         iterations_allowed=passes * (iterations + polish),
+        map_volume_ratio=[float(r) for r in volume_ratio],
         passes=passes,
         pass_iterations=pass_iterations,
         bending=bending,

@@ -1,0 +1,68 @@
+"""The map-volume self-check: each structure's ITN map volume, moving over fixed, and the warning it gives."""
+from __future__ import annotations
+
+import json
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import istn.registration as registration
+from istn.export import load_model
+from istn.registration import MAP_VOLUME_RATIO_BOUND, _map_volume_check, map_volume_ratios, register
+
+
+def _cube(shape, lo, hi, value=1.0, floor=0.0):
+    m = torch.full(shape, floor)
+    m[tuple(slice(a, b) for a, b in zip(lo, hi))] = value
+    return m
+
+
+def test_ratios_compare_volumes_above_the_display_floor():
+    shape = (12, 12, 12)
+    source = torch.stack([
+        _cube(shape, (0, 0, 0), (4, 4, 4)),  # 64 voxels
+        _cube(shape, (2, 2, 2), (5, 5, 5), 0.8, floor=0.05),  # 27 x 0.8; the 0.05 floor over the grid is not volume
+        _cube(shape, (0, 0, 0), (2, 2, 2)),  # the fixed image has none of it
+        torch.zeros(shape),  # neither has any
+    ])[None]
+    target = torch.stack([
+        _cube(shape, (0, 0, 0), (4, 4, 2)),  # 32 voxels
+        _cube(shape, (0, 0, 0), (3, 3, 3), 0.8),
+        torch.full(shape, 0.09),  # below the floor everywhere
+        torch.zeros(shape),
+    ])[None]
+    r = map_volume_ratios(source, target)
+    assert r[0] == pytest.approx(2.0) and r[1] == pytest.approx(1.0)
+    assert r[2] == np.inf and np.isnan(r[3])
+    assert map_volume_ratios(target, source)[0] == pytest.approx(0.5)
+
+
+def test_the_warning_names_the_structures_outside_the_bound():
+    model = types.SimpleNamespace(meta={"soi": {"labels": [3, 5, 7, 9]}})
+    low, high = MAP_VOLUME_RATIO_BOUND, 1.0 / MAP_VOLUME_RATIO_BOUND
+    assert _map_volume_check(model, np.array([low, 1.0, high, np.nan])) is None  # the bound itself is quiet
+    text = _map_volume_check(model, np.array([1.0, 0.3, high * 1.5, np.inf]))
+    assert "structure 2 (label 5) x0.30" in text and f"structure 3 (label 7) x{high * 1.5:.2f}" in text
+    assert "structure 4 (label 9): none in the fixed image" in text and "structure 1 " not in text
+    named = types.SimpleNamespace(meta={"soi": {"labels": [1, 2], "names": ["L caudate", "R caudate"]}})
+    assert "R caudate x0.10" in _map_volume_check(named, np.array([1.0, 0.1]))
+
+
+def test_register_reports_the_ratios_and_warns_through_them(make_model, pair2d, monkeypatch):
+    fixed, _ = pair2d
+    model = load_model(make_model(2, "affine", "istn-e", itn_output="sigmoid"))
+    same = register(fixed, fixed, model, iterations=2)  # an image and itself: every structure the same volume
+    assert len(same.map_volume_ratio) == model.config.soi_channels
+    assert all(r == pytest.approx(1.0) or np.isnan(r) for r in same.map_volume_ratio)
+    assert not any("very different volumes" in w for w in same.warnings)
+    summary = json.loads(json.dumps(same.summary()))
+    assert len(summary["map_volume_ratio"]) == model.config.soi_channels
+    linear = load_model(make_model(2, "affine", "istn-e"))  # unbounded maps: no volumes to compare
+    assert register(fixed, fixed, linear, iterations=1).map_volume_ratio == []
+    # the ratios the network's maps give are what the warning reads
+    monkeypatch.setattr(registration, "map_volume_ratios", lambda s, t: np.full(s.shape[1], 0.2))
+    off = register(fixed, fixed, model, iterations=1)
+    assert any("very different volumes" in w and "x0.20" in w for w in off.warnings)
+    assert off.map_volume_ratio == [pytest.approx(0.2)] * model.config.soi_channels
