@@ -25,6 +25,24 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if s == 0 else float(2.0 * np.logical_and(a, b).sum() / s)
 
 
+def mutual_information(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None, bins: int = 32) -> float:
+    """Mutual information (nats) of two intensity arrays of one shape, over ``mask`` (None: everywhere).
+
+    Intensities are expected in [0, 1] (the network's window, `istn.data.image_to_tensor`); values outside are
+    clipped into the first / last of ``bins`` equal bins. 0 for an empty mask.
+    """
+    if mask is not None:
+        a, b = a[mask], b[mask]
+    if a.size == 0:
+        return 0.0
+    h, _, _ = np.histogram2d(np.clip(a.ravel(), 0.0, 1.0), np.clip(b.ravel(), 0.0, 1.0), bins=bins,
+                             range=[[0.0, 1.0], [0.0, 1.0]])
+    p = h / h.sum()
+    outer = p.sum(1, keepdims=True) @ p.sum(0, keepdims=True)
+    nz = p > 0
+    return float((p[nz] * np.log(p[nz] / outer[nz])).sum())
+
+
 def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
 

@@ -44,6 +44,7 @@ from .export import LoadedModel
 from .geometry import Grid
 from .inputs import PreparedImage, prepare_image
 from .losses import anchor_energy, anchored_control_points, bending_energy
+from .metrics import mutual_information
 from .refinement import (DEFAULT_ITERATIONS, MAP_DISPLAY_THRESHOLD, REFINE_LAYERS, CancelFlag, IterationInfo, loss_rise,
                          RefineOutput, model_region_margin, refine, refinement_layers, supports_fc_refinement)
 from .threads import default_threads
@@ -86,6 +87,9 @@ class RegistrationResult:
     # (K,) bounded maps only: each structure's map volume in the moving image over that in the fixed one, as the
     # network compared them in the first pass (`map_volume_ratios`); empty for unbounded maps
     map_volume_ratio: list[float] = field(default_factory=list)
+    # mutual information of the IMAGES on the fixed image's network grid: as given (identity) and through the result
+    # (`image_information`); the self-check warns when the result shares less than the images as given
+    information: dict[str, float] = field(default_factory=dict)
 
     def warped_moving_map(self) -> sitk.Image:
         """The moving ITN map resampled into the fixed map's grid through the final transform."""
@@ -112,6 +116,7 @@ class RegistrationResult:
             "passes": self.passes,
             "pass_iterations": [list(p) for p in self.pass_iterations],
             "map_volume_ratio": [None if not np.isfinite(r) else r for r in self.map_volume_ratio],
+            "mutual_information": self.information,
             "cancelled": self.cancelled,
             "device": self.device,
             "timings_s": self.timings,
@@ -320,7 +325,7 @@ SELF_CHECK_FACTOR = 3.0
 # inverse) triggers the map-volume self-check. On the validation pairs the bundled models' ratios lie within
 # 0.55-1.05 (brain-t1) and 0.74-1.01 (brain-synth): the bound is their lowest less 0.1, so that an anatomy unlike
 # the fixed one stays quiet; T2 and PD through the T1-only model reach 0.00-0.37 and a head cropped to its top
-# 60 % 0.38-0.64 (benchmarks/results/map_volume_check.md).
+# 60 % 0.38-0.64 (benchmarks/results/self_checks.md).
 MAP_VOLUME_RATIO_BOUND = 0.45
 
 
@@ -341,6 +346,36 @@ def map_volume_ratios(source_map: torch.Tensor, target_map: torch.Tensor,
     s, t = volumes(source_map), volumes(target_map)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(t > 0, s / np.where(t > 0, t, 1.0), np.where(s > 0, np.inf, np.nan))
+
+
+# A result whose images share less than this fraction of the mutual information of the images as given warns:
+# it may be worse than no registration. On validation pairs registration raises it ~3x (0.10 -> 0.35 nats); the
+# cropped sample pair that the T1-only model ends below no registration goes 0.294 -> 0.283, T2 / PD through it
+# 0.06-0.11 -> 0.05-0.06 (benchmarks/results/self_checks.md). Below 1 so that an image registered to itself, or
+# a pair already aligned, is not flagged for the interpolation's smoothing.
+INFORMATION_KEPT = 0.98
+FOREGROUND = 0.05  # fixed voxels compared: above this in the network's window (the head, not the air around it)
+
+
+def image_information(fixed: sitk.Image, moving: sitk.Image, grid: Grid, windows: tuple, transform: sitk.Transform,
+                      ) -> tuple[float, float]:
+    """``(as given, through transform)``: mutual information of the images on ``grid`` (the fixed image's network
+    grid), each in its network window, over the fixed image's foreground: a measure of the images themselves,
+    independent of the model, of whether the result leaves them less alike than they were."""
+    target = image_to_tensor(fixed, grid, windows[0])[0, 0].cpu().numpy()
+    mask = target > FOREGROUND
+    given = image_to_tensor(moving, grid, windows[1], sitk.Transform(fixed.GetDimension(), sitk.sitkIdentity))
+    moved = image_to_tensor(moving, grid, windows[1], transform)
+    return (mutual_information(target, given[0, 0].cpu().numpy(), mask),
+            mutual_information(target, moved[0, 0].cpu().numpy(), mask))
+
+
+def _information_check(given: float, result: float) -> str | None:
+    if not result < INFORMATION_KEPT * given:
+        return None
+    return (f"the registered images are less alike than the images as given (mutual information {result:.3f} vs "
+            f"{given:.3f}): the result may be worse than no registration; check orientation, contrast and field of "
+            "view, or try another model")
 
 
 def _map_volume_check(model: LoadedModel, ratios: np.ndarray) -> str | None:
@@ -762,7 +797,6 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
         else:  # s_map lies on work_grid in moving space; t_map is the fixed map pulled there through A^-1
             moving_map = _map_image(s_map, work_grid)
             fixed_map = warp_image(_map_image(t_map, work_grid), grid_f, a_tx)
-    timings["total"] = time.perf_counter() - t_start
     warnings_: list[str] = []
     rise = loss_rise(out.losses, out.best_iteration, out.coarse_iterations, out.final_loss)  # of the pass returned
     # Adam's first step moves every weight by ~lr: from an exact start (an image and itself) any step climbs,
@@ -781,8 +815,16 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
     check = _map_volume_check(model, volume_ratio)
     if check:
         warnings_.append(check)
+    t_info = time.perf_counter()
+    final = to_world(params)
+    given, kept = image_information(fixed, moving, grid_f, (win_f, win_m), final)
+    check = _information_check(given, kept)
+    if check:
+        warnings_.append(check)
+    timings["self_check"] = time.perf_counter() - t_info
+    timings["total"] = time.perf_counter() - t_start
     return RegistrationResult(
-        transform=to_world(params),
+        transform=final,
         one_pass_transform=to_world(params0),
         initial_transform=initial_transform,
         transform_type=model.transform_type,
@@ -806,6 +848,7 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
         polish_iterations=polished,
         iterations_allowed=passes * (iterations + polish),
         map_volume_ratio=[float(r) for r in volume_ratio],
+        information={"as_given": given, "result": kept},
         passes=passes,
         pass_iterations=pass_iterations,
         bending=bending,

@@ -1,4 +1,4 @@
-"""The map-volume self-check: each structure's ITN map volume, moving over fixed, and the warning it gives."""
+"""The engine's self-checks: map volumes (moving over fixed) and the images' mutual information, and their warnings."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,9 @@ import torch
 
 import istn.registration as registration
 from istn.export import load_model
-from istn.registration import MAP_VOLUME_RATIO_BOUND, _map_volume_check, map_volume_ratios, register
+from istn.metrics import mutual_information
+from istn.registration import (INFORMATION_KEPT, MAP_VOLUME_RATIO_BOUND, _information_check, _map_volume_check,
+                               map_volume_ratios, register)
 
 
 def _cube(shape, lo, hi, value=1.0, floor=0.0):
@@ -66,3 +68,38 @@ def test_register_reports_the_ratios_and_warns_through_them(make_model, pair2d, 
     off = register(fixed, fixed, model, iterations=1)
     assert any("very different volumes" in w and "x0.20" in w for w in off.warnings)
     assert off.map_volume_ratio == [pytest.approx(0.2)] * model.config.soi_channels
+
+
+def test_mutual_information_has_its_known_values():
+    a = np.array([0.0, 0.0, 1.0, 1.0] * 25)
+    assert mutual_information(a, a) == pytest.approx(np.log(2))  # a copy: the entropy of two equal halves
+    assert mutual_information(a, 1.0 - a) == pytest.approx(np.log(2))  # any one-to-one relabelling, as MI should
+    b = np.array([0.0, 1.0, 0.0, 1.0] * 25)
+    assert mutual_information(a, b) == pytest.approx(0.0, abs=1e-12)  # independent
+    mask = np.arange(100) < 50
+    assert mutual_information(a, b, mask) == pytest.approx(0.0, abs=1e-12)
+    assert mutual_information(a, b, np.zeros(100, bool)) == 0.0
+
+
+def test_the_information_warning_fires_only_below_the_kept_fraction():
+    assert _information_check(0.3, 0.3) is None and _information_check(0.3, 0.3 * INFORMATION_KEPT) is None
+    text = _information_check(0.294, 0.283)
+    assert "less alike than the images as given" in text and "0.283 vs 0.294" in text
+    assert _information_check(0.0, 0.0) is None
+
+
+def test_register_measures_the_images_as_given_and_through_the_result(make_model, pair2d):
+    fixed, moving = pair2d
+    model = load_model(make_model(2, "affine", "istn-e"))
+    same = register(fixed, fixed, model, iterations=0)  # inverse-consistent: an image and itself stays put
+    assert same.information["result"] == pytest.approx(same.information["as_given"], rel=1e-6)
+    assert not any("less alike" in w for w in same.warnings)
+    # the raw one pass of an untrained network moves an image away from itself: less alike, and said so
+    moved = register(fixed, fixed, model, iterations=0, symmetric=False)
+    info = moved.information
+    assert info["as_given"] == pytest.approx(same.information["as_given"])
+    assert info["result"] < INFORMATION_KEPT * info["as_given"]
+    assert any("less alike than the images as given" in w for w in moved.warnings)
+    assert json.loads(json.dumps(moved.summary()))["mutual_information"] == info
+    other = register(fixed, moving, model, iterations=0)
+    assert set(other.information) == {"as_given", "result"} and other.information["as_given"] > 0

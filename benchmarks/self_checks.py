@@ -1,10 +1,16 @@
-"""The map-volume self-check (`istn.registration.MAP_VOLUME_RATIO_BOUND`): where it stays quiet, where it warns.
+"""The engine's self-checks on the files users bring: where they stay quiet, where they warn.
 
-For a pair, each structure's ITN map volume in the moving image over that in the fixed one, as the network
-compared them in the first pass (`RegistrationResult.map_volume_ratio`). On an image of a contrast, field of view
-or anatomy the model was not trained for, the ITN misses structures (T2 or PD through the T1-only model: the
-maps nearly vanish) and refinement then aligns wrong maps: the loss stays low (both maps agree where they are),
-so the loss self-check does not fire, yet the result can end below no registration (the cropped sample pair).
+Three warnings of `istn.registration.register` say that a result may not be what it seems:
+
+- **loss**: the refined loss far above the model's validation pairs (`SELF_CHECK_FACTOR`);
+- **map volume**: a structure's ITN map volume in the moving image over that in the fixed one, as the network
+  compared them in the first pass (`RegistrationResult.map_volume_ratio`), outside `MAP_VOLUME_RATIO_BOUND`. On an
+  image of a contrast, field of view or anatomy the model was not trained for, the ITN misses structures (T2 or
+  PD through the T1-only model: the maps nearly vanish) and refinement then aligns wrong maps: the loss can stay
+  low (both maps agree where they are);
+- **information**: the mutual information of the images themselves (fixed network grid) through the result below
+  `INFORMATION_KEPT` x that of the images as given (`RegistrationResult.information`): a result that leaves the
+  images less alike than no registration (the cropped sample pair that the T1-only model ends below none).
 
 Per model family (each runs the pipeline a user gets: the affine with its defaults, then the B-spline from it):
 
@@ -16,13 +22,15 @@ Per model family (each runs the pipeline a user gets: the affine with its defaul
 - ``crop F``, ``contrast C``: `hard_inputs.py`'s cases (held-out Colin27 cropped; avg152 T1 / T2 / PD, a T1
   training anatomy of the bundled models).
 
-Reported per case and stage: the smallest and largest ratio over the structures and pairs, how many pairs the
-engine warned on (this check), and the Dice unregistered -> after the B-spline (8 protocol structures), with the
-pairs that ended below no registration.
+Reported per case: the smallest and largest map-volume ratio over the structures and pairs (affine stage: the
+images as given; B-spline: the moving image through the affine), the mutual information as given -> after the
+B-spline, how many pairs each check warned on (either stage), and the Dice unregistered -> after the B-spline (8
+protocol structures), with the pairs that ended below no registration. The checks must stay quiet on the
+validation pairs; the rest shows what they catch.
 
-    python benchmarks/map_volume_check.py --data /work/braindata2 --pairs 3 --val-pairs 6
+    python benchmarks/self_checks.py --data /work/braindata2 --pairs 3 --val-pairs 6
 
-Writes ``benchmarks/results/map_volume_check.{md,json}``.
+Writes ``benchmarks/results/self_checks.{md,json}``.
 """
 from __future__ import annotations
 
@@ -46,9 +54,11 @@ from refinement_validation import validation_pairs  # noqa: E402
 
 from istn.demo import MODELS_DIR, sample_pair  # noqa: E402
 from istn.export import load_model  # noqa: E402
-from istn.registration import MAP_VOLUME_RATIO_BOUND, register  # noqa: E402
+from istn.registration import INFORMATION_KEPT, MAP_VOLUME_RATIO_BOUND, SELF_CHECK_FACTOR, register  # noqa: E402
 
-WARNING_KEY = "very different volumes"  # the map-volume warning's words (`_map_volume_check`)
+# words of each warning (`_self_check`, `_map_volume_check`, `_information_check`)
+CHECKS = {"loss": "looks unlike what the model was trained on", "map volume": "very different volumes",
+          "information": "less alike than the images as given"}
 
 
 def all_cases(data: Path, pairs: int, val_pairs: int, val_anatomy: str):
@@ -74,30 +84,36 @@ def run(models: tuple, fixed, fixed_labels, moving, moving_labels, threads: int)
     return {"unregistered": mean_dice(fixed_labels, moving_labels, None),
             "bspline_dice": mean_dice(fixed_labels, moving_labels, b.transform),
             "ratio": {"affine": a.map_volume_ratio, "bspline": b.map_volume_ratio},
-            "warned": {"affine": any(WARNING_KEY in w for w in a.warnings),
-                       "bspline": any(WARNING_KEY in w for w in b.warnings)},
+            "information": {"as_given": a.information["as_given"], "affine": a.information["result"],
+                            "bspline": b.information["result"]},
+            "warned": {check: any(words in w for w in a.warnings + b.warnings) for check, words in CHECKS.items()},
             "warnings": a.warnings + b.warnings}
 
 
 def markdown(res: dict) -> str:
-    lines = ["# The map-volume self-check: where it stays quiet, where it warns", "",
-             f"Generated by `{res['command']}` on {res['date']}. Bound: a structure's map volume, moving over fixed, "
-             f"outside {res['bound']:g}-{1 / res['bound']:.2f} warns (`istn.registration.MAP_VOLUME_RATIO_BOUND`). "
-             "Ratio: smallest / largest over the 8 structures and the case's pairs, per stage (affine: the images as "
-             "given; B-spline: the moving image through the affine, so a good affine brings it near 1). Warned: "
-             "pairs on which the engine gave this warning (either stage). Dice: 8 structures, unregistered -> after "
-             "the B-spline, mean over pairs; 'below': pairs that ended below no registration.", "",
-             "| family | case | pairs | affine ratio min / max | B-spline ratio min / max | warned | Dice "
-             "unregistered -> B-spline | below unregistered |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["# The engine's self-checks: where they stay quiet, where they warn", "",
+             f"Generated by `{res['command']}` on {res['date']}. Warnings (either stage; pairs warned): **loss**: the "
+             f"refined loss above {res['loss_factor']:g}x the model's worst validation pair; **volume**: a structure's "
+             f"map volume, moving over fixed, outside {res['bound']:g}-{1 / res['bound']:.2f}; **information**: the "
+             "mutual information of the images (fixed network grid) after the stage below "
+             f"{res['information_kept']:g}x that of the images as given. Ratio: smallest / largest over the 8 "
+             "structures and the case's pairs, per stage (affine: the images as given; B-spline: the moving image "
+             "through the affine, so a good affine brings it near 1). MI: as given -> after the B-spline (nats, mean "
+             "over pairs). Dice: 8 structures, unregistered -> after the B-spline, mean over pairs; 'below': pairs "
+             "that ended below no registration.", "",
+             "| family | case | pairs | affine ratio min / max | B-spline ratio min / max | MI as given -> B-spline | "
+             "warned: loss / volume / information | Dice unregistered -> B-spline | below unregistered |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for fam, by_case in res["results"].items():
         for case, rows in by_case.items():
             def rng(stage: str) -> str:
                 v = [r for row in rows for r in row["ratio"][stage] if r is not None and np.isfinite(r)]
                 return f"{min(v):.2f} / {max(v):.2f}" if v else "-"
-            warned = sum(r["warned"]["affine"] or r["warned"]["bspline"] for r in rows)
+            warned = " / ".join(str(sum(r["warned"][c] for r in rows)) for c in CHECKS)
             below = sum(r["bspline_dice"] < r["unregistered"] for r in rows)
-            lines.append(f"| {fam} | {case} | {len(rows)} | {rng('affine')} | {rng('bspline')} | {warned} | "
+            mi = (f"{np.mean([r['information']['as_given'] for r in rows]):.3f} -> "
+                  f"{np.mean([r['information']['bspline'] for r in rows]):.3f}")
+            lines.append(f"| {fam} | {case} | {len(rows)} | {rng('affine')} | {rng('bspline')} | {mi} | {warned} | "
                          f"{np.mean([r['unregistered'] for r in rows]):.3f} -> "
                          f"{np.mean([r['bspline_dice'] for r in rows]):.3f} | {below} |")
     lines += ["", "Validation pairs (the bound's ground): " + "; ".join(
@@ -114,23 +130,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-pairs", type=int, default=6, help="validation scanner positions (each whole and brain)")
     p.add_argument("--val-anatomy", default="spm_avg305")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "map_volume_check"))
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "self_checks"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     folder = Path(args.models)
     families = {f: (load_model(folder / f"{f}-affine.pt"), load_model(folder / f"{f}-bspline.pt"))
                 for f in args.families.split(",")}
     res = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "command": "python benchmarks/map_volume_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "bound": MAP_VOLUME_RATIO_BOUND, "results": {f: {} for f in families}}
+           "command": "python benchmarks/self_checks.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "bound": MAP_VOLUME_RATIO_BOUND, "information_kept": INFORMATION_KEPT, "loss_factor": SELF_CHECK_FACTOR,
+           "results": {f: {} for f in families}}
     for case, fixed, fixed_labels, moving, moving_labels in all_cases(Path(args.data), args.pairs, args.val_pairs,
                                                                         args.val_anatomy):
         for fam, models in families.items():
             r = run(models, fixed, fixed_labels, moving, moving_labels, args.threads)
             res["results"][fam].setdefault(case, []).append(r)
             lo = min(min(r["ratio"][s]) for s in ("affine", "bspline"))
-            print(f"{fam} {case}: ratio min {lo:.2f}, Dice {r['unregistered']:.3f} -> {r['bspline_dice']:.3f}"
-                  f"{' [warned]' if any(r['warned'].values()) else ''}", flush=True)
+            info = r["information"]
+            print(f"{fam} {case}: ratio min {lo:.2f}, MI {info['as_given']:.3f} -> {info['affine']:.3f} -> "
+                  f"{info['bspline']:.3f}, Dice {r['unregistered']:.3f} -> {r['bspline_dice']:.3f} "
+                  f"warned: {[c for c, w in r['warned'].items() if w]}", flush=True)
     res["validation_range"] = {}
     for fam, by_case in res["results"].items():
         v = [x for case, rows in by_case.items() if case.startswith("validation") for row in rows
