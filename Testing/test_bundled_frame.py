@@ -47,6 +47,8 @@ def test_the_sample_head_registered_to_itself_stays_at_the_identity(models, pair
         d = np.linalg.norm(_displacement(res.transform, fixed), axis=-1)[brain]
         assert d.mean() < 0.5 and d.max() < 2.0, (res.transform_type, d.mean(), d.max())
         assert res.warnings == []  # an exact start is not "refinement raised the loss"
+        assert res.information["result"] == pytest.approx(res.information["as_given"], rel=1e-6)
+        assert res.map_volume_ratio == pytest.approx([1.0] * len(res.map_volume_ratio))
 
 
 @pytest.mark.parametrize("layout", ["RAS", "ASL"])  # RAS-stored NIfTI as converters write it; a sagittal order
@@ -58,6 +60,10 @@ def test_a_moving_head_stored_in_another_layout_gives_the_same_result(models, pa
     assert gap.max() < 0.5  # mm, over the whole fixed grid
     dice = [np.mean(list(structure_dice(fixed_labels, labels, r.transform).values())) for r in (plain, other)]
     assert abs(dice[0] - dice[1]) < 0.01 and dice[0] > 0.5
+    # the self-checks read the same numbers whatever the storage (and find nothing wrong with this pair)
+    assert other.information == pytest.approx(plain.information, rel=1e-3)
+    assert other.map_volume_ratio == pytest.approx(plain.map_volume_ratio, rel=1e-3)
+    assert plain.warnings == other.warnings == []
 
 
 def test_the_anchor_holds_the_bspline_at_the_affine_away_from_the_structures(models, pair):
