@@ -46,7 +46,10 @@ def test_register_writes_every_output(files, tmp_path, capsys):
     assert len(stage["loss_per_iteration"]) == 3 and "one_pass" in stage["timings_s"]
     assert stage["model"]["variant"] == "istn-i"
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
-    assert "outputs in" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "outputs in" in printed
+    info = stage["mutual_information"]
+    assert f"images' mutual information {info['as_given']:.3f} as given -> {info['result']:.3f}" in printed
 
 
 def test_coarse_iterations_flag_reaches_every_stage(files, tmp_path):

@@ -699,6 +699,9 @@ def test_summary_reports_iterations_run_and_warnings(scene, pair, tiny_models, m
     text = result.summary()
     assert "after 3 refinement iterations (stopped early at convergence; 5 allowed)" in text
     assert "Warning: refinement converged after 3 iterations" in text
+    info = result.metrics["stages"][0]["mutual_information"]  # the images' own measure, shown beside the loss
+    assert set(info) == {"as_given", "result"} and info["as_given"] > 0
+    assert f"Images' mutual information {info['as_given']:.3f} as given, {info['result']:.3f} registered." in text
 
 
 # --------------------------------------------------------------------------

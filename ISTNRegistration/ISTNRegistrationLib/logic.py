@@ -139,6 +139,10 @@ class ISTNRegistrationResult:
                          "refinement iterations.")
             if values["polish"]:
                 line += " " + _("The last {polish} polished the transform itself.")
+            info = stage.get("mutual_information") or {}
+            if info:  # a measure of the images themselves, whatever the model: registration should raise it
+                line += " " + _("Images' mutual information {given:.3f} as given, {result:.3f} registered.")
+                values.update(given=info["as_given"], result=info["result"])
             lines.append(line.format(**values))
         dice = self.metrics.get("dice", {})
         if dice:
@@ -678,7 +682,8 @@ class ISTNRegistrationLogic:
         metrics: dict = {"stages": [
             {"stage": s.transform_type, "loss_one_pass": s.loss_one_pass, "loss_final": s.loss_final,
              "iterations": s.iterations, "polish_iterations": s.polish_iterations,
-             "iterations_requested": s.iterations_allowed, "losses": list(s.losses)}
+             "iterations_requested": s.iterations_allowed, "losses": list(s.losses),
+             "mutual_information": dict(s.information)}
             for s in stages]}
         metrics["loss_one_pass"] = stages[-1].loss_one_pass
         metrics["loss_final"] = stages[-1].loss_final

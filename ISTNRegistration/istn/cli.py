@@ -536,8 +536,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             for st in s["stages"]:
                 stop = " (converged)" if st["converged"] else ""
                 polished = f", {st['polish_iterations']} of them polish" if st.get("polish_iterations") else ""
+                info = st.get("mutual_information") or {}
+                alike = (f"; images' mutual information {info['as_given']:.3f} as given -> {info['result']:.3f}"
+                         if info else "")
                 print(f"{Path(st['model_file']).name}: loss {st['loss_one_pass']:.6f} -> {st['loss_final']:.6f} after "
-                      f"{st['iterations']} iterations{polished}{stop}")
+                      f"{st['iterations']} iterations{polished}{stop}{alike}")
             for w in s["warnings"]:
                 print(f"istn register: warning: {w}", file=sys.stderr)
             print(f"{s['seconds_total']:.2f} s; outputs in {args.out}")
