@@ -349,7 +349,7 @@ def map_volume_ratios(source_map: torch.Tensor, target_map: torch.Tensor,
 
 
 # A result whose images share less than this fraction of the mutual information of the images as given warns:
-# it may be worse than no registration. On validation pairs registration raises it ~3x (0.10 -> 0.35 nats); the
+# it may be worse than no registration. On validation pairs registration raises it ~4x (0.08 -> 0.33 nats); the
 # cropped sample pair that the T1-only model ends below no registration goes 0.294 -> 0.283, T2 / PD through it
 # 0.06-0.11 -> 0.05-0.06 (benchmarks/results/self_checks.md). Below 1 so that an image registered to itself, or
 # a pair already aligned, is not flagged for the interpolation's smoothing.
@@ -397,8 +397,8 @@ def _map_volume_check(model: LoadedModel, ratios: np.ndarray) -> str | None:
     parts = [f"{name(k)} x{ratios[k]:.2f}" if np.isfinite(ratios[k]) else f"{name(k)}: none in the fixed image"
              for k in off]
     return ("the network sees the structures at very different volumes in the moving and the fixed image (moving / "
-            f"fixed: {'; '.join(parts)}; validation pairs stay within {bound:g}-{1 / bound:.2f}): a contrast, field "
-            "of view or anatomy it was not trained for; check the result before using it")
+            f"fixed: {'; '.join(parts)}; validation pairs stay inside {bound:g}-{1 / bound:.2f}): a contrast, "
+            "field of view or anatomy it was not trained for; check the result before using it")
 
 
 def check_register_inputs(
