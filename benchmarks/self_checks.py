@@ -20,7 +20,10 @@ Per model family (each runs the pipeline a user gets: the affine with its defaul
 - ``sample`` / ``sample crop 0.6``: the bundled sample pair as stored, whole and with the moving head cropped to
   its top 60 % (`hard_inputs.py`'s case);
 - ``crop F``, ``contrast C``: `hard_inputs.py`'s cases (held-out Colin27 cropped; avg152 T1 / T2 / PD, a T1
-  training anatomy of the bundled models).
+  training anatomy of the bundled models);
+- ``aligned``: pairs already aligned as given: avg152 T1 / T2 / PD -> avg152 T1 (one subject, three contrasts,
+  one space) and ICBM 2009a -> avg152 T1 (two MNI templates). Any change can only lose here; the information
+  check says so when the loss is more than its margin.
 
 Reported per case: the smallest and largest map-volume ratio over the structures and pairs (affine stage: the
 images as given; B-spline: the moving image through the affine), the mutual information as given -> after the
@@ -75,6 +78,16 @@ def all_cases(data: Path, pairs: int, val_pairs: int, val_anatomy: str):
         yield case, f, fl, m, ml
     if not pairs:  # hard_cases yields the cropped sample pair only with crops
         yield "sample crop 0.6", sf, s["fixed_labels"], *crop_superior(sm, s["moving_labels"], 0.6)
+    # pairs already aligned as given (the same subject in three contrasts; two MNI templates): nothing to gain
+    train = data / "train"
+    t1 = sitk.ReadImage(str(train / "spm_avg152_t1.nii.gz"), sitk.sitkFloat32)
+    t1_labels = sitk.ReadImage(str(train / "spm_avg152_labels.nii.gz"))
+    for c in ("t1", "t2", "pd"):
+        img = sitk.ReadImage(str(train / f"spm_avg152_{c}.nii.gz"), sitk.sitkFloat32)
+        yield f"aligned: avg152 {c.upper()} -> avg152 T1", t1, t1_labels, img, t1_labels
+    yield ("aligned: ICBM 2009a -> avg152 T1", t1, t1_labels,
+           sitk.ReadImage(str(train / "icbm2009a_t1.nii.gz"), sitk.sitkFloat32),
+           sitk.ReadImage(str(train / "icbm2009a_labels.nii.gz")))
 
 
 def run(models: tuple, fixed, fixed_labels, moving, moving_labels, threads: int) -> dict:

@@ -374,8 +374,8 @@ def _information_check(given: float, result: float) -> str | None:
     if not result < INFORMATION_KEPT * given:
         return None
     return (f"the registered images are less alike than the images as given (mutual information {result:.3f} vs "
-            f"{given:.3f}): the result may be worse than no registration; check orientation, contrast and field of "
-            "view, or try another model")
+            f"{given:.3f}): if they were aligned already, registration did not improve them; otherwise the result "
+            "may be worse than no registration: check orientation, contrast and field of view, or try another model")
 
 
 def _map_volume_check(model: LoadedModel, ratios: np.ndarray) -> str | None:
