@@ -103,3 +103,61 @@ def test_register_measures_the_images_as_given_and_through_the_result(make_model
     assert json.loads(json.dumps(moved.summary()))["mutual_information"] == info
     other = register(fixed, moving, model, iterations=0)
     assert set(other.information) == {"as_given", "result"} and other.information["as_given"] > 0
+
+
+def test_varied_views_are_read_from_the_recipe_metadata():
+    from istn.config import trained_on_varied_views, varied_alternatives
+
+    plain = {"transform": "affine", "ndim": 3, "data_options": {"contrasts": ["t1"], "synth_prob": 0.0, "crop_prob": 0}}
+    synth = {"transform": "affine", "ndim": 3, "data_options": {"contrasts": ["t1"], "synth_prob": 0.3}}
+    assert not trained_on_varied_views(plain) and trained_on_varied_views(synth)
+    assert trained_on_varied_views({"data_options": {"crop_prob": 0.3}})
+    assert trained_on_varied_views({"data_options": {"contrasts": ["t1", "t2"]}})
+    assert not trained_on_varied_views({}) and not trained_on_varied_views({"data_options": None})
+    synth_b = dict(synth, transform="bspline")
+    plain_b = dict(plain, transform="bspline")
+    candidates = [("plain-b", plain_b), ("synth-b", synth_b), ("synth-a", synth), ("synth-2d", dict(synth, ndim=2))]
+    assert varied_alternatives([plain, plain_b], candidates) == ["synth-a", "synth-b"]  # in the chain's order
+    assert varied_alternatives([plain], candidates[:2]) == []  # no affine made for varied views
+    assert varied_alternatives([synth, plain_b], candidates) == []  # the chain already has one
+
+
+def _varied_copy(path, folder, name):
+    """A copy of model ``path`` whose metadata says it trained with label-driven synthesis (as brain-synth)."""
+    from istn.export import rewrite_metadata
+
+    meta = dict(load_model(path).meta, data_options={"contrasts": ["t1"], "synth_prob": 0.3, "crop_prob": 0.3})
+    dst = folder / name
+    dst.write_bytes(path.read_bytes())
+    rewrite_metadata(dst, meta)
+    return dst
+
+
+def test_the_command_line_names_the_varied_models_beside_after_a_failed_check(make_model, tmp_path, capsys,
+                                                                           monkeypatch):
+    import SimpleITK as sitk
+
+    from conftest import blob_image
+    from istn.cli import main
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    plain = folder / "plain-affine.pt"
+    plain.write_bytes(make_model(2, "affine", "istn-e", itn_output="sigmoid").read_bytes())
+    varied = _varied_copy(plain, folder, "varied-affine.pt")
+    image = blob_image((40, 40), (1.5, 1.5), (-30.0, -30.0), np.eye(2))
+    for name in ("f.nii.gz", "m.nii.gz"):
+        sitk.WriteImage(image, str(tmp_path / name))
+    args = ["register", "--fixed", str(tmp_path / "f.nii.gz"), "--moving", str(tmp_path / "m.nii.gz"),
+            "--refine", "1", "--quiet"]
+    assert main(args + ["--model", str(plain), "--out", str(tmp_path / "quiet")]) == 0
+    assert "hint" not in capsys.readouterr().err  # every check passed: nothing to suggest
+    monkeypatch.setattr(registration, "_information_check", lambda given, result: "forced for the test")
+    assert main(args + ["--model", str(plain), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: plain-affine.pt: forced for the test" in err
+    assert "hint: varied-affine.pt (beside plain-affine.pt)" in err and f"--model {varied}" in err
+    stage = json.loads((tmp_path / "out" / "result.json").read_text())["stages"][0]
+    assert stage["self_checks_failed"] == ["information"]
+    assert main(args + ["--model", str(varied), "--out", str(tmp_path / "varied")]) == 0
+    assert "hint" not in capsys.readouterr().err  # the varied model itself failed: nothing better beside it

@@ -704,6 +704,30 @@ def test_summary_reports_iterations_run_and_warnings(scene, pair, tiny_models, m
     assert f"Images' mutual information {info['as_given']:.3f} as given, {info['result']:.3f} registered." in text
 
 
+def test_a_failed_self_check_suggests_the_varied_models_beside(scene, pair, tiny_models, tmp_path, monkeypatch):
+    """After a failed self-check of models trained on plain T1 only, the panel names the models beside them that
+    were trained on other contrasts and cropped fields of view (as brain-synth beside brain-t1)."""
+    import istn.registration as engine
+    from istn.export import load_model, rewrite_metadata
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for kind in ("affine", "bspline"):
+        plain = folder / f"plain-{kind}.pt"
+        plain.write_bytes(Path(tiny_models[kind]).read_bytes())
+        varied = folder / f"varied-{kind}.pt"
+        varied.write_bytes(plain.read_bytes())
+        rewrite_metadata(varied, dict(load_model(varied).meta, data_options={"contrasts": ["t1"], "synth_prob": 0.3}))
+    models = {k: str(folder / f"plain-{k}.pt") for k in ("affine", "bspline")}
+    quiet = run(ISTNRegistrationLogic(), pair, models, "bspline")
+    assert quiet.hint == "" and "Hint" not in quiet.summary()
+    monkeypatch.setattr(engine, "_information_check", lambda given, result: "forced for the test")
+    result = run(ISTNRegistrationLogic(), pair, models, "bspline")
+    assert [s.self_checks_failed for s in result.stages] == [["information"], ["information"]]
+    assert "varied-affine.pt, varied-bspline.pt" in result.hint and "B-spline: varied-bspline" in result.hint
+    assert f"Hint: {result.hint}" in result.summary()
+
+
 # --------------------------------------------------------------------------
 # Volumes are passed as loaded: any IJK-to-RAS
 # --------------------------------------------------------------------------

@@ -117,6 +117,7 @@ class ISTNRegistrationResult:
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     device: str = ""
+    hint: str = ""  # after a failed self-check: models beside the ones used that were made for such inputs
 
     def summary(self) -> str:
         """A few lines for people (the panel shows them)."""
@@ -154,7 +155,29 @@ class ISTNRegistrationResult:
             lines.append(_("Folding (Jacobian ≤ 0): {percent:.3f} % of voxels.").format(
                 percent=100.0 * self.metrics["folding_fraction"]))
         lines.extend(_("Warning: {warning}").format(warning=w) for w in self.warnings)
+        if self.hint:
+            lines.append(_("Hint: {hint}").format(hint=self.hint))
         return "\n".join(lines)
+
+
+def variedViewsHint(stages: list) -> str:
+    """After a failed self-check of models trained on plain T1 heads only: the models beside them trained on
+    other contrasts and cropped fields of view (`istn.config.varied_alternatives`), as panel choices ('' if none).
+    ``stages``: `istn.registration.RegistrationResult` of each stage run."""
+    from istn.config import varied_alternatives  # torch-free
+
+    if not any(s.self_checks_failed for s in stages):
+        return ""
+    used = [Path(s.model_path) for s in stages if s.model_path]
+    if len(used) != len(stages):
+        return ""
+    candidates = [(info, info.meta) for info in bundledModels(used[-1].parent) if info.path not in used]
+    picks = varied_alternatives([s.model_meta for s in stages], candidates)
+    if not picks:
+        return ""
+    return _("{models} (beside the models used) were trained on other contrasts and cropped fields of view; for a "
+             "T2 or PD image or a partial head, choose {choice}.").format(
+        models=", ".join(p.path.name for p in picks), choice=picks[-1].label)
 
 
 class _SceneChanges:
@@ -526,6 +549,7 @@ class ISTNRegistrationLogic:
                 changes.rollback()
                 raise
 
+            result.hint = variedViewsHint(result.stages)
             result.transformNode = linearNode
             result.bsplineTransformNode = bsplineNode
             result.transform = final

@@ -72,6 +72,30 @@ def check_register_options(iterations: int | None, lr: float | None, device: str
     check_device(device)
 
 
+def _varied_hint(stages: list[dict]) -> str | None:
+    """After a failed self-check of models trained on plain T1 heads only: the models beside them trained on
+    other contrasts and cropped fields of view (`istn.config.varied_alternatives`), as a command to try."""
+    if not any(s.get("self_checks_failed") for s in stages):
+        return None
+    from .config import varied_alternatives
+    from .export import load_model
+
+    used = [Path(s["model_file"]) for s in stages]
+    candidates = []
+    for path in sorted(used[-1].parent.glob("*.pt")):
+        if path not in used:
+            try:
+                candidates.append((path, load_model(path).meta))
+            except Exception:  # noqa: BLE001 - anything unreadable is simply not a candidate
+                continue
+    picks = varied_alternatives([s["model"] for s in stages], candidates)
+    if not picks:
+        return None
+    return (f"{', '.join(p.name for p in picks)} (beside {', '.join(p.name for p in used)}) trained on other "
+            "contrasts and cropped fields of view; for a T2 or PD image or a partial head try "
+            + " ".join(f"--model {p}" for p in picks))
+
+
 def run_register(
     fixed_path: str | Path,
     moving_path: str | Path,
@@ -543,6 +567,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{st['iterations']} iterations{polished}{stop}{alike}")
             for w in s["warnings"]:
                 print(f"istn register: warning: {w}", file=sys.stderr)
+            hint = _varied_hint(s["stages"])
+            if hint:
+                print(f"istn register: hint: {hint}", file=sys.stderr)
             print(f"{s['seconds_total']:.2f} s; outputs in {args.out}")
         elif args.command == "evaluate":
             res = run_evaluate(args.fixed_labels, args.moving_labels, args.transform, args.labels, args.out, args.soft)

@@ -152,6 +152,35 @@ def companion_stem(stem: str, transform: str) -> str | None:
     return None
 
 
+def trained_on_varied_views(meta: dict) -> bool:
+    """Whether a brain-recipe model trained on views beyond plain T1 heads: other contrasts (real or by
+    label-driven synthesis) or cropped fields of view (its metadata's ``data_options``). Such a model is the one
+    to try when a T1-only model's self-checks fail on a pair (``brain-synth`` beside ``brain-t1``)."""
+    options = meta.get("data_options") if isinstance(meta, dict) else None
+    if not isinstance(options, dict):
+        return False
+    contrasts = {str(c).lower() for c in options.get("contrasts", ["t1"])}
+    return (float(options.get("synth_prob", 0) or 0) > 0 or float(options.get("crop_prob", 0) or 0) > 0
+            or bool(contrasts - {"t1"}))
+
+
+def varied_alternatives(used: list[dict], candidates: list[tuple[object, dict]]) -> list:
+    """For a chain of models (``used``: their metadata, in order) none of which `trained_on_varied_views`, one
+    candidate per used model that did, of the same transform and dimension: ``[key, ...]`` from ``candidates``
+    (``(key, metadata)``, e.g. the model files beside them), or ``[]`` when a used model already did or some
+    transform has no such candidate. What the command line and the panel suggest when a self-check fails."""
+    if any(trained_on_varied_views(m) for m in used):
+        return []
+    picks = []
+    for m in used:
+        match = next((k for k, c in candidates if trained_on_varied_views(c) and c.get("transform") == m.get("transform")
+                      and c.get("ndim") == m.get("ndim")), None)
+        if match is None:
+            return []
+        picks.append(match)
+    return picks
+
+
 #: The contrasts a brain-recipe model can be asked about; its validation pairs are T1 whatever it trained on.
 BRAIN_CONTRASTS = ("T1", "T2", "PD")
 

@@ -71,6 +71,7 @@ class RegistrationResult:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     model_meta: dict = field(default_factory=dict)
+    model_path: str = ""  # the model file that made it
     converged: bool = False  # refinement stopped by its tolerance before the iteration cap
     best_iteration: int = 0  # the refinement iterate returned (the lowest loss; 1 = the one pass)
     similarity_final: float = float("nan")  # MSE(T(s'), t') of the result, without the bending term
@@ -90,6 +91,8 @@ class RegistrationResult:
     # mutual information of the IMAGES on the fixed image's network grid: as given (identity) and through the result
     # (`image_information`); the self-check warns when the result shares less than the images as given
     information: dict[str, float] = field(default_factory=dict)
+    # the self-checks whose warning is in ``warnings``, of `SELF_CHECKS`: the pair looks unlike the model's training
+    self_checks_failed: list[str] = field(default_factory=list)
 
     def warped_moving_map(self) -> sitk.Image:
         """The moving ITN map resampled into the fixed map's grid through the final transform."""
@@ -117,6 +120,7 @@ class RegistrationResult:
             "pass_iterations": [list(p) for p in self.pass_iterations],
             "map_volume_ratio": [None if not np.isfinite(r) else r for r in self.map_volume_ratio],
             "mutual_information": self.information,
+            "self_checks_failed": self.self_checks_failed,
             "cancelled": self.cancelled,
             "device": self.device,
             "timings_s": self.timings,
@@ -317,6 +321,10 @@ def _self_check(model: LoadedModel, similarity: float, refined: bool) -> str | N
             f"{similarity / high:.1f}x the highest of its validation pairs ({high:.4g}); check orientation, "
             "contrast and field of view")
 
+
+#: The self-checks of a result (`RegistrationResult.self_checks_failed`): its loss far above the model's validation
+#: pairs', a structure seen at a very different volume, the images less alike than as given.
+SELF_CHECKS = ("loss", "map_volume", "information")
 
 # A refined loss above this multiple of the worst validation pair's triggers the self-check warning.
 SELF_CHECK_FACTOR = 3.0
@@ -808,19 +816,17 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
         warnings_.append(
             f"refinement raised the loss (from {low:.4g} at iteration {at} to {high:.4g}); the best iterate was "
             f"kept: a lower learning rate may help (now {lr:g})")
-    check = _self_check(model, out.similarity, refined=bool(out.losses))
-    if check:
-        warnings_.append(check)
-    volume_ratio = map_volume_ratios(s_map, t_map) if model.config.itn_output == "sigmoid" else np.zeros(0)
-    check = _map_volume_check(model, volume_ratio)
-    if check:
-        warnings_.append(check)
     t_info = time.perf_counter()
     final = to_world(params)
+    volume_ratio = map_volume_ratios(s_map, t_map) if model.config.itn_output == "sigmoid" else np.zeros(0)
     given, kept = image_information(fixed, moving, grid_f, (win_f, win_m), final)
-    check = _information_check(given, kept)
-    if check:
-        warnings_.append(check)
+    failed = []  # the self-checks that say the pair is unlike what the model was made for (`SELF_CHECKS`)
+    for name, check in (("loss", _self_check(model, out.similarity, refined=bool(out.losses))),
+                        ("map_volume", _map_volume_check(model, volume_ratio)),
+                        ("information", _information_check(given, kept))):
+        if check:
+            warnings_.append(check)
+            failed.append(name)
     timings["self_check"] = time.perf_counter() - t_info
     timings["total"] = time.perf_counter() - t_start
     return RegistrationResult(
@@ -839,6 +845,7 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
         timings=timings,
         warnings=warnings_,
         model_meta=model.meta,
+        model_path=str(model.path),
         converged=out.converged,
         best_iteration=best_iteration,
         similarity_final=out.similarity,
@@ -849,6 +856,7 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
         iterations_allowed=passes * (iterations + polish),
         map_volume_ratio=[float(r) for r in volume_ratio],
         information={"as_given": given, "result": kept},
+        self_checks_failed=failed,
         passes=passes,
         pass_iterations=pass_iterations,
         bending=bending,
