@@ -65,6 +65,17 @@ def perturbed_model(cfg: ModelConfig, seed: int = 0, scale: float = 0.5) -> ISTN
     return m.eval()
 
 
+def varied_copy(path: Path, dst: Path) -> Path:
+    """A copy of model file ``path`` at ``dst`` whose metadata says it trained with label-driven synthesis and
+    crops (as the bundled brain-synth pair): what the self-checks' hint looks for beside a plain model."""
+    from istn.export import load_model, rewrite_metadata
+
+    dst.write_bytes(Path(path).read_bytes())
+    meta = dict(load_model(dst).meta, data_options={"contrasts": ["t1"], "synth_prob": 0.3, "crop_prob": 0.3})
+    rewrite_metadata(dst, meta)
+    return dst
+
+
 @pytest.fixture
 def make_model(tmp_path):
     """Factory: ``make_model(ndim, transform, variant, perturb=True) -> path`` of an exported tiny model."""

@@ -122,29 +122,40 @@ def test_varied_views_are_read_from_the_recipe_metadata():
     assert varied_alternatives([synth, plain_b], candidates) == []  # the chain already has one
 
 
-def _varied_copy(path, folder, name):
-    """A copy of model ``path`` whose metadata says it trained with label-driven synthesis (as brain-synth)."""
-    from istn.export import rewrite_metadata
+def test_the_varied_models_beside_are_read_from_the_used_models_folder(tmp_path):
+    from istn.config import varied_models_beside
 
-    meta = dict(load_model(path).meta, data_options={"contrasts": ["t1"], "synth_prob": 0.3, "crop_prob": 0.3})
-    dst = folder / name
-    dst.write_bytes(path.read_bytes())
-    rewrite_metadata(dst, meta)
-    return dst
+    plain = {"transform": "affine", "ndim": 3, "data_options": {"contrasts": ["t1"]}}
+    synth = dict(plain, data_options={"synth_prob": 0.3})
+    metas = {"a-plain.pt": plain, "b-broken.pt": None, "c-synth.pt": synth}
+    for name in metas:
+        (tmp_path / name).write_bytes(b"")
+    read = []
+
+    def read_meta(path):
+        read.append(path.name)
+        if metas[path.name] is None:
+            raise ValueError("not a model")  # an unreadable file is no candidate
+        return metas[path.name]
+
+    assert varied_models_beside([(tmp_path / "a-plain.pt", plain)], read_meta) == [tmp_path / "c-synth.pt"]
+    assert read == ["b-broken.pt", "c-synth.pt"]  # the used model itself is not read again
+    read.clear()
+    assert varied_models_beside([(tmp_path / "c-synth.pt", synth)], read_meta) == [] and read == []  # made for it
 
 
 def test_the_command_line_names_the_varied_models_beside_after_a_failed_check(make_model, tmp_path, capsys,
                                                                            monkeypatch):
     import SimpleITK as sitk
 
-    from conftest import blob_image
+    from conftest import blob_image, varied_copy
     from istn.cli import main
 
     folder = tmp_path / "models"
     folder.mkdir()
     plain = folder / "plain-affine.pt"
     plain.write_bytes(make_model(2, "affine", "istn-e", itn_output="sigmoid").read_bytes())
-    varied = _varied_copy(plain, folder, "varied-affine.pt")
+    varied = varied_copy(plain, folder / "varied-affine.pt")
     image = blob_image((40, 40), (1.5, 1.5), (-30.0, -30.0), np.eye(2))
     for name in ("f.nii.gz", "m.nii.gz"):
         sitk.WriteImage(image, str(tmp_path / name))

@@ -708,16 +708,14 @@ def test_a_failed_self_check_suggests_the_varied_models_beside(scene, pair, tiny
     """After a failed self-check of models trained on plain T1 only, the panel names the models beside them that
     were trained on other contrasts and cropped fields of view (as brain-synth beside brain-t1)."""
     import istn.registration as engine
-    from istn.export import load_model, rewrite_metadata
+    from conftest import varied_copy
 
     folder = tmp_path / "models"
     folder.mkdir()
     for kind in ("affine", "bspline"):
         plain = folder / f"plain-{kind}.pt"
         plain.write_bytes(Path(tiny_models[kind]).read_bytes())
-        varied = folder / f"varied-{kind}.pt"
-        varied.write_bytes(plain.read_bytes())
-        rewrite_metadata(varied, dict(load_model(varied).meta, data_options={"contrasts": ["t1"], "synth_prob": 0.3}))
+        varied_copy(plain, folder / f"varied-{kind}.pt")
     models = {k: str(folder / f"plain-{k}.pt") for k in ("affine", "bspline")}
     quiet = run(ISTNRegistrationLogic(), pair, models, "bspline")
     assert quiet.hint == "" and "Hint" not in quiet.summary()

@@ -162,22 +162,19 @@ class ISTNRegistrationResult:
 
 def variedViewsHint(stages: list) -> str:
     """After a failed self-check of models trained on plain T1 heads only: the models beside them trained on
-    other contrasts and cropped fields of view (`istn.config.varied_alternatives`), as panel choices ('' if none).
+    other contrasts and cropped fields of view (`istn.config.varied_models_beside`), as panel choices ('' if none).
     ``stages``: `istn.registration.RegistrationResult` of each stage run."""
-    from istn.config import varied_alternatives  # torch-free
+    from istn.config import varied_models_beside  # torch-free
 
-    if not any(s.self_checks_failed for s in stages):
+    if not any(s.self_checks_failed for s in stages) or not all(s.model_path for s in stages):
         return ""
-    used = [Path(s.model_path) for s in stages if s.model_path]
-    if len(used) != len(stages):
-        return ""
-    candidates = [(info, info.meta) for info in bundledModels(used[-1].parent) if info.path not in used]
-    picks = varied_alternatives([s.model_meta for s in stages], candidates)
+    picks = varied_models_beside([(Path(s.model_path), s.model_meta) for s in stages],
+                                 lambda p: readModelInfo(p).meta)
     if not picks:
         return ""
     return _("{models} (beside the models used) were trained on other contrasts and cropped fields of view; for a "
              "T2 or PD image or a partial head, choose {choice}.").format(
-        models=", ".join(p.path.name for p in picks), choice=picks[-1].label)
+        models=", ".join(p.name for p in picks), choice=readModelInfo(picks[-1]).label)
 
 
 class _SceneChanges:

@@ -74,21 +74,14 @@ def check_register_options(iterations: int | None, lr: float | None, device: str
 
 def _varied_hint(stages: list[dict]) -> str | None:
     """After a failed self-check of models trained on plain T1 heads only: the models beside them trained on
-    other contrasts and cropped fields of view (`istn.config.varied_alternatives`), as a command to try."""
+    other contrasts and cropped fields of view (`istn.config.varied_models_beside`), as a command to try."""
     if not any(s.get("self_checks_failed") for s in stages):
         return None
-    from .config import varied_alternatives
+    from .config import varied_models_beside
     from .export import load_model
 
     used = [Path(s["model_file"]) for s in stages]
-    candidates = []
-    for path in sorted(used[-1].parent.glob("*.pt")):
-        if path not in used:
-            try:
-                candidates.append((path, load_model(path).meta))
-            except Exception:  # noqa: BLE001 - anything unreadable is simply not a candidate
-                continue
-    picks = varied_alternatives([s["model"] for s in stages], candidates)
+    picks = varied_models_beside([(p, s["model"]) for p, s in zip(used, stages)], lambda p: load_model(p).meta)
     if not picks:
         return None
     return (f"{', '.join(p.name for p in picks)} (beside {', '.join(p.name for p in used)}) trained on other "

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 VARIANTS = ("stn-u", "stn-s", "istn-e", "istn-i")
 TRANSFORMS = ("affine", "bspline")
@@ -179,6 +180,26 @@ def varied_alternatives(used: list[dict], candidates: list[tuple[object, dict]])
             return []
         picks.append(match)
     return picks
+
+
+def varied_models_beside(used: list[tuple[Path, dict]], read_meta: Callable[[Path], dict]) -> list[Path]:
+    """`varied_alternatives` among the model files (``*.pt``) in the folder of the last of ``used`` (``(path,
+    metadata)`` of each model of a chain, in order), other than those: what the command line and the panel
+    suggest after a failed self-check. ``read_meta(path)``: a file's metadata (the command line loads the model,
+    the panel reads the archive without torch); a file it cannot read is no candidate. Nothing is read when a
+    used model was made for varied views already."""
+    if not used or any(trained_on_varied_views(m) for _, m in used):
+        return []
+    paths = [Path(p) for p, _ in used]
+    candidates = []
+    for path in sorted(paths[-1].parent.glob("*.pt")):
+        if path in paths:
+            continue
+        try:
+            candidates.append((path, read_meta(path)))
+        except Exception:  # noqa: BLE001 - whatever makes a file unreadable, it is simply not a candidate
+            continue
+    return varied_alternatives([m for _, m in used], candidates)
 
 
 #: The contrasts a brain-recipe model can be asked about; its validation pairs are T1 whatever it trained on.

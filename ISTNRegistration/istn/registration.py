@@ -372,7 +372,7 @@ def image_information(fixed: sitk.Image, moving: sitk.Image, grid: Grid, windows
     independent of the model, of whether the result leaves them less alike than they were."""
     target = image_to_tensor(fixed, grid, windows[0])[0, 0].cpu().numpy()
     mask = target > FOREGROUND
-    given = image_to_tensor(moving, grid, windows[1], sitk.Transform(fixed.GetDimension(), sitk.sitkIdentity))
+    given = image_to_tensor(moving, grid, windows[1])  # no transform: the world positions as stored
     moved = image_to_tensor(moving, grid, windows[1], transform)
     return (mutual_information(target, given[0, 0].cpu().numpy(), mask),
             mutual_information(target, moved[0, 0].cpu().numpy(), mask))
@@ -738,6 +738,8 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
     t0 = time.perf_counter()
     budget = iterations + polish  # per pass: the callback counts on across passes
     margin = math.ceil(region_margin_mm / cfg.grid_spacing - 1e-9) if np.isfinite(region_margin_mm) else None
+    compared = dict(layers=refine_layers, region_margin=margin,  # what every pass compares, and how
+                    channel_weights=model.meta.get("refinement", {}).get("channel_weights"))
 
     def run_pass(k: int, s_map_k, pooled_k, adjust_k, regulariser_k, to_world_k) -> RefineOutput:
         def pass_callback(info: IterationInfo) -> None:
@@ -746,9 +748,8 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
 
         return refine(module, s_map_k, t_map, iterations, lr, pass_callback if callback is not None else None, cancel,
                       to_world_k, adjust=adjust_k, regulariser=regulariser_k, tolerance=tolerance,
-                      coarse_iterations=coarse_iterations, layers=refine_layers, region_margin=margin, polish=polish,
-                      pooled=pooled_k if refine_layers == "fc" else None,
-                      channel_weights=model.meta.get("refinement", {}).get("channel_weights"))
+                      coarse_iterations=coarse_iterations, polish=polish,
+                      pooled=pooled_k if refine_layers == "fc" else None, **compared)
 
     out = run_pass(0, s_map, pooled, adjust, regulariser, to_world)
     params, losses = out.params, list(out.losses)  # the B-spline so far; objectives over all passes
@@ -785,8 +786,7 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
         pass_iterations.append((len(out_k.losses), out_k.coarse_iterations, out_k.polish_iterations))
         # never worse than the B-spline so far (a zero residual), on this look's maps
         stay = refine(module, s_map_k, t_map, 0, lr, None, None, to_world_k, adjust=torch.zeros_like, regulariser=reg_k,
-                      layers=refine_layers, region_margin=margin, pooled=pooled_k if refine_layers == "fc" else None,
-                      channel_weights=model.meta.get("refinement", {}).get("channel_weights"))
+                      pooled=pooled_k if refine_layers == "fc" else None, **compared)
         if out_k.final_loss <= stay.final_loss:
             best_iteration = len(losses) + out_k.best_iteration
             params = prev + out_k.params
