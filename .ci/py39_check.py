@@ -58,7 +58,7 @@ COMPILED_ONLY = {
     "istn.geometry": "numpy, SimpleITK", "istn.inputs": "numpy, SimpleITK", "istn.io": "numpy, SimpleITK",
     "istn.losses": "torch",
     "istn.metrics": "numpy, SimpleITK, scipy", "istn.networks": "torch", "istn.registration": "numpy, SimpleITK, torch",
-    "istn.refinement": "numpy, SimpleITK, torch",
+    "istn.refinement": "numpy, SimpleITK, torch", "istn.chain": "numpy, SimpleITK, torch",
     "istn.training": "torch", "istn.transforms": "numpy, SimpleITK, torch",
     "istn.__main__": "runs the command line",
 }

@@ -84,3 +84,34 @@ def test_the_anchor_holds_the_bspline_at_the_affine_away_from_the_structures(mod
     assert moved[1.0][near].mean() > 0.3  # the structures still move
     with pytest.raises(Exception, match="anchor"):
         register(fixed, moving, b, iterations=1, initial_transform=ra.transform, anchor=-1.0)
+
+
+@pytest.mark.parametrize("layout", ["LPS", "RAS"])
+def test_a_cropped_head_through_the_default_models_is_tried_again_and_ends_above_no_registration(layout):
+    """The sample pair with the moving head cropped to its top 60 %: the T1-only default models end it below no
+    registration (their information self-check fails); the default pipeline tries the varied-view models beside
+    them and keeps theirs, which ends above it; the same, whatever the moving image's storage."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from hard_inputs import crop_superior
+
+    from istn.chain import register_with_second_try
+
+    p = sample_pair()
+    moving, labels = crop_superior(sitk.Cast(p["moving"], sitk.sitkFloat32), p["moving_labels"], 0.6)
+    moving, labels = sitk.DICOMOrient(moving, layout), sitk.DICOMOrient(labels, layout)
+    models = [load_model(MODELS_DIR / AFFINE_MODEL), load_model(MODELS_DIR / BSPLINE_MODEL)]
+    kept, retry = register_with_second_try(p["fixed"], moving, models, threads=2)
+
+    def dice(tx):
+        return np.mean(list(structure_dice(p["fixed_labels"], labels, tx).values()))
+
+    unregistered = dice(None)
+    assert retry is not None and "information" in retry.first[-1].self_checks_failed
+    assert dice(retry.first[-1].transform) < unregistered - 0.1  # what the default models alone give
+    assert retry.kept_second and [m.model_path for m in kept] == [m.model_path for m in retry.second]
+    assert "brain-synth" in kept[-1].model_path
+    assert dice(kept[-1].transform) > unregistered + 0.01
+    assert retry.information_second > retry.information_first

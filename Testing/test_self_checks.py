@@ -144,31 +144,111 @@ def test_the_varied_models_beside_are_read_from_the_used_models_folder(tmp_path)
     assert varied_models_beside([(tmp_path / "c-synth.pt", synth)], read_meta) == [] and read == []  # made for it
 
 
-def test_the_command_line_names_the_varied_models_beside_after_a_failed_check(make_model, tmp_path, capsys,
-                                                                           monkeypatch):
+def _pair_and_models(make_model, tmp_path, varied_perturbed: bool):
+    """A pair (f.nii.gz, and m.nii.gz: the same blobs 4.5 mm away) and in one folder a plain model (perturbed
+    weights) beside a varied-view model with the same weights (``varied_perturbed``) or the untrained ones."""
     import SimpleITK as sitk
 
     from conftest import blob_image, varied_copy
-    from istn.cli import main
 
     folder = tmp_path / "models"
     folder.mkdir()
     plain = folder / "plain-affine.pt"
     plain.write_bytes(make_model(2, "affine", "istn-e", itn_output="sigmoid").read_bytes())
-    varied = varied_copy(plain, folder / "varied-affine.pt")
-    image = blob_image((40, 40), (1.5, 1.5), (-30.0, -30.0), np.eye(2))
-    for name in ("f.nii.gz", "m.nii.gz"):
-        sitk.WriteImage(image, str(tmp_path / name))
-    args = ["register", "--fixed", str(tmp_path / "f.nii.gz"), "--moving", str(tmp_path / "m.nii.gz"),
-            "--refine", "1", "--quiet"]
+    source = plain if varied_perturbed else make_model(2, "affine", "istn-e", itn_output="sigmoid", perturb=False)
+    varied = varied_copy(source, folder / "varied-affine.pt")
+    sitk.WriteImage(blob_image((40, 40), (1.5, 1.5), (-30.0, -30.0), np.eye(2)), str(tmp_path / "f.nii.gz"))
+    sitk.WriteImage(blob_image((40, 40), (1.5, 1.5), (-30.0, -30.0), np.eye(2), centre=(4.5, 0.0)),
+                    str(tmp_path / "m.nii.gz"))
+    args = ["register", "--fixed", str(tmp_path / "f.nii.gz"), "--moving", str(tmp_path / "m.nii.gz"), "--quiet"]
+    return plain, varied, args
+
+
+def test_after_a_failed_check_the_command_line_registers_again_with_the_varied_models_beside(
+        make_model, tmp_path, capsys, monkeypatch):
+    """A failed self-check of a plain model: the pair is registered again with the varied-view model beside it
+    and the result whose images end the more alike is returned (`istn.chain`), its transform the one written."""
+    from istn.cli import main
+    from istn.io import read_transform
+
+    plain, varied, args = _pair_and_models(make_model, tmp_path, varied_perturbed=False)
+    args += ["--refine", "2"]
     assert main(args + ["--model", str(plain), "--out", str(tmp_path / "quiet")]) == 0
-    assert "hint" not in capsys.readouterr().err  # every check passed: nothing to suggest
+    quiet = json.loads((tmp_path / "quiet" / "result.json").read_text())
+    assert quiet["retry"] is None and "self-check failed" not in capsys.readouterr().err  # checks passed: one chain
+
     monkeypatch.setattr(registration, "_information_check", lambda given, result: "forced for the test")
     assert main(args + ["--model", str(plain), "--out", str(tmp_path / "out")]) == 0
     err = capsys.readouterr().err
+    summary = json.loads((tmp_path / "out" / "result.json").read_text())
+    retry = summary["retry"]
+    assert retry["first_models"] == [str(plain)] and retry["second_models"] == [str(varied)]
+    assert retry["first_self_checks_failed"] == ["information"] == retry["second_self_checks_failed"]
+    assert retry["first_warnings"] == ["forced for the test"]
+    mi = retry["mutual_information"]
+    assert mi["first"] != pytest.approx(mi["second"], abs=1e-4)  # two different networks, two results
+    kept = "second" if mi["second"] > mi["first"] else "first"
+    assert retry["kept"] == kept
+    stage = summary["stages"][0]
+    assert stage["model_file"] == str(varied if kept == "second" else plain)
+    # the same grid and window (both models' configuration): the kept chain's own measure is the one compared
+    assert stage["mutual_information"]["result"] == pytest.approx(mi[kept], rel=1e-6)
+    written = read_transform(tmp_path / "out" / "transform.tfm").GetParameters()
+    chosen = tmp_path / "chosen"
+    assert main(args + ["--model", stage["model_file"], "--out", str(chosen), "--no-retry"]) == 0
+    capsys.readouterr()
+    assert np.allclose(written, read_transform(chosen / "transform.tfm").GetParameters(), atol=1e-6)
+    note = ("registered again with varied-affine.pt" if kept == "second"
+            else "varied-affine.pt (trained on other contrasts and cropped fields of view) did no better")
+    assert "plain-affine.pt failed a self-check (information)" in err and note in err
+    assert "hint" not in err  # tried already
+
+    # asked not to: one chain, its warning, and the varied models named as a hint
+    assert main(args + ["--model", str(plain), "--out", str(tmp_path / "no"), "--no-retry"]) == 0
+    err = capsys.readouterr().err
+    assert json.loads((tmp_path / "no" / "result.json").read_text())["retry"] is None
     assert "warning: plain-affine.pt: forced for the test" in err
     assert "hint: varied-affine.pt (beside plain-affine.pt)" in err and f"--model {varied}" in err
-    stage = json.loads((tmp_path / "out" / "result.json").read_text())["stages"][0]
-    assert stage["self_checks_failed"] == ["information"]
-    assert main(args + ["--model", str(varied), "--out", str(tmp_path / "varied")]) == 0
-    assert "hint" not in capsys.readouterr().err  # the varied model itself failed: nothing better beside it
+
+
+def test_a_second_try_that_does_no_better_returns_the_models_asked_for(make_model, tmp_path, capsys, monkeypatch):
+    from istn.cli import main
+
+    plain, varied, args = _pair_and_models(make_model, tmp_path, varied_perturbed=True)  # the same network
+    monkeypatch.setattr(registration, "_information_check", lambda given, result: "forced for the test")
+    assert main(args + ["--refine", "1", "--model", str(plain), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    summary = json.loads((tmp_path / "out" / "result.json").read_text())
+    retry = summary["retry"]
+    assert retry["kept"] == "first" and retry["second_self_checks_failed"] == ["information"]
+    assert retry["mutual_information"]["first"] == retry["mutual_information"]["second"]  # a tie: the models asked for
+    assert [s["model_file"] for s in summary["stages"]] == [str(plain)]
+    assert "varied-affine.pt (trained on other contrasts and cropped fields of view) did no better" in err
+    assert "warning: plain-affine.pt: forced for the test" in err and "hint" not in err
+    assert main(args + ["--refine", "1", "--model", str(varied), "--out", str(tmp_path / "varied")]) == 0
+    err = capsys.readouterr().err  # the varied model itself failed: nothing to try beside it
+    assert "hint" not in err and "registered again" not in err
+    assert json.loads((tmp_path / "varied" / "result.json").read_text())["retry"] is None
+
+
+def test_the_chain_kept_is_the_one_whose_images_end_more_alike(make_model):
+    """`compare_chains` on a pair 6 mm apart: the true translation beats the identity, whichever chain holds it;
+    a cancelled second chain is never kept."""
+    import SimpleITK as sitk
+
+    from conftest import blob_image
+    from istn.chain import compare_chains
+
+    model = load_model(make_model(2, "affine", "istn-e", itn_output="sigmoid"))
+    fixed = blob_image((48, 48), (1.5, 1.5), (-36.0, -36.0), np.eye(2))
+    moving = blob_image((48, 48), (1.5, 1.5), (-36.0, -36.0), np.eye(2), centre=(6.0, 0.0))
+    true = sitk.TranslationTransform(2, (6.0, 0.0))  # fixed world -> moving world
+
+    def chain(transform, cancelled=False):
+        return [types.SimpleNamespace(transform=transform, cancelled=cancelled)]
+
+    identity = sitk.AffineTransform(2)
+    retry = compare_chains(fixed, moving, model, chain(identity), chain(true))
+    assert retry.kept_second and retry.information_second > 1.5 * retry.information_first
+    assert not compare_chains(fixed, moving, model, chain(true), chain(identity)).kept_second
+    assert not compare_chains(fixed, moving, model, chain(identity), chain(true, cancelled=True)).kept_second

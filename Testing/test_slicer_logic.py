@@ -704,9 +704,12 @@ def test_summary_reports_iterations_run_and_warnings(scene, pair, tiny_models, m
     assert f"Images' mutual information {info['as_given']:.3f} as given, {info['result']:.3f} registered." in text
 
 
-def test_a_failed_self_check_suggests_the_varied_models_beside(scene, pair, tiny_models, tmp_path, monkeypatch):
-    """After a failed self-check of models trained on plain T1 only, the panel names the models beside them that
-    were trained on other contrasts and cropped fields of view (as brain-synth beside brain-t1)."""
+def test_a_failed_self_check_registers_again_with_the_varied_models_beside(scene, pair, tiny_models, tmp_path,
+                                                                           monkeypatch):
+    """After a failed self-check of models trained on plain T1 only, the pair is registered again with the models
+    beside them trained on other contrasts and cropped fields of view (as brain-synth beside brain-t1), and the
+    result whose images end the more alike is the one in the scene; asked not to, the panel names them."""
+    import istn.chain
     import istn.registration as engine
     from conftest import varied_copy
 
@@ -717,13 +720,35 @@ def test_a_failed_self_check_suggests_the_varied_models_beside(scene, pair, tiny
         plain.write_bytes(Path(tiny_models[kind]).read_bytes())
         varied_copy(plain, folder / f"varied-{kind}.pt")
     models = {k: str(folder / f"plain-{k}.pt") for k in ("affine", "bspline")}
+    before = selftest.nodeIds(scene)
     quiet = run(ISTNRegistrationLogic(), pair, models, "bspline")
-    assert quiet.hint == "" and "Hint" not in quiet.summary()
+    assert quiet.hint == "" and quiet.retry is None and "Hint" not in quiet.summary()
+    added = len(selftest.nodeIds(scene) - before)
     monkeypatch.setattr(engine, "_information_check", lambda given, result: "forced for the test")
-    result = run(ISTNRegistrationLogic(), pair, models, "bspline")
-    assert [s.self_checks_failed for s in result.stages] == [["information"], ["information"]]
-    assert "varied-affine.pt, varied-bspline.pt" in result.hint and "B-spline: varied-bspline" in result.hint
-    assert f"Hint: {result.hint}" in result.summary()
+    before = selftest.nodeIds(scene)
+    messages = []
+    tie = run(ISTNRegistrationLogic(), pair, models, "bspline", progressCallback=lambda p: messages.append(str(p)))
+    # the same networks under other names: a tie keeps the models asked for
+    assert tie.retry is not None and not tie.retry.kept_second
+    assert [Path(s.model_path).name for s in tie.stages] == ["plain-affine.pt", "plain-bspline.pt"]
+    assert [Path(s.model_path).name for s in tie.retry.second] == ["varied-affine.pt", "varied-bspline.pt"]
+    assert "A self-check failed: registering again with varied-affine.pt, varied-bspline.pt..." in messages
+    assert tie.metrics["retry"]["kept"] == "first" and tie.hint == ""  # tried already: no hint
+    assert any("did no better" in w for w in tie.warnings) and "did no better" in tie.summary()
+    assert len(selftest.nodeIds(scene) - before) == added  # the second try adds no node
+
+    monkeypatch.setattr(istn.chain, "images_information", lambda fixed, moving, model, transforms: [0.1, 0.2])
+    better = run(ISTNRegistrationLogic(), pair, models, "bspline")
+    assert better.retry.kept_second and better.metrics["retry"]["kept"] == "second"
+    assert [Path(s.model_path).name for s in better.stages] == ["varied-affine.pt", "varied-bspline.pt"]
+    assert better.transform is better.retry.second[-1].transform
+    assert any("registered again with varied-affine.pt, varied-bspline.pt" in w for w in better.warnings)
+
+    asked_not_to = run(ISTNRegistrationLogic(), pair, models, "bspline", retryVaried=False)
+    assert asked_not_to.retry is None
+    assert [s.self_checks_failed for s in asked_not_to.stages] == [["information"], ["information"]]
+    assert "varied-affine.pt, varied-bspline.pt" in asked_not_to.hint and "B-spline: varied-bspline" in asked_not_to.hint
+    assert f"Hint: {asked_not_to.hint}" in asked_not_to.summary()
 
 
 # --------------------------------------------------------------------------

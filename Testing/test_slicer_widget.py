@@ -114,7 +114,7 @@ def make_widget(module, logic):
     widget._parameterNode = types.SimpleNamespace(
         fixedVolume=None, movingVolume=None, fixedSegmentation=None, movingSegmentation=None, modelChoice="",
         customModelPath="", preAlign=True, iterations=7, learningRate=0.0, bending=-1.0, anchor=-1.0, tolerance=-1.0, coarseIterations=-1,
-        refineLayers="model default", comparedRegion="model default", polish=-1, passes=0, liveUpdate=True,
+        refineLayers="model default", comparedRegion="model default", polish=-1, passes=0, retryVaried=True, liveUpdate=True,
         outputTransform=None, outputVolume=None, showMaps=True, device="cpu", seed=-1)
     return widget
 
@@ -158,7 +158,7 @@ def test_module_description(module):
 def test_parameter_node_fields(module):
     fields = module.ISTNRegistrationParameterNode.__annotations__
     assert {"fixedVolume", "movingVolume", "iterations", "learningRate", "bending", "anchor", "tolerance",
-            "coarseIterations", "refineLayers", "comparedRegion", "polish", "passes", "liveUpdate",
+            "coarseIterations", "refineLayers", "comparedRegion", "polish", "passes", "retryVaried", "liveUpdate",
             "outputTransform", "outputVolume", "showMaps", "device", "seed"} <= set(fields)
 
 
@@ -213,6 +213,7 @@ def test_apply_turns_into_cancel_shows_progress_and_the_result(module, model_fil
     assert kw["anchor"] is None
     assert kw["coarseIterations"] is None and kw["refineLayers"] is None and kw["regionMargin"] is None
     assert kw["polish"] is None and kw["passes"] is None  # "model default"
+    assert kw["retryVaried"] is True  # after a failed self-check, the varied-view models' try (checked by default)
     assert seen == {"button": "Cancel", "inputs enabled": False, "progress": round(1000 * 3 / 7),
                     "status": "Affine refinement: iteration 3/7, loss 0.25"}
     assert ("processEvents",) in module.events
@@ -224,11 +225,12 @@ def test_apply_turns_into_cancel_shows_progress_and_the_result(module, model_fil
     p.comparedRegion = "whole grid"  # an infinite margin: the box is the whole grid
     p.polish = 0  # the spin box's 0: Adam only
     p.passes = 1  # one B-spline refinement, the paper's
+    p.retryVaried = False  # the check box cleared
     p.iterations = -1  # "model default"
     widget.onApplyButton()
     assert logic.calls[-1][2]["refineLayers"] == "fc" and logic.calls[-1][2]["regionMargin"] == float("inf")
     assert logic.calls[-1][2]["polish"] == 0 and logic.calls[-1][2]["iterations"] is None
-    assert logic.calls[-1][2]["passes"] == 1
+    assert logic.calls[-1][2]["passes"] == 1 and logic.calls[-1][2]["retryVaried"] is False
 
 
 def test_errors_are_shown_in_the_panel(module, model_file, caplog):

@@ -118,6 +118,7 @@ class ISTNRegistrationResult:
     timings: dict[str, float] = field(default_factory=dict)
     device: str = ""
     hint: str = ""  # after a failed self-check: models beside the ones used that were made for such inputs
+    retry: object = None  # istn.chain.Retry: after a failed self-check, the varied-view models' try and the choice
 
     def summary(self) -> str:
         """A few lines for people (the panel shows them)."""
@@ -164,12 +165,11 @@ def variedViewsHint(stages: list) -> str:
     """After a failed self-check of models trained on plain T1 heads only: the models beside them trained on
     other contrasts and cropped fields of view (`istn.config.varied_models_beside`), as panel choices ('' if none).
     ``stages``: `istn.registration.RegistrationResult` of each stage run."""
-    from istn.config import varied_models_beside  # torch-free
+    from istn.chain import retry_models
 
-    if not any(s.self_checks_failed for s in stages) or not all(s.model_path for s in stages):
+    if not all(s.model_path for s in stages):
         return ""
-    picks = varied_models_beside([(Path(s.model_path), s.model_meta) for s in stages],
-                                 lambda p: readModelInfo(p).meta)
+    picks = retry_models(stages, lambda p: readModelInfo(p).meta)
     if not picks:
         return ""
     return _("{models} (beside the models used) were trained on other contrasts and cropped fields of view; for a "
@@ -336,6 +336,7 @@ class ISTNRegistrationLogic:
         regionMargin: float | None = None,
         polish: int | None = None,
         passes: int | None = None,
+        retryVaried: bool = True,
         liveUpdate: bool = True,
         outputVolumeNode=None,
         showMaps: bool = True,
@@ -377,6 +378,11 @@ class ISTNRegistrationLogic:
           and ``passes`` (B-spline stage: refinements, each after the network's
           new look at the moving image warped so far, still one B-spline in the
           end; None or < 1: the model's; 1: one, the paper).
+        - ``retryVaried``: when a stage's self-check fails and the models' folder
+          holds models trained on varied views (brain-synth beside brain-t1),
+          register again with those and keep the result whose images end the
+          more alike (`istn.chain`; ``result.retry`` says what was tried and
+          kept); without it, ``result.hint`` names them.
         - ``outputTransformNode``: a linear transform node, created if None.
           Without ``outputVolumeNode`` the moving volume is placed under the
           result; with it, the moving volume stays where it is and the output
@@ -500,19 +506,29 @@ class ISTNRegistrationLogic:
                     if updateViews:
                         self._showInSliceViews(fixedVolumeNode, movingVolumeNode, 0.5)
 
-                initial = None
-                final = None
-                for index, (kind, model) in enumerate(models, start=1):
-                    if cancelled():
-                        raise RegistrationCancelled()
-                    stageResult = self._runStage(kind, model, index, len(models), fixedImage, movingImage, initial,
-                                                 iterations, refineOptions, device, threads, liveUpdate,
-                                                 linearNode, bsplineWriter, progressCallback, cancelled)
-                    if stageResult.cancelled:
-                        raise RegistrationCancelled()
-                    result.stages.append(stageResult)
+                from istn.chain import register_with_second_try
+
+                def sayRetry(paths) -> None:
+                    if progressCallback is not None:
+                        progressCallback(RegistrationProgress(
+                            "load", 1, len(paths), 0, shown, None,
+                            _("A self-check failed: registering again with {models}...").format(
+                                models=", ".join(p.name for p in paths))))
+
+                stages, result.retry = register_with_second_try(
+                    fixedImage, movingImage, [m for _, m in models], retry=retryVaried,
+                    read_meta=lambda p: readModelInfo(p).meta, load=self.loadModel, on_retry=sayRetry,
+                    callback_for=self._stageCallbacks(len(models), iterations, liveUpdate, linearNode, bsplineWriter,
+                                                      progressCallback, cancelled),
+                    device=device, iterations=iterations, cancel=cancelled, threads=threads, **refineOptions)
+                if cancelled() or stages[-1].cancelled:
+                    raise RegistrationCancelled()
+                if result.retry is not None:
+                    result.warnings.append(result.retry.note())
+                for stageResult in stages:
                     result.warnings.extend(w for w in stageResult.warnings if w not in result.warnings)
-                    initial = final = stageResult.transform
+                result.stages = stages
+                final = stages[-1].transform
                 self._writeTransform(final, linearNode, bsplineWriter)
 
                 if progressCallback is not None:
@@ -520,6 +536,8 @@ class ISTNRegistrationLogic:
                                                           None, _("Computing outputs and quality measures...")))
                 last = result.stages[-1]
                 result.metrics = self._metrics(result.stages, final, fixedImage, pairs, transformType)
+                if result.retry is not None:
+                    result.metrics["retry"] = result.retry.summary()
                 if cancelled():
                     raise RegistrationCancelled()
                 result.fixedMapNode, result.movingMapNode = self._writeMaps(
@@ -546,7 +564,7 @@ class ISTNRegistrationLogic:
                 changes.rollback()
                 raise
 
-            result.hint = variedViewsHint(result.stages)
+            result.hint = variedViewsHint(result.stages) if result.retry is None else ""  # else: tried already
             result.transformNode = linearNode
             result.bsplineTransformNode = bsplineNode
             result.transform = final
@@ -656,24 +674,31 @@ class ISTNRegistrationLogic:
         bspline.SetAndObserveTransformNodeID(outputNode.GetID())
         return outputNode, bspline, bspline
 
-    def _runStage(self, kind, model, index, count, fixedImage, movingImage, initial, iterations, refineOptions,
-                  device, threads, liveUpdate, linearNode, bsplineWriter, progressCallback, cancelled):
-        from istn.registration import register
+    def _stageCallbacks(self, count, iterations, liveUpdate, linearNode, bsplineWriter, progressCallback, cancelled):
+        """`istn.chain.register_chain`'s ``callback_for``: before each stage, the panel's progress message (and a
+        cancel check); the stage's iteration callback updates the transform nodes live and reports progress.
+        ``count``: the stages of a chain (a second try has as many)."""
 
-        def callback(info) -> None:
-            if liveUpdate:
-                self._writeTransform(info.transform(), linearNode, bsplineWriter)
-            if progressCallback is not None:
-                progressCallback(RegistrationProgress(kind, index, count, info.iteration, info.iterations, info.loss,
-                                                      passNumber=info.pass_number, passes=info.passes))
+        def callbackFor(index, model):
+            kind = model.transform_type
 
-        if progressCallback is not None:  # the one pass reports nothing until it is done
-            progressCallback(RegistrationProgress(kind, index, count, 0, iterations if iterations is not None else 1, None,
-                                                  _("Running the {stage} model ({name})...").format(
-                                                      stage=STAGE_NAMES[kind], name=model.path.name)))
-        return register(fixedImage, movingImage, model, iterations=iterations, device=device,
-                        initial_transform=initial, callback=callback, cancel=cancelled, threads=threads,
-                        **refineOptions)
+            def callback(info) -> None:
+                if liveUpdate:
+                    self._writeTransform(info.transform(), linearNode, bsplineWriter)
+                if progressCallback is not None:
+                    progressCallback(RegistrationProgress(kind, index + 1, count, info.iteration, info.iterations,
+                                                          info.loss, passNumber=info.pass_number, passes=info.passes))
+
+            if cancelled():
+                raise RegistrationCancelled()
+            if progressCallback is not None:  # the one pass reports nothing until it is done
+                progressCallback(RegistrationProgress(kind, index + 1, count, 0,
+                                                      iterations if iterations is not None else 1, None,
+                                                      _("Running the {stage} model ({name})...").format(
+                                                          stage=STAGE_NAMES[kind], name=model.path.name)))
+            return callback
+
+        return callbackFor
 
     @staticmethod
     def _writeTransform(transform, linearNode, bsplineWriter) -> None:

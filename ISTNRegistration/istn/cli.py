@@ -109,6 +109,7 @@ def run_register(
     polish: int | None = None,
     anchor: float | None = None,
     passes: int | None = None,
+    retry: bool = True,
 ) -> dict:
     """Register a pair with one model or a chain (affine models, then at most one B-spline) and write the outputs.
 
@@ -125,6 +126,9 @@ def run_register(
     (B-spline stage: refinement passes, each a new look of the network at the
     moving image warped so far) override the models' refinement settings (`register`). ``iterations`` None: each
     model's ``refinement.iterations``, else 50.
+    ``retry``: when a stage's self-check fails and the models' folder holds models trained on varied views
+    (brain-synth beside brain-t1), register again with those and keep the result whose images end the more
+    alike (`istn.chain`); ``result.json`` ``retry`` says what was tried and kept.
     Returns the content of ``result.json``; its ``warnings`` gather every
     stage's (the CLI prints them).
     """
@@ -132,7 +136,8 @@ def run_register(
 
     from .export import load_model
     from .io import prepare_output_dir, read_image, read_transform, write_image, write_json, write_transform
-    from .registration import OUTPUT_FIELD_SPACING_MM, check_register_inputs, register, warp_image
+    from .chain import register_with_second_try
+    from .registration import OUTPUT_FIELD_SPACING_MM, check_register_inputs, warp_image
 
     if not model_paths:
         raise InputError("at least one --model is needed")
@@ -156,19 +161,26 @@ def run_register(
     out = prepare_output_dir(out_dir, inputs, names)
     try:
         t0 = time.perf_counter()
-        stages, result = [], None
-        for model in models:
+
+        def callback_for(index, model):
             def progress(info, _name=model.path.name):
                 if not quiet and (info.iteration % 10 == 0 or info.iteration == info.iterations):
-                    print(f"  {_name}: refinement {info.label()} loss {info.loss:.6f}",
-                          file=sys.stderr)
+                    print(f"  {_name}: refinement {info.label()} loss {info.loss:.6f}", file=sys.stderr)
+            return progress
 
-            result = register(fixed, moving, model, iterations=iterations, lr=lr, device=device,
-                              initial_transform=initial, callback=progress, bending=bending, tolerance=tolerance,
-                              threads=threads, coarse_iterations=coarse_iterations, refine_layers=refine_layers,
-                              region_margin_mm=region_margin_mm, polish=polish, anchor=anchor, passes=passes)
-            stages.append({**result.summary(), "model_file": str(model.path)})  # summary's "model": the metadata
-            initial = result.transform
+        options = dict(iterations=iterations, lr=lr, device=device, bending=bending, tolerance=tolerance,
+                       threads=threads, coarse_iterations=coarse_iterations, refine_layers=refine_layers,
+                       region_margin_mm=region_margin_mm, polish=polish, anchor=anchor, passes=passes)
+        def say_retry(paths):
+            if not quiet:
+                print(f"  a self-check failed: registering again with {', '.join(p.name for p in paths)}",
+                      file=sys.stderr)
+
+        results, second_try = register_with_second_try(fixed, moving, models, retry=retry, load=load_model,
+                                                       on_retry=say_retry, initial_transform=initial,
+                                                       callback_for=callback_for, **options)
+        stages = [{**r.summary(), "model_file": r.model_path} for r in results]  # summary's "model": the metadata
+        result = results[-1]
         assert result is not None
         # the output image through a dense field (fast at 1 mm); the transform written is the exact one
         warped = warp_image(moving, fixed, result.transform, default_value=bg, field_spacing=OUTPUT_FIELD_SPACING_MM)
@@ -188,7 +200,9 @@ def run_register(
         "transform_maps": "fixed world points (mm, LPS) -> moving world points",
         "background": bg,
         "stages": stages,
-        "warnings": [f"{Path(s['model_file']).name}: {w}" for s in stages for w in s["warnings"]],
+        "warnings": ([second_try.note()] if second_try else [])
+        + [f"{Path(s['model_file']).name}: {w}" for s in stages for w in s["warnings"]],
+        "retry": second_try.summary() if second_try else None,
         "seconds_total": time.perf_counter() - t0,
     }
     # Everything computed and checked: now write, each file atomically.
@@ -470,6 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="B-spline stage: refine N times, each time with the network's new look at the moving image "
                         "warped so far, the result still one B-spline (default: the model's, chosen on validation; "
                         "1: the paper)")
+    r.add_argument("--no-retry", action="store_true",
+                   help="after a failed self-check, do not register again with the models trained on varied views "
+                        "beside those given (brain-synth beside brain-t1; by default the result whose images end "
+                        "the more alike is kept)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--initial", help="initial ITK transform file (fixed -> moving), e.g. an affine .tfm or an earlier "
                    "transform.h5 (a non-linear one can start affine models only)")
@@ -549,7 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             s = run_register(args.fixed, args.moving, args.model, args.out, args.refine, args.lr, args.device,
                              args.initial, args.quiet, args.background, args.bending, args.tolerance, args.threads,
                              args.coarse_iterations, args.refine_layers, args.region_margin, args.polish, args.anchor,
-                             args.passes)
+                             args.passes, retry=not args.no_retry)
             for st in s["stages"]:
                 stop = " (converged)" if st["converged"] else ""
                 polished = f", {st['polish_iterations']} of them polish" if st.get("polish_iterations") else ""
@@ -560,7 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{st['iterations']} iterations{polished}{stop}{alike}")
             for w in s["warnings"]:
                 print(f"istn register: warning: {w}", file=sys.stderr)
-            hint = _varied_hint(s["stages"])
+            hint = None if s["retry"] else _varied_hint(s["stages"])  # tried already
             if hint:
                 print(f"istn register: hint: {hint}", file=sys.stderr)
             print(f"{s['seconds_total']:.2f} s; outputs in {args.out}")

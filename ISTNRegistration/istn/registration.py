@@ -365,17 +365,16 @@ INFORMATION_KEPT = 0.98
 FOREGROUND = 0.05  # fixed voxels compared: above this in the network's window (the head, not the air around it)
 
 
-def image_information(fixed: sitk.Image, moving: sitk.Image, grid: Grid, windows: tuple, transform: sitk.Transform,
-                      ) -> tuple[float, float]:
-    """``(as given, through transform)``: mutual information of the images on ``grid`` (the fixed image's network
-    grid), each in its network window, over the fixed image's foreground: a measure of the images themselves,
-    independent of the model, of whether the result leaves them less alike than they were."""
+def image_information(fixed: sitk.Image, moving: sitk.Image, grid: Grid, windows: tuple,
+                      transforms: Sequence[sitk.Transform | None]) -> list[float]:
+    """Mutual information of the images (nats) through each of ``transforms`` (None: as given, the world
+    positions as stored) on ``grid`` (the fixed image's network grid), each image in its network window, over
+    the fixed image's foreground: a measure of the images themselves, independent of the model, of whether a
+    result leaves them less alike than they were, and one that compares the results of different models."""
     target = image_to_tensor(fixed, grid, windows[0])[0, 0].cpu().numpy()
     mask = target > FOREGROUND
-    given = image_to_tensor(moving, grid, windows[1])  # no transform: the world positions as stored
-    moved = image_to_tensor(moving, grid, windows[1], transform)
-    return (mutual_information(target, given[0, 0].cpu().numpy(), mask),
-            mutual_information(target, moved[0, 0].cpu().numpy(), mask))
+    return [mutual_information(target, image_to_tensor(moving, grid, windows[1], t)[0, 0].cpu().numpy(), mask)
+            for t in transforms]
 
 
 def _information_check(given: float, result: float) -> str | None:
@@ -819,7 +818,7 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
     t_info = time.perf_counter()
     final = to_world(params)
     volume_ratio = map_volume_ratios(s_map, t_map) if model.config.itn_output == "sigmoid" else np.zeros(0)
-    given, kept = image_information(fixed, moving, grid_f, (win_f, win_m), final)
+    given, kept = image_information(fixed, moving, grid_f, (win_f, win_m), [None, final])
     failed = []  # the self-checks that say the pair is unlike what the model was made for (`SELF_CHECKS`)
     for name, check in (("loss", _self_check(model, out.similarity, refined=bool(out.losses))),
                         ("map_volume", _map_volume_check(model, volume_ratio)),
