@@ -511,3 +511,33 @@ def test_nonfinite_result_is_not_written(files, tmp_path, capfd, monkeypatch):
     out = tmp_path / "out"
     assert _register(files, out) == 1
     assert "non-finite transform" in capfd.readouterr().err and not out.exists()
+
+
+def test_without_a_model_the_bundled_default_chain_registers_the_pair(tmp_path, capsys, monkeypatch):
+    """`istn register` with no --model: the bundled brain-t1 affine then B-spline (as `istn demo`), which
+    brings the sample pair's structures closer; a checkout without them says so, writing nothing."""
+    import istn.demo as demo
+
+    if not (demo.MODELS_DIR / demo.AFFINE_MODEL).exists() or not (demo.MODELS_DIR / demo.BSPLINE_MODEL).exists():
+        pytest.skip("bundled models absent")
+    pair = demo.sample_pair()
+    for key in ("fixed", "moving", "fixed_labels", "moving_labels"):
+        sitk.WriteImage(pair[key], str(tmp_path / f"{key}.nii.gz"))
+    args = ["register", "--fixed", str(tmp_path / "fixed.nii.gz"), "--moving", str(tmp_path / "moving.nii.gz")]
+    assert main(args + ["--out", str(tmp_path / "out")]) == 0
+    assert "models: the bundled brain-t1-affine.pt, brain-t1-bspline.pt" in capsys.readouterr().err
+    stages = json.loads((tmp_path / "out" / "result.json").read_text())["stages"]
+    assert [os.path.basename(s["model_file"]) for s in stages] == ["brain-t1-affine.pt", "brain-t1-bspline.pt"]
+    labels = ["--fixed-labels", str(tmp_path / "fixed_labels.nii.gz"),
+              "--moving-labels", str(tmp_path / "moving_labels.nii.gz")]
+    dice = {}
+    for name, extra in (("before", []), ("after", ["--transform", str(tmp_path / "out" / "transform.h5")])):
+        assert main(["evaluate", *labels, *extra, "--out", str(tmp_path / f"{name}.json")]) == 0
+        dice[name] = json.loads((tmp_path / f"{name}.json").read_text())["mean"]["dice"]
+    assert dice["after"] > dice["before"] + 0.02
+
+    monkeypatch.setattr(demo, "MODELS_DIR", tmp_path / "no-models")
+    capsys.readouterr()
+    assert main(args + ["--out", str(tmp_path / "none")]) == 2
+    assert "no --model given and the bundled default models are missing" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()

@@ -92,7 +92,7 @@ def _varied_hint(stages: list[dict]) -> str | None:
 def run_register(
     fixed_path: str | Path,
     moving_path: str | Path,
-    model_paths: Sequence[str | Path],
+    model_paths: Sequence[str | Path] | None,
     out_dir: str | Path,
     iterations: int | None = None,
     lr: float | None = None,
@@ -111,7 +111,8 @@ def run_register(
     passes: int | None = None,
     retry: bool = True,
 ) -> dict:
-    """Register a pair with one model or a chain (affine models, then at most one B-spline) and write the outputs.
+    """Register a pair with one model or a chain (affine models, then at most one B-spline) and write the outputs;
+    no ``model_paths``: the bundled default chain (brain-t1 affine, then its B-spline).
 
     Everything is checked (`check_register_inputs`) before any computation and
     every result before anything is written; each file is written atomically.
@@ -139,8 +140,17 @@ def run_register(
     from .chain import register_with_second_try
     from .registration import OUTPUT_FIELD_SPACING_MM, check_register_inputs, warp_image
 
-    if not model_paths:
-        raise InputError("at least one --model is needed")
+    if not model_paths:  # the bundled default chain, as `istn demo` and the panel's first entries
+        from .demo import AFFINE_MODEL, BSPLINE_MODEL, MODELS_DIR
+
+        model_paths = [MODELS_DIR / AFFINE_MODEL, MODELS_DIR / BSPLINE_MODEL]
+        missing = [str(p) for p in model_paths if not p.exists()]
+        if missing:
+            raise InputError(f"no --model given and the bundled default models are missing ({', '.join(missing)}): "
+                             "name a model file with --model")
+        if not quiet:
+            print(f"  models: the bundled {', '.join(p.name for p in model_paths)} (--model to choose)",
+                  file=sys.stderr)
     check_register_options(iterations, lr, device, background, bending, tolerance, threads, coarse_iterations,
                            region_margin_mm, polish, anchor, passes)
     names = list(REGISTER_OUTPUTS) + ["transform.tfm", "affine.tfm"]
@@ -450,8 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("register", help="register a moving image to a fixed image")
     r.add_argument("--fixed", required=True, help="fixed image (NIfTI, NRRD, MHA, PNG, ...)")
     r.add_argument("--moving", required=True, help="moving image")
-    r.add_argument("--model", action="append", required=True,
-                   help="exported model (.pt); repeat to chain: affine models, then at most one B-spline model, last")
+    r.add_argument("--model", action="append",
+                   help="exported model (.pt); repeat to chain: affine models, then at most one B-spline model, last "
+                        "(default: the bundled brain-t1-affine.pt then brain-t1-bspline.pt, T1 brain MRI)")
     r.add_argument("--refine", type=int, default=None,
                    help="test-time refinement iterations (default: the model's, chosen on validation, else 50)")
     r.add_argument("--lr", type=float, default=None, help="refinement learning rate (default: the model's)")
