@@ -15,7 +15,8 @@ default pipeline's wall time. The choice uses no label: only the images' mutual 
 
     python benchmarks/second_try.py --data /work/braindata2 --pairs 3 --val-pairs 6
 
-Writes ``benchmarks/results/second_try.{md,json}``.
+Writes ``benchmarks/results/second_try.{md,json}``; ``--figure docs/second_try.png`` draws the cropped sample
+pair (the bundled pair, no data needed: ``--figure-only`` draws just that).
 """
 from __future__ import annotations
 
@@ -55,6 +56,68 @@ def run(first_models, second_models, fixed, fixed_labels, moving, moving_labels,
             "information": ({"first": retry.information_first, "second": retry.information_second} if retry
                             else None),
             "seconds": seconds}
+
+
+def figure(path: Path, first_models: list, threads: int) -> Path:
+    """The sample pair with the moving head cropped to its top 60 %: unregistered, the default models' result,
+    the second try's (kept), coronal through the structures, label contours (fixed yellow, moving red)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import SimpleITK as sitk
+    from hard_inputs import crop_superior
+
+    from istn.demo import sample_pair
+    from istn.figures import _centroid_index, _slice, _window
+    from istn.registration import warp_image
+
+    p = sample_pair()
+    fixed, fixed_labels = p["fixed"], p["fixed_labels"]
+    moving, labels = crop_superior(sitk.Cast(p["moving"], sitk.sitkFloat32), p["moving_labels"], 0.6)
+    kept, retry = register_with_second_try(fixed, moving, first_models, threads=threads)
+    assert retry is not None, "the default models' self-checks passed on the cropped sample pair"
+    panels = [("unregistered", None, None)]
+    for chain, what in ((retry.first, "default models"), (retry.second, "second try")):
+        info = retry.information_first if chain is retry.first else retry.information_second
+        chosen = " (kept)" if chain is kept else ""
+        panels.append((f"{what}{chosen}: {', '.join(Path(s.model_path).stem for s in chain)}", chain[-1].transform,
+                       info))
+    axis = 1  # coronal: the crop's edge runs across it
+    k = _centroid_index(fixed_labels, fixed, axis)
+    f = _slice(fixed, axis, k)[::-1]
+    lo, hi = _window(f[f > 0])
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(4.2 * (1 + len(panels)), 4.6))
+    fig.patch.set_facecolor("white")
+
+    def contours(ax, lab, colour):
+        s = _slice(lab, axis, k)[::-1]
+        for v in np.unique(s[s > 0]):
+            ax.contour((s == v).astype(float), levels=[0.5], colors=[colour], linewidths=1.0)
+
+    axes[0].imshow(np.clip((f - lo) / (hi - lo), 0, 1), cmap="gray")
+    contours(axes[0], fixed_labels, "#ffd400")
+    axes[0].set_title("Fixed (coronal)\nits labels in yellow", fontsize=10)
+    for ax, (name, tx, info) in zip(axes[1:], panels):
+        w = warp_image(moving, fixed, tx if tx is not None else sitk.Transform(3, sitk.sitkIdentity), default_value=0.0)
+        wl = sitk.Resample(labels, fixed, tx if tx is not None else sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+        a = _slice(w, axis, k)[::-1]
+        mlo, mhi = _window(a[a > 0]) if (a > 0).any() else (0.0, 1.0)
+        ax.imshow(np.clip((a - mlo) / (mhi - mlo), 0, 1), cmap="gray")
+        contours(ax, fixed_labels, "#ffd400")
+        contours(ax, wl, "#ff3b30")
+        d = mean_dice(fixed_labels, labels, tx)
+        extra = f", images' MI {info:.3f}" if info is not None else ""
+        ax.set_title(f"{name}\nDice {d:.3f}{extra}", fontsize=10)
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle("A moving head cropped to its top 60 %: the default T1 models' self-check fails, the second try "
+                 "is kept", fontsize=12)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def markdown(res: dict) -> str:
@@ -99,10 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-anatomy", default="spm_avg305")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "second_try"))
+    p.add_argument("--figure", default=None, help="also draw the cropped sample pair here (PNG)")
+    p.add_argument("--figure-only", action="store_true", help="draw the figure only (needs no --data)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     folder = Path(args.models)
     first = [load_model(folder / f"{args.first}-{t}.pt") for t in ("affine", "bspline")]
+    if args.figure:
+        print(f"figure: {figure(Path(args.figure), first, args.threads)}")
+    if args.figure_only:
+        return 0
     second = [load_model(folder / f"{args.second}-{t}.pt") for t in ("affine", "bspline")]
     res = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "command": "python benchmarks/second_try.py " + " ".join(argv if argv is not None else sys.argv[1:]),
