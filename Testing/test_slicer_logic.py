@@ -726,8 +726,18 @@ def test_a_failed_self_check_registers_again_with_the_varied_models_beside(scene
     added = len(selftest.nodeIds(scene) - before)
     monkeypatch.setattr(engine, "_information_check", lambda given, result: "forced for the test")
     before = selftest.nodeIds(scene)
-    messages = []
-    tie = run(ISTNRegistrationLogic(), pair, models, "bspline", progressCallback=lambda p: messages.append(str(p)))
+    messages, shown = [], []
+
+    def progress(p) -> None:
+        messages.append(str(p))
+        if str(p) == "Running the Affine model (varied-affine.pt)...":  # the second try starts: no stale B-spline
+            n = scene.GetNumberOfNodesByClass("vtkMRMLBSplineTransformNode")
+            node = scene.GetNthNodeByClass(n - 1, "vtkMRMLBSplineTransformNode")
+            shown.append(node.GetTransformFromParent().GetClassName())
+
+    tie = run(ISTNRegistrationLogic(), pair, models, "bspline", progressCallback=progress)
+    assert shown == ["vtkTransform"]  # identity while the second try's affine runs (live views)
+    assert tie.bsplineTransformNode.GetTransformFromParent().GetClassName() != "vtkTransform"  # its result after
     # the same networks under other names: a tie keeps the models asked for
     assert tie.retry is not None and not tie.retry.kept_second
     assert [Path(s.model_path).name for s in tie.stages] == ["plain-affine.pt", "plain-bspline.pt"]

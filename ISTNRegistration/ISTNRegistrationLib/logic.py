@@ -509,6 +509,8 @@ class ISTNRegistrationLogic:
                 from istn.chain import register_with_second_try
 
                 def sayRetry(paths) -> None:
+                    if bsplineNode is not None:  # identity until the second try's B-spline stage (live views)
+                        bsplineNode.SetAndObserveTransformFromParent(vtk.vtkTransform())
                     if progressCallback is not None:
                         progressCallback(RegistrationProgress(
                             "load", 1, len(paths), 0, shown, None,

@@ -78,8 +78,10 @@ def register_with_second_try(
     from .export import load_model
 
     first = register_chain(fixed, moving, models, **options)
-    others = retry_models(first, read_meta or (lambda p: load_model(p).meta)) if retry else []
-    if not others or first[-1].cancelled:
+    if not retry or first[-1].cancelled:
+        return first, None
+    others = retry_models(first, read_meta or (lambda p: load_model(p).meta))
+    if not others:
         return first, None
     if on_retry is not None:
         on_retry(others)
