@@ -160,6 +160,43 @@ def test_a_bspline_run_on_a_finer_control_grid_starts_from_a_trained_one_at_the_
         train_brain.regrid_bspline_head(checkpoint, TrainConfig(model=dataclasses.replace(tcfg.model, soi_channels=3)))
 
 
+def test_a_run_on_a_finer_network_grid_of_the_same_field_of_view_starts_from_every_trained_weight():
+    """`regrid_network`: 16^3 x 4 mm -> 32^3 x 2 mm: every learned weight carried over, the grid's buffers (the
+    B-spline bases, the base grid) the new grid's, as many control points; another field of view is refused."""
+    import dataclasses
+
+    import torch
+
+    from conftest import perturbed_model, tiny_config
+    from istn.config import TrainConfig, to_dict
+    from istn.networks import ISTN
+
+    coarse = tiny_config(3, "bspline", "istn-e", soi_channels=2, itn_output="sigmoid")
+    old = perturbed_model(coarse, seed=3)
+    checkpoint = {"model": old.state_dict(), "config": to_dict(TrainConfig(model=coarse)), "step": 700}
+    tcfg = TrainConfig(model=dataclasses.replace(coarse, grid_size=(32, 32, 32), grid_spacing=2.0))
+    start = train_brain.regrid_network(checkpoint, tcfg)
+    new = ISTN(tcfg.model)
+    new.load_state_dict(start["model"])  # strict: every tensor has the run's shape
+    new.eval()
+    assert start["step"] == 0 and start["config"]["model"]["grid_spacing"] == 2.0
+    buffers = {name for name, _ in new.named_buffers()}
+    fresh = ISTN(tcfg.model).state_dict()
+    assert buffers and all(torch.equal(start["model"][b], fresh[b]) for b in buffers)  # the new grid's
+    assert any(start["model"][b].shape != old.state_dict()[b].shape for b in buffers)  # (not the old ones)
+    for name, w in old.state_dict().items():
+        if name not in buffers:
+            assert torch.equal(start["model"][name], w), name
+    torch.manual_seed(0)
+    x, y = torch.rand(1, 1, 32, 32, 32), torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        coeffs = new.predict(new.itn(x), new.itn(y))
+        assert coeffs.shape == old.predict(old.itn(x[..., ::2, ::2, ::2]), old.itn(y[..., ::2, ::2, ::2])).shape
+        assert torch.count_nonzero(coeffs) > 0  # the trained head, not a fresh one
+    with pytest.raises(ValueError, match="same field of view"):
+        train_brain.regrid_network(checkpoint, TrainConfig(model=dataclasses.replace(coarse, grid_size=(32,) * 3)))
+
+
 def test_the_brain_label_fills_the_brain_outside_the_structures():
     labels = np.zeros((4, 5, 6), np.uint8)
     labels[1, 2, 3] = 4

@@ -488,14 +488,22 @@ def train_stage(args, stage: str, variant: str, steps: int, train_anat, val_anat
         start = load_checkpoint(init)
         more_channels = start["config"]["model"]["soi_channels"] < cfg.soi_channels
         other_grid = stage == "bspline" and start["config"]["model"]["cp_spacing_mm"] != cfg.cp_spacing_mm
-        if more_channels and other_grid:
-            raise SystemExit("--init-from: a run with other SoI channels AND another control-point spacing; "
-                             "change one at a time")
+        other_network_grid = (list(start["config"]["model"]["grid_size"]) != list(cfg.grid_size)
+                              or float(start["config"]["model"]["grid_spacing"]) != float(cfg.grid_spacing))
+        if more_channels + other_grid + other_network_grid > 1:
+            raise SystemExit("--init-from: a run with more than one of other SoI channels, another control-point "
+                             "spacing, another network grid; change one at a time")
         if more_channels:  # 8 structures -> + the brain channel
             init = out / "init_expanded.pt"
             torch.save(expand_soi_channels(start, tcfg), init)
             log(f"{stage}: {args.init_from}'s {start['config']['model']['soi_channels']} SoI channels expanded to "
                 f"{cfg.soi_channels} ({init})")
+        elif other_network_grid:
+            init = out / "init_network_grid.pt"
+            torch.save(regrid_network(start, tcfg), init)
+            m = start["config"]["model"]
+            log(f"{stage}: {args.init_from}'s weights on a {cfg.grid_size[0]}^3 x {cfg.grid_spacing:g} mm network grid "
+                f"(trained on {m['grid_size'][0]}^3 x {m['grid_spacing']:g} mm) ({init})")
         elif other_grid:
             init = out / "init_regridded.pt"
             torch.save(regrid_bspline_head(start, tcfg), init)
@@ -557,6 +565,30 @@ def regrid_bspline_head(checkpoint: dict, tcfg: TrainConfig) -> dict:
             raise ValueError(f"regrid_bspline_head: {name} is "
                              f"{'missing' if w is None else tuple(w.shape)} in the checkpoint, the run wants "
                              f"{tuple(new.shape)}: only the control-point spacing may differ")
+        state[name] = w.clone()
+    return _start_checkpoint(checkpoint, state, tcfg)
+
+
+def regrid_network(checkpoint: dict, tcfg: TrainConfig) -> dict:
+    """A checkpoint as the start of a run on another network grid of the same field of view (e.g. 48^3 x 4 mm ->
+    64^3 x 3 mm), weights only: every learned weight is kept (the ITN is convolutional, the STN pools to 4^D
+    before its fully connected layers, and the B-spline control points, fixed in mm, are as many); the buffers
+    computed from the grid (B-spline bases, the base grid) are the new grid's."""
+    old = checkpoint["model"]
+    m = checkpoint["config"]["model"]
+    if not np.allclose(np.asarray(m["grid_size"]) * float(m["grid_spacing"]),
+                       np.asarray(tcfg.model.grid_size) * tcfg.model.grid_spacing):
+        raise ValueError("regrid_network: the network grids must cover the same field of view")
+    fresh = ISTN(tcfg.model)
+    buffers = {name for name, _ in fresh.named_buffers()}
+    state = fresh.state_dict()
+    for name, new in state.items():
+        if name in buffers:
+            continue
+        w = old.get(name)
+        if w is None or w.shape != new.shape:
+            raise ValueError(f"regrid_network: {name} is {'missing' if w is None else tuple(w.shape)} in the "
+                             f"checkpoint, the run wants {tuple(new.shape)}")
         state[name] = w.clone()
     return _start_checkpoint(checkpoint, state, tcfg)
 
