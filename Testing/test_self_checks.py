@@ -252,3 +252,21 @@ def test_the_chain_kept_is_the_one_whose_images_end_more_alike(make_model):
     assert retry.kept_second and retry.information_second > 1.5 * retry.information_first
     assert not compare_chains(fixed, moving, model, chain(true), chain(identity)).kept_second
     assert not compare_chains(fixed, moving, model, chain(identity), chain(true, cancelled=True)).kept_second
+
+
+def test_the_second_try_loads_each_model_file_beside_once(make_model, tmp_path, monkeypatch):
+    """Without a metadata reader the metadata comes from loading the files: the model tried is not loaded again."""
+    import SimpleITK as sitk
+
+    import istn.export
+    from istn.chain import register_with_second_try
+
+    plain, varied, _ = _pair_and_models(make_model, tmp_path, varied_perturbed=False)
+    fixed, moving = (sitk.ReadImage(str(tmp_path / n)) for n in ("f.nii.gz", "m.nii.gz"))
+    monkeypatch.setattr(registration, "_information_check", lambda given, result: "forced for the test")
+    loads = []
+    real = istn.export.load_model
+    monkeypatch.setattr(istn.export, "load_model", lambda p, *a, **k: loads.append(p) or real(p, *a, **k))
+    kept, retry = register_with_second_try(fixed, moving, [real(plain)], iterations=1)
+    assert retry is not None and [r.model_path for r in retry.second] == [str(varied)]
+    assert loads == [varied]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ sys.path.insert(0, str(REPO / "ISTNRegistration"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from hard_inputs import mean_dice  # noqa: E402
-from self_checks import all_cases  # noqa: E402
+from self_checks import all_cases, write_tables  # noqa: E402
 
 from istn.chain import register_chain, register_with_second_try  # noqa: E402
 from istn.demo import MODELS_DIR  # noqa: E402
@@ -183,11 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{case}: Dice {r['unregistered']:.3f} -> {args.first} {r['first']:.3f}, {args.second} "
               f"{r['second']:.3f}, default {r['default']:.3f} (tried {r['tried']}, kept second {r['kept_second']}, "
               f"{r['seconds']:.1f} s)", flush=True)
-    out = Path(args.out)
-    out.with_name(out.name + ".json").write_text(json.dumps(res, indent=1, default=float))
-    md = markdown(res)
-    out.with_name(out.name + ".md").write_text(md)
-    print(md)
+    write_tables(Path(args.out), res, markdown(res))
     return 0
 
 

@@ -169,12 +169,15 @@ def main(argv: list[str] | None = None) -> int:
              for s in ("affine", "bspline") for x in row["ratio"][s] if x is not None and np.isfinite(x)]
         res["validation_range"][fam] = {"min": min(v), "max": max(v)} if v else {"min": float("nan"),
                                                                                  "max": float("nan")}
-    out = Path(args.out)
+    write_tables(Path(args.out), res, markdown(res))
+    return 0
+
+
+def write_tables(out: Path, res: dict, md: str) -> None:
+    """``out``.json (``res``) and ``out``.md (``md``, also printed)."""
     out.with_name(out.name + ".json").write_text(json.dumps(res, indent=1, default=float))
-    md = markdown(res)
     out.with_name(out.name + ".md").write_text(md)
     print(md)
-    return 0
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -548,6 +549,25 @@ def expand_soi_channels(checkpoint: dict, tcfg: TrainConfig) -> dict:
     return _start_checkpoint(checkpoint, state, tcfg)
 
 
+def _carry_weights(checkpoint: dict, tcfg: TrainConfig, renewed: Callable[[ISTN], set], who: str,
+                   rule: str = "") -> dict:
+    """``checkpoint``'s weights as the start of a run of ``tcfg``, except the tensors named by ``renewed(fresh)``,
+    which are a fresh model's; every other tensor must have the run's shape (else ValueError ``who: ...rule``)."""
+    old = checkpoint["model"]
+    fresh = ISTN(tcfg.model)
+    renew = renewed(fresh)
+    state = fresh.state_dict()
+    for name, new in state.items():
+        if name in renew:
+            continue
+        w = old.get(name)
+        if w is None or w.shape != new.shape:
+            raise ValueError(f"{who}: {name} is {'missing' if w is None else tuple(w.shape)} in the checkpoint, "
+                             f"the run wants {tuple(new.shape)}{rule}")
+        state[name] = w.clone()
+    return _start_checkpoint(checkpoint, state, tcfg)
+
+
 def regrid_bspline_head(checkpoint: dict, tcfg: TrainConfig) -> dict:
     """A B-spline checkpoint as the start of a run whose control points lie on another grid (weights only).
 
@@ -555,18 +575,10 @@ def regrid_bspline_head(checkpoint: dict, tcfg: TrainConfig) -> dict:
     output per control point and axis) starts at zero, as a fresh model's does, so the start predicts the
     identity deformation from maps the ITN already draws. Everything else must match ``tcfg.model``.
     """
-    old = checkpoint["model"]
-    state = ISTN(tcfg.model).state_dict()  # the fresh head: zero-initialised (istn.networks)
-    for name, new in state.items():
-        if name.startswith(("stn.head.", "basis")):  # basis*: buffers computed from the grid
-            continue
-        w = old.get(name)
-        if w is None or w.shape != new.shape:
-            raise ValueError(f"regrid_bspline_head: {name} is "
-                             f"{'missing' if w is None else tuple(w.shape)} in the checkpoint, the run wants "
-                             f"{tuple(new.shape)}: only the control-point spacing may differ")
-        state[name] = w.clone()
-    return _start_checkpoint(checkpoint, state, tcfg)
+    # the fresh head: zero-initialised (istn.networks); basis*: buffers computed from the grid
+    return _carry_weights(checkpoint, tcfg, lambda net: {n for n in net.state_dict()
+                                                         if n.startswith(("stn.head.", "basis"))},
+                          "regrid_bspline_head", ": only the control-point spacing may differ")
 
 
 def regrid_network(checkpoint: dict, tcfg: TrainConfig) -> dict:
@@ -574,23 +586,11 @@ def regrid_network(checkpoint: dict, tcfg: TrainConfig) -> dict:
     64^3 x 3 mm), weights only: every learned weight is kept (the ITN is convolutional, the STN pools to 4^D
     before its fully connected layers, and the B-spline control points, fixed in mm, are as many); the buffers
     computed from the grid (B-spline bases, the base grid) are the new grid's."""
-    old = checkpoint["model"]
     m = checkpoint["config"]["model"]
     if not np.allclose(np.asarray(m["grid_size"]) * float(m["grid_spacing"]),
                        np.asarray(tcfg.model.grid_size) * tcfg.model.grid_spacing):
         raise ValueError("regrid_network: the network grids must cover the same field of view")
-    fresh = ISTN(tcfg.model)
-    buffers = {name for name, _ in fresh.named_buffers()}
-    state = fresh.state_dict()
-    for name, new in state.items():
-        if name in buffers:
-            continue
-        w = old.get(name)
-        if w is None or w.shape != new.shape:
-            raise ValueError(f"regrid_network: {name} is {'missing' if w is None else tuple(w.shape)} in the "
-                             f"checkpoint, the run wants {tuple(new.shape)}")
-        state[name] = w.clone()
-    return _start_checkpoint(checkpoint, state, tcfg)
+    return _carry_weights(checkpoint, tcfg, lambda net: {n for n, _ in net.named_buffers()}, "regrid_network")
 
 
 def _schedule(cfg: dict) -> str:

@@ -566,7 +566,8 @@ class ISTNRegistrationLogic:
                 changes.rollback()
                 raise
 
-            result.hint = variedViewsHint(result.stages) if result.retry is None else ""  # else: tried already
+            # with the second try on, the varied models beside were tried already (or there are none)
+            result.hint = variedViewsHint(result.stages) if not retryVaried else ""
             result.transformNode = linearNode
             result.bsplineTransformNode = bsplineNode
             result.transform = final

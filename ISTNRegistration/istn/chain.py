@@ -80,12 +80,19 @@ def register_with_second_try(
     first = register_chain(fixed, moving, models, **options)
     if not retry or first[-1].cancelled:
         return first, None
-    others = retry_models(first, read_meta or (lambda p: load_model(p).meta))
+    loaded: dict[Path, LoadedModel] = {}
+
+    def load_once(path: Path) -> LoadedModel:  # without read_meta the metadata came from loading the file
+        if path not in loaded:
+            loaded[path] = (load or load_model)(path)
+        return loaded[path]
+
+    others = retry_models(first, read_meta or (lambda p: load_once(p).meta))
     if not others:
         return first, None
     if on_retry is not None:
         on_retry(others)
-    second = register_chain(fixed, moving, [(load or load_model)(p) for p in others], **options)
+    second = register_chain(fixed, moving, [load_once(p) for p in others], **options)
     outcome = compare_chains(fixed, moving, models[-1], first, second)
     return outcome.kept, outcome
 

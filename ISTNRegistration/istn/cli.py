@@ -181,17 +181,16 @@ def run_register(
         options = dict(iterations=iterations, lr=lr, device=device, bending=bending, tolerance=tolerance,
                        threads=threads, coarse_iterations=coarse_iterations, refine_layers=refine_layers,
                        region_margin_mm=region_margin_mm, polish=polish, anchor=anchor, passes=passes)
+
         def say_retry(paths):
             if not quiet:
                 print(f"  a self-check failed: registering again with {', '.join(p.name for p in paths)}",
                       file=sys.stderr)
 
-        results, second_try = register_with_second_try(fixed, moving, models, retry=retry, load=load_model,
-                                                       on_retry=say_retry, initial_transform=initial,
-                                                       callback_for=callback_for, **options)
+        results, second_try = register_with_second_try(fixed, moving, models, retry=retry, on_retry=say_retry,
+                                                       initial_transform=initial, callback_for=callback_for, **options)
         stages = [{**r.summary(), "model_file": r.model_path} for r in results]  # summary's "model": the metadata
         result = results[-1]
-        assert result is not None
         # the output image through a dense field (fast at 1 mm); the transform written is the exact one
         warped = warp_image(moving, fixed, result.transform, default_value=bg, field_spacing=OUTPUT_FIELD_SPACING_MM)
         itn_moving = result.warped_moving_map()
@@ -589,7 +588,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{st['iterations']} iterations{polished}{stop}{alike}")
             for w in s["warnings"]:
                 print(f"istn register: warning: {w}", file=sys.stderr)
-            hint = None if s["retry"] else _varied_hint(s["stages"])  # tried already
+            # with the second try on, the varied models beside were tried already (or there are none)
+            hint = _varied_hint(s["stages"]) if args.no_retry else None
             if hint:
                 print(f"istn register: hint: {hint}", file=sys.stderr)
             print(f"{s['seconds_total']:.2f} s; outputs in {args.out}")
