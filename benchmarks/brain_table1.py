@@ -73,7 +73,8 @@ from istn.export import LoadedModel, build_metadata, export_model, load_model  #
 from istn.geometry import resample_to_grid  # noqa: E402
 from istn.metrics import dice, folding_fraction  # noqa: E402
 from istn.refinement import refine  # noqa: E402
-from istn.registration import aligned_grid, register  # noqa: E402
+from istn.inputs import prepare_image  # noqa: E402
+from istn.registration import aligned_grid, moving_map_grid, register  # noqa: E402
 from istn.transforms import (bspline_to_world, compose, matrix_to_sitk_affine, sitk_affine_to_matrix,  # noqa: E402
                              theta_to_world)
 from table1 import (ISTNS, NAMES, TRANSFORM_NAMES, VARIANTS, claims, claims_markdown, console_table,  # noqa: E402
@@ -224,11 +225,17 @@ def _lr(model: LoadedModel) -> float:
 
 
 def map_quality(model: LoadedModel, image: sitk.Image, labels: sitk.Image, dilation_mm: float,
-                representation: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
-    """The model's ITN maps of ``image`` on its internal grid (as `register` computes them) against ``labels``.
+                representation: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
+                fixed: sitk.Image | None = None, initial_transform: sitk.Transform | None = None) -> dict:
+    """The model's ITN maps of ``image`` on its internal grid against ``labels``.
 
     ``representation``: what makes the maps from the normalised image ``(1, 1, *S) -> (1, K, *S)`` (default the
     model's ITN; `refinement_maps.py` probes others).
+    ``fixed``: measure the maps as `register(fixed, image, model, initial_transform=...)` shows them (its
+    ``moving_map``, per structure): the image's working copy and window (`prepare_image`) on the stage's grid
+    (`moving_map_grid`: for a B-spline stage after an affine, the fixed grid carried into the moving image's
+    space, the moving head in the fixed head's pose, as the stage was trained); without it, the image's own
+    internal grid from the raw image (Table 1's measure).
 
     Per structure k: Dice of (map_k > 0.5) with the reference structure resampled nearest-neighbour onto the
     grid; ``mass_outside``: the fraction of map_k's mass outside the structure dilated by ``dilation_mm``;
@@ -237,11 +244,18 @@ def map_quality(model: LoadedModel, image: sitk.Image, labels: sitk.Image, dilat
     Mass = the map's values clipped at 0 (sigmoid maps are in [0, 1] anyway).
     """
     cfg = model.config
-    grid = network_grid(image, cfg)
-    window = intensity_window(sitk.GetArrayViewFromImage(image), *model.intensity,
-                              foreground=model.intensity_foreground)
+    if fixed is None:
+        grid = network_grid(image, cfg)
+        window = intensity_window(sitk.GetArrayViewFromImage(image), *model.intensity,
+                                  foreground=model.intensity_foreground)
+        source = image_to_tensor(image, grid, window)
+    else:
+        f_in, m_in = (prepare_image(im, cfg.grid_spacing, model.intensity, model.intensity_foreground,
+                                    cfg.centre_on_foreground) for im in (fixed, image))
+        grid = moving_map_grid(f_in, m_in, model, initial_transform)
+        source = image_to_tensor(m_in.image, grid, m_in.window)
     with torch.no_grad():
-        maps = (representation or model.module.representation)(image_to_tensor(image, grid, window))[0].numpy()
+        maps = (representation or model.module.representation)(source)[0].numpy()
     mass_maps = np.clip(maps, 0.0, None)  # a linear ITN head can go negative: no mass there
     ref = sitk.GetArrayFromImage(resample_to_grid(labels, grid, interpolator=sitk.sitkNearestNeighbor))
     radius = int(round(dilation_mm / cfg.grid_spacing))

@@ -1,16 +1,23 @@
 #!/usr/bin/env python3
 """How readable a brain model's structure maps are: the ITN maps thresholded at 0.5 against the reference labels.
 
-For each model (``brain-t1-affine.pt``, ``brain-t1-bspline.pt`` in ``--models``) the ITN is run on the HELD-OUT
-subject (Colin27, never trained on or validated with) in brain3d's scanner positions (seeds 101..), brain-
-extracted and whole head, and on the fixed image ICBM 2009c, on the model's internal grid as `register` runs it
-(`brain_table1.map_quality`). Per structure: Dice of (map > 0.5) with the structure's reference label; the
-share of the maps' mass outside the structures dilated by ``--dilation-mm`` (what an overlay shows away from
-them: mostly the sigmoid's floor of ~0.02 summed over a head).
+For each model (``<family>-affine.pt``, ``<family>-bspline.pt`` in ``--models``; ``--family`` brain-t1 by
+default) the ITN is run on the HELD-OUT subject (Colin27, never trained on or validated with) in brain3d's
+scanner positions (seeds 101..), brain-extracted and whole head, and on the fixed image ICBM 2009c, as
+`register` computes and shows the moving map (`RegistrationResult.moving_map`: the panel's overlay, the
+command line's ``itn_moving``): the affine model on the head as it lies; the B-spline model after the family's
+affine model has registered the head, on the fixed grid carried into the head's space
+(`istn.registration.moving_map_grid`), the pose that stage is trained on and runs in. For the B-spline model the
+head left in its scanner position is also scored (``*-scanner`` rows: this script's only measure before
+2026-12-04, a pose the B-spline stage never sees). Per structure: Dice of (map > 0.5) with the structure's
+reference label on that grid (`brain_table1.map_quality`); the share of the maps' mass outside the structures
+dilated by ``--dilation-mm`` (what an overlay shows away from them: mostly the sigmoid's floor of ~0.02
+summed over a head).
 
 ``--write-models`` puts the table in each model's card (a marked section, replaced on a re-run).
 
     python benchmarks/map_dice.py --write-models
+    python benchmarks/map_dice.py --family brain-synth --write-models --out benchmarks/results/map_dice_synth
 
 Writes ``benchmarks/results/map_dice.{md,json}``.
 """
@@ -35,25 +42,46 @@ from brain_table1 import map_quality  # noqa: E402
 from istn.data.brain import LABELS  # noqa: E402
 from istn.demo import MODELS_DIR  # noqa: E402
 from istn.export import load_model  # noqa: E402
+from istn.registration import register  # noqa: E402
 from refinement_validation import write_card_section  # noqa: E402
 
 CARD_BEGIN = "<!-- structure maps: written by benchmarks/map_dice.py -->"
 CARD_END = "<!-- end of structure maps -->"
 HEADS = {"brain": "held-out head, brain-extracted", "whole-head": "held-out head, whole head",
-         "fixed": "fixed ICBM 2009c (a training anatomy)"}
+         "fixed": "fixed ICBM 2009c (a training anatomy)",
+         "brain-scanner": "held-out head, brain-extracted, left in the scanner position",
+         "whole-head-scanner": "held-out head, whole head, left in the scanner position"}
 
 
-def measure(model, vols: dict, pairs: int, dilation_mm: float) -> dict:
-    """Per head kind: mean over the pairs of each structure's map Dice and of the mass outside."""
+def measure(model, vols: dict, pairs: int, dilation_mm: float, affine=None) -> dict:
+    """Per head kind: mean over the pairs of each structure's map Dice and of the mass outside.
+
+    As `register` shows the moving maps (``fixed=``): an affine model's on the head in its scanner position; a
+    B-spline model's after ``affine`` (the family's affine model, registered with its own settings), on the
+    fixed grid carried into the head's space, the pose the B-spline stage is trained on and runs in. For a
+    B-spline model also ``<kind>-scanner``: its maps of the head left in the scanner position on the head's own
+    grid (what this script measured before 2026-12-04; a pose the B-spline stage never sees).
+    """
     out = {}
+
+    def mean_rows(rows: list[dict]) -> dict:
+        return {"per_structure": {n: float(np.mean([r["per_structure"][n]["dice"] for r in rows])) for n in LABELS},
+                "dice": float(np.mean([r["dice"] for r in rows])),
+                "mass_outside_all": float(np.mean([r["mass_outside_all"] for r in rows])), "pairs": len(rows)}
+
     for kind in ("brain", "whole-head"):
-        rows = [map_quality(model, *place_pair(vols, kind, SEED0 + i)[:2], dilation_mm) for i in range(pairs)]
-        out[kind] = {"per_structure": {n: float(np.mean([r["per_structure"][n]["dice"] for r in rows])) for n in LABELS},
-                     "dice": float(np.mean([r["dice"] for r in rows])),
-                     "mass_outside_all": float(np.mean([r["mass_outside_all"] for r in rows])), "pairs": pairs}
-    r = map_quality(model, vols["fixed"], vols["fixed_labels"], dilation_mm)
-    out["fixed"] = {"per_structure": {n: r["per_structure"][n]["dice"] for n in LABELS}, "dice": r["dice"],
-                    "mass_outside_all": r["mass_outside_all"], "pairs": 1}
+        shown, scanner = [], []
+        for i in range(pairs):
+            image, labels = place_pair(vols, kind, SEED0 + i)[:2]
+            initial = None
+            if model.transform_type == "bspline":
+                initial = register(vols["fixed"], image, affine).transform
+                scanner.append(map_quality(model, image, labels, dilation_mm))
+            shown.append(map_quality(model, image, labels, dilation_mm, fixed=vols["fixed"], initial_transform=initial))
+        out[kind] = mean_rows(shown)
+        if scanner:
+            out[f"{kind}-scanner"] = mean_rows(scanner)
+    out["fixed"] = mean_rows([map_quality(model, vols["fixed"], vols["fixed_labels"], dilation_mm, fixed=vols["fixed"])])
     return out
 
 
@@ -70,16 +98,19 @@ def card_section(res: dict, date: str, dilation_mm: float) -> str:
     return "\n".join([CARD_BEGIN, "## Structure maps (what the overlay shows)", "",
                       f"The ITN's maps thresholded at 0.5 against the reference labels, Dice per structure, on the "
                       f"held-out test subject (Colin27, never trained on or validated with) in scanner positions and "
-                      f"on the fixed template (`benchmarks/map_dice.py`, {date}); 'mass outside': the share of the "
-                      f"maps' summed values outside every structure dilated by {dilation_mm:g} mm (mostly the "
-                      "sigmoid's floor, about 0.02, summed over a head; an overlay window starting at 0.1 hides it).",
-                      "", *table(res), CARD_END]) + "\n"
+                      f"on the fixed template, as `register` shows the moving map (`benchmarks/map_dice.py`, {date}): "
+                      "a B-spline model's after its family's affine, in the pose it runs in (rows 'left in the "
+                      "scanner position': the head unregistered, a pose the B-spline stage never sees); 'mass "
+                      f"outside': the share of the maps' summed values outside every structure dilated by "
+                      f"{dilation_mm:g} mm (mostly the sigmoid's floor, about 0.02, summed over a head; an overlay "
+                      "window starting at 0.1 hides it).", "", *table(res), CARD_END]) + "\n"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="/work/braindata", help="output of `istn data prepare`")
     p.add_argument("--models", default=str(MODELS_DIR))
+    p.add_argument("--family", default="brain-t1", help="<family>-{affine,bspline}.pt in --models")
     p.add_argument("--pairs", type=int, default=8)
     p.add_argument("--dilation-mm", type=float, default=4.0)
     p.add_argument("--threads", type=int, default=1)
@@ -93,12 +124,14 @@ def main() -> None:
     md = ["# Structure maps of the bundled brain models: Dice of the thresholded maps", "",
           f"Generated by `{command}` on {date}; models in `{args.models}`.", ""]
     results = {}
+    affine = None
     for stage in ("affine", "bspline"):
-        path = Path(args.models) / f"brain-t1-{stage}.pt"
+        path = Path(args.models) / f"{args.family}-{stage}.pt"
         model = load_model(path)
+        affine = affine or model
         if model.config.itn_output != "sigmoid":
             print(f"note: {path.name} has an unbounded ITN head: its maps are not probabilities")
-        res = measure(model, vols, args.pairs, args.dilation_mm)
+        res = measure(model, vols, args.pairs, args.dilation_mm, affine)
         results[stage] = res
         md += [f"## {path.name}", "", *table(res), ""]
         print("\n".join(md[-len(table(res)) - 3:]), flush=True)

@@ -259,6 +259,25 @@ def _map_image(maps: torch.Tensor, grid: Grid) -> sitk.Image:
     return grid.image_from_array(maps[0].amax(0).detach().cpu().numpy().astype(np.float32))
 
 
+def moving_map_grid(fixed: PreparedImage, moving: PreparedImage, model: LoadedModel,
+                    initial_transform: sitk.Transform | None = None) -> Grid:
+    """The grid, in the moving image's space, of a stage's moving map (`RegistrationResult.moving_map`).
+
+    The moving image's own network grid, except for a B-spline stage after a
+    linear ``initial_transform`` (world, fixed -> moving): the fixed image's
+    grid carried into moving space by its rigid part (`aligned_grid`), where the
+    network sees, and the panel shows, the moving head in the fixed head's
+    pose, as in the stage's training. A linear ``initial_transform`` for a
+    B-spline is required (`InputError` otherwise).
+    """
+    cfg = model.config
+    if model.transform_type != "bspline":
+        return network_grid(moving.image, cfg, moving.centre)
+    a_mat = (np.eye(model.ndim + 1) if initial_transform is None
+             else _linear_matrix(flatten_transform(initial_transform), model.ndim))
+    return aligned_grid(network_grid(fixed.image, cfg, fixed.centre), a_mat)
+
+
 def aligned_grid(grid: Grid, matrix: np.ndarray) -> Grid:
     """``grid`` carried by the rigid part of the affine ``matrix`` ``(D+1, D+1)`` (world -> world).
 
@@ -681,7 +700,7 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
     else:
         a_mat = np.eye(d + 1) if initial_transform is None else _linear_matrix(initial_transform, d)
         a_tx = matrix_to_sitk_affine(a_mat)
-        work_grid = aligned_grid(grid_f, a_mat)
+        work_grid = moving_map_grid(fixed_in, moving_in, model, initial_transform)
         source = image_to_tensor(moving, work_grid, win_m)
         target = image_to_tensor(fixed, work_grid, win_f, matrix_to_sitk_affine(np.linalg.inv(a_mat)))
         spacing_vox = cfg.cp_spacing_voxels
