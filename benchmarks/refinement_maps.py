@@ -15,6 +15,8 @@ affine stage is the bundled affine as it is, shared by every probe. Probes:
   than the B-spline model's there; in the pose the B-spline stage sees they do not, `map_dice.py`);
 - ``+affine-itn`` / ``+synth-itn``: the objective compares the affine model's / the brain-synth B-spline's
   maps too (an ensemble of two ITNs, 8 more channels of weight 1; the STN still sees its own maps);
+- ``mean-synth-itn``: the mean of its maps and the brain-synth B-spline's (an ensemble of two ITNs: the STN sees
+  and the objective compares the mean);
 - ``+image:W``: the objective compares the normalised images too (one more channel of weight W).
 
 Per probe: Dice of the maps thresholded at 0.5 on the validation anatomy (mean over the pairs' moving
@@ -121,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="/work/braindata", help="output of `istn data prepare`")
     p.add_argument("--pairs", type=int, default=6)
     p.add_argument("--image-weights", default="0.03,0.1,0.3")
+    p.add_argument("--probes", default="", help="comma-separated probe names to run (default: all)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "refinement_maps"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -135,9 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         "affine-itn": {"maps": affine.representation},
         "+affine-itn": {"extra": affine.representation},
         "+synth-itn": {"extra": synth.representation},
+        "mean-synth-itn": {"maps": lambda x: (bspline.representation(x) + synth.representation(x)) / 2},
         **{f"+image:{w:g}": {"with_image": True, "extra_weight": w}
            for w in (float(v) for v in args.image_weights.split(","))},
     }
+    if args.probes:
+        probes = {n: probes[n] for n in args.probes.split(",")}
     fixed, fixed_labels, image, labels = validation_inputs(Path(args.data), "spm_avg305")
     pairs = [place_in_scanner(image, labels, seed=SEED0 + i)[:2] for i in range(args.pairs)]
     rows: dict[str, list[list[float]]] = {name: [] for name in probes}
