@@ -448,8 +448,10 @@ def build_markdown(res: dict) -> str:
 
     # ITN maps
     L.append("## ITN maps on the held-out heads (ISTN-e, ISTN-i)\n")
-    L.append(f"Each model's ITN run on its internal grid (as `register` computes it), each of the 8 channels "
-             f"thresholded at 0.5: Dice per structure against the reference labels resampled nearest-neighbour "
+    L.append(f"Each model's ITN run on the image's own internal grid, each of the 8 channels "
+             f"thresholded at 0.5 (the moving head left in its scanner position: as `register` shows an affine "
+             f"stage's maps; a B-spline stage runs on, and shows, the head after the affine, in the fixed head's "
+             f"pose, which `benchmarks/map_dice.py` scores for the bundled models, higher): Dice per structure against the reference labels resampled nearest-neighbour "
              f"onto that grid. Mass outside: the fraction of a map's total value lying outside its own structure "
              f"dilated by {s['dilation_mm']:g} mm (mean over the 8 maps), and outside every dilated structure "
              f"(spots away from all of them). Moving rows: mean ± std over the pairs' scanner positions.\n")
