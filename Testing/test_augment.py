@@ -1,6 +1,7 @@
 """On-the-fly augmentation: seeded, geometry shared by image and SoI, ranges respected."""
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 
@@ -44,3 +45,32 @@ def test_no_variation_reproduces_the_anatomy(tmp_path):
     none = AugmentConfig(rotation_deg=0, translation_mm=0, scale=0, shear=0, deform_mm=0, bias=0, gamma=0, noise=0)
     img, soi = sample_view(an, cfg, np.random.default_rng(0), none)
     assert torch.allclose(img, an.image, atol=1e-5) and torch.allclose(soi, an.soi, atol=1e-5)
+
+
+def test_mirror_is_the_left_right_flip_with_left_and_right_structures_swapped():
+    # an asymmetric head: a large structure (label 1) left of centre, a small one (label 2) right of it
+    yy, xx = np.mgrid[0:40, 0:40].astype(float)
+    left, right = (xx - 12) ** 2 + (yy - 20) ** 2 < 36, (xx - 29) ** 2 + (yy - 17) ** 2 < 9
+    lab_a = np.zeros((40, 40), np.uint8)
+    lab_a[left], lab_a[right] = 1, 2
+    img = sitk.GetImageFromArray((0.3 + 0.5 * left + 0.2 * right).astype(np.float32))
+    lab = sitk.GetImageFromArray(lab_a)
+    for im in (img, lab):
+        im.SetSpacing((2.0, 2.0))
+        im.SetOrigin((-39.0, -39.0))
+    an = Anatomy.from_images(img, lab, [1, 2])
+    cfg = tiny_config(2, grid_size=(32, 32), grid_spacing=2.0)
+    none = dict(rotation_deg=0, translation_mm=0, scale=0, shear=0, deform_mm=0, bias=0, gamma=0, noise=0)
+    plain_img, plain_soi = sample_view(an, cfg, np.random.default_rng(0), AugmentConfig(**none))
+    img_m, soi_m = sample_view(an, cfg, np.random.default_rng(0),
+                               AugmentConfig(**none, mirror_prob=1.0, mirror_channels=(1, 0)))
+    assert not torch.allclose(plain_img, plain_img.flip(-1), atol=0.1)  # the view is not symmetric itself
+    assert torch.allclose(img_m, plain_img.flip(-1), atol=1e-5)  # world x (the array's last axis) mirrored
+    assert torch.allclose(soi_m, plain_soi.flip(-1)[[1, 0]], atol=1e-5)  # the right structure is channel 0 now
+    # off (the default): the view is the plain one
+    again, _ = sample_view(an, cfg, np.random.default_rng(0), AugmentConfig(**none, mirror_prob=0.0))
+    assert torch.equal(again, plain_img)
+    with pytest.raises(ValueError, match="mirror_channels"):
+        AugmentConfig(mirror_channels=(0, 0))
+    with pytest.raises(ValueError, match="mirror_prob"):
+        AugmentConfig(mirror_prob=1.5)

@@ -29,9 +29,21 @@ def test_options_reach_the_sides_they_are_meant_for():
     assert train_brain.data_flags(options) == "--contrasts t1,t2 --synth-prob 0.3 --crop-prob 0.2 --blur-mm 1.5"
 
 
+def test_mirroring_reaches_both_sides_with_left_and_right_channels_swapped():
+    moving, fixed = train_brain.augment_configs("bspline", dict(train_brain.DATA_DEFAULTS, mirror_prob=0.5))
+    names = train_brain.soi_names({})
+    for side in (moving, fixed):
+        assert side.mirror_prob == 0.5
+        assert [names[k] for k in side.mirror_channels] == [
+            n.replace("left", "#").replace("right", "left").replace("#", "right") for n in names]
+    with_brain = train_brain.mirror_channels({"brain_channel": True})
+    assert with_brain[-1] == len(with_brain) - 1  # the rest of the brain has no side
+    assert train_brain.data_flags({"mirror_prob": 0.5}) == "--mirror-prob 0.5"
+
+
 def test_the_command_line_refuses_bad_options():
     for argv in (["--contrasts", "t2"], ["--contrasts", "t1,flair"], ["--synth-prob", "1.5"], ["--crop-prob", "-1"],
-                 ["--blur-mm", "-1"]):
+                 ["--blur-mm", "-1"], ["--mirror-prob", "2"]):
         with pytest.raises(SystemExit) as e:
             train_brain.main(argv)
         assert e.value.code == 2  # argparse's usage error, before any data is read

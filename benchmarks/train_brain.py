@@ -110,7 +110,7 @@ TRAIN_LENGTH = 50_000  # distinct seeded training pairs (fixed, so resuming with
 CONTRASTS = ("t1", "t2", "pd")
 #: The options that change the training data (`data_options`), their defaults: today's training.
 DATA_DEFAULTS = {"contrasts": ["t1"], "synth_prob": 0.0, "crop_prob": 0.0, "blur_mm": 0.0, "brain_channel": False,
-                 "exclude": []}
+                 "exclude": [], "mirror_prob": 0.0}
 BRAIN_LABEL = 9  # --brain-channel: label of the brain outside the 8 structures (the 9th SoI channel)
 CROP_KEEP = (0.5, 0.9)  # fraction of the head kept by a crop (superior end)
 
@@ -385,7 +385,8 @@ def data_options(args) -> dict:
     """The options of this command that change the training data (`DATA_DEFAULTS`)."""
     return {"contrasts": list(args.contrasts), "synth_prob": float(args.synth_prob),
             "crop_prob": float(args.crop_prob), "blur_mm": float(args.blur_mm),
-            "brain_channel": bool(args.brain_channel), "exclude": sorted(args.exclude)}
+            "brain_channel": bool(args.brain_channel), "exclude": sorted(args.exclude),
+            "mirror_prob": float(args.mirror_prob)}
 
 
 def soi_description(options: dict) -> str:
@@ -413,7 +414,7 @@ def data_flags(options: dict) -> str:
     flags = []
     if list(o["contrasts"]) != DATA_DEFAULTS["contrasts"]:
         flags.append("--contrasts " + ",".join(o["contrasts"]))
-    for key in ("synth_prob", "crop_prob", "blur_mm"):
+    for key in ("synth_prob", "crop_prob", "blur_mm", "mirror_prob"):
         if o[key] != DATA_DEFAULTS[key]:
             flags.append(f"--{key.replace('_', '-')} {o[key]:g}")
     if o["brain_channel"]:
@@ -445,10 +446,19 @@ def augment_configs(stage: str, options: dict) -> tuple[AugmentConfig, AugmentCo
     blur on the moving side (the fixed image at test time is a complete, sharp template)."""
     moving, fixed = AUGMENT[stage]
     o = {**DATA_DEFAULTS, **options}
+    mirror = dict(mirror_prob=o["mirror_prob"], mirror_channels=mirror_channels(o) if o["mirror_prob"] else ())
     moving = dataclasses.replace(moving, synth_prob=o["synth_prob"], crop_prob=o["crop_prob"], crop_keep=CROP_KEEP,
-                                 blur_sigma_mm=(0.0, o["blur_mm"]))
-    fixed = dataclasses.replace(fixed, synth_prob=o["synth_prob"])
+                                 blur_sigma_mm=(0.0, o["blur_mm"]), **mirror)
+    fixed = dataclasses.replace(fixed, synth_prob=o["synth_prob"], **mirror)
     return moving, fixed
+
+
+def mirror_channels(options: dict) -> tuple[int, ...]:
+    """The SoI channel permutation of a left-right mirrored view: each left structure's channel takes its right
+    twin's and back (`AugmentConfig.mirror_channels`); a channel without a side keeps its own."""
+    names = soi_names(options)
+    twin = {n: n.replace("left_", "#").replace("right_", "left_").replace("#", "right_") for n in names}
+    return tuple(names.index(twin[n]) for n in names)
 
 
 def make_sets(args, stage: str, cfg: ModelConfig, train_anat, val_anat, options: dict | None = None):
@@ -762,6 +772,9 @@ def _augment_text(a: AugmentConfig) -> str:
                  f"{a.synth_std:g}, partial-volume smoothing {a.synth_smooth_mm:g} mm; `istn.data.synthesis`)")
     if a.blur_sigma_mm[1]:
         text += f"; Gaussian blur sigma {a.blur_sigma_mm[0]:g}-{a.blur_sigma_mm[1]:g} mm per axis"
+    if a.mirror_prob:
+        text += (f"; with probability {a.mirror_prob:g} the anatomy mirrored left-right (left and right structures "
+                 "swapped): a new anatomy from each real one")
     if a.crop_prob:
         text += (f"; with probability {a.crop_prob:g} a cropped field of view ({100 * a.crop_keep[0]:g}-"
                  f"{100 * a.crop_keep[1]:g} % of the head kept, superior end; zero outside)")
@@ -944,6 +957,9 @@ def main(argv=None) -> int:
                    help="real contrasts of train.csv to train on, comma-separated (t1, t2, pd; default t1)")
     p.add_argument("--synth-prob", type=float, default=0.0,
                    help="probability that a view (moving or fixed) is drawn from the labels (istn.data.synthesis)")
+    p.add_argument("--mirror-prob", type=float, default=0.0,
+                   help="probability that a view's anatomy (moving or fixed) is mirrored left-right, left and right "
+                        "structures swapped (more anatomies from the few real ones)")
     p.add_argument("--crop-prob", type=float, default=0.0,
                    help="probability that the moving image's field of view is cropped (superior 50-90 %% kept)")
     p.add_argument("--exclude", default="", type=lambda v: [n.strip() for n in v.split(",") if n.strip()],
@@ -959,7 +975,7 @@ def main(argv=None) -> int:
     if bad or "t1" not in args.contrasts:
         p.error(f"--contrasts must include t1 and name only {', '.join(CONTRASTS)}, got {','.join(args.contrasts)}")
     args.contrasts = [c for c in CONTRASTS if c in args.contrasts]
-    for name in ("synth_prob", "crop_prob"):
+    for name in ("synth_prob", "crop_prob", "mirror_prob"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             p.error(f"--{name.replace('_', '-')} must be in [0, 1]")
     if args.blur_mm < 0:

@@ -55,14 +55,21 @@ class AugmentConfig:
     crop_keep: tuple[float, float] = (0.5, 0.9)  # fraction of the head's extent kept along the crop axis
     crop_axes: tuple[int, ...] = (2,)  # world axes (0 x L-R, 1 y A-P, 2 z I-S) a crop may cut along
     crop_recentre: bool = True  # move the view as inference centres a cropped image (on its foreground)
+    # probability of a left-right mirrored anatomy (about the head's centre, world x): a new, plausible anatomy
+    # from each real one; ``mirror_channels[k]`` is the SoI channel that becomes channel k (left <-> right swapped)
+    mirror_prob: float = 0.0
+    mirror_channels: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("synth_prob", "crop_prob"):
+        for name in ("synth_prob", "crop_prob", "mirror_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"AugmentConfig() '{name}' must be in [0, 1], got {getattr(self, name)}")
         self.blur_sigma_mm = tuple(float(v) for v in self.blur_sigma_mm)
         self.crop_keep = tuple(float(v) for v in self.crop_keep)
         self.crop_axes = tuple(int(v) for v in self.crop_axes)
+        self.mirror_channels = tuple(int(v) for v in self.mirror_channels)
+        if sorted(self.mirror_channels) != list(range(len(self.mirror_channels))):
+            raise ValueError(f"AugmentConfig() 'mirror_channels' must be a permutation of 0..K-1, got {self.mirror_channels}")
         if len(self.crop_keep) != 2 or not 0.0 < self.crop_keep[0] <= self.crop_keep[1] <= 1.0:
             raise ValueError(f"AugmentConfig() 'crop_keep' must be (low, high) with 0 < low <= high <= 1, got {self.crop_keep}")
         if len(self.blur_sigma_mm) != 2 or not 0.0 <= self.blur_sigma_mm[0] <= self.blur_sigma_mm[1]:
@@ -179,7 +186,8 @@ def _draw_crop(rng: np.random.Generator, aug: AugmentConfig, net: Grid, head: to
 def sample_view(anatomy: Anatomy, cfg: ModelConfig, rng: np.random.Generator, aug: AugmentConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """One randomly varied view of ``anatomy`` on its network grid: ``(1, *S)`` image and ``(K, *S)`` SoI.
 
-    In this order: geometry (affine, deformation; then with ``crop_prob`` a crop of the field of view, which
+    In this order: geometry (with ``mirror_prob`` a left-right mirror of the anatomy, its SoI channels
+    permuted by ``mirror_channels``; affine, deformation; then with ``crop_prob`` a crop of the field of view, which
     moves the view as inference would centre the cropped image, ``crop_recentre``; the image, the SoI and
     a synthetic image are resampled through the same sampling grid), intensities (real, or with
     ``synth_prob`` drawn from the labels, `istn.data.synthesis`), bias field, gamma, blur, noise, and last
@@ -193,6 +201,9 @@ def sample_view(anatomy: Anatomy, cfg: ModelConfig, rng: np.random.Generator, au
     pts = torch.from_numpy(net.world_points()).float()  # (*S, D) world
     centre = torch.from_numpy(net.centre).float()
     lin, trans = _random_affine(rng, d, aug)
+    mirrored = aug.mirror_prob > 0 and rng.random() < aug.mirror_prob  # no draw when off: old runs replay
+    if mirrored:  # a reflection of world x about the centre, folded into the linear part (a crop's shift follows it)
+        lin = lin @ np.diag([-1.0] + [1.0] * (d - 1))
     pts = (pts - centre) @ torch.from_numpy(lin.T).float() + centre + torch.from_numpy(trans).float()
     if aug.deform_mm > 0:
         field = _smooth_field(rng, d, shape, aug.deform_points, aug.deform_mm)  # (D, *S) mm
@@ -229,6 +240,11 @@ def sample_view(anatomy: Anatomy, cfg: ModelConfig, rng: np.random.Generator, au
     if crop is not None:  # last: nothing (noise included) outside the field of view
         coord = torch.from_numpy(net.world_points()).float() @ crop[0]  # (*S) mm along the crop direction
         image = crop_field_of_view(image, coord, crop[1])
+    if mirrored and aug.mirror_channels:
+        if len(aug.mirror_channels) != soi.shape[0]:
+            raise ValueError(f"AugmentConfig 'mirror_channels' has {len(aug.mirror_channels)} entries for "
+                             f"{soi.shape[0]} SoI channels")
+        soi = soi[list(aug.mirror_channels)]
     return image.clamp(0.0, 1.5).float(), soi.float()
 
 
