@@ -19,7 +19,8 @@ Variation beyond the stage's (all off by default, so the commands below replay e
 moving AND the fixed side (both sides go through the shared ITN; `istn.data.synthesis`); ``--crop-prob P``
 crops the moving image's field of view (keeps 50-90 % of the head along the superior-inferior axis; the
 fixed side is a complete template at test time); ``--blur-mm S`` blurs the moving image by a Gaussian of
-sigma uniform in [0, S] mm per axis. They are recorded in ``<out>/<stage>/data.json`` at the first training
+sigma uniform in [0, S] mm per axis; ``--mirror-prob P`` mirrors a view's anatomy left-right (left and right
+structure channels swapped) with probability P on either side, a new anatomy from each real one. They are recorded in ``<out>/<stage>/data.json`` at the first training
 run (a resume or an export with other values is refused), in the summary, the model's metadata and the
 model card's command. Validation (checkpoint choice) always uses the stage's plain variation on T1 pairs, so
 runs with and without these options are scored on the same pairs; the export also scores CROPPED moving
