@@ -267,8 +267,8 @@ def moving_map_grid(fixed: PreparedImage, moving: PreparedImage, model: LoadedMo
     linear ``initial_transform`` (world, fixed -> moving): the fixed image's
     grid carried into moving space by its rigid part (`aligned_grid`), where the
     network sees, and the panel shows, the moving head in the fixed head's
-    pose, as in the stage's training. A linear ``initial_transform`` for a
-    B-spline is required (`InputError` otherwise).
+    pose, as in the stage's training (no ``initial_transform``: the identity;
+    one that is not linear: `InputError`).
     """
     cfg = model.config
     if model.transform_type != "bspline":
