@@ -61,6 +61,7 @@ ANCHOR = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 FAR_MM = 40.0  # "away from the structures": fixed brain voxels farther than this from every structure label
 FAR_LIMIT_MM = 1.0  # the B-spline's own displacement allowed there
 DICE_TIE = 1e-3  # mean sub-cortical Dice differences below this are ties between bending weights
+MASK_TOL = 1e-3  # brain-mask Dice a B-spline may lose against its affine on a pair and still count as harmless
 TOLERANCE = (0.0, 1e-3, 3e-3, 1e-2, 2e-2, 5e-2, 1e-1)
 
 
@@ -121,6 +122,26 @@ CARD_BEGIN = "<!-- refinement settings: written by benchmarks/refinement_validat
 CARD_END = "<!-- end of refinement settings -->"
 
 
+def choose_bending(by_weight: dict[float, list[dict]]) -> tuple[float, bool]:
+    """The bending weight from each weight's validation rows (``dice``, ``mask_dice``, ``affine_mask_dice`` per pair).
+
+    Candidates: the weights whose brain-mask Dice after the B-spline is at least the affine's (less `MASK_TOL`) on
+    every pair. If none is, the weights whose worst pair is within `MASK_TOL` of the least harmful weight's: a
+    larger weight that harms the outline as much is no safer (before 2026-12-04 the largest weight was taken, which
+    on a continued B-spline gave up 0.028 Dice for 0.0002 of brain-mask Dice). Among them the best mean
+    sub-cortical Dice; ties (within `DICE_TIE`) go to the smallest weight: validation cannot tell them apart, and
+    on the held-out brain3d pairs 300 mm^2 (0.768 here, like 100) lost 0.012-0.019 Dice against 100 (see
+    results/refinement_validation_bending_grid.md; a rule set after that comparison, said so there).
+    Returns (weight, whether it meets the every-pair condition).
+    """
+    worst = {w: min(r["mask_dice"] - r["affine_mask_dice"] for r in rows) for w, rows in by_weight.items()}
+    harmless = [w for w in by_weight if worst[w] >= -MASK_TOL]
+    candidates = harmless or [w for w in by_weight if worst[w] >= max(worst.values()) - MASK_TOL]
+    mean_dice_of = {w: float(np.mean([r["dice"] for r in by_weight[w]])) for w in candidates}
+    best = max(mean_dice_of.values())
+    return min(w for w in candidates if mean_dice_of[w] >= best - DICE_TIE), bool(harmless)
+
+
 def card_section(summary: dict, key: str) -> str:
     """The model card's section on the refinement settings and the self-check, from a run's summary."""
     loss = summary["refinement_loss"][key]
@@ -132,9 +153,12 @@ def card_section(summary: dict, key: str) -> str:
     if key == "bspline":
         w = summary["bending_chosen"]
         b = summary["bending"][str(float(w))]
+        among = ("those whose brain-mask Dice after the B-spline is at least the affine's on every pair"
+                 if summary.get("bending_harmless", True) else
+                 "those whose worst pair's brain-mask Dice is within 0.001 of the least harmful weight's (no weight "
+                 "kept the affine's brain-mask Dice on every pair)")
         lines += [f"- Bending energy weight **{w:g} mm^2** (`--bending`, panel: Bending weight): the weight with the best "
-                  "sub-cortical Dice among those whose brain-mask Dice after the B-spline is at least the affine's on "
-                  f"every pair: sub-cortical Dice {b['affine_dice']:.3f} (affine) -> {b['dice']:.3f}, brain-mask Dice "
+                  f"sub-cortical Dice among {among}: sub-cortical Dice {b['affine_dice']:.3f} (affine) -> {b['dice']:.3f}, brain-mask Dice "
                   f"{b['affine_mask_dice']:.3f} -> {b['mask_dice']:.3f}, folding {b['folding']:.4f}."]
         if "anchor_chosen" in summary:
             w = summary["anchor_chosen"]
@@ -250,14 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label}: bending {w:g}: affine {base['affine_dice']:.3f}/{base['affine_mask_dice']:.3f} -> "
                   f"B-spline {r['dice']:.3f}/{r['mask_dice']:.3f} folding {r['folding']:.4f}", flush=True)
     by_w = {w: [r for r in rows if r["bending"] == w] for w in bendings}
-    harmless = [w for w in bendings if all(r["mask_dice"] >= r["affine_mask_dice"] - 1e-3 for r in by_w[w])]
-    candidates = harmless or [max(bendings)]
-    mean_dice_of = {w: float(np.mean([r["dice"] for r in by_w[w]])) for w in candidates}
-    # ties (within DICE_TIE) go to the smallest weight: validation cannot tell them apart, and on the held-out
-    # brain3d pairs 300 mm^2 (0.768 here, like 100) lost 0.012-0.019 Dice against 100 (see
-    # results/refinement_validation_bending_grid.md; a rule set after that comparison, said so there)
-    best = max(mean_dice_of.values())
-    chosen = min(w for w in candidates if mean_dice_of[w] >= best - DICE_TIE)
+    chosen, bending_harmless = choose_bending(by_w)
 
     # Anchor: at the chosen bending weight, how far the B-spline moves away from the structures.
     anchor_rows = []
@@ -321,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                              ("affine_dice", "dice", "affine_mask_dice", "mask_dice", "folding", "seconds")}
                     | {"min_mask_gain": float(min(r["mask_dice"] - r["affine_mask_dice"] for r in by_w[w]))}
                     for w in bendings},
-        "bending_chosen": chosen,
+        "bending_chosen": chosen, "bending_harmless": bending_harmless,
         "anchor": {str(w): {k: float(np.mean([r[k] for r in by_a[w]])) for k in
                             ("affine_dice", "dice", "affine_mask_dice", "mask_dice", "folding", "seconds")}
                    | {"min_mask_gain": float(min(r["mask_dice"] - r["affine_mask_dice"] for r in by_a[w])),
