@@ -21,8 +21,8 @@ affine stage is the bundled affine as it is, shared by every probe. Probes:
 
 Per probe: Dice of the maps thresholded at 0.5 on the validation anatomy (mean over the pairs' moving
 images as the B-spline stage sees them: after the affine, on the fixed grid carried into moving space;
-`brain_table1.map_quality`; before 2026-12-04 on the head left in its scanner position), and the 8-structure Dice after the B-spline one pass and
-refined (labels warped through the written world transform), the models' own refinement settings.
+`brain_table1.map_quality`; before 2026-12-04 on the head left in its scanner position), and the 8-structure
+Dice after the B-spline one pass and refined (labels warped through the written world transform), the models' own refinement settings.
 Validation pairs as `brain_validation.py` (spm_avg305 brain-extracted in scanner positions, seeds 500..).
 Benchmark-only: the probes reach into `istn.registration` (its ``refine`` and the model's ``representation``),
 which the engine offers no hook for, on purpose.
@@ -56,7 +56,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import istn.registration as registration  # noqa: E402
 from brain_table1 import map_quality  # noqa: E402
 from brain_validation import SEED0, mean_dice, validation_inputs  # noqa: E402
-from istn.data.brain import LABELS  # noqa: E402
+from istn.data.brain import LABELS, mirror_permutation  # noqa: E402
 from istn.demo import MODELS_DIR, place_in_scanner  # noqa: E402
 from istn.export import LoadedModel, load_model  # noqa: E402
 
@@ -78,8 +78,7 @@ def shift_tta(rep: Maps, period: int) -> Maps:
 
 def flip_tta(rep: Maps) -> Maps:
     """``rep`` averaged with its maps of the image mirrored along the last (left-right) axis, left/right swapped."""
-    names = list(LABELS)
-    swap = [names.index(n.replace("left_", "#").replace("right_", "left_").replace("#", "right_")) for n in names]
+    swap = list(mirror_permutation(LABELS))
 
     def maps(x: torch.Tensor) -> torch.Tensor:
         return (rep(x) + rep(x.flip(-1)).flip(-1)[:, swap]) / 2

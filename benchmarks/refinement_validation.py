@@ -155,8 +155,8 @@ def card_section(summary: dict, key: str) -> str:
         b = summary["bending"][str(float(w))]
         among = ("those whose brain-mask Dice after the B-spline is at least the affine's on every pair"
                  if summary.get("bending_harmless", True) else
-                 "those whose worst pair's brain-mask Dice is within 0.001 of the least harmful weight's (no weight "
-                 "kept the affine's brain-mask Dice on every pair)")
+                 f"those whose worst pair's brain-mask Dice is within {MASK_TOL:g} of the least harmful weight's (no "
+                 "weight kept the affine's brain-mask Dice on every pair)")
         lines += [f"- Bending energy weight **{w:g} mm^2** (`--bending`, panel: Bending weight): the weight with the best "
                   f"sub-cortical Dice among {among}: sub-cortical Dice {b['affine_dice']:.3f} (affine) -> {b['dice']:.3f}, brain-mask Dice "
                   f"{b['affine_mask_dice']:.3f} -> {b['mask_dice']:.3f}, folding {b['folding']:.4f}."]

@@ -20,8 +20,9 @@ moving AND the fixed side (both sides go through the shared ITN; `istn.data.synt
 crops the moving image's field of view (keeps 50-90 % of the head along the superior-inferior axis; the
 fixed side is a complete template at test time); ``--blur-mm S`` blurs the moving image by a Gaussian of
 sigma uniform in [0, S] mm per axis; ``--mirror-prob P`` mirrors a view's anatomy left-right (left and right
-structure channels swapped) with probability P on either side, a new anatomy from each real one. They are recorded in ``<out>/<stage>/data.json`` at the first training
-run (a resume or an export with other values is refused), in the summary, the model's metadata and the
+structure channels swapped) with probability P on either side, a new anatomy from each real one. They are
+recorded in ``<out>/<stage>/data.json`` at the first training run (a resume or an export with other values is
+refused), in the summary, the model's metadata and the
 model card's command. Validation (checkpoint choice) always uses the stage's plain variation on T1 pairs, so
 runs with and without these options are scored on the same pairs; the export also scores CROPPED moving
 images (``validation_cropped``: one pass must not end below the unregistered Dice).
@@ -85,7 +86,7 @@ sys.path.insert(0, str(REPO / "ISTNRegistration"))  # the engine without install
 
 from istn import __version__ as ENGINE_VERSION  # noqa: E402
 from istn.data.augment import Anatomy, AugmentConfig, sample_view  # noqa: E402
-from istn.data.brain.labels import LABELS as PROTOCOL_LABELS  # noqa: E402
+from istn.data.brain.labels import LABELS as PROTOCOL_LABELS, mirror_permutation  # noqa: E402
 from istn.data.brain.tissue import tissue_map, tissue_source  # noqa: E402
 from istn.config import DEFAULT_MODEL_FAMILY, ModelConfig, TrainConfig, to_dict  # noqa: E402
 from istn.export import build_metadata, export_model  # noqa: E402
@@ -457,9 +458,7 @@ def augment_configs(stage: str, options: dict) -> tuple[AugmentConfig, AugmentCo
 def mirror_channels(options: dict) -> tuple[int, ...]:
     """The SoI channel permutation of a left-right mirrored view: each left structure's channel takes its right
     twin's and back (`AugmentConfig.mirror_channels`); a channel without a side keeps its own."""
-    names = soi_names(options)
-    twin = {n: n.replace("left_", "#").replace("right_", "left_").replace("#", "right_") for n in names}
-    return tuple(names.index(twin[n]) for n in names)
+    return mirror_permutation(soi_names(options))
 
 
 def make_sets(args, stage: str, cfg: ModelConfig, train_anat, val_anat, options: dict | None = None):

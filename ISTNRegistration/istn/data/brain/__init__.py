@@ -53,7 +53,8 @@ from .build import prepare
 from .datasets import DATASETS, Dataset
 from .grids import mni_grid, resample_image, resample_labels, standard_grid
 from .label_transfer import register
-from .labels import AAL_IDS, HCPEX_IDS, LABELS, atlas_ids_from_names, dice, label_volumes_ml, map_labels
+from .labels import (AAL_IDS, HCPEX_IDS, LABELS, atlas_ids_from_names, dice, label_volumes_ml, map_labels,
+                     mirror_permutation)
 from .perturbation import scanner_perturbation
 from .sample import make_sample_pair
 from .sources import SOURCES, DataSourceError, Source, default_cache_dir, fetch, member_path
@@ -71,6 +72,7 @@ __all__ = [
     "fetch",
     "member_path",
     "map_labels",
+    "mirror_permutation",
     "atlas_ids_from_names",
     "mni_grid",
     "standard_grid",

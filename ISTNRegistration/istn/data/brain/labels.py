@@ -62,6 +62,14 @@ _HCPEX_NAMES = {
 }
 
 
+def mirror_permutation(names: Sequence[str]) -> tuple[int, ...]:
+    """Where each structure's twin across the midline is in ``names``: ``names[perm[k]]`` is ``names[k]`` with
+    left and right swapped (a name without a side is its own twin). Indexing per-structure channels with it
+    relabels a left-right mirrored view."""
+    names = list(names)
+    return tuple(names.index(n.replace("left_", "#").replace("right_", "left_").replace("#", "right_")) for n in names)
+
+
 def atlas_ids_from_names(names: Mapping[int, str], rules: Mapping[str, Sequence[str]]) -> dict[str, tuple[int, ...]]:
     """Protocol structure -> atlas ids, from an atlas's id -> name table.
 
