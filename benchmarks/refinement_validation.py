@@ -149,7 +149,7 @@ def card_section(summary: dict, key: str) -> str:
              f"Chosen by `benchmarks/refinement_validation.py` ({summary['created']}) on {len(summary['pairs'])} "
              f"validation pairs ({summary['validation_anatomy']}, never trained on, whole head and brain-extracted, "
              "in seeded scanner positions, registered to ICBM 2009c); full tables in "
-             "`benchmarks/results/refinement_validation.md`.", ""]
+             f"`benchmarks/results/{summary.get('report', 'refinement_validation')}.md`.", ""]
     if key == "bspline":
         w = summary["bending_chosen"]
         b = summary["bending"][str(float(w))]
@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="/work/braindata", help="output of `istn data prepare`")
     p.add_argument("--models", default=str(MODELS_DIR))
+    p.add_argument("--family", default="brain-t1", help="file name stem of the model pair (<family>-affine.pt, ...)")
     p.add_argument("--val-anatomy", default="spm_avg305")
     p.add_argument("--pairs", type=int, default=3, help="scanner positions (each as whole head and brain)")
     p.add_argument("--iterations", type=int, default=None,
@@ -226,12 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.cards_only or args.write_models_from:
         summary = json.loads(Path(args.write_models_from or f"{args.out}.json").read_text())
         if args.write_models_from:  # a finished run's summary, without running it again
-            write_models(summary, [load_model(models / f"brain-t1-{key}.pt") for key in ("affine", "bspline")])
+            write_models(summary, [load_model(models / f"{args.family}-{key}.pt") for key in ("affine", "bspline")])
             return 0
         for key in ("affine", "bspline"):
-            write_card_section(models / f"brain-t1-{key}.md", card_section(summary, key))
+            write_card_section(models / f"{args.family}-{key}.md", card_section(summary, key))
         return 0
-    affine, bspline = load_model(models / "brain-t1-affine.pt"), load_model(models / "brain-t1-bspline.pt")
+    affine, bspline = (load_model(models / f"{args.family}-{key}.pt") for key in ("affine", "bspline"))
     bendings = sorted({0.0, *(float(w) for w in args.bending_grid.split(","))})
     anchors = sorted({0.0, *(float(w) for w in args.anchor_grid.split(",") if w.strip())})
     tolerances = sorted({0.0, *(float(t) for t in args.tolerance_grid.split(","))})
@@ -332,8 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         return {"min": float(np.min(v)), "median": float(np.median(v)), "max": float(np.max(v)), "n": len(v)}
 
     summary = {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "pairs": [r[0] for r in pairs], "validation_anatomy": args.val_anatomy, "iterations_cap": args.iterations,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "family": args.family,
+        "report": Path(args.out).name, "pairs": [r[0] for r in pairs], "validation_anatomy": args.val_anatomy, "iterations_cap": args.iterations,
         "bending": {str(w): {k: float(np.mean([r[k] for r in by_w[w]])) for k in
                              ("affine_dice", "dice", "affine_mask_dice", "mask_dice", "folding", "seconds")}
                     | {"min_mask_gain": float(min(r["mask_dice"] - r["affine_mask_dice"] for r in by_w[w]))}
@@ -355,13 +356,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     out.with_name(out.name + ".json").write_text(json.dumps(summary, indent=2))
+    cmd = "python benchmarks/refinement_validation.py " + " ".join(argv if argv is not None else sys.argv[1:])
     cap_text = args.iterations or "each model's own (refinement.iterations) plus its polish"
-    md = [f"# Refinement settings chosen on validation pairs ({summary['created']})", "",
+    md = [f"# Refinement settings chosen on validation pairs ({args.family}, {summary['created']})", "",
           f"Moving: `{args.val_anatomy}` (never trained on) in {args.pairs} seeded scanner positions (seeds "
           f"{SEED0}..), whole head and brain-extracted; fixed: ICBM 2009c. Iterations cap: {cap_text}; "
           f"intensity normalisation: {affine.meta['intensity']['method']}; {args.threads} threads on a shared "
           "machine (seconds are indicative only). "
-          "Means over pairs. Made by `python benchmarks/refinement_validation.py`.", "",
+          f"Means over pairs. Made by `{cmd}`.", "",
           "## B-spline bending weight", "", f"At the models' stored tolerance ({stored['bspline']:g}) and other settings.", "",
           "| bending (mm^2) | affine Dice | B-spline Dice | affine brain-mask Dice | B-spline brain-mask Dice | "
           "worst brain-mask change | folding | B-spline s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
