@@ -239,8 +239,10 @@ def map_quality(model: LoadedModel, image: sitk.Image, labels: sitk.Image, dilat
 
     Per structure k: Dice of (map_k > 0.5) with the reference structure resampled nearest-neighbour onto the
     grid; ``mass_outside``: the fraction of map_k's mass outside the structure dilated by ``dilation_mm``;
-    ``volume_ratio``: thresholded map volume / structure volume. ``mass_outside_all``: the fraction of all
-    maps' mass outside every dilated structure (spots away from any structure, not just the wrong one).
+    ``volume_ratio``: thresholded map volume / structure volume; ``offset_mm``: where the thresholded map lies
+    against the structure, the centroid of (map_k > 0.5) minus the structure's, world mm (None if either is
+    empty). ``mass_outside_all``: the fraction of all maps' mass outside every dilated structure (spots away
+    from any structure, not just the wrong one).
     Mass = the map's values clipped at 0 (sigmoid maps are in [0, 1] anyway).
     """
     cfg = model.config
@@ -265,9 +267,13 @@ def map_quality(model: LoadedModel, image: sitk.Image, labels: sitk.Image, dilat
         near = ndimage.binary_dilation(s, iterations=radius) if radius > 0 else s
         union |= near
         mass = float(m.sum())
-        per[name] = {"dice": dice(maps[k] > 0.5, s),
+        on = maps[k] > 0.5
+        # argwhere gives array order (z, y, x); the grid takes voxel indices (x, y, z)
+        offset = (grid.voxel_to_world(np.argwhere(on)[:, ::-1].mean(0)) - grid.voxel_to_world(
+            np.argwhere(s)[:, ::-1].mean(0))).tolist() if on.any() and s.any() else None
+        per[name] = {"dice": dice(on, s),
                      "mass_outside": float(m[~near].sum()) / mass if mass > 0 else float("nan"),
-                     "volume_ratio": float((m > 0.5).sum()) / max(int(s.sum()), 1)}
+                     "volume_ratio": float(on.sum()) / max(int(s.sum()), 1), "offset_mm": offset}
     total = float(mass_maps.sum())
     return {"per_structure": per, "dice": float(np.mean([p["dice"] for p in per.values()])),
             "mass_outside": float(np.nanmean([p["mass_outside"] for p in per.values()])),

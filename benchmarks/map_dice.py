@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from brain3d import SEED0, eval_volumes, place_pair  # noqa: E402
 from brain_table1 import map_quality  # noqa: E402
-from istn.data.brain import LABELS  # noqa: E402
+from istn.data.brain import LABELS, scanner_perturbation  # noqa: E402
 from istn.demo import MODELS_DIR  # noqa: E402
 from istn.export import load_model  # noqa: E402
 from istn.registration import register  # noqa: E402
@@ -65,9 +65,26 @@ def measure(model, vols: dict, pairs: int, dilation_mm: float, affine=None) -> d
     out = {}
 
     def mean_rows(rows: list[dict]) -> dict:
+        def offsets(n: str) -> list:
+            return [r["per_structure"][n]["offset_mm"] for r in rows if r["per_structure"][n]["offset_mm"]]
+
         return {"per_structure": {n: float(np.mean([r["per_structure"][n]["dice"] for r in rows])) for n in LABELS},
+                # map centroid - label centroid in the head's own frame: the mean vector (a bias the positions
+                # share) and the mean distance
+                "offset_mm": {n: np.mean(offsets(n), axis=0).tolist() for n in LABELS if offsets(n)},
+                "offset_distance_mm": {n: float(np.mean(np.linalg.norm(offsets(n), axis=1))) for n in LABELS
+                                       if offsets(n)},
                 "dice": float(np.mean([r["dice"] for r in rows])),
                 "mass_outside_all": float(np.mean([r["mass_outside_all"] for r in rows])), "pairs": len(rows)}
+
+    def in_head_frame(q: dict, seed: int) -> dict:
+        """The offsets of a head placed by ``seed`` turned back into the head's own (MNI, LPS) axes: the
+        placement's linear part maps the placed grid's vectors onto the head's (`place_in_scanner`)."""
+        a = np.asarray(scanner_perturbation(seed).GetMatrix()).reshape(3, 3)
+        for p in q["per_structure"].values():
+            if p["offset_mm"]:
+                p["offset_mm"] = (a @ np.asarray(p["offset_mm"])).tolist()
+        return q
 
     for kind in ("brain", "whole-head"):
         shown, scanner = [], []
@@ -76,8 +93,9 @@ def measure(model, vols: dict, pairs: int, dilation_mm: float, affine=None) -> d
             initial = None
             if model.transform_type == "bspline":
                 initial = register(vols["fixed"], image, affine).transform
-                scanner.append(map_quality(model, image, labels, dilation_mm))
-            shown.append(map_quality(model, image, labels, dilation_mm, fixed=vols["fixed"], initial_transform=initial))
+                scanner.append(in_head_frame(map_quality(model, image, labels, dilation_mm), SEED0 + i))
+            shown.append(in_head_frame(map_quality(model, image, labels, dilation_mm, fixed=vols["fixed"],
+                                                   initial_transform=initial), SEED0 + i))
         out[kind] = mean_rows(shown)
         if scanner:
             out[f"{kind}-scanner"] = mean_rows(scanner)
@@ -91,6 +109,20 @@ def table(res: dict) -> list[str]:
     for kind, r in res.items():
         lines.append(f"| {HEADS[kind]} ({r['pairs']}) | " + " | ".join(f"{r['per_structure'][n]:.2f}" for n in LABELS)
                      + f" | **{r['dice']:.3f}** | {100 * r['mass_outside_all']:.0f} % |")
+    return lines
+
+
+def offset_table(res: dict) -> list[str]:
+    """Per structure and head: the mean distance from the label's centroid to the thresholded map's, and the mean
+    offset vector in the head's own LPS axes (+x left, +y posterior, +z superior)."""
+    kinds = [k for k in res if not k.endswith("-scanner")]
+    lines = ["| structure | " + " | ".join(HEADS[k] for k in kinds) + " |", "| --- |" + " --- |" * len(kinds)]
+    for n in LABELS:
+        cells = []
+        for k in kinds:
+            v, d = res[k]["offset_mm"].get(n), res[k]["offset_distance_mm"].get(n)
+            cells.append("-" if v is None else f"{d:.1f} ({v[0]:+.1f}, {v[1]:+.1f}, {v[2]:+.1f})")
+        lines.append(f"| {n.replace('_', ' ')} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -133,8 +165,12 @@ def main() -> None:
             print(f"note: {path.name} has an unbounded ITN head: its maps are not probabilities")
         res = measure(model, vols, args.pairs, args.dilation_mm, affine)
         results[stage] = res
-        md += [f"## {path.name}", "", *table(res), ""]
-        print("\n".join(md[-len(table(res)) - 3:]), flush=True)
+        start = len(md)
+        md += [f"## {path.name}", "", *table(res), "",
+               "Where the thresholded maps lie against the labels: centroid of (map > 0.5) minus the label's, mm, "
+               "in the head's own axes (LPS: +x left, +y posterior, +z superior); the mean distance, then the mean "
+               "vector over the positions (a shift they share):", "", *offset_table(res), ""]
+        print("\n".join(md[start:]), flush=True)
         if args.write_models:
             write_card_section(path.with_suffix(".md"), card_section(res, date, args.dilation_mm), CARD_BEGIN, CARD_END)
     out = Path(args.out)
