@@ -63,12 +63,16 @@ def masked_versions(head: sitk.Image, mask: sitk.Image) -> dict[str, sitk.Image]
     return out
 
 
-def heads(data: Path) -> dict[str, tuple[dict[str, sitk.Image], sitk.Image, int]]:
+def heads(data: Path, which: set[str]) -> dict[str, tuple[dict[str, sitk.Image], sitk.Image, int]]:
     """``{head: (versions, labels, first seed)}`` for the validation anatomy and the held-out subject."""
-    versions = {v: (img, lab) for v, img, lab, _ in anatomy_images(data, t1_row(data, "spm_avg305"), tissue=False)}
-    head, labels = versions["spm_avg305"]
-    out = {"validation anatomy (spm_avg305; mask: the training views' own)":
-           (masked_versions(head, _brain_mask(data, "spm_avg305", head)), labels, VALIDATION_SEED0)}
+    out = {}
+    if "validation" in which:
+        versions = {v: (img, lab) for v, img, lab, _ in anatomy_images(data, t1_row(data, "spm_avg305"), tissue=False)}
+        head, labels = versions["spm_avg305"]
+        out["validation anatomy (spm_avg305; mask: the training views' own)"] = (
+            masked_versions(head, _brain_mask(data, "spm_avg305", head)), labels, VALIDATION_SEED0)
+    if "held-out" not in which:
+        return out
     vols = eval_volumes(data)
     brain = vols["brain"]
     a = sitk.GetArrayViewFromImage(brain)
@@ -85,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=str(MODELS_DIR))
     p.add_argument("--pairs", type=int, default=5, help="scanner positions per head")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--heads", default="validation,held-out",
+                   help="which heads: validation (the validation anatomy), held-out (Colin27; never for choosing)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "brain_extraction"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -100,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
           "the 8 sub-cortical structures, mean over the positions (per position in the JSON). Masks: binary, the "
           "head's own intensities inside; 'extraction mask' as the script's docstring defines it per head.", ""]
     summary = {"created": created, "command": cmd, "heads": {}}
-    for head, (versions, labels, seed0) in heads(data).items():
+    which = {h.strip() for h in args.heads.split(",") if h.strip()}
+    if not which or which - {"validation", "held-out"}:
+        p.error(f"--heads: validation and/or held-out, got {args.heads}")
+    for head, (versions, labels, seed0) in heads(data, which).items():
         rows = {}
         for name, image in versions.items():
             per = []

@@ -20,7 +20,9 @@ moving AND the fixed side (both sides go through the shared ITN; `istn.data.synt
 crops the moving image's field of view (keeps 50-90 % of the head along the superior-inferior axis; the
 fixed side is a complete template at test time); ``--blur-mm S`` blurs the moving image by a Gaussian of
 sigma uniform in [0, S] mm per axis; ``--mirror-prob P`` mirrors a view's anatomy left-right (left and right
-structure channels swapped) with probability P on either side, a new anatomy from each real one. They are
+structure channels swapped) with probability P on either side, a new anatomy from each real one;
+``--strip-prob P`` strips a skull-stripped moving view 0-4 mm tighter than its file (`istn.data.augment.
+tighter_strip`: users' extraction tools cut at different depths). They are
 recorded in ``<out>/<stage>/data.json`` at the first training run (a resume or an export with other values is
 refused), in the summary, the model's metadata and the
 model card's command. Validation (checkpoint choice) always uses the stage's plain variation on T1 pairs, so
@@ -112,7 +114,7 @@ TRAIN_LENGTH = 50_000  # distinct seeded training pairs (fixed, so resuming with
 CONTRASTS = ("t1", "t2", "pd")
 #: The options that change the training data (`data_options`), their defaults: today's training.
 DATA_DEFAULTS = {"contrasts": ["t1"], "synth_prob": 0.0, "crop_prob": 0.0, "blur_mm": 0.0, "brain_channel": False,
-                 "exclude": [], "mirror_prob": 0.0}
+                 "exclude": [], "mirror_prob": 0.0, "strip_prob": 0.0}
 BRAIN_LABEL = 9  # --brain-channel: label of the brain outside the 8 structures (the 9th SoI channel)
 CROP_KEEP = (0.5, 0.9)  # fraction of the head kept by a crop (superior end)
 
@@ -272,12 +274,21 @@ def load_anatomies(data: Path, val_name: str, log=print, contrasts=("t1",),
         if r["contrast"] not in contrasts:
             continue
         target = val_set if r["name"] == val_name else train_set
-        for name, img, labels, tissue in anatomy_images(data, r, t1_rows.get(r["name"]), brain_label=brain_label):
-            target.append(_anatomy(name, img, labels, tissue, soi_labels({"brain_channel": brain_label})))
-            described.append(f"{name} ({'validation' if target is val_set else 'training'}; "
+        made = [_anatomy(name, img, labels, tissue, soi_labels({"brain_channel": brain_label}))
+                for name, img, labels, tissue in anatomy_images(data, r, t1_rows.get(r["name"]), brain_label=brain_label)]
+        # skull-stripped (`Anatomy.stripped`): a "_brain" version, an anatomy with no other (stored skull-stripped,
+        # as ICBM 2009c), or one whose support is no more than 10 % larger than its "_brain" version's (stored
+        # brain-masked, as nilearn's ICBM 2009a)
+        support = [float((a.image > 0).float().mean()) for a in made]
+        for a, sup in zip(made, support):
+            a.stripped = a.name.endswith("_brain") or len(made) == 1 or sup <= 1.1 * min(support)
+        for a in made:
+            target.append(a)
+            described.append(f"{a.name} ({'validation' if target is val_set else 'training'}; "
                              f"{r['labels_from']})")
-            log(f"anatomy {name}: {'validation' if target is val_set else 'training'}, grid "
-                f"{img.GetSize()} x {img.GetSpacing()[0]:.1f} mm; tissue: {tissue_source(data, r['name'])}")
+            log(f"anatomy {a.name}: {'validation' if target is val_set else 'training'}, grid "
+                f"{a.grid.size} x {a.grid.spacing[0]:.1f} mm{', skull-stripped' if a.stripped else ''}; "
+                f"tissue: {tissue_source(data, r['name'])}")
     if not any(contrast(a.name) == "t1" for a in train_set):
         raise SystemExit(f"no T1 training anatomy in {data / 'train.csv'}")
     return train_set, val_set, described
@@ -388,7 +399,7 @@ def data_options(args) -> dict:
     return {"contrasts": list(args.contrasts), "synth_prob": float(args.synth_prob),
             "crop_prob": float(args.crop_prob), "blur_mm": float(args.blur_mm),
             "brain_channel": bool(args.brain_channel), "exclude": sorted(args.exclude),
-            "mirror_prob": float(args.mirror_prob)}
+            "mirror_prob": float(args.mirror_prob), "strip_prob": float(args.strip_prob)}
 
 
 def soi_description(options: dict) -> str:
@@ -416,7 +427,7 @@ def data_flags(options: dict) -> str:
     flags = []
     if list(o["contrasts"]) != DATA_DEFAULTS["contrasts"]:
         flags.append("--contrasts " + ",".join(o["contrasts"]))
-    for key in ("synth_prob", "crop_prob", "blur_mm", "mirror_prob"):
+    for key in ("synth_prob", "crop_prob", "blur_mm", "mirror_prob", "strip_prob"):
         if o[key] != DATA_DEFAULTS[key]:
             flags.append(f"--{key.replace('_', '-')} {o[key]:g}")
     if o["brain_channel"]:
@@ -444,13 +455,13 @@ def check_data_options(out: Path, options: dict, write: bool) -> dict:
 
 
 def augment_configs(stage: str, options: dict) -> tuple[AugmentConfig, AugmentConfig]:
-    """(moving, fixed) variation of ``stage`` with the data ``options``: synthesis on both sides, crop and
-    blur on the moving side (the fixed image at test time is a complete, sharp template)."""
+    """(moving, fixed) variation of ``stage`` with the data ``options``: synthesis on both sides, crop, blur
+    and tighter skull strips on the moving side (the fixed image at test time is a complete, sharp template)."""
     moving, fixed = AUGMENT[stage]
     o = {**DATA_DEFAULTS, **options}
     mirror = dict(mirror_prob=o["mirror_prob"], mirror_channels=mirror_channels(o) if o["mirror_prob"] else ())
     moving = dataclasses.replace(moving, synth_prob=o["synth_prob"], crop_prob=o["crop_prob"], crop_keep=CROP_KEEP,
-                                 blur_sigma_mm=(0.0, o["blur_mm"]), **mirror)
+                                 blur_sigma_mm=(0.0, o["blur_mm"]), strip_prob=o["strip_prob"], **mirror)
     fixed = dataclasses.replace(fixed, synth_prob=o["synth_prob"], **mirror)
     return moving, fixed
 
@@ -775,6 +786,9 @@ def _augment_text(a: AugmentConfig) -> str:
     if a.mirror_prob:
         text += (f"; with probability {a.mirror_prob:g} the anatomy mirrored left-right (left and right structures "
                  "swapped): a new anatomy from each real one")
+    if a.strip_prob:
+        text += (f"; with probability {a.strip_prob:g} a skull-stripped view stripped {a.strip_erode_mm[0]:g}-"
+                 f"{a.strip_erode_mm[1]:g} mm tighter (half the time with a partial-volume edge)")
     if a.crop_prob:
         text += (f"; with probability {a.crop_prob:g} a cropped field of view ({100 * a.crop_keep[0]:g}-"
                  f"{100 * a.crop_keep[1]:g} % of the head kept, superior end; zero outside)")
@@ -960,6 +974,9 @@ def main(argv=None) -> int:
     p.add_argument("--mirror-prob", type=float, default=0.0,
                    help="probability that a view's anatomy (moving or fixed) is mirrored left-right, left and right "
                         "structures swapped (more anatomies from the few real ones)")
+    p.add_argument("--strip-prob", type=float, default=0.0,
+                   help="probability that a skull-stripped moving view is stripped 0-4 mm tighter than its file "
+                        "(users' extraction tools cut at different depths)")
     p.add_argument("--crop-prob", type=float, default=0.0,
                    help="probability that the moving image's field of view is cropped (superior 50-90 %% kept)")
     p.add_argument("--exclude", default="", type=lambda v: [n.strip() for n in v.split(",") if n.strip()],
@@ -975,7 +992,7 @@ def main(argv=None) -> int:
     if bad or "t1" not in args.contrasts:
         p.error(f"--contrasts must include t1 and name only {', '.join(CONTRASTS)}, got {','.join(args.contrasts)}")
     args.contrasts = [c for c in CONTRASTS if c in args.contrasts]
-    for name in ("synth_prob", "crop_prob", "mirror_prob"):
+    for name in ("synth_prob", "crop_prob", "mirror_prob", "strip_prob"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             p.error(f"--{name.replace('_', '-')} must be in [0, 1]")
     if args.blur_mm < 0:

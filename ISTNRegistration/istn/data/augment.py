@@ -7,8 +7,8 @@ change and noise. Each side of a pair is sampled independently; the SoI
 channels follow the same geometric transform as their image.
 
 Optional, off by default (`AugmentConfig`): a view drawn from the anatomy's
-labels instead of its intensities (`istn.data.synthesis`), a random blur, and
-a cropped field of view. A config that leaves them off draws exactly the
+labels instead of its intensities (`istn.data.synthesis`), a random blur, a
+cropped field of view, a left-right mirror, a tighter skull strip. A config that leaves them off draws exactly the
 random numbers it drew before they existed, so old training runs replay.
 
 Everything is seeded by ``(seed, index)``: item ``i`` is the same pair in every
@@ -59,9 +59,14 @@ class AugmentConfig:
     # from each real one; ``mirror_channels[k]`` is the SoI channel that becomes channel k (left <-> right swapped)
     mirror_prob: float = 0.0
     mirror_channels: tuple[int, ...] = ()
+    # probability that a SKULL-STRIPPED anatomy (`Anatomy.stripped`) is stripped tighter than its file: its brain
+    # eroded by uniform ``strip_erode_mm`` mm, half the time with a one-voxel partial-volume ramp at the new edge
+    # (`tighter_strip`; users' extraction tools cut at different depths)
+    strip_prob: float = 0.0
+    strip_erode_mm: tuple[float, float] = (0.0, 4.0)
 
     def __post_init__(self) -> None:
-        for name in ("synth_prob", "crop_prob", "mirror_prob"):
+        for name in ("synth_prob", "crop_prob", "mirror_prob", "strip_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"AugmentConfig() '{name}' must be in [0, 1], got {getattr(self, name)}")
         self.blur_sigma_mm = tuple(float(v) for v in self.blur_sigma_mm)
@@ -74,6 +79,9 @@ class AugmentConfig:
             raise ValueError(f"AugmentConfig() 'crop_keep' must be (low, high) with 0 < low <= high <= 1, got {self.crop_keep}")
         if len(self.blur_sigma_mm) != 2 or not 0.0 <= self.blur_sigma_mm[0] <= self.blur_sigma_mm[1]:
             raise ValueError(f"AugmentConfig() 'blur_sigma_mm' must be (low, high) with 0 <= low <= high, got {self.blur_sigma_mm}")
+        self.strip_erode_mm = tuple(float(v) for v in self.strip_erode_mm)
+        if len(self.strip_erode_mm) != 2 or not 0.0 <= self.strip_erode_mm[0] <= self.strip_erode_mm[1]:
+            raise ValueError(f"AugmentConfig() 'strip_erode_mm' must be (low, high) with 0 <= low <= high, got {self.strip_erode_mm}")
         if not self.crop_axes or any(a not in (0, 1, 2) for a in self.crop_axes):
             raise ValueError(f"AugmentConfig() 'crop_axes' must be world axes 0, 1, 2, got {self.crop_axes}")
 
@@ -93,6 +101,7 @@ class Anatomy:
     grid: Grid
     centre: np.ndarray | None = None  # world (D,): where the network grid is centred (`istn.data.foreground_centre`)
     tissue: torch.Tensor | None = None  # (Z, Y, X) integer tissue classes, 0 = background
+    stripped: bool = False  # a skull-stripped image: its support (> 0) is the brain (`AugmentConfig.strip_prob`)
     _labels: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -157,6 +166,24 @@ def _smooth_field(rng: np.random.Generator, channels: int, shape: Sequence[int],
     return F.interpolate(mid, size=list(shape), mode=mode, align_corners=True)[0]
 
 
+def tighter_strip(image: torch.Tensor, spacing: Sequence[float], erode_mm: float, ramp: bool) -> torch.Tensor:
+    """A skull-stripped ``(1, *S)`` image (0 outside the brain) stripped ``erode_mm`` deeper: its support eroded
+    by ``round(erode_mm / spacing)`` voxels per axis (``spacing``: mm per world axis x, y, ...), and with ``ramp``
+    the new edge darkened by a one-voxel box average of the mask (the partial volume a resampled extraction has)."""
+    d = image.dim() - 1
+    radius = [int(round(erode_mm / s)) for s in reversed(list(spacing))]  # array order (z, y, x)
+    outside = (image <= 0).float()[None]  # (1, 1, *S)
+    if any(radius):
+        pad = [p for r in reversed(radius) for p in (r, r)]  # F.pad wants the last axis first
+        pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[d - 1]
+        outside = pool(F.pad(outside, pad, value=1.0), [2 * r + 1 for r in radius], stride=1)
+    mask = 1.0 - outside
+    if ramp:
+        avg = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[d - 1]
+        mask = mask * avg(F.pad(mask, [1, 1] * d, value=0.0), 3, stride=1)
+    return image * mask[0]
+
+
 def _draw_crop(rng: np.random.Generator, aug: AugmentConfig, net: Grid, head: torch.Tensor):
     """A random crop of the field of view of a view on ``net`` whose anatomy covers ``head`` ``(*S)`` bool.
 
@@ -187,7 +214,8 @@ def sample_view(anatomy: Anatomy, cfg: ModelConfig, rng: np.random.Generator, au
     """One randomly varied view of ``anatomy`` on its network grid: ``(1, *S)`` image and ``(K, *S)`` SoI.
 
     In this order: geometry (with ``mirror_prob`` a left-right mirror of the anatomy, its SoI channels
-    permuted by ``mirror_channels``; affine, deformation; then with ``crop_prob`` a crop of the field of view, which
+    permuted by ``mirror_channels``; with ``strip_prob`` a skull-stripped anatomy stripped tighter,
+    `tighter_strip`; affine, deformation; then with ``crop_prob`` a crop of the field of view, which
     moves the view as inference would centre the cropped image, ``crop_recentre``; the image, the SoI and
     a synthetic image are resampled through the same sampling grid), intensities (real, or with
     ``synth_prob`` drawn from the labels, `istn.data.synthesis`), bias field, gamma, blur, noise, and last
@@ -204,6 +232,9 @@ def sample_view(anatomy: Anatomy, cfg: ModelConfig, rng: np.random.Generator, au
     mirrored = aug.mirror_prob > 0 and rng.random() < aug.mirror_prob  # no draw when off: old runs replay
     if mirrored:  # a reflection of world x about the centre, folded into the linear part (a crop's shift follows it)
         lin = lin @ np.diag([-1.0] + [1.0] * (d - 1))
+    source = anatomy.image
+    if aug.strip_prob > 0 and anatomy.stripped and rng.random() < aug.strip_prob:  # no draw when off
+        source = tighter_strip(source, anatomy.grid.spacing, rng.uniform(*aug.strip_erode_mm), rng.random() < 0.5)
     pts = (pts - centre) @ torch.from_numpy(lin.T).float() + centre + torch.from_numpy(trans).float()
     if aug.deform_mm > 0:
         field = _smooth_field(rng, d, shape, aug.deform_points, aug.deform_mm)  # (D, *S) mm
@@ -211,7 +242,7 @@ def sample_view(anatomy: Anatomy, cfg: ModelConfig, rng: np.random.Generator, au
     w2n = torch.from_numpy(anatomy.grid.world_to_normalised_matrix()).float()
     norm = pts @ w2n[:d, :d].T + w2n[:d, d]
     grid = norm[None]
-    image = F.grid_sample(anatomy.image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+    image = F.grid_sample(source[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
     soi = F.grid_sample(anatomy.soi[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
     crop = None
     if aug.crop_prob > 0 and rng.random() < aug.crop_prob:
@@ -220,7 +251,7 @@ def sample_view(anatomy: Anatomy, cfg: ModelConfig, rng: np.random.Generator, au
             # the engine centres its grid on the CROPPED image's foreground: the view moves with it
             pts = pts + shift @ torch.from_numpy(lin.T).float()
             grid = (pts @ w2n[:d, :d].T + w2n[:d, d])[None]
-            image = F.grid_sample(anatomy.image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+            image = F.grid_sample(source[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
             soi = F.grid_sample(anatomy.soi[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
             crop = crop[0], crop[1] - float((crop[0] * shift).sum())
     spacing = tuple(reversed(net.spacing))  # mm per array axis
