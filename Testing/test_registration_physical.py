@@ -135,13 +135,17 @@ def test_itn_maps_carry_geometry(make_model, oblique_pair):
     assert np.allclose(res.fixed_map.GetOrigin(), gf.origin)
     warped = res.warped_moving_map()
     assert warped.GetSize() == res.fixed_map.GetSize()
-    assert np.allclose(res.moving_map.GetDirection(), np.eye(3).ravel())
+    # the moving map: the fixed head's grid carried into moving space by the result's rotation (an orthonormal
+    # direction, the fixed grid's size), whatever the moving image's own direction
+    d = np.asarray(res.moving_map.GetDirection()).reshape(3, 3)
+    assert res.moving_map.GetSize() == gf.size and np.allclose(d @ d.T, np.eye(3), atol=1e-9)
 
 
 @pytest.mark.parametrize("transform", ["affine", "bspline"])
 def test_moving_map_grid_is_where_register_shows_the_moving_map(make_model, oblique_pair, transform):
     """`moving_map_grid` + the prepared image reproduce `RegistrationResult.moving_map` (what the panel overlays and
-    `benchmarks/map_dice.py` scores): for a B-spline after a rotation, the fixed grid carried into moving space."""
+    `benchmarks/map_dice.py` scores): the fixed grid carried into moving space, for a B-spline by the rotation it
+    starts from, for an affine by its result's."""
     from scipy.spatial.transform import Rotation
 
     from istn.inputs import prepare_image
@@ -157,16 +161,23 @@ def test_moving_map_grid_is_where_register_shows_the_moving_map(make_model, obli
     cfg = model.config
     f_in, m_in = (prepare_image(im, cfg.grid_spacing, model.intensity, model.intensity_foreground,
                                 cfg.centre_on_foreground) for im in (fixed, moving))
-    grid = moving_map_grid(f_in, m_in, model, initial)
+    grid = moving_map_grid(f_in, m_in, model, initial, result=res.transform)
     shown = res.moving_map
     assert shown.GetSize() == grid.size
     assert np.allclose(shown.GetOrigin(), grid.origin) and np.allclose(shown.GetDirection(), grid.direction)
     own = network_grid(m_in.image, cfg, m_in.centre)
-    if transform == "bspline":  # carried by the rotation: not the moving image's own grid
+    fixed_grid = network_grid(f_in.image, cfg, f_in.centre)
+    if transform == "bspline":  # carried by the rotation it starts from: not the moving image's own grid
         assert np.allclose(grid.direction_matrix, rigid[:3, :3] @ own.direction_matrix, atol=1e-9)
-        assert np.allclose(grid.centre, rigid[:3, :3] @ network_grid(f_in.image, cfg, f_in.centre).centre + rigid[:3, 3])
-    else:  # an affine stage shows the moving image's maps on its own grid, whatever the initial transform
-        assert np.allclose(grid.origin, own.origin) and np.allclose(grid.direction, own.direction)
+        assert np.allclose(grid.centre, rigid[:3, :3] @ fixed_grid.centre + rigid[:3, 3])
+    else:  # an affine stage: carried by its result (here the one pass on top of the rotation)
+        a = sitk_affine_to_matrix(res.transform)
+        u, _, vt = np.linalg.svd(a[:3, :3])
+        assert np.allclose(grid.direction_matrix, u @ vt @ fixed_grid.direction_matrix, atol=1e-9)
+        assert np.allclose(grid.centre, a[:3, :3] @ fixed_grid.centre + a[:3, 3])
+        assert not np.allclose(grid.direction, own.direction)  # not where its refinement compared the maps
+        # without a result (or before there is one): the moving image's own grid
+        assert np.allclose(moving_map_grid(f_in, m_in, model, initial).origin, own.origin)
     with torch.no_grad():
         maps = model.module.representation(image_to_tensor(m_in.image, grid, m_in.window))[0].amax(0).numpy()
     assert np.allclose(sitk.GetArrayFromImage(shown), maps, atol=1e-5)

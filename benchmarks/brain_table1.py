@@ -226,16 +226,18 @@ def _lr(model: LoadedModel) -> float:
 
 def map_quality(model: LoadedModel, image: sitk.Image, labels: sitk.Image, dilation_mm: float,
                 representation: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
-                fixed: sitk.Image | None = None, initial_transform: sitk.Transform | None = None) -> dict:
+                fixed: sitk.Image | None = None, initial_transform: sitk.Transform | None = None,
+                result: sitk.Transform | None = None) -> dict:
     """The model's ITN maps of ``image`` on its internal grid against ``labels``.
 
     ``representation``: what makes the maps from the normalised image ``(1, 1, *S) -> (1, K, *S)`` (default the
     model's ITN; `refinement_maps.py` probes others).
     ``fixed``: measure the maps as `register(fixed, image, model, initial_transform=...)` shows them (its
     ``moving_map``, per structure): the image's working copy and window (`prepare_image`) on the stage's grid
-    (`moving_map_grid`: for a B-spline stage after an affine, the fixed grid carried into the moving image's
-    space, the moving head in the fixed head's pose, as the stage was trained); without it, the image's own
-    internal grid from the raw image (Table 1's measure).
+    (`moving_map_grid`: the fixed grid carried into the moving image's space, the moving head in the fixed
+    head's pose: for a B-spline stage by the affine it starts from, for an affine stage by its ``result``;
+    an affine stage without ``result``: the image's own grid, where its refinement compares the maps);
+    without ``fixed``, the image's own internal grid from the raw image (Table 1's measure).
 
     Per structure k: Dice of (map_k > 0.5) with the reference structure resampled nearest-neighbour onto the
     grid; ``mass_outside``: the fraction of map_k's mass outside the structure dilated by ``dilation_mm``;
@@ -254,7 +256,7 @@ def map_quality(model: LoadedModel, image: sitk.Image, labels: sitk.Image, dilat
     else:
         f_in, m_in = (prepare_image(im, cfg.grid_spacing, model.intensity, model.intensity_foreground,
                                     cfg.centre_on_foreground) for im in (fixed, image))
-        grid = moving_map_grid(f_in, m_in, model, initial_transform)
+        grid = moving_map_grid(f_in, m_in, model, initial_transform, result=result)
         source = image_to_tensor(m_in.image, grid, m_in.window)
     with torch.no_grad():
         maps = (representation or model.module.representation)(source)[0].numpy()

@@ -5,11 +5,11 @@ For each model (``<family>-affine.pt``, ``<family>-bspline.pt`` in ``--models``;
 default) the ITN is run on the HELD-OUT subject (Colin27, never trained on or validated with) in brain3d's
 scanner positions (seeds 101..), brain-extracted and whole head, and on the fixed image ICBM 2009c, as
 `register` computes and shows the moving map (`RegistrationResult.moving_map`: the panel's overlay, the
-command line's ``itn_moving``): the affine model on the head as it lies; the B-spline model after the family's
-affine model has registered the head, on the fixed grid carried into the head's space
-(`istn.registration.moving_map_grid`), the pose that stage is trained on and runs in. For the B-spline model the
-head left in its scanner position is also scored (``*-scanner`` rows: this script's only measure before
-2026-12-04, a pose the B-spline stage never sees). Per structure: Dice of (map > 0.5) with the structure's
+command line's ``itn_moving``), on the fixed grid carried into the head's space, the head in the fixed head's
+pose (`istn.registration.moving_map_grid`): the affine model's after its own result, the B-spline model's after
+the family's affine model has registered the head (the pose that stage is trained on and runs in). The head
+left in its scanner position is also scored (``*-scanner`` rows: for the affine model the maps its refinement
+compares, the overlay before 2026-12-04 (session 24); for the B-spline model a pose it never sees). Per structure: Dice of (map > 0.5) with the structure's
 reference label on that grid (`brain_table1.map_quality`); the share of the maps' mass outside the structures
 dilated by ``--dilation-mm`` (what an overlay shows away from them: mostly the sigmoid's floor of ~0.02
 summed over a head).
@@ -56,11 +56,13 @@ HEADS = {"brain": "held-out head, brain-extracted", "whole-head": "held-out head
 def measure(model, vols: dict, pairs: int, dilation_mm: float, affine=None) -> dict:
     """Per head kind: mean over the pairs of each structure's map Dice and of the mass outside.
 
-    As `register` shows the moving maps (``fixed=``): an affine model's on the head in its scanner position; a
-    B-spline model's after ``affine`` (the family's affine model, registered with its own settings), on the
-    fixed grid carried into the head's space, the pose the B-spline stage is trained on and runs in. For a
-    B-spline model also ``<kind>-scanner``: its maps of the head left in the scanner position on the head's own
-    grid (what this script measured before 2026-12-04; a pose the B-spline stage never sees).
+    As `register` shows the moving maps (``fixed=``), on the fixed grid carried into the head's space, the
+    head in the fixed head's pose: an affine model's after its own result (its refinement compared them on
+    the head as it lies); a B-spline model's after ``affine`` (the family's affine model, registered with its
+    own settings), the pose the B-spline stage is trained on and runs in. Also ``<kind>-scanner``: the maps of
+    the head left in its scanner position, for an affine model as its refinement compared them (what the
+    overlay showed before 2026-12-04, session 24), for a B-spline model on the head's own grid from the raw
+    image (what this script measured before 2026-12-04, session 23; a pose that stage never sees).
     """
     out = {}
 
@@ -90,12 +92,16 @@ def measure(model, vols: dict, pairs: int, dilation_mm: float, affine=None) -> d
         shown, scanner = [], []
         for i in range(pairs):
             image, labels = place_pair(vols, kind, SEED0 + i)[:2]
-            initial = None
+            initial = result = None
             if model.transform_type == "bspline":
                 initial = register(vols["fixed"], image, affine).transform
                 scanner.append(in_head_frame(map_quality(model, image, labels, dilation_mm), SEED0 + i))
+            else:
+                result = register(vols["fixed"], image, model).transform
+                scanner.append(in_head_frame(map_quality(model, image, labels, dilation_mm, fixed=vols["fixed"]),
+                                             SEED0 + i))
             shown.append(in_head_frame(map_quality(model, image, labels, dilation_mm, fixed=vols["fixed"],
-                                                   initial_transform=initial), SEED0 + i))
+                                                   initial_transform=initial, result=result), SEED0 + i))
         out[kind] = mean_rows(shown)
         if scanner:
             out[f"{kind}-scanner"] = mean_rows(scanner)
@@ -131,8 +137,10 @@ def card_section(res: dict, date: str, dilation_mm: float) -> str:
                       f"The ITN's maps thresholded at 0.5 against the reference labels, Dice per structure, on the "
                       f"held-out test subject (Colin27, never trained on or validated with) in scanner positions and "
                       f"on the fixed template, as `register` shows the moving map (`benchmarks/map_dice.py`, {date}): "
-                      "a B-spline model's after its family's affine, in the pose it runs in (rows 'left in the "
-                      "scanner position': the head unregistered, a pose the B-spline stage never sees); 'mass "
+                      "the moving head in the fixed head's pose, an affine model's after its own result, a B-spline "
+                      "model's after its family's affine (rows 'left in the scanner position': the head "
+                      "unregistered, where an affine model's refinement compares the maps and a B-spline model never "
+                      "runs); 'mass "
                       f"outside': the share of the maps' summed values outside every structure dilated by "
                       f"{dilation_mm:g} mm (mostly the sigmoid's floor, about 0.02, summed over a head; an overlay "
                       "window starting at 0.1 hides it).", "", *table(res), CARD_END]) + "\n"
