@@ -3,7 +3,8 @@
 
 For each model (``<family>-affine.pt``, ``<family>-bspline.pt`` in ``--models``; ``--family`` brain-t1 by
 default) the ITN is run on the HELD-OUT subject (Colin27, never trained on or validated with) in brain3d's
-scanner positions (seeds 101..), brain-extracted and whole head, and on the fixed image ICBM 2009c, as
+scanner positions (seeds 101..), brain-extracted and whole head, on the validation anatomy (spm_avg305, never
+trained on, ``--val-pairs`` positions of the validation pairs, seeds 500..) and on the fixed image ICBM 2009c, as
 `register` computes and shows the moving map (`RegistrationResult.moving_map`: the panel's overlay, the
 command line's ``itn_moving``), on the fixed grid carried into the head's space, the head in the fixed head's
 pose (`istn.registration.moving_map_grid`): the affine model's after its own result, the B-spline model's after
@@ -43,18 +44,25 @@ from istn.data.brain import LABELS, scanner_perturbation  # noqa: E402
 from istn.demo import MODELS_DIR  # noqa: E402
 from istn.export import load_model  # noqa: E402
 from istn.registration import register  # noqa: E402
-from refinement_validation import write_card_section  # noqa: E402
+from refinement_validation import validation_pairs, write_card_section  # noqa: E402
 
 CARD_BEGIN = "<!-- structure maps: written by benchmarks/map_dice.py -->"
 CARD_END = "<!-- end of structure maps -->"
 HEADS = {"brain": "held-out head, brain-extracted", "whole-head": "held-out head, whole head",
          "fixed": "fixed ICBM 2009c (a training anatomy)",
          "brain-scanner": "held-out head, brain-extracted, left in the scanner position",
-         "whole-head-scanner": "held-out head, whole head, left in the scanner position"}
+         "whole-head-scanner": "held-out head, whole head, left in the scanner position",
+         "validation-brain": "validation anatomy (spm_avg305), brain-extracted",
+         "validation-brain-scanner": "validation anatomy, brain-extracted, left in the scanner position",
+         "validation-whole-head": "validation anatomy, whole head",
+         "validation-whole-head-scanner": "validation anatomy, whole head, left in the scanner position"}
 
 
-def measure(model, vols: dict, pairs: int, dilation_mm: float, affine=None) -> dict:
+def measure(model, vols: dict, pairs: int, dilation_mm: float, affine=None, validation: dict | None = None) -> dict:
     """Per head kind: mean over the pairs of each structure's map Dice and of the mass outside.
+
+    Heads: the held-out subject (``pairs`` positions, brain-extracted and whole head) and ``validation``
+    (``{kind: [(seed, image, labels)]}``, `validation_heads`).
 
     As `register` shows the moving maps (``fixed=``), on the fixed grid carried into the head's space, the
     head in the fixed head's pose: an affine model's after its own result (its refinement compared them on
@@ -88,24 +96,37 @@ def measure(model, vols: dict, pairs: int, dilation_mm: float, affine=None) -> d
                 p["offset_mm"] = (a @ np.asarray(p["offset_mm"])).tolist()
         return q
 
-    for kind in ("brain", "whole-head"):
+    heads = {kind: [(SEED0 + i, *place_pair(vols, kind, SEED0 + i)[:2]) for i in range(pairs)]
+             for kind in ("brain", "whole-head")}
+    heads.update(validation or {})
+    for kind, items in heads.items():
         shown, scanner = [], []
-        for i in range(pairs):
-            image, labels = place_pair(vols, kind, SEED0 + i)[:2]
+        for seed, image, labels in items:
             initial = result = None
             if model.transform_type == "bspline":
                 initial = register(vols["fixed"], image, affine).transform
-                scanner.append(in_head_frame(map_quality(model, image, labels, dilation_mm), SEED0 + i))
+                scanner.append(in_head_frame(map_quality(model, image, labels, dilation_mm), seed))
             else:
                 result = register(vols["fixed"], image, model).transform
                 scanner.append(in_head_frame(map_quality(model, image, labels, dilation_mm, fixed=vols["fixed"]),
-                                             SEED0 + i))
+                                             seed))
             shown.append(in_head_frame(map_quality(model, image, labels, dilation_mm, fixed=vols["fixed"],
-                                                   initial_transform=initial, result=result), SEED0 + i))
+                                                   initial_transform=initial, result=result), seed))
         out[kind] = mean_rows(shown)
         if scanner:
             out[f"{kind}-scanner"] = mean_rows(scanner)
     out["fixed"] = mean_rows([map_quality(model, vols["fixed"], vols["fixed_labels"], dilation_mm, fixed=vols["fixed"])])
+    return out
+
+
+def validation_heads(data: Path, pairs: int) -> dict:
+    """The validation pairs of `refinement_validation.validation_pairs` (spm_avg305, never trained on, seeds
+    500..) as `measure`'s ``validation``: ``{"validation-whole-head": [(seed, image, labels)], "validation-brain":
+    ...}``."""
+    out: dict[str, list] = {"validation-brain": [], "validation-whole-head": []}
+    for label, image, labels, _ in validation_pairs(data, "spm_avg305", pairs)[0]:
+        kind, seed = label.rsplit(" seed ", 1)
+        out["validation-brain" if kind == "brain" else "validation-whole-head"].append((int(seed), image, labels))
     return out
 
 
@@ -135,7 +156,8 @@ def offset_table(res: dict) -> list[str]:
 def card_section(res: dict, date: str, dilation_mm: float) -> str:
     return "\n".join([CARD_BEGIN, "## Structure maps (what the overlay shows)", "",
                       f"The ITN's maps thresholded at 0.5 against the reference labels, Dice per structure, on the "
-                      f"held-out test subject (Colin27, never trained on or validated with) in scanner positions and "
+                      f"held-out test subject (Colin27, never trained on or validated with) in scanner positions, on "
+                      f"the validation anatomy (spm_avg305, never trained on) in the validation pairs' positions and "
                       f"on the fixed template, as `register` shows the moving map (`benchmarks/map_dice.py`, {date}): "
                       "the moving head in the fixed head's pose, an affine model's after its own result, a B-spline "
                       "model's after its family's affine (rows 'left in the scanner position': the head "
@@ -152,6 +174,7 @@ def main() -> None:
     p.add_argument("--models", default=str(MODELS_DIR))
     p.add_argument("--family", default="brain-t1", help="<family>-{affine,bspline}.pt in --models")
     p.add_argument("--pairs", type=int, default=8)
+    p.add_argument("--val-pairs", type=int, default=6, help="validation positions (each whole head and brain); 0: none")
     p.add_argument("--dilation-mm", type=float, default=4.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--write-models", action="store_true", help="put the table in the models' cards")
@@ -165,13 +188,14 @@ def main() -> None:
           f"Generated by `{command}` on {date}; models in `{args.models}`.", ""]
     results = {}
     affine = None
+    validation = validation_heads(Path(args.data), args.val_pairs) if args.val_pairs else None
     for stage in ("affine", "bspline"):
         path = Path(args.models) / f"{args.family}-{stage}.pt"
         model = load_model(path)
         affine = affine or model
         if model.config.itn_output != "sigmoid":
             print(f"note: {path.name} has an unbounded ITN head: its maps are not probabilities")
-        res = measure(model, vols, args.pairs, args.dilation_mm, affine)
+        res = measure(model, vols, args.pairs, args.dilation_mm, affine, validation)
         results[stage] = res
         start = len(md)
         md += [f"## {path.name}", "", *table(res), "",
