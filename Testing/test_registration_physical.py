@@ -181,3 +181,16 @@ def test_moving_map_grid_is_where_register_shows_the_moving_map(make_model, obli
     with torch.no_grad():
         maps = model.module.representation(image_to_tensor(m_in.image, grid, m_in.window))[0].amax(0).numpy()
     assert np.allclose(sitk.GetArrayFromImage(shown), maps, atol=1e-5)
+
+
+def test_an_image_registered_to_itself_shows_the_same_map_on_both_sides(make_model, oblique_pair):
+    """Affine: the moving map is the ITN's look at the moving head in the result's pose; for an image and itself
+    the result is the identity, so the moving map is the fixed map, voxel for voxel, on the same grid."""
+    fixed, _ = oblique_pair
+    model = load_model(make_model(3, "affine"))
+    res = register(fixed, fixed, model, iterations=0)
+    assert np.allclose(sitk_affine_to_matrix(res.transform), np.eye(4), atol=1e-5)  # float32 rounding
+    assert res.moving_map.GetSize() == res.fixed_map.GetSize()
+    assert np.allclose(res.moving_map.GetOrigin(), res.fixed_map.GetOrigin(), atol=1e-6)
+    assert np.allclose(res.moving_map.GetDirection(), res.fixed_map.GetDirection(), atol=1e-6)
+    assert np.allclose(sitk.GetArrayFromImage(res.moving_map), sitk.GetArrayFromImage(res.fixed_map), atol=1e-5)
