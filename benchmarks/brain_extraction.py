@@ -63,8 +63,9 @@ def masked_versions(head: sitk.Image, mask: sitk.Image) -> dict[str, sitk.Image]
     return out
 
 
-def heads(data: Path, which: set[str]) -> dict[str, tuple[dict[str, sitk.Image], sitk.Image, int]]:
-    """``{head: (versions, labels, first seed)}`` for the validation anatomy and the held-out subject."""
+def heads(data: Path, which: set[str], vols: dict[str, sitk.Image]) -> dict[str, tuple[dict[str, sitk.Image], sitk.Image, int]]:
+    """``{head: (versions, labels, first seed)}`` for the validation anatomy and the held-out subject
+    (``vols``: `brain3d.eval_volumes`)."""
     out = {}
     if "validation" in which:
         versions = {v: (img, lab) for v, img, lab, _ in anatomy_images(data, t1_row(data, "spm_avg305"), tissue=False)}
@@ -73,7 +74,6 @@ def heads(data: Path, which: set[str]) -> dict[str, tuple[dict[str, sitk.Image],
             masked_versions(head, _brain_mask(data, "spm_avg305", head)), labels, VALIDATION_SEED0)
     if "held-out" not in which:
         return out
-    vols = eval_volumes(data)
     brain = vols["brain"]
     a = sitk.GetArrayViewFromImage(brain)
     bet = sitk.Cast(brain > 0.01 * float(np.percentile(a[a > 0], 99)), sitk.sitkUInt8)
@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     data, models = Path(args.data), Path(args.models)
     chain = [load_model(models / AFFINE_MODEL), load_model(models / BSPLINE_MODEL)]
-    fixed = sitk.ReadImage(str(data / "eval" / "icbm2009c_t1.nii.gz"), sitk.sitkFloat32)
-    fixed_labels = sitk.ReadImage(str(data / "eval" / "icbm2009c_labels.nii.gz"))
+    vols = eval_volumes(data)
+    fixed, fixed_labels = vols["fixed"], vols["fixed_labels"]
     created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cmd = "python benchmarks/brain_extraction.py " + " ".join(argv if argv is not None else sys.argv[1:])
     md = ["# How tight a brain extraction the default models register well", "",
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     which = {h.strip() for h in args.heads.split(",") if h.strip()}
     if not which or which - {"validation", "held-out"}:
         p.error(f"--heads: validation and/or held-out, got {args.heads}")
-    for head, (versions, labels, seed0) in heads(data, which).items():
+    for head, (versions, labels, seed0) in heads(data, which, vols).items():
         rows = {}
         for name, image in versions.items():
             per = []

@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,11 +59,13 @@ HEADS = {"brain": "held-out head, brain-extracted", "whole-head": "held-out head
          "validation-whole-head-scanner": "validation anatomy, whole head, left in the scanner position"}
 
 
-def measure(model, vols: dict, pairs: int, dilation_mm: float, affine=None, validation: dict | None = None) -> dict:
+def measure(model, vols: dict, pairs: int, dilation_mm: float, affine=None, validation: dict | None = None,
+            registered: dict | None = None) -> dict:
     """Per head kind: mean over the pairs of each structure's map Dice and of the mass outside.
 
     Heads: the held-out subject (``pairs`` positions, brain-extracted and whole head) and ``validation``
-    (``{kind: [(seed, image, labels)]}``, `validation_heads`).
+    (``{kind: [(seed, image, labels)]}``, `validation_heads`). ``registered``: ``(kind, seed)`` -> the affine
+    model's result, filled by the affine model's call and reused by the B-spline model's (the same registration).
 
     As `register` shows the moving maps (``fixed=``), on the fixed grid carried into the head's space, the
     head in the fixed head's pose: an affine model's after its own result (its refinement compared them on
@@ -73,6 +76,12 @@ def measure(model, vols: dict, pairs: int, dilation_mm: float, affine=None, vali
     image (what this script measured before 2026-12-04, session 23; a pose that stage never sees).
     """
     out = {}
+    registered = {} if registered is None else registered
+
+    def affine_result(kind: str, seed: int, image) -> sitk.Transform:
+        if (kind, seed) not in registered:
+            registered[kind, seed] = register(vols["fixed"], image, affine).transform
+        return registered[kind, seed]
 
     def mean_rows(rows: list[dict]) -> dict:
         def offsets(n: str) -> list:
@@ -104,10 +113,10 @@ def measure(model, vols: dict, pairs: int, dilation_mm: float, affine=None, vali
         for seed, image, labels in items:
             initial = result = None
             if model.transform_type == "bspline":
-                initial = register(vols["fixed"], image, affine).transform
+                initial = affine_result(kind, seed, image)
                 scanner.append(in_head_frame(map_quality(model, image, labels, dilation_mm), seed))
-            else:
-                result = register(vols["fixed"], image, model).transform
+            else:  # ``affine`` is this model
+                result = affine_result(kind, seed, image)
                 scanner.append(in_head_frame(map_quality(model, image, labels, dilation_mm, fixed=vols["fixed"]),
                                              seed))
             shown.append(in_head_frame(map_quality(model, image, labels, dilation_mm, fixed=vols["fixed"],
@@ -189,13 +198,14 @@ def main() -> None:
     results = {}
     affine = None
     validation = validation_heads(Path(args.data), args.val_pairs) if args.val_pairs else None
+    registered: dict = {}  # the affine model's results, for the B-spline model's maps
     for stage in ("affine", "bspline"):
         path = Path(args.models) / f"{args.family}-{stage}.pt"
         model = load_model(path)
         affine = affine or model
         if model.config.itn_output != "sigmoid":
             print(f"note: {path.name} has an unbounded ITN head: its maps are not probabilities")
-        res = measure(model, vols, args.pairs, args.dilation_mm, affine, validation)
+        res = measure(model, vols, args.pairs, args.dilation_mm, affine, validation, registered)
         results[stage] = res
         start = len(md)
         md += [f"## {path.name}", "", *table(res), "",

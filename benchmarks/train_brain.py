@@ -276,13 +276,12 @@ def load_anatomies(data: Path, val_name: str, log=print, contrasts=("t1",),
         target = val_set if r["name"] == val_name else train_set
         made = [_anatomy(name, img, labels, tissue, soi_labels({"brain_channel": brain_label}))
                 for name, img, labels, tissue in anatomy_images(data, r, t1_rows.get(r["name"]), brain_label=brain_label)]
-        # skull-stripped (`Anatomy.stripped`): a "_brain" version, an anatomy with no other (stored skull-stripped,
-        # as ICBM 2009c), or one whose support is no more than 10 % larger than its "_brain" version's (stored
-        # brain-masked, as nilearn's ICBM 2009a)
+        # skull-stripped (`Anatomy.stripped`): a "_brain" version, or one whose support is no more than 10 % larger
+        # than the smallest of its row's versions (an anatomy with no other, stored skull-stripped as ICBM 2009c;
+        # one stored brain-masked, as nilearn's ICBM 2009a, beside its "_brain" version)
         support = [float((a.image > 0).float().mean()) for a in made]
         for a, sup in zip(made, support):
-            a.stripped = a.name.endswith("_brain") or len(made) == 1 or sup <= 1.1 * min(support)
-        for a in made:
+            a.stripped = a.name.endswith("_brain") or sup <= 1.1 * min(support)
             target.append(a)
             described.append(f"{a.name} ({'validation' if target is val_set else 'training'}; "
                              f"{r['labels_from']})")
