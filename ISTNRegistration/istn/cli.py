@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import sys
+import textwrap
 import time
 import traceback
 from pathlib import Path
@@ -110,6 +111,7 @@ def run_register(
     anchor: float | None = None,
     passes: int | None = None,
     retry: bool = True,
+    figure: bool = True,
 ) -> dict:
     """Register a pair with one model or a chain (affine models, then at most one B-spline) and write the outputs;
     no ``model_paths``: the bundled default chain (brain-t1 affine, then its B-spline).
@@ -130,6 +132,8 @@ def run_register(
     ``retry``: when a stage's self-check fails and the models' folder holds models trained on varied views
     (brain-synth beside brain-t1), register again with those and keep the result whose images end the more
     alike (`istn.chain`); ``result.json`` ``retry`` says what was tried and kept.
+    ``figure``: also write ``overview.png`` (`istn.figures.registration_overview`), the result at a glance; a
+    figure that cannot be drawn is a warning, the registration's files stay.
     Returns the content of ``result.json``; its ``warnings`` gather every
     stage's (the CLI prints them).
     """
@@ -153,7 +157,7 @@ def run_register(
                   file=sys.stderr)
     check_register_options(iterations, lr, device, background, bending, tolerance, threads, coarse_iterations,
                            region_margin_mm, polish, anchor, passes)
-    names = list(REGISTER_OUTPUTS) + ["transform.tfm", "affine.tfm"]
+    names = list(REGISTER_OUTPUTS) + ["transform.tfm", "affine.tfm", "overview.png"]
     inputs = [fixed_path, moving_path, *model_paths] + ([initial_path] if initial_path else [])
     fixed = read_image(fixed_path, "fixed")
     moving = read_image(moving_path, "moving")
@@ -223,8 +227,36 @@ def run_register(
     write_image(warped, out / "warped.nii.gz")
     write_image(result.fixed_map, out / "itn_fixed.nii.gz")
     write_image(itn_moving, out / "itn_moving.nii.gz")
+    if figure:
+        try:
+            _overview(out / "overview.png", fixed, moving, warped, result, itn_moving, results, summary)
+            summary["figure"] = "overview.png"
+        except Exception as exc:  # a picture never costs the user the registration's files
+            summary["warnings"].append(f"overview.png was not drawn ({type(exc).__name__}: {_first_line(exc)})")
     write_json(summary, out / "result.json")
     return summary
+
+
+def _overview(path: Path, fixed, moving, warped, result, itn_moving, results, summary: dict) -> None:
+    """``overview.png``: the images, the ITN maps and each stage's refinement, with what the terminal printed."""
+    from .figures import registration_overview
+
+    notes = [f"fixed:  {Path(summary['fixed']).name}", f"moving: {Path(summary['moving']).name}", ""]
+    for st in summary["stages"]:
+        polish = f" ({st['polish_iterations']} polish)" if st.get("polish_iterations") else ""
+        info = st.get("mutual_information") or {}
+        notes += [f"{Path(st['model_file']).name}:", f"  {st['iterations']} iterations{polish}, "
+                  f"loss {st['loss_one_pass']:.2e} -> {st['loss_final']:.2e}"]
+        if info:
+            notes.append(f"  images' mutual information {info['as_given']:.3f} -> {info['result']:.3f}")
+    notes.append(f"{summary['seconds_total']:.1f} s")
+    notes += [f"warning: {w}" for w in summary["warnings"]]
+    stages = {Path(st["model_file"]).stem: r for st, r in zip(summary["stages"], results)}
+    registration_overview(path, fixed, moving, warped, stages, fixed_map=result.fixed_map,
+                          warped_moving_map=itn_moving, notes=[textwrap.fill(n, 52, subsequent_indent="  ")
+                                                               for n in notes],
+                          title=f"istn register: {Path(summary['moving']).name} -> {Path(summary['fixed']).name}",
+                          background=summary["background"])
 
 
 def _check_result(transform, images: dict) -> None:
@@ -504,6 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--background", type=float, default=None,
                    help="value of warped.nii.gz outside the moving image (default: the moving image's minimum)")
     r.add_argument("--out", required=True, help="output folder")
+    r.add_argument("--no-figure", action="store_true",
+                   help="do not draw overview.png (the images, ITN maps and refinement at a glance; ~1 s)")
     r.add_argument("--quiet", action="store_true")
     r.add_argument("--verbose", action="store_true", help="show the libraries' own messages behind an error")
 
@@ -577,7 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             s = run_register(args.fixed, args.moving, args.model, args.out, args.refine, args.lr, args.device,
                              args.initial, args.quiet, args.background, args.bending, args.tolerance, args.threads,
                              args.coarse_iterations, args.refine_layers, args.region_margin, args.polish, args.anchor,
-                             args.passes, retry=not args.no_retry)
+                             args.passes, retry=not args.no_retry, figure=not args.no_figure)
             for st in s["stages"]:
                 stop = " (converged)" if st["converged"] else ""
                 polished = f", {st['polish_iterations']} of them polish" if st.get("polish_iterations") else ""

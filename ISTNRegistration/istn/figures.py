@@ -26,6 +26,7 @@ def _window(a: np.ndarray) -> tuple[float, float]:
 
 
 def _centroid_index(labels: sitk.Image | None, reference: sitk.Image, axis: int) -> int:
+    """The slice through the centroid of ``labels`` > 0 (on ``reference``'s grid) along array axis ``axis``."""
     if reference.GetDimension() == 2:
         return 0
     shape = sitk.GetArrayViewFromImage(reference).shape
@@ -61,6 +62,8 @@ def registration_figure(
     coarse: Mapping[str, int] | None = None,
     polish: Mapping[str, int] | None = None,
     passes: Mapping[str, Sequence[tuple[int, int, int]]] | None = None,
+    focus: sitk.Image | None = None,
+    notes: Sequence[str] = (),
 ) -> Path:
     """Write a PNG: images with label contours, checkerboard, ITN maps, Dice bars and refinement loss curves.
 
@@ -72,6 +75,8 @@ def registration_figure(
     refinement pass]}`` (`RegistrationResult.pass_iterations`), which replaces that stage's ``coarse`` and
     ``polish``: each pass is drawn as its own segment (a later pass compares other maps: those of the moving
     image warped so far), a thin line where it starts.
+    ``focus``: without ``fixed_labels``, the slices go through the centroid of ``focus`` > 0 (on the fixed grid).
+    ``notes``: lines of text in the Dice panel's place when there is no ``dice_table`` (no labels at test time).
     """
     import matplotlib
 
@@ -105,19 +110,22 @@ def registration_figure(
         ax.axis("off")
 
     fixed_c = (fixed_labels, "#ffd400", "solid")
+    centre_of = fixed_labels if fixed_labels is not None else focus
     for r, ax_ in enumerate(views):
-        k = _centroid_index(fixed_labels, fixed, ax_)
+        k = _centroid_index(centre_of, fixed, ax_)
         f, mv, w = (_slice(im, ax_, k) for im in (fixed, moving_in_fixed, warped))
         tag = f" ({view_name[ax_]})" if is3d else ""
-        show(axes[r, 0], norm(f), f"Fixed{tag}\nits labels in yellow", ax_, k, [fixed_c])
-        show(axes[r, 1], mnorm(mv), f"Moving, unregistered{tag}\nits labels in red", ax_, k,
-             [fixed_c, (moving_labels_in_fixed, "#ff3b30", "solid")])
-        show(axes[r, 2], mnorm(w), f"Warped moving{tag}\nwarped labels in red", ax_, k,
-             [fixed_c, (warped_labels, "#ff3b30", "solid")])
-        show(axes[r, 3], checkerboard(norm(f), mnorm(w)), f"Checkerboard fixed / warped{tag}", ax_, k)
+        show(axes[r, 0], norm(f), f"Fixed{tag}" + ("\nits labels in yellow" if fixed_labels is not None else ""), ax_, k,
+             [fixed_c])
+        show(axes[r, 1], mnorm(mv), f"Moving, unregistered{tag}" + (
+            "\nits labels in red" if moving_labels_in_fixed is not None else "\nas it lies, world coordinates"),
+             ax_, k, [fixed_c, (moving_labels_in_fixed, "#ff3b30", "solid")])
+        show(axes[r, 2], mnorm(w), f"Warped moving{tag}" + ("\nwarped labels in red" if warped_labels is not None
+                                                          else ""), ax_, k, [fixed_c, (warped_labels, "#ff3b30", "solid")])
+        show(axes[r, 3], checkerboard(norm(f), mnorm(w)), f"Checkerboard{tag}\nfixed / warped moving", ax_, k)
 
     if fixed_map is not None and warped_moving_map is not None:
-        k = _centroid_index(fixed_labels, fixed, axis)
+        k = _centroid_index(centre_of, fixed, axis)
         fm = sitk.Resample(fixed_map, fixed, sitk.Transform(), sitk.sitkLinear, 0.0)
         wm = sitk.Resample(warped_moving_map, fixed, sitk.Transform(), sitk.sitkLinear, 0.0)
         if bounded_map(fixed_map):  # probabilities: 0.1..1, as the Slicer overlay shows them
@@ -151,6 +159,9 @@ def registration_figure(
         ax.grid(axis="y", alpha=0.3)
     else:
         ax.axis("off")
+        if notes:
+            ax.text(0.0, 1.0, "\n".join(notes), transform=ax.transAxes, va="top", ha="left", fontsize=9,
+                    family="monospace", wrap=True)
 
     ax = axes[-1, 3]
     if losses:
@@ -199,3 +210,79 @@ def registration_figure(
         return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     finally:
         plt.close(fig)
+
+
+def display_image(image: sitk.Image, max_size: int | None = None) -> sitk.Image:
+    """``image`` re-stored LPS for a figure: array axis 0 runs inferior -> superior (axial slices), rows anterior ->
+    posterior, columns the patient's right -> left (radiological). The same voxels, only their storage order, when
+    the image's axes are anatomical; an oblique one gets the nearest such order; a 2D image is returned as is.
+    So that a picture does not depend on how the user's file stores its voxels (RAS, sagittal, ...).
+
+    ``max_size``: an image with more voxels than this along an axis is resampled (linear) to a coarser grid over
+    the same field of view, every spacing scaled alike: a figure shows two slices at ~400 pixels, and resampling
+    the other volumes onto a 1 mm 256^3 grid would cost more than the registration's own outputs.
+    """
+    if image.GetDimension() != 3:
+        return image
+    shown = sitk.DICOMOrient(image, "LPS")
+    if max_size is None or max(shown.GetSize()) <= max_size:
+        return shown
+    factor = max(shown.GetSize()) / max_size
+    size = [max(1, int(np.ceil(n / factor))) for n in shown.GetSize()]
+    spacing = [sp * n / m for sp, n, m in zip(shown.GetSpacing(), shown.GetSize(), size)]  # the same extent
+    corner = np.asarray(shown.TransformContinuousIndexToPhysicalPoint([-0.5] * 3))
+    direction = np.reshape(shown.GetDirection(), (3, 3))
+    origin = corner + direction @ (0.5 * np.asarray(spacing))
+    ref = sitk.Image(size, sitk.sitkFloat32)
+    ref.SetSpacing(spacing)
+    ref.SetDirection(shown.GetDirection())
+    ref.SetOrigin(origin.tolist())
+    return sitk.Resample(shown, ref, sitk.Transform(3, sitk.sitkIdentity), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+
+
+# A figure's panels are ~400 pixels wide: the overview's display grid needs no more voxels per axis than this
+OVERVIEW_MAX_SIZE = 192
+
+
+def registration_overview(
+    path: str | Path,
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    warped: sitk.Image,
+    stages: Mapping[str, object],
+    fixed_map: sitk.Image | None = None,
+    warped_moving_map: sitk.Image | None = None,
+    notes: Sequence[str] = (),
+    title: str = "",
+    background: float = 0.0,
+) -> Path:
+    """The picture `istn register` writes beside its outputs (``overview.png``): no labels at test time, so the
+    fixed image, the moving image as it lies (unregistered, world coordinates), the warped moving image and a
+    checkerboard, axial and coronal through the fixed image's structures as its ITN map shows them, the two ITN
+    maps, ``notes`` and each stage's refinement loss.
+
+    ``stages``: ``{name: RegistrationResult}`` in order; ``warped`` on ``fixed``'s grid; the maps on any grid.
+    Every image is shown on ``fixed`` re-stored LPS (`display_image`, at most `OVERVIEW_MAX_SIZE` voxels per axis):
+    the same picture whatever the storage.
+    """
+    shown = display_image(fixed, OVERVIEW_MAX_SIZE)
+    identity = sitk.Transform(shown.GetDimension(), sitk.sitkIdentity)
+
+    def on_shown(image: sitk.Image, default: float = 0.0) -> sitk.Image:
+        return sitk.Resample(image, shown, identity, sitk.sitkLinear, default, sitk.sitkFloat32)
+
+    focus = None
+    if fixed_map is not None:
+        m = on_shown(fixed_map)
+        a = sitk.GetArrayViewFromImage(m)
+        # the structures: a bounded map above the overlay's display threshold, else its brightest percent
+        level = MAP_DISPLAY_THRESHOLD if bounded_map(fixed_map) else float(np.percentile(a, 99))
+        focus = sitk.Cast(m > level, sitk.sitkUInt8)
+    return registration_figure(
+        path, shown, on_shown(moving, background), on_shown(warped, background),
+        fixed_map=fixed_map, warped_moving_map=warped_moving_map, focus=focus, notes=notes, title=title,
+        losses={n: x.losses for n, x in stages.items()},
+        coarse={n: x.coarse_iterations for n, x in stages.items()},
+        polish={n: x.polish_iterations for n, x in stages.items()},
+        passes={n: x.pass_iterations for n, x in stages.items()},
+    )

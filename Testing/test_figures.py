@@ -1,0 +1,115 @@
+"""The overview picture `istn register` writes: what it shows does not depend on how the files store their voxels."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from istn import demo
+from istn.cli import main
+from istn.figures import display_image, registration_overview
+
+pytestmark = pytest.mark.skipif(not (demo.MODELS_DIR / demo.AFFINE_MODEL).exists(), reason="bundled models absent")
+
+
+def _png(path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def test_display_image_is_the_same_voxels_stored_lps():
+    pair = demo.sample_pair()
+    fixed = sitk.Cast(pair["fixed"], sitk.sitkFloat32)
+    for layout in ("RAS", "ASL", "PIR"):
+        shown = display_image(sitk.DICOMOrient(fixed, layout))
+        assert shown.GetDirection() == pytest.approx(fixed.GetDirection(), abs=1e-12)  # the sample is stored LPS
+        assert shown.GetOrigin() == pytest.approx(fixed.GetOrigin(), abs=1e-9)
+        np.testing.assert_array_equal(sitk.GetArrayViewFromImage(shown), sitk.GetArrayViewFromImage(fixed))
+
+
+def test_overview_is_the_same_picture_whatever_the_storage(tmp_path):
+    """The sample pair registered as stored (LPS) and re-stored RAS (fixed) / sagittal ASL (moving): the same
+    transform, so the overview (images, maps, loss curves; no text that names the files) must be the same
+    picture, and it must differ from one drawn without the registration (the warped panels show the result)."""
+    from istn.export import load_model
+    from istn.registration import register, warp_image
+
+    pair = demo.sample_pair()
+    models = [load_model(demo.MODELS_DIR / name) for name in (demo.AFFINE_MODEL, demo.BSPLINE_MODEL)]
+    moving_placed, _, _ = demo.place_in_scanner(pair["moving"], pair["moving_labels"])
+    pictures = {}
+    for name, fixed, moving in (("lps", pair["fixed"], moving_placed),
+                                ("restored", sitk.DICOMOrient(pair["fixed"], "RAS"),
+                                 sitk.DICOMOrient(moving_placed, "ASL"))):
+        aff = register(fixed, moving, models[0], iterations=3, device="cpu", threads=1)
+        bsp = register(fixed, moving, models[1], iterations=3, device="cpu", threads=1,
+                       initial_transform=aff.transform)
+        warped = warp_image(moving, fixed, bsp.transform)
+        path = registration_overview(tmp_path / f"{name}.png", fixed, moving, warped,
+                                     {"affine": aff, "B-spline": bsp}, fixed_map=bsp.fixed_map,
+                                     warped_moving_map=bsp.warped_moving_map())
+        pictures[name] = _png(path)
+        if name == "lps":
+            unregistered = _png(registration_overview(
+                tmp_path / "unregistered.png", fixed, moving, warp_image(moving, fixed, sitk.Transform(3, sitk.sitkIdentity)),
+                {"affine": aff, "B-spline": bsp}, fixed_map=bsp.fixed_map, warped_moving_map=bsp.warped_moving_map()))
+    a, b = pictures["lps"], pictures["restored"]
+    assert a.shape == b.shape
+    differs = np.abs(a - b).max(axis=-1) > 8
+    assert differs.mean() < 1e-3, f"{differs.mean():.4%} of the pixels differ"
+    assert (np.abs(a - unregistered).max(axis=-1) > 8).mean() > 0.01
+
+
+def test_register_writes_the_overview_unless_told_not_to(tmp_path):
+    pair = demo.sample_pair()
+    for key in ("fixed", "moving"):
+        sitk.WriteImage(pair[key], str(tmp_path / f"{key}.nii.gz"))
+    args = ["register", "--fixed", str(tmp_path / "fixed.nii.gz"), "--moving", str(tmp_path / "moving.nii.gz"),
+            "--refine", "2", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "with")]) == 0
+    picture = _png(tmp_path / "with" / "overview.png")
+    assert picture.shape[0] > 500 and picture.shape[1] > 1000 and picture.std() > 20  # a drawn figure, not blank
+    assert json.loads((tmp_path / "with" / "result.json").read_text())["figure"] == "overview.png"
+    assert main(args + ["--out", str(tmp_path / "without"), "--no-figure"]) == 0
+    assert not (tmp_path / "without" / "overview.png").exists()
+    assert "figure" not in json.loads((tmp_path / "without" / "result.json").read_text())
+
+
+def test_a_figure_that_fails_costs_a_warning_not_the_registration(tmp_path, monkeypatch, capsys):
+    import istn.figures
+
+    def broken(*a, **k):
+        raise RuntimeError("no display backend")
+
+    monkeypatch.setattr(istn.figures, "registration_overview", broken)
+    pair = demo.sample_pair()
+    for key in ("fixed", "moving"):
+        sitk.WriteImage(pair[key], str(tmp_path / f"{key}.nii.gz"))
+    assert main(["register", "--fixed", str(tmp_path / "fixed.nii.gz"), "--moving", str(tmp_path / "moving.nii.gz"),
+                 "--refine", "2", "--quiet", "--out", str(tmp_path / "out")]) == 0
+    assert "overview.png was not drawn (RuntimeError: no display backend)" in capsys.readouterr().err
+    assert (tmp_path / "out" / "transform.h5").is_file() and not (tmp_path / "out" / "overview.png").exists()
+
+
+def test_display_image_of_a_large_image_keeps_its_field_of_view_whatever_the_storage():
+    """A 1 mm 200 x 240 x 120 head (anisotropic 1 x 1 x 1.5 mm): on at most 96 voxels per axis, the same extent
+    (corner to corner) and the same grid and values whether stored LPS, RAS or sagittal."""
+    from conftest import blob_image
+
+    image = blob_image((200, 240, 120), (1.0, 1.0, 1.5), (-100.0, -120.0, -90.0), np.eye(3).ravel())
+    ref = display_image(image, 96)
+    assert ref.GetSize() == (80, 96, 48) and ref.GetSpacing() == pytest.approx((2.5, 2.5, 3.75))  # all scaled by 2.5
+    for im in (image, ref):  # the same corners: the field of view is kept
+        lo = im.TransformContinuousIndexToPhysicalPoint([-0.5] * 3)
+        hi = im.TransformContinuousIndexToPhysicalPoint([n - 0.5 for n in im.GetSize()])
+        assert lo == pytest.approx((-100.5, -120.5, -90.75), abs=1e-9)
+        assert hi == pytest.approx((99.5, 119.5, 89.25), abs=1e-9)
+    for layout in ("RAS", "ASL"):
+        other = display_image(sitk.DICOMOrient(image, layout), 96)
+        assert other.GetSize() == ref.GetSize()
+        assert other.GetOrigin() == pytest.approx(ref.GetOrigin(), abs=1e-9)
+        np.testing.assert_allclose(sitk.GetArrayViewFromImage(other), sitk.GetArrayViewFromImage(ref), atol=1e-4)
