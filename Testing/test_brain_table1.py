@@ -229,3 +229,40 @@ def test_training_curves_reads_the_recorded_validation_history(tmp_path):
     with pytest.raises(SystemExit):  # a folder without runs is refused, nothing written
         training_curves.main([f"none={tmp_path / 'empty'}", "--out", str(tmp_path / "nothing")])
     assert not (tmp_path / "nothing.md").exists()
+
+
+def test_overlay_map_rows_score_the_maps_register_shows(table_run):
+    """The second map table scores `RegistrationResult.moving_map` (what the overlay shows): the affine stage's
+    in its refined result's pose, the B-spline stage's on the grid its starting affine carries."""
+    root, res, md, bt = table_run
+    from istn.export import load_model
+    from istn.registration import register
+
+    vols = bt.eval_volumes(root / "data")
+    case = bt.Case(vols, "brain", 101)
+    row = next(c for c in res["cases"] if c["moving"] == "brain")
+    aff = load_model(root / "work" / "models" / "istn-i-affine.pt")
+    bsp = load_model(root / "work" / "models" / "istn-i-bspline.pt")
+    a = register(case.fixed, case.moving, aff, iterations=2, device="cpu", threads=1)
+    init = bt._affine_from(row["affine"]["istn-i"]["transform_after"])
+    np.testing.assert_allclose(bt._affine_params(a.transform), row["affine"]["istn-i"]["transform_after"], atol=1e-9)
+    b = register(case.fixed, case.moving, bsp, iterations=2, device="cpu", threads=1, initial_transform=init)
+    for stage, r in (("affine", a), ("bspline", b)):
+        shown, q = r.moving_map, row["overlay_maps"][f"istn-i-{stage}"]
+        for key, value in (("size", shown.GetSize()), ("spacing", shown.GetSpacing()),
+                           ("origin", shown.GetOrigin()), ("direction", shown.GetDirection())):
+            np.testing.assert_allclose(q["grid"][key], value, atol=1e-9)
+        # the shown map is the union (maximum) of the structures' maps: below 0.5 everywhere for these untrained
+        # models exactly when every scored structure's thresholded map is empty
+        shown_on = bool((sitk.GetArrayViewFromImage(shown) > 0.5).any())
+        assert shown_on == any(p["volume_ratio"] > 0 for p in q["per_structure"].values())
+    # not the scanner-position measure: that grid is the moving image's own, axis-aligned to its voxels, while
+    # the shown one is the fixed grid turned by the rotation of the refined affine (polar decomposition)
+    own, shown = (np.reshape(row[k]["istn-i-affine"]["grid"]["direction"], (3, 3)) for k in ("maps", "overlay_maps"))
+    np.testing.assert_allclose(own, np.reshape(case.moving.GetDirection(), (3, 3)), atol=1e-9)
+    u, _, vt = np.linalg.svd(np.reshape(a.transform.GetMatrix(), (3, 3)))
+    np.testing.assert_allclose(shown, (u @ vt) @ np.reshape(case.fixed.GetDirection(), (3, 3)), atol=1e-6)
+    assert not np.allclose(own, shown, atol=1e-3)
+    assert "The moving maps as `register` shows them" in md
+    assert res["moving"]["brain"]["overlay_maps"]["istn-i-bspline"]["dice"][0] == pytest.approx(
+        row["overlay_maps"]["istn-i-bspline"]["dice"], abs=1e-12)  # one pair: the mean is that pair's

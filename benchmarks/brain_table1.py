@@ -244,7 +244,8 @@ def map_quality(model: LoadedModel, image: sitk.Image, labels: sitk.Image, dilat
     ``volume_ratio``: thresholded map volume / structure volume; ``offset_mm``: where the thresholded map lies
     against the structure, the centroid of (map_k > 0.5) minus the structure's, world mm (None if either is
     empty). ``mass_outside_all``: the fraction of all maps' mass outside every dilated structure (spots away
-    from any structure, not just the wrong one).
+    from any structure, not just the wrong one). ``grid``: where the maps were made (size, spacing, origin,
+    direction, ITK order).
     Mass = the map's values clipped at 0 (sigmoid maps are in [0, 1] anyway).
     """
     cfg = model.config
@@ -280,7 +281,8 @@ def map_quality(model: LoadedModel, image: sitk.Image, labels: sitk.Image, dilat
     return {"per_structure": per, "dice": float(np.mean([p["dice"] for p in per.values()])),
             "mass_outside": float(np.nanmean([p["mass_outside"] for p in per.values()])),
             "mass_outside_all": float(mass_maps[:, ~union].sum()) / total if total > 0 else float("nan"),
-            "dilation_voxels": radius}
+            "dilation_voxels": radius, "grid": {"size": list(grid.size), "spacing": list(grid.spacing),
+                                                "origin": list(grid.origin), "direction": list(grid.direction)}}
 
 
 def evaluate_case(case: Case, models: dict, args, cache: dict) -> dict:
@@ -292,7 +294,8 @@ def evaluate_case(case: Case, models: dict, args, cache: dict) -> dict:
 
     tag = f"its{args.iterations}-b{args.bending}-t{args.tolerance}"
     out: dict = {"key": case.key, "seed": case.seed, "moving": case.moving_kind, "perturbation": case.perturbation,
-                 "identity": cached("identity", lambda: case.score(None)), "affine": {}, "bspline": {}, "maps": {}}
+                 "identity": cached("identity", lambda: case.score(None)), "affine": {}, "bspline": {}, "maps": {},
+                 "overlay_maps": {}}
     for v in args.variants:
         aff, bsp = models.get((v, "affine")), models.get((v, "bspline"))
         a_key = f"{v}-affine-{aff.meta['_weights']}-{tag}" if aff is not None else None
@@ -308,6 +311,15 @@ def evaluate_case(case: Case, models: dict, args, cache: dict) -> dict:
                 if m is not None:
                     out["maps"][f"{v}-{s}"] = cached(f"{v}-{s}-maps-{m.meta['_weights']}-d{args.dilation_mm}",
                                                      lambda: map_quality(m, case.moving, case.moving_labels, args.dilation_mm))
+                    if a_key is not None and a_key in cache:
+                        # what `register` shows as the moving map: an affine stage's in its result's pose, a
+                        # B-spline stage's on the grid its starting affine carries (`moving_map_grid`)
+                        a_tx = _affine_from(cache[a_key]["transform_after"])
+                        pose = {"result": a_tx} if s == "affine" else {"initial_transform": a_tx}
+                        out["overlay_maps"][f"{v}-{s}"] = cached(
+                            f"{v}-{s}-overlay-maps-{m.meta['_weights']}-from-{a_key}-d{args.dilation_mm}",
+                            lambda: map_quality(m, case.moving, case.moving_labels, args.dilation_mm,
+                                                fixed=case.fixed, **pose))
     if not args.skip_soi:
         start = {s: next((models[(v, s)] for v in ("istn-e", "istn-i") if (v, s) in models), None) for s in STAGES}
         if "bspline" not in args.stages:
@@ -339,6 +351,21 @@ def _stats(rows: list[dict], keys=SCORE_KEYS + ("folding",)) -> dict:
     return out
 
 
+def _map_summary(per_case: list[dict]) -> dict:
+    """Mean ± std over the cases of each model's `map_quality` (one dict of model key -> quality per case)."""
+    maps = {}
+    for key in sorted({k for c in per_case for k in c}):
+        rows = [c[key] for c in per_case if key in c]
+        maps[key] = {"dice": _mean_std([r["dice"] for r in rows]),
+                     "mass_outside": _mean_std([r["mass_outside"] for r in rows]),
+                     "mass_outside_all": _mean_std([r["mass_outside_all"] for r in rows]),
+                     "per_structure_dice": {n: float(np.mean([r["per_structure"][n]["dice"] for r in rows]))
+                                            for n in LABELS},
+                     "per_structure_mass_outside": {n: float(np.nanmean([r["per_structure"][n]["mass_outside"]
+                                                                         for r in rows])) for n in LABELS}}
+    return maps
+
+
 def summarise(cases: list[dict], stages) -> dict:
     """Per moving variant: Table 1 results (`table1` layout), Id and SoI columns, map quality."""
     out = {}
@@ -365,17 +392,9 @@ def summarise(cases: list[dict], stages) -> dict:
         identity = _stats([c["identity"] for c in cs])
         soi = {t: _stats([c["soi"][t] for c in cs if t in c.get("soi", {})]) for t in stages}
         soi = {t: s for t, s in soi.items() if s}
-        maps = {}
-        for key in sorted({k for c in cs for k in c["maps"]}):
-            rows = [c["maps"][key] for c in cs if key in c["maps"]]
-            maps[key] = {"dice": _mean_std([r["dice"] for r in rows]),
-                         "mass_outside": _mean_std([r["mass_outside"] for r in rows]),
-                         "mass_outside_all": _mean_std([r["mass_outside_all"] for r in rows]),
-                         "per_structure_dice": {n: float(np.mean([r["per_structure"][n]["dice"] for r in rows]))
-                                                for n in LABELS},
-                         "per_structure_mass_outside": {n: float(np.nanmean([r["per_structure"][n]["mass_outside"]
-                                                                             for r in rows])) for n in LABELS}}
-        out[mv] = {"results": res, "identity": identity, "soi": soi, "moving_maps": maps,
+        maps = {field: _map_summary([c.get(field, {}) for c in cs]) for field in ("maps", "overlay_maps")}
+        out[mv] = {"results": res, "identity": identity, "soi": soi, "moving_maps": maps["maps"],
+                   "overlay_maps": maps["overlay_maps"],
                    "seeds": sorted({c["seed"] for c in cs}), "claims": claims(res, stages, soi or None),
                    "soi_start": next((c["soi_start"] for c in cs if "soi_start" in c), None)}
     return out
@@ -457,12 +476,12 @@ def build_markdown(res: dict) -> str:
     # ITN maps
     L.append("## ITN maps on the held-out heads (ISTN-e, ISTN-i)\n")
     L.append(f"Each model's ITN run on the image's own internal grid, each of the 8 channels "
-             f"thresholded at 0.5 (the moving head left in its scanner position: as `register` shows an affine "
-             f"stage's maps; a B-spline stage runs on, and shows, the head after the affine, in the fixed head's "
-             f"pose, which `benchmarks/map_dice.py` scores for the bundled models, higher): Dice per structure against the reference labels resampled nearest-neighbour "
-             f"onto that grid. Mass outside: the fraction of a map's total value lying outside its own structure "
-             f"dilated by {s['dilation_mm']:g} mm (mean over the 8 maps), and outside every dilated structure "
-             f"(spots away from all of them). Moving rows: mean ± std over the pairs' scanner positions.\n")
+             f"thresholded at 0.5, the moving head left in its scanner position (Table 1's measure of the networks "
+             f"alone; an affine stage's refinement compares these maps): Dice per structure against the reference "
+             f"labels resampled nearest-neighbour onto that grid. Mass outside: the fraction of a map's total value "
+             f"lying outside its own structure dilated by {s['dilation_mm']:g} mm (mean over the 8 maps), and "
+             f"outside every dilated structure (spots away from all of them). Moving rows: mean ± std over the "
+             f"pairs' scanner positions. The next table scores the maps as `register` shows them.\n")
     rows = []
     for key in (f"{v}-{t}" for v in ISTNS for t in stages):
         if key in res["fixed_maps"]:
@@ -473,6 +492,15 @@ def build_markdown(res: dict) -> str:
                 if key in d["moving_maps"]:
                     rows.append((f"{name} | moving Colin27 {mv}", d["moving_maps"][key]))
     L += _map_table(rows) if rows else ["No ISTN model was evaluated."]
+    overlay = [(f"{NAMES[v]} {TRANSFORM_NAMES[t]} | moving Colin27 {mv}", d["overlay_maps"][f"{v}-{t}"])
+               for v in ISTNS for t in stages for mv, d in res["moving"].items()
+               if f"{v}-{t}" in d.get("overlay_maps", {})]
+    if overlay:
+        L.append("\nThe moving maps as `register` shows them (the overlay in Slicer, `itn_moving` of `istn register`; "
+                 "`RegistrationResult.moving_map`): the moving head on the fixed network grid carried into its "
+                 "space, in the fixed head's pose: an affine stage's by its own refined result, a B-spline "
+                 "stage's by the refined affine it starts from (`moving_map_grid`). Same thresholds and measures.\n")
+        L += _map_table(overlay)
     L.append("")
 
     # claims
