@@ -39,9 +39,10 @@ def _register(files, out, **over):
 def test_register_writes_every_output(files, tmp_path, capsys):
     out = tmp_path / "out"
     assert _register(files, out) == 0
-    for name in REGISTER_OUTPUTS + ("transform.tfm",):
+    for name in REGISTER_OUTPUTS + ("transform.tfm", "overview.png"):  # a 2D pair: its overview too
         assert (out / name).is_file(), name
     res = json.loads((out / "result.json").read_text())
+    assert res["figure"] == "overview.png" and not res["warnings"]
     stage = res["stages"][0]
     assert len(stage["loss_per_iteration"]) == 3 and "one_pass" in stage["timings_s"]
     assert stage["model"]["variant"] == "istn-i"
