@@ -542,3 +542,40 @@ def test_without_a_model_the_bundled_default_chain_registers_the_pair(tmp_path, 
     assert main(args + ["--out", str(tmp_path / "none")]) == 2
     assert "no --model given and the bundled default models are missing" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
+
+
+def test_a_later_run_removes_the_optional_outputs_it_does_not_write(files, make_model, tmp_path, capsys):
+    """Into one folder: an affine run (transform.tfm), then affine + B-spline (affine.tfm, no transform.tfm), then
+    affine again without the picture: each run's folder holds only its own result's files, and says what went."""
+    out = tmp_path / "out"
+    chain = {"--model": files["model"]}
+    assert _register(files, out, **chain) == 0
+    assert {"transform.tfm", "overview.png"} <= {p.name for p in out.iterdir()}
+    argv = ["register", "--refine", "3", "--quiet", "--fixed", str(files["fixed"]), "--moving", str(files["moving"]),
+            "--model", str(files["model"]), "--model", str(make_model(2, "bspline")), "--out", str(out)]
+    capsys.readouterr()
+    assert main(argv) == 0
+    names = {p.name for p in out.iterdir()}
+    assert "transform.tfm" not in names and {"affine.tfm", "overview.png"} <= names
+    res = json.loads((out / "result.json").read_text())
+    assert res["removed_from_an_earlier_run"] == ["transform.tfm"]
+    assert set(res["outputs"]) == names
+    assert "removed transform.tfm of an earlier run" in capsys.readouterr().err
+    assert main(["register", "--refine", "3", "--quiet", "--no-figure", "--fixed", str(files["fixed"]), "--moving",
+                 str(files["moving"]), "--model", str(files["model"]), "--out", str(out)]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert "transform.tfm" in names and not names & {"affine.tfm", "overview.png"}
+    res = json.loads((out / "result.json").read_text())
+    assert res["removed_from_an_earlier_run"] == ["affine.tfm", "overview.png"] and set(res["outputs"]) == names
+
+
+def test_an_input_named_like_an_optional_output_is_refused_not_removed(files, tmp_path, capsys):
+    """An --initial named affine.tfm in the output folder: refused before anything runs, and kept."""
+    out = tmp_path / "out"
+    out.mkdir()
+    initial = out / "affine.tfm"
+    sitk.WriteTransform(sitk.AffineTransform(2), str(initial))
+    before = initial.read_bytes()
+    assert _register(files, out, **{"--initial": initial}) == 2
+    assert "would overwrite an input" in capsys.readouterr().err
+    assert initial.read_bytes() == before and [p.name for p in out.iterdir()] == ["affine.tfm"]

@@ -28,6 +28,9 @@ from typing import Sequence
 from .errors import InputError, ISTNError, ResultError
 
 REGISTER_OUTPUTS = ("transform.h5", "warped.nii.gz", "itn_fixed.nii.gz", "itn_moving.nii.gz", "result.json")
+# written by some runs only (a linear result, a B-spline's linear part, the picture): a later run into the same
+# folder that does not write one removes the earlier run's, which would otherwise pass for this run's result
+REGISTER_OPTIONAL_OUTPUTS = ("transform.tfm", "affine.tfm", "overview.png")
 
 
 # --------------------------------------------------------------------------
@@ -157,7 +160,7 @@ def run_register(
                   file=sys.stderr)
     check_register_options(iterations, lr, device, background, bending, tolerance, threads, coarse_iterations,
                            region_margin_mm, polish, anchor, passes)
-    names = list(REGISTER_OUTPUTS) + ["transform.tfm", "affine.tfm", "overview.png"]
+    names = list(REGISTER_OUTPUTS) + list(REGISTER_OPTIONAL_OUTPUTS)
     inputs = [fixed_path, moving_path, *model_paths] + ([initial_path] if initial_path else [])
     fixed = read_image(fixed_path, "fixed")
     moving = read_image(moving_path, "moving")
@@ -219,20 +222,32 @@ def run_register(
         "seconds_total": time.perf_counter() - t0,
     }
     # Everything computed and checked: now write, each file atomically.
+    written = ["transform.h5"]
     write_transform(result.transform, out / "transform.h5")
     if result.transform_type == "affine" and result.transform.IsLinear():
         write_transform(result.transform, out / "transform.tfm")
+        written.append("transform.tfm")
     if linear_part is not None:
         write_transform(linear_part, out / "affine.tfm")
+        written.append("affine.tfm")
     write_image(warped, out / "warped.nii.gz")
     write_image(result.fixed_map, out / "itn_fixed.nii.gz")
     write_image(itn_moving, out / "itn_moving.nii.gz")
+    written += ["warped.nii.gz", "itn_fixed.nii.gz", "itn_moving.nii.gz"]
     if figure:
         try:
             _overview(out / "overview.png", fixed, moving, warped, result, itn_moving, results, summary)
             summary["figure"] = "overview.png"
+            written.append("overview.png")
         except Exception as exc:  # a picture never costs the user the registration's files
             summary["warnings"].append(f"overview.png was not drawn ({type(exc).__name__}: {_first_line(exc)})")
+    # an earlier run's optional output (inputs were refused as output names up front) must not pass for this one's
+    removed = [n for n in REGISTER_OPTIONAL_OUTPUTS if n not in written and (out / n).is_file()]
+    for name in removed:
+        (out / name).unlink()
+    summary["outputs"] = written + ["result.json"]
+    if removed:
+        summary["removed_from_an_earlier_run"] = removed
     write_json(summary, out / "result.json")
     return summary
 
@@ -626,6 +641,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             hint = _varied_hint(s["stages"]) if args.no_retry else None
             if hint:
                 print(f"istn register: hint: {hint}", file=sys.stderr)
+            if s.get("removed_from_an_earlier_run"):
+                print(f"istn register: note: removed {', '.join(s['removed_from_an_earlier_run'])} of an earlier run "
+                      f"in {args.out} (this run does not write them)", file=sys.stderr)
             print(f"{s['seconds_total']:.2f} s; outputs in {args.out}")
         elif args.command == "evaluate":
             res = run_evaluate(args.fixed_labels, args.moving_labels, args.transform, args.labels, args.out, args.soft)
