@@ -9,7 +9,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .refinement import MAP_DISPLAY_THRESHOLD
-from .registration import bounded_map
+from .registration import RegistrationResult, bounded_map
 
 
 def _slice(image: sitk.Image, axis: int, index: int) -> np.ndarray:
@@ -249,7 +249,7 @@ def registration_overview(
     fixed: sitk.Image,
     moving: sitk.Image,
     warped: sitk.Image,
-    stages: Mapping[str, object],
+    stages: Mapping[str, RegistrationResult],
     fixed_map: sitk.Image | None = None,
     warped_moving_map: sitk.Image | None = None,
     notes: Sequence[str] = (),
