@@ -129,6 +129,7 @@ class ISTNRegistrationParameterNode:
     liveUpdate: bool = True
     outputTransform: Optional[vtkMRMLLinearTransformNode]
     outputVolume: Optional[vtkMRMLScalarVolumeNode]
+    checkerboardVolume: Optional[vtkMRMLScalarVolumeNode]
     showMaps: bool = True
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     seed: Annotated[int, WithinRange(-1, 2147483647)] = 0
@@ -352,6 +353,7 @@ class ISTNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 retryVaried=p.retryVaried,
                 liveUpdate=p.liveUpdate,
                 outputVolumeNode=p.outputVolume,
+                checkerboardVolumeNode=p.checkerboardVolume,
                 showMaps=p.showMaps,
                 fixedSegmentationNode=p.fixedSegmentation,
                 movingSegmentationNode=p.movingSegmentation,

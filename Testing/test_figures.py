@@ -113,3 +113,36 @@ def test_display_image_of_a_large_image_keeps_its_field_of_view_whatever_the_sto
         assert other.GetSize() == ref.GetSize()
         assert other.GetOrigin() == pytest.approx(ref.GetOrigin(), abs=1e-9)
         np.testing.assert_allclose(sitk.GetArrayViewFromImage(other), sitk.GetArrayViewFromImage(ref), atol=1e-4)
+
+
+def test_checkerboard_image_alternates_world_cubes_whatever_the_storage():
+    """Each voxel shows the fixed image when the 20 mm world cube it lies in (one corner at the image centre) is
+    even, else the warped image (each windowed to [0, 1]); the same cubes stored LPS, RAS or sagittal, and on an
+    oblique grid the cubes stay world-aligned."""
+    from conftest import rotation
+
+    from istn.figures import checkerboard_image
+
+    rng = np.random.default_rng(0)
+    for direction in (np.eye(3), rotation(3, (20.0, -10.0, 15.0))):
+        fixed = sitk.GetImageFromArray(rng.uniform(1.0, 2.0, (30, 40, 50)).astype(np.float32))
+        fixed.SetSpacing((2.0, 1.5, 3.0))
+        fixed.SetOrigin((-40.0, -30.0, -45.0))
+        fixed.SetDirection(np.ravel(direction).tolist())
+        warped = sitk.GetImageFromArray(rng.uniform(5.0, 9.0, (30, 40, 50)).astype(np.float32))
+        warped.CopyInformation(fixed)
+        board = sitk.GetArrayFromImage(checkerboard_image(fixed, warped))
+        f, w = sitk.GetArrayFromImage(fixed), sitk.GetArrayFromImage(warped)
+        centre = np.asarray(fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fixed.GetSize()]))
+        for _ in range(300):
+            ijk = [int(rng.integers(n)) for n in fixed.GetSize()]
+            world = np.asarray(fixed.TransformIndexToPhysicalPoint(ijk)) - centre
+            even = int(np.floor(world / 20.0).sum()) % 2 == 0
+            source = f if even else w
+            lo, hi = np.percentile(source[source > 0], [1, 99.5])
+            expected = np.clip((source[ijk[2], ijk[1], ijk[0]] - lo) / (hi - lo), 0, 1)
+            assert board[ijk[2], ijk[1], ijk[0]] == pytest.approx(expected, abs=1e-5)
+        for layout in ("RAS", "ASL"):
+            other = checkerboard_image(sitk.DICOMOrient(fixed, layout), sitk.DICOMOrient(warped, layout))
+            back = sitk.Resample(other, fixed, sitk.Transform(), sitk.sitkNearestNeighbor)
+            np.testing.assert_allclose(sitk.GetArrayFromImage(back), board, atol=1e-6)

@@ -243,6 +243,38 @@ def test_output_volume_is_the_resampled_moving_and_the_moving_stays_put(scene, p
     assert np.allclose(nodes.ijkToRasMatrix(output), nodes.ijkToRasMatrix(fixed_node), atol=1e-9)
 
 
+def test_checkerboard_volume_alternates_the_fixed_and_the_registered_moving(scene, pair, tiny_models):
+    """The checkerboard node holds, on the fixed grid, the fixed image and the moving image through the result
+    (each windowed to [0, 1]) in alternating world cubes; both kinds of cube are there, the inputs stay as they
+    were, and it cannot be an input or the output volume."""
+    from istn.figures import checkerboard_image
+    from istn.registration import OUTPUT_FIELD_SPACING_MM
+
+    fixed_node, moving_node, fixed, moving = pair
+    board = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "checkerboard")
+    output = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "resampled")
+    fixed_before = sitk.GetArrayFromImage(nodes.volumeNodeToImage(fixed_node))
+    result = run(ISTNRegistrationLogic(), pair, tiny_models, "affine", outputVolumeNode=output,
+                 checkerboardVolumeNode=board)
+    assert result.checkerboardVolumeNode is board
+    got = sitk.GetArrayFromImage(nodes.volumeNodeToImage(board))
+    warped = warp_image(moving, fixed, result.transform, field_spacing=OUTPUT_FIELD_SPACING_MM)
+    expected = sitk.GetArrayFromImage(checkerboard_image(fixed, warped))
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    f = sitk.GetArrayFromImage(checkerboard_image(fixed, fixed))  # every cube the fixed image
+    w = sitk.GetArrayFromImage(checkerboard_image(warped, warped))  # every cube the warped image, own window
+    shows_fixed, shows_warped = np.isclose(got, f, atol=1e-6), np.isclose(got, w, atol=1e-6)
+    assert shows_fixed.mean() > 0.2 and shows_warped.mean() > 0.2 and (shows_fixed | shows_warped).all()
+    assert np.allclose(nodes.ijkToRasMatrix(board), nodes.ijkToRasMatrix(fixed_node), atol=1e-9)
+    display = board.GetDisplayNode()
+    assert (display.GetWindow(), display.GetLevel()) == pytest.approx((1.0, 0.5))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(nodes.volumeNodeToImage(fixed_node)), fixed_before)
+    for bad in (fixed_node, moving_node, output):
+        with pytest.raises(ValueError, match="checkerboard volume must be a volume of its own"):
+            ISTNRegistrationLogic().register(fixed_node, moving_node, modelPath=tiny_models["affine"], iterations=1,
+                                             outputVolumeNode=output, checkerboardVolumeNode=bad)
+
+
 # --------------------------------------------------------------------------
 # Dice
 # --------------------------------------------------------------------------

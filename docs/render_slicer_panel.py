@@ -38,6 +38,7 @@ DEMO_NODES = {
     "movingSegmentationSelector": "ISTN moving labels",
     "outputTransformSelector": "ISTN moving T1 to ISTN fixed T1 (ISTN)",
     "outputVolumeSelector": "None (move the moving volume)",
+    "checkerboardVolumeSelector": "None",
 }
 
 

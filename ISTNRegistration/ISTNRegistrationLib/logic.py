@@ -111,6 +111,7 @@ class ISTNRegistrationResult:
     fixedMapNode: object = None  # ITN(fixed) as a scalar volume
     movingMapNode: object = None  # ITN(moving), under the output transform (so it is displayed aligned)
     outputVolumeNode: object = None  # moving volume resampled onto the fixed grid, if asked for
+    checkerboardVolumeNode: object = None  # fixed and resampled moving in alternating cubes, if asked for
     transform: object = None  # SimpleITK transform: the final world transform (LPS, fixed -> moving points)
     metrics: dict = field(default_factory=dict)
     stages: list = field(default_factory=list)  # istn.registration.RegistrationResult of each stage
@@ -339,6 +340,7 @@ class ISTNRegistrationLogic:
         retryVaried: bool = True,
         liveUpdate: bool = True,
         outputVolumeNode=None,
+        checkerboardVolumeNode=None,
         showMaps: bool = True,
         updateViews: bool = True,
         fixedSegmentationNode=None,
@@ -387,6 +389,10 @@ class ISTNRegistrationLogic:
           Without ``outputVolumeNode`` the moving volume is placed under the
           result; with it, the moving volume stays where it is and the output
           volume receives the moving image resampled onto the fixed grid.
+        - ``checkerboardVolumeNode``: receives the fixed image and the moving image
+          through the result in alternating 20 mm cubes (world coordinates, each
+          image in its own window, values in [0, 1]; `istn.figures.checkerboard_image`):
+          edges that run on across the cubes show a registration that fits.
         - ``fixedSegmentationNode`` / ``movingSegmentationNode``: segmentations
           or label maps; Dice per structure (matched by name, else by label
           value) before and after goes into ``result.metrics["dice"]``.
@@ -424,7 +430,8 @@ class ISTNRegistrationLogic:
 
             scene = self.scene
             # ---- check everything before touching the scene ------------------------
-            self._checkInputs(fixedVolumeNode, movingVolumeNode, outputTransformNode, outputVolumeNode)
+            self._checkInputs(fixedVolumeNode, movingVolumeNode, outputTransformNode, outputVolumeNode,
+                              checkerboardVolumeNode)
             if iterations is not None:
                 iterations = int(iterations)
                 if iterations < 0:
@@ -544,15 +551,28 @@ class ISTNRegistrationLogic:
                     raise RegistrationCancelled()
                 result.fixedMapNode, result.movingMapNode = self._writeMaps(
                     changes, linearNode, leafNode, last, fixedVolumeNode, movingVolumeNode)
-                if outputVolumeNode is not None:
+                if outputVolumeNode is not None or checkerboardVolumeNode is not None:
                     from istn.registration import OUTPUT_FIELD_SPACING_MM, warp_image
 
                     warped = warp_image(movingImage, fixedImage, final, field_spacing=OUTPUT_FIELD_SPACING_MM)
-                    nodeio.updateVolumeNodeFromImage(outputVolumeNode, warped)
-                    outputVolumeNode.SetAndObserveTransformNodeID(None)
-                    if outputVolumeNode.GetDisplayNode() is None:
-                        outputVolumeNode.CreateDefaultDisplayNodes()
-                    result.outputVolumeNode = outputVolumeNode
+                    outputs = []
+                    if outputVolumeNode is not None:
+                        outputs.append((outputVolumeNode, warped))
+                        result.outputVolumeNode = outputVolumeNode
+                    if checkerboardVolumeNode is not None:
+                        from istn.figures import checkerboard_image
+
+                        outputs.append((checkerboardVolumeNode, checkerboard_image(fixedImage, warped)))
+                        result.checkerboardVolumeNode = checkerboardVolumeNode
+                    for node, image in outputs:
+                        nodeio.updateVolumeNodeFromImage(node, image)
+                        node.SetAndObserveTransformNodeID(None)
+                        if node.GetDisplayNode() is None:
+                            node.CreateDefaultDisplayNodes()
+                    if checkerboardVolumeNode is not None:  # [0, 1] by construction: show it as it is
+                        display = checkerboardVolumeNode.GetDisplayNode()
+                        display.AutoWindowLevelOff()
+                        display.SetWindowLevel(1.0, 0.5)
                 if updateViews:
                     foreground = result.movingMapNode if showMaps else (outputVolumeNode or movingVolumeNode)
                     self._showInSliceViews(fixedVolumeNode, foreground, 0.5)
@@ -584,7 +604,7 @@ class ISTNRegistrationLogic:
 
     # -- steps ----------------------------------------------------------------
     @staticmethod
-    def _checkInputs(fixed, moving, outputTransform, outputVolume) -> None:
+    def _checkInputs(fixed, moving, outputTransform, outputVolume, checkerboardVolume=None) -> None:
         for role, node in (("fixed", fixed), ("moving", moving)):
             if node is None:
                 raise ValueError(_("no {role} volume selected").format(role=role))
@@ -616,6 +636,9 @@ class ISTNRegistrationLogic:
                                                                        moving=moving.GetName()))
         if outputVolume is not None and (outputVolume is fixed or outputVolume is moving):
             raise ValueError(_("the output volume must not be one of the inputs: inputs are never overwritten"))
+        if checkerboardVolume is not None and any(checkerboardVolume is n for n in (fixed, moving, outputVolume)):
+            raise ValueError(_("the checkerboard volume must be a volume of its own, not an input or the output "
+                               "volume: inputs are never overwritten"))
 
     @staticmethod
     def _resolveModels(transformType, modelPath, preAlign, affineModelPath) -> list[tuple[str, Path]]:
