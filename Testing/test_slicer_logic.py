@@ -254,9 +254,13 @@ def test_checkerboard_volume_alternates_the_fixed_and_the_registered_moving(scen
     board = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "checkerboard")
     output = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "resampled")
     fixed_before = sitk.GetArrayFromImage(nodes.volumeNodeToImage(fixed_node))
+    composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")  # one slice view
     result = run(ISTNRegistrationLogic(), pair, tiny_models, "affine", outputVolumeNode=output,
                  checkerboardVolumeNode=board)
     assert result.checkerboardVolumeNode is board
+    # asked for, it is what the views show: the background, the moving map over it
+    assert composite.GetBackgroundVolumeID() == board.GetID()
+    assert composite.GetForegroundVolumeID() == result.movingMapNode.GetID()
     got = sitk.GetArrayFromImage(nodes.volumeNodeToImage(board))
     warped = warp_image(moving, fixed, result.transform, field_spacing=OUTPUT_FIELD_SPACING_MM)
     expected = sitk.GetArrayFromImage(checkerboard_image(fixed, warped))

@@ -573,9 +573,10 @@ class ISTNRegistrationLogic:
                         display = checkerboardVolumeNode.GetDisplayNode()
                         display.AutoWindowLevelOff()
                         display.SetWindowLevel(1.0, 0.5)
-                if updateViews:
-                    foreground = result.movingMapNode if showMaps else (outputVolumeNode or movingVolumeNode)
-                    self._showInSliceViews(fixedVolumeNode, foreground, 0.5)
+                if updateViews:  # a checkerboard asked for is what to look at: the background, maps over it
+                    foreground = result.movingMapNode if showMaps else (
+                        None if checkerboardVolumeNode is not None else (outputVolumeNode or movingVolumeNode))
+                    self._showInSliceViews(checkerboardVolumeNode or fixedVolumeNode, foreground, 0.5)
             except RegistrationCancelled:
                 changes.sceneClosed = self._sceneClosed
                 changes.rollback()
@@ -831,7 +832,7 @@ class ISTNRegistrationLogic:
         display.SetWindowLevelMinMax(0.0, high if high > 0 else 1.0)
 
     def _showInSliceViews(self, background, foreground, opacity: float) -> None:
-        """Fixed volume as background, ``foreground`` over it, in every slice view of the scene."""
+        """``background`` (the fixed volume, or the checkerboard), ``foreground`` over it, in every slice view."""
         scene = self.scene
         if scene is slicer.mrmlScene:
             slicer.util.setSliceViewerLayers(background=background, foreground=foreground, foregroundOpacity=opacity)
