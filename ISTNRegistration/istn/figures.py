@@ -67,12 +67,20 @@ def checkerboard_image(fixed: sitk.Image, warped: sitk.Image, tile_mm: float = C
     step = np.reshape(fixed.GetDirection(), (d, d)) * np.asarray(fixed.GetSpacing())
     origin = np.asarray(fixed.GetOrigin()) - centre
     shape = tuple(reversed(size))
-    rest = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in reversed(size[:-1])], indexing="ij"), -1)
-    in_plane = rest[..., ::-1] @ step[:, :-1].T  # world offsets of one slice, (.., d)
-    even = np.empty(shape, bool)
-    for i in range(size[-1]):
-        world = origin + step[:, -1] * i + in_plane
-        even[i] = np.floor(world / tile_mm).astype(np.int64).sum(-1) % 2 == 0
+    axis_of = np.argmax(np.abs(step), axis=1)  # the index axis each world axis follows
+    if np.count_nonzero(step) == d and len(set(axis_of.tolist())) == d:  # axis-aligned storage: separable
+        parity = np.zeros(shape, np.int64)
+        for k, j in enumerate(axis_of):
+            cube = np.floor((origin[k] + step[k, j] * np.arange(size[j])) / tile_mm).astype(np.int64)
+            parity = parity + cube.reshape([-1 if a == d - 1 - j else 1 for a in range(d)])
+        even = parity % 2 == 0
+    else:
+        rest = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in reversed(size[:-1])], indexing="ij"), -1)
+        in_plane = rest[..., ::-1] @ step[:, :-1].T  # world offsets of one slice, (.., d)
+        even = np.empty(shape, bool)
+        for i in range(size[-1]):
+            world = origin + step[:, -1] * i + in_plane
+            even[i] = np.floor(world / tile_mm).astype(np.int64).sum(-1) % 2 == 0
 
     def normalised(image: sitk.Image) -> np.ndarray:
         a = sitk.GetArrayFromImage(image).astype(np.float32)
