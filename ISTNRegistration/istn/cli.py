@@ -252,23 +252,27 @@ def run_register(
     return summary
 
 
+def _stage_line(st: dict) -> str:
+    """One stage of ``result.json`` as `istn register` prints it (and `overview.png` shows it)."""
+    stop = " (converged)" if st["converged"] else ""
+    polished = f", {st['polish_iterations']} of them polish" if st.get("polish_iterations") else ""
+    info = st.get("mutual_information") or {}
+    alike = f"; images' mutual information {info['as_given']:.3f} as given -> {info['result']:.3f}" if info else ""
+    return (f"{Path(st['model_file']).name}: loss {st['loss_one_pass']:.6f} -> {st['loss_final']:.6f} after "
+            f"{st['iterations']} iterations{polished}{stop}{alike}")
+
+
 def _overview(path: Path, fixed, moving, warped, result, itn_moving, results, summary: dict) -> None:
     """``overview.png``: the images, the ITN maps and each stage's refinement, with what the terminal printed."""
     from .figures import registration_overview
 
     notes = [f"fixed:  {Path(summary['fixed']).name}", f"moving: {Path(summary['moving']).name}", ""]
-    for st in summary["stages"]:
-        polish = f" ({st['polish_iterations']} polish)" if st.get("polish_iterations") else ""
-        info = st.get("mutual_information") or {}
-        notes += [f"{Path(st['model_file']).name}:", f"  {st['iterations']} iterations{polish}, "
-                  f"loss {st['loss_one_pass']:.2e} -> {st['loss_final']:.2e}"]
-        if info:
-            notes.append(f"  images' mutual information {info['as_given']:.3f} -> {info['result']:.3f}")
+    notes += [_stage_line(st) for st in summary["stages"]]
     notes.append(f"{summary['seconds_total']:.1f} s")
     notes += [f"warning: {w}" for w in summary["warnings"]]
     stages = {Path(st["model_file"]).stem: r for st, r in zip(summary["stages"], results)}
     registration_overview(path, fixed, moving, warped, stages, fixed_map=result.fixed_map,
-                          warped_moving_map=itn_moving, notes=[textwrap.fill(n, 52, subsequent_indent="  ")
+                          warped_moving_map=itn_moving, notes=[textwrap.fill(n, 48, subsequent_indent="  ")
                                                                for n in notes],
                           title=f"istn register: {Path(summary['moving']).name} -> {Path(summary['fixed']).name}",
                           background=summary["background"])
@@ -628,13 +632,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              args.coarse_iterations, args.refine_layers, args.region_margin, args.polish, args.anchor,
                              args.passes, retry=not args.no_retry, figure=not args.no_figure)
             for st in s["stages"]:
-                stop = " (converged)" if st["converged"] else ""
-                polished = f", {st['polish_iterations']} of them polish" if st.get("polish_iterations") else ""
-                info = st.get("mutual_information") or {}
-                alike = (f"; images' mutual information {info['as_given']:.3f} as given -> {info['result']:.3f}"
-                         if info else "")
-                print(f"{Path(st['model_file']).name}: loss {st['loss_one_pass']:.6f} -> {st['loss_final']:.6f} after "
-                      f"{st['iterations']} iterations{polished}{stop}{alike}")
+                print(_stage_line(st))
             for w in s["warnings"]:
                 print(f"istn register: warning: {w}", file=sys.stderr)
             # with the second try on, the varied models beside were tried already (or there are none)

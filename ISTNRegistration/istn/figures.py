@@ -25,6 +25,11 @@ def _window(a: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi if hi > lo else lo + 1)
 
 
+def _foreground_window(a: np.ndarray) -> tuple[float, float]:
+    """`_window` over the voxels above 0 (the head, not the background around it); all voxels if none is."""
+    return _window(a[a > 0] if (a > 0).any() else a)
+
+
 def _centroid_index(labels: sitk.Image | None, reference: sitk.Image, axis: int) -> int:
     """The slice through the centroid of ``labels`` > 0 (on ``reference``'s grid) along array axis ``axis``."""
     if reference.GetDimension() == 2:
@@ -62,8 +67,7 @@ def checkerboard_image(fixed: sitk.Image, warped: sitk.Image, tile_mm: float = C
     d = fixed.GetDimension()
     size = fixed.GetSize()
     centre = np.asarray(fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in size]))
-    # world = origin + D diag(spacing) index, one slice of the first array axis at a time (a 512^2 x 300 CT
-    # would need GBs of world coordinates at once); array order is the reverse of ITK's index order
+    # world = origin + D diag(spacing) index (array order is the reverse of ITK's index order)
     step = np.reshape(fixed.GetDirection(), (d, d)) * np.asarray(fixed.GetSpacing())
     origin = np.asarray(fixed.GetOrigin()) - centre
     shape = tuple(reversed(size))
@@ -74,7 +78,7 @@ def checkerboard_image(fixed: sitk.Image, warped: sitk.Image, tile_mm: float = C
             cube = np.floor((origin[k] + step[k, j] * np.arange(size[j])) / tile_mm).astype(np.int64)
             parity = parity + cube.reshape([-1 if a == d - 1 - j else 1 for a in range(d)])
         even = parity % 2 == 0
-    else:
+    else:  # oblique: one slice of the first array axis at a time (a 512^2 x 300 CT would need GBs at once)
         rest = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in reversed(size[:-1])], indexing="ij"), -1)
         in_plane = rest[..., ::-1] @ step[:, :-1].T  # world offsets of one slice, (.., d)
         even = np.empty(shape, bool)
@@ -84,7 +88,7 @@ def checkerboard_image(fixed: sitk.Image, warped: sitk.Image, tile_mm: float = C
 
     def normalised(image: sitk.Image) -> np.ndarray:
         a = sitk.GetArrayFromImage(image).astype(np.float32)
-        lo, hi = _window(a[a > 0] if (a > 0).any() else a)
+        lo, hi = _foreground_window(a)
         return np.clip((a - lo) / (hi - lo), 0, 1)
 
     board = np.where(even, normalised(fixed), normalised(warped)).astype(np.float32)
@@ -134,11 +138,9 @@ def registration_figure(
     is3d = fixed.GetDimension() == 3
     views = [axis] + ([1] if is3d and axis == 0 else [])  # axial, then coronal through the structures
     view_name = {0: "axial", 1: "coronal", 2: "sagittal"}
-    f_all = sitk.GetArrayFromImage(fixed)
-    lo, hi = _window(f_all[f_all > 0] if (f_all > 0).any() else f_all)
+    lo, hi = _foreground_window(sitk.GetArrayViewFromImage(fixed))
     norm = lambda a: np.clip((a - lo) / (hi - lo), 0, 1)  # noqa: E731 - the fixed image's window
-    m_all = sitk.GetArrayFromImage(moving_in_fixed)
-    mlo, mhi = _window(m_all[m_all > 0] if (m_all > 0).any() else m_all)
+    mlo, mhi = _foreground_window(sitk.GetArrayViewFromImage(moving_in_fixed))
     mnorm = lambda a: np.clip((a - mlo) / (mhi - mlo), 0, 1)  # noqa: E731 - the moving image's window
 
     rows = len(views) + 1
