@@ -508,8 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("register", help="register a moving image to a fixed image")
-    r.add_argument("--fixed", required=True, help="fixed image (NIfTI, NRRD, MHA, PNG, ...)")
-    r.add_argument("--moving", required=True, help="moving image")
+    r.add_argument("--fixed", required=True, help="fixed image (NIfTI, NRRD, MHA, PNG, ...; a DICOM series: its folder, or one of its files)")
+    r.add_argument("--moving", required=True, help="moving image (as --fixed)")
     r.add_argument("--model", action="append",
                    help="exported model (.pt); repeat to chain: affine models, then at most one B-spline model, last "
                         "(default: the bundled brain-t1-affine.pt then brain-t1-bspline.pt, T1 brain MRI)")

@@ -76,8 +76,134 @@ def _read_quietly(read: Callable[[str], object], path: str | os.PathLike, what: 
 
 
 def read_raw_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
-    """Read any image SimpleITK understands, as stored (no checks on its content)."""
-    return _read_quietly(sitk.ReadImage, path, what, "could not be read as an image ({reason})")
+    """Read any image SimpleITK understands, as stored (no checks on its content).
+
+    DICOM as scanners and PACS export it: a folder is read as the one DICOM
+    series it holds, and one DICOM file of a series whose other files lie
+    beside it as that whole series (`read_dicom_series`); a DICOM file alone
+    in its series (a 2D radiograph, a multi-frame volume) as it is.
+    """
+    p = Path(path)
+    if p.is_dir():
+        return read_dicom_series(p, what)
+    p = check_input_file(p, what)
+    if _is_dicom(p):
+        uid = _dicom_series_uid(p)
+        if uid and len(_series_files(p.parent, uid)) > 1:
+            return read_dicom_series(p.parent, what, uid, given=p)
+    return _read_quietly(sitk.ReadImage, p, what, "could not be read as an image ({reason})")
+
+
+def _is_dicom(path: Path) -> bool:
+    """Whether ``path`` is a DICOM Part 10 file (the "DICM" mark after the 128-byte preamble)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def _dicom_series_uid(path: Path) -> str:
+    """The Series Instance UID (0020,000E) of a DICOM file, "" if it has none or cannot be read."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        with quiet_stderr():
+            reader.ReadImageInformation()
+    except RuntimeError:
+        return ""
+    return reader.GetMetaData("0020|000e").strip() if reader.HasMetaDataKey("0020|000e") else ""
+
+
+def _series_files(folder: Path, uid: str) -> tuple[str, ...]:
+    """The files of DICOM series ``uid`` in ``folder``, in GDCM's slice order (along the slice normal)."""
+    with quiet_stderr():
+        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+
+
+# Slices of a series may be spaced unevenly by this fraction of the median spacing (rounding in the headers)
+SLICE_SPACING_TOLERANCE = 0.01
+
+
+def read_dicom_series(folder: str | os.PathLike, what: str = "image", uid: str | None = None,
+                      given: Path | None = None) -> sitk.Image:
+    """Read DICOM series ``uid`` of ``folder`` (None: the folder's only series) as one volume.
+
+    Refused with an `InputError` saying what to do: a folder without a
+    series, a folder with several series (each listed with its description
+    and file count: the user names one file of the series they mean), and a
+    series whose slices are unevenly spaced along their normal (missing
+    slices, a gantry tilt, or two stacks in one series): one volume with one
+    spacing would put those slices in the wrong place. ``given``: the file the
+    user named, for the messages.
+    """
+    p = Path(folder)
+    name = f"{what} '{given if given is not None else p}'"
+    with quiet_stderr():
+        uids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p)))
+    if uid is None:
+        if not uids:
+            raise InputError(f"{name} is a folder with no DICOM series in it: give an image file (NIfTI, NRRD, MHA, "
+                             "...) or a folder of DICOM files")
+        if len(uids) > 1:
+            listing = "; ".join(_series_summary(p, u) for u in uids)
+            raise InputError(f"{name} holds {len(uids)} DICOM series ({listing}): give one file of the series to "
+                             "register (its whole series is read), or a folder holding that series alone")
+        uid = uids[0]
+    files = _series_files(p, uid)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    try:
+        with quiet_stderr() as err:
+            image = reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(f"{name}: DICOM series {uid} could not be read ({_last_line(exc)})",
+                         detail=f"{err.text}{exc}") from None
+    if len(files) > 2 and image.GetDimension() == 3:
+        gaps = _slice_gaps(reader, len(files), image)
+        if gaps is not None:
+            median = float(np.median(gaps))
+            if median <= 0 or float(np.max(np.abs(gaps - median))) > SLICE_SPACING_TOLERANCE * median:
+                raise InputError(
+                    f"{name}: the {len(files)} slices of DICOM series {uid} are unevenly spaced (gaps "
+                    f"{float(np.min(gaps)):.3g} to {float(np.max(gaps)):.3g} mm: missing slices, a gantry tilt, or "
+                    "two stacks in one series); one volume would misplace them. Convert the series with a tool "
+                    "that resamples it (e.g. dcm2niix, or Slicer's DICOM module) and register that file")
+    return image
+
+
+def _slice_gaps(reader: sitk.ImageSeriesReader, n: int, image: sitk.Image) -> np.ndarray | None:
+    """``(n - 1,)`` mm between consecutive slices' Image Position (Patient) along the volume's slice normal,
+    in the reader's order; None if a slice lacks the tag."""
+    normal = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)[:, 2]
+    positions = []
+    for i in range(n):
+        if not reader.HasMetaDataKey(i, "0020|0032"):
+            return None
+        try:
+            positions.append([float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")])
+        except ValueError:
+            return None
+    return np.diff(np.asarray(positions) @ normal)
+
+
+def _series_summary(folder: Path, uid: str) -> str:
+    """One series in a listing: its description (0008,103E) and file count, e.g. "T1 MPRAGE: 176 files"."""
+    files = _series_files(folder, uid)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(files[0])
+    description = ""
+    try:
+        with quiet_stderr():
+            reader.ReadImageInformation()
+        if reader.HasMetaDataKey("0008|103e"):
+            description = reader.GetMetaData("0008|103e").strip()
+    except RuntimeError:
+        pass
+    return f"{description or 'no description'}: {len(files)} file{'s' if len(files) != 1 else ''}, e.g. " \
+           f"{Path(files[0]).name}"
 
 
 def read_image(path: str | os.PathLike, role: str = "image") -> sitk.Image:
