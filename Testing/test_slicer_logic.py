@@ -398,6 +398,42 @@ def test_failed_run_leaves_the_scene_as_it_was(scene, pair, tiny_models):
     assert pair[1].GetParentTransformNode() is None
 
 
+def test_a_run_failing_after_its_outputs_were_written_gives_the_user_back_their_output_volumes(
+        scene, pair, tiny_models, monkeypatch):
+    """The output and checkerboard volumes the user chose hold an earlier run's result (voxels, geometry, a parent
+    transform, a window/level); a run that fails after writing them (here: showing them in the views) puts all of
+    it back, and adds no node."""
+    fixed_node, moving_node, fixed, _ = pair
+    parent = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "theirs")
+    earlier = {}
+    for name in ("resampled", "checkerboard"):
+        node = nodes.addVolumeNodeFromImage(scene, sitk.Cast(fixed[::2, ::2, ::2] * 3.0, sitk.sitkFloat32), name)
+        node.SetAndObserveTransformNodeID(parent.GetID())
+        node.GetDisplayNode().AutoWindowLevelOff()
+        node.GetDisplayNode().SetWindowLevel(7.0, 3.0)
+        earlier[name] = node, node_state(node)
+    before = selftest.nodeIds(scene)
+    logic = ISTNRegistrationLogic()
+    written = []
+
+    def fail(*args, **kwargs):
+        written.append({name: not same_state(state, node_state(node)) for name, (node, state) in earlier.items()})
+        raise RuntimeError("view update failed")
+
+    monkeypatch.setattr(logic, "_showInSliceViews", fail)
+    with pytest.raises(RuntimeError, match="view update failed"):
+        run(logic, pair, tiny_models, "affine", outputVolumeNode=earlier["resampled"][0],
+            checkerboardVolumeNode=earlier["checkerboard"][0])
+    assert written == [{"resampled": True, "checkerboard": True}]  # the failure came after both were written
+    assert selftest.nodeIds(scene) == before
+    for name, (node, state) in earlier.items():
+        assert same_state(state, node_state(node)), name
+        assert node.GetParentTransformNode() is parent
+        display = node.GetDisplayNode()
+        assert not display.GetAutoWindowLevel() and (display.GetWindow(), display.GetLevel()) == (7.0, 3.0)
+    assert moving_node.GetParentTransformNode() is None
+
+
 def test_inputs_are_never_modified(scene, pair, tiny_models):
     fixed_node, moving_node, fixed, moving = pair
     fixed_seg = nodes.addVolumeNodeFromImage(scene, _labels(fixed), "fl", "vtkMRMLLabelMapVolumeNode")

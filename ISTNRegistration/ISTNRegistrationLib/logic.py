@@ -219,6 +219,30 @@ class _SceneChanges:
         old = node.GetAttribute(name)
         self.undo.append(lambda: node.SetAttribute(name, old) if old is not None else node.RemoveAttribute(name))
 
+    def rememberVolume(self, volumeNode) -> None:
+        """A volume node's voxels, geometry, parent transform and window/level, put back on rollback (an output
+        volume the user chose may hold an earlier result: a run that fails after writing it must not lose it)."""
+        matrix = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(matrix)
+        old = volumeNode.GetImageData()
+        saved = None
+        if old is not None:  # a copy: writing the new voxels may reuse the node's image data object
+            saved = vtk.vtkImageData()
+            saved.DeepCopy(old)
+        display = volumeNode.GetDisplayNode()
+        window = None if display is None else (display.GetAutoWindowLevel(), display.GetWindow(), display.GetLevel())
+
+        def restore() -> None:
+            volumeNode.SetIJKToRASMatrix(matrix)
+            volumeNode.SetAndObserveImageData(saved)
+            shown = volumeNode.GetDisplayNode()
+            if window is not None and shown is display:
+                display.SetWindowLevel(window[1], window[2])
+                display.SetAutoWindowLevel(window[0])
+
+        self.undo.append(restore)
+        self.rememberParent(volumeNode)
+
     def rememberViews(self) -> None:
         """The layers of every slice view, put back on cancel (the run shows its own)."""
         saved = []
@@ -565,6 +589,7 @@ class ISTNRegistrationLogic:
                         outputs.append((checkerboardVolumeNode, checkerboard_image(fixedImage, warped)))
                         result.checkerboardVolumeNode = checkerboardVolumeNode
                     for node, image in outputs:
+                        changes.rememberVolume(node)
                         nodeio.updateVolumeNodeFromImage(node, image)
                         node.SetAndObserveTransformNodeID(None)
                         if node.GetDisplayNode() is None:
