@@ -163,7 +163,13 @@ def _rgb_image(p):
     sitk.WriteImage(sitk.GetImageFromArray(a, isVector=True), str(p))
 
 
+def _series_4d(p):
+    a = np.random.default_rng(0).random((5, 6, 20, 20)).astype(np.float32)  # 5 volumes of 20 x 20 x 6
+    sitk.WriteImage(sitk.GetImageFromArray(a, isVector=False), str(p))
+
+
 BAD_MOVING = {
+    "4d": ("bold.nii.gz", _series_4d, "is 4D (20 x 20 x 6 x 5: 5 volumes of 20 x 20 x 6)"),
     "nan": ("nan.mha", _nan_image, "NaN or infinite"),
     "inf": ("inf.nrrd", _inf_image, "NaN or infinite"),
     "constant": ("const.nii.gz", _constant_image, "constant"),

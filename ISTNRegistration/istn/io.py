@@ -231,6 +231,12 @@ def read_transform(path: str | os.PathLike, what: str = "transform") -> sitk.Tra
 def check_image(image: sitk.Image, what: str = "image") -> sitk.Image:
     """Check an in-memory image is a usable 2D/3D scalar image; return it as float32."""
     d = image.GetDimension()
+    if d == 4:  # a time series or several volumes in one file (fMRI, DWI, multi-echo)
+        size = image.GetSize()
+        raise InputError(f"{what} is 4D ({' x '.join(map(str, size))}: {size[3]} volumes of "
+                         f"{' x '.join(map(str, size[:3]))}); only 2D and 3D images are supported: save the volume "
+                         "to register as a file of its own (e.g. fslroi IN OUT T 1, or one volume of a Slicer "
+                         "sequence)")
     if d not in (2, 3):
         raise InputError(f"{what} is {d}D; only 2D and 3D images are supported")
     if image.GetNumberOfComponentsPerPixel() != 1:
