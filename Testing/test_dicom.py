@@ -4,6 +4,7 @@ cannot be one volume is refused with a message that says what to do."""
 from __future__ import annotations
 
 import json
+import locale
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,18 @@ MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 def write_series(volume: sitk.Image, folder: Path, description: str = "T1", prefix: str = "im",
                  skip: tuple[int, ...] = (), uid: str = "1.2.826.0.1.3680043.2.1125.7") -> list[Path]:
     """``volume`` (3D, integer) as one DICOM file per slice, with the tags a scanner writes for the geometry
-    (Image Position / Orientation (Patient), pixel spacing from the slice itself); slices in ``skip`` left out."""
+    (Image Position / Orientation (Patient), pixel spacing from the slice itself); slices in ``skip`` left out.
+
+    GDCM's writer leaves the process in the C locale (Python then reads text files as ASCII): put it back.
+    (Reading, what the tool does, leaves it alone.)"""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        return _write_series(volume, folder, description, prefix, skip, uid)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_series(volume, folder, description, prefix, skip, uid) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     d = volume.GetDirection()
     orientation = "\\".join(f"{v:.10f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
@@ -59,7 +71,9 @@ def _same_image(a: sitk.Image, b: sitk.Image) -> None:
 def test_a_series_folder_and_one_of_its_files_read_as_the_stored_volume(volume, tmp_path):
     files = write_series(volume, tmp_path / "series")
     expected = sitk.Cast(volume, sitk.sitkFloat32)
+    before = locale.setlocale(locale.LC_ALL)
     _same_image(read_image(tmp_path / "series", "fixed"), expected)
+    assert locale.setlocale(locale.LC_ALL) == before  # reading leaves the process's locale alone
     _same_image(read_image(files[5], "fixed"), expected)  # one slice named: its whole series
     # a folder whose files are stored in the reverse slice order (names) still reads in the order of the positions
     flipped = sitk.DICOMOrient(volume, "RAI" if volume.GetDirection()[8] > 0 else "RAS")
