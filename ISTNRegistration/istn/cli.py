@@ -5,6 +5,7 @@
     istn register  --fixed F --moving M --model P [--model P2] [--refine N] [--lr X] [--device auto]
                    [--initial T] [--background V] --out DIR
     istn evaluate  --fixed-labels F --moving-labels M --transform T [--labels ..] [--out metrics.json]
+    istn apply     --transform T --reference F --input I --out O [--interpolation auto] [--background V]
     istn info      --model P
     istn data prepare --out DIR
     istn demo      [--out DIR]
@@ -441,6 +442,95 @@ def _print_metrics(result: dict) -> None:
 
 
 # --------------------------------------------------------------------------
+# apply
+# --------------------------------------------------------------------------
+
+APPLY_INTERPOLATIONS = ("auto", "linear", "nearest")
+
+
+def run_apply(transform_path: str | Path, reference_path: str | Path, input_path: str | Path, out_path: str | Path,
+              interpolation: str = "auto", background: float | None = None, overwrite: bool = False) -> dict:
+    """Resample ``input`` (a label map, another contrast, a mask) onto ``reference``'s grid through a transform
+    that `istn register` wrote (fixed -> moving: ``reference`` is the fixed image, ``input`` lies in the moving
+    image's space), and write it to ``out``.
+
+    ``interpolation="auto"``: nearest neighbour for a label map (integer values that form regions, as
+    `run_evaluate` tells them from intensities; its pixel type kept, so the labels stay labels), else linear
+    (float32). ``background`` fills what falls outside ``input`` (default: 0 for nearest neighbour, the input's
+    minimum for linear, as `istn register`'s warped image). Everything is checked before anything is computed; an
+    existing ``out`` is refused unless ``overwrite``, and an input is never overwritten.
+    Returns what was done (for the printed line).
+    """
+    import numpy as np
+    import SimpleITK as sitk
+
+    from .errors import OutputError
+    from .io import read_raw_image, read_transform, write_image
+    from .registration import OUTPUT_FIELD_SPACING_MM, warp_image
+
+    t0 = time.perf_counter()
+    if interpolation not in APPLY_INTERPOLATIONS:
+        raise InputError(f"--interpolation must be one of {', '.join(APPLY_INTERPOLATIONS)}, got {interpolation!r}")
+    if background is not None and not math.isfinite(background):
+        raise InputError(f"--background must be a finite number, got {background}")
+    out = Path(out_path)
+    if out.is_dir():
+        raise OutputError(f"--out '{out}' is a folder: give the output image's file name (e.g. {out / 'out.nii.gz'})")
+    inputs = [Path(p) for p in (transform_path, reference_path, input_path)]
+    if out.exists() and any(out.resolve() == p.resolve() for p in inputs if p.exists()):
+        raise OutputError(f"--out '{out}' is one of the inputs; choose another file name")
+    if out.exists() and not overwrite:
+        raise OutputError(f"--out '{out}' exists; choose another file name, or --overwrite to replace it")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise OutputError(f"--out '{out}': '{out.parent}' is not a folder")
+    tx = read_transform(transform_path, "--transform")
+    reference = read_raw_image(reference_path, "--reference image")
+    image = read_raw_image(input_path, "--input image")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"--input image '{input_path}' has {image.GetNumberOfComponentsPerPixel()} components per "
+                         "pixel; a scalar image (intensities, labels or a mask) is expected")
+    for what, img, p in (("--reference image", reference, reference_path), ("--input image", image, input_path)):
+        if img.GetDimension() != tx.GetDimension():
+            raise InputError(f"{what} '{p}' is {img.GetDimension()}D but --transform '{transform_path}' is "
+                             f"{tx.GetDimension()}D")
+    values = sitk.GetArrayViewFromImage(image)
+    if not np.all(np.isfinite(values)):
+        raise InputError(f"--input image '{input_path}' contains NaN or infinite voxel values")
+    integral = bool(np.array_equal(values, np.round(values)))
+    label_map = integral and not _looks_like_intensities(image)
+    if interpolation == "auto":
+        interpolation = "nearest" if label_map else "linear"
+        why = (f"a label map: {len(_label_values(image))} labels" if label_map else
+               "intensities" if not integral else "integer intensities (many values, rarely forming regions)")
+        chosen = f"{interpolation} (auto: {why})"
+    else:
+        chosen = interpolation
+    if interpolation == "nearest":
+        fill = 0.0 if background is None else background
+        warped = warp_image(image, reference, tx, sitk.sitkNearestNeighbor, fill, field_spacing=OUTPUT_FIELD_SPACING_MM)
+    else:
+        source = sitk.Cast(image, sitk.sitkFloat32)
+        fill = float(values.min()) if background is None else background
+        warped = warp_image(source, reference, tx, sitk.sitkLinear, fill, field_spacing=OUTPUT_FIELD_SPACING_MM)
+    arr = sitk.GetArrayViewFromImage(warped)
+    if not np.all(np.isfinite(arr)):
+        raise ResultError("the resampled image is not finite; nothing was written")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"--out '{out}': its folder cannot be created: {exc.strerror}") from None
+    write_image(warped, out)
+    summary = {"input": str(input_path), "reference": str(reference_path), "transform": str(transform_path),
+               "out": str(out), "interpolation": chosen, "background": fill,
+               "size": list(warped.GetSize()), "spacing": list(warped.GetSpacing()),
+               "seconds": time.perf_counter() - t0}
+    if interpolation == "nearest" and label_map:
+        lost = sorted(_label_values(image) - _label_values(warped))
+        summary["labels_outside_the_reference"] = lost
+    return summary
+
+
+# --------------------------------------------------------------------------
 # train
 # --------------------------------------------------------------------------
 
@@ -569,6 +659,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="write the metrics as JSON here")
     e.add_argument("--verbose", action="store_true", help="show the libraries' own messages behind an error")
 
+    a = sub.add_parser("apply", help="resample another image (labels, another contrast, a mask) through a result",
+                       description="Resample an image that lies in the moving image's space (its labels, another "
+                                   "contrast, a mask) onto the fixed image's grid through a transform istn register "
+                                   "wrote (or any ITK/ANTs/Slicer transform file, fixed -> moving).")
+    a.add_argument("--transform", required=True, help="transform file (e.g. result/transform.h5)")
+    a.add_argument("--reference", required=True, help="the grid to resample onto: the fixed image (any format "
+                                                     "--fixed takes)")
+    a.add_argument("--input", required=True, help="the image to resample, in the moving image's space")
+    a.add_argument("--out", required=True, help="output image file (e.g. labels_in_fixed.nii.gz)")
+    a.add_argument("--interpolation", default="auto", choices=APPLY_INTERPOLATIONS,
+                   help="auto (default): nearest neighbour for a label map (its pixel type kept), linear otherwise")
+    a.add_argument("--background", type=float, default=None,
+                   help="value outside the input (default: 0 for nearest neighbour, the input's minimum for linear)")
+    a.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    a.add_argument("--verbose", action="store_true", help="show the libraries' own messages behind an error")
+
     t = sub.add_parser("train", help="train a variant from CSV pair lists or a config file")
     t.add_argument("--config", help="JSON TrainConfig (see istn.config)")
     t.add_argument("--train-csv")
@@ -646,6 +752,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "evaluate":
             res = run_evaluate(args.fixed_labels, args.moving_labels, args.transform, args.labels, args.out, args.soft)
             _print_metrics(res)
+        elif args.command == "apply":
+            s = run_apply(args.transform, args.reference, args.input, args.out, args.interpolation, args.background,
+                          args.overwrite)
+            size = " x ".join(map(str, s["size"]))
+            spacing = " x ".join(f"{v:g}" for v in s["spacing"])
+            print(f"{Path(s['input']).name} -> {s['out']}: {size} at {spacing} mm, {s['interpolation']}, "
+                  f"{s['seconds']:.2f} s")
+            if s.get("labels_outside_the_reference"):
+                print(f"istn apply: note: label(s) {_value_list(s['labels_outside_the_reference'])} fall outside "
+                      "the reference grid", file=sys.stderr)
         elif args.command == "train":
             run_train(args)
         elif args.command == "info":
