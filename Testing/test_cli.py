@@ -362,6 +362,24 @@ def test_affine_bspline_result_is_a_valid_initial_for_an_affine_run(files, chain
     assert (out / "warped.nii.gz").is_file() and not (out / "transform.tfm").exists()
 
 
+def test_a_bspline_result_writes_its_jacobian_determinant_on_the_fixed_grid(files, chain_run):
+    """jacobian.nii.gz: the local volume change of the written transform at every fixed voxel (central differences
+    of the exact transform agree), and result.json sums it up."""
+    from istn.metrics import jacobian_determinant
+
+    jac = sitk.ReadImage(str(chain_run / "jacobian.nii.gz"))
+    fixed = sitk.ReadImage(str(files["fixed"]))
+    assert jac.GetSize() == fixed.GetSize() and np.allclose(jac.GetDirection(), fixed.GetDirection())
+    exact = jacobian_determinant(sitk.ReadTransform(str(chain_run / "transform.h5")), fixed)
+    got = sitk.GetArrayFromImage(jac)
+    np.testing.assert_allclose(got, exact, atol=1e-4)
+    assert got.std() > 1e-3  # a B-spline: not one value everywhere
+    res = json.loads((chain_run / "result.json").read_text())["jacobian"]
+    assert res["min"] == pytest.approx(got.min()) and res["max"] == pytest.approx(got.max())
+    assert res["median"] == pytest.approx(float(np.median(got)), rel=1e-5)
+    assert res["folding_fraction"] == pytest.approx(float((got <= 0).mean()))
+
+
 def test_bspline_result_cannot_start_a_bspline_model_but_its_affine_part_can(files, chain_run, tmp_path, capfd,
                                                                              monkeypatch):
     """A B-spline model needs a linear start: refused up front, pointing at the affine.tfm written beside it."""
@@ -562,7 +580,7 @@ def test_a_later_run_removes_the_optional_outputs_it_does_not_write(files, make_
     capsys.readouterr()
     assert main(argv) == 0
     names = {p.name for p in out.iterdir()}
-    assert "transform.tfm" not in names and {"affine.tfm", "overview.png"} <= names
+    assert "transform.tfm" not in names and {"affine.tfm", "jacobian.nii.gz", "overview.png"} <= names
     res = json.loads((out / "result.json").read_text())
     assert res["removed_from_an_earlier_run"] == ["transform.tfm"]
     assert set(res["outputs"]) == names
@@ -570,9 +588,10 @@ def test_a_later_run_removes_the_optional_outputs_it_does_not_write(files, make_
     assert main(["register", "--refine", "3", "--quiet", "--no-figure", "--fixed", str(files["fixed"]), "--moving",
                  str(files["moving"]), "--model", str(files["model"]), "--out", str(out)]) == 0
     names = {p.name for p in out.iterdir()}
-    assert "transform.tfm" in names and not names & {"affine.tfm", "overview.png"}
+    assert "transform.tfm" in names and not names & {"affine.tfm", "jacobian.nii.gz", "overview.png"}
     res = json.loads((out / "result.json").read_text())
-    assert res["removed_from_an_earlier_run"] == ["affine.tfm", "overview.png"] and set(res["outputs"]) == names
+    assert res["removed_from_an_earlier_run"] == ["affine.tfm", "jacobian.nii.gz", "overview.png"]
+    assert set(res["outputs"]) == names and "jacobian" not in res
 
 
 def test_an_input_named_like_an_optional_output_is_refused_not_removed(files, tmp_path, capsys):

@@ -66,6 +66,38 @@ def test_jacobian_of_an_affine_on_an_oblique_grid_is_its_determinant():
     assert np.allclose(jac, 1.2 * 0.9 * 1.1, atol=1e-6)
 
 
+def test_jacobian_image_on_a_fine_oblique_grid_matches_central_differences():
+    """`jacobian_image`: an affine is its determinant at every voxel; an affine + B-spline differentiated on the
+    coarse displacement-field lattice and interpolated agrees with central differences at every voxel."""
+    from conftest import rotation
+    from istn.metrics import jacobian_determinant
+    from istn.registration import displacement_field, jacobian_image
+
+    from istn.transforms import control_point_count
+
+    g = Grid((96, 80, 64), (1.0, 1.0, 1.0), (-30.0, -40.0, -35.0), tuple(rotation(3, (15, -5, 25)).ravel()))
+    m = np.eye(4)
+    m[:3, :3] = np.diag([1.1, 0.95, 1.05]) @ rotation(3, (3, -4, 6))
+    m[:3, 3] = (2.0, -1.0, 3.0)
+    affine = matrix_to_sitk_affine(m)
+    const = sitk.GetArrayFromImage(jacobian_image(affine, g, 4.0))
+    assert const.shape == (64, 80, 96) and np.allclose(const, 1.1 * 0.95 * 1.05, atol=1e-5)
+    # a smooth deformation, control points every 32 mm: the lattice is every 4 mm (1/8 of the mesh)
+    shape = tuple(control_point_count(n, 32.0) for n in reversed(g.size))
+    coeffs = np.random.default_rng(1).normal(0.0, 0.08, (3, *shape))
+    both = sitk.CompositeTransform([affine, bspline_to_world(coeffs, g, 32.0)])
+    assert displacement_field(both, g, 4.0).GetSpacing() == (4.0, 4.0, 4.0)  # the lattice path is the one tested
+    exact = jacobian_determinant(both, g)
+    coarse = jacobian_image(both, g, 4.0)
+    got = sitk.GetArrayFromImage(coarse)
+    assert coarse.GetSize() == g.size and np.allclose(coarse.GetDirection(), g.direction)
+    assert exact.std() > 0.02  # the B-spline does change volumes locally
+    inner = (slice(4, -4),) * 3  # one-sided differences at the lattice's border (4 voxels) vs the grid's (1)
+    np.testing.assert_allclose(got[inner], exact[inner], atol=0.02)
+    assert np.abs(got[inner] - exact[inner]).mean() < 0.003
+    np.testing.assert_allclose(sitk.GetArrayFromImage(jacobian_image(both, g)), exact, atol=1e-6)  # no lattice
+
+
 def test_label_metrics_equal_the_whole_volume_computation():
     rng = np.random.default_rng(0)
     lab_f = np.zeros((30, 40, 35), np.uint8)

@@ -31,7 +31,7 @@ from .errors import InputError, ISTNError, ResultError
 REGISTER_OUTPUTS = ("transform.h5", "warped.nii.gz", "itn_fixed.nii.gz", "itn_moving.nii.gz", "result.json")
 # written by some runs only (a linear result, a B-spline's linear part, the picture): a later run into the same
 # folder that does not write one removes the earlier run's, which would otherwise pass for this run's result
-REGISTER_OPTIONAL_OUTPUTS = ("transform.tfm", "affine.tfm", "overview.png")
+REGISTER_OPTIONAL_OUTPUTS = ("transform.tfm", "affine.tfm", "jacobian.nii.gz", "overview.png")
 
 
 # --------------------------------------------------------------------------
@@ -146,7 +146,7 @@ def run_register(
     from .export import load_model
     from .io import prepare_output_dir, read_image, read_transform, write_image, write_json, write_transform
     from .chain import register_with_second_try
-    from .registration import OUTPUT_FIELD_SPACING_MM, check_register_inputs, warp_image
+    from .registration import OUTPUT_FIELD_SPACING_MM, check_register_inputs, jacobian_image, warp_image
 
     if not model_paths:  # the bundled default chain, as `istn demo` and the panel's first entries
         from .demo import AFFINE_MODEL, BSPLINE_MODEL, MODELS_DIR
@@ -202,11 +202,13 @@ def run_register(
         # the output image through a dense field (fast at 1 mm); the transform written is the exact one
         warped = warp_image(moving, fixed, result.transform, default_value=bg, field_spacing=OUTPUT_FIELD_SPACING_MM)
         itn_moving = result.warped_moving_map()
-        linear_part = None
+        linear_part = jacobian = None
+        checked = {"warped image": warped, "fixed ITN map": result.fixed_map, "moving ITN map": itn_moving}
         if result.transform_type == "bspline":  # its linear part: a valid --initial for a B-spline model
             linear_part = result.initial_transform or sitk.AffineTransform(fixed.GetDimension())
-        _check_result(result.transform, {"warped image": warped, "fixed ITN map": result.fixed_map,
-                                         "moving ITN map": itn_moving})
+        if not result.transform.IsLinear():  # the local volume change, where a linear result has one value
+            jacobian = checked["Jacobian determinant"] = jacobian_image(result.transform, fixed, OUTPUT_FIELD_SPACING_MM)
+        _check_result(result.transform, checked)
     except BaseException:
         _remove_if_empty(out, created)
         raise
@@ -222,6 +224,8 @@ def run_register(
         "retry": second_try.summary() if second_try else None,
         "seconds_total": time.perf_counter() - t0,
     }
+    if jacobian is not None:
+        summary["jacobian"] = _jacobian_summary(jacobian)
     # Everything computed and checked: now write, each file atomically.
     written = ["transform.h5"]
     write_transform(result.transform, out / "transform.h5")
@@ -235,6 +239,9 @@ def run_register(
     write_image(result.fixed_map, out / "itn_fixed.nii.gz")
     write_image(itn_moving, out / "itn_moving.nii.gz")
     written += ["warped.nii.gz", "itn_fixed.nii.gz", "itn_moving.nii.gz"]
+    if jacobian is not None:
+        write_image(jacobian, out / "jacobian.nii.gz")
+        written.append("jacobian.nii.gz")
     if figure:
         try:
             _overview(out / "overview.png", fixed, moving, warped, result, itn_moving, results, summary)
@@ -251,6 +258,18 @@ def run_register(
         summary["removed_from_an_earlier_run"] = removed
     write_json(summary, out / "result.json")
     return summary
+
+
+def _jacobian_summary(jacobian) -> dict:
+    """What ``jacobian.nii.gz`` holds, in numbers: its range and percentiles, and the fraction of voxels that fold."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    a = sitk.GetArrayViewFromImage(jacobian)
+    p1, p50, p99 = (float(v) for v in np.percentile(a, [1, 50, 99]))
+    return {"what": "Jacobian determinant of the fixed -> moving map on the fixed grid (>1: the moving anatomy is "
+                    "larger there)", "min": float(a.min()), "p1": p1, "median": p50, "p99": p99, "max": float(a.max()),
+            "folding_fraction": float((a <= 0).mean())}
 
 
 def _stage_line(st: dict) -> str:

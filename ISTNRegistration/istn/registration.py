@@ -44,7 +44,7 @@ from .export import LoadedModel
 from .geometry import Grid
 from .inputs import PreparedImage, prepare_image
 from .losses import anchor_energy, anchored_control_points, bending_energy
-from .metrics import mutual_information
+from .metrics import jacobian_determinant, mutual_information
 from .refinement import (DEFAULT_ITERATIONS, MAP_DISPLAY_THRESHOLD, REFINE_LAYERS, CancelFlag, IterationInfo, loss_rise,
                          RefineOutput, model_region_margin, refine, refinement_layers, supports_fc_refinement)
 from .threads import default_threads
@@ -252,6 +252,32 @@ def displacement_field(transform: sitk.Transform, reference: Grid, spacing: floa
         return None
     return sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, size, reference.origin,
                                              [kk * s for kk, s in zip(k, reference.spacing)], reference.direction)
+
+
+def jacobian_image(transform: sitk.Transform, reference: sitk.Image | Grid,
+                   field_spacing: float | None = None) -> sitk.Image:
+    """The Jacobian determinant of ``x -> transform(x)`` (fixed -> moving) on ``reference``'s grid, float32.
+
+    The local volume change between the images: above 1 where a region of the
+    fixed image corresponds to a larger region of the moving image, below 1
+    where to a smaller one, <= 0 where the map folds. ``field_spacing`` (mm): a
+    non-linear ``transform`` is differentiated on `displacement_field`'s coarser
+    lattice and the determinant interpolated linearly onto the reference (a
+    B-spline's determinant is smooth on the scale of its mesh; seconds saved at
+    1 mm 256^3); None: central differences at every reference voxel
+    (`istn.metrics.jacobian_determinant`).
+    """
+    grid = reference if isinstance(reference, Grid) else Grid.from_image(reference)
+    if transform.IsLinear():  # one value everywhere: differentiate on a 4-voxel-wide grid of the same geometry
+        small = dataclasses.replace(grid, size=(4,) * grid.ndim)
+        value = float(np.median(jacobian_determinant(transform, small)))
+        return grid.image_from_array(np.full(tuple(reversed(grid.size)), value, np.float32))
+    field = displacement_field(transform, grid, field_spacing) if field_spacing is not None else None
+    if field is None:
+        return grid.image_from_array(jacobian_determinant(transform, grid).astype(np.float32))
+    lattice = Grid.from_image(field)
+    coarse = lattice.image_from_array(jacobian_determinant(transform, lattice).astype(np.float32))
+    return sitk.Resample(coarse, grid.reference_image(), sitk.Transform(), sitk.sitkLinear, 1.0, sitk.sitkFloat32)
 
 
 def bounded_map(image: sitk.Image) -> bool:
