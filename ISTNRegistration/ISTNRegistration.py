@@ -130,6 +130,7 @@ class ISTNRegistrationParameterNode:
     outputTransform: Optional[vtkMRMLLinearTransformNode]
     outputVolume: Optional[vtkMRMLScalarVolumeNode]
     checkerboardVolume: Optional[vtkMRMLScalarVolumeNode]
+    jacobianVolume: Optional[vtkMRMLScalarVolumeNode]
     showMaps: bool = True
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     seed: Annotated[int, WithinRange(-1, 2147483647)] = 0
@@ -354,6 +355,7 @@ class ISTNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 liveUpdate=p.liveUpdate,
                 outputVolumeNode=p.outputVolume,
                 checkerboardVolumeNode=p.checkerboardVolume,
+                jacobianVolumeNode=p.jacobianVolume,
                 showMaps=p.showMaps,
                 fixedSegmentationNode=p.fixedSegmentation,
                 movingSegmentationNode=p.movingSegmentation,

@@ -398,6 +398,44 @@ def test_failed_run_leaves_the_scene_as_it_was(scene, pair, tiny_models):
     assert pair[1].GetParentTransformNode() is None
 
 
+def test_jacobian_volume_is_the_results_volume_change_on_the_fixed_grid(scene, pair, tiny_models):
+    """The Jacobian node holds `jacobian_image` of the final transform on the fixed grid (world geometry of the fixed
+    volume), in a colour table with white at 1, a window centred on 1 that spans the 1st..99th percentiles, and
+    the summary gives its range; an affine's is its determinant everywhere; it cannot be an input or output."""
+    from istn.registration import OUTPUT_FIELD_SPACING_MM, jacobian_image
+
+    from ISTNRegistrationLib.logic import JACOBIAN_MIN_HALF_WIDTH
+
+    color_logic = slicer.vtkSlicerColorLogic()
+    color_logic.SetMRMLScene(scene)  # the built-in colour tables (the application adds the file-based ones)
+    fixed_node, moving_node, fixed, _ = pair
+    jac = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "jacobian")
+    result = run(ISTNRegistrationLogic(), pair, tiny_models, "bspline", jacobianVolumeNode=jac)
+    assert result.jacobianVolumeNode is jac
+    got = sitk.GetArrayFromImage(nodes.volumeNodeToImage(jac))
+    expected = sitk.GetArrayFromImage(jacobian_image(result.transform, fixed, OUTPUT_FIELD_SPACING_MM))
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert got.std() > 1e-4  # a B-spline result: not one value
+    assert np.allclose(nodes.ijkToRasMatrix(jac), nodes.ijkToRasMatrix(fixed_node), atol=1e-9)
+    display = jac.GetDisplayNode()
+    assert display.GetColorNodeID() == "vtkMRMLColorTableNodeRainbow"  # the first of the candidates present here
+    p1, p99 = np.percentile(got, [1, 99])
+    half = max(abs(p1 - 1), abs(p99 - 1), JACOBIAN_MIN_HALF_WIDTH)
+    assert not display.GetAutoWindowLevel()
+    assert (display.GetWindow(), display.GetLevel()) == pytest.approx((2 * half, 1.0), rel=1e-5)
+    assert f"{result.metrics['jacobian']['p1']:.3f} to {result.metrics['jacobian']['p99']:.3f}" in result.summary()
+    affine = run(ISTNRegistrationLogic(), pair, tiny_models, "affine", jacobianVolumeNode=jac)
+    values = sitk.GetArrayFromImage(nodes.volumeNodeToImage(jac))
+    matrix = np.asarray(sitk.AffineTransform(affine.transform).GetMatrix()).reshape(3, 3)
+    np.testing.assert_allclose(values, np.linalg.det(matrix), atol=1e-5)
+    board = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "checkerboard")
+    for bad in (fixed_node, moving_node, board):
+        with pytest.raises(ValueError, match="Jacobian volume must be a volume of its own"):
+            ISTNRegistrationLogic().register(fixed_node, moving_node, modelPath=tiny_models["affine"], iterations=1,
+                                             checkerboardVolumeNode=board if bad is not board else None,
+                                             outputVolumeNode=board if bad is board else None, jacobianVolumeNode=bad)
+
+
 def test_a_run_failing_after_its_outputs_were_written_gives_the_user_back_their_output_volumes(
         scene, pair, tiny_models, monkeypatch):
     """The output and checkerboard volumes the user chose hold an earlier run's result (voxels, geometry, a parent
@@ -406,7 +444,7 @@ def test_a_run_failing_after_its_outputs_were_written_gives_the_user_back_their_
     fixed_node, moving_node, fixed, _ = pair
     parent = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "theirs")
     earlier = {}
-    for name in ("resampled", "checkerboard"):
+    for name in ("resampled", "checkerboard", "jacobian"):
         node = nodes.addVolumeNodeFromImage(scene, sitk.Cast(fixed[::2, ::2, ::2] * 3.0, sitk.sitkFloat32), name)
         node.SetAndObserveTransformNodeID(parent.GetID())
         node.GetDisplayNode().AutoWindowLevelOff()
@@ -423,8 +461,8 @@ def test_a_run_failing_after_its_outputs_were_written_gives_the_user_back_their_
     monkeypatch.setattr(logic, "_showInSliceViews", fail)
     with pytest.raises(RuntimeError, match="view update failed"):
         run(logic, pair, tiny_models, "affine", outputVolumeNode=earlier["resampled"][0],
-            checkerboardVolumeNode=earlier["checkerboard"][0])
-    assert written == [{"resampled": True, "checkerboard": True}]  # the failure came after both were written
+            checkerboardVolumeNode=earlier["checkerboard"][0], jacobianVolumeNode=earlier["jacobian"][0])
+    assert written == [{"resampled": True, "checkerboard": True, "jacobian": True}]  # the failure came after all
     assert selftest.nodeIds(scene) == before
     for name, (node, state) in earlier.items():
         assert same_state(state, node_state(node)), name

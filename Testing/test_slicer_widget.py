@@ -115,7 +115,7 @@ def make_widget(module, logic):
         fixedVolume=None, movingVolume=None, fixedSegmentation=None, movingSegmentation=None, modelChoice="",
         customModelPath="", preAlign=True, iterations=7, learningRate=0.0, bending=-1.0, anchor=-1.0, tolerance=-1.0, coarseIterations=-1,
         refineLayers="model default", comparedRegion="model default", polish=-1, passes=0, retryVaried=True, liveUpdate=True,
-        outputTransform=None, outputVolume=None, checkerboardVolume=None, showMaps=True, device="cpu", seed=-1)
+        outputTransform=None, outputVolume=None, checkerboardVolume=None, jacobianVolume=None, showMaps=True, device="cpu", seed=-1)
     return widget
 
 
@@ -159,7 +159,7 @@ def test_parameter_node_fields(module):
     fields = module.ISTNRegistrationParameterNode.__annotations__
     assert {"fixedVolume", "movingVolume", "iterations", "learningRate", "bending", "anchor", "tolerance",
             "coarseIterations", "refineLayers", "comparedRegion", "polish", "passes", "retryVaried", "liveUpdate",
-            "outputTransform", "outputVolume", "checkerboardVolume", "showMaps", "device", "seed"} <= set(fields)
+            "outputTransform", "outputVolume", "checkerboardVolume", "jacobianVolume", "showMaps", "device", "seed"} <= set(fields)
 
 
 def test_apply_needs_inputs_and_a_model(module, model_file):

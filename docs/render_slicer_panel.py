@@ -39,6 +39,7 @@ DEMO_NODES = {
     "outputTransformSelector": "ISTN moving T1 to ISTN fixed T1 (ISTN)",
     "outputVolumeSelector": "None (move the moving volume)",
     "checkerboardVolumeSelector": "None",
+    "jacobianVolumeSelector": "None",
 }
 
 

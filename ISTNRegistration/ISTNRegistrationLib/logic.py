@@ -52,6 +52,19 @@ ROLE_MOVING_MAP = "ISTNRegistration.movingMap"
 #: Colour tables for the ITN maps, best first (the file-based ones exist only in the application).
 MAP_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLColorTableNodeFileViridis.txt",
                       "vtkMRMLColorTableNodeIron")
+#: Colour tables for the Jacobian volume, best first: blue-white-red (white at the window's centre, 1), then
+#: blue-to-red ones (the file-based ones exist only in the application).
+JACOBIAN_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeFileDivergingBlueRed.txt",
+                           "vtkMRMLColorTableNodeFileColdToHotRainbow.txt", "vtkMRMLColorTableNodeRainbow")
+#: The Jacobian volume's window never narrower than 1 -/+ this: a near-identity result stays near white.
+JACOBIAN_MIN_HALF_WIDTH = 0.05
+
+
+def jacobianHalfWidth(p1: float, p99: float) -> float:
+    """Half the Jacobian volume's window, centred on 1: the farther of its 1st and 99th percentiles from 1."""
+    return max(abs(p1 - 1.0), abs(p99 - 1.0), JACOBIAN_MIN_HALF_WIDTH)
+
+
 #: Above this many voxels the folding fraction is computed on a coarser copy of the fixed grid.
 FOLDING_MAX_VOXELS = 2_000_000
 #: Attribute on an output transform node: the ID of the moving volume its last run registered.
@@ -112,6 +125,7 @@ class ISTNRegistrationResult:
     movingMapNode: object = None  # ITN(moving), under the output transform (so it is displayed aligned)
     outputVolumeNode: object = None  # moving volume resampled onto the fixed grid, if asked for
     checkerboardVolumeNode: object = None  # fixed and resampled moving in alternating cubes, if asked for
+    jacobianVolumeNode: object = None  # Jacobian determinant of the result on the fixed grid, if asked for
     transform: object = None  # SimpleITK transform: the final world transform (LPS, fixed -> moving points)
     metrics: dict = field(default_factory=dict)
     stages: list = field(default_factory=list)  # istn.registration.RegistrationResult of each stage
@@ -156,6 +170,10 @@ class ISTNRegistrationResult:
         if self.metrics.get("folding_fraction") is not None:
             lines.append(_("Folding (Jacobian ≤ 0): {percent:.3f} % of voxels.").format(
                 percent=100.0 * self.metrics["folding_fraction"]))
+        jacobian = self.metrics.get("jacobian")
+        if jacobian:
+            lines.append(_("Jacobian determinant (local volume change, moving / fixed): {p1:.3f} to {p99:.3f} "
+                           "(1st to 99th percentile), median {median:.3f}.").format(**jacobian))
         lines.extend(_("Warning: {warning}").format(warning=w) for w in self.warnings)
         if self.hint:
             lines.append(_("Hint: {hint}").format(hint=self.hint))
@@ -365,6 +383,7 @@ class ISTNRegistrationLogic:
         liveUpdate: bool = True,
         outputVolumeNode=None,
         checkerboardVolumeNode=None,
+        jacobianVolumeNode=None,
         showMaps: bool = True,
         updateViews: bool = True,
         fixedSegmentationNode=None,
@@ -417,6 +436,11 @@ class ISTNRegistrationLogic:
           through the result in alternating 20 mm cubes (world coordinates, each
           image in its own window, values in [0, 1]; `istn.figures.checkerboard_image`):
           edges that run on across the cubes show a registration that fits.
+        - ``jacobianVolumeNode``: receives the Jacobian determinant of the result on
+          the fixed grid (`istn.registration.jacobian_image`: the local volume
+          change, above 1 where the moving anatomy is larger, <= 0 where the map
+          folds; one value everywhere for an affine), shown in a blue-white-red
+          colour table centred on 1.
         - ``fixedSegmentationNode`` / ``movingSegmentationNode``: segmentations
           or label maps; Dice per structure (matched by name, else by label
           value) before and after goes into ``result.metrics["dice"]``.
@@ -455,7 +479,7 @@ class ISTNRegistrationLogic:
             scene = self.scene
             # ---- check everything before touching the scene ------------------------
             self._checkInputs(fixedVolumeNode, movingVolumeNode, outputTransformNode, outputVolumeNode,
-                              checkerboardVolumeNode)
+                              checkerboardVolumeNode, jacobianVolumeNode)
             if iterations is not None:
                 iterations = int(iterations)
                 if iterations < 0:
@@ -598,6 +622,27 @@ class ISTNRegistrationLogic:
                         display = checkerboardVolumeNode.GetDisplayNode()
                         display.AutoWindowLevelOff()
                         display.SetWindowLevel(1.0, 0.5)
+                if jacobianVolumeNode is not None:
+                    import numpy as np
+                    import SimpleITK as sitk
+
+                    from istn.registration import OUTPUT_FIELD_SPACING_MM, jacobian_image
+
+                    jacobian = jacobian_image(final, fixedImage, OUTPUT_FIELD_SPACING_MM)
+                    values = sitk.GetArrayViewFromImage(jacobian)
+                    p1, median, p99 = (float(v) for v in np.percentile(values, [1, 50, 99]))
+                    result.metrics["jacobian"] = dict(p1=p1, median=median, p99=p99, min=float(values.min()),
+                                                      max=float(values.max()))
+                    changes.rememberVolume(jacobianVolumeNode)
+                    nodeio.updateVolumeNodeFromImage(jacobianVolumeNode, jacobian)
+                    jacobianVolumeNode.SetAndObserveTransformNodeID(None)
+                    if jacobianVolumeNode.GetDisplayNode() is None:
+                        jacobianVolumeNode.CreateDefaultDisplayNodes()
+                    display = jacobianVolumeNode.GetDisplayNode()
+                    self._useColors(display, JACOBIAN_COLOR_NODE_IDS)
+                    display.AutoWindowLevelOff()  # centred on 1 (no change): white; wide enough for the 1st..99th
+                    display.SetWindowLevel(2.0 * jacobianHalfWidth(p1, p99), 1.0)
+                    result.jacobianVolumeNode = jacobianVolumeNode
                 if updateViews:  # a checkerboard asked for is what to look at: the background, maps over it
                     foreground = result.movingMapNode if showMaps else (
                         None if checkerboardVolumeNode is not None else (outputVolumeNode or movingVolumeNode))
@@ -630,7 +675,8 @@ class ISTNRegistrationLogic:
 
     # -- steps ----------------------------------------------------------------
     @staticmethod
-    def _checkInputs(fixed, moving, outputTransform, outputVolume, checkerboardVolume=None) -> None:
+    def _checkInputs(fixed, moving, outputTransform, outputVolume, checkerboardVolume=None,
+                     jacobianVolume=None) -> None:
         for role, node in (("fixed", fixed), ("moving", moving)):
             if node is None:
                 raise ValueError(_("no {role} volume selected").format(role=role))
@@ -664,6 +710,10 @@ class ISTNRegistrationLogic:
             raise ValueError(_("the output volume must not be one of the inputs: inputs are never overwritten"))
         if checkerboardVolume is not None and any(checkerboardVolume is n for n in (fixed, moving, outputVolume)):
             raise ValueError(_("the checkerboard volume must be a volume of its own, not an input or the output "
+                               "volume: inputs are never overwritten"))
+        if jacobianVolume is not None and any(jacobianVolume is n for n in (fixed, moving, outputVolume,
+                                                                            checkerboardVolume)):
+            raise ValueError(_("the Jacobian volume must be a volume of its own, not an input or another output "
                                "volume: inputs are never overwritten"))
 
     @staticmethod
@@ -831,6 +881,13 @@ class ISTNRegistrationLogic:
             maps.append(node)
         return maps[0], maps[1]
 
+    def _useColors(self, display, colorIds) -> None:
+        """The first of ``colorIds`` the scene holds as ``display``'s colour table (none: its own left)."""
+        for colorId in colorIds:
+            if self.scene.GetNodeByID(colorId) is not None:
+                display.SetAndObserveColorNodeID(colorId)
+                return
+
     def _styleMap(self, node, image) -> None:
         import numpy as np
         import SimpleITK as sitk
@@ -838,10 +895,7 @@ class ISTNRegistrationLogic:
         display = node.GetDisplayNode()
         if display is None:
             return
-        for colorId in MAP_COLOR_NODE_IDS:
-            if self.scene.GetNodeByID(colorId) is not None:
-                display.SetAndObserveColorNodeID(colorId)
-                break
+        self._useColors(display, MAP_COLOR_NODE_IDS)
         from istn.refinement import MAP_DISPLAY_THRESHOLD
         from istn.registration import bounded_map
 
