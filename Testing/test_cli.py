@@ -584,7 +584,10 @@ def test_a_later_run_removes_the_optional_outputs_it_does_not_write(files, make_
     res = json.loads((out / "result.json").read_text())
     assert res["removed_from_an_earlier_run"] == ["transform.tfm"]
     assert set(res["outputs"]) == names
-    assert "removed transform.tfm of an earlier run" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "removed transform.tfm of an earlier run" in printed.err
+    j = res["jacobian"]  # the B-spline result's volume change, one line beside its stages
+    assert f"jacobian.nii.gz: local volume change {j['p1']:.3f} to {j['p99']:.3f} (1st to 99th" in printed.out
     assert main(["register", "--refine", "3", "--quiet", "--no-figure", "--fixed", str(files["fixed"]), "--moving",
                  str(files["moving"]), "--model", str(files["model"]), "--out", str(out)]) == 0
     names = {p.name for p in out.iterdir()}

@@ -272,6 +272,12 @@ def _jacobian_summary(jacobian) -> dict:
             "folding_fraction": float((a <= 0).mean())}
 
 
+def _jacobian_line(jacobian: dict) -> str:
+    """``result.json``'s "jacobian" as `istn register` prints it (and `overview.png` shows it)."""
+    return (f"jacobian.nii.gz: local volume change {jacobian['p1']:.3f} to {jacobian['p99']:.3f} (1st to 99th "
+            f"percentile), folding {100 * jacobian['folding_fraction']:.3f} % of voxels")
+
+
 def _stage_line(st: dict) -> str:
     """One stage of ``result.json`` as `istn register` prints it (and `overview.png` shows it)."""
     stop = " (converged)" if st["converged"] else ""
@@ -288,6 +294,8 @@ def _overview(path: Path, fixed, moving, warped, result, itn_moving, results, su
 
     notes = [f"fixed:  {Path(summary['fixed']).name}", f"moving: {Path(summary['moving']).name}", ""]
     notes += [_stage_line(st) for st in summary["stages"]]
+    if summary.get("jacobian"):
+        notes.append(_jacobian_line(summary["jacobian"]))
     notes.append(f"{summary['seconds_total']:.1f} s")
     notes += [f"warning: {w}" for w in summary["warnings"]]
     stages = {Path(st["model_file"]).stem: r for st, r in zip(summary["stages"], results)}
@@ -758,6 +766,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              args.passes, retry=not args.no_retry, figure=not args.no_figure)
             for st in s["stages"]:
                 print(_stage_line(st))
+            if s.get("jacobian"):
+                print(_jacobian_line(s["jacobian"]))
             for w in s["warnings"]:
                 print(f"istn register: warning: {w}", file=sys.stderr)
             # with the second try on, the varied models beside were tried already (or there are none)
