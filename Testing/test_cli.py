@@ -168,7 +168,20 @@ def _series_4d(p):
     sitk.WriteImage(sitk.GetImageFromArray(a, isVector=False), str(p))
 
 
+def _sheared_nifti(p):
+    """A NIfTI whose sform (the only orientation it declares) shears x into y: not a rotation."""
+    import struct
+
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).random((10, 12, 14)).astype(np.float32)), str(p))
+    header = bytearray(p.read_bytes())
+    struct.pack_into("<hh", header, 252, 0, 1)  # qform_code 0, sform_code 1
+    for offset, row in ((280, (1.0, 0.3, 0.0, -5.0)), (296, (0.0, 1.0, 0.0, -6.0)), (312, (0.0, 0.0, 1.0, -7.0))):
+        struct.pack_into("<4f", header, offset, *row)  # srow_x, srow_y, srow_z
+    p.write_bytes(bytes(header))
+
+
 BAD_MOVING = {
+    "sheared": ("sheared.nii", _sheared_nifti, "has a sheared or invalid orientation in its header"),
     "4d": ("bold.nii.gz", _series_4d, "is 4D (20 x 20 x 6 x 5: 5 volumes of 20 x 20 x 6)"),
     "nan": ("nan.mha", _nan_image, "NaN or infinite"),
     "inf": ("inf.nrrd", _inf_image, "NaN or infinite"),

@@ -91,7 +91,16 @@ def read_raw_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
         uid = _dicom_series_uid(p)
         if uid and len(_series_files(p.parent, uid)) > 1:
             return read_dicom_series(p.parent, what, uid, given=p)
-    return _read_quietly(sitk.ReadImage, p, what, "could not be read as an image ({reason})")
+    try:
+        return _read_quietly(sitk.ReadImage, p, what, "could not be read as an image ({reason})")
+    except InputError as exc:
+        if "orthonormal direction cosines" not in str(exc):
+            raise
+        # a NIfTI sform/qform with shear (or a bad header): ITK, Slicer and ANTs store directions as rotations
+        raise InputError(f"{what} '{p}' has a sheared or invalid orientation in its header (its voxel axes are not "
+                         "perpendicular), which ITK, and so this tool, Slicer and ANTs, cannot represent: resample it "
+                         "onto a grid with perpendicular axes (e.g. nibabel's resample_from_to), or fix the header if "
+                         "the shear is an error", detail=exc.detail) from None
 
 
 def _is_dicom(path: Path) -> bool:
