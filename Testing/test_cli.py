@@ -375,19 +375,26 @@ def test_affine_bspline_result_is_a_valid_initial_for_an_affine_run(files, chain
     assert (out / "warped.nii.gz").is_file() and not (out / "transform.tfm").exists()
 
 
-def test_a_bspline_result_writes_its_jacobian_determinant_on_the_fixed_grid(files, chain_run):
-    """jacobian.nii.gz: the local volume change of the written transform at every fixed voxel (central differences
-    of the exact transform agree), and result.json sums it up."""
+def test_a_bspline_result_writes_its_jacobian_determinant_on_the_fixed_grid(files, chain_run, tmp_path):
+    """--jacobian: jacobian.nii.gz, the local volume change of the written transform at every fixed voxel (central
+    differences of the exact transform agree), and result.json sums it up (with or without the file)."""
     from istn.metrics import jacobian_determinant
 
-    jac = sitk.ReadImage(str(chain_run / "jacobian.nii.gz"))
+    assert not (chain_run / "jacobian.nii.gz").exists()  # not asked for
+    summed_up = json.loads((chain_run / "result.json").read_text())["jacobian"]
+    out = tmp_path / "with-jacobian"
+    assert main(["register", "--refine", "2", "--quiet", "--fixed", str(files["fixed"]), "--moving",
+                 str(files["moving"]), "--model", str(files["model"]), "--model", str(files["bspline"]), "--jacobian",
+                 "--out", str(out)]) == 0
+    jac = sitk.ReadImage(str(out / "jacobian.nii.gz"))
     fixed = sitk.ReadImage(str(files["fixed"]))
     assert jac.GetSize() == fixed.GetSize() and np.allclose(jac.GetDirection(), fixed.GetDirection())
-    exact = jacobian_determinant(sitk.ReadTransform(str(chain_run / "transform.h5")), fixed)
+    exact = jacobian_determinant(sitk.ReadTransform(str(out / "transform.h5")), fixed)
     got = sitk.GetArrayFromImage(jac)
     np.testing.assert_allclose(got, exact, atol=1e-4)
     assert got.std() > 1e-3  # a B-spline: not one value everywhere
-    res = json.loads((chain_run / "result.json").read_text())["jacobian"]
+    res = json.loads((out / "result.json").read_text())["jacobian"]
+    assert res == summed_up  # the same numbers whether the file is written or not (a 2D grid this small: all of it)
     assert res["min"] == pytest.approx(got.min()) and res["max"] == pytest.approx(got.max())
     assert res["median"] == pytest.approx(float(np.median(got)), rel=1e-5)
     assert res["folding_fraction"] == pytest.approx(float((got <= 0).mean()))
@@ -589,7 +596,7 @@ def test_a_later_run_removes_the_optional_outputs_it_does_not_write(files, make_
     assert _register(files, out, **chain) == 0
     assert {"transform.tfm", "overview.png"} <= {p.name for p in out.iterdir()}
     argv = ["register", "--refine", "3", "--quiet", "--fixed", str(files["fixed"]), "--moving", str(files["moving"]),
-            "--model", str(files["model"]), "--model", str(make_model(2, "bspline")), "--out", str(out)]
+            "--model", str(files["model"]), "--model", str(make_model(2, "bspline")), "--jacobian", "--out", str(out)]
     capsys.readouterr()
     assert main(argv) == 0
     names = {p.name for p in out.iterdir()}
@@ -600,7 +607,7 @@ def test_a_later_run_removes_the_optional_outputs_it_does_not_write(files, make_
     printed = capsys.readouterr()
     assert "removed transform.tfm of an earlier run" in printed.err
     j = res["jacobian"]  # the B-spline result's volume change, one line beside its stages
-    assert f"jacobian.nii.gz: local volume change {j['p1']:.3f} to {j['p99']:.3f} (1st to 99th" in printed.out
+    assert f"Jacobian determinant (local volume change): {j['p1']:.3f} to {j['p99']:.3f} (1st to 99th" in printed.out
     assert main(["register", "--refine", "3", "--quiet", "--no-figure", "--fixed", str(files["fixed"]), "--moving",
                  str(files["moving"]), "--model", str(files["model"]), "--out", str(out)]) == 0
     names = {p.name for p in out.iterdir()}

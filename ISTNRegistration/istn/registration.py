@@ -255,7 +255,7 @@ def displacement_field(transform: sitk.Transform, reference: Grid, spacing: floa
 
 
 def jacobian_image(transform: sitk.Transform, reference: sitk.Image | Grid,
-                   field_spacing: float | None = None) -> sitk.Image:
+                   field_spacing: float | None = None, resample: bool = True) -> sitk.Image:
     """The Jacobian determinant of ``x -> transform(x)`` (fixed -> moving) on ``reference``'s grid, float32.
 
     The local volume change between the images: above 1 where a region of the
@@ -265,7 +265,9 @@ def jacobian_image(transform: sitk.Transform, reference: sitk.Image | Grid,
     lattice and the determinant interpolated linearly onto the reference (a
     B-spline's determinant is smooth on the scale of its mesh; seconds saved at
     1 mm 256^3); None: central differences at every reference voxel
-    (`istn.metrics.jacobian_determinant`).
+    (`istn.metrics.jacobian_determinant`). ``resample=False``: the determinant
+    on that lattice, not interpolated (a uniform sample of the reference's
+    field of view, for numbers that sum it up).
     """
     grid = reference if isinstance(reference, Grid) else Grid.from_image(reference)
     if transform.IsLinear():  # one value everywhere: differentiate on a 4-voxel-wide grid of the same geometry
@@ -277,6 +279,8 @@ def jacobian_image(transform: sitk.Transform, reference: sitk.Image | Grid,
         return grid.image_from_array(jacobian_determinant(transform, grid).astype(np.float32))
     lattice = Grid.from_image(field)
     coarse = lattice.image_from_array(jacobian_determinant(transform, lattice).astype(np.float32))
+    if not resample:
+        return coarse
     return sitk.Resample(coarse, grid.reference_image(), sitk.Transform(), sitk.sitkLinear, 1.0, sitk.sitkFloat32)
 
 
