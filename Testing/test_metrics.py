@@ -96,6 +96,12 @@ def test_jacobian_image_on_a_fine_oblique_grid_matches_central_differences():
     np.testing.assert_allclose(got[inner], exact[inner], atol=0.02)
     assert np.abs(got[inner] - exact[inner]).mean() < 0.003
     np.testing.assert_allclose(sitk.GetArrayFromImage(jacobian_image(both, g)), exact, atol=1e-6)  # no lattice
+    sample = jacobian_image(both, g, 4.0, resample=False)  # the lattice itself: a uniform sample of the grid
+    assert sample.GetSpacing() == (4.0, 4.0, 4.0) and sample.GetOrigin() == g.origin
+    points = exact[::4, ::4, ::4]  # the grid voxels on the lattice (which also covers the grid's last voxel)
+    on_grid = sitk.GetArrayFromImage(sample)[tuple(slice(0, n) for n in points.shape)]
+    np.testing.assert_allclose(on_grid[1:-1, 1:-1, 1:-1], points[1:-1, 1:-1, 1:-1], atol=0.01)
+    np.testing.assert_allclose(np.percentile(on_grid, [1, 50, 99]), np.percentile(exact, [1, 50, 99]), atol=0.01)
 
 
 def test_label_metrics_equal_the_whole_volume_computation():
