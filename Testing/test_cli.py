@@ -627,3 +627,60 @@ def test_an_input_named_like_an_optional_output_is_refused_not_removed(files, tm
     assert _register(files, out, **{"--initial": initial}) == 2
     assert "would overwrite an input" in capsys.readouterr().err
     assert initial.read_bytes() == before and [p.name for p in out.iterdir()] == ["affine.tfm"]
+
+
+def test_several_moving_images_register_one_by_one_into_their_own_folders(files, tmp_path, capsys):
+    """--moving A B C: each pair's result in OUT/<name>/, the same as registering it alone; a bad image is reported
+    in its row and the others still run; summary.csv one row per image; exit status 2 (a bad input)."""
+    import csv
+
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    a = batch / "sub-01.png"
+    a.write_bytes(files["moving"].read_bytes())
+    b = batch / "sub-02.nii.gz"  # the same image, stored another way
+    sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(files["moving"])), sitk.sitkFloat32), str(b))
+    bad = batch / "sub-03.nii.gz"
+    bad.write_text("not an image")
+    out = tmp_path / "out"
+    argv = ["register", "--refine", "3", "--quiet", "--no-figure", "--fixed", str(files["fixed"]), "--model",
+            str(files["model"]), "--out", str(out), "--moving", str(a), str(b), str(bad)]
+    assert main(argv) == 2
+    printed = capsys.readouterr()
+    assert "2 of 3 registered" in printed.out and "sub-01: model1-2d-affine.pt: loss" in printed.out
+    assert "istn register: error: sub-03: moving image" in printed.err and "could not be read" in printed.err
+    assert _register(files, tmp_path / "alone", **{"--moving": a}) == 0
+    alone = sitk.ReadTransform(str(tmp_path / "alone" / "transform.h5"))
+    for name in ("sub-01", "sub-02"):
+        assert {p.name for p in (out / name).iterdir()} >= set(REGISTER_OUTPUTS)
+        tx = sitk.ReadTransform(str(out / name / "transform.h5"))
+        np.testing.assert_allclose(tx.GetParameters(), alone.GetParameters(), atol=1e-5)
+    assert not (out / "sub-03").exists()
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [(r["folder"], r["status"]) for r in rows] == [("sub-01", "ok"), ("sub-02", "ok"), ("sub-03", "bad input")]
+    assert "could not be read" in rows[2]["error"] and float(rows[0]["loss_final"]) > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["moved"] == 3 and summary["failed"] == 1
+
+
+@pytest.mark.parametrize("case", ["same name", "missing", "initial"])
+def test_a_batch_that_cannot_run_as_asked_is_refused_before_anything(files, tmp_path, capsys, case):
+    other = tmp_path / "other"
+    other.mkdir()
+    twin = other / files["moving"].name
+    twin.write_bytes(files["moving"].read_bytes())
+    extra, message = {
+        "same name": ([], "would both write into"),
+        "missing": ([str(tmp_path / "nope.nii.gz")], "does not exist"),
+        "initial": (["--initial", str(files["fixed"])], "--initial belongs to one pair"),
+    }[case]
+    movings = [str(files["moving"])] + ([str(twin)] if case == "same name" else [str(files["fixed"])])
+    out = tmp_path / "out"
+    argv = ["register", "--quiet", "--fixed", str(files["fixed"]), "--model", str(files["model"]), "--out", str(out),
+            "--moving", *movings]
+    argv += extra if case == "initial" else []
+    if case == "missing":
+        argv += extra
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

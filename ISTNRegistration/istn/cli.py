@@ -24,7 +24,7 @@ import textwrap
 import time
 import traceback
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .errors import InputError, ISTNError, ResultError
 
@@ -264,6 +264,106 @@ def run_register(
     if removed:
         summary["removed_from_an_earlier_run"] = removed
     write_json(summary, out / "result.json")
+    return summary
+
+
+# --------------------------------------------------------------------------
+# register, several moving images
+# --------------------------------------------------------------------------
+
+BATCH_SUMMARY = ("summary.json", "summary.csv")
+
+
+def subject_name(path: str | Path) -> str:
+    """The output folder of one moving image of a batch: its file name without the image extension(s)
+    (``sub-01_T1w.nii.gz`` -> ``sub-01_T1w``); a DICOM series' folder, or a file of it, by the folder's name."""
+    from .io import _is_dicom, _suffix
+
+    p = Path(path)
+    if p.is_dir():
+        return p.resolve().name
+    if _is_dicom(p):
+        return p.resolve().parent.name
+    suffix = _suffix(p)
+    return p.name[: -len(suffix)] if suffix and p.name != suffix else p.name
+
+
+def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path],
+                      model_paths: Sequence[str | Path] | None, out_dir: str | Path, quiet: bool = False,
+                      on_done: Callable[[dict], None] | None = None, **options) -> dict:
+    """Register several moving images to one fixed image in one process (torch and the models load once): each
+    as `run_register` registers a pair, into ``out_dir/<subject_name>/``, then ``summary.json`` and
+    ``summary.csv`` in ``out_dir``, one row per moving image.
+
+    Checked up front: every moving image exists, no two would share a folder. A moving image that fails (bad
+    input, a registration that could not be written) is reported, its row says why, and the others go on;
+    ``failed`` counts them. ``on_done(row)`` after each image (the command line prints it then).
+    ``options``: `run_register`'s keyword arguments.
+    """
+    import csv
+    import io as text_io
+
+    from .io import atomic_write, check_input_file, prepare_output_dir, write_json
+
+    if options.get("initial_path"):
+        raise InputError("--initial belongs to one pair: with several --moving images, register them without it (or "
+                         "one at a time)")
+    moving = [Path(p) for p in moving_paths]
+    for p in moving:
+        if not p.is_dir():
+            check_input_file(p, "moving image")
+    names = [subject_name(p) for p in moving]
+    seen: dict[str, Path] = {}
+    for p, name in zip(moving, names):
+        if name in seen:
+            raise InputError(f"moving images '{seen[name]}' and '{p}' would both write into {Path(out_dir) / name}: "
+                             "give them distinct file (or DICOM folder) names")
+        if name in BATCH_SUMMARY:
+            raise InputError(f"moving image '{p}' would write into {Path(out_dir) / name}, the batch's summary: "
+                             "rename it")
+        seen[name] = p
+    out = prepare_output_dir(out_dir, [fixed_path, *moving, *(model_paths or [])], [*names, *BATCH_SUMMARY])
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    for k, (p, name) in enumerate(zip(moving, names)):
+        if not quiet:
+            print(f"[{k + 1}/{len(moving)}] {p} -> {out / name}", file=sys.stderr)
+        row: dict = {"moving": str(p), "folder": name}
+        try:
+            s = run_register(fixed_path, p, model_paths, out / name, quiet=quiet, **options)
+        except ISTNError as exc:  # bad input: this image only
+            row.update(status="bad input", error=str(exc))
+        except ResultError as exc:
+            row.update(status="failed", error=str(exc))
+        except Exception as exc:  # a fault of the tool on this image: the others still run
+            row.update(status="failed", error=f"internal error: {type(exc).__name__}: {_first_line(exc)}")
+        else:
+            last = s["stages"][-1]
+            info = last.get("mutual_information") or {}
+            row.update(status="ok", seconds=s["seconds_total"], loss_one_pass=s["stages"][0]["loss_one_pass"],
+                       loss_final=last["loss_final"], mutual_information_as_given=info.get("as_given"),
+                       mutual_information_result=info.get("result"), warnings=s["warnings"],
+                       lines=[_stage_line(st) for st in s["stages"]])
+            if s.get("jacobian"):
+                row["folding_fraction"] = s["jacobian"]["folding_fraction"]
+        rows.append(row)
+        if on_done is not None:
+            on_done(row)
+    summary = {"fixed": str(fixed_path), "moved": len(rows), "failed": sum(r["status"] != "ok" for r in rows),
+               "seconds_total": time.perf_counter() - t0, "rows": rows}
+    write_json(summary, out / "summary.json")
+    columns = ["moving", "folder", "status", "seconds", "loss_one_pass", "loss_final", "mutual_information_as_given",
+               "mutual_information_result", "folding_fraction", "warnings", "error"]
+
+    def write_csv(tmp: str) -> None:
+        buffer = text_io.StringIO()
+        writer = csv.DictWriter(buffer, columns, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**r, "warnings": "; ".join(r.get("warnings", []))})
+        Path(tmp).write_text(buffer.getvalue())
+
+    atomic_write(out / "summary.csv", write_csv)
     return summary
 
 
@@ -636,7 +736,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("register", help="register a moving image to a fixed image")
     r.add_argument("--fixed", required=True, help="fixed image (NIfTI, NRRD, MHA, PNG, ...; a DICOM series: its folder, or one of its files)")
-    r.add_argument("--moving", required=True, help="moving image (as --fixed)")
+    r.add_argument("--moving", required=True, nargs="+",
+                   help="moving image (as --fixed); several: each registered into OUT/<its name>/, the models "
+                        "loaded once, OUT/summary.csv one row per image")
     r.add_argument("--model", action="append",
                    help="exported model (.pt); repeat to chain: affine models, then at most one B-spline model, last "
                         "(default: the bundled brain-t1-affine.pt then brain-t1-bspline.pt, T1 brain MRI)")
@@ -772,8 +874,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     verbose = bool(getattr(args, "verbose", False))
     try:
+        if args.command == "register" and len(args.moving) > 1:
+            return _main_register_many(args)
         if args.command == "register":
-            s = run_register(args.fixed, args.moving, args.model, args.out, args.refine, args.lr, args.device,
+            s = run_register(args.fixed, args.moving[0], args.model, args.out, args.refine, args.lr, args.device,
                              args.initial, args.quiet, args.background, args.bending, args.tolerance, args.threads,
                              args.coarse_iterations, args.refine_layers, args.region_margin, args.polish, args.anchor,
                              args.passes, retry=not args.no_retry, figure=not args.no_figure,
@@ -841,6 +945,32 @@ def main(argv: Sequence[str] | None = None) -> int:
               + ("" if verbose else " (--verbose shows the details)"), file=sys.stderr)
         return 1
     return 0
+
+
+def _main_register_many(args: argparse.Namespace) -> int:
+    """`istn register` with several --moving: one line per image, a table at the end; exit status 0 when every
+    image registered, 2 when the only failures were bad inputs, 1 otherwise."""
+    def _print_batch_row(row: dict) -> None:
+        if row["status"] == "ok":
+            for line in row["lines"]:
+                print(f"{row['folder']}: {line}", flush=True)
+            for w in row["warnings"]:
+                print(f"istn register: warning: {row['folder']}: {w}", file=sys.stderr)
+        else:
+            print(f"istn register: error: {row['folder']}: {row['error']}", file=sys.stderr)
+
+    s = run_register_many(args.fixed, args.moving, args.model, args.out, quiet=args.quiet, iterations=args.refine,
+                          lr=args.lr, device=args.device, initial_path=args.initial, background=args.background,
+                          bending=args.bending, tolerance=args.tolerance, threads=args.threads,
+                          coarse_iterations=args.coarse_iterations, refine_layers=args.refine_layers,
+                          region_margin_mm=args.region_margin, polish=args.polish, anchor=args.anchor,
+                          passes=args.passes, retry=not args.no_retry, figure=not args.no_figure,
+                          write_jacobian=args.jacobian, on_done=_print_batch_row)
+    print(f"{s['moved'] - s['failed']} of {s['moved']} registered in {s['seconds_total']:.1f} s; outputs in "
+          f"{args.out} (summary.csv)")
+    if not s["failed"]:
+        return 0
+    return 2 if all(r["status"] in ("ok", "bad input") for r in s["rows"]) else 1
 
 
 def _first_line(exc: BaseException) -> str:
