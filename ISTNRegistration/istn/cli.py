@@ -877,11 +877,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "register" and len(args.moving) > 1:
             return _main_register_many(args)
         if args.command == "register":
-            s = run_register(args.fixed, args.moving[0], args.model, args.out, args.refine, args.lr, args.device,
-                             args.initial, args.quiet, args.background, args.bending, args.tolerance, args.threads,
-                             args.coarse_iterations, args.refine_layers, args.region_margin, args.polish, args.anchor,
-                             args.passes, retry=not args.no_retry, figure=not args.no_figure,
-                             write_jacobian=args.jacobian)
+            s = run_register(args.fixed, args.moving[0], args.model, args.out, quiet=args.quiet,
+                             **_register_options(args))
             for st in s["stages"]:
                 print(_stage_line(st))
             if s.get("jacobian"):
@@ -947,6 +944,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _register_options(args: argparse.Namespace) -> dict:
+    """`istn register`'s options as `run_register`'s keyword arguments (one pair or several)."""
+    return dict(iterations=args.refine, lr=args.lr, device=args.device, initial_path=args.initial,
+                background=args.background, bending=args.bending, tolerance=args.tolerance, threads=args.threads,
+                coarse_iterations=args.coarse_iterations, refine_layers=args.refine_layers,
+                region_margin_mm=args.region_margin, polish=args.polish, anchor=args.anchor, passes=args.passes,
+                retry=not args.no_retry, figure=not args.no_figure, write_jacobian=args.jacobian)
+
+
 def _main_register_many(args: argparse.Namespace) -> int:
     """`istn register` with several --moving: one line per image, a table at the end; exit status 0 when every
     image registered, 2 when the only failures were bad inputs, 1 otherwise."""
@@ -959,13 +965,8 @@ def _main_register_many(args: argparse.Namespace) -> int:
         else:
             print(f"istn register: error: {row['folder']}: {row['error']}", file=sys.stderr)
 
-    s = run_register_many(args.fixed, args.moving, args.model, args.out, quiet=args.quiet, iterations=args.refine,
-                          lr=args.lr, device=args.device, initial_path=args.initial, background=args.background,
-                          bending=args.bending, tolerance=args.tolerance, threads=args.threads,
-                          coarse_iterations=args.coarse_iterations, refine_layers=args.refine_layers,
-                          region_margin_mm=args.region_margin, polish=args.polish, anchor=args.anchor,
-                          passes=args.passes, retry=not args.no_retry, figure=not args.no_figure,
-                          write_jacobian=args.jacobian, on_done=_print_batch_row)
+    s = run_register_many(args.fixed, args.moving, args.model, args.out, quiet=args.quiet,
+                          on_done=_print_batch_row, **_register_options(args))
     print(f"{s['moved'] - s['failed']} of {s['moved']} registered in {s['seconds_total']:.1f} s; outputs in "
           f"{args.out} (summary.csv)")
     if not s["failed"]:
