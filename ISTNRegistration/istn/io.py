@@ -8,7 +8,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -88,9 +88,10 @@ def read_raw_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
         return read_dicom_series(p, what)
     p = check_input_file(p, what)
     if _is_dicom(p):
-        uid = _dicom_series_uid(p)
-        if uid and len(_series_files(p.parent, uid)) > 1:
-            return read_dicom_series(p.parent, what, uid, given=p)
+        uid = _dicom_tag(p, SERIES_UID)
+        files = _series_files(p.parent, uid) if uid else ()
+        if len(files) > 1:
+            return read_dicom_series(p.parent, what, uid, given=p, files=files)
     try:
         return _read_quietly(sitk.ReadImage, p, what, "could not be read as an image ({reason})")
     except InputError as exc:
@@ -103,6 +104,15 @@ def read_raw_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
                          "the shear is an error", detail=exc.detail) from None
 
 
+# DICOM tags read here (SimpleITK's "gggg|eeee" keys)
+SERIES_UID = "0020|000e"  # Series Instance UID
+SERIES_DESCRIPTION = "0008|103e"
+IMAGE_POSITION = "0020|0032"  # Image Position (Patient): the first voxel's centre, mm
+# Slices of a series may deviate from even spacing along their normal, or step sideways, by this fraction of the
+# median spacing (rounding in the headers)
+SLICE_SPACING_TOLERANCE = 0.01
+
+
 def _is_dicom(path: Path) -> bool:
     """Whether ``path`` is a DICOM Part 10 file (the "DICM" mark after the 128-byte preamble)."""
     try:
@@ -113,8 +123,8 @@ def _is_dicom(path: Path) -> bool:
     return len(head) == 132 and head[128:] == b"DICM"
 
 
-def _dicom_series_uid(path: Path) -> str:
-    """The Series Instance UID (0020,000E) of a DICOM file, "" if it has none or cannot be read."""
+def _dicom_tag(path: str | Path, tag: str) -> str:
+    """One tag of a DICOM file's header (the pixels are not read), "" if it lacks it or cannot be read."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -122,7 +132,7 @@ def _dicom_series_uid(path: Path) -> str:
             reader.ReadImageInformation()
     except RuntimeError:
         return ""
-    return reader.GetMetaData("0020|000e").strip() if reader.HasMetaDataKey("0020|000e") else ""
+    return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
 
 
 def _series_files(folder: Path, uid: str) -> tuple[str, ...]:
@@ -131,27 +141,24 @@ def _series_files(folder: Path, uid: str) -> tuple[str, ...]:
         return tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
 
 
-# Slices of a series may be spaced unevenly by this fraction of the median spacing (rounding in the headers)
-SLICE_SPACING_TOLERANCE = 0.01
-
-
 def read_dicom_series(folder: str | os.PathLike, what: str = "image", uid: str | None = None,
-                      given: Path | None = None) -> sitk.Image:
+                      given: Path | None = None, files: Sequence[str] | None = None) -> sitk.Image:
     """Read DICOM series ``uid`` of ``folder`` (None: the folder's only series) as one volume.
 
     Refused with an `InputError` saying what to do: a folder without a
     series, a folder with several series (each listed with its description
     and file count: the user names one file of the series they mean), and a
-    series whose slices are unevenly spaced along their normal (missing
-    slices, a gantry tilt, or two stacks in one series): one volume with one
-    spacing would put those slices in the wrong place. ``given``: the file the
-    user named, for the messages.
+    series whose slices do not stack evenly along their normal (missing
+    slices, two stacks in one series) or step sideways from one to the next
+    (a gantry tilt): one volume with one spacing and perpendicular axes would
+    put those slices in the wrong place. ``given``: the file the user named,
+    for the messages; ``files``: the series' files when the caller has them.
     """
     p = Path(folder)
     name = f"{what} '{given if given is not None else p}'"
-    with quiet_stderr():
-        uids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p)))
     if uid is None:
+        with quiet_stderr():
+            uids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p)))
         if not uids:
             raise InputError(f"{name} is a folder with no DICOM series in it: give an image file (NIfTI, NRRD, MHA, "
                              "...) or a folder of DICOM files")
@@ -160,7 +167,7 @@ def read_dicom_series(folder: str | os.PathLike, what: str = "image", uid: str |
             raise InputError(f"{name} holds {len(uids)} DICOM series ({listing}): give one file of the series to "
                              "register (its whole series is read), or a folder holding that series alone")
         uid = uids[0]
-    files = _series_files(p, uid)
+    files = tuple(files) if files is not None else _series_files(p, uid)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
@@ -170,49 +177,47 @@ def read_dicom_series(folder: str | os.PathLike, what: str = "image", uid: str |
     except RuntimeError as exc:
         raise InputError(f"{name}: DICOM series {uid} could not be read ({_last_line(exc)})",
                          detail=f"{err.text}{exc}") from None
-    if len(files) > 2 and image.GetDimension() == 3:
-        gaps = _slice_gaps(reader, len(files), image)
-        if gaps is not None:
-            median = float(np.median(gaps))
-            if median <= 0 or float(np.max(np.abs(gaps - median))) > SLICE_SPACING_TOLERANCE * median:
-                raise InputError(
-                    f"{name}: the {len(files)} slices of DICOM series {uid} are unevenly spaced (gaps "
-                    f"{float(np.min(gaps)):.3g} to {float(np.max(gaps)):.3g} mm: missing slices, a gantry tilt, or "
-                    "two stacks in one series); one volume would misplace them. Convert the series with a tool "
-                    "that resamples it (e.g. dcm2niix, or Slicer's DICOM module) and register that file")
+    steps = _slice_steps(reader, len(files), image) if len(files) > 2 and image.GetDimension() == 3 else None
+    if steps is not None:
+        along, sideways = steps
+        median = float(np.median(along))
+        if median <= 0 or float(np.max(np.abs(along - median))) > SLICE_SPACING_TOLERANCE * median:
+            raise InputError(
+                f"{name}: the {len(files)} slices of DICOM series {uid} are unevenly spaced (gaps "
+                f"{float(np.min(along)):.3g} to {float(np.max(along)):.3g} mm: missing slices, or two stacks in one "
+                "series); one volume would misplace them. Convert the series with a tool that resamples it (e.g. "
+                "dcm2niix, or Slicer's DICOM module) and register that file")
+        if float(np.max(sideways)) > SLICE_SPACING_TOLERANCE * median:
+            raise InputError(
+                f"{name}: each slice of DICOM series {uid} lies {float(np.median(sideways)):.3g} mm sideways of the "
+                f"one before (a gantry tilt of about {np.degrees(np.arctan2(np.median(sideways), median)):.0f} "
+                "degrees): a volume with perpendicular axes would shear the anatomy. Convert the series with a "
+                "tool that corrects the tilt (e.g. dcm2niix, or Slicer's DICOM module) and register that file")
     return image
 
 
-def _slice_gaps(reader: sitk.ImageSeriesReader, n: int, image: sitk.Image) -> np.ndarray | None:
-    """``(n - 1,)`` mm between consecutive slices' Image Position (Patient) along the volume's slice normal,
-    in the reader's order; None if a slice lacks the tag."""
+def _slice_steps(reader: sitk.ImageSeriesReader, n: int, image: sitk.Image) -> tuple[np.ndarray, np.ndarray] | None:
+    """From one slice's Image Position (Patient) to the next, in the reader's order: the step along the volume's
+    slice normal and the length of its sideways part (mm, ``(n - 1,)`` each); None if a slice lacks the tag."""
     normal = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)[:, 2]
     positions = []
     for i in range(n):
-        if not reader.HasMetaDataKey(i, "0020|0032"):
+        if not reader.HasMetaDataKey(i, IMAGE_POSITION):
             return None
         try:
-            positions.append([float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")])
+            positions.append([float(v) for v in reader.GetMetaData(i, IMAGE_POSITION).split("\\")])
         except ValueError:
             return None
-    return np.diff(np.asarray(positions) @ normal)
+    steps = np.diff(np.asarray(positions), axis=0)
+    along = steps @ normal
+    return along, np.linalg.norm(steps - along[:, None] * normal, axis=1)
 
 
 def _series_summary(folder: Path, uid: str) -> str:
-    """One series in a listing: its description (0008,103E) and file count, e.g. "T1 MPRAGE: 176 files"."""
+    """One series in a listing: its description and file count, e.g. "T1 MPRAGE: 176 files, e.g. IM0001.dcm"."""
     files = _series_files(folder, uid)
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(files[0])
-    description = ""
-    try:
-        with quiet_stderr():
-            reader.ReadImageInformation()
-        if reader.HasMetaDataKey("0008|103e"):
-            description = reader.GetMetaData("0008|103e").strip()
-    except RuntimeError:
-        pass
-    return f"{description or 'no description'}: {len(files)} file{'s' if len(files) != 1 else ''}, e.g. " \
-           f"{Path(files[0]).name}"
+    description = _dicom_tag(files[0], SERIES_DESCRIPTION) or "no description"
+    return f"{description}: {len(files)} file{'s' if len(files) != 1 else ''}, e.g. {Path(files[0]).name}"
 
 
 def read_image(path: str | os.PathLike, role: str = "image") -> sitk.Image:
