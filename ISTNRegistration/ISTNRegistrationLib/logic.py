@@ -599,11 +599,13 @@ class ISTNRegistrationLogic:
                     raise RegistrationCancelled()
                 result.fixedMapNode, result.movingMapNode = self._writeMaps(
                     changes, linearNode, leafNode, last, fixedVolumeNode, movingVolumeNode)
+                from istn.registration import OUTPUT_FIELD_SPACING_MM
+
+                outputs = []  # (node, image): computed first, then written
                 if outputVolumeNode is not None or checkerboardVolumeNode is not None:
-                    from istn.registration import OUTPUT_FIELD_SPACING_MM, warp_image
+                    from istn.registration import warp_image
 
                     warped = warp_image(movingImage, fixedImage, final, field_spacing=OUTPUT_FIELD_SPACING_MM)
-                    outputs = []
                     if outputVolumeNode is not None:
                         outputs.append((outputVolumeNode, warped))
                         result.outputVolumeNode = outputVolumeNode
@@ -612,37 +614,32 @@ class ISTNRegistrationLogic:
 
                         outputs.append((checkerboardVolumeNode, checkerboard_image(fixedImage, warped)))
                         result.checkerboardVolumeNode = checkerboardVolumeNode
-                    for node, image in outputs:
-                        changes.rememberVolume(node)
-                        nodeio.updateVolumeNodeFromImage(node, image)
-                        node.SetAndObserveTransformNodeID(None)
-                        if node.GetDisplayNode() is None:
-                            node.CreateDefaultDisplayNodes()
-                    if checkerboardVolumeNode is not None:  # [0, 1] by construction: show it as it is
-                        display = checkerboardVolumeNode.GetDisplayNode()
-                        display.AutoWindowLevelOff()
-                        display.SetWindowLevel(1.0, 0.5)
                 if jacobianVolumeNode is not None:
-                    import numpy as np
                     import SimpleITK as sitk
 
-                    from istn.registration import OUTPUT_FIELD_SPACING_MM, jacobian_image
+                    from istn.metrics import jacobian_statistics
+                    from istn.registration import jacobian_image
 
                     jacobian = jacobian_image(final, fixedImage, OUTPUT_FIELD_SPACING_MM)
-                    values = sitk.GetArrayViewFromImage(jacobian)
-                    p1, median, p99 = (float(v) for v in np.percentile(values, [1, 50, 99]))
-                    result.metrics["jacobian"] = dict(p1=p1, median=median, p99=p99, min=float(values.min()),
-                                                      max=float(values.max()))
-                    changes.rememberVolume(jacobianVolumeNode)
-                    nodeio.updateVolumeNodeFromImage(jacobianVolumeNode, jacobian)
-                    jacobianVolumeNode.SetAndObserveTransformNodeID(None)
-                    if jacobianVolumeNode.GetDisplayNode() is None:
-                        jacobianVolumeNode.CreateDefaultDisplayNodes()
+                    result.metrics["jacobian"] = jacobian_statistics(sitk.GetArrayViewFromImage(jacobian))
+                    outputs.append((jacobianVolumeNode, jacobian))
+                    result.jacobianVolumeNode = jacobianVolumeNode
+                for node, image in outputs:
+                    changes.rememberVolume(node)
+                    nodeio.updateVolumeNodeFromImage(node, image)
+                    node.SetAndObserveTransformNodeID(None)
+                    if node.GetDisplayNode() is None:
+                        node.CreateDefaultDisplayNodes()
+                if checkerboardVolumeNode is not None:  # [0, 1] by construction: show it as it is
+                    display = checkerboardVolumeNode.GetDisplayNode()
+                    display.AutoWindowLevelOff()
+                    display.SetWindowLevel(1.0, 0.5)
+                if jacobianVolumeNode is not None:  # white at 1 (no change), wide enough for the 1st..99th percentile
                     display = jacobianVolumeNode.GetDisplayNode()
                     self._useColors(display, JACOBIAN_COLOR_NODE_IDS)
-                    display.AutoWindowLevelOff()  # centred on 1 (no change): white; wide enough for the 1st..99th
-                    display.SetWindowLevel(2.0 * jacobianHalfWidth(p1, p99), 1.0)
-                    result.jacobianVolumeNode = jacobianVolumeNode
+                    display.AutoWindowLevelOff()
+                    stats = result.metrics["jacobian"]
+                    display.SetWindowLevel(2.0 * jacobianHalfWidth(stats["p1"], stats["p99"]), 1.0)
                 if updateViews:  # a checkerboard asked for is what to look at: the background, maps over it
                     foreground = result.movingMapNode if showMaps else (
                         None if checkerboardVolumeNode is not None else (outputVolumeNode or movingVolumeNode))

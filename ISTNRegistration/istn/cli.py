@@ -370,16 +370,14 @@ def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path]
 def _jacobian_summary(jacobian) -> dict:
     """The Jacobian determinant of a result in numbers: its range and percentiles, and the fraction of points that
     fold, over ``jacobian`` (`istn.registration.jacobian_image`: the fixed grid, or a uniform lattice over it)."""
-    import numpy as np
     import SimpleITK as sitk
 
-    a = sitk.GetArrayViewFromImage(jacobian)
-    p1, p50, p99 = (float(v) for v in np.percentile(a, [1, 50, 99]))
+    from .metrics import jacobian_statistics
+
     return {"what": "Jacobian determinant of the fixed -> moving map over the fixed image's field of view (>1: the "
                     "moving anatomy is larger there; --jacobian writes it as jacobian.nii.gz)",
             "sampled_every_mm": [float(v) for v in jacobian.GetSpacing()],
-            "min": float(a.min()), "p1": p1, "median": p50, "p99": p99, "max": float(a.max()),
-            "folding_fraction": float((a <= 0).mean())}
+            **jacobian_statistics(sitk.GetArrayViewFromImage(jacobian))}
 
 
 def _jacobian_line(jacobian: dict) -> str:

@@ -145,6 +145,14 @@ def jacobian_determinant(transform: sitk.Transform, reference: sitk.Image | Grid
     return np.linalg.det(jac)
 
 
+def jacobian_statistics(jacobian: np.ndarray) -> dict[str, float]:
+    """A Jacobian determinant map in numbers: ``min``, ``p1``, ``median``, ``p99``, ``max`` and the
+    ``folding_fraction`` (values <= 0) over its voxels."""
+    p1, median, p99 = (float(v) for v in np.percentile(jacobian, [1, 50, 99]))
+    return {"min": float(np.min(jacobian)), "p1": p1, "median": median, "p99": p99, "max": float(np.max(jacobian)),
+            "folding_fraction": float(np.mean(jacobian <= 0))}
+
+
 def folding_fraction(transform: sitk.Transform, reference: sitk.Image | Grid, mask: sitk.Image | None = None) -> float:
     """Fraction of voxels (inside ``mask`` if given) where the Jacobian determinant is <= 0."""
     jac = jacobian_determinant(transform, reference)
