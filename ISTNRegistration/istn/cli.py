@@ -277,14 +277,14 @@ BATCH_SUMMARY = ("summary.json", "summary.csv")
 def subject_name(path: str | Path) -> str:
     """The output folder of one moving image of a batch: its file name without the image extension(s)
     (``sub-01_T1w.nii.gz`` -> ``sub-01_T1w``); a DICOM series' folder, or a file of it, by the folder's name."""
-    from .io import _is_dicom, _suffix
+    from .io import image_suffix, is_dicom_file
 
     p = Path(path)
     if p.is_dir():
         return p.resolve().name
-    if _is_dicom(p):
+    if is_dicom_file(p):
         return p.resolve().parent.name
-    suffix = _suffix(p)
+    suffix = image_suffix(p)
     return p.name[: -len(suffix)] if suffix and p.name != suffix else p.name
 
 

@@ -87,7 +87,7 @@ def read_raw_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
     if p.is_dir():
         return read_dicom_series(p, what)
     p = check_input_file(p, what)
-    if _is_dicom(p):
+    if is_dicom_file(p):
         uid = _dicom_tag(p, SERIES_UID)
         files = _series_files(p.parent, uid) if uid else ()
         if len(files) > 1:
@@ -113,7 +113,7 @@ IMAGE_POSITION = "0020|0032"  # Image Position (Patient): the first voxel's cent
 SLICE_SPACING_TOLERANCE = 0.01
 
 
-def _is_dicom(path: Path) -> bool:
+def is_dicom_file(path: Path) -> bool:
     """Whether ``path`` is a DICOM Part 10 file (the "DICM" mark after the 128-byte preamble)."""
     try:
         with open(path, "rb") as f:
@@ -279,7 +279,8 @@ def check_image(image: sitk.Image, what: str = "image") -> sitk.Image:
 # --------------------------------------------------------------------------
 
 
-def _suffix(path: Path) -> str:
+def image_suffix(path: Path) -> str:
+    """An image file's extension, the two-part ones whole: ``.nii.gz``, ``.seg.nrrd``, else ``path.suffix``."""
     name = path.name
     for ext in (".nii.gz", ".seg.nrrd"):
         if name.endswith(ext):
@@ -294,7 +295,7 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> Path
     On failure the temporary file is removed and ``path`` is untouched.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + _suffix(path), dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + image_suffix(path), dir=path.parent)
     os.close(fd)
     try:
         writer(tmp)
