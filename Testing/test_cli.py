@@ -684,3 +684,16 @@ def test_a_batch_that_cannot_run_as_asked_is_refused_before_anything(files, tmp_
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_batch_names_each_images_folder_after_the_image(tmp_path):
+    from istn.cli import subject_name
+
+    assert subject_name(tmp_path / "sub-01_T1w.nii.gz") == "sub-01_T1w"
+    assert subject_name(tmp_path / "sub-02.nrrd") == "sub-02"
+    series = tmp_path / "sub-03" / "T1_MPRAGE"
+    series.mkdir(parents=True)
+    assert subject_name(series) == "T1_MPRAGE"  # a DICOM series' folder: its name
+    dicom_file = series / "IM0001"
+    dicom_file.write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
+    assert subject_name(dicom_file) == "T1_MPRAGE"  # one file of a series: the series' folder
