@@ -32,6 +32,7 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "ISTNRegistration"))
 
+from report import write_report  # noqa: E402
 import torch  # noqa: E402
 
 from istn import inputs  # noqa: E402
@@ -107,8 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     inputs.ANTIALIAS = True
     summary = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seed": args.seed,
                "threads": args.threads, "seconds_2mm": s2, "rows": rows}
-    out = Path(args.out)
-    out.with_name(out.name + ".json").write_text(json.dumps(summary, indent=2))
     md = [f"# 1 mm vs 2 mm input: anti-aliasing ({summary['created']})", "",
           f"Command: `python benchmarks/antialias_check.py --threads {args.threads} --seed {args.seed}`. Colin27 whole "
           f"head (scanner position seed {args.seed}) -> ICBM 2009c, 1 mm 256^3 and the same at 2 mm (training-data "
@@ -123,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             md.append(f"| {'block-averaged to 2 mm' if r['antialias'] else 'as it is'} | {stage} | {x['mean_mm']:.3f} | "
                       f"{x['p95_mm']:.3f} | {x['max_mm']:.3f} | {x['dice_1mm']:.3f} | {x['dice_2mm']:.3f} | "
                       f"{x['iterations_1mm']}/{x['iterations_2mm']} | {r['seconds_1mm']:.1f} | {r['prepare_s_1mm']:.2f} |")
-    out.with_name(out.name + ".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_report(args.out, summary, md)
     return 0
 
 

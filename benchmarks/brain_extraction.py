@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import sys
 from pathlib import Path
 
@@ -41,6 +40,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from brain3d import SEED0 as HELD_OUT_SEED0, eval_volumes  # noqa: E402
 from brain_validation import SEED0 as VALIDATION_SEED0, mean_dice, t1_row  # noqa: E402
+from report import write_report  # noqa: E402
 from train_brain import _brain_mask, anatomy_images  # noqa: E402
 
 from istn.chain import register_chain  # noqa: E402
@@ -129,10 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         md += [f"| {name} | {r['affine']:.4f} | {r['bspline']:.4f} | {r['bspline'] - whole:+.4f} |"
                for name, r in rows.items()]
         md.append("")
-    out = Path(args.out)
-    out.with_name(out.name + ".json").write_text(json.dumps(summary, indent=1))
-    out.with_name(out.name + ".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_report(args.out, summary, md)
     return 0
 
 

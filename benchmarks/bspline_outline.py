@@ -36,7 +36,6 @@ Writes ``benchmarks/results/bspline_outline.{md,json}``.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -54,6 +53,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from brain3d import SEED0 as TEST_SEED0, eval_volumes, place_pair  # noqa: E402
 from brain_validation import mean_dice, t1_row  # noqa: E402
 from refinement_validation import mask_dice, placed_pairs, validation_pairs  # noqa: E402
+from report import write_report  # noqa: E402
 from train_brain import _brain_mask, anatomy_images  # noqa: E402
 
 from istn.demo import MODELS_DIR  # noqa: E402
@@ -206,11 +206,7 @@ def main(argv: list[str] | None = None) -> int:
               "bending": weights,
               "settings": [[n, {k: v if v != float("inf") else "inf" for k, v in kw.items()}] for n, kw in settings],
               "seconds": time.perf_counter() - t0, "results": results}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_name(out.name + ".json").write_text(json.dumps(report, indent=1))
-    out.with_name(out.name + ".md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(a.out, report, markdown(report))
     return 0
 
 

@@ -32,7 +32,6 @@ baseline, and the bound above) in the model's ``refinement.coarse_iterations``, 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from datetime import datetime, timezone
@@ -48,6 +47,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from acquisition import OBLIQUE_ACQUISITIONS, acquire, distance_mm, mask_points  # noqa: E402
 from brain_validation import mean_dice  # noqa: E402
 from refinement_validation import mask_dice, validation_pairs, write_card_section  # noqa: E402
+from report import write_report  # noqa: E402
 
 from istn.demo import MODELS_DIR  # noqa: E402
 from istn.export import load_model, rewrite_metadata  # noqa: E402
@@ -235,10 +235,7 @@ def main(argv: list[str] | None = None) -> int:
            f"{OBLIQUE_BOUND_MM} mm, times within {TIME_TIE:.0%} of the fastest counting as a tie won by the higher "
            f"Dice; when no setting keeps the bound, the closest): affine {chosen['affine']}, B-spline "
            f"{chosen['bspline']}."]
-    out = Path(args.out)
-    out.with_name(out.name + ".json").write_text(json.dumps(summary, indent=2))
-    out.with_name(out.name + ".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_report(args.out, summary, md)
     if args.write_models:
         for stage, model in (("affine", affine), ("bspline", bspline)):
             margin = parse(chosen[stage])["region_margin_mm"]

@@ -21,7 +21,6 @@ Median milliseconds of ``--repeats`` calls after two warm-up calls. Maps are ITN
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "ISTNRegistration"))
 
+from report import write_report  # noqa: E402
 import torch  # noqa: E402
 
 from istn.demo import MODELS_DIR  # noqa: E402
@@ -177,8 +177,6 @@ def main(argv: list[str] | None = None) -> int:
             print(kind, r, flush=True)
     summary = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "threads": args.threads,
                "torch": torch.__version__, "repeats": args.repeats, "results": results}
-    out = Path(args.out)
-    out.with_name(out.name + ".json").write_text(json.dumps(summary, indent=2))
     md = [f"# CPU fast paths of torch, bundled 3D models ({summary['created']})", "",
           f"Command: `python benchmarks/cpu_fast_paths.py --threads {args.threads}`; torch {torch.__version__}, "
           f"{args.threads} thread(s), shared machine; median of {args.repeats} after 2 warm-up calls. The ITN pass is "
@@ -188,8 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             ms = f"{r['ms']:.1f}" if r["ms"] is not None else "-"
             md.append(f"| {kind} | {r['what']} | {ms} | {r.get('note', '')} |")
-    out.with_name(out.name + ".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_report(args.out, summary, md)
     return 0
 
 

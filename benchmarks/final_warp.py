@@ -21,7 +21,6 @@ in ``--work``. ``--time-only exact|fast`` only times one warp (for an external, 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "ISTNRegistration"))
 
+from report import write_report  # noqa: E402
 import torch  # noqa: E402
 
 from istn.demo import MODELS_DIR  # noqa: E402
@@ -114,8 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "threads": args.threads,
                "fixed_size": list(fixed.GetSize()), "moving_size": list(moving.GetSize()), "rows": rows,
                "brain_voxels": int(brain.sum())}
-    out = Path(args.out)
-    out.with_name(out.name + ".json").write_text(json.dumps(summary, indent=2))
     md = [f"# Final warp of a 1 mm 256^3 moving image: exact vs dense field ({summary['created']})", "",
           f"Command: `python benchmarks/final_warp.py --threads {args.threads} --spacings {args.spacings} "
           f"--repeats {args.repeats}`. Affine + B-spline result of the bundled models (model defaults) for the 1 mm "
@@ -130,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             md.append(f"| {r['method']} | {r['seconds']:.2f} | {r['transform_max_mm']:.4f} | "
                       f"{r['transform_mean_mm']:.5f} | {r['image_max']:.3f} | {r['image_mean']:.4f} |")
-    out.with_name(out.name + ".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_report(args.out, summary, md)
     return 0
 
 

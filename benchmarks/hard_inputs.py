@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import sys
 import time
 from pathlib import Path
@@ -44,6 +43,7 @@ sys.path.insert(0, str(REPO / "ISTNRegistration"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from brain3d import SEED0, eval_volumes  # noqa: E402
+from report import write_report  # noqa: E402
 from istn.demo import place_in_scanner, sample_pair, structure_dice  # noqa: E402
 from istn.export import load_model  # noqa: E402
 from istn.registration import register  # noqa: E402
@@ -193,11 +193,7 @@ def main() -> None:
             print(f"{case} pair {i} {n}: {r['unregistered']:.3f} -> {r['affine']:.3f} -> {r['B-spline']:.3f} "
                   f"({r['seconds']:.1f} s){' [warned]' if r['warnings'] else ''}", flush=True)
     command = "python benchmarks/hard_inputs.py " + " ".join(sys.argv[1:])
-    out = Path(args.out)
-    out.with_name(out.name + ".json").write_text(json.dumps({**res, "command": command}, indent=1))
-    md = markdown(res, command)
-    out.with_name(out.name + ".md").write_text(md)
-    print(md)
+    write_report(args.out, {**res, "command": command}, markdown(res, command))
 
 
 if __name__ == "__main__":

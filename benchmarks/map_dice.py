@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import sys
 from pathlib import Path
 
@@ -46,6 +45,7 @@ from istn.demo import MODELS_DIR  # noqa: E402
 from istn.export import load_model  # noqa: E402
 from istn.registration import register  # noqa: E402
 from refinement_validation import validation_pairs, write_card_section  # noqa: E402
+from report import write_report  # noqa: E402
 
 CARD_BEGIN = "<!-- structure maps: written by benchmarks/map_dice.py -->"
 CARD_END = "<!-- end of structure maps -->"
@@ -215,10 +215,8 @@ def main() -> None:
         print("\n".join(md[start:]), flush=True)
         if args.write_models:
             write_card_section(path.with_suffix(".md"), card_section(res, date, args.dilation_mm), CARD_BEGIN, CARD_END)
-    out = Path(args.out)
-    out.with_name(out.name + ".json").write_text(json.dumps({"date": date, "command": command, "models": args.models,
-                                                    "dilation_mm": args.dilation_mm, "results": results}, indent=1))
-    out.with_name(out.name + ".md").write_text("\n".join(md) + "\n")
+    write_report(args.out, {"date": date, "command": command, "models": args.models, "dilation_mm": args.dilation_mm,
+                            "results": results}, md, echo=False)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ recipe, Mattes MI, seeded sampling); elastix default affine (itk-elastix, when i
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from datetime import datetime, timezone
@@ -38,6 +37,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from acquisition import OBLIQUE_ACQUISITIONS, SHIFTED_ACQUISITION, acquire, distance_mm, mask_points  # noqa: E402
 from brain_validation import mean_dice  # noqa: E402
+from report import write_report  # noqa: E402
 
 from istn.demo import MODELS_DIR, place_in_scanner  # noqa: E402
 from istn.export import load_model  # noqa: E402
@@ -174,11 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{np.max([r['distance_max_mm'] for r in obl]):.2f} |")
     md += ["", "Means over the scanner positions (max: the largest over them). The shifted column is the same "
            "axis-aligned grid moved by 1 mm per axis: what resampling alone changes, whatever the orientation."]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_name(out.name + ".json").write_text(json.dumps(summary, indent=1))
-    out.with_name(out.name + ".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_report(args.out, summary, md)
     return 0
 
 

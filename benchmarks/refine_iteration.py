@@ -15,7 +15,6 @@ fixed structures grown by 16 mm, `istn.refinement.structure_box`; fc and slabs o
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -27,6 +26,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "ISTNRegistration"))
+
+from report import write_report  # noqa: E402
 
 import istn.registration as registration  # noqa: E402
 import istn.transforms as transforms  # noqa: E402
@@ -110,10 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         md.append(f"| {r['model']} | {r['layers']} | {r['maps']} | {r['warp']} | {r['compared']} | {r['ms']:.1f} | "
                   f"{base[(r['model'], r['maps'])] / r['ms']:.2f}x |")
-    out = Path(args.out)
-    out.with_name(out.name + ".md").write_text("\n".join(md) + "\n")
-    out.with_name(out.name + ".json").write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=1))
-    print("\n".join(md))
+    write_report(args.out, {"threads": args.threads, "rows": rows}, md)
     return 0
 
 

@@ -38,7 +38,6 @@ import argparse
 import contextlib
 import copy
 import itertools
-import json
 import sys
 import time
 from datetime import datetime, timezone
@@ -56,6 +55,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import istn.registration as registration  # noqa: E402
 from brain_table1 import map_quality  # noqa: E402
 from brain_validation import SEED0, mean_dice, validation_inputs  # noqa: E402
+from report import write_report  # noqa: E402
 from istn.data.brain import LABELS, mirror_permutation  # noqa: E402
 from istn.demo import MODELS_DIR, place_in_scanner  # noqa: E402
 from istn.export import LoadedModel, load_model  # noqa: E402
@@ -183,11 +183,7 @@ mean of the 8 structures); registration Dice: the
 | --- | --- | --- | --- | --- | --- |
 {chr(10).join(lines)}
 """
-    out = Path(args.out)
-    out.with_name(out.name + ".md").write_text(md)
-    out.with_name(out.name + ".json").write_text(json.dumps({"pairs": args.pairs, "models": args.models,
-                                                             "probes": stats}, indent=1))
-    print(md)
+    write_report(args.out, {"pairs": args.pairs, "models": args.models, "probes": stats}, md)
     return 0
 
 

@@ -22,7 +22,6 @@ pass's. ``--write-models`` stores it (``refinement.passes``) in the B-spline mod
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from datetime import datetime, timezone
@@ -38,6 +37,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from brain_validation import mean_dice, validation_inputs  # noqa: E402
 from refinement_validation import mask_dice, validation_pairs, write_card_section  # noqa: E402
+from report import write_report  # noqa: E402
 
 from istn.demo import MODELS_DIR  # noqa: E402
 from istn.export import load_model, rewrite_metadata  # noqa: E402
@@ -134,17 +134,14 @@ def main(argv: list[str] | None = None) -> int:
            "| --- | --- |" + " --- |" * len(counts)]
     md += [f"| {r['pair']} | {r['affine_dice']:.3f} | " + " | ".join(f"{r['passes'][c]['dice']:.3f}" for c in counts)
            + " |" for r in per_pair]
-    out = Path(args.out)
     summary = {"created": created, "command": cmd, "family": args.family, "validation_anatomy": args.val_anatomy,
                "pairs": per_pair, "rows": {str(c): r for c, r in rows.items()}, "chosen": chosen}
-    out.with_name(out.name + ".json").write_text(json.dumps(summary, indent=1))
-    out.with_name(out.name + ".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_report(args.out, summary, md)
     if args.write_models:
         meta = dict(bspline.meta)
         meta["refinement"] = {**meta.get("refinement", {}), "passes": chosen,
                               "passes_chosen_by": f"benchmarks/refinement_passes.py ({created}; "
-                                                  f"{out.name}.md)"}
+                                                  f"{Path(args.out).name}.md)"}
         rewrite_metadata(bspline.path, meta)
         r, one = rows[chosen], rows[1]
         section = "\n".join([
@@ -155,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             f"sub-cortical Dice {one['dice']:.4f} with one pass, {r['dice']:.4f} with {chosen} "
             f"({r['better_pairs']} pairs better, {r['worse_pairs']} worse), brain-mask Dice {one['mask_dice']:.4f} "
             f"-> {r['mask_dice']:.4f}, folding {r['folding_max']:.4f}, {one['iterations']:.1f} -> "
-            f"{r['iterations']:.1f} iterations. Tables: `benchmarks/results/{out.name}.md`.", CARD_END]) + "\n"
+            f"{r['iterations']:.1f} iterations. Tables: `benchmarks/results/{Path(args.out).name}.md`.", CARD_END]) + "\n"
         write_card_section(bspline.path.with_suffix(".md"), section, CARD_BEGIN, CARD_END)
         print(f"wrote passes {chosen} into {bspline.path} and its card")
     return 0

@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO / "ISTNRegistration"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from brain_validation import SEED0, mean_dice, t1_row  # noqa: E402
+from report import write_report  # noqa: E402
 from train_brain import _brain_mask, anatomy_images  # noqa: E402
 
 from istn.demo import MODELS_DIR, place_in_scanner  # noqa: E402
@@ -354,8 +355,6 @@ def main(argv: list[str] | None = None) -> int:
         "refinement_loss": {k: {s: spread(v) for s, v in d.items() if v} for k, d in losses.items()},
         "rows": rows, "anchor_rows": anchor_rows, "tolerance_rows": tol_rows,
     }
-    out = Path(args.out)
-    out.with_name(out.name + ".json").write_text(json.dumps(summary, indent=2))
     cmd = "python benchmarks/refinement_validation.py " + " ".join(argv if argv is not None else sys.argv[1:])
     cap_text = args.iterations or "each model's own (refinement.iterations) plus its polish"
     md = [f"# Refinement settings chosen on validation pairs ({args.family}, {summary['created']})", "",
@@ -395,8 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     md += ["", "## Validation anatomy registered to itself (distance from the identity over its brain, mm)", "",
            "| stage | mean | max |", "| --- | --- | --- |"]
     md += [f"| {k} | {v[0]:.3f} | {v[1]:.3f} |" for k, v in self_dist.items()]
-    out.with_name(out.name + ".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_report(args.out, summary, md)
 
     if args.write_models:
         write_models(summary, (affine, bspline))

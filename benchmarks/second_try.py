@@ -34,7 +34,8 @@ sys.path.insert(0, str(REPO / "ISTNRegistration"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from hard_inputs import mean_dice  # noqa: E402
-from self_checks import all_cases, write_tables  # noqa: E402
+from report import write_report  # noqa: E402
+from self_checks import all_cases  # noqa: E402
 
 from istn.chain import register_chain, register_with_second_try  # noqa: E402
 from istn.demo import MODELS_DIR  # noqa: E402
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{case}: Dice {r['unregistered']:.3f} -> {args.first} {r['first']:.3f}, {args.second} "
               f"{r['second']:.3f}, default {r['default']:.3f} (tried {r['tried']}, kept second {r['kept_second']}, "
               f"{r['seconds']:.1f} s)", flush=True)
-    write_tables(Path(args.out), res, markdown(res))
+    write_report(args.out, res, markdown(res))
     return 0
 
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import sys
 from pathlib import Path
 
@@ -54,6 +53,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from hard_inputs import cases as hard_cases  # noqa: E402
 from hard_inputs import crop_superior, mean_dice  # noqa: E402
 from refinement_validation import validation_pairs  # noqa: E402
+from report import write_report  # noqa: E402
 
 from istn.demo import MODELS_DIR, sample_pair  # noqa: E402
 from istn.export import load_model  # noqa: E402
@@ -169,15 +169,8 @@ def main(argv: list[str] | None = None) -> int:
              for s in ("affine", "bspline") for x in row["ratio"][s] if x is not None and np.isfinite(x)]
         res["validation_range"][fam] = {"min": min(v), "max": max(v)} if v else {"min": float("nan"),
                                                                                  "max": float("nan")}
-    write_tables(Path(args.out), res, markdown(res))
+    write_report(args.out, res, markdown(res))
     return 0
-
-
-def write_tables(out: Path, res: dict, md: str) -> None:
-    """``out``.json (``res``) and ``out``.md (``md``, also printed)."""
-    out.with_name(out.name + ".json").write_text(json.dumps(res, indent=1, default=float))
-    out.with_name(out.name + ".md").write_text(md)
-    print(md)
 
 
 if __name__ == "__main__":
