@@ -37,7 +37,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 MODULE_DIR = REPO / "ISTNRegistration"
 #: Importable with the standard library alone (plus the stand-ins below).
-IMPORTED = ("istn", "istn.errors", "istn.config", "istn.cli", "istn.threads", "ISTNRegistrationLib", "ISTNRegistrationLib.i18n",
+IMPORTED = ("istn", "istn.errors", "istn.config", "istn.cli", "istn.commands", "istn.commands.apply",
+            "istn.commands.evaluate", "istn.commands.register", "istn.commands.train", "istn.threads",
+            "ISTNRegistrationLib", "ISTNRegistrationLib.i18n",
             "ISTNRegistrationLib.models", "ISTNRegistrationLib.dependencies", "ISTNRegistrationLib.sampledata",
             "ISTNRegistrationLib.logic")
 #: Byte-compiled only, with what they import at load time that this Python lacks.

@@ -30,3 +30,9 @@ class OutputError(ISTNError):
 
 class ResultError(Exception):
     """A computed result is unusable (e.g. non-finite): nothing is written; not a fault of the input (exit 1)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message ("" if none): what a one-line report shows."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else ""

@@ -1,0 +1,420 @@
+"""`istn register`: a pair, or several moving images to one fixed image, from files to an output folder."""
+
+from __future__ import annotations
+
+import math
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..errors import InputError, ISTNError, ResultError, first_line
+
+REGISTER_OUTPUTS = ("transform.h5", "warped.nii.gz", "itn_fixed.nii.gz", "itn_moving.nii.gz", "result.json")
+# written by some runs only (a linear result, a B-spline's linear part, the picture): a later run into the same
+# folder that does not write one removes the earlier run's, which would otherwise pass for this run's result
+REGISTER_OPTIONAL_OUTPUTS = ("transform.tfm", "affine.tfm", "jacobian.nii.gz", "overview.png")
+
+
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
+
+
+def check_register_options(iterations: int | None, lr: float | None, device: str, background: float | None = None,
+                           bending: float | None = None, tolerance: float | None = None,
+                           threads: int | None = None, coarse_iterations: int | None = None,
+                           region_margin_mm: float | None = None, polish: int | None = None,
+                           anchor: float | None = None, passes: int | None = None) -> None:
+    """The numeric and device options, checked before any file is read (messages name the flags)."""
+    from ..registration import check_device
+
+    if iterations is not None and iterations < 0:
+        raise InputError(f"--refine must be a whole number >= 0 (refinement iterations), got {iterations}")
+    if lr is not None and (not _finite(lr) or lr <= 0):
+        raise InputError(f"--lr must be a finite number > 0 (refinement learning rate), got {lr:g}")
+    if background is not None and not _finite(background):
+        raise InputError(f"--background must be a finite number, got {background:g}")
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be a whole number >= 1, got {threads}")
+    if bending is not None and (not _finite(bending) or bending < 0):
+        raise InputError(f"--bending must be a finite number >= 0 (B-spline bending energy weight), got {bending:g}")
+    if anchor is not None and (not _finite(anchor) or anchor < 0):
+        raise InputError(f"--anchor must be a finite number >= 0 (B-spline anchor weight, mm^-2), got {anchor:g}")
+    if tolerance is not None and (not _finite(tolerance) or tolerance < 0):
+        raise InputError(f"--tolerance must be a finite number >= 0 (0 runs every iteration), got {tolerance:g}")
+    if coarse_iterations is not None and coarse_iterations < 0:
+        raise InputError(f"--coarse-iterations must be a whole number >= 0 (0: every iteration on the full grid), "
+                         f"got {coarse_iterations}")
+    if region_margin_mm is not None and not region_margin_mm >= 0:
+        raise InputError(f"--region-margin must be a number of mm >= 0 (inf: the whole grid), got {region_margin_mm:g}")
+    if polish is not None and polish < 0:
+        raise InputError(f"--polish must be a whole number >= 0 (polish iterations; 0: Adam only), got {polish}")
+    if passes is not None and passes < 1:
+        raise InputError(f"--passes must be a whole number >= 1 (B-spline refinement passes; 1: the paper), got {passes}")
+    check_device(device)
+
+
+def varied_hint(stages: list[dict]) -> str | None:
+    """After a failed self-check of models trained on plain T1 heads only: the models beside them trained on
+    other contrasts and cropped fields of view (`istn.config.varied_models_beside`), as a command to try."""
+    if not any(s.get("self_checks_failed") for s in stages):
+        return None
+    from ..config import varied_models_beside
+    from ..export import load_model
+
+    used = [Path(s["model_file"]) for s in stages]
+    picks = varied_models_beside([(p, s["model"]) for p, s in zip(used, stages)], lambda p: load_model(p).meta)
+    if not picks:
+        return None
+    return (f"{', '.join(p.name for p in picks)} (beside {', '.join(p.name for p in used)}) trained on other "
+            "contrasts and cropped fields of view; for a T2 or PD image or a partial head try "
+            + " ".join(f"--model {p}" for p in picks))
+
+
+def run_register(
+    fixed_path: str | Path,
+    moving_path: str | Path,
+    model_paths: Sequence[str | Path] | None,
+    out_dir: str | Path,
+    iterations: int | None = None,
+    lr: float | None = None,
+    device: str = "auto",
+    initial_path: str | Path | None = None,
+    quiet: bool = False,
+    background: float | None = None,
+    bending: float | None = None,
+    tolerance: float | None = None,
+    threads: int | None = None,
+    coarse_iterations: int | None = None,
+    refine_layers: str | None = None,
+    region_margin_mm: float | None = None,
+    polish: int | None = None,
+    anchor: float | None = None,
+    passes: int | None = None,
+    retry: bool = True,
+    figure: bool = True,
+    write_jacobian: bool = False,
+) -> dict:
+    """Register a pair with one model or a chain (affine models, then at most one B-spline) and write the outputs;
+    no ``model_paths``: the bundled default chain (brain-t1 affine, then its B-spline).
+
+    Everything is checked (`check_register_inputs`) before any computation and
+    every result before anything is written; each file is written atomically.
+    ``background`` fills ``warped.nii.gz`` outside the moving image (default:
+    the moving image's minimum). ``bending`` and ``anchor`` (B-spline stage) and ``tolerance``
+    (every stage) and ``coarse_iterations`` (every stage: how many of the first
+    iterations run on half-resolution maps), ``refine_layers`` (every stage:
+    "all" STN weights or its fully connected layers, "fc") and
+    ``region_margin_mm`` (every stage: the maps compared around the fixed
+    structures, inf: the whole grid) and ``polish`` (every stage: iterations
+    polishing the transform's parameters after the refinement) and ``passes``
+    (B-spline stage: refinement passes, each a new look of the network at the
+    moving image warped so far) override the models' refinement settings (`register`). ``iterations`` None: each
+    model's ``refinement.iterations``, else 50.
+    ``retry``: when a stage's self-check fails and the models' folder holds models trained on varied views
+    (brain-synth beside brain-t1), register again with those and keep the result whose images end the more
+    alike (`istn.chain`); ``result.json`` ``retry`` says what was tried and kept.
+    ``figure``: also write ``overview.png`` (`istn.figures.registration_overview`), the result at a glance; a
+    figure that cannot be drawn is a warning, the registration's files stay. ``write_jacobian``: a non-linear
+    result's Jacobian determinant on the fixed grid as ``jacobian.nii.gz`` (`istn.registration.jacobian_image`;
+    result.json's "jacobian" sums it up from a 4 mm lattice either way).
+    Returns the content of ``result.json``; its ``warnings`` gather every
+    stage's (the CLI prints them).
+    """
+    import SimpleITK as sitk
+
+    from ..export import load_model
+    from ..io import prepare_output_dir, read_image, read_transform, write_image, write_json, write_transform
+    from ..chain import register_with_second_try
+    from ..registration import OUTPUT_FIELD_SPACING_MM, check_register_inputs, jacobian_image, warp_image
+
+    if not model_paths:  # the bundled default chain, as `istn demo` and the panel's first entries
+        from ..demo import AFFINE_MODEL, BSPLINE_MODEL, MODELS_DIR
+
+        model_paths = [MODELS_DIR / AFFINE_MODEL, MODELS_DIR / BSPLINE_MODEL]
+        missing = [str(p) for p in model_paths if not p.exists()]
+        if missing:
+            raise InputError(f"no --model given and the bundled default models are missing ({', '.join(missing)}): "
+                             "name a model file with --model")
+        if not quiet:
+            print(f"  models: the bundled {', '.join(p.name for p in model_paths)} (--model to choose)",
+                  file=sys.stderr)
+    check_register_options(iterations, lr, device, background, bending, tolerance, threads, coarse_iterations,
+                           region_margin_mm, polish, anchor, passes)
+    names = list(REGISTER_OUTPUTS) + list(REGISTER_OPTIONAL_OUTPUTS)
+    inputs = [fixed_path, moving_path, *model_paths] + ([initial_path] if initial_path else [])
+    fixed = read_image(fixed_path, "fixed")
+    moving = read_image(moving_path, "moving")
+    if fixed.GetDimension() != moving.GetDimension():
+        raise InputError(f"fixed image is {fixed.GetDimension()}D but moving image is {moving.GetDimension()}D")
+    models = [load_model(p) for p in model_paths]
+    initial = read_transform(initial_path, "--initial transform") if initial_path else None
+    check_register_inputs(fixed, moving, models, iterations=iterations, lr=lr, device=device,
+                          initial_transform=initial, initial_name=f"--initial transform '{initial_path}'",
+                          refine_layers=refine_layers, region_margin_mm=region_margin_mm, polish=polish,
+                          anchor=anchor, passes=passes)
+    bg = float(sitk.GetArrayViewFromImage(moving).min()) if background is None else float(background)
+    # Inputs are good: check the output location before the (long) computation.
+    created = not Path(out_dir).exists()
+    out = prepare_output_dir(out_dir, inputs, names)
+    try:
+        t0 = time.perf_counter()
+
+        def callback_for(index, model):
+            def progress(info, _name=model.path.name):
+                if not quiet and (info.iteration % 10 == 0 or info.iteration == info.iterations):
+                    print(f"  {_name}: refinement {info.label()} loss {info.loss:.6f}", file=sys.stderr)
+            return progress
+
+        options = dict(iterations=iterations, lr=lr, device=device, bending=bending, tolerance=tolerance,
+                       threads=threads, coarse_iterations=coarse_iterations, refine_layers=refine_layers,
+                       region_margin_mm=region_margin_mm, polish=polish, anchor=anchor, passes=passes)
+
+        def say_retry(paths):
+            if not quiet:
+                print(f"  a self-check failed: registering again with {', '.join(p.name for p in paths)}",
+                      file=sys.stderr)
+
+        results, second_try = register_with_second_try(fixed, moving, models, retry=retry, on_retry=say_retry,
+                                                       initial_transform=initial, callback_for=callback_for, **options)
+        stages = [{**r.summary(), "model_file": r.model_path} for r in results]  # summary's "model": the metadata
+        result = results[-1]
+        # the output image through a dense field (fast at 1 mm); the transform written is the exact one
+        warped = warp_image(moving, fixed, result.transform, default_value=bg, field_spacing=OUTPUT_FIELD_SPACING_MM)
+        itn_moving = result.warped_moving_map()
+        linear_part = jacobian = jacobian_sample = None
+        checked = {"warped image": warped, "fixed ITN map": result.fixed_map, "moving ITN map": itn_moving}
+        if result.transform_type == "bspline":  # its linear part: a valid --initial for a B-spline model
+            linear_part = result.initial_transform or sitk.AffineTransform(fixed.GetDimension())
+        if not result.transform.IsLinear():  # the local volume change, where a linear result has one value:
+            # summed up from the field's lattice (a uniform sample, cheap); the image on the fixed grid if asked for
+            jacobian_sample = checked["Jacobian determinant"] = jacobian_image(
+                result.transform, fixed, OUTPUT_FIELD_SPACING_MM, resample=False)
+            if write_jacobian:
+                jacobian = checked["Jacobian image"] = jacobian_image(result.transform, fixed, OUTPUT_FIELD_SPACING_MM)
+        _check_result(result.transform, checked)
+    except BaseException:
+        _remove_if_empty(out, created)
+        raise
+    summary = {
+        "fixed": str(fixed_path),
+        "moving": str(moving_path),
+        "initial": str(initial_path) if initial_path else None,
+        "transform_maps": "fixed world points (mm, LPS) -> moving world points",
+        "background": bg,
+        "stages": stages,
+        "warnings": ([second_try.note()] if second_try else [])
+        + [f"{Path(s['model_file']).name}: {w}" for s in stages for w in s["warnings"]],
+        "retry": second_try.summary() if second_try else None,
+        "seconds_total": time.perf_counter() - t0,
+    }
+    if jacobian_sample is not None:
+        summary["jacobian"] = _jacobian_summary(jacobian_sample)
+    # Everything computed and checked: now write, each file atomically.
+    written = ["transform.h5"]
+    write_transform(result.transform, out / "transform.h5")
+    if result.transform_type == "affine" and result.transform.IsLinear():
+        write_transform(result.transform, out / "transform.tfm")
+        written.append("transform.tfm")
+    if linear_part is not None:
+        write_transform(linear_part, out / "affine.tfm")
+        written.append("affine.tfm")
+    write_image(warped, out / "warped.nii.gz")
+    write_image(result.fixed_map, out / "itn_fixed.nii.gz")
+    write_image(itn_moving, out / "itn_moving.nii.gz")
+    written += ["warped.nii.gz", "itn_fixed.nii.gz", "itn_moving.nii.gz"]
+    if jacobian is not None:
+        write_image(jacobian, out / "jacobian.nii.gz")
+        written.append("jacobian.nii.gz")
+    if figure:
+        try:
+            _overview(out / "overview.png", fixed, moving, warped, result, itn_moving, results, summary)
+            summary["figure"] = "overview.png"
+            written.append("overview.png")
+        except Exception as exc:  # a picture never costs the user the registration's files
+            summary["warnings"].append(f"overview.png was not drawn ({type(exc).__name__}: {first_line(exc)})")
+    # an earlier run's optional output (inputs were refused as output names up front) must not pass for this one's
+    removed = [n for n in REGISTER_OPTIONAL_OUTPUTS if n not in written and (out / n).is_file()]
+    for name in removed:
+        (out / name).unlink()
+    summary["outputs"] = written + ["result.json"]
+    if removed:
+        summary["removed_from_an_earlier_run"] = removed
+    write_json(summary, out / "result.json")
+    return summary
+
+
+# --------------------------------------------------------------------------
+# register, several moving images
+# --------------------------------------------------------------------------
+
+BATCH_SUMMARY = ("summary.json", "summary.csv")
+
+
+def subject_name(path: str | Path) -> str:
+    """The output folder of one moving image of a batch: its file name without the image extension(s)
+    (``sub-01_T1w.nii.gz`` -> ``sub-01_T1w``); a DICOM series' folder, or a file of it, by the folder's name."""
+    from ..io import image_suffix, is_dicom_file
+
+    p = Path(path)
+    if p.is_dir():
+        return p.resolve().name
+    if is_dicom_file(p):
+        return p.resolve().parent.name
+    suffix = image_suffix(p)
+    return p.name[: -len(suffix)] if suffix and p.name != suffix else p.name
+
+
+def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path],
+                      model_paths: Sequence[str | Path] | None, out_dir: str | Path, quiet: bool = False,
+                      on_done: Callable[[dict], None] | None = None, **options) -> dict:
+    """Register several moving images to one fixed image in one process (torch and the models load once): each
+    as `run_register` registers a pair, into ``out_dir/<subject_name>/``, then ``summary.json`` and
+    ``summary.csv`` in ``out_dir``, one row per moving image.
+
+    Checked up front: every moving image exists, no two would share a folder. A moving image that fails (bad
+    input, a registration that could not be written) is reported, its row says why, and the others go on;
+    ``failed`` counts them. ``on_done(row)`` after each image (the command line prints it then).
+    ``options``: `run_register`'s keyword arguments.
+    """
+    import csv
+    import io as text_io
+
+    from ..io import atomic_write, check_input_file, prepare_output_dir, write_json
+
+    if options.get("initial_path"):
+        raise InputError("--initial belongs to one pair: with several --moving images, register them without it (or "
+                         "one at a time)")
+    moving = [Path(p) for p in moving_paths]
+    for p in moving:
+        if not p.is_dir():
+            check_input_file(p, "moving image")
+    names = [subject_name(p) for p in moving]
+    seen: dict[str, Path] = {}
+    for p, name in zip(moving, names):
+        if name in seen:
+            raise InputError(f"moving images '{seen[name]}' and '{p}' would both write into {Path(out_dir) / name}: "
+                             "give them distinct file (or DICOM folder) names")
+        if name in BATCH_SUMMARY:
+            raise InputError(f"moving image '{p}' would write into {Path(out_dir) / name}, the batch's summary: "
+                             "rename it")
+        seen[name] = p
+    out = prepare_output_dir(out_dir, [fixed_path, *moving, *(model_paths or [])], [*names, *BATCH_SUMMARY])
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    for k, (p, name) in enumerate(zip(moving, names)):
+        if not quiet:
+            print(f"[{k + 1}/{len(moving)}] {p} -> {out / name}", file=sys.stderr)
+        row: dict = {"moving": str(p), "folder": name}
+        try:
+            s = run_register(fixed_path, p, model_paths, out / name, quiet=quiet, **options)
+        except ISTNError as exc:  # bad input: this image only
+            row.update(status="bad input", error=str(exc))
+        except ResultError as exc:
+            row.update(status="failed", error=str(exc))
+        except Exception as exc:  # a fault of the tool on this image: the others still run
+            row.update(status="failed", error=f"internal error: {type(exc).__name__}: {first_line(exc)}")
+        else:
+            last = s["stages"][-1]
+            info = last.get("mutual_information") or {}
+            row.update(status="ok", seconds=s["seconds_total"], loss_one_pass=s["stages"][0]["loss_one_pass"],
+                       loss_final=last["loss_final"], mutual_information_as_given=info.get("as_given"),
+                       mutual_information_result=info.get("result"), warnings=s["warnings"],
+                       lines=[stage_line(st) for st in s["stages"]])
+            if s.get("jacobian"):
+                row["folding_fraction"] = s["jacobian"]["folding_fraction"]
+        rows.append(row)
+        if on_done is not None:
+            on_done(row)
+    summary = {"fixed": str(fixed_path), "moved": len(rows), "failed": sum(r["status"] != "ok" for r in rows),
+               "seconds_total": time.perf_counter() - t0, "rows": rows}
+    write_json(summary, out / "summary.json")
+    columns = ["moving", "folder", "status", "seconds", "loss_one_pass", "loss_final", "mutual_information_as_given",
+               "mutual_information_result", "folding_fraction", "warnings", "error"]
+
+    def write_csv(tmp: str) -> None:
+        buffer = text_io.StringIO()
+        writer = csv.DictWriter(buffer, columns, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**r, "warnings": "; ".join(r.get("warnings", []))})
+        Path(tmp).write_text(buffer.getvalue())
+
+    atomic_write(out / "summary.csv", write_csv)
+    return summary
+
+
+def _jacobian_summary(jacobian) -> dict:
+    """The Jacobian determinant of a result in numbers: its range and percentiles, and the fraction of points that
+    fold, over ``jacobian`` (`istn.registration.jacobian_image`: the fixed grid, or a uniform lattice over it)."""
+    import SimpleITK as sitk
+
+    from ..metrics import jacobian_statistics
+
+    return {"what": "Jacobian determinant of the fixed -> moving map over the fixed image's field of view (>1: the "
+                    "moving anatomy is larger there; --jacobian writes it as jacobian.nii.gz)",
+            "sampled_every_mm": [float(v) for v in jacobian.GetSpacing()],
+            **jacobian_statistics(sitk.GetArrayViewFromImage(jacobian))}
+
+
+def jacobian_line(jacobian: dict) -> str:
+    """``result.json``'s "jacobian" as `istn register` prints it (and `overview.png` shows it)."""
+    return (f"Jacobian determinant (local volume change): {jacobian['p1']:.3f} to {jacobian['p99']:.3f} (1st to 99th "
+            f"percentile), folding {100 * jacobian['folding_fraction']:.3f} %")
+
+
+def stage_line(st: dict) -> str:
+    """One stage of ``result.json`` as `istn register` prints it (and `overview.png` shows it)."""
+    stop = " (converged)" if st["converged"] else ""
+    polished = f", {st['polish_iterations']} of them polish" if st.get("polish_iterations") else ""
+    info = st.get("mutual_information") or {}
+    alike = f"; images' mutual information {info['as_given']:.3f} as given -> {info['result']:.3f}" if info else ""
+    return (f"{Path(st['model_file']).name}: loss {st['loss_one_pass']:.6f} -> {st['loss_final']:.6f} after "
+            f"{st['iterations']} iterations{polished}{stop}{alike}")
+
+
+def _overview(path: Path, fixed, moving, warped, result, itn_moving, results, summary: dict) -> None:
+    """``overview.png``: the images, the ITN maps and each stage's refinement, with what the terminal printed."""
+    from ..figures import registration_overview
+
+    notes = [f"fixed:  {Path(summary['fixed']).name}", f"moving: {Path(summary['moving']).name}", ""]
+    notes += [stage_line(st) for st in summary["stages"]]
+    if summary.get("jacobian"):
+        notes.append(jacobian_line(summary["jacobian"]))
+    notes.append(f"{summary['seconds_total']:.1f} s")
+    notes += [f"warning: {w}" for w in summary["warnings"]]
+    stages = {Path(st["model_file"]).stem: r for st, r in zip(summary["stages"], results)}
+    registration_overview(path, fixed, moving, warped, stages, fixed_map=result.fixed_map,
+                          warped_moving_map=itn_moving, notes=[textwrap.fill(n, 48, subsequent_indent="  ")
+                                                               for n in notes],
+                          title=f"istn register: {Path(summary['moving']).name} -> {Path(summary['fixed']).name}",
+                          background=summary["background"])
+
+
+def _check_result(transform, images: dict) -> None:
+    """Refuse to write a non-finite transform or image (a diverged refinement)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from ..transforms import flatten_transform
+
+    tx = flatten_transform(transform)
+    parts = [tx.GetNthTransform(i) for i in range(tx.GetNumberOfTransforms())] \
+        if isinstance(tx, sitk.CompositeTransform) else [tx]
+    for part in parts:
+        if not np.all(np.isfinite(part.GetParameters())):
+            raise ResultError("the registration produced a non-finite transform (refinement diverged; try a smaller "
+                              "--lr or fewer --refine iterations); nothing was written")
+    for name, img in images.items():
+        if not np.all(np.isfinite(sitk.GetArrayViewFromImage(img))):
+            raise ResultError(f"the {name} has non-finite values; nothing was written")
+
+
+def _remove_if_empty(out: Path, created: bool) -> None:
+    """A failed run leaves no empty output folder it created itself."""
+    try:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+    except OSError:
+        pass
