@@ -643,7 +643,7 @@ def test_several_moving_images_register_one_by_one_into_their_own_folders(files,
     bad = batch / "sub-03.nii.gz"
     bad.write_text("not an image")
     out = tmp_path / "out"
-    argv = ["register", "--refine", "3", "--quiet", "--no-figure", "--fixed", str(files["fixed"]), "--model",
+    argv = ["register", "--refine", "3", "--quiet", "--fixed", str(files["fixed"]), "--model",
             str(files["model"]), "--out", str(out), "--moving", str(a), str(b), str(bad)]
     assert main(argv) == 2
     printed = capsys.readouterr()
@@ -661,6 +661,35 @@ def test_several_moving_images_register_one_by_one_into_their_own_folders(files,
     assert "could not be read" in rows[2]["error"] and float(rows[0]["loss_final"]) > 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["moved"] == 3 and summary["failed"] == 1
+    assert summary["outputs"] == ["summary.json", "summary.csv", "summary.png"] and not summary["warnings"]
+    assert (out / "summary.png").stat().st_size > 10_000
+    assert main(argv + ["--no-figure"]) == 2  # again without pictures: the earlier batch's montage goes too
+    assert not (out / "summary.png").exists() and not (out / "sub-01" / "overview.png").exists()
+
+
+def test_a_cohort_montage_tile_is_the_checkerboard_of_the_fixed_and_the_warped_image(oblique_pair):
+    """Each tile of summary.png: the fixed image re-stored for display and the warped image in alternating world
+    cubes, axial through the structures; the fixed image against itself shows it whole, and the same warped
+    image stored another way gives the same tile."""
+    from istn.figures import checkerboard_image, checkerboard_tile, cohort_slice, display_image
+
+    fixed, moving = oblique_pair
+    structures = sitk.Cast(fixed > 0.8, sitk.sitkFloat32)  # a bounded "map": where the blobs are brightest
+    shown, index = cohort_slice(fixed, structures)
+    assert shown.GetDirection() == display_image(fixed).GetDirection()
+    lit = np.nonzero(sitk.GetArrayFromImage(sitk.Resample(structures, shown)) > 0.5)[0]
+    assert lit.min() <= index <= lit.max()  # through the structures
+    warped = sitk.Resample(moving, fixed)  # any image of the fixed space
+    tile = checkerboard_tile(shown, index, warped)
+    expected = sitk.GetArrayFromImage(checkerboard_image(shown, sitk.Resample(warped, shown, sitk.Transform(),
+                                                                              sitk.sitkLinear, 0.0,
+                                                                              sitk.sitkFloat32)))[index]
+    np.testing.assert_allclose(tile, expected, atol=1e-6)
+    same = checkerboard_tile(shown, index, fixed)
+    whole = sitk.GetArrayFromImage(checkerboard_image(shown, shown))[index]
+    np.testing.assert_allclose(same, whole, atol=1e-5)
+    restored = checkerboard_tile(shown, index, sitk.DICOMOrient(warped, "RAS"))  # the same voxels, flipped:
+    assert np.abs(restored - tile).max() < 0.03 and np.abs(restored - tile).mean() < 0.005  # edge voxels aside
 
 
 @pytest.mark.parametrize("case", ["same name", "missing", "initial"])

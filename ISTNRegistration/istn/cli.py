@@ -281,8 +281,10 @@ def _main_register_many(args: argparse.Namespace) -> int:
 
     s = run_register_many(args.fixed, args.moving, args.model, args.out, quiet=args.quiet,
                           on_done=_print_batch_row, **_register_options(args))
+    for w in s["warnings"]:
+        print(f"istn register: warning: {w}", file=sys.stderr)
     print(f"{s['moved'] - s['failed']} of {s['moved']} registered in {s['seconds_total']:.1f} s; outputs in "
-          f"{args.out} (summary.csv)")
+          f"{args.out} ({', '.join(s['outputs'])})")
     if not s["failed"]:
         return 0
     return 2 if all(r["status"] in ("ok", "bad input") for r in s["rows"]) else 1

@@ -316,18 +316,11 @@ def registration_overview(
     the same picture whatever the storage.
     """
     shown = display_image(fixed, OVERVIEW_MAX_SIZE)
-    identity = sitk.Transform(shown.GetDimension(), sitk.sitkIdentity)
 
     def on_shown(image: sitk.Image, default: float = 0.0) -> sitk.Image:
-        return sitk.Resample(image, shown, identity, sitk.sitkLinear, default, sitk.sitkFloat32)
+        return _on_grid(image, shown, default)
 
-    focus = None
-    if fixed_map is not None:
-        m = on_shown(fixed_map)
-        a = sitk.GetArrayViewFromImage(m)
-        # the structures: a bounded map above the overlay's display threshold, else its brightest percent
-        level = MAP_DISPLAY_THRESHOLD if bounded_map(fixed_map) else float(np.percentile(a, 99))
-        focus = sitk.Cast(m > level, sitk.sitkUInt8)
+    focus = _structures(fixed_map, shown) if fixed_map is not None else None
     return registration_figure(
         path, shown, on_shown(moving, background), on_shown(warped, background),
         fixed_map=fixed_map, warped_moving_map=warped_moving_map, focus=focus, notes=notes, title=title,
@@ -336,3 +329,75 @@ def registration_overview(
         polish={n: x.polish_iterations for n, x in stages.items()},
         passes={n: x.pass_iterations for n, x in stages.items()},
     )
+
+
+def _on_grid(image: sitk.Image, grid: sitk.Image, default: float = 0.0) -> sitk.Image:
+    """``image`` resampled (linear, world coordinates) onto ``grid``'s voxels, float32."""
+    identity = sitk.Transform(grid.GetDimension(), sitk.sitkIdentity)
+    return sitk.Resample(image, grid, identity, sitk.sitkLinear, default, sitk.sitkFloat32)
+
+
+def _structures(fixed_map: sitk.Image, grid: sitk.Image) -> sitk.Image:
+    """Where an ITN map shows structures, on ``grid``: a bounded map above the overlay's display threshold, an
+    unbounded one in its brightest percent (uint8 mask)."""
+    m = _on_grid(fixed_map, grid)
+    level = MAP_DISPLAY_THRESHOLD if bounded_map(fixed_map) else float(np.percentile(sitk.GetArrayViewFromImage(m), 99))
+    return sitk.Cast(m > level, sitk.sitkUInt8)
+
+
+def cohort_slice(fixed: sitk.Image, fixed_map: sitk.Image | None = None) -> tuple[sitk.Image, int]:
+    """The grid a cohort's montage is drawn on: ``fixed`` re-stored LPS (`display_image`, at most
+    `OVERVIEW_MAX_SIZE` voxels per axis), and its axial slice through the structures ``fixed_map`` shows (the
+    middle slice without a map; 0 for a 2D image)."""
+    shown = display_image(fixed, OVERVIEW_MAX_SIZE)
+    focus = _structures(fixed_map, shown) if fixed_map is not None else None
+    return shown, _centroid_index(focus, shown, 0)
+
+
+def checkerboard_tile(shown: sitk.Image, index: int, warped: sitk.Image) -> np.ndarray:
+    """One image of a cohort: the fixed image (``shown``, `cohort_slice`'s grid) and ``warped`` (the moving image
+    through its result, on any grid of the fixed space) in alternating world cubes, axial slice ``index``,
+    values in [0, 1] (`checkerboard_image`)."""
+    return _slice(checkerboard_image(shown, _on_grid(warped, shown)), 0, index).astype(np.float32)
+
+
+def cohort_montage(path: str | Path, tiles: Sequence[tuple[str, np.ndarray | None, str]], title: str = "",
+                   columns: int = 6) -> Path:
+    """``summary.png`` of `istn register` with several moving images: one tile per image, in order, each its
+    `checkerboard_tile` (``None``: the image failed, drawn as an empty tile) titled with its name and a note
+    (its line of numbers, or why it failed), so a cohort's misregistrations show at a glance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_write
+
+    n = max(1, len(tiles))
+    cols = min(columns, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows + (0.5 if title else 0)), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (name, tile, note) in zip(axes.ravel(), tiles):
+        if tile is None:
+            ax.text(0.5, 0.5, "\n".join(_wrap(note, 28)), ha="center", va="center", color="tab:red", fontsize=7,
+                    transform=ax.transAxes)
+            ax.set_title(name, fontsize=8, color="tab:red")
+            continue
+        ax.imshow(tile, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_title(name, fontsize=8)
+        ax.text(0.5, -0.04, note, ha="center", va="top", fontsize=6.5, transform=ax.transAxes)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    finally:
+        plt.close(fig)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width)[:6] or [""]

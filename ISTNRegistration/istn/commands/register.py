@@ -249,7 +249,7 @@ def run_register(
 # register, several moving images
 # --------------------------------------------------------------------------
 
-BATCH_SUMMARY = ("summary.json", "summary.csv")
+BATCH_SUMMARY = ("summary.json", "summary.csv", "summary.png")
 
 
 def subject_name(path: str | Path) -> str:
@@ -271,7 +271,9 @@ def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path]
                       on_done: Callable[[dict], None] | None = None, **options) -> dict:
     """Register several moving images to one fixed image in one process (torch and the models load once): each
     as `run_register` registers a pair, into ``out_dir/<subject_name>/``, then ``summary.json`` and
-    ``summary.csv`` in ``out_dir``, one row per moving image.
+    ``summary.csv`` in ``out_dir``, one row per moving image, and with ``figure`` (the default) ``summary.png``:
+    every image's checkerboard with the fixed image, axial through the structures (`istn.figures.cohort_montage`),
+    to find the misregistrations of a cohort at a glance (a montage that cannot be drawn is a warning).
 
     Checked up front: every moving image exists, no two would share a folder. A moving image that fails (bad
     input, a registration that could not be written) is reported, its row says why, and the others go on;
@@ -302,6 +304,9 @@ def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path]
         seen[name] = p
     out = prepare_output_dir(out_dir, [fixed_path, *moving, *(model_paths or [])], [*names, *BATCH_SUMMARY])
     rows: list[dict] = []
+    tiles: list[tuple[str, object, str]] = []  # the montage's: (name, tile or None, note), made as each image ends
+    montage: dict = {}  # the fixed image's display grid and slice, from the first image registered
+    warnings: list[str] = []
     t0 = time.perf_counter()
     for k, (p, name) in enumerate(zip(moving, names)):
         if not quiet:
@@ -325,10 +330,27 @@ def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path]
             if s.get("jacobian"):
                 row["folding_fraction"] = s["jacobian"]["folding_fraction"]
         rows.append(row)
+        if options.get("figure", True) and not warnings:
+            try:
+                tiles.append(_montage_tile(montage, fixed_path, out / name, row))
+            except Exception as exc:  # a picture never costs the user the registrations
+                warnings.append(f"summary.png was not drawn ({type(exc).__name__}: {first_line(exc)})")
         if on_done is not None:
             on_done(row)
+    written = ["summary.json", "summary.csv"]
+    if options.get("figure", True) and not warnings:
+        try:
+            from ..figures import cohort_montage
+
+            cohort_montage(out / "summary.png", tiles, title=f"istn register: {len(rows)} images -> "
+                                                             f"{subject_name(fixed_path)} (checkerboards)")
+            written.append("summary.png")
+        except Exception as exc:
+            warnings.append(f"summary.png was not drawn ({type(exc).__name__}: {first_line(exc)})")
+    if "summary.png" not in written and (out / "summary.png").is_file():  # an earlier batch's: not this one's
+        (out / "summary.png").unlink()
     summary = {"fixed": str(fixed_path), "moved": len(rows), "failed": sum(r["status"] != "ok" for r in rows),
-               "seconds_total": time.perf_counter() - t0, "rows": rows}
+               "seconds_total": time.perf_counter() - t0, "outputs": written, "warnings": warnings, "rows": rows}
     write_json(summary, out / "summary.json")
     columns = ["moving", "folder", "status", "seconds", "loss_one_pass", "loss_final", "mutual_information_as_given",
                "mutual_information_result", "folding_fraction", "warnings", "error"]
@@ -343,6 +365,28 @@ def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path]
 
     atomic_write(out / "summary.csv", write_csv)
     return summary
+
+
+def _montage_tile(montage: dict, fixed_path: str | Path, folder: Path, row: dict) -> tuple[str, object, str]:
+    """One image's tile of ``summary.png`` from what its run wrote (``folder``): its checkerboard with the fixed
+    image and its numbers, or, for a failed image, why. ``montage`` keeps the fixed image's display grid and slice
+    (`istn.figures.cohort_slice`), made from the first image registered (its ``itn_fixed.nii.gz``)."""
+    from ..figures import checkerboard_tile, cohort_slice
+    from ..io import read_image, read_raw_image
+
+    if row["status"] != "ok":
+        return row["folder"], None, f"{row['status']}: {row['error']}"
+    if not montage:
+        montage["grid"], montage["index"] = cohort_slice(read_image(fixed_path, "fixed"),
+                                                         read_raw_image(folder / "itn_fixed.nii.gz"))
+    tile = checkerboard_tile(montage["grid"], montage["index"], read_raw_image(folder / "warped.nii.gz"))
+    given, result = row.get("mutual_information_as_given"), row.get("mutual_information_result")
+    note = f"MI {given:.2f} -> {result:.2f}" if given is not None and result is not None else ""
+    if row.get("folding_fraction"):
+        note += f", folding {100 * row['folding_fraction']:.2f} %"
+    if row["warnings"]:
+        note += f", {len(row['warnings'])} warning{'s' if len(row['warnings']) > 1 else ''}"
+    return row["folder"], tile, note.lstrip(", ")
 
 
 def _jacobian_summary(jacobian) -> dict:
