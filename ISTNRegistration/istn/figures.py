@@ -251,15 +251,7 @@ def registration_figure(
         ax.grid(alpha=0.3)
     else:
         ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=13)
-    fig.tight_layout()
-    from .io import atomic_write
-
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
-    finally:
-        plt.close(fig)
+    return _save(fig, path, title, 13)
 
 
 def display_image(image: sitk.Image, max_size: int | None = None) -> sitk.Image:
@@ -371,8 +363,6 @@ def cohort_montage(path: str | Path, tiles: Sequence[tuple[str, np.ndarray | Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io import atomic_write
-
     n = max(1, len(tiles))
     cols = min(columns, n)
     rows = -(-n // cols)
@@ -388,8 +378,17 @@ def cohort_montage(path: str | Path, tiles: Sequence[tuple[str, np.ndarray | Non
         ax.imshow(tile, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
         ax.set_title(name, fontsize=8)
         ax.text(0.5, -0.04, note, ha="center", va="top", fontsize=6.5, transform=ax.transAxes)
+    return _save(fig, path, title, 10)
+
+
+def _save(fig, path: str | Path, title: str, title_size: float) -> Path:
+    """A figure finished: its title, its layout, written as a PNG atomically (90 dpi), closed."""
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_write
+
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=title_size)
     fig.tight_layout()
     try:
         return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
