@@ -455,6 +455,8 @@ class ISTNRegistrationTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_CancelLeavesSceneUnchanged()
         self.setUp()
+        self.test_QualityVolumes()
+        self.setUp()
         self.test_SampleData()
         self.setUp()
         self.test_WidgetApply()
@@ -482,6 +484,13 @@ class ISTNRegistrationTest(ScriptedLoadableModuleTest):
 
         self.delayDisplay("Cancel during refinement")
         selftest.checkCancelLeavesSceneUnchanged(ISTNRegistrationLogic(), slicer.mrmlScene, self._models())
+
+    def test_QualityVolumes(self):
+        self._skipWithoutDependencies()
+        from ISTNRegistrationLib import selftest
+
+        self.delayDisplay("Checkerboard and Jacobian determinant volumes")
+        selftest.checkQualityVolumes(ISTNRegistrationLogic(), slicer.mrmlScene, self._models())
 
     def test_SampleData(self):
         self._skipWithoutDependencies()

@@ -368,6 +368,11 @@ def test_cancel_mid_refinement_leaves_no_node_behind(scene, tiny_models):
     selftest.checkCancelLeavesSceneUnchanged(ISTNRegistrationLogic(), scene, tiny_models)
 
 
+def test_selftest_quality_volumes_pass_on_slicer_core(scene, tiny_models):
+    """The in-Slicer self test's check of the checkerboard and Jacobian volumes, run here on slicer-core."""
+    selftest.checkQualityVolumes(ISTNRegistrationLogic(), scene, tiny_models)
+
+
 def test_cancel_event_restores_a_user_output_transform(scene, pair, tiny_models):
     output = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "mine")
     mine = np.eye(4)

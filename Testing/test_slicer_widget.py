@@ -286,8 +286,8 @@ def test_ctest_runs_each_test_method_and_those_needing_torch_skip_without_it(mod
     monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
     names = [n for n in unittest.TestLoader().getTestCaseNames(module.ISTNRegistrationTest)
              if n != "test_ModuleImportsWithoutTorch"]  # the one that needs no torch (it needs the application)
-    assert names == ["test_AffineAndBSplineGeometry", "test_CancelLeavesSceneUnchanged", "test_SampleData",
-                     "test_WidgetApply"]
+    assert names == ["test_AffineAndBSplineGeometry", "test_CancelLeavesSceneUnchanged", "test_QualityVolumes",
+                     "test_SampleData", "test_WidgetApply"]
     for name in names:
         outcome = unittest.TestResult()
         unittest.TestLoader().loadTestsFromName(name, module.ISTNRegistrationTest).run(outcome)

@@ -3,7 +3,7 @@
 Each ``check*`` function raises ``AssertionError`` with a readable message.
 They need a scene, torch and the engine, nothing of the application, so the
 same code runs inside Slicer (``ISTNRegistrationTest``) and on ``slicer-core``
-in CI (``Testing/test_slicer_selftest.py``).
+in CI (``Testing/test_slicer_logic.py``).
 """
 
 from __future__ import annotations
@@ -165,3 +165,26 @@ def checkCancelLeavesSceneUnchanged(logic, scene, models: dict[str, Path]) -> No
     assert seen and max(seen) < 20, "refinement did not stop when cancelled"
     assert nodeIds(scene) == before, f"nodes left behind: {sorted(nodeIds(scene) - before)}"
     assert movingNode.GetParentTransformNode() is None, "the moving volume was not put back"
+
+
+def checkQualityVolumes(logic, scene, models: dict[str, Path]) -> None:
+    """A B-spline run's optional quality volumes: the checkerboard in [0, 1] and the Jacobian determinant, both on
+    the fixed volume's grid, the Jacobian the engine's map of the result, its window centred on 1."""
+    from istn.registration import OUTPUT_FIELD_SPACING_MM, jacobian_image
+
+    fixedNode, movingNode, fixed, _ = addObliquePair(scene)
+    board = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ISTN checkerboard")
+    jacobian = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ISTN Jacobian")
+    result = logic.register(fixedNode, movingNode, modelPath=models["bspline"], affineModelPath=models["affine"],
+                            iterations=2, threads=1, checkerboardVolumeNode=board, jacobianVolumeNode=jacobian)
+    assert not result.cancelled and result.jacobianVolumeNode is jacobian and result.checkerboardVolumeNode is board
+    for node in (board, jacobian):
+        assert node.GetImageData() is not None, f"{node.GetName()} is empty"
+        assert np.allclose(nodeio.ijkToRasMatrix(node), nodeio.ijkToRasMatrix(fixedNode), atol=1e-6), \
+            f"{node.GetName()} is not on the fixed volume's grid"
+    values = sitk.GetArrayFromImage(nodeio.volumeNodeToImage(board))
+    assert values.min() >= 0.0 and values.max() <= 1.0 and values.std() > 0, "checkerboard values outside [0, 1]"
+    expected = sitk.GetArrayFromImage(jacobian_image(result.transform, fixed, OUTPUT_FIELD_SPACING_MM))
+    got = sitk.GetArrayFromImage(nodeio.volumeNodeToImage(jacobian))
+    assert np.allclose(got, expected, atol=1e-5), "the Jacobian volume is not the engine's map of the result"
+    assert jacobian.GetDisplayNode().GetLevel() == 1.0, "the Jacobian's window is not centred on 1"

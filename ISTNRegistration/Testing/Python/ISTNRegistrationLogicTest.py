@@ -1,7 +1,7 @@
 """In-Slicer unit tests of the ISTN Registration logic (registered with ctest; runs inside Slicer only).
 
 The checks themselves are in `ISTNRegistrationLib.selftest`, shared with the
-headless test suite that runs them on slicer-core (Testing/test_slicer_selftest.py).
+headless test suite that runs them on slicer-core (Testing/test_slicer_logic.py).
 """
 
 import os
@@ -39,6 +39,11 @@ class ISTNRegistrationLogicTest(unittest.TestCase):
         from ISTNRegistrationLib import selftest
 
         selftest.checkCancelLeavesSceneUnchanged(ISTNRegistrationLogic(), slicer.mrmlScene, self.models)
+
+    def test_quality_volumes(self):
+        from ISTNRegistrationLib import selftest
+
+        selftest.checkQualityVolumes(ISTNRegistrationLogic(), slicer.mrmlScene, self.models)
 
 
 def runTest():
