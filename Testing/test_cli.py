@@ -692,7 +692,7 @@ def test_a_cohort_montage_tile_is_the_checkerboard_of_the_fixed_and_the_warped_i
     assert np.abs(restored - tile).max() < 0.03 and np.abs(restored - tile).mean() < 0.005  # edge voxels aside
 
 
-@pytest.mark.parametrize("case", ["same name", "missing", "initial"])
+@pytest.mark.parametrize("case", ["same name", "missing", "initial", "bad option"])
 def test_a_batch_that_cannot_run_as_asked_is_refused_before_anything(files, tmp_path, capsys, case):
     other = tmp_path / "other"
     other.mkdir()
@@ -702,12 +702,13 @@ def test_a_batch_that_cannot_run_as_asked_is_refused_before_anything(files, tmp_
         "same name": ([], "would both write into"),
         "missing": ([str(tmp_path / "nope.nii.gz")], "does not exist"),
         "initial": (["--initial", str(files["fixed"])], "--initial belongs to one pair"),
+        "bad option": (["--lr", "-1"], "--lr must be a finite number > 0"),
     }[case]
     movings = [str(files["moving"])] + ([str(twin)] if case == "same name" else [str(files["fixed"])])
     out = tmp_path / "out"
     argv = ["register", "--quiet", "--fixed", str(files["fixed"]), "--model", str(files["model"]), "--out", str(out),
             "--moving", *movings]
-    argv += extra if case == "initial" else []
+    argv += extra if case in ("initial", "bad option") else []
     if case == "missing":
         argv += extra
     assert main(argv) == 2

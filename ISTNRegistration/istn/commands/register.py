@@ -72,6 +72,21 @@ def varied_hint(stages: list[dict]) -> str | None:
             + " ".join(f"--model {p}" for p in picks))
 
 
+def default_models(quiet: bool = False) -> list[Path]:
+    """The bundled default chain (brain-t1 affine, then its B-spline), as `istn demo` and the panel's first
+    entries; said on stderr unless ``quiet``. `InputError` if they are missing."""
+    from ..demo import AFFINE_MODEL, BSPLINE_MODEL, MODELS_DIR
+
+    paths = [MODELS_DIR / AFFINE_MODEL, MODELS_DIR / BSPLINE_MODEL]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise InputError(f"no --model given and the bundled default models are missing ({', '.join(missing)}): "
+                         "name a model file with --model")
+    if not quiet:
+        print(f"  models: the bundled {', '.join(p.name for p in paths)} (--model to choose)", file=sys.stderr)
+    return paths
+
+
 def run_register(
     fixed_path: str | Path,
     moving_path: str | Path,
@@ -129,17 +144,8 @@ def run_register(
     from ..chain import register_with_second_try
     from ..registration import OUTPUT_FIELD_SPACING_MM, check_register_inputs, jacobian_image, warp_image
 
-    if not model_paths:  # the bundled default chain, as `istn demo` and the panel's first entries
-        from ..demo import AFFINE_MODEL, BSPLINE_MODEL, MODELS_DIR
-
-        model_paths = [MODELS_DIR / AFFINE_MODEL, MODELS_DIR / BSPLINE_MODEL]
-        missing = [str(p) for p in model_paths if not p.exists()]
-        if missing:
-            raise InputError(f"no --model given and the bundled default models are missing ({', '.join(missing)}): "
-                             "name a model file with --model")
-        if not quiet:
-            print(f"  models: the bundled {', '.join(p.name for p in model_paths)} (--model to choose)",
-                  file=sys.stderr)
+    if not model_paths:
+        model_paths = default_models(quiet)
     check_register_options(iterations, lr, device, background, bending, tolerance, threads, coarse_iterations,
                            region_margin_mm, polish, anchor, passes)
     names = list(REGISTER_OUTPUTS) + list(REGISTER_OPTIONAL_OUTPUTS)
@@ -288,6 +294,9 @@ def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path]
     if options.get("initial_path"):
         raise InputError("--initial belongs to one pair: with several --moving images, register them without it (or "
                          "one at a time)")
+    checked = ("iterations", "lr", "background", "bending", "tolerance", "threads", "coarse_iterations",
+               "region_margin_mm", "polish", "anchor", "passes")  # a bad option fails the batch, not each image
+    check_register_options(device=options.get("device", "auto"), **{k: options.get(k) for k in checked})
     moving = [Path(p) for p in moving_paths]
     for p in moving:
         if not p.is_dir():
@@ -302,7 +311,8 @@ def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path]
             raise InputError(f"moving image '{p}' would write into {Path(out_dir) / name}, the batch's summary: "
                              "rename it")
         seen[name] = p
-    out = prepare_output_dir(out_dir, [fixed_path, *moving, *(model_paths or [])], [*names, *BATCH_SUMMARY])
+    model_paths = list(model_paths) if model_paths else default_models(quiet)  # said once, not per image
+    out = prepare_output_dir(out_dir, [fixed_path, *moving, *model_paths], [*names, *BATCH_SUMMARY])
     rows: list[dict] = []
     tiles: list[tuple[str, object, str]] = []  # the montage's: (name, tile or None, note), made as each image ends
     montage: dict = {}  # the fixed image's display grid and slice, from the first image registered
