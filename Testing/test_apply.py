@@ -104,7 +104,8 @@ def test_nothing_of_the_users_is_overwritten(scene3d, tmp_path, capsys):
     assert sitk.ReadImage(str(theirs)).GetPixelID() == sitk.sitkUInt8
 
 
-@pytest.mark.parametrize("case", ["2d-input", "vector", "out-is-folder", "bad-transform"])
+@pytest.mark.parametrize("case", ["2d-input", "vector", "out-is-folder", "bad-transform", "no-extension",
+                                  "volume-as-png"])
 def test_bad_input_is_refused_in_one_line_and_nothing_written(scene3d, tmp_path, capsys, case):
     paths, *_ = scene3d
     args = {"--transform": paths["affine"], "--reference": paths["fixed"], "--input": paths["labels"],
@@ -117,9 +118,13 @@ def test_bad_input_is_refused_in_one_line_and_nothing_written(scene3d, tmp_path,
         args["--input"], message = tmp_path / "v.nrrd", "components per pixel"
     elif case == "out-is-folder":
         args["--out"], message = tmp_path, "is a folder: give the output image's file name"
-    else:
+    elif case == "bad-transform":
         (tmp_path / "t.h5").write_bytes(b"nope")
         args["--transform"], message = tmp_path / "t.h5", "could not be read as an ITK transform file"
+    elif case == "no-extension":
+        args["--out"], message = tmp_path / "new" / "labels", "cannot be written whole to files without an extension"
+    else:  # SimpleITK would write one slice of the volume to a PNG without a word
+        args["--out"], message = tmp_path / "new" / "labels.png", "3D 8-bit unsigned integer image cannot be written"
     argv = ["apply"] + [str(x) for kv in args.items() for x in kv]
     assert main(argv) == 2
     err = capsys.readouterr().err

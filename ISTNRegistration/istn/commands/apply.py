@@ -69,6 +69,9 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
         chosen = f"{interpolation} (auto: {why})"
     else:
         chosen = interpolation
+    # labels keep their pixel type, intensities become float32: can the file hold that, as a whole image?
+    _check_writable_format(out, reference.GetDimension(),
+                           image.GetPixelID() if interpolation == "nearest" else sitk.sitkFloat32)
     if interpolation == "nearest":
         fill = 0.0 if background is None else background
         warped = warp_image(image, reference, tx, sitk.sitkNearestNeighbor, fill, field_spacing=OUTPUT_FIELD_SPACING_MM)
@@ -92,3 +95,31 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
         lost = sorted(label_values(image) - label_values(warped))
         summary["labels_outside_the_reference"] = lost
     return summary
+
+
+def _check_writable_format(out: Path, ndim: int, pixel_id: int) -> None:
+    """Refuse, before any computation, an ``out`` whose file type cannot hold a ``ndim``-D image of ``pixel_id``
+    (an unknown extension, none, a 2D format such as PNG, to which SimpleITK writes one slice of a volume without
+    a word, or a format without that pixel type): a tiny such image is written under that name's extension in a
+    temporary folder and read back."""
+    import tempfile
+
+    import SimpleITK as sitk
+
+    from ..io import image_suffix, quiet_stderr
+
+    suffix = image_suffix(out)
+    probe = sitk.Image([3] * ndim, pixel_id)
+    with tempfile.TemporaryDirectory() as folder:
+        name = str(Path(folder) / f"probe{suffix}")
+        try:
+            with quiet_stderr():
+                sitk.WriteImage(probe, name)
+                kept = sitk.ReadImage(name).GetSize() == probe.GetSize()
+        except RuntimeError:
+            kept = False
+    if not kept:
+        what = f"'{suffix}' files" if suffix else "files without an extension"
+        kind = sitk.GetPixelIDValueAsString(pixel_id)
+        raise InputError(f"--out '{out}': a {ndim}D {kind} image cannot be written whole to {what}; name it .nii.gz, "
+                         ".nrrd or .mha")
