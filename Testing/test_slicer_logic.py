@@ -312,6 +312,74 @@ def test_dice_per_segment_before_and_after(scene, pair, tiny_models):
     assert "Dice before → after" in result.summary()
 
 
+def _user_transform(scene, degrees=12.0, shift=(6.0, -4.0, 3.0)):
+    """A linear transform node of the user's (RAS): a rotation about the superior axis and a shift."""
+    a = np.radians(degrees)
+    m = np.eye(4)
+    m[:2, :2] = [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]
+    m[:3, 3] = shift
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "my alignment")
+    node.SetMatrixTransformToParent(nodes.vtkMatrixFromArray(m))
+    return node, m
+
+
+def test_a_moving_volume_the_user_aligned_is_registered_from_where_it_is_shown(scene, pair, tiny_models, monkeypatch):
+    """Under a linear transform of the user's (a manual alignment), the moving volume's shown position is the start:
+    the engine gets the transform from fixed world points to the volume's own points (its parent's inverse), Dice
+    "before" is that of the segmentation as shown (checked by hardening a copy), the result includes the start
+    and replaces the user's transform above the volume (which is given back on cancel)."""
+    import istn.chain
+
+    fixed_node, moving_node, fixed, moving = pair
+    user, m_ras = _user_transform(scene)
+    moving_node.SetAndObserveTransformNodeID(user.GetID())
+    fixed_labels = nodes.addVolumeNodeFromImage(scene, _labels(fixed), "fixed labels", "vtkMRMLLabelMapVolumeNode")
+    moving_labels = nodes.addVolumeNodeFromImage(scene, _labels(moving), "moving labels", "vtkMRMLLabelMapVolumeNode")
+    starts = []
+    real = istn.chain.register_with_second_try
+
+    def spy(*args, **kwargs):
+        starts.append(kwargs.get("initial_transform"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(istn.chain, "register_with_second_try", spy)
+    result = run(ISTNRegistrationLogic(), pair, tiny_models, "affine", fixedSegmentationNode=fixed_labels,
+                 movingSegmentationNode=moving_labels)
+    start = starts[0]
+    assert start is not None and result.startedFrom == "my alignment"
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    for own in ([0.0, 0.0, 0.0], [20.0, -15.0, 30.0], [-40.0, 25.0, -10.0]):  # a point of the volume (LPS)
+        shown = (lps @ m_ras @ lps @ np.append(own, 1.0))[:3]  # where the user sees it
+        np.testing.assert_allclose(start.TransformPoint(shown.tolist()), own, atol=1e-6)
+    # Dice before, independently: a copy of the moving labels under the same transform, hardened, on the fixed grid
+    copy = nodes.addVolumeNodeFromImage(scene, _labels(moving), "copy", "vtkMRMLLabelMapVolumeNode")
+    copy.SetAndObserveTransformNodeID(user.GetID())
+    slicer.vtkSlicerTransformLogic.hardenTransform(copy)
+    shown_labels = sitk.GetArrayFromImage(warp_image(nodes.volumeNodeToImage(copy), fixed,
+                                                     sitk.Transform(3, sitk.sitkIdentity), sitk.sitkNearestNeighbor))
+    target = sitk.GetArrayFromImage(_labels(fixed))
+    for value in (1, 2):
+        t, m = target == value, shown_labels == value
+        assert result.metrics["dice"][f"label {value}"]["before"] == pytest.approx(
+            2.0 * (t & m).sum() / (t.sum() + m.sum()), abs=1e-9)
+    assert moving_node.GetParentTransformNode() is result.transformNode
+    assert "Started from the moving volume's placement under 'my alignment'" in result.summary()
+    starts.clear()
+    run(ISTNRegistrationLogic(), pair, tiny_models, "affine", outputTransformNode=result.transformNode)
+    assert starts == [None]  # under this module's own result: a second Apply starts afresh, as the first did
+
+
+def test_a_moving_volume_under_a_nonlinear_transform_of_the_users_is_refused_before_anything(scene, pair,
+                                                                                             tiny_models):
+    fixed_node, moving_node = pair[:2]
+    warp = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "acquisition correction")
+    moving_node.SetAndObserveTransformNodeID(warp.GetID())
+    before = selftest.nodeIds(scene)
+    with pytest.raises(ValueError, match="under the non-linear transform 'acquisition correction'; harden it"):
+        run(ISTNRegistrationLogic(), pair, tiny_models, "affine")
+    assert selftest.nodeIds(scene) == before and moving_node.GetParentTransformNode() is warp
+
+
 def test_segmentations_without_common_structures_are_refused_before_anything_runs(scene, pair, tiny_models):
     fixed, moving = pair[2], pair[3]
     a = nodes.addVolumeNodeFromImage(scene, sitk.Cast(fixed > 0.5, sitk.sitkUInt8) * 3, "a", "vtkMRMLLabelMapVolumeNode")

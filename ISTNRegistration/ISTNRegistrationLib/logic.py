@@ -134,6 +134,7 @@ class ISTNRegistrationResult:
     device: str = ""
     hint: str = ""  # after a failed self-check: models beside the ones used that were made for such inputs
     retry: object = None  # istn.chain.Retry: after a failed self-check, the varied-view models' try and the choice
+    startedFrom: str = ""  # the user's transform the moving volume was under: registration started from it
 
     def summary(self) -> str:
         """A few lines for people (the panel shows them)."""
@@ -143,6 +144,9 @@ class ISTNRegistrationResult:
             return "\n".join(lines)
         lines = [_("{kind} registration done in {seconds:.1f} s on {device}.").format(
             kind=STAGE_NAMES[self.transformType], seconds=self.timings.get("total", 0.0), device=self.device)]
+        if self.startedFrom:
+            lines.append(_("Started from the moving volume's placement under '{name}' (now replaced by the "
+                           "result, which includes it).").format(name=self.startedFrom))
         for stage in self.metrics.get("stages", []):
             values = dict(stage=STAGE_NAMES.get(stage["stage"], stage["stage"]), onePass=stage["loss_one_pass"],
                           final=stage["loss_final"], iterations=stage["iterations"],
@@ -452,8 +456,11 @@ class ISTNRegistrationLogic:
           scene is undone and ``result.cancelled`` is True.
 
         Inputs are never modified, except that the moving volume's parent
-        transform is set (when no output volume is asked for). A failed run
-        raises and leaves the scene as it was.
+        transform is set (when no output volume is asked for). A moving volume
+        under a linear transform of the user's is registered from where it is
+        shown (`preAlignment`: the result includes that transform and replaces
+        it above the volume); under a non-linear one it is refused. A failed
+        run raises and leaves the scene as it was.
         """
         scene = self.scene
         if scene is None:
@@ -511,6 +518,8 @@ class ISTNRegistrationLogic:
                 pairs = []
             fixedImage = nodeio.volumeNodeToImage(fixedVolumeNode, world=True)
             movingImage = nodeio.volumeNodeToImage(movingVolumeNode, world=False)
+            # where the user placed the moving volume (under a transform of theirs) is where registration starts
+            start, startNode = preAlignment(movingVolumeNode)
             lr = float(learningRate) if learningRate is not None and learningRate > 0 else None
             refineOptions = {"lr": lr,
                              "bending": float(bending) if bending is not None and bending >= 0 else None,
@@ -536,7 +545,10 @@ class ISTNRegistrationLogic:
 
             # the engine's own checks (chain order, dimensions, numbers, device) before anything runs
             check_register_inputs(fixedImage, movingImage, [m for _, m in models], iterations=iterations,
-                                  device=device, **refineOptions)
+                                  device=device, initial_transform=start,
+                                  initial_name=_("the moving volume's transform '{name}'").format(
+                                      name=startNode.GetName()) if startNode is not None else "the initial transform",
+                                  **refineOptions)
             # refinement draws no random numbers today; seeding in a fork keeps Slicer's global RNG as it was
             stack.enter_context(_seededTorch(seed, device))
 
@@ -577,7 +589,8 @@ class ISTNRegistrationLogic:
                     read_meta=lambda p: readModelInfo(p).meta, load=self.loadModel, on_retry=sayRetry,
                     callback_for=self._stageCallbacks(len(models), iterations, liveUpdate, linearNode, bsplineWriter,
                                                       progressCallback, cancelled),
-                    device=device, iterations=iterations, cancel=cancelled, threads=threads, **refineOptions)
+                    device=device, iterations=iterations, cancel=cancelled, threads=threads, initial_transform=start,
+                    **refineOptions)
                 if cancelled() or stages[-1].cancelled:
                     raise RegistrationCancelled()
                 if result.retry is not None:
@@ -592,7 +605,9 @@ class ISTNRegistrationLogic:
                     progressCallback(RegistrationProgress("outputs", len(models), len(models), shown, shown,
                                                           None, _("Computing outputs and quality measures...")))
                 last = result.stages[-1]
-                result.metrics = self._metrics(result.stages, final, fixedImage, pairs, transformType)
+                result.metrics = self._metrics(result.stages, final, fixedImage, pairs, transformType, start)
+                if startNode is not None:
+                    result.startedFrom = startNode.GetName()
                 if result.retry is not None:
                     result.metrics["retry"] = result.retry.summary()
                 if cancelled():
@@ -817,7 +832,7 @@ class ISTNRegistrationLogic:
             bsplineWriter.write(bspline)
 
     @staticmethod
-    def _metrics(stages, final, fixedImage, pairs, transformType) -> dict:
+    def _metrics(stages, final, fixedImage, pairs, transformType, start=None) -> dict:
         import SimpleITK as sitk
 
         from istn.metrics import dice, folding_fraction
@@ -845,8 +860,8 @@ class ISTNRegistrationLogic:
             metrics["dice"] = {}
             for f, m in pairs:
                 target = onFixedGrid(f.mask, identity)
-                metrics["dice"][f.name] = {
-                    "before": dice(target, onFixedGrid(m.mask, identity)),
+                metrics["dice"][f.name] = {  # before: the moving volume where it was shown (its pre-alignment)
+                    "before": dice(target, onFixedGrid(m.mask, start if start is not None else identity)),
                     "after": dice(target, onFixedGrid(m.mask, final)),
                 }
         metrics["folding_fraction"] = None
@@ -936,6 +951,37 @@ def _foldingGrid(fixedImage):
     reference.SetDirection(fixedImage.GetDirection())
     reference.SetSpacing(spacing)
     return reference
+
+
+def preAlignment(movingNode):
+    """``(initial transform, node)``: a moving volume the user placed under a transform of theirs (a manual or
+    another tool's alignment) is registered from there: the engine's initial transform maps fixed world points to
+    the moving volume's own (LPS), the inverse of its parents' transform to world. ``(None, None)`` when it is
+    under no transform, or under this module's own output (a second Apply starts as the first did). Raises for a
+    non-linear transform of the user's (an acquisition correction, another tool's warp): harden it first."""
+    parent = movingNode.GetParentTransformNode()
+    if parent is None or _isModuleOutput(parent):
+        return None, None
+    if not parent.IsTransformToWorldLinear():
+        raise ValueError(_("the moving volume '{moving}' is under the non-linear transform '{name}'; harden it "
+                           "(Data module, right-click > Harden transform) or take the volume out of it, then Apply "
+                           "again").format(moving=movingNode.GetName(), name=parent.GetName()))
+    import numpy as np
+
+    from istn.transforms import matrix_to_sitk_affine
+
+    from . import nodes as nodeio
+
+    toWorld = nodeio.parentToWorldMatrix(movingNode)  # RAS: the volume's own points -> where they are shown
+    return matrix_to_sitk_affine(nodeio.lpsToRasMatrix(np.linalg.inv(toWorld))), parent
+
+
+def _isModuleOutput(transformNode) -> bool:
+    """Whether ``transformNode`` is one this module wrote a result into (an output transform, or its B-spline)."""
+    if transformNode.GetAttribute(ATTRIBUTE_MOVING) is not None:
+        return True
+    parent = transformNode.GetParentTransformNode()
+    return parent is not None and parent.GetNodeReference(ROLE_BSPLINE) is transformNode
 
 
 def _isUnder(node, transformNode) -> bool:
