@@ -157,3 +157,12 @@ def test_register_refuses_a_broken_series_and_writes_nothing(volume, oblique_pai
     err = capsys.readouterr().err
     assert "fixed image" in err and "unevenly spaced" in err and "dcm2niix" in err
     assert not out.exists() or not list(out.iterdir())
+
+
+def test_pictures_name_a_dicom_input_by_its_series_folder(volume, tmp_path):
+    from istn.commands.register import shown_name
+
+    files = write_series(volume, tmp_path / "T1_MPRAGE")
+    assert shown_name(tmp_path / "T1_MPRAGE") == "T1_MPRAGE (DICOM series)"
+    assert shown_name(files[3]) == "T1_MPRAGE (DICOM series)"  # not the one slice's file name
+    assert shown_name(tmp_path / "sub-01.nii.gz") == "sub-01.nii.gz"

@@ -272,6 +272,17 @@ def subject_name(path: str | Path) -> str:
     return p.name[: -len(suffix)] if suffix and p.name != suffix else p.name
 
 
+def shown_name(path: str | Path) -> str:
+    """An input as a picture names it: its file name, or for a DICOM series (its folder, or one file of it) the
+    series' folder, so that a slice's file name does not stand for the volume."""
+    from ..io import is_dicom_file
+
+    p = Path(path)
+    if p.is_dir() or is_dicom_file(p):
+        return f"{subject_name(p)} (DICOM series)"
+    return p.name
+
+
 def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path],
                       model_paths: Sequence[str | Path] | None, out_dir: str | Path, quiet: bool = False,
                       on_done: Callable[[dict], None] | None = None, **options) -> dict:
@@ -353,7 +364,7 @@ def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path]
             from ..figures import cohort_montage
 
             cohort_montage(out / "summary.png", tiles, title=f"istn register: {len(rows)} images -> "
-                                                             f"{subject_name(fixed_path)} (checkerboards)")
+                                                             f"{shown_name(fixed_path)} (checkerboards)")
             written.append("summary.png")
         except Exception as exc:
             warnings.append(f"summary.png was not drawn ({type(exc).__name__}: {first_line(exc)})")
@@ -432,7 +443,7 @@ def _overview(path: Path, fixed, moving, warped, result, itn_moving, results, su
     """``overview.png``: the images, the ITN maps and each stage's refinement, with what the terminal printed."""
     from ..figures import registration_overview
 
-    notes = [f"fixed:  {Path(summary['fixed']).name}", f"moving: {Path(summary['moving']).name}", ""]
+    notes = [f"fixed:  {shown_name(summary['fixed'])}", f"moving: {shown_name(summary['moving'])}", ""]
     notes += [stage_line(st) for st in summary["stages"]]
     if summary.get("jacobian"):
         notes.append(jacobian_line(summary["jacobian"]))
@@ -442,7 +453,7 @@ def _overview(path: Path, fixed, moving, warped, result, itn_moving, results, su
     registration_overview(path, fixed, moving, warped, stages, fixed_map=result.fixed_map,
                           warped_moving_map=itn_moving, notes=[textwrap.fill(n, 48, subsequent_indent="  ")
                                                                for n in notes],
-                          title=f"istn register: {Path(summary['moving']).name} -> {Path(summary['fixed']).name}",
+                          title=f"istn register: {shown_name(summary['moving'])} -> {shown_name(summary['fixed'])}",
                           background=summary["background"])
 
 
