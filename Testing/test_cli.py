@@ -665,6 +665,13 @@ def test_several_moving_images_register_one_by_one_into_their_own_folders(files,
     assert (out / "summary.png").stat().st_size > 10_000
     assert main(argv + ["--no-figure"]) == 2  # again without pictures: the earlier batch's montage goes too
     assert not (out / "summary.png").exists() and not (out / "sub-01" / "overview.png").exists()
+    capsys.readouterr()
+    c = batch / "sub-04.nii.gz"
+    c.write_bytes(b.read_bytes())
+    assert main(argv[:-3] + [str(b), str(c), "--no-figure"]) == 0  # another batch: sub-01's result stays, named
+    assert "also holds earlier results of images not in this batch (sub-01)" in capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text())["earlier_results_not_in_this_batch"] == ["sub-01"]
+    assert (out / "sub-01" / "result.json").is_file()
 
 
 def test_a_cohort_montage_tile_is_the_checkerboard_of_the_fixed_and_the_warped_image(oblique_pair):

@@ -283,6 +283,10 @@ def _main_register_many(args: argparse.Namespace) -> int:
                           on_done=_print_batch_row, **_register_options(args))
     for w in s["warnings"]:
         print(f"istn register: warning: {w}", file=sys.stderr)
+    if s.get("earlier_results_not_in_this_batch"):
+        print(f"istn register: note: {args.out} also holds earlier results of images not in this batch "
+              f"({', '.join(s['earlier_results_not_in_this_batch'])}); summary.csv lists this batch's",
+              file=sys.stderr)
     print(f"{s['moved'] - s['failed']} of {s['moved']} registered in {s['seconds_total']:.1f} s; outputs in "
           f"{args.out} ({', '.join(s['outputs'])})")
     if not s["failed"]:

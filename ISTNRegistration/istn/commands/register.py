@@ -372,6 +372,10 @@ def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path]
         (out / "summary.png").unlink()
     summary = {"fixed": str(fixed_path), "moved": len(rows), "failed": sum(r["status"] != "ok" for r in rows),
                "seconds_total": time.perf_counter() - t0, "outputs": written, "warnings": warnings, "rows": rows}
+    # results of an earlier batch into this folder stay (they are the user's), but are not this batch's: say so
+    earlier = sorted(d.name for d in out.iterdir() if d.is_dir() and d.name not in names and (d / "result.json").is_file())
+    if earlier:
+        summary["earlier_results_not_in_this_batch"] = earlier
     write_json(summary, out / "summary.json")
     columns = ["moving", "folder", "status", "seconds", "loss_one_pass", "loss_final", "mutual_information_as_given",
                "mutual_information_result", "folding_fraction", "warnings", "error"]
