@@ -133,9 +133,14 @@ def jacobian_determinant(transform: sitk.Transform, reference: sitk.Image | Grid
     direction (``d/dx_world = d/d_index @ inv(direction @ diag(spacing))``).
     """
     grid = reference if isinstance(reference, Grid) else Grid.from_image(reference)
-    field = sitk.TransformToDisplacementField(
-        transform, sitk.sitkVectorFloat64, grid.size, grid.origin, grid.spacing, grid.direction
-    )
+    return field_jacobian_determinant(sitk.TransformToDisplacementField(
+        transform, sitk.sitkVectorFloat64, grid.size, grid.origin, grid.spacing, grid.direction))
+
+
+def field_jacobian_determinant(field: sitk.Image) -> np.ndarray:
+    """`jacobian_determinant` of ``x -> x + u(x)`` for a displacement field ``u`` (mm, world components) already
+    sampled, at its own points: array ``(*shape)``."""
+    grid = Grid.from_image(field)
     u = sitk.GetArrayFromImage(field)  # (*shape, D), components in world (x, y, z) order
     d = grid.ndim
     # gradient along array axes (z, y, x) -> reorder to index axes (i, j, k)

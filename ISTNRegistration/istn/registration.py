@@ -44,7 +44,7 @@ from .export import LoadedModel
 from .geometry import Grid
 from .inputs import PreparedImage, prepare_image
 from .losses import anchor_energy, anchored_control_points, bending_energy
-from .metrics import jacobian_determinant, mutual_information
+from .metrics import field_jacobian_determinant, jacobian_determinant, mutual_information
 from .refinement import (DEFAULT_ITERATIONS, MAP_DISPLAY_THRESHOLD, REFINE_LAYERS, CancelFlag, IterationInfo, loss_rise,
                          RefineOutput, model_region_margin, refine, refinement_layers, supports_fc_refinement)
 from .threads import default_threads
@@ -277,11 +277,18 @@ def jacobian_image(transform: sitk.Transform, reference: sitk.Image | Grid,
     field = displacement_field(transform, grid, field_spacing) if field_spacing is not None else None
     if field is None:
         return grid.image_from_array(jacobian_determinant(transform, grid).astype(np.float32))
-    lattice = Grid.from_image(field)
-    coarse = lattice.image_from_array(jacobian_determinant(transform, lattice).astype(np.float32))
-    if not resample:
-        return coarse
-    return sitk.Resample(coarse, grid.reference_image(), sitk.Transform(), sitk.sitkLinear, 1.0, sitk.sitkFloat32)
+    # the field is the transform already sampled on the lattice: differentiate it, do not sample it again
+    coarse = Grid.from_image(field).image_from_array(field_jacobian_determinant(field).astype(np.float32))
+    return jacobian_on_grid(coarse, grid) if resample else coarse
+
+
+def jacobian_on_grid(jacobian: sitk.Image, reference: sitk.Image | Grid) -> sitk.Image:
+    """A `jacobian_image` on ``reference``'s grid: as it is when it is on that grid already, else (the lattice of
+    ``resample=False``) interpolated linearly onto it, 1 (no change) outside the lattice."""
+    grid = reference if isinstance(reference, Grid) else Grid.from_image(reference)
+    if Grid.from_image(jacobian) == grid:
+        return jacobian
+    return sitk.Resample(jacobian, grid.reference_image(), sitk.Transform(), sitk.sitkLinear, 1.0, sitk.sitkFloat32)
 
 
 def bounded_map(image: sitk.Image) -> bool:
