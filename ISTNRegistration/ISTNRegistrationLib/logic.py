@@ -720,13 +720,12 @@ class ISTNRegistrationLogic:
                                                                        moving=moving.GetName()))
         if outputVolume is not None and (outputVolume is fixed or outputVolume is moving):
             raise ValueError(_("the output volume must not be one of the inputs: inputs are never overwritten"))
-        if checkerboardVolume is not None and any(checkerboardVolume is n for n in (fixed, moving, outputVolume)):
-            raise ValueError(_("the checkerboard volume must be a volume of its own, not an input or the output "
-                               "volume: inputs are never overwritten"))
-        if jacobianVolume is not None and any(jacobianVolume is n for n in (fixed, moving, outputVolume,
-                                                                            checkerboardVolume)):
-            raise ValueError(_("the Jacobian volume must be a volume of its own, not an input or another output "
-                               "volume: inputs are never overwritten"))
+        taken = [fixed, moving, outputVolume]
+        for what, node in ((_("checkerboard"), checkerboardVolume), (_("Jacobian"), jacobianVolume)):
+            if node is not None and any(node is n for n in taken):
+                raise ValueError(_("the {what} volume must be a volume of its own, not an input or another output "
+                                   "volume: inputs are never overwritten").format(what=what))
+            taken.append(node)
 
     @staticmethod
     def _resolveModels(transformType, modelPath, preAlign, affineModelPath) -> list[tuple[str, Path]]:
@@ -962,17 +961,14 @@ def preAlignment(movingNode):
     parent = movingNode.GetParentTransformNode()
     if parent is None or _isModuleOutput(parent):
         return None, None
-    if not parent.IsTransformToWorldLinear():
-        raise ValueError(_("the moving volume '{moving}' is under the non-linear transform '{name}'; harden it "
-                           "(Data module, right-click > Harden transform) or take the volume out of it, then Apply "
-                           "again").format(moving=movingNode.GetName(), name=parent.GetName()))
     import numpy as np
 
     from istn.transforms import matrix_to_sitk_affine
 
     from . import nodes as nodeio
 
-    toWorld = nodeio.parentToWorldMatrix(movingNode)  # RAS: the volume's own points -> where they are shown
+    # RAS: the volume's own points -> where they are shown (refused, as for the fixed volume, if not linear)
+    toWorld = nodeio.parentToWorldMatrix(movingNode)
     return matrix_to_sitk_affine(nodeio.lpsToRasMatrix(np.linalg.inv(toWorld))), parent
 
 
