@@ -307,12 +307,11 @@ def registration_overview(
     Every image is shown on ``fixed`` re-stored LPS (`display_image`, at most `OVERVIEW_MAX_SIZE` voxels per axis):
     the same picture whatever the storage.
     """
-    shown = display_image(fixed, OVERVIEW_MAX_SIZE)
+    shown, focus = _display_and_structures(fixed, fixed_map)
 
     def on_shown(image: sitk.Image, default: float = 0.0) -> sitk.Image:
         return _on_grid(image, shown, default)
 
-    focus = _structures(fixed_map, shown) if fixed_map is not None else None
     return registration_figure(
         path, shown, on_shown(moving, background), on_shown(warped, background),
         fixed_map=fixed_map, warped_moving_map=warped_moving_map, focus=focus, notes=notes, title=title,
@@ -329,20 +328,23 @@ def _on_grid(image: sitk.Image, grid: sitk.Image, default: float = 0.0) -> sitk.
     return sitk.Resample(image, grid, identity, sitk.sitkLinear, default, sitk.sitkFloat32)
 
 
-def _structures(fixed_map: sitk.Image, grid: sitk.Image) -> sitk.Image:
-    """Where an ITN map shows structures, on ``grid``: a bounded map above the overlay's display threshold, an
-    unbounded one in its brightest percent (uint8 mask)."""
-    m = _on_grid(fixed_map, grid)
+def _display_and_structures(fixed: sitk.Image, fixed_map: sitk.Image | None) -> tuple[sitk.Image, sitk.Image | None]:
+    """The display grid of ``fixed`` (`display_image`, at most `OVERVIEW_MAX_SIZE` voxels per axis) and, on it,
+    where ``fixed_map`` shows structures: a bounded map above the overlay's display threshold, an unbounded one in
+    its brightest percent (uint8 mask; None without a map)."""
+    shown = display_image(fixed, OVERVIEW_MAX_SIZE)
+    if fixed_map is None:
+        return shown, None
+    m = _on_grid(fixed_map, shown)
     level = MAP_DISPLAY_THRESHOLD if bounded_map(fixed_map) else float(np.percentile(sitk.GetArrayViewFromImage(m), 99))
-    return sitk.Cast(m > level, sitk.sitkUInt8)
+    return shown, sitk.Cast(m > level, sitk.sitkUInt8)
 
 
 def cohort_slice(fixed: sitk.Image, fixed_map: sitk.Image | None = None) -> tuple[sitk.Image, int]:
     """The grid a cohort's montage is drawn on: ``fixed`` re-stored LPS (`display_image`, at most
     `OVERVIEW_MAX_SIZE` voxels per axis), and its axial slice through the structures ``fixed_map`` shows (the
     middle slice without a map; 0 for a 2D image)."""
-    shown = display_image(fixed, OVERVIEW_MAX_SIZE)
-    focus = _structures(fixed_map, shown) if fixed_map is not None else None
+    shown, focus = _display_and_structures(fixed, fixed_map)
     return shown, _centroid_index(focus, shown, 0)
 
 

@@ -62,9 +62,10 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
         raise InputError(f"--input image '{input_path}' contains NaN or infinite voxel values")
     integral = bool(np.array_equal(values, np.round(values)))
     label_map = integral and not looks_like_intensities(image)
+    labels = label_values(image) if label_map else set()  # once: a sort of every voxel
     if interpolation == "auto":
         interpolation = "nearest" if label_map else "linear"
-        why = (f"a label map: {len(label_values(image))} labels" if label_map else
+        why = (f"a label map: {len(labels)} labels" if label_map else
                "intensities" if not integral else "integer intensities (many values, rarely forming regions)")
         chosen = f"{interpolation} (auto: {why})"
     else:
@@ -92,7 +93,7 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
                "size": list(warped.GetSize()), "spacing": list(warped.GetSpacing()),
                "seconds": time.perf_counter() - t0}
     if interpolation == "nearest" and label_map:
-        lost = sorted(label_values(image) - label_values(warped))
+        lost = sorted(labels - label_values(warped))
         summary["labels_outside_the_reference"] = lost
     return summary
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 import textwrap
@@ -110,6 +111,7 @@ def run_register(
     retry: bool = True,
     figure: bool = True,
     write_jacobian: bool = False,
+    on_images: Callable[[object, object, object], None] | None = None,
 ) -> dict:
     """Register a pair with one model or a chain (affine models, then at most one B-spline) and write the outputs;
     no ``model_paths``: the bundled default chain (brain-t1 affine, then its B-spline).
@@ -133,7 +135,8 @@ def run_register(
     ``figure``: also write ``overview.png`` (`istn.figures.registration_overview`), the result at a glance; a
     figure that cannot be drawn is a warning, the registration's files stay. ``write_jacobian``: a non-linear
     result's Jacobian determinant on the fixed grid as ``jacobian.nii.gz`` (`istn.registration.jacobian_image`;
-    result.json's "jacobian" sums it up from a 4 mm lattice either way).
+    result.json's "jacobian" sums it up from a 4 mm lattice either way). ``on_images(fixed, warped, fixed_map)``:
+    the images as written, once they are (a cohort's montage uses them instead of reading the files back).
     Returns the content of ``result.json``; its ``warnings`` gather every
     stage's (the CLI prints them).
     """
@@ -142,7 +145,8 @@ def run_register(
     from ..export import load_model
     from ..io import prepare_output_dir, read_image, read_transform, write_image, write_json, write_transform
     from ..chain import register_with_second_try
-    from ..registration import OUTPUT_FIELD_SPACING_MM, check_register_inputs, jacobian_image, warp_image
+    from ..registration import (OUTPUT_FIELD_SPACING_MM, check_register_inputs, jacobian_image, jacobian_on_grid,
+                                warp_image)
 
     if not model_paths:
         model_paths = default_models(quiet)
@@ -197,8 +201,8 @@ def run_register(
             # summed up from the field's lattice (a uniform sample, cheap); the image on the fixed grid if asked for
             jacobian_sample = checked["Jacobian determinant"] = jacobian_image(
                 result.transform, fixed, OUTPUT_FIELD_SPACING_MM, resample=False)
-            if write_jacobian:
-                jacobian = checked["Jacobian image"] = jacobian_image(result.transform, fixed, OUTPUT_FIELD_SPACING_MM)
+            if write_jacobian:  # the same lattice, interpolated onto the fixed grid
+                jacobian = checked["Jacobian image"] = jacobian_on_grid(jacobian_sample, fixed)
         _check_result(result.transform, checked)
     except BaseException:
         _remove_if_empty(out, created)
@@ -248,6 +252,8 @@ def run_register(
     if removed:
         summary["removed_from_an_earlier_run"] = removed
     write_json(summary, out / "result.json")
+    if on_images is not None:
+        on_images(fixed, warped, result.fixed_map)
     return summary
 
 
@@ -305,8 +311,8 @@ def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path]
     if options.get("initial_path"):
         raise InputError("--initial belongs to one pair: with several --moving images, register them without it (or "
                          "one at a time)")
-    checked = ("iterations", "lr", "background", "bending", "tolerance", "threads", "coarse_iterations",
-               "region_margin_mm", "polish", "anchor", "passes")  # a bad option fails the batch, not each image
+    # a bad option fails the batch, not each image: the options check_register_options takes, from ``options``
+    checked = [k for k in inspect.signature(check_register_options).parameters if k != "device"]
     check_register_options(device=options.get("device", "auto"), **{k: options.get(k) for k in checked})
     moving = [Path(p) for p in moving_paths]
     for p in moving:
@@ -333,8 +339,13 @@ def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path]
         if not quiet:
             print(f"[{k + 1}/{len(moving)}] {p} -> {out / name}", file=sys.stderr)
         row: dict = {"moving": str(p), "folder": name}
+        images: dict = {}  # this image's fixed, warped and fixed map, as its run wrote them
+
+        def keep(fixed, warped, fixed_map, images=images) -> None:
+            images.update(fixed=fixed, warped=warped, fixed_map=fixed_map)
+
         try:
-            s = run_register(fixed_path, p, model_paths, out / name, quiet=quiet, **options)
+            s = run_register(fixed_path, p, model_paths, out / name, quiet=quiet, on_images=keep, **options)
         except ISTNError as exc:  # bad input: this image only
             row.update(status="bad input", error=str(exc))
         except ResultError as exc:
@@ -353,7 +364,7 @@ def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path]
         rows.append(row)
         if options.get("figure", True) and not warnings:
             try:
-                tiles.append(_montage_tile(montage, fixed_path, out / name, row))
+                tiles.append(_montage_tile(montage, images, row))
             except Exception as exc:  # a picture never costs the user the registrations
                 warnings.append(f"summary.png was not drawn ({type(exc).__name__}: {first_line(exc)})")
         if on_done is not None:
@@ -392,19 +403,17 @@ def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path]
     return summary
 
 
-def _montage_tile(montage: dict, fixed_path: str | Path, folder: Path, row: dict) -> tuple[str, object, str]:
-    """One image's tile of ``summary.png`` from what its run wrote (``folder``): its checkerboard with the fixed
-    image and its numbers, or, for a failed image, why. ``montage`` keeps the fixed image's display grid and slice
-    (`istn.figures.cohort_slice`), made from the first image registered (its ``itn_fixed.nii.gz``)."""
+def _montage_tile(montage: dict, images: dict, row: dict) -> tuple[str, object, str]:
+    """One image's tile of ``summary.png`` from the images its run wrote (``images``: fixed, warped, fixed_map):
+    its checkerboard with the fixed image and its numbers, or, for a failed image, why. ``montage`` keeps the fixed
+    image's display grid and slice (`istn.figures.cohort_slice`), made from the first image registered."""
     from ..figures import checkerboard_tile, cohort_slice
-    from ..io import read_image, read_raw_image
 
     if row["status"] != "ok":
         return row["folder"], None, f"{row['status']}: {row['error']}"
     if not montage:
-        montage["grid"], montage["index"] = cohort_slice(read_image(fixed_path, "fixed"),
-                                                         read_raw_image(folder / "itn_fixed.nii.gz"))
-    tile = checkerboard_tile(montage["grid"], montage["index"], read_raw_image(folder / "warped.nii.gz"))
+        montage["grid"], montage["index"] = cohort_slice(images["fixed"], images["fixed_map"])
+    tile = checkerboard_tile(montage["grid"], montage["index"], images["warped"])
     given, result = row.get("mutual_information_as_given"), row.get("mutual_information_result")
     note = f"MI {given:.2f} -> {result:.2f}" if given is not None and result is not None else ""
     if row.get("folding_fraction"):
