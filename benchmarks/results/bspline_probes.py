@@ -3,9 +3,12 @@ positions, whole head and brain-extracted, to ICBM 2009c; the held-out subject i
 
     python bspline_probes.py image-term N FAMILY '[[weight, window, ratio], ...]' [DATA]   (image_term.md)
     python bspline_probes.py tta N FAMILY none,gamma,flip,both [DATA]                  (test_time_augmentation.md)
+    python bspline_probes.py ensemble N FAMILY none,cont,varied,all [DATA]             (map_ensemble.md)
 
 image-term needs image_term_probe.patch (beside this file) applied to the engine (PROBE_SIGNED=1: signed LNCC);
-tta replaces the B-spline model's `representation` in this process only. Prints the sub-cortical Dice after the
+tta replaces the B-spline model's `representation` in this process only; ensemble replaces it with the mean
+of its own maps and those of other committed B-spline checkpoints of the same network (cont: istn-e-cont,
+varied: istn-e-varied, all: both). Prints the sub-cortical Dice after the
 B-spline per pair and the means (all, brain-extracted, whole head); writes the rows as JSON here.
 """
 import json
@@ -43,6 +46,31 @@ def tta(plain, mode: str):
     return representation
 
 
+ENSEMBLE = {"none": [], "cont": ["istn-e-cont"], "varied": ["istn-e-varied"], "all": ["istn-e-cont", "istn-e-varied"]}
+
+
+def checkpoint_itn(name: str):
+    """The ITN of ``benchmarks/checkpoints/bundled/<name>/bspline/best.pt``, in evaluation mode."""
+    from istn.config import ModelConfig
+    from istn.networks import ISTN
+    ck = torch.load(REPO / "benchmarks/checkpoints/bundled" / name / "bspline/best.pt", map_location="cpu",
+                    weights_only=True)
+    net = ISTN(ModelConfig(**ck["config"]["model"]))
+    net.load_state_dict(ck["model"])
+    return net.eval()
+
+
+def ensemble(plain, mode: str):
+    """The maps as the mean of the bundled network's and those of the checkpoints ``ENSEMBLE[mode]``."""
+    others = [checkpoint_itn(name) for name in ENSEMBLE[mode]]
+
+    def representation(x):
+        with torch.no_grad():
+            return torch.stack([plain(x)] + [o.representation(x) for o in others]).mean(0)
+
+    return representation
+
+
 def main() -> None:
     kind, n, fam, spec = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     data = Path(sys.argv[5] if len(sys.argv) > 5 else "braindata")
@@ -59,7 +87,8 @@ def main() -> None:
             R.PROBE_IMAGE_TERM.clear()
             R.PROBE_IMAGE_TERM.update(setting or {})
         else:
-            b.representation = tta(plain, setting) if setting else plain
+            wrap = ensemble if kind == "ensemble" else tta
+            b.representation = wrap(plain, setting) if setting else plain
 
     fixed, fixed_labels, _, _ = validation_inputs(data, "spm_avg305")
     pairs, _, _ = validation_pairs(data, "spm_avg305", n)
