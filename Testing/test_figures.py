@@ -36,7 +36,7 @@ def test_overview_is_the_same_picture_whatever_the_storage(tmp_path):
     transform, so the overview (images, maps, loss curves; no text that names the files) must be the same
     picture, and it must differ from one drawn without the registration (the warped panels show the result)."""
     from istn.export import load_model
-    from istn.registration import register, warp_image
+    from istn.registration import jacobian_image, register, warp_image
 
     pair = demo.sample_pair()
     models = [load_model(demo.MODELS_DIR / name) for name in (demo.AFFINE_MODEL, demo.BSPLINE_MODEL)]
@@ -49,19 +49,54 @@ def test_overview_is_the_same_picture_whatever_the_storage(tmp_path):
         bsp = register(fixed, moving, models[1], iterations=3, device="cpu", threads=1,
                        initial_transform=aff.transform)
         warped = warp_image(moving, fixed, bsp.transform)
+        lattice = jacobian_image(bsp.transform, fixed, 4.0, resample=False)  # in the fixed image's own storage
         path = registration_overview(tmp_path / f"{name}.png", fixed, moving, warped,
                                      {"affine": aff, "B-spline": bsp}, fixed_map=bsp.fixed_map,
-                                     warped_moving_map=bsp.warped_moving_map())
+                                     warped_moving_map=bsp.warped_moving_map(), jacobian=lattice)
         pictures[name] = _png(path)
         if name == "lps":
             unregistered = _png(registration_overview(
                 tmp_path / "unregistered.png", fixed, moving, warp_image(moving, fixed, sitk.Transform(3, sitk.sitkIdentity)),
-                {"affine": aff, "B-spline": bsp}, fixed_map=bsp.fixed_map, warped_moving_map=bsp.warped_moving_map()))
+                {"affine": aff, "B-spline": bsp}, fixed_map=bsp.fixed_map, warped_moving_map=bsp.warped_moving_map(),
+                jacobian=lattice))
     a, b = pictures["lps"], pictures["restored"]
     assert a.shape == b.shape
     differs = np.abs(a - b).max(axis=-1) > 8
     assert differs.mean() < 1e-3, f"{differs.mean():.4%} of the pixels differ"
     assert (np.abs(a - unregistered).max(axis=-1) > 8).mean() > 0.01
+
+
+def test_the_jacobian_column_shows_expansion_red_and_shrinkage_blue(tmp_path):
+    """A Jacobian determinant of 1.1 everywhere (the moving anatomy 10 % larger) draws the fifth column's map and
+    histogram red, 0.9 blue; without one the picture has four columns (the same height, 4/5 of the width)."""
+    from istn.export import load_model
+    from istn.registration import register, warp_image
+
+    pair = demo.sample_pair()
+    fixed, moving = pair["fixed"], pair["moving"]
+    model = load_model(demo.MODELS_DIR / demo.AFFINE_MODEL)
+    aff = register(fixed, moving, model, iterations=0, device="cpu", threads=1)
+    warped = warp_image(moving, fixed, aff.transform)
+
+    def draw(name, value):
+        jacobian = None
+        if value is not None:
+            jacobian = sitk.Image(fixed.GetSize(), sitk.sitkFloat32) + value
+            jacobian.CopyInformation(fixed)
+        return _png(registration_overview(tmp_path / f"{name}.png", fixed, moving, warped, {"affine": aff},
+                                          fixed_map=aff.fixed_map, warped_moving_map=aff.warped_moving_map(),
+                                          jacobian=jacobian))
+
+    def colours(picture):  # strongly red and strongly blue pixels of the last fifth (the Jacobian column)
+        r, g, b = np.moveaxis(picture[:, -picture.shape[1] // 5:], -1, 0)
+        return int(((r > b + 100) & (r > g + 100)).sum()), int(((b > r + 100) & (b > g + 100)).sum())
+
+    larger, smaller, without = draw("larger", 1.1), draw("smaller", 0.9), draw("without", None)
+    red, blue = colours(larger)
+    assert red > 20000 and blue == 0, (red, blue)
+    red, blue = colours(smaller)
+    assert blue > 20000 and red == 0, (red, blue)
+    assert without.shape[0] == larger.shape[0] and abs(without.shape[1] / larger.shape[1] - 0.8) < 0.01
 
 
 def test_register_writes_the_overview_unless_told_not_to(tmp_path):

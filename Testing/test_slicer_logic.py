@@ -475,9 +475,8 @@ def test_jacobian_volume_is_the_results_volume_change_on_the_fixed_grid(scene, p
     """The Jacobian node holds `jacobian_image` of the final transform on the fixed grid (world geometry of the fixed
     volume), in a colour table with white at 1, a window centred on 1 that spans the 1st..99th percentiles, and
     the summary gives its range; an affine's is its determinant everywhere; it cannot be an input or output."""
+    from istn.metrics import JACOBIAN_MIN_HALF_WIDTH
     from istn.registration import OUTPUT_FIELD_SPACING_MM, jacobian_image
-
-    from ISTNRegistrationLib.logic import JACOBIAN_MIN_HALF_WIDTH
 
     color_logic = slicer.vtkSlicerColorLogic()
     color_logic.SetMRMLScene(scene)  # the built-in colour tables (the application adds the file-based ones)

@@ -56,15 +56,6 @@ MAP_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLColorTable
 #: blue-to-red ones (the file-based ones exist only in the application).
 JACOBIAN_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeFileDivergingBlueRed.txt",
                            "vtkMRMLColorTableNodeFileColdToHotRainbow.txt", "vtkMRMLColorTableNodeRainbow")
-#: The Jacobian volume's window never narrower than 1 -/+ this: a near-identity result stays near white.
-JACOBIAN_MIN_HALF_WIDTH = 0.05
-
-
-def jacobianHalfWidth(p1: float, p99: float) -> float:
-    """Half the Jacobian volume's window, centred on 1: the farther of its 1st and 99th percentiles from 1."""
-    return max(abs(p1 - 1.0), abs(p99 - 1.0), JACOBIAN_MIN_HALF_WIDTH)
-
-
 #: Above this many voxels the folding fraction is computed on a coarser copy of the fixed grid.
 FOLDING_MAX_VOXELS = 2_000_000
 #: Attribute on an output transform node: the ID of the moving volume its last run registered.
@@ -650,11 +641,13 @@ class ISTNRegistrationLogic:
                     display.AutoWindowLevelOff()
                     display.SetWindowLevel(1.0, 0.5)
                 if jacobianVolumeNode is not None:  # white at 1 (no change), wide enough for the 1st..99th percentile
+                    from istn.metrics import jacobian_half_width
+
                     display = jacobianVolumeNode.GetDisplayNode()
                     self._useColors(display, JACOBIAN_COLOR_NODE_IDS)
                     display.AutoWindowLevelOff()
                     stats = result.metrics["jacobian"]
-                    display.SetWindowLevel(2.0 * jacobianHalfWidth(stats["p1"], stats["p99"]), 1.0)
+                    display.SetWindowLevel(2.0 * jacobian_half_width(stats["p1"], stats["p99"]), 1.0)
                 if updateViews:  # a checkerboard asked for is what to look at: the background, maps over it
                     foreground = result.movingMapNode if showMaps else (
                         None if checkerboardVolumeNode is not None else (outputVolumeNode or movingVolumeNode))

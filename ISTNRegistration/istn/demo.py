@@ -80,7 +80,7 @@ def run_demo(out_dir: str | Path = "istn-demo", iterations: int | None = None, d
     from .export import load_model
     from .figures import registration_figure
     from .io import prepare_output_dir, write_image, write_json, write_transform
-    from .registration import register, warp_image
+    from .registration import OUTPUT_FIELD_SPACING_MM, jacobian_image, register, warp_image
 
     t_start = time.perf_counter()
     data = sample_pair()
@@ -151,6 +151,7 @@ def run_demo(out_dir: str | Path = "istn-demo", iterations: int | None = None, d
         passes={"affine": aff.pass_iterations, "B-spline": bsp.pass_iterations},
         dice_table={"unregistered": stages["unregistered"], "affine refined": stages["affine, refined"],
                     "+ B-spline refined": stages["+ B-spline, refined"]},
+        jacobian=jacobian_image(bsp.transform, fixed, OUTPUT_FIELD_SPACING_MM),
         title=f"ISTN demo: Colin27 (scanner position) to ICBM 2009a; mean Dice {means['unregistered']:.2f} -> "
               f"{means['+ B-spline, refined']:.2f}",
     )

@@ -9,7 +9,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .refinement import MAP_DISPLAY_THRESHOLD
-from .registration import RegistrationResult, bounded_map
+from .registration import RegistrationResult, bounded_map, jacobian_on_grid
 
 
 def _slice(image: sitk.Image, axis: int, index: int) -> np.ndarray:
@@ -41,13 +41,6 @@ def _centroid_index(labels: sitk.Image | None, reference: sitk.Image, axis: int)
         if idx[0].size:
             return int(np.round(idx[axis].mean()))
     return shape[axis] // 2
-
-
-def checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
-    """Alternate tiles of two equally shaped, equally windowed 2D arrays."""
-    yy, xx = np.indices(a.shape)
-    mask = ((yy * tiles // a.shape[0]) + (xx * tiles // a.shape[1])) % 2 == 0
-    return np.where(mask, a, b)
 
 
 # Edge length of the checkerboard volume's tiles (world mm): a few per structure-sized region of a head
@@ -116,6 +109,7 @@ def registration_figure(
     passes: Mapping[str, Sequence[tuple[int, int, int]]] | None = None,
     focus: sitk.Image | None = None,
     notes: Sequence[str] = (),
+    jacobian: sitk.Image | None = None,
 ) -> Path:
     """Write a PNG: images with label contours, checkerboard, ITN maps, Dice bars and refinement loss curves.
 
@@ -129,6 +123,10 @@ def registration_figure(
     image warped so far), a thin line where it starts.
     ``focus``: without ``fixed_labels``, the slices go through the centroid of ``focus`` > 0 (on the fixed grid).
     ``notes``: lines of text in the Dice panel's place when there is no ``dice_table`` (no labels at test time).
+    ``jacobian``: the result's Jacobian determinant on the fixed grid (`istn.registration.jacobian_image`): a
+    fifth column shows it over the fixed image in each view (blue-white-red, white at 1, the window of the
+    Slicer volume: `istn.metrics.jacobian_half_width`) and its histogram over the fixed image's foreground.
+    The checkerboard alternates `checkerboard_image`'s world cubes (the Slicer volume's, the cohort montage's).
     """
     import matplotlib
 
@@ -143,13 +141,24 @@ def registration_figure(
     mlo, mhi = _foreground_window(sitk.GetArrayViewFromImage(moving_in_fixed))
     mnorm = lambda a: np.clip((a - mlo) / (mhi - mlo), 0, 1)  # noqa: E731 - the moving image's window
 
-    rows = len(views) + 1
-    fig, axes = plt.subplots(rows, 4, figsize=(17, 4.3 * rows), squeeze=False)
+    rows, cols = len(views) + 1, 4 if jacobian is None else 5
+    fig, axes = plt.subplots(rows, cols, figsize=(4.25 * cols, 4.3 * rows), squeeze=False)
     fig.patch.set_facecolor("white")
+    board = checkerboard_image(fixed, warped)
+    if jacobian is not None:
+        from matplotlib.colors import Normalize
 
-    def show(ax, img, name, ax_, k, contours=(), cmap="gray"):
+        from .metrics import jacobian_half_width, jacobian_statistics
+
+        jac_stats = jacobian_statistics(sitk.GetArrayViewFromImage(jacobian))
+        half = jacobian_half_width(jac_stats["p1"], jac_stats["p99"])
+        jac_norm = Normalize(1.0 - half, 1.0 + half)
+
+    def show(ax, img, name, ax_, k, contours=(), cmap="gray", overlay=None):
         flip = (lambda a: a[::-1]) if is3d and ax_ != 0 else (lambda a: a)  # superior up
         ax.imshow(flip(img), cmap=cmap, vmin=0, vmax=1, interpolation="bilinear")
+        if overlay is not None:  # (masked array, colour map, norm) over the image
+            ax.imshow(flip(overlay[0]), cmap=overlay[1], norm=overlay[2], interpolation="bilinear", alpha=0.85)
         for lab, colour, style in contours:
             if lab is None:
                 continue
@@ -172,7 +181,12 @@ def registration_figure(
              ax_, k, [fixed_c, (moving_labels_in_fixed, "#ff3b30", "solid")])
         show(axes[r, 2], mnorm(w), f"Warped moving{tag}" + ("\nwarped labels in red" if warped_labels is not None
                                                           else ""), ax_, k, [fixed_c, (warped_labels, "#ff3b30", "solid")])
-        show(axes[r, 3], checkerboard(norm(f), mnorm(w)), f"Checkerboard{tag}\nfixed / warped moving", ax_, k)
+        show(axes[r, 3], _slice(board, ax_, k), f"Checkerboard{tag}\nfixed / warped moving, "
+             f"{CHECKERBOARD_TILE_MM:g} mm squares", ax_, k)
+        if jacobian is not None:  # over the head (the fixed image above 5 % of its window), not the air around it
+            jac = np.ma.masked_where(norm(f) < 0.05, _slice(jacobian, ax_, k))
+            show(axes[r, 4], norm(f), f"Jacobian determinant{tag}\nred: moving larger, blue: smaller", ax_, k,
+                 overlay=(jac, "bwr", jac_norm))
 
     if fixed_map is not None and warped_moving_map is not None:
         k = _centroid_index(centre_of, fixed, axis)
@@ -246,12 +260,40 @@ def registration_figure(
         ax.set_xlabel("refinement iteration")
         ax.set_ylabel("MSE(T(s'), t')")
         ax.set_yscale("log")
-        ax.legend(fontsize=6.5, framealpha=0.75)  # semi-transparent: six entries over the curves
+        if ax.get_legend_handles_labels()[0]:  # no curve when no stage refined
+            ax.legend(fontsize=6.5, framealpha=0.75)  # semi-transparent: six entries over the curves
         ax.set_title("Test-time refinement", fontsize=11)
         ax.grid(alpha=0.3)
     else:
         ax.axis("off")
+    if jacobian is not None:
+        _jacobian_histogram(axes[-1, 4], sitk.GetArrayViewFromImage(jacobian)[norm(sitk.GetArrayViewFromImage(fixed))
+                                                                             >= 0.05], jac_stats, jac_norm)
     return _save(fig, path, title, 13)
+
+
+def _jacobian_histogram(ax, values: np.ndarray, stats: Mapping[str, float], norm) -> None:
+    """The Jacobian determinant's histogram over the head, its bars in the colours of the map panels."""
+    import matplotlib.pyplot as plt
+
+    lo, hi = norm.vmin, norm.vmax
+    span = hi - lo
+    edges = np.linspace(lo - 0.25 * span, hi + 0.25 * span, 61)
+    counts, _ = np.histogram(np.clip(values, edges[0], edges[-1]), edges)  # the tails in the end bins
+    share = 100.0 * counts / max(1, values.size)
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    ax.bar(centres, share, width=np.diff(edges), color=plt.get_cmap("bwr")(norm(centres)), edgecolor="0.4",
+           linewidth=0.3)
+    ax.axvline(1.0, color="0.3", lw=0.8, ls="--")
+    ax.set_xlim(edges[0], edges[-1])
+    ax.set_xlabel("Jacobian determinant")
+    ax.set_ylabel("% of the head's voxels")
+    ax.set_title("Local volume change, moving / fixed", fontsize=11)
+    # the numbers `istn register` prints and the Slicer summary gives: over the whole grid
+    ax.text(0.02, 0.98, f"whole grid: 1st-99th percentile\n{stats['p1']:.3f} to {stats['p99']:.3f}, "
+            f"folding {100 * stats['folding_fraction']:.3f} %", transform=ax.transAxes, va="top", fontsize=7.5,
+            bbox=dict(facecolor="white", alpha=0.75, edgecolor="none"))
+    ax.grid(axis="y", alpha=0.3)
 
 
 def display_image(image: sitk.Image, max_size: int | None = None) -> sitk.Image:
@@ -297,6 +339,7 @@ def registration_overview(
     notes: Sequence[str] = (),
     title: str = "",
     background: float = 0.0,
+    jacobian: sitk.Image | None = None,
 ) -> Path:
     """The picture `istn register` writes beside its outputs (``overview.png``): no labels at test time, so the
     fixed image, the moving image as it lies (unregistered, world coordinates), the warped moving image and a
@@ -304,6 +347,8 @@ def registration_overview(
     maps, ``notes`` and each stage's refinement loss.
 
     ``stages``: ``{name: RegistrationResult}`` in order; ``warped`` on ``fixed``'s grid; the maps on any grid.
+    ``jacobian``: a non-linear result's `jacobian_image` on any grid over the fixed image (its 4 mm lattice will
+    do), drawn in a fifth column.
     Every image is shown on ``fixed`` re-stored LPS (`display_image`, at most `OVERVIEW_MAX_SIZE` voxels per axis):
     the same picture whatever the storage.
     """
@@ -319,6 +364,7 @@ def registration_overview(
         coarse={n: x.coarse_iterations for n, x in stages.items()},
         polish={n: x.polish_iterations for n, x in stages.items()},
         passes={n: x.pass_iterations for n, x in stages.items()},
+        jacobian=None if jacobian is None else jacobian_on_grid(jacobian, shown),
     )
 
 

@@ -158,6 +158,16 @@ def jacobian_statistics(jacobian: np.ndarray) -> dict[str, float]:
             "folding_fraction": float(np.mean(jacobian <= 0))}
 
 
+#: A Jacobian map's display window never narrower than 1 -/+ this: a near-identity result stays near white.
+JACOBIAN_MIN_HALF_WIDTH = 0.05
+
+
+def jacobian_half_width(p1: float, p99: float) -> float:
+    """Half a Jacobian map's display window, centred on 1 (no change): the farther of its 1st and 99th
+    percentiles from 1, at least `JACOBIAN_MIN_HALF_WIDTH` (the Slicer volume and `overview.png` alike)."""
+    return max(abs(p1 - 1.0), abs(p99 - 1.0), JACOBIAN_MIN_HALF_WIDTH)
+
+
 def folding_fraction(transform: sitk.Transform, reference: sitk.Image | Grid, mask: sitk.Image | None = None) -> float:
     """Fraction of voxels (inside ``mask`` if given) where the Jacobian determinant is <= 0."""
     jac = jacobian_determinant(transform, reference)

@@ -239,7 +239,8 @@ def run_register(
         written.append("jacobian.nii.gz")
     if figure:
         try:
-            _overview(out / "overview.png", fixed, moving, warped, result, itn_moving, results, summary)
+            _overview(out / "overview.png", fixed, moving, warped, result, itn_moving, results, summary,
+                      jacobian_sample)
             summary["figure"] = "overview.png"
             written.append("overview.png")
         except Exception as exc:  # a picture never costs the user the registration's files
@@ -452,8 +453,9 @@ def stage_line(st: dict) -> str:
             f"{st['iterations']} iterations{polished}{stop}{alike}")
 
 
-def _overview(path: Path, fixed, moving, warped, result, itn_moving, results, summary: dict) -> None:
-    """``overview.png``: the images, the ITN maps and each stage's refinement, with what the terminal printed."""
+def _overview(path: Path, fixed, moving, warped, result, itn_moving, results, summary: dict, jacobian=None) -> None:
+    """``overview.png``: the images, the ITN maps and each stage's refinement, with what the terminal printed
+    (and a non-linear result's Jacobian determinant: ``jacobian``, its lattice)."""
     from ..figures import registration_overview
 
     notes = [f"fixed:  {shown_name(summary['fixed'])}", f"moving: {shown_name(summary['moving'])}", ""]
@@ -467,7 +469,7 @@ def _overview(path: Path, fixed, moving, warped, result, itn_moving, results, su
                           warped_moving_map=itn_moving, notes=[textwrap.fill(n, 48, subsequent_indent="  ")
                                                                for n in notes],
                           title=f"istn register: {shown_name(summary['moving'])} -> {shown_name(summary['fixed'])}",
-                          background=summary["background"])
+                          background=summary["background"], jacobian=jacobian)
 
 
 def _check_result(transform, images: dict) -> None:
