@@ -159,10 +159,12 @@ def test_register_refuses_a_broken_series_and_writes_nothing(volume, oblique_pai
     assert not out.exists() or not list(out.iterdir())
 
 
-def test_pictures_name_a_dicom_input_by_its_series_folder(volume, tmp_path):
+def test_pictures_name_a_dicom_input_by_its_series_description_and_folder(volume, tmp_path):
     from istn.commands.register import shown_name
 
-    files = write_series(volume, tmp_path / "T1_MPRAGE")
-    assert shown_name(tmp_path / "T1_MPRAGE") == "T1_MPRAGE (DICOM series)"
-    assert shown_name(files[3]) == "T1_MPRAGE (DICOM series)"  # not the one slice's file name
+    files = write_series(volume, tmp_path / "S0003", description="T1 MPRAGE  sag")
+    assert shown_name(tmp_path / "S0003") == "T1 MPRAGE sag (DICOM series, S0003)"
+    assert shown_name(files[3]) == "T1 MPRAGE sag (DICOM series, S0003)"  # not the one slice's file name
+    files = write_series(volume, tmp_path / "T1_MPRAGE", description="")  # a series without a description
+    assert shown_name(files[3]) == "T1_MPRAGE (DICOM series)"
     assert shown_name(tmp_path / "sub-01.nii.gz") == "sub-01.nii.gz"

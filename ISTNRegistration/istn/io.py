@@ -213,6 +213,17 @@ def _slice_steps(reader: sitk.ImageSeriesReader, n: int, image: sitk.Image) -> t
     return along, np.linalg.norm(steps - along[:, None] * normal, axis=1)
 
 
+def dicom_series_description(path: str | os.PathLike) -> str:
+    """The Series Description of a DICOM input: ``path`` one file of the series, or its folder (the first DICOM
+    file in it); "" when there is none or nothing can be read."""
+    p = Path(path)
+    if p.is_dir():
+        p = next((f for f in sorted(p.iterdir()) if f.is_file() and is_dicom_file(f)), None)
+        if p is None:
+            return ""
+    return _dicom_tag(p, SERIES_DESCRIPTION)
+
+
 def _series_summary(folder: Path, uid: str) -> str:
     """One series in a listing: its description and file count, e.g. "T1 MPRAGE: 176 files, e.g. IM0001.dcm"."""
     files = _series_files(folder, uid)

@@ -280,13 +280,16 @@ def subject_name(path: str | Path) -> str:
 
 
 def shown_name(path: str | Path) -> str:
-    """An input as a picture names it: its file name, or for a DICOM series (its folder, or one file of it) the
-    series' folder, so that a slice's file name does not stand for the volume."""
-    from ..io import is_dicom_file
+    """An input as a picture names it: its file name, or for a DICOM series (its folder, or one file of it) its
+    Series Description and folder, so that a slice's file name (or a scanner's folder number) does not stand for
+    the volume."""
+    from ..io import dicom_series_description, is_dicom_file
 
     p = Path(path)
     if p.is_dir() or is_dicom_file(p):
-        return f"{subject_name(p)} (DICOM series)"
+        description = " ".join(dicom_series_description(p).split())  # one line, however the header spaces it
+        folder = subject_name(p)
+        return f"{description} (DICOM series, {folder})" if description else f"{folder} (DICOM series)"
     return p.name
 
 
