@@ -107,6 +107,21 @@ def test_ui_is_a_slicer_panel_with_the_issue_sections():
     assert ui_property(advanced, "collapsed") == "true"
 
 
+
+def test_the_refinement_tuning_waits_under_advanced():
+    """What a user sets (iterations, live update, second try) is in sight; the refinement's fine tuning, every
+    setting of which defaults to the model's own, is in the collapsed Advanced section (with device and seed)."""
+    root = ui_tree()
+
+    def bound_in(section: str) -> set[str]:
+        box = next(w for w in root.iter("widget") if ui_property(w, "text") == section)
+        return {ui_property(w, "SlicerParameterName") for w in box.iter("widget")} - {None}
+
+    assert bound_in("Refinement") == {"iterations", "liveUpdate", "retryVaried"}
+    assert {"learningRate", "bending", "anchor", "tolerance", "coarseIterations", "refineLayers", "comparedRegion",
+            "polish", "passes", "device", "seed"} <= bound_in("Advanced")
+
+
 def test_every_widget_the_code_touches_exists():
     missing = ui_attributes_used() - set(ui_widgets())
     assert not missing, f"ISTNRegistration.py uses widgets the .ui lacks: {sorted(missing)}"

@@ -70,22 +70,26 @@ def qt_ui_text() -> tuple[str, set[str]]:
 def bundled_models() -> tuple[list[str], int, str]:
     """Labels of the bundled models, the index of the one shown (the B-spline if any) and its description.
 
-    Read from the model files themselves when they are there (no torch needed);
-    otherwise illustrative entries with the names the bundled models will have.
+    Read from the model files themselves (`ISTNRegistrationLib.models`, zip + JSON: no torch, and loaded without
+    the package's ``__init__``, which needs slicer-core's vtk; the picture does not); entries that say the files
+    are absent when they are.
     """
-    sys.path.insert(0, str(REPO / "ISTNRegistration"))
-    try:
-        from ISTNRegistrationLib.models import bundledModels
+    import types
 
-        found = bundledModels()
-    except Exception:  # the library needs slicer-core's vtk; the picture does not
-        found = []
+    sys.path.insert(0, str(REPO / "ISTNRegistration"))  # the engine's torch-free istn.config, as the __init__ does
+    if "ISTNRegistrationLib" not in sys.modules:  # the package without its __init__: models.py needs i18n and istn.config
+        package = types.ModuleType("ISTNRegistrationLib")
+        package.__path__ = [str(REPO / "ISTNRegistration" / "ISTNRegistrationLib")]
+        sys.modules["ISTNRegistrationLib"] = package
+    from ISTNRegistrationLib.models import bundledModels
+
+    found = bundledModels()
     if found:
         shown = next((i for i, m in enumerate(found) if m.transformType == "bspline"), 0)
         return [m.label for m in found], shown, found[shown].describe()
     return (["Affine: brain-t1-affine", "B-spline: brain-t1-bspline"], 1,
             "ISTN-E bspline 3D model, internal grid 48x48x48 at 4.0 mm, control points every 30.0 mm; "
-            "structures of interest: sub-cortical structures (illustrative entry: no bundled model yet).")
+            "structures of interest: sub-cortical structures (the model files are absent from this checkout).")
 
 
 def render(out: Path) -> Path:
