@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from istn import demo
 from istn.cli import main, run_apply
 from istn.registration import warp_image
 
@@ -130,3 +131,129 @@ def test_bad_input_is_refused_in_one_line_and_nothing_written(scene3d, tmp_path,
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "new").exists()
+
+
+# --------------------------------------------------------------------------
+# --inverse: an image of the fixed space onto the moving grid
+# --------------------------------------------------------------------------
+def _moving_points(moving: sitk.Image, n: int = 500, seed: int = 1) -> np.ndarray:
+    """Random world points inside ``moving``'s field of view, off its voxel centres."""
+    rng = np.random.default_rng(seed)
+    index = rng.uniform(0, 1, (n, 3)) * (np.asarray(moving.GetSize()) - 1)
+    return np.array([moving.TransformContinuousIndexToPhysicalPoint(p.tolist()) for p in index])
+
+
+def _smooth_deformation(around: sitk.Image, seed: int = 3, sd_mm: float = 2.5) -> sitk.BSplineTransform:
+    """A B-spline whose domain covers ``around`` with 40 mm to spare and whose displacement fades to zero before
+    the domain's edge (ITK's B-spline stops there; a registration's lies over the fixed image the same way)."""
+    pad = sitk.ConstantPad(around, [int(40 / s) for s in around.GetSpacing()] * 1, [int(40 / s) for s in around.GetSpacing()])
+    mesh = sitk.BSplineTransformInitializer(pad, (8, 8, 8))
+    shape = (3, 11, 11, 11)  # 3 components x (mesh + 3) control points per axis
+    inner = np.zeros(shape[1:], bool)
+    inner[3:-3, 3:-3, 3:-3] = True
+    values = np.random.default_rng(seed).normal(0, sd_mm, shape) * inner
+    mesh.SetParameters(tuple(values.ravel()))
+    return mesh
+
+
+def test_the_inverse_of_an_affine_is_its_exact_inverse(scene3d):
+    from istn.inverse import inverse_transform
+
+    _, _, moving, _, affine, _ = scene3d
+    inv = inverse_transform(affine, moving)
+    assert inv.exact and inv.round_trip_mm["max"] < 1e-9
+    for y in _moving_points(moving, 20):
+        np.testing.assert_allclose(affine.TransformPoint(inv.transform.TransformPoint(y.tolist())), y, atol=1e-9)
+
+
+def test_the_inverse_of_affine_plus_bspline_round_trips_both_ways(scene3d):
+    """forward(inverse(y)) = y at points of the moving image's field of view off the 4 mm lattice, and
+    inverse(forward(x)) = x, to 0.1 mm (5 % of a voxel); the deformation is large enough that the linear part's
+    inverse alone misses by millimetres; beyond the lattice the inverse is the linear part's, not the identity."""
+    from istn.inverse import inverse_transform
+
+    _, fixed, moving, _, affine, _ = scene3d
+    both = sitk.CompositeTransform([affine, _smooth_deformation(fixed)])  # the B-spline first, in fixed space
+    inv = inverse_transform(both, moving, 4.0)
+    assert not inv.exact and inv.round_trip_mm["max"] < 0.1 and inv.round_trip_mm["over_warn"] == 0
+    ys = _moving_points(moving)
+    back = np.array([inv.transform.TransformPoint(y.tolist()) for y in ys])
+    there = np.array([both.TransformPoint(x.tolist()) for x in back])
+    assert np.abs(there - ys).max() < 0.1
+    again = np.array([inv.transform.TransformPoint(both.TransformPoint(x.tolist())) for x in back])
+    assert np.abs(again - back).max() < 0.1
+    affine_only = np.array([affine.GetInverse().TransformPoint(y.tolist()) for y in ys])
+    assert np.linalg.norm(affine_only - back, axis=1).max() > 2.0
+    far = (500.0, -400.0, 300.0)
+    np.testing.assert_allclose(inv.transform.TransformPoint(far), affine.GetInverse().TransformPoint(far), atol=1e-6)
+
+
+def test_apply_inverse_brings_an_image_of_the_fixed_space_onto_the_moving_grid(scene3d, tmp_path, capsys):
+    """The moving image taken into the fixed space (exactly) and brought back with --inverse onto the moving grid
+    is the moving image again where the fixed grid saw it; labels come back as labels; an affine is exact."""
+    paths, fixed, moving, labels, affine, _ = scene3d
+    both = sitk.CompositeTransform([affine, _smooth_deformation(fixed)])
+    sitk.WriteTransform(both, str(tmp_path / "smooth.h5"))
+    in_fixed = sitk.Resample(moving, fixed, both, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    sitk.WriteImage(in_fixed, str(tmp_path / "in_fixed.nii.gz"))
+    out = tmp_path / "back.nii.gz"
+    assert main(["apply", "--inverse", "--transform", str(tmp_path / "smooth.h5"), "--reference", str(paths["intensities"]),
+                 "--input", str(tmp_path / "in_fixed.nii.gz"), "--out", str(out), "--background", "-1"]) == 0
+    printed = capsys.readouterr().out
+    # every moving voxel (1.8 x 2.2 x 3.2 mm) on the lattice: the mesh / 8 = 2.5 mm is finer than 2 of its spacings
+    assert "inverse: solved on a 1.8 x 2.2 x 3.2 mm lattice" in printed and "round trip within" in printed
+    back = sitk.ReadImage(str(out))
+    assert back.GetSize() == moving.GetSize() and np.allclose(back.GetDirection(), moving.GetDirection())
+    got, want = sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(moving)
+    seen = got > -1  # inside the fixed grid's field of view
+    assert seen.mean() > 0.2  # (the fixed grid is oblique and smaller)
+    assert np.abs(got - want)[seen].mean() < 0.02 * np.ptp(want)  # two linear resamplings apart, no more
+    # without --inverse the same command resamples the other way: not the moving image
+    assert main(["apply", "--transform", str(tmp_path / "smooth.h5"), "--reference", str(paths["intensities"]),
+                 "--input", str(tmp_path / "in_fixed.nii.gz"), "--out", str(tmp_path / "wrong.nii.gz")]) == 0
+    wrong = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "wrong.nii.gz")))
+    assert np.abs(wrong - want)[seen].mean() > 3 * np.abs(got - want)[seen].mean()
+    labels_in_fixed = sitk.Resample(labels, fixed, both, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    sitk.WriteImage(labels_in_fixed, str(tmp_path / "labels_in_fixed.nrrd"))
+    s = run_apply(paths["affine"], paths["labels"], tmp_path / "labels_in_fixed.nrrd", tmp_path / "lb.nrrd",
+                  inverse=True)
+    assert s["inverse"]["exact"] and s["interpolation"].startswith("nearest")
+    assert sitk.ReadImage(str(tmp_path / "lb.nrrd")).GetPixelID() == sitk.sitkUInt8
+
+
+def test_an_inverse_that_misses_is_reported(scene3d, tmp_path, capsys):
+    """scene3d's B-spline ends abruptly where its domain does (ITK's B-spline displaces nothing beyond it), inside
+    the moving image's field of view: no transform's inverse can follow a jump, and the user is told where."""
+    paths = scene3d[0]
+    assert main(["apply", "--inverse", "--transform", str(paths["bspline"]), "--reference", str(paths["intensities"]),
+                 "--input", str(paths["fixed"]), "--out", str(tmp_path / "back.nii.gz")]) == 0
+    err = capsys.readouterr().err
+    assert "istn apply: warning: the inverse misses by more than 0.5 mm at" in err and "check those regions" in err
+    assert (tmp_path / "back.nii.gz").is_file()
+
+
+@pytest.mark.skipif(not (demo.MODELS_DIR / demo.AFFINE_MODEL).exists(), reason="bundled models absent")
+def test_atlas_labels_reach_a_scanner_placed_head_through_the_inverse(tmp_path):
+    """The sample pair, the moving head placed in a scanner position (demo), registered with the bundled models:
+    the FIXED image's labels brought onto the moving head's own grid with --inverse score against the moving
+    head's labels as the forward direction scores (moving labels onto the fixed grid), far above where they lie."""
+    from istn.cli import run_evaluate
+
+    pair = demo.sample_pair()
+    moving, moving_labels, _ = demo.place_in_scanner(pair["moving"], pair["moving_labels"])
+    files = {"fixed": pair["fixed"], "moving": moving, "fixed_labels": pair["fixed_labels"],
+             "moving_labels": moving_labels}
+    for name, image in files.items():
+        sitk.WriteImage(image, str(tmp_path / f"{name}.nii.gz"))
+    assert main(["register", "--fixed", str(tmp_path / "fixed.nii.gz"), "--moving", str(tmp_path / "moving.nii.gz"),
+                 "--out", str(tmp_path / "result"), "--no-figure", "--quiet"]) == 0
+    transform = tmp_path / "result" / "transform.h5"
+    s = run_apply(transform, tmp_path / "moving.nii.gz", tmp_path / "fixed_labels.nii.gz",
+                  tmp_path / "atlas_on_moving.nii.gz", inverse=True)
+    assert s["inverse"]["round_trip_mm"]["max"] < 0.1
+    inverse = run_evaluate(tmp_path / "atlas_on_moving.nii.gz", tmp_path / "moving_labels.nii.gz", None)["mean"]["dice"]
+    forward = run_evaluate(tmp_path / "fixed_labels.nii.gz", tmp_path / "moving_labels.nii.gz", transform)["mean"]["dice"]
+    where_they_lie = run_evaluate(tmp_path / "fixed_labels.nii.gz", tmp_path / "moving_labels.nii.gz",
+                                  None)["mean"]["dice"]
+    print(f"Dice: inverse {inverse:.3f}, forward {forward:.3f}, where they lie {where_they_lie:.3f}")
+    assert forward > 0.75 and abs(inverse - forward) < 0.03 and where_they_lie < 0.2, (inverse, forward, where_they_lie)

@@ -157,6 +157,16 @@ class Grid:
         return self.apply_to(img)
 
 
+def field_lattice(reference: Grid, spacing: float) -> Grid:
+    """A lattice over ``reference``'s field of view about every ``spacing`` mm: its origin and direction, per axis a
+    whole multiple ``k = round(spacing / reference spacing)`` (at least 1) of its spacing (every reference voxel
+    lies on the lattice's lines) and enough points to cover its last voxel."""
+    k = [max(1, int(round(spacing / s))) for s in reference.spacing]
+    size = tuple((n - 1 + kk - 1) // kk + 1 for n, kk in zip(reference.size, k))
+    return Grid(size=size, spacing=tuple(kk * s for kk, s in zip(k, reference.spacing)), origin=reference.origin,
+                direction=reference.direction)
+
+
 def apply_homogeneous(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     """Apply a ``(D+1, D+1)`` homogeneous matrix to ``(..., D)`` points."""
     d = matrix.shape[0] - 1

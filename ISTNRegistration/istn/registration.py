@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from .data import image_to_tensor, network_grid
 from .errors import InputError
 from .export import LoadedModel
-from .geometry import Grid
+from .geometry import Grid, field_lattice
 from .inputs import PreparedImage, prepare_image
 from .losses import anchor_energy, anchored_control_points, bending_energy
 from .metrics import field_jacobian_determinant, jacobian_determinant, mutual_information
@@ -49,8 +49,8 @@ from .refinement import (DEFAULT_ITERATIONS, MAP_DISPLAY_THRESHOLD, REFINE_LAYER
                          RefineOutput, model_region_margin, refine, refinement_layers, supports_fc_refinement)
 from .threads import default_threads
 from .training import resolve_device
-from .transforms import (bspline_to_world, compose, flatten_transform, matrix_to_sitk_affine, sitk_affine_to_matrix,
-                         theta_to_world)
+from .transforms import (bspline_to_world, compose, field_spacing_cap, flatten_transform, matrix_to_sitk_affine,
+                         sitk_affine_to_matrix, theta_to_world)
 
 @dataclass
 class RegistrationResult:
@@ -145,9 +145,6 @@ class RegistrationResult:
 # B-spline's control point spacing (`displacement_field`): with the bundled 30 mm mesh the field moves points by
 # 0.005 mm at most over the brain, 12x faster than the exact warp at 1 mm 256^3 (benchmarks/results/final_warp.md).
 OUTPUT_FIELD_SPACING_MM = 4.0
-# The field's spacing is at most this fraction of the finest B-spline control point spacing in the transform:
-# linear interpolation's error grows as (spacing / mesh)^2.
-FIELD_PER_MESH = 1.0 / 8.0
 
 
 def warp_image(
@@ -228,7 +225,7 @@ def _resample_through_field(moving: sitk.Image, reference: Grid, field: sitk.Ima
 def displacement_field(transform: sitk.Transform, reference: Grid, spacing: float) -> sitk.Image | None:
     """``transform`` sampled as a float64 displacement field (mm) covering ``reference`` about every ``spacing`` mm.
 
-    ``spacing`` is first capped at `FIELD_PER_MESH` times the finest control
+    ``spacing`` is first capped (`istn.transforms.field_spacing_cap`) at an eighth of the finest control
     point spacing of the B-splines (and at the spacing of the displacement
     fields) inside ``transform``. The field has the reference's origin and
     direction; per axis a whole multiple ``k = round(spacing / reference
@@ -237,21 +234,11 @@ def displacement_field(transform: sitk.Transform, reference: Grid, spacing: floa
     reference's last voxel. None when it would not have at least 4x fewer
     points than the reference.
     """
-    flat = flatten_transform(transform)
-    parts = [flat.GetNthTransform(i) for i in range(flat.GetNumberOfTransforms())] \
-        if isinstance(flat, sitk.CompositeTransform) else [flat]
-    for part in parts:
-        part = part.Downcast() if hasattr(part, "Downcast") else part
-        if isinstance(part, (sitk.BSplineTransform, sitk.DisplacementFieldTransform)):
-            n = part.GetDimension()  # both keep size, origin, spacing, ... in their fixed parameters
-            lattice = min(part.GetFixedParameters()[2 * n:3 * n])
-            spacing = min(spacing, FIELD_PER_MESH * lattice if isinstance(part, sitk.BSplineTransform) else lattice)
-    k = [max(1, int(round(spacing / s))) for s in reference.spacing]
-    size = [(n - 1 + kk - 1) // kk + 1 for n, kk in zip(reference.size, k)]
-    if 4 * int(np.prod(size)) > int(np.prod(reference.size)):
+    lattice = field_lattice(reference, field_spacing_cap(transform, spacing))
+    if 4 * int(np.prod(lattice.size)) > int(np.prod(reference.size)):
         return None
-    return sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, size, reference.origin,
-                                             [kk * s for kk, s in zip(k, reference.spacing)], reference.direction)
+    return sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, list(lattice.size), lattice.origin,
+                                             lattice.spacing, lattice.direction)
 
 
 def jacobian_image(transform: sitk.Transform, reference: sitk.Image | Grid,

@@ -291,3 +291,23 @@ def flatten_transform(transform: sitk.Transform) -> sitk.Transform:
             return flatten_transform(flat.GetNthTransform(0))
         return flat
     return tx
+
+
+# A displacement field sampling a B-spline is at most this fraction of its control point spacing: linear
+# interpolation's error grows as (spacing / mesh)^2.
+FIELD_PER_MESH = 1.0 / 8.0
+
+
+def field_spacing_cap(transform: sitk.Transform, spacing: float) -> float:
+    """``spacing`` (mm) of a displacement field that samples ``transform``, capped at `FIELD_PER_MESH` times the
+    finest control point spacing of the B-splines in it and at the spacing of the displacement fields in it."""
+    flat = flatten_transform(transform)
+    parts = [flat.GetNthTransform(i) for i in range(flat.GetNumberOfTransforms())] \
+        if isinstance(flat, sitk.CompositeTransform) else [flat]
+    for part in parts:
+        part = part.Downcast() if hasattr(part, "Downcast") else part
+        if isinstance(part, (sitk.BSplineTransform, sitk.DisplacementFieldTransform)):
+            n = part.GetDimension()  # both keep size, origin, spacing, ... in their fixed parameters
+            lattice = min(part.GetFixedParameters()[2 * n:3 * n])
+            spacing = min(spacing, FIELD_PER_MESH * lattice if isinstance(part, sitk.BSplineTransform) else lattice)
+    return spacing

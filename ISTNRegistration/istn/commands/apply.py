@@ -1,4 +1,5 @@
-"""`istn apply`: other images of the moving space through a written transform onto the fixed grid."""
+"""`istn apply`: other images of the moving space through a written transform onto the fixed grid (and, with
+``--inverse``, images of the fixed space onto the moving grid)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,15 @@ APPLY_INTERPOLATIONS = ("auto", "linear", "nearest")
 
 
 def run_apply(transform_path: str | Path, reference_path: str | Path, input_path: str | Path, out_path: str | Path,
-              interpolation: str = "auto", background: float | None = None, overwrite: bool = False) -> dict:
+              interpolation: str = "auto", background: float | None = None, overwrite: bool = False,
+              inverse: bool = False) -> dict:
     """Resample ``input`` (a label map, another contrast, a mask) onto ``reference``'s grid through a transform
     that `istn register` wrote (fixed -> moving: ``reference`` is the fixed image, ``input`` lies in the moving
     image's space), and write it to ``out``.
+
+    ``inverse``: the other way, through the transform's inverse (`istn.inverse.inverse_transform`, over
+    ``reference``): ``reference`` is the MOVING image, ``input`` lies in the fixed image's space (an atlas' labels
+    brought onto a subject's own grid). The summary's "inverse" says how exact it is (its round trip, mm).
 
     ``interpolation="auto"``: nearest neighbour for a label map (integer values that form regions, as
     `run_evaluate` tells them from intensities; its pixel type kept, so the labels stay labels), else linear
@@ -73,6 +79,12 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
     # labels keep their pixel type, intensities become float32: can the file hold that, as a whole image?
     _check_writable_format(out, reference.GetDimension(),
                            image.GetPixelID() if interpolation == "nearest" else sitk.sitkFloat32)
+    inverted = None
+    if inverse:  # moving -> fixed points, solved over the grid resampled onto (where its points are needed)
+        from ..inverse import inverse_transform
+
+        inverted = inverse_transform(tx, reference, OUTPUT_FIELD_SPACING_MM)
+        tx = inverted.transform
     if interpolation == "nearest":
         fill = 0.0 if background is None else background
         warped = warp_image(image, reference, tx, sitk.sitkNearestNeighbor, fill, field_spacing=OUTPUT_FIELD_SPACING_MM)
@@ -92,10 +104,30 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
                "out": str(out), "interpolation": chosen, "background": fill,
                "size": list(warped.GetSize()), "spacing": list(warped.GetSpacing()),
                "seconds": time.perf_counter() - t0}
+    if inverted is not None:
+        summary["inverse"] = inverted.summary()
+        if inverted.round_trip_mm["over_warn"] > 0:
+            from ..inverse import ROUND_TRIP_WARN_MM
+
+            summary["inverse"]["warning"] = (
+                f"the inverse misses by more than {ROUND_TRIP_WARN_MM:g} mm at "
+                f"{100 * inverted.round_trip_mm['over_warn']:.1f} % of the points checked (the transform folds "
+                "there, or leaves the reference's field of view): check those regions")
     if interpolation == "nearest" and label_map:
         lost = sorted(labels - label_values(warped))
         summary["labels_outside_the_reference"] = lost
     return summary
+
+
+def inverse_line(inverse: dict) -> str:
+    """The summary's "inverse" as `istn apply --inverse` prints it."""
+    if inverse["exact"]:
+        return "inverse: exact (a linear transform)"
+    trip = inverse["round_trip_mm"]
+    lattice = " x ".join(f"{v:g}" for v in inverse["lattice_mm"])
+    return (f"inverse: solved on a {lattice} mm lattice over the reference in {inverse['iterations']} "
+            f"iterations; round trip within {trip['median']:.3f} mm (median), {trip['max']:.3f} mm (max) of the "
+            "points checked")
 
 
 def _check_writable_format(out: Path, ndim: int, pixel_id: int) -> None:
