@@ -278,3 +278,34 @@ def test_the_inverse_of_a_2d_affine_plus_bspline_round_trips(pair2d):
     for index in rng.uniform(0, 1, (50, 2)) * (np.asarray(moving.GetSize()) - 1):
         y = moving.TransformContinuousIndexToPhysicalPoint(index.tolist())
         np.testing.assert_allclose(both.TransformPoint(inv.transform.TransformPoint(y)), y, atol=0.1)
+
+
+def test_invert_writes_the_inverse_any_itk_reader_takes_back(scene3d, tmp_path, capsys):
+    """`istn invert` writes what `istn apply --inverse` goes through: read back by SimpleITK, it maps the forward
+    transform's images back (within 0.1 mm); an affine's is exact and may be a .tfm; a non-linear one must be .h5,
+    an existing --out is kept, and nothing is written on a refusal."""
+    paths, fixed, moving, _, affine, _ = scene3d
+    both = sitk.CompositeTransform([affine, _smooth_deformation(fixed)])
+    sitk.WriteTransform(both, str(tmp_path / "smooth.h5"))
+    out = tmp_path / "inv" / "inverse.h5"
+    assert main(["invert", "--transform", str(tmp_path / "smooth.h5"), "--reference", str(paths["intensities"]),
+                 "--out", str(out)]) == 0
+    assert "round trip within" in capsys.readouterr().out
+    back = sitk.ReadTransform(str(out))
+    for y in _moving_points(moving, 100):
+        np.testing.assert_allclose(both.TransformPoint(back.TransformPoint(y.tolist())), y, atol=0.1)
+    assert main(["invert", "--transform", str(paths["affine"]), "--reference", str(paths["intensities"]),
+                 "--out", str(tmp_path / "affine_inverse.tfm")]) == 0
+    exact = sitk.ReadTransform(str(tmp_path / "affine_inverse.tfm"))
+    for y in _moving_points(moving, 10):
+        np.testing.assert_allclose(affine.TransformPoint(exact.TransformPoint(y.tolist())), y, atol=1e-6)
+    capsys.readouterr()
+    before = out.read_bytes()
+    for bad, message in ((["--out", str(out)], "exists; choose another file name, or --overwrite"),
+                         (["--out", str(tmp_path / "inverse.tfm")], "only HDF5 transform files keep: name it inverse.h5"),
+                         (["--out", str(tmp_path / "inverse.nii.gz")], "a transform file is named .h5")):
+        assert main(["invert", "--transform", str(tmp_path / "smooth.h5"), "--reference", str(paths["intensities"])]
+                    + bad) == 2
+        assert message in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert not (tmp_path / "inverse.tfm").exists() and not (tmp_path / "inverse.nii.gz").exists()

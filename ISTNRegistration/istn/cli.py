@@ -9,6 +9,7 @@
     istn evaluate  --fixed-labels F --moving-labels M --transform T [--labels ..] [--out metrics.json]
     istn apply     --transform T --reference F --input I --out O [--interpolation auto] [--background V]
     istn apply     --inverse --transform T --reference M --input I --out O   (fixed space -> the moving grid)
+    istn invert    --transform T --reference M --out inverse.h5                (moving -> fixed points)
     istn info      --model P
     istn data prepare --out DIR
     istn demo      [--out DIR]
@@ -26,7 +27,7 @@ import traceback
 from pathlib import Path
 from typing import Sequence
 
-from .commands.apply import APPLY_INTERPOLATIONS, inverse_line, run_apply
+from .commands.apply import APPLY_INTERPOLATIONS, inverse_line, run_apply, run_invert
 from .commands.evaluate import print_metrics, run_evaluate, value_list
 from .commands.register import (BATCH_SUMMARY, REGISTER_OPTIONAL_OUTPUTS, REGISTER_OUTPUTS, check_register_options,
                                 jacobian_line, run_register, run_register_many, stage_line, subject_name, varied_hint)
@@ -34,8 +35,8 @@ from .commands.train import run_train
 from .errors import ISTNError, ResultError, first_line
 
 __all__ = ["APPLY_INTERPOLATIONS", "BATCH_SUMMARY", "REGISTER_OPTIONAL_OUTPUTS", "REGISTER_OUTPUTS", "build_parser",
-           "check_register_options", "main", "run_apply", "run_evaluate", "run_register", "run_register_many",
-           "run_train", "subject_name"]
+           "check_register_options", "main", "run_apply", "run_evaluate", "run_invert", "run_register",
+           "run_register_many", "run_train", "subject_name"]
 
 
 # --------------------------------------------------------------------------
@@ -139,6 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     a.add_argument("--verbose", action="store_true", help="show the libraries' own messages behind an error")
 
+    v = sub.add_parser("invert", help="write the inverse of a result's transform (moving -> fixed points)",
+                       description="Write the inverse of a transform istn register wrote (fixed -> moving): moving "
+                                   "world points -> fixed world points, for ITK, ANTs or Slicer (what istn apply "
+                                   "--inverse goes through). A non-linear one is solved on a 4 mm lattice over "
+                                   "--reference and written as HDF5 (.h5); its round-trip error is printed.")
+    v.add_argument("--transform", required=True, help="transform file (e.g. result/transform.h5)")
+    v.add_argument("--reference", required=True, help="the moving image (any format --moving takes): where the "
+                                                     "inverse is solved")
+    v.add_argument("--out", required=True, help="the inverse's transform file (e.g. result/inverse.h5)")
+    v.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    v.add_argument("--verbose", action="store_true", help="show the libraries' own messages behind an error")
+
     t = sub.add_parser("train", help="train a variant from CSV pair lists or a config file")
     t.add_argument("--config", help="JSON TrainConfig (see istn.config)")
     t.add_argument("--train-csv")
@@ -232,6 +245,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if s.get("labels_outside_the_reference"):
                 print(f"istn apply: note: label(s) {value_list(s['labels_outside_the_reference'])} fall outside "
                       "the reference grid", file=sys.stderr)
+        elif args.command == "invert":
+            s = run_invert(args.transform, args.reference, args.out, args.overwrite)
+            print(f"{Path(s['transform']).name} inverted -> {s['out']} ({s['maps']}), {s['seconds']:.2f} s")
+            print(inverse_line(s["inverse"]))
+            if s["inverse"].get("warning"):
+                print(f"istn invert: warning: {s['inverse']['warning']}", file=sys.stderr)
         elif args.command == "train":
             run_train(args)
         elif args.command == "info":

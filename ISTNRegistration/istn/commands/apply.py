@@ -1,5 +1,5 @@
 """`istn apply`: other images of the moving space through a written transform onto the fixed grid (and, with
-``--inverse``, images of the fixed space onto the moving grid)."""
+``--inverse``, images of the fixed space onto the moving grid); `istn invert`: that inverse as a transform file."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from ..errors import InputError, ResultError
 from .evaluate import label_values, looks_like_intensities
 
 APPLY_INTERPOLATIONS = ("auto", "linear", "nearest")
+#: Transform files ITK, SimpleITK, ANTs and Slicer read; a displacement field (a non-linear inverse) needs HDF5
+TRANSFORM_SUFFIXES = (".h5", ".hdf5", ".tfm", ".txt", ".mat")
+FIELD_SUFFIXES = (".h5", ".hdf5")
 
 
 def run_apply(transform_path: str | Path, reference_path: str | Path, input_path: str | Path, out_path: str | Path,
@@ -106,17 +109,68 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
                "seconds": time.perf_counter() - t0}
     if inverted is not None:
         summary["inverse"] = inverted.summary()
-        if inverted.round_trip_mm["over_warn"] > 0:
-            from ..inverse import ROUND_TRIP_WARN_MM
-
-            summary["inverse"]["warning"] = (
-                f"the inverse misses by more than {ROUND_TRIP_WARN_MM:g} mm at "
-                f"{100 * inverted.round_trip_mm['over_warn']:.1f} % of the points checked (the transform folds "
-                "there, or leaves the reference's field of view): check those regions")
+        _warn_if_it_misses(summary["inverse"], inverted.round_trip_mm)
     if interpolation == "nearest" and label_map:
         lost = sorted(labels - label_values(warped))
         summary["labels_outside_the_reference"] = lost
     return summary
+
+
+def run_invert(transform_path: str | Path, reference_path: str | Path, out_path: str | Path,
+               overwrite: bool = False) -> dict:
+    """Write the inverse of a transform `istn register` wrote (fixed -> moving) as a transform file (moving ->
+    fixed world points), for ITK, ANTs or Slicer: `istn.inverse.inverse_transform` over ``reference``, the MOVING
+    image's grid (where its points are needed). A linear transform's is exact (any transform file type); a
+    non-linear one holds a displacement field and is written as HDF5 (.h5). ``out`` is checked before any work; an
+    existing one is refused unless ``overwrite``, an input never. Returns the summary (its "inverse" as
+    `run_apply`'s)."""
+    from ..errors import OutputError
+    from ..inverse import inverse_transform
+    from ..io import read_raw_image, read_transform, write_transform
+    from ..registration import OUTPUT_FIELD_SPACING_MM
+
+    t0 = time.perf_counter()
+    out = Path(out_path)
+    if out.is_dir():
+        raise OutputError(f"--out '{out}' is a folder: give the transform's file name (e.g. {out / 'inverse.h5'})")
+    if out.exists() and any(out.resolve() == Path(p).resolve() for p in (transform_path, reference_path)
+                            if Path(p).exists()):
+        raise OutputError(f"--out '{out}' is one of the inputs; choose another file name")
+    if out.exists() and not overwrite:
+        raise OutputError(f"--out '{out}' exists; choose another file name, or --overwrite to replace it")
+    suffix = out.suffix.lower()
+    if suffix not in TRANSFORM_SUFFIXES:
+        raise InputError(f"--out '{out}': a transform file is named {', '.join(TRANSFORM_SUFFIXES)} (.h5 for a "
+                         "non-linear inverse)")
+    tx = read_transform(transform_path, "--transform")
+    reference = read_raw_image(reference_path, "--reference image")
+    if reference.GetDimension() != tx.GetDimension():
+        raise InputError(f"--reference image '{reference_path}' is {reference.GetDimension()}D but --transform "
+                         f"'{transform_path}' is {tx.GetDimension()}D")
+    if not tx.IsLinear() and suffix not in FIELD_SUFFIXES:
+        raise InputError(f"--out '{out}': the inverse of a non-linear transform holds a displacement field, which "
+                         f"only HDF5 transform files keep: name it {out.with_suffix('.h5').name}")
+    inverted = inverse_transform(tx, reference, OUTPUT_FIELD_SPACING_MM)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"--out '{out}': its folder cannot be created: {exc.strerror}") from None
+    write_transform(inverted.transform, out)
+    summary = {"transform": str(transform_path), "reference": str(reference_path), "out": str(out),
+               "maps": "moving world points (mm, LPS) -> fixed world points", "inverse": inverted.summary(),
+               "seconds": time.perf_counter() - t0}
+    _warn_if_it_misses(summary["inverse"], inverted.round_trip_mm)
+    return summary
+
+
+def _warn_if_it_misses(summary: dict, round_trip: dict) -> None:
+    """A warning in an inverse's summary when its round trip misses by more than `ROUND_TRIP_WARN_MM` anywhere."""
+    from ..inverse import ROUND_TRIP_WARN_MM
+
+    if round_trip["over_warn"] > 0:
+        summary["warning"] = (f"the inverse misses by more than {ROUND_TRIP_WARN_MM:g} mm at "
+                              f"{100 * round_trip['over_warn']:.1f} % of the points checked (the transform folds "
+                              "there, or leaves the reference's field of view): check those regions")
 
 
 def inverse_line(inverse: dict) -> str:
