@@ -279,7 +279,8 @@ def registration_figure(
 
 
 def _jacobian_histogram(ax, values: np.ndarray, stats: Mapping[str, float], norm) -> None:
-    """The Jacobian determinant's histogram over the head, its bars in the colours of the map panels."""
+    """The Jacobian determinant's histogram over the fixed image's foreground (the head), its bars in the colours of
+    the map panels."""
     import matplotlib.pyplot as plt
 
     lo, hi = norm.vmin, norm.vmax
@@ -293,7 +294,7 @@ def _jacobian_histogram(ax, values: np.ndarray, stats: Mapping[str, float], norm
     ax.axvline(1.0, color="0.3", lw=0.8, ls="--")
     ax.set_xlim(edges[0], edges[-1])
     ax.set_xlabel("Jacobian determinant")
-    ax.set_ylabel("% of the head's voxels")
+    ax.set_ylabel("% of the foreground's voxels")
     ax.set_title("Local volume change, moving / fixed", fontsize=11)
     # the numbers `istn register` prints and the Slicer summary gives: over the whole grid
     ax.text(0.02, 0.98, f"whole grid: 1st-99th percentile\n{stats['p1']:.3f} to {stats['p99']:.3f}, "
