@@ -66,11 +66,12 @@ def inverse_transform(transform: sitk.Transform, reference: sitk.Image | Grid, s
     """The inverse of ``transform`` (fixed -> moving world points) over ``reference``, the MOVING image's grid.
 
     Linear: its exact inverse. Non-linear: for each point ``y`` of `field_lattice` (``spacing`` mm, capped by
-    `field_spacing_cap`, as `istn.registration.displacement_field`) the fixed point ``x`` with ``transform(x) = y``, found by the
-    iteration ``x <- x + A^-1 (y - transform(x))`` from the linear part's inverse (``A`` its matrix; it converges
-    where the deformation on top of the linear part does not fold), ``transform`` evaluated through its
-    displacement field sampled every ``spacing`` over the region those points span. Written as the
-    displacement field ``d(y) = L(x) - y`` on the lattice followed by ``L^-1`` (``L`` the linear part).
+    `field_spacing_cap` as `istn.registration.displacement_field` caps it) the fixed point ``x`` with
+    ``transform(x) = y``, found by the iteration ``x <- x + A^-1 (y - transform(x))`` from the linear part's
+    inverse (``A`` its matrix; it converges where the deformation on top of the linear part does not fold),
+    ``transform`` evaluated through its displacement field sampled every ``spacing`` over the region those points
+    span. Written as the displacement field ``d(y) = L(x) - y`` on the lattice followed by ``L^-1`` (``L`` the
+    linear part).
     ``round_trip_mm``: median, 99th percentile and maximum of ``|transform(inverse(y)) - y|`` at ``check_points``
     random points of the reference's field of view (exact ITK transforms, off the lattice); ``over_warn``: the
     fraction of them beyond `ROUND_TRIP_WARN_MM`.
