@@ -203,7 +203,10 @@ def _resample_through_field(moving: sitk.Image, reference: Grid, field: sitk.Ima
     shape, k_arr = reference.shape, k[::-1]  # array order (Z, Y, X)
     step = k_arr[0] * max(1, slab // k_arr[0])  # slabs start on field planes
     mode = "trilinear" if d == 3 else "bilinear"
-    out = np.empty(shape, dtype=np.float32)
+    dtype = sitk.GetArrayViewFromImage(moving).dtype
+    # an integer image: clamped and truncated slab by slab (a whole-volume np.clip cost 2 s of 11 at 512^3)
+    bounds = None if np.issubdtype(dtype, np.floating) else (float(np.iinfo(dtype).min), float(np.iinfo(dtype).max))
+    out = np.empty(shape, dtype=dtype)
     with torch.inference_mode():
         for z0 in range(0, shape[0], step):
             n = min(step, shape[0] - z0)
@@ -214,12 +217,11 @@ def _resample_through_field(moving: sitk.Image, reference: Grid, field: sitk.Ima
             grid = grid[(slice(None), slice(None), slice(0, n)) + tuple(slice(0, m) for m in shape[1:])]
             grid = grid[0].movedim(0, -1)  # (n, *shape[1:], D)
             val = F.grid_sample(src, grid[None], mode="bilinear", padding_mode="border", align_corners=True)[0, 0]
-            out[z0:z0 + n] = val.masked_fill_((grid.abs() > limit).any(-1), default_value).numpy()
-    array = sitk.GetArrayViewFromImage(moving)
-    if not np.issubdtype(array.dtype, np.floating):
-        info = np.iinfo(array.dtype)
-        out = np.trunc(np.clip(out, info.min, info.max))
-    return reference.image_from_array(out.astype(array.dtype, copy=False))
+            val = val.masked_fill_((grid.abs() > limit).any(-1), default_value)
+            if bounds is not None:
+                val = val.clamp_(*bounds).trunc_()
+            out[z0:z0 + n] = val.numpy()  # cast to the image's type on assignment
+    return reference.image_from_array(out)
 
 
 def displacement_field(transform: sitk.Transform, reference: Grid, spacing: float) -> sitk.Image | None:
