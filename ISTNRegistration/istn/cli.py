@@ -29,8 +29,9 @@ from typing import Sequence
 
 from .commands.apply import APPLY_INTERPOLATIONS, inverse_line, run_apply, run_invert
 from .commands.evaluate import print_metrics, run_evaluate, value_list
-from .commands.register import (BATCH_SUMMARY, REGISTER_OPTIONAL_OUTPUTS, REGISTER_OUTPUTS, check_register_options,
-                                jacobian_line, run_register, run_register_many, stage_line, subject_name, varied_hint)
+from .commands.register import (BATCH_SUMMARY, REGISTER_OPTIONAL_OUTPUTS, REGISTER_OUTPUTS, atlas_line,
+                                check_register_options, jacobian_line, run_register, run_register_many, stage_line,
+                                subject_name, varied_hint)
 from .commands.train import run_train
 from .errors import ISTNError, ResultError, first_line
 
@@ -106,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--jacobian", action="store_true",
                    help="B-spline result: also write jacobian.nii.gz, its Jacobian determinant (local volume change) "
                         "on the fixed grid (its range and folding are printed and in result.json either way)")
+    r.add_argument("--atlas", metavar="LABELS",
+                   help="a label map of the fixed image's space (an atlas drawn on the template): also brought onto "
+                        "each moving image's own grid through the result's inverse, as atlas_labels.nii.gz, with "
+                        "each label's volume there in result.json (and in summary.csv for several --moving)")
     r.add_argument("--quiet", action="store_true")
     r.add_argument("--verbose", action="store_true", help="show the libraries' own messages behind an error")
 
@@ -218,6 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(stage_line(st))
             if s.get("jacobian"):
                 print(jacobian_line(s["jacobian"]))
+            if s.get("atlas"):
+                print(atlas_line(s["atlas"]))
             for w in s["warnings"]:
                 print(f"istn register: warning: {w}", file=sys.stderr)
             # with the second try on, the varied models beside were tried already (or there are none)
@@ -295,7 +302,8 @@ def _register_options(args: argparse.Namespace) -> dict:
                 background=args.background, bending=args.bending, tolerance=args.tolerance, threads=args.threads,
                 coarse_iterations=args.coarse_iterations, refine_layers=args.refine_layers,
                 region_margin_mm=args.region_margin, polish=args.polish, anchor=args.anchor, passes=args.passes,
-                retry=not args.no_retry, figure=not args.no_figure, write_jacobian=args.jacobian)
+                retry=not args.no_retry, figure=not args.no_figure, write_jacobian=args.jacobian,
+                atlas_path=args.atlas)
 
 
 def _main_register_many(args: argparse.Namespace) -> int:

@@ -109,7 +109,7 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
                "seconds": time.perf_counter() - t0}
     if inverted is not None:
         summary["inverse"] = inverted.summary()
-        _warn_if_it_misses(summary["inverse"], inverted.round_trip_mm)
+        warn_if_it_misses(summary["inverse"], inverted.round_trip_mm)
     if interpolation == "nearest" and label_map:
         lost = sorted(labels - label_values(warped))
         summary["labels_outside_the_reference"] = lost
@@ -159,11 +159,11 @@ def run_invert(transform_path: str | Path, reference_path: str | Path, out_path:
     summary = {"transform": str(transform_path), "reference": str(reference_path), "out": str(out),
                "maps": "moving world points (mm, LPS) -> fixed world points", "inverse": inverted.summary(),
                "seconds": time.perf_counter() - t0}
-    _warn_if_it_misses(summary["inverse"], inverted.round_trip_mm)
+    warn_if_it_misses(summary["inverse"], inverted.round_trip_mm)
     return summary
 
 
-def _warn_if_it_misses(summary: dict, round_trip: dict) -> None:
+def warn_if_it_misses(summary: dict, round_trip: dict) -> None:
     """A warning in an inverse's summary when its round trip misses by more than `ROUND_TRIP_WARN_MM` anywhere."""
     from ..inverse import ROUND_TRIP_WARN_MM
 

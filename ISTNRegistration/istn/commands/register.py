@@ -15,7 +15,9 @@ from ..errors import InputError, ISTNError, ResultError, first_line
 REGISTER_OUTPUTS = ("transform.h5", "warped.nii.gz", "itn_fixed.nii.gz", "itn_moving.nii.gz", "result.json")
 # written by some runs only (a linear result, a B-spline's linear part, the picture): a later run into the same
 # folder that does not write one removes the earlier run's, which would otherwise pass for this run's result
-REGISTER_OPTIONAL_OUTPUTS = ("transform.tfm", "affine.tfm", "jacobian.nii.gz", "overview.png")
+REGISTER_OPTIONAL_OUTPUTS = ("transform.tfm", "affine.tfm", "jacobian.nii.gz", "atlas_labels.nii.gz", "overview.png")
+#: ``--atlas``'s output in each result folder: the fixed space's label map on the moving image's own grid
+ATLAS_OUTPUT = "atlas_labels.nii.gz"
 
 
 def _finite(x: float) -> bool:
@@ -111,6 +113,7 @@ def run_register(
     retry: bool = True,
     figure: bool = True,
     write_jacobian: bool = False,
+    atlas_path: str | Path | None = None,
     on_images: Callable[[object, object, object], None] | None = None,
 ) -> dict:
     """Register a pair with one model or a chain (affine models, then at most one B-spline) and write the outputs;
@@ -135,8 +138,12 @@ def run_register(
     ``figure``: also write ``overview.png`` (`istn.figures.registration_overview`), the result at a glance; a
     figure that cannot be drawn is a warning, the registration's files stay. ``write_jacobian``: a non-linear
     result's Jacobian determinant on the fixed grid as ``jacobian.nii.gz`` (`istn.registration.jacobian_image`;
-    result.json's "jacobian" sums it up from a 4 mm lattice either way). ``on_images(fixed, warped, fixed_map)``:
-    the images as written, once they are (a cohort's montage uses them instead of reading the files back).
+    result.json's "jacobian" sums it up from a 4 mm lattice either way). ``atlas_path``: a label map of the FIXED
+    space (an atlas drawn on the template) brought onto the moving image's own grid through the result's inverse
+    (`istn.inverse.inverse_transform`), written as ``atlas_labels.nii.gz``; result.json's "atlas" gives each
+    label's volume there (ml) and the inverse's round trip (`read_atlas` checks it first).
+    ``on_images(fixed, warped, fixed_map)``: the images as written, once they are (a cohort's montage uses them
+    instead of reading the files back).
     Returns the content of ``result.json``; its ``warnings`` gather every
     stage's (the CLI prints them).
     """
@@ -153,11 +160,12 @@ def run_register(
     check_register_options(iterations, lr, device, background, bending, tolerance, threads, coarse_iterations,
                            region_margin_mm, polish, anchor, passes)
     names = list(REGISTER_OUTPUTS) + list(REGISTER_OPTIONAL_OUTPUTS)
-    inputs = [fixed_path, moving_path, *model_paths] + ([initial_path] if initial_path else [])
+    inputs = [fixed_path, moving_path, *model_paths] + [p for p in (initial_path, atlas_path) if p]
     fixed = read_image(fixed_path, "fixed")
     moving = read_image(moving_path, "moving")
     if fixed.GetDimension() != moving.GetDimension():
         raise InputError(f"fixed image is {fixed.GetDimension()}D but moving image is {moving.GetDimension()}D")
+    atlas = read_atlas(atlas_path, fixed) if atlas_path else None
     models = [load_model(p) for p in model_paths]
     initial = read_transform(initial_path, "--initial transform") if initial_path else None
     check_register_inputs(fixed, moving, models, iterations=iterations, lr=lr, device=device,
@@ -197,6 +205,10 @@ def run_register(
         checked = {"warped image": warped, "fixed ITN map": result.fixed_map, "moving ITN map": itn_moving}
         if result.transform_type == "bspline":  # its linear part: a valid --initial for a B-spline model
             linear_part = result.initial_transform or sitk.AffineTransform(fixed.GetDimension())
+        atlas_on_moving = atlas_summary = None
+        if atlas is not None:  # the fixed space's labels on the moving grid: through the inverse
+            atlas_on_moving, atlas_summary = _atlas_on_moving(atlas, moving, result.transform)
+            checked["atlas labels"] = atlas_on_moving
         if not result.transform.IsLinear():  # the local volume change, where a linear result has one value:
             # summed up from the field's lattice (a uniform sample, cheap); the image on the fixed grid if asked for
             jacobian_sample = checked["Jacobian determinant"] = jacobian_image(
@@ -221,6 +233,10 @@ def run_register(
     }
     if jacobian_sample is not None:
         summary["jacobian"] = _jacobian_summary(jacobian_sample)
+    if atlas_summary is not None:
+        summary["atlas"] = {"input": str(atlas_path), **atlas_summary}
+        if atlas_summary["inverse"].get("warning"):
+            summary["warnings"].append(f"--atlas: {atlas_summary['inverse']['warning']}")
     # Everything computed and checked: now write, each file atomically.
     written = ["transform.h5"]
     write_transform(result.transform, out / "transform.h5")
@@ -237,6 +253,9 @@ def run_register(
     if jacobian is not None:
         write_image(jacobian, out / "jacobian.nii.gz")
         written.append("jacobian.nii.gz")
+    if atlas_on_moving is not None:
+        write_image(atlas_on_moving, out / ATLAS_OUTPUT)
+        written.append(ATLAS_OUTPUT)
     if figure:
         try:
             _overview(out / "overview.png", fixed, moving, warped, result, itn_moving, results, summary,
@@ -332,6 +351,10 @@ def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path]
             raise InputError(f"moving image '{p}' would write into {Path(out_dir) / name}, the batch's summary: "
                              "rename it")
         seen[name] = p
+    if options.get("atlas_path"):  # a bad atlas fails the batch up front, not each image
+        from ..io import read_image
+
+        read_atlas(options["atlas_path"], read_image(fixed_path, "fixed"))
     model_paths = list(model_paths) if model_paths else default_models(quiet)  # said once, not per image
     out = prepare_output_dir(out_dir, [fixed_path, *moving, *model_paths], [*names, *BATCH_SUMMARY])
     rows: list[dict] = []
@@ -365,6 +388,8 @@ def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path]
                        lines=[stage_line(st) for st in s["stages"]])
             if s.get("jacobian"):
                 row["folding_fraction"] = s["jacobian"]["folding_fraction"]
+            if s.get("atlas"):  # the atlas' structures measured on this image's own grid
+                row.update({f"atlas_ml_{label}": ml for label, ml in s["atlas"]["volumes_ml"].items()})
         rows.append(row)
         if options.get("figure", True) and not warnings:
             try:
@@ -394,6 +419,8 @@ def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path]
     write_json(summary, out / "summary.json")
     columns = ["moving", "folder", "status", "seconds", "loss_one_pass", "loss_final", "mutual_information_as_given",
                "mutual_information_result", "folding_fraction", "warnings", "error"]
+    volume_columns = {k for r in rows for k in r if k.startswith("atlas_ml_")}  # --atlas: one per label, in order
+    columns[-2:-2] = sorted(volume_columns, key=lambda k: int(k[len("atlas_ml_"):]))
 
     def write_csv(tmp: str) -> None:
         buffer = text_io.StringIO()
@@ -425,6 +452,78 @@ def _montage_tile(montage: dict, images: dict, row: dict) -> tuple[str, object, 
     if row["warnings"]:
         note += f", {len(row['warnings'])} warning{'s' if len(row['warnings']) > 1 else ''}"
     return row["folder"], tile, note.lstrip(", ")
+
+
+def read_atlas(path: str | Path, fixed=None):
+    """``--atlas``: a label map of the fixed space (integer values that form regions, as `istn evaluate` tells them
+    from intensities), read with its pixel type; refused in one line otherwise, or when it is not of ``fixed``'s
+    dimension or does not overlap ``fixed`` in the world."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from ..geometry import Grid
+    from ..io import read_raw_image
+    from .evaluate import looks_like_intensities
+
+    atlas = read_raw_image(path, "--atlas label map")
+    what = f"--atlas '{path}'"
+    if atlas.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{what} has {atlas.GetNumberOfComponentsPerPixel()} components per pixel; a label map is "
+                         "expected")
+    values = sitk.GetArrayViewFromImage(atlas)
+    if (not np.issubdtype(values.dtype, np.integer) and not np.array_equal(values, np.round(values))) \
+            or looks_like_intensities(atlas):
+        raise InputError(f"{what} is not a label map (integer labels forming regions); to bring another image of "
+                         "the fixed space onto the moving grid use `istn apply --inverse`")
+    if not values.any():
+        raise InputError(f"{what} holds no label (every voxel is 0)")
+    if fixed is not None:
+        if atlas.GetDimension() != fixed.GetDimension():
+            raise InputError(f"{what} is {atlas.GetDimension()}D but the fixed image is {fixed.GetDimension()}D")
+        boxes = []
+        for image in (atlas, fixed):
+            corners = Grid.from_image(image).voxel_to_world(
+                np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in image.GetSize()], indexing="ij")).reshape(
+                    image.GetDimension(), -1).T)
+            boxes.append((corners.min(0), corners.max(0)))
+        if np.any(boxes[0][1] < boxes[1][0]) or np.any(boxes[1][1] < boxes[0][0]):
+            raise InputError(f"{what} does not overlap the fixed image in world coordinates: it must be a label map "
+                             "of the fixed image's space (drawn on it, or on its template)")
+    return atlas
+
+
+def _atlas_on_moving(atlas, moving, transform) -> tuple[object, dict]:
+    """``atlas`` (labels of the fixed space) on ``moving``'s grid through ``transform``'s inverse, by nearest
+    neighbour, its pixel type kept; and what to say of it: each label's volume there (ml), the labels that fall
+    outside, the inverse's round trip."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from ..inverse import inverse_transform
+    from ..registration import OUTPUT_FIELD_SPACING_MM, warp_image
+    from .apply import warn_if_it_misses
+    from .evaluate import label_values
+
+    inverted = inverse_transform(transform, moving, OUTPUT_FIELD_SPACING_MM)
+    on_moving = warp_image(atlas, moving, inverted.transform, sitk.sitkNearestNeighbor, 0.0,
+                           field_spacing=OUTPUT_FIELD_SPACING_MM)
+    values = sitk.GetArrayViewFromImage(on_moving)
+    voxel_ml = float(np.prod(on_moving.GetSpacing())) / 1000.0
+    labels, counts = np.unique(values[values != 0], return_counts=True)
+    inverse = inverted.summary()
+    warn_if_it_misses(inverse, inverted.round_trip_mm)
+    return on_moving, {"written": ATLAS_OUTPUT, "volumes_ml": {str(int(v)): float(c) * voxel_ml
+                                                                for v, c in zip(labels.tolist(), counts.tolist())},
+                       "labels_outside_the_moving_image": sorted(label_values(atlas) - set(labels.tolist())),
+                       "inverse": inverse}
+
+
+def atlas_line(atlas: dict) -> str:
+    """``result.json``'s "atlas" as `istn register` prints it."""
+    trip = atlas["inverse"]["round_trip_mm"]
+    exact = "exact inverse" if atlas["inverse"]["exact"] else f"inverse's round trip within {trip['max']:.3f} mm"
+    return (f"atlas labels on the moving grid: {atlas['written']} ({len(atlas['volumes_ml'])} labels, "
+            f"{sum(atlas['volumes_ml'].values()):.1f} ml in all; {exact})")
 
 
 def _jacobian_summary(jacobian) -> dict:
