@@ -118,7 +118,7 @@ def test_bad_input_is_refused_in_one_line_and_nothing_written(scene3d, tmp_path,
         sitk.WriteImage(sitk.Image([8, 8, 8], sitk.sitkVectorFloat32, 3), str(tmp_path / "v.nrrd"))
         args["--input"], message = tmp_path / "v.nrrd", "components per pixel"
     elif case == "out-is-folder":
-        args["--out"], message = tmp_path, "is a folder: give the output image's file name"
+        args["--out"], message = tmp_path, "is a folder: give the output file's name"
     elif case == "bad-transform":
         (tmp_path / "t.h5").write_bytes(b"nope")
         args["--transform"], message = tmp_path / "t.h5", "could not be read as an ITK transform file"

@@ -37,7 +37,6 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
     import numpy as np
     import SimpleITK as sitk
 
-    from ..errors import OutputError
     from ..io import read_raw_image, read_transform, write_image
     from ..registration import OUTPUT_FIELD_SPACING_MM, warp_image
 
@@ -47,15 +46,7 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
     if background is not None and not math.isfinite(background):
         raise InputError(f"--background must be a finite number, got {background}")
     out = Path(out_path)
-    if out.is_dir():
-        raise OutputError(f"--out '{out}' is a folder: give the output image's file name (e.g. {out / 'out.nii.gz'})")
-    inputs = [Path(p) for p in (transform_path, reference_path, input_path)]
-    if out.exists() and any(out.resolve() == p.resolve() for p in inputs if p.exists()):
-        raise OutputError(f"--out '{out}' is one of the inputs; choose another file name")
-    if out.exists() and not overwrite:
-        raise OutputError(f"--out '{out}' exists; choose another file name, or --overwrite to replace it")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise OutputError(f"--out '{out}': '{out.parent}' is not a folder")
+    _check_out_file(out, (transform_path, reference_path, input_path), overwrite, "out.nii.gz")
     tx = read_transform(transform_path, "--transform")
     reference = read_raw_image(reference_path, "--reference image")
     image = read_raw_image(input_path, "--input image")
@@ -98,10 +89,7 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
     arr = sitk.GetArrayViewFromImage(warped)
     if not np.all(np.isfinite(arr)):
         raise ResultError("the resampled image is not finite; nothing was written")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"--out '{out}': its folder cannot be created: {exc.strerror}") from None
+    _make_out_folder(out)
     write_image(warped, out)
     summary = {"input": str(input_path), "reference": str(reference_path), "transform": str(transform_path),
                "out": str(out), "interpolation": chosen, "background": fill,
@@ -124,20 +112,13 @@ def run_invert(transform_path: str | Path, reference_path: str | Path, out_path:
     non-linear one holds a displacement field and is written as HDF5 (.h5). ``out`` is checked before any work; an
     existing one is refused unless ``overwrite``, an input never. Returns the summary (its "inverse" as
     `run_apply`'s)."""
-    from ..errors import OutputError
     from ..inverse import inverse_transform
     from ..io import read_raw_image, read_transform, write_transform
     from ..registration import OUTPUT_FIELD_SPACING_MM
 
     t0 = time.perf_counter()
     out = Path(out_path)
-    if out.is_dir():
-        raise OutputError(f"--out '{out}' is a folder: give the transform's file name (e.g. {out / 'inverse.h5'})")
-    if out.exists() and any(out.resolve() == Path(p).resolve() for p in (transform_path, reference_path)
-                            if Path(p).exists()):
-        raise OutputError(f"--out '{out}' is one of the inputs; choose another file name")
-    if out.exists() and not overwrite:
-        raise OutputError(f"--out '{out}' exists; choose another file name, or --overwrite to replace it")
+    _check_out_file(out, (transform_path, reference_path), overwrite, "inverse.h5")
     suffix = out.suffix.lower()
     if suffix not in TRANSFORM_SUFFIXES:
         raise InputError(f"--out '{out}': a transform file is named {', '.join(TRANSFORM_SUFFIXES)} (.h5 for a "
@@ -151,16 +132,37 @@ def run_invert(transform_path: str | Path, reference_path: str | Path, out_path:
         raise InputError(f"--out '{out}': the inverse of a non-linear transform holds a displacement field, which "
                          f"only HDF5 transform files keep: name it {out.with_suffix('.h5').name}")
     inverted = inverse_transform(tx, reference, OUTPUT_FIELD_SPACING_MM)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"--out '{out}': its folder cannot be created: {exc.strerror}") from None
+    _make_out_folder(out)
     write_transform(inverted.transform, out)
     summary = {"transform": str(transform_path), "reference": str(reference_path), "out": str(out),
                "maps": "moving world points (mm, LPS) -> fixed world points", "inverse": inverted.summary(),
                "seconds": time.perf_counter() - t0}
     warn_if_it_misses(summary["inverse"], inverted.round_trip_mm)
     return summary
+
+
+def _check_out_file(out: Path, inputs, overwrite: bool, example: str) -> None:
+    """``--out`` of apply / invert, before any work: a file name (not a folder, not under a file), never one of
+    ``inputs``, an existing one only with ``overwrite``."""
+    from ..errors import OutputError
+
+    if out.is_dir():
+        raise OutputError(f"--out '{out}' is a folder: give the output file's name (e.g. {out / example})")
+    if out.exists() and any(out.resolve() == Path(p).resolve() for p in inputs if Path(p).exists()):
+        raise OutputError(f"--out '{out}' is one of the inputs; choose another file name")
+    if out.exists() and not overwrite:
+        raise OutputError(f"--out '{out}' exists; choose another file name, or --overwrite to replace it")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise OutputError(f"--out '{out}': '{out.parent}' is not a folder")
+
+
+def _make_out_folder(out: Path) -> None:
+    from ..errors import OutputError
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"--out '{out}': its folder cannot be created: {exc.strerror}") from None
 
 
 def warn_if_it_misses(summary: dict, round_trip: dict) -> None:
