@@ -4,7 +4,7 @@
     istn train     --train-csv pairs.csv --soi-csv soi.csv --variant istn-i --transform affine --out runs/x
                    (data-parallel: torchrun --nproc_per_node N -m istn.cli train ...; see docs/distributed.md)
     istn register  --fixed F --moving M --model P [--model P2] [--refine N] [--lr X] [--device auto]
-                   [--initial T] [--background V] [--jacobian] --out DIR
+                   [--initial T] [--background V] [--jacobian] [--atlas LABELS] --out DIR
     istn register  --fixed F --moving M1 M2 ... --out DIR      (a cohort: DIR/<name>/ each, DIR/summary.*)
     istn evaluate  --fixed-labels F --moving-labels M --transform T [--labels ..] [--out metrics.json]
     istn apply     --transform T --reference F --input I --out O [--interpolation auto] [--background V]
