@@ -64,12 +64,13 @@ def test_a_cohort_gets_each_images_atlas_volumes_in_its_row(files2d, tmp_path):
                  "--out", str(out), "--refine", "2", "--quiet", "--no-figure"]) == 0
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert [r["folder"] for r in rows] == ["moving", "moving2"]
-    for r in rows:
-        on_moving = sitk.GetArrayFromImage(sitk.ReadImage(str(out / r["folder"] / "atlas_labels.nii.gz")))
-        ml = float(np.prod(sitk.ReadImage(str(out / r["folder"] / "atlas_labels.nii.gz")).GetSpacing())) / 1000
+    for r in rows:  # a 2D image: each label's area (mm^2)
+        image = sitk.ReadImage(str(out / r["folder"] / "atlas_labels.nii.gz"))
+        on_moving, mm2 = sitk.GetArrayFromImage(image), float(np.prod(image.GetSpacing()))
         for v in (1, 2):
-            assert float(r[f"atlas_ml_{v}"]) == pytest.approx((on_moving == v).sum() * ml)
-    assert list(rows[0])[9:11] == ["atlas_ml_1", "atlas_ml_2"]  # after the numbers, before warnings and errors
+            assert float(r[f"atlas_mm2_{v}"]) == pytest.approx((on_moving == v).sum() * mm2)
+        assert (on_moving == 2).sum() > 20
+    assert list(rows[0])[9:11] == ["atlas_mm2_1", "atlas_mm2_2"]  # after the numbers, before warnings and errors
 
 
 @pytest.mark.parametrize("case", ["intensities", "empty", "elsewhere", "3d"])

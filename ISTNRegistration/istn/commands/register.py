@@ -389,7 +389,8 @@ def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path]
             if s.get("jacobian"):
                 row["folding_fraction"] = s["jacobian"]["folding_fraction"]
             if s.get("atlas"):  # the atlas' structures measured on this image's own grid
-                row.update({f"atlas_ml_{label}": ml for label, ml in s["atlas"]["volumes_ml"].items()})
+                key, unit = _atlas_sizes(s["atlas"])
+                row.update({f"atlas_{unit}_{label}": v for label, v in s["atlas"][key].items()})
         rows.append(row)
         if options.get("figure", True) and not warnings:
             try:
@@ -419,8 +420,8 @@ def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path]
     write_json(summary, out / "summary.json")
     columns = ["moving", "folder", "status", "seconds", "loss_one_pass", "loss_final", "mutual_information_as_given",
                "mutual_information_result", "folding_fraction", "warnings", "error"]
-    volume_columns = {k for r in rows for k in r if k.startswith("atlas_ml_")}  # --atlas: one per label, in order
-    columns[-2:-2] = sorted(volume_columns, key=lambda k: int(k[len("atlas_ml_"):]))
+    size_columns = {k for r in rows for k in r if k.startswith("atlas_")}  # --atlas: one per label, in order
+    columns[-2:-2] = sorted(size_columns, key=lambda k: int(k.rsplit("_", 1)[1]))
 
     def write_csv(tmp: str) -> None:
         buffer = text_io.StringIO()
@@ -494,8 +495,8 @@ def read_atlas(path: str | Path, fixed=None):
 
 def _atlas_on_moving(atlas, moving, transform) -> tuple[object, dict]:
     """``atlas`` (labels of the fixed space) on ``moving``'s grid through ``transform``'s inverse, by nearest
-    neighbour, its pixel type kept; and what to say of it: each label's volume there (ml), the labels that fall
-    outside, the inverse's round trip."""
+    neighbour, its pixel type kept; and what to say of it: each label's volume there (ml; a 2D image's: area,
+    mm^2), the labels that fall outside, the inverse's round trip."""
     import numpy as np
     import SimpleITK as sitk
 
@@ -508,12 +509,13 @@ def _atlas_on_moving(atlas, moving, transform) -> tuple[object, dict]:
     on_moving = warp_image(atlas, moving, inverted.transform, sitk.sitkNearestNeighbor, 0.0,
                            field_spacing=OUTPUT_FIELD_SPACING_MM)
     values = sitk.GetArrayViewFromImage(on_moving)
-    voxel_ml = float(np.prod(on_moving.GetSpacing())) / 1000.0
+    volume_3d = on_moving.GetDimension() == 3
+    voxel = float(np.prod(on_moving.GetSpacing())) / (1000.0 if volume_3d else 1.0)  # ml, or mm^2 of a 2D image
     labels, counts = np.unique(values[values != 0], return_counts=True)
     inverse = inverted.summary()
     warn_if_it_misses(inverse, inverted.round_trip_mm)
-    return on_moving, {"written": ATLAS_OUTPUT, "volumes_ml": {str(int(v)): float(c) * voxel_ml
-                                                                for v, c in zip(labels.tolist(), counts.tolist())},
+    sizes = {str(int(v)): float(c) * voxel for v, c in zip(labels.tolist(), counts.tolist())}
+    return on_moving, {"written": ATLAS_OUTPUT, ("volumes_ml" if volume_3d else "areas_mm2"): sizes,
                        "labels_outside_the_moving_image": sorted(label_values(atlas) - set(labels.tolist())),
                        "inverse": inverse}
 
@@ -522,8 +524,14 @@ def atlas_line(atlas: dict) -> str:
     """``result.json``'s "atlas" as `istn register` prints it."""
     trip = atlas["inverse"]["round_trip_mm"]
     exact = "exact inverse" if atlas["inverse"]["exact"] else f"inverse's round trip within {trip['max']:.3f} mm"
-    return (f"atlas labels on the moving grid: {atlas['written']} ({len(atlas['volumes_ml'])} labels, "
-            f"{sum(atlas['volumes_ml'].values()):.1f} ml in all; {exact})")
+    key, unit = _atlas_sizes(atlas)
+    return (f"atlas labels on the moving grid: {atlas['written']} ({len(atlas[key])} labels, "
+            f"{sum(atlas[key].values()):.1f} {unit} in all; {exact})")
+
+
+def _atlas_sizes(atlas: dict) -> tuple[str, str]:
+    """Where an "atlas" summary keeps its labels' sizes, and their unit: volumes (ml) in 3D, areas (mm2) in 2D."""
+    return ("volumes_ml", "ml") if "volumes_ml" in atlas else ("areas_mm2", "mm2")
 
 
 def _jacobian_summary(jacobian) -> dict:
