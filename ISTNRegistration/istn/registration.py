@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -197,7 +198,13 @@ def _resample_through_field(moving: sitk.Image, reference: Grid, field: sitk.Ima
     # moving normalised coordinates of x + u(x) at the field's points, (1, D, *S_f)
     pts = (f_grid.world_points() + sitk.GetArrayViewFromImage(field)) @ w2n[:d, :d].T + w2n[:d, d]
     coarse = torch.from_numpy(pts.astype(np.float32)).movedim(-1, 0)[None]
-    src = torch.from_numpy(sitk.GetArrayFromImage(moving).astype(np.float32, copy=False))[None, None]
+    view = sitk.GetArrayViewFromImage(moving)
+    if view.dtype == np.float32:  # read in place (a copy is 0.5 GB at 512^3); grid_sample never writes its input
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            src = torch.from_numpy(view)[None, None]
+    else:
+        src = torch.from_numpy(view.astype(np.float32))[None, None]
     # ITK's linear interpolator takes points up to half a voxel beyond the edge voxel centres (edge value)
     limit = torch.tensor([1.0 + 1.0 / max(1, n - 1) for n in m_grid.size], dtype=torch.float32)
     shape, k_arr = reference.shape, k[::-1]  # array order (Z, Y, X)
