@@ -130,6 +130,25 @@ def test_a_figure_that_fails_costs_a_warning_not_the_registration(tmp_path, monk
     assert (tmp_path / "out" / "transform.h5").is_file() and not (tmp_path / "out" / "overview.png").exists()
 
 
+def test_lps_grid_is_the_grid_dicomorient_gives_without_its_voxels():
+    """`lps_grid` (what a large image's display grid is built on, no re-stored copy made) equals the geometry of
+    ``sitk.DICOMOrient(image, "LPS")`` for images stored in any order, axis-aligned or oblique."""
+    from conftest import blob_image, rotation
+
+    from istn.figures import lps_grid
+    from istn.geometry import Grid
+
+    for angles in ((0, 0, 0), (20, -10, 15), (44, 30, -50)):
+        image = blob_image((20, 24, 12), (1.0, 1.2, 1.5), (-10.0, -12.0, -9.0), rotation(3, angles).ravel())
+        for layout in ("LPS", "RAS", "ASL", "PIR", "SLA"):
+            stored = sitk.DICOMOrient(image, layout)
+            want, got = Grid.from_image(sitk.DICOMOrient(stored, "LPS")), lps_grid(stored)
+            assert got.size == want.size
+            np.testing.assert_allclose(got.spacing, want.spacing)
+            np.testing.assert_allclose(got.origin, want.origin, atol=1e-9)
+            np.testing.assert_allclose(got.direction, want.direction, atol=1e-12)
+
+
 def test_display_image_of_a_large_image_keeps_its_field_of_view_whatever_the_storage():
     """A 1 mm 200 x 240 x 120 head (anisotropic 1 x 1 x 1.5 mm): on at most 96 voxels per axis, the same extent
     (corner to corner) and the same grid and values whether stored LPS, RAS or sagittal."""
