@@ -38,7 +38,8 @@ def test_atlas_volumes_on_a_head_ten_percent_larger_are_a_third_larger(tmp_path,
     assert main(["register", "--fixed", str(tmp_path / "template.nii.gz"), "--moving", str(tmp_path / "larger.nii.gz"),
                  "--atlas", str(tmp_path / "template_labels.nii.gz"), "--out", str(tmp_path / "r"), "--no-figure",
                  "--quiet"]) == 0
-    assert "atlas labels on the moving grid: atlas_labels.nii.gz (8 labels" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "atlas labels on the moving grid: atlas_labels.nii.gz (8 labels" in printed
     got = sitk.ReadImage(str(tmp_path / "r" / "atlas_labels.nii.gz"))
     assert got.GetPixelID() == labels.GetPixelID() and got.GetSize() == fixed.GetSize()
     a, t, l0 = (sitk.GetArrayFromImage(x) for x in (got, truth, labels))
@@ -55,6 +56,7 @@ def test_atlas_volumes_on_a_head_ten_percent_larger_are_a_third_larger(tmp_path,
     print(f"total volume ratio {total:.3f} (1.331 expected), mean Dice {np.mean(dice):.3f}")
     assert total == pytest.approx(1.331, rel=0.05), total
     assert atlas["inverse"]["round_trip_mm"]["max"] < 0.1 and atlas["labels_outside_the_moving_image"] == []
+    assert "ml per label: " + ", ".join(f"{v}: {atlas['volumes_ml'][str(v)]:.2f}" for v in range(1, 9)) in printed
 
 
 def test_a_cohort_gets_each_images_atlas_volumes_in_its_row(files2d, tmp_path):

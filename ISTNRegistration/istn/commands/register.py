@@ -521,12 +521,14 @@ def _atlas_on_moving(atlas, moving, transform) -> tuple[object, dict]:
 
 
 def atlas_line(atlas: dict) -> str:
-    """``result.json``'s "atlas" as `istn register` prints it."""
+    """``result.json``'s "atlas" as `istn register` prints it (two lines: the file, each label's size)."""
     trip = atlas["inverse"]["round_trip_mm"]
     exact = "exact inverse" if atlas["inverse"]["exact"] else f"inverse's round trip within {trip['max']:.3f} mm"
     key, unit = _atlas_sizes(atlas)
+    sizes = ", ".join(f"{label}: {size:.2f}" for label, size in list(atlas[key].items())[:40])
+    more = f", ... ({len(atlas[key]) - 40} more in result.json)" if len(atlas[key]) > 40 else ""
     return (f"atlas labels on the moving grid: {atlas['written']} ({len(atlas[key])} labels, "
-            f"{sum(atlas[key].values()):.1f} {unit} in all; {exact})")
+            f"{sum(atlas[key].values()):.1f} {unit} in all; {exact})\n  {unit} per label: {sizes}{more}")
 
 
 def _atlas_sizes(atlas: dict) -> tuple[str, str]:
