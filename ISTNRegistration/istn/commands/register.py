@@ -574,6 +574,8 @@ def _overview(path: Path, fixed, moving, warped, result, itn_moving, results, su
     notes += [stage_line(st) for st in summary["stages"]]
     if summary.get("jacobian"):
         notes.append(jacobian_line(summary["jacobian"]))
+    if summary.get("atlas"):
+        notes.append(atlas_line(summary["atlas"]).splitlines()[0])
     notes.append(f"{summary['seconds_total']:.1f} s")
     notes += [f"warning: {w}" for w in summary["warnings"]]
     stages = {Path(st["model_file"]).stem: r for st, r in zip(summary["stages"], results)}
