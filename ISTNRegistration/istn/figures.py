@@ -151,7 +151,7 @@ def registration_figure(
     rows, cols = len(views) + 1, 4 if jacobian is None else 5
     fig, axes = plt.subplots(rows, cols, figsize=(4.25 * cols, 4.3 * rows), squeeze=False)
     fig.patch.set_facecolor("white")
-    board = checkerboard_mask(fixed)  # each image in its panel's window (the volume's percentiles cost ~1 s at 1 mm)
+    board = checkerboard_mask(fixed)  # each image in its panel's window (the volume's percentiles cost 0.4 s at 1 mm)
     if jacobian is not None:
         from matplotlib.colors import Normalize
 
@@ -188,8 +188,9 @@ def registration_figure(
              ax_, k, [fixed_c, (moving_labels_in_fixed, "#ff3b30", "solid")])
         show(axes[r, 2], mnorm(w), f"Warped moving{tag}" + ("\nwarped labels in red" if warped_labels is not None
                                                           else ""), ax_, k, [fixed_c, (warped_labels, "#ff3b30", "solid")])
-        show(axes[r, 3], np.where(np.take(board, k, axis=ax_) if is3d else board, norm(f), mnorm(w)), f"Checkerboard{tag}\nfixed / warped moving, "
-             f"{CHECKERBOARD_TILE_MM:g} mm squares", ax_, k)
+        cubes = np.take(board, k, axis=ax_) if is3d else board
+        show(axes[r, 3], np.where(cubes, norm(f), mnorm(w)),
+             f"Checkerboard{tag}\nfixed / warped moving, {CHECKERBOARD_TILE_MM:g} mm squares", ax_, k)
         if jacobian is not None:  # over the head (the fixed image above 5 % of its window), not the air around it
             jac = np.ma.masked_where(norm(f) < 0.05, _slice(jacobian, ax_, k))
             show(axes[r, 4], norm(f), f"Jacobian determinant{tag}\nred: moving larger, blue: smaller", ax_, k,
