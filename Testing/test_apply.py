@@ -144,13 +144,15 @@ def _moving_points(moving: sitk.Image, n: int = 500, seed: int = 1) -> np.ndarra
 
 
 def _smooth_deformation(around: sitk.Image, seed: int = 3, sd_mm: float = 2.5) -> sitk.BSplineTransform:
-    """A B-spline whose domain covers ``around`` with 40 mm to spare and whose displacement fades to zero before
-    the domain's edge (ITK's B-spline stops there; a registration's lies over the fixed image the same way)."""
-    pad = sitk.ConstantPad(around, [int(40 / s) for s in around.GetSpacing()] * 1, [int(40 / s) for s in around.GetSpacing()])
-    mesh = sitk.BSplineTransformInitializer(pad, (8, 8, 8))
-    shape = (3, 11, 11, 11)  # 3 components x (mesh + 3) control points per axis
+    """A B-spline (2D or 3D) whose domain covers ``around`` with 40 mm to spare and whose displacement fades to
+    zero before the domain's edge (ITK's B-spline stops there; a registration's lies over the fixed image the same
+    way)."""
+    d = around.GetDimension()
+    margin = [int(40 / s) for s in around.GetSpacing()]
+    mesh = sitk.BSplineTransformInitializer(sitk.ConstantPad(around, margin, margin), (8,) * d)
+    shape = (d,) + (11,) * d  # d components x (mesh + 3) control points per axis
     inner = np.zeros(shape[1:], bool)
-    inner[3:-3, 3:-3, 3:-3] = True
+    inner[(slice(3, -3),) * d] = True
     values = np.random.default_rng(seed).normal(0, sd_mm, shape) * inner
     mesh.SetParameters(tuple(values.ravel()))
     return mesh
@@ -263,11 +265,7 @@ def test_the_inverse_of_a_2d_affine_plus_bspline_round_trips(pair2d):
     from istn.inverse import inverse_transform
 
     fixed, moving = pair2d
-    pad = sitk.ConstantPad(fixed, [30, 30], [30, 30])
-    mesh = sitk.BSplineTransformInitializer(pad, (8, 8))
-    inner = np.zeros((11, 11), bool)
-    inner[3:-3, 3:-3] = True
-    mesh.SetParameters(tuple((np.random.default_rng(1).normal(0, 2.0, (2, 11, 11)) * inner).ravel()))
+    mesh = _smooth_deformation(fixed, seed=1, sd_mm=2.0)
     affine = sitk.AffineTransform(2)
     affine.SetMatrix((0.95, 0.1, -0.1, 1.02))
     affine.SetTranslation((3.0, -2.0))

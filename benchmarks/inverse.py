@@ -35,7 +35,7 @@ from report import write_report  # noqa: E402
 from istn import demo  # noqa: E402
 from istn.export import load_model  # noqa: E402
 from istn.geometry import Grid, field_lattice  # noqa: E402
-from istn.inverse import _round_trip, inverse_transform  # noqa: E402
+from istn.inverse import inverse_transform, round_trip  # noqa: E402
 from istn.metrics import dice  # noqa: E402
 from istn.registration import OUTPUT_FIELD_SPACING_MM, register, warp_image  # noqa: E402
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             inv = make()
             seconds = time.perf_counter() - t
-            trip = _round_trip(tx, inv, probe)
+            trip = round_trip(tx, inv, probe)
             atlas = warp_image(fixed_labels, moving_labels, inv, sitk.sitkNearestNeighbor)
             rows.append({"seed": seed, "method": name, "seconds": seconds, **trip,
                          "dice_inverse": mean_dice(atlas, moving_labels), "dice_forward": forward})

@@ -15,10 +15,12 @@ from .registration import RegistrationResult, bounded_map, jacobian_on_grid
 
 def _slice(image: sitk.Image, axis: int, index: int) -> np.ndarray:
     """2D slice of a 3D image along array axis ``axis`` (0 = axial for LPS-ish grids), or the 2D image."""
-    a = sitk.GetArrayFromImage(image)
-    if a.ndim == 2:
-        return a
-    return np.take(a, index, axis=axis)
+    return _slice_array(sitk.GetArrayFromImage(image), axis, index)
+
+
+def _slice_array(a: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """`_slice` of an image's array."""
+    return a if a.ndim == 2 else np.take(a, index, axis=axis)
 
 
 def _window(a: np.ndarray) -> tuple[float, float]:
@@ -158,6 +160,8 @@ def registration_figure(
         from .metrics import jacobian_half_width, jacobian_statistics
 
         jac_stats = jacobian_statistics(sitk.GetArrayViewFromImage(jacobian))
+        # the head (the fixed image above 5 % of its window), not the air around it: where the map and histogram look
+        head = norm(sitk.GetArrayViewFromImage(fixed)) >= 0.05
         half = jacobian_half_width(jac_stats["p1"], jac_stats["p99"])
         jac_norm = Normalize(1.0 - half, 1.0 + half)
 
@@ -188,11 +192,10 @@ def registration_figure(
              ax_, k, [fixed_c, (moving_labels_in_fixed, "#ff3b30", "solid")])
         show(axes[r, 2], mnorm(w), f"Warped moving{tag}" + ("\nwarped labels in red" if warped_labels is not None
                                                           else ""), ax_, k, [fixed_c, (warped_labels, "#ff3b30", "solid")])
-        cubes = np.take(board, k, axis=ax_) if is3d else board
-        show(axes[r, 3], np.where(cubes, norm(f), mnorm(w)),
+        show(axes[r, 3], np.where(_slice_array(board, ax_, k), norm(f), mnorm(w)),
              f"Checkerboard{tag}\nfixed / warped moving, {CHECKERBOARD_TILE_MM:g} mm squares", ax_, k)
-        if jacobian is not None:  # over the head (the fixed image above 5 % of its window), not the air around it
-            jac = np.ma.masked_where(norm(f) < 0.05, _slice(jacobian, ax_, k))
+        if jacobian is not None:
+            jac = np.ma.masked_where(~_slice_array(head, ax_, k), _slice(jacobian, ax_, k))
             show(axes[r, 4], norm(f), f"Jacobian determinant{tag}\nred: moving larger, blue: smaller", ax_, k,
                  overlay=(jac, "bwr", jac_norm))
 
@@ -275,8 +278,7 @@ def registration_figure(
     else:
         ax.axis("off")
     if jacobian is not None:
-        _jacobian_histogram(axes[-1, 4], sitk.GetArrayViewFromImage(jacobian)[norm(sitk.GetArrayViewFromImage(fixed))
-                                                                             >= 0.05], jac_stats, jac_norm)
+        _jacobian_histogram(axes[-1, 4], sitk.GetArrayViewFromImage(jacobian)[head], jac_stats, jac_norm)
     return _save(fig, path, title, 13)
 
 

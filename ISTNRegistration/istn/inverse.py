@@ -20,7 +20,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .geometry import Grid, apply_homogeneous, field_lattice
-from .transforms import field_spacing_cap, flatten_transform, linear_matrix, matrix_to_sitk_affine
+from .transforms import field_spacing_cap, flat_parts, linear_matrix, matrix_to_sitk_affine
 
 #: Points whose round trip misses by more than this (mm) make the inverse unreliable there (folding, or a
 #: transform that maps a region onto itself twice): reported, so that a caller can warn.
@@ -40,14 +40,6 @@ class InverseTransform:
     def summary(self) -> dict:
         return {"exact": self.exact, "lattice_mm": None if self.lattice_mm is None else list(self.lattice_mm),
                 "iterations": self.iterations, "round_trip_mm": self.round_trip_mm}
-
-
-def _parts(transform: sitk.Transform) -> list[sitk.Transform]:
-    """The transforms of a flat composite in the order they are APPLIED to a point (ITK: the last added first)."""
-    flat = flatten_transform(transform)
-    if not isinstance(flat, sitk.CompositeTransform):
-        return [flat]
-    return [flat.GetNthTransform(i) for i in reversed(range(flat.GetNumberOfTransforms()))]
 
 
 def _linear_part(parts: list[sitk.Transform], d: int) -> np.ndarray:
@@ -80,18 +72,19 @@ def inverse_transform(transform: sitk.Transform, reference: sitk.Image | Grid, s
     d = grid.ndim
     if transform.GetDimension() != d:
         raise ValueError(f"inverse_transform(): the transform is {transform.GetDimension()}D, the reference {d}D")
-    parts = _parts(transform)
+    parts = flat_parts(transform)
     rng = np.random.default_rng(seed)
     probe = grid.voxel_to_world(rng.uniform(0, 1, (check_points, d)) * (np.asarray(grid.size) - 1))
     if all(p.IsLinear() for p in parts):
         inverse = matrix_to_sitk_affine(np.linalg.inv(_linear_part(parts, d)))
-        return InverseTransform(inverse, True, None, 0, _round_trip(transform, inverse, probe))
+        return InverseTransform(inverse, True, None, 0, round_trip(transform, inverse, probe))
     spacing = field_spacing_cap(transform, spacing)
     L = _linear_part(parts, d)
-    A_inv = np.linalg.inv(L[:d, :d])
+    L_inv = np.linalg.inv(L)
+    A_inv = L_inv[:d, :d]  # the inverse of L's matrix part
     lattice = field_lattice(grid, spacing)
     y = lattice.world_points().reshape(-1, d)
-    x = apply_homogeneous(np.linalg.inv(L), y)
+    x = apply_homogeneous(L_inv, y)
     forward = _ForwardField(transform, x, spacing)
     iterations = 0
     for iterations in range(1, max_iterations + 1):
@@ -105,10 +98,10 @@ def inverse_transform(transform: sitk.Transform, reference: sitk.Image | Grid, s
     field.SetSpacing(lattice.spacing)
     field.SetDirection(lattice.direction)
     inverse = sitk.CompositeTransform(d)
-    inverse.AddTransform(matrix_to_sitk_affine(np.linalg.inv(L)))  # applied second
+    inverse.AddTransform(matrix_to_sitk_affine(L_inv))  # applied second
     inverse.AddTransform(sitk.DisplacementFieldTransform(field))  # applied first (ITK: the last added)
     return InverseTransform(inverse, False, tuple(float(v) for v in lattice.spacing), iterations,
-                            _round_trip(transform, inverse, probe))
+                            round_trip(transform, inverse, probe))
 
 
 class _ForwardField:
@@ -132,7 +125,7 @@ class _ForwardField:
         return points + np.stack(shift, axis=1)
 
 
-def _round_trip(forward: sitk.Transform, inverse: sitk.Transform, points: np.ndarray) -> dict[str, float]:
+def round_trip(forward: sitk.Transform, inverse: sitk.Transform, points: np.ndarray) -> dict[str, float]:
     """``|forward(inverse(y)) - y|`` (mm) at ``points``: median, 99th percentile, maximum and the fraction over
     `ROUND_TRIP_WARN_MM`."""
     miss = np.array([np.linalg.norm(np.subtract(forward.TransformPoint(inverse.TransformPoint(p)), p))

@@ -298,13 +298,19 @@ def flatten_transform(transform: sitk.Transform) -> sitk.Transform:
 FIELD_PER_MESH = 1.0 / 8.0
 
 
+def flat_parts(transform: sitk.Transform) -> list[sitk.Transform]:
+    """The transforms ``transform`` is made of (`flatten_transform`), in the order they are APPLIED to a point
+    (ITK's composite applies the last one added first); a single transform alone."""
+    flat = flatten_transform(transform)
+    if not isinstance(flat, sitk.CompositeTransform):
+        return [flat]
+    return [flat.GetNthTransform(i) for i in reversed(range(flat.GetNumberOfTransforms()))]
+
+
 def field_spacing_cap(transform: sitk.Transform, spacing: float) -> float:
     """``spacing`` (mm) of a displacement field that samples ``transform``, capped at `FIELD_PER_MESH` times the
     finest control point spacing of the B-splines in it and at the spacing of the displacement fields in it."""
-    flat = flatten_transform(transform)
-    parts = [flat.GetNthTransform(i) for i in range(flat.GetNumberOfTransforms())] \
-        if isinstance(flat, sitk.CompositeTransform) else [flat]
-    for part in parts:
+    for part in flat_parts(transform):
         part = part.Downcast() if hasattr(part, "Downcast") else part
         if isinstance(part, (sitk.BSplineTransform, sitk.DisplacementFieldTransform)):
             n = part.GetDimension()  # both keep size, origin, spacing, ... in their fixed parameters

@@ -591,12 +591,9 @@ def _check_result(transform, images: dict) -> None:
     import numpy as np
     import SimpleITK as sitk
 
-    from ..transforms import flatten_transform
+    from ..transforms import flat_parts
 
-    tx = flatten_transform(transform)
-    parts = [tx.GetNthTransform(i) for i in range(tx.GetNumberOfTransforms())] \
-        if isinstance(tx, sitk.CompositeTransform) else [tx]
-    for part in parts:
+    for part in flat_parts(transform):
         if not np.all(np.isfinite(part.GetParameters())):
             raise ResultError("the registration produced a non-finite transform (refinement diverged; try a smaller "
                               "--lr or fewer --refine iterations); nothing was written")
