@@ -9,6 +9,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .geometry import Grid
+from .metrics import jacobian_statistics
 from .refinement import MAP_DISPLAY_THRESHOLD
 from .registration import RegistrationResult, bounded_map, jacobian_on_grid
 
@@ -119,6 +120,7 @@ def registration_figure(
     focus: sitk.Image | None = None,
     notes: Sequence[str] = (),
     jacobian: sitk.Image | None = None,
+    jacobian_stats: Mapping[str, float] | None = None,
 ) -> Path:
     """Write a PNG: images with label contours, checkerboard, ITN maps, Dice bars and refinement loss curves.
 
@@ -135,6 +137,8 @@ def registration_figure(
     ``jacobian``: the result's Jacobian determinant on the fixed grid (`istn.registration.jacobian_image`): a
     fifth column shows it over the fixed image in each view (blue-white-red, white at 1, the window of the
     Slicer volume: `istn.metrics.jacobian_half_width`) and its histogram over the fixed image's foreground.
+    ``jacobian_stats``: its numbers (`istn.metrics.jacobian_statistics`) for that window and the histogram's text,
+    when the caller has them from the grid it printed them from; default: those of ``jacobian``.
     The checkerboard alternates `checkerboard_image`'s world cubes (the Slicer volume's, the cohort montage's).
     """
     import matplotlib
@@ -157,9 +161,9 @@ def registration_figure(
     if jacobian is not None:
         from matplotlib.colors import Normalize
 
-        from .metrics import jacobian_half_width, jacobian_statistics
+        from .metrics import jacobian_half_width
 
-        jac_stats = jacobian_statistics(sitk.GetArrayViewFromImage(jacobian))
+        jac_stats = jacobian_stats or jacobian_statistics(sitk.GetArrayViewFromImage(jacobian))
         # the head (the fixed image above 5 % of its window), not the air around it: where the map and histogram look
         head = norm(sitk.GetArrayViewFromImage(fixed)) >= 0.05
         half = jacobian_half_width(jac_stats["p1"], jac_stats["p99"])
@@ -390,6 +394,8 @@ def registration_overview(
         polish={n: x.polish_iterations for n, x in stages.items()},
         passes={n: x.pass_iterations for n, x in stages.items()},
         jacobian=None if jacobian is None else jacobian_on_grid(jacobian, shown),
+        # the numbers of the grid given (what `istn register` prints), not of its interpolation onto the display
+        jacobian_stats=None if jacobian is None else jacobian_statistics(sitk.GetArrayViewFromImage(jacobian)),
     )
 
 
