@@ -827,8 +827,9 @@ def model_card(summary: dict, name: str, data_text: str, args) -> str:
             "half-extent per control point), applied AFTER an affine: the B-spline lives in moving space on the "
             "fixed internal grid carried there by the affine's rotation and translation, and the result is "
             "x -> B(A(x))")
-    use = (f"`istn register --model {args.family}-affine.pt FIXED MOVING OUT`, then the B-spline model with the "
-           "affine as initial transform (`istn demo` does both with the default family, brain-t1)" if stage == "affine"
+    use = (f"`istn register --fixed FIXED --moving MOVING --model {args.family}-affine.pt --out OUT`; with `--model "
+           f"{args.family}-bspline.pt` after it, the B-spline follows from the affine's result (`istn register` without "
+           "`--model` and `istn demo` run the brain-t1 pair)" if stage == "affine"
            else f"after `{args.family}-affine.pt`: `register(fixed, moving, bspline, initial_transform=affine.transform)`")
     return f"""# {name}: 3D brain T1, {stage} ISTN ({m['variant'].upper()})
 
@@ -887,7 +888,7 @@ Validation curve (training loss of the step, validation soi_mse):
 
 Choices forced by a CPU budget: the internal grid is {m['grid_size'][0]}^3 at {m['grid_spacing']:g} mm (the same ~190 mm field of
 view as the paper's 64^3 at 3 mm, at about half the cost per step); thousands rather than the paper's tens of
-thousands of steps, so test-time refinement (`istn register`, default 50 iterations) does much of the work.
+thousands of steps, so test-time refinement (`istn register`: this model's own settings, below) does much of the work.
 
 ## Variant choice
 {_variant_text()}

@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after a failed self-check, do not register again with the models trained on varied views "
                         "beside those given (brain-synth beside brain-t1; by default the result whose images end "
                         "the more alike is kept)")
-    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto (default): the GPU when torch sees one, else the CPU; a GPU out of memory falls back "
+                        "to the CPU with a warning")
     r.add_argument("--initial", help="initial ITK transform file (fixed -> moving), e.g. an affine .tfm or an earlier "
                    "transform.h5 (a non-linear one can start affine models only)")
     r.add_argument("--background", type=float, default=None,
@@ -112,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a label map of the fixed image's space (an atlas drawn on the template): also brought onto "
                         "each moving image's own grid through the result's inverse, as atlas_labels.nii.gz, with "
                         "each label's volume there in result.json (and in summary.csv for several --moving)")
-    r.add_argument("--quiet", action="store_true")
+    r.add_argument("--quiet", action="store_true", help="no progress lines: only the summary of each stage, warnings and errors")
     r.add_argument("--verbose", action="store_true", help="show the libraries' own messages behind an error")
 
     e = sub.add_parser("evaluate", help="Dice, ASD, HD95 (mm) and folding of a registration")
