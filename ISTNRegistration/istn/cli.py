@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a label map of the fixed image's space (an atlas drawn on the template): also brought onto "
                         "each moving image's own grid through the result's inverse, as atlas_labels.nii.gz, with "
                         "each label's volume there in result.json (and in summary.csv for several --moving)")
-    r.add_argument("--quiet", action="store_true", help="no progress lines: only the summary of each stage, warnings and errors")
+    r.add_argument("--quiet", action="store_true",
+                   help="no progress lines: only the summary of each stage, warnings and errors")
     r.add_argument("--verbose", action="store_true", help="show the libraries' own messages behind an error")
 
     e = sub.add_parser("evaluate", help="Dice, ASD, HD95 (mm) and folding of a registration")
