@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO / "ISTNRegistration"))
 from ISTNRegistrationLib import ISTNRegistrationLogic, models as modelfiles, nodes, sampledata, selftest  # noqa: E402
 from ISTNRegistrationLib.logic import ROLE_BSPLINE, ROLE_FIXED_MAP, ROLE_MOVING_MAP  # noqa: E402
 from istn.registration import warp_image  # noqa: E402
+from istn.transforms import linear_matrix as _affine_matrix  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
 
@@ -364,9 +365,46 @@ def test_a_moving_volume_the_user_aligned_is_registered_from_where_it_is_shown(s
             2.0 * (t & m).sum() / (t.sum() + m.sum()), abs=1e-9)
     assert moving_node.GetParentTransformNode() is result.transformNode
     assert "Started from the moving volume's placement under 'my alignment'" in result.summary()
+    # a second Apply (the volume now under the result, which includes the user's placement) starts where the first
+    # did, not from the volume's own geometry: the same start, the same result
+    starts.clear()
+    again = run(ISTNRegistrationLogic(), pair, tiny_models, "affine", outputTransformNode=result.transformNode,
+                fixedSegmentationNode=fixed_labels, movingSegmentationNode=moving_labels)
+    assert len(starts) == 1 and starts[0] is not None
+    np.testing.assert_allclose(_affine_matrix(starts[0]), _affine_matrix(start), atol=1e-9)
+    np.testing.assert_allclose(_affine_matrix(again.transform), _affine_matrix(result.transform), atol=1e-6)
+    for name, values in result.metrics["dice"].items():  # "before" too: the start is where the volume was shown
+        assert again.metrics["dice"][name] == pytest.approx(values)
+    assert again.startedFrom == "my alignment"
+    # a run from the volume's own geometry forgets the recorded start: the next Apply starts there too
+    moving_node.SetAndObserveTransformNodeID(None)
     starts.clear()
     run(ISTNRegistrationLogic(), pair, tiny_models, "affine", outputTransformNode=result.transformNode)
-    assert starts == [None]  # under this module's own result: a second Apply starts afresh, as the first did
+    run(ISTNRegistrationLogic(), pair, tiny_models, "affine", outputTransformNode=result.transformNode)
+    assert starts == [None, None]
+
+
+def test_the_users_own_transform_as_output_keeps_its_start_for_a_second_apply(scene, pair, tiny_models, monkeypatch):
+    """The output transform chosen is the user's alignment the moving volume is under: the first run starts from it
+    and overwrites it with the result; a second Apply starts from the alignment as it was, not from the identity."""
+    import istn.chain
+
+    fixed_node, moving_node = pair[:2]
+    user, _ = _user_transform(scene)
+    moving_node.SetAndObserveTransformNodeID(user.GetID())
+    starts = []
+    real = istn.chain.register_with_second_try
+
+    def spy(*args, **kwargs):
+        starts.append(kwargs.get("initial_transform"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(istn.chain, "register_with_second_try", spy)
+    first = run(ISTNRegistrationLogic(), pair, tiny_models, "affine", outputTransformNode=user)
+    second = run(ISTNRegistrationLogic(), pair, tiny_models, "affine", outputTransformNode=user)
+    assert first.transformNode is user and second.transformNode is user
+    np.testing.assert_allclose(_affine_matrix(starts[1]), _affine_matrix(starts[0]), atol=1e-9)
+    np.testing.assert_allclose(_affine_matrix(second.transform), _affine_matrix(first.transform), atol=1e-6)
 
 
 def test_a_moving_volume_under_a_nonlinear_transform_of_the_users_is_refused_before_anything(scene, pair,
@@ -378,6 +416,42 @@ def test_a_moving_volume_under_a_nonlinear_transform_of_the_users_is_refused_bef
     with pytest.raises(ValueError, match="under the non-linear transform 'acquisition correction'; harden it"):
         run(ISTNRegistrationLogic(), pair, tiny_models, "affine")
     assert selftest.nodeIds(scene) == before and moving_node.GetParentTransformNode() is warp
+
+
+def _structures(*spec):
+    mask = sitk.Image([2, 2, 2], sitk.sitkUInt8)
+    return [nodes.Structure(name, value, mask) for name, value in spec]
+
+
+def test_structures_pair_by_name_without_case_and_say_what_is_left_unscored():
+    fixed = _structures(("Left Caudate", 1), ("left putamen", 2), ("thalamus", 3))
+    moving = _structures(("left caudate ", 7), ("LEFT PUTAMEN", 1), ("pallidum", 2))
+    pairs, notes = nodes.matchStructures(fixed, moving)
+    assert [(f.name, m.name) for f, m in pairs] == [("Left Caudate", "left caudate "), ("left putamen", "LEFT PUTAMEN")]
+    assert len(notes) == 1 and "fixed 'thalamus'" in notes[0] and "moving 'pallidum'" in notes[0]
+    pairs, notes = nodes.matchStructures(fixed[:2], moving[:2])  # every name has its counterpart: nothing to say
+    assert len(pairs) == 2 and notes == []
+
+
+def test_structures_pair_by_label_value_only_when_each_value_is_one_structure():
+    fixed = _structures(("Segment_1", 1), ("Segment_2", 2))
+    pairs, notes = nodes.matchStructures(fixed, _structures(("a", 2), ("b", 1)))
+    assert [(f.name, m.name) for f, m in pairs] == [("Segment_1", "b"), ("Segment_2", "a")]
+    assert len(notes) == 1 and "by label value" in notes[0] and "'Segment_1' ~ 'b'" in notes[0]
+    # segments each in a layer of their own all have the value 1: no pairing, rather than a wrong one
+    assert nodes.matchStructures(fixed, _structures(("a", 1), ("b", 1))) == ([], [])
+    assert nodes.matchStructures(fixed, _structures(("a", None), ("b", 2))) == ([], [])
+
+
+def test_a_partial_name_match_is_scored_and_said(scene, pair, tiny_models):
+    fixed, moving = pair[2], pair[3]
+    a = nodes.addVolumeNodeFromImage(scene, _labels(fixed), "a", "vtkMRMLScalarVolumeNode")  # "label 1", "label 2"
+    moving_labels = sitk.Cast(moving > 0.3, sitk.sitkUInt8) + 2 * sitk.Cast(moving > 0.7, sitk.sitkUInt8)
+    b = nodes.addVolumeNodeFromImage(scene, moving_labels, "b", "vtkMRMLScalarVolumeNode")  # "label 1", "label 3"
+    result = run(ISTNRegistrationLogic(), pair, tiny_models, "affine", fixedSegmentationNode=a,
+                 movingSegmentationNode=b)
+    assert sorted(result.metrics["dice"]) == ["label 1"]
+    assert any("fixed 'label 2'" in w and "moving 'label 3'" in w for w in result.warnings)
 
 
 def test_segmentations_without_common_structures_are_refused_before_anything_runs(scene, pair, tiny_models):

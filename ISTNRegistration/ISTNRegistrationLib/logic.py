@@ -60,6 +60,11 @@ JACOBIAN_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeFileDivergingBlueRed.txt",
 FOLDING_MAX_VOXELS = 2_000_000
 #: Attribute on an output transform node: the ID of the moving volume its last run registered.
 ATTRIBUTE_MOVING = "ISTNRegistration.movingVolumeID"
+#: On the output transform node: where the run started (the moving volume's placement under a transform of the
+#: user's, 16 numbers, row-major RAS to-world matrix) and that transform's name, so that a second Apply, with the
+#: volume now under the result, starts there again rather than from the volume's own geometry
+ATTRIBUTE_START = "ISTNRegistration.startToWorld"
+ATTRIBUTE_START_NAME = "ISTNRegistration.startedFrom"
 STAGE_NAMES = {"affine": "Affine", "bspline": "B-spline"}
 
 
@@ -498,11 +503,13 @@ class ISTNRegistrationLogic:
                                   "identity"))
             fixedStructures = nodeio.structuresFromNode(fixedSegmentationNode, world=True)
             movingStructures = nodeio.structuresFromNode(movingSegmentationNode, world=False)
-            pairs = nodeio.matchStructures(fixedStructures, movingStructures)
+            pairs, notes = nodeio.matchStructures(fixedStructures, movingStructures)
             if fixedSegmentationNode is not None and movingSegmentationNode is not None and not pairs:
                 raise ValueError(_("'{fixed}' and '{moving}' have no structure in common (segments are matched by name, "
-                                   "else by label value)").format(fixed=fixedSegmentationNode.GetName(),
-                                                                  moving=movingSegmentationNode.GetName()))
+                                   "else by label value where each value stands for one segment on each side); give "
+                                   "the segments the same names").format(fixed=fixedSegmentationNode.GetName(),
+                                                                        moving=movingSegmentationNode.GetName()))
+            warnings.extend(notes)
             if (fixedSegmentationNode is None) != (movingSegmentationNode is None):
                 warnings.append(_("Dice needs both a fixed and a moving segmentation: only one was given, no Dice "
                                   "computed"))
@@ -510,7 +517,7 @@ class ISTNRegistrationLogic:
             fixedImage = nodeio.volumeNodeToImage(fixedVolumeNode, world=True)
             movingImage = nodeio.volumeNodeToImage(movingVolumeNode, world=False)
             # where the user placed the moving volume (under a transform of theirs) is where registration starts
-            start, startNode = preAlignment(movingVolumeNode)
+            start, startName, startToWorld = preAlignment(movingVolumeNode)
             lr = float(learningRate) if learningRate is not None and learningRate > 0 else None
             refineOptions = {"lr": lr,
                              "bending": float(bending) if bending is not None and bending >= 0 else None,
@@ -538,7 +545,7 @@ class ISTNRegistrationLogic:
             check_register_inputs(fixedImage, movingImage, [m for _, m in models], iterations=iterations,
                                   device=device, initial_transform=start,
                                   initial_name=_("the moving volume's transform '{name}'").format(
-                                      name=startNode.GetName()) if startNode is not None else "the initial transform",
+                                      name=startName) if startName is not None else "the initial transform",
                                   **refineOptions)
             # refinement draws no random numbers today; seeding in a fork keeps Slicer's global RNG as it was
             stack.enter_context(_seededTorch(seed, device))
@@ -556,7 +563,8 @@ class ISTNRegistrationLogic:
                 if updateViews:
                     changes.rememberViews()
                 linearNode, bsplineNode, leafNode = self._prepareTransformNodes(
-                    changes, transformType, outputTransformNode, fixedVolumeNode, movingVolumeNode)
+                    changes, transformType, outputTransformNode, fixedVolumeNode, movingVolumeNode,
+                    (startToWorld, startName))
                 bsplineWriter = nodeio.BSplineNodeWriter(bsplineNode) if bsplineNode is not None else None
                 if outputVolumeNode is None:
                     changes.rememberParent(movingVolumeNode)
@@ -597,8 +605,8 @@ class ISTNRegistrationLogic:
                                                           None, _("Computing outputs and quality measures...")))
                 last = result.stages[-1]
                 result.metrics = self._metrics(result.stages, final, fixedImage, pairs, transformType, start)
-                if startNode is not None:
-                    result.startedFrom = startNode.GetName()
+                if startName is not None:
+                    result.startedFrom = startName
                 if result.retry is not None:
                     result.metrics["retry"] = result.retry.summary()
                 if cancelled():
@@ -753,15 +761,25 @@ class ISTNRegistrationLogic:
                 stages.insert(0, ("affine", affine.path))
         return stages
 
-    def _prepareTransformNodes(self, changes, transformType, outputNode, fixedNode, movingNode):
-        """(linear node, B-spline node or None, leaf node); created or reused, their old content remembered."""
+    def _prepareTransformNodes(self, changes, transformType, outputNode, fixedNode, movingNode, start=(None, None)):
+        """(linear node, B-spline node or None, leaf node); created or reused, their old content remembered.
+        ``start``: (the RAS to-world matrix the run starts from, its transform's name), recorded on the output
+        node for a second Apply (`preAlignment`); (None, None): the volume's own geometry."""
         if outputNode is None:
             name = _("{moving} to {fixed} (ISTN)").format(moving=movingNode.GetName(), fixed=fixedNode.GetName())
             outputNode = changes.addNode("vtkMRMLLinearTransformNode", name)
         else:
             changes.rememberTransform(outputNode)
-            changes.rememberAttribute(outputNode, ATTRIBUTE_MOVING)
+            for attribute in (ATTRIBUTE_MOVING, ATTRIBUTE_START, ATTRIBUTE_START_NAME):
+                changes.rememberAttribute(outputNode, attribute)
         outputNode.SetAttribute(ATTRIBUTE_MOVING, movingNode.GetID())  # a later run for another volume is refused
+        toWorld, name = start
+        if toWorld is None:
+            outputNode.RemoveAttribute(ATTRIBUTE_START)
+            outputNode.RemoveAttribute(ATTRIBUTE_START_NAME)
+        else:
+            outputNode.SetAttribute(ATTRIBUTE_START, " ".join(repr(float(v)) for v in toWorld.reshape(-1)))
+            outputNode.SetAttribute(ATTRIBUTE_START_NAME, name or "")
         outputNode.SetMatrixTransformFromParent(vtk.vtkMatrix4x4())  # identity
         if transformType != "bspline":
             return outputNode, None, outputNode
@@ -946,23 +964,37 @@ def _foldingGrid(fixedImage):
 
 
 def preAlignment(movingNode):
-    """``(initial transform, node)``: a moving volume the user placed under a transform of theirs (a manual or
-    another tool's alignment) is registered from there: the engine's initial transform maps fixed world points to
-    the moving volume's own (LPS), the inverse of its parents' transform to world. ``(None, None)`` when it is
-    under no transform, or under this module's own output (a second Apply starts as the first did). Raises for a
-    non-linear transform of the user's (an acquisition correction, another tool's warp): harden it first."""
+    """``(initial transform, name, RAS to-world matrix)``: where registration of ``movingNode`` starts.
+
+    A moving volume the user placed under a transform of theirs (a manual or another tool's alignment) is
+    registered from there: the engine's initial transform maps fixed world points to the moving volume's own
+    (LPS), the inverse of its parents' transform to world; ``name`` is that transform's. Under this module's own
+    output (a second Apply), the start that output's run recorded (`ATTRIBUTE_START`: the user's placement then,
+    even though the volume is now under the result, which includes it), so a second Apply starts as the first did;
+    an edit of the result by hand is not a start (put the volume under a transform of your own for that).
+    ``(None, None, None)``: the volume's own geometry (under no transform, or under an output whose run started
+    there). Raises for a non-linear transform of the user's (an acquisition correction, another tool's warp):
+    harden it first."""
     parent = movingNode.GetParentTransformNode()
-    if parent is None or _isModuleOutput(parent):
-        return None, None
+    if parent is None:
+        return None, None, None
     import numpy as np
 
     from istn.transforms import matrix_to_sitk_affine
 
     from . import nodes as nodeio
 
-    # RAS: the volume's own points -> where they are shown (refused, as for the fixed volume, if not linear)
-    toWorld = nodeio.parentToWorldMatrix(movingNode)
-    return matrix_to_sitk_affine(nodeio.lpsToRasMatrix(np.linalg.inv(toWorld))), parent
+    if _isModuleOutput(parent):
+        output = parent if parent.GetAttribute(ATTRIBUTE_MOVING) is not None else parent.GetParentTransformNode()
+        recorded = output.GetAttribute(ATTRIBUTE_START)
+        if output.GetAttribute(ATTRIBUTE_MOVING) != movingNode.GetID() or not recorded:
+            return None, None, None
+        toWorld = np.array([float(v) for v in recorded.split()]).reshape(4, 4)
+        name = output.GetAttribute(ATTRIBUTE_START_NAME) or output.GetName()
+    else:
+        # RAS: the volume's own points -> where they are shown (refused, as for the fixed volume, if not linear)
+        toWorld, name = nodeio.parentToWorldMatrix(movingNode), parent.GetName()
+    return matrix_to_sitk_affine(nodeio.lpsToRasMatrix(np.linalg.inv(toWorld))), name, toWorld
 
 
 def _isModuleOutput(transformNode) -> bool:

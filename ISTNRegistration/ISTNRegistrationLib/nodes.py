@@ -229,14 +229,46 @@ def _structuresFromSegmentation(segmentationNode, world: bool) -> list[Structure
     return out
 
 
-def matchStructures(fixed: list[Structure], moving: list[Structure]) -> list[tuple[Structure, Structure]]:
-    """Pairs of fixed/moving structures: same name first, else same label value."""
-    byName = {s.name: s for s in moving}
-    pairs = [(f, byName[f.name]) for f in fixed if f.name in byName]
+def matchStructures(fixed: list[Structure], moving: list[Structure]
+                    ) -> tuple[list[tuple[Structure, Structure]], list[str]]:
+    """``(pairs of fixed/moving structures, notes for the user)``: by name, else by label value.
+
+    Names are compared without case and surrounding spaces ("Left Caudate" is
+    "left caudate"); when some names agree, those pairs are scored and a note
+    names the structures left without a counterpart. With no name in common,
+    by label value, but only when every value stands for one structure on each
+    side: label values follow the order segments were created in, and segments
+    each in a layer of their own all have the value 1, so a value shared by
+    several is no pairing; a note says that values, not names, paired them.
+    """
+    def key(structure: Structure) -> str:
+        return structure.name.strip().casefold()
+
+    byName: dict[str, Structure] = {}
+    for m in moving:
+        byName.setdefault(key(m), m)
+    pairs = [(f, byName[key(f)]) for f in fixed if key(f) in byName]
     if pairs:
-        return pairs
-    byValue = {s.value: s for s in moving if s.value is not None}
-    return [(f, byValue[f.value]) for f in fixed if f.value is not None and f.value in byValue]
+        pairedFixed = {id(f) for f, _ in pairs}
+        pairedMoving = {id(m) for _, m in pairs}
+        alone = ([_("fixed '{name}'").format(name=f.name) for f in fixed if id(f) not in pairedFixed]
+                 + [_("moving '{name}'").format(name=m.name) for m in moving if id(m) not in pairedMoving])
+        notes = [_("Dice only for the {count} structures named alike in both segmentations; without a counterpart, "
+                   "not scored: {names}").format(count=len(pairs), names=", ".join(alone))] if alone else []
+        return pairs, notes
+    fixedValues = [f.value for f in fixed]
+    movingValues = [m.value for m in moving]
+    for values in (fixedValues, movingValues):
+        if None in values or len(set(values)) != len(values):
+            return [], []
+    byValue = {m.value: m for m in moving}
+    pairs = [(f, byValue[f.value]) for f in fixed if f.value in byValue]
+    if not pairs:
+        return [], []
+    notes = [_("no segment name in common: structures paired by label value ({pairs}); give the segments the same "
+               "names to pair them by name").format(
+                   pairs=", ".join(f"'{f.name}' ~ '{m.name}'" for f, m in pairs))]
+    return pairs, notes
 
 
 # --------------------------------------------------------------------------
