@@ -47,7 +47,7 @@ if _MODULE_DIR not in sys.path:  # ISTNRegistrationLib and the engine `istn` liv
 # torch nor the engine until a registration runs (checked by Testing/test_slicer_widget.py).
 import ISTNRegistrationLib  # noqa: E402
 from ISTNRegistrationLib import dependencies, sampledata  # noqa: E402
-from ISTNRegistrationLib.logic import ATTRIBUTE_MOVING  # noqa: E402
+from ISTNRegistrationLib.logic import ATTRIBUTE_FIXED, ATTRIBUTE_MOVING  # noqa: E402
 
 CUSTOM_MODEL = "custom"  # modelChoice value of "a model file of my own"
 #: Where the documentation lives (the repository placeholder: see .ci/set_repository_url.py).
@@ -241,7 +241,9 @@ class ISTNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif p.fixedVolume == p.movingVolume:
             reason = _("The fixed and moving volumes must be different.")
         elif self.selectedModelPath() is None:
-            reason = _("Select a model (no bundled model is installed: choose a model file).")
+            custom = self.ui.modelComboBox.itemData(self.ui.modelComboBox.currentIndex) == CUSTOM_MODEL
+            reason = (_("Choose the model file (.pt).") if custom
+                      else _("Select a model (no bundled model is installed: choose a model file)."))
         elif dependencies.missingPackages():
             reason = _("Install the missing Python packages first.")
         self.ui.applyButton.enabled = not reason
@@ -328,10 +330,11 @@ class ISTNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         modelPath = self.selectedModelPath()
         output = p.outputTransform
-        if output is not None and output is self._autoOutputTransform \
-                and output.GetAttribute(ATTRIBUTE_MOVING) not in (None, p.movingVolume.GetID()):
-            # the panel picked this transform after registering another moving volume, which is still under it:
-            # a new moving volume gets a new transform (a transform the user picked is checked by the logic)
+        if output is not None and output is self._autoOutputTransform and (
+                output.GetAttribute(ATTRIBUTE_MOVING) not in (None, p.movingVolume.GetID())
+                or output.GetAttribute(ATTRIBUTE_FIXED) not in (None, p.fixedVolume.GetID())):
+            # the panel picked this transform after registering another pair: another moving or fixed volume gets
+            # a new transform, and the earlier result stays (a transform the user picked is checked by the logic)
             output = p.outputTransform = None
         self._setRunning(True)
         self.ui.resultsLabel.text = ""

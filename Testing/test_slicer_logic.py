@@ -618,6 +618,93 @@ def test_a_run_failing_after_its_outputs_were_written_gives_the_user_back_their_
     assert moving_node.GetParentTransformNode() is None
 
 
+def test_a_failed_rerun_gives_back_the_earlier_runs_maps(scene, pair, tiny_models, monkeypatch):
+    """The ITN map volumes of an earlier run are reused in place by a second Apply; one that fails after writing
+    them puts their voxels and parent transform back, so the maps still match the restored transform."""
+    logic = ISTNRegistrationLogic()
+    first = run(logic, pair, tiny_models, "bspline", iterations=2)
+    maps = {node: (node_state(node), node.GetParentTransformNode()) for node in (first.fixedMapNode,
+                                                                                 first.movingMapNode)}
+    moving_map = slicer.util.arrayFromVolume(first.movingMapNode).copy()
+
+    shown = []
+
+    def fail(*args, **kwargs):
+        shown.append(args)
+        if len(shown) == 2:  # the views at the end (the first call shows the moving volume as refinement runs)
+            assert not np.array_equal(slicer.util.arrayFromVolume(first.movingMapNode), moving_map)  # written
+            raise RuntimeError("view update failed")
+
+    monkeypatch.setattr(logic, "_showInSliceViews", fail)
+    with pytest.raises(RuntimeError, match="view update failed"):
+        # other maps: the moving volume's voxels edited since (mirrored)
+        voxels = slicer.util.arrayFromVolume(pair[1])
+        voxels[:] = voxels[::-1].copy()
+        slicer.util.arrayFromVolumeModified(pair[1])
+        run(logic, pair, tiny_models, "bspline", iterations=2, outputTransformNode=first.transformNode,
+            updateViews=True)
+    for node, (state, parent) in maps.items():
+        assert same_state(state, node_state(node)) and node.GetParentTransformNode() is parent
+
+
+def test_an_affine_rerun_into_a_bspline_result_leaves_no_stale_bspline_behind(scene, pair, tiny_models):
+    first = run(ISTNRegistrationLogic(), pair, tiny_models, "bspline", iterations=2)
+    old = first.bsplineTransformNode
+    second = run(ISTNRegistrationLogic(), pair, tiny_models, "affine", outputTransformNode=first.transformNode)
+    assert second.transformNode is first.transformNode and second.bsplineTransformNode is None
+    assert not scene.IsNodePresent(old) and first.transformNode.GetNodeReference(ROLE_BSPLINE) is None
+    assert pair[1].GetParentTransformNode() is first.transformNode
+    assert first.movingMapNode.GetParentTransformNode() is first.transformNode
+    # something of the user's under the old B-spline keeps its node, made the identity (the affine result alone)
+    third = run(ISTNRegistrationLogic(), pair, tiny_models, "bspline", iterations=2,
+                outputTransformNode=first.transformNode)
+    theirs = nodes.addVolumeNodeFromImage(scene, pair[3], "theirs")
+    theirs.SetAndObserveTransformNodeID(third.bsplineTransformNode.GetID())
+    run(ISTNRegistrationLogic(), pair, tiny_models, "affine", outputTransformNode=first.transformNode)
+    assert scene.IsNodePresent(third.bsplineTransformNode) and theirs.GetParentTransformNode() is \
+        third.bsplineTransformNode
+    assert third.bsplineTransformNode.IsLinear()
+
+
+@pytest.mark.parametrize("what", ["moving", "output transform", "B-spline", "output volume"])
+def test_a_node_removed_during_the_run_stops_it_with_a_clear_error_and_undoes_it(scene, pair, tiny_models, what):
+    """The Data module stays usable while the panel processes events: a node of the run deleted meanwhile stops
+    the run, which fails naming it, the rest of the scene as it was (no success reported over a missing node)."""
+    fixed_node, moving_node = pair[:2]
+    out = nodes.addVolumeNodeFromImage(scene, pair[2], "my output")
+    before = selftest.nodeIds(scene)
+    victim = {}
+
+    def progress(p):
+        if p.stage == "bspline" and p.iteration == 1 and not victim:
+            if what == "moving":
+                node = moving_node
+            elif what == "output volume":
+                node = out
+            else:
+                linear = scene.GetFirstNodeByName("M to F (ISTN)") or scene.GetNodesByClass(
+                    "vtkMRMLLinearTransformNode").GetItemAsObject(0)
+                node = linear if what == "output transform" else linear.GetNodeReference(ROLE_BSPLINE)
+            victim["name"] = node.GetName()
+            scene.RemoveNode(node)
+
+    with pytest.raises(RuntimeError, match="was removed from the scene during the registration"):
+        run(ISTNRegistrationLogic(), pair, tiny_models, "bspline", iterations=3, progressCallback=progress,
+            outputVolumeNode=out if what == "output volume" else None)
+    assert victim  # removed mid-run; every other node as before the run, none of the run's left
+    assert selftest.nodeIds(scene) == {n for n in before if scene.GetNodeByID(n) is not None}
+    if what != "moving":
+        assert moving_node.GetParentTransformNode() is None
+
+
+def test_a_single_slice_volume_is_refused_with_advice_that_works_in_slicer(scene, pair, tiny_models):
+    flat = nodes.addVolumeNodeFromImage(scene, pair[2][:, :, 3:4], "one slice")
+    before = selftest.nodeIds(scene)
+    with pytest.raises(ValueError, match="'one slice' is a single slice: this module registers 3D volumes"):
+        ISTNRegistrationLogic().register(pair[0], flat, modelPath=tiny_models["affine"], iterations=1)
+    assert selftest.nodeIds(scene) == before
+
+
 def test_inputs_are_never_modified(scene, pair, tiny_models):
     fixed_node, moving_node, fixed, moving = pair
     fixed_seg = nodes.addVolumeNodeFromImage(scene, _labels(fixed), "fl", "vtkMRMLLabelMapVolumeNode")

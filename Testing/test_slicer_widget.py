@@ -172,7 +172,8 @@ def test_apply_needs_inputs_and_a_model(module, model_file):
     p = widget._parameterNode
     p.fixedVolume, p.movingVolume = object(), object()
     widget._checkCanApply()
-    assert not widget.ui.applyButton.enabled and "model" in widget.ui.applyButton.toolTip
+    # "Custom model file" chosen, no file yet: the tooltip asks for it (not that nothing is installed)
+    assert not widget.ui.applyButton.enabled and widget.ui.applyButton.toolTip == "Choose the model file (.pt)."
     widget.ui.customModelPathLineEdit.currentPath = str(model_file)
     widget.updateModelInfo()
     assert widget.ui.applyButton.enabled
@@ -364,12 +365,13 @@ def test_results_show_iterations_actually_run_and_engine_warnings(module, model_
 
 
 def test_a_new_moving_volume_gets_a_new_transform_not_the_one_made_for_the_previous_volume(module, model_file):
-    from ISTNRegistrationLib.logic import ATTRIBUTE_MOVING
+    from ISTNRegistrationLib.logic import ATTRIBUTE_FIXED, ATTRIBUTE_MOVING
 
     made = FakeNode("transform1")
 
     def run(kw):
         made.attributes[ATTRIBUTE_MOVING] = widget._parameterNode.movingVolume.GetID()  # what the logic records
+        made.attributes[ATTRIBUTE_FIXED] = widget._parameterNode.fixedVolume.GetID()
         return done_result(transform_node=made if kw["outputTransformNode"] is None else kw["outputTransformNode"])
 
     logic = FakeLogic(run)
@@ -388,6 +390,11 @@ def test_a_new_moving_volume_gets_a_new_transform_not_the_one_made_for_the_previ
     p.outputTransform = mine
     widget.onApplyButton()
     assert logic.calls[3][2]["outputTransformNode"] is mine
+    # another fixed volume (same moving): a new transform too, the registration to the first fixed volume is kept
+    p.outputTransform = widget._autoOutputTransform = made
+    p.fixedVolume = FakeNode("fixed2")
+    widget.onApplyButton()
+    assert logic.calls[4][2]["outputTransformNode"] is None
 
 
 def test_loading_the_module_imports_no_numpy_heavy_package(tmp_path):

@@ -64,6 +64,8 @@ ATTRIBUTE_MOVING = "ISTNRegistration.movingVolumeID"
 #: user's, 16 numbers, row-major RAS to-world matrix) and that transform's name, so that a second Apply, with the
 #: volume now under the result, starts there again rather than from the volume's own geometry
 ATTRIBUTE_START = "ISTNRegistration.startToWorld"
+#: On the output transform node: the fixed volume of its run (the panel gives another fixed volume a new node)
+ATTRIBUTE_FIXED = "ISTNRegistration.fixedVolumeID"
 ATTRIBUTE_START_NAME = "ISTNRegistration.startedFrom"
 STAGE_NAMES = {"affine": "Affine", "bspline": "B-spline"}
 
@@ -473,6 +475,20 @@ class ISTNRegistrationLogic:
             self._cancelEvent.set()
 
         closeObserver = scene.AddObserver(scene.StartCloseEvent, onSceneClose)
+        # the run's nodes (inputs, outputs) while it runs: one the user removes meanwhile (the Data module stays
+        # usable while the panel processes events) stops the run, which then fails saying so, its changes undone
+        watched: list = []
+        removed: list[str] = []
+
+        def onNodeRemoved(caller, event) -> None:
+            if removed or self._sceneClosed:
+                return
+            gone = [n for n in watched if n is not None and not scene.IsNodePresent(n)]
+            if gone:
+                removed.append(gone[0].GetName())
+                self._cancelEvent.set()
+
+        removeObserver = scene.AddObserver(scene.NodeRemovedEvent, onNodeRemoved)
         self._running = True
         stack = contextlib.ExitStack()
         try:
@@ -557,14 +573,17 @@ class ISTNRegistrationLogic:
 
             result = ISTNRegistrationResult(transformType=transformType, warnings=warnings)
             changes = _SceneChanges(scene)
+            watched.extend([fixedVolumeNode, movingVolumeNode, outputTransformNode, outputVolumeNode,
+                            checkerboardVolumeNode, jacobianVolumeNode])
             try:
                 if cancelled():  # e.g. the scene closed while a model was loading
                     raise RegistrationCancelled()
                 if updateViews:
                     changes.rememberViews()
-                linearNode, bsplineNode, leafNode = self._prepareTransformNodes(
+                linearNode, bsplineNode, leafNode, staleBSpline = self._prepareTransformNodes(
                     changes, transformType, outputTransformNode, fixedVolumeNode, movingVolumeNode,
                     (startToWorld, startName))
+                watched.extend([linearNode, bsplineNode])
                 bsplineWriter = nodeio.BSplineNodeWriter(bsplineNode) if bsplineNode is not None else None
                 if outputVolumeNode is None:
                     changes.rememberParent(movingVolumeNode)
@@ -660,15 +679,25 @@ class ISTNRegistrationLogic:
                     foreground = result.movingMapNode if showMaps else (
                         None if checkerboardVolumeNode is not None else (outputVolumeNode or movingVolumeNode))
                     self._showInSliceViews(checkerboardVolumeNode or fixedVolumeNode, foreground, 0.5)
+                if cancelled():
+                    raise RegistrationCancelled()
             except RegistrationCancelled:
+                watched.clear()  # the rollback removes the run's own new nodes
                 changes.sceneClosed = self._sceneClosed
                 changes.rollback()
+                if removed:
+                    raise RuntimeError(_("'{name}' was removed from the scene during the registration: the run was "
+                                         "stopped and its changes to the scene undone").format(name=removed[0]))
                 return ISTNRegistrationResult(transformType=transformType, cancelled=True, warnings=result.warnings,
                                               timings={"total": time.perf_counter() - started})
             except BaseException:
+                watched.clear()
                 changes.sceneClosed = self._sceneClosed
                 changes.rollback()
                 raise
+            watched.clear()
+            if staleBSpline is not None:
+                self._dropStaleBSpline(linearNode, staleBSpline)
 
             # with the second try on, the varied models beside were tried already (or there are none)
             result.hint = variedViewsHint(result.stages) if not retryVaried else ""
@@ -685,6 +714,7 @@ class ISTNRegistrationLogic:
             stack.close()
             self._running = False
             scene.RemoveObserver(closeObserver)
+            scene.RemoveObserver(removeObserver)
 
     # -- steps ----------------------------------------------------------------
     @staticmethod
@@ -696,6 +726,11 @@ class ISTNRegistrationLogic:
             if not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
                 raise ValueError(_("the {role} volume '{name}' must be a scalar (grey-level) volume").format(
                     role=role, name=node.GetName()))
+            image = node.GetImageData()
+            if image is not None and 1 in image.GetDimensions() and max(image.GetDimensions()) > 1:
+                raise ValueError(_("the {role} volume '{name}' is a single slice: this module registers 3D volumes "
+                                   "with 3D models; register 2D images with the command line (istn register) and a "
+                                   "2D model").format(role=role, name=node.GetName()))
         if fixed is moving:
             raise ValueError(_("the fixed and moving volumes are the same node; pick two different volumes"))
         if outputTransform is not None:
@@ -762,7 +797,8 @@ class ISTNRegistrationLogic:
         return stages
 
     def _prepareTransformNodes(self, changes, transformType, outputNode, fixedNode, movingNode, start=(None, None)):
-        """(linear node, B-spline node or None, leaf node); created or reused, their old content remembered.
+        """(linear node, B-spline node or None, leaf node, an earlier B-spline child an affine run leaves behind or
+        None); created or reused, their old content remembered.
         ``start``: (the RAS to-world matrix the run starts from, its transform's name), recorded on the output
         node for a second Apply (`preAlignment`); (None, None): the volume's own geometry."""
         if outputNode is None:
@@ -770,9 +806,10 @@ class ISTNRegistrationLogic:
             outputNode = changes.addNode("vtkMRMLLinearTransformNode", name)
         else:
             changes.rememberTransform(outputNode)
-            for attribute in (ATTRIBUTE_MOVING, ATTRIBUTE_START, ATTRIBUTE_START_NAME):
+            for attribute in (ATTRIBUTE_MOVING, ATTRIBUTE_FIXED, ATTRIBUTE_START, ATTRIBUTE_START_NAME):
                 changes.rememberAttribute(outputNode, attribute)
         outputNode.SetAttribute(ATTRIBUTE_MOVING, movingNode.GetID())  # a later run for another volume is refused
+        outputNode.SetAttribute(ATTRIBUTE_FIXED, fixedNode.GetID())  # the panel: another fixed volume, a new node
         toWorld, name = start
         if toWorld is None:
             outputNode.RemoveAttribute(ATTRIBUTE_START)
@@ -781,9 +818,11 @@ class ISTNRegistrationLogic:
             outputNode.SetAttribute(ATTRIBUTE_START, " ".join(repr(float(v)) for v in toWorld.reshape(-1)))
             outputNode.SetAttribute(ATTRIBUTE_START_NAME, name or "")
         outputNode.SetMatrixTransformFromParent(vtk.vtkMatrix4x4())  # identity
-        if transformType != "bspline":
-            return outputNode, None, outputNode
         bspline = outputNode.GetNodeReference(ROLE_BSPLINE)
+        if transformType != "bspline":
+            # an earlier B-spline result's child is no longer part of the result: dropped once this run succeeds
+            stale = bspline if bspline is not None and self.scene.IsNodePresent(bspline) else None
+            return outputNode, None, outputNode, stale
         if bspline is not None and bspline.IsA("vtkMRMLTransformNode") and self.scene.IsNodePresent(bspline):
             changes.rememberTransform(bspline)
             changes.rememberParent(bspline)
@@ -796,7 +835,18 @@ class ISTNRegistrationLogic:
             changes.rememberReference(outputNode, ROLE_BSPLINE)
             outputNode.SetNodeReferenceID(ROLE_BSPLINE, bspline.GetID())
         bspline.SetAndObserveTransformNodeID(outputNode.GetID())
-        return outputNode, bspline, bspline
+        return outputNode, bspline, bspline, None
+
+    def _dropStaleBSpline(self, linearNode, bspline) -> None:
+        """After an affine run into a node that held a B-spline result: remove that B-spline child (the result is
+        the affine alone now), or, if something of the user's still lies under it, make it the identity."""
+        under = [self.scene.GetNthNodeByClass(i, "vtkMRMLTransformableNode")
+                 for i in range(self.scene.GetNumberOfNodesByClass("vtkMRMLTransformableNode"))]
+        if any(node is not None and node.GetParentTransformNode() is bspline for node in under):
+            bspline.SetAndObserveTransformFromParent(vtk.vtkTransform())
+            return
+        linearNode.RemoveNodeReferenceIDs(ROLE_BSPLINE)
+        self.scene.RemoveNode(bspline)
 
     def _stageCallbacks(self, count, iterations, liveUpdate, linearNode, bsplineWriter, progressCallback, cancelled):
         """`istn.chain.register_chain`'s ``callback_for``: before each stage, the panel's progress message (and a
@@ -893,7 +943,8 @@ class ISTNRegistrationLogic:
                     self.scene, image, _("{name} ITN map").format(name=source.GetName())))
                 changes.rememberReference(linearNode, role)
                 linearNode.SetNodeReferenceID(role, node.GetID())
-            else:
+            else:  # an earlier run's map: given back as it was if this run fails or is cancelled
+                changes.rememberVolume(node)
                 nodeio.updateVolumeNodeFromImage(node, image)
                 if node.GetDisplayNode() is None:
                     node.CreateDefaultDisplayNodes()
