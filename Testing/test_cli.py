@@ -734,3 +734,130 @@ def test_a_batch_names_each_images_folder_after_the_image(tmp_path):
     dicom_file = series / "IM0001"
     dicom_file.write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
     assert subject_name(dicom_file) == "T1_MPRAGE"  # one file of a series: the series' folder
+
+
+# --------------------------------------------------------------------------
+# Nothing of the user's lost: foreign files, interrupts, evaluate's --out (session 28 audit)
+# --------------------------------------------------------------------------
+
+
+def test_files_of_the_users_named_like_outputs_are_refused_not_replaced(files, tmp_path, capsys):
+    """A folder holding a jacobian.nii.gz and an overview.png of the user's (no result.json of an earlier istn
+    run): refused before anything runs, both kept; an empty --out (an unset variable) is refused too."""
+    out = tmp_path / "theirs"
+    out.mkdir()
+    (out / "jacobian.nii.gz").write_bytes(b"mine")
+    (out / "overview.png").write_bytes(b"also mine")
+    assert _register(files, out) == 2
+    err = capsys.readouterr().err
+    assert "holds jacobian.nii.gz, overview.png, not the outputs of an earlier istn register run" in err
+    assert sorted(p.name for p in out.iterdir()) == ["jacobian.nii.gz", "overview.png"]
+    assert (out / "jacobian.nii.gz").read_bytes() == b"mine"
+    assert _register(files, "") == 2 and "--out is empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_while_writing_leaves_the_earlier_run_whole(files, tmp_path, capsys, monkeypatch, signal_name):
+    """Ctrl-C (or SIGTERM) after some of a run's files are written: the folder holds the earlier run's files as
+    they were (no mix of two runs, no staging folder), the command says so in one line, exit 130 (143)."""
+    import signal
+
+    import istn.io
+
+    out = tmp_path / "out"
+    assert _register(files, out) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = istn.io.write_image
+    calls = []
+
+    def interrupted(image, path):
+        calls.append(path)
+        real(image, path)
+        if len(calls) == 2:  # warped and the fixed map written
+            if signal_name == "SIGINT":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler main installed turns it into the same unwinding
+
+    monkeypatch.setattr(istn.io, "write_image", interrupted)
+    capsys.readouterr()
+    assert _register(files, out, **{"--refine": "2"}) == (130 if signal_name == "SIGINT" else 143)
+    assert len(calls) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["istn register: interrupted" if signal_name == "SIGINT" else "istn register: stopped (SIGTERM)"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # a run into a new folder that is interrupted leaves no folder
+    calls.clear()
+    assert _register(files, tmp_path / "new") in (130, 143) and not (tmp_path / "new").exists()
+    import istn.cli
+
+    assert signal.getsignal(signal.SIGTERM) is not istn.cli._stop_on_sigterm  # main put the caller's handler back
+
+
+def _labels2d(tmp_path, name, array):
+    path = tmp_path / name
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    return path
+
+
+def test_evaluate_out_never_replaces_an_input_or_an_existing_file(files, tmp_path, capsys):
+    a = np.zeros((16, 16), np.uint8)
+    a[4:10, 4:10] = 1
+    fixed, moving = _labels2d(tmp_path, "f.nii.gz", a), _labels2d(tmp_path, "m.nii.gz", np.roll(a, 1, 0))
+    tx = tmp_path / "t.tfm"
+    sitk.WriteTransform(sitk.AffineTransform(2), str(tx))
+    before = tx.read_bytes()
+    base = ["evaluate", "--fixed-labels", str(fixed), "--moving-labels", str(moving), "--transform", str(tx)]
+    assert main(base + ["--out", str(tx)]) == 2 and tx.read_bytes() == before
+    assert "is one of the inputs" in capsys.readouterr().err
+    out = tmp_path / "deep" / "er" / "m.json"  # its folders are made, as apply and invert make theirs
+    assert main(base + ["--out", str(out)]) == 0
+    first = json.loads(out.read_text())
+    assert first["per_label"]["1"]["dice"] == pytest.approx(2 * 30 / 72)  # 6x6 squares one row apart
+    out.write_text("{}")
+    assert main(base + ["--out", str(out)]) == 2 and out.read_text() == "{}"
+    assert "exists; choose another file name, or --overwrite" in capsys.readouterr().err
+    assert main(base + ["--out", str(out), "--overwrite"]) == 0 and json.loads(out.read_text()) == first
+
+
+def test_evaluate_says_when_fractional_labels_are_scored_as_one_soft_map(tmp_path, capsys):
+    """A label map resampled with linear interpolation (fractional values at the edges) is no longer a label map:
+    scored as one soft structure, which the user is told (before: silently)."""
+    a = np.zeros((16, 16), np.float32)
+    a[2:7, 2:7], a[9:14, 9:14] = 1, 2
+    b = a.copy()
+    b[7, 2:7] = 0.5  # an edge of a linear resampling
+    fixed, moving = _labels2d(tmp_path, "f.nii.gz", a), _labels2d(tmp_path, "m.nii.gz", b)
+    assert main(["evaluate", "--fixed-labels", str(fixed), "--moving-labels", str(moving)]) == 0
+    captured = capsys.readouterr()
+    assert "moving label image(s) hold values that are not whole numbers" in captured.err
+    assert [ln.split()[0] for ln in captured.out.splitlines()[1:-1]] == ["1"]  # one structure
+
+
+def test_apply_refuses_a_background_the_label_maps_pixel_type_cannot_hold(files, tmp_path, capsys):
+    labels = _labels2d(tmp_path, "l.nii.gz", (np.arange(400).reshape(20, 20) % 3).astype(np.uint8))
+    tx = tmp_path / "t.tfm"
+    sitk.WriteTransform(sitk.AffineTransform(2), str(tx))
+    out = tmp_path / "o.nii.gz"
+    for value in ("-5", "300", "2.5"):
+        assert main(["apply", "--transform", str(tx), "--reference", str(labels), "--input", str(labels),
+                     "--out", str(out), "--background", value]) == 2
+        assert "cannot be stored in the input's pixel type (uint8" in capsys.readouterr().err
+        assert not out.exists()
+    assert main(["apply", "--transform", str(tx), "--reference", str(labels), "--input", str(labels),
+                 "--out", str(out), "--background", "7"]) == 0
+
+
+def test_a_singular_transform_is_refused_in_one_line(files, tmp_path, capsys):
+    singular = tmp_path / "flat.tfm"
+    t = sitk.AffineTransform(2)
+    t.SetMatrix([1.0, 0.0, 0.0, 0.0])  # every point onto a line
+    sitk.WriteTransform(t, str(singular))
+    for argv in (["invert", "--transform", str(singular), "--reference", str(files["fixed"]), "--out",
+                  str(tmp_path / "i.tfm")],
+                 ["apply", "--inverse", "--transform", str(singular), "--reference", str(files["fixed"]), "--input",
+                  str(files["fixed"]), "--out", str(tmp_path / "a.nii.gz")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "is not invertible: its matrix is singular" in err and "internal error" not in err
+    assert _register(files, tmp_path / "r", **{"--initial": singular}) == 2
+    assert "is not invertible" in capsys.readouterr().err

@@ -119,12 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--verbose", action="store_true", help="show the libraries' own messages behind an error")
 
     e = sub.add_parser("evaluate", help="Dice, ASD, HD95 (mm) and folding of a registration")
-    e.add_argument("--fixed-labels", required=True)
-    e.add_argument("--moving-labels", required=True)
+    e.add_argument("--fixed-labels", required=True, help="label map of the fixed image (the reference)")
+    e.add_argument("--moving-labels", required=True,
+                   help="label map of the moving image, taken onto the fixed grid through --transform")
     e.add_argument("--transform", help="ITK transform file (fixed -> moving); identity if omitted")
-    e.add_argument("--labels", type=int, nargs="*", help="label values (default: all non-zero)")
+    e.add_argument("--labels", type=int, nargs="+", help="label values (default: all non-zero)")
     e.add_argument("--soft", action="store_true", help="the label images are soft maps: threshold at half their maximum")
-    e.add_argument("--out", help="write the metrics as JSON here")
+    e.add_argument("--out", help="write the metrics as JSON here (an existing file only with --overwrite)")
+    e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     e.add_argument("--verbose", action="store_true", help="show the libraries' own messages behind an error")
 
     a = sub.add_parser("apply", help="resample another image (labels, another contrast, a mask) through a result",
@@ -214,10 +216,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (a batch system's stop, ``kill``) as an interrupt: the same clean-up as Ctrl-C (no half-written
+    output), then exit 143."""
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    raise Stopped()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     verbose = bool(getattr(args, "verbose", False))
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():  # signal handlers belong to the main thread
+        previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    else:
+        previous = None
     try:
+        return _run(args, verbose)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: register, apply, invert, evaluate cleaned up on the way
+        stopped = isinstance(exc, Stopped)
+        print(f"istn {args.command}: {'stopped (SIGTERM)' if stopped else 'interrupted'}", file=sys.stderr)
+        return 143 if stopped else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace, verbose: bool) -> int:
+    try:
+        if args.command == "register" and args.threads is not None:
+            from .threads import usable_cpus
+
+            if args.threads > usable_cpus():
+                print(f"istn register: warning: --threads {args.threads} is more than the {usable_cpus()} cores this "
+                      "process may use: slower, not faster (without --threads: the cores there are)", file=sys.stderr)
         if args.command == "register" and len(args.moving) > 1:
             return _main_register_many(args)
         if args.command == "register":
@@ -240,7 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"in {args.out} (this run does not write them)", file=sys.stderr)
             print(f"{s['seconds_total']:.2f} s; outputs in {args.out}")
         elif args.command == "evaluate":
-            res = run_evaluate(args.fixed_labels, args.moving_labels, args.transform, args.labels, args.out, args.soft)
+            res = run_evaluate(args.fixed_labels, args.moving_labels, args.transform, args.labels, args.out, args.soft,
+                               args.overwrite)
             print_metrics(res)
         elif args.command == "apply":
             s = run_apply(args.transform, args.reference, args.input, args.out, args.interpolation, args.background,

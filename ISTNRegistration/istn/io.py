@@ -247,10 +247,19 @@ def read_transform(path: str | os.PathLike, what: str = "transform") -> sitk.Tra
     Raises `InputError` in one line for a missing or unreadable file; the
     library's own diagnostics go to the error's ``detail``.
     """
-    from .transforms import flatten_transform  # lazy: transforms imports torch
+    from .transforms import flat_parts, flatten_transform, linear_matrix  # lazy: transforms imports torch
 
-    tx = _read_quietly(sitk.ReadTransform, path, what, "could not be read as an ITK transform file (.h5, .tfm, .txt, .mat)")
-    return flatten_transform(tx)
+    tx = flatten_transform(_read_quietly(sitk.ReadTransform, path, what,
+                                         "could not be read as an ITK transform file (.h5, .tfm, .txt, .mat)"))
+    for part in flat_parts(tx):
+        if not np.all(np.isfinite(part.GetParameters())):
+            raise InputError(f"{what} '{path}' holds numbers that are not finite (NaN or infinite)")
+        if part.IsLinear():
+            d = part.GetDimension()
+            det = float(np.linalg.det(linear_matrix(part)[:d, :d]))
+            if not abs(det) > 1e-9:  # every point onto a plane (or a line): no image can be resampled through it
+                raise InputError(f"{what} '{path}' is not invertible: its matrix is singular (determinant {det:g})")
+    return tx
 
 
 def check_image(image: sitk.Image, what: str = "image") -> sitk.Image:

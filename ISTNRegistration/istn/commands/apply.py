@@ -46,7 +46,7 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
     if background is not None and not math.isfinite(background):
         raise InputError(f"--background must be a finite number, got {background}")
     out = Path(out_path)
-    _check_out_file(out, (transform_path, reference_path, input_path), overwrite, "out.nii.gz")
+    check_out_file(out, (transform_path, reference_path, input_path), overwrite, "out.nii.gz")
     tx = read_transform(transform_path, "--transform")
     reference = read_raw_image(reference_path, "--reference image")
     image = read_raw_image(input_path, "--input image")
@@ -70,6 +70,12 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
         chosen = f"{interpolation} (auto: {why})"
     else:
         chosen = interpolation
+    if interpolation == "nearest" and background is not None and np.issubdtype(values.dtype, np.integer):
+        # the pixel type is kept: a fill it cannot hold would wrap (-5 -> 251 in uint8) or truncate (2.5 -> 2, a label)
+        kind = np.iinfo(values.dtype)
+        if background != round(background) or not kind.min <= background <= kind.max:
+            raise InputError(f"--background {background:g} cannot be stored in the input's pixel type "
+                             f"({values.dtype}, whole numbers {kind.min}..{kind.max}), which a label map keeps")
     # labels keep their pixel type, intensities become float32: can the file hold that, as a whole image?
     _check_writable_format(out, reference.GetDimension(),
                            image.GetPixelID() if interpolation == "nearest" else sitk.sitkFloat32)
@@ -89,7 +95,7 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
     arr = sitk.GetArrayViewFromImage(warped)
     if not np.all(np.isfinite(arr)):
         raise ResultError("the resampled image is not finite; nothing was written")
-    _make_out_folder(out)
+    make_out_folder(out)
     write_image(warped, out)
     summary = {"input": str(input_path), "reference": str(reference_path), "transform": str(transform_path),
                "out": str(out), "interpolation": chosen, "background": fill,
@@ -118,7 +124,7 @@ def run_invert(transform_path: str | Path, reference_path: str | Path, out_path:
 
     t0 = time.perf_counter()
     out = Path(out_path)
-    _check_out_file(out, (transform_path, reference_path), overwrite, "inverse.h5")
+    check_out_file(out, (transform_path, reference_path), overwrite, "inverse.h5")
     suffix = out.suffix.lower()
     if suffix not in TRANSFORM_SUFFIXES:
         raise InputError(f"--out '{out}': a transform file is named {', '.join(TRANSFORM_SUFFIXES)} (.h5 for a "
@@ -132,7 +138,7 @@ def run_invert(transform_path: str | Path, reference_path: str | Path, out_path:
         raise InputError(f"--out '{out}': the inverse of a non-linear transform holds a displacement field, which "
                          f"only HDF5 transform files keep: name it {out.with_suffix('.h5').name}")
     inverted = inverse_transform(tx, reference, OUTPUT_FIELD_SPACING_MM)
-    _make_out_folder(out)
+    make_out_folder(out)
     write_transform(inverted.transform, out)
     summary = {"transform": str(transform_path), "reference": str(reference_path), "out": str(out),
                "maps": "moving world points (mm, LPS) -> fixed world points", "inverse": inverted.summary(),
@@ -141,22 +147,38 @@ def run_invert(transform_path: str | Path, reference_path: str | Path, out_path:
     return summary
 
 
-def _check_out_file(out: Path, inputs, overwrite: bool, example: str) -> None:
-    """``--out`` of apply / invert, before any work: a file name (not a folder, not under a file), never one of
-    ``inputs``, an existing one only with ``overwrite``."""
+def check_out_file(out: Path, inputs, overwrite: bool, example: str) -> None:
+    """``--out`` of apply / invert / evaluate, before any work: a file name (not a folder, not under a file),
+    never one of ``inputs``, an existing one only with ``overwrite``, in a folder that can be written (or
+    created: the nearest existing folder above it is tried for real, as root ignores permissions but not a
+    read-only mount)."""
+    import os
+    import tempfile
+
     from ..errors import OutputError
 
+    if not str(out).strip():
+        raise OutputError("--out is empty: name the output file")
     if out.is_dir():
         raise OutputError(f"--out '{out}' is a folder: give the output file's name (e.g. {out / example})")
     if out.exists() and any(out.resolve() == Path(p).resolve() for p in inputs if Path(p).exists()):
         raise OutputError(f"--out '{out}' is one of the inputs; choose another file name")
     if out.exists() and not overwrite:
         raise OutputError(f"--out '{out}' exists; choose another file name, or --overwrite to replace it")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise OutputError(f"--out '{out}': '{out.parent}' is not a folder")
+    folder = out.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputError(f"--out '{out}': '{folder}' is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".istn-write-test.", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise OutputError(f"--out '{out}': the folder '{folder}' cannot be written ({exc.strerror})") from None
 
 
-def _make_out_folder(out: Path) -> None:
+def make_out_folder(out: Path) -> None:
     from ..errors import OutputError
 
     try:

@@ -42,7 +42,8 @@ def value_list(values) -> str:
 
 
 def run_evaluate(fixed_labels: str | Path, moving_labels: str | Path, transform_path: str | Path | None,
-                 labels: Sequence[int] | None = None, out_path: str | Path | None = None, soft: bool = False) -> dict:
+                 labels: Sequence[int] | None = None, out_path: str | Path | None = None, soft: bool = False,
+                 overwrite: bool = False) -> dict:
     """Dice, ASD and HD95 per label of the moving labels warped into the fixed grid; folding for non-linear transforms.
 
     Soft maps (``soft=True``, or any non-integer value) are warped linearly and
@@ -50,7 +51,10 @@ def run_evaluate(fixed_labels: str | Path, moving_labels: str | Path, transform_
     label in neither image is reported absent and left out of the mean; one in
     a single image scores 0 and is flagged. ``notes`` (one line each) say what
     the numbers alone would hide: no --transform, label sets that do not
-    overlap, an image that does not look like a label map.
+    overlap, an image that does not look like a label map, non-integer values
+    taken as soft maps. ``out_path`` (JSON; numbers that are not finite as
+    null) is checked before any work: never an input, an existing file only
+    with ``overwrite``.
     """
     import numpy as np
     import SimpleITK as sitk
@@ -59,6 +63,13 @@ def run_evaluate(fixed_labels: str | Path, moving_labels: str | Path, transform_
     from ..metrics import folding_fraction, label_metrics, mean_metrics
     from ..registration import warp_image
 
+    from .apply import check_out_file, make_out_folder
+
+    if labels is not None and not len(labels):
+        raise InputError("--labels needs at least one label value (without --labels: every label)")
+    if out_path:
+        check_out_file(Path(out_path), [p for p in (fixed_labels, moving_labels, transform_path) if p], overwrite,
+                       "metrics.json")
     f = read_raw_image(fixed_labels, "fixed label image")
     m = read_raw_image(moving_labels, "moving label image")
     for img, role, p in ((f, "fixed", fixed_labels), (m, "moving", moving_labels)):
@@ -76,7 +87,14 @@ def run_evaluate(fixed_labels: str | Path, moving_labels: str | Path, transform_
     else:
         tx = sitk.Transform(f.GetDimension(), sitk.sitkIdentity)
         notes.append("no --transform given: the identity was used (the moving labels are scored where they lie)")
-    soft = soft or any(not np.allclose(a, np.round(a)) for a in (sitk.GetArrayViewFromImage(f), sitk.GetArrayViewFromImage(m)))
+    fractional = [role for role, img in (("fixed", f), ("moving", m))
+                  if not np.allclose(sitk.GetArrayViewFromImage(img), np.round(sitk.GetArrayViewFromImage(img)))]
+    if fractional and not soft:
+        notes.append(f"the {' and '.join(fractional)} label image(s) hold values that are not whole numbers: scored "
+                     "as soft maps, each thresholded at half its maximum into ONE structure; a label map resampled "
+                     "with linear interpolation is no longer one: resample it with nearest neighbour (istn apply "
+                     "keeps labels), or round it")
+    soft = soft or bool(fractional)
     if soft:
         def binarise(img: sitk.Image) -> sitk.Image:
             a = sitk.GetArrayFromImage(img)
@@ -118,8 +136,23 @@ def run_evaluate(fixed_labels: str | Path, moving_labels: str | Path, transform_
     if not tx.IsLinear():
         result["folding_fraction"] = folding_fraction(tx, f)
     if out_path:
-        write_json(result, out_path)
+        make_out_folder(Path(out_path))
+        write_json(_finite_or_null(result), out_path)
     return result
+
+
+def _finite_or_null(value):
+    """``value`` with every float that is not finite (NaN: ASD of a label in one image only) as None: JSON has no
+    NaN, and strict readers refuse the bare ``NaN`` Python would write."""
+    import math
+
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def print_metrics(result: dict) -> None:

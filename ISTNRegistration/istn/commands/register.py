@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
+import os
 import sys
 import textwrap
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..errors import InputError, ISTNError, ResultError, first_line
+from ..errors import InputError, ISTNError, OutputError, ResultError, first_line
 
 REGISTER_OUTPUTS = ("transform.h5", "warped.nii.gz", "itn_fixed.nii.gz", "itn_moving.nii.gz", "result.json")
 # written by some runs only (a linear result, a B-spline's linear part, the picture): a later run into the same
@@ -155,6 +157,8 @@ def run_register(
     from ..registration import (OUTPUT_FIELD_SPACING_MM, check_register_inputs, jacobian_image, jacobian_on_grid,
                                 warp_image)
 
+    if not str(out_dir).strip():
+        raise OutputError("--out is empty: name the output folder")
     if not model_paths:
         model_paths = default_models(quiet)
     check_register_options(iterations, lr, device, background, bending, tolerance, threads, coarse_iterations,
@@ -177,6 +181,7 @@ def run_register(
     created = not Path(out_dir).exists()
     out = prepare_output_dir(out_dir, inputs, names)
     try:
+        check_earlier_outputs(out, names)
         t0 = time.perf_counter()
 
         def callback_for(index, model):
@@ -237,41 +242,55 @@ def run_register(
         summary["atlas"] = {"input": str(atlas_path), **atlas_summary}
         if atlas_summary["inverse"].get("warning"):
             summary["warnings"].append(f"--atlas: {atlas_summary['inverse']['warning']}")
-    # Everything computed and checked: now write, each file atomically.
-    written = ["transform.h5"]
-    write_transform(result.transform, out / "transform.h5")
-    if result.transform_type == "affine" and result.transform.IsLinear():
-        write_transform(result.transform, out / "transform.tfm")
-        written.append("transform.tfm")
-    if linear_part is not None:
-        write_transform(linear_part, out / "affine.tfm")
-        written.append("affine.tfm")
-    write_image(warped, out / "warped.nii.gz")
-    write_image(result.fixed_map, out / "itn_fixed.nii.gz")
-    write_image(itn_moving, out / "itn_moving.nii.gz")
-    written += ["warped.nii.gz", "itn_fixed.nii.gz", "itn_moving.nii.gz"]
-    if jacobian is not None:
-        write_image(jacobian, out / "jacobian.nii.gz")
-        written.append("jacobian.nii.gz")
-    if atlas_on_moving is not None:
-        write_image(atlas_on_moving, out / ATLAS_OUTPUT)
-        written.append(ATLAS_OUTPUT)
-    if figure:
-        try:
-            _overview(out / "overview.png", fixed, moving, warped, result, itn_moving, results, summary,
-                      jacobian_sample)
-            summary["figure"] = "overview.png"
-            written.append("overview.png")
-        except Exception as exc:  # a picture never costs the user the registration's files
-            summary["warnings"].append(f"overview.png was not drawn ({type(exc).__name__}: {first_line(exc)})")
-    # an earlier run's optional output (inputs were refused as output names up front) must not pass for this one's
-    removed = [n for n in REGISTER_OPTIONAL_OUTPUTS if n not in written and (out / n).is_file()]
-    for name in removed:
-        (out / name).unlink()
-    summary["outputs"] = written + ["result.json"]
-    if removed:
-        summary["removed_from_an_earlier_run"] = removed
-    write_json(summary, out / "result.json")
+    # Everything computed and checked: now write, into a staging folder inside ``out`` first, then moved into
+    # place together: an interrupt (Ctrl-C, SIGTERM) or a full disk leaves the folder as it was, never one run's
+    # transform beside another's result.json
+    try:
+        with _staging(out) as stage:
+            written = ["transform.h5"]
+            write_transform(result.transform, stage / "transform.h5")
+            if result.transform_type == "affine" and result.transform.IsLinear():
+                write_transform(result.transform, stage / "transform.tfm")
+                written.append("transform.tfm")
+            if linear_part is not None:
+                write_transform(linear_part, stage / "affine.tfm")
+                written.append("affine.tfm")
+            write_image(warped, stage / "warped.nii.gz")
+            write_image(result.fixed_map, stage / "itn_fixed.nii.gz")
+            write_image(itn_moving, stage / "itn_moving.nii.gz")
+            written += ["warped.nii.gz", "itn_fixed.nii.gz", "itn_moving.nii.gz"]
+            if jacobian is not None:
+                write_image(jacobian, stage / "jacobian.nii.gz")
+                written.append("jacobian.nii.gz")
+            if atlas_on_moving is not None:
+                write_image(atlas_on_moving, stage / ATLAS_OUTPUT)
+                written.append(ATLAS_OUTPUT)
+            if figure:
+                try:
+                    _overview(stage / "overview.png", fixed, moving, warped, result, itn_moving, results, summary,
+                              jacobian_sample)
+                    summary["figure"] = "overview.png"
+                    written.append("overview.png")
+                except Exception as exc:  # a picture never costs the user the registration's files
+                    summary["warnings"].append(f"overview.png was not drawn ({type(exc).__name__}: "
+                                               f"{first_line(exc)})")
+            # an earlier run's optional output (its result.json said it was one, `check_earlier_outputs`) must not
+            # pass for this one's
+            removed = [n for n in REGISTER_OPTIONAL_OUTPUTS if n not in written and (out / n).is_file()]
+            summary["outputs"] = written + ["result.json"]
+            if removed:
+                summary["removed_from_an_earlier_run"] = removed
+            write_json(summary, stage / "result.json")
+            # into place: the earlier result.json first, so a folder is never described by another run's
+            (out / "result.json").unlink(missing_ok=True)
+            for name in written:
+                os.replace(stage / name, out / name)
+            for name in removed:
+                (out / name).unlink()
+            os.replace(stage / "result.json", out / "result.json")
+    except BaseException:
+        _remove_if_empty(out, created)
+        raise
     if on_images is not None:
         on_images(fixed, warped, result.fixed_map)
     return summary
@@ -356,7 +375,10 @@ def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path]
 
         read_atlas(options["atlas_path"], read_image(fixed_path, "fixed"))
     model_paths = list(model_paths) if model_paths else default_models(quiet)  # said once, not per image
+    if not str(out_dir).strip():
+        raise OutputError("--out is empty: name the output folder")
     out = prepare_output_dir(out_dir, [fixed_path, *moving, *model_paths], [*names, *BATCH_SUMMARY])
+    check_earlier_outputs(out, BATCH_SUMMARY, "summary.json", ("moved", "rows"), "batch")
     rows: list[dict] = []
     tiles: list[tuple[str, object, str]] = []  # the montage's: (name, tile or None, note), made as each image ends
     montage: dict = {}  # the fixed image's display grid and slice, from the first image registered
@@ -600,6 +622,42 @@ def _check_result(transform, images: dict) -> None:
     for name, img in images.items():
         if not np.all(np.isfinite(sitk.GetArrayViewFromImage(img))):
             raise ResultError(f"the {name} has non-finite values; nothing was written")
+
+
+def check_earlier_outputs(out: Path, names: Sequence[str], record: str = "result.json",
+                          keys: tuple[str, ...] = ("transform_maps", "stages"), what: str = "run") -> None:
+    """Before any computation: files in ``out`` named like this run's outputs are replaced (optional ones removed)
+    only when they are an earlier ``istn register`` run's (a batch's: ``record="summary.json"``), as its
+    ``record`` says (a JSON object with ``keys``); anything else there is the user's, and the run is refused
+    (`OutputError`) rather than overwrite it."""
+    import json
+
+    present = [n for n in names if (out / n).exists()]
+    if not present:
+        return
+    try:
+        data = json.loads((out / record).read_text())
+    except (OSError, ValueError):
+        data = None
+    if isinstance(data, dict) and all(k in data for k in keys):
+        return
+    raise OutputError(f"output folder '{out}' holds {', '.join(present)}, not the outputs of an earlier istn "
+                      f"register {what} (no {record} of one there): they would be replaced; choose a new or empty "
+                      "folder")
+
+
+@contextlib.contextmanager
+def _staging(out: Path):
+    """A hidden folder inside ``out`` for a run's files before they move into place (same file system: the moves
+    are renames); removed on the way out, whatever happened."""
+    import shutil
+    import tempfile
+
+    stage = Path(tempfile.mkdtemp(prefix=".istn-partial-", dir=out))
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _remove_if_empty(out: Path, created: bool) -> None:
