@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exported model (.pt); repeat to chain: affine models, then at most one B-spline model, last "
                         "(default: the bundled brain-t1-affine.pt then brain-t1-bspline.pt, T1 brain MRI)")
     r.add_argument("--refine", type=int, default=None,
-                   help="test-time refinement iterations (default: the model's, chosen on validation, else 50)")
+                   help="test-time refinement iterations (default: the model's, chosen on validation, else 50; "
+                        "0: the network's one pass alone, without the polish unless --polish asks for it)")
     r.add_argument("--lr", type=float, default=None, help="refinement learning rate (default: the model's)")
     r.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: the cores this process may use, at most 8; see istn.threads)")
