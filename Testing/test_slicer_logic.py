@@ -324,18 +324,10 @@ def _user_transform(scene, degrees=12.0, shift=(6.0, -4.0, 3.0)):
     return node, m
 
 
-def test_a_moving_volume_the_user_aligned_is_registered_from_where_it_is_shown(scene, pair, tiny_models, monkeypatch):
-    """Under a linear transform of the user's (a manual alignment), the moving volume's shown position is the start:
-    the engine gets the transform from fixed world points to the volume's own points (its parent's inverse), Dice
-    "before" is that of the segmentation as shown (checked by hardening a copy), the result includes the start
-    and replaces the user's transform above the volume (which is given back on cancel)."""
+def _record_starts(monkeypatch) -> list:
+    """The initial transform of every registration the logic runs from now on (None: the volume's own geometry)."""
     import istn.chain
 
-    fixed_node, moving_node, fixed, moving = pair
-    user, m_ras = _user_transform(scene)
-    moving_node.SetAndObserveTransformNodeID(user.GetID())
-    fixed_labels = nodes.addVolumeNodeFromImage(scene, _labels(fixed), "fixed labels", "vtkMRMLLabelMapVolumeNode")
-    moving_labels = nodes.addVolumeNodeFromImage(scene, _labels(moving), "moving labels", "vtkMRMLLabelMapVolumeNode")
     starts = []
     real = istn.chain.register_with_second_try
 
@@ -344,6 +336,20 @@ def test_a_moving_volume_the_user_aligned_is_registered_from_where_it_is_shown(s
         return real(*args, **kwargs)
 
     monkeypatch.setattr(istn.chain, "register_with_second_try", spy)
+    return starts
+
+
+def test_a_moving_volume_the_user_aligned_is_registered_from_where_it_is_shown(scene, pair, tiny_models, monkeypatch):
+    """Under a linear transform of the user's (a manual alignment), the moving volume's shown position is the start:
+    the engine gets the transform from fixed world points to the volume's own points (its parent's inverse), Dice
+    "before" is that of the segmentation as shown (checked by hardening a copy), the result includes the start
+    and replaces the user's transform above the volume (which is given back on cancel)."""
+    fixed_node, moving_node, fixed, moving = pair
+    user, m_ras = _user_transform(scene)
+    moving_node.SetAndObserveTransformNodeID(user.GetID())
+    fixed_labels = nodes.addVolumeNodeFromImage(scene, _labels(fixed), "fixed labels", "vtkMRMLLabelMapVolumeNode")
+    moving_labels = nodes.addVolumeNodeFromImage(scene, _labels(moving), "moving labels", "vtkMRMLLabelMapVolumeNode")
+    starts = _record_starts(monkeypatch)
     result = run(ISTNRegistrationLogic(), pair, tiny_models, "affine", fixedSegmentationNode=fixed_labels,
                  movingSegmentationNode=moving_labels)
     start = starts[0]
@@ -387,19 +393,10 @@ def test_a_moving_volume_the_user_aligned_is_registered_from_where_it_is_shown(s
 def test_the_users_own_transform_as_output_keeps_its_start_for_a_second_apply(scene, pair, tiny_models, monkeypatch):
     """The output transform chosen is the user's alignment the moving volume is under: the first run starts from it
     and overwrites it with the result; a second Apply starts from the alignment as it was, not from the identity."""
-    import istn.chain
-
     fixed_node, moving_node = pair[:2]
     user, _ = _user_transform(scene)
     moving_node.SetAndObserveTransformNodeID(user.GetID())
-    starts = []
-    real = istn.chain.register_with_second_try
-
-    def spy(*args, **kwargs):
-        starts.append(kwargs.get("initial_transform"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(istn.chain, "register_with_second_try", spy)
+    starts = _record_starts(monkeypatch)
     first = run(ISTNRegistrationLogic(), pair, tiny_models, "affine", outputTransformNode=user)
     second = run(ISTNRegistrationLogic(), pair, tiny_models, "affine", outputTransformNode=user)
     assert first.transformNode is user and second.transformNode is user
