@@ -60,12 +60,12 @@ JACOBIAN_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeFileDivergingBlueRed.txt",
 FOLDING_MAX_VOXELS = 2_000_000
 #: Attribute on an output transform node: the ID of the moving volume its last run registered.
 ATTRIBUTE_MOVING = "ISTNRegistration.movingVolumeID"
+#: On the output transform node: the fixed volume of its run (the panel gives another fixed volume a new node)
+ATTRIBUTE_FIXED = "ISTNRegistration.fixedVolumeID"
 #: On the output transform node: where the run started (the moving volume's placement under a transform of the
 #: user's, 16 numbers, row-major RAS to-world matrix) and that transform's name, so that a second Apply, with the
 #: volume now under the result, starts there again rather than from the volume's own geometry
 ATTRIBUTE_START = "ISTNRegistration.startToWorld"
-#: On the output transform node: the fixed volume of its run (the panel gives another fixed volume a new node)
-ATTRIBUTE_FIXED = "ISTNRegistration.fixedVolumeID"
 ATTRIBUTE_START_NAME = "ISTNRegistration.startedFrom"
 STAGE_NAMES = {"affine": "Affine", "bspline": "B-spline"}
 
@@ -575,6 +575,11 @@ class ISTNRegistrationLogic:
             changes = _SceneChanges(scene)
             watched.extend([fixedVolumeNode, movingVolumeNode, outputTransformNode, outputVolumeNode,
                             checkerboardVolumeNode, jacobianVolumeNode])
+
+            def undo() -> None:
+                watched.clear()  # first: the rollback removes the run's own new nodes, no user's removal
+                changes.sceneClosed = self._sceneClosed
+                changes.rollback()
             try:
                 if cancelled():  # e.g. the scene closed while a model was loading
                     raise RegistrationCancelled()
@@ -682,18 +687,14 @@ class ISTNRegistrationLogic:
                 if cancelled():
                     raise RegistrationCancelled()
             except RegistrationCancelled:
-                watched.clear()  # the rollback removes the run's own new nodes
-                changes.sceneClosed = self._sceneClosed
-                changes.rollback()
+                undo()
                 if removed:
                     raise RuntimeError(_("'{name}' was removed from the scene during the registration: the run was "
                                          "stopped and its changes to the scene undone").format(name=removed[0]))
                 return ISTNRegistrationResult(transformType=transformType, cancelled=True, warnings=result.warnings,
                                               timings={"total": time.perf_counter() - started})
             except BaseException:
-                watched.clear()
-                changes.sceneClosed = self._sceneClosed
-                changes.rollback()
+                undo()
                 raise
             watched.clear()
             if staleBSpline is not None:

@@ -252,7 +252,7 @@ def read_transform(path: str | os.PathLike, what: str = "transform") -> sitk.Tra
     tx = flatten_transform(_read_quietly(sitk.ReadTransform, path, what,
                                          "could not be read as an ITK transform file (.h5, .tfm, .txt, .mat)"))
     for part in flat_parts(tx):
-        if not np.all(np.isfinite(part.GetParameters())):
+        if not _parameters_finite(part):
             raise InputError(f"{what} '{path}' holds numbers that are not finite (NaN or infinite)")
         if part.IsLinear():
             d = part.GetDimension()
@@ -260,6 +260,26 @@ def read_transform(path: str | os.PathLike, what: str = "transform") -> sitk.Tra
             if not abs(det) > 1e-9:  # every point onto a plane (or a line): no image can be resampled through it
                 raise InputError(f"{what} '{path}' is not invertible: its matrix is singular (determinant {det:g})")
     return tx
+
+
+def _parameters_finite(part: sitk.Transform) -> bool:
+    """Whether every parameter of one transform is finite. A displacement field's (or a B-spline's) are read as
+    its images: ``GetParameters`` would make a Python tuple of every value (a 192^3 field read in 11 s, not 0.35 s)."""
+    if isinstance(part, sitk.DisplacementFieldTransform):
+        arrays = [sitk.GetArrayViewFromImage(part.GetDisplacementField())]
+    elif isinstance(part, sitk.BSplineTransform):
+        arrays = [sitk.GetArrayViewFromImage(c) for c in part.GetCoefficientImages()]
+    else:
+        arrays = [np.asarray(part.GetParameters())]
+    return all(bool(np.isfinite(a).all()) for a in arrays)
+
+
+def probe_writable(folder: str | os.PathLike) -> None:
+    """Create and remove a file in ``folder``: raises the `OSError` of a folder that cannot be written (``access``
+    lies on some mounts, and root passes it on a read-only one)."""
+    fd, probe = tempfile.mkstemp(prefix=".istn-write-test.", dir=folder)
+    os.close(fd)
+    os.remove(probe)
 
 
 def check_image(image: sitk.Image, what: str = "image") -> sitk.Image:
@@ -379,10 +399,8 @@ def prepare_output_dir(out_dir: str | os.PathLike, inputs: Iterable[str | os.Pat
         raise OutputError(f"output folder '{out}' cannot be created: {exc.strerror}") from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise OutputError(f"output folder '{out}' is not writable")
-    try:  # access() lies on some mounts: try for real
-        fd, probe = tempfile.mkstemp(prefix=".istn-write-test.", dir=out)
-        os.close(fd)
-        os.remove(probe)
+    try:
+        probe_writable(out)
     except OSError as exc:
         raise OutputError(f"output folder '{out}' is not writable: {exc.strerror}") from None
     resolved_inputs = {Path(p).resolve() for p in inputs}

@@ -152,10 +152,8 @@ def check_out_file(out: Path, inputs, overwrite: bool, example: str) -> None:
     never one of ``inputs``, an existing one only with ``overwrite``, in a folder that can be written (or
     created: the nearest existing folder above it is tried for real, as root ignores permissions but not a
     read-only mount)."""
-    import os
-    import tempfile
-
     from ..errors import OutputError
+    from ..io import probe_writable
 
     if not str(out).strip():
         raise OutputError("--out is empty: name the output file")
@@ -171,9 +169,7 @@ def check_out_file(out: Path, inputs, overwrite: bool, example: str) -> None:
     if not folder.is_dir():
         raise OutputError(f"--out '{out}': '{folder}' is not a folder")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".istn-write-test.", dir=folder)
-        os.close(fd)
-        os.remove(probe)
+        probe_writable(folder)
     except OSError as exc:
         raise OutputError(f"--out '{out}': the folder '{folder}' cannot be written ({exc.strerror})") from None
 

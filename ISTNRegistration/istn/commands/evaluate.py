@@ -87,8 +87,8 @@ def run_evaluate(fixed_labels: str | Path, moving_labels: str | Path, transform_
     else:
         tx = sitk.Transform(f.GetDimension(), sitk.sitkIdentity)
         notes.append("no --transform given: the identity was used (the moving labels are scored where they lie)")
-    fractional = [role for role, img in (("fixed", f), ("moving", m))
-                  if not np.allclose(sitk.GetArrayViewFromImage(img), np.round(sitk.GetArrayViewFromImage(img)))]
+    arrays = (("fixed", sitk.GetArrayViewFromImage(f)), ("moving", sitk.GetArrayViewFromImage(m)))
+    fractional = [role for role, a in arrays if not np.allclose(a, np.round(a))]
     if fractional and not soft:
         notes.append(f"the {' and '.join(fractional)} label image(s) hold values that are not whole numbers: scored "
                      "as soft maps, each thresholded at half its maximum into ONE structure; a label map resampled "

@@ -221,31 +221,27 @@ def run_register(
             if write_jacobian:  # the same lattice, interpolated onto the fixed grid
                 jacobian = checked["Jacobian image"] = jacobian_on_grid(jacobian_sample, fixed)
         _check_result(result.transform, checked)
-    except BaseException:
-        _remove_if_empty(out, created)
-        raise
-    summary = {
-        "fixed": str(fixed_path),
-        "moving": str(moving_path),
-        "initial": str(initial_path) if initial_path else None,
-        "transform_maps": "fixed world points (mm, LPS) -> moving world points",
-        "background": bg,
-        "stages": stages,
-        "warnings": ([second_try.note()] if second_try else [])
-        + [f"{Path(s['model_file']).name}: {w}" for s in stages for w in s["warnings"]],
-        "retry": second_try.summary() if second_try else None,
-        "seconds_total": time.perf_counter() - t0,
-    }
-    if jacobian_sample is not None:
-        summary["jacobian"] = _jacobian_summary(jacobian_sample)
-    if atlas_summary is not None:
-        summary["atlas"] = {"input": str(atlas_path), **atlas_summary}
-        if atlas_summary["inverse"].get("warning"):
-            summary["warnings"].append(f"--atlas: {atlas_summary['inverse']['warning']}")
-    # Everything computed and checked: now write, into a staging folder inside ``out`` first, then moved into
-    # place together: an interrupt (Ctrl-C, SIGTERM) or a full disk leaves the folder as it was, never one run's
-    # transform beside another's result.json
-    try:
+        summary = {
+            "fixed": str(fixed_path),
+            "moving": str(moving_path),
+            "initial": str(initial_path) if initial_path else None,
+            "transform_maps": "fixed world points (mm, LPS) -> moving world points",
+            "background": bg,
+            "stages": stages,
+            "warnings": ([second_try.note()] if second_try else [])
+            + [f"{Path(s['model_file']).name}: {w}" for s in stages for w in s["warnings"]],
+            "retry": second_try.summary() if second_try else None,
+            "seconds_total": time.perf_counter() - t0,
+        }
+        if jacobian_sample is not None:
+            summary["jacobian"] = _jacobian_summary(jacobian_sample)
+        if atlas_summary is not None:
+            summary["atlas"] = {"input": str(atlas_path), **atlas_summary}
+            if atlas_summary["inverse"].get("warning"):
+                summary["warnings"].append(f"--atlas: {atlas_summary['inverse']['warning']}")
+        # Everything computed and checked: now write, into a staging folder inside ``out`` first, then moved into
+        # place together: an interrupt (Ctrl-C, SIGTERM) or a full disk leaves the folder as it was, never one run's
+        # transform beside another's result.json
         with _staging(out) as stage:
             written = ["transform.h5"]
             write_transform(result.transform, stage / "transform.h5")
