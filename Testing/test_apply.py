@@ -134,6 +134,110 @@ def test_bad_input_is_refused_in_one_line_and_nothing_written(scene3d, tmp_path,
 
 
 # --------------------------------------------------------------------------
+# Slicer segmentations (.seg.nrrd): segment names, colours and overlapping layers kept
+# --------------------------------------------------------------------------
+def _slicer_segmentation(scene, labels: sitk.Image, path, overlapping: bool):
+    """Write ``labels`` as Slicer writes a segmentation (slicer-core's storage node; names set by hand), with a
+    segment "both" over every labelled voxel (overlapping the others: a second layer) if ``overlapping``."""
+    import slicer
+    from ISTNRegistrationLib import nodes as nodeio  # conftest puts the module's folder on the path
+
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segmentation")
+    sources = [("labels", labels)]
+    if overlapping:
+        sources.append(("both", sitk.Cast(labels > 0, sitk.sitkUInt8)))
+    for name, image in sources:
+        labelmap = nodeio.addVolumeNodeFromImage(scene, image, name, "vtkMRMLLabelMapVolumeNode")
+        if name == "labels":
+            node.SetReferenceImageGeometryParameterFromVolumeNode(labelmap)
+        assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, node)
+    content = node.GetSegmentation()
+    for i, name in enumerate(["outer", "inner", "both"][:content.GetNumberOfSegments()]):
+        content.GetNthSegment(i).SetName(name)
+        content.GetNthSegment(i).SetColor(0.1 * (i + 1), 0.5, 1.0 - 0.2 * i)
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.WriteData(node)
+    return path
+
+
+def _read_segments(scene, path) -> tuple[dict, object]:
+    """{name: (colour, layer, voxel mask as a (z, y, x) array on the file's grid)}, and the segmentation, as
+    Slicer reads the file."""
+    from vtk.util import numpy_support
+
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node)
+    content = node.GetSegmentation()
+    found = {}
+    for i in range(content.GetNumberOfSegments()):
+        sid, segment = content.GetNthSegmentID(i), content.GetNthSegment(i)
+        image = segment.GetRepresentation("Binary labelmap")
+        ext = image.GetExtent()
+        shape = (ext[5] - ext[4] + 1, ext[3] - ext[2] + 1, ext[1] - ext[0] + 1)
+        voxels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(shape)
+        found[segment.GetName()] = (tuple(round(c, 3) for c in segment.GetColor()), content.GetLayerIndex(sid),
+                                    voxels == segment.GetLabelValue(), ext)
+    return found, content
+
+
+def test_a_slicer_segmentation_keeps_its_names_colours_and_overlaps_on_the_fixed_grid(scene3d, tmp_path, capsys):
+    slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML core) is not installed")
+    paths, fixed, _, labels, _, both = scene3d
+    scene = slicer.vtkMRMLScene()
+    seg = _slicer_segmentation(scene, labels, tmp_path / "moving.seg.nrrd", overlapping=True)
+    assert sitk.ReadImage(str(seg)).GetNumberOfComponentsPerPixel() == 2  # Slicer wrote two layers
+    out = tmp_path / "in_fixed.seg.nrrd"
+    assert main(["apply", "--transform", str(paths["bspline"]), "--reference", str(paths["fixed"]), "--input",
+                 str(seg), "--out", str(out)]) == 0
+    assert "nearest (auto: a segmentation: 3 segments)" in capsys.readouterr().out
+    given, _ = _read_segments(scene, seg)
+    got, content = _read_segments(scene, out)
+    assert list(got) == ["outer", "inner", "both"]
+    assert {n: v[:2] for n, v in got.items()} == {n: v[:2] for n, v in given.items()}  # colours, layers
+    # every segment whole on the fixed grid: what the plain label map gives through the same transform
+    run_apply(paths["bspline"], paths["fixed"], paths["labels"], tmp_path / "plain.nii.gz")
+    plain = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "plain.nii.gz")))
+    size = fixed.GetSize()
+    for name, expected in (("outer", plain == 1), ("inner", plain == 2), ("both", plain > 0)):
+        assert got[name][3] == (0, size[0] - 1, 0, size[1] - 1, 0, size[2] - 1)
+        np.testing.assert_array_equal(got[name][2], expected)
+        assert expected.sum() > 50
+    # Slicer's Segment Editor paints on the fixed grid now: IJK -> RAS of the fixed image
+    geometry = [float(v) for v in content.GetConversionParameter("Reference image geometry").split(";") if v]
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, :3] = np.reshape(fixed.GetDirection(), (3, 3)) * fixed.GetSpacing()
+    ijk_to_lps[:3, 3] = fixed.GetOrigin()
+    np.testing.assert_allclose(np.reshape(geometry[:16], (4, 4)), np.diag([-1, -1, 1, 1]) @ ijk_to_lps, atol=1e-9)
+    assert geometry[16:] == [0, size[0] - 1, 0, size[1] - 1, 0, size[2] - 1]
+    # overlapping segments fit no plain label map: refused before any work, nothing written
+    assert main(["apply", "--transform", str(paths["bspline"]), "--reference", str(paths["fixed"]), "--input",
+                 str(seg), "--out", str(tmp_path / "flat.nii.gz")]) == 2
+    assert "segments overlap (2 layers), which only a Slicer segmentation file keeps" in capsys.readouterr().err
+    assert not (tmp_path / "flat.nii.gz").exists()
+
+
+def test_a_single_layer_segmentation_to_nifti_says_what_is_lost_and_names_segments_left_out(scene3d, tmp_path,
+                                                                                            capsys):
+    slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML core) is not installed")
+    paths, fixed, _, labels, affine, _ = scene3d
+    seg = _slicer_segmentation(slicer.vtkMRMLScene(), labels, tmp_path / "moving.seg.nrrd", overlapping=False)
+    assert main(["apply", "--transform", str(paths["affine"]), "--reference", str(paths["fixed"]), "--input",
+                 str(seg), "--out", str(tmp_path / "l.nii.gz")]) == 0
+    assert "names and colours of the input are kept only in a .seg.nrrd" in capsys.readouterr().err
+    got = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "l.nii.gz")))
+    expected = sitk.Resample(labels, fixed, affine, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    np.testing.assert_array_equal(got, sitk.GetArrayFromImage(expected))  # the label values as in the file
+    far = sitk.TranslationTransform(3, (500.0, 0.0, 0.0))
+    sitk.WriteTransform(far, str(tmp_path / "far.tfm"))
+    assert main(["apply", "--transform", str(tmp_path / "far.tfm"), "--reference", str(paths["fixed"]), "--input",
+                 str(seg), "--out", str(tmp_path / "x.seg.nrrd")]) == 0
+    assert "segment(s) outer, inner fall outside the reference grid" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------
 # --inverse: an image of the fixed space onto the moving grid
 # --------------------------------------------------------------------------
 def _moving_points(moving: sitk.Image, n: int = 500, seed: int = 1) -> np.ndarray:

@@ -140,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--reference", required=True, help="the grid to resample onto: the fixed image (any format "
                                                      "--fixed takes); with --inverse the moving image")
     a.add_argument("--input", required=True, help="the image to resample, in the moving image's space (with "
-                                                 "--inverse: in the fixed image's space)")
+                                                 "--inverse: in the fixed image's space); a Slicer segmentation "
+                                                 "(.seg.nrrd) keeps its segment names, colours and overlaps when "
+                                                 "--out is a .seg.nrrd too")
     a.add_argument("--inverse", action="store_true",
                    help="go through the transform's inverse (moving -> fixed points; a non-linear one solved on a "
                         "4 mm lattice over --reference, its round-trip error printed)")
@@ -294,6 +296,11 @@ def _run(args: argparse.Namespace, verbose: bool) -> int:
             if s.get("labels_outside_the_reference"):
                 print(f"istn apply: note: label(s) {value_list(s['labels_outside_the_reference'])} fall outside "
                       "the reference grid", file=sys.stderr)
+            if s.get("segments_outside_the_reference"):
+                print(f"istn apply: note: segment(s) {', '.join(s['segments_outside_the_reference'])} fall outside "
+                      "the reference grid", file=sys.stderr)
+            if s.get("note"):
+                print(f"istn apply: note: {s['note']}", file=sys.stderr)
         elif args.command == "invert":
             s = run_invert(args.transform, args.reference, args.out, args.overwrite)
             print(f"{Path(s['transform']).name} inverted -> {s['out']} ({s['maps']}), {s['seconds']:.2f} s")

@@ -14,6 +14,8 @@ APPLY_INTERPOLATIONS = ("auto", "linear", "nearest")
 #: Transform files ITK, SimpleITK, ANTs and Slicer read; a displacement field (a non-linear inverse) needs HDF5
 TRANSFORM_SUFFIXES = (".h5", ".hdf5", ".tfm", ".txt", ".mat")
 FIELD_SUFFIXES = (".h5", ".hdf5")
+#: Image files that keep a Slicer segmentation's header (segment names, colours, layers)
+SEGMENTATION_SUFFIXES = (".seg.nrrd", ".nrrd")
 
 
 def run_apply(transform_path: str | Path, reference_path: str | Path, input_path: str | Path, out_path: str | Path,
@@ -37,7 +39,8 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
     import numpy as np
     import SimpleITK as sitk
 
-    from ..io import read_raw_image, read_transform, write_image
+    from .. import segfile
+    from ..io import image_suffix, read_raw_image, read_transform, write_image
     from ..registration import OUTPUT_FIELD_SPACING_MM, warp_image
 
     t0 = time.perf_counter()
@@ -50,9 +53,15 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
     tx = read_transform(transform_path, "--transform")
     reference = read_raw_image(reference_path, "--reference image")
     image = read_raw_image(input_path, "--input image")
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"--input image '{input_path}' has {image.GetNumberOfComponentsPerPixel()} components per "
-                         "pixel; a scalar image (intensities, labels or a mask) is expected")
+    head = segfile.header(image)  # a Slicer segmentation's segment names, colours, layers
+    segments = segfile.segments(head)
+    layers = image.GetNumberOfComponentsPerPixel()
+    if layers != 1 and not head:
+        raise InputError(f"--input image '{input_path}' has {layers} components per pixel; a scalar image "
+                         "(intensities, labels or a mask) or a Slicer segmentation (.seg.nrrd) is expected")
+    if layers != 1 and image_suffix(out) not in SEGMENTATION_SUFFIXES:
+        raise InputError(f"--out '{out}': '{input_path}' is a segmentation whose segments overlap ({layers} layers), "
+                         f"which only a Slicer segmentation file keeps: name it {out.name.split('.')[0]}.seg.nrrd")
     for what, img, p in (("--reference image", reference, reference_path), ("--input image", image, input_path)):
         if img.GetDimension() != tx.GetDimension():
             raise InputError(f"{what} '{p}' is {img.GetDimension()}D but --transform '{transform_path}' is "
@@ -61,11 +70,12 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
     if not np.all(np.isfinite(values)):
         raise InputError(f"--input image '{input_path}' contains NaN or infinite voxel values")
     integral = bool(np.array_equal(values, np.round(values)))
-    label_map = integral and not looks_like_intensities(image)
-    labels = label_values(image) if label_map else set()  # once: a sort of every voxel
+    label_map = integral and (bool(head) or not looks_like_intensities(image))  # a segmentation's values are labels
+    labels = label_values(image) if label_map and not head else set()  # once: a sort of every voxel
     if interpolation == "auto":
         interpolation = "nearest" if label_map else "linear"
-        why = (f"a label map: {len(labels)} labels" if label_map else
+        why = (f"a segmentation: {len(segments)} segments" if label_map and head else
+               f"a label map: {len(labels)} labels" if label_map else
                "intensities" if not integral else "integer intensities (many values, rarely forming regions)")
         chosen = f"{interpolation} (auto: {why})"
     else:
@@ -78,7 +88,8 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
                              f"({values.dtype}, whole numbers {kind.min}..{kind.max}), which a label map keeps")
     # labels keep their pixel type, intensities become float32: can the file hold that, as a whole image?
     _check_writable_format(out, reference.GetDimension(),
-                           image.GetPixelID() if interpolation == "nearest" else sitk.sitkFloat32)
+                           image.GetPixelID() if interpolation == "nearest" else
+                           sitk.sitkVectorFloat32 if layers > 1 else sitk.sitkFloat32)
     inverted = None
     if inverse:  # moving -> fixed points, solved over the grid resampled onto (where its points are needed)
         from ..inverse import inverse_transform
@@ -87,14 +98,20 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
         tx = inverted.transform
     if interpolation == "nearest":
         fill = 0.0 if background is None else background
-        warped = warp_image(image, reference, tx, sitk.sitkNearestNeighbor, fill, field_spacing=OUTPUT_FIELD_SPACING_MM)
+        source, kind = image, sitk.sitkNearestNeighbor
     else:
-        source = sitk.Cast(image, sitk.sitkFloat32)
+        source, kind = sitk.Cast(image, sitk.sitkVectorFloat32 if layers > 1 else sitk.sitkFloat32), sitk.sitkLinear
         fill = float(values.min()) if background is None else background
-        warped = warp_image(source, reference, tx, sitk.sitkLinear, fill, field_spacing=OUTPUT_FIELD_SPACING_MM)
+    # a segmentation's layers one by one: the same warp, each kept apart (they overlap)
+    parts = [warp_image(sitk.VectorIndexSelectionCast(source, i) if layers > 1 else source, reference, tx, kind,
+                        fill, field_spacing=OUTPUT_FIELD_SPACING_MM) for i in range(layers)]
+    warped = sitk.Compose(parts) if layers > 1 else parts[0]
     arr = sitk.GetArrayViewFromImage(warped)
     if not np.all(np.isfinite(arr)):
         raise ResultError("the resampled image is not finite; nothing was written")
+    names_kept = bool(head) and interpolation == "nearest" and image_suffix(out) in SEGMENTATION_SUFFIXES
+    if names_kept:
+        segfile.with_header(warped, head)
     make_out_folder(out)
     write_image(warped, out)
     summary = {"input": str(input_path), "reference": str(reference_path), "transform": str(transform_path),
@@ -104,9 +121,16 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
     if inverted is not None:
         summary["inverse"] = inverted.summary()
         warn_if_it_misses(summary["inverse"], inverted.round_trip_mm)
-    if interpolation == "nearest" and label_map:
-        lost = sorted(labels - label_values(warped))
-        summary["labels_outside_the_reference"] = lost
+    if interpolation == "nearest" and label_map and head:
+        summary["segments_outside_the_reference"] = [
+            s.name for s, kept in zip(segments, segfile.present(warped, segments)) if not kept]
+    elif interpolation == "nearest" and label_map:
+        summary["labels_outside_the_reference"] = sorted(labels - label_values(warped))
+    if head and not names_kept:
+        summary["note"] = ("the segment names and colours of the input are kept only in a .seg.nrrd (or .nrrd) output"
+                           if interpolation == "nearest" else
+                           "a segmentation resampled linearly holds fractions, not segments: its names and colours "
+                           "were not kept")
     return summary
 
 
