@@ -217,6 +217,9 @@ def test_a_slicer_segmentation_keeps_its_names_colours_and_overlaps_on_the_fixed
                  str(seg), "--out", str(tmp_path / "flat.nii.gz")]) == 2
     assert "segments overlap (2 layers), which only a Slicer segmentation file keeps" in capsys.readouterr().err
     assert not (tmp_path / "flat.nii.gz").exists()
+    # ... nor can evaluate score them as one
+    assert main(["evaluate", "--fixed-labels", str(tmp_path / "plain.nii.gz"), "--moving-labels", str(seg)]) == 2
+    assert "a Slicer segmentation whose segments overlap (2 layers)" in capsys.readouterr().err
 
 
 def test_a_single_layer_segmentation_to_nifti_says_what_is_lost_and_names_segments_left_out(scene3d, tmp_path,

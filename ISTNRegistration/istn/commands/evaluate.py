@@ -59,6 +59,7 @@ def run_evaluate(fixed_labels: str | Path, moving_labels: str | Path, transform_
     import numpy as np
     import SimpleITK as sitk
 
+    from .. import segfile
     from ..io import read_raw_image, read_transform, write_json
     from ..metrics import folding_fraction, label_metrics, mean_metrics
     from ..registration import warp_image
@@ -73,6 +74,10 @@ def run_evaluate(fixed_labels: str | Path, moving_labels: str | Path, transform_
     f = read_raw_image(fixed_labels, "fixed label image")
     m = read_raw_image(moving_labels, "moving label image")
     for img, role, p in ((f, "fixed", fixed_labels), (m, "moving", moving_labels)):
+        if img.GetNumberOfComponentsPerPixel() != 1 and segfile.header(img):
+            raise InputError(f"{role} label image '{p}' is a Slicer segmentation whose segments overlap "
+                             f"({img.GetNumberOfComponentsPerPixel()} layers); evaluate scores label maps, one value a "
+                             "structure: export the segments to score as a label map (Slicer's Segmentations module)")
         if img.GetNumberOfComponentsPerPixel() != 1:
             raise InputError(f"{role} label image '{p}' has {img.GetNumberOfComponentsPerPixel()} components per "
                              "pixel; a scalar label map is expected")
