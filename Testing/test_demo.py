@@ -26,8 +26,8 @@ def demo_run(tmp_path_factory):
 
 def test_demo_writes_its_outputs(demo_run):
     out, result = demo_run
-    for name in ("demo.png", "result.json", "transform_affine.tfm", "transform.h5", "warped.nii.gz",
-                 "warped_labels.nii.gz", "itn_fixed.nii.gz", "itn_moving.nii.gz", "moving_in_scanner_position.nii.gz"):
+    assert sorted(p.name for p in out.iterdir()) == sorted(demo.DEMO_OUTPUTS)
+    for name in demo.DEMO_OUTPUTS:
         assert (out / name).stat().st_size > 0, name
     png = (out / "demo.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
@@ -59,7 +59,7 @@ def test_demo_transforms_are_readable_by_simpleitk(demo_run):
     out, _ = demo_run
     fixed = sitk.ReadImage(str(demo.SAMPLE_DIR / "fixed_t1.nii.gz"))
     moving = sitk.ReadImage(str(out / "moving_in_scanner_position.nii.gz"))
-    affine = sitk.ReadTransform(str(out / "transform_affine.tfm"))
+    affine = sitk.ReadTransform(str(out / "affine.tfm"))
     full = sitk.ReadTransform(str(out / "transform.h5"))
     # Resampling through the files reproduces the demo's own warped image.
     warped = sitk.Resample(moving, fixed, full, sitk.sitkLinear, 0.0, moving.GetPixelID())
@@ -71,3 +71,22 @@ def test_demo_transforms_are_readable_by_simpleitk(demo_run):
     centre = fixed.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in fixed.GetSize()])
     idx = moving.TransformPhysicalPointToContinuousIndex(affine.TransformPoint(centre))
     assert all(0 <= i < s for i, s in zip(idx, moving.GetSize()))
+
+
+def test_demo_replaces_an_earlier_demo_but_never_files_of_the_users(demo_run, tmp_path, capsys):
+    import shutil
+
+    from istn.cli import main
+    from istn.io import check_earlier_outputs
+
+    out, _ = demo_run
+    theirs = tmp_path / "mine"
+    theirs.mkdir()
+    (theirs / "warped.nii.gz").write_bytes(b"my own warp")
+    (theirs / "result.json").write_text('{"mine": 1}')
+    assert main(["demo", "--out", str(theirs)]) == 2  # refused before any work
+    assert "holds warped.nii.gz, result.json, not the outputs of an earlier istn demo" in capsys.readouterr().err
+    assert (theirs / "warped.nii.gz").read_bytes() == b"my own warp"
+    again = tmp_path / "again"
+    shutil.copytree(out, again)  # an earlier demo's folder: its result.json says so
+    check_earlier_outputs(again, demo.DEMO_OUTPUTS, keys=demo.DEMO_RECORD_KEYS, what="istn demo")

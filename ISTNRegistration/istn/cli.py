@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--spacing", type=float, default=2.0, help="output spacing in mm (default 2)")
 
     d = sub.add_parser("demo", help="register the bundled sample pair with the bundled model")
-    d.add_argument("--out", default="istn-demo", help="output folder (default ./istn-demo)")
+    d.add_argument("--out", default="istn-demo", help="output folder (default ./istn-demo); an earlier demo's "
+                                                      "files there are replaced, anyone else's never")
     d.add_argument("--refine", type=int, default=None,
                    help="refinement iterations per stage (default: each bundled model's)")
     return p

@@ -75,11 +75,17 @@ def structure_dice(fixed_labels: sitk.Image, moving_labels: sitk.Image, transfor
     return {name: dice(f == v, w == v) for name, v in LABELS.items()}
 
 
+#: What `run_demo` writes (the transforms named as `istn register` names them)
+DEMO_OUTPUTS = ("moving_in_scanner_position.nii.gz", "affine.tfm", "transform.h5", "warped.nii.gz",
+                "warped_labels.nii.gz", "itn_fixed.nii.gz", "itn_moving.nii.gz", "demo.png", "result.json")
+DEMO_RECORD_KEYS = ("mean_dice", "perturbation")  # in a demo's result.json: the folder holds an earlier demo
+
+
 def run_demo(out_dir: str | Path = "istn-demo", iterations: int | None = None, device: str = "auto") -> dict:
     """Run the demo; writes transforms, images, ITN maps, ``demo.png`` and ``result.json`` to ``out_dir``."""
     from .export import load_model
     from .figures import registration_figure
-    from .io import prepare_output_dir, write_image, write_json, write_transform
+    from .io import check_earlier_outputs, prepare_output_dir, write_image, write_json, write_transform
     from .registration import OUTPUT_FIELD_SPACING_MM, jacobian_image, register, warp_image
 
     t_start = time.perf_counter()
@@ -87,6 +93,8 @@ def run_demo(out_dir: str | Path = "istn-demo", iterations: int | None = None, d
     affine_model = load_model(bundled_model(AFFINE_MODEL))
     bspline_model = load_model(bundled_model(BSPLINE_MODEL))
     out = prepare_output_dir(out_dir, [SAMPLE_DIR / "moving_t1.nii.gz", SAMPLE_DIR / "fixed_t1.nii.gz"], [])
+    # an earlier demo's files are replaced; files of the user's named like them are not
+    check_earlier_outputs(out, DEMO_OUTPUTS, keys=DEMO_RECORD_KEYS, what="istn demo")
     fixed, fixed_labels = data["fixed"], data["fixed_labels"]
     moving, moving_labels, perturbation = place_in_scanner(data["moving"], data["moving_labels"])
     print(f"fixed:  {Path(SAMPLE_DIR / 'fixed_t1.nii.gz')}\nmoving: {Path(SAMPLE_DIR / 'moving_t1.nii.gz')}, placed "
@@ -133,7 +141,7 @@ def run_demo(out_dir: str | Path = "istn-demo", iterations: int | None = None, d
     warped = warp_image(moving, fixed, bsp.transform)
     warped_labels = warp_image(moving_labels, fixed_labels, bsp.transform, sitk.sitkNearestNeighbor)
     write_image(moving, out / "moving_in_scanner_position.nii.gz")
-    write_transform(aff.transform, out / "transform_affine.tfm")
+    write_transform(aff.transform, out / "affine.tfm")
     write_transform(bsp.transform, out / "transform.h5")
     write_image(warped, out / "warped.nii.gz")
     write_image(warped_labels, out / "warped_labels.nii.gz")

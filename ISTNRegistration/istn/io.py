@@ -408,3 +408,23 @@ def prepare_output_dir(out_dir: str | os.PathLike, inputs: Iterable[str | os.Pat
         if (out / name).resolve() in resolved_inputs:
             raise OutputError(f"output '{out / name}' would overwrite an input; choose another output folder")
     return out
+
+
+def check_earlier_outputs(out: Path, names: Sequence[str], record: str = "result.json",
+                          keys: tuple[str, ...] = ("transform_maps", "stages"), what: str = "istn register run") -> None:
+    """Before any computation: files in ``out`` named like this run's outputs are replaced (optional ones removed)
+    only when they are an earlier run's (``istn register``'s by default; a batch's: ``record="summary.json"``;
+    `istn demo`'s), as its ``record`` says (a JSON object with ``keys``); anything else there is the user's, and
+    the run is refused (`OutputError`) rather than overwrite it."""
+
+    present = [n for n in names if (out / n).exists()]
+    if not present:
+        return
+    try:
+        data = json.loads((out / record).read_text())
+    except (OSError, ValueError):
+        data = None
+    if isinstance(data, dict) and all(k in data for k in keys):
+        return
+    raise OutputError(f"output folder '{out}' holds {', '.join(present)}, not the outputs of an earlier {what} "
+                      f"(no {record} of one there): they would be replaced; choose a new or empty folder")

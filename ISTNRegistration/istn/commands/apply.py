@@ -165,7 +165,9 @@ def run_invert(transform_path: str | Path, reference_path: str | Path, out_path:
     make_out_folder(out)
     write_transform(inverted.transform, out)
     summary = {"transform": str(transform_path), "reference": str(reference_path), "out": str(out),
-               "maps": "moving world points (mm, LPS) -> fixed world points", "inverse": inverted.summary(),
+               "maps": (f"the points {Path(transform_path).name} maps to -> the points they came from (world mm, "
+                        "LPS; for a transform istn register wrote: moving -> fixed)"),
+               "inverse": inverted.summary(),
                "seconds": time.perf_counter() - t0}
     warn_if_it_misses(summary["inverse"], inverted.round_trip_mm)
     return summary

@@ -152,7 +152,8 @@ def run_register(
     import SimpleITK as sitk
 
     from ..export import load_model
-    from ..io import prepare_output_dir, read_image, read_transform, write_image, write_json, write_transform
+    from ..io import (check_earlier_outputs, prepare_output_dir, read_image, read_transform, write_image, write_json,
+                      write_transform)
     from ..chain import register_with_second_try
     from ..registration import (OUTPUT_FIELD_SPACING_MM, check_register_inputs, jacobian_image, jacobian_on_grid,
                                 warp_image)
@@ -344,7 +345,7 @@ def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path]
     import csv
     import io as text_io
 
-    from ..io import atomic_write, check_input_file, prepare_output_dir, write_json
+    from ..io import atomic_write, check_earlier_outputs, check_input_file, prepare_output_dir, write_json
 
     if options.get("initial_path"):
         raise InputError("--initial belongs to one pair: with several --moving images, register them without it (or "
@@ -374,7 +375,7 @@ def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path]
     if not str(out_dir).strip():
         raise OutputError("--out is empty: name the output folder")
     out = prepare_output_dir(out_dir, [fixed_path, *moving, *model_paths], [*names, *BATCH_SUMMARY])
-    check_earlier_outputs(out, BATCH_SUMMARY, "summary.json", ("moved", "rows"), "batch")
+    check_earlier_outputs(out, BATCH_SUMMARY, "summary.json", ("moved", "rows"), "istn register batch")
     rows: list[dict] = []
     tiles: list[tuple[str, object, str]] = []  # the montage's: (name, tile or None, note), made as each image ends
     montage: dict = {}  # the fixed image's display grid and slice, from the first image registered
@@ -618,28 +619,6 @@ def _check_result(transform, images: dict) -> None:
     for name, img in images.items():
         if not np.all(np.isfinite(sitk.GetArrayViewFromImage(img))):
             raise ResultError(f"the {name} has non-finite values; nothing was written")
-
-
-def check_earlier_outputs(out: Path, names: Sequence[str], record: str = "result.json",
-                          keys: tuple[str, ...] = ("transform_maps", "stages"), what: str = "run") -> None:
-    """Before any computation: files in ``out`` named like this run's outputs are replaced (optional ones removed)
-    only when they are an earlier ``istn register`` run's (a batch's: ``record="summary.json"``), as its
-    ``record`` says (a JSON object with ``keys``); anything else there is the user's, and the run is refused
-    (`OutputError`) rather than overwrite it."""
-    import json
-
-    present = [n for n in names if (out / n).exists()]
-    if not present:
-        return
-    try:
-        data = json.loads((out / record).read_text())
-    except (OSError, ValueError):
-        data = None
-    if isinstance(data, dict) and all(k in data for k in keys):
-        return
-    raise OutputError(f"output folder '{out}' holds {', '.join(present)}, not the outputs of an earlier istn "
-                      f"register {what} (no {record} of one there): they would be replaced; choose a new or empty "
-                      "folder")
 
 
 @contextlib.contextmanager
