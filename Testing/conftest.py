@@ -131,3 +131,52 @@ def toy_csv(tmp_path_factory):
     (root / "pairs.csv").write_text("\n".join(rows_img) + "\n")
     (root / "soi.csv").write_text("\n".join(rows_soi) + "\n")
     return root
+
+
+# Slicer segmentations (.seg.nrrd) written and read by slicer-core's own storage node (tests that use these
+# import slicer first, skipping without it)
+def slicer_segmentation(scene, labels: sitk.Image, path, overlapping: bool):
+    """Write ``labels`` as Slicer writes a segmentation (slicer-core's storage node; names set by hand), with a
+    segment "both" over every labelled voxel (overlapping the others: a second layer) if ``overlapping``."""
+    import slicer
+    from ISTNRegistrationLib import nodes as nodeio  # conftest puts the module's folder on the path
+
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segmentation")
+    sources = [("labels", labels)]
+    if overlapping:
+        sources.append(("both", sitk.Cast(labels > 0, sitk.sitkUInt8)))
+    for name, image in sources:
+        labelmap = nodeio.addVolumeNodeFromImage(scene, image, name, "vtkMRMLLabelMapVolumeNode")
+        if name == "labels":
+            node.SetReferenceImageGeometryParameterFromVolumeNode(labelmap)
+        assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, node)
+    content = node.GetSegmentation()
+    for i, name in enumerate(["outer", "inner", "both"][:content.GetNumberOfSegments()]):
+        content.GetNthSegment(i).SetName(name)
+        content.GetNthSegment(i).SetColor(0.1 * (i + 1), 0.5, 1.0 - 0.2 * i)
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.WriteData(node)
+    return path
+
+
+def read_slicer_segments(scene, path) -> tuple[dict, object]:
+    """{name: (colour, layer, voxel mask as a (z, y, x) array on the file's grid)}, and the segmentation, as
+    Slicer reads the file."""
+    from vtk.util import numpy_support
+
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node)
+    content = node.GetSegmentation()
+    found = {}
+    for i in range(content.GetNumberOfSegments()):
+        sid, segment = content.GetNthSegmentID(i), content.GetNthSegment(i)
+        image = segment.GetRepresentation("Binary labelmap")
+        ext = image.GetExtent()
+        shape = (ext[5] - ext[4] + 1, ext[3] - ext[2] + 1, ext[1] - ext[0] + 1)
+        voxels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(shape)
+        found[segment.GetName()] = (tuple(round(c, 3) for c in segment.GetColor()), content.GetLayerIndex(sid),
+                                    voxels == segment.GetLabelValue(), ext)
+    return found, content

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import read_slicer_segments, slicer_segmentation
 from istn import demo
 from istn.cli import main, run_apply
 from istn.registration import warp_image
@@ -136,65 +137,18 @@ def test_bad_input_is_refused_in_one_line_and_nothing_written(scene3d, tmp_path,
 # --------------------------------------------------------------------------
 # Slicer segmentations (.seg.nrrd): segment names, colours and overlapping layers kept
 # --------------------------------------------------------------------------
-def _slicer_segmentation(scene, labels: sitk.Image, path, overlapping: bool):
-    """Write ``labels`` as Slicer writes a segmentation (slicer-core's storage node; names set by hand), with a
-    segment "both" over every labelled voxel (overlapping the others: a second layer) if ``overlapping``."""
-    import slicer
-    from ISTNRegistrationLib import nodes as nodeio  # conftest puts the module's folder on the path
-
-    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segmentation")
-    sources = [("labels", labels)]
-    if overlapping:
-        sources.append(("both", sitk.Cast(labels > 0, sitk.sitkUInt8)))
-    for name, image in sources:
-        labelmap = nodeio.addVolumeNodeFromImage(scene, image, name, "vtkMRMLLabelMapVolumeNode")
-        if name == "labels":
-            node.SetReferenceImageGeometryParameterFromVolumeNode(labelmap)
-        assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, node)
-    content = node.GetSegmentation()
-    for i, name in enumerate(["outer", "inner", "both"][:content.GetNumberOfSegments()]):
-        content.GetNthSegment(i).SetName(name)
-        content.GetNthSegment(i).SetColor(0.1 * (i + 1), 0.5, 1.0 - 0.2 * i)
-    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-    storage.SetFileName(str(path))
-    assert storage.WriteData(node)
-    return path
-
-
-def _read_segments(scene, path) -> tuple[dict, object]:
-    """{name: (colour, layer, voxel mask as a (z, y, x) array on the file's grid)}, and the segmentation, as
-    Slicer reads the file."""
-    from vtk.util import numpy_support
-
-    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-    storage.SetFileName(str(path))
-    assert storage.ReadData(node)
-    content = node.GetSegmentation()
-    found = {}
-    for i in range(content.GetNumberOfSegments()):
-        sid, segment = content.GetNthSegmentID(i), content.GetNthSegment(i)
-        image = segment.GetRepresentation("Binary labelmap")
-        ext = image.GetExtent()
-        shape = (ext[5] - ext[4] + 1, ext[3] - ext[2] + 1, ext[1] - ext[0] + 1)
-        voxels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(shape)
-        found[segment.GetName()] = (tuple(round(c, 3) for c in segment.GetColor()), content.GetLayerIndex(sid),
-                                    voxels == segment.GetLabelValue(), ext)
-    return found, content
-
-
 def test_a_slicer_segmentation_keeps_its_names_colours_and_overlaps_on_the_fixed_grid(scene3d, tmp_path, capsys):
     slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML core) is not installed")
     paths, fixed, _, labels, _, both = scene3d
     scene = slicer.vtkMRMLScene()
-    seg = _slicer_segmentation(scene, labels, tmp_path / "moving.seg.nrrd", overlapping=True)
+    seg = slicer_segmentation(scene, labels, tmp_path / "moving.seg.nrrd", overlapping=True)
     assert sitk.ReadImage(str(seg)).GetNumberOfComponentsPerPixel() == 2  # Slicer wrote two layers
     out = tmp_path / "in_fixed.seg.nrrd"
     assert main(["apply", "--transform", str(paths["bspline"]), "--reference", str(paths["fixed"]), "--input",
                  str(seg), "--out", str(out)]) == 0
     assert "nearest (auto: a segmentation: 3 segments)" in capsys.readouterr().out
-    given, _ = _read_segments(scene, seg)
-    got, content = _read_segments(scene, out)
+    given, _ = read_slicer_segments(scene, seg)
+    got, content = read_slicer_segments(scene, out)
     assert list(got) == ["outer", "inner", "both"]
     assert {n: v[:2] for n, v in got.items()} == {n: v[:2] for n, v in given.items()}  # colours, layers
     # every segment whole on the fixed grid: what the plain label map gives through the same transform
@@ -226,7 +180,7 @@ def test_a_single_layer_segmentation_to_nifti_says_what_is_lost_and_names_segmen
                                                                                             capsys):
     slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML core) is not installed")
     paths, fixed, _, labels, affine, _ = scene3d
-    seg = _slicer_segmentation(slicer.vtkMRMLScene(), labels, tmp_path / "moving.seg.nrrd", overlapping=False)
+    seg = slicer_segmentation(slicer.vtkMRMLScene(), labels, tmp_path / "moving.seg.nrrd", overlapping=False)
     assert main(["apply", "--transform", str(paths["affine"]), "--reference", str(paths["fixed"]), "--input",
                  str(seg), "--out", str(tmp_path / "l.nii.gz")]) == 0
     assert "names and colours of the input are kept only in a .seg.nrrd" in capsys.readouterr().err

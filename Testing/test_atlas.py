@@ -117,3 +117,47 @@ def files2d(tmp_path, make_model, pair2d):
     sitk.WriteImage(sitk.Flip(moving, [True, False]), str(paths["moving2"]))
     sitk.WriteImage(atlas, str(paths["atlas"]))
     return paths
+
+
+def test_a_slicer_segmentation_atlas_keeps_its_segments_and_gives_volumes_by_name(make_model, oblique_pair, tmp_path,
+                                                                                  capsys):
+    """A Slicer atlas with two overlapping segments on top of a label map's two: each moving image of a cohort gets
+    atlas_labels.seg.nrrd, whose segments (read by slicer-core) are what `istn apply --inverse` gives the plain label
+    map through the same transform, and the volumes by segment name in result.json and summary.csv."""
+    slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML core) is not installed")
+    from conftest import read_slicer_segments, slicer_segmentation
+
+    fixed, moving = oblique_pair
+    arr = sitk.GetArrayFromImage(fixed)
+    labels = sitk.GetImageFromArray((arr > 0.1).astype(np.uint8) + (arr > 0.5).astype(np.uint8))  # 1 outside 2
+    labels.CopyInformation(fixed)
+    d = tmp_path / "in"
+    d.mkdir()
+    for name, image in (("fixed", fixed), ("moving", moving), ("moving2", sitk.Flip(moving, [True, False, False])),
+                        ("labels", labels)):
+        sitk.WriteImage(image, str(d / f"{name}.nii.gz"))
+    scene = slicer.vtkMRMLScene()
+    atlas = slicer_segmentation(scene, labels, d / "atlas.seg.nrrd", overlapping=True)
+    out = tmp_path / "cohort"
+    assert main(["register", "--fixed", str(d / "fixed.nii.gz"), "--moving", str(d / "moving.nii.gz"),
+                 str(d / "moving2.nii.gz"), "--model", str(make_model(3, "affine")), "--atlas", str(atlas),
+                 "--out", str(out), "--refine", "2", "--quiet", "--no-figure"]) == 0
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert list(rows[0])[9:12] == ["atlas_ml_outer", "atlas_ml_inner", "atlas_ml_both"]  # the file's order
+    for row, moving_file in zip(rows, ("moving", "moving2")):
+        folder = out / row["folder"]
+        assert not (folder / "atlas_labels.nii.gz").exists()
+        plain = folder / "plain.nii.gz"
+        assert main(["apply", "--inverse", "--transform", str(folder / "transform.h5"), "--reference",
+                     str(d / f"{moving_file}.nii.gz"), "--input", str(d / "labels.nii.gz"), "--out", str(plain)]) == 0
+        expected = sitk.GetArrayFromImage(sitk.ReadImage(str(plain)))
+        got, _ = read_slicer_segments(scene, folder / "atlas_labels.seg.nrrd")
+        assert list(got) == ["outer", "inner", "both"] and got["both"][1] != got["outer"][1]  # two layers
+        result = json.loads((folder / "result.json").read_text())["atlas"]
+        voxel_ml = float(np.prod(sitk.ReadImage(str(plain)).GetSpacing())) / 1000
+        for name, mask in (("outer", expected == 1), ("inner", expected == 2), ("both", expected > 0)):
+            np.testing.assert_array_equal(got[name][2], mask)
+            assert mask.sum() > 50
+            assert result["volumes_ml"][name] == pytest.approx(mask.sum() * voxel_ml)
+            assert float(row[f"atlas_ml_{name}"]) == pytest.approx(mask.sum() * voxel_ml)
+        assert result["written"] == "atlas_labels.seg.nrrd" and result["labels_outside_the_moving_image"] == []

@@ -114,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--atlas", metavar="LABELS",
                    help="a label map of the fixed image's space (an atlas drawn on the template): also brought onto "
                         "each moving image's own grid through the result's inverse, as atlas_labels.nii.gz, with "
-                        "each label's volume there in result.json (and in summary.csv for several --moving)")
+                        "each label's volume there in result.json (and in summary.csv for several --moving); a "
+                        "Slicer segmentation (.seg.nrrd) as atlas_labels.seg.nrrd, its segments' names, colours "
+                        "and overlaps kept, their volumes by name")
     r.add_argument("--quiet", action="store_true",
                    help="no progress lines: only the summary of each stage, warnings and errors")
     r.add_argument("--verbose", action="store_true", help="show the libraries' own messages behind an error")

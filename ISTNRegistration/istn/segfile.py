@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -97,13 +98,25 @@ def _with_reference_geometry(parameters: str, geometry: str) -> str:
     return "&".join(out)
 
 
-def present(image: sitk.Image, segs: list[Segment]) -> list[bool]:
-    """Whether each of ``segs`` has a voxel in ``image`` (its layers as components)."""
+def warp_layers(image: sitk.Image, warp: Callable[[sitk.Image], sitk.Image]) -> sitk.Image:
+    """``warp`` (one scalar image -> its resampled copy) applied to each layer (component) of ``image`` apart, the
+    layers put together again: overlapping segments stay whole. A scalar image is warped as it is."""
+    if image.GetNumberOfComponentsPerPixel() == 1:
+        return warp(image)
+    return sitk.Compose([warp(sitk.VectorIndexSelectionCast(image, i))
+                         for i in range(image.GetNumberOfComponentsPerPixel())])
+
+
+def unique_names(segs: list[Segment]) -> list[str]:
+    """The segments' names, a repeated one told apart by its label value and layer (Slicer allows repeats)."""
+    names = [s.name for s in segs]
+    return [n if names.count(n) == 1 else f"{n} (label {s.label}, layer {s.layer})" for n, s in zip(names, segs)]
+
+
+def sizes(image: sitk.Image, segs: list[Segment]) -> dict[str, int]:
+    """Voxels of each segment in ``image`` (its layers as components), by `unique_names`, in file order."""
     arr = sitk.GetArrayViewFromImage(image)
     if image.GetNumberOfComponentsPerPixel() == 1:
         arr = arr[..., None]
-    found: dict[int, set[int]] = {}
-    for s in segs:
-        if s.layer not in found:
-            found[s.layer] = set(np.unique(arr[..., s.layer]).tolist()) if s.layer < arr.shape[-1] else set()
-    return [s.label in found[s.layer] for s in segs]
+    return {name: int(np.count_nonzero(arr[..., s.layer] == s.label)) if s.layer < arr.shape[-1] else 0
+            for name, s in zip(unique_names(segs), segs)}

@@ -103,9 +103,8 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
         source, kind = sitk.Cast(image, sitk.sitkVectorFloat32 if layers > 1 else sitk.sitkFloat32), sitk.sitkLinear
         fill = float(values.min()) if background is None else background
     # a segmentation's layers one by one: the same warp, each kept apart (they overlap)
-    parts = [warp_image(sitk.VectorIndexSelectionCast(source, i) if layers > 1 else source, reference, tx, kind,
-                        fill, field_spacing=OUTPUT_FIELD_SPACING_MM) for i in range(layers)]
-    warped = sitk.Compose(parts) if layers > 1 else parts[0]
+    warped = segfile.warp_layers(source, lambda layer: warp_image(layer, reference, tx, kind, fill,
+                                                                  field_spacing=OUTPUT_FIELD_SPACING_MM))
     arr = sitk.GetArrayViewFromImage(warped)
     if not np.all(np.isfinite(arr)):
         raise ResultError("the resampled image is not finite; nothing was written")
@@ -122,8 +121,7 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
         summary["inverse"] = inverted.summary()
         warn_if_it_misses(summary["inverse"], inverted.round_trip_mm)
     if interpolation == "nearest" and label_map and head:
-        summary["segments_outside_the_reference"] = [
-            s.name for s, kept in zip(segments, segfile.present(warped, segments)) if not kept]
+        summary["segments_outside_the_reference"] = [n for n, v in segfile.sizes(warped, segments).items() if not v]
     elif interpolation == "nearest" and label_map:
         summary["labels_outside_the_reference"] = sorted(labels - label_values(warped))
     if head and not names_kept:

@@ -17,9 +17,12 @@ from ..errors import InputError, ISTNError, OutputError, ResultError, first_line
 REGISTER_OUTPUTS = ("transform.h5", "warped.nii.gz", "itn_fixed.nii.gz", "itn_moving.nii.gz", "result.json")
 # written by some runs only (a linear result, a B-spline's linear part, the picture): a later run into the same
 # folder that does not write one removes the earlier run's, which would otherwise pass for this run's result
-REGISTER_OPTIONAL_OUTPUTS = ("transform.tfm", "affine.tfm", "jacobian.nii.gz", "atlas_labels.nii.gz", "overview.png")
+REGISTER_OPTIONAL_OUTPUTS = ("transform.tfm", "affine.tfm", "jacobian.nii.gz", "atlas_labels.nii.gz",
+                             "atlas_labels.seg.nrrd", "overview.png")
 #: ``--atlas``'s output in each result folder: the fixed space's label map on the moving image's own grid
 ATLAS_OUTPUT = "atlas_labels.nii.gz"
+#: ... when the atlas is a Slicer segmentation: its segment names, colours and layers kept
+ATLAS_SEGMENTATION_OUTPUT = "atlas_labels.seg.nrrd"
 
 
 def _finite(x: float) -> bool:
@@ -260,8 +263,8 @@ def run_register(
                 write_image(jacobian, stage / "jacobian.nii.gz")
                 written.append("jacobian.nii.gz")
             if atlas_on_moving is not None:
-                write_image(atlas_on_moving, stage / ATLAS_OUTPUT)
-                written.append(ATLAS_OUTPUT)
+                write_image(atlas_on_moving, stage / atlas_summary["written"])
+                written.append(atlas_summary["written"])
             if figure:
                 try:
                     _overview(stage / "overview.png", fixed, moving, warped, result, itn_moving, results, summary,
@@ -439,8 +442,12 @@ def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path]
     write_json(summary, out / "summary.json")
     columns = ["moving", "folder", "status", "seconds", "loss_one_pass", "loss_final", "mutual_information_as_given",
                "mutual_information_result", "folding_fraction", "warnings", "error"]
-    size_columns = {k for r in rows for k in r if k.startswith("atlas_")}  # --atlas: one per label, in order
-    columns[-2:-2] = sorted(size_columns, key=lambda k: int(k.rsplit("_", 1)[1]))
+    # --atlas: one column per label, in order (label values by value; a segmentation's names as in its file)
+    size_columns = list(dict.fromkeys(k for r in rows for k in r if k.startswith("atlas_")))
+    suffixes = [k.split("_", 2)[2] for k in size_columns]
+    if all(s.isdigit() for s in suffixes):
+        size_columns = [k for _, k in sorted(zip(map(int, suffixes), size_columns))]
+    columns[-2:-2] = size_columns
 
     def write_csv(tmp: str) -> None:
         buffer = text_io.StringIO()
@@ -481,18 +488,20 @@ def read_atlas(path: str | Path, fixed=None):
     import numpy as np
     import SimpleITK as sitk
 
+    from .. import segfile
     from ..geometry import Grid
     from ..io import read_raw_image
     from .evaluate import looks_like_intensities
 
     atlas = read_raw_image(path, "--atlas label map")
     what = f"--atlas '{path}'"
-    if atlas.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{what} has {atlas.GetNumberOfComponentsPerPixel()} components per pixel; a label map is "
-                         "expected")
+    segmentation = bool(segfile.header(atlas))  # a Slicer segmentation: its layers may overlap, its values are labels
+    if atlas.GetNumberOfComponentsPerPixel() != 1 and not segmentation:
+        raise InputError(f"{what} has {atlas.GetNumberOfComponentsPerPixel()} components per pixel; a label map or "
+                         "a Slicer segmentation (.seg.nrrd) is expected")
     values = sitk.GetArrayViewFromImage(atlas)
     if (not np.issubdtype(values.dtype, np.integer) and not np.array_equal(values, np.round(values))) \
-            or looks_like_intensities(atlas):
+            or (not segmentation and looks_like_intensities(atlas)):
         raise InputError(f"{what} is not a label map (integer labels forming regions); to bring another image of "
                          "the fixed space onto the moving grid use `istn apply --inverse`")
     if not values.any():
@@ -515,28 +524,40 @@ def read_atlas(path: str | Path, fixed=None):
 def _atlas_on_moving(atlas, moving, transform) -> tuple[object, dict]:
     """``atlas`` (labels of the fixed space) on ``moving``'s grid through ``transform``'s inverse, by nearest
     neighbour, its pixel type kept; and what to say of it: each label's volume there (ml; a 2D image's: area,
-    mm^2), the labels that fall outside, the inverse's round trip."""
+    mm^2), the labels that fall outside, the inverse's round trip. A Slicer segmentation's segments are named by
+    their names (`istn.segfile.unique_names`), its layers warped apart, its header kept for a ``.seg.nrrd``."""
     import numpy as np
     import SimpleITK as sitk
 
+    from .. import segfile
     from ..inverse import inverse_transform
     from ..registration import OUTPUT_FIELD_SPACING_MM, warp_image
     from .apply import warn_if_it_misses
     from .evaluate import label_values
 
     inverted = inverse_transform(transform, moving, OUTPUT_FIELD_SPACING_MM)
-    on_moving = warp_image(atlas, moving, inverted.transform, sitk.sitkNearestNeighbor, 0.0,
-                           field_spacing=OUTPUT_FIELD_SPACING_MM)
-    values = sitk.GetArrayViewFromImage(on_moving)
+    on_moving = segfile.warp_layers(atlas, lambda layer: warp_image(
+        layer, moving, inverted.transform, sitk.sitkNearestNeighbor, 0.0, field_spacing=OUTPUT_FIELD_SPACING_MM))
     volume_3d = on_moving.GetDimension() == 3
     voxel = float(np.prod(on_moving.GetSpacing())) / (1000.0 if volume_3d else 1.0)  # ml, or mm^2 of a 2D image
-    labels, counts = np.unique(values[values != 0], return_counts=True)
     inverse = inverted.summary()
     warn_if_it_misses(inverse, inverted.round_trip_mm)
-    sizes = {str(int(v)): float(c) * voxel for v, c in zip(labels.tolist(), counts.tolist())}
-    return on_moving, {"written": ATLAS_OUTPUT, ("volumes_ml" if volume_3d else "areas_mm2"): sizes,
-                       "labels_outside_the_moving_image": sorted(label_values(atlas) - set(labels.tolist())),
-                       "inverse": inverse}
+    head = segfile.header(atlas)
+    if head:
+        segments = segfile.segments(head)
+        given, counts = segfile.sizes(atlas, segments), segfile.sizes(on_moving, segments)
+        sizes = {name: c * voxel for name, c in counts.items() if c}
+        outside = [name for name, c in counts.items() if given[name] and not c]
+        segfile.with_header(on_moving, head)
+        written = ATLAS_SEGMENTATION_OUTPUT
+    else:
+        values = sitk.GetArrayViewFromImage(on_moving)
+        labels, n = np.unique(values[values != 0], return_counts=True)
+        sizes = {str(int(v)): float(c) * voxel for v, c in zip(labels.tolist(), n.tolist())}
+        outside = sorted(label_values(atlas) - set(labels.tolist()))
+        written = ATLAS_OUTPUT
+    return on_moving, {"written": written, ("volumes_ml" if volume_3d else "areas_mm2"): sizes,
+                       "labels_outside_the_moving_image": outside, "inverse": inverse}
 
 
 def atlas_line(atlas: dict) -> str:
@@ -546,8 +567,9 @@ def atlas_line(atlas: dict) -> str:
     key, unit = _atlas_sizes(atlas)
     sizes = ", ".join(f"{label}: {size:.2f}" for label, size in list(atlas[key].items())[:40])
     more = f", ... ({len(atlas[key]) - 40} more in result.json)" if len(atlas[key]) > 40 else ""
-    return (f"atlas labels on the moving grid: {atlas['written']} ({len(atlas[key])} labels, "
-            f"{sum(atlas[key].values()):.1f} {unit} in all; {exact})\n  {unit} per label: {sizes}{more}")
+    kind = "segments" if atlas["written"].endswith(".seg.nrrd") else "labels"
+    return (f"atlas labels on the moving grid: {atlas['written']} ({len(atlas[key])} {kind}, "
+            f"{sum(atlas[key].values()):.1f} {unit} in all; {exact})\n  {unit} per {kind[:-1]}: {sizes}{more}")
 
 
 def _atlas_sizes(atlas: dict) -> tuple[str, str]:
