@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -170,10 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a variant from CSV pair lists or a config file")
     t.add_argument("--config", help="JSON TrainConfig (see istn.config)")
-    t.add_argument("--train-csv")
-    t.add_argument("--soi-csv")
-    t.add_argument("--val-csv")
-    t.add_argument("--val-soi-csv")
+    t.add_argument("--train-csv", help="image pairs: a CSV with a header src,trg (src = moving, trg = fixed); "
+                                       "relative paths are read from the CSV's folder")
+    t.add_argument("--soi-csv", help="their structure maps (label maps, soft maps or rendered landmarks), the same "
+                                     "rows in the same order")
+    t.add_argument("--val-csv", help="validation pairs (default: a fifth of --train-csv's rows)")
+    t.add_argument("--val-soi-csv", help="their structure maps (needed with --val-csv)")
     t.add_argument("--soi-kind", default="soft", choices=["labels", "soft", "landmarks"])
     t.add_argument("--soi-labels", type=int, nargs="*", help="label values, one SoI channel each")
     t.add_argument("--soi-description", default="")
@@ -185,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cp-spacing", type=float, default=10.0, help="B-spline control point spacing (mm)")
     t.add_argument("--itn-output", default="linear", choices=["linear", "sigmoid"],
                    help="ITN head: unbounded maps (the paper's) or one map in [0, 1] per structure")
-    t.add_argument("--steps", type=int)
+    t.add_argument("--steps", type=int, help="training steps in all (default 1000; a resumed run counts its own)")
     t.add_argument("--batch-size", type=int, default=10)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--lr-decay-from", type=int, default=-1, metavar="STEP",
@@ -196,12 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--device", default="auto")
     t.add_argument("--threads", type=int, default=1)
-    t.add_argument("--out", help="run folder (checkpoints; resumes from last.pt)")
-    t.add_argument("--export", help="where to write the exported model (default OUT/model.pt)")
+    t.add_argument("--out", help="run folder (default runs/istn): checkpoints; a run there is continued (a larger "
+                                 "--steps) only with the same data and training settings")
+    t.add_argument("--export", help="where to write the exported model (default OUT/model.pt); an existing file "
+                                    "other than the run's own model.pt only with --overwrite, an input never")
+    t.add_argument("--overwrite", action="store_true", help="let --export replace an existing file")
     t.add_argument("--init-from", metavar="CHECKPOINT",
                    help="start a new run from this checkpoint's weights (same network; e.g. ISTN-e from ISTN-i)")
-    t.add_argument("--no-resume", action="store_true")
-    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--no-resume", action="store_true",
+                   help="start the run in --out afresh (its checkpoints replaced) instead of continuing it")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--verbose", action="store_true", help="show the libraries' own messages behind an error")
 
     i = sub.add_parser("info", help="print a model file's metadata")
     i.add_argument("--model", required=True)
@@ -338,6 +346,12 @@ def _run(args: argparse.Namespace, verbose: bool) -> int:
         return 2
     except ResultError as exc:
         print(f"istn {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # the reader went away (`istn info ... | head`): nothing more to say to it
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        except OSError:
+            pass
         return 1
     except Exception as exc:  # a fault of the tool, not of the input
         if verbose:

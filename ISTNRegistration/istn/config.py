@@ -118,6 +118,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig() 'soi_kind' must be one of {SOI_KINDS}, got {self.soi_kind!r}")
         if self.soi_loss not in ("mse", "nmse"):
             raise ValueError(f"TrainConfig() 'soi_loss' must be mse or nmse, got {self.soi_loss!r}")
+        if self.val_csv and not self.val_soi_csv:  # the images are no structure maps to validate against
+            raise ValueError("TrainConfig() 'val_csv' needs 'val_soi_csv' (the validation pairs' structure maps)")
+        if self.soi_labels and self.soi_kind != "labels":
+            raise ValueError(f"TrainConfig() 'soi_labels' are label values of label maps (soi_kind 'labels'); "
+                             f"a {self.soi_kind} map is one channel")
         if self.steps < 1 or self.batch_size < 1 or self.val_every < 1:
             raise ValueError("TrainConfig() 'steps', 'batch_size' and 'val_every' must be >= 1")
         if self.lr_decay_start < -1 or not 0.0 <= self.lr_final <= 1.0:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from . import distributed
 from .config import ModelConfig, TrainConfig, to_dict, train_config_from_dict
 from .data import PairDataset, split_rows
+from .errors import ResultError
 from .losses import variant_loss
 from .networks import ISTN
 from .transforms import warp
@@ -47,7 +48,7 @@ def build_datasets(cfg: TrainConfig) -> tuple[PairDataset, PairDataset | None]:
               intensity=(cfg.intensity_low, cfg.intensity_high), foreground=cfg.intensity_foreground)
     if cfg.val_csv:
         train = PairDataset.from_csv(cfg.train_csv, cfg.soi_csv, cfg.model, **kw)
-        val = PairDataset.from_csv(cfg.val_csv, cfg.val_soi_csv or cfg.val_csv, cfg.model, **kw)
+        val = PairDataset.from_csv(cfg.val_csv, cfg.val_soi_csv, cfg.model, **kw)
         return train, val
     from .data import read_pairs_csv
 
@@ -106,8 +107,12 @@ def save_checkpoint(path: Path, model: ISTN, optimizer: torch.optim.Optimizer, c
         "torch_rng": torch.get_rng_state(),
     }
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # an interrupt or a full disk mid-write: no half-written file left beside the run's
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _same_network(a: ModelConfig, b: ModelConfig) -> bool:
@@ -239,6 +244,10 @@ def train(
             s_map, t_map, _, grid = model(b["source"], b["target"])
             loss = variant_loss(cfg.model.variant, b["source"], b["target"], b["source_soi"], b["target_soi"], s_map, t_map,
                                 grid, cfg.soi_loss, cfg.image_weight)
+            if not torch.isfinite(loss.detach()).all():  # NaN/inf data or a diverging run: never train on it
+                raise ResultError(f"the training loss is not finite at step {step + 1} (NaN or infinite input "
+                                  "values, or a learning rate too high for this data); the checkpoints in "
+                                  f"{out} hold the last finite state")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # DDP: gradients averaged over the ranks = the gradient of the global-batch mean
             for group in optimizer.param_groups:

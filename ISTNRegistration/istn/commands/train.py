@@ -4,55 +4,198 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from ..errors import ISTNError
+from ..errors import InputError, OutputError
+
+#: What a run folder holds (`istn.training.train` and the export)
+RUN_FILES = ("last.pt", "best.pt", "model.pt")
+#: `istn train` options a --config file sets (the command line may override only --out and --steps)
+CONFIG_OPTIONS = ("train_csv", "soi_csv", "val_csv", "val_soi_csv", "soi_kind", "soi_labels", "variant", "transform",
+                  "ndim", "grid_size", "spacing", "cp_spacing", "itn_output", "batch_size", "lr", "lr_decay_from",
+                  "lr_final", "val_every", "seed", "device", "threads")
+#: Training settings a resumed run must share with the run it continues (what it learns from, and how):
+#: the rest (steps, the schedule's end, device, threads, validation cadence, out) may change between commands
+RESUME_MUST_MATCH = ("train_csv", "soi_csv", "data_root", "soi_kind", "soi_labels", "val_csv", "val_soi_csv",
+                     "val_fraction", "split_seed", "batch_size", "lr", "seed", "soi_loss", "image_weight",
+                     "intensity_low", "intensity_high", "intensity_foreground")
+
 
 def run_train(args: argparse.Namespace) -> Path:
-    from ..config import ModelConfig, TrainConfig, train_config_from_dict
     from ..export import build_metadata, export_model
-    from ..training import train
+    from ..registration import check_device
+    from ..training import build_datasets, train
 
+    cfg = _config(args)
+    check_device(cfg.device)
+    out = Path(cfg.out_dir)
+    export_path = Path(args.export) if args.export else out / "model.pt"
+    inputs = [p for p in (cfg.train_csv, cfg.soi_csv, cfg.val_csv, cfg.val_soi_csv, args.config, args.init_from) if p]
+    if args.init_from:
+        _check_checkpoint(args.init_from)
+    _check_export(export_path, out, inputs, args.overwrite)
+    created = not out.exists()
+    try:
+        resumed = _check_run_folder(out, cfg, resume=not args.no_resume)  # the first thing written: the folder
+        # Under torchrun every process runs this; train() shards the batches and only rank 0 writes and exports.
+        try:
+            train_set, val_set = build_datasets(cfg)  # every image read and checked before the first step
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):  # refused: no empty run folder left behind
+            out.rmdir()
+        raise
+    maps: dict[str, list[str]] = {}  # what the structure maps lack, each problem once with the maps that have it
+    for problem, path in train_set.notes + (val_set.notes if val_set is not None else []):
+        maps.setdefault(problem, []).append(path)
+    for problem, paths in maps.items():
+        which = f"'{paths[0]}'" + (f" and {len(paths) - 1} more" if len(paths) > 1 else "")
+        print(f"istn train: warning: {len(paths)} structure map(s) {problem}: {which}", file=sys.stderr)
+    if resumed is not None and resumed >= cfg.steps:
+        print(f"istn train: note: the run in {out} is at step {resumed} already (--steps {cfg.steps}): nothing to "
+              "train; exporting its best checkpoint (a larger --steps continues it)", file=sys.stderr)
+    try:
+        result = train(cfg, train_set, val_set, resume=not args.no_resume, progress=not args.quiet,
+                       init_from=args.init_from)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    if result.rank != 0:
+        return export_path
+    validated = any("soi_mse" in h for h in result.history)
+    best_val = result.best_val if validated else None  # without validation the "best" is the last step
+    meta = build_metadata(cfg, soi_description=args.soi_description or f"{cfg.soi_kind} from {cfg.soi_csv}",
+                          step=result.step, best_val=best_val)
+    export_model(result.model, meta, export_path)
+    if validated:
+        print(f"best validation soi_mse {result.best_val:.6f}; model written to {export_path}")
+    else:
+        print(f"no validation pairs: the model is the last step's (step {result.step}); written to {export_path}")
+    return export_path
+
+
+def _config(args: argparse.Namespace):
+    """The run's TrainConfig from ``--config`` (only --out and --steps may override it) or the options."""
+    from ..cli import build_parser
+    from ..config import ModelConfig, TrainConfig, train_config_from_dict
+
+    if args.steps is not None and args.steps < 1:
+        raise InputError(f"--steps must be at least 1, got {args.steps}")
     if args.config:
+        defaults = build_parser().parse_args(["train"])
+        given = [f"--{k.replace('_', '-')}" for k in CONFIG_OPTIONS if getattr(args, k) != getattr(defaults, k)]
+        if given:
+            raise InputError(f"{', '.join(given)} cannot be combined with --config: set them in the config file "
+                             "(only --out and --steps override it)")
         try:
             cfg = train_config_from_dict(json.loads(Path(args.config).read_text()))
         except (OSError, json.JSONDecodeError, ValueError, TypeError) as exc:
-            raise ISTNError(f"config '{args.config}' is not a valid training config: {exc}") from None
+            raise InputError(f"config '{args.config}' is not a valid training config: {exc}") from None
         if args.out:
             cfg.out_dir = args.out
-        if args.steps:
+        if args.steps is not None:
             cfg.steps = args.steps
-    else:
-        if not args.train_csv or not args.soi_csv:
-            raise ISTNError("istn train needs --config, or --train-csv and --soi-csv")
-        grid = tuple(args.grid_size) if args.grid_size else (128,) * args.ndim
+        return cfg
+    if not args.train_csv or not args.soi_csv:
+        raise InputError("istn train needs --config, or --train-csv and --soi-csv")
+    if args.val_csv and not args.val_soi_csv:
+        raise InputError("--val-csv needs --val-soi-csv: the validation pairs' structure maps (without both, a "
+                         "share of --train-csv's pairs validates)")
+    if args.soi_labels and args.soi_kind != "labels":
+        raise InputError(f"--soi-labels picks values of label maps (--soi-kind labels); a {args.soi_kind} map is one "
+                         "channel")
+    grid = tuple(args.grid_size) if args.grid_size else (128,) * args.ndim
+    try:
         model = ModelConfig(ndim=args.ndim, grid_size=grid, grid_spacing=args.spacing, transform=args.transform,
                             variant=args.variant, soi_channels=len(args.soi_labels) if args.soi_labels else 1,
                             cp_spacing_mm=args.cp_spacing, itn_output=args.itn_output)
-        try:
-            cfg = TrainConfig(model=model, train_csv=args.train_csv, soi_csv=args.soi_csv, soi_kind=args.soi_kind,
-                              soi_labels=tuple(args.soi_labels or ()), val_csv=args.val_csv or "",
-                              val_soi_csv=args.val_soi_csv or "", steps=args.steps or 1000,
-                              batch_size=args.batch_size, lr=args.lr, lr_decay_start=args.lr_decay_from,
-                              lr_final=args.lr_final, val_every=args.val_every, seed=args.seed, device=args.device,
-                              threads=args.threads, out_dir=args.out or "runs/istn")
-        except ValueError as exc:
-            raise ISTNError(f"istn train: {exc}") from None
-    from ..registration import check_device
-
-    check_device(cfg.device)
-    # Under torchrun every process runs this; train() shards the batches and only rank 0 writes and exports.
-    if args.init_from and not Path(args.init_from).is_file():
-        raise ISTNError(f"--init-from '{args.init_from}' is not a checkpoint file (a run's best.pt or last.pt)")
-    try:
-        result = train(cfg, resume=not args.no_resume, progress=not args.quiet, init_from=args.init_from)
+        return TrainConfig(model=model, train_csv=args.train_csv, soi_csv=args.soi_csv, soi_kind=args.soi_kind,
+                           soi_labels=tuple(args.soi_labels or ()), val_csv=args.val_csv or "",
+                           val_soi_csv=args.val_soi_csv or "", steps=1000 if args.steps is None else args.steps,
+                           batch_size=args.batch_size, lr=args.lr, lr_decay_start=args.lr_decay_from,
+                           lr_final=args.lr_final, val_every=args.val_every, seed=args.seed, device=args.device,
+                           threads=args.threads, out_dir=args.out or "runs/istn")
     except ValueError as exc:
-        raise ISTNError(str(exc)) from None
-    export_path = Path(args.export) if args.export else Path(cfg.out_dir) / "model.pt"
-    if result.rank != 0:
-        return export_path
-    meta = build_metadata(cfg, soi_description=args.soi_description or f"{cfg.soi_kind} from {cfg.soi_csv}",
-                          step=result.step, best_val=result.best_val)
-    export_model(result.model, meta, export_path)
-    print(f"best validation soi_mse {result.best_val:.6f}; model written to {export_path}")
-    return export_path
+        raise InputError(str(exc).replace("ModelConfig() ", "").replace("TrainConfig() ", "")) from None
+
+
+def _check_run_folder(out: Path, cfg, resume: bool) -> int | None:
+    """Before any work: ``out`` can be written, holds no files of the user's named like a run's, and a run it
+    holds (its ``last.pt``) is one this command may continue (the same data and training settings; the network
+    is checked by `train`). Returns the step of the run resumed (None: a new run)."""
+    from ..io import probe_writable
+    from ..training import load_checkpoint
+
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out '{out}' is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe_writable(out)
+    except OSError as exc:
+        raise OutputError(f"--out '{out}' cannot be written ({exc.strerror})") from None
+    present = [n for n in RUN_FILES if (out / n).exists()]
+    if not present:
+        return None
+    last = _checkpoint_or_none(out / "last.pt", load_checkpoint)
+    if last is None:
+        raise OutputError(f"--out '{out}' holds {', '.join(present)}, not an istn training run's (no readable "
+                          "last.pt of one there): they would be replaced; choose a new or empty folder")
+    if not resume:
+        return None  # --no-resume: the user asked for this run to start afresh over its own files
+    from ..config import to_dict
+
+    before, now = last["config"], to_dict(cfg)
+    changed = [k for k in RESUME_MUST_MATCH if _setting(k, before.get(k)) != _setting(k, now.get(k))]
+    if before.get("model", {}).get("variant") != cfg.model.variant:
+        changed.insert(0, "variant")
+    if changed:
+        what = "; ".join(f"{k}: {before.get(k, before.get('model', {}).get(k))!r} -> "
+                         f"{now.get(k, now['model'].get(k))!r}" for k in changed)
+        raise InputError(f"--out '{out}' holds a run (step {last['step']}) trained with other settings ({what}): "
+                         "resuming would mix them; give the run's own settings, train into another --out, or "
+                         "--no-resume to start it again")
+    return int(last["step"])
+
+
+def _setting(key: str, value):
+    """A setting as compared on resume: data files by where they are (a relative and an absolute path to the
+    same file are the same), sequences as tuples."""
+    if key in ("train_csv", "soi_csv", "val_csv", "val_soi_csv", "data_root") and value:
+        return str(Path(value).resolve())
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _checkpoint_or_none(path: Path, load) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        ck = load(path)
+    except Exception:
+        return None
+    return ck if isinstance(ck, dict) and ck.get("format") == "istn-checkpoint" else None
+
+
+def _check_export(export_path: Path, out: Path, inputs: list, overwrite: bool) -> None:
+    """``--export`` before any work: never an input, an existing file only the run's own model.pt or with
+    ``--overwrite``, in a folder that can be written."""
+    from .apply import check_out_file
+
+    if export_path.exists() and export_path.resolve() == (out / "model.pt").resolve() and \
+            not any(export_path.resolve() == Path(p).resolve() for p in inputs):
+        overwrite = True  # the run's own export, made again
+    try:
+        check_out_file(export_path, inputs, overwrite, "model.pt")
+    except OutputError as exc:
+        raise OutputError(str(exc).replace("--out", "--export", 1)) from None
+
+
+def _check_checkpoint(path: str) -> None:
+    from ..training import load_checkpoint
+
+    if not Path(path).is_file():
+        raise InputError(f"--init-from '{path}' is not a checkpoint file (it does not exist): a run's best.pt or "
+                         "last.pt")
+    if _checkpoint_or_none(Path(path), load_checkpoint) is None:
+        raise InputError(f"--init-from '{path}' is not a checkpoint file (a run's best.pt or last.pt; an exported "
+                         "model.pt holds no training state)")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -13,7 +13,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import InputError
-from ..io import check_image
+from ..io import check_image, read_raw_image
 from .images import image_to_tensor, intensity_window, network_grid, soi_to_tensor
 
 
@@ -22,14 +22,34 @@ def read_pairs_csv(path: str | Path, root: str | Path | None = None) -> list[tup
 
     Relative paths are resolved against ``root`` (default: the CSV's folder).
     The ISTN convention: ``src`` is the moving image, ``trg`` the fixed one.
+    Spreadsheet exports are read as written: a byte-order mark, CRLF line ends,
+    spaces around a cell. An empty cell or a file that does not exist is refused
+    (`InputError`) naming the row, before any image is read.
     """
     path = Path(path)
+    if not path.is_file():
+        raise InputError(f"pairs file '{path}' does not exist")
     base = Path(root) if root else path.parent
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"src", "trg"} <= set(reader.fieldnames):
-            raise InputError(f"pairs file '{path}' must have a header with columns src,trg")
-        return [(base / row["src"], base / row["trg"]) for row in reader]
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f, skipinitialspace=True)
+        fields = [n.strip() for n in reader.fieldnames or []]
+        if not {"src", "trg"} <= set(fields):
+            raise InputError(f"pairs file '{path}' must have a header with columns src,trg (got: "
+                             f"{','.join(fields) or 'an empty file'})")
+        reader.fieldnames = fields
+        rows = []
+        for line, row in enumerate(reader, start=2):
+            cells = [(row.get(k) or "").strip() for k in ("src", "trg")]
+            if not any(cells) and not any((v or "").strip() for v in row.values() if isinstance(v, str)):
+                continue  # a blank line
+            for k, cell in zip(("src", "trg"), cells):
+                if not cell:
+                    raise InputError(f"pairs file '{path}', line {line}: the {k} cell is empty")
+                if not (base / cell).exists():
+                    where = "" if Path(cell).is_absolute() else f" (relative paths are read from '{base}')"
+                    raise InputError(f"pairs file '{path}', line {line}: {k} '{cell}' does not exist{where}")
+            rows.append((base / cells[0], base / cells[1]))
+        return rows
 
 
 @dataclass
@@ -40,6 +60,7 @@ class PairTensors:
     target: torch.Tensor  # (1, 1, *S)
     source_soi: torch.Tensor  # (1, K, *S)
     target_soi: torch.Tensor  # (1, K, *S)
+    notes: list[tuple[str, str]] = field(default_factory=list)  # structures missing from its maps (`soi_notes`)
 
 
 def load_pair(
@@ -54,17 +75,62 @@ def load_pair(
     foreground: bool = True,
 ) -> PairTensors:
     """Read, check and resample one pair and its SoI encodings onto each image's network grid."""
-    out = []
+    out, notes = [], []
     for img_path, soi_path in ((source, source_soi), (target, target_soi)):
-        img = check_image(sitk.ReadImage(str(img_path)), f"image '{img_path}'")
+        img = check_image(read_raw_image(img_path, "image"), f"image '{img_path}'")
         if img.GetDimension() != cfg.ndim:
             raise InputError(f"image '{img_path}' is {img.GetDimension()}D but the model is {cfg.ndim}D")
         grid = network_grid(img, cfg)
         window = intensity_window(sitk.GetArrayViewFromImage(img), *intensity, foreground=foreground)
-        soi = sitk.ReadImage(str(soi_path))
-        out.append((image_to_tensor(img, grid, window), soi_to_tensor(soi, grid, soi_kind, soi_labels)))
+        soi = read_soi(soi_path, cfg.ndim, soi_kind)
+        soi_tensor = soi_to_tensor(soi, grid, soi_kind, soi_labels)
+        notes += soi_notes(soi, soi_tensor, soi_path, soi_kind, soi_labels)
+        out.append((image_to_tensor(img, grid, window), soi_tensor))
     (s, ss), (t, ts) = out
-    return PairTensors(s, t, ss, ts)
+    return PairTensors(s, t, ss, ts, notes)
+
+
+def read_soi(path: Path, ndim: int, kind: str) -> sitk.Image:
+    """A structure map of a training pair, refused in one line (`InputError`) when it cannot be one: unreadable,
+    several components, another dimension than the model's, non-finite values, or (``kind="labels"``) values
+    that are not whole numbers."""
+    soi = read_raw_image(path, "structure map")
+    what = f"structure map '{path}'"
+    if soi.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{what} has {soi.GetNumberOfComponentsPerPixel()} components per pixel; a label map or "
+                         "one soft map is expected")
+    if soi.GetDimension() != ndim:
+        raise InputError(f"{what} is {soi.GetDimension()}D but the model is {ndim}D")
+    values = sitk.GetArrayViewFromImage(soi)
+    if not np.all(np.isfinite(values)):
+        raise InputError(f"{what} contains NaN or infinite values")
+    if kind == "labels" and not np.issubdtype(values.dtype, np.integer) and not np.array_equal(values,
+                                                                                              np.round(values)):
+        raise InputError(f"{what} holds non-integer values, not labels: use --soi-kind soft for soft maps")
+    return soi
+
+
+def soi_notes(soi: sitk.Image, tensor: torch.Tensor, soi_path: Path, kind: str,
+              labels: Sequence[int]) -> list[tuple[str, str]]:
+    """What a training run should say of one structure map (``tensor``: its channels on its image's network grid),
+    as ``(problem, path)``: a structure absent from the file, or present there but nowhere on the grid (another
+    grid's label map, a field of view cut away)."""
+    values = sitk.GetArrayViewFromImage(soi)
+    on_grid = tensor.flatten(2).amax(-1)[0]  # (K,)
+    outside = "lies outside its image (nothing of it on the network grid: another grid's map?)"
+    if kind != "labels" or not labels:
+        if not np.any(values):
+            return [("holds no structure (every voxel is 0)", str(soi_path))]
+        return [(outside, str(soi_path))] if float(on_grid.max()) == 0.0 else []
+    present = set(np.unique(values).tolist())
+    absent = [v for v in labels if v not in present]
+    off_grid = [v for v, m in zip(labels, on_grid.tolist()) if v in present and m == 0.0]
+    notes = []
+    if absent:
+        notes.append((f"has no label {', '.join(map(str, absent))}", str(soi_path)))
+    if off_grid:
+        notes.append((f"has label {', '.join(map(str, off_grid))}, but it {outside}", str(soi_path)))
+    return notes
 
 
 class PairDataset(torch.utils.data.Dataset):
@@ -93,6 +159,11 @@ class PairDataset(torch.utils.data.Dataset):
         idx = range(len(images)) if rows is None else rows
         return cls([load_pair(*images[i], *sois[i], cfg, soi_kind, soi_labels, intensity, foreground) for i in idx])
 
+    @property
+    def notes(self) -> list[tuple[str, str]]:
+        """What its structure maps lack (`soi_notes`), every pair's."""
+        return [n for p in self.pairs for n in p.notes]
+
     def __len__(self) -> int:
         return len(self.pairs)
 
@@ -104,5 +175,5 @@ class PairDataset(torch.utils.data.Dataset):
 def split_rows(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Seeded train/validation split of ``n`` rows: ``(train_rows, val_rows)``."""
     perm = np.random.default_rng(seed).permutation(n)
-    n_val = max(1, int(round(n * val_fraction))) if val_fraction > 0 else 0
+    n_val = min(max(1, int(round(n * val_fraction))), n - 1) if val_fraction > 0 else 0  # training keeps a pair
     return sorted(perm[n_val:].tolist()), sorted(perm[:n_val].tolist())

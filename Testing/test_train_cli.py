@@ -1,0 +1,155 @@
+"""`istn train` on a user's own data: spreadsheet-made CSVs read, every bad row, file or structure map refused in one
+line before any step, nothing of the user's overwritten, and a run continued only with the settings it began with."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from istn.cli import main
+from istn.training import load_checkpoint
+
+
+@pytest.fixture
+def data(toy_csv, tmp_path):
+    """A private copy of the toy pairs (tests here edit files) and the base command line."""
+    d = tmp_path / "data"
+    shutil.copytree(toy_csv, d)
+    base = ["train", "--train-csv", str(d / "pairs.csv"), "--soi-csv", str(d / "soi.csv"), "--grid-size", "32", "32",
+            "--steps", "2", "--val-every", "2", "--quiet"]
+    return d, base
+
+
+def _error(capsys) -> str:
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("istn train: error: "), lines
+    return lines[0]
+
+
+def test_a_spreadsheet_export_bom_crlf_and_spaces_trains_as_the_plain_csv(data, tmp_path):
+    d, base = data
+    rows = (d / "pairs.csv").read_text().splitlines()
+    (d / "excel.csv").write_bytes(("\ufeff" + "\r\n".join(r.replace(",", ", ") for r in rows) + "\r\n\r\n")
+                                  .encode("utf-8"))
+    argv = [a if a != str(d / "pairs.csv") else str(d / "excel.csv") for a in base]
+    assert main(argv + ["--out", str(tmp_path / "a")]) == 0
+    assert main(base + ["--out", str(tmp_path / "b")]) == 0
+    a, b = (load_checkpoint(tmp_path / r / "last.pt") for r in "ab")
+    for k in a["model"]:
+        assert np.array_equal(a["model"][k].numpy(), b["model"][k].numpy()), k
+
+
+@pytest.mark.parametrize("case", ["missing-file", "empty-cell", "nan-soi", "3d-soi", "float-labels", "val-no-soi",
+                                  "soft-labels", "steps-0", "grid", "config-and-options", "export-is-input"])
+def test_bad_training_input_is_refused_in_one_line_before_anything_is_written(data, tmp_path, capsys, case):
+    d, base = data
+    out = tmp_path / "run"
+    extra = []
+    soi = sitk.ReadImage(str(d / "src0_soi.nii.gz"))
+    if case == "missing-file":
+        (d / "src1.nii.gz").unlink()
+        expected = "line 3: src 'src1.nii.gz' does not exist (relative paths are read from"
+    elif case == "empty-cell":
+        (d / "pairs.csv").write_text("src,trg\nsrc0.nii.gz,\n")
+        expected = "line 2: the trg cell is empty"
+    elif case == "nan-soi":
+        arr = sitk.GetArrayFromImage(soi)
+        arr[3, 3] = np.nan
+        bad = sitk.GetImageFromArray(arr)
+        bad.CopyInformation(soi)
+        sitk.WriteImage(bad, str(d / "src0_soi.mha"))  # NIfTI's writer would keep the NaN too; MHA surely does
+        (d / "soi.csv").write_text((d / "soi.csv").read_text().replace("src0_soi.nii.gz", "src0_soi.mha"))
+        extra, expected = ["--soi-kind", "soft"], "contains NaN or infinite values"
+    elif case == "3d-soi":
+        sitk.WriteImage(sitk.JoinSeries([soi, soi]), str(d / "src0_soi.nii.gz"))
+        expected = "is 3D but the model is 2D"
+    elif case == "float-labels":
+        sitk.WriteImage(sitk.Cast(soi, sitk.sitkFloat32) * 1.0001 + 0.5, str(d / "src0_soi.nii.gz"))
+        extra, expected = ["--soi-kind", "labels", "--soi-labels", "1"], "non-integer values, not labels"
+    elif case == "val-no-soi":
+        extra, expected = ["--val-csv", str(d / "pairs.csv")], "--val-csv needs --val-soi-csv"
+    elif case == "soft-labels":
+        extra, expected = ["--soi-kind", "soft", "--soi-labels", "1", "2"], "--soi-labels picks values of label maps"
+    elif case == "steps-0":
+        extra, expected = ["--steps", "0"], "--steps must be at least 1"
+    elif case == "grid":
+        extra, expected = ["--grid-size", "32", "32", "32"], "'grid_size' must have 2 entries"
+    elif case == "config-and-options":
+        (d / "cfg.json").write_text("{}")
+        base = ["train", "--config", str(d / "cfg.json"), "--variant", "stn-u", "--lr", "0.5"]
+        expected = "--variant, --lr cannot be combined with --config"
+    else:
+        before = (d / "pairs.csv").read_bytes()
+        extra, expected = ["--export", str(d / "pairs.csv"), "--overwrite"], "is one of the inputs"
+    assert main(base + extra + ["--out", str(out)]) == 2
+    assert expected in _error(capsys)
+    assert not out.exists()
+    if case == "export-is-input":
+        assert (d / "pairs.csv").read_bytes() == before
+
+
+def test_structures_missing_from_a_map_are_named_and_a_non_finite_loss_stops_the_run(data, tmp_path, capsys):
+    d, base = data
+    for f in d.glob("*_soi.nii.gz"):  # the blobs as label maps (value 1); no label 7 anywhere
+        sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(f)) > 0.5, sitk.sitkUInt8), str(f))
+    labels = ["--soi-kind", "labels", "--soi-labels", "1", "7"]
+    assert main(base + labels + ["--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 12 structure map(s) has no label 7: '" in err and "' and 11 more" in err  # 6 pairs, once
+    # a map of another grid: present in its file, nothing of it on the image's network grid
+    soi = sitk.ReadImage(str(d / "trg2_soi.nii.gz"))
+    soi.SetOrigin((900.0, 900.0))
+    sitk.WriteImage(soi, str(d / "trg2_soi.nii.gz"))
+    assert main(base + ["--out", str(tmp_path / "b")]) == 0
+    assert ("1 structure map(s) lies outside its image (nothing of it on the network grid: another grid's map?): "
+            f"'{d / 'trg2_soi.nii.gz'}'") in capsys.readouterr().err
+    # a learning rate that blows up: stopped with what to do, not trained on to the end
+    assert main(base + ["--out", str(tmp_path / "c"), "--lr", "1e30", "--steps", "6"]) == 1
+    assert "the training loss is not finite at step" in capsys.readouterr().err
+
+
+def test_the_users_files_and_runs_are_never_mixed_or_overwritten(data, tmp_path, capsys):
+    d, base = data
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "model.pt").write_bytes(b"my model")
+    assert main(base + ["--out", str(theirs)]) == 2
+    assert "holds model.pt, not an istn training run's" in _error(capsys)
+    assert (theirs / "model.pt").read_bytes() == b"my model"
+
+    run = tmp_path / "run"
+    assert main(base + ["--out", str(run)]) == 0
+    capsys.readouterr()
+    # the same folder with other data, or another variant: refused, the run as it was
+    before = (run / "last.pt").read_bytes()
+    shutil.copy(d / "pairs.csv", d / "other.csv")
+    other = [a if a != str(d / "pairs.csv") else str(d / "other.csv") for a in base]
+    assert main(other + ["--out", str(run), "--steps", "4"]) == 2
+    assert "trained with other settings (train_csv: " in _error(capsys)
+    assert main(base + ["--out", str(run), "--steps", "4", "--variant", "istn-e"]) == 2
+    assert "(variant: 'istn-i' -> 'istn-e')" in _error(capsys)
+    assert (run / "last.pt").read_bytes() == before
+    # its own settings continue it; a --steps it has reached already says so
+    assert main(base + ["--out", str(run), "--steps", "4"]) == 0
+    assert load_checkpoint(run / "last.pt")["step"] == 4
+    assert main(base + ["--out", str(run)]) == 0
+    assert "is at step 4 already (--steps 2): nothing to train" in capsys.readouterr().err
+    # --export: an existing file of the user's needs --overwrite
+    mine = tmp_path / "mine.pt"
+    mine.write_bytes(b"keep")
+    assert main(base + ["--out", str(run), "--export", str(mine)]) == 2
+    assert "exists; choose another file name, or --overwrite" in _error(capsys)
+    assert mine.read_bytes() == b"keep"
+
+
+def test_without_validation_pairs_the_end_says_so(data, tmp_path, capsys):
+    d, base = data
+    (d / "one.csv").write_text("src,trg\nsrc0.nii.gz,trg0.nii.gz\n")
+    (d / "one_soi.csv").write_text("src,trg\nsrc0_soi.nii.gz,trg0_soi.nii.gz\n")
+    argv = ["train", "--train-csv", str(d / "one.csv"), "--soi-csv", str(d / "one_soi.csv"), "--grid-size", "32",
+            "32", "--steps", "2", "--quiet", "--out", str(tmp_path / "r")]
+    assert main(argv) == 0  # one pair: it trains (no pair left to validate), not "an empty training set"
+    assert "no validation pairs: the model is the last step's (step 2)" in capsys.readouterr().out
