@@ -135,3 +135,101 @@ def test_a_torchscript_archive_that_fails_to_load_is_not_called_foreign(make_mod
     with pytest.raises(ModelFileError, match="is a TorchScript archive but torch .* could not load it") as e:
         load_model(broken)
     assert "not an ISTN model file" not in str(e.value) and "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------
+# Scripting the API as users do (helper audit, session 29)
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("case, message", [
+    ("array", "the fixed image must be a SimpleITK image (sitk.ReadImage(path)"),
+    ("path", "the moving image must be a SimpleITK image"),
+    ("model-path", "a model must be loaded first (istn.export.load_model(path)), got str"),
+    ("matrix", "the initial transform must be a SimpleITK transform"),
+    ("singular", "is not invertible: its matrix is singular"),
+    ("nan", "holds numbers that are not finite"),
+    ("threads", "'threads' must be a whole number >= 1"),
+    ("metres", "less than two of the model's"),
+])
+def test_arguments_of_the_wrong_kind_are_refused_in_one_line(models, pair2d, case, message):
+    fixed, moving = pair2d
+    args, kwargs = [fixed, moving, models["affine"]], {}
+    if case == "array":
+        args[0] = sitk.GetArrayFromImage(fixed)
+    elif case == "path":
+        args[1] = "moving.nii.gz"
+    elif case == "model-path":
+        args[2] = "model.pt"
+    elif case == "matrix":
+        kwargs["initial_transform"] = np.eye(3)
+    elif case == "singular":
+        kwargs["initial_transform"] = sitk.AffineTransform([1, 0, 0, 0], [0, 0], [0, 0])
+    elif case == "nan":
+        kwargs["initial_transform"] = sitk.TranslationTransform(2, (float("nan"), 0.0))
+    elif case == "threads":
+        kwargs["threads"] = -1
+    else:  # spacing in metres: a 0.05 x 0.06 m "head"
+        args[1] = sitk.Image(moving)
+        args[1].SetSpacing([s / 1000 for s in moving.GetSpacing()])
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        register(*args, iterations=1, **kwargs)
+
+
+def test_a_torch_device_is_taken_and_a_missing_gpu_is_not_blamed_on_the_file(models, pair2d, make_model):
+    r = register(*pair2d, models["affine"], iterations=1, device=torch.device("cpu"))
+    assert r.device == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="no CUDA GPU is available"):
+            load_model(make_model(2, "affine"), device="cuda")
+
+
+def test_a_summary_is_the_callers_to_change_and_the_model_keeps_its_settings(models, pair2d):
+    model = models["affine"]
+    model.meta.setdefault("refinement", {})["iterations"] = 3
+    first = register(*pair2d, model)
+    summary = first.summary()
+    summary["model"].pop("refinement")  # trimming what one writes down
+    assert model.meta["refinement"]["iterations"] == 3 and "refinement" in first.summary()["model"]
+    assert register(*pair2d, model).iterations == first.iterations
+    assert len(repr(first)) < 3000  # a notebook cell, not the model's metadata
+
+
+def test_threads_sharing_one_model_get_what_each_would_alone_and_leave_it_as_trained(models, pair2d):
+    import threading
+
+    model = models["bspline"]
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    alone = register(*pair2d, model, iterations=8)
+    results, errors = [None] * 4, []
+
+    def run(i):
+        try:
+            results[i] = register(*pair2d, model, iterations=8)
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for r in results:
+        assert r.transform.GetParameters() == pytest.approx(alone.transform.GetParameters(), abs=1e-9)
+    for k, v in model.module.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_a_chain_is_checked_whole_before_any_stage_runs(models, pair2d, monkeypatch):
+    import istn.registration
+    from istn.chain import register_chain, register_with_second_try
+
+    ran = []
+    monkeypatch.setattr(istn.registration, "register", lambda *a, **k: ran.append(1))
+    for chain, message in ((["bspline", "affine"], "cannot be chained"), ([], "at least one model is needed")):
+        with pytest.raises(InputError, match=message):
+            register_chain(*pair2d, [models[k] for k in chain])
+    with pytest.raises(InputError, match="at least one model"):
+        register_with_second_try(*pair2d, [])
+    with pytest.raises(InputError, match="takes callback_for"):
+        register_chain(*pair2d, [models["affine"]], callback=print)
+    assert ran == []

@@ -45,6 +45,14 @@ def register_chain(
     """Run ``models`` in order on the pair, each from the previous result (the first from ``initial_transform``);
     ``callback_for(index, model)`` (index from 0) gives the stage's iteration callback. ``options``: those of
     `register` (iterations, cancel, ...). Stops after a cancelled stage (the last result says so)."""
+    from .errors import InputError
+
+    if "callback" in options:
+        raise InputError("register_chain() takes callback_for(index, model) -> the stage's callback, not 'callback'")
+    registration.check_api_types(models=models, initial_transform=initial_transform)
+    if isinstance(fixed, sitk.Image) and isinstance(moving, sitk.Image):  # else register() says what they must be
+        # the whole chain's order and the start, before any stage runs (each stage checks its own options)
+        registration.check_register_inputs(fixed, moving, list(models), initial_transform=initial_transform)
     results: list[RegistrationResult] = []  # (registration.register looked up per call: one engine entry point)
     initial = initial_transform
     for index, model in enumerate(models):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import threading
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -90,6 +91,8 @@ class LoadedModel:
     meta: dict[str, Any]
     path: Path
     _inference: dict = field(default_factory=dict, repr=False, compare=False)  # device -> frozen module
+    #: held by `istn.registration.register` while it refines (it changes the weights in place and restores them)
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     @property
     def config(self) -> ModelConfig:
@@ -173,6 +176,11 @@ class LoadedModel:
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> LoadedModel:
     """Load an exported model, refusing foreign, corrupt or incompatible files with a clear message."""
+    if str(device).startswith("cuda") and not torch.cuda.is_available():  # not the file's fault: say so
+        from .errors import InputError
+
+        raise InputError(f"device '{device}' was asked for but no CUDA GPU is available (load on 'cpu'; register()'s "
+                         "device moves it)")
     p = Path(path)
     if not p.exists():
         raise ModelFileError(f"model file '{p}' does not exist")

@@ -29,6 +29,7 @@ import SimpleITK as sitk
 
 from .data import foreground_centre, intensity_window, otsu_threshold, statistics_sample
 from .geometry import Grid
+from .errors import InputError
 from .io import check_image
 
 # False: resample the input as it is, however fine (the engine before anti-aliasing; for comparisons).
@@ -76,6 +77,9 @@ def prepare_image(image: sitk.Image, grid_spacing: float, intensity: tuple[float
     the geometry and a sparse sample of the voxels, so an image changed in
     place since is prepared again. Thread-safe.
     """
+    if not isinstance(image, sitk.Image):
+        raise InputError(f"the {what} must be a SimpleITK image (sitk.ReadImage(path), or istn.io.read_image(path) "
+                         f"for DICOM folders too), got {type(image).__name__}")
     key = (float(grid_spacing), tuple(float(v) for v in intensity), bool(foreground), bool(centre_on_foreground))
     stamp = _fingerprint(image)
     with _LOCK:
@@ -83,7 +87,7 @@ def prepare_image(image: sitk.Image, grid_spacing: float, intensity: tuple[float
             if entry[0]() is image and entry[1] == key and entry[2] == stamp:
                 _CACHE.append(_CACHE.pop(i))  # most recently used last (by position: sitk images compare voxelwise)
                 return entry[3]
-    prepared = _prepare(check_image(image, what), grid_spacing, intensity, foreground, centre_on_foreground)
+    prepared = _prepare(check_image(image, what), grid_spacing, intensity, foreground, centre_on_foreground, what)
     with _LOCK:
         _CACHE[:] = [e for e in _CACHE if e[0]() is not None]  # images freed since
         _CACHE.append((weakref.ref(image), key, stamp, prepared))
@@ -102,7 +106,12 @@ _LOCK = threading.Lock()
 
 
 def _prepare(image: sitk.Image, grid_spacing: float, intensity: tuple[float, float], foreground: bool,
-             centre_on_foreground: bool) -> PreparedImage:
+             centre_on_foreground: bool, what: str = "image") -> PreparedImage:
+    extent = [n * s for n, s in zip(image.GetSize(), image.GetSpacing())]
+    if min(extent) < 2 * grid_spacing:  # a head of 4 mm: spacing in metres, or a header gone wrong
+        raise InputError(f"the {what}'s field of view is {' x '.join(f'{e:.3g}' for e in extent)} mm, less than two "
+                         f"of the model's {grid_spacing:g} mm grid voxels across: is its voxel spacing "
+                         f"({', '.join(f'{s:g}' for s in image.GetSpacing())}) in mm?")
     shrink = shrink_factors(image.GetSpacing(), grid_spacing)
     work = sitk.BinShrink(image, list(shrink)) if max(shrink) > 1 else image
     array = sitk.GetArrayViewFromImage(work)

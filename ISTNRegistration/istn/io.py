@@ -247,19 +247,30 @@ def read_transform(path: str | os.PathLike, what: str = "transform") -> sitk.Tra
     Raises `InputError` in one line for a missing or unreadable file; the
     library's own diagnostics go to the error's ``detail``.
     """
-    from .transforms import flat_parts, flatten_transform, linear_matrix  # lazy: transforms imports torch
+    from .transforms import flatten_transform  # lazy: transforms imports torch
 
     tx = flatten_transform(_read_quietly(sitk.ReadTransform, path, what,
                                          "could not be read as an ITK transform file (.h5, .tfm, .txt, .mat)"))
-    for part in flat_parts(tx):
+    problem = transform_problem(tx)
+    if problem:
+        raise InputError(f"{what} '{path}' {problem}")
+    return tx
+
+
+def transform_problem(transform: sitk.Transform) -> str | None:
+    """Why no image can be resampled through ``transform`` ("holds numbers that are not finite ...", "is not
+    invertible ..."), or None."""
+    from .transforms import flat_parts, flatten_transform, linear_matrix  # lazy: transforms imports torch
+
+    for part in flat_parts(flatten_transform(transform)):
         if not _parameters_finite(part):
-            raise InputError(f"{what} '{path}' holds numbers that are not finite (NaN or infinite)")
+            return "holds numbers that are not finite (NaN or infinite)"
         if part.IsLinear():
             d = part.GetDimension()
             det = float(np.linalg.det(linear_matrix(part)[:d, :d]))
             if not abs(det) > 1e-9:  # every point onto a plane (or a line): no image can be resampled through it
-                raise InputError(f"{what} '{path}' is not invertible: its matrix is singular (determinant {det:g})")
-    return tx
+                return f"is not invertible: its matrix is singular (determinant {det:g})"
+    return None
 
 
 def _parameters_finite(part: sitk.Transform) -> bool:

@@ -27,6 +27,8 @@ Results are WORLD transforms mapping fixed points to moving points (ITK/Slicer
 
 from __future__ import annotations
 
+import copy
+
 import dataclasses
 import math
 import time
@@ -70,7 +72,7 @@ class RegistrationResult:
     device: str
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
-    model_meta: dict = field(default_factory=dict)
+    model_meta: dict = field(default_factory=dict, repr=False)  # a copy of the model's (the model's stays its own)
     model_path: str = ""  # the model file that made it
     converged: bool = False  # refinement stopped by its tolerance before the iteration cap
     best_iteration: int = 0  # the refinement iterate returned (the lowest loss; 1 = the one pass)
@@ -137,7 +139,7 @@ class RegistrationResult:
             "device": self.device,
             "timings_s": self.timings,
             "warnings": self.warnings,
-            "model": self.model_meta,
+            "model": copy.deepcopy(self.model_meta),  # the caller may trim it: never the result's or the model's
         }
 
 
@@ -569,14 +571,42 @@ def check_register_inputs(
     if initial_transform is not None:
         if initial_transform.GetDimension() != d:
             raise InputError(f"{initial_name} is {initial_transform.GetDimension()}D but the images are {d}D")
+        check_transform_usable(initial_transform, initial_name)
         if not flatten_transform(initial_transform).IsLinear() and "bspline" in kinds:
             raise InputError(f"{initial_name} is non-linear (e.g. an affine + B-spline result); a B-spline model "
                              "needs a linear one: start from its affine part (`istn register` writes it as affine.tfm beside "
                              "transform.h5) or use affine models only")
 
 
+def check_api_types(model: object = None, initial_transform: object = None, threads: object = None,
+                    models: object = None) -> None:
+    """`InputError` for an argument of the Python API of the wrong kind (what a script may pass by mistake: a
+    path for a model, a matrix for a transform), before it fails deep inside."""
+    for m in ([model] if model is not None else []) + list(models or []):
+        if not isinstance(m, LoadedModel):
+            raise InputError(f"a model must be loaded first (istn.export.load_model(path)), got {type(m).__name__}")
+    if initial_transform is not None and not isinstance(initial_transform, sitk.Transform):
+        raise InputError("the initial transform must be a SimpleITK transform (e.g. sitk.ReadTransform(path)), got "
+                         f"{type(initial_transform).__name__}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
+                                or threads < 1):
+        raise InputError(f"register() 'threads' must be a whole number >= 1 (None: the cores there are), "
+                         f"got {threads!r}")
+
+
+def check_transform_usable(transform: sitk.Transform, what: str) -> None:
+    """`InputError` for a transform no image can be resampled through: values that are not finite, or a linear
+    part that is singular (every point onto a plane)."""
+    from .io import transform_problem
+
+    problem = transform_problem(transform)
+    if problem:
+        raise InputError(f"{what} {problem}")
+
+
 def check_device(device: str) -> None:
     """`InputError` unless ``device`` is auto, cpu, cuda or cuda:N and that device exists here."""
+    device = str(device)  # a torch.device too
     if device == "auto":
         return
     try:
@@ -662,6 +692,8 @@ def register(
     ``refinement.passes``, else 1 (the paper). Ignored with ``iterations=0``.
     """
     t_start = time.perf_counter()
+    check_api_types(model=model, initial_transform=initial_transform, threads=threads)
+    device = str(device)  # a torch.device too
     # checked and prepared once per image object (istn.inputs): a later stage on the same images reuses it
     cfg = model.config
     fixed, moving = (prepare_image(image, cfg.grid_spacing, model.intensity, model.intensity_foreground,
@@ -705,16 +737,20 @@ def register(
                 coarse_iterations=int(coarse_iterations), refine_layers=refine_layers,
                 region_margin_mm=float(region_margin_mm), polish=int(polish), passes=int(passes))
     try:
-        try:
-            return _register(fixed, moving, model, iterations, lr, dev, initial_transform, callback, cancel, **opts)
-        except torch.cuda.OutOfMemoryError:
-            if dev.type != "cuda":
-                raise
-            torch.cuda.empty_cache()
-            result = _register(fixed, moving, model, iterations, lr, torch.device("cpu"), initial_transform, callback,
-                               cancel, **opts)
-            result.warnings.append("GPU out of memory: the registration ran on the CPU instead")
-            return result
+        # refinement changes the network's weights in place (and restores them): one registration per model at a
+        # time, so that threads sharing a loaded model wait for each other instead of mixing their weights
+        with model.lock:
+            try:
+                return _register(fixed, moving, model, iterations, lr, dev, initial_transform, callback, cancel,
+                                 **opts)
+            except torch.cuda.OutOfMemoryError:
+                if dev.type != "cuda":
+                    raise
+                torch.cuda.empty_cache()
+                result = _register(fixed, moving, model, iterations, lr, torch.device("cpu"), initial_transform,
+                                   callback, cancel, **opts)
+                result.warnings.append("GPU out of memory: the registration ran on the CPU instead")
+                return result
     finally:
         torch.set_num_threads(threads_before)
 
@@ -923,7 +959,7 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
         device=str(dev),
         timings=timings,
         warnings=warnings_,
-        model_meta=model.meta,
+        model_meta=copy.deepcopy(model.meta),
         model_path=str(model.path),
         converged=out.converged,
         best_iteration=best_iteration,
