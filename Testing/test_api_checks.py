@@ -149,6 +149,8 @@ def test_a_torchscript_archive_that_fails_to_load_is_not_called_foreign(make_mod
     ("nan", "holds numbers that are not finite"),
     ("threads", "'threads' must be a whole number >= 1"),
     ("metres", "less than two of the model's"),
+    ("cancel", "'cancel' must be a threading.Event"),
+    ("tolerance", "the convergence tolerance must be a number >= 0, got '0.1'"),
 ])
 def test_arguments_of_the_wrong_kind_are_refused_in_one_line(models, pair2d, case, message):
     fixed, moving = pair2d
@@ -167,6 +169,10 @@ def test_arguments_of_the_wrong_kind_are_refused_in_one_line(models, pair2d, cas
         kwargs["initial_transform"] = sitk.TranslationTransform(2, (float("nan"), 0.0))
     elif case == "threads":
         kwargs["threads"] = -1
+    elif case == "cancel":
+        kwargs["cancel"] = False
+    elif case == "tolerance":
+        kwargs["tolerance"] = "0.1"
     else:  # spacing in metres: a 0.05 x 0.06 m "head"
         args[1] = sitk.Image(moving)
         args[1].SetSpacing([s / 1000 for s in moving.GetSpacing()])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,8 +150,11 @@ def test_loss_rise_compares_full_grid_losses_after_the_best_iterate():
     assert loss_rise([3.0, 2.0, 1.0, 2.5, 1.2], 3, 0, 1.0) == (1.0, 2.5, 3)
     assert loss_rise([3.0, 2.0, 1.0, 1.9, 1.2], 3, 0, 1.0) is None
     assert loss_rise([3.0, 2.0, 1.0], 4, 0, 0.9) is None  # the best is the parameters after the last step
-    # coarse to fine (2 half-resolution losses first): they are on another scale and never compared...
-    assert loss_rise([0.1, 0.9, 0.25, 0.2], 1, 2, 0.3) is None  # 0.9 > 2 x 0.3, but at half resolution
+    # coarse to fine (2 half-resolution losses first): on another scale, not compared with the full grid's...
+    assert loss_rise([0.1, 0.9, 0.25, 0.2], 4, 2, 0.2) is None  # 0.9 > 2 x 0.2, at half resolution, recovered from
+    # ...but among themselves when the full grid never recovered (the one pass kept): a learning rate too high
+    assert loss_rise([0.1, 0.9, 0.35, 0.4], 1, 2, 0.3) == (0.1, 0.9, 1)
+    assert loss_rise([0.1, 0.15, 0.35, 0.4], 1, 2, 0.3) is None  # a climb within 2 x
     # ...while a full-grid climb after the one pass (iteration 1, the best) is one
     assert loss_rise([0.1, 0.1, 0.5, 0.9], 1, 2, 0.3) == (0.3, 0.9, 1)
 
@@ -265,3 +269,25 @@ def test_odd_intensity_ranges_give_the_same_world_transform(make_model):
         odd = sitk.ShiftScale(moving, shift=offset / scale, scale=scale)  # (x + shift) * scale
         res = register(fixed, odd, model, iterations=3)
         assert _max_distance(res.transform, ref, fixed) < 0.05, (scale, offset)
+
+
+@pytest.mark.skipif(not (Path(__file__).parents[1] / "ISTNRegistration" / "Resources" / "Models" /
+                         "brain-t1-bspline.pt").exists(), reason="bundled models absent")
+def test_a_learning_rate_far_too_high_is_said_with_the_bundled_models(tmp_path):
+    """With the bundled models every Adam iteration is at half resolution and the B-spline runs two passes: a
+    learning rate of 1 left the one pass unrefined (the result 1.6 mm from the default's) without a word. Now
+    the warning says so; the default learning rate, and an image registered to itself, stay quiet."""
+    from istn import demo
+
+    pair = demo.sample_pair()
+    fixed, moving = pair["fixed"], pair["moving"]
+    affine, bspline = (load_model(demo.bundled_model(n)) for n in (demo.AFFINE_MODEL, demo.BSPLINE_MODEL))
+    wild = register(fixed, moving, affine, lr=1.0, polish=0, iterations=20)
+    assert wild.best_iteration == 1 and any("raised the loss" in w for w in wild.warnings)
+    calm = register(fixed, moving, affine)
+    assert calm.warnings == []
+    wild_b = register(fixed, moving, bspline, initial_transform=calm.transform, lr=1.0, polish=0)
+    assert any("raised the loss" in w for w in wild_b.warnings)
+    assert register(fixed, moving, bspline, initial_transform=calm.transform).warnings == []
+    itself = register(fixed, sitk.DICOMOrient(fixed, "ASL"), affine)
+    assert itself.warnings == [] and register(fixed, fixed, bspline, initial_transform=itself.transform).warnings == []

@@ -43,7 +43,8 @@ def test_a_spreadsheet_export_bom_crlf_and_spaces_trains_as_the_plain_csv(data, 
 
 
 @pytest.mark.parametrize("case", ["missing-file", "empty-cell", "nan-soi", "3d-soi", "float-labels", "val-no-soi",
-                                  "soft-labels", "steps-0", "grid", "config-and-options", "export-is-input"])
+                                  "soft-labels", "steps-0", "grid", "config-and-options", "export-is-input",
+                                  "header-only", "cp-spacing", "no-structure"])
 def test_bad_training_input_is_refused_in_one_line_before_anything_is_written(data, tmp_path, capsys, case):
     d, base = data
     out = tmp_path / "run"
@@ -81,11 +82,28 @@ def test_bad_training_input_is_refused_in_one_line_before_anything_is_written(da
         (d / "cfg.json").write_text("{}")
         base = ["train", "--config", str(d / "cfg.json"), "--variant", "stn-u", "--lr", "0.5"]
         expected = "--variant, --lr cannot be combined with --config"
+    elif case == "header-only":
+        (d / "pairs.csv").write_text("src,trg\n")
+        expected = "has no rows (only its header)"
+    elif case == "cp-spacing":
+        extra, expected = ["--transform", "bspline", "--cp-spacing", "0"], "'cp_spacing_mm' must be > 0 mm"
+    elif case == "no-structure":  # every map's label 1 far from its image: nothing on any network grid
+        for f in d.glob("*_soi.nii.gz"):
+            m = sitk.Cast(sitk.ReadImage(str(f)) > 0.5, sitk.sitkUInt8)
+            m.SetOrigin((900.0, 900.0))
+            sitk.WriteImage(m, str(f))
+        extra, expected = ["--soi-kind", "labels"], "no training pair has any structure on the network grid"
+        capsys.readouterr()
     else:
         before = (d / "pairs.csv").read_bytes()
         extra, expected = ["--export", str(d / "pairs.csv"), "--overwrite"], "is one of the inputs"
     assert main(base + extra + ["--out", str(out)]) == 2
-    assert expected in _error(capsys)
+    err = capsys.readouterr().err
+    if case == "no-structure":  # the warning on the maps, once per map, then the error
+        assert "12 structure map(s) lies outside its image" in err
+        err = err.splitlines()[-1] + "\n"
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("istn train: error: ") and expected in lines[0], lines
     assert not out.exists()
     if case == "export-is-input":
         assert (d / "pairs.csv").read_bytes() == before
@@ -153,3 +171,41 @@ def test_without_validation_pairs_the_end_says_so(data, tmp_path, capsys):
             "32", "--steps", "2", "--quiet", "--out", str(tmp_path / "r")]
     assert main(argv) == 0  # one pair: it trains (no pair left to validate), not "an empty training set"
     assert "no validation pairs: the model is the last step's (step 2)" in capsys.readouterr().out
+
+
+def test_the_export_carries_the_step_of_its_weights_into_a_new_folder(data, tmp_path, capsys):
+    from istn.export import load_model
+
+    d, base = data
+    argv = base[:base.index("--steps")] + ["--quiet"]
+    export = tmp_path / "models" / "new" / "mine.pt"  # folders made as needed
+    assert main(argv + ["--steps", "6", "--val-every", "2", "--lr", "0.05", "--out", str(tmp_path / "r"),
+                        "--export", str(export)]) == 0
+    history = load_checkpoint(tmp_path / "r" / "last.pt")["history"]
+    best = min(history, key=lambda h: h["soi_mse"])
+    meta = load_model(export).meta["training"]
+    assert meta["step"] == best["step"] == load_checkpoint(tmp_path / "r" / "best.pt")["step"]
+    assert meta["best_val"] == pytest.approx(best["soi_mse"])
+    assert f"(step {best['step']} of 6)" in capsys.readouterr().out
+
+
+def test_ctrl_c_says_where_the_run_is_kept_and_the_same_command_continues_it(data, tmp_path, capsys, monkeypatch):
+    import istn.training
+
+    d, base = data
+    argv = base[:base.index("--steps")] + ["--steps", "6", "--val-every", "2", "--quiet", "--out", str(tmp_path / "r")]
+    real, calls = istn.training.variant_loss, []
+
+    def interrupted_at_the_fourth_step(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(istn.training, "variant_loss", interrupted_at_the_fourth_step)
+    assert main(argv) == 130
+    captured = capsys.readouterr()
+    assert "stopped at step 3: the run is kept at step 2" in captured.out + captured.err
+    monkeypatch.setattr(istn.training, "variant_loss", real)
+    assert main(argv) == 0
+    assert "resumed from" in capsys.readouterr().out and load_checkpoint(tmp_path / "r" / "last.pt")["step"] == 6

@@ -60,6 +60,9 @@ class ModelConfig:
             raise ValueError(f"ModelConfig() 'grid_centre' must be auto, foreground or image, got {self.grid_centre!r}")
         if self.itn_output not in ("linear", "sigmoid"):
             raise ValueError(f"ModelConfig() 'itn_output' must be linear or sigmoid, got {self.itn_output!r}")
+        if not (self.grid_spacing > 0 and self.cp_spacing_mm > 0):
+            raise ValueError(f"ModelConfig() 'grid_spacing' and 'cp_spacing_mm' must be > 0 mm, got "
+                             f"{self.grid_spacing}, {self.cp_spacing_mm}")
         levels = len(self.itn_channels) - 1
         if any(s % (2**levels) for s in self.grid_size):
             raise ValueError(f"ModelConfig() 'grid_size' must be divisible by {2**levels} (ITN depth), got {self.grid_size}")

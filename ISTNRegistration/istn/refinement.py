@@ -575,11 +575,21 @@ def loss_rise(losses: Sequence[float], best_iteration: int, coarse_iterations: i
     to fine) are of half-resolution maps, on another scale, and a climb there
     that the full grid recovered from is harmless (seen on the sample pair with
     the first-generation affine model: 0.001 -> 0.017 at half resolution, then
-    0.0005 on the full grid, below the one pass).
+    0.0005 on the full grid, below the one pass). One the full grid never
+    recovered from (the one pass kept, ``best_iteration`` 1) is not: the
+    half-resolution losses are then compared among themselves (with the
+    bundled models every Adam iteration is at half resolution, so a learning
+    rate far too high showed no rise anywhere else).
     """
     after = list(losses[max(best_iteration - 1, coarse_iterations):])
     if after and max(after) > factor * best_loss + 1e-6:
         return best_loss, max(after), best_iteration
+    coarse = list(losses[:coarse_iterations])
+    if best_iteration == 1 and coarse:
+        top = int(np.argmax(coarse))
+        low = min(coarse[:top + 1])
+        if coarse[top] > factor * low + 1e-6:
+            return low, coarse[top], 1 + coarse.index(low)
     return None
 
 

@@ -483,6 +483,11 @@ def _map_volume_check(model: LoadedModel, ratios: np.ndarray) -> str | None:
             "field of view or anatomy it was not trained for; check the result before using it")
 
 
+#: A one pass whose loss is below this fraction of the validation pairs' lowest refined loss is an exact start (an
+#: image and itself, stored alike or not): a climb of refinement from there is Adam's first step, not a warning
+EXACT_START = 0.05
+
+
 def check_register_inputs(
     fixed: sitk.Image,
     moving: sitk.Image,
@@ -535,12 +540,11 @@ def check_register_inputs(
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float, np.number))
                            or not np.isfinite(lr) or lr <= 0):
         raise InputError(f"register() 'lr' must be a finite number > 0, got {lr!r}")
-    if bending is not None and not (bending >= 0 and np.isfinite(bending)):
-        raise InputError(f"the bending weight must be a number >= 0, got {bending}")
-    if anchor is not None and not (anchor >= 0 and np.isfinite(anchor)):
-        raise InputError(f"the anchor weight must be a number >= 0, got {anchor}")
-    if tolerance is not None and not (tolerance >= 0 and np.isfinite(tolerance)):
-        raise InputError(f"the convergence tolerance must be a number >= 0, got {tolerance}")
+    for value, what in ((bending, "the bending weight"), (anchor, "the anchor weight"),
+                        (tolerance, "the convergence tolerance")):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
+                                  or not (value >= 0 and np.isfinite(value))):
+            raise InputError(f"{what} must be a number >= 0, got {value!r}")
     if coarse_iterations is not None and (isinstance(coarse_iterations, bool)
                                           or not isinstance(coarse_iterations, (int, np.integer))
                                           or coarse_iterations < 0):
@@ -693,6 +697,9 @@ def register(
     """
     t_start = time.perf_counter()
     check_api_types(model=model, initial_transform=initial_transform, threads=threads)
+    if cancel is not None and not (hasattr(cancel, "is_set") or callable(cancel)):
+        raise InputError(f"register() 'cancel' must be a threading.Event, a callable returning True to stop, or None; "
+                         f"got {cancel!r}")
     device = str(device)  # a torch.device too
     # checked and prepared once per image object (istn.inputs): a later stage on the same images reuses it
     cfg = model.config
@@ -860,6 +867,7 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
                       pooled=pooled_k if refine_layers == "fc" else None, **compared)
 
     out = run_pass(0, s_map, pooled, adjust, regulariser, to_world)
+    ran = [out]  # every pass's own refinement (a later pass may be dropped for the one before: its climb still counts)
     params, losses = out.params, list(out.losses)  # the B-spline so far; objectives over all passes
     best_iteration, coarse_run, polished = out.best_iteration, out.coarse_iterations, out.polish_iterations
     pass_iterations = [(len(out.losses), out.coarse_iterations, out.polish_iterations)]
@@ -890,6 +898,7 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
 
         reg_k = regulariser_k if regulariser is not None else None
         out_k = run_pass(k, s_map_k, pooled_k, adjust_k, reg_k, to_world_k)
+        ran.append(out_k)
         coarse_run, polished = coarse_run + out_k.coarse_iterations, polished + out_k.polish_iterations
         pass_iterations.append((len(out_k.losses), out_k.coarse_iterations, out_k.polish_iterations))
         # never worse than the B-spline so far (a zero residual), on this look's maps
@@ -921,12 +930,17 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
             moving_map, moving_map_fn = _map_image(s_map, work_grid), None
             fixed_map = warp_image(_map_image(t_map, work_grid), grid_f, a_tx)
     warnings_: list[str] = []
-    rise = loss_rise(out.losses, out.best_iteration, out.coarse_iterations, out.final_loss)  # of the pass returned
     # Adam's first step moves every weight by ~lr: from an exact start (an image and itself) any step climbs,
-    # harmlessly (the best iterate is kept), so a start already below every validation pair's refined loss is quiet
+    # harmlessly (the best iterate is kept), so a start far below every validation pair's refined loss is quiet (a
+    # merely good start is not: a learning rate too high there leaves the one pass unrefined, and should be said)
     best_low = model.meta.get("validation", {}).get("refinement_loss", {}).get("refined", {}).get("min")
-    at_optimum = out.best_iteration == 1 and best_low is not None and out.final_loss <= float(best_low)
-    if rise is not None and not at_optimum:  # Adam climbed away: learning rate too high
+
+    def climbed(o: RefineOutput):
+        at_optimum = o.best_iteration == 1 and best_low is not None and o.final_loss <= EXACT_START * float(best_low)
+        return None if at_optimum else loss_rise(o.losses, o.best_iteration, o.coarse_iterations, o.final_loss)
+
+    rise = next((r for r in map(climbed, ran) if r is not None), None)
+    if rise is not None:  # Adam climbed away: learning rate too high
         low, high, at = rise
         warnings_.append(
             f"refinement raised the loss (from {low:.4g} at iteration {at} to {high:.4g}); the best iterate was "

@@ -276,6 +276,16 @@ def train(
                         best_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
                 if ctx.is_main:
                     save_checkpoint(last_path, net, optimizer, cfg, step, best_val, history)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+            bar = None
+        if ctx.is_main:
+            kept = load_checkpoint(last_path)["step"] if last_path.exists() else None
+            log(f"stopped at step {step}: " + (f"the run is kept at step {kept} ({last_path}, checkpoints every "
+                                                f"{cfg.val_every} steps); the same command continues it"
+                                                if kept is not None else "no checkpoint was written yet"))
+        raise
     finally:
         if bar is not None:
             bar.close()

@@ -24,6 +24,7 @@ RESUME_MUST_MATCH = ("train_csv", "soi_csv", "data_root", "soi_kind", "soi_label
 
 def run_train(args: argparse.Namespace) -> Path:
     from ..export import build_metadata, export_model
+    from .apply import make_out_folder
     from ..registration import check_device
     from ..training import build_datasets, train
 
@@ -43,16 +44,11 @@ def run_train(args: argparse.Namespace) -> Path:
             train_set, val_set = build_datasets(cfg)  # every image read and checked before the first step
         except ValueError as exc:
             raise InputError(str(exc)) from None
+        _check_structures(train_set, val_set)
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):  # refused: no empty run folder left behind
             out.rmdir()
         raise
-    maps: dict[str, list[str]] = {}  # what the structure maps lack, each problem once with the maps that have it
-    for problem, path in train_set.notes + (val_set.notes if val_set is not None else []):
-        maps.setdefault(problem, []).append(path)
-    for problem, paths in maps.items():
-        which = f"'{paths[0]}'" + (f" and {len(paths) - 1} more" if len(paths) > 1 else "")
-        print(f"istn train: warning: {len(paths)} structure map(s) {problem}: {which}", file=sys.stderr)
     if resumed is not None and resumed >= cfg.steps:
         print(f"istn train: note: the run in {out} is at step {resumed} already (--steps {cfg.steps}): nothing to "
               "train; exporting its best checkpoint (a larger --steps continues it)", file=sys.stderr)
@@ -63,16 +59,34 @@ def run_train(args: argparse.Namespace) -> Path:
         raise InputError(str(exc)) from None
     if result.rank != 0:
         return export_path
-    validated = any("soi_mse" in h for h in result.history)
-    best_val = result.best_val if validated else None  # without validation the "best" is the last step
+    validated = [h for h in result.history if "soi_mse" in h]
+    # the exported weights are best.pt's: their step (without validation the "best" is the last step)
+    best_step = min(validated, key=lambda h: h["soi_mse"])["step"] if validated else result.step
     meta = build_metadata(cfg, soi_description=args.soi_description or f"{cfg.soi_kind} from {cfg.soi_csv}",
-                          step=result.step, best_val=best_val)
+                          step=best_step, best_val=result.best_val if validated else None)
+    make_out_folder(export_path)
     export_model(result.model, meta, export_path)
     if validated:
-        print(f"best validation soi_mse {result.best_val:.6f}; model written to {export_path}")
+        print(f"best validation soi_mse {result.best_val:.6f} (step {best_step} of {result.step}); model written to "
+              f"{export_path}")
     else:
         print(f"no validation pairs: the model is the last step's (step {result.step}); written to {export_path}")
     return export_path
+
+
+def _check_structures(train_set, val_set) -> None:
+    """Say what the structure maps lack (each problem once, with the maps that have it; `soi_notes`), and refuse
+    training pairs with no structure at all on their network grids: nothing to learn from."""
+    maps: dict[str, list[str]] = {}
+    for problem, path in train_set.notes + (val_set.notes if val_set is not None else []):
+        if path not in maps.setdefault(problem, []):  # a map in several pairs counts once
+            maps[problem].append(path)
+    for problem, paths in maps.items():
+        which = f"'{paths[0]}'" + (f" and {len(paths) - 1} more" if len(paths) > 1 else "")
+        print(f"istn train: warning: {len(paths)} structure map(s) {problem}: {which}", file=sys.stderr)
+    if not any(float(train_set[i][k].max()) > 0 for i in range(len(train_set)) for k in ("source_soi", "target_soi")):
+        raise InputError("no training pair has any structure on the network grid (every structure map is empty "
+                         "there: see the warnings): nothing to learn from")
 
 
 def _config(args: argparse.Namespace):
@@ -167,10 +181,14 @@ def _setting(key: str, value):
 
 
 def _checkpoint_or_none(path: Path, load) -> dict | None:
+    import warnings
+
     if not path.is_file():
         return None
     try:
-        ck = load(path)
+        with warnings.catch_warnings():  # torch's advice on a TorchScript archive: not for this user
+            warnings.simplefilter("ignore")
+            ck = load(path)
     except Exception:
         return None
     return ck if isinstance(ck, dict) and ck.get("format") == "istn-checkpoint" else None

@@ -49,6 +49,8 @@ def read_pairs_csv(path: str | Path, root: str | Path | None = None) -> list[tup
                     where = "" if Path(cell).is_absolute() else f" (relative paths are read from '{base}')"
                     raise InputError(f"pairs file '{path}', line {line}: {k} '{cell}' does not exist{where}")
             rows.append((base / cells[0], base / cells[1]))
+        if not rows:
+            raise InputError(f"pairs file '{path}' has no rows (only its header)")
         return rows
 
 
