@@ -75,7 +75,9 @@ class RegistrationResult:
     model_meta: dict = field(default_factory=dict, repr=False)  # a copy of the model's (the model's stays its own)
     model_path: str = ""  # the model file that made it
     converged: bool = False  # refinement stopped by its tolerance before the iteration cap
-    best_iteration: int = 0  # the refinement iterate returned (the lowest loss; 1 = the one pass)
+    # the refinement iterate returned (the lowest loss), 1-based: 1 = the one pass, len(losses) + 1 = the
+    # parameters after the last step (their loss is loss_final; `losses` holds each step's loss before it)
+    best_iteration: int = 0
     similarity_final: float = float("nan")  # MSE(T(s'), t') of the result, without the bending term
     coarse_iterations: int = 0  # of ``iterations``, those run on the half-resolution maps (coarse to fine)
     refine_layers: str = "all"  # the STN layers refined: "all" or "fc" (its fully connected layers)
