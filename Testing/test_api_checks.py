@@ -239,3 +239,17 @@ def test_a_chain_is_checked_whole_before_any_stage_runs(models, pair2d, monkeypa
     with pytest.raises(InputError, match="takes callback_for"):
         register_chain(*pair2d, [models["affine"]], callback=print)
     assert ran == []
+
+
+def test_an_image_and_itself_is_quiet_with_a_model_without_validation_metadata(make_model, pair2d):
+    """Models from `istn train` carry no validation refinement losses: an exact start (an image and itself) must not
+    read as a learning rate too high (6 of 6 such registrations warned)."""
+    import copy
+
+    model = load_model(make_model(2, "affine"))
+    assert "refinement_loss" not in model.meta.get("validation", {})
+    fixed = pair2d[0]
+    r = register(fixed, fixed, model, iterations=10, lr=0.05)
+    assert r.loss_one_pass < 1e-10 and not any("raised the loss" in w for w in r.warnings), r.warnings
+    with pytest.raises(TypeError, match="load the file again"):
+        copy.deepcopy(model)

@@ -44,7 +44,7 @@ def test_a_spreadsheet_export_bom_crlf_and_spaces_trains_as_the_plain_csv(data, 
 
 @pytest.mark.parametrize("case", ["missing-file", "empty-cell", "nan-soi", "3d-soi", "float-labels", "val-no-soi",
                                   "soft-labels", "steps-0", "grid", "config-and-options", "export-is-input",
-                                  "header-only", "cp-spacing", "no-structure"])
+                                  "header-only", "cp-spacing", "no-structure", "export-is-a-listed-image"])
 def test_bad_training_input_is_refused_in_one_line_before_anything_is_written(data, tmp_path, capsys, case):
     d, base = data
     out = tmp_path / "run"
@@ -78,10 +78,13 @@ def test_bad_training_input_is_refused_in_one_line_before_anything_is_written(da
         extra, expected = ["--steps", "0"], "--steps must be at least 1"
     elif case == "grid":
         extra, expected = ["--grid-size", "32", "32", "32"], "'grid_size' must have 2 entries"
-    elif case == "config-and-options":
+    elif case == "config-and-options":  # values equal to the defaults are given options too
         (d / "cfg.json").write_text("{}")
-        base = ["train", "--config", str(d / "cfg.json"), "--variant", "stn-u", "--lr", "0.5"]
+        base = ["train", "--config", str(d / "cfg.json"), "--variant", "istn-i", "--lr", "0.001"]
         expected = "--variant, --lr cannot be combined with --config"
+    elif case == "export-is-a-listed-image":
+        before = (d / "src1.nii.gz").read_bytes()
+        extra, expected = ["--export", str(d / "src1.nii.gz"), "--overwrite"], "is one of the inputs"
     elif case == "header-only":
         (d / "pairs.csv").write_text("src,trg\n")
         expected = "has no rows (only its header)"
@@ -107,6 +110,8 @@ def test_bad_training_input_is_refused_in_one_line_before_anything_is_written(da
     assert not out.exists()
     if case == "export-is-input":
         assert (d / "pairs.csv").read_bytes() == before
+    if case == "export-is-a-listed-image":
+        assert (d / "src1.nii.gz").read_bytes() == before
 
 
 def test_structures_missing_from_a_map_are_named_and_a_non_finite_loss_stops_the_run(data, tmp_path, capsys):
@@ -126,7 +131,9 @@ def test_structures_missing_from_a_map_are_named_and_a_non_finite_loss_stops_the
             f"'{d / 'trg2_soi.nii.gz'}'") in capsys.readouterr().err
     # a learning rate that blows up: stopped with what to do, not trained on to the end
     assert main(base + ["--out", str(tmp_path / "c"), "--lr", "1e30", "--steps", "6"]) == 1
-    assert "the training loss is not finite at step" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "became non-finite at step 2" in err and "stopped; no checkpoint was written" in err
+    assert not (tmp_path / "c").exists()  # nothing of it left (no NaN checkpoint, no empty folder)
 
 
 def test_the_users_files_and_runs_are_never_mixed_or_overwritten(data, tmp_path, capsys):
@@ -150,6 +157,29 @@ def test_the_users_files_and_runs_are_never_mixed_or_overwritten(data, tmp_path,
     assert main(base + ["--out", str(run), "--steps", "4", "--variant", "istn-e"]) == 2
     assert "(variant: 'istn-i' -> 'istn-e')" in _error(capsys)
     assert (run / "last.pt").read_bytes() == before
+    # the same CSV named from another folder is the same run; another folder's file of that name is not
+    import os
+
+    here = os.getcwd()
+    try:
+        os.chdir(d)
+        rel = ["train", "--train-csv", "pairs.csv", "--soi-csv", "soi.csv"] + base[5:]
+        assert main(rel + ["--out", str(run), "--steps", "3"]) == 0
+        (tmp_path / "elsewhere").mkdir()
+        for name in ("pairs.csv", "soi.csv"):
+            (tmp_path / "elsewhere" / name).write_text((d / name).read_text().replace("src0", "src1"))
+        for f in d.glob("*.nii.gz"):
+            (tmp_path / "elsewhere" / f.name).symlink_to(f)
+        os.chdir(tmp_path / "elsewhere")
+        assert main(rel + ["--out", str(run), "--steps", "4"]) == 2
+        assert "trained with other settings (train_csv: " in _error(capsys)
+    finally:
+        os.chdir(here)
+    capsys.readouterr()
+    before = (run / "last.pt").read_bytes()
+    # --export onto the run's own checkpoint: refused
+    assert main(base + ["--out", str(run), "--steps", "3", "--export", str(run / "last.pt"), "--overwrite"]) == 2
+    assert "is one of the inputs" in _error(capsys) and (run / "last.pt").read_bytes() == before
     # its own settings continue it; a --steps it has reached already says so
     assert main(base + ["--out", str(run), "--steps", "4"]) == 0
     assert load_checkpoint(run / "last.pt")["step"] == 4

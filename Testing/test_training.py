@@ -111,7 +111,7 @@ def test_init_from_starts_a_new_run_from_another_variants_weights(toy_csv, tmp_p
     assert ck["step"] == 1 and ck["config"]["model"]["variant"] == "istn-e"
     assert all(torch.equal(start[k], ck["model"][k]) for k in start)
     # another network (B-spline head) is refused with a clear message, before anything is written
-    with pytest.raises(ValueError, match="network differs"):
+    with pytest.raises(ValueError, match=r"a checkpoint of another network \(transform: 'affine' -> 'bspline'"):
         train(_cfg(toy_csv, tmp_path / "b", "istn-e", "bspline", steps=1), progress=False, init_from=a.last_checkpoint)
     assert not (tmp_path / "b" / "last.pt").exists()
 

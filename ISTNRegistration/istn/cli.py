@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .commands.apply import APPLY_INTERPOLATIONS, inverse_line, run_apply, run_invert
+from .commands.train import TRAIN_DEFAULTS
 from .commands.evaluate import print_metrics, run_evaluate, value_list
 from .commands.register import (BATCH_SUMMARY, REGISTER_OPTIONAL_OUTPUTS, REGISTER_OUTPUTS, atlas_line,
                                 check_register_options, jacobian_line, run_register, run_register_many, stage_line,
@@ -210,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start the run in --out afresh (its checkpoints replaced) instead of continuing it")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--verbose", action="store_true", help="show the libraries' own messages behind an error")
+    # None = not given: commands.train fills in TRAIN_DEFAULTS (the values above), and --config refuses the given
+    t.set_defaults(**{k: None for k in TRAIN_DEFAULTS})
 
     i = sub.add_parser("info", help="print a model file's metadata")
     i.add_argument("--model", required=True)

@@ -94,6 +94,10 @@ class LoadedModel:
     #: held by `istn.registration.register` while it refines (it changes the weights in place and restores them)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
+    def __deepcopy__(self, memo: dict) -> "LoadedModel":
+        raise TypeError("a loaded model is not copied (its scripted network does not survive a deep copy): load the "
+                        "file again for an independent one (istn.export.load_model(path))")
+
     @property
     def config(self) -> ModelConfig:
         return ModelConfig(**self.meta["model_config"])

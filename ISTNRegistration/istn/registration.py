@@ -488,6 +488,8 @@ def _map_volume_check(model: LoadedModel, ratios: np.ndarray) -> str | None:
 #: A one pass whose loss is below this fraction of the validation pairs' lowest refined loss is an exact start (an
 #: image and itself, stored alike or not): a climb of refinement from there is Adam's first step, not a warning
 EXACT_START = 0.05
+#: ... and any one pass at a loss this small (maps that match to rounding), whatever the model's metadata says
+EXACT_LOSS = 1e-10
 
 
 def check_register_inputs(
@@ -938,7 +940,8 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
     best_low = model.meta.get("validation", {}).get("refinement_loss", {}).get("refined", {}).get("min")
 
     def climbed(o: RefineOutput):
-        at_optimum = o.best_iteration == 1 and best_low is not None and o.final_loss <= EXACT_START * float(best_low)
+        low = EXACT_START * float(best_low) if best_low is not None else EXACT_LOSS  # a model without validation
+        at_optimum = o.best_iteration == 1 and o.final_loss <= max(low, EXACT_LOSS)
         return None if at_optimum else loss_rise(o.losses, o.best_iteration, o.coarse_iterations, o.final_loss)
 
     rise = next((r for r in map(climbed, ran) if r is not None), None)

@@ -122,6 +122,15 @@ def _same_network(a: ModelConfig, b: ModelConfig) -> bool:
     return da == db and va.startswith("istn") == vb.startswith("istn")
 
 
+def _network_differences(a: ModelConfig, b: ModelConfig) -> str:
+    """What makes ``a`` another network than ``b`` (`_same_network`), as ``field: a -> b; ...``; "" if none."""
+    if _same_network(a, b):
+        return ""
+    da, db = to_dict(a), to_dict(b)
+    keys = [k for k in da if da[k] != db.get(k) and k != "variant"] or ["variant"]
+    return "; ".join(f"{k}: {da[k]!r} -> {db.get(k)!r}" for k in keys)
+
+
 def load_checkpoint(path: str | Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -198,18 +207,19 @@ def train(
     last_path, best_path = out / "last.pt", out / "best.pt"
     if init_from is not None and not (resume and last_path.exists()):
         init = load_checkpoint(init_from)
-        if not _same_network(train_config_from_dict(init["config"]).model, cfg.model):
-            raise ValueError(f"train() 'init_from' {init_from}: its network differs from cfg.model "
-                             "(grid, channels, transform and SoI channels must match)")
+        differ = _network_differences(train_config_from_dict(init["config"]).model, cfg.model)
+        if differ:
+            raise ValueError(f"--init-from '{init_from}' is a checkpoint of another network ({differ}): the grid, "
+                             "channels, transform and structure channels must match")
         net.load_state_dict(init["model"])  # the same weights on every rank (DDP broadcasts rank 0's anyway)
         log(f"initialised from {init_from} (step {init['step']})")
     if resume:
         ck = load_checkpoint(last_path) if ctx.is_main and last_path.exists() else None
         ck = distributed.broadcast_object(ck, ctx)  # every rank resumes from rank 0's last.pt
         if ck is not None:
-            if not _same_network(train_config_from_dict(ck["config"]).model, cfg.model):
-                raise ValueError(f"train(): {last_path} is a run of another network (grid, channels, transform, "
-                                 "control points or bounds differ from cfg.model): resume it with its own "
+            differ = _network_differences(train_config_from_dict(ck["config"]).model, cfg.model)
+            if differ:
+                raise ValueError(f"{last_path} is a run of another network ({differ}): resume it with its own "
                                  "settings, or train into another folder")
             net.load_state_dict(ck["model"])
             optimizer.load_state_dict(ck["optimizer"])
@@ -245,14 +255,14 @@ def train(
             loss = variant_loss(cfg.model.variant, b["source"], b["target"], b["source_soi"], b["target_soi"], s_map, t_map,
                                 grid, cfg.soi_loss, cfg.image_weight)
             if not torch.isfinite(loss.detach()).all():  # NaN/inf data or a diverging run: never train on it
-                raise ResultError(f"the training loss is not finite at step {step + 1} (NaN or infinite input "
-                                  "values, or a learning rate too high for this data); the checkpoints in "
-                                  f"{out} hold the last finite state")
+                raise ResultError(_diverged(step + 1, "loss", last_path))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # DDP: gradients averaged over the ranks = the gradient of the global-batch mean
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step)
             optimizer.step()
+            if not all(bool(torch.isfinite(p).all()) for p in net.parameters()):  # an update that overflowed
+                raise ResultError(_diverged(step + 1, "weights", last_path))
             step += 1
             loss_value = float(distributed.mean_over_ranks(loss.detach(), ctx).item())  # the global-batch loss
             if bar is not None:
@@ -297,6 +307,13 @@ def train(
     best = ISTN(cfg.model)
     best.load_state_dict(best_state)
     return TrainResult(best.eval(), best_path, last_path, best_val, step, history, ctx.rank, ctx.world_size)
+
+
+def _diverged(step: int, what: str, last_path: Path) -> str:
+    kept = (f"{last_path} holds the run at step {load_checkpoint(last_path)['step']}, before it diverged"
+            if last_path.exists() else "no checkpoint was written")
+    return (f"the training {what} became non-finite at step {step} (NaN or infinite input values, or a learning "
+            f"rate too high for this data): stopped; {kept}")
 
 
 def _silent(_message: str) -> None:

@@ -15,6 +15,10 @@ RUN_FILES = ("last.pt", "best.pt", "model.pt")
 CONFIG_OPTIONS = ("train_csv", "soi_csv", "val_csv", "val_soi_csv", "soi_kind", "soi_labels", "variant", "transform",
                   "ndim", "grid_size", "spacing", "cp_spacing", "itn_output", "batch_size", "lr", "lr_decay_from",
                   "lr_final", "val_every", "seed", "device", "threads")
+#: The defaults of those options that have one (the parser leaves them None: given or not, --config can tell)
+TRAIN_DEFAULTS = {"soi_kind": "soft", "variant": "istn-i", "transform": "affine", "ndim": 2, "spacing": 1.0,
+                  "cp_spacing": 10.0, "itn_output": "linear", "batch_size": 10, "lr": 1e-3, "lr_decay_from": -1,
+                  "lr_final": 0.01, "val_every": 100, "seed": 42, "device": "auto", "threads": 1}
 #: Training settings a resumed run must share with the run it continues (what it learns from, and how):
 #: the rest (steps, the schedule's end, device, threads, validation cadence, out) may change between commands
 RESUME_MUST_MATCH = ("train_csv", "soi_csv", "data_root", "soi_kind", "soi_labels", "val_csv", "val_soi_csv",
@@ -35,8 +39,9 @@ def run_train(args: argparse.Namespace) -> Path:
     inputs = [p for p in (cfg.train_csv, cfg.soi_csv, cfg.val_csv, cfg.val_soi_csv, args.config, args.init_from) if p]
     if args.init_from:
         _check_checkpoint(args.init_from)
-    _check_export(export_path, out, inputs, args.overwrite)
-    created = not out.exists()
+    if args.export:  # the default, OUT/model.pt, is the run's own (its folder checked with the run's)
+        _check_export(export_path, out, inputs + [out / "last.pt", out / "best.pt"] + _listed(cfg), args.overwrite)
+    created = _first_missing(out)  # the folders this run makes: removed again if it is refused
     try:
         resumed = _check_run_folder(out, cfg, resume=not args.no_resume)  # the first thing written: the folder
         # Under torchrun every process runs this; train() shards the batches and only rank 0 writes and exports.
@@ -45,18 +50,17 @@ def run_train(args: argparse.Namespace) -> Path:
         except ValueError as exc:
             raise InputError(str(exc)) from None
         _check_structures(train_set, val_set)
+        if resumed is not None and resumed >= cfg.steps:
+            print(f"istn train: note: the run in {out} is at step {resumed} already (--steps {cfg.steps}): nothing "
+                  "to train; exporting its best checkpoint (a larger --steps continues it)", file=sys.stderr)
+        try:
+            result = train(cfg, train_set, val_set, resume=not args.no_resume, progress=not args.quiet,
+                           init_from=args.init_from)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
     except BaseException:
-        if created and out.is_dir() and not any(out.iterdir()):  # refused: no empty run folder left behind
-            out.rmdir()
+        _remove_empty(out, created)  # refused or stopped before a checkpoint: no empty folders left behind
         raise
-    if resumed is not None and resumed >= cfg.steps:
-        print(f"istn train: note: the run in {out} is at step {resumed} already (--steps {cfg.steps}): nothing to "
-              "train; exporting its best checkpoint (a larger --steps continues it)", file=sys.stderr)
-    try:
-        result = train(cfg, train_set, val_set, resume=not args.no_resume, progress=not args.quiet,
-                       init_from=args.init_from)
-    except ValueError as exc:
-        raise InputError(str(exc)) from None
     if result.rank != 0:
         return export_path
     validated = [h for h in result.history if "soi_mse" in h]
@@ -72,6 +76,33 @@ def run_train(args: argparse.Namespace) -> Path:
     else:
         print(f"no validation pairs: the model is the last step's (step {result.step}); written to {export_path}")
     return export_path
+
+
+def _absolute(path: str | None) -> str:
+    """A data file as the run records it: where it is (a resume from another folder compares the same files)."""
+    return str(Path(path).absolute()) if path else ""
+
+
+def _first_missing(folder: Path) -> Path | None:
+    """The outermost folder of ``folder``'s path that does not exist yet (None: it exists)."""
+    missing = None
+    for f in [folder.absolute(), *folder.absolute().parents]:
+        if f.exists():
+            break
+        missing = f
+    return missing
+
+
+def _remove_empty(folder: Path, created: Path | None) -> None:
+    """Remove ``folder`` and its parents up to ``created`` (made by this run) while they are empty."""
+    if created is None:
+        return
+    f = folder.absolute()
+    while f.is_dir() and not any(f.iterdir()):
+        f.rmdir()
+        if f == created:
+            break
+        f = f.parent
 
 
 def _check_structures(train_set, val_set) -> None:
@@ -91,14 +122,12 @@ def _check_structures(train_set, val_set) -> None:
 
 def _config(args: argparse.Namespace):
     """The run's TrainConfig from ``--config`` (only --out and --steps may override it) or the options."""
-    from ..cli import build_parser
     from ..config import ModelConfig, TrainConfig, train_config_from_dict
 
     if args.steps is not None and args.steps < 1:
         raise InputError(f"--steps must be at least 1, got {args.steps}")
     if args.config:
-        defaults = build_parser().parse_args(["train"])
-        given = [f"--{k.replace('_', '-')}" for k in CONFIG_OPTIONS if getattr(args, k) != getattr(defaults, k)]
+        given = [f"--{k.replace('_', '-')}" for k in CONFIG_OPTIONS if getattr(args, k, None) is not None]
         if given:
             raise InputError(f"{', '.join(given)} cannot be combined with --config: set them in the config file "
                              "(only --out and --steps override it)")
@@ -113,6 +142,8 @@ def _config(args: argparse.Namespace):
         return cfg
     if not args.train_csv or not args.soi_csv:
         raise InputError("istn train needs --config, or --train-csv and --soi-csv")
+    args = argparse.Namespace(**{**vars(args), **{k: v for k, v in TRAIN_DEFAULTS.items()
+                                                    if getattr(args, k, None) is None}})
     if args.val_csv and not args.val_soi_csv:
         raise InputError("--val-csv needs --val-soi-csv: the validation pairs' structure maps (without both, a "
                          "share of --train-csv's pairs validates)")
@@ -124,9 +155,10 @@ def _config(args: argparse.Namespace):
         model = ModelConfig(ndim=args.ndim, grid_size=grid, grid_spacing=args.spacing, transform=args.transform,
                             variant=args.variant, soi_channels=len(args.soi_labels) if args.soi_labels else 1,
                             cp_spacing_mm=args.cp_spacing, itn_output=args.itn_output)
-        return TrainConfig(model=model, train_csv=args.train_csv, soi_csv=args.soi_csv, soi_kind=args.soi_kind,
-                           soi_labels=tuple(args.soi_labels or ()), val_csv=args.val_csv or "",
-                           val_soi_csv=args.val_soi_csv or "", steps=1000 if args.steps is None else args.steps,
+        return TrainConfig(model=model, train_csv=_absolute(args.train_csv), soi_csv=_absolute(args.soi_csv),
+                           soi_kind=args.soi_kind, soi_labels=tuple(args.soi_labels or ()),
+                           val_csv=_absolute(args.val_csv), val_soi_csv=_absolute(args.val_soi_csv),
+                           steps=1000 if args.steps is None else args.steps,
                            batch_size=args.batch_size, lr=args.lr, lr_decay_start=args.lr_decay_from,
                            lr_final=args.lr_final, val_every=args.val_every, seed=args.seed, device=args.device,
                            threads=args.threads, out_dir=args.out or "runs/istn")
@@ -173,8 +205,9 @@ def _check_run_folder(out: Path, cfg, resume: bool) -> int | None:
 
 
 def _setting(key: str, value):
-    """A setting as compared on resume: data files by where they are (a relative and an absolute path to the
-    same file are the same), sequences as tuples."""
+    """A setting as compared on resume: data files by where they are (a relative and an absolute path to the same
+    file are the same; runs record absolute paths, an older run's relative one is taken from the current folder),
+    sequences as tuples."""
     if key in ("train_csv", "soi_csv", "val_csv", "val_soi_csv", "data_root") and value:
         return str(Path(value).resolve())
     return tuple(value) if isinstance(value, list) else value
@@ -192,6 +225,14 @@ def _checkpoint_or_none(path: Path, load) -> dict | None:
     except Exception:
         return None
     return ck if isinstance(ck, dict) and ck.get("format") == "istn-checkpoint" else None
+
+
+def _listed(cfg) -> list[Path]:
+    """Every file the run's CSVs list (images and structure maps)."""
+    from ..data import read_pairs_csv
+
+    return [p for csv_path in (cfg.train_csv, cfg.soi_csv, cfg.val_csv, cfg.val_soi_csv) if csv_path
+            for pair in read_pairs_csv(csv_path, cfg.data_root or None) for p in pair]
 
 
 def _check_export(export_path: Path, out: Path, inputs: list, overwrite: bool) -> None:
