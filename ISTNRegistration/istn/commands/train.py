@@ -27,6 +27,7 @@ RESUME_MUST_MATCH = ("train_csv", "soi_csv", "data_root", "soi_kind", "soi_label
 
 
 def run_train(args: argparse.Namespace) -> Path:
+    from .. import distributed
     from ..export import build_metadata, export_model
     from .apply import make_out_folder
     from ..registration import check_device
@@ -41,10 +42,12 @@ def run_train(args: argparse.Namespace) -> Path:
         _check_checkpoint(args.init_from)
     if args.export:  # the default, OUT/model.pt, is the run's own (its folder checked with the run's)
         _check_export(export_path, out, inputs + [out / "last.pt", out / "best.pt"] + _listed(cfg), args.overwrite)
-    created = _first_missing(out)  # the folders this run makes: removed again if it is refused
+    # Under torchrun every process runs this; train() shards the batches and only rank 0 writes and exports: the
+    # run folder (which only rank 0 needs) is checked and made by rank 0 alone
+    main_process = distributed.env_rank() == 0
+    created = _first_missing(out) if main_process else None  # the folders this run makes: removed if it is refused
     try:
-        resumed = _check_run_folder(out, cfg, resume=not args.no_resume)  # the first thing written: the folder
-        # Under torchrun every process runs this; train() shards the batches and only rank 0 writes and exports.
+        resumed = _check_run_folder(out, cfg, resume=not args.no_resume) if main_process else None
         try:
             train_set, val_set = build_datasets(cfg)  # every image read and checked before the first step
         except ValueError as exc:
