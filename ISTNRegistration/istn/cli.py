@@ -29,12 +29,11 @@ from pathlib import Path
 from typing import Sequence
 
 from .commands.apply import APPLY_INTERPOLATIONS, inverse_line, run_apply, run_invert
-from .commands.train import TRAIN_DEFAULTS
 from .commands.evaluate import print_metrics, run_evaluate, value_list
 from .commands.register import (BATCH_SUMMARY, REGISTER_OPTIONAL_OUTPUTS, REGISTER_OUTPUTS, atlas_line,
                                 check_register_options, jacobian_line, run_register, run_register_many, stage_line,
                                 subject_name, varied_hint)
-from .commands.train import run_train
+from .commands.train import TRAIN_DEFAULTS, run_train
 from .errors import ISTNError, ResultError, first_line
 
 __all__ = ["APPLY_INTERPOLATIONS", "BATCH_SUMMARY", "REGISTER_OPTIONAL_OUTPUTS", "REGISTER_OUTPUTS", "build_parser",

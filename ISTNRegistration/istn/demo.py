@@ -89,12 +89,12 @@ def run_demo(out_dir: str | Path = "istn-demo", iterations: int | None = None, d
     from .registration import OUTPUT_FIELD_SPACING_MM, jacobian_image, register, warp_image
 
     t_start = time.perf_counter()
-    data = sample_pair()
-    affine_model = load_model(bundled_model(AFFINE_MODEL))
-    bspline_model = load_model(bundled_model(BSPLINE_MODEL))
+    model_paths = bundled_model(AFFINE_MODEL), bundled_model(BSPLINE_MODEL)  # a missing one: refused before the folder
     out = prepare_output_dir(out_dir, [SAMPLE_DIR / "moving_t1.nii.gz", SAMPLE_DIR / "fixed_t1.nii.gz"], [])
-    # an earlier demo's files are replaced; files of the user's named like them are not
+    # an earlier demo's files are replaced; files of the user's named like them are not (checked before any work)
     check_earlier_outputs(out, DEMO_OUTPUTS, keys=DEMO_RECORD_KEYS, what="istn demo")
+    data = sample_pair()
+    affine_model, bspline_model = (load_model(p) for p in model_paths)
     fixed, fixed_labels = data["fixed"], data["fixed_labels"]
     moving, moving_labels, perturbation = place_in_scanner(data["moving"], data["moving_labels"])
     print(f"fixed:  {Path(SAMPLE_DIR / 'fixed_t1.nii.gz')}\nmoving: {Path(SAMPLE_DIR / 'moving_t1.nii.gz')}, placed "

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import threading
 import os
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -28,8 +28,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from .data import foreground_centre, intensity_window, otsu_threshold, statistics_sample
-from .geometry import Grid
 from .errors import InputError
+from .geometry import Grid
 from .io import check_image
 
 # False: resample the input as it is, however fine (the engine before anti-aliasing; for comparisons).

@@ -427,7 +427,6 @@ def check_earlier_outputs(out: Path, names: Sequence[str], record: str = "result
     only when they are an earlier run's (``istn register``'s by default; a batch's: ``record="summary.json"``;
     `istn demo`'s), as its ``record`` says (a JSON object with ``keys``); anything else there is the user's, and
     the run is refused (`OutputError`) rather than overwrite it."""
-
     present = [n for n in names if (out / n).exists()]
     if not present:
         return

@@ -254,21 +254,25 @@ def train(
             s_map, t_map, _, grid = model(b["source"], b["target"])
             loss = variant_loss(cfg.model.variant, b["source"], b["target"], b["source_soi"], b["target_soi"], s_map, t_map,
                                 grid, cfg.soi_loss, cfg.image_weight)
-            if not torch.isfinite(loss.detach()).all():  # NaN/inf data or a diverging run: never train on it
-                raise ResultError(_diverged(step + 1, "loss", last_path))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # DDP: gradients averaged over the ranks = the gradient of the global-batch mean
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step)
             optimizer.step()
-            if not all(bool(torch.isfinite(p).all()) for p in net.parameters()):  # an update that overflowed
-                raise ResultError(_diverged(step + 1, "weights", last_path))
             step += 1
             loss_value = float(distributed.mean_over_ranks(loss.detach(), ctx).item())  # the global-batch loss
+            # NaN/inf data or a diverging run: stopped before anything is saved; the global loss (the same on every
+            # rank: they stop together), read here anyway for the bar and history, costs no extra synchronisation
+            if not math.isfinite(loss_value):
+                raise ResultError(_diverged(step, "loss", last_path))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.5f}", best=f"{best_val:.5f}" if best_val < math.inf else "-")
             if step % cfg.val_every == 0 or step == cfg.steps:
+                # an update that overflowed with a finite loss (its NaN shows in the next step's): never checkpointed;
+                # checked here, not every step (a device synchronisation per weight tensor)
+                if not all(bool(torch.isfinite(p).all()) for p in net.parameters()):
+                    raise ResultError(_diverged(step, "weights", last_path))
                 record = None
                 if ctx.is_main:
                     record = {"step": step, "loss": loss_value, "seconds": elapsed0 + time.perf_counter() - t0,
