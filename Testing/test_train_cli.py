@@ -239,3 +239,33 @@ def test_ctrl_c_says_where_the_run_is_kept_and_the_same_command_continues_it(dat
     monkeypatch.setattr(istn.training, "variant_loss", real)
     assert main(argv) == 0
     assert "resumed from" in capsys.readouterr().out and load_checkpoint(tmp_path / "r" / "last.pt")["step"] == 6
+
+
+def test_reading_the_pairs_is_reported_and_quiet_says_nothing(data, tmp_path, capsys, monkeypatch):
+    """A large cohort is read before the first step: lines while it reads (throttled; every pair here, with the
+    interval at 0), then what was read; --quiet prints none of it."""
+    from istn.commands import train as train_command
+
+    d, base = data
+    assert main(base + ["--out", str(tmp_path / "q")]) == 0
+    quiet = capsys.readouterr().out
+    assert "pair(s)" not in quiet and "reading the" not in quiet
+
+    class EveryPair(train_command._ReadingProgress):
+        def __init__(self, quiet: bool) -> None:
+            super().__init__(quiet, every=0.0)
+
+    monkeypatch.setattr(train_command, "_ReadingProgress", EveryPair)
+    loud = [a for a in base if a != "--quiet"]
+    assert main(loud + ["--out", str(tmp_path / "l")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    n = len((d / "pairs.csv").read_text().strip().splitlines()) - 1
+    n_val = max(1, round(n * 0.2))  # the default validation fraction
+    reading = [ln for ln in out if ln.startswith("reading the ")]
+    # every pair but each set's last one (the summary line follows it)
+    assert [ln.split(" (")[0] for ln in reading] == (
+        [f"reading the training pairs: {k}/{n - n_val}" for k in range(1, n - n_val)]
+        + [f"reading the validation pairs: {k}/{n_val}" for k in range(1, n_val)])
+    summary = [ln for ln in out if ln.startswith("read ")]
+    assert len(summary) == 1 and summary[0].startswith(
+        f"read {n - n_val} training and {n_val} validation pair(s) onto the 32x32 network grid at ")

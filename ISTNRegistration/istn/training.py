@@ -42,20 +42,30 @@ class TrainResult:
     world_size: int = 1  # the number of data-parallel processes (1 otherwise)
 
 
-def build_datasets(cfg: TrainConfig) -> tuple[PairDataset, PairDataset | None]:
-    """Train/validation datasets from the CSVs of ``cfg`` (split of ``train_csv`` unless ``val_csv`` is given)."""
+def build_datasets(cfg: TrainConfig, progress: Callable[[str, int, int], None] | None = None
+                   ) -> tuple[PairDataset, PairDataset | None]:
+    """Train/validation datasets from the CSVs of ``cfg`` (split of ``train_csv`` unless ``val_csv`` is given).
+
+    ``progress(which, done, total)`` after each pair read, ``which`` "training" or "validation".
+    """
     kw = dict(soi_kind=cfg.soi_kind, soi_labels=cfg.soi_labels, root=cfg.data_root or None,
               intensity=(cfg.intensity_low, cfg.intensity_high), foreground=cfg.intensity_foreground)
+
+    def reporter(which: str):
+        return None if progress is None else (lambda done, total: progress(which, done, total))
+
     if cfg.val_csv:
-        train = PairDataset.from_csv(cfg.train_csv, cfg.soi_csv, cfg.model, **kw)
-        val = PairDataset.from_csv(cfg.val_csv, cfg.val_soi_csv, cfg.model, **kw)
+        train = PairDataset.from_csv(cfg.train_csv, cfg.soi_csv, cfg.model, progress=reporter("training"), **kw)
+        val = PairDataset.from_csv(cfg.val_csv, cfg.val_soi_csv, cfg.model, progress=reporter("validation"), **kw)
         return train, val
     from .data import read_pairs_csv
 
     n = len(read_pairs_csv(cfg.train_csv, cfg.data_root or None))
     train_rows, val_rows = split_rows(n, cfg.val_fraction, cfg.split_seed)
-    train = PairDataset.from_csv(cfg.train_csv, cfg.soi_csv, cfg.model, rows=train_rows, **kw)
-    val = PairDataset.from_csv(cfg.train_csv, cfg.soi_csv, cfg.model, rows=val_rows, **kw) if val_rows else None
+    train = PairDataset.from_csv(cfg.train_csv, cfg.soi_csv, cfg.model, rows=train_rows,
+                                 progress=reporter("training"), **kw)
+    val = PairDataset.from_csv(cfg.train_csv, cfg.soi_csv, cfg.model, rows=val_rows,
+                               progress=reporter("validation"), **kw) if val_rows else None
     return train, val
 
 

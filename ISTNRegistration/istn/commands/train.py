@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from ..errors import InputError, OutputError
@@ -49,7 +50,10 @@ def run_train(args: argparse.Namespace) -> Path:
     try:
         resumed = _check_run_folder(out, cfg, resume=not args.no_resume) if main_process else None
         try:
-            train_set, val_set = build_datasets(cfg)  # every image read and checked before the first step
+            # every image read and checked before the first step; a large cohort takes a while: say so
+            reading = _ReadingProgress(quiet=args.quiet or not main_process)
+            train_set, val_set = build_datasets(cfg, progress=reading)
+            reading.done(train_set, val_set, cfg)
         except ValueError as exc:
             raise InputError(str(exc)) from None
         _check_structures(train_set, val_set)
@@ -79,6 +83,28 @@ def run_train(args: argparse.Namespace) -> Path:
     else:
         print(f"no validation pairs: the model is the last step's (step {result.step}); written to {export_path}")
     return export_path
+
+
+class _ReadingProgress:
+    """Lines while the pairs are read (at most one every ``every`` seconds), then one saying what was read."""
+
+    def __init__(self, quiet: bool, every: float = 5.0) -> None:
+        self.quiet, self.every = quiet, every
+        self.start = self.last = time.monotonic()
+
+    def __call__(self, which: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if not self.quiet and now - self.last >= self.every and done < total:
+            print(f"reading the {which} pairs: {done}/{total} ({now - self.start:.0f} s)", flush=True)
+            self.last = now
+
+    def done(self, train_set, val_set, cfg) -> None:
+        if self.quiet:
+            return
+        grid = "x".join(map(str, cfg.model.grid_size))
+        val = f" and {len(val_set)} validation" if val_set is not None else ""
+        print(f"read {len(train_set)} training{val} pair(s) onto the {grid} network grid at "
+              f"{cfg.model.grid_spacing:g} mm in {time.monotonic() - self.start:.1f} s", flush=True)
 
 
 def _absolute(path: str | None) -> str:

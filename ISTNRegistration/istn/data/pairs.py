@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -153,13 +153,20 @@ class PairDataset(torch.utils.data.Dataset):
         rows: Sequence[int] | None = None,
         intensity: tuple[float, float] = (0.5, 99.5),
         foreground: bool = True,
+        progress: Callable[[int, int], None] | None = None,
     ) -> "PairDataset":
+        """The pairs of ``rows`` (all: None) read onto the network grid; ``progress(done, total)`` after each."""
         images = read_pairs_csv(images_csv, root)
         sois = read_pairs_csv(soi_csv, root)
         if len(images) != len(sois):
             raise InputError(f"'{images_csv}' has {len(images)} rows but '{soi_csv}' has {len(sois)}: row k must be the same pair")
-        idx = range(len(images)) if rows is None else rows
-        return cls([load_pair(*images[i], *sois[i], cfg, soi_kind, soi_labels, intensity, foreground) for i in idx])
+        idx = list(range(len(images)) if rows is None else rows)
+        pairs = []
+        for i in idx:
+            pairs.append(load_pair(*images[i], *sois[i], cfg, soi_kind, soi_labels, intensity, foreground))
+            if progress is not None:
+                progress(len(pairs), len(idx))
+        return cls(pairs)
 
     @property
     def notes(self) -> list[tuple[str, str]]:
