@@ -131,6 +131,7 @@ class ISTNRegistrationParameterNode:
     outputVolume: Optional[vtkMRMLScalarVolumeNode]
     checkerboardVolume: Optional[vtkMRMLScalarVolumeNode]
     jacobianVolume: Optional[vtkMRMLScalarVolumeNode]
+    atlasSegmentation: Optional[Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]]  # fixed space -> moving
     showMaps: bool = True
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     seed: Annotated[int, WithinRange(-1, 2147483647)] = 0
@@ -362,6 +363,7 @@ class ISTNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 showMaps=p.showMaps,
                 fixedSegmentationNode=p.fixedSegmentation,
                 movingSegmentationNode=p.movingSegmentation,
+                atlasSegmentationNode=p.atlasSegmentation,
                 device=p.device,
                 seed=p.seed if p.seed >= 0 else None,
                 progressCallback=self.onProgress,
@@ -507,9 +509,15 @@ class ISTNRegistrationTest(ScriptedLoadableModuleTest):
         modelPath = models[0].path if models else self._models()["affine"]
         result = logic.register(loaded["fixed"], loaded["moving"], modelPath=modelPath, iterations=5,
                                 fixedSegmentationNode=loaded["fixedLabels"],
-                                movingSegmentationNode=loaded["movingLabels"])
+                                movingSegmentationNode=loaded["movingLabels"],
+                                atlasSegmentationNode=loaded["fixedLabels"])
         self.assertFalse(result.cancelled)
         self.assertIn("left caudate", result.metrics.get("dice", {}))  # segments loaded with structure names
+        # the fixed labels as an atlas: on the moving volume, every structure there, under the moving's transform
+        atlas = result.atlasSegmentationNode
+        self.assertEqual(atlas.GetSegmentation().GetNumberOfSegments(), 8)
+        self.assertTrue(all(ml > 0 for ml in result.metrics["atlas"]["volumes_ml"].values()))
+        self.assertEqual(atlas.GetTransformNodeID(), loaded["moving"].GetTransformNodeID())
         self.delayDisplay(result.summary())
 
     def test_WidgetApply(self):

@@ -1298,3 +1298,163 @@ def test_bending_and_tolerance_reach_the_engine_and_bad_values_are_refused_befor
             logic.register(fixed_node, moving_node, modelPath=tiny_models["affine"], iterations=2, device="cuda",
                            updateViews=False)
         assert scene.GetNumberOfNodes() == before
+
+
+# --------------------------------------------------------------------------
+# An atlas of the fixed space brought onto the moving volume
+# --------------------------------------------------------------------------
+
+
+def _atlas_on_moving_expected(atlas: sitk.Image, moving: sitk.Image, transform) -> np.ndarray:
+    """The engine's answer: the atlas through the result's inverse onto the moving grid, nearest neighbour."""
+    from istn.inverse import inverse_transform
+    from istn.registration import OUTPUT_FIELD_SPACING_MM
+
+    inverted = inverse_transform(transform, moving, OUTPUT_FIELD_SPACING_MM)
+    return sitk.GetArrayFromImage(warp_image(atlas, moving, inverted.transform, sitk.sitkNearestNeighbor, 0.0,
+                                             field_spacing=OUTPUT_FIELD_SPACING_MM))
+
+
+def _segments_on(node, grid: sitk.Image) -> dict:
+    """{name: (colour, voxel mask on ``grid``)} of a segmentation node's segments."""
+    return {s.name: (s.color, sitk.GetArrayFromImage(sitk.Resample(s.mask, grid, sitk.Transform(),
+                                                                   sitk.sitkNearestNeighbor, 0)) != 0)
+            for s in nodes.structuresFromNode(node)}
+
+
+@pytest.mark.parametrize("kind", ["affine", "bspline"])
+def test_an_atlas_label_map_comes_onto_the_moving_grid_through_the_inverse_and_follows_the_moving_volume(
+        scene, pair, tiny_models, kind):
+    fixed_node, moving_node, fixed, moving = pair
+    atlas = _labels(fixed)
+    atlas_node = nodes.addVolumeNodeFromImage(scene, atlas, "atlas", "vtkMRMLLabelMapVolumeNode")
+    atlas_state = node_state(atlas_node)
+    logic = ISTNRegistrationLogic()
+    result = run(logic, pair, tiny_models, kind, atlasSegmentationNode=atlas_node)
+    out = result.atlasSegmentationNode
+    assert out.IsA("vtkMRMLSegmentationNode") and out.GetName() == "atlas on ISTN test moving"
+    # in the moving volume's own coordinates, under the same transform: shown where the moving volume is
+    assert out.GetTransformNodeID() == moving_node.GetTransformNodeID() is not None
+    geometry = out.GetSegmentation().GetConversionParameter("Reference image geometry").strip(";").split(";")
+    assert np.allclose(np.array(geometry[:16], float).reshape(4, 4), nodes.ijkToRasMatrix(moving_node))
+    assert [int(v) for v in geometry[16:]] == [0, 43, 0, 37, 0, 29]  # the moving volume's extent
+    expected = _atlas_on_moving_expected(atlas, moving, result.transform)
+    found = _segments_on(out, moving)
+    assert list(found) == ["label 1", "label 2"]
+    voxel_ml = np.prod(moving.GetSpacing()) / 1000.0
+    for value in (1, 2):
+        assert (expected == value).sum() > 20
+        assert np.array_equal(found[f"label {value}"][1], expected == value)
+        assert result.metrics["atlas"]["volumes_ml"][f"label {value}"] == pytest.approx(
+            (expected == value).sum() * voxel_ml)
+    assert "Atlas on the moving volume: 'atlas on ISTN test moving', 2 segments" in result.summary()
+    assert same_state(atlas_state, node_state(atlas_node))  # only read
+    # a second Apply of the same atlas into the same output transform reuses the node
+    count = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    again = run(logic, pair, tiny_models, kind, atlasSegmentationNode=atlas_node,
+                outputTransformNode=result.transformNode)
+    assert again.atlasSegmentationNode is out
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == count
+
+
+def test_an_atlas_segmentation_keeps_its_names_colours_and_overlapping_segments(scene, pair, tiny_models):
+    """Two segments that overlap (two layers in Slicer), with an output volume asked for: the moving volume stays
+    where it is, and so does the atlas on its grid; every segment is its own warp, whole."""
+    fixed_node, moving_node, fixed, moving = pair
+    sources = {"outer": sitk.Cast(fixed > 0.3, sitk.sitkUInt8), "inner": sitk.Cast(fixed > 0.7, sitk.sitkUInt8)}
+    atlas_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "regions")
+    for name, image in sources.items():
+        labelmap = nodes.addVolumeNodeFromImage(scene, image, name, "vtkMRMLLabelMapVolumeNode")
+        atlas_node.SetReferenceImageGeometryParameterFromVolumeNode(labelmap)
+        assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, atlas_node)
+    content = atlas_node.GetSegmentation()
+    assert content.GetNumberOfLayers() == 2  # they overlap
+    colours = {"outer": (0.9, 0.1, 0.2), "inner": (0.1, 0.3, 0.8)}
+    for i, name in enumerate(sources):
+        content.GetNthSegment(i).SetName(name)
+        content.GetNthSegment(i).SetColor(*colours[name])
+    output = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "resampled")
+    result = run(ISTNRegistrationLogic(), pair, tiny_models, "bspline", atlasSegmentationNode=atlas_node,
+                 outputVolumeNode=output)
+    out = result.atlasSegmentationNode
+    assert moving_node.GetTransformNodeID() is None and out.GetTransformNodeID() is None
+    found = _segments_on(out, moving)
+    assert list(found) == ["outer", "inner"]
+    for name, image in sources.items():
+        colour, mask = found[name]
+        assert colour == pytest.approx(colours[name])
+        assert np.array_equal(mask, _atlas_on_moving_expected(image, moving, result.transform) == 1), name
+    assert (found["outer"][1] & found["inner"][1]).sum() == found["inner"][1].sum() > 0  # the overlap kept
+
+
+def test_a_failed_rerun_gives_back_the_earlier_atlas_and_a_first_run_leaves_none(scene, pair, tiny_models,
+                                                                                 monkeypatch):
+    fixed_node, moving_node, fixed, moving = pair
+    atlas_node = nodes.addVolumeNodeFromImage(scene, _labels(fixed), "atlas", "vtkMRMLLabelMapVolumeNode")
+    logic = ISTNRegistrationLogic()
+    before = selftest.nodeIds(scene)
+    shown = []
+
+    def fail(*args, **kwargs):
+        shown.append(args)
+        if len(shown) == 2:  # the views at the end: after every output is written
+            raise RuntimeError("view update failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(logic, "_showInSliceViews", fail)
+        with pytest.raises(RuntimeError, match="view update failed"):
+            run(logic, pair, tiny_models, "affine", atlasSegmentationNode=atlas_node)
+    assert selftest.nodeIds(scene) == before  # the new atlas node removed with the rest
+    first = run(logic, pair, tiny_models, "affine", atlasSegmentationNode=atlas_node)
+    out = first.atlasSegmentationNode
+    earlier = _segments_on(out, moving)
+    geometry = out.GetSegmentation().GetConversionParameter("Reference image geometry")
+    written = []
+
+    def fail_after_writing(*args, **kwargs):
+        shown.append(args)
+        if len(shown) == 2:
+            now = _segments_on(out, moving)
+            written.append(any(not np.array_equal(now[k][1], earlier[k][1]) for k in earlier))
+            raise RuntimeError("view update failed")
+
+    shown.clear()
+    voxels = slicer.util.arrayFromVolume(atlas_node)  # another atlas content for the re-run: mirrored
+    voxels[:] = voxels[:, :, ::-1].copy()
+    slicer.util.arrayFromVolumeModified(atlas_node)
+    nodes_before = selftest.nodeIds(scene)
+    monkeypatch.setattr(logic, "_showInSliceViews", fail_after_writing)
+    with pytest.raises(RuntimeError, match="view update failed"):
+        run(logic, pair, tiny_models, "affine", atlasSegmentationNode=atlas_node,
+            outputTransformNode=first.transformNode)
+    assert written == [True]  # the re-run had replaced the segments when it failed
+    restored = _segments_on(out, moving)
+    assert list(restored) == list(earlier)
+    assert all(np.array_equal(restored[k][1], earlier[k][1]) for k in earlier)
+    assert out.GetSegmentation().GetConversionParameter("Reference image geometry") == geometry
+    assert out.GetTransformNodeID() == moving_node.GetTransformNodeID()
+    assert selftest.nodeIds(scene) == nodes_before
+
+
+@pytest.mark.parametrize("case", ["intensities", "empty", "is-the-output-volume", "empty-segmentation"])
+def test_an_unusable_atlas_is_refused_before_the_scene_changes(scene, pair, tiny_models, case):
+    fixed_node, moving_node, fixed, _ = pair
+    if case == "intensities":
+        atlas = nodes.addVolumeNodeFromImage(scene, fixed, "t1")
+        match, extra = "not a label map", {}
+    elif case == "empty":
+        atlas = nodes.addVolumeNodeFromImage(scene, _labels(fixed) * 0, "nothing", "vtkMRMLLabelMapVolumeNode")
+        match, extra = "holds no label", {}
+    elif case == "is-the-output-volume":
+        atlas = nodes.addVolumeNodeFromImage(scene, _labels(fixed), "lab", "vtkMRMLLabelMapVolumeNode")
+        match, extra = "only read", {"outputVolumeNode": atlas}
+    else:
+        atlas = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "no segments")
+        match, extra = "has no segments", {}
+    before = selftest.nodeIds(scene)
+    states = [node_state(n) for n in (fixed_node, moving_node)]
+    with pytest.raises(ValueError, match=match):
+        run(ISTNRegistrationLogic(), pair, tiny_models, "affine", atlasSegmentationNode=atlas, **extra)
+    assert selftest.nodeIds(scene) == before
+    assert moving_node.GetParentTransformNode() is None
+    assert all(same_state(s, node_state(n)) for s, n in zip(states, (fixed_node, moving_node)))

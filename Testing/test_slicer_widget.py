@@ -115,7 +115,8 @@ def make_widget(module, logic):
         fixedVolume=None, movingVolume=None, fixedSegmentation=None, movingSegmentation=None, modelChoice="",
         customModelPath="", preAlign=True, iterations=7, learningRate=0.0, bending=-1.0, anchor=-1.0, tolerance=-1.0, coarseIterations=-1,
         refineLayers="model default", comparedRegion="model default", polish=-1, passes=0, retryVaried=True, liveUpdate=True,
-        outputTransform=None, outputVolume=None, checkerboardVolume=None, jacobianVolume=None, showMaps=True, device="cpu", seed=-1)
+        outputTransform=None, outputVolume=None, checkerboardVolume=None, jacobianVolume=None, atlasSegmentation=None,
+        showMaps=True, device="cpu", seed=-1)
     return widget
 
 
@@ -159,7 +160,8 @@ def test_parameter_node_fields(module):
     fields = module.ISTNRegistrationParameterNode.__annotations__
     assert {"fixedVolume", "movingVolume", "iterations", "learningRate", "bending", "anchor", "tolerance",
             "coarseIterations", "refineLayers", "comparedRegion", "polish", "passes", "retryVaried", "liveUpdate",
-            "outputTransform", "outputVolume", "checkerboardVolume", "jacobianVolume", "showMaps", "device", "seed"} <= set(fields)
+            "outputTransform", "outputVolume", "checkerboardVolume", "jacobianVolume", "atlasSegmentation", "showMaps",
+            "device", "seed"} <= set(fields)
 
 
 def test_apply_needs_inputs_and_a_model(module, model_file):
@@ -215,6 +217,7 @@ def test_apply_turns_into_cancel_shows_progress_and_the_result(module, model_fil
     assert kw["coarseIterations"] is None and kw["refineLayers"] is None and kw["regionMargin"] is None
     assert kw["polish"] is None and kw["passes"] is None  # "model default"
     assert kw["retryVaried"] is True  # after a failed self-check, the varied-view models' try (checked by default)
+    assert kw["atlasSegmentationNode"] is None  # no atlas chosen
     assert seen == {"button": "Cancel", "inputs enabled": False, "progress": round(1000 * 3 / 7),
                     "status": "Affine refinement: iteration 3/7, loss 0.25"}
     assert ("processEvents",) in module.events
@@ -227,11 +230,13 @@ def test_apply_turns_into_cancel_shows_progress_and_the_result(module, model_fil
     p.polish = 0  # the spin box's 0: Adam only
     p.passes = 1  # one B-spline refinement, the paper's
     p.retryVaried = False  # the check box cleared
+    p.atlasSegmentation = atlas = object()  # an atlas chosen in the Outputs section
     p.iterations = -1  # "model default"
     widget.onApplyButton()
     assert logic.calls[-1][2]["refineLayers"] == "fc" and logic.calls[-1][2]["regionMargin"] == float("inf")
     assert logic.calls[-1][2]["polish"] == 0 and logic.calls[-1][2]["iterations"] is None
     assert logic.calls[-1][2]["passes"] == 1 and logic.calls[-1][2]["retryVaried"] is False
+    assert logic.calls[-1][2]["atlasSegmentationNode"] is atlas
 
 
 def test_errors_are_shown_in_the_panel(module, model_file, caplog):

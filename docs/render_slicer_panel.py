@@ -40,6 +40,7 @@ DEMO_NODES = {
     "outputVolumeSelector": "None (move the moving volume)",
     "checkerboardVolumeSelector": "None",
     "jacobianVolumeSelector": "None",
+    "atlasSegmentationSelector": "ISTN fixed labels",
 }
 
 

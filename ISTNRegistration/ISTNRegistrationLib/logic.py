@@ -49,6 +49,8 @@ DEVICES = ("auto", "cpu", "cuda")
 ROLE_BSPLINE = "ISTNRegistration.bspline"
 ROLE_FIXED_MAP = "ISTNRegistration.fixedMap"
 ROLE_MOVING_MAP = "ISTNRegistration.movingMap"
+#: ... and its atlas brought onto the moving volume (a segmentation node)
+ROLE_ATLAS = "ISTNRegistration.atlas"
 #: Colour tables for the ITN maps, best first (the file-based ones exist only in the application).
 MAP_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLColorTableNodeFileViridis.txt",
                       "vtkMRMLColorTableNodeIron")
@@ -67,7 +69,11 @@ ATTRIBUTE_FIXED = "ISTNRegistration.fixedVolumeID"
 #: volume now under the result, starts there again rather than from the volume's own geometry
 ATTRIBUTE_START = "ISTNRegistration.startToWorld"
 ATTRIBUTE_START_NAME = "ISTNRegistration.startedFrom"
+#: On an atlas output segmentation: the ID of the atlas it was made from (another atlas gets a new node)
+ATTRIBUTE_ATLAS = "ISTNRegistration.atlasID"
 STAGE_NAMES = {"affine": "Affine", "bspline": "B-spline"}
+#: A segmentation's conversion parameter holding the Segment Editor's reference grid
+REFERENCE_GEOMETRY = "Reference image geometry"
 
 
 class RegistrationCancelled(Exception):
@@ -124,6 +130,7 @@ class ISTNRegistrationResult:
     outputVolumeNode: object = None  # moving volume resampled onto the fixed grid, if asked for
     checkerboardVolumeNode: object = None  # fixed and resampled moving in alternating cubes, if asked for
     jacobianVolumeNode: object = None  # Jacobian determinant of the result on the fixed grid, if asked for
+    atlasSegmentationNode: object = None  # the atlas (fixed space) on the moving volume's grid, if asked for
     transform: object = None  # SimpleITK transform: the final world transform (LPS, fixed -> moving points)
     metrics: dict = field(default_factory=dict)
     stages: list = field(default_factory=list)  # istn.registration.RegistrationResult of each stage
@@ -176,6 +183,15 @@ class ISTNRegistrationResult:
         if jacobian:
             lines.append(_("Jacobian determinant (local volume change, moving / fixed): {p1:.3f} to {p99:.3f} "
                            "(1st to 99th percentile), median {median:.3f}.").format(**jacobian))
+        atlas = self.metrics.get("atlas")
+        if atlas:
+            volumes = atlas["volumes_ml"]
+            shown = "; ".join(_("{name} {ml:.2f}").format(name=name, ml=ml) for name, ml in list(volumes.items())[:20])
+            if len(volumes) > 20:
+                shown += _("; ... ({count} more in the segmentation)").format(count=len(volumes) - 20)
+            lines.append(_("Atlas on the moving volume: '{name}', {count} segments, {total:.1f} ml in all; ml per "
+                           "segment: {shown}.").format(name=atlas["output"], count=len(volumes),
+                                                       total=sum(volumes.values()), shown=shown))
         lines.extend(_("Warning: {warning}").format(warning=w) for w in self.warnings)
         if self.hint:
             lines.append(_("Hint: {hint}").format(hint=self.hint))
@@ -262,6 +278,26 @@ class _SceneChanges:
 
         self.undo.append(restore)
         self.rememberParent(volumeNode)
+
+    def rememberSegmentation(self, segmentationNode) -> None:
+        """An atlas output's segments (voxels, names, colours; not empty ones), reference geometry and parent
+        transform, put back on rollback. (Read as label layers: vtkSegmentation.DeepCopy needs the application's
+        data object factory.)"""
+        from . import nodes as nodeio
+
+        content = segmentationNode.GetSegmentation()
+        geometry = content.GetConversionParameter(REFERENCE_GEOMETRY)
+        try:
+            layers = nodeio.labelLayersFromNode(segmentationNode)
+        except ValueError:  # no segment, or only empty ones
+            layers = []
+
+        def restore() -> None:
+            nodeio.setSegmentsFromLayers(segmentationNode, layers)
+            segmentationNode.GetSegmentation().SetConversionParameter(REFERENCE_GEOMETRY, geometry)
+
+        self.undo.append(restore)
+        self.rememberParent(segmentationNode)
 
     def rememberViews(self) -> None:
         """The layers of every slice view, put back on cancel (the run shows its own)."""
@@ -390,6 +426,7 @@ class ISTNRegistrationLogic:
         updateViews: bool = True,
         fixedSegmentationNode=None,
         movingSegmentationNode=None,
+        atlasSegmentationNode=None,
         device: str = "auto",
         seed: int | None = 0,
         threads: int | None = None,
@@ -446,6 +483,13 @@ class ISTNRegistrationLogic:
         - ``fixedSegmentationNode`` / ``movingSegmentationNode``: segmentations
           or label maps; Dice per structure (matched by name, else by label
           value) before and after goes into ``result.metrics["dice"]``.
+        - ``atlasSegmentationNode``: a segmentation or label map of the FIXED
+          space (drawn on the fixed volume or its template), brought onto the
+          moving volume's own grid through the result's inverse (nearest
+          neighbour; overlapping segments stay whole) as a segmentation that
+          follows the moving volume (same parent transform): names and colours
+          kept, its volumes (ml) in ``result.metrics["atlas"]`` and the summary.
+          A second Apply of the same atlas reuses that node.
         - ``liveUpdate``: the transform nodes follow every refinement iteration.
         - ``device``: auto | cpu | cuda (a GPU out of memory falls back to the CPU
           with a warning); ``seed`` seeds torch (None: do not seed).
@@ -526,6 +570,14 @@ class ISTNRegistrationLogic:
                                    "the segments the same names").format(fixed=fixedSegmentationNode.GetName(),
                                                                         moving=movingSegmentationNode.GetName()))
             warnings.extend(notes)
+            # read (and refused if unusable) before anything runs
+            atlasLayers = None
+            if atlasSegmentationNode is not None:
+                if any(atlasSegmentationNode is node for node in (outputVolumeNode, checkerboardVolumeNode,
+                                                                  jacobianVolumeNode, movingVolumeNode)):
+                    raise ValueError(_("the atlas '{name}' cannot also be the moving volume or an output volume; "
+                                       "it is only read").format(name=atlasSegmentationNode.GetName()))
+                atlasLayers = nodeio.labelLayersFromNode(atlasSegmentationNode, world=True)
             if (fixedSegmentationNode is None) != (movingSegmentationNode is None):
                 warnings.append(_("Dice needs both a fixed and a moving segmentation: only one was given, no Dice "
                                   "computed"))
@@ -574,7 +626,7 @@ class ISTNRegistrationLogic:
             result = ISTNRegistrationResult(transformType=transformType, warnings=warnings)
             changes = _SceneChanges(scene)
             watched.extend([fixedVolumeNode, movingVolumeNode, outputTransformNode, outputVolumeNode,
-                            checkerboardVolumeNode, jacobianVolumeNode])
+                            checkerboardVolumeNode, jacobianVolumeNode, atlasSegmentationNode])
 
             def undo() -> None:
                 watched.clear()  # first: the rollback removes the run's own new nodes, no user's removal
@@ -662,12 +714,20 @@ class ISTNRegistrationLogic:
                     result.metrics["jacobian"] = jacobian_statistics(sitk.GetArrayViewFromImage(jacobian))
                     outputs.append((jacobianVolumeNode, jacobian))
                     result.jacobianVolumeNode = jacobianVolumeNode
+                atlasOnMoving = None
+                if atlasLayers is not None:
+                    atlasOnMoving = self._atlasOnMoving(atlasLayers, movingImage, final, result)
                 for node, image in outputs:
                     changes.rememberVolume(node)
                     nodeio.updateVolumeNodeFromImage(node, image)
                     node.SetAndObserveTransformNodeID(None)
                     if node.GetDisplayNode() is None:
                         node.CreateDefaultDisplayNodes()
+                if atlasOnMoving is not None:
+                    result.atlasSegmentationNode = self._writeAtlas(
+                        changes, atlasOnMoving, linearNode, atlasSegmentationNode, movingVolumeNode,
+                        [fixedSegmentationNode, movingSegmentationNode])
+                    result.metrics["atlas"]["output"] = result.atlasSegmentationNode.GetName()
                 if checkerboardVolumeNode is not None:  # [0, 1] by construction: show it as it is
                     display = checkerboardVolumeNode.GetDisplayNode()
                     display.AutoWindowLevelOff()
@@ -954,6 +1014,69 @@ class ISTNRegistrationLogic:
             self._styleMap(node, image)
             maps.append(node)
         return maps[0], maps[1]
+
+    @staticmethod
+    def _atlasOnMoving(layers, movingImage, final, result) -> list:
+        """The atlas' layers on the moving volume's grid through ``final``'s inverse; its volumes (ml) per segment
+        and what to warn of in ``result``."""
+        import numpy as np
+        import SimpleITK as sitk
+
+        from istn.inverse import inverse_transform, round_trip_warning
+        from istn.registration import OUTPUT_FIELD_SPACING_MM, warp_image
+
+        from .nodes import LabelLayer
+
+        inverted = inverse_transform(final, movingImage, OUTPUT_FIELD_SPACING_MM)
+        voxelMl = float(np.prod(movingImage.GetSpacing())) / 1000.0
+        onMoving, volumes, outside = [], {}, []
+        for layer in layers:
+            warped = warp_image(layer.labels, movingImage, inverted.transform, sitk.sitkNearestNeighbor, 0.0,
+                                field_spacing=OUTPUT_FIELD_SPACING_MM)
+            onMoving.append(LabelLayer(warped, layer.segments))
+            values, counts = np.unique(sitk.GetArrayViewFromImage(warped), return_counts=True)
+            count = dict(zip(values.tolist(), counts.tolist()))
+            for value, name, _color in layer.segments:
+                key, k = name, 2
+                while key in volumes:  # Slicer allows two segments of one name
+                    key, k = f"{name} ({k})", k + 1
+                volumes[key] = count.get(value, 0) * voxelMl
+                if not count.get(value, 0):
+                    outside.append(key)
+        result.metrics["atlas"] = {"volumes_ml": volumes, "inverse": inverted.summary()}
+        if len(outside) == len(volumes):
+            result.warnings.append(_("no segment of the atlas lies in the moving volume after registration: is the "
+                                     "atlas drawn on the fixed volume's space?"))
+        elif outside:
+            result.warnings.append(_("atlas segments outside the moving volume after registration (left empty): "
+                                     "{names}").format(names=", ".join(outside)))
+        missed = round_trip_warning(inverted.round_trip_mm)
+        if missed:
+            result.warnings.append(_("atlas: {warning}").format(warning=missed))
+        return onMoving
+
+    def _writeAtlas(self, changes, layers, linearNode, atlasNode, movingNode, inputs):
+        """The atlas on the moving grid into a segmentation that follows the moving volume: the node of this
+        output transform's earlier run of the same atlas, else a new one."""
+        from . import nodes as nodeio
+
+        node = linearNode.GetNodeReference(ROLE_ATLAS)
+        reuse = (node is not None and node.IsA("vtkMRMLSegmentationNode")
+                 and node.GetAttribute(ATTRIBUTE_ATLAS) == atlasNode.GetID()
+                 and all(node is not other for other in [atlasNode, movingNode, *inputs]))
+        if reuse:
+            changes.rememberSegmentation(node)
+        else:
+            node = changes.addNode("vtkMRMLSegmentationNode", _("{atlas} on {moving}").format(
+                atlas=atlasNode.GetName(), moving=movingNode.GetName()))
+            node.SetAttribute(ATTRIBUTE_ATLAS, atlasNode.GetID())
+            node.CreateDefaultDisplayNodes()
+        # in the moving volume's coordinates; the parent first: the reference geometry is taken relative to it
+        node.SetAndObserveTransformNodeID(movingNode.GetTransformNodeID())
+        nodeio.setSegmentsFromLayers(node, layers, movingNode)
+        changes.rememberReference(linearNode, ROLE_ATLAS)
+        linearNode.SetNodeReferenceID(ROLE_ATLAS, node.GetID())
+        return node
 
     def _useColors(self, display, colorIds) -> None:
         """The first of ``colorIds`` the scene holds as ``display``'s colour table (none: its own left)."""

@@ -156,6 +156,17 @@ class Structure:
     name: str
     value: int | None
     mask: sitk.Image
+    color: tuple[float, float, float] | None = None  # RGB in [0, 1], where the node gives one
+
+
+def _labelColor(labelmapNode, value: int) -> tuple[float, float, float] | None:
+    display = labelmapNode.GetDisplayNode()
+    colorNode = display.GetColorNode() if display is not None else None
+    if colorNode is None or value >= colorNode.GetNumberOfColors():
+        return None
+    rgba = [0.0, 0.0, 0.0, 0.0]
+    colorNode.GetColor(value, rgba)
+    return tuple(float(c) for c in rgba[:3])
 
 
 def _labelName(labelmapNode, value: int) -> str:
@@ -225,8 +236,115 @@ def _structuresFromSegmentation(segmentationNode, world: bool) -> list[Structure
         array = (scalars.reshape(dims[2], dims[1], dims[0]) != 0).astype(np.uint8)
         value = segment.GetLabelValue() if hasattr(segment, "GetLabelValue") else None
         out.append(Structure(segment.GetName(), int(value) if value is not None else None,
-                             imageFromArray(array, voxelToRas @ shift)))
+                             imageFromArray(array, voxelToRas @ shift), tuple(segment.GetColor())))
     return out
+
+
+@dataclass
+class LabelLayer:
+    """Structures that do not overlap, as label values on one grid (``labels``, LPS), in the node's order:
+    ``segments`` = ``(value, name, colour or None)``."""
+
+    labels: sitk.Image
+    segments: list[tuple[int, str, tuple[float, float, float] | None]]
+
+
+def labelLayersFromNode(node, world: bool = False) -> list[LabelLayer]:
+    """A segmentation or label map node as layers of label values, so that each layer can be resampled at once.
+
+    A label map volume is one layer (its own values, names and colours from its colour table). A segmentation's
+    segments are put on one grid spanning them all (Slicer keeps a segmentation's segments on one lattice) and
+    into as few layers as their overlaps allow, so overlapping segments stay whole.
+    """
+    if node.IsA("vtkMRMLSegmentationNode"):
+        structures = _structuresFromSegmentation(node, world)
+        if not structures:
+            raise ValueError(_("segmentation '{name}' has only empty segments").format(name=node.GetName()))
+        return _layersOfStructures(structures)
+    if not node.IsA("vtkMRMLScalarVolumeNode"):
+        raise ValueError(_("'{name}' is neither a segmentation nor a label map volume").format(name=node.GetName()))
+    labels = volumeNodeToImage(node, world)
+    array = sitk.GetArrayViewFromImage(labels)
+    if not np.issubdtype(array.dtype, np.integer):
+        if not np.all(np.equal(np.mod(array, 1), 0)):
+            raise ValueError(_("'{name}' is not a label map (its voxel values are not integers)").format(
+                name=node.GetName()))
+        labels = sitk.Cast(labels, sitk.sitkInt32)
+    values = sorted(int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels)) if v != 0)
+    if not values:
+        raise ValueError(_("'{name}' holds no label (every voxel is 0)").format(name=node.GetName()))
+    named = node.IsA("vtkMRMLLabelMapVolumeNode")
+    return [LabelLayer(labels, [(v, _labelName(node, v) if named else f"label {v}",
+                                 _labelColor(node, v) if named else None) for v in values])]
+
+
+def _layersOfStructures(structures: list[Structure]) -> list[LabelLayer]:
+    """Masks on their own extents -> label layers on one grid that spans them (the first mask's lattice)."""
+    first = structures[0].mask
+    lows, highs = [], []
+    for s in structures:  # each mask's corners as indices of the first one's lattice
+        corners = [s.mask.TransformIndexToPhysicalPoint([int(i * (n - 1)) for i, n in zip(c, s.mask.GetSize())])
+                   for c in np.ndindex(2, 2, 2)]
+        index = np.array([first.TransformPhysicalPointToContinuousIndex(p) for p in corners])
+        lows.append(np.floor(index.min(0) + 0.5))
+        highs.append(np.floor(index.max(0) + 0.5))
+    low, high = np.min(lows, 0).astype(int), np.max(highs, 0).astype(int)
+    grid = sitk.Image([int(n) for n in high - low + 1], sitk.sitkUInt8)
+    grid.SetSpacing(first.GetSpacing())
+    grid.SetDirection(first.GetDirection())
+    grid.SetOrigin(first.TransformContinuousIndexToPhysicalPoint([float(v) for v in low]))
+    arrays: list[np.ndarray] = []
+    layers: list[list] = []
+    for s in structures:
+        inside = sitk.GetArrayFromImage(  # a copy: a view would outlive the resampled image
+            sitk.Resample(s.mask, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)) != 0
+        for array, segments in zip(arrays, layers):
+            if not array[inside].any() and len(segments) < 65535:
+                break
+        else:
+            arrays.append(np.zeros(sitk.GetArrayViewFromImage(grid).shape, np.uint16))
+            layers.append([])
+            array, segments = arrays[-1], layers[-1]
+        segments.append((len(segments) + 1, s.name, s.color))
+        array[inside] = len(segments)
+    out = []
+    for array, segments in zip(arrays, layers):
+        labels = sitk.GetImageFromArray(array)
+        labels.CopyInformation(grid)
+        out.append(LabelLayer(labels, segments))
+    return out
+
+
+def setSegmentsFromLayers(segmentationNode, layers: list[LabelLayer], referenceVolumeNode=None) -> None:
+    """Replace the segments of ``segmentationNode`` by those of ``layers`` (names and colours kept, an empty one
+    kept empty; voxels in the segmentation's own coordinates) with ``referenceVolumeNode``'s grid as the Segment
+    Editor's reference geometry."""
+    segmentation = segmentationNode.GetSegmentation()
+    segmentation.RemoveAllSegments()
+    for layer in layers:
+        array = sitk.GetArrayViewFromImage(layer.labels)
+        imageToWorld = vtkMatrixFromArray(voxelToRasFromImage(layer.labels))
+        for value, name, color in layer.segments:
+            inside = array == value
+            found = np.nonzero(inside)
+            # the segment's own box (k, j, i), so that a small structure of a large grid stays small
+            low = [int(f.min()) if f.size else 0 for f in found]
+            high = [int(f.max()) if f.size else 0 for f in found]
+            box = inside[low[0]:high[0] + 1, low[1]:high[1] + 1, low[2]:high[2] + 1].astype(np.uint8)
+            oriented = slicer.vtkOrientedImageData()
+            oriented.SetExtent(low[2], high[2], low[1], high[1], low[0], high[0])
+            oriented.GetPointData().SetScalars(numpy_support.numpy_to_vtk(
+                np.ascontiguousarray(box).ravel(), deep=True, array_type=vtk.VTK_UNSIGNED_CHAR))
+            oriented.SetImageToWorldMatrix(imageToWorld)
+            if color is None:  # the segmentation's own choice of colour
+                segmentationNode.AddSegmentFromBinaryLabelmapRepresentation(oriented, name)
+            else:
+                segmentationNode.AddSegmentFromBinaryLabelmapRepresentation(oriented, name, list(color))
+    segmentation.CollapseBinaryLabelmaps(False)  # segments that do not overlap share a layer, as Slicer keeps them
+    # last: adding segments of other extents makes the segmentation choose a reference geometry of its own; taken
+    # relative to the segmentation's parent transform (the reference volume's, where they share one, is its own)
+    if referenceVolumeNode is not None:
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)
 
 
 def matchStructures(fixed: list[Structure], moving: list[Structure]

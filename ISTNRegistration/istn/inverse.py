@@ -42,6 +42,16 @@ class InverseTransform:
                 "iterations": self.iterations, "round_trip_mm": self.round_trip_mm}
 
 
+def round_trip_warning(round_trip: dict[str, float]) -> str:
+    """What to tell a user of an inverse whose round trip (`InverseTransform.round_trip_mm`) misses by more than
+    `ROUND_TRIP_WARN_MM` anywhere; "" when it does not."""
+    if round_trip.get("over_warn", 0) <= 0:
+        return ""
+    return (f"the inverse misses by more than {ROUND_TRIP_WARN_MM:g} mm at {100 * round_trip['over_warn']:.1f} % "
+            "of the points checked (the transform folds there, or leaves the reference's field of view): check "
+            "those regions")
+
+
 def _linear_part(parts: list[sitk.Transform], d: int) -> np.ndarray:
     """The homogeneous matrix of the linear members of ``parts`` composed in their order (non-linear ones skipped:
     a registration's deformation is a near-identity on top of its affine)."""

@@ -209,12 +209,11 @@ def make_out_folder(out: Path) -> None:
 
 def warn_if_it_misses(summary: dict, round_trip: dict) -> None:
     """A warning in an inverse's summary when its round trip misses by more than `ROUND_TRIP_WARN_MM` anywhere."""
-    from ..inverse import ROUND_TRIP_WARN_MM
+    from ..inverse import round_trip_warning
 
-    if round_trip["over_warn"] > 0:
-        summary["warning"] = (f"the inverse misses by more than {ROUND_TRIP_WARN_MM:g} mm at "
-                              f"{100 * round_trip['over_warn']:.1f} % of the points checked (the transform folds "
-                              "there, or leaves the reference's field of view): check those regions")
+    warning = round_trip_warning(round_trip)
+    if warning:
+        summary["warning"] = warning
 
 
 def inverse_line(inverse: dict) -> str:
