@@ -1322,6 +1322,19 @@ def _segments_on(node, grid: sitk.Image) -> dict:
             for s in nodes.structuresFromNode(node)}
 
 
+def _segmentation_of(scene, name: str, masks: dict):
+    """A segmentation node with one segment per ``masks`` entry (sitk images), each imported as Slicer does."""
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    for segment, mask in masks.items():
+        labelmap = nodes.addVolumeNodeFromImage(scene, sitk.Cast(mask, sitk.sitkUInt8), segment,
+                                                "vtkMRMLLabelMapVolumeNode")
+        node.SetReferenceImageGeometryParameterFromVolumeNode(labelmap)
+        assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, node)
+        content = node.GetSegmentation()
+        content.GetNthSegment(content.GetNumberOfSegments() - 1).SetName(segment)
+    return node
+
+
 @pytest.mark.parametrize("kind", ["affine", "bspline"])
 def test_an_atlas_label_map_comes_onto_the_moving_grid_through_the_inverse_and_follows_the_moving_volume(
         scene, pair, tiny_models, kind):
@@ -1436,12 +1449,23 @@ def test_a_failed_rerun_gives_back_the_earlier_atlas_and_a_first_run_leaves_none
     assert selftest.nodeIds(scene) == nodes_before
 
 
-@pytest.mark.parametrize("case", ["intensities", "empty", "is-the-output-volume", "empty-segmentation"])
+@pytest.mark.parametrize("case", ["intensities", "integer-intensities", "empty", "is-the-output-volume",
+                                  "empty-segmentation", "only-erased-segments"])
 def test_an_unusable_atlas_is_refused_before_the_scene_changes(scene, pair, tiny_models, case):
     fixed_node, moving_node, fixed, _ = pair
     if case == "intensities":
         atlas = nodes.addVolumeNodeFromImage(scene, fixed, "t1")
         match, extra = "not a label map", {}
+    elif case == "integer-intensities":  # a T1 stored as integers, given as a plain volume: not labels
+        atlas = nodes.addVolumeNodeFromImage(scene, sitk.Cast(sitk.RescaleIntensity(fixed, 0, 255), sitk.sitkUInt8),
+                                             "t1 uint8")
+        match, extra = "looks like an image of intensities", {}
+    elif case == "only-erased-segments":  # painted, then erased: the extent may stay, no voxel is set
+        atlas = _segmentation_of(scene, "erased", {"a": _labels(fixed) == 1, "b": _labels(fixed) == 2})
+        atlas.GetSegmentation().CollapseBinaryLabelmaps(False)  # one shared layer, as Slicer keeps them
+        for i in range(2):
+            atlas.GetSegmentation().ClearSegment(atlas.GetSegmentation().GetNthSegmentID(i))
+        match, extra = "has only empty segments", {}
     elif case == "empty":
         atlas = nodes.addVolumeNodeFromImage(scene, _labels(fixed) * 0, "nothing", "vtkMRMLLabelMapVolumeNode")
         match, extra = "holds no label", {}
@@ -1458,3 +1482,120 @@ def test_an_unusable_atlas_is_refused_before_the_scene_changes(scene, pair, tiny
     assert selftest.nodeIds(scene) == before
     assert moving_node.GetParentTransformNode() is None
     assert all(same_state(s, node_state(n)) for s, n in zip(states, (fixed_node, moving_node)))
+
+
+def test_empty_atlas_segments_stay_empty_without_a_warning_and_keep_their_place(scene, pair, tiny_models):
+    """One segment never painted (Segment Editor "Add"), one painted over the others (a second layer) and then
+    erased: both come out empty, in the atlas' order, with 0 ml and no "outside" warning."""
+    fixed_node, moving_node, fixed, moving = pair
+    labels = _labels(fixed)
+    atlas = _segmentation_of(scene, "atlas", {"one": labels == 1, "both": labels > 0, "two": labels == 2})
+    content = atlas.GetSegmentation()
+    content.ClearSegment(content.GetNthSegmentID(1))  # "both" erased
+    content.AddEmptySegment("", "to be drawn")
+    result = run(ISTNRegistrationLogic(), pair, tiny_models, "affine", atlasSegmentationNode=atlas)
+    out = result.atlasSegmentationNode.GetSegmentation()
+    assert [out.GetNthSegment(i).GetName() for i in range(out.GetNumberOfSegments())] == [
+        "one", "both", "two", "to be drawn"]
+    volumes = result.metrics["atlas"]["volumes_ml"]
+    assert volumes["both"] == volumes["to be drawn"] == 0 < volumes["one"]
+    assert not any("atlas" in w for w in result.warnings), result.warnings
+    expected = _atlas_on_moving_expected(labels, moving, result.transform)
+    found = _segments_on(result.atlasSegmentationNode, moving)
+    assert np.array_equal(found["one"][1], expected == 1) and np.array_equal(found["two"][1], expected == 2)
+
+
+def test_atlas_segments_on_other_voxel_grids_are_each_warped_from_their_own(scene, pair, tiny_models):
+    """A segmentation whose segments lie on different lattices (one on the fixed grid, one on a finer oblique
+    grid): each segment equals its own mask warped alone, in either order (no resampling onto the other's grid)."""
+    fixed_node, moving_node, fixed, moving = pair
+    fine = sitk.Image([40, 36, 30], sitk.sitkUInt8)
+    fine.SetSpacing([0.7, 0.7, 0.7])
+    c, s_ = np.cos(0.3), np.sin(0.3)
+    fine.SetDirection([c, -s_, 0, s_, c, 0, 0, 0, 1])
+    centre = fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fixed.GetSize()])
+    fine.SetOrigin(np.array(centre) - fine.TransformContinuousIndexToPhysicalPoint([20, 18, 15])
+                   + np.array(fine.GetOrigin()))
+    index = np.indices([30, 36, 40]).astype(float)
+    r = np.sqrt(((index[0] - 15) * 0.7) ** 2 + ((index[1] - 18) * 0.7) ** 2 + ((index[2] - 20) * 0.7) ** 2)
+    ball = sitk.GetImageFromArray((r < 9.0).astype(np.uint8))
+    ball.CopyInformation(fine)
+    coarse = sitk.Cast(_labels(fixed) == 2, sitk.sitkUInt8)
+    for order in (("coarse", "ball"), ("ball", "coarse")):
+        sources = {"coarse": coarse, "ball": ball}
+        atlas = _segmentation_of(scene, "mixed", {k: sources[k] for k in order})
+        result = run(ISTNRegistrationLogic(), pair, tiny_models, "affine", atlasSegmentationNode=atlas)
+        found = _segments_on(result.atlasSegmentationNode, moving)
+        assert list(found) == list(order)
+        for name, image in sources.items():
+            expected = _atlas_on_moving_expected(image, moving, result.transform) == 1
+            assert expected.sum() > 20, name
+            assert np.array_equal(found[name][1], expected), (order, name)
+
+
+def test_a_rerun_keeps_the_atlas_segments_ids_and_display_and_each_atlas_keeps_its_node(scene, pair, tiny_models,
+                                                                                         monkeypatch):
+    fixed_node, moving_node, fixed, moving = pair
+    labels = _labels(fixed)
+    atlas_a = nodes.addVolumeNodeFromImage(scene, labels, "A", "vtkMRMLLabelMapVolumeNode")
+    atlas_b = _segmentation_of(scene, "B", {"inner": labels == 2})
+    logic = ISTNRegistrationLogic()
+    first = run(logic, pair, tiny_models, "affine", atlasSegmentationNode=atlas_a)
+    out = first.atlasSegmentationNode
+    content = out.GetSegmentation()
+    ids = [content.GetNthSegmentID(i) for i in range(content.GetNumberOfSegments())]
+    display = out.GetDisplayNode()
+    display.SetSegmentVisibility(ids[0], False)
+    display.SetSegmentOpacity2DFill(ids[1], 0.2)
+    earlier = _segments_on(out, moving)
+
+    def kept() -> bool:
+        now = [content.GetNthSegmentID(i) for i in range(content.GetNumberOfSegments())]
+        return (now == ids and not display.GetSegmentVisibility(ids[0])
+                and display.GetSegmentOpacity2DFill(ids[1]) == pytest.approx(0.2))
+
+    again = run(logic, pair, tiny_models, "affine", atlasSegmentationNode=atlas_a,
+                outputTransformNode=first.transformNode)
+    assert again.atlasSegmentationNode is out and kept()
+    # another atlas into the same transform gets its own node; the first atlas again finds its own
+    other = run(logic, pair, tiny_models, "affine", atlasSegmentationNode=atlas_b,
+                outputTransformNode=first.transformNode)
+    assert other.atlasSegmentationNode is not out and scene.IsNodePresent(out)
+    count = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    third = run(logic, pair, tiny_models, "affine", atlasSegmentationNode=atlas_a,
+                outputTransformNode=first.transformNode)
+    assert third.atlasSegmentationNode is out and scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == count
+    # a re-run that fails after writing it (another atlas content: mirrored) gives it back, IDs and display too
+    voxels = slicer.util.arrayFromVolume(atlas_a)
+    voxels[:] = voxels[:, :, ::-1].copy()
+    slicer.util.arrayFromVolumeModified(atlas_a)
+    shown = []
+
+    def fail(*args, **kwargs):
+        shown.append(args)
+        if len(shown) == 2:
+            raise RuntimeError("view update failed")
+
+    monkeypatch.setattr(logic, "_showInSliceViews", fail)
+    with pytest.raises(RuntimeError, match="view update failed"):
+        run(logic, pair, tiny_models, "affine", atlasSegmentationNode=atlas_a, outputTransformNode=first.transformNode)
+    assert kept()
+    restored = _segments_on(out, moving)
+    assert all(np.array_equal(restored[k][1], earlier[k][1]) for k in earlier)
+
+
+def test_a_label_map_atlas_with_negative_and_large_values_keeps_them_apart(scene, pair, tiny_models):
+    fixed_node, moving_node, fixed, moving = pair
+    labels = sitk.Cast(_labels(fixed), sitk.sitkInt32)
+    values = sitk.GetArrayFromImage(labels)
+    recoded = np.select([values == 1, values == 2], [-1, 70000], 0).astype(np.int32)
+    atlas_image = sitk.GetImageFromArray(recoded)
+    atlas_image.CopyInformation(labels)
+    atlas = nodes.addVolumeNodeFromImage(scene, atlas_image, "odd values", "vtkMRMLLabelMapVolumeNode")
+    result = run(ISTNRegistrationLogic(), pair, tiny_models, "affine", atlasSegmentationNode=atlas)
+    found = _segments_on(result.atlasSegmentationNode, moving)
+    assert list(found) == ["label -1", "label 70000"]
+    assert found["label -1"][0] != found["label 70000"][0]  # colours told apart where the table has none
+    expected = _atlas_on_moving_expected(_labels(fixed), moving, result.transform)
+    assert np.array_equal(found["label -1"][1], expected == 1)
+    assert np.array_equal(found["label 70000"][1], expected == 2)

@@ -49,8 +49,6 @@ DEVICES = ("auto", "cpu", "cuda")
 ROLE_BSPLINE = "ISTNRegistration.bspline"
 ROLE_FIXED_MAP = "ISTNRegistration.fixedMap"
 ROLE_MOVING_MAP = "ISTNRegistration.movingMap"
-#: ... and its atlas brought onto the moving volume (a segmentation node)
-ROLE_ATLAS = "ISTNRegistration.atlas"
 #: Colour tables for the ITN maps, best first (the file-based ones exist only in the application).
 MAP_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLColorTableNodeFileViridis.txt",
                       "vtkMRMLColorTableNodeIron")
@@ -69,8 +67,10 @@ ATTRIBUTE_FIXED = "ISTNRegistration.fixedVolumeID"
 #: volume now under the result, starts there again rather than from the volume's own geometry
 ATTRIBUTE_START = "ISTNRegistration.startToWorld"
 ATTRIBUTE_START_NAME = "ISTNRegistration.startedFrom"
-#: On an atlas output segmentation: the ID of the atlas it was made from (another atlas gets a new node)
+#: On an atlas output segmentation: the IDs of the atlas it was made from and of the output transform of its run
+#: (a second Apply of that atlas into that transform updates it; another atlas or transform gets a node of its own)
 ATTRIBUTE_ATLAS = "ISTNRegistration.atlasID"
+ATTRIBUTE_ATLAS_TRANSFORM = "ISTNRegistration.outputTransformID"
 STAGE_NAMES = {"affine": "Affine", "bspline": "B-spline"}
 #: A segmentation's conversion parameter holding the Segment Editor's reference grid
 REFERENCE_GEOMETRY = "Reference image geometry"
@@ -280,17 +280,15 @@ class _SceneChanges:
         self.rememberParent(volumeNode)
 
     def rememberSegmentation(self, segmentationNode) -> None:
-        """An atlas output's segments (voxels, names, colours; not empty ones), reference geometry and parent
-        transform, put back on rollback. (Read as label layers: vtkSegmentation.DeepCopy needs the application's
-        data object factory.)"""
+        """An atlas output's segments (voxels, names, colours, order; IDs and display settings where the run kept
+        them: it updates segments by name), reference geometry and parent transform, put back on rollback. (Read
+        as label layers: vtkSegmentation.DeepCopy needs the application's data object factory.)"""
         from . import nodes as nodeio
 
         content = segmentationNode.GetSegmentation()
         geometry = content.GetConversionParameter(REFERENCE_GEOMETRY)
-        try:
-            layers = nodeio.labelLayersFromNode(segmentationNode)
-        except ValueError:  # no segment, or only empty ones
-            layers = []
+        layers = (nodeio.labelLayersFromNode(segmentationNode, allowEmpty=True)
+                  if content.GetNumberOfSegments() else [])
 
         def restore() -> None:
             nodeio.setSegmentsFromLayers(segmentationNode, layers)
@@ -1029,22 +1027,24 @@ class ISTNRegistrationLogic:
 
         inverted = inverse_transform(final, movingImage, OUTPUT_FIELD_SPACING_MM)
         voxelMl = float(np.prod(movingImage.GetSpacing())) / 1000.0
-        onMoving, volumes, outside = [], {}, []
+        onMoving, sizes = [], []  # sizes: (order, name, voxels in the atlas, voxels on the moving grid)
         for layer in layers:
             warped = warp_image(layer.labels, movingImage, inverted.transform, sitk.sitkNearestNeighbor, 0.0,
                                 field_spacing=OUTPUT_FIELD_SPACING_MM)
             onMoving.append(LabelLayer(warped, layer.segments))
-            values, counts = np.unique(sitk.GetArrayViewFromImage(warped), return_counts=True)
-            count = dict(zip(values.tolist(), counts.tolist()))
-            for value, name, _color in layer.segments:
-                key, k = name, 2
-                while key in volumes:  # Slicer allows two segments of one name
-                    key, k = f"{name} ({k})", k + 1
-                volumes[key] = count.get(value, 0) * voxelMl
-                if not count.get(value, 0):
-                    outside.append(key)
+            given, found = (np.bincount(sitk.GetArrayViewFromImage(image).ravel(),
+                                        minlength=len(layer.segments) + 1) for image in (layer.labels, warped))
+            sizes.extend((s.order, s.name, int(given[s.value]), int(found[s.value])) for s in layer.segments)
+        volumes, outside = {}, []
+        for _order, name, given, found in sorted(sizes):
+            key, k = name, 2
+            while key in volumes:  # Slicer allows two segments of one name
+                key, k = f"{name} ({k})", k + 1
+            volumes[key] = found * voxelMl
+            if given and not found:  # an empty segment of the atlas is no news
+                outside.append(key)
         result.metrics["atlas"] = {"volumes_ml": volumes, "inverse": inverted.summary()}
-        if len(outside) == len(volumes):
+        if outside and len(outside) == sum(1 for size in sizes if size[2]):
             result.warnings.append(_("no segment of the atlas lies in the moving volume after registration: is the "
                                      "atlas drawn on the fixed volume's space?"))
         elif outside:
@@ -1056,26 +1056,30 @@ class ISTNRegistrationLogic:
         return onMoving
 
     def _writeAtlas(self, changes, layers, linearNode, atlasNode, movingNode, inputs):
-        """The atlas on the moving grid into a segmentation that follows the moving volume: the node of this
-        output transform's earlier run of the same atlas, else a new one."""
+        """The atlas on the moving grid into a segmentation that follows the moving volume: the node an earlier
+        run of the same atlas into this output transform made, else a new one."""
         from . import nodes as nodeio
 
-        node = linearNode.GetNodeReference(ROLE_ATLAS)
-        reuse = (node is not None and node.IsA("vtkMRMLSegmentationNode")
-                 and node.GetAttribute(ATTRIBUTE_ATLAS) == atlasNode.GetID()
-                 and all(node is not other for other in [atlasNode, movingNode, *inputs]))
-        if reuse:
+        scene = self.scene
+        node = None
+        for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")):
+            candidate = scene.GetNthNodeByClass(index, "vtkMRMLSegmentationNode")
+            if (candidate.GetAttribute(ATTRIBUTE_ATLAS) == atlasNode.GetID()
+                    and candidate.GetAttribute(ATTRIBUTE_ATLAS_TRANSFORM) == linearNode.GetID()
+                    and all(candidate is not other for other in [atlasNode, movingNode, *inputs])):
+                node = candidate
+                break
+        if node is not None:
             changes.rememberSegmentation(node)
         else:
             node = changes.addNode("vtkMRMLSegmentationNode", _("{atlas} on {moving}").format(
                 atlas=atlasNode.GetName(), moving=movingNode.GetName()))
             node.SetAttribute(ATTRIBUTE_ATLAS, atlasNode.GetID())
+            node.SetAttribute(ATTRIBUTE_ATLAS_TRANSFORM, linearNode.GetID())
             node.CreateDefaultDisplayNodes()
         # in the moving volume's coordinates; the parent first: the reference geometry is taken relative to it
         node.SetAndObserveTransformNodeID(movingNode.GetTransformNodeID())
         nodeio.setSegmentsFromLayers(node, layers, movingNode)
-        changes.rememberReference(linearNode, ROLE_ATLAS)
-        linearNode.SetNodeReferenceID(ROLE_ATLAS, node.GetID())
         return node
 
     def _useColors(self, display, colorIds) -> None:

@@ -159,10 +159,14 @@ class Structure:
     color: tuple[float, float, float] | None = None  # RGB in [0, 1], where the node gives one
 
 
-def _labelColor(labelmapNode, value: int) -> tuple[float, float, float] | None:
+def _colorNodeOf(labelmapNode):
     display = labelmapNode.GetDisplayNode()
-    colorNode = display.GetColorNode() if display is not None else None
-    if colorNode is None or value >= colorNode.GetNumberOfColors():
+    return display.GetColorNode() if display is not None else None
+
+
+def _labelColor(labelmapNode, value: int) -> tuple[float, float, float] | None:
+    colorNode = _colorNodeOf(labelmapNode)
+    if colorNode is None or not 0 <= value < colorNode.GetNumberOfColors():
         return None
     rgba = [0.0, 0.0, 0.0, 0.0]
     colorNode.GetColor(value, rgba)
@@ -170,9 +174,8 @@ def _labelColor(labelmapNode, value: int) -> tuple[float, float, float] | None:
 
 
 def _labelName(labelmapNode, value: int) -> str:
-    display = labelmapNode.GetDisplayNode()
-    colorNode = display.GetColorNode() if display is not None else None
-    if colorNode is not None and value < colorNode.GetNumberOfColors():
+    colorNode = _colorNodeOf(labelmapNode)
+    if colorNode is not None and 0 <= value < colorNode.GetNumberOfColors():
         name = colorNode.GetColorName(value)
         if name and name.lower() not in ("(none)", "invalid"):
             return name
@@ -183,7 +186,8 @@ def structuresFromNode(node, world: bool = False) -> list[Structure]:
     """Binary masks of every structure of a segmentation node or a label map volume node.
 
     Segmentations need a binary labelmap representation (the usual one); the
-    node is only read. Label maps give one structure per non-zero value.
+    node is only read; empty segments are left out. Label maps give one
+    structure per non-zero value.
     """
     if node is None:
         return []
@@ -204,7 +208,9 @@ def structuresFromNode(node, world: bool = False) -> list[Structure]:
     raise ValueError(_("'{name}' is neither a segmentation nor a label map volume").format(name=node.GetName()))
 
 
-def _structuresFromSegmentation(segmentationNode, world: bool) -> list[Structure]:
+def _structuresFromSegmentation(segmentationNode, world: bool, keepEmpty: bool = False) -> list[Structure]:
+    """Each segment's mask on its own extent; an empty segment (no voxel set, whatever its extent) left out, or
+    with ``keepEmpty`` given with ``mask`` None."""
     segmentation = segmentationNode.GetSegmentation()
     if segmentation.GetNumberOfSegments() == 0:
         raise ValueError(_("segmentation '{name}' has no segments").format(name=segmentationNode.GetName()))
@@ -218,129 +224,217 @@ def _structuresFromSegmentation(segmentationNode, world: bool) -> list[Structure
     for index in range(segmentation.GetNumberOfSegments()):
         segmentId = segmentation.GetNthSegmentID(index)
         segment = segmentation.GetSegment(segmentId)
+        value = segment.GetLabelValue() if hasattr(segment, "GetLabelValue") else None
+        value = int(value) if value is not None else None
+        color = tuple(segment.GetColor())
         oriented = slicer.vtkOrientedImageData()
         if not segmentationNode.GetBinaryLabelmapRepresentation(segmentId, oriented):
             raise ValueError(_("segment '{segment}' of '{name}' could not be read").format(
                 segment=segment.GetName(), name=segmentationNode.GetName()))
         extent = oriented.GetExtent()
-        if extent[1] < extent[0] or extent[3] < extent[2] or extent[5] < extent[4]:
-            continue  # empty segment
+        array = None
+        if extent[1] >= extent[0] and extent[3] >= extent[2] and extent[5] >= extent[4]:
+            dims = [extent[1] - extent[0] + 1, extent[3] - extent[2] + 1, extent[5] - extent[4] + 1]
+            scalars = numpy_support.vtk_to_numpy(oriented.GetPointData().GetScalars())
+            array = (scalars.reshape(dims[2], dims[1], dims[0]) != 0).astype(np.uint8)
+        if array is None or not array.any():  # empty: nothing painted, or erased (its extent may stay)
+            if keepEmpty:
+                out.append(Structure(segment.GetName(), value, None, color))
+            continue
         imageToWorld = vtk.vtkMatrix4x4()
         oriented.GetImageToWorldMatrix(imageToWorld)
         voxelToRas = toWorld @ arrayFromVtkMatrix(imageToWorld)
         # the extent need not start at 0: shift the origin to voxel (extent[0], extent[2], extent[4])
         shift = np.eye(4)
         shift[:3, 3] = [extent[0], extent[2], extent[4]]
-        dims = [extent[1] - extent[0] + 1, extent[3] - extent[2] + 1, extent[5] - extent[4] + 1]
-        scalars = numpy_support.vtk_to_numpy(oriented.GetPointData().GetScalars())
-        array = (scalars.reshape(dims[2], dims[1], dims[0]) != 0).astype(np.uint8)
-        value = segment.GetLabelValue() if hasattr(segment, "GetLabelValue") else None
-        out.append(Structure(segment.GetName(), int(value) if value is not None else None,
-                             imageFromArray(array, voxelToRas @ shift), tuple(segment.GetColor())))
+        out.append(Structure(segment.GetName(), value, imageFromArray(array, voxelToRas @ shift), color))
     return out
 
 
 @dataclass
+class LayerSegment:
+    """One structure of a `LabelLayer`: its value there, name, colour (RGB in [0, 1]; None: none given) and place
+    in the node's order."""
+
+    value: int
+    name: str
+    color: tuple[float, float, float] | None
+    order: int
+
+
+@dataclass
 class LabelLayer:
-    """Structures that do not overlap, as label values on one grid (``labels``, LPS), in the node's order:
-    ``segments`` = ``(value, name, colour or None)``."""
+    """Structures that do not overlap, as label values 1..n on one grid (``labels``, LPS); a segment that is
+    empty has a value no voxel holds."""
 
     labels: sitk.Image
-    segments: list[tuple[int, str, tuple[float, float, float] | None]]
+    segments: list[LayerSegment]
 
 
-def labelLayersFromNode(node, world: bool = False) -> list[LabelLayer]:
+def labelLayersFromNode(node, world: bool = False, allowEmpty: bool = False) -> list[LabelLayer]:
     """A segmentation or label map node as layers of label values, so that each layer can be resampled at once.
 
-    A label map volume is one layer (its own values, names and colours from its colour table). A segmentation's
-    segments are put on one grid spanning them all (Slicer keeps a segmentation's segments on one lattice) and
-    into as few layers as their overlaps allow, so overlapping segments stay whole.
+    A label map volume is one layer (its values renumbered 1..n in order; names and colours from its colour table).
+    A segmentation's segments are put on grids spanning them (one per voxel lattice the segments use: Slicer
+    usually keeps one) and into as few layers as their overlaps allow, so overlapping segments stay whole; empty
+    segments are kept, empty. Refused: no segment with a voxel set (unless ``allowEmpty``); a scalar volume that
+    looks like intensities.
     """
     if node.IsA("vtkMRMLSegmentationNode"):
-        structures = _structuresFromSegmentation(node, world)
-        if not structures:
+        structures = _structuresFromSegmentation(node, world, keepEmpty=True)
+        if all(s.mask is None for s in structures) and not allowEmpty:
             raise ValueError(_("segmentation '{name}' has only empty segments").format(name=node.GetName()))
         return _layersOfStructures(structures)
     if not node.IsA("vtkMRMLScalarVolumeNode"):
         raise ValueError(_("'{name}' is neither a segmentation nor a label map volume").format(name=node.GetName()))
     labels = volumeNodeToImage(node, world)
     array = sitk.GetArrayViewFromImage(labels)
-    if not np.issubdtype(array.dtype, np.integer):
-        if not np.all(np.equal(np.mod(array, 1), 0)):
-            raise ValueError(_("'{name}' is not a label map (its voxel values are not integers)").format(
-                name=node.GetName()))
-        labels = sitk.Cast(labels, sitk.sitkInt32)
-    values = sorted(int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels)) if v != 0)
-    if not values:
-        raise ValueError(_("'{name}' holds no label (every voxel is 0)").format(name=node.GetName()))
+    if not np.issubdtype(array.dtype, np.integer) and not np.all(np.equal(np.mod(array, 1), 0)):
+        raise ValueError(_("'{name}' is not a label map (its voxel values are not integers)").format(
+            name=node.GetName()))
     named = node.IsA("vtkMRMLLabelMapVolumeNode")
-    return [LabelLayer(labels, [(v, _labelName(node, v) if named else f"label {v}",
-                                 _labelColor(node, v) if named else None) for v in values])]
+    if not named:
+        from istn.metrics import looks_like_intensities
+
+        if looks_like_intensities(labels):
+            raise ValueError(_("'{name}' looks like an image of intensities, not a label map (many values, few "
+                               "shared by neighbouring voxels); load the labels as a label map").format(
+                                   name=node.GetName()))
+    values, index = np.unique(array, return_inverse=True)
+    labelled = values != 0
+    if not labelled.any():
+        raise ValueError(_("'{name}' holds no label (every voxel is 0)").format(name=node.GetName()))
+    lut = np.zeros(values.size, np.uint32)  # renumbered 1..n in value order (negative labels too); 0 stays 0
+    lut[labelled] = np.arange(1, int(labelled.sum()) + 1)
+    renumbered = sitk.GetImageFromArray(lut[index.reshape(array.shape)].astype(
+        np.uint16 if labelled.sum() < 65536 else np.uint32))
+    renumbered.CopyInformation(labels)
+    segments = [LayerSegment(int(lut[i]), _labelName(node, int(v)) if named else f"label {int(v)}",
+                             _labelColor(node, int(v)) if named else None, int(lut[i]) - 1)
+                for i, v in enumerate(values.tolist()) if v != 0]
+    return [LabelLayer(renumbered, segments)]
+
+
+def _sameLattice(a: sitk.Image, b: sitk.Image) -> bool:
+    """Whether ``b``'s voxel centres lie on ``a``'s lattice (same spacing and axes, an origin a whole number of
+    voxels away)."""
+    if not (np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=1e-6)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)):
+        return False
+    offset = np.array(a.TransformPhysicalPointToContinuousIndex(b.GetOrigin()))
+    return bool(np.allclose(offset, np.round(offset), atol=1e-3))
 
 
 def _layersOfStructures(structures: list[Structure]) -> list[LabelLayer]:
-    """Masks on their own extents -> label layers on one grid that spans them (the first mask's lattice)."""
-    first = structures[0].mask
-    lows, highs = [], []
-    for s in structures:  # each mask's corners as indices of the first one's lattice
-        corners = [s.mask.TransformIndexToPhysicalPoint([int(i * (n - 1)) for i, n in zip(c, s.mask.GetSize())])
-                   for c in np.ndindex(2, 2, 2)]
-        index = np.array([first.TransformPhysicalPointToContinuousIndex(p) for p in corners])
-        lows.append(np.floor(index.min(0) + 0.5))
-        highs.append(np.floor(index.max(0) + 0.5))
-    low, high = np.min(lows, 0).astype(int), np.max(highs, 0).astype(int)
-    grid = sitk.Image([int(n) for n in high - low + 1], sitk.sitkUInt8)
-    grid.SetSpacing(first.GetSpacing())
-    grid.SetDirection(first.GetDirection())
-    grid.SetOrigin(first.TransformContinuousIndexToPhysicalPoint([float(v) for v in low]))
-    arrays: list[np.ndarray] = []
-    layers: list[list] = []
-    for s in structures:
-        inside = sitk.GetArrayFromImage(  # a copy: a view would outlive the resampled image
-            sitk.Resample(s.mask, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)) != 0
-        for array, segments in zip(arrays, layers):
-            if not array[inside].any() and len(segments) < 65535:
+    """Masks on their own extents -> label layers, one grid per lattice spanning its masks; empty structures
+    (``mask`` None) join the first layer without voxels."""
+    groups: list[list[tuple[int, Structure]]] = []
+    for order, s in enumerate(structures):
+        if s.mask is None:
+            continue
+        for group in groups:
+            if _sameLattice(group[0][1].mask, s.mask):
+                group.append((order, s))
                 break
         else:
-            arrays.append(np.zeros(sitk.GetArrayViewFromImage(grid).shape, np.uint16))
-            layers.append([])
-            array, segments = arrays[-1], layers[-1]
-        segments.append((len(segments) + 1, s.name, s.color))
-        array[inside] = len(segments)
-    out = []
-    for array, segments in zip(arrays, layers):
-        labels = sitk.GetImageFromArray(array)
-        labels.CopyInformation(grid)
-        out.append(LabelLayer(labels, segments))
+            groups.append([(order, s)])
+    out: list[LabelLayer] = []
+    for group in groups:
+        first = group[0][1].mask
+        lows, highs = [], []
+        for _order, s in group:  # each mask's corners as indices of the first one's lattice
+            corners = [s.mask.TransformIndexToPhysicalPoint([int(i * (n - 1)) for i, n in zip(c, s.mask.GetSize())])
+                       for c in np.ndindex(2, 2, 2)]
+            index = np.array([first.TransformPhysicalPointToContinuousIndex(p) for p in corners])
+            lows.append(np.floor(index.min(0) + 0.5))
+            highs.append(np.floor(index.max(0) + 0.5))
+        low, high = np.min(lows, 0).astype(int), np.max(highs, 0).astype(int)
+        grid = sitk.Image([int(n) for n in high - low + 1], sitk.sitkUInt8)
+        grid.SetSpacing(first.GetSpacing())
+        grid.SetDirection(first.GetDirection())
+        grid.SetOrigin(first.TransformContinuousIndexToPhysicalPoint([float(v) for v in low]))
+        arrays: list[np.ndarray] = []
+        layers: list[list[LayerSegment]] = []
+        for order, s in group:
+            inside = sitk.GetArrayFromImage(  # a copy: a view would outlive the resampled image
+                sitk.Resample(s.mask, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)) != 0
+            for array, segments in zip(arrays, layers):
+                if len(segments) < 65535 and not array[inside].any():
+                    break
+            else:
+                arrays.append(np.zeros(inside.shape, np.uint16))
+                layers.append([])
+                array, segments = arrays[-1], layers[-1]
+            segments.append(LayerSegment(len(segments) + 1, s.name, s.color, order))
+            array[inside] = len(segments)
+        for array, segments in zip(arrays, layers):
+            labels = sitk.GetImageFromArray(array)
+            labels.CopyInformation(grid)
+            out.append(LabelLayer(labels, segments))
+    if not out:  # every structure empty: one voxel holding none of them
+        out.append(LabelLayer(sitk.Image([1, 1, 1], sitk.sitkUInt16), []))
+    first = out[0]
+    for order, s in enumerate(structures):
+        if s.mask is None:
+            first.segments.append(LayerSegment(len(first.segments) + 1, s.name, s.color, order))
     return out
 
 
+def _defaultColor(order: int) -> tuple[float, float, float]:
+    """A colour for a structure that came without one: hues spread by the golden ratio, so neighbours differ."""
+    import colorsys
+
+    return colorsys.hsv_to_rgb((0.61803398875 * order) % 1.0, 0.65, 0.95)
+
+
 def setSegmentsFromLayers(segmentationNode, layers: list[LabelLayer], referenceVolumeNode=None) -> None:
-    """Replace the segments of ``segmentationNode`` by those of ``layers`` (names and colours kept, an empty one
-    kept empty; voxels in the segmentation's own coordinates) with ``referenceVolumeNode``'s grid as the Segment
-    Editor's reference geometry."""
-    segmentation = segmentationNode.GetSegmentation()
-    segmentation.RemoveAllSegments()
-    for layer in layers:
+    """Make ``segmentationNode``'s segments those of ``layers``, in their order (names and colours kept, an empty
+    one kept empty; voxels in the segmentation's own coordinates), with ``referenceVolumeNode``'s grid as the
+    Segment Editor's reference geometry.
+
+    A segment already there under the same name is updated in place (its ID and display settings, e.g. hidden
+    or its opacity, stay); the others are removed, new ones added.
+    """
+    from scipy import ndimage
+
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    content = segmentationNode.GetSegmentation()
+    unused = [content.GetNthSegmentID(i) for i in range(content.GetNumberOfSegments())]
+    wanted = []  # (order, layer index, segment)
+    boxes = []
+    for index, layer in enumerate(layers):
         array = sitk.GetArrayViewFromImage(layer.labels)
-        imageToWorld = vtkMatrixFromArray(voxelToRasFromImage(layer.labels))
-        for value, name, color in layer.segments:
-            inside = array == value
-            found = np.nonzero(inside)
-            # the segment's own box (k, j, i), so that a small structure of a large grid stays small
-            low = [int(f.min()) if f.size else 0 for f in found]
-            high = [int(f.max()) if f.size else 0 for f in found]
-            box = inside[low[0]:high[0] + 1, low[1]:high[1] + 1, low[2]:high[2] + 1].astype(np.uint8)
-            oriented = slicer.vtkOrientedImageData()
-            oriented.SetExtent(low[2], high[2], low[1], high[1], low[0], high[0])
-            oriented.GetPointData().SetScalars(numpy_support.numpy_to_vtk(
-                np.ascontiguousarray(box).ravel(), deep=True, array_type=vtk.VTK_UNSIGNED_CHAR))
-            oriented.SetImageToWorldMatrix(imageToWorld)
-            if color is None:  # the segmentation's own choice of colour
-                segmentationNode.AddSegmentFromBinaryLabelmapRepresentation(oriented, name)
-            else:
-                segmentationNode.AddSegmentFromBinaryLabelmapRepresentation(oriented, name, list(color))
-    segmentation.CollapseBinaryLabelmaps(False)  # segments that do not overlap share a layer, as Slicer keeps them
+        # each value's box in one pass over the layer (values are 1..n)
+        boxes.append((array, ndimage.find_objects(array), vtkMatrixFromArray(voxelToRasFromImage(layer.labels))))
+        wanted.extend((segment.order, index, segment) for segment in layer.segments)
+    ids = []
+    for _order, index, segment in sorted(wanted, key=lambda w: w[0]):
+        array, found, imageToWorld = boxes[index]
+        box = found[segment.value - 1] if segment.value - 1 < len(found) else None
+        if box is None:  # empty: one voxel, unset
+            box = (slice(0, 1),) * 3
+        inside = (array[box] == segment.value).astype(np.uint8)
+        oriented = slicer.vtkOrientedImageData()
+        oriented.SetExtent(box[2].start, box[2].stop - 1, box[1].start, box[1].stop - 1, box[0].start,
+                           box[0].stop - 1)
+        oriented.GetPointData().SetScalars(numpy_support.numpy_to_vtk(
+            np.ascontiguousarray(inside).ravel(), deep=True, array_type=vtk.VTK_UNSIGNED_CHAR))
+        oriented.SetImageToWorldMatrix(imageToWorld)
+        color = segment.color if segment.color is not None else _defaultColor(segment.order)
+        match = next((i for i in unused if content.GetSegment(i).GetName() == segment.name), None)
+        if match is not None:
+            unused.remove(match)
+            logic.SetBinaryLabelmapToSegment(oriented, segmentationNode, match, logic.MODE_REPLACE)
+            content.GetSegment(match).SetColor(*color)
+            ids.append(match)
+        else:
+            ids.append(segmentationNode.AddSegmentFromBinaryLabelmapRepresentation(oriented, segment.name,
+                                                                                   list(color)))
+    for segmentId in unused:
+        content.RemoveSegment(segmentId)
+    for index, segmentId in enumerate(ids):
+        content.SetSegmentIndex(segmentId, index)
+    content.CollapseBinaryLabelmaps(False)  # segments that do not overlap share a layer, as Slicer keeps them
     # last: adding segments of other extents makes the segmentation choose a reference geometry of its own; taken
     # relative to the segmentation's parent transform (the reference volume's, where they share one, is its own)
     if referenceVolumeNode is not None:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from ..errors import InputError, ResultError
-from .evaluate import label_values, looks_like_intensities
+from .evaluate import label_values
 
 APPLY_INTERPOLATIONS = ("auto", "linear", "nearest")
 #: Transform files ITK, SimpleITK, ANTs and Slicer read; a displacement field (a non-linear inverse) needs HDF5
@@ -41,6 +41,7 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
 
     from .. import segfile
     from ..io import image_suffix, read_raw_image, read_transform, write_image
+    from ..metrics import looks_like_intensities
     from ..registration import OUTPUT_FIELD_SPACING_MM, warp_image
 
     t0 = time.perf_counter()

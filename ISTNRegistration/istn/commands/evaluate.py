@@ -8,30 +8,12 @@ from typing import Sequence
 
 from ..errors import InputError
 
-# A label map has few values and mostly coherent regions; an intensity image (a T1 given as "labels")
-# has many values that rarely repeat between neighbours (sample data: 0.79 vs 0.05-0.07).
-MANY_LABELS = 50
-MIN_LABEL_COHERENCE = 0.3
-
 
 def label_values(image) -> set[int]:
     import numpy as np
     import SimpleITK as sitk
 
     return set(np.unique(sitk.GetArrayViewFromImage(image)).tolist()) - {0}
-
-
-def looks_like_intensities(image) -> bool:
-    """Many distinct values, rarely shared by the next voxel along x: not a label map."""
-    import numpy as np
-    import SimpleITK as sitk
-
-    a = sitk.GetArrayViewFromImage(image)
-    if len(np.unique(a)) - 1 <= MANY_LABELS:
-        return False
-    fg = a[..., :-1] != 0
-    same = (a[..., :-1] == a[..., 1:]) & fg
-    return bool(fg.any()) and same.sum() / fg.sum() < MIN_LABEL_COHERENCE
 
 
 def value_list(values) -> str:
@@ -61,7 +43,7 @@ def run_evaluate(fixed_labels: str | Path, moving_labels: str | Path, transform_
 
     from .. import segfile
     from ..io import read_raw_image, read_transform, write_json
-    from ..metrics import folding_fraction, label_metrics, mean_metrics
+    from ..metrics import folding_fraction, label_metrics, looks_like_intensities, mean_metrics
     from ..registration import warp_image
 
     from .apply import check_out_file, make_out_folder

@@ -491,7 +491,7 @@ def read_atlas(path: str | Path, fixed=None):
     from .. import segfile
     from ..geometry import Grid
     from ..io import read_raw_image
-    from .evaluate import looks_like_intensities
+    from ..metrics import looks_like_intensities
 
     atlas = read_raw_image(path, "--atlas label map")
     what = f"--atlas '{path}'"
