@@ -31,11 +31,16 @@ def scene3d(oblique_pair, tmp_path):
     both = sitk.CompositeTransform([affine, mesh])
     paths = {"fixed": tmp_path / "fixed.nii.gz", "labels": tmp_path / "labels.nrrd",
              "intensities": tmp_path / "moving.nii.gz", "int16": tmp_path / "moving_int16.nii.gz",
+             "ct": tmp_path / "moving_ct.nii.gz",
              "affine": tmp_path / "affine.tfm", "bspline": tmp_path / "transform.h5"}
     sitk.WriteImage(fixed, str(paths["fixed"]))
     sitk.WriteImage(labels, str(paths["labels"]))
     sitk.WriteImage(moving, str(paths["intensities"]))
     sitk.WriteImage(sitk.Cast(moving * 3000.0, sitk.sitkInt16), str(paths["int16"]))
+    # as CT stores it: integers, the air at -1000 (a constant background that is not 0)
+    ct = sitk.GetImageFromArray((np.round(sitk.GetArrayFromImage(moving) * 3000.0) - 1000.0).astype(np.int16))
+    ct.CopyInformation(moving)
+    sitk.WriteImage(ct, str(paths["ct"]))
     sitk.WriteTransform(affine, str(paths["affine"]))
     sitk.WriteTransform(both, str(paths["bspline"]))
     return paths, fixed, moving, labels, affine, both
@@ -64,7 +69,7 @@ def test_through_a_bspline_labels_agree_with_the_exact_warp(scene3d, tmp_path):
     assert s["labels_outside_the_reference"] == []
 
 
-@pytest.mark.parametrize("kind", ["intensities", "int16"])
+@pytest.mark.parametrize("kind", ["intensities", "int16", "ct"])
 def test_intensities_go_through_linearly_as_register_warps_them(scene3d, tmp_path, kind):
     paths, fixed, moving, _, _, both = scene3d
     s = run_apply(paths["bspline"], paths["fixed"], paths[kind], tmp_path / "m.nii.gz")

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -585,6 +586,38 @@ def test_without_a_model_the_bundled_default_chain_registers_the_pair(tmp_path, 
     capsys.readouterr()
     assert main(args + ["--out", str(tmp_path / "none")]) == 2
     assert "no --model given and the bundled default models are missing" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+
+def test_a_bundled_model_is_named_by_its_file_name_from_any_folder(files, make_model, tmp_path, capsys,
+                                                                     monkeypatch):
+    """`--model brain-t1-affine.pt` (as the model cards write it) from a folder without that file: the bundled
+    model of that name (".pt" optional); a file of that name where the user works is theirs and comes first; an
+    unknown name is refused listing the bundled ones."""
+    import shutil
+
+    import istn.demo as demo
+    from istn.export import load_model
+
+    bundled = tmp_path / "bundled"
+    bundled.mkdir()
+    shutil.copy(files["model"], bundled / "toy-affine.pt")
+    monkeypatch.setattr(demo, "MODELS_DIR", bundled)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for name in ("toy-affine.pt", "toy-affine"):
+        out = tmp_path / f"out-{name}"
+        assert _register(files, out, **{"--model": name}) == 0
+        stages = json.loads((out / "result.json").read_text())["stages"]
+        assert [s["model_file"] for s in stages] == [str(bundled / "toy-affine.pt")]
+    assert load_model("toy-affine.pt").path == bundled / "toy-affine.pt"
+    shutil.copy(make_model(2, "affine", seed=5), work / "toy-affine.pt")
+    assert load_model("toy-affine.pt").path == Path("toy-affine.pt")  # the user's own file
+    capsys.readouterr()
+    assert _register(files, tmp_path / "none", **{"--model": "nosuch.pt"}) == 2
+    assert ("model file 'nosuch.pt' does not exist (the bundled models, usable by name: toy-affine.pt)"
+            in capsys.readouterr().err)
     assert not (tmp_path / "none").exists()
 
 

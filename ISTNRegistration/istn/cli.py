@@ -182,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--soi-description", default="")
     t.add_argument("--variant", default="istn-i", choices=["stn-u", "stn-s", "istn-e", "istn-i"])
     t.add_argument("--transform", default="affine", choices=["affine", "bspline"])
-    t.add_argument("--ndim", type=int, default=2, choices=[2, 3])
-    t.add_argument("--grid-size", type=int, nargs="*")
+    t.add_argument("--ndim", type=int, default=2, choices=[2, 3], help="2: images, 3: volumes")
+    t.add_argument("--grid-size", type=int, nargs="*",
+                   help="the network's internal grid, one size per axis (default: 128 per axis)")
     t.add_argument("--spacing", type=float, default=1.0, help="internal grid spacing (mm)")
     t.add_argument("--cp-spacing", type=float, default=10.0, help="B-spline control point spacing (mm)")
     t.add_argument("--itn-output", default="linear", choices=["linear", "sigmoid"],
@@ -210,11 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start the run in --out afresh (its checkpoints replaced) instead of continuing it")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--verbose", action="store_true", help="show the libraries' own messages behind an error")
-    # None = not given: commands.train fills in TRAIN_DEFAULTS (the values above), and --config refuses the given
+    # None = not given: commands.train fills in TRAIN_DEFAULTS (the values above), and --config refuses the given;
+    # the help says each default, which argparse would no longer show
     t.set_defaults(**{k: None for k in TRAIN_DEFAULTS})
+    for action in t._actions:
+        if action.dest in TRAIN_DEFAULTS and "default" not in (action.help or ""):
+            said = (action.help + " " if action.help else "")
+            action.help = f"{said}(default: {TRAIN_DEFAULTS[action.dest]})"
 
     i = sub.add_parser("info", help="print a model file's metadata")
-    i.add_argument("--model", required=True)
+    i.add_argument("--model", required=True, help="model file (.pt), or a bundled model's file name")
     i.add_argument("--verbose", action="store_true", help="show the libraries' own messages behind an error")
 
     dp = sub.add_parser("data", help="build training/evaluation data").add_subparsers(dest="data_command", required=True)

@@ -178,16 +178,36 @@ class LoadedModel:
         return text + f" (engine {m.get('engine_version', '?')})."
 
 
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """``path`` itself where it exists; a bare file name that does not (``brain-t1-affine.pt``, with or without
+    ``.pt``) names the bundled model of that name when there is one, from any folder."""
+    p = Path(path)
+    if p.exists() or p.parent != Path("."):
+        return p
+    from .demo import MODELS_DIR
+
+    for name in (p.name, p.name + ".pt"):
+        if (MODELS_DIR / name).is_file():
+            return MODELS_DIR / name
+    return p
+
+
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> LoadedModel:
-    """Load an exported model, refusing foreign, corrupt or incompatible files with a clear message."""
+    """Load an exported model, refusing foreign, corrupt or incompatible files with a clear message.
+
+    ``path``: a model file, or a bundled model's file name (`resolve_model_path`)."""
     if str(device).startswith("cuda") and not torch.cuda.is_available():  # not the file's fault: say so
         from .errors import InputError
 
         raise InputError(f"device '{device}' was asked for but no CUDA GPU is available (load on 'cpu'; register()'s "
                          "device moves it)")
-    p = Path(path)
+    p = resolve_model_path(path)
     if not p.exists():
-        raise ModelFileError(f"model file '{p}' does not exist")
+        from .demo import MODELS_DIR
+
+        bundled = sorted(f.name for f in MODELS_DIR.glob("*.pt")) if p.parent == Path(".") else []
+        raise ModelFileError(f"model file '{p}' does not exist" + (
+            f" (the bundled models, usable by name: {', '.join(bundled)})" if bundled else ""))
     if p.is_dir():
         raise ModelFileError(f"model file '{p}' is a folder")
     extra = {META_NAME: ""}

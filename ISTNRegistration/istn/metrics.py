@@ -24,11 +24,14 @@ MIN_LABEL_COHERENCE = 0.3
 
 
 def looks_like_intensities(image: sitk.Image) -> bool:
-    """Many distinct values, rarely shared by the next voxel along x: an image of intensities, not a label map."""
+    """Many distinct values, rarely shared by the next voxel along x: an image of intensities, not a label map.
+
+    The background is the most common value, 0 or not (CT's air at -1000 is no region of labels)."""
     a = sitk.GetArrayViewFromImage(image)
-    if len(np.unique(a)) - 1 <= MANY_LABELS:
+    values, counts = np.unique(a, return_counts=True)
+    if len(values) - 1 <= MANY_LABELS:
         return False
-    fg = a[..., :-1] != 0
+    fg = a[..., :-1] != values[np.argmax(counts)]
     same = (a[..., :-1] == a[..., 1:]) & fg
     return bool(fg.any()) and same.sum() / fg.sum() < MIN_LABEL_COHERENCE
 

@@ -154,7 +154,7 @@ def run_register(
     """
     import SimpleITK as sitk
 
-    from ..export import load_model
+    from ..export import load_model, resolve_model_path
     from ..io import (check_earlier_outputs, prepare_output_dir, read_image, read_transform, write_image, write_json,
                       write_transform)
     from ..chain import register_with_second_try
@@ -163,8 +163,8 @@ def run_register(
 
     if not str(out_dir).strip():
         raise OutputError("--out is empty: name the output folder")
-    if not model_paths:
-        model_paths = default_models(quiet)
+    # a bundled model may be named by its file name from any folder
+    model_paths = [resolve_model_path(p) for p in model_paths] if model_paths else default_models(quiet)
     check_register_options(iterations, lr, device, background, bending, tolerance, threads, coarse_iterations,
                            region_margin_mm, polish, anchor, passes)
     names = list(REGISTER_OUTPUTS) + list(REGISTER_OPTIONAL_OUTPUTS)
@@ -374,7 +374,10 @@ def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path]
         from ..io import read_image
 
         read_atlas(options["atlas_path"], read_image(fixed_path, "fixed"))
-    model_paths = list(model_paths) if model_paths else default_models(quiet)  # said once, not per image
+    from ..export import resolve_model_path
+
+    # said once, not per image; a bundled model may be named by its file name from any folder
+    model_paths = [resolve_model_path(p) for p in model_paths] if model_paths else default_models(quiet)
     if not str(out_dir).strip():
         raise OutputError("--out is empty: name the output folder")
     out = prepare_output_dir(out_dir, [fixed_path, *moving, *model_paths], [*names, *BATCH_SUMMARY])
