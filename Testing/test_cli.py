@@ -187,11 +187,34 @@ BAD_MOVING = {
     "nan": ("nan.mha", _nan_image, "NaN or infinite"),
     "inf": ("inf.nrrd", _inf_image, "NaN or infinite"),
     "constant": ("const.nii.gz", _constant_image, "constant"),
-    "vector": ("rgb.png", _rgb_image, "components per pixel"),
+    "vector": ("rgb.png", _rgb_image, "has 3 components per pixel (a colour image whose channels differ: convert it "
+                                      "to grey levels first)"),
     "not-an-image": ("notes.txt", lambda p: p.write_text("hello"), "could not be read"),
     "corrupt": ("broken.nii.gz", lambda p: p.write_bytes(b"\x1f\x8b\x08garbage"), "could not be read"),
     "empty-file": ("empty.nrrd", lambda p: p.write_bytes(b""), "could not be read"),
 }
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_a_grey_image_saved_as_colour_registers_as_the_grey_image_it_is(files, tmp_path, channels):
+    """A grey PNG exported as RGB or RGBA (equal channels, constant alpha; as viewers and screenshots save them)
+    gives the grey image's result exactly."""
+    grey = sitk.ReadImage(str(files["moving"]))
+    a = sitk.GetArrayFromImage(grey)
+    stack = [a, a, a] + ([np.full_like(a, 255)] if channels == 4 else [])
+    colour = tmp_path / f"moving_{channels}.png"
+    image = sitk.GetImageFromArray(np.stack(stack, -1), isVector=True)
+    image.CopyInformation(grey)  # the PNG's pixel size too
+    sitk.WriteImage(image, str(colour))
+    written = sitk.ReadImage(str(colour))
+    assert written.GetNumberOfComponentsPerPixel() == channels and written.GetSpacing() == grey.GetSpacing()
+    results = {}
+    for name, moving in (("grey", files["moving"]), ("colour", colour)):
+        assert _register(files, tmp_path / name, **{"--moving": moving}) == 0
+        results[name] = (json.loads((tmp_path / name / "result.json").read_text())["stages"][0],
+                         sitk.ReadTransform(str(tmp_path / name / "transform.tfm")).GetParameters())
+    assert results["colour"][1] == results["grey"][1]  # the same transform, to the bit
+    assert results["colour"][0]["loss_per_iteration"] == results["grey"][0]["loss_per_iteration"]
 
 
 @pytest.mark.parametrize("case", sorted(BAD_MOVING))

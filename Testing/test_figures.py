@@ -135,14 +135,13 @@ def test_lps_grid_is_the_grid_dicomorient_gives_without_its_voxels():
     ``sitk.DICOMOrient(image, "LPS")`` for images stored in any order, axis-aligned or oblique."""
     from conftest import blob_image, rotation
 
-    from istn.figures import lps_grid
-    from istn.geometry import Grid
+    from istn.geometry import Grid, lps_grid
 
     for angles in ((0, 0, 0), (20, -10, 15), (44, 30, -50)):
         image = blob_image((20, 24, 12), (1.0, 1.2, 1.5), (-10.0, -12.0, -9.0), rotation(3, angles).ravel())
         for layout in ("LPS", "RAS", "ASL", "PIR", "SLA"):
             stored = sitk.DICOMOrient(image, layout)
-            want, got = Grid.from_image(sitk.DICOMOrient(stored, "LPS")), lps_grid(stored)
+            want, got = Grid.from_image(sitk.DICOMOrient(stored, "LPS")), lps_grid(Grid.from_image(stored))
             assert got.size == want.size
             np.testing.assert_allclose(got.spacing, want.spacing)
             np.testing.assert_allclose(got.origin, want.origin, atol=1e-9)

@@ -1599,3 +1599,26 @@ def test_a_label_map_atlas_with_negative_and_large_values_keeps_them_apart(scene
     expected = _atlas_on_moving_expected(_labels(fixed), moving, result.transform)
     assert np.array_equal(found["label -1"][1], expected == 1)
     assert np.array_equal(found["label 70000"][1], expected == 2)
+
+
+def test_a_grey_volume_loaded_as_colour_registers_as_the_grey_volume_and_true_colour_is_refused(scene, pair,
+                                                                                                 tiny_models):
+    """A grey PNG or JPEG loads into Slicer as a colour (vector) volume with equal channels: registered as the grey
+    volume it is (the same transform); one whose channels differ is refused before the scene changes."""
+    fixed_node, moving_node, fixed, moving = pair
+    voxels = slicer.util.arrayFromVolume(moving_node).copy()
+    grey_result = run(ISTNRegistrationLogic(), pair, tiny_models, "affine", updateViews=False)
+    for channels, differ in ((3, False), (3, True)):
+        colour = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "colour moving")
+        stack = np.stack([voxels, voxels * (0.5 if differ else 1.0), voxels], -1)
+        colour.SetIJKToRASMatrix(nodes.vtkMatrixFromArray(nodes.ijkToRasMatrix(moving_node)))
+        slicer.util.updateVolumeFromArray(colour, stack.astype(voxels.dtype))
+        assert colour.GetImageData().GetNumberOfScalarComponents() == channels
+        if differ:
+            before = selftest.nodeIds(scene)
+            with pytest.raises(ValueError, match="3 components per voxel"):
+                run(ISTNRegistrationLogic(), (fixed_node, colour), tiny_models, "affine")
+            assert selftest.nodeIds(scene) == before
+        else:
+            result = run(ISTNRegistrationLogic(), (fixed_node, colour), tiny_models, "affine", updateViews=False)
+            np.testing.assert_array_equal(_affine_matrix(result.transform), _affine_matrix(grey_result.transform))

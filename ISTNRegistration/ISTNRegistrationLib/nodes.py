@@ -119,11 +119,16 @@ def volumeNodeToImage(volumeNode, world: bool = False) -> sitk.Image:
     imageData = volumeNode.GetImageData()
     if imageData is None or imageData.GetPointData().GetScalars() is None:
         raise ValueError(_("volume '{name}' has no voxels").format(name=volumeNode.GetName()))
-    if imageData.GetNumberOfScalarComponents() != 1:
-        raise ValueError(_("volume '{name}' has {components} components per voxel; a scalar (grey-level) volume "
-                           "is expected").format(name=volumeNode.GetName(),
-                                                 components=imageData.GetNumberOfScalarComponents()))
     array = np.array(slicer.util.arrayFromVolume(volumeNode), copy=True)
+    if imageData.GetNumberOfScalarComponents() != 1:
+        from istn.io import grey_of_colour
+
+        grey = grey_of_colour(array)  # a grey image loaded as colour (an RGB PNG): the grey image it is
+        if grey is None:
+            raise ValueError(_("volume '{name}' has {components} components per voxel; a scalar (grey-level) "
+                               "volume is expected").format(name=volumeNode.GetName(),
+                                                            components=imageData.GetNumberOfScalarComponents()))
+        array = grey
     voxelToRas = ijkToRasMatrix(volumeNode)
     if world:
         voxelToRas = parentToWorldMatrix(volumeNode) @ voxelToRas

@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .geometry import Grid
+from .geometry import Grid, lps_grid
 from .metrics import jacobian_statistics
 from .refinement import MAP_DISPLAY_THRESHOLD
 from .registration import RegistrationResult, bounded_map, jacobian_on_grid
@@ -326,7 +326,7 @@ def display_image(image: sitk.Image, max_size: int | None = None) -> sitk.Image:
     if max_size is None or max(image.GetSize()) <= max_size:
         return sitk.DICOMOrient(image, "LPS")
     # resampled from the image as stored (in world coordinates): re-storing all of a 512^3 volume first cost 0.5 GB
-    shown = lps_grid(image)
+    shown = lps_grid(Grid.from_image(image))
     factor = max(shown.size) / max_size
     size = [max(1, int(np.ceil(n / factor))) for n in shown.size]
     spacing = [sp * n / m for sp, n, m in zip(shown.spacing, shown.size, size)]  # the same extent
@@ -334,23 +334,6 @@ def display_image(image: sitk.Image, max_size: int | None = None) -> sitk.Image:
     origin = corner + shown.direction_matrix @ (0.5 * np.asarray(spacing))
     ref = Grid(tuple(size), tuple(spacing), tuple(origin.tolist()), shown.direction).reference_image()
     return sitk.Resample(image, ref, sitk.Transform(3, sitk.sitkIdentity), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-
-
-def lps_grid(image: sitk.Image) -> Grid:
-    """The grid ``sitk.DICOMOrient(image, "LPS")`` would have, without making its voxels: ITK orients a
-    2 x 2 x 2 image of the same direction, and the axes it permutes and flips are carried over to ``image``'s size,
-    spacing and first voxel."""
-    proxy = sitk.Image([2, 2, 2], sitk.sitkUInt8)
-    proxy.SetDirection(image.GetDirection())
-    lps = np.reshape(sitk.DICOMOrient(proxy, "LPS").GetDirection(), (3, 3))
-    match = np.reshape(image.GetDirection(), (3, 3)).T @ lps  # [i, j]: +-1 where new axis j is stored axis i
-    axes = np.argmax(np.abs(match), axis=0)
-    size, spacing = image.GetSize(), image.GetSpacing()
-    first = [0, 0, 0]  # the stored index of the re-stored first voxel
-    for j, i in enumerate(axes):
-        first[i] = 0 if match[i, j] > 0 else size[i] - 1
-    return Grid(tuple(int(size[i]) for i in axes), tuple(float(spacing[i]) for i in axes),
-                tuple(image.TransformIndexToPhysicalPoint(first)), tuple(lps.ravel().tolist()))
 
 
 # A figure's panels are ~400 pixels wide: the overview's display grid needs no more voxels per axis than this

@@ -157,10 +157,32 @@ class Grid:
         return self.apply_to(img)
 
 
+def lps_grid(grid: Grid) -> Grid:
+    """The grid ``sitk.DICOMOrient(image, "LPS")`` would give an image of ``grid``, without making its voxels: the
+    same voxels, stored along the axes nearest L, P, S (3D; a 2D grid is returned as it is). ITK orients a
+    2 x 2 x 2 image of the same direction, and the axes it permutes and flips are carried over to the size, spacing
+    and first voxel."""
+    if grid.ndim != 3:
+        return grid
+    proxy = sitk.Image([2, 2, 2], sitk.sitkUInt8)
+    proxy.SetDirection(grid.direction)
+    lps = np.reshape(sitk.DICOMOrient(proxy, "LPS").GetDirection(), (3, 3))
+    match = grid.direction_matrix.T @ lps  # [i, j]: +-1 where new axis j is stored axis i
+    axes = np.argmax(np.abs(match), axis=0)
+    first = np.zeros(3)  # the stored index of the re-stored first voxel
+    for j, i in enumerate(axes):
+        first[i] = 0 if match[i, j] > 0 else grid.size[i] - 1
+    return Grid(tuple(int(grid.size[i]) for i in axes), tuple(float(grid.spacing[i]) for i in axes),
+                tuple(float(v) for v in grid.voxel_to_world(first)), tuple(lps.ravel().tolist()))
+
+
 def field_lattice(reference: Grid, spacing: float) -> Grid:
-    """A lattice over ``reference``'s field of view about every ``spacing`` mm: its origin and direction, per axis a
-    whole multiple ``k = round(spacing / reference spacing)`` (at least 1) of its spacing (every reference voxel
-    lies on the lattice's lines) and enough points to cover its last voxel."""
+    """A lattice over ``reference``'s field of view about every ``spacing`` mm, laid on the reference as stored LPS
+    (`lps_grid`: a 3D reference stored RAS, sagittal or oblique gets the same lattice, so what is sampled on it does
+    not depend on the storage): its origin and direction, per axis a whole multiple ``k = round(spacing /
+    reference spacing)`` (at least 1) of its spacing (every reference voxel lies on the lattice's lines) and enough
+    points to cover its last voxel."""
+    reference = lps_grid(reference)
     k = [max(1, int(round(spacing / s))) for s in reference.spacing]
     size = tuple((n - 1 + kk - 1) // kk + 1 for n, kk in zip(reference.size, k))
     return Grid(size=size, spacing=tuple(kk * s for kk, s in zip(k, reference.spacing)), origin=reference.origin,

@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .geometry import Grid, apply_homogeneous, field_lattice
+from .geometry import Grid, apply_homogeneous, field_lattice, lps_grid
 from .transforms import field_spacing_cap, flat_parts, linear_matrix, matrix_to_sitk_affine
 
 #: Points whose round trip misses by more than this (mm) make the inverse unreliable there (folding, or a
@@ -84,7 +84,9 @@ def inverse_transform(transform: sitk.Transform, reference: sitk.Image | Grid, s
         raise ValueError(f"inverse_transform(): the transform is {transform.GetDimension()}D, the reference {d}D")
     parts = flat_parts(transform)
     rng = np.random.default_rng(seed)
-    probe = grid.voxel_to_world(rng.uniform(0, 1, (check_points, d)) * (np.asarray(grid.size) - 1))
+    # the check's points drawn on the grid as stored LPS: the same points however the reference's voxels are stored
+    checked = lps_grid(grid)
+    probe = checked.voxel_to_world(rng.uniform(0, 1, (check_points, d)) * (np.asarray(checked.size) - 1))
     if all(p.IsLinear() for p in parts):
         inverse = matrix_to_sitk_affine(np.linalg.inv(_linear_part(parts, d)))
         return InverseTransform(inverse, True, None, 0, round_trip(transform, inverse, probe))

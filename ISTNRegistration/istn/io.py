@@ -293,8 +293,25 @@ def probe_writable(folder: str | os.PathLike) -> None:
     os.remove(probe)
 
 
+def grey_of_colour(array: np.ndarray) -> np.ndarray | None:
+    """The grey-level image a colour image holds when its red, green and blue are equal everywhere and its alpha,
+    if it has one, is constant (a grey image saved as RGB or RGBA, as viewers and screenshots export them):
+    ``array`` of shape ``(..., 3 or 4)`` -> its first channel ``(...)``; None for anything else."""
+    if array.ndim < 2 or array.shape[-1] not in (3, 4):
+        return None
+    red = array[..., 0]
+    if not (np.array_equal(red, array[..., 1]) and np.array_equal(red, array[..., 2])):
+        return None
+    if array.shape[-1] == 4 and not np.all(array[..., 3] == array.flat[3]):
+        return None
+    return np.ascontiguousarray(red)
+
+
 def check_image(image: sitk.Image, what: str = "image") -> sitk.Image:
-    """Check an in-memory image is a usable 2D/3D scalar image; return it as float32."""
+    """Check an in-memory image is a usable 2D/3D scalar image; return it as float32.
+
+    A grey image stored as colour (RGB or RGBA with equal channels, `grey_of_colour`) is taken as the grey image it
+    is; a colour image whose channels differ, or any other vector image, is refused."""
     d = image.GetDimension()
     if d == 4:  # a time series or several volumes in one file (fMRI, DWI, multi-echo)
         size = image.GetSize()
@@ -305,10 +322,16 @@ def check_image(image: sitk.Image, what: str = "image") -> sitk.Image:
     if d not in (2, 3):
         raise InputError(f"{what} is {d}D; only 2D and 3D images are supported")
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(
-            f"{what} has {image.GetNumberOfComponentsPerPixel()} components per pixel (a vector or colour image); "
-            "a scalar (grey-level) image is expected"
-        )
+        components = image.GetNumberOfComponentsPerPixel()
+        grey = grey_of_colour(sitk.GetArrayViewFromImage(image))
+        if grey is None:
+            kind = ("a colour image whose channels differ: convert it to grey levels first"
+                    if components in (3, 4) else "a vector image")
+            raise InputError(f"{what} has {components} components per pixel ({kind}); a scalar (grey-level) image "
+                             "is expected")
+        scalar = sitk.GetImageFromArray(grey)
+        scalar.CopyInformation(image)
+        image = scalar
     if min(image.GetSize()) < 2 and d == 3 and image.GetSize()[2] == 1:
         raise InputError(f"{what} is a single slice stored as 3D; save it as a 2D image")
     if min(image.GetSize()) < 4:
