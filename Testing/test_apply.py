@@ -121,7 +121,8 @@ def test_bad_input_is_refused_in_one_line_and_nothing_written(scene3d, tmp_path,
         sitk.WriteImage(sitk.Image(10, 12, sitk.sitkUInt8) + 1, str(tmp_path / "flat.png"))
         args["--input"], message = tmp_path / "flat.png", "is 2D but --transform"
     elif case == "vector":
-        sitk.WriteImage(sitk.Image([8, 8, 8], sitk.sitkVectorFloat32, 3), str(tmp_path / "v.nrrd"))
+        vector = np.random.default_rng(0).random((8, 8, 8, 3)).astype(np.float32)  # components that differ
+        sitk.WriteImage(sitk.GetImageFromArray(vector, isVector=True), str(tmp_path / "v.nrrd"))
         args["--input"], message = tmp_path / "v.nrrd", "components per pixel"
     elif case == "out-is-folder":
         args["--out"], message = tmp_path, "is a folder: give the output file's name"

@@ -187,8 +187,8 @@ BAD_MOVING = {
     "nan": ("nan.mha", _nan_image, "NaN or infinite"),
     "inf": ("inf.nrrd", _inf_image, "NaN or infinite"),
     "constant": ("const.nii.gz", _constant_image, "constant"),
-    "vector": ("rgb.png", _rgb_image, "has 3 components per pixel (a colour image whose channels differ: convert it "
-                                      "to grey levels first)"),
+    "vector": ("rgb.png", _rgb_image, "has 3 components per pixel (a colour or vector image whose components "
+                                      "differ: convert a colour image to grey levels first)"),
     "not-an-image": ("notes.txt", lambda p: p.write_text("hello"), "could not be read"),
     "corrupt": ("broken.nii.gz", lambda p: p.write_bytes(b"\x1f\x8b\x08garbage"), "could not be read"),
     "empty-file": ("empty.nrrd", lambda p: p.write_bytes(b""), "could not be read"),
@@ -215,6 +215,12 @@ def test_a_grey_image_saved_as_colour_registers_as_the_grey_image_it_is(files, t
                          sitk.ReadTransform(str(tmp_path / name / "transform.tfm")).GetParameters())
     assert results["colour"][1] == results["grey"][1]  # the same transform, to the bit
     assert results["colour"][0]["loss_per_iteration"] == results["grey"][0]["loss_per_iteration"]
+    # istn apply takes it as register does: the same output as the grey file's
+    for name, image in (("grey", files["moving"]), ("colour", colour)):
+        assert main(["apply", "--transform", str(tmp_path / "grey" / "transform.tfm"), "--reference",
+                     str(files["fixed"]), "--input", str(image), "--out", str(tmp_path / f"{name}_applied.nii.gz")]) == 0
+    applied = [sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"{n}_applied.nii.gz"))) for n in ("grey", "colour")]
+    np.testing.assert_array_equal(applied[0], applied[1])
 
 
 @pytest.mark.parametrize("case", sorted(BAD_MOVING))
@@ -620,6 +626,7 @@ def test_a_bundled_model_is_named_by_its_file_name_from_any_folder(files, make_m
     import shutil
 
     import istn.demo as demo
+    from istn.errors import ModelFileError
     from istn.export import load_model
 
     bundled = tmp_path / "bundled"
@@ -637,6 +644,10 @@ def test_a_bundled_model_is_named_by_its_file_name_from_any_folder(files, make_m
     assert load_model("toy-affine.pt").path == bundled / "toy-affine.pt"
     shutil.copy(make_model(2, "affine", seed=5), work / "toy-affine.pt")
     assert load_model("toy-affine.pt").path == Path("toy-affine.pt")  # the user's own file
+    assert load_model("toy-affine").path == Path("toy-affine.pt")  # ".pt" optional for theirs too
+    (work / "toy-affine.pt").unlink()
+    with pytest.raises(ModelFileError, match="does not exist"):  # a path with a folder part is what it says
+        load_model("./toy-affine.pt")
     capsys.readouterr()
     assert _register(files, tmp_path / "none", **{"--model": "nosuch.pt"}) == 2
     assert ("model file 'nosuch.pt' does not exist (the bundled models, usable by name: toy-affine.pt)"

@@ -178,3 +178,34 @@ def test_what_is_sampled_on_a_field_lattice_does_not_depend_on_how_the_voxels_ar
         np.testing.assert_allclose(other_lattice.direction, lattice.direction, atol=1e-12)
         assert other_trip == pytest.approx(trip, abs=1e-9), layout
         assert np.array_equal(other_voxels, voxels), layout
+
+
+@pytest.mark.parametrize("angles", [(0, 0, 0), (20, -10, 15), (44, 30, -50)])
+def test_a_bspline_warp_onto_a_reference_stored_any_way_is_the_same_image(angles):
+    """The fast warp through a displacement field (what register's warped.nii.gz, the Slicer output volume and
+    istn apply use) onto a FIXED grid stored LPS, RAS, ASL or PIR: the same values at the same voxels (re-stored
+    LPS), each within the field's approximation of the exact warp. (With the field laid on the reference as
+    stored LPS, a RAS-stored reference was resampled with the axes crossed, and an ASL one crashed.)"""
+    from conftest import blob_image
+
+    from istn.registration import warp_image
+
+    reference = blob_image((50, 44, 36), (2.0, 2.0, 2.0), (-50.0, -44.0, -36.0), rotation(3, angles).ravel())
+    moving = blob_image((46, 52, 40), (2.2, 1.9, 2.0), (-48.0, -50.0, -40.0), rotation(3, (5, 10, -5)).ravel())
+    mesh = sitk.BSplineTransformInitializer(reference, (2, 2, 2))  # ~36 mm control points: a 4 mm field is used
+    mesh.SetParameters(tuple(np.random.default_rng(2).normal(0, 3.0, len(mesh.GetParameters()))))
+    from istn.geometry import Grid
+    from istn.registration import displacement_field
+
+    assert displacement_field(mesh, Grid.from_image(reference), 4.0) is not None
+    warped = {}
+    for layout in ("LPS", "RAS", "ASL", "PIR"):
+        stored = sitk.DICOMOrient(reference, layout)
+        fast = warp_image(moving, stored, mesh, field_spacing=4.0)
+        exact = warp_image(moving, stored, mesh)
+        assert fast.GetSize() == stored.GetSize() and fast.GetDirection() == stored.GetDirection()
+        difference = np.abs(sitk.GetArrayFromImage(fast) - sitk.GetArrayFromImage(exact))
+        assert difference.max() < 0.02, (layout, difference.max())  # blob values in [0, 1.6]
+        warped[layout] = sitk.GetArrayFromImage(sitk.DICOMOrient(fast, "LPS"))
+    for layout, values in warped.items():
+        np.testing.assert_allclose(values, warped["LPS"], atol=1e-6, err_msg=layout)

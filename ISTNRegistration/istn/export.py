@@ -180,13 +180,17 @@ class LoadedModel:
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
     """``path`` itself where it exists; a bare file name that does not (``brain-t1-affine.pt``, with or without
-    ``.pt``) names the bundled model of that name when there is one, from any folder."""
+    ``.pt``) names the user's file of that name with ``.pt``, else the bundled model of that name, from any
+    folder. A path with a folder part is taken as it is."""
     p = Path(path)
-    if p.exists() or p.parent != Path("."):
+    given = os.fspath(path)
+    if p.exists() or os.sep in given or "/" in given:  # a path with a folder part ("./x.pt" too) is taken as it is
         return p
+    if Path(given + ".pt").is_file():  # the user's own file first, ".pt" optional as for the bundled ones
+        return Path(given + ".pt")
     from .demo import MODELS_DIR
 
-    for name in (p.name, p.name + ".pt"):
+    for name in (given, given + ".pt"):
         if (MODELS_DIR / name).is_file():
             return MODELS_DIR / name
     return p

@@ -325,7 +325,7 @@ def check_image(image: sitk.Image, what: str = "image") -> sitk.Image:
         components = image.GetNumberOfComponentsPerPixel()
         grey = grey_of_colour(sitk.GetArrayViewFromImage(image))
         if grey is None:
-            kind = ("a colour image whose channels differ: convert it to grey levels first"
+            kind = ("a colour or vector image whose components differ: convert a colour image to grey levels first"
                     if components in (3, 4) else "a vector image")
             raise InputError(f"{what} has {components} components per pixel ({kind}); a scalar (grey-level) image "
                              "is expected")

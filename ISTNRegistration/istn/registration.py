@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from .data import image_to_tensor, network_grid
 from .errors import InputError
 from .export import LoadedModel
-from .geometry import Grid, field_lattice
+from .geometry import Grid, field_lattice, lps_grid
 from .inputs import PreparedImage, prepare_image
 from .losses import anchor_energy, anchored_control_points, bending_energy
 from .metrics import field_jacobian_determinant, jacobian_determinant, mutual_information
@@ -174,17 +174,36 @@ def warp_image(
         field = displacement_field(transform, Grid.from_image(ref), field_spacing)
         if field is not None:
             if interpolator == sitk.sitkLinear and moving.GetNumberOfComponentsPerPixel() == 1:
-                return _resample_through_field(moving, Grid.from_image(ref), field, float(default_value))
+                return _resample_through_lps_field(moving, ref, field, float(default_value))
             transform = sitk.DisplacementFieldTransform(field)  # takes the field's buffer: no copy
     return sitk.Resample(moving, ref, transform, interpolator, float(default_value), moving.GetPixelID())
+
+
+def _resample_through_lps_field(moving: sitk.Image, reference: sitk.Image, field: sitk.Image,
+                                default_value: float) -> sitk.Image:
+    """`_resample_through_field` onto ``reference`` when ``field`` lies on the reference as stored LPS
+    (`istn.geometry.field_lattice`): resampled onto that grid, then its voxels stored as the reference's are (a
+    permutation and flips of the axes: exact), so the values do not depend on how the reference is stored."""
+    grid = Grid.from_image(reference)
+    lps = lps_grid(grid)
+    if lps == grid:
+        return _resample_through_field(moving, grid, field, default_value)
+    on_lps = _resample_through_field(moving, lps, field, default_value)
+    stored = sitk.DICOMOrient(on_lps, sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(
+        reference.GetDirection()))
+    if stored.GetSize() != reference.GetSize() or not np.allclose(stored.GetOrigin(), reference.GetOrigin(),
+                                                                  atol=1e-4 * max(reference.GetSpacing())):
+        raise RuntimeError("internal: the LPS-stored resampling could not be stored as the reference is")
+    stored.CopyInformation(reference)
+    return stored
 
 
 def _resample_through_field(moving: sitk.Image, reference: Grid, field: sitk.Image, default_value: float,
                             slab: int = 16) -> sitk.Image:
     """Linear resampling of scalar ``moving`` onto ``reference`` through a coarser displacement ``field`` (mm).
 
-    ``field`` is `displacement_field`'s: the reference's origin and direction,
-    an integer multiple ``k`` of its spacing per axis. What ITK does through a
+    ``field`` is `displacement_field`'s over ``reference`` stored LPS (`_resample_through_lps_field` handles
+    another storage): the reference's origin and direction, an integer multiple ``k`` of its spacing per axis. What ITK does through a
     ``DisplacementFieldTransform``, several times faster (ITK's per-point
     transform calls dominate): the moving image's normalised coordinates of
     ``x + u(x)`` are computed at the field's points and upsampled trilinearly
@@ -240,8 +259,9 @@ def displacement_field(transform: sitk.Transform, reference: Grid, spacing: floa
 
     ``spacing`` is first capped (`istn.transforms.field_spacing_cap`) at an eighth of the finest control
     point spacing of the B-splines (and at the spacing of the displacement
-    fields) inside ``transform``. The field has the reference's origin and
-    direction; per axis a whole multiple ``k = round(spacing / reference
+    fields) inside ``transform``. The field lies on `field_lattice`: over the
+    reference as stored LPS (its origin and direction; the same lattice however
+    the reference's voxels are stored), per axis a whole multiple ``k = round(spacing / reference
     spacing)`` (at least 1) of the reference's spacing, so that every reference
     voxel lies on the field's lattice lines, and enough points to cover the
     reference's last voxel. None when it would not have at least 4x fewer
