@@ -967,22 +967,34 @@ class ISTNRegistrationLogic:
         metrics["loss_one_pass"] = stages[-1].loss_one_pass
         metrics["loss_final"] = stages[-1].loss_final
         if pairs:
+            from .nodes import layersOfStructures
+
             identity = sitk.Transform(3, sitk.sitkIdentity)
             reference = sitk.Image(fixedImage.GetSize(), sitk.sitkUInt8)
             reference.CopyInformation(fixedImage)
 
-            def onFixedGrid(mask, transform):
-                # a copy, not a view: the resampled image is a temporary
-                return sitk.GetArrayFromImage(
-                    sitk.Resample(mask, reference, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)) > 0
+            def onFixedGrid(structures, transform) -> list:
+                """The structures as label layers, each resampled (nearest neighbour, exact) onto the fixed grid
+                once, and where each structure is: (its layer's array, its value). One resampling per layer,
+                not per structure: through a B-spline at 1 mm 256^3 each took 5.6 s."""
+                layers = layersOfStructures(structures)
+                arrays = [sitk.GetArrayFromImage(sitk.Resample(layer.labels, reference, transform,
+                                                               sitk.sitkNearestNeighbor, 0, layer.labels.GetPixelID()))
+                          for layer in layers]
+                where = {s.order: (arrays[i], s.value) for i, layer in enumerate(layers) for s in layer.segments}
+                return [where[k] for k in range(len(structures))]
 
+            fixedOnes = [f for f, _ in pairs]
+            movingOnes = [m for _, m in pairs]
+            targets = onFixedGrid(fixedOnes, identity)
+            # before: the moving volume where it was shown (its pre-alignment)
+            before = onFixedGrid(movingOnes, start if start is not None else identity)
+            after = onFixedGrid(movingOnes, final)
             metrics["dice"] = {}
-            for f, m in pairs:
-                target = onFixedGrid(f.mask, identity)
-                metrics["dice"][f.name] = {  # before: the moving volume where it was shown (its pre-alignment)
-                    "before": dice(target, onFixedGrid(m.mask, start if start is not None else identity)),
-                    "after": dice(target, onFixedGrid(m.mask, final)),
-                }
+            for k, f in enumerate(fixedOnes):
+                target = targets[k][0] == targets[k][1]
+                metrics["dice"][f.name] = {"before": dice(target, before[k][0] == before[k][1]),
+                                           "after": dice(target, after[k][0] == after[k][1])}
         metrics["folding_fraction"] = None
         if transformType == "bspline":
             metrics["folding_fraction"] = folding_fraction(final, _foldingGrid(fixedImage))

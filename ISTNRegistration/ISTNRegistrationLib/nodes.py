@@ -289,7 +289,7 @@ def labelLayersFromNode(node, world: bool = False, allowEmpty: bool = False) -> 
         structures = _structuresFromSegmentation(node, world, keepEmpty=True)
         if all(s.mask is None for s in structures) and not allowEmpty:
             raise ValueError(_("segmentation '{name}' has only empty segments").format(name=node.GetName()))
-        return _layersOfStructures(structures)
+        return layersOfStructures(structures)
     if not node.IsA("vtkMRMLScalarVolumeNode"):
         raise ValueError(_("'{name}' is neither a segmentation nor a label map volume").format(name=node.GetName()))
     labels = volumeNodeToImage(node, world)
@@ -330,7 +330,7 @@ def _sameLattice(a: sitk.Image, b: sitk.Image) -> bool:
     return bool(np.allclose(offset, np.round(offset), atol=1e-3))
 
 
-def _layersOfStructures(structures: list[Structure]) -> list[LabelLayer]:
+def layersOfStructures(structures: list[Structure]) -> list[LabelLayer]:
     """Masks on their own extents -> label layers, one grid per lattice spanning its masks; empty structures
     (``mask`` None) join the first layer without voxels."""
     groups: list[list[tuple[int, Structure]]] = []

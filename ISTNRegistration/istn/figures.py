@@ -62,11 +62,15 @@ def checkerboard_image(fixed: sitk.Image, warped: sitk.Image, tile_mm: float = C
     even = checkerboard_mask(fixed, tile_mm)
 
     def normalised(image: sitk.Image) -> np.ndarray:
-        a = sitk.GetArrayFromImage(image).astype(np.float32)
+        a = sitk.GetArrayFromImage(image)  # a copy, scaled in place (a 512^3 volume is 0.5 GB per copy)
+        a = a if a.dtype == np.float32 else a.astype(np.float32)
         lo, hi = _foreground_window(a)
-        return np.clip((a - lo) / (hi - lo), 0, 1)
+        a -= lo
+        a /= hi - lo
+        return np.clip(a, 0, 1, out=a)
 
-    board = np.where(even, normalised(fixed), normalised(warped)).astype(np.float32)
+    board = normalised(warped)
+    np.copyto(board, normalised(fixed), where=even)
     out = sitk.GetImageFromArray(board)
     out.CopyInformation(fixed)
     return out
@@ -85,11 +89,11 @@ def checkerboard_mask(fixed: sitk.Image, tile_mm: float = CHECKERBOARD_TILE_MM) 
     shape = tuple(reversed(size))
     axis_of = np.argmax(np.abs(step), axis=1)  # the index axis each world axis follows
     if np.count_nonzero(step) == d and len(set(axis_of.tolist())) == d:  # axis-aligned storage: separable
-        parity = np.zeros(shape, np.int64)
+        odd = np.zeros(shape, bool)  # the parity of the cube indices summed: their odd bits XORed, one bool array
         for k, j in enumerate(axis_of):
             cube = np.floor((origin[k] + step[k, j] * np.arange(size[j])) / tile_mm).astype(np.int64)
-            parity = parity + cube.reshape([-1 if a == d - 1 - j else 1 for a in range(d)])
-        even = parity % 2 == 0
+            odd ^= (cube % 2 == 1).reshape([-1 if a == d - 1 - j else 1 for a in range(d)])
+        even = ~odd
     else:  # oblique: one slice of the first array axis at a time (a 512^2 x 300 CT would need GBs at once)
         rest = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in reversed(size[:-1])], indexing="ij"), -1)
         in_plane = rest[..., ::-1] @ step[:, :-1].T  # world offsets of one slice, (.., d)

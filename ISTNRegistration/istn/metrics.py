@@ -38,9 +38,10 @@ def looks_like_intensities(image: sitk.Image) -> bool:
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     """Dice of two boolean masks; 1.0 when both are empty."""
-    a, b = a.astype(bool), b.astype(bool)
-    s = a.sum() + b.sum()
-    return 1.0 if s == 0 else float(2.0 * np.logical_and(a, b).sum() / s)
+    a = a if a.dtype == bool else a.astype(bool)  # no copy of a boolean mask (a 512^3 one is 128 MB)
+    b = b if b.dtype == bool else b.astype(bool)
+    s = np.count_nonzero(a) + np.count_nonzero(b)
+    return 1.0 if s == 0 else float(2.0 * np.count_nonzero(a & b) / s)
 
 
 def mutual_information(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None, bins: int = 32) -> float:
