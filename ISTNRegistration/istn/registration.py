@@ -203,8 +203,8 @@ def _resample_through_field(moving: sitk.Image, reference: Grid, field: sitk.Ima
     """Linear resampling of scalar ``moving`` onto ``reference`` through a coarser displacement ``field`` (mm).
 
     ``field`` is `displacement_field`'s over ``reference`` stored LPS (`_resample_through_lps_field` handles
-    another storage): the reference's origin and direction, an integer multiple ``k`` of its spacing per axis. What ITK does through a
-    ``DisplacementFieldTransform``, several times faster (ITK's per-point
+    another storage): the reference's origin and direction, an integer multiple ``k`` of its spacing per axis.
+    What ITK does through a ``DisplacementFieldTransform``, several times faster (ITK's per-point
     transform calls dominate): the moving image's normalised coordinates of
     ``x + u(x)`` are computed at the field's points and upsampled trilinearly
     (exactly the field's linear interpolation, since the coordinate map is
@@ -261,8 +261,8 @@ def displacement_field(transform: sitk.Transform, reference: Grid, spacing: floa
     point spacing of the B-splines (and at the spacing of the displacement
     fields) inside ``transform``. The field lies on `field_lattice`: over the
     reference as stored LPS (its origin and direction; the same lattice however
-    the reference's voxels are stored), per axis a whole multiple ``k = round(spacing / reference
-    spacing)`` (at least 1) of the reference's spacing, so that every reference
+    the reference's voxels are stored), per axis a whole multiple ``k =
+    round(spacing / reference spacing)`` (at least 1) of the reference's spacing, so that every reference
     voxel lies on the field's lattice lines, and enough points to cover the
     reference's last voxel. None when it would not have at least 4x fewer
     points than the reference.
