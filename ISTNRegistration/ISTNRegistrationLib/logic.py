@@ -72,8 +72,6 @@ ATTRIBUTE_START_NAME = "ISTNRegistration.startedFrom"
 ATTRIBUTE_ATLAS = "ISTNRegistration.atlasID"
 ATTRIBUTE_ATLAS_TRANSFORM = "ISTNRegistration.outputTransformID"
 STAGE_NAMES = {"affine": "Affine", "bspline": "B-spline"}
-#: A segmentation's conversion parameter holding the Segment Editor's reference grid
-REFERENCE_GEOMETRY = "Reference image geometry"
 
 
 class RegistrationCancelled(Exception):
@@ -283,6 +281,8 @@ class _SceneChanges:
         """An atlas output's segments (voxels, names, colours, order; IDs and display settings where the run kept
         them: it updates segments by name), reference geometry and parent transform, put back on rollback. (Read
         as label layers: vtkSegmentation.DeepCopy needs the application's data object factory.)"""
+        from istn.segfile import REFERENCE_GEOMETRY
+
         from . import nodes as nodeio
 
         content = segmentationNode.GetSegmentation()
@@ -1032,17 +1032,15 @@ class ISTNRegistrationLogic:
         import numpy as np
         import SimpleITK as sitk
 
-        from istn.inverse import inverse_transform, round_trip_warning
-        from istn.registration import OUTPUT_FIELD_SPACING_MM, warp_image
+        from istn.inverse import labels_onto_moving, round_trip_warning
 
         from .nodes import LabelLayer
 
-        inverted = inverse_transform(final, movingImage, OUTPUT_FIELD_SPACING_MM)
+        inverted, ontoMoving = labels_onto_moving(final, movingImage)  # as `istn register --atlas`
         voxelMl = float(np.prod(movingImage.GetSpacing())) / 1000.0
         onMoving, sizes = [], []  # sizes: (order, name, voxels in the atlas, voxels on the moving grid)
         for layer in layers:
-            warped = warp_image(layer.labels, movingImage, inverted.transform, sitk.sitkNearestNeighbor, 0.0,
-                                field_spacing=OUTPUT_FIELD_SPACING_MM)
+            warped = ontoMoving(layer.labels)
             onMoving.append(LabelLayer(warped, layer.segments))
             given, found = (np.bincount(sitk.GetArrayViewFromImage(image).ravel(),
                                         minlength=len(layer.segments) + 1) for image in (layer.labels, warped))

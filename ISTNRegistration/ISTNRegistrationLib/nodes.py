@@ -199,18 +199,24 @@ def structuresFromNode(node, world: bool = False) -> list[Structure]:
     if node.IsA("vtkMRMLSegmentationNode"):
         return _structuresFromSegmentation(node, world)
     if node.IsA("vtkMRMLScalarVolumeNode"):
-        labels = volumeNodeToImage(node, world)
+        labels = _labelMapImage(node, world)
         array = sitk.GetArrayViewFromImage(labels)
-        if not np.issubdtype(array.dtype, np.integer):
-            if not np.all(np.equal(np.mod(array, 1), 0)):
-                raise ValueError(_("'{name}' is not a label map (its voxel values are not integers)").format(
-                    name=node.GetName()))
         out = []
         for value in sorted(int(v) for v in np.unique(array) if v != 0):
             mask = sitk.Cast(labels == value, sitk.sitkUInt8)
             out.append(Structure(_labelName(node, value) if node.IsA("vtkMRMLLabelMapVolumeNode") else f"label {value}", value, mask))
         return out
     raise ValueError(_("'{name}' is neither a segmentation nor a label map volume").format(name=node.GetName()))
+
+
+def _labelMapImage(volumeNode, world: bool) -> sitk.Image:
+    """A label map volume's voxels as an image; refused when they are not whole numbers."""
+    labels = volumeNodeToImage(volumeNode, world)
+    array = sitk.GetArrayViewFromImage(labels)
+    if not np.issubdtype(array.dtype, np.integer) and not np.all(np.equal(np.mod(array, 1), 0)):
+        raise ValueError(_("'{name}' is not a label map (its voxel values are not integers)").format(
+            name=volumeNode.GetName()))
+    return labels
 
 
 def _structuresFromSegmentation(segmentationNode, world: bool, keepEmpty: bool = False) -> list[Structure]:
@@ -292,11 +298,8 @@ def labelLayersFromNode(node, world: bool = False, allowEmpty: bool = False) -> 
         return layersOfStructures(structures)
     if not node.IsA("vtkMRMLScalarVolumeNode"):
         raise ValueError(_("'{name}' is neither a segmentation nor a label map volume").format(name=node.GetName()))
-    labels = volumeNodeToImage(node, world)
+    labels = _labelMapImage(node, world)
     array = sitk.GetArrayViewFromImage(labels)
-    if not np.issubdtype(array.dtype, np.integer) and not np.all(np.equal(np.mod(array, 1), 0)):
-        raise ValueError(_("'{name}' is not a label map (its voxel values are not integers)").format(
-            name=node.GetName()))
     named = node.IsA("vtkMRMLLabelMapVolumeNode")
     if not named:
         from istn.metrics import looks_like_intensities
@@ -318,6 +321,10 @@ def labelLayersFromNode(node, world: bool = False, allowEmpty: bool = False) -> 
                              _labelColor(node, int(v)) if named else None, int(lut[i]) - 1)
                 for i, v in enumerate(values.tolist()) if v != 0]
     return [LabelLayer(renumbered, segments)]
+
+
+def _geometry(image: sitk.Image) -> tuple:
+    return image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection()
 
 
 def _sameLattice(a: sitk.Image, b: sitk.Image) -> bool:
@@ -360,9 +367,13 @@ def layersOfStructures(structures: list[Structure]) -> list[LabelLayer]:
         grid.SetOrigin(first.TransformContinuousIndexToPhysicalPoint([float(v) for v in low]))
         arrays: list[np.ndarray] = []
         layers: list[list[LayerSegment]] = []
+        spanned = _geometry(grid)
         for order, s in group:
-            inside = sitk.GetArrayFromImage(  # a copy: a view would outlive the resampled image
-                sitk.Resample(s.mask, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)) != 0
+            if _geometry(s.mask) == spanned:  # already on the layers' grid (a label map's masks)
+                inside = sitk.GetArrayViewFromImage(s.mask) != 0
+            else:  # a copy, not a view: the resampled image is a temporary
+                inside = sitk.GetArrayFromImage(
+                    sitk.Resample(s.mask, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)) != 0
             for array, segments in zip(arrays, layers):
                 if len(segments) < 65535 and not array[inside].any():
                     break
@@ -405,6 +416,9 @@ def setSegmentsFromLayers(segmentationNode, layers: list[LabelLayer], referenceV
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     content = segmentationNode.GetSegmentation()
     unused = [content.GetNthSegmentID(i) for i in range(content.GetNumberOfSegments())]
+    byName: dict[str, list[str]] = {}  # the segments there, by name (Slicer allows repeats), in order
+    for segmentId in unused:
+        byName.setdefault(content.GetSegment(segmentId).GetName(), []).append(segmentId)
     wanted = []  # (order, layer index, segment)
     boxes = []
     for index, layer in enumerate(layers):
@@ -426,7 +440,7 @@ def setSegmentsFromLayers(segmentationNode, layers: list[LabelLayer], referenceV
             np.ascontiguousarray(inside).ravel(), deep=True, array_type=vtk.VTK_UNSIGNED_CHAR))
         oriented.SetImageToWorldMatrix(imageToWorld)
         color = segment.color if segment.color is not None else _defaultColor(segment.order)
-        match = next((i for i in unused if content.GetSegment(i).GetName() == segment.name), None)
+        match = byName[segment.name].pop(0) if byName.get(segment.name) else None
         if match is not None:
             unused.remove(match)
             logic.SetBinaryLabelmapToSegment(oriented, segmentationNode, match, logic.MODE_REPLACE)

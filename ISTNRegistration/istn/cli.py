@@ -177,29 +177,29 @@ def build_parser() -> argparse.ArgumentParser:
                                      "rows in the same order")
     t.add_argument("--val-csv", help="validation pairs (default: a fifth of --train-csv's rows)")
     t.add_argument("--val-soi-csv", help="their structure maps (needed with --val-csv)")
-    t.add_argument("--soi-kind", default="soft", choices=["labels", "soft", "landmarks"])
+    t.add_argument("--soi-kind", choices=["labels", "soft", "landmarks"])
     t.add_argument("--soi-labels", type=int, nargs="*", help="label values, one SoI channel each")
     t.add_argument("--soi-description", default="")
-    t.add_argument("--variant", default="istn-i", choices=["stn-u", "stn-s", "istn-e", "istn-i"])
-    t.add_argument("--transform", default="affine", choices=["affine", "bspline"])
-    t.add_argument("--ndim", type=int, default=2, choices=[2, 3], help="2: images, 3: volumes")
+    t.add_argument("--variant", choices=["stn-u", "stn-s", "istn-e", "istn-i"])
+    t.add_argument("--transform", choices=["affine", "bspline"])
+    t.add_argument("--ndim", type=int, choices=[2, 3], help="2: images, 3: volumes")
     t.add_argument("--grid-size", type=int, nargs="*",
                    help="the network's internal grid, one size per axis (default: 128 per axis)")
-    t.add_argument("--spacing", type=float, default=1.0, help="internal grid spacing (mm)")
-    t.add_argument("--cp-spacing", type=float, default=10.0, help="B-spline control point spacing (mm)")
-    t.add_argument("--itn-output", default="linear", choices=["linear", "sigmoid"],
+    t.add_argument("--spacing", type=float, help="internal grid spacing (mm)")
+    t.add_argument("--cp-spacing", type=float, help="B-spline control point spacing (mm)")
+    t.add_argument("--itn-output", choices=["linear", "sigmoid"],
                    help="ITN head: unbounded maps (the paper's) or one map in [0, 1] per structure")
     t.add_argument("--steps", type=int, help="training steps in all (default 1000; a resumed run counts its own)")
-    t.add_argument("--batch-size", type=int, default=10)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--lr-decay-from", type=int, default=-1, metavar="STEP",
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--lr-decay-from", type=int, metavar="STEP",
                    help="from this step on, anneal the learning rate along a half cosine to --lr-final x --lr at "
                         "the last step (default -1: constant, the paper's)")
-    t.add_argument("--lr-final", type=float, default=0.01, help="the annealed learning rate's end, a fraction of --lr")
-    t.add_argument("--val-every", type=int, default=100)
-    t.add_argument("--seed", type=int, default=42)
-    t.add_argument("--device", default="auto")
-    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--lr-final", type=float, help="the annealed learning rate's end, a fraction of --lr")
+    t.add_argument("--val-every", type=int)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--device")
+    t.add_argument("--threads", type=int)
     t.add_argument("--out", help="run folder (default runs/istn): checkpoints; a run there is continued (a larger "
                                  "--steps) only with the same data and training settings")
     t.add_argument("--export", help="where to write the exported model (default OUT/model.pt); an existing file "
@@ -211,9 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start the run in --out afresh (its checkpoints replaced) instead of continuing it")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--verbose", action="store_true", help="show the libraries' own messages behind an error")
-    # None = not given: commands.train fills in TRAIN_DEFAULTS (the values above), and --config refuses the given;
-    # the help says each default, which argparse would no longer show
-    t.set_defaults(**{k: None for k in TRAIN_DEFAULTS})
+    # no argparse defaults (None = not given): commands.train fills in TRAIN_DEFAULTS, and --config refuses the
+    # options given; the help says each default
     for action in t._actions:
         if action.dest in TRAIN_DEFAULTS and "default" not in (action.help or ""):
             said = (action.help + " " if action.help else "")

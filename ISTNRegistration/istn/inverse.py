@@ -14,6 +14,7 @@ part's inverse, not the identity).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -50,6 +51,23 @@ def round_trip_warning(round_trip: dict[str, float]) -> str:
     return (f"the inverse misses by more than {ROUND_TRIP_WARN_MM:g} mm at {100 * round_trip['over_warn']:.1f} % "
             "of the points checked (the transform folds there, or leaves the reference's field of view): check "
             "those regions")
+
+
+def labels_onto_moving(transform: sitk.Transform, moving: sitk.Image
+                       ) -> tuple[InverseTransform, Callable[[sitk.Image], sitk.Image]]:
+    """What brings labels of the fixed space onto ``moving``'s grid (an atlas onto a subject; `istn register
+    --atlas` and the Slicer module's atlas): the inverse of ``transform`` (fixed -> moving points) over that grid,
+    at the outputs' field spacing, and the warp of one label image (a layer) through it: nearest neighbour, 0
+    outside, the label image's pixel type."""
+    from .registration import OUTPUT_FIELD_SPACING_MM, warp_image  # registration imports torch
+
+    inverted = inverse_transform(transform, moving, OUTPUT_FIELD_SPACING_MM)
+
+    def onto_moving(labels: sitk.Image) -> sitk.Image:
+        return warp_image(labels, moving, inverted.transform, sitk.sitkNearestNeighbor, 0.0,
+                          field_spacing=OUTPUT_FIELD_SPACING_MM)
+
+    return inverted, onto_moving
 
 
 def _linear_part(parts: list[sitk.Transform], d: int) -> np.ndarray:

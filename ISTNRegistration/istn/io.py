@@ -307,6 +307,16 @@ def grey_of_colour(array: np.ndarray) -> np.ndarray | None:
     return np.ascontiguousarray(red)
 
 
+def grey_image(image: sitk.Image) -> sitk.Image | None:
+    """`grey_of_colour` of a vector image, as an image of its grid; None when it holds no grey image."""
+    grey = grey_of_colour(sitk.GetArrayViewFromImage(image))
+    if grey is None:
+        return None
+    scalar = sitk.GetImageFromArray(grey)
+    scalar.CopyInformation(image)
+    return scalar
+
+
 def check_image(image: sitk.Image, what: str = "image") -> sitk.Image:
     """Check an in-memory image is a usable 2D/3D scalar image; return it as float32.
 
@@ -323,15 +333,13 @@ def check_image(image: sitk.Image, what: str = "image") -> sitk.Image:
         raise InputError(f"{what} is {d}D; only 2D and 3D images are supported")
     if image.GetNumberOfComponentsPerPixel() != 1:
         components = image.GetNumberOfComponentsPerPixel()
-        grey = grey_of_colour(sitk.GetArrayViewFromImage(image))
+        grey = grey_image(image)
         if grey is None:
             kind = ("a colour or vector image whose components differ: convert a colour image to grey levels first"
                     if components in (3, 4) else "a vector image")
             raise InputError(f"{what} has {components} components per pixel ({kind}); a scalar (grey-level) image "
                              "is expected")
-        scalar = sitk.GetImageFromArray(grey)
-        scalar.CopyInformation(image)
-        image = scalar
+        image = grey
     if min(image.GetSize()) < 2 and d == 3 and image.GetSize()[2] == 1:
         raise InputError(f"{what} is a single slice stored as 3D; save it as a 2D image")
     if min(image.GetSize()) < 4:

@@ -40,7 +40,7 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
     import SimpleITK as sitk
 
     from .. import segfile
-    from ..io import grey_of_colour, image_suffix, read_raw_image, read_transform, write_image
+    from ..io import grey_image, image_suffix, read_raw_image, read_transform, write_image
     from ..metrics import looks_like_intensities
     from ..registration import OUTPUT_FIELD_SPACING_MM, warp_image
 
@@ -57,11 +57,9 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
     head = segfile.header(image)  # a Slicer segmentation's segment names, colours, layers
     segments = segfile.segments(head)
     layers = image.GetNumberOfComponentsPerPixel()
-    grey = grey_of_colour(sitk.GetArrayViewFromImage(image)) if layers != 1 and not head else None
+    grey = grey_image(image) if layers != 1 and not head else None
     if grey is not None:  # a grey image saved as colour (as register takes it)
-        scalar = sitk.GetImageFromArray(grey)
-        scalar.CopyInformation(image)
-        image, layers = scalar, 1
+        image, layers = grey, 1
     if layers != 1 and not head:
         raise InputError(f"--input image '{input_path}' has {layers} components per pixel; a scalar image "
                          "(intensities, labels or a mask) or a Slicer segmentation (.seg.nrrd) is expected")

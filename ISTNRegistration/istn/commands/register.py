@@ -533,14 +533,12 @@ def _atlas_on_moving(atlas, moving, transform) -> tuple[object, dict]:
     import SimpleITK as sitk
 
     from .. import segfile
-    from ..inverse import inverse_transform
-    from ..registration import OUTPUT_FIELD_SPACING_MM, warp_image
+    from ..inverse import labels_onto_moving
     from .apply import warn_if_it_misses
     from .evaluate import label_values
 
-    inverted = inverse_transform(transform, moving, OUTPUT_FIELD_SPACING_MM)
-    on_moving = segfile.warp_layers(atlas, lambda layer: warp_image(
-        layer, moving, inverted.transform, sitk.sitkNearestNeighbor, 0.0, field_spacing=OUTPUT_FIELD_SPACING_MM))
+    inverted, onto_moving = labels_onto_moving(transform, moving)
+    on_moving = segfile.warp_layers(atlas, onto_moving)
     volume_3d = on_moving.GetDimension() == 3
     voxel = float(np.prod(on_moving.GetSpacing())) / (1000.0 if volume_3d else 1.0)  # ml, or mm^2 of a 2D image
     inverse = inverted.summary()
