@@ -129,3 +129,28 @@ def test_missing_transform_is_noted(tmp_path, capfd):
     assert res["transform"] is None and res["mean"]["dice"] == 0.75
     assert _notes(capfd.readouterr().err) == [
         "note: no --transform given: the identity was used (the moving labels are scored where they lie)"]
+
+
+def test_label_png_saved_as_grey_rgb_is_scored_as_its_labels(tmp_path, capfd):
+    """A label PNG that a viewer saved as RGB(A) with equal channels holds the labels: the same scores as the
+    scalar file; a true-colour label picture is refused in one line (colours are not label values)."""
+    f = np.zeros((24, 24), np.uint8)
+    m = np.zeros_like(f)
+    f[2:8, 2:8] = m[2:8, 2:8] = 3
+    f[10:14, 2:6] = 4
+    m[10:14, 4:8] = 4
+    scalar_f, scalar_m = _write(tmp_path, "f.png", f), _write(tmp_path, "m.png", m)
+    rgb_m = tmp_path / "m_rgb.png"
+    sitk.WriteImage(sitk.GetImageFromArray(np.stack([m, m, m, np.full_like(m, 255)], -1), isVector=True), str(rgb_m))
+    assert sitk.ReadImage(str(rgb_m)).GetNumberOfComponentsPerPixel() == 4
+    res = _evaluate(tmp_path, scalar_f, rgb_m)
+    assert res["per_label"]["3"]["dice"] == 1.0 and res["per_label"]["4"]["dice"] == 0.5
+    same = _evaluate(tmp_path, scalar_f, scalar_m, "--overwrite")
+    assert (res["per_label"], res["mean"]) == (same["per_label"], same["mean"])
+    colour = np.stack([m, m * 0, m * 0], -1)
+    colour_p = tmp_path / "m_colour.png"
+    sitk.WriteImage(sitk.GetImageFromArray(colour, isVector=True), str(colour_p))
+    capfd.readouterr()
+    code = main(["evaluate", "--fixed-labels", str(scalar_f), "--moving-labels", str(colour_p)])
+    err = capfd.readouterr().err
+    assert code == 2 and "colours, not label values" in err and len(err.strip().splitlines()) == 1

@@ -42,7 +42,7 @@ def run_evaluate(fixed_labels: str | Path, moving_labels: str | Path, transform_
     import SimpleITK as sitk
 
     from .. import segfile
-    from ..io import read_raw_image, read_transform, write_json
+    from ..io import grey_image, read_raw_image, read_transform, write_json
     from ..metrics import folding_fraction, label_metrics, looks_like_intensities, mean_metrics
     from ..registration import warp_image
 
@@ -55,14 +55,21 @@ def run_evaluate(fixed_labels: str | Path, moving_labels: str | Path, transform_
                        "metrics.json")
     f = read_raw_image(fixed_labels, "fixed label image")
     m = read_raw_image(moving_labels, "moving label image")
+    images = []
     for img, role, p in ((f, "fixed", fixed_labels), (m, "moving", moving_labels)):
         if img.GetNumberOfComponentsPerPixel() != 1 and segfile.header(img):
             raise InputError(f"{role} label image '{p}' is a Slicer segmentation whose segments overlap "
                              f"({img.GetNumberOfComponentsPerPixel()} layers); evaluate scores label maps, one value a "
                              "structure: export the segments to score as a label map (Slicer's Segmentations module)")
         if img.GetNumberOfComponentsPerPixel() != 1:
-            raise InputError(f"{role} label image '{p}' has {img.GetNumberOfComponentsPerPixel()} components per "
-                             "pixel; a scalar label map is expected")
+            grey = grey_image(img)  # a label PNG saved as grey-level RGB(A): its values are the labels
+            if grey is None:
+                raise InputError(f"{role} label image '{p}' has {img.GetNumberOfComponentsPerPixel()} components per "
+                                 "pixel whose values differ (colours, not label values); a scalar label map is "
+                                 "expected: save the labels as grey levels, one value a structure")
+            img = grey
+        images.append(img)
+    f, m = images
     if f.GetDimension() != m.GetDimension():
         raise InputError(f"fixed label image is {f.GetDimension()}D but moving label image is {m.GetDimension()}D")
     notes: list[str] = []
