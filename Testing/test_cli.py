@@ -10,6 +10,7 @@ import SimpleITK as sitk
 
 from conftest import blob_image
 from istn.cli import REGISTER_OUTPUTS, main
+from istn.errors import InputError
 
 
 @pytest.fixture
@@ -766,19 +767,18 @@ def test_a_cohort_montage_tile_is_the_checkerboard_of_the_fixed_and_the_warped_i
     assert np.abs(restored - tile).max() < 0.03 and np.abs(restored - tile).mean() < 0.005  # edge voxels aside
 
 
-@pytest.mark.parametrize("case", ["same name", "missing", "initial", "bad option"])
+@pytest.mark.parametrize("case", ["same image", "missing", "initial", "bad option"])
 def test_a_batch_that_cannot_run_as_asked_is_refused_before_anything(files, tmp_path, capsys, case):
     other = tmp_path / "other"
     other.mkdir()
-    twin = other / files["moving"].name
-    twin.write_bytes(files["moving"].read_bytes())
+    twin = other / ".." / "in" / files["moving"].name  # the same file by another path
     extra, message = {
-        "same name": ([], "would both write into"),
+        "same image": ([], "are the same image"),
         "missing": ([str(tmp_path / "nope.nii.gz")], "does not exist"),
         "initial": (["--initial", str(files["fixed"])], "--initial belongs to one pair"),
         "bad option": (["--lr", "-1"], "--lr must be a finite number > 0"),
     }[case]
-    movings = [str(files["moving"])] + ([str(twin)] if case == "same name" else [str(files["fixed"])])
+    movings = [str(files["moving"])] + ([str(twin)] if case == "same image" else [str(files["fixed"])])
     out = tmp_path / "out"
     argv = ["register", "--quiet", "--fixed", str(files["fixed"]), "--model", str(files["model"]), "--out", str(out),
             "--moving", *movings]
@@ -801,6 +801,50 @@ def test_a_batch_names_each_images_folder_after_the_image(tmp_path):
     dicom_file = series / "IM0001"
     dicom_file.write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
     assert subject_name(dicom_file) == "T1_MPRAGE"  # one file of a series: the series' folder
+
+
+def test_a_batch_of_images_of_the_same_name_names_their_folders_by_the_subject_folders(files, tmp_path):
+    """One folder a subject (sub-01/anat/T1w.nii.gz, sub-02/anat/T1w.nii.gz, as BIDS-like and FreeSurfer-like
+    layouts store them) was refused ("would both write into"): each now registers into a folder named by the
+    folders that tell them apart, and summary.csv says which is which."""
+    import csv
+
+    from istn.cli import subject_names
+
+    root = tmp_path / "study"
+    paths = []
+    for subject in ("sub-01", "sub-02"):
+        (root / subject / "anat").mkdir(parents=True)
+        paths.append(root / subject / "anat" / files["moving"].name)
+        paths[-1].write_bytes(files["moving"].read_bytes())
+    lone = root / "other.png"
+    lone.write_bytes(files["moving"].read_bytes())
+    out = tmp_path / "out"
+    assert main(["register", "--quiet", "--no-figure", "--fixed", str(files["fixed"]), "--model", str(files["model"]),
+                 "--out", str(out), "--moving", *map(str, paths), str(lone)]) == 0
+    assert sorted(d.name for d in out.iterdir() if d.is_dir()) == ["other", "sub-01_anat_moving", "sub-02_anat_moving"]
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [(r["moving"], r["folder"], r["status"]) for r in rows] == [
+        (str(paths[0]), "sub-01_anat_moving", "ok"), (str(paths[1]), "sub-02_anat_moving", "ok"),
+        (str(lone), "other", "ok")]
+    for r in rows:
+        assert (out / r["folder"] / "result.json").is_file()
+
+    # names only as long as it takes; DICOM series folders of the same name (one per patient) alike
+    a, b = tmp_path / "p1" / "T1_MPRAGE", tmp_path / "p2" / "T1_MPRAGE"
+    a.mkdir(parents=True)
+    b.mkdir(parents=True)
+    assert subject_names([a, b, tmp_path / "x.nii.gz"]) == ["p1_T1_MPRAGE", "p2_T1_MPRAGE", "x"]
+    deep = [tmp_path / "s1" / "mri" / "T1.mgz", tmp_path / "s2" / "mri" / "T1.mgz", tmp_path / "mri_T1.mgz"]
+    names = subject_names(deep)
+    assert len(set(names)) == 3 and names[:2] == ["s1_mri_T1", "s2_mri_T1"]
+    # two files of one DICOM series are one image; two files named alike in one folder cannot be told apart
+    for n in ("IM1", "IM2"):
+        (a / n).write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
+    with pytest.raises(InputError, match="are the same DICOM series"):
+        subject_names([a / "IM1", a / "IM2"])
+    with pytest.raises(InputError, match="would both write into a folder named 'T1'"):
+        subject_names([tmp_path / "T1.nii.gz", tmp_path / "T1.nrrd"])
 
 
 # --------------------------------------------------------------------------

@@ -32,13 +32,13 @@ from .commands.apply import APPLY_INTERPOLATIONS, inverse_line, run_apply, run_i
 from .commands.evaluate import print_metrics, run_evaluate, value_list
 from .commands.register import (BATCH_SUMMARY, REGISTER_OPTIONAL_OUTPUTS, REGISTER_OUTPUTS, atlas_line,
                                 check_register_options, jacobian_line, run_register, run_register_many, stage_line,
-                                subject_name, varied_hint)
+                                subject_name, subject_names, varied_hint)
 from .commands.train import TRAIN_DEFAULTS, run_train
 from .errors import ISTNError, ResultError, first_line
 
 __all__ = ["APPLY_INTERPOLATIONS", "BATCH_SUMMARY", "REGISTER_OPTIONAL_OUTPUTS", "REGISTER_OUTPUTS", "build_parser",
            "check_register_options", "main", "run_apply", "run_evaluate", "run_invert", "run_register",
-           "run_register_many", "run_train", "subject_name"]
+           "run_register_many", "run_train", "subject_name", "subject_names"]
 
 
 # --------------------------------------------------------------------------
@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("register", help="register a moving image to a fixed image")
     r.add_argument("--fixed", required=True, help="fixed image (NIfTI, NRRD, MHA, PNG, ...; a DICOM series: its folder, or one of its files)")
     r.add_argument("--moving", required=True, nargs="+",
-                   help="moving image (as --fixed); several: each registered into OUT/<its name>/, the models "
-                        "loaded once, OUT/summary.csv one row per image")
+                   help="moving image (as --fixed); several: each registered into OUT/<its name>/ (images of the "
+                        "same name preceded by their folders': sub-01/anat/T1w.nii.gz -> OUT/sub-01_anat_T1w/), the "
+                        "models loaded once, OUT/summary.csv one row per image")
     r.add_argument("--model", action="append",
                    help="exported model (.pt); repeat to chain: affine models, then at most one B-spline model, last "
                         "(default: the bundled brain-t1-affine.pt then brain-t1-bspline.pt, T1 brain MRI)")

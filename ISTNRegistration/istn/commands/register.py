@@ -317,6 +317,51 @@ def subject_name(path: str | Path) -> str:
     return p.name[: -len(suffix)] if suffix and p.name != suffix else p.name
 
 
+def subject_names(paths: Sequence[str | Path]) -> list[str]:
+    """The output folders of a batch's moving images: `subject_name`, and where several images share it (a layout
+    of one folder per subject: ``sub-01/anat/T1w.nii.gz``, ``sub-02/anat/T1w.nii.gz``), each of those preceded by
+    as many of its folders as it takes to tell them apart, joined by ``_`` (``sub-01_anat_T1w``,
+    ``sub-02_anat_T1w``). Raises `InputError` for an image (or DICOM series) given twice, and for images that
+    their folders cannot tell apart (``T1.nii.gz`` and ``T1.nrrd`` side by side)."""
+    from ..io import is_dicom_file
+
+    # what the name is of: the file, a DICOM series' folder, or the folder of a DICOM file given for its series
+    anchors = []
+    for p in map(Path, paths):
+        q = p.resolve()
+        anchors.append(q.parent if not q.is_dir() and is_dicom_file(q) else q)
+    for i, q in enumerate(anchors):
+        if q in anchors[:i]:
+            j = anchors.index(q)
+            raise InputError(f"moving images '{paths[j]}' and '{paths[i]}' are the same "
+                             f"{'DICOM series' if q.is_dir() else 'image'}: give each image once")
+    base = [subject_name(p) for p in paths]
+    folders = [[f.name for f in q.parents if f.name] for q in anchors]  # nearest first
+
+    def named(i: int, depth: int) -> str:
+        return "_".join([*reversed(folders[i][:depth]), base[i]])
+
+    depth = [0] * len(paths)
+    while True:
+        names = [named(i, d) for i, d in enumerate(depth)]
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            groups.setdefault(name, []).append(i)
+        clashes = [g for g in groups.values() if len(g) > 1]
+        if not clashes:
+            return names
+        for group in clashes:
+            same = [i for i in group if any(folders[j] == folders[i] for j in group if j != i)]
+            if not same and all(depth[i] == len(folders[i]) for i in group):  # /a_b/T1 and /a/b/T1: no more to add
+                same = group
+            if same:  # side by side (or in folders named alike all the way up): no folder tells them apart
+                raise InputError(f"moving images {' and '.join(repr(str(paths[i])) for i in same)} would both write "
+                                 f"into a folder named {base[same[0]]!r}: give them distinct file (or DICOM folder) "
+                                 "names")
+            for i in group:  # one whose folders are all named already keeps its name: the others' grow
+                depth[i] = min(depth[i] + 1, len(folders[i]))
+
+
 def shown_name(path: str | Path) -> str:
     """An input as a picture names it: its file name, or for a DICOM series (its folder, or one file of it) its
     Series Description and folder, so that a slice's file name (or a scanner's folder number) does not stand for
@@ -360,16 +405,11 @@ def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path]
     for p in moving:
         if not p.is_dir():
             check_input_file(p, "moving image")
-    names = [subject_name(p) for p in moving]
-    seen: dict[str, Path] = {}
+    names = subject_names(moving)
     for p, name in zip(moving, names):
-        if name in seen:
-            raise InputError(f"moving images '{seen[name]}' and '{p}' would both write into {Path(out_dir) / name}: "
-                             "give them distinct file (or DICOM folder) names")
         if name in BATCH_SUMMARY:
             raise InputError(f"moving image '{p}' would write into {Path(out_dir) / name}, the batch's summary: "
                              "rename it")
-        seen[name] = p
     if options.get("atlas_path"):  # a bad atlas fails the batch up front, not each image
         from ..io import read_image
 
