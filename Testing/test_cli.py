@@ -984,3 +984,73 @@ def test_a_displacement_field_with_a_nan_is_refused_in_one_line(files, tmp_path,
     assert main(["apply", "--transform", str(path), "--reference", str(files["fixed"]), "--input",
                  str(files["fixed"]), "--out", str(tmp_path / "a.nii.gz")]) == 2
     assert "holds numbers that are not finite" in capsys.readouterr().err
+
+
+def test_skip_done_keeps_a_run_asked_the_same_and_redoes_one_asked_otherwise(files, tmp_path, capsys):
+    """--skip-done: a run whose inputs (unchanged since), models and options are the same is kept, not redone
+    (its files untouched); another option, or a moving image written again, registers anew."""
+    out = tmp_path / "r"
+    argv = ["register", "--quiet", "--no-figure", "--fixed", str(files["fixed"]), "--moving", str(files["moving"]),
+            "--model", str(files["model"]), "--out", str(out)]
+    assert main(argv) == 0
+    record = (out / "result.json").read_bytes()
+    stamp = (out / "transform.h5").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(argv + ["--skip-done"]) == 0
+    assert "done in an earlier run asked the same (--skip-done): kept" in capsys.readouterr().out
+    assert (out / "result.json").read_bytes() == record and (out / "transform.h5").stat().st_mtime_ns == stamp
+    assert json.loads(record)["request"]["options"]["iterations"] is None
+    assert main(argv + ["--skip-done", "--refine", "3"]) == 0  # asked otherwise: registered again
+    assert json.loads((out / "result.json").read_text())["request"]["options"]["iterations"] == 3
+    assert "kept" not in capsys.readouterr().out
+    record = (out / "result.json").read_bytes()
+    assert main(argv + ["--skip-done", "--refine", "3"]) == 0 and (out / "result.json").read_bytes() == record
+    os.utime(files["moving"], ns=(1, 1))  # the moving image changed since (as far as a file's stamp can tell)
+    assert main(argv + ["--skip-done", "--refine", "3"]) == 0 and (out / "result.json").read_bytes() != record
+    (out / "warped.nii.gz").unlink()  # an output gone: not a finished run
+    capsys.readouterr()
+    assert main(argv + ["--skip-done", "--refine", "3"]) == 0 and (out / "warped.nii.gz").is_file()
+    assert "kept" not in capsys.readouterr().out
+
+
+def test_an_interrupted_batch_leaves_its_summary_and_skip_done_goes_on(files, tmp_path, capsys, monkeypatch):
+    """Ctrl-C during the second of three images: summary.csv lists the first as registered and the others as
+    not run (it was written nowhere before); the same command with --skip-done keeps the first (untouched) and
+    registers the other two."""
+    import csv
+
+    import istn.commands.register as reg
+
+    movings = []
+    for k in range(3):
+        p = tmp_path / f"m{k}.png"
+        p.write_bytes(files["moving"].read_bytes())
+        movings.append(str(p))
+    out = tmp_path / "batch"
+    argv = ["register", "--quiet", "--no-figure", "--fixed", str(files["fixed"]), "--model", str(files["model"]),
+            "--out", str(out), "--moving", *movings]
+    real, calls = reg.run_register, []
+
+    def stop_on_second(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reg, "run_register", stop_on_second)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "summary.csv lists the images finished before the stop" in err and "interrupted" in err
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [(r["folder"], r["status"]) for r in rows] == [("m0", "ok"), ("m1", "not run"), ("m2", "not run")]
+    assert json.loads((out / "summary.json").read_text())["interrupted"] is True
+    assert sorted(d.name for d in out.iterdir() if d.is_dir()) == ["m0"]
+    first = (out / "m0" / "result.json").read_bytes()
+    monkeypatch.setattr(reg, "run_register", real)
+    assert main(argv + ["--skip-done"]) == 0
+    assert "3 of 3 registered (1 kept from an earlier run)" in capsys.readouterr().out
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [(r["folder"], r["status"], r["reused"]) for r in rows] == [("m0", "ok", "True"), ("m1", "ok", ""),
+                                                                       ("m2", "ok", "")]
+    assert (out / "m0" / "result.json").read_bytes() == first
+    assert json.loads((out / "summary.json").read_text())["interrupted"] is False

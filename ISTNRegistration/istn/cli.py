@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--background", type=float, default=None,
                    help="value of warped.nii.gz outside the moving image (default: the moving image's minimum)")
     r.add_argument("--out", required=True, help="output folder")
+    r.add_argument("--skip-done", action="store_true",
+                   help="keep the result of an earlier run in the output folder (each image's, with several "
+                        "--moving) when it was asked the same: the same input files, unchanged since, models and "
+                        "options; a batch that was stopped goes on where it was")
     r.add_argument("--no-figure", action="store_true",
                    help="do not draw overview.png (the images, ITN maps, refinement and Jacobian at a glance; "
                         "~1.5 s at 1 mm 256^3)")
@@ -281,6 +285,9 @@ def _run(args: argparse.Namespace, verbose: bool) -> int:
         if args.command == "register":
             s = run_register(args.fixed, args.moving[0], args.model, args.out, quiet=args.quiet,
                              **_register_options(args))
+            if s.get("reused"):
+                print(f"done in an earlier run asked the same (--skip-done): kept; outputs in {args.out}")
+                return 0
             for st in s["stages"]:
                 print(stage_line(st))
             if s.get("jacobian"):
@@ -377,14 +384,16 @@ def _register_options(args: argparse.Namespace) -> dict:
                 coarse_iterations=args.coarse_iterations, refine_layers=args.refine_layers,
                 region_margin_mm=args.region_margin, polish=args.polish, anchor=args.anchor, passes=args.passes,
                 retry=not args.no_retry, figure=not args.no_figure, write_jacobian=args.jacobian,
-                atlas_path=args.atlas)
+                atlas_path=args.atlas, skip_done=args.skip_done)
 
 
 def _main_register_many(args: argparse.Namespace) -> int:
     """`istn register` with several --moving: one line per image, a table at the end; exit status 0 when every
     image registered, 2 when the only failures were bad inputs, 1 otherwise."""
     def _print_batch_row(row: dict) -> None:
-        if row["status"] == "ok":
+        if row["status"] == "ok" and row.get("reused"):
+            print(f"{row['folder']}: done in an earlier run asked the same (--skip-done): kept", flush=True)
+        elif row["status"] == "ok":
             for line in row["lines"]:
                 print(f"{row['folder']}: {line}", flush=True)
             for w in row["warnings"]:
@@ -392,15 +401,21 @@ def _main_register_many(args: argparse.Namespace) -> int:
         else:
             print(f"istn register: error: {row['folder']}: {row['error']}", file=sys.stderr)
 
-    s = run_register_many(args.fixed, args.moving, args.model, args.out, quiet=args.quiet,
-                          on_done=_print_batch_row, **_register_options(args))
+    try:
+        s = run_register_many(args.fixed, args.moving, args.model, args.out, quiet=args.quiet,
+                              on_done=_print_batch_row, **_register_options(args))
+    except KeyboardInterrupt:
+        print(f"istn register: note: {args.out}/summary.csv lists the images finished before the stop; the same "
+              "command with --skip-done goes on from there", file=sys.stderr)
+        raise
     for w in s["warnings"]:
         print(f"istn register: warning: {w}", file=sys.stderr)
     if s.get("earlier_results_not_in_this_batch"):
         print(f"istn register: note: {args.out} also holds earlier results of images not in this batch "
               f"({', '.join(s['earlier_results_not_in_this_batch'])}); summary.csv lists this batch's",
               file=sys.stderr)
-    print(f"{s['moved'] - s['failed']} of {s['moved']} registered in {s['seconds_total']:.1f} s; outputs in "
+    kept = f" ({s['reused']} kept from an earlier run)" if s["reused"] else ""
+    print(f"{s['moved'] - s['failed']} of {s['moved']} registered{kept} in {s['seconds_total']:.1f} s; outputs in "
           f"{args.out} ({', '.join(s['outputs'])})")
     if not s["failed"]:
         return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import math
 import os
 import sys
@@ -120,6 +121,7 @@ def run_register(
     write_jacobian: bool = False,
     atlas_path: str | Path | None = None,
     on_images: Callable[[object, object, object], None] | None = None,
+    skip_done: bool = False,
 ) -> dict:
     """Register a pair with one model or a chain (affine models, then at most one B-spline) and write the outputs;
     no ``model_paths``: the bundled default chain (brain-t1 affine, then its B-spline).
@@ -149,6 +151,9 @@ def run_register(
     label's volume there (ml) and the inverse's round trip (`read_atlas` checks it first).
     ``on_images(fixed, warped, fixed_map)``: the images as written, once they are (a cohort's montage uses them
     instead of reading the files back).
+    ``skip_done``: when ``out_dir`` holds a finished run that was asked the same (`finished_run`: the same input
+    files, unchanged since, the same models and options), return its ``result.json`` (with ``reused`` true)
+    instead of registering again: a batch stopped part way, or a script run again, goes on where it was.
     Returns the content of ``result.json``; its ``warnings`` gather every
     stage's (the CLI prints them).
     """
@@ -169,6 +174,14 @@ def run_register(
                            region_margin_mm, polish, anchor, passes)
     names = list(REGISTER_OUTPUTS) + list(REGISTER_OPTIONAL_OUTPUTS)
     inputs = [fixed_path, moving_path, *model_paths] + [p for p in (initial_path, atlas_path) if p]
+    request = run_request(fixed_path, moving_path, model_paths, initial_path, atlas_path,
+                          {k: v for k, v in locals().items() if k in REQUEST_OPTIONS})
+    earlier = finished_run(Path(out_dir), request) if skip_done else None
+    if earlier is not None:
+        if on_images is not None:
+            on_images(read_image(fixed_path, "fixed"), read_image(Path(out_dir) / "warped.nii.gz", "earlier warped"),
+                      read_image(Path(out_dir) / "itn_fixed.nii.gz", "earlier fixed map"))
+        return {**earlier, "reused": True}
     fixed = read_image(fixed_path, "fixed")
     moving = read_image(moving_path, "moving")
     if fixed.GetDimension() != moving.GetDimension():
@@ -228,6 +241,7 @@ def run_register(
         summary = {
             "fixed": str(fixed_path),
             "moving": str(moving_path),
+            "request": request,
             "initial": str(initial_path) if initial_path else None,
             "transform_maps": "fixed world points (mm, LPS) -> moving world points",
             "background": bg,
@@ -294,6 +308,57 @@ def run_register(
     if on_images is not None:
         on_images(fixed, warped, result.fixed_map)
     return summary
+
+
+def _file_stamp(path: Path) -> list | None:
+    """What tells a later run that an input file (or a DICOM folder's files) changed: sizes and modification
+    times; None for a path that is not there (the input checks that follow say so)."""
+    try:
+        if path.is_dir():
+            entries = [f.stat() for f in path.iterdir() if f.is_file()]
+            return [len(entries), sum(e.st_size for e in entries), max((e.st_mtime_ns for e in entries), default=0)]
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+# `run_register`'s options that shape a result (result.json's ``request``): not threads, verbosity or callbacks
+REQUEST_OPTIONS = ("iterations", "lr", "device", "background", "bending", "tolerance", "coarse_iterations",
+                   "refine_layers", "region_margin_mm", "polish", "anchor", "passes", "retry", "figure",
+                   "write_jacobian")
+
+
+def run_request(fixed_path, moving_path, model_paths, initial_path, atlas_path, options: dict) -> dict:
+    """What a run was asked (result.json's ``request``): its inputs (absolute paths, with sizes and modification
+    times) and the options that shape its result (not threads or verbosity). A batch's ``skip_done`` keeps an
+    earlier run only when it was asked the same."""
+    def entry(p) -> dict | None:
+        if not p:
+            return None
+        q = Path(p).resolve()
+        return {"path": str(q), "stamp": _file_stamp(q)}
+
+    return {"fixed": entry(fixed_path), "moving": entry(moving_path), "models": [entry(m) for m in model_paths],
+            "initial": entry(initial_path), "atlas": entry(atlas_path),
+            # as JSON keeps them (inf, a region margin, as a string): an earlier run's record compares equal
+            "options": {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
+                        for k, v in sorted(options.items())}}
+
+
+def finished_run(folder: Path, request: dict) -> dict | None:
+    """The ``result.json`` of a finished run in ``folder`` that was asked ``request`` (`run_request`) and whose
+    outputs are all there; None otherwise (no run, another request, a file missing, an unreadable record)."""
+    try:
+        earlier = json.loads((folder / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(earlier, dict) or earlier.get("request") != request:
+        return None
+    outputs = earlier.get("outputs")
+    if not isinstance(outputs, list) or not all(isinstance(n, str) and (folder / n).is_file() for n in outputs):
+        return None
+    return earlier
 
 
 # --------------------------------------------------------------------------
@@ -378,7 +443,7 @@ def shown_name(path: str | Path) -> str:
 
 def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path],
                       model_paths: Sequence[str | Path] | None, out_dir: str | Path, quiet: bool = False,
-                      on_done: Callable[[dict], None] | None = None, **options) -> dict:
+                      on_done: Callable[[dict], None] | None = None, skip_done: bool = False, **options) -> dict:
     """Register several moving images to one fixed image in one process (torch and the models load once): each
     as `run_register` registers a pair, into ``out_dir/<subject_name>/``, then ``summary.json`` and
     ``summary.csv`` in ``out_dir``, one row per moving image, and with ``figure`` (the default) ``summary.png``:
@@ -388,12 +453,14 @@ def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path]
     Checked up front: every moving image exists, no two would share a folder. A moving image that fails (bad
     input, a registration that could not be written) is reported, its row says why, and the others go on;
     ``failed`` counts them. ``on_done(row)`` after each image (the command line prints it then).
+    ``skip_done``: an image whose folder holds a finished run that was asked the same (`finished_run`: the same
+    inputs, unchanged since, models and options) is not registered again; its row is that run's (``reused``).
+    An interrupt (Ctrl-C, SIGTERM) between or during images still writes ``summary.json`` and ``summary.csv``,
+    the images not finished marked "not run", then goes on as the interrupt (so a second command with
+    ``skip_done`` resumes the batch).
     ``options``: `run_register`'s keyword arguments.
     """
-    import csv
-    import io as text_io
-
-    from ..io import atomic_write, check_earlier_outputs, check_input_file, prepare_output_dir, write_json
+    from ..io import check_earlier_outputs, check_input_file, prepare_output_dir
 
     if options.get("initial_path"):
         raise InputError("--initial belongs to one pair: with several --moving images, register them without it (or "
@@ -427,17 +494,47 @@ def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path]
     montage: dict = {}  # the fixed image's display grid and slice, from the first image registered
     warnings: list[str] = []
     t0 = time.perf_counter()
+    try:
+        _batch_loop(fixed_path, moving, names, model_paths, out, quiet, on_done, skip_done, options, rows, tiles,
+                    montage, warnings)
+    except KeyboardInterrupt:  # what was done stays findable: the summary of the images finished, then the interrupt
+        done = {r["moving"] for r in rows}
+        rows += [{"moving": str(p), "folder": name, "status": "not run", "error": "the batch was interrupted"}
+                 for p, name in zip(moving, names) if str(p) not in done]
+        _write_batch_summary(out, fixed_path, rows, ["summary.json", "summary.csv"], ["the batch was interrupted"],
+                             names, t0, interrupted=True)
+        raise
+    written = ["summary.json", "summary.csv"]
+    if options.get("figure", True) and not warnings:
+        try:
+            from ..figures import cohort_montage
+
+            cohort_montage(out / "summary.png", tiles, title=f"istn register: {len(rows)} images -> "
+                                                             f"{shown_name(fixed_path)} (checkerboards)")
+            written.append("summary.png")
+        except Exception as exc:
+            warnings.append(f"summary.png was not drawn ({type(exc).__name__}: {first_line(exc)})")
+    return _write_batch_summary(out, fixed_path, rows, written, warnings, names, t0)
+
+
+def _batch_loop(fixed_path, moving: list[Path], names: list[str], model_paths, out: Path, quiet: bool,
+                on_done, skip_done: bool, options: dict, rows: list, tiles: list, montage: dict,
+                warnings: list) -> None:
+    """`run_register_many`'s images, one by one: ``rows``, ``tiles`` and ``warnings`` grow as each ends."""
     for k, (p, name) in enumerate(zip(moving, names)):
-        if not quiet:
-            print(f"[{k + 1}/{len(moving)}] {p} -> {out / name}", file=sys.stderr)
         row: dict = {"moving": str(p), "folder": name}
         images: dict = {}  # this image's fixed, warped and fixed map, as its run wrote them
 
         def keep(fixed, warped, fixed_map, images=images) -> None:
             images.update(fixed=fixed, warped=warped, fixed_map=fixed_map)
 
+        if not quiet:
+            print(f"[{k + 1}/{len(moving)}] {p} -> {out / name}", file=sys.stderr)
         try:
-            s = run_register(fixed_path, p, model_paths, out / name, quiet=quiet, on_images=keep, **options)
+            s = run_register(fixed_path, p, model_paths, out / name, quiet=quiet, on_images=keep, skip_done=skip_done,
+                             **options)
+            if s.get("reused"):
+                row["reused"] = True
         except ISTNError as exc:  # bad input: this image only
             row.update(status="bad input", error=str(exc))
         except ResultError as exc:
@@ -464,19 +561,20 @@ def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path]
                 warnings.append(f"summary.png was not drawn ({type(exc).__name__}: {first_line(exc)})")
         if on_done is not None:
             on_done(row)
-    written = ["summary.json", "summary.csv"]
-    if options.get("figure", True) and not warnings:
-        try:
-            from ..figures import cohort_montage
 
-            cohort_montage(out / "summary.png", tiles, title=f"istn register: {len(rows)} images -> "
-                                                             f"{shown_name(fixed_path)} (checkerboards)")
-            written.append("summary.png")
-        except Exception as exc:
-            warnings.append(f"summary.png was not drawn ({type(exc).__name__}: {first_line(exc)})")
+
+def _write_batch_summary(out: Path, fixed_path, rows: list[dict], written: list[str], warnings: list[str],
+                         names: list[str], t0: float, interrupted: bool = False) -> dict:
+    """``summary.json`` and ``summary.csv`` of a batch (`run_register_many`) into ``out``; returns the summary."""
+    import csv
+    import io as text_io
+
+    from ..io import atomic_write, write_json
+
     if "summary.png" not in written and (out / "summary.png").is_file():  # an earlier batch's: not this one's
         (out / "summary.png").unlink()
     summary = {"fixed": str(fixed_path), "moved": len(rows), "failed": sum(r["status"] != "ok" for r in rows),
+               "reused": sum(bool(r.get("reused")) for r in rows), "interrupted": interrupted,
                "seconds_total": time.perf_counter() - t0, "outputs": written, "warnings": warnings, "rows": rows}
     # results of an earlier batch into this folder stay (they are the user's), but are not this batch's: say so
     earlier = sorted(d.name for d in out.iterdir() if d.is_dir() and d.name not in names and (d / "result.json").is_file())
@@ -491,6 +589,7 @@ def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path]
     if all(s.isdigit() for s in suffixes):
         size_columns = [k for _, k in sorted(zip(map(int, suffixes), size_columns))]
     columns[-2:-2] = size_columns
+    columns.append("reused")  # last: the columns of earlier batches keep their places
 
     def write_csv(tmp: str) -> None:
         buffer = text_io.StringIO()
