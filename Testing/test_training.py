@@ -136,6 +136,37 @@ def test_label_soi_encoding_gives_one_channel_per_label(tmp_path):
     assert p.source_soi[0, 0].sum() == 64 and p.source_soi[0, 1].sum() == 64
 
 
+def test_training_feeds_the_network_what_registration_feeds_it_however_the_files_are_stored(tmp_path):
+    """A 1 mm volume (odd sizes) for a 4 mm grid: training resampled the raw image (aliased; statistics from every
+    n-th stored voxel) while registration block-averages it (helper audit, session 31: inputs 0.045 apart, and
+    RAS- vs LPS-stored training sets gave other weights). Now a training pair's image tensor is exactly the
+    registration's network input, and the same for the file stored LPS, RAS or sagittal."""
+    from istn.data import image_to_tensor, network_grid
+    from istn.inputs import clear_cache, prepare_image
+
+    head = blob_image((61, 53, 67), (1.0, 1.0, 1.0), (-18.0, -38.0, -22.0), np.eye(3), centre=(4.0, -6.0, 8.0))
+    arr = sitk.GetArrayFromImage(head) + np.random.default_rng(5).normal(0, 0.05, head.GetSize()[::-1])
+    image = sitk.GetImageFromArray(arr.astype(np.float32))
+    image.CopyInformation(head)
+    labels = sitk.Cast(head > 0.5, sitk.sitkUInt8)
+    cfg = tiny_config(3, grid_size=(24, 24, 24), grid_spacing=4.0, soi_channels=1)
+    clear_cache()
+    prepared = prepare_image(image, 4.0, (0.5, 99.5), True, cfg.centre_on_foreground)
+    assert prepared.shrink == (2, 2, 2)
+    expected = image_to_tensor(prepared.image, network_grid(prepared.image, cfg, prepared.centre), prepared.window)
+    tensors = {}
+    for code in ("LPS", "RAS", "ASL"):
+        sitk.WriteImage(sitk.DICOMOrient(image, code), str(tmp_path / f"i_{code}.nii.gz"))
+        sitk.WriteImage(sitk.DICOMOrient(labels, code), str(tmp_path / f"l_{code}.nii.gz"))
+        clear_cache()
+        p = load_pair(tmp_path / f"i_{code}.nii.gz", tmp_path / f"i_{code}.nii.gz", tmp_path / f"l_{code}.nii.gz",
+                      tmp_path / f"l_{code}.nii.gz", cfg, "labels", (1,))
+        tensors[code] = p
+        assert torch.allclose(p.source, expected, atol=1e-6), code
+    for code in ("RAS", "ASL"):
+        assert torch.equal(tensors[code].source_soi, tensors["LPS"].source_soi), code
+
+
 def test_normalised_soi_loss_does_not_reward_warping_structures_out_of_view():
     """With sparse SoI, plain MSE prefers an empty warped map to a misaligned one; nmse does not."""
     import torch.nn.functional as F

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from .data import foreground_centre, intensity_window, otsu_threshold, statistics_sample
+from .data import STATS_VOXELS, foreground_centre, intensity_window, otsu_threshold, statistics_sample
 from .errors import InputError
-from .geometry import Grid
+from .geometry import Grid, lps_grid
 from .io import check_image
 
 # False: resample the input as it is, however fine (the engine before anti-aliasing; for comparisons).
@@ -113,6 +113,14 @@ def _prepare(image: sitk.Image, grid_spacing: float, intensity: tuple[float, flo
                          f"of the model's {grid_spacing:g} mm grid voxels across: is its voxel spacing "
                          f"({', '.join(f'{s:g}' for s in image.GetSpacing())}) in mm?")
     shrink = shrink_factors(image.GetSpacing(), grid_spacing)
+    if image.GetDimension() == 3 and (max(shrink) > 1 or image.GetNumberOfPixels() > STATS_VOXELS):
+        # Block averages start at the first stored voxel and drop the leftover ones, and the statistics of a large
+        # image sample every n-th voxel from the first: on the image as stored LPS both fall on the same voxels
+        # however its file orders them (193 voxels stored R->L or L->R: the same 96 blocks)
+        grid = Grid.from_image(image)
+        if lps_grid(grid) != grid:
+            image = sitk.DICOMOrient(image, "LPS")
+            shrink = shrink_factors(image.GetSpacing(), grid_spacing)
     work = sitk.BinShrink(image, list(shrink)) if max(shrink) > 1 else image
     array = sitk.GetArrayViewFromImage(work)
     threshold = otsu_threshold(statistics_sample(array)[0])

@@ -13,8 +13,8 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import InputError
-from ..io import check_image, read_raw_image
-from .images import image_to_tensor, intensity_window, network_grid, soi_to_tensor
+from ..io import read_raw_image
+from .images import image_to_tensor, network_grid, soi_to_tensor
 
 
 def read_pairs_csv(path: str | Path, root: str | Path | None = None) -> list[tuple[Path, Path]]:
@@ -76,18 +76,25 @@ def load_pair(
     intensity: tuple[float, float] = (0.5, 99.5),
     foreground: bool = True,
 ) -> PairTensors:
-    """Read, check and resample one pair and its SoI encodings onto each image's network grid."""
+    """Read, check and resample one pair and its SoI encodings onto each image's network grid.
+
+    Each image is prepared as `istn.registration.register` prepares it (`istn.inputs.prepare_image`: the same
+    anti-aliasing block average, intensity window and grid centre, on the image as stored LPS), so the network
+    is trained on the inputs it is later given, whatever the images' resolution and storage."""
+    from ..inputs import prepare_image  # inputs imports this package
+
     out, notes = [], []
     for img_path, soi_path in ((source, source_soi), (target, target_soi)):
-        img = check_image(read_raw_image(img_path, "image"), f"image '{img_path}'")
-        if img.GetDimension() != cfg.ndim:
+        img = read_raw_image(img_path, "image")
+        if img.GetDimension() != cfg.ndim and img.GetDimension() in (2, 3):
             raise InputError(f"image '{img_path}' is {img.GetDimension()}D but the model is {cfg.ndim}D")
-        grid = network_grid(img, cfg)
-        window = intensity_window(sitk.GetArrayViewFromImage(img), *intensity, foreground=foreground)
+        prepared = prepare_image(img, cfg.grid_spacing, intensity, foreground, cfg.centre_on_foreground,
+                                 f"image '{img_path}'")
+        grid = network_grid(prepared.image, cfg, prepared.centre)
         soi = read_soi(soi_path, cfg.ndim, soi_kind)
         soi_tensor = soi_to_tensor(soi, grid, soi_kind, soi_labels)
         notes += soi_notes(soi, soi_tensor, soi_path, soi_kind, soi_labels)
-        out.append((image_to_tensor(img, grid, window), soi_tensor))
+        out.append((image_to_tensor(prepared.image, grid, prepared.window), soi_tensor))
     (s, ss), (t, ts) = out
     return PairTensors(s, t, ss, ts, notes)
 
