@@ -179,7 +179,12 @@ def test_the_users_files_and_runs_are_never_mixed_or_overwritten(data, tmp_path,
     before = (run / "last.pt").read_bytes()
     # --export onto the run's own checkpoint: refused
     assert main(base + ["--out", str(run), "--steps", "3", "--export", str(run / "last.pt"), "--overwrite"]) == 2
-    assert "is one of the inputs" in _error(capsys) and (run / "last.pt").read_bytes() == before
+    assert "is the run's own checkpoint last.pt" in _error(capsys) and (run / "last.pt").read_bytes() == before
+    # ... also before it exists: a fresh run exporting onto its best.pt (or last.pt) would destroy itself
+    for name in ("best.pt", "last.pt"):
+        fresh = tmp_path / f"fresh-{name}"
+        assert main(base + ["--out", str(fresh), "--export", str(fresh / name)]) == 2
+        assert f"is the run's own checkpoint {name}" in _error(capsys) and not fresh.exists()
     # its own settings continue it; a --steps it has reached already says so
     assert main(base + ["--out", str(run), "--steps", "4"]) == 0
     assert load_checkpoint(run / "last.pt")["step"] == 4
@@ -269,3 +274,24 @@ def test_reading_the_pairs_is_reported_and_quiet_says_nothing(data, tmp_path, ca
     summary = [ln for ln in out if ln.startswith("read ")]
     assert len(summary) == 1 and summary[0].startswith(
         f"read {n - n_val} training and {n_val} validation pair(s) onto the 32x32 network grid at ")
+
+
+def test_label_maps_are_not_trained_as_one_soft_map_by_default(data, tmp_path, capsys):
+    """--soi-kind is soft by default: label maps (values 0..3) were trained, without a word, as ONE channel
+    scaled by its maximum (label 3 -> 1.0, label 1 -> 0.33; helper audit). Refused with what to say instead;
+    an explicit --soi-kind soft is taken as meant, and binary masks stay fine as the default's soft map."""
+    d, base = data
+    for k, f in enumerate(sorted(d.glob("*_soi.nii.gz"))):
+        blob = sitk.GetArrayFromImage(sitk.ReadImage(str(f)))
+        labels = sitk.GetImageFromArray(((blob > 0.2).astype(np.uint8) + (blob > 0.5) + (blob > 0.8)))
+        labels.CopyInformation(sitk.ReadImage(str(f)))
+        sitk.WriteImage(labels, str(f))
+    assert main(base + ["--out", str(tmp_path / "a")]) == 2
+    err = _error(capsys)
+    assert "holds labels (1, 2, 3), but --soi-kind is soft by default" in err and "--soi-kind labels" in err
+    assert not (tmp_path / "a").exists()
+    assert main(base + ["--out", str(tmp_path / "b"), "--soi-kind", "soft"]) == 0
+    assert main(base + ["--out", str(tmp_path / "c"), "--soi-kind", "labels", "--soi-labels", "1", "2", "3"]) == 0
+    for f in d.glob("*_soi.nii.gz"):  # a mask (0/1): one structure, fine as the default soft map
+        sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(f)) > 0, sitk.sitkUInt8), str(f))
+    assert main(base + ["--out", str(tmp_path / "d")]) == 0

@@ -182,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "rows in the same order")
     t.add_argument("--val-csv", help="validation pairs (default: a fifth of --train-csv's rows)")
     t.add_argument("--val-soi-csv", help="their structure maps (needed with --val-csv)")
-    t.add_argument("--soi-kind", choices=["labels", "soft", "landmarks"])
+    t.add_argument("--soi-kind", choices=["labels", "soft", "landmarks"],
+                   help="labels: label maps, one channel per --soi-labels value; soft: one map in [0, max] (label "
+                        "maps given to the default soft are refused: say labels, or soft to mean it)")
     t.add_argument("--soi-labels", type=int, nargs="*", help="label values, one SoI channel each")
     t.add_argument("--soi-description", default="")
     t.add_argument("--variant", choices=["stn-u", "stn-s", "istn-e", "istn-i"])

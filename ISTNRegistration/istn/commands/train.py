@@ -35,6 +35,8 @@ def run_train(args: argparse.Namespace) -> Path:
     from ..training import build_datasets, train
 
     cfg = _config(args)
+    if not args.config and args.soi_kind is None:  # the default kind, soft, on maps that hold labels: say so
+        _check_default_soft(cfg)
     check_device(cfg.device)
     out = Path(cfg.out_dir)
     export_path = Path(args.export) if args.export else out / "model.pt"
@@ -105,6 +107,32 @@ class _ReadingProgress:
         val = f" and {len(val_set)} validation" if val_set is not None else ""
         print(f"read {len(train_set)} training{val} pair(s) onto the {grid} network grid at "
               f"{cfg.model.grid_spacing:g} mm in {time.monotonic() - self.start:.1f} s", flush=True)
+
+
+# A structure map of whole numbers with this many distinct values (the background included) or fewer, and more
+# than two, is taken for a label map: a soft map saved as integers (a uint8 probability map) has far more levels
+LABEL_LIKE_VALUES = 64
+
+
+def _check_default_soft(cfg) -> None:
+    """Refuse the default ``--soi-kind soft`` when the first pair's structure maps are label maps (a few whole
+    numbers): as one soft channel scaled by its maximum, label 8 would be 1.0 and label 1 0.125, a ramp, not
+    structures. An explicit ``--soi-kind soft`` is taken as meant."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from ..data import read_pairs_csv
+    from ..io import read_raw_image
+
+    for path in read_pairs_csv(cfg.soi_csv)[0]:
+        values = np.unique(sitk.GetArrayFromImage(read_raw_image(path, "structure map")))
+        if 2 < len(values) <= LABEL_LIKE_VALUES and np.array_equal(values, np.round(values)):
+            labels = values[values != 0]
+            shown = ", ".join(f"{v:g}" for v in labels[:8]) + (", ..." if len(labels) > 8 else "")
+            raise InputError(f"structure map '{path}' holds labels ({shown}), but --soi-kind is soft by default "
+                             "(one channel, scaled by its maximum: not one structure each): train with --soi-kind "
+                             "labels --soi-labels VALUE ... (one channel per structure), or say --soi-kind soft to "
+                             "train the values as one soft map")
 
 
 def _absolute(path: str | None) -> str:
@@ -269,6 +297,11 @@ def _check_export(export_path: Path, out: Path, inputs: list, overwrite: bool) -
     ``--overwrite``, in a folder that can be written."""
     from .apply import check_out_file
 
+    for name in ("last.pt", "best.pt"):  # the run's checkpoints, made (or continued) by this very command
+        if export_path.absolute().resolve() == (out / name).absolute().resolve():
+            raise OutputError(f"--export '{export_path}' is the run's own checkpoint {name} (in --out '{out}'): "
+                              "export the model under another name (without --export: "
+                              f"{out / 'model.pt'})")
     if export_path.exists() and export_path.resolve() == (out / "model.pt").resolve() and \
             not any(export_path.resolve() == Path(p).resolve() for p in inputs):
         overwrite = True  # the run's own export, made again
