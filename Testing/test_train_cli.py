@@ -107,6 +107,8 @@ def test_bad_training_input_is_refused_in_one_line_before_anything_is_written(da
         err = err.splitlines()[-1] + "\n"
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("istn train: error: ") and expected in lines[0], lines
+    if case in ("nan-soi", "3d-soi"):  # which row: a file may be listed in several
+        assert f"pair 1 of '{d / 'pairs.csv'}' (and '{d / 'soi.csv'}'): structure map" in lines[0]
     assert not out.exists()
     if case == "export-is-input":
         assert (d / "pairs.csv").read_bytes() == before
@@ -119,18 +121,31 @@ def test_structures_missing_from_a_map_are_named_and_a_non_finite_loss_stops_the
     for f in d.glob("*_soi.nii.gz"):  # the blobs as label maps (value 1); no label 7 anywhere
         sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(f)) > 0.5, sitk.sitkUInt8), str(f))
     labels = ["--soi-kind", "labels", "--soi-labels", "1", "7"]
-    assert main(base + labels + ["--out", str(tmp_path / "a")]) == 0
+    # label 7 in no map at all: the model would claim a structure it never saw (it trained on, with a warning)
+    assert main(base + labels + ["--out", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err
     assert "warning: 12 structure map(s) has no label 7: '" in err and "' and 11 more" in err  # 6 pairs, once
+    assert "error: --soi-labels 7: no training pair has this label on its network grid" in err
+    assert not (tmp_path / "a").exists()
+    every = sorted(d.glob("*_soi.nii.gz"))  # label 7 in every map but one: trained, the one map named
+    for f in every[1:]:
+        m = sitk.ReadImage(str(f))
+        arr = sitk.GetArrayFromImage(m)
+        arr[2:5, 2:5] = 7
+        seven = sitk.GetImageFromArray(arr)
+        seven.CopyInformation(m)
+        sitk.WriteImage(seven, str(f))
+    assert main(base + labels + ["--out", str(tmp_path / "a")]) == 0
+    assert f"warning: 1 structure map(s) has no label 7: '{every[0]}'" in capsys.readouterr().err
     # a map of another grid: present in its file, nothing of it on the image's network grid
     soi = sitk.ReadImage(str(d / "trg2_soi.nii.gz"))
     soi.SetOrigin((900.0, 900.0))
     sitk.WriteImage(soi, str(d / "trg2_soi.nii.gz"))
-    assert main(base + ["--out", str(tmp_path / "b")]) == 0
+    assert main(base + ["--out", str(tmp_path / "b"), "--soi-kind", "soft"]) == 0
     assert ("1 structure map(s) lies outside its image (nothing of it on the network grid: another grid's map?): "
             f"'{d / 'trg2_soi.nii.gz'}'") in capsys.readouterr().err
     # a learning rate that blows up: stopped with what to do, not trained on to the end
-    assert main(base + ["--out", str(tmp_path / "c"), "--lr", "1e30", "--steps", "6"]) == 1
+    assert main(base + ["--out", str(tmp_path / "c"), "--lr", "1e30", "--steps", "6", "--soi-kind", "soft"]) == 1
     err = capsys.readouterr().err
     assert "became non-finite at step 2" in err and "stopped; no checkpoint was written" in err
     assert not (tmp_path / "c").exists()  # nothing of it left (no NaN checkpoint, no empty folder)
@@ -190,6 +205,14 @@ def test_the_users_files_and_runs_are_never_mixed_or_overwritten(data, tmp_path,
     assert load_checkpoint(run / "last.pt")["step"] == 4
     assert main(base + ["--out", str(run)]) == 0
     assert "is at step 4 already (--steps 2): nothing to train" in capsys.readouterr().err
+    # files of the user's beside a run, named like a checkpoint's temporary file: left alone
+    beside = tmp_path / "beside"
+    beside.mkdir()
+    for name in ("last.tmp", "best.tmp"):
+        (beside / name).write_bytes(b"mine")
+    assert main(base + ["--out", str(beside)]) == 0
+    assert [(beside / n).read_bytes() for n in ("last.tmp", "best.tmp")] == [b"mine", b"mine"]
+    assert sorted(p.name for p in beside.iterdir()) == ["best.pt", "best.tmp", "last.pt", "last.tmp", "model.pt"]
     # --export: an existing file of the user's needs --overwrite
     mine = tmp_path / "mine.pt"
     mine.write_bytes(b"keep")
@@ -244,6 +267,13 @@ def test_ctrl_c_says_where_the_run_is_kept_and_the_same_command_continues_it(dat
     monkeypatch.setattr(istn.training, "variant_loss", real)
     assert main(argv) == 0
     assert "resumed from" in capsys.readouterr().out and load_checkpoint(tmp_path / "r" / "last.pt")["step"] == 6
+    # --no-resume, stopped before its first checkpoint: the folder's last.pt is the earlier run's, not this one's
+    calls.clear()
+    monkeypatch.setattr(istn.training, "variant_loss", interrupted_at_the_fourth_step)
+    assert main(argv[:-2] + ["--val-every", "5", "--no-resume", "--out", str(tmp_path / "r")]) == 130
+    captured = capsys.readouterr()
+    assert ("stopped at step 3: no checkpoint was written yet (the folder's last.pt is the earlier run's)"
+            in captured.out + captured.err)
 
 
 def test_reading_the_pairs_is_reported_and_quiet_says_nothing(data, tmp_path, capsys, monkeypatch):

@@ -247,3 +247,20 @@ def test_soi_to_tensor_through_a_transform():
     # grid point x samples the labels at x + 2 mm (one voxel along x): the structure appears one voxel lower
     moved = soi_to_tensor(img, grid, "labels", (3,), sitk.TranslationTransform(3, (2.0, 0.0, 0.0)))
     assert moved[0, 0, 4, 4, 3] == 1.0 and float(moved.sum()) == 1.0
+
+
+def test_a_structure_map_saved_as_grey_rgb_is_read_as_its_grey_map(tmp_path):
+    """A viewer's PNG export of a structure map (RGB(A), equal channels) is the map, as for the images (helper
+    audit: it was refused with '3 components per pixel'); a true-colour picture is still refused."""
+    from istn.data.pairs import read_soi
+    from istn.errors import InputError
+
+    blob = (sitk.GetArrayFromImage(blob_image((24, 20), (1.0, 1.0), (0.0, 0.0), np.eye(2))) * 200).astype(np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(blob), str(tmp_path / "grey.png"))
+    sitk.WriteImage(sitk.GetImageFromArray(np.stack([blob] * 3, -1), isVector=True), str(tmp_path / "rgb.png"))
+    grey, rgb = read_soi(tmp_path / "grey.png", 2, "soft"), read_soi(tmp_path / "rgb.png", 2, "soft")
+    assert np.array_equal(sitk.GetArrayFromImage(rgb), sitk.GetArrayFromImage(grey)) and blob.max() > 100
+    colour = np.stack([blob, blob // 2, blob], -1)
+    sitk.WriteImage(sitk.GetImageFromArray(colour, isVector=True), str(tmp_path / "colour.png"))
+    with pytest.raises(InputError, match="3 components per pixel"):
+        read_soi(tmp_path / "colour.png", 2, "soft")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from . import distributed
 from .config import ModelConfig, TrainConfig, to_dict, train_config_from_dict
 from .data import PairDataset, split_rows
 from .errors import ResultError
+from .io import atomic_write
 from .losses import variant_loss
 from .networks import ISTN
 from .transforms import warp
@@ -116,13 +116,9 @@ def save_checkpoint(path: Path, model: ISTN, optimizer: torch.optim.Optimizer, c
         "history": history,
         "torch_rng": torch.get_rng_state(),
     }
-    tmp = path.with_suffix(".tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:  # an interrupt or a full disk mid-write: no half-written file left beside the run's
-        tmp.unlink(missing_ok=True)
-        raise
+    # a temporary file of its own (never a file of the user's named last.tmp), renamed into place: an interrupt or
+    # a full disk mid-write leaves no half-written checkpoint
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def _same_network(a: ModelConfig, b: ModelConfig) -> bool:
@@ -255,6 +251,7 @@ def train(
     model.train()
     elapsed0 = float(history[-1]["seconds"]) if history else 0.0  # training time so far: a resume continues it
     t0 = time.perf_counter()
+    ours = resume and last_path.exists()  # whether last.pt holds this run (not an earlier run's, under --no-resume)
     try:
         while step < cfg.steps:
             indices = batch_indices(n_train, cfg.batch_size, cfg.seed, step)
@@ -300,15 +297,17 @@ def train(
                         best_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
                 if ctx.is_main:
                     save_checkpoint(last_path, net, optimizer, cfg, step, best_val, history)
+                    ours = True
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
             bar = None
         if ctx.is_main:
-            kept = load_checkpoint(last_path)["step"] if last_path.exists() else None
+            kept = load_checkpoint(last_path)["step"] if ours and last_path.exists() else None
+            earlier = " (the folder's last.pt is the earlier run's)" if not ours and last_path.exists() else ""
             log(f"stopped at step {step}: " + (f"the run is kept at step {kept} ({last_path}, checkpoints every "
                                                 f"{cfg.val_every} steps); the same command continues it"
-                                                if kept is not None else "no checkpoint was written yet"))
+                                                if kept is not None else f"no checkpoint was written yet{earlier}"))
         raise
     finally:
         if bar is not None:

@@ -58,7 +58,7 @@ def run_train(args: argparse.Namespace) -> Path:
             reading.done(train_set, val_set, cfg)
         except ValueError as exc:
             raise InputError(str(exc)) from None
-        _check_structures(train_set, val_set)
+        _check_structures(train_set, val_set, cfg.soi_labels if cfg.soi_kind == "labels" else ())
         if resumed is not None and resumed >= cfg.steps:
             print(f"istn train: note: the run in {out} is at step {resumed} already (--steps {cfg.steps}): nothing "
                   "to train; exporting its best checkpoint (a larger --steps continues it)", file=sys.stderr)
@@ -75,7 +75,7 @@ def run_train(args: argparse.Namespace) -> Path:
     validated = [h for h in result.history if "soi_mse" in h]
     # the exported weights are best.pt's: their step (without validation the "best" is the last step)
     best_step = min(validated, key=lambda h: h["soi_mse"])["step"] if validated else result.step
-    meta = build_metadata(cfg, soi_description=args.soi_description or f"{cfg.soi_kind} from {cfg.soi_csv}",
+    meta = build_metadata(cfg, soi_description=args.soi_description or f"{cfg.soi_kind} from {Path(cfg.soi_csv).name}",
                           step=best_step, best_val=result.best_val if validated else None)
     make_out_folder(export_path)
     export_model(result.model, meta, export_path)
@@ -162,9 +162,10 @@ def _remove_empty(folder: Path, created: Path | None) -> None:
         f = f.parent
 
 
-def _check_structures(train_set, val_set) -> None:
+def _check_structures(train_set, val_set, labels=()) -> None:
     """Say what the structure maps lack (each problem once, with the maps that have it; `soi_notes`), and refuse
-    training pairs with no structure at all on their network grids: nothing to learn from."""
+    training pairs with no structure at all on their network grids (nothing to learn from), or a label of
+    ``labels`` (``--soi-labels``) that no training pair holds there."""
     maps: dict[str, list[str]] = {}
     for problem, path in train_set.notes + (val_set.notes if val_set is not None else []):
         if path not in maps.setdefault(problem, []):  # a map in several pairs counts once
@@ -175,6 +176,14 @@ def _check_structures(train_set, val_set) -> None:
     if not any(float(train_set[i][k].max()) > 0 for i in range(len(train_set)) for k in ("source_soi", "target_soi")):
         raise InputError("no training pair has any structure on the network grid (every structure map is empty "
                          "there: see the warnings): nothing to learn from")
+    if labels:  # a channel no training pair fills: the model would claim a structure it never saw
+        seen = sum((train_set[i][k].flatten(1).amax(1) > 0 for i in range(len(train_set))
+                    for k in ("source_soi", "target_soi")))
+        never = [v for v, n in zip(labels, seen.tolist()) if n == 0]
+        if never:
+            raise InputError(f"--soi-labels {', '.join(map(str, never))}: no training pair has "
+                             f"{'this label' if len(never) == 1 else 'these labels'} on its network grid (see the "
+                             "warnings): drop it from --soi-labels, or check the label values of the maps")
 
 
 def _config(args: argparse.Namespace):

@@ -13,7 +13,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import InputError
-from ..io import read_raw_image
+from ..io import grey_image, read_raw_image
 from .images import image_to_tensor, network_grid, soi_to_tensor
 
 
@@ -106,8 +106,11 @@ def read_soi(path: Path, ndim: int, kind: str) -> sitk.Image:
     soi = read_raw_image(path, "structure map")
     what = f"structure map '{path}'"
     if soi.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{what} has {soi.GetNumberOfComponentsPerPixel()} components per pixel; a label map or "
-                         "one soft map is expected")
+        grey = grey_image(soi)  # a map saved as grey-level RGB(A) by a viewer: the map it is, as for the images
+        if grey is None:
+            raise InputError(f"{what} has {soi.GetNumberOfComponentsPerPixel()} components per pixel; a label map "
+                             "or one soft map is expected")
+        soi = grey
     if soi.GetDimension() != ndim:
         raise InputError(f"{what} is {soi.GetDimension()}D but the model is {ndim}D")
     values = sitk.GetArrayViewFromImage(soi)
@@ -170,7 +173,10 @@ class PairDataset(torch.utils.data.Dataset):
         idx = list(range(len(images)) if rows is None else rows)
         pairs = []
         for i in idx:
-            pairs.append(load_pair(*images[i], *sois[i], cfg, soi_kind, soi_labels, intensity, foreground))
+            try:
+                pairs.append(load_pair(*images[i], *sois[i], cfg, soi_kind, soi_labels, intensity, foreground))
+            except InputError as exc:  # where in the CSVs: a file may be listed in several rows
+                raise InputError(f"pair {i + 1} of '{images_csv}' (and '{soi_csv}'): {exc}", exc.detail) from None
             if progress is not None:
                 progress(len(pairs), len(idx))
         return cls(pairs)
