@@ -318,10 +318,47 @@ def test_label_maps_are_not_trained_as_one_soft_map_by_default(data, tmp_path, c
         sitk.WriteImage(labels, str(f))
     assert main(base + ["--out", str(tmp_path / "a")]) == 2
     err = _error(capsys)
-    assert "holds labels (1, 2, 3), but --soi-kind is soft by default" in err and "--soi-kind labels" in err
+    assert "holds labels (1, 2, 3) (and 11 more map(s)), but --soi-kind is soft by default" in err
+    assert "--soi-kind labels" in err
     assert not (tmp_path / "a").exists()
     assert main(base + ["--out", str(tmp_path / "b"), "--soi-kind", "soft"]) == 0
     assert main(base + ["--out", str(tmp_path / "c"), "--soi-kind", "labels", "--soi-labels", "1", "2", "3"]) == 0
     for f in d.glob("*_soi.nii.gz"):  # a mask (0/1): one structure, fine as the default soft map
         sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(f)) > 0, sitk.sitkUInt8), str(f))
     assert main(base + ["--out", str(tmp_path / "d")]) == 0
+    # every pair is looked at, not the first alone (verifying helper): one label map among masks, in the last row
+    last = sorted(d.glob("trg5_soi.nii.gz"))[0]
+    mask = sitk.ReadImage(str(last))
+    arr = sitk.GetArrayFromImage(mask)
+    arr[:3, :3] = 5
+    more = sitk.GetImageFromArray(arr)
+    more.CopyInformation(mask)
+    sitk.WriteImage(more, str(last))
+    assert main(base + ["--out", str(tmp_path / "e")]) == 2
+    assert f"structure map '{last}' holds labels (1, 5), but" in _error(capsys)
+    # ... and a --config that does not say soi_kind gets the default, refused alike
+    import json
+
+    (d / "cfg.json").write_text(json.dumps({"model": {"ndim": 2, "grid_size": [32, 32]}, "steps": 2,
+                                            "train_csv": str(d / "pairs.csv"), "soi_csv": str(d / "soi.csv")}))
+    assert main(["train", "--config", str(d / "cfg.json"), "--out", str(tmp_path / "f"), "--quiet"]) == 2
+    assert "holds labels (1, 5), but --soi-kind is soft by default" in _error(capsys)
+
+
+def test_a_config_whose_itn_channels_do_not_match_its_structure_maps_is_refused(data, tmp_path, capsys):
+    """A --config with soi_channels 4 and one-channel soft maps trained through a broadcasting shape mismatch
+    (torch warned, the run 'succeeded'; verifying helper, session 31): refused before anything is written."""
+    import json
+
+    d, _ = data
+    config = {"model": {"ndim": 2, "grid_size": [32, 32], "grid_spacing": 1.0, "soi_channels": 4},
+              "train_csv": str(d / "pairs.csv"), "soi_csv": str(d / "soi.csv"), "soi_kind": "soft", "steps": 2}
+    (d / "cfg.json").write_text(json.dumps(config))
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(d / "cfg.json"), "--out", str(out), "--quiet"]) == 2
+    err = _error(capsys)
+    assert "the structure maps give 1 channel(s) (soft) but the model's ITN has soi_channels 4" in err
+    assert not out.exists()
+    config["model"]["soi_channels"] = 1
+    (d / "cfg.json").write_text(json.dumps(config))
+    assert main(["train", "--config", str(d / "cfg.json"), "--out", str(out), "--quiet"]) == 0

@@ -194,6 +194,12 @@ def train(
     n_train = len(train_set)
     if n_train == 0:
         raise ValueError("train() got an empty training set")
+    channels = int(train_set[0]["source_soi"].shape[0])
+    if cfg.model.uses_itn and channels != cfg.model.soi_channels:  # the ITN's maps are compared with these
+        raise ValueError(f"the structure maps give {channels} channel(s) ({cfg.soi_kind}"
+                         f"{' ' + ', '.join(map(str, cfg.soi_labels)) if cfg.soi_labels else ''}) but the model's "
+                         f"ITN has soi_channels {cfg.model.soi_channels}: they must be equal (labels: one channel "
+                         "per --soi-labels value; soft or landmarks: 1)")
     # batch_indices() gives the whole (shuffled) set when it is smaller than batch_size
     distributed.check_global_batch(min(n_train, cfg.batch_size), distributed.requested_world_size())
     device = resolve_device(cfg.device)

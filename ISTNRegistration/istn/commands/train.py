@@ -35,8 +35,6 @@ def run_train(args: argparse.Namespace) -> Path:
     from ..training import build_datasets, train
 
     cfg = _config(args)
-    if not args.config and args.soi_kind is None:  # the default kind, soft, on maps that hold labels: say so
-        _check_default_soft(cfg)
     check_device(cfg.device)
     out = Path(cfg.out_dir)
     export_path = Path(args.export) if args.export else out / "model.pt"
@@ -59,6 +57,8 @@ def run_train(args: argparse.Namespace) -> Path:
         except ValueError as exc:
             raise InputError(str(exc)) from None
         _check_structures(train_set, val_set, cfg.soi_labels if cfg.soi_kind == "labels" else ())
+        if cfg.soi_kind == "soft" and not _soi_kind_stated(args):  # the default kind on maps that hold labels
+            _refuse_labels_as_default_soft(train_set, val_set)
         if resumed is not None and resumed >= cfg.steps:
             print(f"istn train: note: the run in {out} is at step {resumed} already (--steps {cfg.steps}): nothing "
                   "to train; exporting its best checkpoint (a larger --steps continues it)", file=sys.stderr)
@@ -109,30 +109,25 @@ class _ReadingProgress:
               f"{cfg.model.grid_spacing:g} mm in {time.monotonic() - self.start:.1f} s", flush=True)
 
 
-# A structure map of whole numbers with this many distinct values (the background included) or fewer, and more
-# than two, is taken for a label map: a soft map saved as integers (a uint8 probability map) has far more levels
-LABEL_LIKE_VALUES = 64
+def _soi_kind_stated(args: argparse.Namespace) -> bool:
+    """Whether the user chose the structure maps' kind (``--soi-kind``, or "soi_kind" in the ``--config`` file)."""
+    if not args.config:
+        return args.soi_kind is not None
+    return "soi_kind" in json.loads(Path(args.config).read_text())  # read once already by `_config`
 
 
-def _check_default_soft(cfg) -> None:
-    """Refuse the default ``--soi-kind soft`` when the first pair's structure maps are label maps (a few whole
-    numbers): as one soft channel scaled by its maximum, label 8 would be 1.0 and label 1 0.125, a ramp, not
-    structures. An explicit ``--soi-kind soft`` is taken as meant."""
-    import numpy as np
-    import SimpleITK as sitk
-
-    from ..data import read_pairs_csv
-    from ..io import read_raw_image
-
-    for path in read_pairs_csv(cfg.soi_csv)[0]:
-        values = np.unique(sitk.GetArrayFromImage(read_raw_image(path, "structure map")))
-        if 2 < len(values) <= LABEL_LIKE_VALUES and np.array_equal(values, np.round(values)):
-            labels = values[values != 0]
-            shown = ", ".join(f"{v:g}" for v in labels[:8]) + (", ..." if len(labels) > 8 else "")
-            raise InputError(f"structure map '{path}' holds labels ({shown}), but --soi-kind is soft by default "
-                             "(one channel, scaled by its maximum: not one structure each): train with --soi-kind "
-                             "labels --soi-labels VALUE ... (one channel per structure), or say --soi-kind soft to "
-                             "train the values as one soft map")
+def _refuse_labels_as_default_soft(train_set, val_set) -> None:
+    """Refuse the default soft kind for label maps (`istn.data.pairs.label_values`, every pair's): as one soft
+    channel scaled by its maximum, label 8 would be 1.0 and label 1 0.125, a ramp, not structures. A kind the
+    user chose is taken as meant (a probability atlas of a few raters has a few whole-number levels too)."""
+    found = train_set.label_like + (val_set.label_like if val_set is not None else [])
+    if found:
+        path, values = found[0]
+        more = f" (and {len(found) - 1} more map(s))" if len(found) > 1 else ""
+        raise InputError(f"structure map '{path}' holds labels ({values}){more}, but --soi-kind is soft by default "
+                         "(one channel, scaled by its maximum: not one structure each): train with --soi-kind "
+                         "labels --soi-labels VALUE ... (one channel per structure), or say --soi-kind soft to "
+                         "train the values as one soft map")
 
 
 def _absolute(path: str | None) -> str:

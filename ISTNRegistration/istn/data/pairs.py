@@ -63,6 +63,7 @@ class PairTensors:
     source_soi: torch.Tensor  # (1, K, *S)
     target_soi: torch.Tensor  # (1, K, *S)
     notes: list[tuple[str, str]] = field(default_factory=list)  # structures missing from its maps (`soi_notes`)
+    label_like: list[tuple[str, str]] = field(default_factory=list)  # soft maps that hold labels: (path, values)
 
 
 def load_pair(
@@ -83,7 +84,7 @@ def load_pair(
     is trained on the inputs it is later given, whatever the images' resolution and storage."""
     from ..inputs import prepare_image  # inputs imports this package
 
-    out, notes = [], []
+    out, notes, label_like = [], [], []
     for img_path, soi_path in ((source, source_soi), (target, target_soi)):
         img = read_raw_image(img_path, "image")
         if img.GetDimension() != cfg.ndim and img.GetDimension() in (2, 3):
@@ -94,9 +95,28 @@ def load_pair(
         soi = read_soi(soi_path, cfg.ndim, soi_kind)
         soi_tensor = soi_to_tensor(soi, grid, soi_kind, soi_labels)
         notes += soi_notes(soi, soi_tensor, soi_path, soi_kind, soi_labels)
+        if soi_kind == "soft":
+            values = label_values(soi)
+            if values:
+                label_like.append((str(soi_path), values))
         out.append((image_to_tensor(prepared.image, grid, prepared.window), soi_tensor))
     (s, ss), (t, ts) = out
-    return PairTensors(s, t, ss, ts, notes)
+    return PairTensors(s, t, ss, ts, notes, label_like)
+
+
+# A structure map of whole numbers with this many distinct values (the background included) or fewer, and more
+# than two, reads as a label map: a soft map saved as integers (a uint8 probability map) has far more levels
+LABEL_LIKE_VALUES = 64
+
+
+def label_values(soi: sitk.Image) -> str:
+    """``"1, 2, 3"`` (the non-zero values, the first 8) when a structure map holds labels, not a soft map: whole
+    numbers, more than two values and at most `LABEL_LIKE_VALUES`; "" otherwise (a mask, a soft map)."""
+    values = np.unique(sitk.GetArrayViewFromImage(soi))
+    if not 2 < len(values) <= LABEL_LIKE_VALUES or not np.array_equal(values, np.round(values)):
+        return ""
+    labels = values[values != 0]
+    return ", ".join(f"{v:g}" for v in labels[:8]) + (", ..." if len(labels) > 8 else "")
 
 
 def read_soi(path: Path, ndim: int, kind: str) -> sitk.Image:
@@ -185,6 +205,11 @@ class PairDataset(torch.utils.data.Dataset):
     def notes(self) -> list[tuple[str, str]]:
         """What its structure maps lack (`soi_notes`), every pair's."""
         return [n for p in self.pairs for n in p.notes]
+
+    @property
+    def label_like(self) -> list[tuple[str, str]]:
+        """Its soft maps that hold labels (`label_values`), each map once."""
+        return list(dict.fromkeys(m for p in self.pairs for m in p.label_like))
 
     def __len__(self) -> int:
         return len(self.pairs)
