@@ -845,6 +845,20 @@ def test_a_batch_of_images_of_the_same_name_names_their_folders_by_the_subject_f
         subject_names([a / "IM1", a / "IM2"])
     with pytest.raises(InputError, match="would both write into a folder named 'T1'"):
         subject_names([tmp_path / "T1.nii.gz", tmp_path / "T1.nrrd"])
+    # DataLad / git-annex: each file a link into the annex; named by the folders as given, not the annex's
+    links = []
+    for k, subject in enumerate(("sub-01", "sub-02")):
+        obj = tmp_path / "annex" / f"MD5E-s{k}--x.nii.gz" / f"MD5E-s{k}--x.nii.gz"
+        obj.parent.mkdir(parents=True)
+        obj.write_bytes(b"x")
+        (tmp_path / "ds" / subject / "anat").mkdir(parents=True)
+        links.append(tmp_path / "ds" / subject / "anat" / "T1w.nii.gz")
+        links[-1].symlink_to(obj)
+    assert subject_names(links) == ["sub-01_anat_T1w", "sub-02_anat_T1w"]
+    twin = tmp_path / "ds" / "again.nii.gz"
+    twin.symlink_to(links[0])
+    with pytest.raises(InputError, match="are the same image"):  # where they really are tells them apart
+        subject_names([links[0], twin])
 
 
 # --------------------------------------------------------------------------
@@ -865,6 +879,9 @@ def test_files_of_the_users_named_like_outputs_are_refused_not_replaced(files, t
     assert sorted(p.name for p in out.iterdir()) == ["jacobian.nii.gz", "overview.png"]
     assert (out / "jacobian.nii.gz").read_bytes() == b"mine"
     assert _register(files, "") == 2 and "--out is empty" in capsys.readouterr().err
+    (out / "result.json").write_text('{"transform_maps": "fixed wor')  # cut short: whose files is unknown
+    assert _register(files, out) == 2
+    assert "(its result.json cannot be read): they would be replaced" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
@@ -986,7 +1003,7 @@ def test_a_displacement_field_with_a_nan_is_refused_in_one_line(files, tmp_path,
     assert "holds numbers that are not finite" in capsys.readouterr().err
 
 
-def test_skip_done_keeps_a_run_asked_the_same_and_redoes_one_asked_otherwise(files, tmp_path, capsys):
+def test_skip_done_keeps_a_run_asked_the_same_and_redoes_one_asked_otherwise(files, tmp_path, capsys, monkeypatch):
     """--skip-done: a run whose inputs (unchanged since), models and options are the same is kept, not redone
     (its files untouched); another option, or a moving image written again, registers anew."""
     out = tmp_path / "r"
@@ -1011,6 +1028,18 @@ def test_skip_done_keeps_a_run_asked_the_same_and_redoes_one_asked_otherwise(fil
     capsys.readouterr()
     assert main(argv + ["--skip-done", "--refine", "3"]) == 0 and (out / "warped.nii.gz").is_file()
     assert "kept" not in capsys.readouterr().out
+    data = (out / "warped.nii.gz").read_bytes()  # one cut short (a copy stopped part way): not finished either
+    (out / "warped.nii.gz").write_bytes(data[: len(data) // 2])
+    assert main(argv + ["--skip-done", "--refine", "3"]) == 0 and (out / "warped.nii.gz").read_bytes() != data[
+        : len(data) // 2]
+    assert "kept" not in capsys.readouterr().out
+    # a run of other engine code (an update, a fix) is not the run one would get now
+    import istn.commands.register as reg
+
+    assert main(argv + ["--skip-done", "--refine", "3"]) == 0 and "kept" in capsys.readouterr().out
+    other = reg.engine_fingerprint()[::-1]
+    monkeypatch.setattr(reg, "engine_fingerprint", lambda: other)
+    assert main(argv + ["--skip-done", "--refine", "3"]) == 0 and "kept" not in capsys.readouterr().out
 
 
 def test_an_interrupted_batch_leaves_its_summary_and_skip_done_goes_on(files, tmp_path, capsys, monkeypatch):
@@ -1050,7 +1079,7 @@ def test_an_interrupted_batch_leaves_its_summary_and_skip_done_goes_on(files, tm
     assert main(argv + ["--skip-done"]) == 0
     assert "3 of 3 registered (1 kept from an earlier run)" in capsys.readouterr().out
     rows = list(csv.DictReader((out / "summary.csv").open()))
-    assert [(r["folder"], r["status"], r["reused"]) for r in rows] == [("m0", "ok", "True"), ("m1", "ok", ""),
-                                                                       ("m2", "ok", "")]
+    assert [(r["folder"], r["status"], r["reused"]) for r in rows] == [("m0", "ok", "True"), ("m1", "ok", "False"),
+                                                                       ("m2", "ok", "False")]
     assert (out / "m0" / "result.json").read_bytes() == first
     assert json.loads((out / "summary.json").read_text())["interrupted"] is False

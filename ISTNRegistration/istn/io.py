@@ -461,11 +461,14 @@ def check_earlier_outputs(out: Path, names: Sequence[str], record: str = "result
     present = [n for n in names if (out / n).exists()]
     if not present:
         return
+    why = f"no {record} of one there"
     try:
         data = json.loads((out / record).read_text())
-    except (OSError, ValueError):
+    except OSError:
         data = None
+    except ValueError:  # cut short (a full disk, a copy stopped part way) or edited: whose files they are is unknown
+        data, why = None, f"its {record} cannot be read"
     if isinstance(data, dict) and all(k in data for k in keys):
         return
     raise OutputError(f"output folder '{out}' holds {', '.join(present)}, not the outputs of an earlier {what} "
-                      f"(no {record} of one there): they would be replaced; choose a new or empty folder")
+                      f"({why}): they would be replaced; choose a new or empty folder")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import inspect
 import json
 import math
@@ -292,6 +294,7 @@ def run_register(
             # pass for this one's
             removed = [n for n in REGISTER_OPTIONAL_OUTPUTS if n not in written and (out / n).is_file()]
             summary["outputs"] = written + ["result.json"]
+            summary["output_bytes"] = {name: (stage / name).stat().st_size for name in written}
             if removed:
                 summary["removed_from_an_earlier_run"] = removed
             write_json(summary, stage / "result.json")
@@ -333,17 +336,34 @@ def run_request(fixed_path, moving_path, model_paths, initial_path, atlas_path, 
     """What a run was asked (result.json's ``request``): its inputs (absolute paths, with sizes and modification
     times) and the options that shape its result (not threads or verbosity). A batch's ``skip_done`` keeps an
     earlier run only when it was asked the same."""
+    from .. import __version__
+    from ..io import is_dicom_file
+
     def entry(p) -> dict | None:
         if not p:
             return None
         q = Path(p).resolve()
-        return {"path": str(q), "stamp": _file_stamp(q)}
+        # a DICOM file stands for its whole series: the folder's files are what can change
+        return {"path": str(q), "stamp": _file_stamp(q.parent if q.is_file() and is_dicom_file(q) else q)}
 
-    return {"fixed": entry(fixed_path), "moving": entry(moving_path), "models": [entry(m) for m in model_paths],
+    return {"istn": __version__, "engine": engine_fingerprint(),
+            "fixed": entry(fixed_path), "moving": entry(moving_path), "models": [entry(m) for m in model_paths],
             "initial": entry(initial_path), "atlas": entry(atlas_path),
             # as JSON keeps them (inf, a region margin, as a string): an earlier run's record compares equal
             "options": {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
                         for k, v in sorted(options.items())}}
+
+
+@functools.lru_cache(maxsize=1)
+def engine_fingerprint() -> str:
+    """A digest of the engine's own source files (``istn/**/*.py``): an earlier run of other engine code (an
+    update, a fix) is not the run a user would get now, so ``skip_done`` does not keep it."""
+    digest = hashlib.sha256()
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def finished_run(folder: Path, request: dict) -> dict | None:
@@ -355,9 +375,15 @@ def finished_run(folder: Path, request: dict) -> dict | None:
         return None
     if not isinstance(earlier, dict) or earlier.get("request") != request:
         return None
-    outputs = earlier.get("outputs")
-    if not isinstance(outputs, list) or not all(isinstance(n, str) and (folder / n).is_file() for n in outputs):
+    sizes = earlier.get("output_bytes")  # each output as it was written: one cut short or replaced since is not
+    if not isinstance(sizes, dict) or not sizes:
         return None
+    for name, size in sizes.items():
+        try:
+            if (folder / name).stat().st_size != size:
+                return None
+        except OSError:
+            return None
     return earlier
 
 
@@ -374,10 +400,9 @@ def subject_name(path: str | Path) -> str:
     from ..io import image_suffix, is_dicom_file
 
     p = Path(path)
-    if p.is_dir():
-        return p.resolve().name
-    if is_dicom_file(p):
-        return p.resolve().parent.name
+    if p.is_dir() or is_dicom_file(p):  # the folder as given ("." is where one stands), links not followed
+        folder = Path(os.path.normpath(p.absolute() if p.is_dir() else p.absolute().parent))
+        return folder.name
     suffix = image_suffix(p)
     return p.name[: -len(suffix)] if suffix and p.name != suffix else p.name
 
@@ -390,18 +415,21 @@ def subject_names(paths: Sequence[str | Path]) -> list[str]:
     their folders cannot tell apart (``T1.nii.gz`` and ``T1.nrrd`` side by side)."""
     from ..io import is_dicom_file
 
-    # what the name is of: the file, a DICOM series' folder, or the folder of a DICOM file given for its series
+    # what the name is of: the file, a DICOM series' folder, or the folder of a DICOM file given for its series;
+    # named by the folders as given (a DataLad / git-annex file is a link into the annex: not the annex's folders),
+    # told apart from each other by where they really are
     anchors = []
     for p in map(Path, paths):
-        q = p.resolve()
+        q = p.absolute()
         anchors.append(q.parent if not q.is_dir() and is_dicom_file(q) else q)
-    for i, q in enumerate(anchors):
-        if q in anchors[:i]:
-            j = anchors.index(q)
+    real = [q.resolve() for q in anchors]
+    for i, q in enumerate(real):
+        if q in real[:i]:
+            j = real.index(q)
             raise InputError(f"moving images '{paths[j]}' and '{paths[i]}' are the same "
                              f"{'DICOM series' if q.is_dir() else 'image'}: give each image once")
     base = [subject_name(p) for p in paths]
-    folders = [[f.name for f in q.parents if f.name] for q in anchors]  # nearest first
+    folders = [[f.name for f in Path(os.path.normpath(q)).parents if f.name] for q in anchors]  # nearest first
 
     def named(i: int, depth: int) -> str:
         return "_".join([*reversed(folders[i][:depth]), base[i]])
@@ -494,9 +522,19 @@ def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path]
     montage: dict = {}  # the fixed image's display grid and slice, from the first image registered
     warnings: list[str] = []
     t0 = time.perf_counter()
+    written = ["summary.json", "summary.csv"]
     try:
         _batch_loop(fixed_path, moving, names, model_paths, out, quiet, on_done, skip_done, options, rows, tiles,
                     montage, warnings)
+        if options.get("figure", True) and not warnings:
+            try:
+                from ..figures import cohort_montage
+
+                cohort_montage(out / "summary.png", tiles, title=f"istn register: {len(rows)} images -> "
+                                                                 f"{shown_name(fixed_path)} (checkerboards)")
+                written.append("summary.png")
+            except Exception as exc:
+                warnings.append(f"summary.png was not drawn ({type(exc).__name__}: {first_line(exc)})")
     except KeyboardInterrupt:  # what was done stays findable: the summary of the images finished, then the interrupt
         done = {r["moving"] for r in rows}
         rows += [{"moving": str(p), "folder": name, "status": "not run", "error": "the batch was interrupted"}
@@ -504,16 +542,6 @@ def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path]
         _write_batch_summary(out, fixed_path, rows, ["summary.json", "summary.csv"], ["the batch was interrupted"],
                              names, t0, interrupted=True)
         raise
-    written = ["summary.json", "summary.csv"]
-    if options.get("figure", True) and not warnings:
-        try:
-            from ..figures import cohort_montage
-
-            cohort_montage(out / "summary.png", tiles, title=f"istn register: {len(rows)} images -> "
-                                                             f"{shown_name(fixed_path)} (checkerboards)")
-            written.append("summary.png")
-        except Exception as exc:
-            warnings.append(f"summary.png was not drawn ({type(exc).__name__}: {first_line(exc)})")
     return _write_batch_summary(out, fixed_path, rows, written, warnings, names, t0)
 
 
@@ -533,8 +561,7 @@ def _batch_loop(fixed_path, moving: list[Path], names: list[str], model_paths, o
         try:
             s = run_register(fixed_path, p, model_paths, out / name, quiet=quiet, on_images=keep, skip_done=skip_done,
                              **options)
-            if s.get("reused"):
-                row["reused"] = True
+            row["reused"] = bool(s.get("reused"))
         except ISTNError as exc:  # bad input: this image only
             row.update(status="bad input", error=str(exc))
         except ResultError as exc:
