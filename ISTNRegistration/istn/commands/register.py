@@ -368,7 +368,8 @@ def engine_fingerprint() -> str:
 
 def finished_run(folder: Path, request: dict) -> dict | None:
     """The ``result.json`` of a finished run in ``folder`` that was asked ``request`` (`run_request`) and whose
-    outputs are all there; None otherwise (no run, another request, a file missing, an unreadable record)."""
+    outputs are all there as written (their sizes); None otherwise (no run, another request or engine, a file
+    missing or cut short, an unreadable record, a record of a version that kept no sizes)."""
     try:
         earlier = json.loads((folder / "result.json").read_text())
     except (OSError, ValueError):
