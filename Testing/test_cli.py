@@ -1017,6 +1017,8 @@ def test_skip_done_keeps_a_run_asked_the_same_and_redoes_one_asked_otherwise(fil
     assert "done in an earlier run asked the same (--skip-done): kept" in capsys.readouterr().out
     assert (out / "result.json").read_bytes() == record and (out / "transform.h5").stat().st_mtime_ns == stamp
     assert json.loads(record)["request"]["options"]["iterations"] is None
+    assert main(argv + ["--skip-done", "--device", "cpu"]) == 0  # "auto" ran on the CPU here: the same request
+    assert "kept" in capsys.readouterr().out and (out / "result.json").read_bytes() == record
     assert main(argv + ["--skip-done", "--refine", "3"]) == 0  # asked otherwise: registered again
     assert json.loads((out / "result.json").read_text())["request"]["options"]["iterations"] == 3
     assert "kept" not in capsys.readouterr().out

@@ -346,6 +346,10 @@ def run_request(fixed_path, moving_path, model_paths, initial_path, atlas_path, 
         # a DICOM file stands for its whole series: the folder's files are what can change
         return {"path": str(q), "stamp": _file_stamp(q.parent if q.is_file() and is_dicom_file(q) else q)}
 
+    if options.get("device") == "auto":  # the device it ran on: "auto" and "cpu" are one request on a CPU machine
+        import torch
+
+        options = {**options, "device": "cuda" if torch.cuda.is_available() else "cpu"}
     return {"istn": __version__, "engine": engine_fingerprint(),
             "fixed": entry(fixed_path), "moving": entry(moving_path), "models": [entry(m) for m in model_paths],
             "initial": entry(initial_path), "atlas": entry(atlas_path),
