@@ -374,3 +374,37 @@ def test_invert_writes_the_inverse_any_itk_reader_takes_back(scene3d, tmp_path, 
         assert message in capsys.readouterr().err
     assert out.read_bytes() == before
     assert not (tmp_path / "inverse.tfm").exists() and not (tmp_path / "inverse.nii.gz").exists()
+
+
+def test_a_2d_result_goes_only_to_a_format_that_keeps_where_it_lies(tmp_path, capsys):
+    """PNG, TIFF and JPEG keep no origin or direction (JPEG no spacing either, and changes values): a result on
+    a rotated, offset 2D reference written there lay elsewhere in every other tool, silently (2D audit, session
+    31). Refused in one line, nothing written; a reference those formats do keep (1 mm, no rotation, origin 0)
+    still goes to PNG, the labels as they are."""
+    arr = np.zeros((40, 48), np.uint8)
+    arr[10:20, 12:30] = 1
+    arr[22:30, 8:16] = 2
+    labels = sitk.GetImageFromArray(arr)
+    plain = tmp_path / "plain.png"
+    sitk.WriteImage(labels, str(plain))
+    rotated = sitk.Image(labels)
+    rotated.SetOrigin((40.0, -25.0))
+    rotated.SetSpacing((0.7, 0.9))
+    c, s = np.cos(np.radians(30)), np.sin(np.radians(30))
+    rotated.SetDirection((c, -s, s, c))
+    sitk.WriteImage(rotated, str(tmp_path / "rotated.nii.gz"))
+    sitk.WriteTransform(sitk.AffineTransform(2), str(tmp_path / "identity.tfm"))
+
+    def apply(reference, out):
+        return main(["apply", "--transform", str(tmp_path / "identity.tfm"), "--reference", str(reference),
+                     "--input", str(reference), "--out", str(out)])
+
+    for suffix, lost in ((".png", "origin, direction"), (".tif", "origin, direction"),
+                         (".jpg", "spacing, origin, direction, voxel values (lossy compression)")):
+        assert apply(tmp_path / "rotated.nii.gz", tmp_path / f"out{suffix}") == 2
+        err = capsys.readouterr().err
+        assert f"'{suffix}' files do not keep the reference's {lost}" in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / f"out{suffix}").exists()
+    assert apply(tmp_path / "rotated.nii.gz", tmp_path / "out.nii.gz") == 0
+    assert apply(plain, tmp_path / "out.png") == 0
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out.png"))), arr)

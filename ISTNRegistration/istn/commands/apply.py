@@ -91,8 +91,7 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
             raise InputError(f"--background {background:g} cannot be stored in the input's pixel type "
                              f"({values.dtype}, whole numbers {kind.min}..{kind.max}), which a label map keeps")
     # labels keep their pixel type, intensities become float32: can the file hold that, as a whole image?
-    _check_writable_format(out, reference.GetDimension(),
-                           image.GetPixelID() if interpolation == "nearest" else
+    _check_writable_format(out, reference, image.GetPixelID() if interpolation == "nearest" else
                            sitk.sitkVectorFloat32 if layers > 1 else sitk.sitkFloat32)
     inverted = None
     if inverse:  # moving -> fixed points, solved over the grid resampled onto (where its points are needed)
@@ -231,29 +230,55 @@ def inverse_line(inverse: dict) -> str:
             "points checked")
 
 
-def _check_writable_format(out: Path, ndim: int, pixel_id: int) -> None:
-    """Refuse, before any computation, an ``out`` whose file type cannot hold a ``ndim``-D image of ``pixel_id``
-    (an unknown extension, none, a 2D format such as PNG, to which SimpleITK writes one slice of a volume without
-    a word, or a format without that pixel type): a tiny such image is written under that name's extension in a
+def _check_writable_format(out: Path, reference, pixel_id: int) -> None:
+    """Refuse, before any computation, an ``out`` whose file type cannot hold the result whole: an image of
+    ``reference``'s dimension, spacing, origin and direction, of ``pixel_id``. An unknown extension or none; a 2D
+    format such as PNG, to which SimpleITK writes one slice of a volume without a word, and which keeps no
+    origin or direction (a 2D result in the wrong place in every other tool); a format without that pixel type;
+    a lossy one (JPEG: labels would change). A tiny such image is written under that name's extension in a
     temporary folder and read back."""
     import tempfile
 
+    import numpy as np
     import SimpleITK as sitk
 
     from ..io import image_suffix, quiet_stderr
 
+    ndim = reference.GetDimension()
     suffix = image_suffix(out)
     probe = sitk.Image([3] * ndim, pixel_id)
+    if probe.GetNumberOfComponentsPerPixel() == 1:  # distinct values: a format that cannot hold them changes some
+        values = (np.arange(3 ** ndim) % 3).reshape([3] * ndim)
+        probe = sitk.Cast(sitk.GetImageFromArray(values.astype(np.uint8)), pixel_id)
+    probe.SetSpacing(reference.GetSpacing())
+    probe.SetOrigin(reference.GetOrigin())
+    probe.SetDirection(reference.GetDirection())
+    lost = []
     with tempfile.TemporaryDirectory() as folder:
         name = str(Path(folder) / f"probe{suffix}")
         try:
             with quiet_stderr():
                 sitk.WriteImage(probe, name)
-                kept = sitk.ReadImage(name).GetSize() == probe.GetSize()
+                back = sitk.ReadImage(name)
+            whole = back.GetSize() == probe.GetSize() and back.GetPixelID() == probe.GetPixelID()
         except RuntimeError:
-            kept = False
-    if not kept:
-        what = f"'{suffix}' files" if suffix else "files without an extension"
+            whole = False
+        if whole:
+            tol = 1e-4 * max(reference.GetSpacing())
+            for what, got, given in (("spacing", back.GetSpacing(), probe.GetSpacing()),
+                                     ("origin", back.GetOrigin(), probe.GetOrigin()),
+                                     ("direction", back.GetDirection(), probe.GetDirection())):
+                if not np.allclose(got, given, atol=tol if what != "direction" else 1e-5):
+                    lost.append(what)
+            # JPEG compresses with loss (a tiny probe may come back whole: its extension says it)
+            if suffix.lower() in (".jpg", ".jpeg") or not np.array_equal(sitk.GetArrayViewFromImage(back),
+                                                                         sitk.GetArrayViewFromImage(probe)):
+                lost.append("voxel values (lossy compression)")
+    what = f"'{suffix}' files" if suffix else "files without an extension"
+    if not whole:
         kind = sitk.GetPixelIDValueAsString(pixel_id)
         raise InputError(f"--out '{out}': a {ndim}D {kind} image cannot be written whole to {what}; name it .nii.gz, "
                          ".nrrd or .mha")
+    if lost:
+        raise InputError(f"--out '{out}': {what} do not keep the reference's {', '.join(lost)}: the result would "
+                         "lie elsewhere (or hold other values) in every other tool; name it .nii.gz, .nrrd or .mha")
