@@ -199,3 +199,32 @@ def test_checkerboard_image_alternates_world_cubes_whatever_the_storage():
             other = checkerboard_image(sitk.DICOMOrient(fixed, layout), sitk.DICOMOrient(warped, layout))
             back = sitk.Resample(other, fixed, sitk.Transform(), sitk.sitkNearestNeighbor)
             np.testing.assert_allclose(sitk.GetArrayFromImage(back), board, atol=1e-6)
+
+
+def test_a_chain_of_models_of_one_file_name_draws_a_curve_for_each(tmp_path, monkeypatch, make_model):
+    """istn train exports OUT/model.pt, so a chain of a user's affine and B-spline is often two 'model.pt': the
+    overview's stages were keyed by file name and the affine's curve was lost (2D audit, session 31)."""
+    import istn.figures
+
+    from conftest import blob_image
+
+    drawn = {}
+
+    def spy(path, fixed, moving, warped, stages, **kw):
+        drawn.update(stages)
+        raise RuntimeError("not drawn here")
+
+    monkeypatch.setattr(istn.figures, "registration_overview", spy)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    affine, bspline = tmp_path / "a" / "model.pt", tmp_path / "b" / "model.pt"
+    make_model(2, "affine").rename(affine)
+    make_model(2, "bspline").rename(bspline)
+    fixed = blob_image((40, 36), (1.5, 1.5), (-30.0, -27.0), np.eye(2))
+    moving = blob_image((40, 36), (1.5, 1.5), (-30.0, -27.0), np.eye(2), centre=(3.0, -2.0))
+    sitk.WriteImage(fixed, str(tmp_path / "f.nii.gz"))
+    sitk.WriteImage(moving, str(tmp_path / "m.nii.gz"))
+    assert main(["register", "--fixed", str(tmp_path / "f.nii.gz"), "--moving", str(tmp_path / "m.nii.gz"),
+                 "--model", str(affine), "--model", str(bspline), "--refine", "2", "--quiet",
+                 "--out", str(tmp_path / "out")]) == 0
+    assert list(drawn) == ["model (1: affine)", "model (2: bspline)"]

@@ -791,7 +791,10 @@ def _overview(path: Path, fixed, moving, warped, result, itn_moving, results, su
         notes.append(atlas_line(summary["atlas"]).splitlines()[0])
     notes.append(f"{summary['seconds_total']:.1f} s")
     notes += [f"warning: {w}" for w in summary["warnings"]]
-    stages = {Path(st["model_file"]).stem: r for st, r in zip(summary["stages"], results)}
+    names = [Path(st["model_file"]).stem for st in summary["stages"]]
+    if len(set(names)) < len(names):  # models of one name (istn train exports OUT/model.pt): one curve each
+        names = [f"{n} ({k + 1}: {r.transform_type})" for k, (n, r) in enumerate(zip(names, results))]
+    stages = dict(zip(names, results))
     registration_overview(path, fixed, moving, warped, stages, fixed_map=result.fixed_map,
                           warped_moving_map=itn_moving, notes=[textwrap.fill(n, 48, subsequent_indent="  ")
                                                                for n in notes],
