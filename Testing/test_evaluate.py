@@ -108,7 +108,8 @@ def test_an_intensity_image_given_as_labels(tmp_path, capfd):
     t1p, labp = _write(tmp_path, "t1.nii.gz", t1), _write(tmp_path, "lab.nii.gz", lab)
     _evaluate(tmp_path, labp, t1p, "--transform", str(_identity(tmp_path)))
     notes = _notes(capfd.readouterr().err)
-    assert [n for n in notes if "looks like an intensity image" in n and "moving label image" in n]
+    assert [n for n in notes if "looks like an intensity image" in n and "moving label image" in n
+            and "--soft scores it as one map" in n]  # the way to score a soft map (2D audit)
 
 
 def test_many_coherent_labels_are_not_taken_for_an_intensity_image(tmp_path, capfd):

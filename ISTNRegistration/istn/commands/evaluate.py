@@ -102,7 +102,8 @@ def run_evaluate(fixed_labels: str | Path, moving_labels: str | Path, transform_
         for img, role, p in ((f, "fixed", fixed_labels), (m, "moving", moving_labels)):
             if looks_like_intensities(img):
                 notes.append(f"{role} label image '{p}' has {len(label_values(img))} values that rarely form regions: "
-                             "it looks like an intensity image, not a label map")
+                             "it looks like an intensity image, not a label map (a soft map or probabilities: "
+                             "--soft scores it as one map)")
         warped = warp_image(m, f, tx, sitk.sitkNearestNeighbor)
     per_label = label_metrics(f, warped, labels)
     in_fixed, in_moving, in_warped = label_values(f), label_values(m), label_values(warped)
