@@ -117,7 +117,7 @@ def _soi_kind_stated(args: argparse.Namespace) -> bool:
 
 
 def _refuse_labels_as_default_soft(train_set, val_set) -> None:
-    """Refuse the default soft kind for label maps (`istn.data.pairs.label_values`, every pair's): as one soft
+    """Refuse the default soft kind for label maps (`istn.data.pairs.labels_in_soft_map`, every pair's): as one soft
     channel scaled by its maximum, label 8 would be 1.0 and label 1 0.125, a ramp, not structures. A kind the
     user chose is taken as meant (a probability atlas of a few raters has a few whole-number levels too)."""
     found = train_set.label_like + (val_set.label_like if val_set is not None else [])
