@@ -242,7 +242,7 @@ def test_a_chain_is_checked_whole_before_any_stage_runs(models, pair2d, monkeypa
 
 
 def test_an_image_and_itself_is_quiet_with_a_model_without_validation_metadata(make_model, pair2d):
-    """Models from `istn train` carry no validation refinement losses: an exact start (an image and itself) must not
+    """Models trained without validation pairs carry no validation refinement losses: an exact start (an image and itself) must not
     read as a learning rate too high (6 of 6 such registrations warned)."""
     import copy
 

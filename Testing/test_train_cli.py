@@ -44,7 +44,8 @@ def test_a_spreadsheet_export_bom_crlf_and_spaces_trains_as_the_plain_csv(data, 
 
 @pytest.mark.parametrize("case", ["missing-file", "empty-cell", "nan-soi", "3d-soi", "float-labels", "val-no-soi",
                                   "soft-labels", "steps-0", "grid", "config-and-options", "export-is-input",
-                                  "header-only", "cp-spacing", "no-structure", "export-is-a-listed-image"])
+                                  "header-only", "cp-spacing", "no-structure", "export-is-a-listed-image",
+                                  "loss-check-pairs"])
 def test_bad_training_input_is_refused_in_one_line_before_anything_is_written(data, tmp_path, capsys, case):
     d, base = data
     out = tmp_path / "run"
@@ -76,6 +77,8 @@ def test_bad_training_input_is_refused_in_one_line_before_anything_is_written(da
         extra, expected = ["--soi-kind", "soft", "--soi-labels", "1", "2"], "--soi-labels picks values of label maps"
     elif case == "steps-0":
         extra, expected = ["--steps", "0"], "--steps must be at least 1"
+    elif case == "loss-check-pairs":
+        extra, expected = ["--loss-check-pairs", "-1"], "--loss-check-pairs must be 0 (none) or more, got -1"
     elif case == "grid":
         extra, expected = ["--grid-size", "32", "32", "32"], "'grid_size' must have 2 entries"
     elif case == "config-and-options":  # values equal to the defaults are given options too
@@ -229,6 +232,47 @@ def test_without_validation_pairs_the_end_says_so(data, tmp_path, capsys):
             "32", "--steps", "2", "--quiet", "--out", str(tmp_path / "r")]
     assert main(argv) == 0  # one pair: it trains (no pair left to validate), not "an empty training set"
     assert "no validation pairs: the model is the last step's (step 2)" in capsys.readouterr().out
+
+
+def test_the_model_stores_its_validation_pairs_losses_and_its_self_check_uses_them(data, tmp_path, capsys):
+    """The loss self-check of a user's model: `istn train` registers the validation pairs with the exported model
+    and stores their loss range, the same losses `register` gives on those pairs; without it the check is off."""
+    from istn.data import read_pairs_csv, split_rows
+    from istn.export import load_model
+    from istn.io import read_image
+    from istn.registration import register
+
+    d, base = data
+    argv = base[:base.index("--steps")] + ["--steps", "20", "--val-every", "5", "--lr", "0.01", "--quiet"]
+    assert main(argv + ["--out", str(tmp_path / "r")]) == 0
+    model = load_model(tmp_path / "r" / "model.pt")
+    stored = model.meta["validation"]["refinement_loss"]
+    assert model.meta["validation"]["refinement_loss_by"] == "istn train"
+    _, val_rows = split_rows(6, 0.2, 0)  # the run's split (TrainConfig's val_fraction, split_seed)
+    pairs = read_pairs_csv(d / "pairs.csv")
+    again = [register(read_image(pairs[i][1]), read_image(pairs[i][0]), model, device="cpu", threads=1)
+             for i in val_rows]
+    assert stored["refined"]["n"] == stored["one_pass"]["n"] == len(val_rows) == 1
+    assert stored["one_pass"]["max"] == pytest.approx(max(r.loss_one_pass for r in again), rel=1e-6)
+    assert stored["refined"]["max"] == pytest.approx(max(r.similarity_final for r in again), rel=1e-6)
+    assert "is not checked against them" not in model.describe()
+    assert "validation pair(s) with the model for its loss self-check" not in capsys.readouterr().out  # --quiet
+
+    # a pair unlike the validation pairs (noise for a moving image): its loss far above theirs is said, and the
+    # same pair is quiet without them
+    fixed = read_image(pairs[val_rows[0]][1])
+    noise = np.random.default_rng(0).uniform(0, 1, sitk.GetArrayViewFromImage(fixed).shape).astype(np.float32)
+    moving = sitk.GetImageFromArray(noise)
+    moving.CopyInformation(fixed)
+    flagged = register(fixed, moving, model, device="cpu", threads=1)
+    assert "loss" in flagged.self_checks_failed, (flagged.similarity_final, stored)
+    model.meta["validation"] = {}
+    assert "loss" not in register(fixed, moving, model, device="cpu", threads=1).self_checks_failed
+
+    assert main(base + ["--out", str(tmp_path / "none"), "--loss-check-pairs", "0"]) == 0  # 2 steps: a model
+    unchecked = load_model(tmp_path / "none" / "model.pt")
+    assert "refinement_loss" not in unchecked.meta.get("validation", {})
+    assert "is not checked against them" in unchecked.describe()
 
 
 def test_the_export_carries_the_step_of_its_weights_into_a_new_folder(data, tmp_path, capsys):

@@ -216,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a new run from this checkpoint's weights (same network; e.g. ISTN-e from ISTN-i)")
     t.add_argument("--no-resume", action="store_true",
                    help="start the run in --out afresh (its checkpoints replaced) instead of continuing it")
+    t.add_argument("--loss-check-pairs", type=int, default=8, metavar="N",
+                   help="after training, register up to N validation pairs with the model (its own refinement "
+                        "settings) and store their loss range in it: the self-check that warns when a later pair's "
+                        "loss lies far above it (default 8; 0: none stored, the check stays off)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--verbose", action="store_true", help="show the libraries' own messages behind an error")
     # no argparse defaults (None = not given): commands.train fills in TRAIN_DEFAULTS, and --config refuses the

@@ -175,9 +175,10 @@ class LoadedModel:
         others = unvalidated_contrasts(m)  # the brain recipe's models: its validation pairs are T1 (as the panel says)
         if others is not None:
             text += "; validated on T1 images" + (f" ({', '.join(others)}: not validated)" if others else "")
-        if not m.get("validation", {}).get("refinement_loss"):  # `istn train` stores none: say the check is off
-            text += ("; no validation pairs' refinement losses stored, so a registration's loss is not checked "
-                     "against them (a failed pair may pass without that warning)")
+        if not m.get("validation", {}).get("refinement_loss"):  # trained without validation pairs: the check is off
+            text += ("; no validation pairs' refinement losses stored (trained without validation pairs, or with "
+                     "--loss-check-pairs 0), so a registration's loss is not checked against them (a failed pair "
+                     "may pass without that warning)")
         return text + f" (engine {m.get('engine_version', '?')})."
 
 

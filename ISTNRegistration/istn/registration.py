@@ -419,6 +419,35 @@ def _self_check(model: LoadedModel, similarity: float, refined: bool) -> str | N
             "contrast and field of view")
 
 
+def loss_spread(values: Sequence[float]) -> dict:
+    """``{"min", "median", "max", "n"}`` of losses: what the model metadata's ``validation.refinement_loss`` holds
+    per stage, and what `_self_check` compares a registration's loss with."""
+    return {"min": float(np.min(values)), "median": float(np.median(values)), "max": float(np.max(values)),
+            "n": len(values)}
+
+
+def validation_losses(model: LoadedModel, pairs: Sequence[tuple[sitk.Image, sitk.Image]], *,
+                      progress: Callable[[int, int], None] | None = None, **options) -> dict:
+    """The loss self-check's reference: ``{"one_pass": spread, "refined": spread}`` (`loss_spread`) of ``model``
+    registering each ``(moving, fixed)`` of ``pairs`` as `register` does with ``options`` (the model's own
+    refinement settings unless given). ``progress(done, total)`` after each pair.
+
+    Pairs are validation pairs (never the training pairs: the check asks how far a new pair lies from what the
+    model reaches on pairs it did not learn). A stage whose losses are not all finite and positive is left out:
+    a zero maximum would flag every later pair."""
+    stages: dict[str, list[float]] = {"one_pass": [], "refined": []}
+    for k, (moving, fixed) in enumerate(pairs):
+        with warnings.catch_warnings():  # a validation pair's own self-check (against older losses) is moot here
+            warnings.simplefilter("ignore")
+            result = register(fixed, moving, model, **options)
+        stages["one_pass"].append(result.loss_one_pass)
+        stages["refined"].append(result.similarity_final)
+        if progress is not None:
+            progress(k + 1, len(pairs))
+    return {stage: loss_spread(v) for stage, v in stages.items()
+            if v and all(np.isfinite(x) and x > 0 for x in v)}
+
+
 #: The self-checks of a result (`RegistrationResult.self_checks_failed`): its loss far above the model's validation
 #: pairs', a structure seen at a very different volume, the images less alike than as given.
 SELF_CHECKS = ("loss", "map_volume", "information")

@@ -79,12 +79,44 @@ def run_train(args: argparse.Namespace) -> Path:
                           step=best_step, best_val=result.best_val if validated else None)
     make_out_folder(export_path)
     export_model(result.model, meta, export_path)
+    _store_validation_losses(export_path, val_set, args.loss_check_pairs, cfg, quiet=args.quiet)
     if validated:
         print(f"best validation soi_mse {result.best_val:.6f} (step {best_step} of {result.step}); model written to "
               f"{export_path}")
     else:
         print(f"no validation pairs: the model is the last step's (step {result.step}); written to {export_path}")
     return export_path
+
+
+def _store_validation_losses(model_path: Path, val_set, n_pairs: int, cfg, quiet: bool) -> None:
+    """Register the first ``n_pairs`` validation pairs with the exported model, as `istn register` does, and store
+    their loss range in its metadata (``validation.refinement_loss``): the loss self-check's reference. Without
+    validation pairs, or with ``n_pairs`` 0, the model stays without it (its description says the check is off)."""
+    from ..export import load_model, rewrite_metadata
+    from ..io import read_image
+    from ..registration import validation_losses
+
+    pairs = [] if val_set is None else [p.paths for p in val_set.pairs if p.paths is not None][:n_pairs]
+    if not pairs:
+        return
+    if not quiet:
+        print(f"registering {len(pairs)} validation pair(s) with the model for its loss self-check ...", flush=True)
+    model = load_model(model_path, "cpu")
+    images = [(read_image(m, "validation moving"), read_image(f, "validation fixed")) for m, f in pairs]
+
+    def said(done: int, total: int) -> None:
+        if not quiet:
+            print(f"  validation pair {done}/{total} registered", flush=True)
+
+    losses = validation_losses(model, images, progress=said, device=cfg.device, threads=cfg.threads)
+    if not losses:
+        print("istn train: note: the validation pairs' losses are not all positive and finite: no loss self-check "
+              "stored in the model", file=sys.stderr)
+        return
+    meta = dict(model.meta)
+    meta["validation"] = {**meta.get("validation", {}), "refinement_loss": losses,
+                          "refinement_loss_pairs": len(pairs), "refinement_loss_by": "istn train"}
+    rewrite_metadata(model_path, meta)
 
 
 class _ReadingProgress:
@@ -187,6 +219,8 @@ def _config(args: argparse.Namespace):
 
     if args.steps is not None and args.steps < 1:
         raise InputError(f"--steps must be at least 1, got {args.steps}")
+    if getattr(args, "loss_check_pairs", 0) < 0:
+        raise InputError(f"--loss-check-pairs must be 0 (none) or more, got {args.loss_check_pairs}")
     if args.config:
         given = [f"--{k.replace('_', '-')}" for k in CONFIG_OPTIONS if getattr(args, k, None) is not None]
         if given:

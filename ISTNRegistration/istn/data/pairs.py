@@ -64,6 +64,7 @@ class PairTensors:
     target_soi: torch.Tensor  # (1, K, *S)
     notes: list[tuple[str, str]] = field(default_factory=list)  # structures missing from its maps (`soi_notes`)
     label_like: list[tuple[str, str]] = field(default_factory=list)  # soft maps that hold labels: (path, values)
+    paths: tuple[Path, Path] | None = None  # the (source, target) image files it was read from
 
 
 def load_pair(
@@ -101,7 +102,7 @@ def load_pair(
                 label_like.append((str(soi_path), values))
         out.append((image_to_tensor(prepared.image, grid, prepared.window), soi_tensor))
     (s, ss), (t, ts) = out
-    return PairTensors(s, t, ss, ts, notes, label_like)
+    return PairTensors(s, t, ss, ts, notes, label_like, (Path(source), Path(target)))
 
 
 # A structure map of whole numbers with this many distinct values (the background included) or fewer, and more
