@@ -55,7 +55,7 @@ from train_brain import _brain_mask, anatomy_images  # noqa: E402
 from istn.demo import MODELS_DIR, place_in_scanner  # noqa: E402
 from istn.export import load_model, rewrite_metadata  # noqa: E402
 from istn.metrics import dice, folding_fraction  # noqa: E402
-from istn.registration import register  # noqa: E402
+from istn.registration import loss_spread, register  # noqa: E402
 
 BENDING = (10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)
 ANCHOR = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
@@ -330,9 +330,6 @@ def main(argv: list[str] | None = None) -> int:
     self_dist = {"affine": identity_distance(sa.transform, self_image, sm),
                  "bspline": identity_distance(sb.transform, self_image, sm)}
 
-    def spread(v):
-        return {"min": float(np.min(v)), "median": float(np.median(v)), "max": float(np.max(v)), "n": len(v)}
-
     summary = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "family": args.family,
         "report": Path(args.out).name, "pairs": [r[0] for r in pairs], "validation_anatomy": args.val_anatomy, "iterations_cap": args.iterations,
@@ -352,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "affine_seconds", "bspline_seconds")} for t in tolerances},
         "tolerance_chosen": tol_chosen,
         "self_registration_mm": {k: {"mean": v[0], "max": v[1]} for k, v in self_dist.items()},
-        "refinement_loss": {k: {s: spread(v) for s, v in d.items() if v} for k, d in losses.items()},
+        "refinement_loss": {k: {s: loss_spread(v) for s, v in d.items() if v} for k, d in losses.items()},
         "rows": rows, "anchor_rows": anchor_rows, "tolerance_rows": tol_rows,
     }
     cmd = "python benchmarks/refinement_validation.py " + " ".join(argv if argv is not None else sys.argv[1:])
