@@ -408,3 +408,30 @@ def test_a_2d_result_goes_only_to_a_format_that_keeps_where_it_lies(tmp_path, ca
     assert apply(tmp_path / "rotated.nii.gz", tmp_path / "out.nii.gz") == 0
     assert apply(plain, tmp_path / "out.png") == 0
     assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out.png"))), arr)
+
+
+def test_a_flat_synthetic_image_goes_through_linearly_and_a_fine_parcellation_by_nearest(tmp_path, capsys):
+    """Auto interpolation on images that look alike by their values: a flat synthetic 8-bit image (shapes of a few
+    greys drawn anti-aliased, as synth2d's; 2D audit: taken for "192 labels") is intensities, its edges' in-between
+    values equal to none of their neighbours; a 2D parcellation of 80 labels, rotated through nearest neighbour,
+    is labels."""
+    from scipy.spatial import cKDTree
+
+    fine = np.zeros((512, 512))  # drawn at 4x, then block-averaged: in-between values along the shapes' edges
+    yy, xx = np.mgrid[:512, :512]
+    for (cy, cx, r, grey) in ((200, 180, 120, 255), (330, 340, 90, 125), (150, 360, 60, 216), (380, 150, 50, 161)):
+        fine[(yy - cy) ** 2 + ((xx - cx) * 1.3) ** 2 < r * r] = grey
+    fine[60:140, 60:140] = 244
+    flat = np.round(fine.reshape(128, 4, 128, 4).mean(axis=(1, 3))).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    _, nearest = cKDTree(rng.uniform(0, 128, (80, 2))).query(np.stack(np.mgrid[:128, :128], -1).reshape(-1, 2))
+    parcels = sitk.GetImageFromArray((nearest.reshape(128, 128) + 1).astype(np.uint8))
+    parcels = sitk.Resample(parcels, parcels, sitk.Euler2DTransform((64.0, 64.0), 0.3), sitk.sitkNearestNeighbor, 0)
+    assert len(np.unique(flat)) > 60 and len(np.unique(sitk.GetArrayViewFromImage(parcels))) > 60  # many values
+    shift = sitk.TranslationTransform(2, (2.0, -3.0))
+    sitk.WriteTransform(shift, str(tmp_path / "shift.tfm"))
+    sitk.WriteImage(sitk.GetImageFromArray(flat), str(tmp_path / "flat.png"))
+    sitk.WriteImage(parcels, str(tmp_path / "parcels.nii.gz"))
+    for name, expected in (("flat.png", "linear (auto: integer intensities"), ("parcels.nii.gz", "nearest (auto: a label map: ")):
+        s = run_apply(tmp_path / "shift.tfm", tmp_path / "parcels.nii.gz", tmp_path / name, tmp_path / f"out_{name}.nrrd")
+        assert s["interpolation"].startswith(expected), s["interpolation"]
