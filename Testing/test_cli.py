@@ -55,6 +55,19 @@ def test_register_writes_every_output(files, tmp_path, capsys):
     assert f"images' mutual information {info['as_given']:.3f} as given -> {info['result']:.3f}" in printed
 
 
+def test_the_overview_titles_an_stn_models_maps_as_the_network_input(files, make_model, tmp_path, monkeypatch):
+    """STN-u learns no map: overview.png's map panels say what they show (2D audit: "ITN map" on STN models)."""
+    import istn.figures
+
+    drawn = []
+    real = istn.figures.registration_figure
+    monkeypatch.setattr(istn.figures, "registration_figure", lambda *a, **k: (drawn.append(k), real(*a, **k))[1])
+    assert _register(files, tmp_path / "stn", **{"--model": make_model(2, "affine", "stn-u")}) == 0
+    assert _register(files, tmp_path / "istn") == 0
+    assert [k["learned_maps"] for k in drawn] == [False, True]
+    assert (tmp_path / "stn" / "overview.png").is_file()
+
+
 def test_coarse_iterations_flag_reaches_every_stage(files, tmp_path):
     """--coarse-iterations 2 of --refine 3: result.json says 2 ran on the half-resolution maps (0 by default here)."""
     out = tmp_path / "out"

@@ -233,6 +233,17 @@ def test_bounded_maps_show_the_structures_only(scene, pair, tiny_models, make_mo
     assert free.fixedMapNode.GetDisplayNode().GetApplyThreshold() == 0
 
 
+def test_a_model_without_an_itn_names_its_maps_as_what_they_are(scene, pair, tiny_models, make_model):
+    """STN-u and STN-s learn no map: what they compare is the images as the network takes them, named so (2D
+    audit: titled "ITN map"), and the ISTNs' maps stay "ITN map"."""
+    fixed_node, moving_node = pair[0], pair[1]
+    stn = run(ISTNRegistrationLogic(), pair, {"affine": make_model(3, "affine", "stn-u")}, "affine", showMaps=True)
+    assert stn.fixedMapNode.GetName() == f"{fixed_node.GetName()} network input"
+    assert stn.movingMapNode.GetName() == f"{moving_node.GetName()} network input"
+    istn = run(ISTNRegistrationLogic(), pair, tiny_models, "affine", showMaps=True)
+    assert istn.fixedMapNode.GetName() == f"{fixed_node.GetName()} ITN map"
+
+
 def test_output_volume_is_the_resampled_moving_and_the_moving_stays_put(scene, pair, tiny_models):
     fixed_node, moving_node, fixed, moving = pair
     output = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "resampled")

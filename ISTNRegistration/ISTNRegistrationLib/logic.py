@@ -1001,6 +1001,8 @@ class ISTNRegistrationLogic:
         return metrics
 
     def _writeMaps(self, changes, linearNode, leafNode, stage, fixedNode, movingNode):
+        from istn.config import has_itn
+
         from . import nodes as nodeio
 
         maps = []
@@ -1010,8 +1012,10 @@ class ISTNRegistrationLogic:
         ):
             node = linearNode.GetNodeReference(role)
             if node is None or not self.scene.IsNodePresent(node) or not node.IsA("vtkMRMLScalarVolumeNode"):
-                node = changes.adopt(nodeio.addVolumeNodeFromImage(
-                    self.scene, image, _("{name} ITN map").format(name=source.GetName())))
+                # a model without an ITN (STN-u/s) maps nothing: its "maps" are the images as the network takes them
+                name = (_("{name} ITN map") if has_itn(stage.model_meta) else _("{name} network input")).format(
+                    name=source.GetName())
+                node = changes.adopt(nodeio.addVolumeNodeFromImage(self.scene, image, name))
                 changes.rememberReference(linearNode, role)
                 linearNode.SetNodeReferenceID(role, node.GetID())
             else:  # an earlier run's map: given back as it was if this run fails or is cancelled

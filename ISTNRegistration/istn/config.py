@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 VARIANTS = ("stn-u", "stn-s", "istn-e", "istn-i")
+ITN_VARIANTS = ("istn-e", "istn-i")  # the variants with an Image Transformer Network (the STNs take the images)
 TRANSFORMS = ("affine", "bspline")
 SOI_KINDS = ("labels", "soft", "landmarks")
 
@@ -69,7 +70,7 @@ class ModelConfig:
 
     @property
     def uses_itn(self) -> bool:
-        return self.variant in ("istn-e", "istn-i")
+        return self.variant in ITN_VARIANTS
 
     @property
     def centre_on_foreground(self) -> bool:
@@ -150,6 +151,11 @@ def train_config_from_dict(d: dict) -> TrainConfig:
 #: models' file stems by transform (``<family>-<transform>.pt``, the names ``benchmarks/train_brain.py`` exports).
 DEFAULT_MODEL_FAMILY = "brain-t1"
 DEFAULT_MODEL_STEMS = {t: f"{DEFAULT_MODEL_FAMILY}-{t}" for t in ("affine", "bspline")}
+
+
+def has_itn(meta: dict) -> bool:
+    """Whether the model of this metadata has an ITN (ISTN-e/i): its maps are learned, not the images."""
+    return meta.get("variant") in ITN_VARIANTS
 
 
 def companion_stem(stem: str, transform: str) -> str | None:

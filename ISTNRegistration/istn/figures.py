@@ -125,6 +125,7 @@ def registration_figure(
     notes: Sequence[str] = (),
     jacobian: sitk.Image | None = None,
     jacobian_stats: Mapping[str, float] | None = None,
+    learned_maps: bool = True,
 ) -> Path:
     """Write a PNG: images with label contours, checkerboard, ITN maps, Dice bars and refinement loss curves.
 
@@ -138,6 +139,8 @@ def registration_figure(
     image warped so far), a thin line where it starts.
     ``focus``: without ``fixed_labels``, the slices go through the centroid of ``focus`` > 0 (on the fixed grid).
     ``notes``: lines of text in the Dice panel's place when there is no ``dice_table`` (no labels at test time).
+    ``learned_maps``: False for a model without an ITN (STN-u, STN-s): its "maps" are the images as the network
+    takes them, and are titled so.
     ``jacobian``: the result's Jacobian determinant on the fixed grid (`istn.registration.jacobian_image`): a
     fifth column shows it over the fixed image in each view (blue-white-red, white at 1, the window of the
     Slicer volume: `istn.metrics.jacobian_half_width`) and its histogram over the fixed image's foreground.
@@ -215,10 +218,11 @@ def registration_figure(
             low, top = MAP_DISPLAY_THRESHOLD, 1.0
         else:
             low, top = 0.0, max(float(np.percentile(sitk.GetArrayViewFromImage(fm), 99.9)), 1e-6)
+        kind, how = ("ITN map", "(learned, no labels)") if learned_maps else ("Network input", "(no ITN: the image)")
         show(axes[-1, 0], np.clip((_slice(fm, axis, k) - low) / (top - low), 0, 1),
-             "ITN map of the fixed image\n(learned, no labels)", axis, k, [fixed_c], cmap="magma")
+             f"{kind} of the fixed image\n{how}", axis, k, [fixed_c], cmap="magma")
         show(axes[-1, 1], np.clip((_slice(wm, axis, k) - low) / (top - low), 0, 1),
-             "ITN map of the moving image, warped", axis, k, [fixed_c], cmap="magma")
+             f"{kind} of the moving image, warped", axis, k, [fixed_c], cmap="magma")
     else:
         axes[-1, 0].axis("off")
         axes[-1, 1].axis("off")
@@ -356,6 +360,7 @@ def registration_overview(
     title: str = "",
     background: float = 0.0,
     jacobian: sitk.Image | None = None,
+    learned_maps: bool = True,
 ) -> Path:
     """The picture `istn register` writes beside its outputs (``overview.png``): no labels at test time, so the
     fixed image, the moving image as it lies (unregistered, world coordinates), the warped moving image and a
@@ -364,7 +369,7 @@ def registration_overview(
 
     ``stages``: ``{name: RegistrationResult}`` in order; ``warped`` on ``fixed``'s grid; the maps on any grid.
     ``jacobian``: a non-linear result's `jacobian_image` on any grid over the fixed image (its 4 mm lattice will
-    do), drawn in a fifth column.
+    do), drawn in a fifth column. ``learned_maps``: as `registration_figure`'s.
     Every image is shown on ``fixed`` re-stored LPS (`display_image`, at most `OVERVIEW_MAX_SIZE` voxels per axis):
     the same picture whatever the storage.
     """
@@ -383,6 +388,7 @@ def registration_overview(
         jacobian=None if jacobian is None else jacobian_on_grid(jacobian, shown),
         # the numbers of the grid given (what `istn register` prints), not of its interpolation onto the display
         jacobian_stats=None if jacobian is None else jacobian_statistics(sitk.GetArrayViewFromImage(jacobian)),
+        learned_maps=learned_maps,
     )
 
 

@@ -781,6 +781,7 @@ def stage_line(st: dict) -> str:
 def _overview(path: Path, fixed, moving, warped, result, itn_moving, results, summary: dict, jacobian=None) -> None:
     """``overview.png``: the images, the ITN maps and each stage's refinement, with what the terminal printed
     (and a non-linear result's Jacobian determinant: ``jacobian``, its lattice)."""
+    from ..config import has_itn
     from ..figures import registration_overview
 
     notes = [f"fixed:  {shown_name(summary['fixed'])}", f"moving: {shown_name(summary['moving'])}", ""]
@@ -799,7 +800,8 @@ def _overview(path: Path, fixed, moving, warped, result, itn_moving, results, su
                           warped_moving_map=itn_moving, notes=[textwrap.fill(n, 48, subsequent_indent="  ")
                                                                for n in notes],
                           title=f"istn register: {shown_name(summary['moving'])} -> {shown_name(summary['fixed'])}",
-                          background=summary["background"], jacobian=jacobian)
+                          background=summary["background"], jacobian=jacobian,
+                          learned_maps=has_itn(result.model_meta))
 
 
 def _check_result(transform, images: dict) -> None:
