@@ -288,6 +288,13 @@ def test_the_export_carries_the_step_of_its_weights_into_a_new_folder(data, tmp_
     meta = load_model(export).meta["training"]
     assert meta["step"] == best["step"] == load_checkpoint(tmp_path / "r" / "best.pt")["step"]
     assert meta["best_val"] == pytest.approx(best["soi_mse"])
+    # a model file is shared: where its data lay is not (a folder named after a patient); the checkpoint, which
+    # continuing the run needs, keeps the full paths
+    import json
+
+    assert str(tmp_path) not in json.dumps(load_model(export).meta)
+    assert meta["data"] == "pairs.csv" and meta["config"]["soi_csv"] == "soi.csv" and meta["config"]["out_dir"] == "r"
+    assert load_checkpoint(tmp_path / "r" / "last.pt")["config"]["train_csv"] == str(d / "pairs.csv")
     assert f"(step {best['step']} of 6)" in capsys.readouterr().out
 
 

@@ -61,8 +61,8 @@ def build_metadata(cfg: TrainConfig, *, soi_description: str = "", training_data
         },
         "model_config": to_dict(m),
         "training": {
-            "data": training_data or cfg.train_csv,
-            "config": to_dict(cfg),
+            "data": training_data or Path(cfg.train_csv).name,
+            "config": _shareable(to_dict(cfg)),
             "step": step,
             "best_val": best_val,
         },
@@ -70,6 +70,17 @@ def build_metadata(cfg: TrainConfig, *, soi_description: str = "", training_data
     if extra:
         meta.update(extra)
     return meta
+
+
+#: TrainConfig fields that name files or folders of the machine it was trained on
+_PATH_FIELDS = ("train_csv", "soi_csv", "val_csv", "val_soi_csv", "data_root", "out_dir")
+
+
+def _shareable(config: dict) -> dict:
+    """A training config as a model file carries it: paths by their last part only. A model is shared; where its
+    data lay (a folder named after a patient, a user's home) is not (the run's checkpoints keep the full paths that
+    continuing it needs)."""
+    return {k: (Path(v).name if k in _PATH_FIELDS and v else v) for k, v in config.items()}
 
 
 def export_model(model: ISTN, meta: dict, path: str | os.PathLike) -> Path:
