@@ -874,6 +874,31 @@ def test_a_batch_of_images_of_the_same_name_names_their_folders_by_the_subject_f
         subject_names([links[0], twin])
 
 
+def test_skip_done_keeps_an_images_folder_when_added_images_lengthen_the_names(files, tmp_path, capsys):
+    """A batch grown by an image of the same name from another site (siteB/sub-01/anat/...) lengthens the names of
+    the images before it; with --skip-done those keep the folders of their finished runs (not registered again
+    beside them) and the new image gets its own."""
+    import csv
+
+    paths = []
+    for site, subject in (("siteA", "sub-01"), ("siteA", "sub-02"), ("siteB", "sub-01")):
+        (tmp_path / "data" / site / subject / "anat").mkdir(parents=True)
+        paths.append(tmp_path / "data" / site / subject / "anat" / "T1w.png")
+        paths[-1].write_bytes(files["moving"].read_bytes())
+    out = tmp_path / "out"
+    base = ["register", "--quiet", "--no-figure", "--refine", "2", "--fixed", str(files["fixed"]), "--model",
+            str(files["model"]), "--out", str(out), "--skip-done", "--moving"]
+    assert main(base + [str(p) for p in paths[:2]]) == 0
+    first = {d.name: (d / "result.json").read_bytes() for d in out.iterdir() if d.is_dir()}
+    assert sorted(first) == ["sub-01_anat_T1w", "sub-02_anat_T1w"]
+    assert main(base + [str(p) for p in paths]) == 0  # alone, siteA's sub-01 would now be siteA_sub-01_anat_T1w
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [(r["folder"], r["reused"]) for r in rows] == [
+        ("sub-01_anat_T1w", "True"), ("sub-02_anat_T1w", "True"), ("siteB_sub-01_anat_T1w", "False")]
+    assert sorted(d.name for d in out.iterdir() if d.is_dir()) == sorted([*first, "siteB_sub-01_anat_T1w"])
+    assert all((out / n / "result.json").read_bytes() == b for n, b in first.items())  # kept as they were
+
+
 # --------------------------------------------------------------------------
 # Nothing of the user's lost: foreign files, interrupts, evaluate's --out (session 28 audit)
 # --------------------------------------------------------------------------

@@ -488,6 +488,8 @@ def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path]
     ``failed`` counts them. ``on_done(row)`` after each image (the command line prints it then).
     ``skip_done``: an image whose folder holds a finished run that was asked the same (`finished_run`: the same
     inputs, unchanged since, models and options) is not registered again; its row is that run's (``reused``).
+    An image keeps the folder its earlier run wrote there even where images added since lengthen the names
+    (`_earlier_folders`).
     An interrupt (Ctrl-C, SIGTERM) between or during images still writes ``summary.json`` and ``summary.csv``,
     the images not finished marked "not run", then goes on as the interrupt (so a second command with
     ``skip_done`` resumes the batch).
@@ -506,6 +508,8 @@ def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path]
         if not p.is_dir():
             check_input_file(p, "moving image")
     names = subject_names(moving)
+    if skip_done:  # an image registered before into this folder keeps its folder, however the batch has grown
+        names = _earlier_folders(Path(out_dir), moving, names)
     for p, name in zip(moving, names):
         if name in BATCH_SUMMARY:
             raise InputError(f"moving image '{p}' would write into {Path(out_dir) / name}, the batch's summary: "
@@ -548,6 +552,33 @@ def run_register_many(fixed_path: str | Path, moving_paths: Sequence[str | Path]
                              names, t0, interrupted=True)
         raise
     return _write_batch_summary(out, fixed_path, rows, written, warnings, names, t0)
+
+
+def _earlier_folders(out: Path, moving: list[Path], names: list[str]) -> list[str]:
+    """``names`` (`subject_names`), each replaced by the folder of ``out`` whose ``result.json`` is of that moving
+    image (its ``request``), where there is one and no other image of the batch is named so. Images added to a
+    batch can lengthen the names of those before them (a second ``sub-01/anat/T1w.nii.gz`` from another site):
+    with ``skip_done`` those keep the folders of their finished runs instead of being registered again beside
+    them."""
+    earlier: dict[str, str] = {}  # the moving image's resolved path -> the folder its earlier run wrote
+    if not out.is_dir():
+        return names
+    for folder in sorted(d for d in out.iterdir() if d.is_dir()):
+        try:
+            record = json.loads((folder / "result.json").read_text())
+            path = record["request"]["moving"]["path"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(path, str):
+            earlier.setdefault(path, folder.name)
+    taken = set(names)
+    kept = list(names)
+    for i, p in enumerate(moving):
+        folder = earlier.get(str(p.resolve()))
+        if folder is not None and folder != names[i] and folder not in taken and folder not in BATCH_SUMMARY:
+            taken.add(folder)
+            kept[i] = folder
+    return kept
 
 
 def _batch_loop(fixed_path, moving: list[Path], names: list[str], model_paths, out: Path, quiet: bool,
