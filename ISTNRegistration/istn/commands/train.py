@@ -104,9 +104,11 @@ def _store_validation_losses(model_path: Path, val_set, n_pairs: int, cfg, quiet
     model = load_model(model_path, "cpu")
     images = [(read_image(m, "validation moving"), read_image(f, "validation fixed")) for m, f in pairs]
 
+    t0 = time.perf_counter()
+
     def said(done: int, total: int) -> None:
         if not quiet:
-            print(f"  validation pair {done}/{total} registered", flush=True)
+            print(f"  validation pair {done}/{total} registered ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     losses = validation_losses(model, images, progress=said, device=cfg.device, threads=cfg.threads)
     if not losses:
