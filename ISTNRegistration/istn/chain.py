@@ -55,6 +55,8 @@ def register_chain(
         registration.check_register_inputs(fixed, moving, list(models), initial_transform=initial_transform)
     results: list[RegistrationResult] = []  # (registration.register looked up per call: one engine entry point)
     initial = initial_transform
+    # every stage's images "as given" are where the user placed them (their start), not the previous stage's result
+    options.setdefault("given_transform", initial_transform)
     for index, model in enumerate(models):
         callback = callback_for(index, model) if callback_for is not None else None
         result = registration.register(fixed, moving, model, initial_transform=initial, callback=callback, **options)

@@ -700,6 +700,7 @@ def register(
     polish: int | None = None,
     anchor: float | None = None,
     passes: int | None = None,
+    given_transform: sitk.Transform | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with ``model``: one pass, then up to ``iterations`` of refinement
     (default: the model's ``refinement.iterations``, else `DEFAULT_ITERATIONS`), then up to ``polish``.
@@ -747,9 +748,15 @@ def register(
     grid, refined on the unwarped maps (so the sum's approximation of the
     composition is refined away); default: the model's
     ``refinement.passes``, else 1 (the paper). Ignored with ``iterations=0``.
+    ``given_transform``: where the user placed the moving image (fixed world -> moving world), the baseline of
+    ``information["as_given"]`` and of the information self-check; default None: the images as stored. A chain
+    (`istn.chain.register_chain`) passes the user's start to every stage, not the previous stage's result.
     """
     t_start = time.perf_counter()
     check_api_types(model=model, initial_transform=initial_transform, threads=threads)
+    if given_transform is not None:
+        check_api_types(initial_transform=given_transform)
+        given_transform = flatten_transform(given_transform)
     if cancel is not None and not (hasattr(cancel, "is_set") or callable(cancel)):
         raise InputError(f"register() 'cancel' must be a threading.Event, a callable returning True to stop, or None; "
                          f"got {cancel!r}")
@@ -794,6 +801,7 @@ def register(
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads or default_threads(model.ndim))  # the cores this process really has (istn.threads)
     opts = dict(bending=bending, anchor=anchor, tolerance=tolerance, symmetric=symmetric, t_start=t_start,
+                given_transform=given_transform,
                 coarse_iterations=int(coarse_iterations), refine_layers=refine_layers,
                 region_margin_mm=float(region_margin_mm), polish=int(polish), passes=int(passes))
     try:
@@ -818,7 +826,8 @@ def register(
 def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iterations, lr, dev, initial_transform,
               callback, cancel, *, bending: float, anchor: float, tolerance: float, symmetric: bool,
               t_start: float, coarse_iterations: int, refine_layers: str,
-              region_margin_mm: float, polish: int, passes: int = 1) -> RegistrationResult:
+              region_margin_mm: float, polish: int, passes: int = 1,
+              given_transform: sitk.Transform | None = None) -> RegistrationResult:
     timings: dict[str, float] = {}
     cfg = model.config
     module = model.to(dev).module
@@ -1001,7 +1010,7 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
             f"kept: a lower learning rate may help (now {lr:g})")
     t_info = time.perf_counter()
     volume_ratio = map_volume_ratios(s_map, t_map) if model.config.itn_output == "sigmoid" else np.zeros(0)
-    given, kept = image_information(fixed, moving, grid_f, (win_f, win_m), [None, final])
+    given, kept = image_information(fixed, moving, grid_f, (win_f, win_m), [given_transform, final])
     failed = []  # the self-checks that say the pair is unlike what the model was made for (`SELF_CHECKS`)
     for name, check in (("loss", _self_check(model, out.similarity, refined=bool(out.losses))),
                         ("map_volume", _map_volume_check(model, volume_ratio)),
