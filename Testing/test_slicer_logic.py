@@ -350,6 +350,27 @@ def _record_starts(monkeypatch) -> list:
     return starts
 
 
+def test_a_moving_segmentation_under_a_transform_of_its_own_is_scored_where_it_is_shown(scene, pair, tiny_models):
+    """The moving volume hardened, its label map still under the user's alignment (lined up with it on screen):
+    Dice is that of the labels as shown, the same as with the labels hardened too (Slicer audit: 0.87 -> 0.00
+    reported, the labels taken where their own voxels lie)."""
+    fixed_node, moving_node, fixed, moving = pair
+    user, _ = _user_transform(scene)
+    moving_node.SetAndObserveTransformNodeID(user.GetID())
+    slicer.vtkSlicerTransformLogic.hardenTransform(moving_node)
+    fixed_labels = nodes.addVolumeNodeFromImage(scene, _labels(fixed), "fixed labels", "vtkMRMLLabelMapVolumeNode")
+    under = nodes.addVolumeNodeFromImage(scene, _labels(moving), "moving labels", "vtkMRMLLabelMapVolumeNode")
+    under.SetAndObserveTransformNodeID(user.GetID())
+    hardened = nodes.addVolumeNodeFromImage(scene, _labels(moving), "hardened labels", "vtkMRMLLabelMapVolumeNode")
+    hardened.SetAndObserveTransformNodeID(user.GetID())
+    slicer.vtkSlicerTransformLogic.hardenTransform(hardened)
+    scores = [run(ISTNRegistrationLogic(), pair, tiny_models, "affine", fixedSegmentationNode=fixed_labels,
+                  movingSegmentationNode=labels).metrics["dice"] for labels in (under, hardened)]
+    flat = [[d[k][when] for k in ("label 1", "label 2") for when in ("before", "after")] for d in scores]
+    assert flat[0] == pytest.approx(flat[1], abs=1e-9)
+    assert under.GetParentTransformNode() is user  # only read
+
+
 def test_a_moving_volume_the_user_aligned_is_registered_from_where_it_is_shown(scene, pair, tiny_models, monkeypatch):
     """Under a linear transform of the user's (a manual alignment), the moving volume's shown position is the start:
     the engine gets the transform from fixed world points to the volume's own points (its parent's inverse), Dice
@@ -980,6 +1001,68 @@ def test_output_transform_under_another_transform_is_refused(scene, pair, tiny_m
     assert selftest.nodeIds(scene) == before and pair[1].GetParentTransformNode() is None
 
 
+@pytest.mark.parametrize("case", ["labelmap-output", "labelmap-checkerboard", "map-as-output", "map-as-checkerboard",
+                                  "segmentation-as-output", "fixed-labels-under-output"])
+def test_outputs_that_cannot_hold_the_result_are_refused_before_the_scene_changes(scene, pair, tiny_models, case):
+    """Slicer audit: a label map as output / checkerboard / Jacobian volume failed deep inside (an AttributeError);
+    an earlier run's structure map given as an output volume of the same output transform took the warped image;
+    the fixed labels under a transform of the user's chosen as output moved 22 mm off the fixed volume."""
+    fixed_node, moving_node, fixed, moving = pair
+    first = run(ISTNRegistrationLogic(), pair, tiny_models, "affine")
+    moving_node.SetAndObserveTransformNodeID(None)
+    kw = {"outputTransformNode": first.transformNode}
+    if case.startswith("labelmap"):
+        lab = nodes.addVolumeNodeFromImage(scene, _labels(fixed), "lab", "vtkMRMLLabelMapVolumeNode")
+        role = "outputVolumeNode" if case == "labelmap-output" else "checkerboardVolumeNode"
+        kw, match = {role: lab}, "is a vtkMRMLLabelMapVolumeNode, which holds labels"
+    elif case.startswith("map"):
+        role = "outputVolumeNode" if case == "map-as-output" else "checkerboardVolumeNode"
+        kw[role] = first.fixedMapNode if case == "map-as-output" else first.movingMapNode
+        match = "is a structure map of the output transform"
+    elif case == "segmentation-as-output":
+        lab = nodes.addVolumeNodeFromImage(scene, _labels(moving), "ml", "vtkMRMLLabelMapVolumeNode")
+        fixed_lab = nodes.addVolumeNodeFromImage(scene, _labels(fixed), "fl", "vtkMRMLLabelMapVolumeNode")
+        kw = {"jacobianVolumeNode": lab, "movingSegmentationNode": lab, "fixedSegmentationNode": fixed_lab}
+        match = "must be a volume of its own, not an input"
+    else:
+        mine = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "mine")
+        fixed_lab = nodes.addVolumeNodeFromImage(scene, _labels(fixed), "fl", "vtkMRMLLabelMapVolumeNode")
+        moving_lab = nodes.addVolumeNodeFromImage(scene, _labels(moving), "ml", "vtkMRMLLabelMapVolumeNode")
+        fixed_lab.SetAndObserveTransformNodeID(mine.GetID())
+        kw = {"outputTransformNode": mine, "fixedSegmentationNode": fixed_lab, "movingSegmentationNode": moving_lab}
+        match = "the fixed segmentation 'fl' is under the output transform 'mine'"
+    before = selftest.nodeIds(scene)
+    with pytest.raises(ValueError, match=match):
+        run(ISTNRegistrationLogic(), pair, tiny_models, "affine", **kw)
+    assert selftest.nodeIds(scene) == before and moving_node.GetParentTransformNode() is None
+
+
+def test_nodes_that_move_with_a_result_or_are_left_behind_are_named(scene, pair, tiny_models):
+    """A transform of the user's chosen as output: what else lies under it moves with the result, and the summary
+    says so. A moving segmentation under the user's alignment with the moving volume stays there when the volume
+    goes under the result: said, with how to see it registered."""
+    fixed_node, moving_node, fixed, moving = pair
+    mine = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "mine")
+    other = nodes.addVolumeNodeFromImage(scene, _labels(fixed), "other", "vtkMRMLLabelMapVolumeNode")
+    other.SetAndObserveTransformNodeID(mine.GetID())
+    moved = run(ISTNRegistrationLogic(), pair, tiny_models, "affine", outputTransformNode=mine)
+    assert "'other' under the output transform 'mine' moved with the result" in moved.summary()
+    again = run(ISTNRegistrationLogic(), pair, tiny_models, "affine", outputTransformNode=mine)  # now a result
+    assert not any("moved with the result" in w for w in again.warnings)
+
+    moving_node.SetAndObserveTransformNodeID(None)
+    user, _ = _user_transform(scene)
+    moving_node.SetAndObserveTransformNodeID(user.GetID())
+    fixed_lab = nodes.addVolumeNodeFromImage(scene, _labels(fixed), "fl", "vtkMRMLLabelMapVolumeNode")
+    moving_lab = nodes.addVolumeNodeFromImage(scene, _labels(moving), "ml", "vtkMRMLLabelMapVolumeNode")
+    moving_lab.SetAndObserveTransformNodeID(user.GetID())
+    left = run(ISTNRegistrationLogic(), pair, tiny_models, "affine", fixedSegmentationNode=fixed_lab,
+               movingSegmentationNode=moving_lab)
+    assert moving_lab.GetParentTransformNode() is user  # an input: only said, not moved
+    assert (f"the moving segmentation 'ml' stays under 'my alignment', so it no longer lies on "
+            f"'{moving_node.GetName()}' (now under the result '{left.transformNode.GetName()}')") in left.summary()
+
+
 @pytest.mark.parametrize("kind", ["affine", "bspline"])
 def test_reusing_an_output_transform_for_another_moving_volume_is_refused(scene, pair, tiny_models, kind):
     """The first moving volume is still under the transform: a second registration would silently move it."""
@@ -1482,7 +1565,7 @@ def test_an_unusable_atlas_is_refused_before_the_scene_changes(scene, pair, tiny
         match, extra = "holds no label", {}
     elif case == "is-the-output-volume":
         atlas = nodes.addVolumeNodeFromImage(scene, _labels(fixed), "lab", "vtkMRMLLabelMapVolumeNode")
-        match, extra = "only read", {"outputVolumeNode": atlas}
+        match, extra = "must not be one of the inputs", {"outputVolumeNode": atlas}
     else:
         atlas = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "no segments")
         match, extra = "has no segments", {}

@@ -540,7 +540,9 @@ class ISTNRegistrationLogic:
             scene = self.scene
             # ---- check everything before touching the scene ------------------------
             self._checkInputs(fixedVolumeNode, movingVolumeNode, outputTransformNode, outputVolumeNode,
-                              checkerboardVolumeNode, jacobianVolumeNode)
+                              checkerboardVolumeNode, jacobianVolumeNode,
+                              segmentations=(fixedSegmentationNode, movingSegmentationNode, atlasSegmentationNode),
+                              fixedSegmentation=fixedSegmentationNode)
             if iterations is not None:
                 iterations = int(iterations)
                 if iterations < 0:
@@ -560,7 +562,12 @@ class ISTNRegistrationLogic:
                 warnings.append(_("no affine model is available for the pre-alignment: the B-spline starts from the "
                                   "identity"))
             fixedStructures = nodeio.structuresFromNode(fixedSegmentationNode, world=True)
-            movingStructures = nodeio.structuresFromNode(movingSegmentationNode, world=False)
+            # where the registration starts from (the user's placement of the moving volume): read first, as the
+            # moving segmentation is scored where the volume's voxels see it
+            start, startName, startToWorld = preAlignment(movingVolumeNode)
+            movingStructures = nodeio.structuresFromNode(
+                movingSegmentationNode, placement=_segmentationPlacement(movingSegmentationNode, movingVolumeNode,
+                                                                         startToWorld))
             pairs, notes = nodeio.matchStructures(fixedStructures, movingStructures)
             if fixedSegmentationNode is not None and movingSegmentationNode is not None and not pairs:
                 raise ValueError(_("'{fixed}' and '{moving}' have no structure in common (segments are matched by name, "
@@ -568,6 +575,15 @@ class ISTNRegistrationLogic:
                                    "the segments the same names").format(fixed=fixedSegmentationNode.GetName(),
                                                                         moving=movingSegmentationNode.GetName()))
             warnings.extend(notes)
+            if outputTransformNode is not None and not _isModuleOutput(outputTransformNode):
+                # a transform of the user's chosen as output: whatever lies under it moves with the result
+                along = [n.GetName() for n in _nodesUnder(scene, outputTransformNode) if n is not movingVolumeNode]
+                if along:
+                    warnings.append(_("{nodes} under the output transform '{name}' moved with the result (it "
+                                      "replaced that transform's matrix)").format(
+                                          nodes=", ".join(f"'{n}'" for n in along), name=outputTransformNode.GetName()))
+            # a moving segmentation that lies with the volume under the user's transform stays there: said after
+            userParent = movingVolumeNode.GetParentTransformNode()
             # read (and refused if unusable) before anything runs
             atlasLayers = None
             if atlasSegmentationNode is not None:
@@ -582,8 +598,6 @@ class ISTNRegistrationLogic:
                 pairs = []
             fixedImage = nodeio.volumeNodeToImage(fixedVolumeNode, world=True)
             movingImage = nodeio.volumeNodeToImage(movingVolumeNode, world=False)
-            # where the user placed the moving volume (under a transform of theirs) is where registration starts
-            start, startName, startToWorld = preAlignment(movingVolumeNode)
             lr = float(learningRate) if learningRate is not None and learningRate > 0 else None
             refineOptions = {"lr": lr,
                              "bending": float(bending) if bending is not None and bending >= 0 else None,
@@ -757,6 +771,14 @@ class ISTNRegistrationLogic:
             watched.clear()
             if staleBSpline is not None:
                 self._dropStaleBSpline(linearNode, staleBSpline)
+            if (movingSegmentationNode is not None and outputVolumeNode is None and userParent is not None
+                    and userParent is not linearNode and not _isModuleOutput(userParent)
+                    and movingSegmentationNode.GetParentTransformNode() is userParent):
+                result.warnings.append(_("the moving segmentation '{segmentation}' stays under '{parent}', so it no "
+                                         "longer lies on '{moving}' (now under the result '{result}'): put it under "
+                                         "'{result}' to see it registered").format(
+                                             segmentation=movingSegmentationNode.GetName(), parent=userParent.GetName(),
+                                             moving=movingVolumeNode.GetName(), result=leafNode.GetName()))
 
             # with the second try on, the varied models beside were tried already (or there are none)
             result.hint = variedViewsHint(result.stages) if not retryVaried else ""
@@ -778,7 +800,7 @@ class ISTNRegistrationLogic:
     # -- steps ----------------------------------------------------------------
     @staticmethod
     def _checkInputs(fixed, moving, outputTransform, outputVolume, checkerboardVolume=None,
-                     jacobianVolume=None) -> None:
+                     jacobianVolume=None, segmentations=(), fixedSegmentation=None) -> None:
         for role, node in (("fixed", fixed), ("moving", moving)):
             if node is None:
                 raise ValueError(_("no {role} volume selected").format(role=role))
@@ -801,6 +823,11 @@ class ISTNRegistrationLogic:
             if _isUnder(fixed, outputTransform):
                 raise ValueError(_("the fixed volume is under the output transform '{name}'; pick another output "
                                    "transform or move the fixed volume out of it").format(name=name))
+            if fixedSegmentation is not None and _isUnder(fixedSegmentation, outputTransform):
+                raise ValueError(_("the fixed segmentation '{segmentation}' is under the output transform '{name}', "
+                                   "which the result replaces: it would move off the fixed volume; pick another "
+                                   "output transform or move it out of that one").format(
+                                       segmentation=fixedSegmentation.GetName(), name=name))
             parent = outputTransform.GetParentTransformNode()
             if parent is not None:
                 # the result maps fixed WORLD points to moving points; under a parent it would be composed with it
@@ -813,14 +840,29 @@ class ISTNRegistrationLogic:
                                    "still under it and would move; pick 'Create new transform' (or another output "
                                    "transform) for '{moving}'").format(name=name, previous=previous.GetName(),
                                                                        moving=moving.GetName()))
-        if outputVolume is not None and (outputVolume is fixed or outputVolume is moving):
+        if outputVolume is not None and any(outputVolume is n for n in (fixed, moving, *segmentations)):
             raise ValueError(_("the output volume must not be one of the inputs: inputs are never overwritten"))
-        taken = [fixed, moving, outputVolume]
+        taken = [fixed, moving, *segmentations, outputVolume]
         for what, node in ((_("checkerboard"), checkerboardVolume), (_("Jacobian"), jacobianVolume)):
             if node is not None and any(node is n for n in taken):
                 raise ValueError(_("the {what} volume must be a volume of its own, not an input or another output "
                                    "volume: inputs are never overwritten").format(what=what))
             taken.append(node)
+        # the maps this run writes into the output transform's map volumes: not also an output volume's content
+        maps = [outputTransform.GetNodeReference(role) for role in (ROLE_FIXED_MAP, ROLE_MOVING_MAP)] \
+            if outputTransform is not None else []
+        for what, node in ((_("output"), outputVolume), (_("checkerboard"), checkerboardVolume),
+                           (_("Jacobian"), jacobianVolume)):
+            if node is None:
+                continue
+            if not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
+                raise ValueError(_("the {what} volume '{name}' is a {kind}, which holds labels; pick a scalar volume "
+                                   "or create a new one").format(what=what, name=node.GetName(),
+                                                                 kind=node.GetClassName()))
+            if any(node is m for m in maps if m is not None):
+                raise ValueError(_("the {what} volume '{name}' is a structure map of the output transform '{transform}',"
+                                   " which this run writes again; pick another volume or create a new one").format(
+                                       what=what, name=node.GetName(), transform=outputTransform.GetName()))
 
     @staticmethod
     def _resolveModels(transformType, modelPath, preAlign, affineModelPath) -> list[tuple[str, Path]]:
@@ -1190,12 +1232,48 @@ def preAlignment(movingNode):
     return matrix_to_sitk_affine(nodeio.lpsToRasMatrix(np.linalg.inv(toWorld))), name, toWorld
 
 
+def _segmentationPlacement(segmentationNode, movingNode, startToWorld):
+    """The RAS matrix that places the moving segmentation in the moving volume's own coordinates, those the
+    registration starts from (``startToWorld``: `preAlignment`'s, None: the volume's own geometry).
+
+    Under no transform (drawn on the volume, which alone was then aligned by hand), under the volume's own
+    transform, or under a result of this module (put there to follow an earlier result): it lies with the volume,
+    the identity. Under a transform of its own: where it is shown, seen from where the volume is, so that lined up
+    on screen with the volume (a hardened volume, the segmentation still under the user's alignment) it is
+    scored so (Slicer audit: Dice 0.87 -> 0.00 reported for a registration that brought it to 0.91)."""
+    import numpy as np
+
+    from . import nodes as nodeio
+
+    if segmentationNode is None:
+        return None
+    parent = segmentationNode.GetParentTransformNode()
+    if parent is None or parent is movingNode.GetParentTransformNode() or _isModuleOutput(parent):
+        return np.eye(4)
+    frame = startToWorld if startToWorld is not None else np.eye(4)
+    return np.linalg.inv(frame) @ nodeio.parentToWorldMatrix(segmentationNode)
+
+
 def _isModuleOutput(transformNode) -> bool:
     """Whether ``transformNode`` is one this module wrote a result into (an output transform, or its B-spline)."""
     if transformNode.GetAttribute(ATTRIBUTE_MOVING) is not None:
         return True
     parent = transformNode.GetParentTransformNode()
     return parent is not None and parent.GetNodeReference(ROLE_BSPLINE) is transformNode
+
+
+def _nodesUnder(scene, transformNode) -> list:
+    """The transformable nodes of ``scene`` (directly or further down) under ``transformNode``, this module's own
+    (its B-spline child, the structure maps it wrote, an atlas brought onto the moving volume) left out."""
+    own = {transformNode.GetNodeReferenceID(role) for role in (ROLE_BSPLINE, ROLE_FIXED_MAP, ROLE_MOVING_MAP)}
+    out = []
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLTransformableNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLTransformableNode")
+        if node is None or node.GetID() in own or node.GetAttribute(ATTRIBUTE_ATLAS_TRANSFORM) is not None:
+            continue
+        if _isUnder(node, transformNode):
+            out.append(node)
+    return out
 
 
 def _isUnder(node, transformNode) -> bool:

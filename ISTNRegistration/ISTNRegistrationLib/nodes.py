@@ -107,11 +107,12 @@ def imageFromArray(array_kji: np.ndarray, voxelToRas: np.ndarray) -> sitk.Image:
     return image
 
 
-def volumeNodeToImage(volumeNode, world: bool = False) -> sitk.Image:
+def volumeNodeToImage(volumeNode, world: bool = False, placement: np.ndarray | None = None) -> sitk.Image:
     """A scalar volume node -> ITK image with its exact geometry (oblique, anisotropic; LPS).
 
     ``world``: include the node's (linear) parent transforms, i.e. the geometry
     the volume is displayed with; otherwise the node's own IJK-to-RAS.
+    ``placement``: a RAS matrix to apply to the node's own geometry instead.
     Voxels are copied: the node is never modified.
     """
     if volumeNode is None:
@@ -130,7 +131,9 @@ def volumeNodeToImage(volumeNode, world: bool = False) -> sitk.Image:
                                                             components=imageData.GetNumberOfScalarComponents()))
         array = grey
     voxelToRas = ijkToRasMatrix(volumeNode)
-    if world:
+    if placement is not None:
+        voxelToRas = placement @ voxelToRas
+    elif world:
         voxelToRas = parentToWorldMatrix(volumeNode) @ voxelToRas
     return imageFromArray(array, voxelToRas)
 
@@ -187,8 +190,9 @@ def _labelName(labelmapNode, value: int) -> str:
     return f"label {value}"
 
 
-def structuresFromNode(node, world: bool = False) -> list[Structure]:
-    """Binary masks of every structure of a segmentation node or a label map volume node.
+def structuresFromNode(node, world: bool = False, placement: np.ndarray | None = None) -> list[Structure]:
+    """Binary masks of every structure of a segmentation node or a label map volume node: in its own geometry,
+    or with ``world`` where it is shown (its linear parents'), or placed by the RAS matrix ``placement``.
 
     Segmentations need a binary labelmap representation (the usual one); the
     node is only read; empty segments are left out. Label maps give one
@@ -196,10 +200,12 @@ def structuresFromNode(node, world: bool = False) -> list[Structure]:
     """
     if node is None:
         return []
+    if placement is None:
+        placement = parentToWorldMatrix(node) if world else np.eye(4)
     if node.IsA("vtkMRMLSegmentationNode"):
-        return _structuresFromSegmentation(node, world)
+        return _structuresFromSegmentation(node, placement)
     if node.IsA("vtkMRMLScalarVolumeNode"):
-        labels = _labelMapImage(node, world)
+        labels = _labelMapImage(node, placement)
         array = sitk.GetArrayViewFromImage(labels)
         out = []
         for value in sorted(int(v) for v in np.unique(array) if v != 0):
@@ -209,9 +215,10 @@ def structuresFromNode(node, world: bool = False) -> list[Structure]:
     raise ValueError(_("'{name}' is neither a segmentation nor a label map volume").format(name=node.GetName()))
 
 
-def _labelMapImage(volumeNode, world: bool) -> sitk.Image:
-    """A label map volume's voxels as an image; refused when they are not whole numbers."""
-    labels = volumeNodeToImage(volumeNode, world)
+def _labelMapImage(volumeNode, placement: np.ndarray) -> sitk.Image:
+    """A label map volume's voxels as an image placed by the RAS matrix ``placement``; refused when they are not
+    whole numbers."""
+    labels = volumeNodeToImage(volumeNode, placement=placement)
     array = sitk.GetArrayViewFromImage(labels)
     if not np.issubdtype(array.dtype, np.integer) and not np.all(np.equal(np.mod(array, 1), 0)):
         raise ValueError(_("'{name}' is not a label map (its voxel values are not integers)").format(
@@ -219,9 +226,9 @@ def _labelMapImage(volumeNode, world: bool) -> sitk.Image:
     return labels
 
 
-def _structuresFromSegmentation(segmentationNode, world: bool, keepEmpty: bool = False) -> list[Structure]:
-    """Each segment's mask on its own extent; an empty segment (no voxel set, whatever its extent) left out, or
-    with ``keepEmpty`` given with ``mask`` None."""
+def _structuresFromSegmentation(segmentationNode, placement: np.ndarray, keepEmpty: bool = False) -> list[Structure]:
+    """Each segment's mask on its own extent, placed by the RAS matrix ``placement``; an empty segment (no voxel
+    set, whatever its extent) left out, or with ``keepEmpty`` given with ``mask`` None."""
     segmentation = segmentationNode.GetSegmentation()
     if segmentation.GetNumberOfSegments() == 0:
         raise ValueError(_("segmentation '{name}' has no segments").format(name=segmentationNode.GetName()))
@@ -230,7 +237,6 @@ def _structuresFromSegmentation(segmentationNode, world: bool, keepEmpty: bool =
         raise ValueError(_("segmentation '{name}' has no binary labelmap representation; create one in the "
                            "Segmentations module (Representations > Binary labelmap > Create)").format(
                                name=segmentationNode.GetName()))
-    toWorld = parentToWorldMatrix(segmentationNode) if world else np.eye(4)
     out = []
     for index in range(segmentation.GetNumberOfSegments()):
         segmentId = segmentation.GetNthSegmentID(index)
@@ -254,7 +260,7 @@ def _structuresFromSegmentation(segmentationNode, world: bool, keepEmpty: bool =
             continue
         imageToWorld = vtk.vtkMatrix4x4()
         oriented.GetImageToWorldMatrix(imageToWorld)
-        voxelToRas = toWorld @ arrayFromVtkMatrix(imageToWorld)
+        voxelToRas = placement @ arrayFromVtkMatrix(imageToWorld)
         # the extent need not start at 0: shift the origin to voxel (extent[0], extent[2], extent[4])
         shift = np.eye(4)
         shift[:3, 3] = [extent[0], extent[2], extent[4]]
@@ -291,14 +297,15 @@ def labelLayersFromNode(node, world: bool = False, allowEmpty: bool = False) -> 
     segments are kept, empty. Refused: no segment with a voxel set (unless ``allowEmpty``); a scalar volume that
     looks like intensities.
     """
+    placement = parentToWorldMatrix(node) if world else np.eye(4)
     if node.IsA("vtkMRMLSegmentationNode"):
-        structures = _structuresFromSegmentation(node, world, keepEmpty=True)
+        structures = _structuresFromSegmentation(node, placement, keepEmpty=True)
         if all(s.mask is None for s in structures) and not allowEmpty:
             raise ValueError(_("segmentation '{name}' has only empty segments").format(name=node.GetName()))
         return layersOfStructures(structures)
     if not node.IsA("vtkMRMLScalarVolumeNode"):
         raise ValueError(_("'{name}' is neither a segmentation nor a label map volume").format(name=node.GetName()))
-    labels = _labelMapImage(node, world)
+    labels = _labelMapImage(node, placement)
     array = sitk.GetArrayViewFromImage(labels)
     named = node.IsA("vtkMRMLLabelMapVolumeNode")
     if not named:
