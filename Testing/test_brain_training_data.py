@@ -263,3 +263,23 @@ def test_soi_names_follow_the_protocol_labels_of_each_channel():
     assert names[0] == "left_caudate" and names[5] == "right_pallidum" and len(names) == 8
     with_brain = train_brain.soi_names(dict(train_brain.DATA_DEFAULTS, brain_channel=True))
     assert with_brain[:8] == names and with_brain[8] == "rest of the brain"
+
+
+def test_a_card_written_again_keeps_what_other_scripts_and_hands_wrote_into_it():
+    """Docs audit: rerunning a bundled card's own command rewrote the card without its measured input notes and the
+    sections other benchmarks wrote; both are kept now, the notes at the end of "Input expectations"."""
+    from conftest import REPO
+
+    earlier = (REPO / "ISTNRegistration" / "Resources" / "Models" / "brain-t1-affine.md").read_text()
+    begin, end = train_brain.KEPT_INPUTS
+    assert begin in earlier and "<!-- refinement settings: written by" in earlier
+    fresh = ("# card\n\n## Input expectations\n- generated bullet\n\n## Training data\ngenerated data\n\n"
+             "## Licences of the training data\nlicences\n")
+    card = train_brain.with_kept_sections(fresh, earlier)
+    notes = earlier[earlier.index(begin):earlier.index(end) + len(end)]
+    assert card.index("- generated bullet") < card.index(notes) < card.index("## Training data")
+    for name in ("refinement settings", "speed settings", "structure maps"):
+        section = earlier[earlier.index(f"<!-- {name}: written by"):earlier.index(f"<!-- end of {name} -->")]
+        assert section in card and card.index(section) > card.index("licences")
+    assert train_brain.with_kept_sections(fresh, "") == fresh  # a first card: as written
+    assert train_brain.with_kept_sections(fresh, card) == card  # a second rerun: the same card

@@ -73,6 +73,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -681,11 +682,35 @@ def export_stage(args, stage: str, out: Path, described: list[str], val_anat, tr
                "machine": platform.platform(), "command": " ".join(sys.argv)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     card = path.with_suffix(".md")
-    card.write_text(model_card(summary, name, data_text, args))
+    earlier = card.read_text() if card.exists() else ""
+    card.write_text(with_kept_sections(model_card(summary, name, data_text, args), earlier))
     log(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB), {args.checkpoint} checkpoint, step {chosen_step}, "
         f"val soi_mse {chosen_val:.6f}, Dice {dice['mean_dice_unregistered']:.3f} -> {dice['mean_dice_one_pass']:.3f}"
         f" (cropped moving: {dice_cropped['mean_dice_unregistered']:.3f} -> {dice_cropped['mean_dice_one_pass']:.3f})")
     return summary
+
+
+#: Measured notes on inputs written into a card's "Input expectations" by hand, kept when the card is written again
+KEPT_INPUTS = ("<!-- measured inputs: kept when benchmarks/train_brain.py writes the card again -->",
+               "<!-- end of measured inputs -->")
+# a section another script wrote into the card (refinement settings, speed settings, structure maps)
+_WRITTEN_SECTION = re.compile(r"<!-- ([^:>]+): written by [^>]*-->.*?<!-- end of \1 -->", re.DOTALL)
+
+
+def with_kept_sections(card: str, earlier: str) -> str:
+    """A model card as written now (``card``) with what the card it replaces (``earlier``) holds of others: its
+    measured input notes (`KEPT_INPUTS`) at the end of "Input expectations", and each section another script
+    wrote (``<!-- X: written by ... -->`` to ``<!-- end of X -->``) at the end, in their order. Without them a
+    rerun of the card's own command dropped those (a docs audit)."""
+    begin, end = KEPT_INPUTS
+    if begin in earlier and end in earlier:
+        kept = begin + earlier.split(begin, 1)[1].split(end, 1)[0] + end
+        head, sep, tail = card.partition("\n## Training data")
+        card = head.rstrip("\n") + "\n" + kept + "\n" + sep + tail if sep else card
+    sections = [m.group(0) for m in _WRITTEN_SECTION.finditer(earlier)]
+    if sections:
+        card = card.rstrip("\n") + "\n\n" + "\n\n".join(sections) + "\n"
+    return card
 
 
 def _licences(described: list[str]) -> list[str]:
@@ -720,7 +745,8 @@ def _made_text(summary: dict, args) -> str:
     """How the weights were trained: the command(s), the time, the machine (from the run summaries)."""
     cfg, m, stage = summary["config"], summary["config"]["model"], summary["stage"]
     sps = summary["seconds_per_step"] or 0.0
-    common = f"--grid {m['grid_size'][0]} --spacing {m['grid_spacing']:g} --batch {cfg['batch_size']} --threads {cfg['threads']}"
+    common = (f"--grid {m['grid_size'][0]} --spacing {m['grid_spacing']:g} --batch {cfg['batch_size']} "
+              f"--threads {cfg['threads']} --data DATA")
     if m.get("itn_output", "linear") != "linear":
         common += f" --itn-output {m['itn_output']}"
     if int(cfg.get("lr_decay_start", -1)) >= 0:
@@ -753,10 +779,16 @@ def _made_text(summary: dict, args) -> str:
         total = sps * summary["steps"]
     return ("\n".join(lines) + f"\n\n{first} Each was run in the background with a larger `--steps` and "
             "`--no-export`, stopped by hand when the time budget ran out, then exported with `--export-only`; rerunning a "
-            "command resumes from its `last.pt`. CPU only "
+            "command resumes from its `last.pt`. " + MADE_NOTE + " CPU only "
             f"({summary['machine']}, {cfg['threads']} torch thread per run, the affine and B-spline stages side by "
             f"side on 2 cores): {sps:.1f} s per step, about {total / 60:.0f} min of training in all; "
             f"torch {summary['torch']}, engine {summary['engine']}.")
+
+
+#: What a reader of a card's command needs before running it (the data, where it exports)
+MADE_NOTE = ("DATA is the folder `istn data prepare --out DATA` made. The command exports into `--models` (default: "
+             "the module's `Resources/Models`, where it replaces this model and writes this card again, keeping the "
+             "sections other scripts wrote); give `--models FOLDER` to keep the bundled ones.")
 
 
 def _variant_text() -> str:
@@ -1007,6 +1039,9 @@ def main(argv=None) -> int:
         train_anat, val_anat = anat[:2], anat[2:]
         described = [f"{a.name} (training; synthetic)" for a in train_anat] + [f"{val_anat[0].name} (validation)"]
     else:
+        if not (Path(args.data) / "train.csv").is_file():
+            p.error(f"--data '{args.data}' holds no train.csv: make the brain data with `istn data prepare --out "
+                    "FOLDER` and give --data FOLDER")
         train_anat, val_anat, described = load_anatomies(Path(args.data), args.val_anatomy, contrasts=args.contrasts,
                                                          brain_label=args.brain_channel, exclude=args.exclude)
     stages = ("affine", "bspline") if args.stage == "both" else (args.stage,)
