@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "same name preceded by their folders': sub-01/anat/T1w.nii.gz -> OUT/sub-01_anat_T1w/), the "
                         "models loaded once, OUT/summary.csv one row per image")
     r.add_argument("--model", action="append",
-                   help="exported model (.pt); repeat to chain: affine models, then at most one B-spline model, last "
+                   help="exported model (.pt), or a bundled model's file name (brain-synth-affine.pt, ...) from any "
+                        "folder; repeat to chain: affine models, then at most one B-spline model, last "
                         "(default: the bundled brain-t1-affine.pt then brain-t1-bspline.pt, T1 brain MRI)")
     r.add_argument("--refine", type=int, default=None,
                    help="test-time refinement iterations (default: the model's, chosen on validation, else 50; "
