@@ -33,6 +33,8 @@ def test_the_bundled_models_say_which_contrasts_they_are_validated_on():
     for name in (AFFINE_MODEL, BSPLINE_MODEL):
         assert "validated on T1 images (T2, PD: not validated)" in load_model(bundled_model(name)).describe()
         assert "is not checked against them" not in load_model(bundled_model(name)).describe()  # they store them
+        # the structures by name (Slicer audit: a warning said "structure 5 (label 5)" for the left pallidum)
+        assert load_model(bundled_model(name)).meta["soi"]["names"][4] == "left_pallidum"
 
 
 def test_loads_in_a_fresh_process_with_only_torch(make_model):
