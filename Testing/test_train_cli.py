@@ -234,7 +234,8 @@ def test_without_validation_pairs_the_end_says_so(data, tmp_path, capsys):
     assert "no validation pairs: the model is the last step's (step 2)" in capsys.readouterr().out
 
 
-def test_the_model_stores_its_validation_pairs_losses_and_its_self_check_uses_them(data, tmp_path, capsys):
+def test_the_model_stores_its_validation_pairs_losses_and_its_self_check_uses_them(data, tmp_path, capsys,
+                                                                                  monkeypatch):
     """The loss self-check of a user's model: `istn train` registers the validation pairs with the exported model
     and stores their loss range, the same losses `register` gives on those pairs; without it the check is off."""
     from istn.data import read_pairs_csv, split_rows
@@ -268,6 +269,18 @@ def test_the_model_stores_its_validation_pairs_losses_and_its_self_check_uses_th
     assert "loss" in flagged.self_checks_failed, (flagged.similarity_final, stored)
     model.meta["validation"] = {}
     assert "loss" not in register(fixed, moving, model, device="cpu", threads=1).self_checks_failed
+
+    # a validation pair that cannot be registered: the model is written all the same, without the range, said so
+    import istn.registration
+
+    def fails(*args, **kwargs):
+        raise istn.registration.InputError("the pair cannot be registered")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(istn.registration, "register", fails)
+        assert main(base + ["--out", str(tmp_path / "failed")]) == 0
+    assert "registering the validation pairs failed (the pair cannot be registered)" in capsys.readouterr().err
+    assert "refinement_loss" not in load_model(tmp_path / "failed" / "model.pt").meta.get("validation", {})
 
     assert main(base + ["--out", str(tmp_path / "none"), "--loss-check-pairs", "0"]) == 0  # 2 steps: a model
     unchecked = load_model(tmp_path / "none" / "model.pt")

@@ -92,6 +92,7 @@ def _store_validation_losses(model_path: Path, val_set, n_pairs: int, cfg, quiet
     """Register the first ``n_pairs`` validation pairs with the exported model, as `istn register` does, and store
     their loss range in its metadata (``validation.refinement_loss``): the loss self-check's reference. Without
     validation pairs, or with ``n_pairs`` 0, the model stays without it (its description says the check is off)."""
+    from ..errors import ISTNError, ResultError
     from ..export import load_model, rewrite_metadata
     from ..io import read_image
     from ..registration import validation_losses
@@ -102,15 +103,19 @@ def _store_validation_losses(model_path: Path, val_set, n_pairs: int, cfg, quiet
     if not quiet:
         print(f"registering {len(pairs)} validation pair(s) with the model for its loss self-check ...", flush=True)
     model = load_model(model_path, "cpu")
-    images = [(read_image(m, "validation moving"), read_image(f, "validation fixed")) for m, f in pairs]
-
     t0 = time.perf_counter()
 
     def said(done: int, total: int) -> None:
         if not quiet:
             print(f"  validation pair {done}/{total} registered ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    losses = validation_losses(model, images, progress=said, device=cfg.device, threads=cfg.threads)
+    try:
+        images = [(read_image(m, "validation moving"), read_image(f, "validation fixed")) for m, f in pairs]
+        losses = validation_losses(model, images, progress=said, device=cfg.device, threads=cfg.threads)
+    except (ISTNError, ResultError, ValueError, RuntimeError) as exc:  # the model is written and sound: say what is missing
+        print(f"istn train: note: registering the validation pairs failed ({exc}): no loss self-check stored in the "
+              "model", file=sys.stderr)
+        return
     if not losses:
         print("istn train: note: the validation pairs' losses are not all positive and finite: no loss self-check "
               "stored in the model", file=sys.stderr)
