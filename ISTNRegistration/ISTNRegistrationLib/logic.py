@@ -941,9 +941,7 @@ class ISTNRegistrationLogic:
     def _dropStaleBSpline(self, linearNode, bspline) -> None:
         """After an affine run into a node that held a B-spline result: remove that B-spline child (the result is
         the affine alone now), or, if something of the user's still lies under it, make it the identity."""
-        under = [self.scene.GetNthNodeByClass(i, "vtkMRMLTransformableNode")
-                 for i in range(self.scene.GetNumberOfNodesByClass("vtkMRMLTransformableNode"))]
-        if any(node is not None and node.GetParentTransformNode() is bspline for node in under):
+        if any(node.GetParentTransformNode() is bspline for node in _transformableNodes(self.scene)):
             bspline.SetAndObserveTransformFromParent(vtk.vtkTransform())
             return
         linearNode.RemoveNodeReferenceIDs(ROLE_BSPLINE)
@@ -1266,14 +1264,15 @@ def _nodesUnder(scene, transformNode) -> list:
     """The transformable nodes of ``scene`` (directly or further down) under ``transformNode``, this module's own
     (its B-spline child, the structure maps it wrote, an atlas brought onto the moving volume) left out."""
     own = {transformNode.GetNodeReferenceID(role) for role in (ROLE_BSPLINE, ROLE_FIXED_MAP, ROLE_MOVING_MAP)}
-    out = []
-    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLTransformableNode")):
-        node = scene.GetNthNodeByClass(i, "vtkMRMLTransformableNode")
-        if node is None or node.GetID() in own or node.GetAttribute(ATTRIBUTE_ATLAS_TRANSFORM) is not None:
-            continue
-        if _isUnder(node, transformNode):
-            out.append(node)
-    return out
+    return [node for node in _transformableNodes(scene) if node.GetID() not in own
+            and node.GetAttribute(ATTRIBUTE_ATLAS_TRANSFORM) is None and _isUnder(node, transformNode)]
+
+
+def _transformableNodes(scene) -> list:
+    """Every node of ``scene`` that can lie under a transform."""
+    nodes = (scene.GetNthNodeByClass(i, "vtkMRMLTransformableNode")
+             for i in range(scene.GetNumberOfNodesByClass("vtkMRMLTransformableNode")))
+    return [node for node in nodes if node is not None]
 
 
 def _isUnder(node, transformNode) -> bool:

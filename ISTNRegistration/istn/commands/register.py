@@ -370,15 +370,21 @@ def engine_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
+def _result_record(folder: Path) -> dict | None:
+    """The ``result.json`` of ``folder`` as a dict; None when there is none or it cannot be read as one."""
+    try:
+        record = json.loads((folder / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def finished_run(folder: Path, request: dict) -> dict | None:
     """The ``result.json`` of a finished run in ``folder`` that was asked ``request`` (`run_request`) and whose
     outputs are all there as written (their sizes); None otherwise (no run, another request or engine, a file
     missing or cut short, an unreadable record, a record of a version that kept no sizes)."""
-    try:
-        earlier = json.loads((folder / "result.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(earlier, dict) or earlier.get("request") != request:
+    earlier = _result_record(folder)
+    if earlier is None or earlier.get("request") != request:
         return None
     sizes = earlier.get("output_bytes")  # each output as it was written: one cut short or replaced since is not
     if not isinstance(sizes, dict) or not sizes:
@@ -565,9 +571,8 @@ def _earlier_folders(out: Path, moving: list[Path], names: list[str]) -> list[st
         return names
     for folder in sorted(d for d in out.iterdir() if d.is_dir()):
         try:
-            record = json.loads((folder / "result.json").read_text())
-            path = record["request"]["moving"]["path"]
-        except (OSError, ValueError, KeyError, TypeError):
+            path = (_result_record(folder) or {})["request"]["moving"]["path"]
+        except (KeyError, TypeError):
             continue
         if isinstance(path, str):
             earlier.setdefault(path, folder.name)
