@@ -577,7 +577,10 @@ class ISTNRegistrationLogic:
             warnings.extend(notes)
             if outputTransformNode is not None and not _isModuleOutput(outputTransformNode):
                 # a transform of the user's chosen as output: whatever lies under it moves with the result
-                along = [n.GetName() for n in _nodesUnder(scene, outputTransformNode) if n is not movingVolumeNode]
+                # (the output volumes are taken out of every transform: they do not move with it)
+                along = [n.GetName() for n in _nodesUnder(scene, outputTransformNode)
+                         if not any(n is o for o in (movingVolumeNode, outputVolumeNode, checkerboardVolumeNode,
+                                                     jacobianVolumeNode))]
                 if along:
                     warnings.append(_("{nodes} under the output transform '{name}' moved with the result (it "
                                       "replaced that transform's matrix)").format(

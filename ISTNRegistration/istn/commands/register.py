@@ -566,7 +566,7 @@ def _earlier_folders(out: Path, moving: list[Path], names: list[str]) -> list[st
     batch can lengthen the names of those before them (a second ``sub-01/anat/T1w.nii.gz`` from another site):
     with ``skip_done`` those keep the folders of their finished runs instead of being registered again beside
     them."""
-    earlier: dict[str, str] = {}  # the moving image's resolved path -> the folder its earlier run wrote
+    earlier: dict[str, list[str]] = {}  # the moving image's resolved path -> the folders its earlier runs wrote
     if not out.is_dir():
         return names
     for folder in sorted(d for d in out.iterdir() if d.is_dir()):
@@ -575,12 +575,15 @@ def _earlier_folders(out: Path, moving: list[Path], names: list[str]) -> list[st
         except (KeyError, TypeError):
             continue
         if isinstance(path, str):
-            earlier.setdefault(path, folder.name)
+            earlier.setdefault(path, []).append(folder.name)
     taken = set(names)
     kept = list(names)
     for i, p in enumerate(moving):
-        folder = earlier.get(str(p.resolve()))
-        if folder is not None and folder != names[i] and folder not in taken and folder not in BATCH_SUMMARY:
+        folders = earlier.get(str(p.resolve()), [])
+        if names[i] in folders:  # its folder as named now holds a run of it already: that one
+            continue
+        folder = folders[0] if folders else None
+        if folder is not None and folder not in taken and folder not in BATCH_SUMMARY:
             taken.add(folder)
             kept[i] = folder
     return kept
