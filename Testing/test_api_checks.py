@@ -145,6 +145,7 @@ def test_a_torchscript_archive_that_fails_to_load_is_not_called_foreign(make_mod
     ("path", "the moving image must be a SimpleITK image"),
     ("model-path", "a model must be loaded first (istn.export.load_model(path)), got str"),
     ("matrix", "the initial transform must be a SimpleITK transform"),
+    ("given-matrix", "given_transform (where the moving image was placed) must be a SimpleITK transform"),
     ("singular", "is not invertible: its matrix is singular"),
     ("nan", "holds numbers that are not finite"),
     ("threads", "'threads' must be a whole number >= 1"),
@@ -163,6 +164,8 @@ def test_arguments_of_the_wrong_kind_are_refused_in_one_line(models, pair2d, cas
         args[2] = "model.pt"
     elif case == "matrix":
         kwargs["initial_transform"] = np.eye(3)
+    elif case == "given-matrix":
+        kwargs["given_transform"] = np.eye(3)
     elif case == "singular":
         kwargs["initial_transform"] = sitk.AffineTransform([1, 0, 0, 0], [0, 0], [0, 0])
     elif case == "nan":

@@ -232,6 +232,8 @@ def test_without_validation_pairs_the_end_says_so(data, tmp_path, capsys):
             "32", "--steps", "2", "--quiet", "--out", str(tmp_path / "r")]
     assert main(argv) == 0  # one pair: it trains (no pair left to validate), not "an empty training set"
     assert "no validation pairs: the model is the last step's (step 2)" in capsys.readouterr().out
+    from istn.export import load_model
+    assert "(it was trained without validation pairs)" in load_model(tmp_path / "r" / "model.pt").describe()
 
 
 def test_the_model_stores_its_validation_pairs_losses_and_its_self_check_uses_them(data, tmp_path, capsys,
@@ -280,12 +282,18 @@ def test_the_model_stores_its_validation_pairs_losses_and_its_self_check_uses_th
         patched.setattr(istn.registration, "register", fails)
         assert main(base + ["--out", str(tmp_path / "failed")]) == 0
     assert "registering the validation pairs failed (the pair cannot be registered)" in capsys.readouterr().err
-    assert "refinement_loss" not in load_model(tmp_path / "failed" / "model.pt").meta.get("validation", {})
+    failed = load_model(tmp_path / "failed" / "model.pt")
+    assert "refinement_loss" not in failed.meta.get("validation", {})
+    assert ("registering its validation pairs after training failed (the pair cannot be registered)"
+            in failed.describe())
 
     assert main(base + ["--out", str(tmp_path / "none"), "--loss-check-pairs", "0"]) == 0  # 2 steps: a model
     unchecked = load_model(tmp_path / "none" / "model.pt")
     assert "refinement_loss" not in unchecked.meta.get("validation", {})
     assert "is not checked against them" in unchecked.describe()
+    assert "(it was trained with --loss-check-pairs 0)" in unchecked.describe()
+    unchecked.meta["validation"].pop("refinement_loss_missing")  # a model of an engine before the check
+    assert "(the engine that made it did not store them" in unchecked.describe()
 
 
 def test_the_export_carries_the_step_of_its_weights_into_a_new_folder(data, tmp_path, capsys):

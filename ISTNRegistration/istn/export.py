@@ -186,10 +186,12 @@ class LoadedModel:
         others = unvalidated_contrasts(m)  # the brain recipe's models: its validation pairs are T1 (as the panel says)
         if others is not None:
             text += "; validated on T1 images" + (f" ({', '.join(others)}: not validated)" if others else "")
-        if not m.get("validation", {}).get("refinement_loss"):  # trained without validation pairs: the check is off
-            text += ("; no validation pairs' refinement losses stored (trained without validation pairs, or with "
-                     "--loss-check-pairs 0), so a registration's loss is not checked against them (a failed pair "
-                     "may pass without that warning)")
+        validation = m.get("validation", {})
+        if not validation.get("refinement_loss"):  # the loss self-check is off: say why where the maker wrote it
+            why = validation.get("refinement_loss_missing") or ("the engine that made it did not store them, "
+                                                                "or they were removed")
+            text += (f"; no validation pairs' refinement losses stored ({why}), so a registration's loss is not "
+                     "checked against them (a failed pair may pass without that warning)")
         return text + f" (engine {m.get('engine_version', '?')})."
 
 

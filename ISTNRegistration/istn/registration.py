@@ -636,15 +636,17 @@ def check_register_inputs(
 
 
 def check_api_types(model: object = None, initial_transform: object = None, threads: object = None,
-                    models: object = None) -> None:
+                    models: object = None, given_transform: object = None) -> None:
     """`InputError` for an argument of the Python API of the wrong kind (what a script may pass by mistake: a
     path for a model, a matrix for a transform), before it fails deep inside."""
     for m in ([model] if model is not None else []) + list(models or []):
         if not isinstance(m, LoadedModel):
             raise InputError(f"a model must be loaded first (istn.export.load_model(path)), got {type(m).__name__}")
-    if initial_transform is not None and not isinstance(initial_transform, sitk.Transform):
-        raise InputError("the initial transform must be a SimpleITK transform (e.g. sitk.ReadTransform(path)), got "
-                         f"{type(initial_transform).__name__}")
+    for what, value in (("the initial transform", initial_transform),
+                        ("given_transform (where the moving image was placed)", given_transform)):
+        if value is not None and not isinstance(value, sitk.Transform):
+            raise InputError(f"{what} must be a SimpleITK transform (e.g. sitk.ReadTransform(path)), got "
+                             f"{type(value).__name__}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
                                 or threads < 1):
         raise InputError(f"register() 'threads' must be a whole number >= 1 (None: the cores there are), "
@@ -755,7 +757,7 @@ def register(
     t_start = time.perf_counter()
     check_api_types(model=model, initial_transform=initial_transform, threads=threads)
     if given_transform is not None:
-        check_api_types(initial_transform=given_transform)
+        check_api_types(given_transform=given_transform)
         given_transform = flatten_transform(given_transform)
     if cancel is not None and not (hasattr(cancel, "is_set") or callable(cancel)):
         raise InputError(f"register() 'cancel' must be a threading.Event, a callable returning True to stop, or None; "

@@ -99,6 +99,8 @@ def _store_validation_losses(model_path: Path, val_set, n_pairs: int, cfg, quiet
 
     pairs = [] if val_set is None else [p.paths for p in val_set.pairs if p.paths is not None][:n_pairs]
     if not pairs:
+        _say_why_no_losses(model_path, "it was trained with --loss-check-pairs 0" if n_pairs == 0
+                           else "it was trained without validation pairs")
         return
     if not quiet:
         print(f"registering {len(pairs)} validation pair(s) with the model for its loss self-check ...", flush=True)
@@ -115,14 +117,27 @@ def _store_validation_losses(model_path: Path, val_set, n_pairs: int, cfg, quiet
     except (ISTNError, ResultError, ValueError, RuntimeError) as exc:  # the model is written and sound: say what is missing
         print(f"istn train: note: registering the validation pairs failed ({exc}): no loss self-check stored in the "
               "model", file=sys.stderr)
+        _say_why_no_losses(model_path, f"registering its validation pairs after training failed ({exc})")
         return
     if not losses:
         print("istn train: note: the validation pairs' losses are not all positive and finite: no loss self-check "
               "stored in the model", file=sys.stderr)
+        _say_why_no_losses(model_path, "its validation pairs' losses were not all positive and finite")
         return
     meta = dict(model.meta)
-    meta["validation"] = {**meta.get("validation", {}), "refinement_loss": losses,
-                          "refinement_loss_pairs": len(pairs), "refinement_loss_by": "istn train"}
+    validation = {k: v for k, v in meta.get("validation", {}).items() if k != "refinement_loss_missing"}
+    meta["validation"] = {**validation, "refinement_loss": losses, "refinement_loss_pairs": len(pairs),
+                          "refinement_loss_by": "istn train"}
+    rewrite_metadata(model_path, meta)
+
+
+def _say_why_no_losses(model_path: Path, reason: str) -> None:
+    """Write into the model why it has no validation losses (``validation.refinement_loss_missing``), so that its
+    description gives the reason, not a guess."""
+    from ..export import load_model, rewrite_metadata
+
+    meta = dict(load_model(model_path, "cpu").meta)
+    meta["validation"] = {**meta.get("validation", {}), "refinement_loss_missing": reason}
     rewrite_metadata(model_path, meta)
 
 
