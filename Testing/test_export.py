@@ -37,6 +37,37 @@ def test_the_bundled_models_say_which_contrasts_they_are_validated_on():
         assert load_model(bundled_model(name)).meta["soi"]["names"][4] == "left_pallidum"
 
 
+def _absolute_paths(value: object) -> list[str]:
+    """The strings in nested metadata that name a folder of some machine (/work/..., C:\\...)."""
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in _absolute_paths(v)]
+    if isinstance(value, list):
+        return [p for v in value for p in _absolute_paths(v)]
+    if isinstance(value, str) and (value.startswith(("/", "~")) or value[1:3] in (":\\", ":/")):
+        return [value]
+    return []
+
+
+def test_no_bundled_model_names_a_folder_of_the_machine_it_was_made_on():
+    from istn.demo import MODELS_DIR
+
+    models = sorted(MODELS_DIR.glob("*.pt"))
+    assert len(models) >= 4
+    for path in models:
+        assert _absolute_paths(load_model(path).meta) == [], path.name
+
+
+def test_rewriting_the_metadata_keeps_the_training_paths_by_name(make_model):
+    from istn.export import rewrite_metadata
+
+    path = make_model(2, "affine")
+    meta = load_model(path).meta
+    meta["training"]["config"]["out_dir"] = "/home/someone/patient-0042/run"  # an older engine's metadata
+    rewrite_metadata(path, meta)
+    assert load_model(path).meta["training"]["config"]["out_dir"] == "run"
+    assert _absolute_paths(load_model(path).meta) == []
+
+
 def test_loads_in_a_fresh_process_with_only_torch(make_model):
     path = make_model(2, "affine")
     code = (

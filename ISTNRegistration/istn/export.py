@@ -276,10 +276,14 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> L
 
 
 def rewrite_metadata(path: str | os.PathLike, meta: dict) -> Path:
-    """Replace the metadata of an exported model file (weights untouched), atomically."""
+    """Replace the metadata of an exported model file (weights untouched), atomically. The training config's paths
+    are kept by name only, as `export_model` writes them (metadata of an older engine is mended on the way)."""
     model = load_model(path)
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise ValueError("rewrite_metadata() 'meta' must keep the format and format_version of build_metadata()")
+    training = meta.get("training")
+    if isinstance(training, dict) and isinstance(training.get("config"), dict):
+        meta = {**meta, "training": {**training, "config": _shareable(training["config"])}}
     blob = json.dumps(meta, indent=2, default=str)
     return atomic_write(path, lambda tmp: torch.jit.save(model.module, tmp, _extra_files={META_NAME: blob}))
 
