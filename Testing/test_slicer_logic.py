@@ -242,6 +242,22 @@ def test_a_model_without_an_itn_names_its_maps_as_what_they_are(scene, pair, tin
     assert stn.movingMapNode.GetName() == f"{moving_node.GetName()} network input"
     istn = run(ISTNRegistrationLogic(), pair, tiny_models, "affine", showMaps=True)
     assert istn.fixedMapNode.GetName() == f"{fixed_node.GetName()} ITN map"
+    # and the summary's loss names what was compared
+    assert "Affine: image MSE" in stn.summary() and "ITN map MSE" not in stn.summary()
+    assert "Affine: ITN map MSE" in istn.summary()
+
+    # the same output transform, now with an ISTN: its map nodes are reused and named anew (review: they kept
+    # "network input"); a name the user gave a map is kept
+    again = run(ISTNRegistrationLogic(), pair, tiny_models, "affine", showMaps=True,
+                outputTransformNode=stn.transformNode)
+    assert again.fixedMapNode is stn.fixedMapNode and again.movingMapNode is stn.movingMapNode
+    assert again.fixedMapNode.GetName() == f"{fixed_node.GetName()} ITN map"
+    assert again.movingMapNode.GetName() == f"{moving_node.GetName()} ITN map"
+    again.movingMapNode.SetName("caudate overlay")
+    back = run(ISTNRegistrationLogic(), pair, {"affine": make_model(3, "affine", "stn-u")}, "affine",
+               showMaps=True, outputTransformNode=stn.transformNode)
+    assert back.fixedMapNode.GetName() == f"{fixed_node.GetName()} network input"
+    assert back.movingMapNode.GetName() == "caudate overlay"
 
 
 def test_output_volume_is_the_resampled_moving_and_the_moving_stays_put(scene, pair, tiny_models):

@@ -155,11 +155,13 @@ class ISTNRegistrationResult:
                           final=stage["loss_final"], iterations=stage["iterations"],
                           requested=stage.get("iterations_requested", stage["iterations"]),
                           polish=stage.get("polish_iterations", 0))
+            # an STN-u/s model compares the images as the network takes them (it has no ITN maps)
+            values["compared"] = _("ITN map MSE") if stage.get("itn", True) else _("image MSE")
             if values["iterations"] < values["requested"]:  # refinement converged before the last iteration
-                line = _("{stage}: ITN map MSE {onePass:.4g} after one pass, {final:.4g} after {iterations} "
+                line = _("{stage}: {compared} {onePass:.4g} after one pass, {final:.4g} after {iterations} "
                          "refinement iterations (stopped early at convergence; {requested} allowed).")
             else:
-                line = _("{stage}: ITN map MSE {onePass:.4g} after one pass, {final:.4g} after {iterations} "
+                line = _("{stage}: {compared} {onePass:.4g} after one pass, {final:.4g} after {iterations} "
                          "refinement iterations.")
             if values["polish"]:
                 line += " " + _("The last {polish} polished the transform itself.")
@@ -248,6 +250,10 @@ class _SceneChanges:
     def rememberReference(self, node, role: str) -> None:
         old = node.GetNodeReferenceID(role)
         self.undo.append(lambda: node.SetNodeReferenceID(role, old))
+
+    def rememberName(self, node) -> None:
+        old = node.GetName()
+        self.undo.append(lambda: node.SetName(old))
 
     def rememberAttribute(self, node, name: str) -> None:
         old = node.GetAttribute(name)
@@ -1001,8 +1007,11 @@ class ISTNRegistrationLogic:
 
         # "iterations": those the engine ran (it may stop early at convergence), "polish_iterations" of them the
         # polish's; "iterations_requested": the limit (refinement + polish)
+        from istn.config import has_itn
+
         metrics: dict = {"stages": [
-            {"stage": s.transform_type, "loss_one_pass": s.loss_one_pass, "loss_final": s.loss_final,
+            {"stage": s.transform_type, "itn": has_itn(s.model_meta), "loss_one_pass": s.loss_one_pass,
+             "loss_final": s.loss_final,
              "iterations": s.iterations, "polish_iterations": s.polish_iterations,
              "iterations_requested": s.iterations_allowed, "losses": list(s.losses),
              "mutual_information": dict(s.information)}
@@ -1054,10 +1063,11 @@ class ISTNRegistrationLogic:
             (ROLE_MOVING_MAP, stage.moving_map, movingNode, leafNode),
         ):
             node = linearNode.GetNodeReference(role)
+            # a model without an ITN (STN-u/s) maps nothing: its "maps" are the images as the network takes them
+            names = {kind: text.format(name=source.GetName())
+                     for kind, text in ((True, _("{name} ITN map")), (False, _("{name} network input")))}
+            name = names[has_itn(stage.model_meta)]
             if node is None or not self.scene.IsNodePresent(node) or not node.IsA("vtkMRMLScalarVolumeNode"):
-                # a model without an ITN (STN-u/s) maps nothing: its "maps" are the images as the network takes them
-                name = (_("{name} ITN map") if has_itn(stage.model_meta) else _("{name} network input")).format(
-                    name=source.GetName())
                 node = changes.adopt(nodeio.addVolumeNodeFromImage(self.scene, image, name))
                 changes.rememberReference(linearNode, role)
                 linearNode.SetNodeReferenceID(role, node.GetID())
@@ -1066,6 +1076,9 @@ class ISTNRegistrationLogic:
                 nodeio.updateVolumeNodeFromImage(node, image)
                 if node.GetDisplayNode() is None:
                     node.CreateDefaultDisplayNodes()
+                if node.GetName() in names.values() and node.GetName() != name:  # the model's kind changed; a
+                    changes.rememberName(node)                                  # name the user gave is kept
+                    node.SetName(name)
             node.SetAndObserveTransformNodeID(parent.GetID() if parent is not None else None)
             node.SetAttribute("ISTNRegistration.map", "fixed" if parent is None else "moving")
             self._styleMap(node, image)
