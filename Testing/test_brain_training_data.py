@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from conftest import REPO
 
@@ -283,3 +284,29 @@ def test_a_card_written_again_keeps_what_other_scripts_and_hands_wrote_into_it()
         assert section in card and card.index(section) > card.index("licences")
     assert train_brain.with_kept_sections(fresh, "") == fresh  # a first card: as written
     assert train_brain.with_kept_sections(fresh, card) == card  # a second rerun: the same card
+
+    # new weights: the kept sections say they describe the earlier ones, once however often it is rerun
+    stale = train_brain.with_kept_sections(fresh, earlier, "measured on step 1")
+    assert stale.count(train_brain.STALE_MARK + "measured on step 1") == 3
+    again = train_brain.with_kept_sections(fresh, stale, "measured on step 2")
+    assert again.count(train_brain.STALE_MARK) == 3 and "step 1" not in again
+    assert notes in again
+    # the same weights exported again: the sections stand as they were
+    assert train_brain.STALE_MARK not in card
+
+
+def test_a_rerun_for_the_same_weights_keeps_what_other_scripts_wrote_into_the_model():
+    """Review: a card's command rerun exported metadata without the refinement settings and the validation loss
+    range that other scripts had written (the card kept describing them). For the same weights they are carried
+    over; what the new export says itself wins."""
+    earlier = {"format": 1, "refinement": {"iterations": 10}, "training": {"step": 5},
+               "validation": {"mean_dice_one_pass": 0.4, "refinement_loss": {"refined": {"max": 1e-3}}}}
+    fresh = {"format": 1, "training": {"step": 5, "best_val": 0.1}, "validation": {"mean_dice_one_pass": 0.5}}
+    carried = train_brain.with_measurements_of(fresh, earlier)
+    assert carried["refinement"] == {"iterations": 10}
+    assert carried["validation"] == {"mean_dice_one_pass": 0.5, "refinement_loss": {"refined": {"max": 1e-3}}}
+    assert carried["training"] == fresh["training"]
+    a = {"w": torch.ones(2), "b": torch.zeros(1)}
+    assert train_brain.same_state(a, {"w": torch.ones(2), "b": torch.zeros(1)})
+    assert not train_brain.same_state(a, {"w": torch.ones(2), "b": torch.ones(1)})
+    assert not train_brain.same_state(a, {"w": torch.ones(2)})

@@ -92,7 +92,7 @@ from istn.data.augment import Anatomy, AugmentConfig, sample_view  # noqa: E402
 from istn.data.brain.labels import LABELS as PROTOCOL_LABELS, mirror_permutation  # noqa: E402
 from istn.data.brain.tissue import tissue_map, tissue_source  # noqa: E402
 from istn.config import DEFAULT_MODEL_FAMILY, ModelConfig, TrainConfig, to_dict  # noqa: E402
-from istn.export import build_metadata, export_model  # noqa: E402
+from istn.export import build_metadata, export_model, load_model  # noqa: E402
 from istn.networks import ISTN  # noqa: E402
 from istn.training import load_checkpoint, train  # noqa: E402
 from istn.transforms import warp  # noqa: E402
@@ -672,6 +672,10 @@ def export_stage(args, stage: str, out: Path, described: list[str], val_anat, tr
     name = f"{args.family}-{stage}.pt"
     path = Path(args.models) / name
     path.parent.mkdir(parents=True, exist_ok=True)
+    earlier_model = load_model(path, "cpu") if path.exists() else None
+    same_weights = earlier_model is not None and same_state(earlier_model.module.state_dict(), model.state_dict())
+    if same_weights:  # what other scripts measured on these weights (refinement settings, loss range) still holds
+        meta = with_measurements_of(meta, earlier_model.meta)
     export_model(model, meta, path)
     summary = {"stage": stage, "model": str(path), "bytes": path.stat().st_size, "best_step": best_step,
                "steps": run["steps"], "best_val_soi_mse": run["best_val"], "validation": dice,
@@ -683,7 +687,11 @@ def export_stage(args, stage: str, out: Path, described: list[str], val_anat, tr
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     card = path.with_suffix(".md")
     earlier = card.read_text() if card.exists() else ""
-    card.write_text(with_kept_sections(model_card(summary, name, data_text, args), earlier))
+    stale = None if same_weights or earlier_model is None else (
+        f"measured on the weights exported before (step {earlier_model.meta.get('training', {}).get('step', '?')}); "
+        f"these weights (step {chosen_step}) are new and the model's metadata no longer holds what this section "
+        "set: run the script named above again")
+    card.write_text(with_kept_sections(model_card(summary, name, data_text, args), earlier, stale))
     log(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB), {args.checkpoint} checkpoint, step {chosen_step}, "
         f"val soi_mse {chosen_val:.6f}, Dice {dice['mean_dice_unregistered']:.3f} -> {dice['mean_dice_one_pass']:.3f}"
         f" (cropped moving: {dice_cropped['mean_dice_unregistered']:.3f} -> {dice_cropped['mean_dice_one_pass']:.3f})")
@@ -697,20 +705,50 @@ KEPT_INPUTS = ("<!-- measured inputs: kept when benchmarks/train_brain.py writes
 _WRITTEN_SECTION = re.compile(r"<!-- ([^:>]+): written by [^>]*-->.*?<!-- end of \1 -->", re.DOTALL)
 
 
-def with_kept_sections(card: str, earlier: str) -> str:
+def same_state(a: dict, b: dict) -> bool:
+    """Whether two state dicts hold the same tensors under the same names (the same weights)."""
+    return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
+
+
+def with_measurements_of(meta: dict, earlier: dict) -> dict:
+    """``meta`` with what another script wrote into the earlier metadata of the same weights (top-level keys and
+    "validation" entries ``meta`` lacks: refinement settings, the validation loss range): a card rerun for the same
+    weights keeps the model's settings, as it keeps the card sections that describe them."""
+    out = dict(meta, **{k: v for k, v in earlier.items() if k not in meta})
+    if isinstance(earlier.get("validation"), dict) and isinstance(meta.get("validation"), dict):
+        out["validation"] = {**{k: v for k, v in earlier["validation"].items() if k not in meta["validation"]},
+                             **meta["validation"]}
+    return out
+
+
+#: the line that marks a kept section measured on other weights (replaced, not repeated, on the next rerun)
+STALE_MARK = "> **Stale:** "
+
+
+def with_kept_sections(card: str, earlier: str, stale: str | None = None) -> str:
     """A model card as written now (``card``) with what the card it replaces (``earlier``) holds of others: its
     measured input notes (`KEPT_INPUTS`) at the end of "Input expectations", and each section another script
     wrote (``<!-- X: written by ... -->`` to ``<!-- end of X -->``) at the end, in their order. Without them a
-    rerun of the card's own command dropped those (a docs audit)."""
+    rerun of the card's own command dropped those (a docs audit). ``stale``: why those sections no longer describe
+    the model (new weights), said in a line at the top of each; the script's next run replaces the section."""
     begin, end = KEPT_INPUTS
     if begin in earlier and end in earlier:
         kept = begin + earlier.split(begin, 1)[1].split(end, 1)[0] + end
         head, sep, tail = card.partition("\n## Training data")
         card = head.rstrip("\n") + "\n" + kept + "\n" + sep + tail if sep else card
     sections = [m.group(0) for m in _WRITTEN_SECTION.finditer(earlier)]
+    if stale:
+        sections = [_marked_stale(section, stale) for section in sections]
     if sections:
         card = card.rstrip("\n") + "\n\n" + "\n\n".join(sections) + "\n"
     return card
+
+
+def _marked_stale(section: str, why: str) -> str:
+    """A written section with `STALE_MARK` and ``why`` as its second line (an earlier mark replaced)."""
+    first, _, rest = section.partition("\n")
+    lines = [line for line in rest.split("\n") if not line.startswith(STALE_MARK)]
+    return "\n".join([first, STALE_MARK + why] + lines)
 
 
 def _licences(described: list[str]) -> list[str]:
