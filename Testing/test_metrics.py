@@ -123,3 +123,53 @@ def test_label_metrics_equal_the_whole_volume_computation():
         assert got[v]["dice"] == dice(a, b)
         assert np.isclose(got[v]["asd"], asd(a, b, spacing))
         assert np.isclose(got[v]["hd95"], hd95(a, b, spacing))
+
+
+def _ribbon(thick_mm: float, spacing_mm: float, n: int = 160) -> sitk.Image:
+    """A shell ``thick_mm`` thick of 100 parcels (a cortical ribbon's shape) at 1 mm, through nearest neighbour
+    onto ``spacing_mm`` voxels."""
+    z, y, x = np.mgrid[:n, :n, :n] - n / 2 + 0.5
+    r = np.sqrt(x ** 2 + y ** 2 + z ** 2)
+    parcel = (np.floor((np.arctan2(y, x) + np.pi) / (2 * np.pi) * 10) * 10
+              + np.floor(np.arccos(np.clip(z / np.maximum(r, 1e-6), -1, 1)) / np.pi * 10)).astype(np.int16) + 1
+    image = sitk.GetImageFromArray(np.where((r > 60) & (r < 60 + thick_mm), parcel, 0).astype(np.int16))
+    grid = sitk.Image([int(n / spacing_mm)] * 3, sitk.sitkInt16)
+    grid.SetSpacing((spacing_mm,) * 3)
+    return sitk.Resample(image, grid, sitk.Transform(), sitk.sitkNearestNeighbor)
+
+
+def test_a_thin_parcellation_broken_into_lone_voxels_is_still_a_label_map():
+    """Review: a 100-label cortical ribbon resampled to voxels coarser than it is thick (nearest neighbour) was
+    taken for intensities (so `istn apply` would blend its labels linearly). Its lone voxels lie in background, not
+    between their neighbours' values as an image's edges, gradients and noise do."""
+    from istn.metrics import in_between_edge_fraction, looks_like_intensities
+
+    for thick, spacing in ((2.5, 4.0), (2.0, 5.0), (3.0, 6.0)):
+        ribbon = _ribbon(thick, spacing)
+        a = sitk.GetArrayViewFromImage(ribbon)
+        assert len(np.unique(a)) > 60
+        lone_in_background = (a != 0) & (np.roll(a, 1, 0) == 0) & (np.roll(a, -1, 0) == 0)
+        assert lone_in_background.sum() > 0.05 * (a != 0).sum()  # it did break up
+        assert not looks_like_intensities(ribbon), (thick, spacing, in_between_edge_fraction(a, 0))
+    # and intensity images of many values are intensities: noisy, smooth, or 8-bit
+    z, y, x = np.mgrid[:48, :48, :48] - 24
+    blob = (200 * np.exp(-(x ** 2 + y ** 2 + z ** 2) / (2 * 10.0 ** 2))).astype(np.int16)
+    noisy = (blob + np.random.default_rng(0).normal(0, 5, blob.shape)).astype(np.int16)
+    for a in (blob, noisy, (blob * 255 // 200).astype(np.uint8)):
+        assert looks_like_intensities(sitk.GetImageFromArray(a))
+
+
+def test_the_in_between_fraction_is_the_same_computed_in_slabs():
+    from istn.metrics import in_between_edge_fraction
+
+    rng = np.random.default_rng(0)
+    for shape in ((70, 12, 9), (33, 20), (1, 5, 5)):
+        a = rng.integers(0, 5, shape).astype(np.int16)
+        whole = in_between_edge_fraction(a, 0, slab=10 ** 6)
+        assert 0 < whole < 1
+        for slab in (1, 2, 7, 32):
+            assert in_between_edge_fraction(a, 0, slab=slab) == whole
+    # known answers: 0 1 2 1 0: of the three edge voxels, the 1s lie between 0 and 2 (the 2 has none above it);
+    # 0 3 3 5 5 0: steps only, as a label map's
+    assert in_between_edge_fraction(np.array([[0, 1, 2, 1, 0]]), 0) == 2 / 3
+    assert in_between_edge_fraction(np.array([[0, 3, 3, 5, 5, 0]]), 0) == 0.0

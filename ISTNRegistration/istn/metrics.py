@@ -17,47 +17,66 @@ from scipy import ndimage
 
 from .geometry import Grid
 
-# A label map has few values and mostly coherent regions; an intensity image (a T1 given as "labels")
-# has many values that rarely repeat between neighbours (sample data: 0.79 vs 0.05-0.07).
+# A label map has few values; one of many values (more than MANY_LABELS) is told from an intensity image by its
+# edges: of the foreground voxels that differ from a face neighbour, how many are in-between voxels (equal to
+# none of their neighbours and between the lowest and highest of them), as an image's anti-aliased edges, gradients
+# and noise are. Measured (benchmarks/label_or_intensity.py): intensity images 0.24 (a noise-free Gaussian blob of
+# 200 levels) to 0.96 (T1s as float, int16 or 8-bit; a noisy CT phantom 0.61; synth2d's flat 8-bit shapes
+# 0.27-0.63); label maps at most 0.05: a 2-3 mm thick 100-label cortical ribbon through nearest neighbour at 2-6 mm
+# voxels, where it breaks up into lone voxels (lying in background, not between their neighbours' values), labels
+# in order or shuffled; 0.001 for the brain label maps and 0 for a 136-label parcellation at 1 mm, rotated or at
+# 2.5 mm. (Session 32's coherence and lone-voxel fractions took such a ribbon for intensities: its lone voxels are
+# 45 % of it at 6 mm, more than a flat image's.)
 MANY_LABELS = 50
-MIN_LABEL_COHERENCE = 0.3
-# ... and a label map's voxels lie in regions: at most 0.1 % of the foreground equals none of its neighbours (the
-# brain label maps at 1-2 mm, a 136-label parcellation at 1 mm, rotated or at 2.5 mm through nearest neighbour).
-# A flat synthetic image (synth2d's 8-bit shapes, coherent as a label map) has its edges' in-between values there:
-# 19-23 % of its foreground.
-MAX_LONE_VOXELS = 0.05
+MAX_IN_BETWEEN_EDGES = 0.1  # about halfway (by ratio) between the two kinds
 
 
 def looks_like_intensities(image: sitk.Image) -> bool:
-    """Many distinct values, rarely shared by the next voxel along x, or many voxels equal to none of their
-    neighbours (the in-between values at a flat synthetic image's edges): an image of intensities, not a label map.
+    """Many distinct values, and edges of in-between values (`in_between_edge_fraction`): an image of
+    intensities, not a label map.
 
     The background is the most common value, 0 or not (CT's air at -1000 is no region of labels)."""
     a = sitk.GetArrayViewFromImage(image)
     values, counts = np.unique(a, return_counts=True)
     if len(values) - 1 <= MANY_LABELS:
         return False
-    background = values[np.argmax(counts)]
-    fg = a[..., :-1] != background
-    same = (a[..., :-1] == a[..., 1:]) & fg
-    if not fg.any() or same.sum() / fg.sum() < MIN_LABEL_COHERENCE:
-        return bool(fg.any())
-    return lone_voxel_fraction(a, background) > MAX_LONE_VOXELS
+    return in_between_edge_fraction(a, values[np.argmax(counts)]) > MAX_IN_BETWEEN_EDGES
 
 
-def lone_voxel_fraction(a: np.ndarray, background) -> float:
-    """The fraction of the voxels of ``a`` other than ``background`` that equal none of their (up to ``2 a.ndim``)
-    face neighbours."""
-    lone = np.ones(a.shape, dtype=bool)
+def in_between_edge_fraction(a: np.ndarray, background, slab: int = 32) -> float:
+    """Of the voxels of ``a`` other than ``background`` that differ from a face neighbour (its edges), the fraction
+    that equal none of their (up to ``2 a.ndim``) face neighbours and lie strictly between the lowest and the
+    highest of them: an image's anti-aliased edges, gradients and noise; rare in a label map, whose edges are
+    steps. Computed ``slab`` slices (first axis) at a time, so that a 512^3 image needs a few slabs' memory, not a
+    few copies of itself. 0 without edges."""
+    between = edges = 0
+    for start in range(0, max(a.shape[0], 1), slab):
+        lo_pad, stop = min(start, 1), min(start + slab, a.shape[0])
+        block = a[start - lo_pad:min(stop + 1, a.shape[0])]  # the slab and the slices beside it
+        inner = slice(lo_pad, lo_pad + stop - start)
+        edge, in_between = (m[inner] for m in _edges(block))
+        fg = block[inner] != background
+        between += np.count_nonzero(in_between & fg)
+        edges += np.count_nonzero(edge & fg)
+    return float(between / max(edges, 1))
+
+
+def _edges(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where a voxel of ``a`` differs from one of its face neighbours, and where it equals none of them and lies
+    strictly between their lowest and highest (voxels at the array's faces: among the neighbours there are)."""
+    lone, edge = np.ones(a.shape, dtype=bool), np.zeros(a.shape, dtype=bool)
+    low, high = a.copy(), a.copy()  # the neighbours' lowest and highest so far (the voxel itself before any)
     for axis in range(a.ndim):
         n = a.shape[axis]
         lo, hi = [slice(None)] * a.ndim, [slice(None)] * a.ndim
         lo[axis], hi[axis] = slice(0, n - 1), slice(1, n)
-        differs = a[tuple(lo)] != a[tuple(hi)]  # voxel k against k + 1 along the axis
-        lone[tuple(lo)] &= differs
-        lone[tuple(hi)] &= differs
-    fg = a != background
-    return float(np.count_nonzero(lone & fg) / max(np.count_nonzero(fg), 1))
+        for here, there in ((tuple(lo), tuple(hi)), (tuple(hi), tuple(lo))):  # each voxel against k + 1, k - 1
+            differs = a[here] != a[there]
+            lone[here] &= differs
+            edge[here] |= differs
+            np.minimum(low[here], a[there], out=low[here])
+            np.maximum(high[here], a[there], out=high[here])
+    return edge, lone & (low < a) & (a < high)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
