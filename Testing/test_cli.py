@@ -899,6 +899,31 @@ def test_skip_done_keeps_an_images_folder_when_added_images_lengthen_the_names(f
     assert all((out / n / "result.json").read_bytes() == b for n, b in first.items())  # kept as they were
 
 
+def test_skip_done_keeps_an_image_in_its_folder_as_named_now_when_that_holds_its_run(files, tmp_path, capsys):
+    """Review: a batch grown WITHOUT --skip-done registers an image again under its lengthened name; rerun with
+    --skip-done, the image's run in its folder as named now is the one kept (it picked the older folder, the first
+    in sorted order), and the older folder is left as it was."""
+    import csv
+
+    paths = []
+    for site, subject in (("zsite", "sub-01"), ("zsite", "sub-02"), ("asite", "sub-01")):
+        (tmp_path / "data" / site / subject / "anat").mkdir(parents=True)
+        paths.append(tmp_path / "data" / site / subject / "anat" / "T1w.png")
+        paths[-1].write_bytes(files["moving"].read_bytes())
+    out = tmp_path / "out"
+    base = ["register", "--quiet", "--no-figure", "--refine", "2", "--fixed", str(files["fixed"]), "--model",
+            str(files["model"]), "--out", str(out)]
+    assert main(base + ["--moving"] + [str(p) for p in paths[:2]]) == 0  # sub-01_anat_T1w, sub-02_anat_T1w
+    older = (out / "sub-01_anat_T1w" / "result.json").read_bytes()
+    assert main(base + ["--moving"] + [str(p) for p in paths]) == 0  # grown, no --skip-done: zsite_sub-01_...
+    current = (out / "zsite_sub-01_anat_T1w" / "result.json").read_bytes()
+    assert main(base + ["--skip-done", "--moving"] + [str(p) for p in paths]) == 0
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [(r["folder"], r["reused"]) for r in rows][0] == ("zsite_sub-01_anat_T1w", "True")
+    assert (out / "zsite_sub-01_anat_T1w" / "result.json").read_bytes() == current
+    assert (out / "sub-01_anat_T1w" / "result.json").read_bytes() == older
+
+
 # --------------------------------------------------------------------------
 # Nothing of the user's lost: foreign files, interrupts, evaluate's --out (session 28 audit)
 # --------------------------------------------------------------------------

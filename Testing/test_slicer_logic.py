@@ -1061,8 +1061,16 @@ def test_nodes_that_move_with_a_result_or_are_left_behind_are_named(scene, pair,
     mine = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "mine")
     other = nodes.addVolumeNodeFromImage(scene, _labels(fixed), "other", "vtkMRMLLabelMapVolumeNode")
     other.SetAndObserveTransformNodeID(mine.GetID())
-    moved = run(ISTNRegistrationLogic(), pair, tiny_models, "affine", outputTransformNode=mine)
+    # output volumes under it are taken out of every transform by the run: not "moved with the result" (review)
+    output = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "resampled")
+    board = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "board")
+    for node in (output, board):
+        node.SetAndObserveTransformNodeID(mine.GetID())
+    moved = run(ISTNRegistrationLogic(), pair, tiny_models, "affine", outputTransformNode=mine,
+                outputVolumeNode=output, checkerboardVolumeNode=board)
     assert "'other' under the output transform 'mine' moved with the result" in moved.summary()
+    assert "'resampled'" not in moved.summary() and "'board'" not in moved.summary()
+    assert output.GetParentTransformNode() is None and board.GetParentTransformNode() is None
     again = run(ISTNRegistrationLogic(), pair, tiny_models, "affine", outputTransformNode=mine)  # now a result
     assert not any("moved with the result" in w for w in again.warnings)
 
