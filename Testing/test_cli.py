@@ -851,6 +851,9 @@ def test_a_batch_of_images_of_the_same_name_names_their_folders_by_the_subject_f
     deep = [tmp_path / "s1" / "mri" / "T1.mgz", tmp_path / "s2" / "mri" / "T1.mgz", tmp_path / "mri_T1.mgz"]
     names = subject_names(deep)
     assert len(set(names)) == 3 and names[:2] == ["s1_mri_T1", "s2_mri_T1"]
+    # folders of several depths: each name holds the folder that tells it apart (it was "anat_T1w")
+    mixed = [tmp_path / "sub-01" / "anat" / "T1w.nii.gz", tmp_path / "sub-02" / "T1w.nii.gz"]
+    assert subject_names(mixed) == ["sub-01_anat_T1w", "sub-02_T1w"]
     # two files of one DICOM series are one image; two files named alike in one folder cannot be told apart
     for n in ("IM1", "IM2"):
         (a / n).write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)

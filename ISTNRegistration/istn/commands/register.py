@@ -462,8 +462,16 @@ def subject_names(paths: Sequence[str | Path]) -> list[str]:
                 raise InputError(f"moving images {' and '.join(repr(str(paths[i])) for i in same)} would both write "
                                  f"into a folder named {base[same[0]]!r}: give them distinct file (or DICOM folder) "
                                  "names")
-            for i in group:  # one whose folders are all named already keeps its name: the others' grow
-                depth[i] = min(depth[i] + 1, len(folders[i]))
+            # each grows to at least the folders below the group's common folder, so that a name holds the folder
+            # that tells it apart (sub-01/anat/T1w beside sub-02/T1w: sub-01_anat_T1w, not anat_T1w); one whose
+            # folders are all named already keeps its name
+            parents = [Path(os.path.normpath(anchors[i])).parent for i in group]
+            try:
+                common = len(Path(os.path.commonpath(parents)).parts)
+            except ValueError:  # on Windows, folders on different drives: none in common
+                common = 0
+            for i, parent in zip(group, parents):
+                depth[i] = min(max(depth[i] + 1, len(parent.parts) - common), len(folders[i]))
 
 
 def shown_name(path: str | Path) -> str:
