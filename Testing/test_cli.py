@@ -877,20 +877,27 @@ def test_a_batch_of_images_of_the_same_name_names_their_folders_by_the_subject_f
         subject_names([links[0], twin])
 
 
+def _sites_batch(files, tmp_path, sites: tuple[str, str, str]):
+    """Moving images <site>/sub-01/anat/T1w.png, <site>/sub-02/..., <site>/sub-01/... (of ``sites``), the output
+    folder and `istn register`'s arguments up to its images."""
+    paths = []
+    for site, subject in zip(sites, ("sub-01", "sub-02", "sub-01")):
+        (tmp_path / "data" / site / subject / "anat").mkdir(parents=True)
+        paths.append(tmp_path / "data" / site / subject / "anat" / "T1w.png")
+        paths[-1].write_bytes(files["moving"].read_bytes())
+    out = tmp_path / "out"
+    return paths, out, ["register", "--quiet", "--no-figure", "--refine", "2", "--fixed", str(files["fixed"]),
+                        "--model", str(files["model"]), "--out", str(out)]
+
+
 def test_skip_done_keeps_an_images_folder_when_added_images_lengthen_the_names(files, tmp_path, capsys):
     """A batch grown by an image of the same name from another site (siteB/sub-01/anat/...) lengthens the names of
     the images before it; with --skip-done those keep the folders of their finished runs (not registered again
     beside them) and the new image gets its own."""
     import csv
 
-    paths = []
-    for site, subject in (("siteA", "sub-01"), ("siteA", "sub-02"), ("siteB", "sub-01")):
-        (tmp_path / "data" / site / subject / "anat").mkdir(parents=True)
-        paths.append(tmp_path / "data" / site / subject / "anat" / "T1w.png")
-        paths[-1].write_bytes(files["moving"].read_bytes())
-    out = tmp_path / "out"
-    base = ["register", "--quiet", "--no-figure", "--refine", "2", "--fixed", str(files["fixed"]), "--model",
-            str(files["model"]), "--out", str(out), "--skip-done", "--moving"]
+    paths, out, base = _sites_batch(files, tmp_path, ("siteA", "siteA", "siteB"))
+    base += ["--skip-done", "--moving"]
     assert main(base + [str(p) for p in paths[:2]]) == 0
     first = {d.name: (d / "result.json").read_bytes() for d in out.iterdir() if d.is_dir()}
     assert sorted(first) == ["sub-01_anat_T1w", "sub-02_anat_T1w"]
@@ -908,14 +915,7 @@ def test_skip_done_keeps_an_image_in_its_folder_as_named_now_when_that_holds_its
     in sorted order), and the older folder is left as it was."""
     import csv
 
-    paths = []
-    for site, subject in (("zsite", "sub-01"), ("zsite", "sub-02"), ("asite", "sub-01")):
-        (tmp_path / "data" / site / subject / "anat").mkdir(parents=True)
-        paths.append(tmp_path / "data" / site / subject / "anat" / "T1w.png")
-        paths[-1].write_bytes(files["moving"].read_bytes())
-    out = tmp_path / "out"
-    base = ["register", "--quiet", "--no-figure", "--refine", "2", "--fixed", str(files["fixed"]), "--model",
-            str(files["model"]), "--out", str(out)]
+    paths, out, base = _sites_batch(files, tmp_path, ("zsite", "zsite", "asite"))
     assert main(base + ["--moving"] + [str(p) for p in paths[:2]]) == 0  # sub-01_anat_T1w, sub-02_anat_T1w
     older = (out / "sub-01_anat_T1w" / "result.json").read_bytes()
     assert main(base + ["--moving"] + [str(p) for p in paths]) == 0  # grown, no --skip-done: zsite_sub-01_...
