@@ -256,3 +256,21 @@ def test_an_image_and_itself_is_quiet_with_a_model_without_validation_metadata(m
     assert r.loss_one_pass < 1e-10 and not any("raised the loss" in w for w in r.warnings), r.warnings
     with pytest.raises(TypeError, match="load the file again"):
         copy.deepcopy(model)
+
+
+def test_checking_a_float_image_does_not_copy_it_and_still_refuses_what_is_not_finite():
+    """A float32 image is checked and used as it is (a copy of a 0.5 mm 512^3 head is 0.5 GB: the CLI's peak went
+    from 2.48 to 1.95 GB with the same result); other types are cast; NaN is refused in either float type."""
+    from istn.io import check_image
+
+    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(8, 9, 10)).astype(np.float32))
+    assert check_image(image) is image
+    as_int = sitk.Cast(image * 100, sitk.sitkInt16)
+    checked = check_image(as_int)
+    assert checked.GetPixelID() == sitk.sitkFloat32 and np.array_equal(
+        sitk.GetArrayViewFromImage(checked), sitk.GetArrayViewFromImage(as_int).astype(np.float32))
+    for pixel in (sitk.sitkFloat32, sitk.sitkFloat64):
+        a = sitk.GetArrayFromImage(image).astype(np.float64)
+        a[3, 4, 5] = np.nan
+        with pytest.raises(InputError, match="contains NaN or infinite voxel values"):
+            check_image(sitk.Cast(sitk.GetImageFromArray(a), pixel))
