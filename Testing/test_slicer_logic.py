@@ -238,10 +238,11 @@ def test_a_model_without_an_itn_names_its_maps_as_what_they_are(scene, pair, tin
     audit: titled "ITN map"), and the ISTNs' maps stay "ITN map"."""
     fixed_node, moving_node = pair[0], pair[1]
     stn = run(ISTNRegistrationLogic(), pair, {"affine": make_model(3, "affine", "stn-u")}, "affine", showMaps=True)
-    assert stn.fixedMapNode.GetName() == f"{fixed_node.GetName()} network input"
+    fixed_for = f" (for {moving_node.GetName()})"  # the fixed map says for which moving volume (console audit)
+    assert stn.fixedMapNode.GetName() == f"{fixed_node.GetName()} network input{fixed_for}"
     assert stn.movingMapNode.GetName() == f"{moving_node.GetName()} network input"
     istn = run(ISTNRegistrationLogic(), pair, tiny_models, "affine", showMaps=True)
-    assert istn.fixedMapNode.GetName() == f"{fixed_node.GetName()} ITN map"
+    assert istn.fixedMapNode.GetName() == f"{fixed_node.GetName()} ITN map{fixed_for}"
     # and the summary's loss names what was compared
     assert "Affine: image MSE" in stn.summary() and "ITN map MSE" not in stn.summary()
     assert "Affine: ITN map MSE" in istn.summary()
@@ -251,12 +252,12 @@ def test_a_model_without_an_itn_names_its_maps_as_what_they_are(scene, pair, tin
     again = run(ISTNRegistrationLogic(), pair, tiny_models, "affine", showMaps=True,
                 outputTransformNode=stn.transformNode)
     assert again.fixedMapNode is stn.fixedMapNode and again.movingMapNode is stn.movingMapNode
-    assert again.fixedMapNode.GetName() == f"{fixed_node.GetName()} ITN map"
+    assert again.fixedMapNode.GetName() == f"{fixed_node.GetName()} ITN map{fixed_for}"
     assert again.movingMapNode.GetName() == f"{moving_node.GetName()} ITN map"
     again.movingMapNode.SetName("caudate overlay")
     back = run(ISTNRegistrationLogic(), pair, {"affine": make_model(3, "affine", "stn-u")}, "affine",
                showMaps=True, outputTransformNode=stn.transformNode)
-    assert back.fixedMapNode.GetName() == f"{fixed_node.GetName()} network input"
+    assert back.fixedMapNode.GetName() == f"{fixed_node.GetName()} network input{fixed_for}"
     assert back.movingMapNode.GetName() == "caudate overlay"
 
 
@@ -1156,7 +1157,9 @@ def test_summary_reports_iterations_run_and_warnings(scene, pair, tiny_models, m
     assert result.metrics["stages"][0]["iterations_requested"] == 5
     text = result.summary()
     assert "after 3 refinement iterations (stopped early at convergence; 5 allowed)" in text
-    assert "Warning: refinement converged after 3 iterations" in text
+    # said with the stage and model it is from (Python-console audit: a B-spline chain's two stages gave two
+    # alike warnings that did not say which was which)
+    assert "Warning: Affine (tiny_affine.pt): refinement converged after 3 iterations" in text
     info = result.metrics["stages"][0]["mutual_information"]  # the images' own measure, shown beside the loss
     assert set(info) == {"as_given", "result"} and info["as_given"] > 0
     assert f"Images' mutual information {info['as_given']:.3f} as given, {info['result']:.3f} registered." in text
@@ -1406,9 +1409,19 @@ def test_bending_and_tolerance_reach_the_engine_and_bad_values_are_refused_befor
                        polish=2.5, updateViews=False)
     assert scene.GetNumberOfNodes() == before
     for bad in (2.5, True):
-        with pytest.raises(Exception, match="coarse_iterations"):
+        with pytest.raises(Exception, match="'coarseIterations' must be a whole number"):
             logic.register(fixed_node, moving_node, modelPath=tiny_models["affine"], iterations=6, threads=1,
                            coarseIterations=bad, updateViews=False)
+    # what a script gets wrong (Python-console audit): 2.7 iterations was cut to 2, "3" taken, a NaN learning rate
+    # replaced by the model's own, all without a word
+    for name, bad, message in (("iterations", 2.7, "'iterations' must be a whole number, got 2.7"),
+                               ("iterations", "3", "'iterations' must be a whole number, got '3'"),
+                               ("learningRate", float("nan"), "'learningRate' must be a finite number"),
+                               ("bending", float("inf"), "'bending' must be a finite number"),
+                               ("tolerance", "0.1", "'tolerance' must be a finite number")):
+        with pytest.raises(ValueError, match=message):
+            logic.register(fixed_node, moving_node, modelPath=tiny_models["affine"], threads=1, updateViews=False,
+                           **{name: bad})
     assert scene.GetNumberOfNodes() == before
     if not torch.cuda.is_available():  # the engine's checks run before anything is touched
         before = scene.GetNumberOfNodes()
@@ -1486,6 +1499,45 @@ def test_an_atlas_label_map_comes_onto_the_moving_grid_through_the_inverse_and_f
                 outputTransformNode=result.transformNode)
     assert again.atlasSegmentationNode is out
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == count
+    assert not any("not made again" in w for w in again.warnings)
+    # a run into the same output without the atlas leaves it as the earlier result made it: said (audit: silent)
+    without = run(logic, pair, tiny_models, "affine", outputTransformNode=result.transformNode)
+    assert any("'atlas on ISTN test moving' was made by an earlier run" in w and "not made again" in w
+               for w in without.warnings), without.warnings
+
+
+def test_what_a_script_gets_wrong_is_refused_in_its_own_words_before_the_scene_changes(scene, pair, tiny_models,
+                                                                                        tmp_path):
+    """Python-console audit: node names for nodes (an AttributeError), a model folder ("does not exist"), a T1
+    given as a segmentation (Dice over 127 "labels"; as an atlas it was refused), a fixed volume under a shearing
+    transform ("fixed image has a direction matrix that is not orthonormal"), a model of the other kind ("is a
+    affine model")."""
+    fixed_node, moving_node, fixed, moving = pair
+    logic = ISTNRegistrationLogic()
+    shear = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "my shear")
+    matrix = np.eye(4)
+    matrix[0, 1] = 0.3
+    shear.SetMatrixTransformToParent(nodes.vtkMatrixFromArray(matrix))
+    t1 = nodes.addVolumeNodeFromImage(scene, sitk.Cast(fixed * 1000, sitk.sitkInt16), "T1 as labels")
+    cases = [
+        ({"fixedVolumeNode": "ISTN test fixed"}, "nodes are given as MRML nodes .* got str 'ISTN test fixed'"),
+        ({"modelPath": tmp_path}, "is a folder; choose a model file"),
+        ({"fixedSegmentationNode": t1, "movingSegmentationNode": t1},
+         "'T1 as labels' looks like an image of intensities"),
+        ({"fixed_under": shear}, "'ISTN test fixed' is shown through the transform 'my shear', which shears it"),
+        ({"transformType": "bspline"}, "gives affine transforms, but 'transformType' asks for bspline"),
+    ]
+    before = selftest.nodeIds(scene)
+    for kwargs, message in cases:
+        kwargs = dict(kwargs)
+        fixed_under = kwargs.pop("fixed_under", None)
+        fixed_node.SetAndObserveTransformNodeID(fixed_under.GetID() if fixed_under else None)
+        args = {"fixedVolumeNode": fixed_node, "movingVolumeNode": moving_node,
+                "modelPath": tiny_models["affine"], "threads": 1, "iterations": 1, **kwargs}
+        with pytest.raises(ValueError, match=message):
+            logic.register(args.pop("fixedVolumeNode"), args.pop("movingVolumeNode"), **args)
+        fixed_node.SetAndObserveTransformNodeID(None)
+        assert selftest.nodeIds(scene) == before
 
 
 def test_an_atlas_segmentation_keeps_its_names_colours_and_overlapping_segments(scene, pair, tiny_models):

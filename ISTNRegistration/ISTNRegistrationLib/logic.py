@@ -3,7 +3,7 @@
 Example (Slicer's Python console)::
 
     from ISTNRegistrationLib import ISTNRegistrationLogic
-    fixed = getNode("fixed_t1"); moving = getNode("moving_t1")
+    fixed = getNode("ISTN fixed T1"); moving = getNode("ISTN moving T1")  # the module's Sample Data
     result = ISTNRegistrationLogic().register(fixed, moving, transformType="bspline")
     print(result.summary())
     result.transformNode          # linear node (the affine), moving volume placed under the B-spline child
@@ -393,6 +393,8 @@ class ISTNRegistrationLogic:
         from istn.export import load_model
 
         p = Path(path).resolve()
+        if p.is_dir():
+            raise ValueError(_("'{path}' is a folder; choose a model file (.pt) in it").format(path=p))
         if not p.is_file():
             raise ValueError(_("model file '{path}' does not exist").format(path=p))
         key = (str(p), p.stat().st_mtime)
@@ -549,6 +551,9 @@ class ISTNRegistrationLogic:
                               checkerboardVolumeNode, jacobianVolumeNode,
                               segmentations=(fixedSegmentationNode, movingSegmentationNode, atlasSegmentationNode),
                               fixedSegmentation=fixedSegmentationNode)
+            _checkNumbers(iterations=iterations, coarseIterations=coarseIterations, polish=polish, passes=passes,
+                          learningRate=learningRate, bending=bending, anchor=anchor, tolerance=tolerance,
+                          regionMargin=regionMargin)
             if iterations is not None:
                 iterations = int(iterations)
                 if iterations < 0:
@@ -691,8 +696,12 @@ class ISTNRegistrationLogic:
                     raise RegistrationCancelled()
                 if result.retry is not None:
                     result.warnings.append(result.retry.note())
-                for stageResult in stages:
-                    result.warnings.extend(w for w in stageResult.warnings if w not in result.warnings)
+                for stageResult in stages:  # which stage each is from (both stages may say the same)
+                    said = _("{stage} ({model}): {{warning}}").format(
+                        stage=STAGE_NAMES.get(stageResult.transform_type, stageResult.transform_type),
+                        model=Path(stageResult.model_path).name if stageResult.model_path else "?")
+                    result.warnings.extend(line for line in (said.format(warning=w) for w in stageResult.warnings)
+                                           if line not in result.warnings)
                 result.stages = stages
                 final = stages[-1].transform
                 self._writeTransform(final, linearNode, bsplineWriter)
@@ -780,6 +789,15 @@ class ISTNRegistrationLogic:
             watched.clear()
             if staleBSpline is not None:
                 self._dropStaleBSpline(linearNode, staleBSpline)
+            for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")):
+                # an atlas an earlier run into this output made, not made again now: it keeps that result's shape
+                node = scene.GetNthNodeByClass(index, "vtkMRMLSegmentationNode")
+                if (node.GetAttribute(ATTRIBUTE_ATLAS_TRANSFORM) == linearNode.GetID()
+                        and node is not result.atlasSegmentationNode):
+                    result.warnings.append(_("'{name}' was made by an earlier run into '{transform}' and not made "
+                                             "again by this one: it keeps the earlier result's shape; choose its "
+                                             "atlas again to update it, or delete it").format(
+                                                 name=node.GetName(), transform=linearNode.GetName()))
             if (movingSegmentationNode is not None and outputVolumeNode is None and userParent is not None
                     and userParent is not linearNode and not _isModuleOutput(userParent)
                     and movingSegmentationNode.GetParentTransformNode() is userParent):
@@ -810,6 +828,10 @@ class ISTNRegistrationLogic:
     @staticmethod
     def _checkInputs(fixed, moving, outputTransform, outputVolume, checkerboardVolume=None,
                      jacobianVolume=None, segmentations=(), fixedSegmentation=None) -> None:
+        for node in (fixed, moving, outputTransform, outputVolume, checkerboardVolume, jacobianVolume, *segmentations):
+            if node is not None and not callable(getattr(node, "IsA", None)):  # a script passing a node's name
+                raise ValueError(_("nodes are given as MRML nodes (e.g. slicer.util.getNode('name')), got {kind} "
+                                   "{value!r}").format(kind=type(node).__name__, value=node))
         for role, node in (("fixed", fixed), ("moving", moving)):
             if node is None:
                 raise ValueError(_("no {role} volume selected").format(role=role))
@@ -885,7 +907,7 @@ class ISTNRegistrationLogic:
                 raise ValueError(_("model '{name}' is {ndim}D; Slicer volumes need a 3D model").format(
                     name=info.path.name, ndim=info.ndim))
             if transformType is not None and info.transformType != transformType:
-                raise ValueError(_("model '{name}' is a {kind} model, not {wanted}").format(
+                raise ValueError(_("model '{name}' gives {kind} transforms, but 'transformType' asks for {wanted}").format(
                     name=info.path.name, kind=info.transformType, wanted=transformType))
             transformType = info.transformType
         else:
@@ -1063,8 +1085,10 @@ class ISTNRegistrationLogic:
             (ROLE_MOVING_MAP, stage.moving_map, movingNode, leafNode),
         ):
             node = linearNode.GetNodeReference(role)
-            # a model without an ITN (STN-u/s) maps nothing: its "maps" are the images as the network takes them
-            names = {kind: text.format(name=source.GetName())
+            # a model without an ITN (STN-u/s) maps nothing: its "maps" are the images as the network takes them;
+            # the fixed one says for which moving volume (a fixed volume registered with several has one each)
+            partner = _(" (for {moving})").format(moving=movingNode.GetName()) if parent is None else ""
+            names = {kind: text.format(name=source.GetName()) + partner
                      for kind, text in ((True, _("{name} ITN map")), (False, _("{name} network input")))}
             name = names[has_itn(stage.model_meta)]
             if node is None or not self.scene.IsNodePresent(node) or not node.IsA("vtkMRMLScalarVolumeNode"):
@@ -1289,6 +1313,27 @@ def _transformableNodes(scene) -> list:
     nodes = (scene.GetNthNodeByClass(i, "vtkMRMLTransformableNode")
              for i in range(scene.GetNumberOfNodesByClass("vtkMRMLTransformableNode")))
     return [node for node in nodes if node is not None]
+
+
+def _checkNumbers(**values) -> None:
+    """``ValueError`` for a number of `ISTNRegistrationLogic.register` that a script got wrong: a count that is
+    not a whole number (2.7 was cut to 2, "3" taken), a setting that is not a number or is NaN (it was replaced
+    by the model's own without a word); infinity only for ``regionMargin`` (the whole grid)."""
+    import math
+
+    import numpy as np
+
+    counts = ("iterations", "coarseIterations", "polish", "passes")
+    for name, value in values.items():
+        if value is None:
+            continue
+        number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+        if name in counts:
+            if not number or not math.isfinite(value) or value != int(value):
+                raise ValueError(_("'{name}' must be a whole number, got {value!r}").format(name=name, value=value))
+        elif not number or math.isnan(value) or (math.isinf(value) and name != "regionMargin"):
+            raise ValueError(_("'{name}' must be a finite number (or None: the model's own), got {value!r}").format(
+                name=name, value=value))
 
 
 def _isUnder(node, transformNode) -> bool:

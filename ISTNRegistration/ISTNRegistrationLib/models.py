@@ -88,6 +88,8 @@ class ModelInfo:
 def readModelInfo(path: str | os.PathLike) -> ModelInfo:
     """Read the metadata of an exported model without loading it (no torch needed)."""
     p = Path(path)
+    if p.is_dir():
+        raise ModelInfoError(_("'{path}' is a folder; choose a model file (.pt) in it").format(path=p))
     if not p.is_file():
         raise ModelInfoError(_("model file '{path}' does not exist").format(path=p))
     try:

@@ -135,6 +135,12 @@ def volumeNodeToImage(volumeNode, world: bool = False, placement: np.ndarray | N
         voxelToRas = placement @ voxelToRas
     elif world:
         voxelToRas = parentToWorldMatrix(volumeNode) @ voxelToRas
+        axes = voxelToRas[:3, :3] / np.linalg.norm(voxelToRas[:3, :3], axis=0)
+        if not np.allclose(axes.T @ axes, np.eye(3), atol=1e-3):  # the grid as shown is not a grid of voxels
+            raise ValueError(_("'{name}' is shown through the transform '{parent}', which shears it: a volume's grid "
+                               "cannot hold a shear; harden the transform (Data module, right-click > Harden "
+                               "transform: it resamples the volume) or take the volume out of it").format(
+                                   name=volumeNode.GetName(), parent=volumeNode.GetParentTransformNode().GetName()))
     return imageFromArray(array, voxelToRas)
 
 
@@ -217,12 +223,20 @@ def structuresFromNode(node, world: bool = False, placement: np.ndarray | None =
 
 def _labelMapImage(volumeNode, placement: np.ndarray) -> sitk.Image:
     """A label map volume's voxels as an image placed by the RAS matrix ``placement``; refused when they are not
-    whole numbers."""
+    whole numbers, and a scalar volume (not a label map node) also when it looks like intensities (as the Dice
+    segmentations and the atlas both read it: a T1 given as a segmentation gave Dice over 127 "labels")."""
     labels = volumeNodeToImage(volumeNode, placement=placement)
     array = sitk.GetArrayViewFromImage(labels)
     if not np.issubdtype(array.dtype, np.integer) and not np.all(np.equal(np.mod(array, 1), 0)):
         raise ValueError(_("'{name}' is not a label map (its voxel values are not integers)").format(
             name=volumeNode.GetName()))
+    if not volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
+        from istn.metrics import looks_like_intensities
+
+        if looks_like_intensities(labels):
+            raise ValueError(_("'{name}' looks like an image of intensities, not a label map (many values, and "
+                               "edges of in-between values as an image has); load the labels as a label map").format(
+                                   name=volumeNode.GetName()))
     return labels
 
 
@@ -308,13 +322,6 @@ def labelLayersFromNode(node, world: bool = False, allowEmpty: bool = False) -> 
     labels = _labelMapImage(node, placement)
     array = sitk.GetArrayViewFromImage(labels)
     named = node.IsA("vtkMRMLLabelMapVolumeNode")
-    if not named:
-        from istn.metrics import looks_like_intensities
-
-        if looks_like_intensities(labels):
-            raise ValueError(_("'{name}' looks like an image of intensities, not a label map (many values, few "
-                               "shared by neighbouring voxels); load the labels as a label map").format(
-                                   name=node.GetName()))
     values, index = np.unique(array, return_inverse=True)
     labelled = values != 0
     if not labelled.any():
