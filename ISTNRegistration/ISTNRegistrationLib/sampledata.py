@@ -132,6 +132,9 @@ def writeNamedSegmentation(labelsPath: str | os.PathLike, outPath: str | os.Path
         colors.SetColor(value, name, r * shade, g * shade, b * shade, 1.0)
     labelmap.GetDisplayNode().SetAndObserveColorNodeID(colors.GetID())
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segmentation")
+    # the label map's grid as the segmentation's reference geometry: written into the file (without it every
+    # write logged "Conversion parameter 'Reference image geometry' is not found")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(labelmap)
     if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation):
         raise RuntimeError(_("could not import '{path}' as a segmentation").format(path=labelsPath))
     content = segmentation.GetSegmentation()
