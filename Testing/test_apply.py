@@ -435,3 +435,36 @@ def test_a_flat_synthetic_image_goes_through_linearly_and_a_fine_parcellation_by
     for name, expected in (("flat.png", "linear (auto: integer intensities"), ("parcels.nii.gz", "nearest (auto: a label map: ")):
         s = run_apply(tmp_path / "shift.tfm", tmp_path / "parcels.nii.gz", tmp_path / name, tmp_path / f"out_{name}.nrrd")
         assert s["interpolation"].startswith(expected), s["interpolation"]
+
+
+def test_a_label_map_without_0_is_filled_with_its_background_and_an_unclear_image_says_so(tmp_path):
+    """Label audit: a label map whose background is -1 (or 65535) was filled with 0, a value it did not hold,
+    and its background counted as a label; an image whose kind is not clear-cut (its share of in-between edges
+    near the limit) was resampled without a word on the choice."""
+    from scipy.spatial import cKDTree
+
+    _, nearest = cKDTree(np.random.default_rng(0).uniform(0, 64, (80, 2))).query(
+        np.stack(np.mgrid[:64, :64], -1).reshape(-1, 2))
+    parcels = (nearest.reshape(64, 64) + 1).astype(np.int16)
+    parcels[:, :8] = -1  # the background
+    sitk.WriteImage(sitk.GetImageFromArray(parcels), str(tmp_path / "parcels.nii.gz"))
+    shift = sitk.TranslationTransform(2, (-12.0, 0.0))  # fixed -> moving: brings in 12 columns from outside
+    sitk.WriteTransform(shift, str(tmp_path / "shift.tfm"))
+    s = run_apply(tmp_path / "shift.tfm", tmp_path / "parcels.nii.gz", tmp_path / "parcels.nii.gz",
+                  tmp_path / "out.nii.gz")
+    count = len(set(np.unique(parcels).tolist()) - {-1})
+    assert count > 60 and s["interpolation"] == f"nearest (auto: a label map: {count} labels)"
+    assert s["background"] == -1
+    out = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out.nii.gz")))
+    assert set(np.unique(out).tolist()) <= set(np.unique(parcels).tolist()) and (out[:, :12] == -1).all()
+
+    # an image between the kinds (parcels beside a strip of noise, 7 % of its edges in-between): the choice is
+    # made and said to be unclear, with the other choice named
+    unclear = parcels.copy()
+    unclear[:, -3:] = np.random.default_rng(1).integers(100, 400, (64, 3))
+    sitk.WriteImage(sitk.GetImageFromArray(unclear), str(tmp_path / "unclear.nii.gz"))
+    s = run_apply(tmp_path / "shift.tfm", tmp_path / "parcels.nii.gz", tmp_path / "unclear.nii.gz",
+                  tmp_path / "out2.nii.gz")
+    assert s["interpolation"].startswith("nearest (auto: a label map: ")
+    assert "not clear-cut: 7% of its edges" in s["interpolation"]
+    assert "give --interpolation linear if it holds intensities" in s["interpolation"]

@@ -41,7 +41,7 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
 
     from .. import segfile
     from ..io import grey_image, image_suffix, read_raw_image, read_transform, write_image
-    from ..metrics import looks_like_intensities
+    from ..metrics import MAX_IN_BETWEEN_EDGES, UNCLEAR_IN_BETWEEN_EDGES, intensity_score
     from ..registration import OUTPUT_FIELD_SPACING_MM, warp_image
 
     t0 = time.perf_counter()
@@ -74,13 +74,21 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
     if not np.all(np.isfinite(values)):
         raise InputError(f"--input image '{input_path}' contains NaN or infinite voxel values")
     integral = bool(np.array_equal(values, np.round(values)))
-    label_map = integral and (bool(head) or not looks_like_intensities(image))  # a segmentation's values are labels
-    labels = label_values(image) if label_map and not head else set()  # once: a sort of every voxel
+    score = intensity_score(image) if integral and not head else None
+    label_map = integral and (bool(head) or score is None or score <= MAX_IN_BETWEEN_EDGES)  # segments are labels
+    # a label map's background: 0, or where it has no 0 its most common value (-1, 65535): no label, and the fill
+    zero = not integral or head or bool((values == 0).any())
+    outside = 0.0 if zero else _most_common(values)
+    labels = label_values(image) - {outside} if label_map and not head else set()  # once: a sort of every voxel
     if interpolation == "auto":
         interpolation = "nearest" if label_map else "linear"
         why = (f"a segmentation: {len(segments)} segments" if label_map and head else
                f"a label map: {len(labels)} labels" if label_map else
-               "intensities" if not integral else "integer intensities (many values, rarely forming regions)")
+               "intensities" if not integral else "integer intensities (many values, changing gradually)")
+        if score is not None and UNCLEAR_IN_BETWEEN_EDGES[0] <= score <= UNCLEAR_IN_BETWEEN_EDGES[1]:
+            other = "linear if it holds intensities" if label_map else "nearest if it is a label map"
+            why += (f"; not clear-cut: {score:.0%} of its edges have in-between values (labels: few, intensities: "
+                    f"many), so give --interpolation {other}")
         chosen = f"{interpolation} (auto: {why})"
     else:
         chosen = interpolation
@@ -100,7 +108,7 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
         inverted = inverse_transform(tx, reference, OUTPUT_FIELD_SPACING_MM)
         tx = inverted.transform
     if interpolation == "nearest":
-        fill = 0.0 if background is None else background
+        fill = outside if background is None else background
         source, kind = image, sitk.sitkNearestNeighbor
     else:
         source, kind = sitk.Cast(image, sitk.sitkVectorFloat32 if layers > 1 else sitk.sitkFloat32), sitk.sitkLinear
@@ -133,6 +141,14 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
                            "a segmentation resampled linearly holds fractions, not segments: its names and colours "
                            "were not kept")
     return summary
+
+
+def _most_common(values) -> float:
+    """The value most voxels hold."""
+    import numpy as np
+
+    found, counts = np.unique(values, return_counts=True)
+    return float(found[np.argmax(counts)])
 
 
 def run_invert(transform_path: str | Path, reference_path: str | Path, out_path: str | Path,

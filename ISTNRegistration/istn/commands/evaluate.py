@@ -101,9 +101,10 @@ def run_evaluate(fixed_labels: str | Path, moving_labels: str | Path, transform_
     else:
         for img, role, p in ((f, "fixed", fixed_labels), (m, "moving", moving_labels)):
             if looks_like_intensities(img):
-                notes.append(f"{role} label image '{p}' has {len(label_values(img))} values that rarely form regions: "
-                             "it looks like an intensity image, not a label map (a soft map or probabilities: "
-                             "--soft scores it as one map)")
+                notes.append(f"{role} label image '{p}' has {len(label_values(img))} values and edges of in-between "
+                             "values: it looks like an intensity image, not a label map (a soft map or "
+                             "probabilities: --soft scores it as one map; a label map of many small parcels on "
+                             "coarse voxels can look so too: its Dice per label is given as for labels)")
         warped = warp_image(m, f, tx, sitk.sitkNearestNeighbor)
     per_label = label_metrics(f, warped, labels)
     in_fixed, in_moving, in_warped = label_values(f), label_values(m), label_values(warped)

@@ -723,7 +723,8 @@ def read_atlas(path: str | Path, fixed=None):
     values = sitk.GetArrayViewFromImage(atlas)
     if (not np.issubdtype(values.dtype, np.integer) and not np.array_equal(values, np.round(values))) \
             or (not segmentation and looks_like_intensities(atlas)):
-        raise InputError(f"{what} is not a label map (integer labels forming regions); to bring another image of "
+        raise InputError(f"{what} is not a label map (whole-number labels whose edges are steps, not the in-between "
+                         "values of an image's); to bring another image of "
                          "the fixed space onto the moving grid use `istn apply --inverse`")
     if not values.any():
         raise InputError(f"{what} holds no label (every voxel is 0)")
