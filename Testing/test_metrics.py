@@ -189,3 +189,7 @@ def test_an_image_upsampled_by_nearest_neighbour_is_still_intensities():
     for a, intensities in ((image, True), (labels, False)):
         for upsampled in (a, np.repeat(a, 2, 0), a.repeat(2, 0).repeat(2, 1).repeat(2, 2), np.repeat(a, 3, 2)):
             assert looks_like_intensities(sitk.GetImageFromArray(upsampled)) == intensities
+    # a label map of blocks (a grid parcellation: every slice repeats within its block) is not collapsed into
+    # lone voxels (review: 216 blocks of 4^3 voxels were read as intensities)
+    blocks = np.arange(1, 6 ** 3 + 1).reshape(6, 6, 6).astype(np.int16).repeat(4, 0).repeat(4, 1).repeat(4, 2)
+    assert not looks_like_intensities(sitk.GetImageFromArray(np.pad(blocks, 4)))

@@ -672,7 +672,12 @@ def export_stage(args, stage: str, out: Path, described: list[str], val_anat, tr
     name = f"{args.family}-{stage}.pt"
     path = Path(args.models) / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    earlier_model = load_model(path, "cpu") if path.exists() else None
+    earlier_model, unreadable = None, False
+    if path.exists():
+        try:
+            earlier_model = load_model(path, "cpu")
+        except Exception:  # noqa: BLE001 - a file of another engine or a partial one: replaced, as before
+            unreadable = True
     same_weights = earlier_model is not None and same_state(earlier_model.module.state_dict(), model.state_dict())
     if same_weights:  # what other scripts measured on these weights (refinement settings, loss range) still holds
         meta = with_measurements_of(meta, earlier_model.meta)
@@ -687,10 +692,11 @@ def export_stage(args, stage: str, out: Path, described: list[str], val_anat, tr
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     card = path.with_suffix(".md")
     earlier = card.read_text() if card.exists() else ""
-    stale = None if same_weights or earlier_model is None else (
-        f"measured on the weights exported before (step {earlier_model.meta.get('training', {}).get('step', '?')}); "
-        f"these weights (step {chosen_step}) are new and the model's metadata no longer holds what this section "
-        "set: run the script named above again")
+    before = ("a model file this engine could not read" if unreadable else None if earlier_model is None else
+              f"the weights exported before (step {earlier_model.meta.get('training', {}).get('step', '?')})")
+    stale = None if same_weights or before is None else (
+        f"measured on {before}; these weights (step {chosen_step}) are new and the model's metadata no longer "
+        "holds what this section set: run the script named above again")
     card.write_text(with_kept_sections(model_card(summary, name, data_text, args), earlier, stale))
     log(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB), {args.checkpoint} checkpoint, step {chosen_step}, "
         f"val soi_mse {chosen_val:.6f}, Dice {dice['mean_dice_unregistered']:.3f} -> {dice['mean_dice_one_pass']:.3f}"
