@@ -458,6 +458,15 @@ def test_a_label_map_without_0_is_filled_with_its_background_and_an_unclear_imag
     out = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out.nii.gz")))
     assert set(np.unique(out).tolist()) <= set(np.unique(parcels).tolist()) and (out[:, :12] == -1).all()
 
+    # a map labelled everywhere (no 0, its most common value neither its lowest nor its type's highest): filled
+    # with 0 as before, no class invented outside the data (review)
+    classes = np.where(parcels < 0, 2, parcels % 3 + 1).astype(np.int16)
+    classes[:20] = 2
+    sitk.WriteImage(sitk.GetImageFromArray(classes), str(tmp_path / "classes.nii.gz"))
+    s = run_apply(tmp_path / "shift.tfm", tmp_path / "parcels.nii.gz", tmp_path / "classes.nii.gz",
+                  tmp_path / "out3.nii.gz", interpolation="nearest")
+    assert s["background"] == 0
+
     # an image between the kinds (parcels beside a strip of noise, 7 % of its edges in-between): the choice is
     # made and said to be unclear, with the other choice named
     unclear = parcels.copy()

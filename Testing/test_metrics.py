@@ -187,7 +187,8 @@ def test_an_image_upsampled_by_nearest_neighbour_is_still_intensities():
     labels = (np.digitize(np.hypot(x, y), [5, 9, 13, 17]) * 20 + np.digitize(z, np.arange(-18, 20, 3))).astype(np.int16)
     assert len(np.unique(labels)) > 50
     for a, intensities in ((image, True), (labels, False)):
-        for upsampled in (a, np.repeat(a, 2, 0), a.repeat(2, 0).repeat(2, 1).repeat(2, 2), np.repeat(a, 3, 2)):
+        for upsampled in (a, np.repeat(a, 2, 0), a.repeat(2, 0).repeat(2, 1).repeat(2, 2), np.repeat(a, 3, 2),
+                          np.repeat(a, 5, 0)):  # 5 mm slices resliced to 1 mm (review: read as labels)
             assert looks_like_intensities(sitk.GetImageFromArray(upsampled)) == intensities
     # a label map of blocks (a grid parcellation: every slice repeats within its block) is not collapsed into
     # lone voxels (review: 216 blocks of 4^3 voxels were read as intensities)

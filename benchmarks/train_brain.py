@@ -751,10 +751,12 @@ def with_kept_sections(card: str, earlier: str, stale: str | None = None) -> str
 
 
 def _marked_stale(section: str, why: str) -> str:
-    """A written section with `STALE_MARK` and ``why`` as its second line (an earlier mark replaced)."""
+    """A written section with `STALE_MARK` and ``why`` as its second line; one marked already keeps its mark (it
+    names the weights the section was measured on, older than the last export)."""
     first, _, rest = section.partition("\n")
-    lines = [line for line in rest.split("\n") if not line.startswith(STALE_MARK)]
-    return "\n".join([first, STALE_MARK + why] + lines)
+    if rest.startswith(STALE_MARK):
+        return section
+    return "\n".join([first, STALE_MARK + why, rest])
 
 
 def _licences(described: list[str]) -> list[str]:

@@ -697,11 +697,12 @@ class ISTNRegistrationLogic:
                 if result.retry is not None:
                     result.warnings.append(result.retry.note())
                 for stageResult in stages:  # which stage each is from (both stages may say the same)
-                    said = _("{stage} ({model}): {{warning}}").format(
-                        stage=STAGE_NAMES.get(stageResult.transform_type, stageResult.transform_type),
-                        model=Path(stageResult.model_path).name if stageResult.model_path else "?")
-                    result.warnings.extend(line for line in (said.format(warning=w) for w in stageResult.warnings)
-                                           if line not in result.warnings)
+                    stage = STAGE_NAMES.get(stageResult.transform_type, stageResult.transform_type)
+                    model = Path(stageResult.model_path).name if stageResult.model_path else "?"
+                    for w in stageResult.warnings:  # one format call: a model named 'brain{v2}.pt' is text
+                        line = _("{stage} ({model}): {warning}").format(stage=stage, model=model, warning=w)
+                        if line not in result.warnings:
+                            result.warnings.append(line)
                 result.stages = stages
                 final = stages[-1].transform
                 self._writeTransform(final, linearNode, bsplineWriter)

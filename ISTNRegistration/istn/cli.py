@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--interpolation", default="auto", choices=APPLY_INTERPOLATIONS,
                    help="auto (default): nearest neighbour for a label map (its pixel type kept), linear otherwise")
     a.add_argument("--background", type=float, default=None,
-                   help="value outside the input (default: 0 for nearest neighbour, the input's minimum for linear)")
+                   help="value outside the input (default: 0 for nearest neighbour (a label map without 0: its background, -1 or 65535), the input's minimum for linear)")
     a.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     a.add_argument("--verbose", action="store_true", help="show the libraries' own messages behind an error")
 

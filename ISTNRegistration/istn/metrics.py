@@ -58,6 +58,8 @@ def in_between_edge_fraction(a: np.ndarray, background, slab: int = 32) -> float
     highest of them: an image's anti-aliased edges, gradients and noise; rare in a label map, whose edges are
     steps. Computed ``slab`` slices (first axis) at a time, so that a 512^3 image needs a few slabs' memory, not a
     few copies of itself. 0 without edges."""
+    if a.size == 0:
+        return 0.0
     a = _without_repeated_slices(a)
     between = edges = 0
     for start in range(0, max(a.shape[0], 1), slab):
@@ -81,9 +83,11 @@ def _without_repeated_slices(a: np.ndarray) -> np.ndarray:
         moved = np.moveaxis(a, axis, 0)
         same = np.array([np.array_equal(moved[k], moved[k - 1]) for k in range(1, moved.shape[0])], dtype=bool)
         kept = np.concatenate([[True], ~same])
-        # an upsampling (up to 4x) leaves an image of its own: a few slices left are a label map of blocks (a
-        # grid parcellation), each of which would become one "lone" voxel (review: 216 blocks read as intensities)
-        if kept.sum() < max(16, len(kept) / 4):
+        # an upsampling (a thick-slice series resliced, 5x and more included) leaves an image of its own: fewer
+        # than 16 slices left are a label map of blocks (a small grid parcellation), each of which would become
+        # one "lone" voxel (review: 216 blocks read as intensities). A larger grid of blocks is still read as
+        # intensities (the price of reading resliced T1s right)
+        if kept.sum() < 16:
             kept[:] = True
         keep.append(kept)
     if all(k.all() for k in keep):

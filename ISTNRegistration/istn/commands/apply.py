@@ -31,7 +31,7 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
 
     ``interpolation="auto"``: nearest neighbour for a label map (integer values that form regions, as
     `run_evaluate` tells them from intensities; its pixel type kept, so the labels stay labels), else linear
-    (float32). ``background`` fills what falls outside ``input`` (default: 0 for nearest neighbour, the input's
+    (float32). ``background`` fills what falls outside ``input`` (default: 0 for nearest neighbour, or a label map's -1 or 65535 background where it has no 0; the input's
     minimum for linear, as `istn register`'s warped image). Everything is checked before anything is computed; an
     existing ``out`` is refused unless ``overwrite``, and an input is never overwritten.
     Returns what was done (for the printed line).
@@ -76,9 +76,14 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
     integral = bool(np.array_equal(values, np.round(values)))
     score = intensity_score(image) if integral and not head else None
     label_map = integral and (bool(head) or score is None or score <= MAX_IN_BETWEEN_EDGES)  # segments are labels
-    # a label map's background: 0, or where it has no 0 its most common value (-1, 65535): no label, and the fill
-    zero = not integral or head or bool((values == 0).any())
-    outside = 0.0 if zero else _most_common(values)
+    # a label map's background: 0, or where it has no 0 its most common value when that is its lowest (-1) or
+    # its type's highest (65535): no label, and the fill; else 0 as before (tissue classes 1-3 everywhere: no
+    # class is invented outside the data)
+    outside = 0.0
+    if integral and not head and not (values == 0).any():
+        common = _most_common(values)
+        top = np.iinfo(values.dtype).max if np.issubdtype(values.dtype, np.integer) else None
+        outside = common if common == float(values.min()) or common == top else 0.0
     labels = label_values(image) - {outside} if label_map and not head else set()  # once: a sort of every voxel
     if interpolation == "auto":
         interpolation = "nearest" if label_map else "linear"

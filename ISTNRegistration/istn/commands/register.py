@@ -470,8 +470,10 @@ def subject_names(paths: Sequence[str | Path]) -> list[str]:
                 common = len(Path(os.path.commonpath(parents)).parts)
             except ValueError:  # on Windows, folders on different drives: none in common
                 common = 0
+            mixed = len({len(parent.parts) for parent in parents}) > 1  # folders of several depths only
             for i, parent in zip(group, parents):
-                depth[i] = min(max(depth[i] + 1, len(parent.parts) - common), len(folders[i]))
+                needed = len(parent.parts) - common if mixed else 0
+                depth[i] = min(max(depth[i] + 1, needed), len(folders[i]))
 
 
 def shown_name(path: str | Path) -> str:
