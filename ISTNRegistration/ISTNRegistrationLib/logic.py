@@ -790,11 +790,9 @@ class ISTNRegistrationLogic:
             watched.clear()
             if staleBSpline is not None:
                 self._dropStaleBSpline(linearNode, staleBSpline)
-            for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")):
+            for node in _atlasOutputs(scene, linearNode):
                 # an atlas an earlier run into this output made, not made again now: it keeps that result's shape
-                node = scene.GetNthNodeByClass(index, "vtkMRMLSegmentationNode")
-                if (node.GetAttribute(ATTRIBUTE_ATLAS_TRANSFORM) == linearNode.GetID()
-                        and node is not result.atlasSegmentationNode):
+                if node is not result.atlasSegmentationNode:
                     result.warnings.append(_("'{name}' was made by an earlier run into '{transform}' and not made "
                                              "again by this one: it keeps the earlier result's shape; choose its "
                                              "atlas again to update it, or delete it").format(
@@ -1157,10 +1155,8 @@ class ISTNRegistrationLogic:
 
         scene = self.scene
         node = None
-        for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")):
-            candidate = scene.GetNthNodeByClass(index, "vtkMRMLSegmentationNode")
+        for candidate in _atlasOutputs(scene, linearNode):
             if (candidate.GetAttribute(ATTRIBUTE_ATLAS) == atlasNode.GetID()
-                    and candidate.GetAttribute(ATTRIBUTE_ATLAS_TRANSFORM) == linearNode.GetID()
                     and all(candidate is not other for other in [atlasNode, movingNode, *inputs])):
                 node = candidate
                 break
@@ -1314,6 +1310,14 @@ def _transformableNodes(scene) -> list:
     nodes = (scene.GetNthNodeByClass(i, "vtkMRMLTransformableNode")
              for i in range(scene.GetNumberOfNodesByClass("vtkMRMLTransformableNode")))
     return [node for node in nodes if node is not None]
+
+
+def _atlasOutputs(scene, linearNode) -> list:
+    """The segmentations runs into the output transform ``linearNode`` made of an atlas (any atlas)."""
+    nodes = (scene.GetNthNodeByClass(i, "vtkMRMLSegmentationNode")
+             for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")))
+    return [node for node in nodes if node is not None
+            and node.GetAttribute(ATTRIBUTE_ATLAS_TRANSFORM) == linearNode.GetID()]
 
 
 def _checkNumbers(**values) -> None:

@@ -133,10 +133,10 @@ def volumeNodeToImage(volumeNode, world: bool = False, placement: np.ndarray | N
     voxelToRas = ijkToRasMatrix(volumeNode)
     if placement is not None:
         voxelToRas = placement @ voxelToRas
-    elif world:
+    elif world and volumeNode.GetParentTransformNode() is not None:
         voxelToRas = parentToWorldMatrix(volumeNode) @ voxelToRas
         axes = voxelToRas[:3, :3] / np.linalg.norm(voxelToRas[:3, :3], axis=0)
-        if volumeNode.GetParentTransformNode() is not None and not np.allclose(axes.T @ axes, np.eye(3), atol=1e-3):
+        if not np.allclose(axes.T @ axes, np.eye(3), atol=1e-3):
             # the grid as shown is not a grid of voxels (a sheared grid of its own is refused by the engine)
             raise ValueError(_("'{name}' is shown through the transform '{parent}', which shears it: a volume's grid "
                                "cannot hold a shear; harden the transform (Data module, right-click > Harden "

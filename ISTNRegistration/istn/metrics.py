@@ -41,12 +41,13 @@ def looks_like_intensities(image: sitk.Image) -> bool:
     return score is not None and score > MAX_IN_BETWEEN_EDGES
 
 
-def intensity_score(image: sitk.Image) -> float | None:
+def intensity_score(image: sitk.Image, unique: tuple[np.ndarray, np.ndarray] | None = None) -> float | None:
     """`in_between_edge_fraction` of an image of more than `MANY_LABELS` values (None: fewer, a label map).
+    ``unique``: ``np.unique(voxels, return_counts=True)`` where the caller has it already (a sort of every voxel).
 
     The background is the most common value, 0 or not (CT's air at -1000 is no region of labels)."""
     a = sitk.GetArrayViewFromImage(image)
-    values, counts = np.unique(a, return_counts=True)
+    values, counts = unique if unique is not None else np.unique(a, return_counts=True)
     if len(values) - 1 <= MANY_LABELS:
         return None
     return in_between_edge_fraction(a, values[np.argmax(counts)])

@@ -31,8 +31,9 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
 
     ``interpolation="auto"``: nearest neighbour for a label map (integer values that form regions, as
     `run_evaluate` tells them from intensities; its pixel type kept, so the labels stay labels), else linear
-    (float32). ``background`` fills what falls outside ``input`` (default: 0 for nearest neighbour, or a label map's -1 or 65535 background where it has no 0; the input's
-    minimum for linear, as `istn register`'s warped image). Everything is checked before anything is computed; an
+    (float32). ``background`` fills what falls outside ``input`` (default: 0 for nearest neighbour, or a label
+    map's -1 or 65535 background where it has no 0; the input's minimum for linear, as `istn register`'s warped
+    image). Everything is checked before anything is computed; an
     existing ``out`` is refused unless ``overwrite``, and an input is never overwritten.
     Returns what was done (for the printed line).
     """
@@ -74,17 +75,19 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
     if not np.all(np.isfinite(values)):
         raise InputError(f"--input image '{input_path}' contains NaN or infinite voxel values")
     integral = bool(np.array_equal(values, np.round(values)))
-    score = intensity_score(image) if integral and not head else None
+    # the values and their counts, once (a sort of every voxel): the kind of image, its background, its labels
+    found, counts = np.unique(values, return_counts=True) if integral and not head else (None, None)
+    score = intensity_score(image, (found, counts)) if found is not None else None
     label_map = integral and (bool(head) or score is None or score <= MAX_IN_BETWEEN_EDGES)  # segments are labels
     # a label map's background: 0, or where it has no 0 its most common value when that is its lowest (-1) or
     # its type's highest (65535): no label, and the fill; else 0 as before (tissue classes 1-3 everywhere: no
     # class is invented outside the data)
     outside = 0.0
-    if integral and not head and not (values == 0).any():
-        common = _most_common(values)
+    if found is not None and not (found == 0).any():
+        common = float(found[np.argmax(counts)])
         top = np.iinfo(values.dtype).max if np.issubdtype(values.dtype, np.integer) else None
-        outside = common if common == float(values.min()) or common == top else 0.0
-    labels = label_values(image) - {outside} if label_map and not head else set()  # once: a sort of every voxel
+        outside = common if common == float(found[0]) or common == top else 0.0
+    labels = set(found.tolist()) - {0, outside} if label_map and not head else set()
     if interpolation == "auto":
         interpolation = "nearest" if label_map else "linear"
         why = (f"a segmentation: {len(segments)} segments" if label_map and head else
@@ -146,14 +149,6 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
                            "a segmentation resampled linearly holds fractions, not segments: its names and colours "
                            "were not kept")
     return summary
-
-
-def _most_common(values) -> float:
-    """The value most voxels hold."""
-    import numpy as np
-
-    found, counts = np.unique(values, return_counts=True)
-    return float(found[np.argmax(counts)])
 
 
 def run_invert(transform_path: str | Path, reference_path: str | Path, out_path: str | Path,
