@@ -59,6 +59,14 @@ def test_cuda_without_gpu_is_an_input_error(models, pair2d):
         register(*pair2d, models["affine"], device="cuda")
 
 
+def test_training_checks_its_device_as_registration_does():
+    from istn.training import resolve_device
+
+    with pytest.raises(InputError, match="'gpu' is not one of auto, cpu, cuda, cuda:N"):
+        resolve_device("gpu")  # torch's own message lists twenty device types
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
 def test_initial_transform_checks(models, pair2d):
     fixed, moving = pair2d
     with pytest.raises(InputError, match="the initial transform is 3D but the images are 2D"):

@@ -261,6 +261,26 @@ def test_a_model_without_an_itn_names_its_maps_as_what_they_are(scene, pair, tin
     assert back.movingMapNode.GetName() == "caudate overlay"
 
 
+def test_reused_maps_are_named_for_the_moving_volume_now_registered(scene, pair, tiny_models):
+    """A second moving volume registered into the same output transform: its maps are named for it (they kept
+    "(for <first moving>)" and "<first moving> ITN map"); a map the user renamed keeps its name."""
+    fixed_node, moving_node = pair[0], pair[1]
+    first = run(ISTNRegistrationLogic(), pair, tiny_models, "affine", showMaps=True)
+    second_moving = nodes.addVolumeNodeFromImage(scene, pair[3], "second moving")
+    moving_node.SetAndObserveTransformNodeID(None)  # taken out, or the module refuses to move it with the new result
+    second = run(ISTNRegistrationLogic(), (fixed_node, second_moving), tiny_models, "affine", showMaps=True,
+                 outputTransformNode=first.transformNode)
+    assert second.fixedMapNode is first.fixedMapNode and second.movingMapNode is first.movingMapNode
+    assert second.fixedMapNode.GetName() == f"{fixed_node.GetName()} ITN map (for second moving)"
+    assert second.movingMapNode.GetName() == "second moving ITN map"
+    second.fixedMapNode.SetName("my fixed map")
+    second_moving.SetAndObserveTransformNodeID(None)
+    third = run(ISTNRegistrationLogic(), pair, tiny_models, "affine", showMaps=True,
+                outputTransformNode=first.transformNode)
+    assert third.fixedMapNode.GetName() == "my fixed map"
+    assert third.movingMapNode.GetName() == f"{moving_node.GetName()} ITN map"
+
+
 def test_output_volume_is_the_resampled_moving_and_the_moving_stays_put(scene, pair, tiny_models):
     fixed_node, moving_node, fixed, moving = pair
     output = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "resampled")

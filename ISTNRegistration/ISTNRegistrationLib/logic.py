@@ -49,6 +49,8 @@ DEVICES = ("auto", "cpu", "cuda")
 ROLE_BSPLINE = "ISTNRegistration.bspline"
 ROLE_FIXED_MAP = "ISTNRegistration.fixedMap"
 ROLE_MOVING_MAP = "ISTNRegistration.movingMap"
+#: The name a map volume was last given by this module: a reused map is renamed only while it bears it.
+MAP_NAME_ATTRIBUTE = "ISTNRegistration.mapName"
 #: Colour tables for the ITN maps, best first (the file-based ones exist only in the application).
 MAP_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLColorTableNodeFileViridis.txt",
                       "vtkMRMLColorTableNodeIron")
@@ -1099,9 +1101,15 @@ class ISTNRegistrationLogic:
                 nodeio.updateVolumeNodeFromImage(node, image)
                 if node.GetDisplayNode() is None:
                     node.CreateDefaultDisplayNodes()
-                if node.GetName() in names.values() and node.GetName() != name:  # the model's kind changed; a
-                    changes.rememberName(node)                                  # name the user gave is kept
+                # the model's kind or the moving volume changed: the name this module gave is given anew, one
+                # the user gave is kept (scenes saved before the attribute: the names of this run's pair)
+                given = node.GetAttribute(MAP_NAME_ATTRIBUTE)
+                if node.GetName() != name and (node.GetName() == given or node.GetName() in names.values()):
+                    changes.rememberName(node)
                     node.SetName(name)
+            if node.GetName() == name:
+                changes.rememberAttribute(node, MAP_NAME_ATTRIBUTE)
+                node.SetAttribute(MAP_NAME_ATTRIBUTE, name)
             node.SetAndObserveTransformNodeID(parent.GetID() if parent is not None else None)
             node.SetAttribute("ISTNRegistration.map", "fixed" if parent is None else "moving")
             self._styleMap(node, image)

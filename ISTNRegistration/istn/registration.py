@@ -51,7 +51,7 @@ from .metrics import field_jacobian_determinant, jacobian_determinant, mutual_in
 from .refinement import (DEFAULT_ITERATIONS, MAP_DISPLAY_THRESHOLD, REFINE_LAYERS, CancelFlag, IterationInfo, loss_rise,
                          RefineOutput, model_region_margin, refine, refinement_layers, supports_fc_refinement)
 from .threads import default_threads
-from .training import resolve_device
+from .training import check_device, resolve_device
 from .transforms import (bspline_to_world, compose, field_spacing_cap, flatten_transform, matrix_to_sitk_affine,
                          sitk_affine_to_matrix, theta_to_world)
 
@@ -661,24 +661,6 @@ def check_transform_usable(transform: sitk.Transform, what: str) -> None:
     problem = transform_problem(transform)
     if problem:
         raise InputError(f"{what} {problem}")
-
-
-def check_device(device: str) -> None:
-    """`InputError` unless ``device`` is auto, cpu, cuda or cuda:N and that device exists here."""
-    device = str(device)  # a torch.device too
-    if device == "auto":
-        return
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise InputError(f"device '{device}' is not one of auto, cpu, cuda, cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"device '{device}' was asked for but no CUDA GPU is available (use auto or cpu)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InputError(f"device '{device}' does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
-    elif dev.type != "cpu":
-        raise InputError(f"device '{device}' is not one of auto, cpu, cuda, cuda:N")
 
 
 def register(

@@ -14,19 +14,36 @@ import torch.nn.functional as F
 from . import distributed
 from .config import ModelConfig, TrainConfig, to_dict, train_config_from_dict
 from .data import PairDataset, split_rows
-from .errors import ResultError
+from .errors import InputError, ResultError
 from .io import atomic_write
 from .losses import variant_loss
 from .networks import ISTN
 from .transforms import warp
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+def check_device(device: str) -> None:
+    """`InputError` unless ``device`` is auto, cpu, cuda or cuda:N and that device exists here."""
+    device = str(device)  # a torch.device too
     if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"device '{device}' is not one of auto, cpu, cuda, cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device '{device}' was asked for but no CUDA GPU is available (use auto or cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"device '{device}' does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif dev.type != "cpu":
+        raise InputError(f"device '{device}' is not one of auto, cpu, cuda, cuda:N")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; anything else is checked by `check_device` first."""
+    check_device(device)
+    if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but no CUDA GPU is available (use --device cpu or auto)")
     return torch.device(device)
 
 
