@@ -1560,6 +1560,18 @@ def test_what_a_script_gets_wrong_is_refused_in_its_own_words_before_the_scene_c
         assert selftest.nodeIds(scene) == before
 
 
+def test_a_sheared_grid_of_its_own_is_not_blamed_on_a_parent_that_does_not_shear(scene, pair, tiny_models):
+    fixed_node, moving_node = pair[:2]
+    matrix = nodes.ijkToRasMatrix(fixed_node)
+    matrix[:3, :3] = matrix[:3, :3] @ np.array([[1.0, 0.3, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    fixed_node.SetIJKToRASMatrix(nodes.vtkMatrixFromArray(matrix))
+    identity = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "identity")
+    fixed_node.SetAndObserveTransformNodeID(identity.GetID())
+    with pytest.raises(ValueError, match="direction matrix that is not orthonormal") as caught:
+        run(ISTNRegistrationLogic(), pair, tiny_models, "affine")
+    assert "identity" not in str(caught.value)
+
+
 def test_an_atlas_segmentation_keeps_its_names_colours_and_overlapping_segments(scene, pair, tiny_models):
     """Two segments that overlap (two layers in Slicer), with an output volume asked for: the moving volume stays
     where it is, and so does the atlas on its grid; every segment is its own warp, whole."""

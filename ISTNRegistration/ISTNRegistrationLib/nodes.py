@@ -134,15 +134,21 @@ def volumeNodeToImage(volumeNode, world: bool = False, placement: np.ndarray | N
     if placement is not None:
         voxelToRas = placement @ voxelToRas
     elif world and volumeNode.GetParentTransformNode() is not None:
+        own = voxelToRas
         voxelToRas = parentToWorldMatrix(volumeNode) @ voxelToRas
-        axes = voxelToRas[:3, :3] / np.linalg.norm(voxelToRas[:3, :3], axis=0)
-        if not np.allclose(axes.T @ axes, np.eye(3), atol=1e-3):
+        if _sheared(voxelToRas) and not _sheared(own):
             # the grid as shown is not a grid of voxels (a sheared grid of its own is refused by the engine)
             raise ValueError(_("'{name}' is shown through the transform '{parent}', which shears it: a volume's grid "
                                "cannot hold a shear; harden the transform (Data module, right-click > Harden "
                                "transform: it resamples the volume) or take the volume out of it").format(
                                    name=volumeNode.GetName(), parent=volumeNode.GetParentTransformNode().GetName()))
     return imageFromArray(array, voxelToRas)
+
+
+def _sheared(voxelToRas: np.ndarray) -> bool:
+    """Whether a 4x4 voxel-to-RAS matrix's axes are not at right angles."""
+    axes = voxelToRas[:3, :3] / np.linalg.norm(voxelToRas[:3, :3], axis=0)
+    return not np.allclose(axes.T @ axes, np.eye(3), atol=1e-3)
 
 
 def updateVolumeNodeFromImage(volumeNode, image: sitk.Image) -> None:
