@@ -153,6 +153,11 @@ def import_and_run() -> list[str]:
 
 
 def main() -> int:
+    if importlib.util.find_spec("torch") is not None:  # the calls checked include the panel's "install torch"
+        print(f"py39_check: {sys.executable} has torch; run this check with a Python without it (the pyenv 3.9 "
+              "one, as .ci/run does): it checks the module as an older Slicer without the packages loads it",
+              file=sys.stderr)
+        return 2
     files = shipped_files()
     names = {".".join(p.relative_to(MODULE_DIR).with_suffix("").parts) for p in files}
     names = {n[:-len(".__init__")] if n.endswith(".__init__") else n for n in names}

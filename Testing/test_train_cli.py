@@ -434,3 +434,14 @@ def test_a_config_whose_itn_channels_do_not_match_its_structure_maps_is_refused(
     config["model"]["soi_channels"] = 1
     (d / "cfg.json").write_text(json.dumps(config))
     assert main(["train", "--config", str(d / "cfg.json"), "--out", str(out), "--quiet"]) == 0
+
+
+def test_under_torchrun_each_process_names_itself_in_its_error(data, capsys, monkeypatch):
+    """torchrun starts one process per GPU and each says the error: which is which (docs audit: twice the same
+    line), and the one line a plain run gives."""
+    _, base = data
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(base + ["--steps", "0"]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert lines == ["istn train (process 1 of 2): error: --steps must be at least 1, got 0"], lines

@@ -187,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="labels: label maps, one channel per --soi-labels value; soft: one map in [0, max] (label "
                         "maps given to the default soft are refused: say labels, or soft to mean it)")
     t.add_argument("--soi-labels", type=int, nargs="*", help="label values, one SoI channel each")
-    t.add_argument("--soi-description", default="")
+    t.add_argument("--soi-description", default="",
+                   help="what the structure maps show, in words, stored in the model and shown by istn info and the "
+                        "Slicer panel (default: named after --soi-csv)")
     t.add_argument("--variant", choices=["stn-u", "stn-s", "istn-e", "istn-i"])
     t.add_argument("--transform", choices=["affine", "bspline"])
     t.add_argument("--ndim", type=int, choices=[2, 3], help="2: images, 3: volumes")
@@ -206,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr-final", type=float, help="the annealed learning rate's end, a fraction of --lr")
     t.add_argument("--val-every", type=int)
     t.add_argument("--seed", type=int)
-    t.add_argument("--device")
-    t.add_argument("--threads", type=int)
+    t.add_argument("--device", help="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N")
+    t.add_argument("--threads", type=int, help="CPU threads per process")
     t.add_argument("--out", help="run folder (default runs/istn): checkpoints; a run there is continued (a larger "
                                  "--steps) only with the same data and training settings")
     t.add_argument("--export", help="where to write the exported model (default OUT/model.pt); an existing file "
@@ -277,6 +279,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _who(command: str) -> str:
+    """``istn COMMAND``, with the process under torchrun (each process says its error: one line per process)."""
+    from .distributed import env_rank, env_world_size
+
+    try:
+        size = env_world_size()
+        return f"istn {command} (process {env_rank()} of {size})" if size > 1 else f"istn {command}"
+    except RuntimeError:  # a WORLD_SIZE that is not a number: said where training starts
+        return f"istn {command}"
 
 
 def _run(args: argparse.Namespace, verbose: bool) -> int:
@@ -362,12 +375,12 @@ def _run(args: argparse.Namespace, verbose: bool) -> int:
 
             run_demo(args.out, iterations=args.refine)
     except ISTNError as exc:  # bad input: one line, the library detail only on request
-        print(f"istn {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{_who(args.command)}: error: {exc}", file=sys.stderr)
         if verbose and exc.detail:
             print(exc.detail.rstrip(), file=sys.stderr)
         return 2
     except ResultError as exc:
-        print(f"istn {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{_who(args.command)}: error: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # the reader went away (`istn info ... | head`): nothing more to say to it
         try:

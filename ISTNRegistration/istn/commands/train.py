@@ -247,7 +247,8 @@ def _config(args: argparse.Namespace):
         given = [f"--{k.replace('_', '-')}" for k in CONFIG_OPTIONS if getattr(args, k, None) is not None]
         if given:
             raise InputError(f"{', '.join(given)} cannot be combined with --config: set them in the config file "
-                             "(only --out and --steps override it)")
+                             "(of its settings only --out and --steps may be given; --no-resume, --export and "
+                             "the other options about the run are taken as usual)")
         try:
             cfg = train_config_from_dict(json.loads(Path(args.config).read_text()))
         except (OSError, json.JSONDecodeError, ValueError, TypeError) as exc:
