@@ -130,20 +130,40 @@ def test_prepared_image_is_the_block_average():
     np.testing.assert_allclose(p.centre, foreground_centre(p.image))
 
 
-def test_prepare_image_is_cached_per_image_and_redone_when_it_changes():
+def test_prepare_image_is_cached_per_image_and_redone_when_it_changes(monkeypatch):
     inputs.clear_cache()
     img = _blob(spacing=(2.0, 2.0, 2.0))
     first = inputs.prepare_image(img, 4.0)
-    assert inputs.prepare_image(img, 4.0) is first  # the B-spline stage reuses the affine stage's
     other = inputs.prepare_image(img, 2.0)
-    assert other is not first  # another model's grid: its own entry
-    assert inputs.prepare_image(img, 2.0) is other and inputs.prepare_image(img, 4.0) is first
+    prepare = inputs._prepare
+    monkeypatch.setattr(inputs, "_prepare", lambda *a, **k: pytest.fail("prepared again"))
+    again = inputs.prepare_image(img, 4.0)  # the B-spline stage reuses the affine stage's
+    assert again.image is img and again.window == first.window and np.array_equal(again.centre, first.centre)
+    assert inputs.prepare_image(img, 2.0).window == other.window  # another model's grid: its own entry
+    monkeypatch.setattr(inputs, "_prepare", prepare)
     copy = sitk.Image(img)
-    assert inputs.prepare_image(copy, 4.0) is not first  # another object
+    assert inputs.prepare_image(copy, 4.0).image is copy  # another object: prepared for itself
     view = sitk.GetArrayViewFromImage(img)
     img[0, 0, 0] = float(view.max()) + 100.0  # changed in place (the first sampled voxel)
-    again = inputs.prepare_image(img, 4.0)
-    assert again is not first
+    changed = inputs.prepare_image(img, 4.0)
+    assert changed.window != first.window
+
+
+def test_the_cache_keeps_no_image_alive():
+    """An image used as its own working copy (float32, near the grid's spacing) was held by its entry until four
+    newer images pushed it out (2 GB for four 512^3 images); a freed image's block average goes with it."""
+    import gc
+    import weakref
+
+    inputs.clear_cache()
+    for spacing in ((2.0, 2.0, 2.0), (1.0, 1.0, 1.0)):  # the input itself; a block average
+        img = _blob(spacing=spacing)
+        inputs.prepare_image(img, 4.0)
+        alive = weakref.ref(img)
+        del img
+        gc.collect()
+        assert alive() is None
+        assert inputs._CACHE == []
 
 
 def test_prepare_image_checks_its_input():

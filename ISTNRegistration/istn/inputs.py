@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import SimpleITK as sitk
@@ -41,7 +41,8 @@ CACHE_SIZE = 4  # images kept: a pair, and the pair of the previous call
 class PreparedImage:
     """An input image ready for the network grid: what every stage of a registration needs of it."""
 
-    image: sitk.Image  # float32 working copy: the input, or its block average when much finer than the grid
+    image: sitk.Image  # float32 working copy: the input, or its block average when much finer than the grid (None
+    # only in the cache, for the input itself)
     window: tuple[float, float]  # intensity window (`istn.data.intensity_window`) of the working copy
     centre: np.ndarray  # (D,) world mm: foreground centre (`istn.data.foreground_centre`) of the working copy
     shrink: tuple[int, ...]  # voxels averaged per axis, ITK order (1: the input itself)
@@ -73,7 +74,8 @@ def prepare_image(image: sitk.Image, grid_spacing: float, intensity: tuple[float
     computed once for both.
 
     The cache holds the last `CACHE_SIZE` images by object identity (a weak
-    reference: a freed image's entry is never matched) and is checked against
+    reference: a freed image's entry, working copy included, is dropped with
+    it; an image is never kept alive by the cache) and is checked against
     the geometry and a sparse sample of the voxels, so an image changed in
     place since is prepared again. Thread-safe.
     """
@@ -86,11 +88,13 @@ def prepare_image(image: sitk.Image, grid_spacing: float, intensity: tuple[float
         for i, entry in enumerate(_CACHE):
             if entry[0]() is image and entry[1] == key and entry[2] == stamp:
                 _CACHE.append(_CACHE.pop(i))  # most recently used last (by position: sitk images compare voxelwise)
-                return entry[3]
+                kept = entry[3]
+                return kept if kept.image is not None else replace(kept, image=image)
     prepared = _prepare(check_image(image, what), grid_spacing, intensity, foreground, centre_on_foreground, what)
+    # a working copy that is the input itself is not held: the entry must not keep the image it is keyed on alive
+    kept = replace(prepared, image=None) if prepared.image is image else prepared
     with _LOCK:
-        _CACHE[:] = [e for e in _CACHE if e[0]() is not None]  # images freed since
-        _CACHE.append((weakref.ref(image), key, stamp, prepared))
+        _CACHE.append((weakref.ref(image, _forget_freed), key, stamp, kept))
         del _CACHE[:-CACHE_SIZE]
     return prepared
 
@@ -101,8 +105,14 @@ def clear_cache() -> None:
         _CACHE.clear()
 
 
+def _forget_freed(_ref: weakref.ref) -> None:
+    """Drop the entries of images freed since: their working copies go with them, not at the next call."""
+    with _LOCK:
+        _CACHE[:] = [e for e in _CACHE if e[0]() is not None]
+
+
 _CACHE: list[tuple[weakref.ref, tuple, tuple, PreparedImage]] = []
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # re-entrant: an image freed while the cache is edited calls _forget_freed there
 
 
 def _prepare(image: sitk.Image, grid_spacing: float, intensity: tuple[float, float], foreground: bool,
