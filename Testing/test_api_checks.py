@@ -59,6 +59,19 @@ def test_cuda_without_gpu_is_an_input_error(models, pair2d):
         register(*pair2d, models["affine"], device="cuda")
 
 
+@pytest.mark.parametrize("shear", [0.3, 1e-2])
+def test_a_sheared_grid_is_refused_even_when_its_determinant_is_one(shear):
+    """[[1, s], [0, 1]] has determinant 1: only the determinant was checked, so a sheared grid passed."""
+    from istn.io import check_image
+
+    image = sitk.GetImageFromArray(np.random.default_rng(0).random((16, 16)).astype(np.float32))
+    image.SetDirection((1.0, shear, 0.0, 1.0))
+    with pytest.raises(InputError, match="not orthonormal .*sheared grid"):
+        check_image(image, "fixed image")
+    image.SetDirection((0.0, 1.0, -1.0, 0.0))  # a rotation: fine
+    assert check_image(image, "fixed image").GetSize() == (16, 16)
+
+
 def test_training_checks_its_device_as_registration_does():
     from istn.training import resolve_device
 

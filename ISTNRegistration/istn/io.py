@@ -351,8 +351,10 @@ def check_image(image: sitk.Image, what: str = "image") -> sitk.Image:
     if hi <= lo:
         raise InputError(f"{what} is constant (all voxels {lo:g}): nothing to register")
     direction = np.asarray(image.GetDirection()).reshape(d, d)
-    if abs(abs(np.linalg.det(direction)) - 1.0) > 1e-3:
-        raise InputError(f"{what} has a direction matrix that is not orthonormal")
+    if not np.allclose(direction.T @ direction, np.eye(d), atol=1e-3):  # a shear can have determinant 1
+        raise InputError(f"{what} has a direction matrix that is not orthonormal (its voxel axes are not unit vectors "
+                         "at right angles: a sheared grid, e.g. a gantry-tilted CT); resample it onto a regular grid "
+                         "first (e.g. Slicer's Resample Scalar/Vector/DWI Volume, or sitk.Resample)")
     # a float32 image is returned as it is, not copied (0.5 GB at 0.5 mm 512^3): the engine makes new images from
     # it and never changes one in place
     return image if image.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(image, sitk.sitkFloat32)
