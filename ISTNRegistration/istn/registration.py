@@ -875,26 +875,28 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
                 mid = _inverse_consistent_theta(th, backward[0].cpu().double().numpy())
                 k = torch.from_numpy(np.linalg.inv(np.vstack([th, np.eye(d + 1)[d:]])) @ mid).to(forward)
 
-                def adjust(params: torch.Tensor) -> torch.Tensor:
+                def to_midpoint(params: torch.Tensor) -> torch.Tensor:
                     return params @ k  # theta @ K: the fixed correction that makes the one pass the midpoint
             else:
                 offset = -(forward + backward) / 2.0
 
-                def adjust(params: torch.Tensor) -> torch.Tensor:
+                def to_midpoint(params: torch.Tensor) -> torch.Tensor:
                     return params + offset
+            adjust = to_midpoint
         params0 = adjust(forward) if adjust is not None else forward
     if model.transform_type == "bspline" and (bending > 0 or anchor > 0):
         half = torch.tensor([s * (n - 1) / 2.0 for s, n in zip(work_grid.spacing, work_grid.size)],
                             dtype=torch.float32, device=dev)
         anchored = anchored_control_points(t_map, spacing_vox, MAP_DISPLAY_THRESHOLD) if anchor > 0 else None
 
-        def regulariser(params: torch.Tensor) -> torch.Tensor:
+        def penalty(params: torch.Tensor) -> torch.Tensor:
             total = params.new_zeros(())
             if bending > 0:
                 total = total + bending * bending_energy(params, cfg.cp_spacing_mm, half)
             if anchored is not None:
                 total = total + anchor * anchor_energy(params, anchored, half)
             return total
+        regulariser = penalty
     timings["one_pass"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     budget = iterations + polish  # per pass: the callback counts on across passes
