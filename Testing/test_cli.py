@@ -698,6 +698,29 @@ def test_a_later_run_removes_the_optional_outputs_it_does_not_write(files, make_
     assert set(res["outputs"]) == names and "jacobian" not in res
 
 
+def test_files_the_earlier_run_did_not_write_are_the_users_and_a_rerun_keeps_them(files, tmp_path, capsys):
+    """CLI audit: an atlas brought into a result folder (istn apply --inverse --out res/atlas_labels.nii.gz) and a
+    picture saved as overview.png were removed by the next run there as 'of an earlier run', which never wrote
+    them (its result.json lists what it wrote)."""
+    out = tmp_path / "out"
+    argv = ["register", "--refine", "3", "--quiet", "--no-figure", "--fixed", str(files["fixed"]), "--moving",
+            str(files["moving"]), "--model", str(files["model"]), "--out", str(out)]
+    assert main(argv) == 0
+    written = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "atlas_labels.nii.gz").write_bytes(b"the user's atlas")
+    (out / "overview.png").write_bytes(b"the user's picture")
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "holds atlas_labels.nii.gz, overview.png, which the earlier istn register run there did not write" in err
+    assert (out / "atlas_labels.nii.gz").read_bytes() == b"the user's atlas"
+    assert (out / "overview.png").read_bytes() == b"the user's picture"
+    assert all((out / n).read_bytes() == b for n, b in written.items())
+    (out / "atlas_labels.nii.gz").unlink()
+    (out / "overview.png").unlink()
+    assert main(argv) == 0  # its own files only: replaced as before
+
+
 def test_an_input_named_like_an_optional_output_is_refused_not_removed(files, tmp_path, capsys):
     """An --initial named affine.tfm in the output folder: refused before anything runs, and kept."""
     out = tmp_path / "out"

@@ -460,8 +460,9 @@ def check_earlier_outputs(out: Path, names: Sequence[str], record: str = "result
                           keys: tuple[str, ...] = ("transform_maps", "stages"), what: str = "istn register run") -> None:
     """Before any computation: files in ``out`` named like this run's outputs are replaced (optional ones removed)
     only when they are an earlier run's (``istn register``'s by default; a batch's: ``record="summary.json"``;
-    `istn demo`'s), as its ``record`` says (a JSON object with ``keys``); anything else there is the user's, and
-    the run is refused (`OutputError`) rather than overwrite it."""
+    `istn demo`'s), as its ``record`` says (a JSON object with ``keys``, whose ``outputs``, where it has them,
+    lists the files it wrote); anything else there is the user's, and the run is refused (`OutputError`) rather
+    than overwrite it."""
     present = [n for n in names if (out / n).exists()]
     if not present:
         return
@@ -473,6 +474,16 @@ def check_earlier_outputs(out: Path, names: Sequence[str], record: str = "result
     except ValueError:  # cut short (a full disk, a copy stopped part way) or edited: whose files they are is unknown
         data, why = None, f"its {record} cannot be read"
     if isinstance(data, dict) and all(k in data for k in keys):
-        return
+        listed = data.get("outputs")
+        if not isinstance(listed, list):  # a record that does not list its files: all of them the run's
+            return
+        # files named like outputs that the earlier run did not write are the user's (an atlas brought there with
+        # istn apply, a picture saved as overview.png): a re-run removed or replaced them
+        foreign = [n for n in present if n != record and n not in listed]
+        if not foreign:
+            return
+        raise OutputError(f"output folder '{out}' holds {', '.join(foreign)}, which the earlier {what} there did "
+                          f"not write (its {record} lists its outputs): they would be replaced or removed; move "
+                          "them, or choose a new or empty folder")
     raise OutputError(f"output folder '{out}' holds {', '.join(present)}, not the outputs of an earlier {what} "
                       f"({why}): they would be replaced; choose a new or empty folder")
