@@ -93,8 +93,12 @@ def read_raw_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
         if len(files) > 1:
             return read_dicom_series(p.parent, what, uid, given=p, files=files)
     try:
-        return _read_quietly(sitk.ReadImage, p, what, "could not be read as an image ({reason})")
+        image = _read_quietly(sitk.ReadImage, p, what, "could not be read as an image ({reason})")
     except InputError as exc:
+        if "No such file or directory" in str(exc):  # the file is there (checked): ITK could not read its voxels
+            raise InputError(f"{what} '{p}' could not be read: its voxel data is cut short or missing (an "
+                             "interrupted copy or download, or the data file its header names is not beside it)",
+                             detail=exc.detail) from None
         if "orthonormal direction cosines" not in str(exc):
             raise
         # a NIfTI sform/qform with shear (or a bad header): ITK, Slicer and ANTs store directions as rotations
@@ -102,6 +106,103 @@ def read_raw_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
                          "perpendicular), which ITK, and so this tool, Slicer and ANTs, cannot represent: resample it "
                          "onto a grid with perpendicular axes (e.g. nibabel's resample_from_to), or fix the header if "
                          "the shear is an error", detail=exc.detail) from None
+    if image.GetPixelID() in _COMPLEX_PIXELS:  # raw MR reconstructions: every later step would fail in ITK
+        raise InputError(f"{what} '{p}' holds complex values ({image.GetPixelIDTypeAsString()}): save its magnitude "
+                         "as an image of its own (e.g. sitk.ComplexToModulus, or fslcomplex -realabs)")
+    short = nifti_shortfall(p)
+    if short is not None:
+        expected, found = short
+        raise InputError(f"{what} '{p}' is cut short (an interrupted copy or download?): its header promises "
+                         f"{expected:,} bytes of voxels, the file holds {max(found, 0):,} "
+                         f"({100.0 * max(found, 0) / expected:.0f} %); ITK reads the missing voxels as 0")
+    return image
+
+
+_COMPLEX_PIXELS = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
+
+
+def _gunzipped_size(path: Path) -> int:
+    """The bytes a gzip file decompresses to, every member (bgzip writes many), as far as a cut-short one goes."""
+    import zlib
+
+    total = 0
+    unzip = zlib.decompressobj(wbits=31)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):  # at most ~66 MB out of 64 kB (zlib's ratio is at most ~1032)
+            while chunk:
+                try:
+                    total += len(unzip.decompress(chunk))
+                except zlib.error:  # garbage after the last member, or a damaged stream: what came so far
+                    return total
+                chunk = b""
+                if unzip.eof:  # a member ended: the next one starts in what is left
+                    chunk, unzip = unzip.unused_data, zlib.decompressobj(wbits=31)
+    return total
+
+
+def nifti_shortfall(path: Path) -> tuple[int, int] | None:
+    """(voxel bytes the header promises, voxel bytes the file holds) of a NIfTI file (.nii, .nii.gz, .hdr/.img)
+    that holds fewer than its header says, else None (complete, or not NIfTI): ITK reads a truncated NIfTI
+    without a word, the missing voxels as 0.
+
+    A .nii.gz is checked by its gzip trailer (the uncompressed size, modulo 2^32) and only where that differs by
+    decompressing it, so a complete file costs one read of its last 8 bytes."""
+    import gzip
+    import struct
+
+    name = path.name.lower()
+    gz = name.endswith(".gz")
+    stem = name[:-3] if gz else name
+    if not stem.endswith((".nii", ".hdr")):
+        return None
+    opener = gzip.open if gz else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(540)
+    except (OSError, EOFError):
+        return None  # ITK read it: whatever this is, it is not for this check to judge
+    if len(head) < 348:
+        return None
+    for endian in "<>":
+        size = struct.unpack(endian + "i", head[:4])[0]
+        if size == 348:  # NIfTI-1 (and Analyze 7.5)
+            dims = struct.unpack(endian + "8h", head[40:56])
+            bitpix = struct.unpack(endian + "h", head[72:74])[0]
+            offset = int(struct.unpack(endian + "f", head[108:112])[0])
+            break
+        if size == 540 and len(head) >= 540:  # NIfTI-2
+            bitpix = struct.unpack(endian + "h", head[14:16])[0]
+            dims = struct.unpack(endian + "8q", head[16:80])
+            offset = struct.unpack(endian + "q", head[168:176])[0]
+            break
+    else:
+        return None
+    n = int(dims[0])
+    if not 1 <= n <= 7 or bitpix <= 0 or any(d < 1 for d in dims[1:n + 1]):
+        return None
+    expected = int(np.prod([int(d) for d in dims[1:n + 1]], dtype=np.int64)) * bitpix // 8
+    data = path
+    if stem.endswith(".hdr"):  # the voxels lie in the .img beside it
+        offset = max(offset, 0)
+        data = next((c for c in (path.with_name(path.name[: -len(".hdr.gz" if gz else ".hdr")] + ext)
+                                 for ext in (".img.gz", ".img", ".IMG")) if c.is_file()), None)
+        if data is None:
+            return None
+        gz = data.name.lower().endswith(".gz")
+    else:
+        offset = max(offset, 352 if size == 348 else 544)
+    try:
+        if not gz:
+            found = data.stat().st_size - offset
+        else:
+            with open(data, "rb") as f:
+                f.seek(-4, os.SEEK_END)
+                if struct.unpack("<I", f.read(4))[0] == (offset + expected) % 2**32:
+                    return None
+            found = -offset + _gunzipped_size(data)
+    except OSError:
+        return None
+    return (expected, found) if found < expected else None
 
 
 # DICOM tags read here (SimpleITK's "gggg|eeee" keys)
