@@ -57,3 +57,33 @@ def test_a_complex_image_is_refused_with_what_to_do(volume, tmp_path, pixel):
     sitk.WriteImage(sitk.RealAndImaginaryToComplex(real, real), str(path))
     with pytest.raises(InputError, match="holds complex values .* save its magnitude"):
         read_image(path, "moving")
+
+
+def test_nan_voxels_are_counted_and_the_way_out_said(volume, tmp_path):
+    """NaN outside a mask (SPM, FSL): refused from NRRD/MHA with how many and what to do; a NIfTI file's NaN are
+    read as 0 by ITK (so by Slicer too), said in the same message."""
+    values = sitk.GetArrayFromImage(volume).astype(np.float32)
+    values[:5] = np.nan
+    values[-1, 0, 0] = np.inf
+    image = sitk.GetImageFromArray(values)
+    for name in ("masked.nrrd", "masked.mha"):
+        sitk.WriteImage(image, str(tmp_path / name))
+        with pytest.raises(InputError, match=r"contains 3,360 NaN and 1 infinite voxel values .* fslmaths IN -nan"):
+            read_image(tmp_path / name, "moving")
+    sitk.WriteImage(image, str(tmp_path / "masked.nii.gz"))
+    read = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "masked.nii.gz")))
+    assert np.count_nonzero(np.isnan(read)) == 0 and np.all(read[:5] == 0)  # ITK's NIfTI reader, as the message says
+
+
+def test_apply_says_what_a_4d_input_is(volume, tmp_path, capsys):
+    from istn.cli import main
+
+    series = sitk.JoinSeries([sitk.Cast(volume, sitk.sitkFloat32)] * 3)
+    sitk.WriteImage(series, str(tmp_path / "bold.nii.gz"))
+    sitk.WriteImage(volume, str(tmp_path / "ref.nii.gz"))
+    sitk.WriteTransform(sitk.AffineTransform(3), str(tmp_path / "t.tfm"))
+    assert main(["apply", "--transform", str(tmp_path / "t.tfm"), "--reference", str(tmp_path / "ref.nii.gz"),
+                 "--input", str(tmp_path / "bold.nii.gz"), "--out", str(tmp_path / "o.nii.gz")]) == 2
+    assert not (tmp_path / "o.nii.gz").exists()
+    err = capsys.readouterr().err
+    assert "bold.nii.gz' is 4D (28 x 24 x 20 x 3: 3 volumes of 28 x 24 x 20)" in err, err

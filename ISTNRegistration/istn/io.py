@@ -418,6 +418,24 @@ def grey_image(image: sitk.Image) -> sitk.Image | None:
     return scalar
 
 
+def four_d_problem(image: sitk.Image) -> str:
+    """What to say of a 4D image (a time series or several volumes in one file: fMRI, DWI, multi-echo)."""
+    size = image.GetSize()
+    return (f"is 4D ({' x '.join(map(str, size))}: {size[3]} volumes of {' x '.join(map(str, size[:3]))}); only 2D "
+            "and 3D images are supported: save the volume to use as a file of its own (e.g. fslroi IN OUT T 1, or "
+            "one volume of a Slicer sequence)")
+
+
+def nonfinite_problem(values: np.ndarray) -> str:
+    """What to say of voxel values that are not all finite: how many, and what to do."""
+    nan = int(np.count_nonzero(np.isnan(values)))
+    inf = int(values.size - nan - np.count_nonzero(np.isfinite(values)))
+    counts = " and ".join(f"{n:,} {kind}" for n, kind in ((nan, "NaN"), (inf, "infinite")) if n)
+    return (f"contains {counts} voxel values (NaN: often the outside of a masked image, as SPM and FSL write it): "
+            "set them to the background first (e.g. fslmaths IN -nan OUT, or numpy.nan_to_num); a NIfTI file's NaN "
+            "are read as 0 already (ITK's reader, and so Slicer's)")
+
+
 def check_image(image: sitk.Image, what: str = "image") -> sitk.Image:
     """Check an in-memory image is a usable 2D/3D scalar image; return it as float32 (itself where it is).
 
@@ -425,11 +443,7 @@ def check_image(image: sitk.Image, what: str = "image") -> sitk.Image:
     is; a colour image whose channels differ, or any other vector image, is refused."""
     d = image.GetDimension()
     if d == 4:  # a time series or several volumes in one file (fMRI, DWI, multi-echo)
-        size = image.GetSize()
-        raise InputError(f"{what} is 4D ({' x '.join(map(str, size))}: {size[3]} volumes of "
-                         f"{' x '.join(map(str, size[:3]))}); only 2D and 3D images are supported: save the volume "
-                         "to register as a file of its own (e.g. fslroi IN OUT T 1, or one volume of a Slicer "
-                         "sequence)")
+        raise InputError(f"{what} {four_d_problem(image)}")
     if d not in (2, 3):
         raise InputError(f"{what} is {d}D; only 2D and 3D images are supported")
     if image.GetNumberOfComponentsPerPixel() != 1:
@@ -447,7 +461,7 @@ def check_image(image: sitk.Image, what: str = "image") -> sitk.Image:
         raise InputError(f"{what} is too small ({image.GetSize()}): at least 4 voxels per axis are needed")
     arr = sitk.GetArrayViewFromImage(image)
     if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):  # integers are finite: no mask of a 512^3 image
-        raise InputError(f"{what} contains NaN or infinite voxel values")
+        raise InputError(f"{what} {nonfinite_problem(arr)}")
     lo, hi = float(arr.min()), float(arr.max())
     if hi <= lo:
         raise InputError(f"{what} is constant (all voxels {lo:g}): nothing to register")

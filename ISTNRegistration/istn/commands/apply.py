@@ -41,7 +41,8 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
     import SimpleITK as sitk
 
     from .. import segfile
-    from ..io import grey_image, image_suffix, read_raw_image, read_transform, write_image
+    from ..io import (four_d_problem, grey_image, image_suffix, nonfinite_problem, read_raw_image, read_transform,
+                      write_image)
     from ..metrics import MAX_IN_BETWEEN_EDGES, UNCLEAR_IN_BETWEEN_EDGES, intensity_score
     from ..registration import OUTPUT_FIELD_SPACING_MM, warp_image
 
@@ -68,12 +69,14 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
         raise InputError(f"--out '{out}': '{input_path}' is a segmentation whose segments overlap ({layers} layers), "
                          f"which only a Slicer segmentation file keeps: name it {out.name.split('.')[0]}.seg.nrrd")
     for what, img, p in (("--reference image", reference, reference_path), ("--input image", image, input_path)):
+        if img.GetDimension() == 4:
+            raise InputError(f"{what} '{p}' {four_d_problem(img)}")
         if img.GetDimension() != tx.GetDimension():
             raise InputError(f"{what} '{p}' is {img.GetDimension()}D but --transform '{transform_path}' is "
                              f"{tx.GetDimension()}D")
     values = sitk.GetArrayViewFromImage(image)
     if not np.all(np.isfinite(values)):
-        raise InputError(f"--input image '{input_path}' contains NaN or infinite voxel values")
+        raise InputError(f"--input image '{input_path}' {nonfinite_problem(values)}")
     integral = bool(np.array_equal(values, np.round(values)))
     # the values and their counts, once (a sort of every voxel): the kind of image, its background, its labels
     found, counts = np.unique(values, return_counts=True) if integral and not head else (None, None)
