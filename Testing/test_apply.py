@@ -404,7 +404,21 @@ def test_a_2d_result_goes_only_to_a_format_that_keeps_where_it_lies(tmp_path, ca
         assert apply(tmp_path / "rotated.nii.gz", tmp_path / f"out{suffix}") == 2
         err = capsys.readouterr().err
         assert f"'{suffix}' files do not keep the reference's {lost}" in err and len(err.strip().splitlines()) == 1
+        assert err.strip().endswith("name it .nii.gz, .nrrd or .mha")
         assert not (tmp_path / f"out{suffix}").exists()
+    # a sheared reference (NRRD keeps it): NIfTI cannot, and is not offered (clinical audit: "'.nii.gz' files do not
+    # keep ...; name it .nii.gz, .nrrd or .mha")
+    sheared = sitk.Image(rotated)
+    sheared.SetDirection((1.0, 0.3, 0.0, 1.0))
+    sitk.WriteImage(sheared, str(tmp_path / "sheared.nrrd"))
+    assert apply(tmp_path / "sheared.nrrd", tmp_path / "out_sheared.nii.gz") == 2
+    err = capsys.readouterr().err
+    assert "do not keep the reference's direction (a sheared grid: NIfTI stores rotations only)" in err
+    assert err.strip().endswith("name it .nrrd or .mha"), err
+    assert apply(tmp_path / "sheared.nrrd", tmp_path / "out_sheared.nrrd") == 0
+    written = sitk.ReadImage(str(tmp_path / "out_sheared.nrrd"))  # the same voxels at the same places
+    for index in ((0, 0), (7, 0), (0, 9), (47, 39)):
+        assert np.allclose(written.TransformIndexToPhysicalPoint(index), sheared.TransformIndexToPhysicalPoint(index))
     assert apply(tmp_path / "rotated.nii.gz", tmp_path / "out.nii.gz") == 0
     assert apply(plain, tmp_path / "out.png") == 0
     assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out.png"))), arr)

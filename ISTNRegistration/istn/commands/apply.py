@@ -299,5 +299,10 @@ def _check_writable_format(out: Path, reference, pixel_id: int) -> None:
         raise InputError(f"--out '{out}': a {ndim}D {kind} image cannot be written whole to {what}; name it .nii.gz, "
                          ".nrrd or .mha")
     if lost:
-        raise InputError(f"--out '{out}': {what} do not keep the reference's {', '.join(lost)}: the result would "
-                         "lie elsewhere (or hold other values) in every other tool; name it .nii.gz, .nrrd or .mha")
+        direction = np.asarray(reference.GetDirection()).reshape(ndim, ndim)
+        sheared = not np.allclose(direction.T @ direction, np.eye(ndim), atol=1e-3)
+        why = " (a sheared grid: NIfTI stores rotations only)" if sheared and "direction" in lost else ""
+        others = [s for s in (".nii.gz", ".nrrd", ".mha") if s != suffix.lower() and not (why and s == ".nii.gz")]
+        raise InputError(f"--out '{out}': {what} do not keep the reference's {', '.join(lost)}{why}: the result "
+                         "would lie elsewhere (or hold other values) in every other tool; name it "
+                         f"{' or '.join([', '.join(others[:-1]), others[-1]] if len(others) > 1 else others)}")
