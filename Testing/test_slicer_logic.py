@@ -1205,7 +1205,7 @@ def test_a_failed_self_check_registers_again_with_the_varied_models_beside(scene
     quiet = run(ISTNRegistrationLogic(), pair, models, "bspline")
     assert quiet.hint == "" and quiet.retry is None and "Hint" not in quiet.summary()
     added = len(selftest.nodeIds(scene) - before)
-    monkeypatch.setattr(engine, "_information_check", lambda given, result: "forced for the test")
+    monkeypatch.setattr(engine, "_information_check", lambda given, result, *moved: "forced for the test")
     before = selftest.nodeIds(scene)
     messages, shown = [], []
 
