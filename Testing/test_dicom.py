@@ -168,3 +168,14 @@ def test_pictures_name_a_dicom_input_by_its_series_description_and_folder(volume
     files = write_series(volume, tmp_path / "T1_MPRAGE", description="")  # a series without a description
     assert shown_name(files[3]) == "T1_MPRAGE (DICOM series)"
     assert shown_name(tmp_path / "sub-01.nii.gz") == "sub-01.nii.gz"
+
+
+def test_a_series_with_a_localizer_in_it_names_the_odd_file(volume, tmp_path):
+    """Clinical audit: a scout slice saved into the series (same Series UID, another size) gave "could not be read
+    (Size: [93, 79, 1])"; the message now says what is wrong and which file."""
+    folder = tmp_path / "series"
+    write_series(volume, folder, uid="1.2.3.1")
+    write_series(volume[:, :10, :1], folder, prefix="scout", uid="1.2.3.1")
+    with pytest.raises(InputError, match=r"mixes slices of another size or orientation \(1 of 29 files, e\.g\. "
+                                         r"'scout\w*\.dcm': a localizer"):
+        read_image(folder, "moving")

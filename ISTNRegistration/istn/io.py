@@ -276,6 +276,12 @@ def read_dicom_series(folder: str | os.PathLike, what: str = "image", uid: str |
         with quiet_stderr() as err:
             image = reader.Execute()
     except RuntimeError as exc:
+        odd = _odd_slices(files)
+        if odd:
+            raise InputError(f"{name}: DICOM series {uid} mixes slices of another size or orientation ({len(odd)} of "
+                             f"{len(files)} files, e.g. '{Path(odd[0]).name}': a localizer or a reformat saved into "
+                             "the series?); move them out of the folder and give it again",
+                             detail=f"{err.text}{exc}") from None
         raise InputError(f"{name}: DICOM series {uid} could not be read ({_last_line(exc)})",
                          detail=f"{err.text}{exc}") from None
     steps = _slice_steps(reader, len(files), image) if len(files) > 2 and image.GetDimension() == 3 else None
@@ -295,6 +301,22 @@ def read_dicom_series(folder: str | os.PathLike, what: str = "image", uid: str |
                 "degrees): a volume with perpendicular axes would shear the anatomy. Convert the series with a "
                 "tool that corrects the tilt (e.g. dcm2niix, or Slicer's DICOM module) and register that file")
     return image
+
+
+def _odd_slices(files: Sequence[str]) -> list[str]:
+    """The files of a series whose slice size or orientation differs from most of its files' (headers only)."""
+    kinds = []
+    for path in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        try:
+            with quiet_stderr():
+                reader.ReadImageInformation()
+            kinds.append((reader.GetSize()[:2], tuple(np.round(reader.GetDirection(), 3))))
+        except RuntimeError:
+            kinds.append(None)
+    common = max(set(kinds), key=kinds.count)
+    return [f for f, kind in zip(files, kinds) if kind != common]
 
 
 def _slice_steps(reader: sitk.ImageSeriesReader, n: int, image: sitk.Image) -> tuple[np.ndarray, np.ndarray] | None:
