@@ -119,6 +119,9 @@ def read_raw_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
 
 
 _COMPLEX_PIXELS = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
+#: NIfTI / Analyze datatype code -> bits per voxel
+_NIFTI_BITS = {2: 8, 4: 16, 8: 32, 16: 32, 32: 64, 64: 64, 128: 24, 256: 8, 512: 16, 768: 32, 1024: 64, 1280: 64,
+               1536: 128, 1792: 128, 2048: 256, 2304: 32}
 
 
 def _gunzipped_size(path: Path) -> int:
@@ -167,17 +170,20 @@ def nifti_shortfall(path: Path) -> tuple[int, int] | None:
         size = struct.unpack(endian + "i", head[:4])[0]
         if size == 348:  # NIfTI-1 (and Analyze 7.5)
             dims = struct.unpack(endian + "8h", head[40:56])
-            bitpix = struct.unpack(endian + "h", head[72:74])[0]
+            datatype = struct.unpack(endian + "h", head[70:72])[0]
             offset = int(struct.unpack(endian + "f", head[108:112])[0])
             break
         if size == 540 and len(head) >= 540:  # NIfTI-2
-            bitpix = struct.unpack(endian + "h", head[14:16])[0]
+            datatype = struct.unpack(endian + "h", head[12:14])[0]
             dims = struct.unpack(endian + "8q", head[16:80])
             offset = struct.unpack(endian + "q", head[168:176])[0]
             break
     else:
         return None
     n = int(dims[0])
+    # the voxel size as readers take it, from the datatype (a wrong bitpix must not refuse a whole file); 1-bit
+    # Analyze images and unknown types: not judged
+    bitpix = _NIFTI_BITS.get(datatype, 0)
     if not 1 <= n <= 7 or bitpix <= 0 or any(d < 1 for d in dims[1:n + 1]):
         return None
     expected = int(np.prod([int(d) for d in dims[1:n + 1]], dtype=np.int64)) * bitpix // 8
