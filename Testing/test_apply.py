@@ -415,6 +415,9 @@ def test_a_2d_result_goes_only_to_a_format_that_keeps_where_it_lies(tmp_path, ca
     err = capsys.readouterr().err
     assert "do not keep the reference's direction (a sheared grid: NIfTI stores rotations only)" in err
     assert err.strip().endswith("name it .nrrd or .mha"), err
+    assert apply(tmp_path / "sheared.nrrd", tmp_path / "out_sheared.png") == 2  # PNG: not NIfTI's fault
+    err = capsys.readouterr().err
+    assert "NIfTI" not in err and err.strip().endswith("name it .nrrd or .mha"), err
     assert apply(tmp_path / "sheared.nrrd", tmp_path / "out_sheared.nrrd") == 0
     written = sitk.ReadImage(str(tmp_path / "out_sheared.nrrd"))  # the same voxels at the same places
     for index in ((0, 0), (7, 0), (0, 9), (47, 39)):

@@ -198,8 +198,8 @@ def _sheared_nifti(p):
 BAD_MOVING = {
     "sheared": ("sheared.nii", _sheared_nifti, "has a sheared or invalid orientation in its header"),
     "4d": ("bold.nii.gz", _series_4d, "is 4D (20 x 20 x 6 x 5: 5 volumes of 20 x 20 x 6)"),
-    "nan": ("nan.mha", _nan_image, "NaN voxel values (NaN: often the outside of a masked image"),
-    "inf": ("inf.nrrd", _inf_image, "infinite voxel values"),
+    "nan": ("nan.mha", _nan_image, "NaN voxel value (often the outside of a masked image"),
+    "inf": ("inf.nrrd", _inf_image, "infinite voxel value"),
     "constant": ("const.nii.gz", _constant_image, "constant"),
     "vector": ("rgb.png", _rgb_image, "has 3 components per pixel (a colour or vector image whose components "
                                       "differ: convert a colour image to grey levels first)"),

@@ -283,13 +283,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _who(command: str) -> str:
     """``istn COMMAND``, with the process under torchrun (each process says its error: one line per process)."""
-    from .distributed import env_rank, env_world_size
-
-    try:
-        size = env_world_size()
-        return f"istn {command} (process {env_rank()} of {size})" if size > 1 else f"istn {command}"
-    except RuntimeError:  # a WORLD_SIZE that is not a number: said where training starts
+    try:  # torchrun's variables (istn.distributed reads them too, but imports torch)
+        size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    except ValueError:  # not numbers: said where training starts
         return f"istn {command}"
+    return f"istn {command} (process {rank} of {size})" if size > 1 else f"istn {command}"
 
 
 def _run(args: argparse.Namespace, verbose: bool) -> int:

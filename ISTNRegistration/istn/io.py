@@ -188,15 +188,15 @@ def nifti_shortfall(path: Path) -> tuple[int, int] | None:
         return None
     expected = int(np.prod([int(d) for d in dims[1:n + 1]], dtype=np.int64)) * bitpix // 8
     data = path
-    if stem.endswith(".hdr"):  # the voxels lie in the .img beside it
+    if stem.endswith(".hdr"):  # the voxels lie in the .img beside it, looked for in nifti1_io's order
         offset = max(offset, 0)
         data = next((c for c in (path.with_name(path.name[: -len(".hdr.gz" if gz else ".hdr")] + ext)
-                                 for ext in (".img.gz", ".img", ".IMG")) if c.is_file()), None)
+                                 for ext in (".img", ".img.gz", ".IMG", ".IMG.GZ")) if c.is_file()), None)
         if data is None:
             return None
         gz = data.name.lower().endswith(".gz")
     else:
-        offset = max(offset, 352 if size == 348 else 544)
+        offset = max(offset, size)  # what nifti1_io takes of a smaller vox_offset: the header's end
     try:
         if not gz:
             found = data.stat().st_size - offset
@@ -321,7 +321,9 @@ def _odd_slices(files: Sequence[str]) -> list[str]:
             kinds.append((reader.GetSize()[:2], tuple(np.round(reader.GetDirection(), 3))))
         except RuntimeError:
             kinds.append(None)
-    common = max(set(kinds), key=kinds.count)
+    if None in kinds:  # a damaged file is not a localizer: said by the series' own read error
+        return []
+    common = max(kinds, key=kinds.count)  # ties: the kind of the first file in slice order
     return [f for f, kind in zip(files, kinds) if kind != common]
 
 
@@ -459,9 +461,10 @@ def nonfinite_problem(values: np.ndarray) -> str:
     nan = int(np.count_nonzero(np.isnan(values)))
     inf = int(values.size - nan - np.count_nonzero(np.isfinite(values)))
     counts = " and ".join(f"{n:,} {kind}" for n, kind in ((nan, "NaN"), (inf, "infinite")) if n)
-    return (f"contains {counts} voxel values (NaN: often the outside of a masked image, as SPM and FSL write it): "
-            "set them to the background first (e.g. fslmaths IN -nan OUT, or numpy.nan_to_num); a NIfTI file's NaN "
-            "are read as 0 already (ITK's reader, and so Slicer's)")
+    why = " (often the outside of a masked image, as SPM and FSL write it)" if nan else ""
+    way = "e.g. fslmaths IN -nan OUT, or numpy.nan_to_num" if not inf else "e.g. numpy.nan_to_num"
+    return (f"contains {counts} voxel value{'s' if nan + inf > 1 else ''}{why}: set them to the background first "
+            f"({way}); a NIfTI file's are read as 0 already (ITK's reader, and so Slicer's)")
 
 
 def check_image(image: sitk.Image, what: str = "image") -> sitk.Image:

@@ -301,8 +301,9 @@ def _check_writable_format(out: Path, reference, pixel_id: int) -> None:
     if lost:
         direction = np.asarray(reference.GetDirection()).reshape(ndim, ndim)
         sheared = not np.allclose(direction.T @ direction, np.eye(ndim), atol=1e-3)
-        why = " (a sheared grid: NIfTI stores rotations only)" if sheared and "direction" in lost else ""
-        others = [s for s in (".nii.gz", ".nrrd", ".mha") if s != suffix.lower() and not (why and s == ".nii.gz")]
+        nifti = suffix.lower() in (".nii", ".nii.gz", ".hdr", ".img")
+        why = " (a sheared grid: NIfTI stores rotations only)" if sheared and nifti and "direction" in lost else ""
+        others = [s for s in (".nii.gz", ".nrrd", ".mha") if s != suffix.lower() and not (sheared and s == ".nii.gz")]
         raise InputError(f"--out '{out}': {what} do not keep the reference's {', '.join(lost)}{why}: the result "
                          "would lie elsewhere (or hold other values) in every other tool; name it "
                          f"{' or '.join([', '.join(others[:-1]), others[-1]] if len(others) > 1 else others)}")
