@@ -146,9 +146,10 @@ def volumeNodeToImage(volumeNode, world: bool = False, placement: np.ndarray | N
 
 
 def _sheared(voxelToRas: np.ndarray) -> bool:
-    """Whether a 4x4 voxel-to-RAS matrix's axes are not at right angles."""
-    axes = voxelToRas[:3, :3] / np.linalg.norm(voxelToRas[:3, :3], axis=0)
-    return not np.allclose(axes.T @ axes, np.eye(3), atol=1e-3)
+    """Whether a 4x4 voxel-to-RAS matrix's axes are not at right angles (its spacing divided out)."""
+    from istn.io import sheared
+
+    return sheared(voxelToRas[:3, :3] / np.linalg.norm(voxelToRas[:3, :3], axis=0))
 
 
 def updateVolumeNodeFromImage(volumeNode, image: sitk.Image) -> None:

@@ -448,6 +448,14 @@ def grey_image(image: sitk.Image) -> sitk.Image | None:
     return scalar
 
 
+def sheared(direction: Sequence[float] | np.ndarray) -> bool:
+    """Whether a direction matrix (flat, ITK's, or square) is not orthonormal: its axes not unit vectors at right
+    angles (a shear can have determinant 1)."""
+    m = np.asarray(direction, dtype=float)
+    m = m.reshape(int(round(np.sqrt(m.size))), -1)
+    return not np.allclose(m.T @ m, np.eye(m.shape[0]), atol=1e-3)
+
+
 def four_d_problem(image: sitk.Image) -> str:
     """What to say of a 4D image (a time series or several volumes in one file: fMRI, DWI, multi-echo)."""
     size = image.GetSize()
@@ -496,8 +504,7 @@ def check_image(image: sitk.Image, what: str = "image") -> sitk.Image:
     lo, hi = float(arr.min()), float(arr.max())
     if hi <= lo:
         raise InputError(f"{what} is constant (all voxels {lo:g}): nothing to register")
-    direction = np.asarray(image.GetDirection()).reshape(d, d)
-    if not np.allclose(direction.T @ direction, np.eye(d), atol=1e-3):  # a shear can have determinant 1
+    if sheared(image.GetDirection()):
         raise InputError(f"{what} has a direction matrix that is not orthonormal (its voxel axes are not unit vectors "
                          "at right angles: a sheared grid, e.g. a gantry-tilted CT); resample it onto a regular grid "
                          "first (e.g. Slicer's Resample Scalar/Vector/DWI Volume, or sitk.Resample)")

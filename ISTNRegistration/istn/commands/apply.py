@@ -261,7 +261,7 @@ def _check_writable_format(out: Path, reference, pixel_id: int) -> None:
     import numpy as np
     import SimpleITK as sitk
 
-    from ..io import image_suffix, quiet_stderr
+    from ..io import image_suffix, quiet_stderr, sheared
 
     ndim = reference.GetDimension()
     suffix = image_suffix(out)
@@ -299,11 +299,10 @@ def _check_writable_format(out: Path, reference, pixel_id: int) -> None:
         raise InputError(f"--out '{out}': a {ndim}D {kind} image cannot be written whole to {what}; name it .nii.gz, "
                          ".nrrd or .mha")
     if lost:
-        direction = np.asarray(reference.GetDirection()).reshape(ndim, ndim)
-        sheared = not np.allclose(direction.T @ direction, np.eye(ndim), atol=1e-3)
+        shear = sheared(reference.GetDirection())
         nifti = suffix.lower() in (".nii", ".nii.gz", ".hdr", ".img")
-        why = " (a sheared grid: NIfTI stores rotations only)" if sheared and nifti and "direction" in lost else ""
-        others = [s for s in (".nii.gz", ".nrrd", ".mha") if s != suffix.lower() and not (sheared and s == ".nii.gz")]
+        why = " (a sheared grid: NIfTI stores rotations only)" if shear and nifti and "direction" in lost else ""
+        others = [s for s in (".nii.gz", ".nrrd", ".mha") if s != suffix.lower() and not (shear and s == ".nii.gz")]
+        names = others[-1] if len(others) == 1 else f"{', '.join(others[:-1])} or {others[-1]}"
         raise InputError(f"--out '{out}': {what} do not keep the reference's {', '.join(lost)}{why}: the result "
-                         "would lie elsewhere (or hold other values) in every other tool; name it "
-                         f"{' or '.join([', '.join(others[:-1]), others[-1]] if len(others) > 1 else others)}")
+                         f"would lie elsewhere (or hold other values) in every other tool; name it {names}")
