@@ -494,3 +494,84 @@ def test_a_label_map_without_0_is_filled_with_its_background_and_an_unclear_imag
     assert s["interpolation"].startswith("nearest (auto: a label map: ")
     assert "not clear-cut: 7% of its edges" in s["interpolation"]
     assert "give --interpolation linear if it holds intensities" in s["interpolation"]
+
+
+# --------------------------------------------------------------------------
+# Two-file formats and extensions in capitals (session 35: the clinical audit's apply findings)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, second", [("x.nhdr", "x.raw.gz"), ("x.mhd", "x.zraw"), ("x.hdr", "x.img"),
+                                          ("x.img", "x.hdr"), ("x.img.gz", "x.hdr.gz"), ("X.NII.GZ", None),
+                                          ("X.MHA", None)])
+def test_every_format_apply_accepts_is_written_whole_under_the_names_asked_for(scene3d, tmp_path, name, second):
+    """A header and its voxel file both land under the names asked for (the voxel file once kept a temporary
+    name, so .nhdr/.mhd/.hdr results could not be read); an extension in capitals is written, not refused."""
+    paths, fixed, _, labels, affine, _ = scene3d
+    out = tmp_path / "o" / name
+    assert main(["apply", "--transform", str(paths["affine"]), "--reference", str(paths["fixed"]), "--input",
+                 str(paths["labels"]), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted([name] + ([second] if second else []))
+    reader = sitk.ImageFileReader()  # as written, read by the format's own reader (ITK has none for .MHA)
+    reader.SetFileName(str(out))
+    if name == "X.MHA":
+        reader.SetImageIO("MetaImageIO")
+    got = reader.Execute()
+    expected = sitk.Resample(labels, fixed, affine, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(expected))
+    np.testing.assert_allclose(got.GetOrigin(), fixed.GetOrigin(), atol=1e-4)
+
+
+def test_an_input_in_capitals_is_read(scene3d, tmp_path):
+    paths, fixed, _, labels, affine, _ = scene3d
+    upper = tmp_path / "LABELS.MHA"
+    sitk.WriteImage(labels, str(tmp_path / "l.mha"))
+    (tmp_path / "l.mha").rename(upper)
+    run_apply(paths["affine"], paths["fixed"], upper, tmp_path / "out.nii.gz")
+    expected = sitk.Resample(labels, fixed, affine, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out.nii.gz"))),
+                                  sitk.GetArrayFromImage(expected))
+
+
+def test_the_second_file_of_a_two_file_output_is_never_an_inputs_and_not_replaced_unasked(scene3d, tmp_path,
+                                                                                       capsys):
+    """An Analyze/NIfTI pair given as input (scan.hdr + scan.img): --out scan.img is a file of that input, even
+    with --overwrite; --out y.nhdr where a y.raw.gz exists is refused without --overwrite, the file kept."""
+    paths, fixed, _, labels, affine, _ = scene3d
+    sitk.WriteImage(labels, str(tmp_path / "scan.hdr"))
+    pair = {p: p.read_bytes() for p in (tmp_path / "scan.hdr", tmp_path / "scan.img")}
+
+    def apply(out, *extra):
+        return main(["apply", "--transform", str(paths["affine"]), "--reference", str(paths["fixed"]), "--input",
+                     str(tmp_path / "scan.hdr"), "--out", str(out), *extra])
+
+    for extra in ((), ("--overwrite",)):
+        assert apply(tmp_path / "scan.img", *extra) == 2
+        assert "is a file of the input" in capsys.readouterr().err
+    other = tmp_path / "other.hdr"  # another input whose voxels a new output's name would take
+    sitk.WriteImage(labels, str(other))
+    assert main(["apply", "--transform", str(paths["affine"]), "--reference", str(other), "--input",
+                 str(tmp_path / "scan.hdr"), "--out", str(tmp_path / "other.img.gz"), "--overwrite"]) == 0  # own name
+    assert all(p.read_bytes() == b for p, b in pair.items())
+    theirs = tmp_path / "y.raw.gz"
+    theirs.write_bytes(b"mine")
+    assert apply(tmp_path / "y.nhdr") == 2
+    assert "would also write" in capsys.readouterr().err and theirs.read_bytes() == b"mine"
+    assert not (tmp_path / "y.nhdr").exists()
+    assert apply(tmp_path / "y.nhdr", "--overwrite") == 0
+    expected = sitk.Resample(labels, fixed, affine, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "y.nhdr"))),
+                                  sitk.GetArrayFromImage(expected))
+    assert all(p.read_bytes() == b for p, b in pair.items())
+
+
+def test_an_out_that_names_a_folder_or_another_file_type_is_refused(scene3d, tmp_path, capsys):
+    paths, *_ = scene3d
+    assert main(["apply", "--transform", str(paths["affine"]), "--reference", str(paths["fixed"]), "--input",
+                 str(paths["labels"]), "--out", str(tmp_path / "new") + "/"]) == 2
+    assert "names a folder: give the output file's name" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    assert main(["evaluate", "--fixed-labels", str(paths["labels"]), "--moving-labels", str(paths["labels"]),
+                 "--out", str(tmp_path / "metrics.nii.gz")]) == 2
+    assert "evaluate writes its metrics as JSON; name it metrics.json" in capsys.readouterr().err
+    assert not (tmp_path / "metrics.nii.gz").exists()

@@ -527,6 +527,8 @@ def test_initial_transform_of_the_wrong_dimension(files, tmp_path, capfd, no_sta
     ("--lr", "nan", "--lr must be a finite number > 0"),
     ("--lr", "inf", "--lr must be a finite number > 0"),
     ("--coarse-iterations", "-1", "--coarse-iterations must be a whole number >= 0"),
+    ("--background", "nan", "--background must be a finite number"),
+    ("--background", "1e40", "--background 1e+40 is beyond what the warped image (32-bit float"),  # was internal
 ])
 def test_bad_numeric_options(files, tmp_path, capfd, no_stage_runs, option, value, message):
     """Rows 6-7: --refine -5 (was a traceback) and --lr 0 (was accepted)."""

@@ -292,14 +292,18 @@ def test_self_check_warns_when_the_pair_is_unlike_validation(make_model):
 
 
 def test_odd_intensity_ranges_give_the_same_world_transform(make_model):
-    """CT-like offsets, 16-bit scales, tiny floats: the percentile window maps them all to the same input."""
+    """CT-like offsets, 16-bit scales, tiny floats: the percentile window maps them all to the same input. And 256
+    grey levels far from 0 (a float32 image at 1e7: numpy's histogram refused Otsu's bins there, an internal
+    error): registered, within half a 2 mm voxel (float32's steps at 1e7 are 1 grey level, to which the 4 mm
+    working copy's block averages are rounded: 0.53 mm here, 0.04 mm on the 1 mm sample pair)."""
     model = load_model(make_model(3, "affine", scale=0.3))
     fixed, moving = _head(), _head(centre=(8.0, -2.0, 4.0))
     ref = register(fixed, moving, model, iterations=3).transform
-    for scale, offset in ((4000.0, -1000.0), (1e-3, 0.0), (65535.0, 0.0)):
+    for scale, offset, within in ((4000.0, -1000.0, 0.05), (1e-3, 0.0, 0.05), (65535.0, 0.0, 0.05),
+                                  (255.0, 1e7, 1.0)):
         odd = sitk.ShiftScale(moving, shift=offset / scale, scale=scale)  # (x + shift) * scale
         res = register(fixed, odd, model, iterations=3)
-        assert _max_distance(res.transform, ref, fixed) < 0.05, (scale, offset)
+        assert _max_distance(res.transform, ref, fixed) < within, (scale, offset)
 
 
 @pytest.mark.skipif(not (Path(__file__).parents[1] / "ISTNRegistration" / "Resources" / "Models" /

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -93,7 +94,7 @@ def read_raw_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
         if len(files) > 1:
             return read_dicom_series(p.parent, what, uid, given=p, files=files)
     try:
-        image = _read_quietly(sitk.ReadImage, p, what, "could not be read as an image ({reason})")
+        image = _read_quietly(_read_any_case, p, what, "could not be read as an image ({reason})")
     except InputError as exc:
         if "No such file or directory" in str(exc):  # the file is there (checked): ITK could not read its voxels
             raise InputError(f"{what} '{p}' could not be read: its voxel data is cut short or missing (an "
@@ -116,6 +117,29 @@ def read_raw_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
                          f"{expected:,} bytes of voxels, the file holds {max(found, 0):,} "
                          f"({100.0 * max(found, 0) / expected:.0f} %); ITK reads the missing voxels as 0")
     return image
+
+
+#: The reader of each lower-case extension, for a file whose extension is in capitals (SCAN.MHA from a Windows
+#: share): ITK picks most readers by the extension as written, and finds none for .MHA or .NRRD
+_IO_OF_SUFFIX = {".mha": "MetaImageIO", ".mhd": "MetaImageIO", ".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO",
+                 ".seg.nrrd": "NrrdImageIO", ".vtk": "VTKImageIO", ".gipl": "GiplImageIO", ".gipl.gz": "GiplImageIO",
+                 ".mnc": "MINCImageIO", ".png": "PNGImageIO", ".jpg": "JPEGImageIO", ".jpeg": "JPEGImageIO",
+                 ".tif": "TIFFImageIO", ".tiff": "TIFFImageIO", ".bmp": "BMPImageIO", ".mrc": "MRCImageIO"}
+
+
+def _read_any_case(name: str) -> sitk.Image:
+    """``sitk.ReadImage(name)``; where ITK finds no reader for an extension in capitals, the reader of the same
+    extension in lower case."""
+    try:
+        return sitk.ReadImage(name)
+    except RuntimeError as exc:
+        io = _IO_OF_SUFFIX.get(image_suffix(Path(name)).lower())
+        if io is None or "Unable to determine ImageIO reader" not in str(exc):
+            raise
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(name)
+        reader.SetImageIO(io)
+        return reader.Execute()
 
 
 _COMPLEX_PIXELS = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
@@ -519,31 +543,64 @@ def check_image(image: sitk.Image, what: str = "image") -> sitk.Image:
 
 
 def image_suffix(path: Path) -> str:
-    """An image file's extension, the two-part ones whole: ``.nii.gz``, ``.seg.nrrd``, else ``path.suffix``."""
+    """An image file's extension, the two-part ones whole (``.nii.gz``, ``.seg.nrrd``, ``.hdr.gz``, ``.img.gz``,
+    ``.gipl.gz``; in the name's own case), else ``path.suffix``."""
     name = path.name
-    for ext in (".nii.gz", ".seg.nrrd"):
-        if name.endswith(ext):
-            return ext
+    for ext in TWO_PART_SUFFIXES:
+        if name.lower().endswith(ext) and len(name) > len(ext):
+            return name[-len(ext):]
     return path.suffix
 
 
-def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> Path:
-    """Call ``writer(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
+TWO_PART_SUFFIXES = (".nii.gz", ".seg.nrrd", ".hdr.gz", ".img.gz", ".gipl.gz")
 
-    The temporary name keeps the extension so SimpleITK picks the right writer.
-    On failure the temporary file is removed and ``path`` is untouched.
+
+def image_files(path: Path) -> list[Path]:
+    """The files an image on disk is made of: ``path``, and the voxel file of a two-file format beside it (the
+    ``.img`` of an Analyze/NIfTI ``.hdr``, or the reverse; the ``data file`` of a detached NRRD header, the
+    ``ElementDataFile`` of a MetaImage ``.mhd``), where it exists. A list of data files (one per slice) is not
+    followed."""
+    files = [path]
+    suffix = image_suffix(path).lower()
+    pairs = {".hdr": ".img", ".img": ".hdr", ".hdr.gz": ".img.gz", ".img.gz": ".hdr.gz"}
+    if suffix in pairs:
+        stem = path.name[: -len(suffix)]
+        files += [path.with_name(stem + ext) for ext in (pairs[suffix], pairs[suffix].upper())]
+    elif suffix in (".nhdr", ".mhd") and path.is_file():
+        key = "data file:" if suffix == ".nhdr" else "elementdatafile"
+        with open(path, "rb") as f:
+            head = f.read(65536).decode("latin-1")
+        for line in head.splitlines():
+            name = line.split("=", 1)[-1] if suffix == ".mhd" else line[len(key):]
+            if line.lower().replace(" ", "").startswith(key.replace(" ", "")) and name.strip():
+                name = name.strip()
+                if name.upper() != "LOCAL" and not name.upper().startswith("LIST") and "%" not in name:
+                    files.append(path.parent / name)
+                break
+    return [f for i, f in enumerate(files) if i == 0 or f.exists()]
+
+
+def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> Path:
+    """Call ``writer(tmp_path)`` on ``path``'s own name in a temporary folder beside it, then rename what it wrote
+    into place: the files a two-file format writes beside it first (an ``.nhdr``'s ``.raw.gz``, an ``.mhd``'s
+    ``.zraw``, a ``.hdr``'s ``.img``), ``path`` last.
+
+    The name is kept whole (its extension in lower case), so SimpleITK picks the right writer and a header names
+    its voxel file as it will be called. On failure the temporary folder is removed and ``path`` is untouched.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + image_suffix(path), dir=path.parent)
-    os.close(fd)
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    suffix = image_suffix(path)
+    # the extension in lower case: ITK picks its writer by it, and has none for OUT.NII.GZ or OUT.MHA
+    tmp = folder / (path.name[: len(path.name) - len(suffix)] + suffix.lower())
     try:
-        writer(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        writer(str(tmp))
+        mode = 0o666 & ~_umask()  # mkstemp/mkdtemp make private files; outputs get the usual permissions
+        for written in sorted(folder.iterdir(), key=lambda f: f == tmp):
+            os.chmod(written, mode)
+            os.replace(written, path if written == tmp else path.parent / written.name)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     return path
 
 

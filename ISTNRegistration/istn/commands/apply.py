@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import math
+import os
 import time
 from pathlib import Path
 
@@ -45,14 +45,14 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
                       write_image)
     from ..metrics import MAX_IN_BETWEEN_EDGES, UNCLEAR_IN_BETWEEN_EDGES, intensity_score
     from ..registration import OUTPUT_FIELD_SPACING_MM, warp_image
+    from .register import check_background
 
     t0 = time.perf_counter()
     if interpolation not in APPLY_INTERPOLATIONS:
         raise InputError(f"--interpolation must be one of {', '.join(APPLY_INTERPOLATIONS)}, got {interpolation!r}")
-    if background is not None and not math.isfinite(background):
-        raise InputError(f"--background must be a finite number, got {background}")
+    check_background(background)
     out = Path(out_path)
-    check_out_file(out, (transform_path, reference_path, input_path), overwrite, "out.nii.gz")
+    check_out_file(out_path, (transform_path, reference_path, input_path), overwrite, "out.nii.gz")
     tx = read_transform(transform_path, "--transform")
     reference = read_raw_image(reference_path, "--reference image")
     image = read_raw_image(input_path, "--input image")
@@ -110,8 +110,9 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
             raise InputError(f"--background {background:g} cannot be stored in the input's pixel type "
                              f"({values.dtype}, whole numbers {kind.min}..{kind.max}), which a label map keeps")
     # labels keep their pixel type, intensities become float32: can the file hold that, as a whole image?
-    _check_writable_format(out, reference, image.GetPixelID() if interpolation == "nearest" else
-                           sitk.sitkVectorFloat32 if layers > 1 else sitk.sitkFloat32)
+    beside = _check_writable_format(out, reference, image.GetPixelID() if interpolation == "nearest" else
+                                    sitk.sitkVectorFloat32 if layers > 1 else sitk.sitkFloat32)
+    check_companions(out, beside, (transform_path, reference_path, input_path), overwrite)
     inverted = None
     if inverse:  # moving -> fixed points, solved over the grid resampled onto (where its points are needed)
         from ..inverse import inverse_transform
@@ -168,7 +169,7 @@ def run_invert(transform_path: str | Path, reference_path: str | Path, out_path:
 
     t0 = time.perf_counter()
     out = Path(out_path)
-    check_out_file(out, (transform_path, reference_path), overwrite, "inverse.h5")
+    check_out_file(out_path, (transform_path, reference_path), overwrite, "inverse.h5")
     suffix = out.suffix.lower()
     if suffix not in TRANSFORM_SUFFIXES:
         raise InputError(f"--out '{out}': a transform file is named {', '.join(TRANSFORM_SUFFIXES)} (.h5 for a "
@@ -193,20 +194,27 @@ def run_invert(transform_path: str | Path, reference_path: str | Path, out_path:
     return summary
 
 
-def check_out_file(out: Path, inputs, overwrite: bool, example: str) -> None:
+def check_out_file(out: str | Path, inputs, overwrite: bool, example: str) -> None:
     """``--out`` of apply / invert / evaluate, before any work: a file name (not a folder, not under a file),
     never one of ``inputs``, an existing one only with ``overwrite``, in a folder that can be written (or
     created: the nearest existing folder above it is tried for real, as root ignores permissions but not a
     read-only mount)."""
     from ..errors import OutputError
-    from ..io import probe_writable
+    from ..io import image_files, probe_writable
 
     if not str(out).strip():
         raise OutputError("--out is empty: name the output file")
-    if out.is_dir():
-        raise OutputError(f"--out '{out}' is a folder: give the output file's name (e.g. {out / example})")
-    if out.exists() and any(out.resolve() == Path(p).resolve() for p in inputs if Path(p).exists()):
-        raise OutputError(f"--out '{out}' is one of the inputs; choose another file name")
+    meant_a_folder = str(out).endswith(("/", os.sep))  # Path() drops the slash of 'results/'
+    out = Path(out)
+    if out.is_dir() or meant_a_folder:
+        raise OutputError(f"--out '{out}{os.sep if meant_a_folder else ''}' {'is' if out.is_dir() else 'names'} a "
+                          f"folder: give the output file's name (e.g. {out / example})")
+    if out.exists():
+        for p in (Path(p) for p in inputs if Path(p).exists()):
+            if out.resolve() == p.resolve():
+                raise OutputError(f"--out '{out}' is one of the inputs; choose another file name")
+            if any(out.resolve() == f.resolve() for f in image_files(p)[1:]):  # scan.img of an input scan.hdr
+                raise OutputError(f"--out '{out}' is a file of the input '{p}'; choose another file name")
     if out.exists() and not overwrite:
         raise OutputError(f"--out '{out}' exists; choose another file name, or --overwrite to replace it")
     folder = out.absolute().parent
@@ -249,13 +257,16 @@ def inverse_line(inverse: dict) -> str:
             "points checked")
 
 
-def _check_writable_format(out: Path, reference, pixel_id: int) -> None:
+def _check_writable_format(out: Path, reference, pixel_id: int) -> list[Path]:
     """Refuse, before any computation, an ``out`` whose file type cannot hold the result whole: an image of
     ``reference``'s dimension, spacing, origin and direction, of ``pixel_id``. An unknown extension or none; a 2D
     format such as PNG, to which SimpleITK writes one slice of a volume without a word, and which keeps no
     origin or direction (a 2D result in the wrong place in every other tool); a format without that pixel type;
-    a lossy one (JPEG: labels would change). A tiny such image is written under that name's extension in a
-    temporary folder and read back."""
+    a lossy one (JPEG: labels would change). A tiny such image is written (as `write_image` writes) under that
+    name's extension in a temporary folder and read back.
+
+    Returns the files that format writes beside ``out`` (a header's voxel file: ``x.nhdr`` -> ``x.raw.gz``),
+    named for ``out``."""
     import tempfile
 
     import numpy as np
@@ -272,16 +283,19 @@ def _check_writable_format(out: Path, reference, pixel_id: int) -> None:
     probe.SetSpacing(reference.GetSpacing())
     probe.SetOrigin(reference.GetOrigin())
     probe.SetDirection(reference.GetDirection())
-    lost = []
+    lost, beside = [], []
+    stem = out.name[: -len(suffix)] if suffix else out.name
     with tempfile.TemporaryDirectory() as folder:
-        name = str(Path(folder) / f"probe{suffix}")
+        name = str(Path(folder) / f"probe{suffix.lower()}")  # as `atomic_write` writes it
         try:
             with quiet_stderr():
-                sitk.WriteImage(probe, name)
+                sitk.WriteImage(probe, name, useCompression=True)
                 back = sitk.ReadImage(name)
             whole = back.GetSize() == probe.GetSize() and back.GetPixelID() == probe.GetPixelID()
         except RuntimeError:
             whole = False
+        beside = [out.with_name(stem + f.name[len("probe"):]) for f in sorted(Path(folder).iterdir())
+                  if f.name != f"probe{suffix.lower()}" and f.name.startswith("probe")]
         if whole:
             tol = 1e-4 * max(reference.GetSpacing())
             for what, got, given in (("spacing", back.GetSpacing(), probe.GetSpacing()),
@@ -306,3 +320,21 @@ def _check_writable_format(out: Path, reference, pixel_id: int) -> None:
         names = others[-1] if len(others) == 1 else f"{', '.join(others[:-1])} or {others[-1]}"
         raise InputError(f"--out '{out}': {what} do not keep the reference's {', '.join(lost)}{why}: the result "
                          f"would lie elsewhere (or hold other values) in every other tool; name it {names}")
+    return beside
+
+
+def check_companions(out: Path, beside: list[Path], inputs, overwrite: bool) -> None:
+    """The files a two-file format writes beside ``out`` (`_check_writable_format`), as `check_out_file` treats
+    ``out``: never a file of an input (an Analyze ``scan.hdr`` given as input keeps its voxels in ``scan.img``,
+    which ``--out scan.img`` would replace), an existing one only with ``overwrite``."""
+    from ..errors import OutputError
+    from ..io import image_files
+
+    theirs = {f.resolve() for p in inputs if Path(p).exists() for f in image_files(Path(p))}
+    for f in beside:
+        if f.exists() and f.resolve() in theirs:
+            raise OutputError(f"--out '{out}' would also write '{f}' (that format's second file), a file of an "
+                              "input; choose another file name")
+        if f.exists() and not overwrite:
+            raise OutputError(f"--out '{out}' would also write '{f}' (that format's second file), which exists; "
+                              "choose another file name, or --overwrite to replace both")

@@ -51,8 +51,11 @@ def run_evaluate(fixed_labels: str | Path, moving_labels: str | Path, transform_
     if labels is not None and not len(labels):
         raise InputError("--labels needs at least one label value (without --labels: every label)")
     if out_path:
-        check_out_file(Path(out_path), [p for p in (fixed_labels, moving_labels, transform_path) if p], overwrite,
+        check_out_file(out_path, [p for p in (fixed_labels, moving_labels, transform_path) if p], overwrite,
                        "metrics.json")
+        if Path(out_path).suffix.lower() != ".json":  # x.nii.gz would hold JSON under an image's name
+            raise InputError(f"--out '{out_path}': evaluate writes its metrics as JSON; name it "
+                             f"{Path(out_path).name.split('.')[0] or 'metrics'}.json")
     f = read_raw_image(fixed_labels, "fixed label image")
     m = read_raw_image(moving_labels, "moving label image")
     images = []

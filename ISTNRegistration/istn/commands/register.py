@@ -32,6 +32,19 @@ def _finite(x: float) -> bool:
     return math.isfinite(x)
 
 
+#: the largest value a float32 image holds: the warped image's type (a larger fill overflows it)
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_background(background: float | None) -> None:
+    """``--background`` (register's and apply's): a finite number a float32 image can hold."""
+    if background is not None and not _finite(background):
+        raise InputError(f"--background must be a finite number, got {background:g}")
+    if background is not None and abs(background) > FLOAT32_MAX:
+        raise InputError(f"--background {background:g} is beyond what the warped image (32-bit float, at most "
+                         f"{FLOAT32_MAX:.3g} in size) can hold")
+
+
 def check_register_options(iterations: int | None, lr: float | None, device: str, background: float | None = None,
                            bending: float | None = None, tolerance: float | None = None,
                            threads: int | None = None, coarse_iterations: int | None = None,
@@ -44,8 +57,7 @@ def check_register_options(iterations: int | None, lr: float | None, device: str
         raise InputError(f"--refine must be a whole number >= 0 (refinement iterations), got {iterations}")
     if lr is not None and (not _finite(lr) or lr <= 0):
         raise InputError(f"--lr must be a finite number > 0 (refinement learning rate), got {lr:g}")
-    if background is not None and not _finite(background):
-        raise InputError(f"--background must be a finite number, got {background:g}")
+    check_background(background)
     if threads is not None and threads < 1:
         raise InputError(f"--threads must be a whole number >= 1, got {threads}")
     if bending is not None and (not _finite(bending) or bending < 0):

@@ -114,7 +114,11 @@ def otsu_threshold(array: np.ndarray, bins: int = 256) -> float:
     lo, hi = float(np.min(array)), float(np.max(array))
     if not hi > lo:
         return lo
-    hist, edges = np.histogram(array, bins=bins, range=(lo, hi))
+    try:
+        hist, edges = np.histogram(array, bins=bins, range=(lo, hi))
+    except ValueError:  # a narrow range far from 0 (128 grey levels at 1e7): bins finer than float32 near 1e7
+        hist, edges = np.histogram(np.asarray(array, np.float64) - lo, bins=bins, range=(0.0, hi - lo))
+        edges = edges + lo
     return float(edges[1:][_otsu_index(hist)])
 
 
