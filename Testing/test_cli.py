@@ -169,6 +169,12 @@ def _inf_image(p):
     sitk.WriteImage(sitk.GetImageFromArray(a), str(p))
 
 
+def _huge_image(p):
+    """float64 values beyond float32's range: once "infinite" (they became so in the float32 working copy)."""
+    a = np.random.default_rng(0).random((20, 20)) * 1e300
+    sitk.WriteImage(sitk.GetImageFromArray(a), str(p))
+
+
 def _constant_image(p):
     sitk.WriteImage(sitk.GetImageFromArray(np.full((20, 20), 7, np.float32)), str(p))
 
@@ -201,6 +207,7 @@ BAD_MOVING = {
     "nan": ("nan.mha", _nan_image, "NaN voxel value (often the outside of a masked image"),
     "inf": ("inf.nrrd", _inf_image, "infinite voxel value"),
     "constant": ("const.nii.gz", _constant_image, "constant"),
+    "huge": ("huge.nrrd", _huge_image, "beyond what 32-bit floats (the working type, at most 3.4e+38 in size) hold"),
     "vector": ("rgb.png", _rgb_image, "has 3 components per pixel (a colour or vector image whose components "
                                       "differ: convert a colour image to grey levels first)"),
     "not-an-image": ("notes.txt", lambda p: p.write_text("hello"), "could not be read"),

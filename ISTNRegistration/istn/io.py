@@ -488,6 +488,16 @@ def four_d_problem(image: sitk.Image) -> str:
             "one volume of a Slicer sequence)")
 
 
+#: the largest value a float32 image holds: the engine's working type (a larger one becomes infinite in it)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def beyond_float32(lo: float, hi: float) -> str:
+    """What to say of a (float64) image whose values lie beyond float32's range."""
+    return (f"holds values from {lo:.3g} to {hi:.3g}, beyond what 32-bit floats (the working type, at most "
+            f"{FLOAT32_MAX:.3g} in size) hold: rescale it first (e.g. sitk.RescaleIntensity)")
+
+
 def nonfinite_problem(values: np.ndarray) -> str:
     """What to say of voxel values that are not all finite: how many, and what to do."""
     nan = int(np.count_nonzero(np.isnan(values)))
@@ -526,6 +536,8 @@ def check_image(image: sitk.Image, what: str = "image") -> sitk.Image:
     if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):  # integers are finite: no mask of a 512^3 image
         raise InputError(f"{what} {nonfinite_problem(arr)}")
     lo, hi = float(arr.min()), float(arr.max())
+    if max(-lo, hi) > FLOAT32_MAX:
+        raise InputError(f"{what} {beyond_float32(lo, hi)}")
     if hi <= lo:
         raise InputError(f"{what} is constant (all voxels {lo:g}): nothing to register")
     if sheared(image.GetDirection()):

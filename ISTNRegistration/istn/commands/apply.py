@@ -41,8 +41,8 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
     import SimpleITK as sitk
 
     from .. import segfile
-    from ..io import (four_d_problem, grey_image, image_suffix, nonfinite_problem, read_raw_image, read_transform,
-                      write_image)
+    from ..io import (FLOAT32_MAX, beyond_float32, four_d_problem, grey_image, image_suffix, nonfinite_problem,
+                      read_raw_image, read_transform, write_image)
     from ..metrics import MAX_IN_BETWEEN_EDGES, UNCLEAR_IN_BETWEEN_EDGES, intensity_score
     from ..registration import OUTPUT_FIELD_SPACING_MM, warp_image
     from .register import check_background
@@ -77,6 +77,8 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
     values = sitk.GetArrayViewFromImage(image)
     if not np.all(np.isfinite(values)):
         raise InputError(f"--input image '{input_path}' {nonfinite_problem(values)}")
+    if values.dtype == np.float64 and max(-float(values.min()), float(values.max())) > FLOAT32_MAX:
+        raise InputError(f"--input image '{input_path}' {beyond_float32(float(values.min()), float(values.max()))}")
     integral = bool(np.array_equal(values, np.round(values)))
     # the values and their counts, once (a sort of every voxel): the kind of image, its background, its labels
     found, counts = np.unique(values, return_counts=True) if integral and not head else (None, None)

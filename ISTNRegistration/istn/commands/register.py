@@ -32,12 +32,10 @@ def _finite(x: float) -> bool:
     return math.isfinite(x)
 
 
-#: the largest value a float32 image holds: the warped image's type (a larger fill overflows it)
-FLOAT32_MAX = 3.4028234663852886e38
-
-
 def check_background(background: float | None) -> None:
-    """``--background`` (register's and apply's): a finite number a float32 image can hold."""
+    """``--background`` (register's and apply's): a finite number a float32 image (the warped image) can hold."""
+    from ..io import FLOAT32_MAX
+
     if background is not None and not _finite(background):
         raise InputError(f"--background must be a finite number, got {background:g}")
     if background is not None and abs(background) > FLOAT32_MAX:
