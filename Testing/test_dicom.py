@@ -110,6 +110,21 @@ def test_a_folder_of_two_series_lists_them_and_one_file_chooses(volume, tmp_path
     assert read_image(t2[4], "moving").GetSize() == volume.GetSize()[:2] + (9,)
 
 
+def test_a_cd_exports_top_folder_names_the_series_folders_below_it(volume, tmp_path):
+    """A CD / PACS export: DICOMDIR beside DICOM/S01, DICOM/S02; the top folder holds no series itself, and the
+    message names the folders that do (it said "no DICOM series in it")."""
+    top = tmp_path / "CD"
+    write_series(volume, top / "DICOM" / "S01", "T1 MPRAGE", uid="1.2.3.1")
+    write_series(volume[:, :, :9], top / "DICOM" / "S02", "T2 axial", uid="1.2.3.2")
+    (top / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)  # the index: a DICOM file, not a series
+    with pytest.raises(InputError) as err:
+        read_image(top, "moving")
+    message = str(err.value)
+    assert "holds no DICOM series itself, but its subfolders do" in message
+    assert f"'{top / 'DICOM' / 'S01'}' (28 files)" in message and f"'{top / 'DICOM' / 'S02'}' (9 files)" in message
+    assert read_image(top / "DICOM" / "S02", "moving").GetSize() == volume.GetSize()[:2] + (9,)
+
+
 @pytest.mark.parametrize("case", ["missing slice", "gantry tilt", "empty folder"])
 def test_a_series_that_cannot_be_one_volume_is_refused(volume, tmp_path, case):
     if case == "missing slice":

@@ -291,6 +291,12 @@ def read_dicom_series(folder: str | os.PathLike, what: str = "image", uid: str |
         with quiet_stderr():
             uids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p)))
         if not uids:
+            below = _dicom_folders_below(p)
+            if below:  # a CD or PACS export's top folder (DICOMDIR beside DICOM/...): the series lie deeper
+                listing = "; ".join(f"'{f}' ({n} file{'s' if n != 1 else ''})" for f, n in below[:5])
+                more = f", and {len(below) - 5} more" if len(below) > 5 else ""
+                raise InputError(f"{name} holds no DICOM series itself, but its subfolders do: {listing}{more}; give "
+                                 "the folder of the series to register (or one file of it)")
             raise InputError(f"{name} is a folder with no DICOM series in it: give an image file (NIfTI, NRRD, MHA, "
                              "...) or a folder of DICOM files")
         if len(uids) > 1:
@@ -377,6 +383,22 @@ def dicom_series_description(path: str | os.PathLike) -> str:
         if p is None:
             return ""
     return _dicom_tag(p, SERIES_DESCRIPTION)
+
+
+def _dicom_folders_below(top: Path, most: int = 2000) -> list[tuple[Path, int]]:
+    """The subfolders of ``top`` that hold DICOM files (a DICOMDIR's layout: DICOM/S01/...), each with its number of
+    files, judged by its first few, in no more than ``most`` folders; the DICOMDIR index file itself is no series."""
+    found = []
+    for i, (folder, dirs, names) in enumerate(os.walk(top)):
+        dirs.sort()
+        if i >= most:
+            break
+        if Path(folder) == top:
+            continue
+        names = [n for n in names if n.upper() != "DICOMDIR"]
+        if any(is_dicom_file(Path(folder) / n) for n in sorted(names)[:3]):  # a few files tell; not every slice read
+            found.append((Path(folder), len(names)))
+    return found
 
 
 def _series_summary(folder: Path, uid: str) -> str:
