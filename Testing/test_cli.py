@@ -244,6 +244,28 @@ def test_a_grey_image_saved_as_colour_registers_as_the_grey_image_it_is(files, t
     np.testing.assert_array_equal(applied[0], applied[1])
 
 
+def test_an_analyze_image_registers_with_a_warning_that_its_orientation_is_not_recorded(files, tmp_path, capsys):
+    """Analyze 7.5 (.hdr/.img without NIfTI's magic) records no orientation: SPM, FSL and ITK may place it
+    differently (left-right), and ITK puts its first voxel at 0 (the NIfTI pair's origin lost). result.json warns
+    for the Analyze pair (named by its .hdr or its .img), not for the NIfTI one."""
+    image = sitk.ReadImage(str(files["fixed"]))
+    sitk.WriteImage(image, str(tmp_path / "nifti.hdr"))  # a NIfTI pair: its orientation recorded
+    header = bytearray((tmp_path / "nifti.hdr").read_bytes())
+    assert header[344:348] == b"ni1\0"
+    header[344:348] = b"\0\0\0\0"  # the same pair as Analyze 7.5
+    (tmp_path / "analyze.hdr").write_bytes(bytes(header))
+    (tmp_path / "analyze.img").write_bytes((tmp_path / "nifti.img").read_bytes())
+    results = {}
+    for name, given in (("nifti", "nifti.hdr"), ("analyze", "analyze.hdr"), ("by_img", "analyze.img")):
+        assert _register(files, tmp_path / name, **{"--fixed": tmp_path / given}) == 0
+        results[name] = json.loads((tmp_path / name / "result.json").read_text())
+    assert not any("Analyze" in w for w in results["nifti"]["warnings"])
+    for name in ("analyze", "by_img"):
+        assert any(w.startswith("fixed image '") and "is an Analyze 7.5 file, which records no orientation" in w
+                   for w in results[name]["warnings"])
+    assert results["by_img"]["stages"][0]["loss_per_iteration"] == results["analyze"]["stages"][0]["loss_per_iteration"]
+
+
 @pytest.mark.parametrize("case", sorted(BAD_MOVING))
 def test_bad_moving_image_is_refused_and_nothing_written(files, tmp_path, capsys, case):
     name, writer, message = BAD_MOVING[case]

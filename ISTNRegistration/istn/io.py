@@ -235,6 +235,36 @@ def nifti_shortfall(path: Path) -> tuple[int, int] | None:
     return (expected, found) if found < expected else None
 
 
+def analyze_without_orientation(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an Analyze 7.5 image (a ``.hdr``/``.img`` pair whose header lacks NIfTI's magic), which
+    records no orientation: readers place its axes by convention, and SPM, FSL and ITK disagree on left-right."""
+    p = Path(path)
+    suffix = image_suffix(p).lower()
+    if suffix in (".img", ".img.gz"):
+        p = p.with_name(p.name[: -len(suffix)] + suffix.replace("img", "hdr"))
+        if not p.is_file():
+            p = p.with_name(p.name.upper()[: -len(suffix)] + p.name[-len(suffix):].upper())
+    elif suffix not in (".hdr", ".hdr.gz"):
+        return False
+    try:
+        import gzip
+
+        with (gzip.open if p.name.lower().endswith(".gz") else open)(p, "rb") as f:
+            head = f.read(348)
+    except (OSError, EOFError):
+        return False
+    return len(head) == 348 and 348 in (int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")) \
+        and head[344:348] not in (b"ni1\0", b"n+1\0")
+
+
+def analyze_warning(path: str | os.PathLike, what: str) -> str:
+    """The warning for an `analyze_without_orientation` input."""
+    return (f"{what} '{path}' is an Analyze 7.5 file, which records no orientation: ITK (and so this tool and "
+            "Slicer) reads it with its first voxel at 0 mm and its axes as stored, and SPM and FSL may place it "
+            "otherwise (left and right swapped); check the result against the anatomy, or convert the file to NIfTI "
+            "where its orientation is known")
+
+
 # DICOM tags read here (SimpleITK's "gggg|eeee" keys)
 SERIES_UID = "0020|000e"  # Series Instance UID
 SERIES_DESCRIPTION = "0008|103e"

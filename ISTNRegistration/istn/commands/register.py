@@ -172,8 +172,8 @@ def run_register(
     import SimpleITK as sitk
 
     from ..export import load_model, resolve_model_path
-    from ..io import (check_earlier_outputs, prepare_output_dir, read_image, read_transform, write_image, write_json,
-                      write_transform)
+    from ..io import (analyze_warning, analyze_without_orientation, check_earlier_outputs, prepare_output_dir,
+                      read_image, read_transform, write_image, write_json, write_transform)
     from ..chain import register_with_second_try
     from ..registration import (OUTPUT_FIELD_SPACING_MM, check_register_inputs, jacobian_image, jacobian_on_grid,
                                 warp_image)
@@ -258,7 +258,10 @@ def run_register(
             "transform_maps": "fixed world points (mm, LPS) -> moving world points",
             "background": bg,
             "stages": stages,
-            "warnings": ([second_try.note()] if second_try else [])
+            "warnings": [analyze_warning(p, f"{role} image") for role, p in (("fixed", fixed_path), ("moving",
+                                                                                            moving_path))
+                         if analyze_without_orientation(p)]
+            + ([second_try.note()] if second_try else [])
             + [f"{Path(s['model_file']).name}: {w}" for s in stages for w in s["warnings"]],
             "retry": second_try.summary() if second_try else None,
             "seconds_total": time.perf_counter() - t0,
