@@ -326,3 +326,30 @@ def test_a_learning_rate_far_too_high_is_said_with_the_bundled_models(tmp_path):
     assert register(fixed, moving, bspline, initial_transform=calm.transform).warnings == []
     itself = register(fixed, sitk.DICOMOrient(fixed, "ASL"), affine)
     assert itself.warnings == [] and register(fixed, fixed, bspline, initial_transform=itself.transform).warnings == []
+
+
+@pytest.mark.skipif(not (Path(__file__).parents[1] / "ISTNRegistration" / "Resources" / "Models" /
+                         "brain-t1-affine.pt").exists(), reason="bundled models absent")
+def test_a_slab_against_a_whole_head_is_warned_of_once_however_it_lies():
+    """A 40 mm axial slab of the sample head registered to the whole fixed head: its affine ends 3.7 mm (median)
+    from the whole head's inside the slab, and no self-check said so. Now a warning names the slab, on the stage
+    that estimates the linear part only (the B-spline after it is quiet about it); an 80 mm slab, the whole head
+    and an oblique slab's thickness are judged alike whatever the grid's direction."""
+    from istn import demo
+    from istn.registration import slab_warning
+
+    pair = demo.sample_pair()
+    fixed, moving = pair["fixed"], pair["moving"]
+    affine, bspline = (load_model(demo.bundled_model(n)) for n in (demo.AFFINE_MODEL, demo.BSPLINE_MODEL))
+    n = moving.GetSize()[2]
+    slab = moving[:, :, n // 2 - 10: n // 2 + 10]  # 20 slices of 2 mm
+    first = register(fixed, slab, affine)
+    said = [w for w in first.warnings if "a slab against a volume" in w]
+    assert len(said) == 1 and "moving image covers 40 mm along its superior-inferior axis" in said[0]
+    second = register(fixed, slab, bspline, initial_transform=first.transform)
+    assert not any("a slab against a volume" in w for w in second.warnings)
+    assert slab_warning(fixed, moving) is None and slab_warning(fixed, moving[:, :, n // 2 - 20: n // 2 + 20]) is None
+    assert slab_warning(slab, fixed).startswith("the fixed image covers 40 mm")  # either image may be the slab
+    tilted = sitk.Image(slab)  # the slab's grid turned 30 degrees about left-right: still 40 mm thick
+    tilted.SetDirection(rotation(3, (30.0, 0.0, 0.0)).ravel().tolist())
+    assert "covers 40 mm along its superior-inferior axis" in slab_warning(fixed, tilted)

@@ -533,6 +533,38 @@ def _information_check(given: float, result: float, moved_mm: Callable[[], float
             "may be worse than no registration: check orientation, contrast and field of view, or try another model")
 
 
+#: An image whose extent along one of its axes is below this fraction of the other image's extent that way is a
+#: slab against a volume, across which a linear transform's scale is poorly determined. On the sample pair
+#: (the bundled affine model), axial slabs of the moving head ended this far from the whole head's affine inside
+#: the slab (median / max, benchmarks/results/slab.md): 80 mm (0.49 of the fixed extent) 1.1 / 2.9 mm; 60 mm
+#: (0.37) 1.9 / 4.4 mm; 40 mm (0.24) 3.7 / 8.8 mm; 20 mm (0.12) 7.1 / 13.3 mm (the self-checks fire for the last)
+SLAB_FRACTION = 0.4
+
+
+def slab_warning(fixed: sitk.Image, moving: sitk.Image) -> str | None:
+    """A warning when one image covers a thin slab of what the other covers (`SLAB_FRACTION`), along one of its own
+    axes (the other image's extent projected onto that axis, so an oblique slab is judged by its thickness)."""
+    def axes(image: sitk.Image) -> list[tuple[np.ndarray, float]]:
+        d = image.GetDimension()
+        cols = np.asarray(image.GetDirection(), float).reshape(d, d)
+        return [(cols[:, j], image.GetSize()[j] * image.GetSpacing()[j]) for j in range(d)]
+
+    images = (("fixed", fixed), ("moving", moving))
+    for (role, image), (other_role, other) in (images, images[::-1]):
+        for u, extent in axes(image):
+            across = sum(abs(float(u @ v)) * e for v, e in axes(other))
+            if extent < SLAB_FRACTION * across:
+                lps = int(np.argmax(np.abs(u)))
+                name = (("left-right", "anterior-posterior", "superior-inferior")[lps] if image.GetDimension() == 3
+                        else ("x", "y")[lps])
+                return (f"the {role} image covers {extent:.0f} mm along its {name} axis, the {other_role} image "
+                        f"{across:.0f} mm: a slab against a volume, across which the scaling of a linear transform is "
+                        "poorly determined (an axial slab of 40 mm of the sample head ended 3.7 mm from the whole "
+                        "head's result, median inside the slab); check the result, or register images that cover "
+                        "the same region")
+    return None
+
+
 def _map_volume_check(model: LoadedModel, ratios: np.ndarray) -> str | None:
     """A warning naming the structures whose volume the network sees very differently in the two images: a
     contrast, field of view or anatomy it was not trained for, which the loss alone does not show (the maps of
@@ -1016,6 +1048,9 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
         warnings_.append(
             f"refinement raised the loss (from {low:.4g} at iteration {at} to {high:.4g}); the best iterate was "
             f"kept: a lower learning rate may help (now {lr:g})")
+    slab = slab_warning(fixed, moving) if model.transform_type == "affine" or initial_transform is None else None
+    if slab:  # not a self-check: another model would not do better (no second try for it)
+        warnings_.append(slab)
     t_info = time.perf_counter()
     volume_ratio = map_volume_ratios(s_map, t_map) if model.config.itn_output == "sigmoid" else np.zeros(0)
     given, kept = image_information(fixed, moving, grid_f, (win_f, win_m), [given_transform, final])
