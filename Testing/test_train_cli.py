@@ -45,7 +45,10 @@ def test_a_spreadsheet_export_bom_crlf_and_spaces_trains_as_the_plain_csv(data, 
 @pytest.mark.parametrize("case", ["missing-file", "empty-cell", "nan-soi", "3d-soi", "float-labels", "val-no-soi",
                                   "soft-labels", "steps-0", "grid", "config-and-options", "export-is-input",
                                   "header-only", "cp-spacing", "no-structure", "export-is-a-listed-image",
-                                  "loss-check-pairs"])
+                                  "loss-check-pairs", "lr-0", "grid-too-small", "cp-in-voxels", "cp-too-many",
+                                  "soi-labels-0", "soi-labels-twice", "latin-1-csv", "csv-is-a-folder",
+                                  "export-a-folder", "export-an-image-name", "validation-without-structures",
+                                  "single-slice"])
 def test_bad_training_input_is_refused_in_one_line_before_anything_is_written(data, tmp_path, capsys, case):
     d, base = data
     out = tmp_path / "run"
@@ -100,13 +103,53 @@ def test_bad_training_input_is_refused_in_one_line_before_anything_is_written(da
             sitk.WriteImage(m, str(f))
         extra, expected = ["--soi-kind", "labels"], "no training pair has any structure on the network grid"
         capsys.readouterr()
+    elif case == "lr-0":  # trained nothing and exported a "best" model
+        extra, expected = ["--lr", "0"], "'lr' (--lr) must be a finite number > 0, got 0"
+    elif case == "grid-too-small":  # torch's "Expected more than 1 spatial element" after every image was read
+        extra, expected = ["--grid-size", "16", "16"], "--grid-size 16 x 16 is too small to train"
+    elif case == "cp-in-voxels":  # a spacing in voxels given as mm: killed by the OS for memory
+        extra, expected = ["--transform", "bspline", "--cp-spacing", "0.01"], "puts control points closer than"
+    elif case == "cp-too-many":
+        extra = ["--transform", "bspline", "--grid-size", "1024", "1024", "--cp-spacing", "1"]
+        expected = "B-spline parameters, an output layer of"
+    elif case == "soi-labels-0":
+        extra, expected = ["--soi-kind", "labels", "--soi-labels", "0", "1"], "distinct structure labels, not 0"
+    elif case == "soi-labels-twice":
+        extra, expected = ["--soi-kind", "labels", "--soi-labels", "1", "1"], "distinct structure labels, not 0"
+    elif case == "latin-1-csv":  # an older Excel's CSV: the codec's message named no file
+        (d / "pairs.csv").write_bytes((d / "pairs.csv").read_text().replace("src,trg", "src,trg,\u00e9").encode("cp1252"))
+        extra, expected = ["--export", str(tmp_path / "m.pt")], f"pairs file '{d / 'pairs.csv'}' is not UTF-8 text"
+    elif case == "csv-is-a-folder":
+        base = [a if a != str(d / "pairs.csv") else str(d) for a in base]
+        expected = f"pairs file '{d}' is a folder"
+    elif case == "export-a-folder":  # 'runs/new/': a file named runs/new was written
+        extra, expected = ["--export", str(tmp_path / "new") + "/"], "names a folder"
+    elif case == "export-an-image-name":
+        extra, expected = ["--export", str(tmp_path / "model.nii.gz")], "a model file is named .pt"
+    elif case == "validation-without-structures":  # every score 0: the first checkpoint became the model
+        for f in d.glob("*_soi.nii.gz"):
+            sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(f)) > 0.5, sitk.sitkUInt8), str(f))
+        for k in (3, 4):  # the validation pairs (--val-csv): their maps hold label 7 only
+            for role in ("src", "trg"):
+                f = d / f"{role}{k}_soi.nii.gz"
+                sitk.WriteImage(sitk.ReadImage(str(f)) * 7, str(f))
+        (d / "val.csv").write_text("src,trg\nsrc3.nii.gz,trg3.nii.gz\nsrc4.nii.gz,trg4.nii.gz\n")
+        (d / "val_soi.csv").write_text("src,trg\nsrc3_soi.nii.gz,trg3_soi.nii.gz\nsrc4_soi.nii.gz,trg4_soi.nii.gz\n")
+        extra = ["--soi-kind", "labels", "--soi-labels", "1", "--val-csv", str(d / "val.csv"), "--val-soi-csv",
+                 str(d / "val_soi.csv")]
+        expected = "no validation pair has any structure on the network grid"
+    elif case == "single-slice":
+        img = sitk.ReadImage(str(d / "src0.nii.gz"))
+        sitk.WriteImage(sitk.JoinSeries([img]), str(d / "src0.nii.gz"))
+        expected = "is a single slice stored as 3D; save it as a 2D image"
     else:
         before = (d / "pairs.csv").read_bytes()
         extra, expected = ["--export", str(d / "pairs.csv"), "--overwrite"], "is one of the inputs"
     assert main(base + extra + ["--out", str(out)]) == 2
     err = capsys.readouterr().err
-    if case == "no-structure":  # the warning on the maps, once per map, then the error
-        assert "12 structure map(s) lies outside its image" in err
+    if case in ("no-structure", "validation-without-structures"):  # the warnings on the maps, then the error
+        assert ("12 structure map(s) lies outside its image" if case == "no-structure" else
+                "4 structure map(s) has no label 1") in err
         err = err.splitlines()[-1] + "\n"
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("istn train: error: ") and expected in lines[0], lines
@@ -445,3 +488,105 @@ def test_under_torchrun_each_process_names_itself_in_its_error(data, capsys, mon
     assert main(base + ["--steps", "0"]) == 2
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert lines == ["istn train (process 1 of 2): error: --steps must be at least 1, got 0"], lines
+
+
+# --------------------------------------------------------------------------
+# Training data as researchers bring it (session 35 audit of istn train)
+# --------------------------------------------------------------------------
+
+
+def _label_maps(d):
+    for f in d.glob("*_soi.nii.gz"):  # the blobs as label maps (value 1)
+        sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(f)) > 0.5, sitk.sitkUInt8), str(f))
+
+
+def test_maps_that_lost_their_images_header_are_named_in_a_warning(data, tmp_path, capsys):
+    """A label map saved from an array (origin 0, spacing 1) beside an image at origin -15.5: its structure lies
+    15.5 mm off, and training went on without a word (the README promised a warning)."""
+    d, base = data
+    _label_maps(d)
+    for k in (0, 1):
+        f = d / f"src{k}_soi.nii.gz"
+        sitk.WriteImage(sitk.GetImageFromArray(sitk.GetArrayFromImage(sitk.ReadImage(str(f)))), str(f))
+    assert main(base + ["--soi-kind", "labels", "--out", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 2 structure map(s) have their image's voxel grid but another origin: a header lost" in err
+    assert str(d / "src0_soi.nii.gz") in err
+    (d / "soi2.csv").write_text((d / "soi.csv").read_text().replace("src0_soi", "trg0_soi").replace("src1_soi", "trg1_soi"))
+    capsys.readouterr()
+    assert main([a if a != str(d / "soi.csv") else str(d / "soi2.csv") for a in base] +
+                ["--soi-kind", "labels", "--out", str(tmp_path / "other")]) == 0
+    assert "voxel grid but another" not in capsys.readouterr().err
+
+
+def test_pairs_listed_twice_or_sharing_images_with_validation_are_warned_of(data, tmp_path, capsys):
+    d, base = data
+    rows = (d / "pairs.csv").read_text().splitlines()
+    maps = (d / "soi.csv").read_text().splitlines()
+    (d / "twice.csv").write_text("\n".join(rows + rows[1:]) + "\n")  # 12 rows: the 6 pairs twice
+    (d / "twice_soi.csv").write_text("\n".join(maps + maps[1:]) + "\n")
+    argv = [{str(d / "pairs.csv"): str(d / "twice.csv"), str(d / "soi.csv"): str(d / "twice_soi.csv")}.get(a, a)
+            for a in base]
+    assert main(argv + ["--out", str(tmp_path / "twice")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 6 pair(s) listed more than once" in err
+    assert "validation pair(s) share an image with training pairs" in err
+    assert main(base + ["--out", str(tmp_path / "plain")]) == 0  # six distinct pairs of distinct images: quiet
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_a_run_is_not_continued_on_csvs_rewritten_with_other_pairs(data, tmp_path, capsys):
+    """The same CSV files, rewritten with the pairs swapped (and one dropped): resuming mixed two datasets and chose
+    the best model across two validation sets. The same pairs, listed by another CSV file, still continue."""
+    d, base = data
+    run = tmp_path / "run"
+    assert main(base + ["--out", str(run)]) == 0
+    step = load_checkpoint(run / "last.pt")["step"]
+    original = (d / "pairs.csv").read_text(), (d / "soi.csv").read_text()
+    for name, text in zip(("pairs.csv", "soi.csv"), original):
+        lines = text.splitlines()
+        (d / name).write_text("\n".join([lines[0]] + [",".join(r.split(",")[::-1]) for r in lines[1:-1]]) + "\n")
+    capsys.readouterr()
+    assert main(base + ["--out", str(run), "--steps", "4"]) == 2
+    assert "trained on other pairs: its CSV files list other images or structure maps now" in _error(capsys)
+    assert load_checkpoint(run / "last.pt")["step"] == step
+    for name, text in zip(("pairs.csv", "soi.csv"), original):
+        (d / name).write_text(text.replace("\n", "\r\n"))  # the same pairs, written by a spreadsheet
+    assert main(base + ["--out", str(run), "--steps", "4"]) == 0
+    assert load_checkpoint(run / "last.pt")["step"] == 4
+
+
+def test_segmentations_that_number_their_segments_differently_are_refused(data, tmp_path, capsys):
+    """Slicer .seg.nrrd maps are read by their label values: one whose 'blob' is 2 where the others' is 1 would put
+    different structures in one channel. Refused, naming the segment and both files."""
+    d, base = data
+    _label_maps(d)
+    for k in range(6):
+        for role in ("src", "trg"):
+            f = d / f"{role}{k}_soi.nii.gz"
+            m = sitk.ReadImage(str(f))
+            value = 2 if (role, k) == ("trg", 2) else 1
+            m = sitk.Cast(m * value, sitk.sitkUInt8)
+            for key, v in (("Segment0_ID", "blob"), ("Segment0_Name", "blob"), ("Segment0_LabelValue", str(value)),
+                           ("Segment0_Layer", "0")):
+                m.SetMetaData(key, v)
+            sitk.WriteImage(m, str(d / f"{role}{k}.seg.nrrd"))
+    (d / "seg.csv").write_text((d / "soi.csv").read_text().replace("_soi.nii.gz", ".seg.nrrd"))
+    argv = [a if a != str(d / "soi.csv") else str(d / "seg.csv") for a in base]
+    assert main(argv + ["--soi-kind", "labels", "--out", str(tmp_path / "run")]) == 2
+    line = _error(capsys)
+    assert f"segment 'blob' is label 1 in '{d / 'src0.seg.nrrd'}' but 2 in '{d / 'trg2.seg.nrrd'}'" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_export_never_replaces_another_runs_checkpoint(data, tmp_path, capsys):
+    d, base = data
+    other = tmp_path / "other"
+    assert main(base + ["--out", str(other)]) == 0
+    before = (other / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert main(base + ["--out", str(tmp_path / "run"), "--export", str(other / "last.pt"), "--overwrite"]) == 2
+    assert "is a training run's checkpoint: replacing it with a model would end that run" in _error(capsys)
+    assert (other / "last.pt").read_bytes() == before
+    assert main(base + ["--out", str(tmp_path / "run"), "--export", str(tmp_path / "run" / "BEST.PT")]) == 2
+    assert "is the run's own checkpoint best.pt" in _error(capsys)

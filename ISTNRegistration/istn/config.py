@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -129,6 +130,16 @@ class TrainConfig:
                              f"a {self.soi_kind} map is one channel")
         if self.steps < 1 or self.batch_size < 1 or self.val_every < 1:
             raise ValueError("TrainConfig() 'steps', 'batch_size' and 'val_every' must be >= 1")
+        if not (math.isfinite(self.lr) and self.lr > 0):  # 0 trains nothing; torch's own message names no option
+            raise ValueError(f"TrainConfig() 'lr' (--lr) must be a finite number > 0, got {self.lr}")
+        if self.threads < 1:
+            raise ValueError(f"TrainConfig() 'threads' (--threads) must be a whole number >= 1, got {self.threads}")
+        if not 0 <= self.seed < 2**63:  # torch.manual_seed's range
+            raise ValueError(f"TrainConfig() 'seed' (--seed) must be a whole number from 0 to 2^63 - 1, got {self.seed}")
+        repeated = sorted({v for v in self.soi_labels if self.soi_labels.count(v) > 1})
+        if repeated or 0 in self.soi_labels:  # two channels alike; 0 is the background of a label map
+            raise ValueError(f"TrainConfig() 'soi_labels' (--soi-labels) must be distinct structure labels, not 0 "
+                             f"(the background); got {' '.join(map(str, self.soi_labels))}")
         if self.lr_decay_start < -1 or not 0.0 <= self.lr_final <= 1.0:
             raise ValueError("TrainConfig() 'lr_decay_start' must be -1 (no decay) or a step >= 0, and 'lr_final' "
                              f"a fraction in [0, 1]; got {self.lr_decay_start}, {self.lr_final}")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from . import distributed
 from .config import ModelConfig, TrainConfig, to_dict, train_config_from_dict
-from .data import PairDataset, split_rows
+from .data import PairDataset, check_segment_values, split_rows
 from .errors import InputError, ResultError
 from .io import atomic_write
 from .losses import variant_loss
@@ -74,6 +74,7 @@ def build_datasets(cfg: TrainConfig, progress: Callable[[str, int, int], None] |
     if cfg.val_csv:
         train = PairDataset.from_csv(cfg.train_csv, cfg.soi_csv, cfg.model, progress=reporter("training"), **kw)
         val = PairDataset.from_csv(cfg.val_csv, cfg.val_soi_csv, cfg.model, progress=reporter("validation"), **kw)
+        check_segment_values(train, val)
         return train, val
     from .data import read_pairs_csv
 
@@ -83,6 +84,7 @@ def build_datasets(cfg: TrainConfig, progress: Callable[[str, int, int], None] |
                                  progress=reporter("training"), **kw)
     val = PairDataset.from_csv(cfg.train_csv, cfg.soi_csv, cfg.model, rows=val_rows,
                                progress=reporter("validation"), **kw) if val_rows else None
+    check_segment_values(train, val)
     return train, val
 
 
@@ -120,9 +122,28 @@ def validate(model: ISTN, dataset: torch.utils.data.Dataset, device: torch.devic
     return {"soi_mse": total / max(n, 1)}
 
 
+def data_digest(cfg: TrainConfig) -> str | None:
+    """A digest of the pairs ``cfg``'s CSVs list (their files' resolved paths, in order; None without CSVs): a run
+    is continued on the same pairs only, whatever the CSV files are called (rewritten in place, they may list
+    others)."""
+    import hashlib
+
+    from .data import read_pairs_csv
+
+    if not cfg.train_csv:
+        return None
+    h = hashlib.sha256()
+    for csv_path in (cfg.train_csv, cfg.soi_csv, cfg.val_csv, cfg.val_soi_csv):
+        for pair in read_pairs_csv(csv_path, cfg.data_root or None) if csv_path else ():
+            h.update("\0".join(str(Path(f).resolve()) for f in pair).encode() + b"\n")
+        h.update(b"--\n")
+    return h.hexdigest()[:16]
+
+
 def save_checkpoint(path: Path, model: ISTN, optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int,
-                    best_val: float, history: list[dict]) -> None:
-    """A checkpoint of plain tensors and primitives: loads with ``torch.load(weights_only=True)``."""
+                    best_val: float, history: list[dict], data: str | None = None) -> None:
+    """A checkpoint of plain tensors and primitives: loads with ``torch.load(weights_only=True)``. ``data``: the
+    `data_digest` of the pairs it is trained on."""
     state = {
         "format": "istn-checkpoint",
         "model": model.state_dict(),
@@ -132,6 +153,7 @@ def save_checkpoint(path: Path, model: ISTN, optimizer: torch.optim.Optimizer, c
         "best_val": best_val,
         "history": history,
         "torch_rng": torch.get_rng_state(),
+        "data": data,
     }
     # a temporary file of its own (never a file of the user's named last.tmp), renamed into place: an interrupt or
     # a full disk mid-write leaves no half-written checkpoint
@@ -173,6 +195,38 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.lr_final + (1.0 - cfg.lr_final) * 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
+#: The most weights a B-spline STN's output layer may have: with its gradient and Adam's two moments, 16 bytes
+#: each (50 M: 0.8 GB). A control point spacing given in voxels for mm asks for far more, and ends killed by the OS
+MAX_HEAD_WEIGHTS = 50_000_000
+
+
+def check_trainable(model: ModelConfig) -> None:
+    """Refuse (`ValueError`) a network that cannot be trained, before any image is read: a grid the STN's strided
+    blocks reduce to one voxel (instance normalisation needs more), and B-spline control points closer than the
+    grid's voxels or too many for memory."""
+    from .transforms import control_point_count
+
+    depth = len(model.stn_channels)
+    bottom = [math.ceil(n / 2**depth) for n in model.grid_size]
+    if math.prod(bottom) < 2:
+        least = 2**depth + 4 - (2**depth) % 4  # above 2^depth, divisible by 4 (the ITN's depth)
+        raise ValueError(f"'grid_size' {' x '.join(map(str, model.grid_size))} is too small to train: the STN halves "
+                         f"it {depth} times, to {' x '.join(map(str, bottom))}, where instance normalisation needs "
+                         f"more than one voxel; give at least {least} voxels along one axis")
+    if model.transform != "bspline":
+        return
+    if model.cp_spacing_voxels < 1:
+        raise ValueError(f"'cp_spacing_mm' {model.cp_spacing_mm:g} mm puts control points closer than the grid's "
+                         f"{model.grid_spacing:g} mm voxels (a spacing in voxels given as mm?); give a spacing of "
+                         "several voxels in mm (the paper's: 4-8 voxels)")
+    outputs = math.prod(control_point_count(n, model.cp_spacing_voxels) for n in model.grid_size) * model.ndim
+    if outputs * model.stn_hidden > MAX_HEAD_WEIGHTS:
+        raise ValueError(f"'cp_spacing_mm' {model.cp_spacing_mm:g} mm gives {outputs:,} B-spline parameters, an output "
+                         f"layer of {outputs * model.stn_hidden / 1e6:,.0f} M weights (about "
+                         f"{16 * outputs * model.stn_hidden / 1e9:,.1f} GB to train; at most "
+                         f"{MAX_HEAD_WEIGHTS / 1e6:.0f} M): give a larger control point spacing")
+
+
 def train(
     cfg: TrainConfig,
     train_set: torch.utils.data.Dataset | None = None,
@@ -206,8 +260,10 @@ def train(
     rank 0 reads ``last.pt`` and broadcasts it, so only rank 0 needs ``out_dir``.
     Every rank returns the same :class:`TrainResult` (``rank`` tells them apart).
     """
+    check_trainable(cfg.model)
     if train_set is None:
         train_set, val_set = build_datasets(cfg)
+    data = data_digest(cfg)
     n_train = len(train_set)
     if n_train == 0:
         raise ValueError("train() got an empty training set")
@@ -315,11 +371,11 @@ def train(
                 if current < best_val:
                     best_val = current
                     if ctx.is_main:
-                        save_checkpoint(best_path, net, optimizer, cfg, step, best_val, history)
+                        save_checkpoint(best_path, net, optimizer, cfg, step, best_val, history, data)
                     if ctx.enabled:
                         best_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
                 if ctx.is_main:
-                    save_checkpoint(last_path, net, optimizer, cfg, step, best_val, history)
+                    save_checkpoint(last_path, net, optimizer, cfg, step, best_val, history, data)
                     ours = True
     except KeyboardInterrupt:
         if bar is not None:

@@ -32,17 +32,22 @@ def run_train(args: argparse.Namespace) -> Path:
     from ..export import build_metadata, export_model
     from .apply import make_out_folder
     from ..registration import check_device
-    from ..training import build_datasets, train
+    from ..training import build_datasets, check_trainable, train
 
     cfg = _config(args)
     check_device(cfg.device)
+    try:  # a network that cannot train: said before any image is read
+        check_trainable(cfg.model)
+    except ValueError as exc:
+        raise InputError(str(exc).replace("'grid_size'", "--grid-size").replace("'cp_spacing_mm'", "--cp-spacing")) \
+            from None
     out = Path(cfg.out_dir)
     export_path = Path(args.export) if args.export else out / "model.pt"
     inputs = [p for p in (cfg.train_csv, cfg.soi_csv, cfg.val_csv, cfg.val_soi_csv, args.config, args.init_from) if p]
     if args.init_from:
         _check_checkpoint(args.init_from)
     if args.export:  # the default, OUT/model.pt, is the run's own (its folder checked with the run's)
-        _check_export(export_path, out, inputs + [out / "last.pt", out / "best.pt"] + _listed(cfg), args.overwrite)
+        _check_export(args.export, out, inputs + [out / "last.pt", out / "best.pt"] + _listed(cfg), args.overwrite)
     # Under torchrun every process runs this; train() shards the batches and only rank 0 writes and exports: the
     # run folder (which only rank 0 needs) is checked and made by rank 0 alone
     main_process = distributed.env_rank() == 0
@@ -57,6 +62,8 @@ def run_train(args: argparse.Namespace) -> Path:
         except ValueError as exc:
             raise InputError(str(exc)) from None
         _check_structures(train_set, val_set, cfg.soi_labels if cfg.soi_kind == "labels" else ())
+        if main_process:
+            _say_overlap(train_set, val_set)
         if cfg.soi_kind == "soft" and not _soi_kind_stated(args):  # the default kind on maps that hold labels
             _refuse_labels_as_default_soft(train_set, val_set)
         if resumed is not None and resumed >= cfg.steps:
@@ -222,9 +229,16 @@ def _check_structures(train_set, val_set, labels=()) -> None:
     for problem, paths in maps.items():
         which = f"'{paths[0]}'" + (f" and {len(paths) - 1} more" if len(paths) > 1 else "")
         print(f"istn train: warning: {len(paths)} structure map(s) {problem}: {which}", file=sys.stderr)
-    if not any(float(train_set[i][k].max()) > 0 for i in range(len(train_set)) for k in ("source_soi", "target_soi")):
+    def empty(dataset) -> bool:
+        return not any(float(dataset[i][k].max()) > 0 for i in range(len(dataset)) for k in ("source_soi", "target_soi"))
+
+    if empty(train_set):
         raise InputError("no training pair has any structure on the network grid (every structure map is empty "
                          "there: see the warnings): nothing to learn from")
+    if val_set is not None and len(val_set) and empty(val_set):  # every score 0: the first checkpoint "best"
+        raise InputError("no validation pair has any structure on the network grid (every structure map is empty "
+                         "there: see the warnings): the best model would be chosen on nothing; check the "
+                         "validation maps' labels (--soi-labels)")
     if labels:  # a channel no training pair fills: the model would claim a structure it never saw
         seen = sum((train_set[i][k].flatten(1).amax(1) > 0 for i in range(len(train_set))
                     for k in ("source_soi", "target_soi")))
@@ -233,6 +247,29 @@ def _check_structures(train_set, val_set, labels=()) -> None:
             raise InputError(f"--soi-labels {', '.join(map(str, never))}: no training pair has "
                              f"{'this label' if len(never) == 1 else 'these labels'} on its network grid (see the "
                              "warnings): drop it from --soi-labels, or check the label values of the maps")
+
+
+def _say_overlap(train_set, val_set) -> None:
+    """Warn of pairs listed twice and of validation pairs that share an image with a training pair: the
+    validation score, and the model chosen by it, are then optimistic (rows split at random put a copy, or the
+    same subject, on both sides)."""
+    def files(pair) -> tuple[Path, ...]:
+        return tuple(Path(f).resolve() for f in pair.paths) if pair.paths else ()
+
+    rows = [files(p) for p in train_set.pairs + (val_set.pairs if val_set is not None else [])]
+    repeated = len(rows) - len(set(rows))
+    if repeated:
+        print(f"istn train: warning: {repeated} pair(s) listed more than once (the same moving and fixed image): they "
+              "weigh more in training, and a copy among the validation pairs scores a pair the model was trained on",
+              file=sys.stderr)
+    if val_set is None:
+        return
+    seen = {f for p in train_set.pairs for f in files(p)}
+    shared = [p for p in val_set.pairs if seen.intersection(files(p))]
+    if shared:
+        print(f"istn train: warning: {len(shared)} of {len(val_set)} validation pair(s) share an image with training "
+              f"pairs (e.g. '{shared[0].paths[0]}'): the validation score, and the model chosen by it, are "
+              "optimistic; validate on pairs of other subjects (--val-csv)", file=sys.stderr)
 
 
 def _config(args: argparse.Namespace):
@@ -259,7 +296,8 @@ def _config(args: argparse.Namespace):
             cfg.steps = args.steps
         return cfg
     if not args.train_csv or not args.soi_csv:
-        raise InputError("istn train needs --config, or --train-csv and --soi-csv")
+        raise InputError("istn train needs --config, or --train-csv and --soi-csv (every variant, STN-u too, is "
+                         "validated, and its best step chosen, on how well it aligns the structure maps)")
     args = argparse.Namespace(**{**vars(args), **{k: v for k, v in TRAIN_DEFAULTS.items()
                                                     if getattr(args, k, None) is None}})
     if args.val_csv and not args.val_soi_csv:
@@ -289,7 +327,7 @@ def _check_run_folder(out: Path, cfg, resume: bool) -> int | None:
     holds (its ``last.pt``) is one this command may continue (the same data and training settings; the network
     is checked by `train`). Returns the step of the run resumed (None: a new run)."""
     from ..io import probe_writable
-    from ..training import load_checkpoint
+    from ..training import data_digest, load_checkpoint
 
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out '{out}' is a file, not a folder")
@@ -313,6 +351,11 @@ def _check_run_folder(out: Path, cfg, resume: bool) -> int | None:
     changed = [k for k in RESUME_MUST_MATCH if _setting(k, before.get(k)) != _setting(k, now.get(k))]
     if before.get("model", {}).get("variant") != cfg.model.variant:
         changed.insert(0, "variant")
+    if not changed and last.get("data") and last["data"] != data_digest(cfg):  # the same CSVs, rewritten
+        raise InputError(f"--out '{out}' holds a run (step {last['step']}) trained on other pairs: its CSV files list "
+                         "other images or structure maps now; resuming would mix two datasets (and choose the best "
+                         "model across two validation sets): train into another --out, or --no-resume to start "
+                         "it again")
     if changed:
         what = "; ".join(f"{k}: {before.get(k, before.get('model', {}).get(k))!r} -> "
                          f"{now.get(k, now['model'].get(k))!r}" for k in changed)
@@ -353,13 +396,16 @@ def _listed(cfg) -> list[Path]:
             for pair in read_pairs_csv(csv_path, cfg.data_root or None) for p in pair]
 
 
-def _check_export(export_path: Path, out: Path, inputs: list, overwrite: bool) -> None:
+def _check_export(export: str, out: Path, inputs: list, overwrite: bool) -> None:
     """``--export`` before any work: never an input, an existing file only the run's own model.pt or with
-    ``--overwrite``, in a folder that can be written."""
+    ``--overwrite`` (never a training run's checkpoint), a ``.pt`` file in a folder that can be written."""
+    from ..training import load_checkpoint
     from .apply import check_out_file
 
+    export_path = Path(export)
     for name in ("last.pt", "best.pt"):  # the run's checkpoints, made (or continued) by this very command
-        if export_path.absolute().resolve() == (out / name).absolute().resolve():
+        if export_path.absolute().resolve() == (out / name).absolute().resolve() or (  # best.PT: the same file
+                export_path.name.lower() == name and export_path.absolute().parent.resolve() == out.absolute().resolve()):
             raise OutputError(f"--export '{export_path}' is the run's own checkpoint {name} (in --out '{out}'): "
                               "export the model under another name (without --export: "
                               f"{out / 'model.pt'})")
@@ -367,9 +413,15 @@ def _check_export(export_path: Path, out: Path, inputs: list, overwrite: bool) -
             not any(export_path.resolve() == Path(p).resolve() for p in inputs):
         overwrite = True  # the run's own export, made again
     try:
-        check_out_file(export_path, inputs, overwrite, "model.pt")
+        check_out_file(export, inputs, overwrite, "model.pt")
     except OutputError as exc:
         raise OutputError(str(exc).replace("--out", "--export", 1)) from None
+    if export_path.suffix.lower() not in (".pt", ".pth"):  # x.nii.gz would hold a model under an image's name
+        raise InputError(f"--export '{export}': a model file is named .pt (e.g. "
+                         f"{export_path.name.split('.')[0] or 'model'}.pt)")
+    if _checkpoint_or_none(export_path, load_checkpoint) is not None:  # another run's last.pt or best.pt
+        raise OutputError(f"--export '{export}' is a training run's checkpoint: replacing it with a model would end "
+                          "that run (it could not be continued); export under another name")
 
 
 def _check_checkpoint(path: str) -> None:

@@ -27,7 +27,7 @@ from .images import (
     soi_to_tensor,
     statistics_sample,
 )
-from .pairs import PairDataset, PairTensors, load_pair, read_pairs_csv, split_rows
+from .pairs import PairDataset, PairTensors, check_segment_values, load_pair, read_pairs_csv, split_rows
 
 __all__ = [
     "STATS_VOXELS",
@@ -44,5 +44,6 @@ __all__ = [
     "read_pairs_csv",
     "soi_to_tensor",
     "split_rows",
+    "check_segment_values",
     "statistics_sample",
 ]

@@ -26,11 +26,21 @@ def read_pairs_csv(path: str | Path, root: str | Path | None = None) -> list[tup
     spaces around a cell. An empty cell or a file that does not exist is refused
     (`InputError`) naming the row, before any image is read.
     """
+    import io
+
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"pairs file '{path}' is a folder: give the CSV file that lists the pairs")
     if not path.is_file():
         raise InputError(f"pairs file '{path}' does not exist")
     base = Path(root) if root else path.parent
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    raw = path.read_bytes()
+    try:  # UTF-8 (with or without Excel's byte-order mark), or UTF-16 with its mark ("Unicode text")
+        text = raw.decode("utf-16") if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"pairs file '{path}' is not UTF-8 text (byte 0x{raw[exc.start]:02x} at position "
+                         f"{exc.start}: an older spreadsheet encoding?): save it as CSV UTF-8") from None
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f, skipinitialspace=True)
         fields = [n.strip() for n in reader.fieldnames or []]
         if not {"src", "trg"} <= set(fields):
@@ -65,6 +75,8 @@ class PairTensors:
     notes: list[tuple[str, str]] = field(default_factory=list)  # structures missing from its maps (`soi_notes`)
     label_like: list[tuple[str, str]] = field(default_factory=list)  # soft maps that hold labels: (path, values)
     paths: tuple[Path, Path] | None = None  # the (source, target) image files it was read from
+    # its Slicer segmentation maps' segment name -> label value tables: (path, table), to compare across maps
+    segments: list[tuple[str, dict[str, int]]] = field(default_factory=list)
 
 
 def load_pair(
@@ -85,24 +97,31 @@ def load_pair(
     is trained on the inputs it is later given, whatever the images' resolution and storage."""
     from ..inputs import prepare_image  # inputs imports this package
 
-    out, notes, label_like = [], [], []
+    from .. import segfile
+
+    out, notes, label_like, tables = [], [], [], []
     for img_path, soi_path in ((source, source_soi), (target, target_soi)):
         img = read_raw_image(img_path, "image")
+        if cfg.ndim == 2 and img.GetDimension() == 3 and img.GetSize()[2] == 1:
+            raise InputError(f"image '{img_path}' is a single slice stored as 3D; save it as a 2D image")
         if img.GetDimension() != cfg.ndim and img.GetDimension() in (2, 3):
             raise InputError(f"image '{img_path}' is {img.GetDimension()}D but the model is {cfg.ndim}D")
         prepared = prepare_image(img, cfg.grid_spacing, intensity, foreground, cfg.centre_on_foreground,
                                  f"image '{img_path}'")
         grid = network_grid(prepared.image, cfg, prepared.centre)
         soi = read_soi(soi_path, cfg.ndim, soi_kind)
+        table = {seg.name: seg.label for seg in segfile.segments(segfile.header(soi)) if seg.layer == 0}
+        if table:
+            tables.append((str(soi_path), table))
         soi_tensor = soi_to_tensor(soi, grid, soi_kind, soi_labels)
-        notes += soi_notes(soi, soi_tensor, soi_path, soi_kind, soi_labels)
+        notes += soi_notes(soi, soi_tensor, soi_path, soi_kind, soi_labels) + geometry_notes(soi, img, soi_path)
         if soi_kind == "soft":
             values = labels_in_soft_map(soi)
             if values:
                 label_like.append((str(soi_path), values))
         out.append((image_to_tensor(prepared.image, grid, prepared.window), soi_tensor))
     (s, ss), (t, ts) = out
-    return PairTensors(s, t, ss, ts, notes, label_like, (Path(source), Path(target)))
+    return PairTensors(s, t, ss, ts, notes, label_like, (Path(source), Path(target)), tables)
 
 
 # A structure map of whole numbers with this many distinct values (the background included) or fewer, and more
@@ -128,10 +147,16 @@ def read_soi(path: Path, ndim: int, kind: str) -> sitk.Image:
     """A structure map of a training pair, refused in one line (`InputError`) when it cannot be one: unreadable,
     several components, another dimension than the model's, non-finite values, or (``kind="labels"``) values
     that are not whole numbers."""
+    from .. import segfile
+
     soi = read_raw_image(path, "structure map")
     what = f"structure map '{path}'"
     if soi.GetNumberOfComponentsPerPixel() != 1:
         grey = grey_image(soi)  # a map saved as grey-level RGB(A) by a viewer: the map it is, as for the images
+        if grey is None and segfile.header(soi):
+            raise InputError(f"{what} is a Slicer segmentation whose segments overlap "
+                             f"({soi.GetNumberOfComponentsPerPixel()} layers); a label map is expected: export the "
+                             "segments to a label map (Slicer's Segmentations module), one value per structure")
         if grey is None:
             raise InputError(f"{what} has {soi.GetNumberOfComponentsPerPixel()} components per pixel; a label map "
                              "or one soft map is expected")
@@ -168,6 +193,25 @@ def soi_notes(soi: sitk.Image, tensor: torch.Tensor, soi_path: Path, kind: str,
     if off_grid:
         notes.append((f"has label {', '.join(map(str, off_grid))}, but it {outside}", str(soi_path)))
     return notes
+
+
+def geometry_notes(soi: sitk.Image, image: sitk.Image, soi_path: Path) -> list[tuple[str, str]]:
+    """``(problem, path)`` when a structure map has its image's voxel grid (the same size) but not its place: another
+    origin, spacing or direction, as when a header is lost on the way (a map saved from an array gets origin 0,
+    spacing 1). It is used where its own header puts it, so its structures lie beside the image's."""
+    if soi.GetSize() != image.GetSize():
+        return []  # another grid (a finer map, a crop): placed by its header, which `soi_notes` checks for reach
+    spacing = np.asarray(image.GetSpacing())
+    off = [what for what, differs in (
+        ("origin", float(np.linalg.norm(np.subtract(soi.GetOrigin(), image.GetOrigin()))) > 0.5 * float(spacing.min())),
+        ("spacing", not np.allclose(soi.GetSpacing(), spacing, rtol=1e-3)),
+        ("direction", not np.allclose(soi.GetDirection(), image.GetDirection(), atol=1e-3))) if differs]
+    if not off:
+        return []
+    # no numbers in the problem: the maps of a cohort that share it are said in one warning
+    return [(f"have their image's voxel grid but another {', '.join(off)}: a header lost on the way (a map saved "
+             "from an array?); each is used where its own header puts it, beside the image's structures: copy the "
+             "image's geometry onto it (SimpleITK's CopyInformation)", str(soi_path))]
 
 
 class PairDataset(torch.utils.data.Dataset):
@@ -222,6 +266,24 @@ class PairDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         p = self.pairs[i]
         return {"source": p.source[0], "target": p.target[0], "source_soi": p.source_soi[0], "target_soi": p.target_soi[0]}
+
+
+def check_segment_values(*datasets: "PairDataset | None") -> None:
+    """Refuse Slicer segmentation maps whose segments are numbered differently (caudate 2 in one, 1 in another, as
+    when segments were made in another order): maps are read by their label values, so one channel would hold
+    different structures. Maps without segment names are not judged."""
+    first: dict[str, tuple[int, str]] = {}
+    for dataset in datasets:
+        for pair in dataset.pairs if dataset is not None else ():
+            for path, table in pair.segments:
+                for name, value in table.items():
+                    seen = first.setdefault(name, (value, path))
+                    if seen[0] != value:
+                        raise InputError(
+                            f"segment '{name}' is label {seen[0]} in '{seen[1]}' but {value} in '{path}': the maps "
+                            "are read by their label values, so one channel would hold different structures; "
+                            "give every map the same value per segment (Slicer: export the segmentations to label "
+                            "maps with one colour table)")
 
 
 def split_rows(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
