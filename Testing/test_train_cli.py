@@ -48,7 +48,7 @@ def test_a_spreadsheet_export_bom_crlf_and_spaces_trains_as_the_plain_csv(data, 
                                   "loss-check-pairs", "lr-0", "grid-too-small", "cp-in-voxels", "cp-too-many",
                                   "soi-labels-0", "soi-labels-twice", "latin-1-csv", "csv-is-a-folder",
                                   "export-a-folder", "export-an-image-name", "validation-without-structures",
-                                  "single-slice"])
+                                  "single-slice", "spacing-in-metres"])
 def test_bad_training_input_is_refused_in_one_line_before_anything_is_written(data, tmp_path, capsys, case):
     d, base = data
     out = tmp_path / "run"
@@ -142,6 +142,8 @@ def test_bad_training_input_is_refused_in_one_line_before_anything_is_written(da
         img = sitk.ReadImage(str(d / "src0.nii.gz"))
         sitk.WriteImage(sitk.JoinSeries([img]), str(d / "src0.nii.gz"))
         expected = "is a single slice stored as 3D; save it as a 2D image"
+    elif case == "spacing-in-metres":  # trained on a 3e-5 mm crop of each image's centre
+        extra, expected = ["--spacing", "1e-6"], "is 3.2e-05 mm across, less than two of image"
     else:
         before = (d / "pairs.csv").read_bytes()
         extra, expected = ["--export", str(d / "pairs.csv"), "--overwrite"], "is one of the inputs"
@@ -590,3 +592,38 @@ def test_an_export_never_replaces_another_runs_checkpoint(data, tmp_path, capsys
     assert (other / "last.pt").read_bytes() == before
     assert main(base + ["--out", str(tmp_path / "run"), "--export", str(tmp_path / "run" / "BEST.PT")]) == 2
     assert "is the run's own checkpoint best.pt" in _error(capsys)
+
+
+def test_a_configs_relative_csv_paths_are_read_from_its_folder(data, tmp_path, capsys, monkeypatch):
+    """A config beside its CSVs trains from any working folder (they were read from the working folder: the run
+    failed, 'pairs file does not exist', unless started beside them); one written for the working folder is
+    refused naming the path to write."""
+    import json
+
+    d, _ = data
+    config = {"model": {"ndim": 2, "grid_size": [32, 32], "grid_spacing": 1.0}, "train_csv": "pairs.csv",
+              "soi_csv": "soi.csv", "soi_kind": "soft", "steps": 2, "val_every": 2}
+    (d / "cfg.json").write_text(json.dumps(config))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["train", "--config", str(d / "cfg.json"), "--out", "run", "--quiet"]) == 0
+    saved = load_checkpoint(elsewhere / "run" / "last.pt")["config"]  # the run's folder: from the working folder
+    assert saved["train_csv"] == str(d / "pairs.csv") and saved["soi_csv"] == str(d / "soi.csv")
+    # written for the working folder (data/pairs.csv from tmp_path), kept in a folder of its own: said which
+    monkeypatch.chdir(tmp_path)
+    (elsewhere / "cfg.json").write_text(json.dumps({**config, "train_csv": "data/pairs.csv",
+                                                    "soi_csv": "data/soi.csv"}))
+    assert main(["train", "--config", str(elsewhere / "cfg.json"), "--out", "run2", "--quiet"]) == 2
+    err = _error(capsys)
+    assert "train_csv 'data/pairs.csv' is read from the config's folder" in err and str(d / "pairs.csv") in err
+    assert not (tmp_path / "run2").exists()
+
+
+def test_soi_labels_without_values_is_refused(data, tmp_path, capsys):
+    """``--soi-labels`` with no value after it was read as none given: every non-zero voxel one structure."""
+    d, base = data
+    with pytest.raises(SystemExit) as e:
+        main(base + ["--soi-kind", "labels", "--out", str(tmp_path / "run"), "--soi-labels"])
+    assert e.value.code == 2 and "--soi-labels: expected at least one argument" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

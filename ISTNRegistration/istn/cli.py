@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--verbose", action="store_true", help="show the libraries' own messages behind an error")
 
     t = sub.add_parser("train", help="train a variant from CSV pair lists or a config file")
-    t.add_argument("--config", help="JSON TrainConfig (see istn.config)")
+    t.add_argument("--config", help="JSON TrainConfig (see istn.config); relative CSV paths in it are read from its folder")
     t.add_argument("--train-csv", help="image pairs: a CSV with a header src,trg (src = moving, trg = fixed); "
                                        "relative paths are read from the CSV's folder")
     t.add_argument("--soi-csv", help="their structure maps (label maps, soft maps or rendered landmarks), the same "
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--soi-kind", choices=["labels", "soft", "landmarks"],
                    help="labels: label maps, one channel per --soi-labels value; soft: one map in [0, max] (label "
                         "maps given to the default soft are refused: say labels, or soft to mean it)")
-    t.add_argument("--soi-labels", type=int, nargs="*", help="label values, one SoI channel each")
+    t.add_argument("--soi-labels", type=int, nargs="+", help="label values, one SoI channel each")
     t.add_argument("--soi-description", default="",
                    help="what the structure maps show, in words, stored in the model and shown by istn info and the "
                         "Slicer panel (default: named after --soi-csv)")

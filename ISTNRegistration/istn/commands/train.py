@@ -196,6 +196,23 @@ def _absolute(path: str | None) -> str:
     return str(Path(path).absolute()) if path else ""
 
 
+def _config_paths(cfg, config: Path) -> None:
+    """Make ``cfg``'s relative data paths (the CSVs, ``data_root``) relative to the config file's folder, as a
+    CSV's paths are to the CSV's: the run then does not depend on where it is started. ``out_dir`` stays relative
+    to the working folder, as --out is."""
+    base = config.absolute().parent
+    for key in ("train_csv", "soi_csv", "val_csv", "val_soi_csv", "data_root"):
+        value = getattr(cfg, key)
+        if not value or Path(value).is_absolute():
+            continue
+        there = base / value
+        if not there.exists() and Path(value).exists():  # a config written for the working folder: say which
+            raise InputError(f"config '{config}': {key} '{value}' is read from the config's folder ('{there}' "
+                             f"does not exist); it exists from the working folder: write it as "
+                             f"'{Path(value).absolute()}'")
+        setattr(cfg, key, str(there))
+
+
 def _first_missing(folder: Path) -> Path | None:
     """The outermost folder of ``folder``'s path that does not exist yet (None: it exists)."""
     missing = None
@@ -290,6 +307,7 @@ def _config(args: argparse.Namespace):
             cfg = train_config_from_dict(json.loads(Path(args.config).read_text()))
         except (OSError, json.JSONDecodeError, ValueError, TypeError) as exc:
             raise InputError(f"config '{args.config}' is not a valid training config: {exc}") from None
+        _config_paths(cfg, Path(args.config))
         if args.out:
             cfg.out_dir = args.out
         if args.steps is not None:

@@ -106,6 +106,11 @@ def load_pair(
             raise InputError(f"image '{img_path}' is a single slice stored as 3D; save it as a 2D image")
         if img.GetDimension() != cfg.ndim and img.GetDimension() in (2, 3):
             raise InputError(f"image '{img_path}' is {img.GetDimension()}D but the model is {cfg.ndim}D")
+        reach = min(cfg.grid_size) * cfg.grid_spacing
+        if reach < 2 * max(img.GetSpacing()):  # a grid that sees less than a voxel's worth: --spacing in metres?
+            raise InputError(f"the model's grid ({' x '.join(map(str, cfg.grid_size))} voxels of "
+                             f"{cfg.grid_spacing:g} mm) is {reach:.3g} mm across, less than two of image "
+                             f"'{img_path}''s {max(img.GetSpacing()):g} mm voxels: is --spacing in mm?")
         prepared = prepare_image(img, cfg.grid_spacing, intensity, foreground, cfg.centre_on_foreground,
                                  f"image '{img_path}'")
         grid = network_grid(prepared.image, cfg, prepared.centre)
