@@ -1824,3 +1824,43 @@ def test_a_grey_volume_loaded_as_colour_registers_as_the_grey_volume_and_true_co
         else:
             result = run(ISTNRegistrationLogic(), (fixed_node, colour), tiny_models, "affine", updateViews=False)
             np.testing.assert_array_equal(_affine_matrix(result.transform), _affine_matrix(grey_result.transform))
+
+
+# --------------------------------------------------------------------------
+# The command line and the module: one engine
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["affine", "bspline"])
+def test_the_module_and_istn_register_give_the_same_world_transform(scene, pair, tiny_models, tmp_path, kind):
+    """The same pair, model and settings through the Slicer logic (volume nodes, RAS) and through `istn register`
+    (files, LPS .h5): the same fixed -> moving mapping of world points, so a result does not depend on which door
+    it came through. The oblique anisotropic pair on other grids; the B-spline after its affine in both."""
+    from istn.cli import main
+
+    fixed_node, moving_node, fixed, moving = pair
+    for name, image in (("fixed.nrrd", fixed), ("moving.nii.gz", moving)):
+        sitk.WriteImage(image, str(tmp_path / name))
+    models = [tiny_models["affine"]] + ([tiny_models["bspline"]] if kind == "bspline" else [])
+    argv = ["register", "--fixed", str(tmp_path / "fixed.nrrd"), "--moving", str(tmp_path / "moving.nii.gz"),
+            "--refine", "3", "--threads", "1", "--no-figure", "--quiet", "--out", str(tmp_path / "out")]
+    for m in models:
+        argv += ["--model", str(m)]
+    assert main(argv) == 0
+    from_files = sitk.ReadTransform(str(tmp_path / "out" / "transform.h5"))
+    result = ISTNRegistrationLogic().register(fixed_node, moving_node, modelPath=tiny_models[kind],
+                                              affineModelPath=tiny_models["affine"], iterations=3, threads=1,
+                                              updateViews=False)
+    points = [fixed.TransformIndexToPhysicalPoint(ix) for ix in ((5, 5, 5), (20, 17, 14), (35, 30, 24), (12, 25, 8))]
+    moved = [np.subtract(from_files.TransformPoint(p), p) for p in points]
+    assert max(np.linalg.norm(d) for d in moved) > 1.0  # a real transform: the comparison is not of identities
+    gap = max(np.linalg.norm(np.subtract(from_files.TransformPoint(p), result.transform.TransformPoint(p)))
+              for p in points)
+    assert gap < 0.05, f"istn register and the module differ by {gap:.3f} mm"
+    # and what the scene shows: the moving volume's parent transform(s) take its RAS points where the file does
+    assert moving_node.GetParentTransformNode() is (result.bsplineTransformNode or result.transformNode)
+    ras = np.array(points[1]) * [-1, -1, 1]
+    world_to_moving = result.transformNode.GetTransformFromParent().TransformPoint(ras.tolist())
+    if result.bsplineTransformNode is not None:
+        world_to_moving = result.bsplineTransformNode.GetTransformFromParent().TransformPoint(world_to_moving)
+    assert np.allclose(np.array(world_to_moving) * [-1, -1, 1], from_files.TransformPoint(points[1]), atol=0.05)
