@@ -844,6 +844,7 @@ class ISTNRegistrationLogic:
                 raise ValueError(_("the {role} volume '{name}' is a single slice: this module registers 3D volumes "
                                    "with 3D models; register 2D images with the command line (istn register) and a "
                                    "2D model").format(role=role, name=node.GetName()))
+            _checkFinite(role, node)
         if fixed is moving:
             raise ValueError(_("the fixed and moving volumes are the same node; pick two different volumes"))
         if outputTransform is not None:
@@ -1347,6 +1348,26 @@ def _checkNumbers(**values) -> None:
         elif not number or math.isnan(value) or (math.isinf(value) and name != "regionMargin"):
             raise ValueError(_("'{name}' must be a finite number (or None: the model's own), got {value!r}").format(
                 name=name, value=value))
+
+
+def _checkFinite(role: str, node) -> None:
+    """Refuse a volume with NaN or infinite voxels, naming it, with a way out that works in Slicer (the engine's own
+    message names no node and gives command-line tools). A NaN volume comes from a NRRD or MHA file of a masking
+    pipeline; a NIfTI file's NaN are read as 0 by Slicer's reader already."""
+    import numpy as np
+
+    if node.GetImageData() is None:
+        return  # said where the image is read ("has no image data")
+    array = slicer.util.arrayFromVolume(node)
+    if array.dtype.kind != "f" or np.all(np.isfinite(array)):  # integers are finite: no 512^3 mask made for them
+        return
+    nan = int(np.count_nonzero(np.isnan(array)))
+    inf = int(array.size - nan - np.count_nonzero(np.isfinite(array)))
+    counts = " and ".join(f"{n:,} {kind}" for n, kind in ((nan, "NaN"), (inf, "infinite")) if n)
+    raise ValueError(_("the {role} volume '{name}' has {counts} voxel values (the outside of a masked image?): set "
+                       "them to the background first, e.g. in the Python console: import numpy; node = "
+                       "slicer.util.getNode('{name}'); a = slicer.util.arrayFromVolume(node); a[~numpy.isfinite(a)] = 0; "
+                       "slicer.util.arrayFromVolumeModified(node)").format(role=role, name=node.GetName(), counts=counts))
 
 
 def _isUnder(node, transformNode) -> bool:
