@@ -1891,3 +1891,27 @@ def test_a_volume_with_nan_voxels_is_named_and_the_advice_given_works_in_slicer(
     exec(message.split("in the Python console: ", 1)[1], {"slicer": slicer})
     assert np.all(np.isfinite(slicer.util.arrayFromVolume(node)))
     logic.register(*pair_nodes, modelPath=tiny_models["affine"], iterations=1, threads=1, updateViews=False)
+
+
+@pytest.mark.parametrize("role, case", [("fixed", "constant"), ("moving", "too-small")])
+def test_the_engines_refusal_of_an_image_names_the_volume_chosen(scene, pair, tiny_models, role, case):
+    """The engine refuses an image as "moving image is constant ..."; in Slicer the user chose a volume by name,
+    so the message says which ("the moving volume 'baseline' ..."), and the scene is as it was."""
+    fixed_node, moving_node, fixed, moving = pair
+    image = fixed if role == "fixed" else moving
+    if case == "constant":
+        bad = sitk.Image(image.GetSize(), sitk.sitkFloat32) + 3.0
+        bad.CopyInformation(image)
+        expected = "is constant (all voxels 3): nothing to register"
+    else:
+        bad = sitk.Image([3, 40, 40], sitk.sitkFloat32)
+        bad[1, 1, 1] = 5.0
+        expected = "is too small ((3, 40, 40)): at least 4 voxels per axis are needed"
+    node = nodes.addVolumeNodeFromImage(scene, bad, "baseline")
+    pair_nodes = (node, moving_node) if role == "fixed" else (fixed_node, node)
+    before = selftest.nodeIds(scene)
+    with pytest.raises(ValueError) as e:
+        ISTNRegistrationLogic().register(*pair_nodes, modelPath=tiny_models["affine"], iterations=1, threads=1,
+                                         updateViews=False)
+    assert str(e.value) == f"the {role} volume 'baseline' {expected}"
+    assert selftest.nodeIds(scene) == before and pair_nodes[1].GetParentTransformNode() is None

@@ -786,8 +786,11 @@ class ISTNRegistrationLogic:
                                          "stopped and its changes to the scene undone").format(name=removed[0]))
                 return ISTNRegistrationResult(transformType=transformType, cancelled=True, warnings=result.warnings,
                                               timings={"total": time.perf_counter() - started})
-            except BaseException:
+            except BaseException as exc:
                 undo()
+                named = _volumeNamed(exc, fixedVolumeNode, movingVolumeNode)
+                if named is not None:
+                    raise named from exc
                 raise
             watched.clear()
             if staleBSpline is not None:
@@ -1348,6 +1351,20 @@ def _checkNumbers(**values) -> None:
         elif not number or math.isnan(value) or (math.isinf(value) and name != "regionMargin"):
             raise ValueError(_("'{name}' must be a finite number (or None: the model's own), got {value!r}").format(
                 name=name, value=value))
+
+
+def _volumeNamed(exc: BaseException, fixed, moving) -> Exception | None:
+    """The engine's refusal of an image ("moving image is constant ...") as one of the volume the user chose ("the
+    moving volume 'T1 follow-up' is constant ..."), of the same type; None for any other error."""
+    message = str(exc)
+    for role, node in (("fixed", fixed), ("moving", moving)):
+        if message.startswith(f"{role} image ") and isinstance(exc, ValueError):
+            try:
+                return type(exc)(_("the {role} volume '{name}' ").format(role=role, name=node.GetName())
+                                 + message[len(f"{role} image "):])
+            except TypeError:  # an exception type that takes other arguments: left as it is
+                return None
+    return None
 
 
 def _checkFinite(role: str, node) -> None:
