@@ -10,6 +10,7 @@ runs (`ISTNRegistrationLib.selftest`).
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -1915,3 +1916,25 @@ def test_the_engines_refusal_of_an_image_names_the_volume_chosen(scene, pair, ti
                                          updateViews=False)
     assert str(e.value) == f"the {role} volume 'baseline' {expected}"
     assert selftest.nodeIds(scene) == before and pair_nodes[1].GetParentTransformNode() is None
+
+
+@pytest.mark.parametrize("case", ["empty-image-data", "zero-spacing"])
+def test_a_volume_without_voxels_or_with_a_zero_spacing_is_refused_by_name(scene, pair, tiny_models, case):
+    """A volume node holding an empty vtkImageData crashed in the NaN check (AttributeError, 'NoneType' object has
+    no attribute 'GetDataType'); a zero spacing was refused as 'the volume has a zero voxel spacing', no name."""
+    import vtk
+
+    fixed_node, moving_node = pair[:2]
+    if case == "empty-image-data":
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "scan")
+        node.SetAndObserveImageData(vtk.vtkImageData())
+        expected = "volume 'scan' has no voxels"
+    else:
+        node = nodes.addVolumeNodeFromImage(scene, pair[3], "scan")
+        node.SetSpacing(1.0, 0.0, 1.0)
+        expected = "volume 'scan' has a zero voxel spacing (1, 0, 1): set its spacing in the Volumes module"
+    before = selftest.nodeIds(scene)
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        ISTNRegistrationLogic().register(fixed_node, node, modelPath=tiny_models["affine"], iterations=1, threads=1,
+                                         updateViews=False)
+    assert selftest.nodeIds(scene) == before

@@ -1373,8 +1373,9 @@ def _checkFinite(role: str, node) -> None:
     pipeline; a NIfTI file's NaN are read as 0 by Slicer's reader already."""
     import numpy as np
 
-    if node.GetImageData() is None:
-        return  # said where the image is read ("has no image data")
+    image = node.GetImageData()
+    if image is None or image.GetPointData().GetScalars() is None:
+        return  # said where the image is read ("has no voxels")
     array = slicer.util.arrayFromVolume(node)
     if array.dtype.kind != "f" or np.all(np.isfinite(array)):  # integers are finite: no 512^3 mask made for them
         return

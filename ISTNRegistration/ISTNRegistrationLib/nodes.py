@@ -120,6 +120,10 @@ def volumeNodeToImage(volumeNode, world: bool = False, placement: np.ndarray | N
     imageData = volumeNode.GetImageData()
     if imageData is None or imageData.GetPointData().GetScalars() is None:
         raise ValueError(_("volume '{name}' has no voxels").format(name=volumeNode.GetName()))
+    if min(abs(v) for v in volumeNode.GetSpacing()) == 0:  # a header gone wrong, or set so by hand
+        raise ValueError(_("volume '{name}' has a zero voxel spacing ({spacing}): set its spacing in the Volumes "
+                           "module (Volume Information)").format(
+                               name=volumeNode.GetName(), spacing=", ".join(f"{v:g}" for v in volumeNode.GetSpacing())))
     array = np.array(slicer.util.arrayFromVolume(volumeNode), copy=True)
     if imageData.GetNumberOfScalarComponents() != 1:
         from istn.io import grey_of_colour
