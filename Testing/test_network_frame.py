@@ -353,3 +353,29 @@ def test_a_slab_against_a_whole_head_is_warned_of_once_however_it_lies():
     tilted = sitk.Image(slab)  # the slab's grid turned 30 degrees about left-right: still 40 mm thick
     tilted.SetDirection(rotation(3, (30.0, 0.0, 0.0)).ravel().tolist())
     assert "covers 40 mm along its superior-inferior axis" in slab_warning(fixed, tilted)
+
+
+@pytest.mark.skipif(not (Path(__file__).parents[1] / "ISTNRegistration" / "Resources" / "Models" /
+                         "brain-t1-affine.pt").exists(), reason="bundled models absent")
+def test_a_label_map_given_as_the_moving_image_is_said_once():
+    """moving_labels.nii.gz given for moving_t1.nii.gz (names alike) registered with loss self-check warnings only
+    ("looks unlike what the model was trained on: check orientation, contrast and field of view"). Now the first
+    stage says the image holds a handful of whole-number values, a label map or a mask; the images themselves,
+    the same labels as float, a 1000-level T1 and a CT-like offset range stay quiet."""
+    from istn import demo
+    from istn.registration import label_map_warning
+
+    pair = demo.sample_pair()
+    fixed, moving, labels = pair["fixed"], pair["moving"], pair["moving_labels"]
+    affine, bspline = (load_model(demo.bundled_model(n)) for n in (demo.AFFINE_MODEL, demo.BSPLINE_MODEL))
+    first = register(fixed, labels, affine, iterations=2, polish=0)
+    said = [w for w in first.warnings if "whole-number values" in w]
+    assert len(said) == 1 and said[0].startswith("the moving image holds only 9 whole-number values (0 to 8): a "
+                                                 "label map (8 labels?)")
+    second = register(fixed, labels, bspline, initial_transform=first.transform, iterations=2, polish=0)
+    assert not any("whole-number values" in w for w in second.warnings)
+    assert "the fixed image holds only 2 whole-number values (0 to 1): a mask" in label_map_warning(
+        sitk.Cast(labels > 0, sitk.sitkFloat32), moving)
+    assert label_map_warning(fixed, moving) is None and label_map_warning(fixed, fixed) is None
+    quantised = sitk.Cast(sitk.RescaleIntensity(moving, 0, 999), sitk.sitkInt16)
+    assert label_map_warning(sitk.ShiftScale(quantised, shift=-1024), fixed) is None

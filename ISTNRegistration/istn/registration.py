@@ -41,7 +41,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from .data import image_to_tensor, network_grid
+from .data import STATS_VOXELS, image_to_tensor, network_grid
 from .errors import InputError
 from .export import LoadedModel
 from .geometry import Grid, field_lattice, lps_grid
@@ -565,6 +565,32 @@ def slab_warning(fixed: sitk.Image, moving: sitk.Image) -> str | None:
     return None
 
 
+def label_map_warning(fixed: sitk.Image, moving: sitk.Image) -> str | None:
+    """A warning when the fixed or moving image holds few whole-number values (at most `MANY_LABELS` besides the
+    background): a label map or a mask given where an image was meant (``moving_labels.nii.gz`` for
+    ``moving_t1.nii.gz``). The models map intensities to structures; a label map registers to something, and the
+    self-checks may not say why. A real image has hundreds of values even in a sample of a few thousand voxels,
+    so it costs one small sample."""
+    from .metrics import MANY_LABELS
+
+    for role, image in (("fixed", fixed), ("moving", moving)):
+        array = sitk.GetArrayViewFromImage(image)
+        values = None
+        for voxels in (2**16, STATS_VOXELS):  # a small sample first: enough to clear an image of intensities
+            step = max(1, int(np.ceil((array.size / voxels) ** (1.0 / array.ndim))))
+            values = np.unique(array[(slice(None, None, step),) * array.ndim])
+            if len(values) > MANY_LABELS + 1:
+                break
+        if values is None or len(values) > MANY_LABELS + 1 or not np.all(values == np.round(values)):
+            continue
+        kind = "a mask" if len(values) == 2 else f"a label map ({len(values) - 1} labels?)"
+        return (f"the {role} image holds only {len(values)} whole-number values ({values[0]:g} to {values[-1]:g}): "
+                f"{kind}, not an image of intensities? The models register images (the structures are found from "
+                "their intensities); register the images themselves, then take labels through the result "
+                "(istn apply; in Slicer: under the output transform)")
+    return None
+
+
 def _map_volume_check(model: LoadedModel, ratios: np.ndarray) -> str | None:
     """A warning naming the structures whose volume the network sees very differently in the two images: a
     contrast, field of view or anatomy it was not trained for, which the loss alone does not show (the maps of
@@ -1051,6 +1077,9 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
     slab = slab_warning(fixed, moving) if model.transform_type == "affine" or initial_transform is None else None
     if slab:  # not a self-check: another model would not do better (no second try for it)
         warnings_.append(slab)
+    labels = label_map_warning(fixed, moving) if model.transform_type == "affine" or initial_transform is None else None
+    if labels:  # said once, on the first stage
+        warnings_.append(labels)
     t_info = time.perf_counter()
     volume_ratio = map_volume_ratios(s_map, t_map) if model.config.itn_output == "sigmoid" else np.zeros(0)
     given, kept = image_information(fixed, moving, grid_f, (win_f, win_m), [given_transform, final])
