@@ -843,7 +843,11 @@ class ISTNRegistrationLogic:
                 raise ValueError(_("the {role} volume '{name}' must be a scalar (grey-level) volume").format(
                     role=role, name=node.GetName()))
             image = node.GetImageData()
-            if image is not None and 1 in image.GetDimensions() and max(image.GetDimensions()) > 1:
+            if image is not None and sorted(image.GetDimensions())[1] == 1:  # a line or a point: no slice either
+                raise ValueError(_("the {role} volume '{name}' has {size} voxels: a 3D volume of at least 4 voxels "
+                                   "per axis is needed").format(role=role, name=node.GetName(), size=" x ".join(
+                                       map(str, image.GetDimensions()))))
+            if image is not None and 1 in image.GetDimensions():
                 raise ValueError(_("the {role} volume '{name}' is a single slice: this module registers 3D volumes "
                                    "with 3D models; register 2D images with the command line (istn register) and a "
                                    "2D model").format(role=role, name=node.GetName()))
@@ -1253,7 +1257,9 @@ def preAlignment(movingNode):
     (LPS), the inverse of its parents' transform to world; ``name`` is that transform's. Under this module's own
     output (a second Apply), the start that output's run recorded (`ATTRIBUTE_START`: the user's placement then,
     even though the volume is now under the result, which includes it), so a second Apply starts as the first did;
-    an edit of the result by hand is not a start (put the volume under a transform of your own for that).
+    an edit of the result by hand is not a start (put the volume under a transform of your own for that). Under
+    the result of another volume's run (the same subject's other scan placed with it): from there, as under a
+    transform of the user's.
     ``(None, None, None)``: the volume's own geometry (under no transform, or under an output whose run started
     there). Raises for a non-linear transform of the user's (an acquisition correction, another tool's warp):
     harden it first."""
@@ -1266,14 +1272,19 @@ def preAlignment(movingNode):
 
     from . import nodes as nodeio
 
+    output = None
     if _isModuleOutput(parent):
         output = parent if parent.GetAttribute(ATTRIBUTE_MOVING) is not None else parent.GetParentTransformNode()
+    if output is not None and output.GetAttribute(ATTRIBUTE_MOVING) == movingNode.GetID():
         recorded = output.GetAttribute(ATTRIBUTE_START)
-        if output.GetAttribute(ATTRIBUTE_MOVING) != movingNode.GetID() or not recorded:
+        if not recorded:
             return None, None, None
         toWorld = np.array([float(v) for v in recorded.split()]).reshape(4, 4)
         name = output.GetAttribute(ATTRIBUTE_START_NAME) or output.GetName()
     else:
+        # another volume's result is, for this one, a placement like any of the user's (the same subject's other
+        # scan put under it: it was ignored, the run started where the volume lay before and Dice 'before' was
+        # that of a placement not shown)
         # RAS: the volume's own points -> where they are shown (refused, as for the fixed volume, if not linear)
         toWorld, name = nodeio.parentToWorldMatrix(movingNode), parent.GetName()
     return matrix_to_sitk_affine(nodeio.lpsToRasMatrix(np.linalg.inv(toWorld))), name, toWorld
