@@ -627,3 +627,20 @@ def test_soi_labels_without_values_is_refused(data, tmp_path, capsys):
         main(base + ["--soi-kind", "labels", "--out", str(tmp_path / "run"), "--soi-labels"])
     assert e.value.code == 2 and "--soi-labels: expected at least one argument" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_label_maps_listed_as_images_are_warned_of(data, tmp_path, capsys):
+    """--train-csv and --soi-csv swapped (masks as the images, the images as soft maps) trained without a word: the
+    network learns structures from labels it never gets at test time. Now the images of a handful of whole-number
+    values are counted in a warning; the CSVs as meant stay quiet."""
+    d, base = data
+    for f in d.glob("*_soi.nii.gz"):
+        sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(f)) > 0.5, sitk.sitkUInt8), str(f))
+    assert main(base + ["--out", str(tmp_path / "a")]) == 0
+    assert "whole-number values" not in capsys.readouterr().err
+    swapped = [str(d / "soi.csv") if a == str(d / "pairs.csv") else str(d / "pairs.csv") if a == str(d / "soi.csv")
+               else a for a in base]
+    assert main(swapped + ["--out", str(tmp_path / "b")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 12 image(s) hold only a handful of whole-number values, as label maps and masks do" in err
+    assert "are the two swapped?" in err

@@ -34,6 +34,21 @@ MAX_IN_BETWEEN_EDGES = 0.1  # about halfway (by ratio) between the two kinds
 UNCLEAR_IN_BETWEEN_EDGES = (0.05, 0.2)
 
 
+def few_whole_values(image: sitk.Image) -> np.ndarray | None:
+    """The sorted values of an image that holds at most `MANY_LABELS` whole-number values besides its background
+    (a label map or a mask), else None (an image of intensities). A real image has hundreds of values even in a
+    sample of a few thousand voxels: a 65k-voxel sample clears it (1 ms at 256^3); only a few-valued one is
+    looked at further (a sample of 2^21 voxels, 8 ms)."""
+    array = sitk.GetArrayViewFromImage(image)
+    values = np.zeros(0)
+    for voxels in (2**16, 2**21):
+        step = max(1, int(np.ceil((array.size / voxels) ** (1.0 / array.ndim))))
+        values = np.unique(array[(slice(None, None, step),) * array.ndim])
+        if len(values) > MANY_LABELS + 1:
+            return None
+    return values if len(values) and np.all(values == np.round(values)) else None
+
+
 def looks_like_intensities(image: sitk.Image) -> bool:
     """Many distinct values, and edges of in-between values (`in_between_edge_fraction`): an image of
     intensities, not a label map."""

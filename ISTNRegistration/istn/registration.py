@@ -41,13 +41,13 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from .data import STATS_VOXELS, image_to_tensor, network_grid
+from .data import image_to_tensor, network_grid
 from .errors import InputError
 from .export import LoadedModel
 from .geometry import Grid, field_lattice, lps_grid
 from .inputs import PreparedImage, prepare_image
 from .losses import anchor_energy, anchored_control_points, bending_energy
-from .metrics import field_jacobian_determinant, jacobian_determinant, mutual_information
+from .metrics import field_jacobian_determinant, few_whole_values, jacobian_determinant, mutual_information
 from .refinement import (DEFAULT_ITERATIONS, MAP_DISPLAY_THRESHOLD, REFINE_LAYERS, CancelFlag, IterationInfo, loss_rise,
                          RefineOutput, model_region_margin, refine, refinement_layers, supports_fc_refinement)
 from .threads import default_threads
@@ -566,22 +566,12 @@ def slab_warning(fixed: sitk.Image, moving: sitk.Image) -> str | None:
 
 
 def label_map_warning(fixed: sitk.Image, moving: sitk.Image) -> str | None:
-    """A warning when the fixed or moving image holds few whole-number values (at most `MANY_LABELS` besides the
-    background): a label map or a mask given where an image was meant (``moving_labels.nii.gz`` for
-    ``moving_t1.nii.gz``). The models map intensities to structures; a label map registers to something, and the
-    self-checks may not say why. A real image has hundreds of values even in a sample of a few thousand voxels,
-    so it costs one small sample."""
-    from .metrics import MANY_LABELS
-
+    """A warning when the fixed or moving image holds few whole-number values (`few_whole_values`): a label map or
+    a mask given where an image was meant (``moving_labels.nii.gz`` for ``moving_t1.nii.gz``). The models map
+    intensities to structures; a label map registers to something, and the self-checks may not say why."""
     for role, image in (("fixed", fixed), ("moving", moving)):
-        array = sitk.GetArrayViewFromImage(image)
-        values = None
-        for voxels in (2**16, STATS_VOXELS):  # a small sample first: enough to clear an image of intensities
-            step = max(1, int(np.ceil((array.size / voxels) ** (1.0 / array.ndim))))
-            values = np.unique(array[(slice(None, None, step),) * array.ndim])
-            if len(values) > MANY_LABELS + 1:
-                break
-        if values is None or len(values) > MANY_LABELS + 1 or not np.all(values == np.round(values)):
+        values = few_whole_values(image)
+        if values is None:
             continue
         kind = "a mask" if len(values) == 2 else f"a label map ({len(values) - 1} labels?)"
         return (f"the {role} image holds only {len(values)} whole-number values ({values[0]:g} to {values[-1]:g}): "

@@ -64,6 +64,7 @@ def run_train(args: argparse.Namespace) -> Path:
         _check_structures(train_set, val_set, cfg.soi_labels if cfg.soi_kind == "labels" else ())
         if main_process:
             _say_overlap(train_set, val_set)
+            _say_label_images(train_set, val_set)
         if cfg.soi_kind == "soft" and not _soi_kind_stated(args):  # the default kind on maps that hold labels
             _refuse_labels_as_default_soft(train_set, val_set)
         if resumed is not None and resumed >= cfg.steps:
@@ -287,6 +288,18 @@ def _say_overlap(train_set, val_set) -> None:
         print(f"istn train: warning: {len(shared)} of {len(val_set)} validation pair(s) share an image with training "
               f"pairs (e.g. '{shared[0].paths[0]}'): the validation score, and the model chosen by it, are "
               "optimistic; validate on pairs of other subjects (--val-csv)", file=sys.stderr)
+
+
+def _say_label_images(train_set, val_set) -> None:
+    """Warn of images (the pairs CSVs' files) that hold a handful of whole-number values: label maps or masks where
+    images were meant, as when --train-csv and --soi-csv are swapped; the network would learn structures from
+    labels it never gets at test time."""
+    found = list(dict.fromkeys(train_set.label_images + (val_set.label_images if val_set is not None else [])))
+    if found:
+        more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+        print(f"istn train: warning: {len(found)} image(s) hold only a handful of whole-number values, as label maps "
+              f"and masks do ('{found[0]}'{more}): --train-csv lists the images (intensities), --soi-csv their "
+              "structure maps; are the two swapped?", file=sys.stderr)
 
 
 def _config(args: argparse.Namespace):

@@ -77,6 +77,9 @@ class PairTensors:
     paths: tuple[Path, Path] | None = None  # the (source, target) image files it was read from
     # its Slicer segmentation maps' segment name -> label value tables: (path, table), to compare across maps
     segments: list[tuple[str, dict[str, int]]] = field(default_factory=list)
+    # its images that hold a handful of whole-number values (`istn.metrics.few_whole_values`): label maps or masks
+    # listed as images (the two CSVs swapped?)
+    label_images: list[str] = field(default_factory=list)
 
 
 def load_pair(
@@ -98,10 +101,13 @@ def load_pair(
     from ..inputs import prepare_image  # inputs imports this package
 
     from .. import segfile
+    from ..metrics import few_whole_values
 
-    out, notes, label_like, tables = [], [], [], []
+    out, notes, label_like, tables, label_images = [], [], [], [], []
     for img_path, soi_path in ((source, source_soi), (target, target_soi)):
         img = read_raw_image(img_path, "image")
+        if img.GetNumberOfComponentsPerPixel() == 1 and few_whole_values(img) is not None:
+            label_images.append(str(img_path))
         if cfg.ndim == 2 and img.GetDimension() == 3 and img.GetSize()[2] == 1:
             raise InputError(f"image '{img_path}' is a single slice stored as 3D; save it as a 2D image")
         if img.GetDimension() != cfg.ndim and img.GetDimension() in (2, 3):
@@ -126,7 +132,7 @@ def load_pair(
                 label_like.append((str(soi_path), values))
         out.append((image_to_tensor(prepared.image, grid, prepared.window), soi_tensor))
     (s, ss), (t, ts) = out
-    return PairTensors(s, t, ss, ts, notes, label_like, (Path(source), Path(target)), tables)
+    return PairTensors(s, t, ss, ts, notes, label_like, (Path(source), Path(target)), tables, label_images)
 
 
 # A structure map of whole numbers with this many distinct values (the background included) or fewer, and more
@@ -264,6 +270,11 @@ class PairDataset(torch.utils.data.Dataset):
     def label_like(self) -> list[tuple[str, str]]:
         """Its soft maps that hold labels (`labels_in_soft_map`), each map once."""
         return list(dict.fromkeys(m for p in self.pairs for m in p.label_like))
+
+    @property
+    def label_images(self) -> list[str]:
+        """Its images that hold a handful of whole-number values (label maps or masks?), each once."""
+        return list(dict.fromkeys(f for p in self.pairs for f in p.label_images))
 
     def __len__(self) -> int:
         return len(self.pairs)
