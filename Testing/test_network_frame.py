@@ -374,6 +374,12 @@ def test_a_label_map_given_as_the_moving_image_is_said_once():
                                                  "label map (8 labels?)")
     second = register(fixed, labels, bspline, initial_transform=first.transform, iterations=2, polish=0)
     assert not any("whole-number values" in w for w in second.warnings)
+    # at 1 mm, stored RAS: judged on the input, not on the working copy averaged from it (which holds many values:
+    # the warning was missed there)
+    fine = sitk.Resample(labels, [2 * n for n in labels.GetSize()], sitk.Transform(), sitk.sitkNearestNeighbor,
+                         labels.GetOrigin(), [1.0] * 3, labels.GetDirection(), 0, labels.GetPixelID())
+    fine_ras = register(fixed, sitk.DICOMOrient(fine, "RAS"), affine, iterations=2, polish=0)
+    assert [w for w in fine_ras.warnings if "whole-number values" in w] == said
     assert "the fixed image holds only 2 whole-number values (0 to 1): a mask" in label_map_warning(
         sitk.Cast(labels > 0, sitk.sitkFloat32), moving)
     assert label_map_warning(fixed, moving) is None and label_map_warning(fixed, fixed) is None

@@ -31,6 +31,7 @@ from .data import STATS_VOXELS, foreground_centre, intensity_window, otsu_thresh
 from .errors import InputError
 from .geometry import Grid, lps_grid
 from .io import check_image
+from .metrics import few_whole_values
 
 # False: resample the input as it is, however fine (the engine before anti-aliasing; for comparisons).
 ANTIALIAS = True
@@ -46,6 +47,9 @@ class PreparedImage:
     window: tuple[float, float]  # intensity window (`istn.data.intensity_window`) of the working copy
     centre: np.ndarray  # (D,) world mm: foreground centre (`istn.data.foreground_centre`) of the working copy
     shrink: tuple[int, ...]  # voxels averaged per axis, ITK order (1: the input itself)
+    # the input's values where it holds a handful of whole numbers (`istn.metrics.few_whole_values`: a label map or
+    # a mask given for an image), else None; found on the input, as a working copy averaged from it holds many
+    values: np.ndarray | None = None
 
 
 def shrink_factors(spacing: tuple[float, ...], grid_spacing: float) -> tuple[int, ...]:
@@ -131,12 +135,14 @@ def _prepare(image: sitk.Image, grid_spacing: float, intensity: tuple[float, flo
         if lps_grid(grid) != grid:
             image = sitk.DICOMOrient(image, "LPS")
             shrink = shrink_factors(image.GetSpacing(), grid_spacing)
+    # on the input as stored LPS where it is large: the same values however its file orders the voxels
+    values = few_whole_values(image)
     work = sitk.BinShrink(image, list(shrink)) if max(shrink) > 1 else image
     array = sitk.GetArrayViewFromImage(work)
     threshold = otsu_threshold(statistics_sample(array)[0])
     window = intensity_window(array, *intensity, foreground=foreground, threshold=threshold)
     centre = foreground_centre(work, threshold=threshold) if centre_on_foreground else Grid.from_image(image).centre
-    return PreparedImage(work, window, np.asarray(centre, dtype=float), shrink)
+    return PreparedImage(work, window, np.asarray(centre, dtype=float), shrink, values)
 
 
 def _fingerprint(image: sitk.Image) -> tuple:

@@ -565,12 +565,14 @@ def slab_warning(fixed: sitk.Image, moving: sitk.Image) -> str | None:
     return None
 
 
-def label_map_warning(fixed: sitk.Image, moving: sitk.Image) -> str | None:
+def label_map_warning(fixed: sitk.Image | PreparedImage, moving: sitk.Image | PreparedImage) -> str | None:
     """A warning when the fixed or moving image holds few whole-number values (`few_whole_values`): a label map or
     a mask given where an image was meant (``moving_labels.nii.gz`` for ``moving_t1.nii.gz``). The models map
-    intensities to structures; a label map registers to something, and the self-checks may not say why."""
+    intensities to structures; a label map registers to something, and the self-checks may not say why. A
+    `PreparedImage` is judged by the values found on its input (its working copy, averaged from a 1 mm label
+    map, holds many)."""
     for role, image in (("fixed", fixed), ("moving", moving)):
-        values = few_whole_values(image)
+        values = image.values if isinstance(image, PreparedImage) else few_whole_values(image)
         if values is None:
             continue
         kind = "a mask" if len(values) == 2 else f"a label map ({len(values) - 1} labels?)"
@@ -1064,12 +1066,9 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
         warnings_.append(
             f"refinement raised the loss (from {low:.4g} at iteration {at} to {high:.4g}); the best iterate was "
             f"kept: a lower learning rate may help (now {lr:g})")
-    slab = slab_warning(fixed, moving) if model.transform_type == "affine" or initial_transform is None else None
-    if slab:  # not a self-check: another model would not do better (no second try for it)
-        warnings_.append(slab)
-    labels = label_map_warning(fixed, moving) if model.transform_type == "affine" or initial_transform is None else None
-    if labels:  # said once, on the first stage
-        warnings_.append(labels)
+    if model.transform_type == "affine" or initial_transform is None:  # the stage that estimates the linear part
+        # not self-checks: another model would not do better (no second try for them)
+        warnings_ += [w for w in (slab_warning(fixed, moving), label_map_warning(fixed_in, moving_in)) if w]
     t_info = time.perf_counter()
     volume_ratio = map_volume_ratios(s_map, t_map) if model.config.itn_output == "sigmoid" else np.zeros(0)
     given, kept = image_information(fixed, moving, grid_f, (win_f, win_m), [given_transform, final])

@@ -101,13 +101,10 @@ def load_pair(
     from ..inputs import prepare_image  # inputs imports this package
 
     from .. import segfile
-    from ..metrics import few_whole_values
 
     out, notes, label_like, tables, label_images = [], [], [], [], []
     for img_path, soi_path in ((source, source_soi), (target, target_soi)):
         img = read_raw_image(img_path, "image")
-        if img.GetNumberOfComponentsPerPixel() == 1 and few_whole_values(img) is not None:
-            label_images.append(str(img_path))
         if cfg.ndim == 2 and img.GetDimension() == 3 and img.GetSize()[2] == 1:
             raise InputError(f"image '{img_path}' is a single slice stored as 3D; save it as a 2D image")
         if img.GetDimension() != cfg.ndim and img.GetDimension() in (2, 3):
@@ -119,6 +116,8 @@ def load_pair(
                              f"'{img_path}''s {max(img.GetSpacing()):g} mm voxels: is --spacing in mm?")
         prepared = prepare_image(img, cfg.grid_spacing, intensity, foreground, cfg.centre_on_foreground,
                                  f"image '{img_path}'")
+        if prepared.values is not None:  # a label map or a mask listed as an image
+            label_images.append(str(img_path))
         grid = network_grid(prepared.image, cfg, prepared.centre)
         soi = read_soi(soi_path, cfg.ndim, soi_kind)
         table = {seg.name: seg.label for seg in segfile.segments(segfile.header(soi)) if seg.layer == 0}
