@@ -1390,13 +1390,13 @@ def _checkFinite(role: str, node) -> None:
     array = slicer.util.arrayFromVolume(node)
     if array.dtype.kind != "f" or np.all(np.isfinite(array)):  # integers are finite: no 512^3 mask made for them
         return
-    nan = int(np.count_nonzero(np.isnan(array)))
-    inf = int(array.size - nan - np.count_nonzero(np.isfinite(array)))
-    counts = " and ".join(f"{n:,} {kind}" for n, kind in ((nan, "NaN"), (inf, "infinite")) if n)
+    from istn.io import nonfinite_counts
+
     raise ValueError(_("the {role} volume '{name}' has {counts} voxel values (the outside of a masked image?): set "
                        "them to the background first, e.g. in the Python console: import numpy; node = "
                        "slicer.util.getNode('{name}'); a = slicer.util.arrayFromVolume(node); a[~numpy.isfinite(a)] = 0; "
-                       "slicer.util.arrayFromVolumeModified(node)").format(role=role, name=node.GetName(), counts=counts))
+                       "slicer.util.arrayFromVolumeModified(node)").format(role=role, name=node.GetName(),
+                                                                   counts=nonfinite_counts(array)[2]))
 
 
 def _isUnder(node, transformNode) -> bool:

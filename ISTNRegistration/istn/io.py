@@ -239,12 +239,10 @@ def analyze_without_orientation(path: str | os.PathLike) -> bool:
     """Whether ``path`` is an Analyze 7.5 image (a ``.hdr``/``.img`` pair whose header lacks NIfTI's magic), which
     records no orientation: readers place its axes by convention, and SPM, FSL and ITK disagree on left-right."""
     p = Path(path)
-    suffix = image_suffix(p).lower()
-    if suffix in (".img", ".img.gz"):
-        p = p.with_name(p.name[: -len(suffix)] + suffix.replace("img", "hdr"))
-        if not p.is_file():
-            p = p.with_name(p.name.upper()[: -len(suffix)] + p.name[-len(suffix):].upper())
-    elif suffix not in (".hdr", ".hdr.gz"):
+    if image_suffix(p).lower() not in (".hdr", ".hdr.gz", ".img", ".img.gz"):
+        return False
+    p = next((f for f in image_files(p) if image_suffix(f).lower() in (".hdr", ".hdr.gz")), None)  # .img: its .hdr
+    if p is None:
         return False
     try:
         import gzip
@@ -550,11 +548,16 @@ def beyond_float32(lo: float, hi: float) -> str:
             f"{FLOAT32_MAX:.3g} in size) hold: rescale it first (e.g. sitk.RescaleIntensity)")
 
 
-def nonfinite_problem(values: np.ndarray) -> str:
-    """What to say of voxel values that are not all finite: how many, and what to do."""
+def nonfinite_counts(values: np.ndarray) -> tuple[int, int, str]:
+    """``(nan, inf, "3,360 NaN and 1 infinite")``: the voxel values of ``values`` that are not finite, counted."""
     nan = int(np.count_nonzero(np.isnan(values)))
     inf = int(values.size - nan - np.count_nonzero(np.isfinite(values)))
-    counts = " and ".join(f"{n:,} {kind}" for n, kind in ((nan, "NaN"), (inf, "infinite")) if n)
+    return nan, inf, " and ".join(f"{n:,} {kind}" for n, kind in ((nan, "NaN"), (inf, "infinite")) if n)
+
+
+def nonfinite_problem(values: np.ndarray) -> str:
+    """What to say of voxel values that are not all finite: how many, and what to do."""
+    nan, inf, counts = nonfinite_counts(values)
     why = " (often the outside of a masked image, as SPM and FSL write it)" if nan else ""
     way = "e.g. fslmaths IN -nan OUT, or numpy.nan_to_num" if not inf else "e.g. numpy.nan_to_num"
     return (f"contains {counts} voxel value{'s' if nan + inf > 1 else ''}{why}: set them to the background first "

@@ -77,8 +77,10 @@ def run_apply(transform_path: str | Path, reference_path: str | Path, input_path
     values = sitk.GetArrayViewFromImage(image)
     if not np.all(np.isfinite(values)):
         raise InputError(f"--input image '{input_path}' {nonfinite_problem(values)}")
-    if values.dtype == np.float64 and max(-float(values.min()), float(values.max())) > FLOAT32_MAX:
-        raise InputError(f"--input image '{input_path}' {beyond_float32(float(values.min()), float(values.max()))}")
+    if values.dtype == np.float64:  # the warped image is float32
+        lo, hi = float(values.min()), float(values.max())
+        if max(-lo, hi) > FLOAT32_MAX:
+            raise InputError(f"--input image '{input_path}' {beyond_float32(lo, hi)}")
     integral = bool(np.array_equal(values, np.round(values)))
     # the values and their counts, once (a sort of every voxel): the kind of image, its background, its labels
     found, counts = np.unique(values, return_counts=True) if integral and not head else (None, None)
