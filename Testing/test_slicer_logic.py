@@ -362,6 +362,33 @@ def test_dice_per_segment_before_and_after(scene, pair, tiny_models):
     assert "Dice before → after" in result.summary()
 
 
+def test_dice_of_a_label_map_at_nearest_neighbour_ties_does_not_depend_on_its_storage(scene, pair, tiny_models):
+    """A moving label map on a lattice half a voxel off the fixed grid's (twice as fine, as a 1 mm map against a
+    2 mm volume in MNI space): every fixed point is a tie. Stored LPS or RAS, its Dice before and after is the same
+    (before: the scores resampled the map as stored, and ITK broke the ties by the stored index)."""
+    _, moving_node, fixed, moving = pair
+    # the fixed volume on whole millimetres (an MNI-space 2 mm file), the moving labels on half millimetres at 1 mm
+    square = sitk.Image([int(n * sp / 2) for n, sp in zip(fixed.GetSize(), fixed.GetSpacing())], sitk.sitkUInt8)
+    square.SetSpacing((2.0, 2.0, 2.0))
+    square.SetOrigin(tuple(float(round(v)) for v in fixed.GetOrigin()))
+    square = sitk.Resample(fixed, square, sitk.Transform(3, sitk.sitkIdentity), sitk.sitkLinear, 0.0,
+                           sitk.sitkFloat32)
+    fixed_node = nodes.addVolumeNodeFromImage(scene, square, "fixed on whole mm")
+    fixed_labels = nodes.addVolumeNodeFromImage(scene, _labels(square), "fixed labels", "vtkMRMLLabelMapVolumeNode")
+    fine = sitk.Image([2 * n for n in square.GetSize()], sitk.sitkUInt8)
+    fine.SetOrigin(tuple(v - 0.5 for v in square.GetOrigin()))  # fixed voxel i at fine index 2 i + 0.5
+    fine = _labels(sitk.Resample(moving, fine, sitk.Transform(3, sitk.sitkIdentity), sitk.sitkLinear, 0.0))
+    scores = {}
+    for layout in ("LPS", "RAS"):
+        labels = nodes.addVolumeNodeFromImage(scene, sitk.DICOMOrient(fine, layout), f"moving labels {layout}",
+                                              "vtkMRMLLabelMapVolumeNode")
+        result = run(ISTNRegistrationLogic(), (fixed_node, moving_node), tiny_models, "affine",
+                     fixedSegmentationNode=fixed_labels, movingSegmentationNode=labels)
+        scores[layout] = result.metrics["dice"]
+    assert 0 < scores["LPS"]["label 1"]["before"] < 1
+    assert scores["RAS"] == scores["LPS"]
+
+
 def _user_transform(scene, degrees=12.0, shift=(6.0, -4.0, 3.0)):
     """A linear transform node of the user's (RAS): a rotation about the superior axis and a shift."""
     a = np.radians(degrees)

@@ -176,6 +176,18 @@ def lps_grid(grid: Grid) -> Grid:
                 tuple(float(v) for v in grid.voxel_to_world(first)), tuple(lps.ravel().tolist()))
 
 
+def stored_lps(image: sitk.Image) -> sitk.Image:
+    """``image`` with its voxels stored along the axes nearest L, P, S (`lps_grid`; exact: a permutation and flips of
+    its axes, the same world content), or ``image`` itself where it is stored so already (and in 2D). Nearest
+    neighbour resampling breaks a tie (a point half-way between two voxels: a 2 mm grid on the integer-mm lattice
+    sampling a 1 mm one at half-integers hits one on every axis) towards the higher stored index, so the voxel it
+    picks depends on how the file orders them; on the image as stored LPS it does not."""
+    if image.GetDimension() != 3:
+        return image
+    grid = Grid.from_image(image)
+    return image if lps_grid(grid) == grid else sitk.DICOMOrient(image, "LPS")
+
+
 def field_lattice(reference: Grid, spacing: float) -> Grid:
     """A lattice over ``reference``'s field of view about every ``spacing`` mm, laid on the reference as stored LPS
     (`lps_grid`: a 3D reference stored RAS, sagittal or oblique gets the same lattice, so what is sampled on it does

@@ -29,7 +29,7 @@ import SimpleITK as sitk
 
 from .data import STATS_VOXELS, foreground_centre, intensity_window, otsu_threshold, statistics_sample
 from .errors import InputError
-from .geometry import Grid, lps_grid
+from .geometry import Grid, stored_lps
 from .io import check_image
 from .metrics import few_whole_values
 
@@ -131,10 +131,8 @@ def _prepare(image: sitk.Image, grid_spacing: float, intensity: tuple[float, flo
         # Block averages start at the first stored voxel and drop the leftover ones, and the statistics of a large
         # image sample every n-th voxel from the first: on the image as stored LPS both fall on the same voxels
         # however its file orders them (193 voxels stored R->L or L->R: the same 96 blocks)
-        grid = Grid.from_image(image)
-        if lps_grid(grid) != grid:
-            image = sitk.DICOMOrient(image, "LPS")
-            shrink = shrink_factors(image.GetSpacing(), grid_spacing)
+        image = stored_lps(image)
+        shrink = shrink_factors(image.GetSpacing(), grid_spacing)
     # on the input as stored LPS where it is large: the same values however its file orders the voxels
     values = few_whole_values(image)
     work = sitk.BinShrink(image, list(shrink)) if max(shrink) > 1 else image

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from .data import image_to_tensor, network_grid
 from .errors import InputError
 from .export import LoadedModel
-from .geometry import Grid, field_lattice, lps_grid
+from .geometry import Grid, field_lattice, lps_grid, stored_lps
 from .inputs import PreparedImage, prepare_image
 from .losses import anchor_energy, anchored_control_points, bending_energy
 from .metrics import field_jacobian_determinant, few_whole_values, jacobian_determinant, mutual_information
@@ -160,6 +160,8 @@ def warp_image(
 
     ``default_value`` fills the points that fall outside ``moving``; ``None``
     uses ``moving``'s minimum, its background (-1000 for CT, not 0).
+    Nearest neighbour samples ``moving`` as stored LPS (`istn.geometry.stored_lps`), so that a
+    label map gives the same labels whether its file is stored LPS, RAS or sagittal.
     ``field_spacing`` (mm): a non-linear ``transform`` is first sampled as a
     displacement field at this spacing over the reference (`displacement_field`)
     and the image resampled through that field, linearly interpolated: much
@@ -168,6 +170,8 @@ def warp_image(
     4x larger than the field, are resampled exactly. ``None``: exact.
     """
     ref = reference.reference_image() if isinstance(reference, Grid) else reference
+    if interpolator == sitk.sitkNearestNeighbor:  # its ties then pick the same voxels however the file orders them
+        moving = stored_lps(moving)
     if default_value is None:
         default_value = float(sitk.GetArrayViewFromImage(moving).min())
     if field_spacing is not None and not transform.IsLinear():
