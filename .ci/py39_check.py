@@ -58,7 +58,7 @@ COMPILED_ONLY = {
     "istn.demo": "numpy, SimpleITK",
     "istn.distributed": "torch", "istn.export": "torch", "istn.figures": "numpy, SimpleITK",
     "istn.geometry": "numpy, SimpleITK", "istn.inputs": "numpy, SimpleITK", "istn.io": "numpy, SimpleITK",
-    "istn.segfile": "numpy, SimpleITK",
+    "istn.segfile": "numpy, SimpleITK", "istn.mgh": "numpy, SimpleITK",
     "istn.losses": "torch", "istn.inverse": "numpy, SimpleITK, scipy, torch",
     "istn.metrics": "numpy, SimpleITK, scipy", "istn.networks": "torch", "istn.registration": "numpy, SimpleITK, torch",
     "istn.refinement": "numpy, SimpleITK, torch", "istn.chain": "numpy, SimpleITK, torch",

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("register", help="register a moving image to a fixed image")
-    r.add_argument("--fixed", required=True, help="fixed image (NIfTI, NRRD, MHA, PNG, ...; a DICOM series: its folder, or one of its files)")
+    r.add_argument("--fixed", required=True, help="fixed image (NIfTI, NRRD, MHA, PNG, FreeSurfer .mgz, ...; a DICOM series: its folder, or one of its files)")
     r.add_argument("--moving", required=True, nargs="+",
                    help="moving image (as --fixed); several: each registered into OUT/<its name>/ (images of the "
                         "same name preceded by their folders': sub-01/anat/T1w.nii.gz -> OUT/sub-01_anat_T1w/), the "

@@ -15,6 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError, OutputError
+from .mgh import is_mgh, read_mgh
 
 
 class CapturedText:
@@ -93,8 +94,26 @@ def read_raw_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
         files = _series_files(p.parent, uid) if uid else ()
         if len(files) > 1:
             return read_dicom_series(p.parent, what, uid, given=p, files=files)
+    if is_mgh(p):  # FreeSurfer's: no reader in SimpleITK
+        image = read_mgh(p, what)
+    else:
+        image = _read_sitk(p, what)
+    if image.GetPixelID() in _COMPLEX_PIXELS:  # raw MR reconstructions: every later step would fail in ITK
+        raise InputError(f"{what} '{p}' holds complex values ({image.GetPixelIDTypeAsString()}): save its magnitude "
+                         "as an image of its own (e.g. sitk.ComplexToModulus, or fslcomplex -realabs)")
+    short = nifti_shortfall(p)
+    if short is not None:
+        expected, found = short
+        raise InputError(f"{what} '{p}' is cut short (an interrupted copy or download?): its header promises "
+                         f"{expected:,} bytes of voxels, the file holds {max(found, 0):,} "
+                         f"({100.0 * max(found, 0) / expected:.0f} %); ITK reads the missing voxels as 0")
+    return image
+
+
+def _read_sitk(p: Path, what: str) -> sitk.Image:
+    """``p`` read by SimpleITK (any case of extension), its failures said in one line."""
     try:
-        image = _read_quietly(_read_any_case, p, what, "could not be read as an image ({reason})")
+        return _read_quietly(_read_any_case, p, what, "could not be read as an image ({reason})")
     except InputError as exc:
         if "No such file or directory" in str(exc):  # the file is there (checked): ITK could not read its voxels
             raise InputError(f"{what} '{p}' could not be read: its voxel data is cut short or missing (an "
@@ -107,16 +126,6 @@ def read_raw_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
                          "perpendicular), which ITK, and so this tool, Slicer and ANTs, cannot represent: resample it "
                          "onto a grid with perpendicular axes (e.g. nibabel's resample_from_to), or fix the header if "
                          "the shear is an error", detail=exc.detail) from None
-    if image.GetPixelID() in _COMPLEX_PIXELS:  # raw MR reconstructions: every later step would fail in ITK
-        raise InputError(f"{what} '{p}' holds complex values ({image.GetPixelIDTypeAsString()}): save its magnitude "
-                         "as an image of its own (e.g. sitk.ComplexToModulus, or fslcomplex -realabs)")
-    short = nifti_shortfall(p)
-    if short is not None:
-        expected, found = short
-        raise InputError(f"{what} '{p}' is cut short (an interrupted copy or download?): its header promises "
-                         f"{expected:,} bytes of voxels, the file holds {max(found, 0):,} "
-                         f"({100.0 * max(found, 0) / expected:.0f} %); ITK reads the missing voxels as 0")
-    return image
 
 
 #: The reader of each lower-case extension, for a file whose extension is in capitals (SCAN.MHA from a Windows

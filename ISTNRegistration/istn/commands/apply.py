@@ -313,6 +313,9 @@ def _check_writable_format(out: Path, reference, pixel_id: int) -> list[Path]:
                 lost.append("voxel values (lossy compression)")
     what = f"'{suffix}' files" if suffix else "files without an extension"
     if not whole:
+        if suffix.lower() in (".mgz", ".mgh"):
+            raise InputError(f"--out '{out}': FreeSurfer {suffix} files are read here, not written; name it .nii.gz "
+                             "(FreeSurfer reads it, and mri_convert makes an .mgz of it)")
         kind = sitk.GetPixelIDValueAsString(pixel_id)
         raise InputError(f"--out '{out}': a {ndim}D {kind} image cannot be written whole to {what}; name it .nii.gz, "
                          ".nrrd or .mha")
