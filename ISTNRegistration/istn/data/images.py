@@ -109,11 +109,28 @@ def foreground_centre(image: sitk.Image, threshold: float | None = None) -> np.n
     return grid.voxel_to_world(np.asarray(voxel[::-1]))  # array (k, j, i) -> ITK index (i, j, k)
 
 
+#: Otsu's histogram leaves out values beyond the 0.1st-99.9th percentile range by more than that range's width (a
+#: few voxels at 1e6 in a T1 of 0-1000: a hot pixel, a marker, a converter's fill value), so they do not squeeze the
+#: whole head into its first bin (the foreground was then those voxels alone, the head off the network's grid: Dice
+#: 0.869 -> 0.688 on the sample pair for ONE such voxel). In an image without such voxels the range stays the full
+#: one and the threshold is the same to the bit. A background that fills more than 0.1 % (CT's -3024 outside its
+#: field of view) is the range's end, not an outlier.
+OUTLIER_PERCENTILES = (0.1, 99.9)
+
+
 def otsu_threshold(array: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold (maximal between-class variance) of a 256-bin histogram; order-independent."""
+    """Otsu's threshold (maximal between-class variance) of a 256-bin histogram; order-independent.
+
+    The histogram spans the values' full range, except that values far outside the bulk of the image (by more
+    than the width of its 0.1st-99.9th percentile range, `OUTLIER_PERCENTILES`) are counted in its end bins."""
     lo, hi = float(np.min(array)), float(np.max(array))
     if not hi > lo:
         return lo
+    p_lo, p_hi = (float(v) for v in np.percentile(array, OUTLIER_PERCENTILES))
+    width = p_hi - p_lo
+    if width > 0 and (hi > p_hi + width or lo < p_lo - width):
+        lo, hi = max(lo, p_lo - width), min(hi, p_hi + width)
+        array = np.clip(array, lo, hi)
     try:
         hist, edges = np.histogram(array, bins=bins, range=(lo, hi))
     except ValueError:  # a narrow range far from 0 (128 grey levels at 1e7): bins finer than float32 near 1e7
