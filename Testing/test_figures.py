@@ -31,6 +31,19 @@ def test_display_image_is_the_same_voxels_stored_lps():
         np.testing.assert_array_equal(sitk.GetArrayViewFromImage(shown), sitk.GetArrayViewFromImage(fixed))
 
 
+def test_a_2d_image_stored_flipped_is_displayed_as_stored_along_x_and_y():
+    """A 2D NIfTI whose header flips its axes was drawn as stored: upside down and mirrored (helper audit)."""
+    image = sitk.GetImageFromArray(np.arange(35, dtype=np.float32).reshape(5, 7))
+    image.SetSpacing((0.5, 2.0))
+    flipped = sitk.GetImageFromArray(np.ascontiguousarray(np.arange(35, dtype=np.float32).reshape(5, 7)[::-1, ::-1]))
+    flipped.SetSpacing((0.5, 2.0))
+    flipped.SetDirection((-1.0, 0.0, 0.0, -1.0))
+    flipped.SetOrigin((3.0, 8.0))  # its first pixel is the other's last: the same pixels in the world
+    shown = display_image(flipped)
+    assert shown.GetDirection() == (1.0, 0.0, 0.0, 1.0) and shown.GetOrigin() == pytest.approx((0.0, 0.0))
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(shown), sitk.GetArrayViewFromImage(image))
+
+
 def test_overview_is_the_same_picture_whatever_the_storage(tmp_path):
     """The sample pair registered as stored (LPS) and re-stored RAS (fixed) / sagittal ASL (moving): the same
     transform, so the overview (images, maps, loss curves; no text that names the files) must be the same

@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .geometry import Grid, lps_grid
+from .geometry import Grid, lps_grid, stored_lps
 from .metrics import jacobian_statistics
 from .refinement import MAP_DISPLAY_THRESHOLD
 from .registration import RegistrationResult, bounded_map, jacobian_on_grid
@@ -322,17 +322,15 @@ def _jacobian_histogram(ax, values: np.ndarray, stats: Mapping[str, float], norm
 def display_image(image: sitk.Image, max_size: int | None = None) -> sitk.Image:
     """``image`` re-stored LPS for a figure: array axis 0 runs inferior -> superior (axial slices), rows anterior ->
     posterior, columns the patient's right -> left (radiological). The same voxels, only their storage order, when
-    the image's axes are anatomical; an oblique one gets the nearest such order; a 2D image is returned as is.
+    the image's axes are anatomical; an oblique one gets the nearest such order; a 2D image is stored along x, y.
     So that a picture does not depend on how the user's file stores its voxels (RAS, sagittal, ...).
 
     ``max_size``: an image with more voxels than this along an axis is resampled (linear) to a coarser grid over
     the same field of view, every spacing scaled alike: a figure shows two slices at ~400 pixels, and resampling
     the other volumes onto a 1 mm 256^3 grid would cost more than the registration's own outputs.
     """
-    if image.GetDimension() != 3:
-        return image
-    if max_size is None or max(image.GetSize()) <= max_size:
-        return sitk.DICOMOrient(image, "LPS")
+    if image.GetDimension() != 3 or max_size is None or max(image.GetSize()) <= max_size:
+        return stored_lps(image)
     # resampled from the image as stored (in world coordinates): re-storing all of a 512^3 volume first cost 0.5 GB
     shown = lps_grid(Grid.from_image(image))
     factor = max(shown.size) / max_size
@@ -393,9 +391,10 @@ def registration_overview(
 
 
 def _on_grid(image: sitk.Image, grid: sitk.Image, default: float = 0.0) -> sitk.Image:
-    """``image`` resampled (linear, world coordinates) onto ``grid``'s voxels, float32."""
+    """``image`` resampled (linear, world coordinates) onto ``grid``'s voxels, float32; ``image`` as stored LPS (the
+    edge face half a voxel past its last voxel counts as inside, past its first one not: `stored_lps`)."""
     identity = sitk.Transform(grid.GetDimension(), sitk.sitkIdentity)
-    return sitk.Resample(image, grid, identity, sitk.sitkLinear, default, sitk.sitkFloat32)
+    return sitk.Resample(stored_lps(image), grid, identity, sitk.sitkLinear, default, sitk.sitkFloat32)
 
 
 def _display_and_structures(fixed: sitk.Image, fixed_map: sitk.Image | None) -> tuple[sitk.Image, sitk.Image | None]:

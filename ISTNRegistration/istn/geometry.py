@@ -157,43 +157,98 @@ class Grid:
         return self.apply_to(img)
 
 
+def _lps_order(grid: Grid) -> tuple[list[int], list[bool], np.ndarray]:
+    """How ``grid``'s voxels are re-stored along the axes nearest L, P, S (3D; in 2D the world x, y axes): for
+    each new axis the stored axis it is, whether it runs the other way, and the new direction matrix.
+
+    3D: as ``sitk.DICOMOrient(image, "LPS")`` does it (ITK orients a 2 x 2 x 2 image of the same direction). 2D
+    (which DICOMOrient does not take): the stored axis running most along x first, each axis turned to run
+    along +x, +y."""
+    d = grid.direction_matrix
+    if grid.ndim == 3:
+        proxy = sitk.Image([2, 2, 2], sitk.sitkUInt8)
+        proxy.SetDirection(grid.direction)
+        lps = np.reshape(sitk.DICOMOrient(proxy, "LPS").GetDirection(), (3, 3))
+        match = d.T @ lps  # [i, j]: +-1 where new axis j is stored axis i
+        axes = [int(i) for i in np.argmax(np.abs(match), axis=0)]
+        return axes, [bool(match[i, j] < 0) for j, i in enumerate(axes)], lps
+    first = int(np.argmax(np.abs(d[0])))
+    axes = [first, 1 - first]
+    flips = [bool(d[j, i] < 0) for j, i in enumerate(axes)]
+    return axes, flips, d[:, axes] * np.where(flips, -1.0, 1.0)
+
+
 def lps_grid(grid: Grid) -> Grid:
-    """The grid ``sitk.DICOMOrient(image, "LPS")`` would give an image of ``grid``, without making its voxels: the
-    same voxels, stored along the axes nearest L, P, S (3D; a 2D grid is returned as it is). ITK orients a
-    2 x 2 x 2 image of the same direction, and the axes it permutes and flips are carried over to the size, spacing
-    and first voxel."""
-    if grid.ndim != 3:
-        return grid
-    proxy = sitk.Image([2, 2, 2], sitk.sitkUInt8)
-    proxy.SetDirection(grid.direction)
-    lps = np.reshape(sitk.DICOMOrient(proxy, "LPS").GetDirection(), (3, 3))
-    match = grid.direction_matrix.T @ lps  # [i, j]: +-1 where new axis j is stored axis i
-    axes = np.argmax(np.abs(match), axis=0)
-    first = np.zeros(3)  # the stored index of the re-stored first voxel
-    for j, i in enumerate(axes):
-        first[i] = 0 if match[i, j] > 0 else grid.size[i] - 1
+    """The grid ``sitk.DICOMOrient(image, "LPS")`` would give an image of ``grid`` (`stored_lps`), without making its
+    voxels: the same voxels, stored along the axes nearest L, P, S (2D: x, y). The axes permuted and flipped
+    (`_lps_order`) are carried over to the size, spacing and first voxel."""
+    axes, flips, direction = _lps_order(grid)
+    first = np.zeros(grid.ndim)  # the stored index of the re-stored first voxel
+    for i, flip in zip(axes, flips):
+        first[i] = grid.size[i] - 1 if flip else 0
     return Grid(tuple(int(grid.size[i]) for i in axes), tuple(float(grid.spacing[i]) for i in axes),
-                tuple(float(v) for v in grid.voxel_to_world(first)), tuple(lps.ravel().tolist()))
+                tuple(float(v) for v in grid.voxel_to_world(first)), tuple(direction.ravel().tolist()))
 
 
 def stored_lps(image: sitk.Image) -> sitk.Image:
-    """``image`` with its voxels stored along the axes nearest L, P, S (`lps_grid`; exact: a permutation and flips of
-    its axes, the same world content), or ``image`` itself where it is stored so already (and in 2D). Nearest
-    neighbour resampling breaks a tie (a point half-way between two voxels: a 2 mm grid on the integer-mm lattice
-    sampling a 1 mm one at half-integers hits one on every axis) towards the higher stored index, so the voxel it
-    picks depends on how the file orders them; on the image as stored LPS it does not."""
-    if image.GetDimension() != 3:
-        return image
+    """``image`` with its voxels stored along the axes nearest L, P, S (`lps_grid`; 2D: x, y; exact: a permutation
+    and flips of its axes, the same world content), or ``image`` itself where it is stored so already.
+
+    What is sampled from an image must not depend on how its file orders the voxels, and ITK's resampling does
+    where a point falls exactly on a voxel boundary: nearest neighbour breaks a tie (half-way between two
+    voxels: a 2 mm grid at whole millimetres sampling a 1 mm one at half millimetres hits one on every axis)
+    towards the higher stored index, and a point on the face half a voxel beyond the last voxel is inside,
+    beyond the first one outside. On the image as stored LPS both fall the same way whatever the storage."""
     grid = Grid.from_image(image)
-    return image if lps_grid(grid) == grid else sitk.DICOMOrient(image, "LPS")
+    target = lps_grid(grid)
+    if target == grid:
+        return image
+    if image.GetDimension() == 3:
+        return sitk.DICOMOrient(image, "LPS")
+    axes, flips, _ = _lps_order(grid)
+    array = sitk.GetArrayFromImage(image)  # (y, x[, components]): stored axis i is array axis 1 - i
+    if axes[0] != 0:
+        array = np.swapaxes(array, 0, 1)
+    for j, flip in enumerate(flips):
+        if flip:
+            array = np.flip(array, axis=1 - j)
+    out = sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=image.GetNumberOfComponentsPerPixel() > 1)
+    target.apply_to(out)
+    return out
+
+
+def stored_as(on_lps: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """An image on ``lps_grid`` of ``reference``'s grid, its voxels stored as ``reference``'s are (the inverse of
+    `stored_lps`: exact), with ``reference``'s geometry."""
+    grid = Grid.from_image(reference)
+    if on_lps.GetDimension() == 3:
+        stored = sitk.DICOMOrient(on_lps, sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(
+            reference.GetDirection()))
+    else:
+        axes, flips, _ = _lps_order(grid)
+        array = sitk.GetArrayFromImage(on_lps)
+        for j, flip in enumerate(flips):
+            if flip:
+                array = np.flip(array, axis=1 - j)
+        if axes[0] != 0:
+            array = np.swapaxes(array, 0, 1)
+        stored = sitk.GetImageFromArray(np.ascontiguousarray(array),
+                                        isVector=on_lps.GetNumberOfComponentsPerPixel() > 1)
+    if stored.GetSize() != reference.GetSize():
+        raise RuntimeError("internal: an image on the LPS-stored grid could not be stored as the reference is")
+    if stored.GetDimension() == 3 and not np.allclose(stored.GetOrigin(), reference.GetOrigin(),
+                                                      atol=1e-4 * max(reference.GetSpacing())):
+        raise RuntimeError("internal: an image on the LPS-stored grid could not be stored as the reference is")
+    stored.CopyInformation(reference)
+    return stored
 
 
 def field_lattice(reference: Grid, spacing: float) -> Grid:
     """A lattice over ``reference``'s field of view about every ``spacing`` mm, laid on the reference as stored LPS
-    (`lps_grid`: a 3D reference stored RAS, sagittal or oblique gets the same lattice, so what is sampled on it does
-    not depend on the storage): its origin and direction, per axis a whole multiple ``k = round(spacing /
-    reference spacing)`` (at least 1) of its spacing (every reference voxel lies on the lattice's lines) and enough
-    points to cover its last voxel."""
+    (`lps_grid`: a reference stored RAS, sagittal or oblique, or a 2D one flipped, gets the same lattice, so what is
+    sampled on it does not depend on the storage): its origin and direction, per axis a whole multiple ``k =
+    round(spacing / reference spacing)`` (at least 1) of its spacing (every reference voxel lies on the lattice's
+    lines) and enough points to cover its last voxel."""
     reference = lps_grid(reference)
     k = [max(1, int(round(spacing / s))) for s in reference.spacing]
     size = tuple((n - 1 + kk - 1) // kk + 1 for n, kk in zip(reference.size, k))

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import SimpleITK as sitk
 
-from .data import STATS_VOXELS, foreground_centre, intensity_window, otsu_threshold, statistics_sample
+from .data import foreground_centre, intensity_window, otsu_threshold, statistics_sample
 from .errors import InputError
 from .geometry import Grid, stored_lps
 from .io import check_image
@@ -126,14 +126,13 @@ def _prepare(image: sitk.Image, grid_spacing: float, intensity: tuple[float, flo
         raise InputError(f"the {what}'s field of view is {' x '.join(f'{e:.3g}' for e in extent)} mm, less than two "
                          f"of the model's {grid_spacing:g} mm grid voxels across: is its voxel spacing "
                          f"({', '.join(f'{s:g}' for s in image.GetSpacing())}) in mm?")
+    # Block averages start at the first stored voxel and drop the leftover ones, the statistics of a large image
+    # sample every n-th voxel from the first, and resampling counts one edge face as inside: on the image as stored
+    # LPS (2D: x, y) all fall on the same voxels however its file orders them (193 voxels stored R->L or L->R: the
+    # same 96 blocks; a 2D image of 127 x 125 pixels stored flipped moved the result by 2.3 mm)
+    image = stored_lps(image)
     shrink = shrink_factors(image.GetSpacing(), grid_spacing)
-    if image.GetDimension() == 3 and (max(shrink) > 1 or image.GetNumberOfPixels() > STATS_VOXELS):
-        # Block averages start at the first stored voxel and drop the leftover ones, and the statistics of a large
-        # image sample every n-th voxel from the first: on the image as stored LPS both fall on the same voxels
-        # however its file orders them (193 voxels stored R->L or L->R: the same 96 blocks)
-        image = stored_lps(image)
-        shrink = shrink_factors(image.GetSpacing(), grid_spacing)
-    # on the input as stored LPS where it is large: the same values however its file orders the voxels
+    # on the input as stored LPS: the same values however its file orders the voxels
     values = few_whole_values(image)
     work = sitk.BinShrink(image, list(shrink)) if max(shrink) > 1 else image
     array = sitk.GetArrayViewFromImage(work)

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from .data import image_to_tensor, network_grid
 from .errors import InputError
 from .export import LoadedModel
-from .geometry import Grid, field_lattice, lps_grid, stored_lps
+from .geometry import Grid, field_lattice, lps_grid, stored_as, stored_lps
 from .inputs import PreparedImage, prepare_image
 from .losses import anchor_energy, anchored_control_points, bending_energy
 from .metrics import field_jacobian_determinant, few_whole_values, jacobian_determinant, mutual_information
@@ -160,8 +160,9 @@ def warp_image(
 
     ``default_value`` fills the points that fall outside ``moving``; ``None``
     uses ``moving``'s minimum, its background (-1000 for CT, not 0).
-    Nearest neighbour samples ``moving`` as stored LPS (`istn.geometry.stored_lps`), so that a
-    label map gives the same labels whether its file is stored LPS, RAS or sagittal.
+    Both images are taken as stored LPS (`istn.geometry.stored_lps`, `lps_grid`), so that what
+    ITK samples at a tie (nearest neighbour half-way between voxels, a point on an edge face)
+    does not depend on how either file orders its voxels.
     ``field_spacing`` (mm): a non-linear ``transform`` is first sampled as a
     displacement field at this spacing over the reference (`displacement_field`)
     and the image resampled through that field, linearly interpolated: much
@@ -170,8 +171,6 @@ def warp_image(
     4x larger than the field, are resampled exactly. ``None``: exact.
     """
     ref = reference.reference_image() if isinstance(reference, Grid) else reference
-    if interpolator == sitk.sitkNearestNeighbor:  # its ties then pick the same voxels however the file orders them
-        moving = stored_lps(moving)
     if default_value is None:
         default_value = float(sitk.GetArrayViewFromImage(moving).min())
     if field_spacing is not None and not transform.IsLinear():
@@ -180,7 +179,17 @@ def warp_image(
             if interpolator == sitk.sitkLinear and moving.GetNumberOfComponentsPerPixel() == 1:
                 return _resample_through_lps_field(moving, ref, field, float(default_value))
             transform = sitk.DisplacementFieldTransform(field)  # takes the field's buffer: no copy
-    return sitk.Resample(moving, ref, transform, interpolator, float(default_value), moving.GetPixelID())
+    # both grids as stored LPS: ITK's ties (nearest neighbour; a point on the face half a voxel past the edge;
+    # exact half indices computed along the reference's first stored axis, which land a rounding error to
+    # either side) then fall the same way however either file orders its voxels
+    moving = stored_lps(moving)
+    grid = Grid.from_image(ref)
+    lps = lps_grid(grid)
+    if lps == grid:
+        return sitk.Resample(moving, ref, transform, interpolator, float(default_value), moving.GetPixelID())
+    on_lps = sitk.Resample(moving, lps.reference_image(), transform, interpolator, float(default_value),
+                           moving.GetPixelID())
+    return stored_as(on_lps, ref)
 
 
 def _resample_through_lps_field(moving: sitk.Image, reference: sitk.Image, field: sitk.Image,
@@ -192,14 +201,7 @@ def _resample_through_lps_field(moving: sitk.Image, reference: sitk.Image, field
     lps = lps_grid(grid)
     if lps == grid:
         return _resample_through_field(moving, grid, field, default_value)
-    on_lps = _resample_through_field(moving, lps, field, default_value)
-    stored = sitk.DICOMOrient(on_lps, sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(
-        reference.GetDirection()))
-    if stored.GetSize() != reference.GetSize() or not np.allclose(stored.GetOrigin(), reference.GetOrigin(),
-                                                                  atol=1e-4 * max(reference.GetSpacing())):
-        raise RuntimeError("internal: the LPS-stored resampling could not be stored as the reference is")
-    stored.CopyInformation(reference)
-    return stored
+    return stored_as(_resample_through_field(moving, lps, field, default_value), reference)
 
 
 def _resample_through_field(moving: sitk.Image, reference: Grid, field: sitk.Image, default_value: float,
