@@ -124,7 +124,7 @@ class ISTNRegistrationParameterNode:
     refineLayers: Annotated[str, Choice(["model default", "all", "fc"])] = "model default"  # STN weights refined
     comparedRegion: Annotated[str, Choice(["model default", "whole grid"])] = "model default"  # where maps are compared
     polish: Annotated[int, WithinRange(-1, 1000)] = -1  # < 0: the model's (quasi-Newton evaluations at the end)
-    passes: Annotated[int, WithinRange(0, 5)] = 0  # 0: the model's (B-spline refinement passes)
+    passes: Annotated[int, WithinRange(0, 5)] = 0  # 0: each model's (refinement passes, every stage)
     retryVaried: bool = True  # after a failed self-check: the varied-view models beside, the better result kept
     liveUpdate: bool = True
     outputTransform: Optional[vtkMRMLLinearTransformNode]

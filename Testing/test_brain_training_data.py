@@ -279,7 +279,7 @@ def test_a_card_written_again_keeps_what_other_scripts_and_hands_wrote_into_it()
     card = train_brain.with_kept_sections(fresh, earlier)
     notes = earlier[earlier.index(begin):earlier.index(end) + len(end)]
     assert card.index("- generated bullet") < card.index(notes) < card.index("## Training data")
-    for name in ("refinement settings", "speed settings", "structure maps"):
+    for name in ("refinement settings", "speed settings", "structure maps", "affine passes"):
         section = earlier[earlier.index(f"<!-- {name}: written by"):earlier.index(f"<!-- end of {name} -->")]
         assert section in card and card.index(section) > card.index("licences")
     assert train_brain.with_kept_sections(fresh, "") == fresh  # a first card: as written
@@ -287,9 +287,9 @@ def test_a_card_written_again_keeps_what_other_scripts_and_hands_wrote_into_it()
 
     # new weights: the kept sections say they describe the earlier ones, once however often it is rerun
     stale = train_brain.with_kept_sections(fresh, earlier, "measured on step 1")
-    assert stale.count(train_brain.STALE_MARK + "measured on step 1") == 3
+    assert stale.count(train_brain.STALE_MARK + "measured on step 1") == 4
     again = train_brain.with_kept_sections(fresh, stale, "measured on step 2")  # still measured on step 1
-    assert again.count(train_brain.STALE_MARK) == 3 and "step 2" not in again
+    assert again.count(train_brain.STALE_MARK) == 4 and "step 2" not in again
     assert notes in again
     # the same weights exported again: the sections stand as they were
     assert train_brain.STALE_MARK not in card

@@ -34,7 +34,7 @@ def test_demo_writes_its_outputs(demo_run):
     for stage in ("affine", "bspline"):  # 3 refinement iterations, then the model's polish, in each of its passes
         passes = result[stage]["passes"]
         polish = result[stage]["model"]["refinement"]["polish"]
-        assert passes == result[stage]["model"]["refinement"].get("passes", 1) if stage == "bspline" else passes == 1
+        assert passes == result[stage]["model"]["refinement"].get("passes", 1)
         assert 0 < result[stage]["polish_iterations"] <= passes * polish
         assert result[stage]["iterations"] == 3 * passes + result[stage]["polish_iterations"]
         runs = result[stage]["pass_iterations"]  # the figure's curve segments: one per pass, 3 + its polish each

@@ -509,7 +509,7 @@ def test_a_second_bspline_pass_goes_on_from_the_first_and_counts_on(make_model):
     assert error(two) < error(one)
 
 
-def test_passes_default_to_the_models_metadata_apply_to_bsplines_only_and_are_checked(make_model, pair2d):
+def test_passes_default_to_the_models_metadata_and_are_checked(make_model, pair2d):
     from istn.errors import InputError
     from istn.export import rewrite_metadata
 
@@ -521,8 +521,10 @@ def test_passes_default_to_the_models_metadata_apply_to_bsplines_only_and_are_ch
     assert res.passes == 2 and res.iterations == 6
     assert register(fixed, moving, load_model(path), iterations=3, passes=1).iterations == 3
     assert register(fixed, moving, load_model(path), iterations=0).passes == 1  # a one pass stays one
-    affine = load_model(make_model(2, "affine"))
-    assert register(fixed, moving, affine, iterations=3, tolerance=0.0, passes=3).iterations == 3
+    affine = load_model(make_model(2, "affine"))  # an affine too (since session 37): each look composed
+    assert register(fixed, moving, affine, iterations=3, tolerance=0.0).passes == 1
+    three = register(fixed, moving, affine, iterations=3, tolerance=0.0, passes=3)
+    assert three.passes == 3 and three.iterations == 9 and [p[0] for p in three.pass_iterations] == [3, 3, 3]
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(InputError, match="passes"):
             register(fixed, moving, load_model(path), iterations=3, passes=bad)

@@ -96,27 +96,29 @@ def far_mask(labels: sitk.Image, brain: sitk.Image, distance_mm: float) -> np.nd
     return (sitk.GetArrayFromImage(dist) > distance_mm) & (sitk.GetArrayFromImage(brain) > 0)
 
 
-def placed_pairs(head: sitk.Image, brain: sitk.Image, labels: sitk.Image, mask: sitk.Image, n: int) -> list:
+def placed_pairs(head: sitk.Image, brain: sitk.Image, labels: sitk.Image, mask: sitk.Image, n: int,
+                 seed0: int = SEED0, **placement) -> list:
     """``[(label, moving, labels, brain mask)]``: the anatomy in ``n`` seeded scanner positions (seeds
-    `SEED0`..), each as whole head and brain-extracted; labels and brain mask moved with it."""
+    ``seed0``..), each as whole head and brain-extracted; labels and brain mask moved with it. ``placement``:
+    `place_in_scanner`'s ``rot_deg`` and ``pad_mm``."""
     pairs = []
     for k in range(n):
-        seed = SEED0 + k
+        seed = seed0 + k
         for kind, img in (("whole head", head), ("brain", brain)):
             img = sitk.Cast(img, sitk.sitkFloat32)
-            moved, moved_labels, _ = place_in_scanner(img, labels, seed)
-            _, moved_mask, _ = place_in_scanner(img, mask, seed)
+            moved, moved_labels, _ = place_in_scanner(img, labels, seed, **placement)
+            _, moved_mask, _ = place_in_scanner(img, mask, seed, **placement)
             pairs.append((f"{kind} seed {seed}", moved, moved_labels, moved_mask))
     return pairs
 
 
-def validation_pairs(data: Path, name: str, n: int):
+def validation_pairs(data: Path, name: str, n: int, **placement):
     """``([(label, moving, labels, brain mask)], brain image, brain mask)``: `placed_pairs` of anatomy ``name``."""
     versions = {v: (img, lab) for v, img, lab, _ in anatomy_images(data, t1_row(data, name), tissue=False)}
     head, labels = versions[name]
     brain = versions[f"{name}_brain"][0]
     mask = _brain_mask(data, name, head)
-    return placed_pairs(head, brain, labels, mask, n), sitk.Cast(brain, sitk.sitkFloat32), mask
+    return placed_pairs(head, brain, labels, mask, n, **placement), sitk.Cast(brain, sitk.sitkFloat32), mask
 
 
 CARD_BEGIN = "<!-- refinement settings: written by benchmarks/refinement_validation.py -->"

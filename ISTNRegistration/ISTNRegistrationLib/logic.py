@@ -467,9 +467,10 @@ class ISTNRegistrationLogic:
           transform's parameters themselves, Gauss-Newton for an affine,
           L-BFGS for a B-spline, so that the result does not depend on where
           the network's refinement stopped; None or < 0: the model's; 0: off)
-          and ``passes`` (B-spline stage: refinements, each after the network's
-          new look at the moving image warped so far, still one B-spline in the
-          end; None or < 1: the model's; 1: one, the paper).
+          and ``passes`` (every stage: refinements, each after the network's
+          new look at the moving image through the result so far, an affine
+          composed with it, a B-spline still one B-spline in the end; None or
+          < 1: each model's; 1: one, the paper).
         - ``retryVaried``: when a stage's self-check fails and the models' folder
           holds models trained on varied views (brain-synth beside brain-t1),
           register again with those and keep the result whose images end the

@@ -93,9 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "depend on where the network's refinement stopped (default: the model's, chosen on "
                         "validation; 0: off, the paper)")
     r.add_argument("--passes", type=int, default=None, metavar="N",
-                   help="B-spline stage: refine N times, each time with the network's new look at the moving image "
-                        "warped so far, the result still one B-spline (default: the model's, chosen on validation; "
-                        "1: the paper)")
+                   help="every stage: refine N times, each time with the network's new look at the moving image "
+                        "through the result so far (an affine: composed with it; a B-spline: added, still one "
+                        "B-spline; default: each model's, chosen on validation; 1: the paper)")
     r.add_argument("--no-retry", action="store_true",
                    help="after a failed self-check, do not register again with the models trained on varied views "
                         "beside those given (brain-synth beside brain-t1; by default the result whose images end "

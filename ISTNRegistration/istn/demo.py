@@ -46,13 +46,15 @@ def sample_pair() -> dict[str, sitk.Image]:
 
 
 def place_in_scanner(image: sitk.Image, labels: sitk.Image, seed: int = PERTURBATION_SEED,
-                     pad_mm: float = 20.0) -> tuple[sitk.Image, sitk.Image, sitk.Transform]:
-    """Move the head by a seeded scanner-like affine (10-20 degrees, 10-20 mm, +-10 %) on a padded grid."""
+                     pad_mm: float = 20.0, rot_deg: tuple[float, float] = (10.0, 20.0),
+                     ) -> tuple[sitk.Image, sitk.Image, sitk.Transform]:
+    """Move the head by a seeded scanner-like affine (10-20 degrees (``rot_deg``), 10-20 mm, +-10 %) on a padded
+    grid."""
     from .data.brain import scanner_perturbation
     from .geometry import Grid
 
     g = Grid.from_image(image)
-    tx = scanner_perturbation(seed, centre=g.centre.tolist())
+    tx = scanner_perturbation(seed, rot_deg=rot_deg, centre=g.centre.tolist())
     pad = [int(np.ceil(pad_mm / s)) for s in g.spacing]
     size = tuple(s + 2 * p for s, p in zip(g.size, pad))
     origin = g.voxel_to_world(-np.asarray(pad, float))

@@ -36,7 +36,7 @@ class IterationInfo:
     loss: float  # MSE(T(s'), t') of the parameters used in this iteration
     params: torch.Tensor  # those parameters (normalised units, detached)
     _to_world: Callable[[torch.Tensor], sitk.Transform] | None = None
-    # B-spline refinement passes (register(passes=)): each pass compares a new look of
+    # refinement passes (register(passes=)): each pass compares a new look of
     # the network, so ``loss`` is on that pass's maps and may rise from one pass to the next
     pass_number: int = 1
     passes: int = 1

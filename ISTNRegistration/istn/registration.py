@@ -86,7 +86,7 @@ class RegistrationResult:
     iterations_allowed: int = 0  # the cap: passes x (refinement + polish iterations) (``iterations`` may stop short)
     bending: float = 0.0  # the B-spline's bending energy weight (mm^2) used
     anchor: float = 0.0  # the B-spline's anchor weight (mm^-2) used
-    passes: int = 1  # B-spline: refinement passes allowed (`register`'s ``passes``); 1 for an affine
+    passes: int = 1  # refinement passes allowed (`register`'s ``passes``)
     # (iterations, of them on half-resolution maps, of them polish) of each pass run, in order: ``losses`` in pieces
     pass_iterations: list[tuple[int, int, int]] = field(default_factory=list)
     # (K,) bounded maps only: each structure's map volume in the moving image over that in the fixed one, as the
@@ -683,7 +683,7 @@ def check_register_inputs(
     if polish is not None and (isinstance(polish, bool) or not isinstance(polish, (int, np.integer)) or polish < 0):
         raise InputError(f"register() 'polish' must be a whole number >= 0 (polish iterations), got {polish!r}")
     if passes is not None and (isinstance(passes, bool) or not isinstance(passes, (int, np.integer)) or passes < 1):
-        raise InputError(f"register() 'passes' must be a whole number >= 1 (B-spline refinement passes), got {passes!r}")
+        raise InputError(f"register() 'passes' must be a whole number >= 1 (refinement passes), got {passes!r}")
     if refine_layers is not None and refine_layers not in REFINE_LAYERS:
         raise InputError(f"the refined layers must be one of {', '.join(REFINE_LAYERS)}, got {refine_layers!r}")
     if region_margin_mm is not None and (isinstance(region_margin_mm, bool) or not isinstance(
@@ -803,12 +803,15 @@ def register(
     Adam stopped; default: the model's ``refinement.polish`` (none with
     ``iterations=0``: a one pass stays a one pass), else 0 (Adam only, the
     paper).
-    ``passes`` (B-spline models): run the network again on the moving image
-    warped through the refined result, add its (inverse-consistent) one pass
-    to the refined parameters and refine again from there, this many passes in
-    all: the residual a second look finds, still ONE B-spline on the same
-    grid, refined on the unwarped maps (so the sum's approximation of the
-    composition is refined away); default: the model's
+    ``passes``: run the network again on the moving image through the refined
+    result and refine again from its (inverse-consistent) one pass, this many
+    passes in all, each kept only where it lowers the loss on its own look's
+    maps. An affine: the moving image pulled into the fixed grid through the
+    affine so far, the residual affine composed with it (exact; a head turned
+    beyond the training range is seen nearer it). A B-spline: the residual
+    added to the refined parameters, still ONE B-spline on the same grid,
+    refined on the unwarped maps (so the sum's approximation of the
+    composition is refined away). Default: the model's
     ``refinement.passes``, else 1 (the paper). Ignored with ``iterations=0``.
     ``given_transform``: where the user placed the moving image (fixed world -> moving world), the baseline of
     ``information["as_given"]`` and of the information self-check; default None: the images as stored. A chain
@@ -857,7 +860,7 @@ def register(
         polish = int(defaults.get("polish", 0)) if iterations > 0 else 0
     if passes is None:
         passes = int(defaults.get("passes", 1))
-    if model.transform_type != "bspline" or iterations == 0:  # a second look needs a refined B-spline to add to
+    if iterations == 0:  # a second look starts from a refined result
         passes = 1
     dev = resolve_device(device)
     threads_before = torch.get_num_threads()
@@ -885,6 +888,26 @@ def register(
         torch.set_num_threads(threads_before)
 
 
+def _affine_midpoint(forward: torch.Tensor, backward: torch.Tensor, d: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The inverse-consistent start of an affine pass: ``theta -> theta @ K``, the fixed correction that makes the
+    network's prediction ``forward`` (fixed -> moving maps) the midpoint of it and the inverse of ``backward``
+    (the swapped pair): ``(1, d, d + 1)`` parameters."""
+    th = forward[0].cpu().double().numpy()
+    mid = _inverse_consistent_theta(th, backward[0].cpu().double().numpy())
+    k = torch.from_numpy(np.linalg.inv(np.vstack([th, np.eye(d + 1)[d:]])) @ mid).to(forward)
+
+    def to_midpoint(params: torch.Tensor) -> torch.Tensor:
+        return params @ k
+
+    return to_midpoint
+
+
+def _identity_theta(params: torch.Tensor) -> torch.Tensor:
+    """The identity affine in the shape of ``params`` ``(1, d, d + 1)``: no residual."""
+    d = params.shape[-2]
+    return torch.eye(d, d + 1, dtype=params.dtype, device=params.device).expand_as(params).clone()
+
+
 def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iterations, lr, dev, initial_transform,
               callback, cancel, *, bending: float, anchor: float, tolerance: float, symmetric: bool,
               t_start: float, coarse_iterations: int, refine_layers: str,
@@ -900,23 +923,25 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
     regulariser = None
 
     if model.transform_type == "affine":
-        if initial_transform is None:
-            src_grid = grid_m
-            source = image_to_tensor(moving, grid_m, win_m)
-        else:  # the moving image is pulled into the fixed grid through the initial transform
-            src_grid = grid_f
-            source = image_to_tensor(moving, grid_f, win_m, initial_transform)
+        def affine_look(start: sitk.Transform | None):
+            """The network's input for an affine from ``start`` (None: the moving image on its own grid; else pulled
+            into the fixed grid through ``start``), and the world transform of its parameters."""
+            src_grid = grid_m if start is None else grid_f
+            look = image_to_tensor(moving, src_grid, win_m, start)
+
+            def world(params: torch.Tensor) -> sitk.Transform:
+                a = theta_to_world(params[0].detach().cpu().double().numpy(), grid_f, src_grid)
+                if start is None:
+                    return matrix_to_sitk_affine(a)
+                try:
+                    return matrix_to_sitk_affine(sitk_affine_to_matrix(start) @ a)
+                except (RuntimeError, TypeError):
+                    return compose(matrix_to_sitk_affine(a), start)
+            return look, world
+
+        source, to_world = affine_look(initial_transform)
         target = image_to_tensor(fixed, grid_f, win_f)
         work_grid = grid_f
-
-        def to_world(params: torch.Tensor) -> sitk.Transform:
-            a = theta_to_world(params[0].detach().cpu().double().numpy(), grid_f, src_grid)
-            if initial_transform is None:
-                return matrix_to_sitk_affine(a)
-            try:
-                return matrix_to_sitk_affine(sitk_affine_to_matrix(initial_transform) @ a)
-            except (RuntimeError, TypeError):
-                return compose(matrix_to_sitk_affine(a), initial_transform)
 
     else:
         a_mat = np.eye(d + 1) if initial_transform is None else _linear_matrix(initial_transform, d)
@@ -949,12 +974,7 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
             backward = (module.predict_from_pooled(model.stn_pooled(t_map, s_map)) if split
                         else module.predict(t_map, s_map))
             if model.transform_type == "affine":
-                th = forward[0].cpu().double().numpy()
-                mid = _inverse_consistent_theta(th, backward[0].cpu().double().numpy())
-                k = torch.from_numpy(np.linalg.inv(np.vstack([th, np.eye(d + 1)[d:]])) @ mid).to(forward)
-
-                def to_midpoint(params: torch.Tensor) -> torch.Tensor:
-                    return params @ k  # theta @ K: the fixed correction that makes the one pass the midpoint
+                to_midpoint = _affine_midpoint(forward, backward, d)
             else:
                 offset = -(forward + backward) / 2.0
 
@@ -995,51 +1015,62 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
     out = run_pass(0, s_map, pooled, adjust, regulariser, to_world)
     ran = [out]  # every pass's own refinement (a later pass may be dropped for the one before: its climb still counts)
     params, losses = out.params, list(out.losses)  # the B-spline so far; objectives over all passes
+    final = to_world(params)
     best_iteration, coarse_run, polished = out.best_iteration, out.coarse_iterations, out.polish_iterations
     pass_iterations = [(len(out.losses), out.coarse_iterations, out.polish_iterations)]
+    affine = model.transform_type == "affine"
     for k in range(1, passes):
         if out.cancelled:
             break
-        # The network's next look: the moving image through the B-spline so far, its maps, and a B-spline for
-        # what is left, refined on those maps; the result is the SUM of the two on the same control grid (the
-        # composition to first order: the difference is the product of the first's gradient and the second, small).
+        # The network's next look. Affine: the moving image pulled into the fixed grid through the result so far,
+        # and an affine for what is left, composed with it (exact): a head posed beyond the training range is seen
+        # nearer it. B-spline: the moving image through the B-spline so far, and a B-spline for what is left; the
+        # result is the SUM of the two on the same control grid (the composition to first order: the difference
+        # is the product of the first's gradient and the second, small).
         with torch.no_grad():
-            s_map_k = model.representation(module.warp(source, module.sampling_grid(params)))
+            if affine:
+                look, to_world_k = affine_look(final)
+                s_map_k = model.representation(look.to(dev))
+            else:
+                s_map_k = model.representation(module.warp(source, module.sampling_grid(params)))
             pooled_k = model.stn_pooled(s_map_k, t_map) if split else None
             f_k = module.predict_from_pooled(pooled_k) if split else module.predict(s_map_k, t_map)
-            if symmetric:  # inverse-consistent, as the first pass: (f - b) / 2, zero for maps that already match
+            adjust_k = None
+            if symmetric:  # inverse-consistent, as the first pass: the identity for maps that already match
                 b_k = module.predict_from_pooled(model.stn_pooled(t_map, s_map_k)) if split else module.predict(
                     t_map, s_map_k)
-                offset_k = -(f_k + b_k) / 2.0
+                if affine:
+                    adjust_k = _affine_midpoint(f_k, b_k, d)
+                else:
+                    def adjust_k(p: torch.Tensor, offset_k=-(f_k + b_k) / 2.0) -> torch.Tensor:
+                        return p + offset_k
         prev = params
-
-        def adjust_k(p: torch.Tensor, offset_k=offset_k if symmetric else None) -> torch.Tensor:
-            return p + offset_k if offset_k is not None else p
+        if not affine:
+            def to_world_k(r: torch.Tensor, prev=prev) -> sitk.Transform:
+                return to_world(prev + r)
 
         def regulariser_k(r: torch.Tensor, prev=prev) -> torch.Tensor:
             return regulariser(prev + r)
-
-        def to_world_k(r: torch.Tensor, prev=prev) -> sitk.Transform:
-            return to_world(prev + r)
 
         reg_k = regulariser_k if regulariser is not None else None
         out_k = run_pass(k, s_map_k, pooled_k, adjust_k, reg_k, to_world_k)
         ran.append(out_k)
         coarse_run, polished = coarse_run + out_k.coarse_iterations, polished + out_k.polish_iterations
         pass_iterations.append((len(out_k.losses), out_k.coarse_iterations, out_k.polish_iterations))
-        # never worse than the B-spline so far (a zero residual), on this look's maps
-        stay = refine(module, s_map_k, t_map, 0, lr, None, None, to_world_k, adjust=torch.zeros_like, regulariser=reg_k,
+        # never worse than the result so far (no residual: an identity affine, a zero B-spline), on this look's maps
+        none_left = _identity_theta if affine else torch.zeros_like
+        stay = refine(module, s_map_k, t_map, 0, lr, None, None, to_world_k, adjust=none_left, regulariser=reg_k,
                       pooled=pooled_k if refine_layers == "fc" else None, **compared)
         if out_k.final_loss <= stay.final_loss:
             best_iteration = len(losses) + out_k.best_iteration
-            params = prev + out_k.params
+            params = out_k.params if affine else prev + out_k.params
+            final = to_world_k(out_k.params)
             out = out_k
         else:
             out = dataclasses.replace(stay, cancelled=out_k.cancelled, converged=out_k.converged)
         losses += list(out_k.losses)
     timings["refine"] = time.perf_counter() - t0
 
-    final = to_world(params)
     # Maps for display, each on a grid of its own image's space: the moving head's in the fixed head's pose
     # (`moving_map_grid`), for an affine stage one more look of the ITN after its result, made when first asked for.
     with torch.no_grad():

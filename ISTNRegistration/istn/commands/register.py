@@ -72,7 +72,7 @@ def check_register_options(iterations: int | None, lr: float | None, device: str
     if polish is not None and polish < 0:
         raise InputError(f"--polish must be a whole number >= 0 (polish iterations; 0: Adam only), got {polish}")
     if passes is not None and passes < 1:
-        raise InputError(f"--passes must be a whole number >= 1 (B-spline refinement passes; 1: the paper), got {passes}")
+        raise InputError(f"--passes must be a whole number >= 1 (refinement passes; 1: the paper), got {passes}")
     check_device(device)
 
 
@@ -148,8 +148,8 @@ def run_register(
     ``region_margin_mm`` (every stage: the maps compared around the fixed
     structures, inf: the whole grid) and ``polish`` (every stage: iterations
     polishing the transform's parameters after the refinement) and ``passes``
-    (B-spline stage: refinement passes, each a new look of the network at the
-    moving image warped so far) override the models' refinement settings (`register`). ``iterations`` None: each
+    (every stage: refinement passes, each a new look of the network at the
+    moving image through the result so far) override the models' refinement settings (`register`). ``iterations`` None: each
     model's ``refinement.iterations``, else 50.
     ``retry``: when a stage's self-check fails and the models' folder holds models trained on varied views
     (brain-synth beside brain-t1), register again with those and keep the result whose images end the more
