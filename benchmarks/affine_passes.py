@@ -38,11 +38,11 @@ sys.path.insert(0, str(REPO / "ISTNRegistration"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from brain_validation import mean_dice, validation_inputs  # noqa: E402
-from refinement_validation import mask_dice, validation_pairs, write_card_section  # noqa: E402
+from refinement_validation import mask_dice, store_passes, validation_pairs  # noqa: E402
 from report import write_report  # noqa: E402
 
 from istn.demo import MODELS_DIR  # noqa: E402
-from istn.export import load_model, rewrite_metadata  # noqa: E402
+from istn.export import load_model  # noqa: E402
 from istn.registration import register  # noqa: E402
 
 DICE_TIE = 1e-3  # mean Dice differences below this are ties (fewer passes win)
@@ -164,10 +164,6 @@ def main(argv: list[str] | None = None) -> int:
                "rows_all": {str(c): r for c, r in rows_all.items()}, "chosen": chosen}
     write_report(args.out, summary, md)
     if args.write_models:
-        meta = dict(affine.meta)
-        meta["refinement"] = {**meta.get("refinement", {}), "passes": chosen,
-                              "passes_chosen_by": f"benchmarks/affine_passes.py ({created}; {Path(args.out).name}.md)"}
-        rewrite_metadata(affine.path, meta)
         r, one, rw, ow = rows[chosen], rows[1], rows_wide[chosen], rows_wide[1]
         section = "\n".join([
             CARD_BEGIN, "## Refinement passes (chosen on validation pairs)", "",
@@ -179,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{wide[0]:g}-{wide[1]:g} degrees ({len(per_wide)} pairs): affine {ow['affine_dice']:.4f} -> "
             f"{rw['affine_dice']:.4f}, chain {ow['dice']:.4f} -> {rw['dice']:.4f}. Tables: "
             f"`benchmarks/results/{Path(args.out).name}.md`.", CARD_END]) + "\n"
-        write_card_section(affine.path.with_suffix(".md"), section, CARD_BEGIN, CARD_END)
-        print(f"wrote passes {chosen} into {affine.path} and its card")
+        store_passes(affine, chosen, f"benchmarks/affine_passes.py ({created}; {Path(args.out).name}.md)",
+                     section, CARD_BEGIN, CARD_END)
     return 0
 
 

@@ -36,11 +36,11 @@ sys.path.insert(0, str(REPO / "ISTNRegistration"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from brain_validation import mean_dice, validation_inputs  # noqa: E402
-from refinement_validation import mask_dice, validation_pairs, write_card_section  # noqa: E402
+from refinement_validation import mask_dice, store_passes, validation_pairs  # noqa: E402
 from report import write_report  # noqa: E402
 
 from istn.demo import MODELS_DIR  # noqa: E402
-from istn.export import load_model, rewrite_metadata  # noqa: E402
+from istn.export import load_model  # noqa: E402
 from istn.metrics import folding_fraction  # noqa: E402
 from istn.registration import register  # noqa: E402
 
@@ -138,11 +138,6 @@ def main(argv: list[str] | None = None) -> int:
                "pairs": per_pair, "rows": {str(c): r for c, r in rows.items()}, "chosen": chosen}
     write_report(args.out, summary, md)
     if args.write_models:
-        meta = dict(bspline.meta)
-        meta["refinement"] = {**meta.get("refinement", {}), "passes": chosen,
-                              "passes_chosen_by": f"benchmarks/refinement_passes.py ({created}; "
-                                                  f"{Path(args.out).name}.md)"}
-        rewrite_metadata(bspline.path, meta)
         r, one = rows[chosen], rows[1]
         section = "\n".join([
             CARD_BEGIN, "## Refinement passes (chosen on validation pairs)", "",
@@ -153,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             f"({r['better_pairs']} pairs better, {r['worse_pairs']} worse), brain-mask Dice {one['mask_dice']:.4f} "
             f"-> {r['mask_dice']:.4f}, folding {r['folding_max']:.4f}, {one['iterations']:.1f} -> "
             f"{r['iterations']:.1f} iterations. Tables: `benchmarks/results/{Path(args.out).name}.md`.", CARD_END]) + "\n"
-        write_card_section(bspline.path.with_suffix(".md"), section, CARD_BEGIN, CARD_END)
-        print(f"wrote passes {chosen} into {bspline.path} and its card")
+        store_passes(bspline, chosen, f"benchmarks/refinement_passes.py ({created}; {Path(args.out).name}.md)",
+                     section, CARD_BEGIN, CARD_END)
     return 0
 
 

@@ -192,6 +192,16 @@ def card_section(summary: dict, key: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def store_passes(model, chosen: int, chosen_by: str, section: str, begin: str, end: str) -> None:
+    """Write a chosen pass count (``refinement.passes``, and what chose it) into ``model``'s file and ``section``
+    into its card (`refinement_passes.py` for a B-spline, `affine_passes.py` for an affine)."""
+    meta = dict(model.meta)
+    meta["refinement"] = {**meta.get("refinement", {}), "passes": chosen, "passes_chosen_by": chosen_by}
+    rewrite_metadata(model.path, meta)
+    write_card_section(model.path.with_suffix(".md"), section, begin, end)
+    print(f"wrote passes {chosen} into {model.path} and its card")
+
+
 def write_card_section(card: Path, section: str, begin: str = CARD_BEGIN, end: str = CARD_END) -> None:
     """Put ``section`` (which starts with ``begin`` and ends with ``end``) in the card, replacing an earlier one."""
     text = card.read_text() if card.exists() else ""
