@@ -328,3 +328,20 @@ def test_moved_further_than_half_a_voxel_the_information_check_still_fires():
     assert _information_check(0.3, 0.2, lambda: 1.5, 1.0) is not None
     assert _information_check(0.3, 0.2, lambda: 0.4, 1.0) is None
     assert _information_check(0.3, 0.3, lambda: pytest.fail("measured without need"), 1.0) is None
+
+
+def test_a_kept_second_try_that_failed_its_checks_too_is_said_to_have():
+    """Pose audit: a second chain kept for its images' information although it failed every self-check too (a
+    neck-and-shoulders field of view, two heads) was reported as 'whose result is returned' and no more."""
+    from istn.chain import Retry
+
+    def stage(name, failed):
+        return types.SimpleNamespace(model_path=f"/models/{name}", self_checks_failed=failed)
+
+    first = [stage("brain-t1-affine.pt", ["information", "loss"])]
+    for failed, said in (([], False), (["map_volume"], True)):
+        note = Retry(first, [stage("brain-synth-affine.pt", failed)], 0.1, 0.2, True).note()
+        assert note.startswith("brain-t1-affine.pt failed a self-check (information, loss): registered again with "
+                               "brain-synth-affine.pt")
+        assert ("it failed a self-check too (map_volume)" in note) == said
+    assert "too" not in Retry(first, [stage("brain-synth-affine.pt", ["loss"])], 0.3, 0.2, False).note()

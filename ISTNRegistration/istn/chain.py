@@ -151,8 +151,11 @@ class Retry:
         checks = sorted({c for s in self.first for c in s.self_checks_failed})
         mi = f"images' mutual information {self.information_second:.3f} vs {self.information_first:.3f}"
         if self.kept_second:
+            failed = sorted({c for s in self.second for c in s.self_checks_failed})
+            also = (f"; it failed a self-check too ({', '.join(failed)}): the pair may be beyond both (a field of "
+                    "view, pose or contrast neither was trained for), check the result" if failed else "")
             return (f"{first} failed a self-check ({', '.join(checks)}): registered again with {second} (trained on "
-                    f"other contrasts and cropped fields of view), whose result is returned ({mi})")
+                    f"other contrasts and cropped fields of view), whose result is returned ({mi}){also}")
         return (f"{first} failed a self-check ({', '.join(checks)}); {second} (trained on other contrasts and cropped "
                 f"fields of view) did no better ({mi}): the result of {first} is returned")
 
