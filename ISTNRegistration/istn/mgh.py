@@ -82,14 +82,10 @@ def read_mgh(path: str | Path, what: str = "image") -> sitk.Image:
     array = np.frombuffer(data, dtype=dtype, count=count).astype(dtype.newbyteorder("="))
     array = array.reshape((frames, depth, height, width) if frames > 1 else (depth, height, width))
     image = sitk.GetImageFromArray(array, isVector=False)
-    if frames > 1:  # a 4D image: its fourth axis one frame apart
-        image.SetSpacing((*sizes, 1.0))
-        image.SetOrigin((*(to_lps @ first), 0.0))
-        direction = np.eye(4)
-        direction[:3, :3] = to_lps @ axes
-        image.SetDirection(direction.ravel().tolist())
-        return image
-    image.SetSpacing(sizes.tolist())
-    image.SetOrigin((to_lps @ first).tolist())
-    image.SetDirection((to_lps @ axes).ravel().tolist())
+    d = image.GetDimension()  # 4 with several frames: the fourth axis one frame apart
+    direction = np.eye(d)
+    direction[:3, :3] = to_lps @ axes
+    image.SetSpacing([*sizes.tolist(), 1.0][:d])
+    image.SetOrigin([*(to_lps @ first).tolist(), 0.0][:d])
+    image.SetDirection(direction.ravel().tolist())
     return image

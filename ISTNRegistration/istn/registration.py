@@ -1063,7 +1063,8 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
                       pooled=pooled_k if refine_layers == "fc" else None, **compared)
         if out_k.final_loss <= stay.final_loss:
             best_iteration = len(losses) + out_k.best_iteration
-            params = out_k.params if affine else prev + out_k.params
+            if not affine:  # the B-spline's parameters so far: its next look warps through them
+                params = prev + out_k.params
             final = to_world_k(out_k.params)
             out = out_k
         else:
