@@ -13,6 +13,7 @@ import torch
 from conftest import blob_image, rotation
 from istn.data import foreground_centre, network_grid
 from istn.export import load_model
+from istn.geometry import Grid
 from istn.losses import anchor_energy, anchored_control_points, bending_energy
 from istn.refinement import CONVERGENCE_WINDOW, loss_rise
 from istn.registration import register
@@ -64,6 +65,36 @@ def test_foreground_centre_is_the_same_point_for_every_layout():
     # and it is the blob's centre, not the (off-centre, padded) field of view's
     grid_centre = np.asarray(img.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in img.GetSize()]))
     assert np.linalg.norm(ref - np.array([4.0, -6.0, 8.0])) < 4.0 < np.linalg.norm(grid_centre - np.array([4.0, -6.0, 8.0]))
+
+
+def _head_and_neck(turn=(0.0, 0.0, 0.0), neck=True) -> sitk.Image:
+    """An ellipsoid head (semi-axes 75, 95, 87 mm) centred at (5, -10, 20) mm, turned by ``turn`` degrees, on a 4 mm
+    grid; with ``neck``, a neck (cylinder, 80 mm) and shoulders (400 x 140 x 60 mm) below it, as a head-and-neck
+    field of view holds them."""
+    g = Grid((100, 70, 110), (4.0,) * 3, (-198.0, -150.0, -300.0), tuple(np.eye(3).ravel()))
+    p = g.world_points() - np.array([5.0, -10.0, 20.0])  # (z, y, x, 3) about the head's centre
+    local = p @ rotation(3, turn)  # the head's own axes
+    head = ((local / np.array([75.0, 95.0, 87.0])) ** 2).sum(-1) <= 1.0
+    x, y, z = p[..., 0], p[..., 1], p[..., 2]
+    cylinder = (z < -70.0) & (z >= -167.0) & ((x / 55.0) ** 2 + (y / 60.0) ** 2 <= 1.0)
+    shoulders = (z < -157.0) & (z >= -217.0) & (np.abs(x) <= 200.0) & (np.abs(y) <= 70.0)
+    body = head | (neck & (cylinder | shoulders))
+    return g.image_from_array(np.where(body, 100.0, 0.0).astype(np.float32))
+
+
+@pytest.mark.parametrize("turn", [(0.0, 0.0, 0.0), (25.0, -15.0, 20.0)])
+def test_the_network_grid_is_centred_on_the_head_when_a_neck_and_shoulders_are_in_view(turn):
+    """A head-and-neck field of view with the shoulders in it: the foreground's centroid lay 83 mm below the head's
+    (pose audit), the network's 192 mm grid held the neck and half the head, and registration ended at Dice 0. A
+    head alone, however turned, is centred on its centroid as before."""
+    head = np.array([5.0, -10.0, 20.0])
+    alone = foreground_centre(_head_and_neck(turn, neck=False))
+    assert np.linalg.norm(alone - head) < 1.0
+    with_neck = _head_and_neck(turn)
+    centroid = np.argwhere(sitk.GetArrayViewFromImage(with_neck) > 0)[:, ::-1] * 4.0 + np.array([-198.0, -150.0, -300.0])
+    assert np.linalg.norm(centroid.mean(0) - head) > 60.0  # where the centroid of all the foreground lies
+    # on the head, a few mm low: the 180 mm below its top hold the neck's first 23 mm (a real head's, 1 mm: pose audit)
+    assert np.linalg.norm(foreground_centre(with_neck) - head) < 8.0
 
 
 def test_network_grid_is_in_the_patient_frame_on_the_anatomy(tiny3d):
@@ -304,6 +335,59 @@ def test_odd_intensity_ranges_give_the_same_world_transform(make_model):
         odd = sitk.ShiftScale(moving, shift=offset / scale, scale=scale)  # (x + shift) * scale
         res = register(fixed, odd, model, iterations=3)
         assert _max_distance(res.transform, ref, fixed) < within, (scale, offset)
+
+
+def test_fill_floor_finds_a_fill_value_beneath_the_image_and_nothing_else():
+    from istn.data import fill_floor
+
+    rng = np.random.default_rng(0)
+    head = np.zeros((30, 40, 50), np.float32)
+    head[5:25, 10:30, 10:40] = rng.normal(600.0, 60.0, (20, 20, 30)).clip(1.0)  # a head ~600 on a background of 0
+    corner = np.add.reduce(np.indices(head.shape), axis=0) < 12  # an oblique reslice's corner: ~0.5 % of the box
+    assert corner.any() and not (head[corner] > 0).any()
+    for fill in (-1024.0, -32768.0, -1.0):  # CT's air, int16's minimum, "no data": all raised to the image's 0
+        filled = head.copy()
+        filled[corner] = fill
+        assert fill_floor(filled) == 0.0
+    zscored = (head - 300.0) / 100.0  # intensities with negative values: a fill far below them
+    zscored[corner] = -32768.0
+    assert fill_floor(zscored) == -3.0
+    ct = head - 1000.0 + rng.normal(0.0, 5.0, head.shape).astype(np.float32)  # air ~ -1000 with noise
+    ct[corner] = -3024.0  # CT's own fill outside the scanned circle: raised to the air's lowest value
+    assert fill_floor(ct) == ct[~corner].min()
+    stripped = head.copy()
+    stripped[head > 0] += 300.0  # a skull-stripped head: its darkest voxel ~660 above a 0 background
+    offset = head + 10000.0  # a 0 or positive minimum is the background, never a fill
+    offset[corner] = 0.0
+    for clean in (head, (head > 0).astype(np.uint8), stripped, offset, -head, np.full(head.shape, 7.0)):
+        assert fill_floor(clean) is None
+
+
+def test_a_fill_value_outside_the_field_of_view_gives_the_same_world_transform(make_model):
+    """-1024, int16's -32768 or -1 where a reslice found no voxels: the window's low end was the fill (the
+    background read mid-grey) and Otsu's foreground the whole acquired box. Raised to the image's own 0, the
+    network sees the image as it would with a 0 fill: the same transform."""
+    model = load_model(make_model(3, "affine", scale=0.3))
+    fixed, moving = _head(), _head(centre=(8.0, -2.0, 4.0))
+    array = sitk.GetArrayFromImage(moving)
+    array[array < 1e-3] = 0.0  # a background of exact 0, as a reslice's 0 fill would leave
+    clean = sitk.GetImageFromArray(array)
+    clean.CopyInformation(moving)
+    corner = np.add.reduce(np.indices(array.shape), axis=0) < 14
+    assert not (array[corner] > 0).any()
+    ref = register(fixed, clean, model, iterations=3).transform
+    for fill, pixel in ((-1024.0, sitk.sitkFloat32), (-32768.0, sitk.sitkInt16), (-1.0, sitk.sitkInt16)):
+        source = array * 1000.0 if pixel == sitk.sitkInt16 else array
+        filled = source.copy()
+        filled[corner] = fill
+        image = sitk.Cast(sitk.GetImageFromArray(filled), pixel)
+        image.CopyInformation(moving)
+        plain = sitk.Cast(sitk.GetImageFromArray(source), pixel)
+        plain.CopyInformation(moving)
+        expected = ref if pixel == sitk.sitkFloat32 else register(fixed, plain, model, iterations=3).transform
+        res = register(fixed, image, model, iterations=3)
+        assert _max_distance(res.transform, expected, fixed) < 1e-6, fill
+        assert res.transform_type == "affine" and sitk.GetArrayViewFromImage(image).min() == fill  # theirs untouched
 
 
 @pytest.mark.skipif(not (Path(__file__).parents[1] / "ISTNRegistration" / "Resources" / "Models" /

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import SimpleITK as sitk
 
-from .data import foreground_centre, intensity_window, otsu_threshold, statistics_sample
+from .data import fill_floor, foreground_centre, intensity_window, otsu_threshold, statistics_sample
 from .errors import InputError
 from .geometry import Grid, stored_lps
 from .io import check_image
@@ -42,8 +42,9 @@ CACHE_SIZE = 4  # images kept: a pair, and the pair of the previous call
 class PreparedImage:
     """An input image ready for the network grid: what every stage of a registration needs of it."""
 
-    image: sitk.Image  # float32 working copy: the input, or its block average when much finer than the grid (None
-    # only in the cache, for the input itself)
+    image: sitk.Image  # float32 working copy: the input, or its block average when much finer than the grid, a fill
+    # value outside the field of view raised to the image's lowest (`istn.data.fill_floor`) (None only in the cache,
+    # for the input itself)
     window: tuple[float, float]  # intensity window (`istn.data.intensity_window`) of the working copy
     centre: np.ndarray  # (D,) world mm: foreground centre (`istn.data.foreground_centre`) of the working copy
     shrink: tuple[int, ...]  # voxels averaged per axis, ITK order (1: the input itself)
@@ -131,6 +132,9 @@ def _prepare(image: sitk.Image, grid_spacing: float, intensity: tuple[float, flo
     # LPS (2D: x, y) all fall on the same voxels however its file orders them (193 voxels stored R->L or L->R: the
     # same 96 blocks; a 2D image of 127 x 125 pixels stored flipped moved the result by 2.3 mm)
     image = stored_lps(image)
+    floor = fill_floor(sitk.GetArrayViewFromImage(image))
+    if floor is not None:  # a fill outside the acquired field of view, raised before a block average blurs its edge
+        image = sitk.Clamp(image, lowerBound=floor)
     shrink = shrink_factors(image.GetSpacing(), grid_spacing)
     # on the input as stored LPS: the same values however its file orders the voxels
     values = few_whole_values(image)

@@ -18,6 +18,7 @@
 from .images import (
     STATS_VOXELS,
     encode_soi,
+    fill_floor,
     foreground_centre,
     image_to_tensor,
     intensity_window,
@@ -34,6 +35,7 @@ __all__ = [
     "PairDataset",
     "PairTensors",
     "encode_soi",
+    "fill_floor",
     "foreground_centre",
     "image_to_tensor",
     "intensity_window",
