@@ -439,6 +439,13 @@ def test_a_slab_against_a_whole_head_is_warned_of_once_however_it_lies():
     tilted = sitk.Image(slab)  # the slab's grid turned 30 degrees about left-right: still 40 mm thick
     tilted.SetDirection(rotation(3, (30.0, 0.0, 0.0)).ravel().tolist())
     assert "covers 40 mm along its superior-inferior axis" in slab_warning(fixed, tilted)
+    # a whole brain against a field of view 432 mm wide (a neck and shoulders in it, or a padded box): by the ratio
+    # alone the fixed brain (154 mm) was a slab, and the pose audit's neck case said so; not thinner than the
+    # structures that set the scale
+    wide = sitk.ConstantPad(moving, [70, 0, 0], [70, 0, 0], 0.0)
+    assert "the fixed image covers 154 mm along its left-right axis" in slab_warning(fixed, wide)
+    assert slab_warning(fixed, wide, thin_mm=0.6 * 192) is None
+    assert not any("a slab against a volume" in w for w in register(fixed, wide, affine, iterations=0).warnings)
 
 
 @pytest.mark.skipif(not (Path(__file__).parents[1] / "ISTNRegistration" / "Resources" / "Models" /

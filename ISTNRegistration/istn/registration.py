@@ -545,11 +545,16 @@ def _information_check(given: float, result: float, moved_mm: Callable[[], float
 #: the slab (median / max, benchmarks/results/slab.md): 80 mm (0.49 of the fixed extent) 1.1 / 2.9 mm; 60 mm
 #: (0.37) 1.9 / 4.4 mm; 40 mm (0.24) 3.7 / 8.8 mm; 20 mm (0.12) 7.1 / 13.3 mm (the self-checks fire for the last)
 SLAB_FRACTION = 0.4
+#: ... and is thinner than this fraction of the model's grid (192 mm for the brain models: 115 mm). A whole brain
+#: (150 mm) against a field of view that holds a neck and shoulders (400 mm wide), or one padded to twice its size,
+#: is not a slab: the structures that set the scale are all in it.
+SLAB_GRID_FRACTION = 0.6
 
 
-def slab_warning(fixed: sitk.Image, moving: sitk.Image) -> str | None:
+def slab_warning(fixed: sitk.Image, moving: sitk.Image, thin_mm: float = float("inf")) -> str | None:
     """A warning when one image covers a thin slab of what the other covers (`SLAB_FRACTION`), along one of its own
-    axes (the other image's extent projected onto that axis, so an oblique slab is judged by its thickness)."""
+    axes (the other image's extent projected onto that axis, so an oblique slab is judged by its thickness), and
+    that slab is thinner than ``thin_mm`` (`register` passes `SLAB_GRID_FRACTION` of the model's grid extent)."""
     def axes(image: sitk.Image) -> list[tuple[np.ndarray, float]]:
         d = image.GetDimension()
         cols = np.asarray(image.GetDirection(), float).reshape(d, d)
@@ -559,7 +564,7 @@ def slab_warning(fixed: sitk.Image, moving: sitk.Image) -> str | None:
     for (role, image), (other_role, other) in (images, images[::-1]):
         for u, extent in axes(image):
             across = sum(abs(float(u @ v)) * e for v, e in axes(other))
-            if extent < SLAB_FRACTION * across:
+            if extent < SLAB_FRACTION * across and extent < thin_mm:
                 lps = int(np.argmax(np.abs(u)))
                 name = (("left-right", "anterior-posterior", "superior-inferior")[lps] if image.GetDimension() == 3
                         else ("x", "y")[lps])
@@ -1106,7 +1111,8 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
             f"kept: a lower learning rate may help (now {lr:g})")
     if model.transform_type == "affine" or initial_transform is None:  # the stage that estimates the linear part
         # not self-checks: another model would not do better (no second try for them)
-        warnings_ += [w for w in (slab_warning(fixed, moving), label_map_warning(fixed_in, moving_in)) if w]
+        thin = SLAB_GRID_FRACTION * min(model.config.grid_size) * model.config.grid_spacing
+        warnings_ += [w for w in (slab_warning(fixed, moving, thin), label_map_warning(fixed_in, moving_in)) if w]
     t_info = time.perf_counter()
     volume_ratio = map_volume_ratios(s_map, t_map) if model.config.itn_output == "sigmoid" else np.zeros(0)
     given, kept = image_information(fixed, moving, grid_f, (win_f, win_m), [given_transform, final])
