@@ -27,7 +27,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import SimpleITK as sitk
 
-from .data import fill_floor, foreground_centre, intensity_window, otsu_threshold, statistics_sample
+from .data import (despike, fill_floor, foreground_centre, hot_voxel_bound, intensity_window, otsu_threshold,
+                   statistics_sample)
 from .errors import InputError
 from .geometry import Grid, stored_lps
 from .io import check_image
@@ -43,8 +44,8 @@ class PreparedImage:
     """An input image ready for the network grid: what every stage of a registration needs of it."""
 
     image: sitk.Image  # float32 working copy: the input, or its block average when much finer than the grid, a fill
-    # value outside the field of view raised to the image's lowest (`istn.data.fill_floor`) (None only in the cache,
-    # for the input itself)
+    # value outside the field of view raised to the image's lowest (`istn.data.fill_floor`), hot pixels replaced by
+    # their neighbourhood's median (`istn.data.despike`) (None only in the cache, for the input itself)
     window: tuple[float, float]  # intensity window (`istn.data.intensity_window`) of the working copy
     centre: np.ndarray  # (D,) world mm: foreground centre (`istn.data.foreground_centre`) of the working copy
     shrink: tuple[int, ...]  # voxels averaged per axis, ITK order (1: the input itself)
@@ -135,6 +136,11 @@ def _prepare(image: sitk.Image, grid_spacing: float, intensity: tuple[float, flo
     floor = fill_floor(sitk.GetArrayViewFromImage(image))
     if floor is not None:  # a fill outside the acquired field of view, raised before a block average blurs its edge
         image = sitk.Clamp(image, lowerBound=floor)
+    hot = hot_voxel_bound(sitk.GetArrayViewFromImage(image))
+    if hot is not None:  # hot pixels, replaced before a block average spreads each over a grid voxel's worth
+        spotless = sitk.GetImageFromArray(despike(sitk.GetArrayViewFromImage(image), *hot))
+        spotless.CopyInformation(image)
+        image = spotless
     shrink = shrink_factors(image.GetSpacing(), grid_spacing)
     # on the input as stored LPS: the same values however its file orders the voxels
     values = few_whole_values(image)

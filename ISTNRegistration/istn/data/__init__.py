@@ -17,9 +17,11 @@
 
 from .images import (
     STATS_VOXELS,
+    despike,
     encode_soi,
     fill_floor,
     foreground_centre,
+    hot_voxel_bound,
     image_to_tensor,
     intensity_window,
     network_grid,
@@ -34,9 +36,11 @@ __all__ = [
     "STATS_VOXELS",
     "PairDataset",
     "PairTensors",
+    "despike",
     "encode_soi",
     "fill_floor",
     "foreground_centre",
+    "hot_voxel_bound",
     "image_to_tensor",
     "intensity_window",
     "load_pair",
