@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--passes", type=int, default=None, metavar="N",
                    help="every stage: refine N times, each time with the network's new look at the moving image "
                         "through the result so far (an affine: composed with it; a B-spline: added, still one "
-                        "B-spline; default: each model's, chosen on validation; 1: the paper)")
+                        "B-spline; default: each model's, chosen on validation; 1: the paper); an affine looks "
+                        "again, up to 4 times in all, while its last look still moved the head by more than 10 mm")
     r.add_argument("--no-retry", action="store_true",
                    help="after a failed self-check, do not register again with the models trained on varied views "
                         "beside those given (brain-synth beside brain-t1; by default the result whose images end "
