@@ -231,3 +231,24 @@ def test_the_affine_looks_again_while_its_last_look_still_moved_the_head_far(mod
     assert not any("still moved the head" in w for w in more.warnings)
     assert error(more).mean() < 0.5 * error(exact).mean()
     assert more.summary()["pass_moves_mm"] == more.pass_moves
+
+
+def test_an_object_apart_from_the_head_is_left_out_and_said(models, pair):
+    """A phantom or marker block beside the head, brighter than it: it set the window's top (the head read dim) and
+    pulled the grid's centre off the head. Erased from the working copy, the result is the one without it."""
+    fixed, fixed_labels, moving, labels = pair
+    padded = sitk.ConstantPad(moving, [0, 0, 0], [40, 0, 0], 0.0)  # 80 mm more to one side, background 0
+    array = sitk.GetArrayFromImage(padded)
+    head_x = np.nonzero(array.max(axis=(0, 1)) > 0)[0].max()
+    cube = array.copy()
+    mid = [s // 2 for s in array.shape]
+    cube[mid[0] - 8:mid[0] + 8, mid[1] - 8:mid[1] + 8, head_x + 12:head_x + 28] = 3.0 * array.max()  # 32 mm, 24 away
+    with_cube = sitk.GetImageFromArray(cube)
+    with_cube.CopyInformation(padded)
+    affine = models[0]
+    clean = register(fixed, padded, affine, threads=1)
+    other = register(fixed, with_cube, affine, threads=1)
+    said = [w for w in other.warnings if "an object apart from the head" in w]
+    assert len(said) == 1 and said[0].startswith("the moving image")
+    assert not any("apart from the head" in w for w in clean.warnings)
+    assert _displacement(other.transform, fixed) == pytest.approx(_displacement(clean.transform, fixed), abs=1e-6)

@@ -409,6 +409,27 @@ def test_hot_voxels_do_not_move_the_result(make_model):
     assert _max_distance(res.transform, ref, fixed) < 0.2
 
 
+def test_detached_objects_are_the_large_ones_apart_from_the_head():
+    from istn.data import detached_objects
+
+    z, y, x = np.indices((60, 70, 100))
+    head = ((z - 30) / 25.0) ** 2 + ((y - 35) / 30.0) ** 2 + ((x - 35) / 28.0) ** 2 <= 1.0  # 2 mm voxels
+    shell = head & ~(((z - 30) / 21.0) ** 2 + ((y - 35) / 26.0) ** 2 + ((x - 35) / 24.0) ** 2 <= 1.0)
+    brain = ((z - 30) / 18.0) ** 2 + ((y - 35) / 23.0) ** 2 + ((x - 35) / 21.0) ** 2 <= 1.0
+    skull_gap = shell | brain  # scalp and brain apart by a 6 mm dark skull: still one head
+    assert detached_objects(skull_gap, (2.0, 2.0, 2.0)) is None
+    phantom = skull_gap.copy()
+    phantom[25:35, 30:40, 80:90] = True  # a 20 mm cube 22 mm beside the head
+    found = detached_objects(phantom, (2.0, 2.0, 2.0))
+    assert found[25:35, 30:40, 80:90].all() and not (found & skull_gap).any()
+    specks = skull_gap.copy()
+    specks[5, 5, 90], specks[55, 60, 95] = True, True  # noise above the threshold: too small to matter
+    assert detached_objects(specks, (2.0, 2.0, 2.0)) is None
+    touching = skull_gap.copy()
+    touching[25:35, 30:40, 64:74] = True  # within a block of the head: part of it
+    assert detached_objects(touching, (2.0, 2.0, 2.0)) is None
+
+
 def test_a_fill_value_outside_the_field_of_view_gives_the_same_world_transform(make_model):
     """-1024, int16's -32768 or -1 where a reslice found no voxels: the window's low end was the fill (the
     background read mid-grey) and Otsu's foreground the whole acquired box. Raised to the image's own 0, the

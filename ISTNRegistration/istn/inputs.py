@@ -27,8 +27,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import SimpleITK as sitk
 
-from .data import (despike, fill_floor, foreground_centre, hot_voxel_bound, intensity_window, otsu_threshold,
-                   statistics_sample)
+from .data import (despike, detached_objects, fill_floor, foreground_centre, hot_voxel_bound, intensity_window,
+                   otsu_threshold, statistics_sample)
 from .errors import InputError
 from .geometry import Grid, stored_lps
 from .io import check_image
@@ -52,6 +52,8 @@ class PreparedImage:
     # the input's values where it holds a handful of whole numbers (`istn.metrics.few_whole_values`: a label map or
     # a mask given for an image), else None; found on the input, as a working copy averaged from it holds many
     values: np.ndarray | None = None
+    # the fraction of the foreground erased as objects apart from the head (`istn.data.detached_objects`): 0 for none
+    detached: float = 0.0
 
 
 def shrink_factors(spacing: tuple[float, ...], grid_spacing: float) -> tuple[int, ...]:
@@ -147,9 +149,21 @@ def _prepare(image: sitk.Image, grid_spacing: float, intensity: tuple[float, flo
     work = sitk.BinShrink(image, list(shrink)) if max(shrink) > 1 else image
     array = sitk.GetArrayViewFromImage(work)
     threshold = otsu_threshold(statistics_sample(array)[0])
+    mask = array > threshold
+    apart = detached_objects(mask, work.GetSpacing()[::-1]) if work.GetDimension() == 3 else None
+    detached = 0.0
+    if apart is not None:  # a phantom or marker block beside the head: erased to the background, on a copy
+        detached = float((mask & apart).sum()) / max(1, int(mask.sum()))
+        erased = sitk.GetArrayFromImage(work)
+        erased[apart] = np.percentile(statistics_sample(array)[0], intensity[0])
+        blank = sitk.GetImageFromArray(erased)
+        blank.CopyInformation(work)
+        work = blank
+        array = sitk.GetArrayViewFromImage(work)
+        threshold = otsu_threshold(statistics_sample(array)[0])
     window = intensity_window(array, *intensity, foreground=foreground, threshold=threshold)
     centre = foreground_centre(work, threshold=threshold) if centre_on_foreground else Grid.from_image(image).centre
-    return PreparedImage(work, window, np.asarray(centre, dtype=float), shrink, values)
+    return PreparedImage(work, window, np.asarray(centre, dtype=float), shrink, values, detached)
 
 
 def _fingerprint(image: sitk.Image) -> tuple:

@@ -1152,6 +1152,10 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
         # not self-checks: another model would not do better (no second try for them)
         thin = SLAB_GRID_FRACTION * min(model.config.grid_size) * model.config.grid_spacing
         warnings_ += [w for w in (slab_warning(fixed, moving, thin), label_map_warning(fixed_in, moving_in)) if w]
+        warnings_ += [f"the {role} image holds an object apart from the head ({100 * p.detached:.0f} % of its "
+                      "foreground, more than 8 mm from it: a phantom, a marker block, a second head?); it was left "
+                      "out, and the largest object registered: check that this was the anatomy"
+                      for role, p in (("fixed", fixed_in), ("moving", moving_in)) if p.detached > 0]
     t_info = time.perf_counter()
     volume_ratio = map_volume_ratios(s_map, t_map) if model.config.itn_output == "sigmoid" else np.zeros(0)
     given, kept = image_information(fixed, moving, grid_f, (win_f, win_m), [given_transform, final])

@@ -18,6 +18,7 @@
 from .images import (
     STATS_VOXELS,
     despike,
+    detached_objects,
     encode_soi,
     fill_floor,
     foreground_centre,
@@ -37,6 +38,7 @@ __all__ = [
     "PairDataset",
     "PairTensors",
     "despike",
+    "detached_objects",
     "encode_soi",
     "fill_floor",
     "foreground_centre",
