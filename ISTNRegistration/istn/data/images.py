@@ -79,6 +79,8 @@ def fill_floor(array: np.ndarray) -> float | None:
     """
     arr = statistics_sample(np.asarray(array))[0]
     low = arr.min()
+    if not low < 0:  # never a fill (below): the percentiles are not needed
+        return None
     rest = arr[arr > low]
     if rest.size < 16:  # a constant image, or a mask: nothing to judge the rest by
         return None
@@ -238,7 +240,8 @@ def _head_centre(grid: Grid, mask: np.ndarray, step: int, centre: np.ndarray) ->
     192 mm grid then held the neck and half the head, and registration ended at Dice 0 (pose audit, session 37).
     ``mask``: the foreground of a regular subsample (every ``step``-th voxel) of an image on ``grid``, array order.
     """
-    world = grid.voxel_to_world(np.argwhere(mask)[:, ::-1] * float(step))  # (n, 3) mm, LPS
+    coarse = mask[::2, ::2, ::2]  # every 2nd voxel of the sample is enough to place a head (1/8 of the cost)
+    world = grid.voxel_to_world(np.argwhere(coarse)[:, ::-1] * float(2 * step))  # (n, 3) mm, LPS
     if float(((world - centre) ** 2).sum(axis=1).max()) <= HEAD_RADIUS_MM ** 2:
         return centre
     top = float(world[:, 2].max())  # LPS: +z is superior, whatever the file's voxel order
