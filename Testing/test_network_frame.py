@@ -517,6 +517,26 @@ def test_a_slab_against_a_whole_head_is_warned_of_once_however_it_lies():
 
 @pytest.mark.skipif(not (Path(__file__).parents[1] / "ISTNRegistration" / "Resources" / "Models" /
                          "brain-t1-affine.pt").exists(), reason="bundled models absent")
+@pytest.mark.parametrize("factor", [0.1, 10.0])
+def test_a_head_whose_spacing_is_not_in_mm_is_said(factor):
+    """A header in cm (a 150 mm head spans 15) or in tenths of a mm: the pose audit's cases were warned of only as
+    unlike the training pairs (and a slab). The warning names the spacing; the same head in mm has none."""
+    from istn import demo
+
+    pair = demo.sample_pair()
+    fixed, moving = pair["fixed"], pair["moving"]
+    affine = load_model(demo.bundled_model(demo.AFFINE_MODEL))
+    odd = sitk.Image(moving)
+    odd.SetSpacing([s * factor for s in moving.GetSpacing()])
+    said = [w for w in register(fixed, odd, affine, iterations=0).warnings if "is its voxel spacing" in w]
+    assert len(said) == 1 and said[0].startswith("the moving image spans")
+    assert f"({0.2 if factor < 1 else 20:g}, " in said[0]
+    assert not any("a slab against a volume" in w for w in register(fixed, odd, affine, iterations=0).warnings)
+    assert not any("is its voxel spacing" in w for w in register(fixed, moving, affine, iterations=0).warnings)
+
+
+@pytest.mark.skipif(not (Path(__file__).parents[1] / "ISTNRegistration" / "Resources" / "Models" /
+                         "brain-t1-affine.pt").exists(), reason="bundled models absent")
 def test_a_label_map_given_as_the_moving_image_is_said_once():
     """moving_labels.nii.gz given for moving_t1.nii.gz (names alike) registered with loss self-check warnings only
     ("looks unlike what the model was trained on: check orientation, contrast and field of view"). Now the first

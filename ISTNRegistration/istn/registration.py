@@ -594,6 +594,27 @@ def slab_warning(fixed: sitk.Image, moving: sitk.Image, thin_mm: float = float("
     return None
 
 
+#: An image whose largest extent is below this fraction of the model's grid extent, or above `SCALE_HIGH` times
+#: it, is at a scale the model was not made for: a header in cm (a 170 mm head spans 17) or in tenths of mm. The
+#: brain models' grid spans 192 mm: under 48 mm or over 1.5 m. The pose audit's heads with their spacing in cm
+#: and x10 were warned of only as unlike the training pairs.
+SCALE_LOW, SCALE_HIGH = 0.25, 8.0
+
+
+def scale_warning(fixed: PreparedImage, moving: PreparedImage, grid_mm: float) -> str | None:
+    """A warning when an image's field of view is far smaller or larger than the model's grid (``grid_mm``)."""
+    for role, prepared in (("fixed", fixed), ("moving", moving)):
+        image = prepared.image
+        extent = max(n * s for n, s in zip(image.GetSize(), image.GetSpacing()))
+        if SCALE_LOW * grid_mm <= extent <= SCALE_HIGH * grid_mm:
+            continue
+        spacing = ", ".join(f"{s / k:.4g}" for s, k in zip(image.GetSpacing(), prepared.shrink))  # as given
+        return (f"the {role} image spans {extent:.3g} mm at most, the model's grid {grid_mm:.0f} mm: is its voxel "
+                f"spacing ({spacing}) in mm? A header in cm makes a 170 mm head 17 mm across, one in tenths of a mm "
+                "1.7 m; fix the header (e.g. Slicer's Volumes module, or sitk SetSpacing) and register again")
+    return None
+
+
 def label_map_warning(fixed: sitk.Image | PreparedImage, moving: sitk.Image | PreparedImage) -> str | None:
     """A warning when the fixed or moving image holds few whole-number values (`few_whole_values`): a label map or
     a mask given where an image was meant (``moving_labels.nii.gz`` for ``moving_t1.nii.gz``). The models map
@@ -1150,8 +1171,10 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
             f"result" + ("" if more_passes else ", or allow more passes"))
     if model.transform_type == "affine" or initial_transform is None:  # the stage that estimates the linear part
         # not self-checks: another model would not do better (no second try for them)
-        thin = SLAB_GRID_FRACTION * min(model.config.grid_size) * model.config.grid_spacing
-        warnings_ += [w for w in (slab_warning(fixed, moving, thin), label_map_warning(fixed_in, moving_in)) if w]
+        grid_mm = min(model.config.grid_size) * model.config.grid_spacing
+        scale = scale_warning(fixed_in, moving_in, grid_mm)  # a head in cm is a slab too: the scale is the news
+        slab = None if scale else slab_warning(fixed, moving, SLAB_GRID_FRACTION * grid_mm)
+        warnings_ += [w for w in (scale, slab, label_map_warning(fixed_in, moving_in)) if w]
         warnings_ += [f"the {role} image holds an object apart from the head ({100 * p.detached:.0f} % of its "
                       "foreground, more than 8 mm from it: a phantom, a marker block, a second head?); it was left "
                       "out, and the largest object registered: check that this was the anatomy"
