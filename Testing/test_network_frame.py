@@ -533,6 +533,11 @@ def test_a_head_whose_spacing_is_not_in_mm_is_said(factor):
     assert f"({0.2 if factor < 1 else 20:g}, " in said[0]
     assert not any("a slab against a volume" in w for w in register(fixed, odd, affine, iterations=0).warnings)
     assert not any("is its voxel spacing" in w for w in register(fixed, moving, affine, iterations=0).warnings)
+    # no second try: another model cannot register a header in the wrong units (it ran, and failed as well)
+    from istn.chain import register_with_second_try
+
+    kept, retry = register_with_second_try(fixed, odd, [affine], iterations=2, threads=1)
+    assert retry is None and kept[-1].spacing_suspect and kept[-1].self_checks_failed
 
 
 @pytest.mark.skipif(not (Path(__file__).parents[1] / "ISTNRegistration" / "Resources" / "Models" /

@@ -109,9 +109,10 @@ def register_with_second_try(
 
 def retry_models(stages: Sequence[RegistrationResult], read_meta: Callable[[Path], dict]) -> list[Path]:
     """The model files to register the pair with again: after a failed self-check of any stage, the varied-view
-    models beside the chain's (one per stage, same transforms; `varied_models_beside`), else ``[]``.
+    models beside the chain's (one per stage, same transforms; `varied_models_beside`), else ``[]``; none when the
+    voxel spacing looks not to be in mm (a header to fix: no model registers a head 17 mm across).
     ``read_meta(path)``: a model file's metadata (the command line loads it; the panel reads it without torch)."""
-    if not any(s.self_checks_failed for s in stages):
+    if not any(s.self_checks_failed for s in stages) or any(s.spacing_suspect for s in stages):
         return []
     return varied_models_beside([(Path(s.model_path), s.model_meta) for s in stages], read_meta)
 

@@ -98,6 +98,8 @@ class RegistrationResult:
     information: dict[str, float] = field(default_factory=dict)
     # the self-checks whose warning is in ``warnings``, of `SELF_CHECKS`: the pair looks unlike the model's training
     self_checks_failed: list[str] = field(default_factory=list)
+    # the voxel spacing looks not to be in mm (`scale_warning`): a header to fix, which no other model registers
+    spacing_suspect: bool = False
 
     # the moving map, or what makes it on first use: an affine stage's extra ITN look (~0.15 s on 2 CPU cores)
     # is needed only when the map is shown, never for a stage a B-spline follows
@@ -1169,11 +1171,13 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
             f"the affine's last look (pass {passes} of {passes}) still moved the head by {pass_moves[-1]:.0f} mm: its "
             f"pose may lie beyond what the model was trained for (heads turned more than ~40 degrees); check the "
             f"result" + ("" if more_passes else ", or allow more passes"))
+    spacing_suspect = False
     if model.transform_type == "affine" or initial_transform is None:  # the stage that estimates the linear part
         # not self-checks: another model would not do better (no second try for them)
         grid_mm = min(model.config.grid_size) * model.config.grid_spacing
         scale = scale_warning(fixed_in, moving_in, grid_mm)  # a head in cm is a slab too: the scale is the news
         slab = None if scale else slab_warning(fixed, moving, SLAB_GRID_FRACTION * grid_mm)
+        spacing_suspect = scale is not None
         warnings_ += [w for w in (scale, slab, label_map_warning(fixed_in, moving_in)) if w]
         warnings_ += [f"the {role} image holds an object apart from the head ({100 * p.detached:.0f} % of its "
                       "foreground, more than 8 mm from it: a phantom, a marker block, a second head?); it was left "
@@ -1224,6 +1228,7 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
         self_checks_failed=failed,
         passes=passes,
         pass_moves=pass_moves,
+        spacing_suspect=spacing_suspect,
         pass_iterations=pass_iterations,
         bending=bending,
         anchor=anchor,
