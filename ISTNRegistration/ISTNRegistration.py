@@ -125,6 +125,7 @@ class ISTNRegistrationParameterNode:
     comparedRegion: Annotated[str, Choice(["model default", "whole grid"])] = "model default"  # where maps are compared
     polish: Annotated[int, WithinRange(-1, 1000)] = -1  # < 0: the model's (quasi-Newton evaluations at the end)
     passes: Annotated[int, WithinRange(0, 5)] = 0  # 0: each model's (refinement passes, every stage)
+    biasCorrect: bool = False  # divide the working copies by their intensity bias (N4) first
     retryVaried: bool = True  # after a failed self-check: the varied-view models beside, the better result kept
     liveUpdate: bool = True
     outputTransform: Optional[vtkMRMLLinearTransformNode]
@@ -355,6 +356,7 @@ class ISTNRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 regionMargin=float("inf") if p.comparedRegion == "whole grid" else None,
                 polish=p.polish if p.polish >= 0 else None,
                 passes=p.passes if p.passes >= 1 else None,
+                biasCorrect=p.biasCorrect,
                 retryVaried=p.retryVaried,
                 liveUpdate=p.liveUpdate,
                 outputVolumeNode=p.outputVolume,

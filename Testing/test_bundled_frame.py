@@ -7,6 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from istn.demo import AFFINE_MODEL, BSPLINE_MODEL, MODELS_DIR, place_in_scanner, sample_pair, structure_dice
+from istn.errors import InputError
 from istn.export import load_model
 from istn.registration import register
 
@@ -252,3 +253,31 @@ def test_an_object_apart_from_the_head_is_left_out_and_said(models, pair):
     assert len(said) == 1 and said[0].startswith("the moving image")
     assert not any("apart from the head" in w for w in clean.warnings)
     assert _displacement(other.transform, fixed) == pytest.approx(_displacement(clean.transform, fixed), abs=1e-6)
+
+
+def test_bias_correction_takes_the_coil_shading_out_of_what_the_network_sees(pair):
+    """A raw scan's shading, 0.5x to 2x from one side of the head to the other: corrected (N4) on the working copy,
+    the ratio to the unshaded head inside it varies 5x less; only when asked, and the image itself is not changed."""
+    from istn.inputs import prepare_image
+
+    fixed, moving = pair[0], sitk.Cast(pair[0], sitk.sitkFloat32)
+    x = np.linspace(-1.0, 1.0, moving.GetSize()[0])  # array's last axis: the image's first (left-right here)
+    shade = np.broadcast_to(2.0 ** x, sitk.GetArrayViewFromImage(moving).shape)
+    shaded = sitk.GetImageFromArray((sitk.GetArrayFromImage(moving) * shade).astype(np.float32))
+    shaded.CopyInformation(moving)
+    head = sitk.GetArrayFromImage(sitk.OtsuThreshold(moving, 0, 1)) > 0
+    plain = prepare_image(shaded, 4.0, (0.5, 99.5), True)
+    corrected = prepare_image(shaded, 4.0, (0.5, 99.5), True, bias_correct=True)
+    assert plain.image is not corrected.image  # the cache keeps them apart
+
+    def spread(prepared) -> float:  # coefficient of variation of working copy / unshaded head, inside the head
+        ratio = sitk.GetArrayFromImage(prepared.image)[head] / sitk.GetArrayFromImage(moving)[head]
+        return float(np.std(ratio) / np.mean(ratio))
+
+    assert spread(corrected) < 0.2 * spread(plain)
+    assert np.array_equal(sitk.GetArrayFromImage(shaded), (sitk.GetArrayFromImage(moving) * shade).astype(np.float32))
+    affine = load_model(MODELS_DIR / AFFINE_MODEL)
+    assert register(fixed, shaded, affine, iterations=0, bias_correct=True).bias_corrected
+    assert not register(fixed, shaded, affine, iterations=0).bias_corrected
+    with pytest.raises(InputError, match="bias_correct"):
+        register(fixed, shaded, affine, iterations=0, bias_correct="yes")

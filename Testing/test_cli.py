@@ -136,6 +136,16 @@ def test_passes_flag_is_checked_and_reaches_result_json(files, make_model, tmp_p
     assert "--passes must be" in capsys.readouterr().err and not (tmp_path / "zero").exists()
 
 
+def test_bias_correct_flag_reaches_every_stage_and_result_json(files, tmp_path):
+    out = tmp_path / "out"
+    assert main(["register", "--fixed", str(files["fixed"]), "--moving", str(files["moving"]), "--model",
+                 str(files["model"]), "--out", str(out), "--refine", "2", "--quiet", "--bias-correct"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert [s["bias_corrected"] for s in result["stages"]] == [True] and result["request"]["options"]["bias_correct"]
+    assert _register(files, tmp_path / "plain") == 0
+    assert not json.loads((tmp_path / "plain" / "result.json").read_text())["stages"][0]["bias_corrected"]
+
+
 def test_evaluate_identity_gives_perfect_scores(tmp_path, capsys):
     lab = np.zeros((20, 20, 20), np.uint8)
     lab[5:12, 5:12, 5:12] = 1

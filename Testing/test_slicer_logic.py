@@ -2011,3 +2011,14 @@ def test_a_volume_placed_under_another_volumes_result_is_registered_from_there(s
     with pytest.raises(ValueError, match="'third scan' is under the non-linear transform .*; harden it"):
         logic.register(fixed_node, third, modelPath=tiny_models["affine"], iterations=1, threads=1, updateViews=False)
     assert selftest.nodeIds(scene) == before
+
+
+def test_bias_correction_reaches_every_stage_and_leaves_the_volumes_as_they_were(pair, tiny_models):
+    """The panel's Advanced "Intensity bias" check box: N4 on the engine's working copies of both volumes, every
+    stage; the volumes (and what the outputs are resampled from) unchanged."""
+    before = [node_state(n) for n in pair[:2]]
+    result = run(ISTNRegistrationLogic(), pair, tiny_models, "bspline", biasCorrect=True)
+    assert [s.bias_corrected for s in result.stages] == [True, True]
+    assert all(same_state(a, node_state(n)) for a, n in zip(before, pair[:2]))
+    plain = run(ISTNRegistrationLogic(), pair, tiny_models, "bspline")
+    assert [s.bias_corrected for s in plain.stages] == [False, False]

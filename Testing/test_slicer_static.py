@@ -119,7 +119,7 @@ def test_the_refinement_tuning_waits_under_advanced():
 
     assert bound_in("Refinement") == {"iterations", "liveUpdate", "retryVaried"}
     assert {"learningRate", "bending", "anchor", "tolerance", "coarseIterations", "refineLayers", "comparedRegion",
-            "polish", "passes", "device", "seed"} <= bound_in("Advanced")
+            "polish", "passes", "biasCorrect", "device", "seed"} <= bound_in("Advanced")
 
 
 def test_every_widget_the_code_touches_exists():

@@ -114,7 +114,8 @@ def make_widget(module, logic):
     widget._parameterNode = types.SimpleNamespace(
         fixedVolume=None, movingVolume=None, fixedSegmentation=None, movingSegmentation=None, modelChoice="",
         customModelPath="", preAlign=True, iterations=7, learningRate=0.0, bending=-1.0, anchor=-1.0, tolerance=-1.0, coarseIterations=-1,
-        refineLayers="model default", comparedRegion="model default", polish=-1, passes=0, retryVaried=True, liveUpdate=True,
+        refineLayers="model default", comparedRegion="model default", polish=-1, passes=0, biasCorrect=False, retryVaried=True,
+        liveUpdate=True,
         outputTransform=None, outputVolume=None, checkerboardVolume=None, jacobianVolume=None, atlasSegmentation=None,
         showMaps=True, device="cpu", seed=-1)
     return widget
@@ -159,7 +160,8 @@ def test_module_description(module):
 def test_parameter_node_fields(module):
     fields = module.ISTNRegistrationParameterNode.__annotations__
     assert {"fixedVolume", "movingVolume", "iterations", "learningRate", "bending", "anchor", "tolerance",
-            "coarseIterations", "refineLayers", "comparedRegion", "polish", "passes", "retryVaried", "liveUpdate",
+            "coarseIterations", "refineLayers", "comparedRegion", "polish", "passes", "biasCorrect", "retryVaried",
+            "liveUpdate",
             "outputTransform", "outputVolume", "checkerboardVolume", "jacobianVolume", "atlasSegmentation", "showMaps",
             "device", "seed"} <= set(fields)
 
@@ -217,6 +219,7 @@ def test_apply_turns_into_cancel_shows_progress_and_the_result(module, model_fil
     assert kw["coarseIterations"] is None and kw["refineLayers"] is None and kw["regionMargin"] is None
     assert kw["polish"] is None and kw["passes"] is None  # "model default"
     assert kw["retryVaried"] is True  # after a failed self-check, the varied-view models' try (checked by default)
+    assert kw["biasCorrect"] is False  # N4 only when asked (raw scans with coil shading)
     assert kw["atlasSegmentationNode"] is None  # no atlas chosen
     assert seen == {"button": "Cancel", "inputs enabled": False, "progress": round(1000 * 3 / 7),
                     "status": "Affine refinement: iteration 3/7, loss 0.25"}

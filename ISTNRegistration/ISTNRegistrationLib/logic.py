@@ -425,6 +425,7 @@ class ISTNRegistrationLogic:
         regionMargin: float | None = None,
         polish: int | None = None,
         passes: int | None = None,
+        biasCorrect: bool = False,
         retryVaried: bool = True,
         liveUpdate: bool = True,
         outputVolumeNode=None,
@@ -471,6 +472,10 @@ class ISTNRegistrationLogic:
           new look at the moving image through the result so far, an affine
           composed with it, a B-spline still one B-spline in the end; None or
           < 1: each model's; 1: one, the paper).
+        - ``biasCorrect``: both volumes' working copies divided by their smooth
+          intensity bias (N4, `istn.data.bias_corrected`) before the network
+          sees them: raw scans with coil shading; the outputs are resampled
+          from the volumes as they are.
         - ``retryVaried``: when a stage's self-check fails and the models' folder
           holds models trained on varied views (brain-synth beside brain-t1),
           register again with those and keep the result whose images end the
@@ -626,7 +631,8 @@ class ISTNRegistrationLogic:
                              "refine_layers": refineLayers or None,
                              "region_margin_mm": regionMargin,
                              "polish": polish if polish is not None and not polish < 0 else None,
-                             "passes": passes if passes is not None and not passes < 1 else None}
+                             "passes": passes if passes is not None and not passes < 1 else None,
+                             "bias_correct": bool(biasCorrect)}
 
             from istn.refinement import is_cancelled
 

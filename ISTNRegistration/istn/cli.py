@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "through the result so far (an affine: composed with it; a B-spline: added, still one "
                         "B-spline; default: each model's, chosen on validation; 1: the paper); an affine looks "
                         "again, up to 4 times in all, while its last look still moved the head by more than 10 mm")
+    r.add_argument("--bias-correct", action="store_true",
+                   help="divide both images' working copies by their smooth intensity bias (N4) before the network "
+                        "sees them: raw scans with coil shading (1-4 s more per image; outputs are resampled from "
+                        "the images as they are)")
     r.add_argument("--no-retry", action="store_true",
                    help="after a failed self-check, do not register again with the models trained on varied views "
                         "beside those given (brain-synth beside brain-t1; by default the result whose images end "
@@ -402,7 +406,7 @@ def _register_options(args: argparse.Namespace) -> dict:
                 background=args.background, bending=args.bending, tolerance=args.tolerance, threads=args.threads,
                 coarse_iterations=args.coarse_iterations, refine_layers=args.refine_layers,
                 region_margin_mm=args.region_margin, polish=args.polish, anchor=args.anchor, passes=args.passes,
-                retry=not args.no_retry, figure=not args.no_figure, write_jacobian=args.jacobian,
+                bias_correct=args.bias_correct, retry=not args.no_retry, figure=not args.no_figure, write_jacobian=args.jacobian,
                 atlas_path=args.atlas, skip_done=args.skip_done)
 
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import SimpleITK as sitk
 
-from .data import (despike, detached_objects, fill_floor, foreground_centre, hot_voxel_bound, intensity_window,
-                   otsu_threshold, statistics_sample)
+from .data import (bias_corrected, despike, detached_objects, fill_floor, foreground_centre, hot_voxel_bound,
+                   intensity_window, otsu_threshold, statistics_sample)
 from .errors import InputError
 from .geometry import Grid, stored_lps
 from .io import check_image
@@ -69,7 +69,8 @@ def shrink_factors(spacing: tuple[float, ...], grid_spacing: float) -> tuple[int
 
 
 def prepare_image(image: sitk.Image, grid_spacing: float, intensity: tuple[float, float] = (0.5, 99.5),
-                  foreground: bool = False, centre_on_foreground: bool = True, what: str = "image") -> PreparedImage:
+                  foreground: bool = False, centre_on_foreground: bool = True, what: str = "image",
+                  bias_correct: bool = False) -> PreparedImage:
     """The working copy, window and centre of ``image`` for a model of ``grid_spacing`` mm (cached).
 
     ``image`` is checked first (`istn.io.check_image`, whose `InputError`
@@ -79,7 +80,8 @@ def prepare_image(image: sitk.Image, grid_spacing: float, intensity: tuple[float
     one is over the foreground (`istn.data.intensity_window`);
     ``centre_on_foreground``: whether the centre is the foreground's
     (`istn.data.foreground_centre`) or the image's. Otsu's threshold is
-    computed once for both.
+    computed once for both. ``bias_correct``: divide the working copy by its
+    intensity bias (`istn.data.bias_corrected`, N4) first.
 
     The cache holds the last `CACHE_SIZE` images by object identity (a weak
     reference: a freed image's entry, working copy included, is dropped with
@@ -90,7 +92,8 @@ def prepare_image(image: sitk.Image, grid_spacing: float, intensity: tuple[float
     if not isinstance(image, sitk.Image):
         raise InputError(f"the {what} must be a SimpleITK image (sitk.ReadImage(path), or istn.io.read_image(path) "
                          f"for DICOM folders too), got {type(image).__name__}")
-    key = (float(grid_spacing), tuple(float(v) for v in intensity), bool(foreground), bool(centre_on_foreground))
+    key = (float(grid_spacing), tuple(float(v) for v in intensity), bool(foreground), bool(centre_on_foreground),
+           bool(bias_correct))
     stamp = _fingerprint(image)
     with _LOCK:
         for i, entry in enumerate(_CACHE):
@@ -98,7 +101,8 @@ def prepare_image(image: sitk.Image, grid_spacing: float, intensity: tuple[float
                 _CACHE.append(_CACHE.pop(i))  # most recently used last (by position: sitk images compare voxelwise)
                 kept = entry[3]
                 return kept if kept.image is not None else replace(kept, image=image)
-    prepared = _prepare(check_image(image, what), grid_spacing, intensity, foreground, centre_on_foreground, what)
+    prepared = _prepare(check_image(image, what), grid_spacing, intensity, foreground, centre_on_foreground, what,
+                        bias_correct)
     # a working copy that is the input itself is not held: the entry must not keep the image it is keyed on alive
     kept = replace(prepared, image=None) if prepared.image is image else prepared
     with _LOCK:
@@ -124,7 +128,7 @@ _LOCK = threading.RLock()  # re-entrant: an image freed while the cache is edite
 
 
 def _prepare(image: sitk.Image, grid_spacing: float, intensity: tuple[float, float], foreground: bool,
-             centre_on_foreground: bool, what: str = "image") -> PreparedImage:
+             centre_on_foreground: bool, what: str = "image", bias_correct: bool = False) -> PreparedImage:
     extent = [n * s for n, s in zip(image.GetSize(), image.GetSpacing())]
     if min(extent) < 2 * grid_spacing:  # a head of 4 mm: spacing in metres, or a header gone wrong
         raise InputError(f"the {what}'s field of view is {' x '.join(f'{e:.3g}' for e in extent)} mm, less than two "
@@ -159,6 +163,10 @@ def _prepare(image: sitk.Image, grid_spacing: float, intensity: tuple[float, flo
         blank = sitk.GetImageFromArray(erased)
         blank.CopyInformation(work)
         work = blank
+        array = sitk.GetArrayViewFromImage(work)
+        threshold = otsu_threshold(statistics_sample(array)[0])
+    if bias_correct:  # on the copy the network reads, objects apart from the head already erased
+        work = bias_corrected(work)
         array = sitk.GetArrayViewFromImage(work)
         threshold = otsu_threshold(statistics_sample(array)[0])
     window = intensity_window(array, *intensity, foreground=foreground, threshold=threshold)

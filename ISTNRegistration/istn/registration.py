@@ -100,6 +100,7 @@ class RegistrationResult:
     self_checks_failed: list[str] = field(default_factory=list)
     # the voxel spacing looks not to be in mm (`scale_warning`): a header to fix, which no other model registers
     spacing_suspect: bool = False
+    bias_corrected: bool = False  # the working copies were divided by their intensity bias (N4; `register`)
 
     # the moving map, or what makes it on first use: an affine stage's extra ITN look (~0.15 s on 2 CPU cores)
     # is needed only when the map is shown, never for a stage a B-spline follows
@@ -137,6 +138,7 @@ class RegistrationResult:
             "anchor": self.anchor,
             "passes": self.passes,
             "pass_moves_mm": self.pass_moves,
+            "bias_corrected": self.bias_corrected,
             "pass_iterations": [list(p) for p in self.pass_iterations],
             "map_volume_ratio": [None if not np.isfinite(r) else r for r in self.map_volume_ratio],
             "mutual_information": self.information,
@@ -683,6 +685,7 @@ def check_register_inputs(
     polish: int | None = None,
     anchor: float | None = None,
     passes: int | None = None,
+    bias_correct: bool | None = None,
 ) -> None:
     """Check everything about a registration that can be checked before any computation.
 
@@ -730,6 +733,8 @@ def check_register_inputs(
         raise InputError(f"register() 'polish' must be a whole number >= 0 (polish iterations), got {polish!r}")
     if passes is not None and (isinstance(passes, bool) or not isinstance(passes, (int, np.integer)) or passes < 1):
         raise InputError(f"register() 'passes' must be a whole number >= 1 (refinement passes), got {passes!r}")
+    if bias_correct is not None and not isinstance(bias_correct, (bool, np.bool_)):
+        raise InputError(f"register() 'bias_correct' must be True or False, got {bias_correct!r}")
     if refine_layers is not None and refine_layers not in REFINE_LAYERS:
         raise InputError(f"the refined layers must be one of {', '.join(REFINE_LAYERS)}, got {refine_layers!r}")
     if region_margin_mm is not None and (isinstance(region_margin_mm, bool) or not isinstance(
@@ -810,6 +815,7 @@ def register(
     passes: int | None = None,
     given_transform: sitk.Transform | None = None,
     more_passes: bool = True,
+    bias_correct: bool = False,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with ``model``: one pass, then up to ``iterations`` of refinement
     (default: the model's ``refinement.iterations``, else `DEFAULT_ITERATIONS`), then up to ``polish``.
@@ -865,6 +871,10 @@ def register(
     up to `MAX_AFFINE_PASSES` in all (a head turned well beyond the training
     range); False: exactly ``passes``. A last look that still moved it that
     far is warned of.
+    ``bias_correct``: divide both images' working copies by their smooth
+    intensity bias (N4, `istn.data.bias_corrected`) before the network sees
+    them: raw scans with coil shading (1-4 s more per image; the outputs are
+    resampled from your images as they are).
     ``given_transform``: where the user placed the moving image (fixed world -> moving world), the baseline of
     ``information["as_given"]`` and of the information self-check; default None: the images as stored. A chain
     (`istn.chain.register_chain`) passes the user's start to every stage, not the previous stage's result.
@@ -880,8 +890,10 @@ def register(
     device = str(device)  # a torch.device too
     # checked and prepared once per image object (istn.inputs): a later stage on the same images reuses it
     cfg = model.config
+    if not isinstance(bias_correct, (bool, np.bool_)):  # before the images are prepared with it
+        check_register_inputs(fixed, moving, [model], bias_correct=bias_correct)
     fixed, moving = (prepare_image(image, cfg.grid_spacing, model.intensity, model.intensity_foreground,
-                                   cfg.centre_on_foreground, what) for image, what in
+                                   cfg.centre_on_foreground, what, bool(bias_correct)) for image, what in
                      ((fixed, "fixed image"), (moving, "moving image")))
     check_register_inputs(fixed.image, moving.image, [model], iterations=iterations, lr=lr, device=device,
                           initial_transform=initial_transform, bending=bending, tolerance=tolerance,
@@ -927,8 +939,8 @@ def register(
         # time, so that threads sharing a loaded model wait for each other instead of mixing their weights
         with model.lock:
             try:
-                return _register(fixed, moving, model, iterations, lr, dev, initial_transform, callback, cancel,
-                                 **opts)
+                result = _register(fixed, moving, model, iterations, lr, dev, initial_transform, callback, cancel,
+                                   **opts)
             except torch.cuda.OutOfMemoryError:
                 if dev.type != "cuda":
                     raise
@@ -936,7 +948,8 @@ def register(
                 result = _register(fixed, moving, model, iterations, lr, torch.device("cpu"), initial_transform,
                                    callback, cancel, **opts)
                 result.warnings.append("GPU out of memory: the registration ran on the CPU instead")
-                return result
+            result.bias_corrected = bool(bias_correct)
+            return result
     finally:
         torch.set_num_threads(threads_before)
 

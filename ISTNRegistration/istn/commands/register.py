@@ -128,6 +128,7 @@ def run_register(
     polish: int | None = None,
     anchor: float | None = None,
     passes: int | None = None,
+    bias_correct: bool = False,
     retry: bool = True,
     figure: bool = True,
     write_jacobian: bool = False,
@@ -150,7 +151,8 @@ def run_register(
     polishing the transform's parameters after the refinement) and ``passes``
     (every stage: refinement passes, each a new look of the network at the
     moving image through the result so far) override the models' refinement settings (`register`). ``iterations`` None: each
-    model's ``refinement.iterations``, else 50.
+    model's ``refinement.iterations``, else 50. ``bias_correct``: every stage sees both images divided by their
+    intensity bias (N4; `register`).
     ``retry``: when a stage's self-check fails and the models' folder holds models trained on varied views
     (brain-synth beside brain-t1), register again with those and keep the result whose images end the more
     alike (`istn.chain`); ``result.json`` ``retry`` says what was tried and kept.
@@ -221,7 +223,8 @@ def run_register(
 
         options = dict(iterations=iterations, lr=lr, device=device, bending=bending, tolerance=tolerance,
                        threads=threads, coarse_iterations=coarse_iterations, refine_layers=refine_layers,
-                       region_margin_mm=region_margin_mm, polish=polish, anchor=anchor, passes=passes)
+                       region_margin_mm=region_margin_mm, polish=polish, anchor=anchor, passes=passes,
+                       bias_correct=bool(bias_correct))
 
         def say_retry(paths):
             if not quiet:
@@ -341,8 +344,8 @@ def _file_stamp(path: Path) -> list | None:
 
 # `run_register`'s options that shape a result (result.json's ``request``): not threads, verbosity or callbacks
 REQUEST_OPTIONS = ("iterations", "lr", "device", "background", "bending", "tolerance", "coarse_iterations",
-                   "refine_layers", "region_margin_mm", "polish", "anchor", "passes", "retry", "figure",
-                   "write_jacobian")
+                   "refine_layers", "region_margin_mm", "polish", "anchor", "passes", "bias_correct", "retry",
+                   "figure", "write_jacobian")
 
 
 def run_request(fixed_path, moving_path, model_paths, initial_path, atlas_path, options: dict) -> dict:

@@ -17,6 +17,7 @@
 
 from .images import (
     STATS_VOXELS,
+    bias_corrected,
     despike,
     detached_objects,
     encode_soi,
@@ -37,6 +38,7 @@ __all__ = [
     "STATS_VOXELS",
     "PairDataset",
     "PairTensors",
+    "bias_corrected",
     "despike",
     "detached_objects",
     "encode_soi",

@@ -165,6 +165,23 @@ def detached_objects(mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray |
     return out[tuple(slice(0, size) for size in mask.shape)]
 
 
+def bias_corrected(image: sitk.Image) -> sitk.Image:
+    """``image`` (float32) divided by its smooth intensity bias (N4, `sitk.N4BiasFieldCorrectionImageFilter`),
+    fitted on a copy of half the resolution over Otsu's foreground, applied at the image's own.
+
+    A raw scan's receive-coil shading (brighter near the coil, 2x across a head) is what the models saw only in
+    part (training's bias fields are milder): the intensity audit's Colin27 1 mm placed in a scanner position,
+    shaded 0.5x to 2x left to right, registered at Dice 0.799 (0.849 unshaded), with no warning; corrected, 0.837
+    (session 38). Opt-in (`register`'s ``bias_correct``): it costs 1-4 s on a 2 mm copy.
+    """
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    half = sitk.Shrink(image, [2] * image.GetDimension()) if min(image.GetSize()) >= 32 else image
+    corrector = sitk.N4BiasFieldCorrectionImageFilter()
+    corrector.SetMaximumNumberOfIterations([50, 50, 30])
+    corrector.Execute(half, sitk.OtsuThreshold(half, 0, 1))
+    return image / sitk.Exp(corrector.GetLogBiasFieldAsImage(image))
+
+
 def normalise_intensity(array: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     """Map ``window`` to ``[0, 1]`` and clip (float32)."""
     a, b = window
