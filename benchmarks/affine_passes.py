@@ -174,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{chosen}; affine Dice {one['affine_dice']:.4f} -> {r['affine_dice']:.4f}. Heads turned "
             f"{wide[0]:g}-{wide[1]:g} degrees ({len(per_wide)} pairs): affine {ow['affine_dice']:.4f} -> "
             f"{rw['affine_dice']:.4f}, chain {ow['dice']:.4f} -> {rw['dice']:.4f}. Tables: "
-            f"`benchmarks/results/{Path(args.out).name}.md`.", CARD_END]) + "\n"
+            f"`benchmarks/results/{Path(args.out).name}.md`. After these, the engine looks again while a look still "
+            "moved the fixed head by more than 10 mm, up to 4 looks (`register(more_passes=...)`: a head turned "
+            "well beyond the training range; the usual positions never get a third).", CARD_END]) + "\n"
         store_passes(affine, chosen, f"benchmarks/affine_passes.py ({created}; {Path(args.out).name}.md)",
                      section, CARD_BEGIN, CARD_END)
     return 0
