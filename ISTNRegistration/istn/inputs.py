@@ -45,7 +45,9 @@ class PreparedImage:
 
     image: sitk.Image  # float32 working copy: the input, or its block average when much finer than the grid, a fill
     # value outside the field of view raised to the image's lowest (`istn.data.fill_floor`), hot pixels replaced by
-    # their neighbourhood's median (`istn.data.despike`) (None only in the cache, for the input itself)
+    # their neighbourhood's median (`istn.data.despike`), objects apart from the head erased
+    # (`istn.data.detached_objects`), divided by its bias when asked (`istn.data.bias_corrected`) (None only in the
+    # cache, for the input itself)
     window: tuple[float, float]  # intensity window (`istn.data.intensity_window`) of the working copy
     centre: np.ndarray  # (D,) world mm: foreground centre (`istn.data.foreground_centre`) of the working copy
     shrink: tuple[int, ...]  # voxels averaged per axis, ITK order (1: the input itself)
