@@ -530,6 +530,9 @@ def test_a_head_whose_spacing_is_not_in_mm_is_said(factor):
     odd.SetSpacing([s * factor for s in moving.GetSpacing()])
     said = [w for w in register(fixed, odd, affine, iterations=0).warnings if "is its voxel spacing" in w]
     assert len(said) == 1 and said[0].startswith("the moving image spans")
+    refined = register(fixed, odd, affine)  # no further looks for it, nor their warning: the header is the news
+    assert refined.passes == affine.meta["refinement"]["passes"]
+    assert not any("still moved the head" in w for w in refined.warnings)
     assert f"({0.2 if factor < 1 else 20:g}, " in said[0]
     assert not any("a slab against a volume" in w for w in register(fixed, odd, affine, iterations=0).warnings)
     assert not any("is its voxel spacing" in w for w in register(fixed, moving, affine, iterations=0).warnings)

@@ -1085,6 +1085,9 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
     best_iteration, coarse_run, polished = out.best_iteration, out.coarse_iterations, out.polish_iterations
     pass_iterations = [(len(out.losses), out.coarse_iterations, out.polish_iterations)]
     affine = model.transform_type == "affine"
+    grid_mm = min(cfg.grid_size) * cfg.grid_spacing
+    scale = scale_warning(fixed_in, moving_in, grid_mm)  # a header not in mm: no look settles a head 17 mm across
+    more_passes = more_passes and scale is None
     pass_moves: list[float] = []  # how far each later look moved the result
     where_f = foreground_points(fixed, grid_f, win_f) if affine and passes > 1 else None
     k = 0
@@ -1179,7 +1182,7 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
         warnings_.append(
             f"refinement raised the loss (from {low:.4g} at iteration {at} to {high:.4g}); the best iterate was "
             f"kept: a lower learning rate may help (now {lr:g})")
-    if pass_moves and pass_moves[-1] > UNSETTLED_MM and not out.cancelled:
+    if pass_moves and pass_moves[-1] > UNSETTLED_MM and not out.cancelled and scale is None:
         warnings_.append(
             f"the affine's last look (pass {passes} of {passes}) still moved the head by {pass_moves[-1]:.0f} mm: its "
             f"pose may lie beyond what the model was trained for (heads turned more than ~40 degrees); check the "
@@ -1187,8 +1190,7 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
     spacing_suspect = False
     if model.transform_type == "affine" or initial_transform is None:  # the stage that estimates the linear part
         # not self-checks: another model would not do better (no second try for them)
-        grid_mm = min(model.config.grid_size) * model.config.grid_spacing
-        scale = scale_warning(fixed_in, moving_in, grid_mm)  # a head in cm is a slab too: the scale is the news
+        # a head in cm is a slab too: the scale is the news
         slab = None if scale else slab_warning(fixed, moving, SLAB_GRID_FRACTION * grid_mm)
         spacing_suspect = scale is not None
         warnings_ += [w for w in (scale, slab, label_map_warning(fixed_in, moving_in)) if w]
