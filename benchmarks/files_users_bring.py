@@ -30,6 +30,7 @@ from report import write_report  # noqa: E402
 
 from istn import demo  # noqa: E402
 from istn.chain import register_with_second_try  # noqa: E402
+from istn.data import foreground_centre  # noqa: E402
 from istn.export import load_model  # noqa: E402
 from istn.geometry import Grid  # noqa: E402
 
@@ -72,16 +73,15 @@ def neck_and_shoulders(image, labels):
     """130 mm more below the head, and 400 mm wide: a neck (cylinder) and shoulders (slab) of soft tissue with a
     bright rim, as in a head-and-neck field of view."""
     sp = image.GetSpacing()
-    grid = Grid.from_image(image)
+    grid = Grid.from_image(image)  # identity direction (the heads as prepared): voxel axes are world axes
     top = grid.voxel_to_world(np.array(image.GetSize()) - 1.0)
     bottom = grid.voxel_to_world(np.zeros(3))
-    extra = [int(np.ceil(max(0.0, 200.0 - abs(c)) / s)) for c, s in zip(bottom, sp)]
-    lower = [extra[0], 0, int(np.ceil(130.0 / sp[2]))]
+    lower = [int(np.ceil(max(0.0, 200.0 - abs(bottom[0])) / sp[0])), 0, int(np.ceil(130.0 / sp[2]))]
     upper = [int(np.ceil(max(0.0, 200.0 - abs(top[0])) / sp[0])), 0, 0]
     padded = sitk.ConstantPad(sitk.Cast(image, sitk.sitkFloat32), lower, upper, 0.0)
     labels = sitk.ConstantPad(labels, lower, upper, 0)
     p = Grid.from_image(padded).world_points()
-    centre = demo_centre(image)
+    centre = foreground_centre(image)
     x, y, z = p[..., 0] - centre[0], p[..., 1] - centre[1], p[..., 2]
     zb = bottom[2]
     neck = (z < zb + 4) & (z >= zb - 80) & ((x / 55.0) ** 2 + ((y - 20) / 60.0) ** 2 <= 1)
@@ -91,11 +91,6 @@ def neck_and_shoulders(image, labels):
     tissue = (neck | shoulders) & (a <= 1)
     a[tissue] = 0.55 * top_value + 0.06 * top_value * np.random.default_rng(0).standard_normal(int(tissue.sum()))
     return _like(a, padded), labels, {}
-
-
-def demo_centre(image: sitk.Image) -> np.ndarray:
-    from istn.data import foreground_centre
-    return foreground_centre(image)
 
 
 def second_head(image, labels):
@@ -114,7 +109,7 @@ def turned(degrees: float, axis: int):
 
     def make(image, labels):
         turn = sitk.AffineTransform(3)
-        turn.SetCenter(demo_centre(image).tolist())
+        turn.SetCenter(foreground_centre(image).tolist())
         turn.SetMatrix(Rotation.from_rotvec(np.deg2rad(degrees) * np.eye(3)[axis]).as_matrix().ravel().tolist())
         grid = Grid.from_image(image)
         pad = 20

@@ -165,10 +165,9 @@ def _prepare(image: sitk.Image, grid_spacing: float, intensity: tuple[float, flo
         blank = sitk.GetImageFromArray(erased)
         blank.CopyInformation(work)
         work = blank
-        array = sitk.GetArrayViewFromImage(work)
-        threshold = otsu_threshold(statistics_sample(array)[0])
     if bias_correct:  # on the copy the network reads, objects apart from the head already erased
         work = bias_corrected(work)
+    if apart is not None or bias_correct:  # the statistics of the copy as it now is
         array = sitk.GetArrayViewFromImage(work)
         threshold = otsu_threshold(statistics_sample(array)[0])
     window = intensity_window(array, *intensity, foreground=foreground, threshold=threshold)

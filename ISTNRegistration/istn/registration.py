@@ -525,12 +525,16 @@ def foreground_points(fixed: sitk.Image, grid: Grid, window: tuple[float, float]
     return where[:: max(1, len(where) // points)]
 
 
-def largest_move(fixed: sitk.Image | np.ndarray, grid: Grid | None, window: tuple[float, float] | None,
-                 first: sitk.Transform | None, second: sitk.Transform, points: int = 500) -> float:
+def largest_move(fixed: sitk.Image, grid: Grid, window: tuple[float, float], first: sitk.Transform | None,
+                 second: sitk.Transform, points: int = 500) -> float:
     """The largest distance (mm) between where ``first`` (None: the identity) and ``second`` take the fixed
-    image's foreground, over up to ``points`` of its network grid's points (`foreground_points`; or ``fixed``
-    itself, those points already found, with ``grid`` and ``window`` None)."""
-    where = fixed if isinstance(fixed, np.ndarray) else foreground_points(fixed, grid, window, points)
+    image's foreground, over up to ``points`` of its network grid's points (`foreground_points`)."""
+    return largest_distance(foreground_points(fixed, grid, window, points), first, second)
+
+
+def largest_distance(where: np.ndarray, first: sitk.Transform | None, second: sitk.Transform) -> float:
+    """The largest distance (mm) between where ``first`` (None: the identity) and ``second`` take the points
+    ``where`` ``(n, D)`` mm; 0 for none."""
     if not len(where):
         return 0.0
     a = where if first is None else np.array([first.TransformPoint(p.tolist()) for p in where])
@@ -733,8 +737,7 @@ def check_register_inputs(
         raise InputError(f"register() 'polish' must be a whole number >= 0 (polish iterations), got {polish!r}")
     if passes is not None and (isinstance(passes, bool) or not isinstance(passes, (int, np.integer)) or passes < 1):
         raise InputError(f"register() 'passes' must be a whole number >= 1 (refinement passes), got {passes!r}")
-    if bias_correct is not None and not isinstance(bias_correct, (bool, np.bool_)):
-        raise InputError(f"register() 'bias_correct' must be True or False, got {bias_correct!r}")
+    check_api_types(bias_correct=bias_correct)
     if refine_layers is not None and refine_layers not in REFINE_LAYERS:
         raise InputError(f"the refined layers must be one of {', '.join(REFINE_LAYERS)}, got {refine_layers!r}")
     if region_margin_mm is not None and (isinstance(region_margin_mm, bool) or not isinstance(
@@ -765,7 +768,7 @@ def check_register_inputs(
 
 
 def check_api_types(model: object = None, initial_transform: object = None, threads: object = None,
-                    models: object = None, given_transform: object = None) -> None:
+                    models: object = None, given_transform: object = None, bias_correct: object = None) -> None:
     """`InputError` for an argument of the Python API of the wrong kind (what a script may pass by mistake: a
     path for a model, a matrix for a transform), before it fails deep inside."""
     for m in ([model] if model is not None else []) + list(models or []):
@@ -780,6 +783,8 @@ def check_api_types(model: object = None, initial_transform: object = None, thre
                                 or threads < 1):
         raise InputError(f"register() 'threads' must be a whole number >= 1 (None: the cores there are), "
                          f"got {threads!r}")
+    if bias_correct is not None and not isinstance(bias_correct, (bool, np.bool_)):
+        raise InputError(f"register() 'bias_correct' must be True or False, got {bias_correct!r}")
 
 
 def check_transform_usable(transform: sitk.Transform, what: str) -> None:
@@ -880,7 +885,7 @@ def register(
     (`istn.chain.register_chain`) passes the user's start to every stage, not the previous stage's result.
     """
     t_start = time.perf_counter()
-    check_api_types(model=model, initial_transform=initial_transform, threads=threads)
+    check_api_types(model=model, initial_transform=initial_transform, threads=threads, bias_correct=bias_correct)
     if given_transform is not None:
         check_api_types(given_transform=given_transform)
         given_transform = flatten_transform(given_transform)
@@ -890,8 +895,6 @@ def register(
     device = str(device)  # a torch.device too
     # checked and prepared once per image object (istn.inputs): a later stage on the same images reuses it
     cfg = model.config
-    if not isinstance(bias_correct, (bool, np.bool_)):  # before the images are prepared with it
-        check_register_inputs(fixed, moving, [model], bias_correct=bias_correct)
     fixed, moving = (prepare_image(image, cfg.grid_spacing, model.intensity, model.intensity_foreground,
                                    cfg.centre_on_foreground, what, bool(bias_correct)) for image, what in
                      ((fixed, "fixed image"), (moving, "moving image")))
@@ -1145,7 +1148,7 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
             out = dataclasses.replace(stay, cancelled=out_k.cancelled, converged=out_k.converged)
         losses += list(out_k.losses)
         if affine:
-            pass_moves.append(largest_move(where_f, None, None, before, final) if final is not before else 0.0)
+            pass_moves.append(largest_distance(where_f, before, final) if final is not before else 0.0)
             if more_passes and k + 1 == passes < MAX_AFFINE_PASSES and pass_moves[-1] > UNSETTLED_MM:
                 passes += 1  # the pose is not settled yet: another look
     timings["refine"] = time.perf_counter() - t0
