@@ -31,6 +31,7 @@ from .images import (
     otsu_threshold,
     soi_to_tensor,
     statistics_sample,
+    thin_bright_bound,
 )
 from .pairs import PairDataset, PairTensors, check_segment_values, load_pair, read_pairs_csv, split_rows
 
@@ -56,4 +57,5 @@ __all__ = [
     "split_rows",
     "check_segment_values",
     "statistics_sample",
+    "thin_bright_bound",
 ]
