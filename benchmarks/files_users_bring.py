@@ -1,5 +1,5 @@
-"""The files users bring: a fill value outside the field of view, hot pixels, coil shading, a neck and shoulders,
-a second object, a head turned far, a spacing in cm. Each is made from a real head and registered with the bundled
+"""The files users bring: a fill value outside the field of view, hot pixels, contrast-filled vessels, coil shading,
+a neck and shoulders, a second object, a head turned far, a spacing in cm. Each is made from a real head and registered with the bundled
 default chain (`istn.chain.register_with_second_try`, the command line's default) to the sample template; the
 table gives the Dice of the 8 sub-cortical structures beside the same head as stored, and what the result said.
 
@@ -55,6 +55,34 @@ def hot_pixels(fraction: float, times: float):
     def make(image, labels):
         a = sitk.GetArrayFromImage(image).astype(np.float32)
         a[np.random.default_rng(0).random(a.shape) < fraction] = times * a.max()
+        return _like(a, image), labels, {}
+    return make
+
+
+def vessels(fraction: float, times: float):
+    """Contrast-filled vessels: random smooth tubes (random walks of 1 mm steps, a voxel wide at 2 mm) through the
+    head (above 15 % of its 99th percentile, holes filled), at ``times`` its 99th percentile, added until they cover
+    ``fraction`` of it (the intensity audit's, sessions 37 and 39)."""
+    def make(image, labels):
+        from scipy import ndimage
+
+        a = sitk.GetArrayFromImage(image).astype(np.float32)
+        p99 = float(np.percentile(a[a > 0], 99))
+        head = ndimage.binary_fill_holes(ndimage.binary_closing(a > 0.15 * p99, iterations=2))
+        step = 1.0 / np.asarray(image.GetSpacing()[::-1])  # 1 mm in voxels, array order
+        rng, tubes = np.random.default_rng(0), np.zeros(a.shape, bool)
+        starts = np.argwhere(ndimage.binary_erosion(head, iterations=2))
+        while tubes.sum() < fraction * head.sum():
+            p = starts[rng.integers(len(starts))].astype(float)
+            v = rng.normal(size=3)
+            for _ in range(300):
+                v = v / np.linalg.norm(v) + 0.3 * rng.normal(size=3)
+                p = p + step * v / np.linalg.norm(v)
+                q = tuple(np.round(p).astype(int))
+                if min(q) < 0 or any(i >= n for i, n in zip(q, a.shape)) or not head[q]:
+                    break
+                tubes[q] = True
+        a[tubes] = times * p99
         return _like(a, image), labels, {}
     return make
 
@@ -137,6 +165,8 @@ VARIANTS: list[tuple[str, bool, Callable]] = [
     ("1 % of the box at -1024 (a reslice's corner)", True, corner_fill(0.01, -1024.0)),
     ("3 % at -32768, int16", True, corner_fill(0.03, -32768.0, sitk.sitkInt16, 20.0)),
     ("0.1 % hot pixels at 10x the maximum", True, hot_pixels(0.001, 10.0)),
+    ("contrast-filled vessels: 1 % of the head at 2.5x its 99th percentile", True, vessels(0.01, 2.5)),
+    ("contrast-filled vessels: 3 % of the head at 2.5x its 99th percentile", True, vessels(0.03, 2.5)),
     ("shaded 0.5x-2x left to right", True, shaded(0.5, 2.0, 0)),
     ("shaded 0.5x-2x left to right, --bias-correct", True, shaded(0.5, 2.0, 0, bias_correct=True)),
     ("turned 40 degrees about the vertical", False, turned(40.0, 2)),
@@ -151,14 +181,16 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=None, help="output of `istn data prepare` (Colin27's whole head); optional")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "files_users_bring"))
-    ap.add_argument("--before", default=None, help="an earlier run's .json (e.g. this script run in a checkout of an "
-                                                   "earlier commit): its Dice shown beside")
-    ap.add_argument("--before-label", default="before", help="that column's name")
+    ap.add_argument("--before", action="append", default=[],
+                    help="an earlier run's .json (e.g. this script run in a checkout of an earlier commit): its Dice "
+                         "shown beside, n/a for a file it did not make; repeat for several, oldest first")
+    ap.add_argument("--before-label", action="append", default=[], help="each --before column's name, in order")
     args = ap.parse_args(argv)
     import json
 
-    before = {(r["head"], r["variant"]): r for r in json.loads(Path(args.before).read_text())["rows"]} \
-        if args.before else {}
+    labels_ = args.before_label + [f"before {i + 1}" for i in range(len(args.before_label), len(args.before))]
+    befores = [(label, {(r["head"], r["variant"]): r for r in json.loads(Path(path).read_text())["rows"]})
+               for label, path in zip(labels_, args.before)]
     pair = demo.sample_pair()
     fixed, fixed_labels = pair["fixed"], pair["fixed_labels"]
     models = [load_model(demo.bundled_model(n)) for n in (demo.AFFINE_MODEL, demo.BSPLINE_MODEL)]
@@ -198,15 +230,15 @@ def main(argv=None) -> int:
           "audits' numbers, in its note): a 1 % corner at -1024 0.693 (sample head), 0.752 (Colin27 1 mm); hot "
           "pixels -0.005 to -0.04; a neck and shoulders 0.00; a second head 0.00; a head turned 35-45 degrees "
           "6.5-15.7 mm from the truth (to itself).", "",
-          f"| head | file | placed | {f'Dice ({args.before_label}) | ' if before else ''}Dice | affine looks | "
+          "| head | file | placed | " + "".join(f"Dice ({label}) | " for label, _ in befores) + "Dice | affine looks | "
           "second try | warnings | s |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if before else "")]
+          "| --- | --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(befores)]
     for r in rows:
         if "error" in r:
             continue
         said = "; ".join(w.split(":")[0][:70] for w in r["warnings"]) or "none"
-        old = before.get((r["head"], r["variant"]), {})
-        was = (f"{old['dice']:.3f} | " if "dice" in old else "n/a | ") if before else ""
+        was = "".join(f"{old[(r['head'], r['variant'])]['dice']:.3f} | "
+                      if "dice" in old.get((r["head"], r["variant"]), {}) else "n/a | " for _, old in befores)
         md.append(f"| {r['head']} | {r['variant']} | {'yes' if r['placed'] else 'no'} | {was}{r['dice']:.3f} | "
                   f"{r['affine_looks']} | {r['second_try'] or '-'} | {said} | {r['seconds']:.1f} |")
     write_report(args.out, {"created": created, "command": cmd, "rows": rows}, md)
