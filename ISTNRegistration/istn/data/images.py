@@ -152,8 +152,11 @@ def thin_bright_bound(array: np.ndarray) -> float | None:
     voxel of a 1 mm head: tubes up to ~4 mm wide).
     """
     arr = statistics_sample(np.asarray(array))[0]
-    smooth = _median3(np.asarray(arr, dtype=np.float32))
-    fg = arr > otsu_threshold(smooth)  # the median's threshold: tubes that outnumber the rest's top do not set it
+    smooth = _median3(arr)
+    # the median's threshold (tubes that outnumber the rest's top do not set it), from every 2nd voxel of a large
+    # sample: a histogram's statistic, and 8x cheaper
+    coarse = smooth if smooth.size <= 2**18 else smooth[(slice(None, None, 2),) * smooth.ndim]
+    fg = arr > otsu_threshold(coarse)
     if int(fg.sum()) < 16:
         return None
     low = float(np.percentile(arr, 0.5))
@@ -163,16 +166,20 @@ def thin_bright_bound(array: np.ndarray) -> float | None:
 
 
 def _median3(array: np.ndarray) -> np.ndarray:
-    """The median of each voxel and its two neighbours along each axis in turn (edges repeated): a separable stand-in
-    for the 3^d median (~20x cheaper: 10-30 ms for a 1 mm head's subsample), which a structure one or two voxels
-    wide across any axis does not survive."""
-    out = array
-    for axis, n in enumerate(array.shape):
+    """The median of each voxel and its two neighbours along each axis in turn (edges repeated), float32: a separable
+    stand-in for the 3^d median (~20x cheaper: ~15 ms for a 1 mm head's subsample), which a structure one or two
+    voxels wide across any axis does not survive."""
+    out = np.array(array, dtype=np.float32)
+    before, after, low = np.empty_like(out), np.empty_like(out), np.empty_like(out)
+    for axis, n in enumerate(out.shape):
         if n < 3:
             continue
-        before = np.take(out, np.r_[0, np.arange(n - 1)], axis=axis)
-        after = np.take(out, np.r_[np.arange(1, n), n - 1], axis=axis)
-        out = np.maximum(np.minimum(before, after), np.minimum(np.maximum(before, after), out))
+        o, b, a = (np.moveaxis(x, axis, 0) for x in (out, before, after))  # views: the neighbours along the axis
+        b[1:], b[0], a[:-1], a[-1] = o[:-1], o[0], o[1:], o[-1]
+        np.minimum(before, after, out=low)
+        np.maximum(before, after, out=before)
+        np.minimum(before, out, out=before)
+        np.maximum(low, before, out=out)  # median of three = max(min(b, a), min(max(b, a), o))
     return out
 
 
