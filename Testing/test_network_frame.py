@@ -452,23 +452,23 @@ def test_thin_bright_structures_are_found_and_nothing_else():
     assert thin_bright_bound(sparse) is None
 
 
-def test_thin_bright_structures_are_saturated_before_the_network_sees_them(make_model):
-    """Vessels: tubes a voxel wide through 3 % of the head at 1.45x its maximum (not hot pixels: below
-    `hot_voxel_bound`) set the window's top and, interpolated onto the network's grid, became bright spots among the
-    structures: 1.8 mm from the clean image's result. Saturated at the tissue's top first, as the window saturates
-    each voxel: the clean image's window, and 0.7 mm. The caller's image is not changed; a clean one is not
-    saturated."""
+def test_thin_bright_structures_are_filled_before_the_network_sees_them(make_model):
+    """Vessels: tubes a voxel wide through 5 % of the head at 1.45x its maximum (not hot pixels: below
+    `hot_voxel_bound`) set the window's top and, interpolated onto the network's grid, became bright streaks among
+    the structures: 3.8 mm from the clean image's result. Filled from their neighbourhood first, capped at the
+    tissue's top: about the clean image's window, and 0.4 mm. The caller's image is not changed; a clean one is not
+    touched."""
     from istn.inputs import prepare_image
 
     model = load_model(make_model(3, "affine", scale=0.3))
     fixed, moving = _head(), _head(centre=(8.0, -2.0, 4.0))
     ref = register(fixed, moving, model, iterations=3).transform
     array = sitk.GetArrayFromImage(moving)
-    spoiled = sitk.GetImageFromArray(_tubes(array, array > 0.2 * array.max(), 0.03, 1.45 * float(array.max())))
+    spoiled = sitk.GetImageFromArray(_tubes(array, array > 0.2 * array.max(), 0.05, 1.45 * float(array.max())))
     spoiled.CopyInformation(moving)
     before = sitk.GetArrayFromImage(spoiled)
     clean_in, spoiled_in = prepare_image(moving, 4.0, foreground=True), prepare_image(spoiled, 4.0, foreground=True)
-    assert abs(spoiled_in.window[1] - clean_in.window[1]) < 0.05 * clean_in.window[1]  # was 1.45x
+    assert abs(spoiled_in.window[1] - clean_in.window[1]) < 0.1 * clean_in.window[1]  # was 1.45x
     assert float(sitk.GetArrayViewFromImage(spoiled_in.image).max()) < 1.1 * float(array.max())
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(clean_in.image), array)  # clean: the input itself
     res = register(fixed, spoiled, model, iterations=3)

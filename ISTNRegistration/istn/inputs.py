@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import SimpleITK as sitk
 
-from .data import (bias_corrected, despike, detached_objects, fill_floor, foreground_centre, hot_voxel_bound,
+from .data import (THIN_FILL_RADIUS, bias_corrected, despike, detached_objects, fill_floor, foreground_centre, hot_voxel_bound,
                    intensity_window, otsu_threshold, statistics_sample, thin_bright_bound)
 from .errors import InputError
 from .geometry import Grid, stored_lps
@@ -45,8 +45,8 @@ class PreparedImage:
 
     image: sitk.Image  # float32 working copy: the input, or its block average when much finer than the grid, a fill
     # value outside the field of view raised to the image's lowest (`istn.data.fill_floor`), hot pixels replaced by
-    # their neighbourhood's median (`istn.data.despike`), thin bright structures saturated at the tissue's top
-    # (`istn.data.thin_bright_bound`), objects apart from the head erased
+    # their neighbourhood's median (`istn.data.despike`), thin bright structures filled from their neighbourhood,
+    # capped at the tissue's top (`istn.data.thin_bright_bound`), objects apart from the head erased
     # (`istn.data.detached_objects`), divided by its bias when asked (`istn.data.bias_corrected`) (None only in the
     # cache, for the input itself)
     window: tuple[float, float]  # intensity window (`istn.data.intensity_window`) of the working copy
@@ -156,8 +156,11 @@ def _prepare(image: sitk.Image, grid_spacing: float, intensity: tuple[float, flo
         image = spotless
         if bright is not None and not float(spotless_array.max()) > hot[0]:
             bright = None  # the despiking took them all (scattered hot pixels): the tissue's top keeps its voxels
-    if bright is not None:  # thin bright structures (vessels), saturated at the tissue's top before the average
-        image = sitk.Clamp(image, upperBound=bright)
+    if bright is not None:  # thin bright structures (vessels): filled from their neighbourhood, capped at the tissue's
+        # top, before the block average (the cap: where the neighbourhood's median is itself a vessel)
+        filled = sitk.GetImageFromArray(despike(sitk.GetArrayViewFromImage(image), bright, 0.0, THIN_FILL_RADIUS))
+        filled.CopyInformation(image)
+        image = sitk.Clamp(filled, upperBound=bright)
     shrink = shrink_factors(image.GetSpacing(), grid_spacing)
     # on the input as stored LPS: the same values however its file orders the voxels
     values = few_whole_values(image)

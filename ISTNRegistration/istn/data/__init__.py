@@ -17,6 +17,7 @@
 
 from .images import (
     STATS_VOXELS,
+    THIN_FILL_RADIUS,
     bias_corrected,
     despike,
     detached_objects,
@@ -37,6 +38,7 @@ from .pairs import PairDataset, PairTensors, check_segment_values, load_pair, re
 
 __all__ = [
     "STATS_VOXELS",
+    "THIN_FILL_RADIUS",
     "PairDataset",
     "PairTensors",
     "bias_corrected",
