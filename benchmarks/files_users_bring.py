@@ -1,7 +1,8 @@
 """The files users bring: a fill value outside the field of view, hot pixels, contrast-filled vessels, coil shading,
-a neck and shoulders, a second object, a head turned far, a spacing in cm. Each is made from a real head and registered with the bundled
-default chain (`istn.chain.register_with_second_try`, the command line's default) to the sample template; the
-table gives the Dice of the 8 sub-cortical structures beside the same head as stored, and what the result said.
+a neck and shoulders, a second object, a head turned far, a spacing in cm. Each is made from a real head and
+registered with the bundled default chain (`istn.chain.register_with_second_try`, the command line's default) to the
+sample template; the table gives the Dice of the 8 sub-cortical structures beside the same head as stored, and what
+the result said.
 
     python benchmarks/files_users_bring.py [--data /work/braindata] [--out benchmarks/results/files_users_bring]
 

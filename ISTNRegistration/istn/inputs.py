@@ -27,8 +27,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import SimpleITK as sitk
 
-from .data import (THIN_FILL_RADIUS, bias_corrected, despike, detached_objects, fill_floor, foreground_centre, hot_voxel_bound,
-                   intensity_window, otsu_threshold, statistics_sample, thin_bright_bound)
+from .data import (THIN_FILL_RADIUS, bias_corrected, despike, detached_objects, fill_floor, foreground_centre,
+                   hot_voxel_bound, intensity_window, otsu_threshold, statistics_sample, thin_bright_bound)
 from .errors import InputError
 from .geometry import Grid, stored_lps
 from .io import check_image

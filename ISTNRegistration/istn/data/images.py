@@ -114,6 +114,10 @@ def hot_voxel_bound(array: np.ndarray) -> tuple[float, float] | None:
     return (bound, hi - lo) if hi > lo and float(np.max(array)) > bound else None
 
 
+#: `despike`'s voxels per gather: 16k x 125 neighbours x 3 indices is ~50 MB.
+DESPIKE_CHUNK = 16384
+
+
 def despike(array: np.ndarray, bound: float, width: float, radius: int = 1) -> np.ndarray:
     """``array`` (2D or 3D) with each hot voxel replaced by the median of its neighbourhood ((2 ``radius`` + 1)^d
     voxels: itself and its neighbours, clipped at the edges): a copy. Hot: above ``bound``, and above that median by
@@ -131,10 +135,6 @@ def despike(array: np.ndarray, bound: float, width: float, radius: int = 1) -> n
         spike = out[tuple(part.T)] - median > width
         out[tuple(part[spike].T)] = median[spike]
     return out
-
-
-#: `despike`'s voxels per gather: 16k x 125 neighbours x 3 indices is ~50 MB.
-DESPIKE_CHUNK = 16384
 
 
 #: The foreground's 99.5th percentile (the window's top) lying more than this many times as far above the image's
@@ -160,8 +160,8 @@ def thin_bright_bound(array: np.ndarray) -> float | None:
     neighbourhood (`despike` with `THIN_FILL_RADIUS`: 5^3 voxels, which a tube 3 voxels wide does not fill), capped
     at it: 0.850 and 0.850 (the tubes saturated at the top instead, as the window would have: 0.838 and 0.822; the
     tubes left as they were streaks as bright as white matter across the structures). A bright object thicker than
-    that (a marker, the scalp's fat) keeps its median, and is left to `detached_objects` and the window. Judged on a regular subsample (`statistics_sample`, every 2nd-3rd
-    voxel of a 1 mm head: tubes up to ~4 mm wide).
+    that (a marker, the scalp's fat) keeps its median, and is left to `detached_objects` and the window. Judged on a
+    regular subsample (`statistics_sample`, every 2nd-3rd voxel of a 1 mm head: tubes up to ~4 mm wide).
     """
     arr = statistics_sample(np.asarray(array))[0]
     smooth = _median3(arr)
