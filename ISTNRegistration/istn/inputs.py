@@ -150,17 +150,14 @@ def _prepare(image: sitk.Image, grid_spacing: float, intensity: tuple[float, flo
     # little to tell from the tissue's own top, yet bright enough to set the window (Colin27 with vessels, 0.808)
     bright = thin_bright_bound(sitk.GetArrayViewFromImage(image))
     if hot is not None:  # hot pixels, replaced before a block average spreads each over a grid voxel's worth
-        spotless_array = despike(sitk.GetArrayViewFromImage(image), *hot)
-        spotless = sitk.GetImageFromArray(spotless_array)
-        spotless.CopyInformation(image)
-        image = spotless
-        if bright is not None and not float(spotless_array.max()) > hot[0]:
+        spotless = despike(sitk.GetArrayViewFromImage(image), *hot)
+        image = Grid.from_image(image).image_from_array(spotless)
+        if bright is not None and not float(spotless.max()) > hot[0]:
             bright = None  # the despiking took them all (scattered hot pixels): the tissue's top keeps its voxels
     if bright is not None:  # thin bright structures (vessels): filled from their neighbourhood, capped at the tissue's
         # top, before the block average (the cap: where the neighbourhood's median is itself a vessel)
-        filled = sitk.GetImageFromArray(despike(sitk.GetArrayViewFromImage(image), bright, 0.0, THIN_FILL_RADIUS))
-        filled.CopyInformation(image)
-        image = sitk.Clamp(filled, upperBound=bright)
+        filled = despike(sitk.GetArrayViewFromImage(image), bright, 0.0, THIN_FILL_RADIUS)
+        image = sitk.Clamp(Grid.from_image(image).image_from_array(filled), upperBound=bright)
     shrink = shrink_factors(image.GetSpacing(), grid_spacing)
     # on the input as stored LPS: the same values however its file orders the voxels
     values = few_whole_values(image)
@@ -174,9 +171,7 @@ def _prepare(image: sitk.Image, grid_spacing: float, intensity: tuple[float, flo
         detached = float((mask & apart).sum()) / max(1, int(mask.sum()))
         erased = sitk.GetArrayFromImage(work)
         erased[apart] = np.percentile(statistics_sample(array)[0], intensity[0])
-        blank = sitk.GetImageFromArray(erased)
-        blank.CopyInformation(work)
-        work = blank
+        work = Grid.from_image(work).image_from_array(erased)
     if bias_correct:  # on the copy the network reads, objects apart from the head already erased
         work = bias_corrected(work)
     if apart is not None or bias_correct:  # the statistics of the copy as it now is
