@@ -32,6 +32,7 @@ from report import write_report  # noqa: E402
 from istn import demo  # noqa: E402
 from istn.chain import register_with_second_try  # noqa: E402
 from istn.data import foreground_centre  # noqa: E402
+from istn.data.synthesis import head_mask  # noqa: E402
 from istn.export import load_model  # noqa: E402
 from istn.geometry import Grid  # noqa: E402
 
@@ -62,14 +63,14 @@ def hot_pixels(fraction: float, times: float):
 
 def vessels(fraction: float, times: float):
     """Contrast-filled vessels: random smooth tubes (random walks of 1 mm steps, a voxel wide at 2 mm) through the
-    head (above 15 % of its 99th percentile, holes filled), at ``times`` its 99th percentile, added until they cover
-    ``fraction`` of it (the intensity audit's, sessions 37 and 39)."""
+    head (`istn.data.synthesis.head_mask`), at ``times`` its 99th percentile, added until they cover ``fraction`` of
+    it (the intensity audit's, sessions 37 and 39)."""
     def make(image, labels):
         from scipy import ndimage
 
         a = sitk.GetArrayFromImage(image).astype(np.float32)
-        p99 = float(np.percentile(a[a > 0], 99))
-        head = ndimage.binary_fill_holes(ndimage.binary_closing(a > 0.15 * p99, iterations=2))
+        head = head_mask(a)
+        p99 = float(np.percentile(a[head], 99))
         step = 1.0 / np.asarray(image.GetSpacing()[::-1])  # 1 mm in voxels, array order
         rng, tubes = np.random.default_rng(0), np.zeros(a.shape, bool)
         starts = np.argwhere(ndimage.binary_erosion(head, iterations=2))
