@@ -406,8 +406,8 @@ def _register_options(args: argparse.Namespace) -> dict:
                 background=args.background, bending=args.bending, tolerance=args.tolerance, threads=args.threads,
                 coarse_iterations=args.coarse_iterations, refine_layers=args.refine_layers,
                 region_margin_mm=args.region_margin, polish=args.polish, anchor=args.anchor, passes=args.passes,
-                bias_correct=args.bias_correct, retry=not args.no_retry, figure=not args.no_figure, write_jacobian=args.jacobian,
-                atlas_path=args.atlas, skip_done=args.skip_done)
+                bias_correct=args.bias_correct, retry=not args.no_retry, figure=not args.no_figure,
+                write_jacobian=args.jacobian, atlas_path=args.atlas, skip_done=args.skip_done)
 
 
 def _main_register_many(args: argparse.Namespace) -> int:
