@@ -30,6 +30,19 @@ def rotation(ndim: int, degrees: tuple[float, ...]) -> np.ndarray:
     return Rotation.from_euler("xyz", degrees, degrees=True).as_matrix()
 
 
+def header_turned(image: sitk.Image, turn: np.ndarray) -> sitk.Image:
+    """``image``'s voxels under a header turned by ``turn`` ``(3, 3)`` about its centre: what a converter writes when
+    it takes a sagittal acquisition for an axial one, or a prone patient for a supine one. A world point ``x`` of
+    ``image`` is the turned image's ``c + turn (x - c)``."""
+    from istn.geometry import Grid
+
+    centre = Grid.from_image(image).centre
+    out = sitk.Image(image)
+    out.SetDirection((turn @ np.reshape(image.GetDirection(), (3, 3))).ravel().tolist())
+    out.SetOrigin((centre + turn @ (np.asarray(image.GetOrigin()) - centre)).tolist())
+    return out
+
+
 def blob_image(size, spacing, origin, direction, centre=None, extra=True) -> sitk.Image:
     """A smooth, asymmetric test image (Gaussian blobs in WORLD coordinates)."""
     g = Grid(tuple(size), tuple(float(s) for s in spacing), tuple(float(o) for o in origin),

@@ -146,6 +146,36 @@ def test_bias_correct_flag_reaches_every_stage_and_result_json(files, tmp_path):
     assert not json.loads((tmp_path / "plain" / "result.json").read_text())["stages"][0]["bias_corrected"]
 
 
+def test_a_head_stored_prone_is_found_turned_and_said_and_no_retry_turns_the_search_off(tmp_path, capsys):
+    """The bundled pair's moving head under a header turned 180 degrees about the vertical (a prone patient taken
+    for supine): the default models and the second try fail their checks; the turn search finds the turn, says
+    so, and result.json records it. ``--no-retry`` runs the models asked for once and nothing else."""
+    from conftest import header_turned
+    from istn import demo
+
+    pair = demo.sample_pair()
+    for image, name in ((pair["moving"], "prone.nii.gz"), (pair["moving_labels"], "prone_labels.nii.gz")):
+        sitk.WriteImage(header_turned(image, np.diag([-1.0, -1.0, 1.0])), str(tmp_path / name))
+    fixed = str(demo.SAMPLE_DIR / "fixed_t1.nii.gz")
+    base = ["register", "--fixed", fixed, "--moving", str(tmp_path / "prone.nii.gz"), "--no-figure", "--threads", "2"]
+    assert main(base + ["--out", str(tmp_path / "turned")]) == 0
+    err = capsys.readouterr().err
+    assert "looking for how the moving head lies (24 turns)" in err
+    assert "turned by 180 degrees about the up-down (z) axis" in err
+    result = json.loads((tmp_path / "turned" / "result.json").read_text())
+    assert result["stages"][0]["turned"]["turn"] == "180 degrees about the up-down (z) axis"
+    assert not any(s["self_checks_failed"] for s in result["stages"])
+    transform = sitk.ReadTransform(str(tmp_path / "turned" / "transform.h5"))
+    dice = np.mean(list(demo.structure_dice(pair["fixed_labels"], sitk.ReadImage(str(tmp_path / "prone_labels.nii.gz")),
+                                            transform).values()))
+    assert dice > 0.8  # the head as stored in the bundled pair: 0.84
+    assert main(base + ["--out", str(tmp_path / "once"), "--no-retry"]) == 0
+    assert "looking for how" not in capsys.readouterr().err
+    once = json.loads((tmp_path / "once" / "result.json").read_text())
+    assert once["retry"] is None and all(s["turned"] is None for s in once["stages"])
+    assert any(s["self_checks_failed"] for s in once["stages"])
+
+
 def test_evaluate_identity_gives_perfect_scores(tmp_path, capsys):
     lab = np.zeros((20, 20, 20), np.uint8)
     lab[5:12, 5:12, 5:12] = 1

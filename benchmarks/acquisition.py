@@ -19,22 +19,25 @@ OBLIQUE_ACQUISITIONS = (((15.0, -10.0, 20.0), 0.0), ((-8.0, 12.0, 5.0), 0.0), ((
 SHIFTED_ACQUISITION = ((0.0, 0.0, 0.0), 1.0)  # the same axes, every voxel centre moved by 1 mm per axis
 
 
-def acquire(image: sitk.Image, spacing: float = 2.0, angles_deg=(0.0, 0.0, 0.0), shift_mm: float = 0.0,
-            interpolator: int = sitk.sitkLinear, smooth: bool = True) -> sitk.Image:
-    """``image`` (3D) acquired on a grid of ``spacing`` mm turned by ``angles_deg`` about the image's centre
-    (direction = rotation @ the image's direction), covering the image's extent. ``smooth``: a Gaussian of sigma
-    0.425 x spacing first (a voxel's point spread; off for label maps, use nearest neighbour for those)."""
+def acquire(image: sitk.Image, spacing: float | tuple[float, float, float] = 2.0, angles_deg=(0.0, 0.0, 0.0),
+            shift_mm: float = 0.0, interpolator: int = sitk.sitkLinear, smooth: bool = True) -> sitk.Image:
+    """``image`` (3D) acquired on a grid of ``spacing`` mm (one per axis, ITK order, for thick slices) turned by
+    ``angles_deg`` about the image's centre (direction = rotation @ the image's direction), covering the image's
+    extent. ``smooth``: a Gaussian of sigma 0.425 x spacing first (a voxel's point spread, along the image's own
+    axes; off for label maps, use nearest neighbour for those)."""
     rot = sitk.Euler3DTransform()
     rot.SetRotation(*np.radians(np.asarray(angles_deg, float)))
     direction = np.asarray(rot.GetMatrix()).reshape(3, 3) @ np.asarray(image.GetDirection()).reshape(3, 3)
     extent = np.asarray(image.GetSpacing()) * np.asarray(image.GetSize())
-    size = [int(np.ceil(e / spacing)) for e in extent]
+    spacing = np.broadcast_to(np.asarray(spacing, dtype=float), (3,))
+    size = [int(np.ceil(e / s)) for e, s in zip(extent, spacing)]
     centre = np.asarray(image.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2.0 for s in image.GetSize()]))
     ref = sitk.Image(size, image.GetPixelID())
-    ref.SetSpacing([float(spacing)] * 3)
+    ref.SetSpacing(spacing.tolist())
     ref.SetDirection(tuple(direction.ravel()))
     ref.SetOrigin(tuple(centre - direction @ (spacing * (np.asarray(size) - 1) / 2.0) + shift_mm))
-    src = sitk.SmoothingRecursiveGaussian(sitk.Cast(image, sitk.sitkFloat32), 0.425 * spacing) if smooth else image
+    src = (sitk.SmoothingRecursiveGaussian(sitk.Cast(image, sitk.sitkFloat32), (0.425 * spacing).tolist()) if smooth
+           else image)
     return sitk.Resample(src, ref, sitk.Transform(), interpolator, 0.0, image.GetPixelID() if not smooth else
                          sitk.sitkFloat32)
 

@@ -1,5 +1,6 @@
 """The files users bring: a fill value outside the field of view, hot pixels, contrast-filled vessels, coil shading,
-a neck and shoulders, a second object, a head turned far, a spacing in cm. Each is made from a real head and
+thick slices, a neck and shoulders, a second object, a head turned far, a header turned by right angles, a spacing
+in cm. Each is made from a real head and
 registered with the bundled default chain (`istn.chain.register_with_second_try`, the command line's default) to the
 sample template; the table gives the Dice of the 8 sub-cortical structures beside the same head as stored, and what
 the result said.
@@ -151,6 +152,32 @@ def turned(degrees: float, axis: int):
     return make
 
 
+def header_turned(turn: np.ndarray):
+    """The voxels as they are under a header turned by ``turn`` about the image's centre: a prone patient taken for
+    supine, a sagittal acquisition written as axial (labels alike)."""
+    def make(image, labels):
+        centre = Grid.from_image(image).centre
+        out = []
+        for im in (image, labels):
+            im = sitk.Image(im)
+            im.SetDirection((turn @ np.reshape(im.GetDirection(), (3, 3))).ravel().tolist())
+            im.SetOrigin((centre + turn @ (np.asarray(im.GetOrigin()) - centre)).tolist())
+            out.append(im)
+        return out[0], out[1], {}
+    return make
+
+
+def thick_slices(spacing: tuple[float, float, float]):
+    """A clinical 2D acquisition: slices ``spacing`` mm apart (ITK order, along the head's stored axes), each with
+    the thickness's point spread (`acquisition.acquire`). The labels stay as they were: the same anatomy in the
+    same world (labels resampled onto 6 mm slices would cost Dice by their own blockiness, not the registration)."""
+    from acquisition import acquire
+
+    def make(image, labels):
+        return acquire(image, spacing), labels, {}
+    return make
+
+
 def spacing_times(factor: float):
     def make(image, labels):
         out, lab = sitk.Image(image), sitk.Image(labels)
@@ -171,7 +198,12 @@ VARIANTS: list[tuple[str, bool, Callable]] = [
     ("contrast-filled vessels: 3 % of the head at 2.5x its 99th percentile", True, vessels(0.03, 2.5)),
     ("shaded 0.5x-2x left to right", True, shaded(0.5, 2.0, 0)),
     ("shaded 0.5x-2x left to right, --bias-correct", True, shaded(0.5, 2.0, 0, bias_correct=True)),
+    ("thick axial slices, 2 x 2 x 6 mm", True, thick_slices((2.0, 2.0, 6.0))),
+    ("thick sagittal slices, 6 x 2 x 2 mm", True, thick_slices((6.0, 2.0, 2.0))),
     ("turned 40 degrees about the vertical", False, turned(40.0, 2)),
+    ("stored prone: header turned 180 degrees about the vertical", True, header_turned(np.diag([-1.0, -1.0, 1.0]))),
+    ("a sagittal acquisition stored as axial (axes relabelled)", True,
+     header_turned(np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))),
     ("neck and shoulders below (400 mm wide)", False, neck_and_shoulders),
     ("a second head beside it", False, second_head),
     ("spacing in cm (x0.1)", True, spacing_times(0.1)),

@@ -480,7 +480,10 @@ class ISTNRegistrationLogic:
           holds models trained on varied views (brain-synth beside brain-t1),
           register again with those and keep the result whose images end the
           more alike (`istn.chain`; ``result.retry`` says what was tried and
-          kept); without it, ``result.hint`` names them.
+          kept); without it, ``result.hint`` names them. When the result kept
+          still fails a check, the moving head's 24 turns by right angles are
+          searched and the chain run again from the best (`istn.chain.turned_chain`;
+          its first stage's ``turned`` and warnings say so); not without it.
         - ``outputTransformNode``: a linear transform node, created if None.
           Without ``outputVolumeNode`` the moving volume is placed under the
           result; with it, the moving volume stays where it is and the output
@@ -694,9 +697,19 @@ class ISTNRegistrationLogic:
                             _("A self-check failed: registering again with {models}...").format(
                                 models=", ".join(p.name for p in paths))))
 
+                def sayTurns(count) -> None:
+                    if bsplineNode is not None:  # identity until the turned chain's B-spline stage (live views)
+                        bsplineNode.SetAndObserveTransformFromParent(vtk.vtkTransform())
+                    if progressCallback is not None:
+                        progressCallback(RegistrationProgress(
+                            "load", 1, len(models), 0, shown, None,
+                            _("A self-check failed: looking for how the moving head lies ({count} turns)...").format(
+                                count=count)))
+
                 stages, result.retry = register_with_second_try(
                     fixedImage, movingImage, [m for _, m in models], retry=retryVaried,
                     read_meta=lambda p: readModelInfo(p).meta, load=self.loadModel, on_retry=sayRetry,
+                    turns=retryVaried, on_turns=sayTurns,
                     callback_for=self._stageCallbacks(len(models), iterations, liveUpdate, linearNode, bsplineWriter,
                                                       progressCallback, cancelled),
                     device=device, iterations=iterations, cancel=cancelled, threads=threads, initial_transform=start,
@@ -1052,7 +1065,7 @@ class ISTNRegistrationLogic:
              "loss_final": s.loss_final,
              "iterations": s.iterations, "polish_iterations": s.polish_iterations,
              "iterations_requested": s.iterations_allowed, "losses": list(s.losses),
-             "mutual_information": dict(s.information)}
+             "mutual_information": dict(s.information), "turned": s.turned or None}
             for s in stages]}
         metrics["loss_one_pass"] = stages[-1].loss_one_pass
         metrics["loss_final"] = stages[-1].loss_final

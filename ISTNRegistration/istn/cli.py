@@ -102,9 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "sees them: raw scans with coil shading (1-4 s more per image; outputs are resampled from "
                         "the images as they are)")
     r.add_argument("--no-retry", action="store_true",
-                   help="after a failed self-check, do not register again with the models trained on varied views "
-                        "beside those given (brain-synth beside brain-t1; by default the result whose images end "
-                        "the more alike is kept)")
+                   help="after a failed self-check, do not register again: neither with the models trained on "
+                        "varied views beside those given (brain-synth beside brain-t1; by default the result whose "
+                        "images end the more alike is kept) nor, when the result still fails one, from the moving "
+                        "head turned by right angles (a header that puts it prone, or a sagittal acquisition stored "
+                        "as axial)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto (default): the GPU when torch sees one, else the CPU; a GPU out of memory falls back "
                         "to the CPU with a warning")

@@ -101,6 +101,11 @@ class RegistrationResult:
     # the voxel spacing looks not to be in mm (`scale_warning`): a header to fix, which no other model registers
     spacing_suspect: bool = False
     bias_corrected: bool = False  # the working copies were divided by their intensity bias (N4; `register`)
+    # the chain this stage belongs to started from the moving head turned by a whole number of right angles, found
+    # by the orientation search after the chain from the images as stored failed a self-check
+    # (`istn.chain.search_turns`): the turn, what it is, and the images' mutual information that chose it; empty
+    # for a chain from the images as stored (or from the user's start)
+    turned: dict = field(default_factory=dict)
 
     # the moving map, or what makes it on first use: an affine stage's extra ITN look (~0.15 s on 2 CPU cores)
     # is needed only when the map is shown, never for a stage a B-spline follows
@@ -139,6 +144,7 @@ class RegistrationResult:
             "passes": self.passes,
             "pass_moves_mm": self.pass_moves,
             "bias_corrected": self.bias_corrected,
+            "turned": self.turned or None,
             "pass_iterations": [list(p) for p in self.pass_iterations],
             "map_volume_ratio": [None if not np.isfinite(r) else r for r in self.map_volume_ratio],
             "mutual_information": self.information,

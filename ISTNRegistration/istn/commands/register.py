@@ -231,8 +231,13 @@ def run_register(
                 print(f"  a self-check failed: registering again with {', '.join(p.name for p in paths)}",
                       file=sys.stderr)
 
+        def say_turns(count):
+            if not quiet:
+                print(f"  a self-check failed: looking for how the moving head lies ({count} turns)", file=sys.stderr)
+
         results, second_try = register_with_second_try(fixed, moving, models, retry=retry, on_retry=say_retry,
-                                                       initial_transform=initial, callback_for=callback_for, **options)
+                                                       turns=retry, on_turns=say_turns, initial_transform=initial,
+                                                       callback_for=callback_for, **options)
         stages = [{**r.summary(), "model_file": r.model_path} for r in results]  # summary's "model": the metadata
         result = results[-1]
         # the output image through a dense field (fast at 1 mm); the transform written is the exact one
