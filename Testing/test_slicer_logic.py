@@ -2022,3 +2022,35 @@ def test_bias_correction_reaches_every_stage_and_leaves_the_volumes_as_they_were
     assert all(same_state(a, node_state(n)) for a, n in zip(before, pair[:2]))
     plain = run(ISTNRegistrationLogic(), pair, tiny_models, "bspline")
     assert [s.bias_corrected for s in plain.stages] == [False, False]
+
+
+def test_a_moving_head_stored_prone_is_registered_from_its_turn_and_the_summary_says_so(scene):
+    """The panel's flow with the bundled affine: the sample head against itself, stored under a header turned 180
+    degrees about the vertical (a prone patient taken for supine). Both model families fail their checks; the turn
+    search finds the turn, the result is the known answer, and the progress, the summary and the metrics say so;
+    with Second try cleared the panel runs the model once and searches nothing."""
+    from conftest import header_turned
+    from istn.geometry import Grid
+
+    folder = REPO / "Resources" / "SampleData"
+    fixed = sitk.ReadImage(str(folder / "fixed_t1.nii.gz"))
+    turn = np.diag([-1.0, -1.0, 1.0])
+    fixed_node = nodes.addVolumeNodeFromImage(scene, fixed, "fixed T1")
+    moving_node = nodes.addVolumeNodeFromImage(scene, header_turned(fixed, turn), "prone T1")
+    messages = []
+    affine = str(modelfiles.MODELS_DIR / "brain-t1-affine.pt")
+    result = ISTNRegistrationLogic().register(fixed_node, moving_node, modelPath=affine, threads=2,
+                                              progressCallback=lambda p: messages.append(str(p)))
+    assert "A self-check failed: looking for how the moving head lies (24 turns)..." in messages
+    assert result.metrics["stages"][0]["turned"]["turn"] == "180 degrees about the up-down (z) axis"
+    assert "turned by 180 degrees about the up-down (z) axis" in result.summary()
+    assert result.retry is not None and result.retry.turned_after and result.metrics["retry"]["turned_after"]
+    centre = Grid.from_image(fixed).centre
+    for offset in ([40.0, 0.0, 0.0], [0.0, -50.0, 20.0], [-30.0, 30.0, -30.0]):
+        x = centre + offset
+        assert np.allclose(result.stages[-1].transform.TransformPoint(x.tolist()), centre + turn @ offset, atol=1.5)
+    messages.clear()
+    once = ISTNRegistrationLogic().register(fixed_node, moving_node, modelPath=affine, threads=2, retryVaried=False,
+                                            progressCallback=lambda p: messages.append(str(p)))
+    assert not any("looking for how" in m for m in messages)
+    assert once.metrics["stages"][0]["turned"] is None and once.stages[0].self_checks_failed

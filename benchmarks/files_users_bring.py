@@ -205,6 +205,8 @@ VARIANTS: list[tuple[str, bool, Callable]] = [
     ("a sagittal acquisition stored as axial (axes relabelled)", True,
      header_turned(np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))),
     ("neck and shoulders below (400 mm wide)", False, neck_and_shoulders),
+    ("neck and shoulders below, stored upside down: header turned 180 degrees about left-right", False,
+     lambda image, labels: header_turned(np.diag([1.0, -1.0, -1.0]))(*neck_and_shoulders(image, labels)[:2])),
     ("a second head beside it", False, second_head),
     ("spacing in cm (x0.1)", True, spacing_times(0.1)),
 ]

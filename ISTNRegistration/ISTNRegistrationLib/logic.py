@@ -688,23 +688,20 @@ class ISTNRegistrationLogic:
 
                 from istn.chain import register_with_second_try
 
-                def sayRetry(paths) -> None:
-                    if bsplineNode is not None:  # identity until the second try's B-spline stage (live views)
+                def sayAgain(message: str, stages: int) -> None:
+                    """A chain runs again (the second try, the turned head): its own B-spline from the identity."""
+                    if bsplineNode is not None:  # identity until that chain's B-spline stage (live views)
                         bsplineNode.SetAndObserveTransformFromParent(vtk.vtkTransform())
                     if progressCallback is not None:
-                        progressCallback(RegistrationProgress(
-                            "load", 1, len(paths), 0, shown, None,
-                            _("A self-check failed: registering again with {models}...").format(
-                                models=", ".join(p.name for p in paths))))
+                        progressCallback(RegistrationProgress("load", 1, stages, 0, shown, None, message))
+
+                def sayRetry(paths) -> None:
+                    sayAgain(_("A self-check failed: registering again with {models}...").format(
+                        models=", ".join(p.name for p in paths)), len(paths))
 
                 def sayTurns(count) -> None:
-                    if bsplineNode is not None:  # identity until the turned chain's B-spline stage (live views)
-                        bsplineNode.SetAndObserveTransformFromParent(vtk.vtkTransform())
-                    if progressCallback is not None:
-                        progressCallback(RegistrationProgress(
-                            "load", 1, len(models), 0, shown, None,
-                            _("A self-check failed: looking for how the moving head lies ({count} turns)...").format(
-                                count=count)))
+                    sayAgain(_("A self-check failed: looking for how the moving head lies ({count} turns)...").format(
+                        count=count), len(models))
 
                 stages, result.retry = register_with_second_try(
                     fixedImage, movingImage, [m for _, m in models], retry=retryVaried,

@@ -35,7 +35,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .config import varied_models_beside
-from .data import network_grid
+from .data import foreground_centre, network_grid
 from .export import LoadedModel
 from .inputs import prepare_image
 from .refinement import IterationInfo
@@ -220,11 +220,21 @@ def search_turns(fixed: sitk.Image, moving: sitk.Image, model: LoadedModel,
     f, m = (prepare_image(image, cfg.grid_spacing, model.intensity, model.intensity_foreground,
                           cfg.centre_on_foreground, what, bool(keep.get("bias_correct", False)))
             for image, what in ((fixed, "fixed image"), (moving, "moving image")))
+    centres: dict[tuple, np.ndarray] = {}  # the moving head's centre with its top where the turn puts the fixed's
+
+    def moving_centre(turn: np.ndarray) -> np.ndarray:
+        if model.ndim != 3 or not cfg.centre_on_foreground or np.array_equal(turn, np.eye(3)):
+            return m.centre  # (a head with a neck and shoulders is centred below its top: `foreground_centre`)
+        up = tuple(turn @ np.array([0.0, 0.0, 1.0]))
+        if up not in centres:
+            centres[up] = foreground_centre(m.image, up=up)
+        return centres[up]
+
     scored = []
     for turn in axis_turns(model.ndim):
         if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
             break
-        start = turned_start(turn, f.centre, m.centre)
+        start = turned_start(turn, f.centre, moving_centre(turn))
         one_pass = registration.register(fixed, moving, model, initial_transform=start, iterations=0,
                                          more_passes=False, **keep)
         scored.append((float(one_pass.information["result"]), turn, start))

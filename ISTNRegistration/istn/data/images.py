@@ -277,7 +277,8 @@ def encode_soi(array: np.ndarray, kind: str, labels: Sequence[int] = ()) -> np.n
 # --------------------------------------------------------------------------
 
 
-def foreground_centre(image: sitk.Image, threshold: float | None = None) -> np.ndarray:
+def foreground_centre(image: sitk.Image, threshold: float | None = None,
+                      up: Sequence[float] = (0.0, 0.0, 1.0)) -> np.ndarray:
     """World centre ``(D,)`` (mm, LPS) of an image's foreground: the centroid of the voxels above Otsu's threshold.
 
     Independent of how the voxels are stored: the histogram and the centroid
@@ -287,7 +288,9 @@ def foreground_centre(image: sitk.Image, threshold: float | None = None) -> np.n
     a fraction of a voxel). Binary (not intensity-weighted) so that a bias
     field or a bright fat layer does not pull it. Falls back to the grid centre
     when no foreground separates from the background. ``threshold``: Otsu's
-    threshold of the image when already known.
+    threshold of the image when already known. ``up`` (3D, unit, world): the
+    head's top, for a foreground that holds more than a head (`_head_centre`);
+    world superior unless the head is known to lie otherwise (a turn searched).
     """
     grid = Grid.from_image(image)
     arr, step = statistics_sample(sitk.GetArrayViewFromImage(image))
@@ -303,7 +306,7 @@ def foreground_centre(image: sitk.Image, threshold: float | None = None) -> np.n
         counts = mask.sum(axis=others, dtype=np.int64)
         voxel.append(float((counts * np.arange(counts.size) * step).sum()) / total)
     centre = grid.voxel_to_world(np.asarray(voxel[::-1]))  # array (k, j, i) -> ITK index (i, j, k)
-    return _head_centre(grid, mask, step, centre) if arr.ndim == 3 else centre
+    return _head_centre(grid, mask, step, centre, up) if arr.ndim == 3 else centre
 
 
 #: A head fits in a sphere of this radius about its foreground centre: the farthest foreground voxel of the brain
@@ -316,19 +319,21 @@ HEAD_RADIUS_MM = 160.0
 HEAD_SPAN_MM = 180.0
 
 
-def _head_centre(grid: Grid, mask: np.ndarray, step: int, centre: np.ndarray) -> np.ndarray:
+def _head_centre(grid: Grid, mask: np.ndarray, step: int, centre: np.ndarray,
+                 up: Sequence[float] = (0.0, 0.0, 1.0)) -> np.ndarray:
     """The head's centre where the foreground holds more than a head, else ``centre`` (its centroid) unchanged.
 
     A head-and-neck field of view with the shoulders in it put the centroid 83 mm below the head's: the network's
     192 mm grid then held the neck and half the head, and registration ended at Dice 0 (pose audit, session 37).
-    ``mask``: the foreground of a regular subsample (every ``step``-th voxel) of an image on ``grid``, array order.
+    ``mask``: the foreground of a regular subsample (every ``step``-th voxel) of an image on ``grid``, array order;
+    ``up``: the head's top (unit, world; LPS +z is superior, whatever the file's voxel order).
     """
     coarse = mask[::2, ::2, ::2]  # every 2nd voxel of the sample is enough to place a head (1/8 of the cost)
     world = grid.voxel_to_world(np.argwhere(coarse)[:, ::-1] * float(2 * step))  # (n, 3) mm, LPS
     if float(((world - centre) ** 2).sum(axis=1).max()) <= HEAD_RADIUS_MM ** 2:
         return centre
-    top = float(world[:, 2].max())  # LPS: +z is superior, whatever the file's voxel order
-    return world[world[:, 2] >= top - HEAD_SPAN_MM].mean(axis=0)
+    height = world @ np.asarray(up, dtype=float)
+    return world[height >= float(height.max()) - HEAD_SPAN_MM].mean(axis=0)
 
 
 #: Otsu's histogram leaves out values beyond the 0.1st-99.9th percentile range by more than that range's width (a
