@@ -101,10 +101,10 @@ class RegistrationResult:
     # the voxel spacing looks not to be in mm (`scale_warning`): a header to fix, which no other model registers
     spacing_suspect: bool = False
     bias_corrected: bool = False  # the working copies were divided by their intensity bias (N4; `register`)
-    # the chain this stage belongs to started from the moving head turned by a whole number of right angles, found
-    # by the orientation search after the chain from the images as stored failed a self-check
-    # (`istn.chain.search_turns`): the turn, what it is, and the images' mutual information that chose it; empty
-    # for a chain from the images as stored (or from the user's start)
+    # on a chain's first stage: the chain started from the moving head turned by a whole number of right angles,
+    # found by the turn search after the chain from the images as stored failed a self-check
+    # (`istn.chain.turned_chain`): the turn, what it is, and the images' mutual information that chose it; empty
+    # otherwise (a chain from the images as stored or from the user's start, and every later stage)
     turned: dict = field(default_factory=dict)
 
     # the moving map, or what makes it on first use: an affine stage's extra ITN look (~0.15 s on 2 CPU cores)
