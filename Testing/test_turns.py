@@ -74,7 +74,7 @@ def scripted(monkeypatch):
 def test_a_failed_chain_is_run_again_from_the_best_turn_and_says_so(scripted):
     calls, state, model = scripted
     turned = turned_chain(None, None, [model], [_stage(["information"])])
-    assert calls == {**calls, "search": 1, "chain": 1}
+    assert calls["search"] == 1 and calls["chain"] == 1
     assert calls["options"]["given_transform"] is None  # the images as given stay the user's, not the turn
     head = turned[0]
     assert np.array_equal(head.turned["turn_lps"], axis_turns(3)[5]) and head.turned["turns_tried"] == 24

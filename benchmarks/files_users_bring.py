@@ -134,14 +134,21 @@ def second_head(image, labels):
     return _like(a, wide), sitk.ConstantPad(labels, [0, 0, 0], [width + gap, 0, 0], 0), {}
 
 
-def turned(degrees: float, axis: int):
-    """Turned about its foreground centre and the world axis ``axis``, on a grid padded to hold it."""
+def head_turn(image: sitk.Image, degrees: float, axis: int) -> sitk.AffineTransform:
+    """``degrees`` about ``image``'s foreground centre and the world axis ``axis``: the head as it was (world) -> the
+    head `turned` makes."""
     from scipy.spatial.transform import Rotation
 
+    turn = sitk.AffineTransform(3)
+    turn.SetCenter(foreground_centre(image).tolist())
+    turn.SetMatrix(Rotation.from_rotvec(np.deg2rad(degrees) * np.eye(3)[axis]).as_matrix().ravel().tolist())
+    return turn
+
+
+def turned(degrees: float, axis: int):
+    """Turned about its foreground centre and the world axis ``axis`` (`head_turn`), on a grid padded to hold it."""
     def make(image, labels):
-        turn = sitk.AffineTransform(3)
-        turn.SetCenter(foreground_centre(image).tolist())
-        turn.SetMatrix(Rotation.from_rotvec(np.deg2rad(degrees) * np.eye(3)[axis]).as_matrix().ravel().tolist())
+        turn = head_turn(image, degrees, axis)
         grid = Grid.from_image(image)
         pad = 20
         ref = Grid(tuple(n + 2 * pad for n in grid.size), grid.spacing,
@@ -212,6 +219,17 @@ VARIANTS: list[tuple[str, bool, Callable]] = [
 ]
 
 
+def heads(pair: dict, data: str | None) -> list[tuple[str, sitk.Image, sitk.Image]]:
+    """(name, image, labels): the sample moving head (``pair``: `istn.demo.sample_pair`) and, with ``data`` (`istn data
+    prepare`'s folder), Colin27's whole head (held out)."""
+    found = [("sample head (brain-extracted)", pair["moving"], pair["moving_labels"])]
+    if data:
+        ev = Path(data) / "eval"
+        found.append(("Colin27 whole head", sitk.ReadImage(str(ev / "colin27_t1.nii.gz")),
+                      sitk.ReadImage(str(ev / "colin27_labels.nii.gz"))))
+    return found
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=None, help="output of `istn data prepare` (Colin27's whole head); optional")
@@ -230,13 +248,8 @@ def main(argv=None) -> int:
     pair = demo.sample_pair()
     fixed, fixed_labels = pair["fixed"], pair["fixed_labels"]
     models = [load_model(demo.bundled_model(n)) for n in (demo.AFFINE_MODEL, demo.BSPLINE_MODEL)]
-    heads = [("sample head (brain-extracted)", pair["moving"], pair["moving_labels"])]
-    if args.data:
-        ev = Path(args.data) / "eval"
-        heads.append(("Colin27 whole head", sitk.ReadImage(str(ev / "colin27_t1.nii.gz")),
-                      sitk.ReadImage(str(ev / "colin27_labels.nii.gz"))))
     rows = []
-    for head, image, labels in heads:
+    for head, image, labels in heads(pair, args.data):
         placed, placed_labels, _ = demo.place_in_scanner(sitk.Cast(image, sitk.sitkFloat32), labels)
         for name, place, make in VARIANTS:
             if name.startswith("neck") and "whole" not in head:

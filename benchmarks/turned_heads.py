@@ -29,12 +29,11 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "ISTNRegistration"))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from files_users_bring import header_turned, turned  # noqa: E402
+from files_users_bring import head_turn, header_turned, heads, turned  # noqa: E402
 from report import write_report  # noqa: E402
 
 from istn import demo  # noqa: E402
 from istn.chain import register_with_second_try  # noqa: E402
-from istn.data import foreground_centre  # noqa: E402
 from istn.export import load_model  # noqa: E402
 from istn.geometry import Grid  # noqa: E402
 
@@ -55,16 +54,11 @@ CASES = [
 
 def truth(image: sitk.Image, kind: str, how) -> sitk.Transform:
     """The known transform, the head as it was (fixed world) -> the turned head (moving world)."""
-    from scipy.spatial.transform import Rotation
-
-    t = sitk.AffineTransform(3)
     if kind == "voxels":  # as `files_users_bring.turned` turns it
-        degrees, axis = how
-        t.SetCenter(foreground_centre(image).tolist())
-        t.SetMatrix(Rotation.from_rotvec(np.deg2rad(degrees) * np.eye(3)[axis]).as_matrix().ravel().tolist())
-    else:  # as `files_users_bring.header_turned` stores it
-        t.SetCenter(Grid.from_image(image).centre.tolist())
-        t.SetMatrix(np.asarray(how, dtype=float).ravel().tolist())
+        return head_turn(image, *how)
+    t = sitk.AffineTransform(3)  # as `files_users_bring.header_turned` stores it: about the grid's centre
+    t.SetCenter(Grid.from_image(image).centre.tolist())
+    t.SetMatrix(np.asarray(how, dtype=float).ravel().tolist())
     return t
 
 
@@ -77,13 +71,9 @@ def main(argv=None) -> int:
     pair = demo.sample_pair()
     template, template_labels = pair["fixed"], pair["fixed_labels"]
     models = [load_model(demo.bundled_model(n)) for n in (demo.AFFINE_MODEL, demo.BSPLINE_MODEL)]
-    heads = [("sample head (brain-extracted)", sitk.Cast(pair["moving"], sitk.sitkFloat32), pair["moving_labels"])]
-    if args.data:
-        ev = Path(args.data) / "eval"
-        heads.append(("Colin27 whole head", sitk.ReadImage(str(ev / "colin27_t1.nii.gz"), sitk.sitkFloat32),
-                      sitk.ReadImage(str(ev / "colin27_labels.nii.gz"))))
     rows = []
-    for head, image, labels in heads:
+    for head, image, labels in heads(pair, args.data):
+        image = sitk.Cast(image, sitk.sitkFloat32)
         mask = sitk.GetArrayViewFromImage(sitk.OtsuThreshold(image, 0, 1)) > 0
         points = np.array([image.TransformIndexToPhysicalPoint([int(v) for v in i[::-1]])
                            for i in np.argwhere(mask)[::50]])
