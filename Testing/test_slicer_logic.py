@@ -2054,3 +2054,25 @@ def test_a_moving_head_stored_prone_is_registered_from_its_turn_and_the_summary_
                                             progressCallback=lambda p: messages.append(str(p)))
     assert not any("looking for how" in m for m in messages)
     assert once.metrics["stages"][0]["turned"] is None and once.stages[0].self_checks_failed
+
+
+def test_a_series_aligned_with_the_fixed_volume_comes_back_as_given_and_the_panel_says_so(scene):
+    """The panel's flow with the bundled affine: 6 mm sagittal slices of the sample head against the head itself
+    (one session, no motion). The stage gives the identity back, says why, and the metrics record it; no second try
+    and no turn search (before: the information check failed, both ran, and the result ended 0.6 mm off)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from acquisition import acquire
+
+    fixed = sitk.Cast(sitk.ReadImage(str(REPO / "Resources" / "SampleData" / "fixed_t1.nii.gz")), sitk.sitkFloat32)
+    fixed_node = nodes.addVolumeNodeFromImage(scene, fixed, "fixed T1")
+    moving_node = nodes.addVolumeNodeFromImage(scene, acquire(fixed, (6.0, 2.0, 2.0)), "sagittal series")
+    messages = []
+    result = ISTNRegistrationLogic().register(fixed_node, moving_node, threads=2,
+                                              modelPath=str(modelfiles.MODELS_DIR / "brain-t1-affine.pt"),
+                                              progressCallback=lambda p: messages.append(str(p)))
+    assert result.metrics["stages"][0]["start_kept"] is True and result.retry is None
+    assert not any("looking for how" in m or "registering again" in m.lower() for m in messages)
+    assert "aligned as given" in result.summary()
+    assert np.array_equal(_affine_matrix(result.stages[0].transform), np.eye(4))
+    node_matrix = nodes.arrayFromVtkMatrix(_matrix_from_parent(result.transformNode))
+    assert np.allclose(node_matrix, np.eye(4), atol=1e-9)

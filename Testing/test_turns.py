@@ -111,3 +111,68 @@ def test_no_search_where_a_turn_is_not_the_question(scripted, case):
         model.transform_type = "bspline"
     assert turned_chain(None, None, [model], first, **options) is None
     assert calls["search"] == 0 and calls["chain"] == 0
+
+
+class _Counting:
+    """The frozen network, counting how often its ITN runs."""
+
+    def __init__(self, inner):
+        self.inner, self.runs = inner, 0
+
+    def representation(self, x):
+        self.runs += 1
+        return self.inner.representation(x)
+
+    def stn_pooled(self, s, t):
+        return self.inner.stn_pooled(s, t)
+
+
+def test_remembered_maps_are_the_same_maps_without_running_the_itn_again(make_model):
+    import torch
+
+    from istn.export import load_model
+
+    model = load_model(make_model(ndim=3))
+    counting = _Counting(model._fast_cpu())
+    model._fast_cpu = lambda: counting
+    x, y, z = (torch.rand(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(k)) for k in range(3))
+    plain = model.representation(x)
+    with model.remembering_maps():
+        first = model.representation(x)
+        again = model.representation(x.clone())  # equal values, another tensor
+        model.representation(y), model.representation(x), model.representation(z)  # x used last: kept over y
+        kept = model.representation(x)
+        assert counting.runs == 1 + 3  # plain, then x, y and z once each
+        assert torch.equal(first, plain) and torch.equal(again, plain) and torch.equal(kept, plain)
+        again.add_(1.0)  # a caller's change stays its own
+        assert torch.equal(model.representation(x), plain)
+        model.representation(y)
+        assert counting.runs == 5  # y had been let go for z
+    assert model._maps == [] and not model._remembering
+    model.representation(x)
+    assert counting.runs == 6  # outside, every call runs the ITN
+
+
+def test_the_turn_search_runs_the_itn_on_the_fixed_image_once():
+    """24 one passes: 24 moving looks and ONE fixed map (it was 24), with the same scores as without remembering."""
+    import contextlib
+
+    from conftest import header_turned
+    from istn import demo
+    from istn.export import LoadedModel, load_model
+
+    path = demo.bundled_model(demo.AFFINE_MODEL)
+    if not path.exists():
+        pytest.skip("bundled models absent")
+    model = load_model(path)
+    counting = _Counting(model._fast_cpu())
+    model._fast_cpu = lambda: counting
+    pair = demo.sample_pair()
+    moving = header_turned(pair["moving"], np.diag([-1.0, -1.0, 1.0]))
+    scored = chain.search_turns(pair["fixed"], moving, model, threads=2)
+    assert len(scored) == 24 and counting.runs == 24 + 1
+    counting.runs = 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(LoadedModel, "remembering_maps", lambda self: contextlib.nullcontext(self))
+        plain = chain.search_turns(pair["fixed"], moving, model, threads=2)
+    assert counting.runs == 48 and [s for s, _, _ in plain] == [s for s, _, _ in scored]

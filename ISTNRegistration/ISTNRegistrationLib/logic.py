@@ -1062,7 +1062,7 @@ class ISTNRegistrationLogic:
              "loss_final": s.loss_final,
              "iterations": s.iterations, "polish_iterations": s.polish_iterations,
              "iterations_requested": s.iterations_allowed, "losses": list(s.losses),
-             "mutual_information": dict(s.information), "turned": s.turned or None}
+             "mutual_information": dict(s.information), "turned": s.turned or None, "start_kept": s.start_kept}
             for s in stages]}
         metrics["loss_one_pass"] = stages[-1].loss_one_pass
         metrics["loss_final"] = stages[-1].loss_final

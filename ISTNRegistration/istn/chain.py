@@ -231,13 +231,14 @@ def search_turns(fixed: sitk.Image, moving: sitk.Image, model: LoadedModel,
         return centres[up]
 
     scored = []
-    for turn in axis_turns(model.ndim):
-        if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
-            break
-        start = turned_start(turn, f.centre, moving_centre(turn))
-        one_pass = registration.register(fixed, moving, model, initial_transform=start, iterations=0,
-                                         more_passes=False, **keep)
-        scored.append((float(one_pass.information["result"]), turn, start))
+    with model.remembering_maps():  # the fixed image's map once, not once a turn
+        for turn in axis_turns(model.ndim):
+            if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
+                break
+            start = turned_start(turn, f.centre, moving_centre(turn))
+            one_pass = registration.register(fixed, moving, model, initial_transform=start, iterations=0,
+                                             more_passes=False, **keep)
+            scored.append((float(one_pass.information["result"]), turn, start))
     return scored
 
 

@@ -19,9 +19,10 @@ import json
 import os
 import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -104,6 +105,9 @@ class LoadedModel:
     _inference: dict = field(default_factory=dict, repr=False, compare=False)  # device -> frozen module
     #: held by `istn.registration.register` while it refines (it changes the weights in place and restores them)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+    #: (input, map) of the last `representation` calls, kept only inside `remembering_maps`
+    _maps: list = field(default_factory=list, repr=False, compare=False)
+    _remembering: int = field(default=0, repr=False, compare=False)
 
     def __deepcopy__(self, memo: dict) -> "LoadedModel":
         raise TypeError("a loaded model is not copied (its scripted network does not survive a deep copy): load the "
@@ -143,11 +147,35 @@ class LoadedModel:
         brain models, the same maps to ~1e-5 (benchmarks/results/cpu_fast_paths.md).
         Built on first use (~0.1 s) and kept; elsewhere ``module.representation``.
         """
-        if x.device.type != "cpu":
-            with torch.no_grad():
-                return self.module.representation(x)
+        if self._remembering:
+            for i, (seen, out) in enumerate(self._maps):
+                if seen.shape == x.shape and seen.device == x.device and torch.equal(seen, x):
+                    self._maps.insert(0, self._maps.pop(i))  # the last used first: the fixed map stays
+                    return out.clone()
         with torch.no_grad():
-            return self._fast_cpu().representation(x)
+            out = (self.module if x.device.type != "cpu" else self._fast_cpu()).representation(x)
+        if self._remembering:
+            self._maps[:] = [(x.clone(), out.clone())] + self._maps[: self.REMEMBERED - 1]
+        return out
+
+    #: the maps `remembering_maps` keeps: a fixed image's and one moving look between two of its uses
+    REMEMBERED = 2
+
+    @contextmanager
+    def remembering_maps(self) -> Iterator["LoadedModel"]:
+        """Within it, `representation` of an input equal to one of its last `REMEMBERED` inputs returns that map
+        (a copy) instead of running the ITN again: a caller that registers one fixed image many times (the turn
+        search: 24 one passes) computes the fixed map once. Exact (the same input gives the same map); the maps
+        are let go on leaving. Nestable; one model shared by threads shares it too (equal inputs, equal maps)."""
+        with self.lock:
+            self._remembering += 1
+        try:
+            yield self
+        finally:
+            with self.lock:
+                self._remembering -= 1
+                if not self._remembering:
+                    self._maps.clear()
 
     def stn_pooled(self, source_map: torch.Tensor, target_map: torch.Tensor) -> torch.Tensor:
         """The STN's convolutional features of a pair of maps (`ISTN.stn_pooled`), for inference (no gradient).

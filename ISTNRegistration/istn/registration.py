@@ -52,8 +52,8 @@ from .refinement import (DEFAULT_ITERATIONS, MAP_DISPLAY_THRESHOLD, REFINE_LAYER
                          RefineOutput, model_region_margin, refine, refinement_layers, supports_fc_refinement)
 from .threads import default_threads
 from .training import check_device, resolve_device
-from .transforms import (bspline_to_world, compose, field_spacing_cap, flatten_transform, matrix_to_sitk_affine,
-                         sitk_affine_to_matrix, theta_to_world)
+from .transforms import (bspline_to_world, compose, field_spacing_cap, flatten_transform, linear_matrix,
+                         matrix_to_sitk_affine, sitk_affine_to_matrix, theta_to_world)
 
 @dataclass
 class RegistrationResult:
@@ -76,7 +76,8 @@ class RegistrationResult:
     model_path: str = ""  # the model file that made it
     converged: bool = False  # refinement stopped by its tolerance before the iteration cap
     # the refinement iterate returned (the lowest loss), 1-based: 1 = the one pass, len(losses) + 1 = the
-    # parameters after the last step (their loss is loss_final; `losses` holds each step's loss before it)
+    # parameters after the last step (their loss is loss_final; `losses` holds each step's loss before it);
+    # 0: none, the start was returned (``start_kept``)
     best_iteration: int = 0
     similarity_final: float = float("nan")  # MSE(T(s'), t') of the result, without the bending term
     coarse_iterations: int = 0  # of ``iterations``, those run on the half-resolution maps (coarse to fine)
@@ -106,6 +107,9 @@ class RegistrationResult:
     # (`istn.chain.turned_chain`): the turn, what it is, and the images' mutual information that chose it; empty
     # otherwise (a chain from the images as stored or from the user's start, and every later stage)
     turned: dict = field(default_factory=dict)
+    # the stage returned its start, the images as given: its result left them less alike and its maps matched no
+    # closer than as given (`NO_GAIN`): a pair aligned already (``transform`` is then the start, ``best_iteration`` 0)
+    start_kept: bool = False
 
     # the moving map, or what makes it on first use: an affine stage's extra ITN look (~0.15 s on 2 CPU cores)
     # is needed only when the map is shown, never for a stage a B-spline follows
@@ -145,6 +149,7 @@ class RegistrationResult:
             "pass_moves_mm": self.pass_moves,
             "bias_corrected": self.bias_corrected,
             "turned": self.turned or None,
+            "start_kept": self.start_kept,
             "pass_iterations": [list(p) for p in self.pass_iterations],
             "map_volume_ratio": [None if not np.isfinite(r) else r for r in self.map_volume_ratio],
             "mutual_information": self.information,
@@ -398,6 +403,15 @@ def _linear_matrix(transform: sitk.Transform, ndim: int) -> np.ndarray:
         raise InputError("the initial transform of a B-spline registration must be linear (affine, rigid, ...)") from None
 
 
+def _starts_as_given(initial: sitk.Transform | None, given: sitk.Transform | None, d: int) -> bool:
+    """Whether a stage starting from ``initial`` starts from the images as given (``given``; None: as stored):
+    the same linear map (None: the identity); False for a non-linear one."""
+    if any(t is not None and not t.IsLinear() for t in (initial, given)):
+        return False
+    a, b = (np.eye(d + 1) if t is None else linear_matrix(t) for t in (initial, given))
+    return bool(np.allclose(a, b, rtol=0.0, atol=1e-9))
+
+
 def _inverse_consistent_theta(theta_st: np.ndarray, theta_ts: np.ndarray) -> np.ndarray:
     """Homogeneous ``(D+1, D+1)`` midpoint ``(T_st @ T_ts^-1)^(1/2)`` of the forward and backward predictions.
 
@@ -510,6 +524,16 @@ INFORMATION_KEPT = 0.98
 # over the foreground, is not warned of by the information check: that far it can only resample, not misalign
 NEGLIGIBLE_MOVE = 0.5
 FOREGROUND = 0.05  # fixed voxels compared: above this in the network's window (the head, not the air around it)
+#: A stage started from the images as given returns them as given (`RegistrationResult.start_kept`) when its result
+#: leaves the images less alike (the information check) and its maps match no closer than as given: their loss fell
+#: by less than this fraction of the validation pairs' lowest refined loss. Heads registered to their own volume
+#: from thick slices (4-8 mm; axial, coronal, sagittal, oblique), aligned exactly, whose result the information
+#: check flagged 0.4-1.3 mm (mean) from the exact start: the affine's loss fell by 0-4.4e-5 (the sample heads at
+#: 2 mm, Colin27 at 1 mm; validation floor 5.6e-4: up to 8 %), the B-spline's by up to 3.6e-5 (floor 3.5e-4: 10 %).
+#: Colin27 registered to the template it nearly sits on (Dice 0.835 -> 0.865; the check fired on 4 of 8): by
+#: 3.3-4.0e-4 (60-72 %); after a 3 degree / 3 mm motion: 8e-4 to 2e-3 (/work/s41/start_probe.py, near_probe.py,
+#: sample_thick.py). The bound lies between, a factor ~2.5 from either.
+NO_GAIN = 0.2
 
 
 def image_information(fixed: sitk.Image, moving: sitk.Image, grid: Grid, windows: tuple,
@@ -1159,6 +1183,45 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
                 passes += 1  # the pose is not settled yet: another look
     timings["refine"] = time.perf_counter() - t0
 
+    # The information self-check: the images through the result against the images as given. A stage started from
+    # the images as given whose result leaves them less alike, while its maps match no closer than as given, returns
+    # them as given (`NO_GAIN`): a pair aligned already, which registration could only move by its own imprecision.
+    # Only where the maps are to be trusted (the other self-checks pass): else the failure stands, as it is
+    t_info = time.perf_counter()
+    volume_ratio = map_volume_ratios(s_map, t_map) if model.config.itn_output == "sigmoid" else np.zeros(0)
+    given, kept = image_information(fixed, moving, grid_f, (win_f, win_m), [given_transform, final])
+    information = _information_check(given, kept, lambda: largest_move(fixed, grid_f, win_f, given_transform, final),
+                                     NEGLIGIBLE_MOVE * min(fixed.GetSpacing()))
+    # the validation pairs' lowest refined loss: the scale of what the model's maps can tell apart
+    best_low = model.meta.get("validation", {}).get("refinement_loss", {}).get("refined", {}).get("min")
+    start_kept = False
+    if (information and not out.cancelled and best_low is not None
+            and _starts_as_given(initial_transform, given_transform, d)
+            and _self_check(model, out.similarity, refined=bool(out.losses)) is None
+            and _map_volume_check(model, volume_ratio) is None):
+        if affine:
+            def looked(t: sitk.Transform) -> RefineOutput:  # the maps through t, compared with no residual
+                look, to_world_t = affine_look(t)
+                with torch.no_grad():
+                    s = model.representation(look.to(dev))
+                return refine(module, s, t_map, 0, lr, None, None, to_world_t, adjust=_identity_theta,
+                              pooled=model.stn_pooled(s, t_map) if split else None, **compared)
+
+            start = given_transform if given_transform is not None else sitk.AffineTransform(d)
+            at_start, at_result = looked(start), looked(final).similarity
+        else:  # the zero B-spline is the start (its affine part is the images as given), on the first look's maps
+            def at(q: torch.Tensor) -> RefineOutput:
+                return refine(module, s_map, t_map, 0, lr, None, None, to_world, adjust=lambda _: q,
+                              regulariser=regulariser, pooled=pooled if split else None, **compared)
+
+            zero = torch.zeros_like(params)
+            start, at_start, at_result = to_world(zero), at(zero), at(params).similarity
+        if at_start.similarity - at_result < NO_GAIN * float(best_low):
+            final, start_kept, best_iteration, information, left = start, True, 0, None, kept
+            out = dataclasses.replace(at_start, cancelled=out.cancelled, converged=out.converged)
+            kept = image_information(fixed, moving, grid_f, (win_f, win_m), [final])[0]
+    information_seconds = time.perf_counter() - t_info
+
     # Maps for display, each on a grid of its own image's space: the moving head's in the fixed head's pose
     # (`moving_map_grid`), for an affine stage one more look of the ITN after its result, made when first asked for.
     with torch.no_grad():
@@ -1178,7 +1241,6 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
     # Adam's first step moves every weight by ~lr: from an exact start (an image and itself) any step climbs,
     # harmlessly (the best iterate is kept), so a start far below every validation pair's refined loss is quiet (a
     # merely good start is not: a learning rate too high there leaves the one pass unrefined, and should be said)
-    best_low = model.meta.get("validation", {}).get("refinement_loss", {}).get("refined", {}).get("min")
 
     def climbed(o: RefineOutput):
         low = EXACT_START * float(best_low) if best_low is not None else EXACT_LOSS  # a model without validation
@@ -1207,19 +1269,21 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
                       "foreground, more than 8 mm from it: a phantom, a marker block, a second head?); it was left "
                       "out, and the largest object registered: check that this was the anatomy"
                       for role, p in (("fixed", fixed_in), ("moving", moving_in)) if p.detached > 0]
+    if start_kept:
+        warnings_.append(
+            f"the images were aligned as given, as far as the model can tell: its result left them less alike "
+            f"(mutual information {left:.3f} vs {given:.3f}) and its maps matched no closer than as given, so the "
+            "images are returned as given" + (" (the identity transform)" if given_transform is None else
+                                              " (your start)"))
     t_info = time.perf_counter()
-    volume_ratio = map_volume_ratios(s_map, t_map) if model.config.itn_output == "sigmoid" else np.zeros(0)
-    given, kept = image_information(fixed, moving, grid_f, (win_f, win_m), [given_transform, final])
     failed = []  # the self-checks that say the pair is unlike what the model was made for (`SELF_CHECKS`)
     for name, check in (("loss", _self_check(model, out.similarity, refined=bool(out.losses))),
                         ("map_volume", _map_volume_check(model, volume_ratio)),
-                        ("information", _information_check(
-                            given, kept, lambda: largest_move(fixed, grid_f, win_f, given_transform, final),
-                            NEGLIGIBLE_MOVE * min(fixed.GetSpacing())))):
+                        ("information", information)):
         if check:
             warnings_.append(check)
             failed.append(name)
-    timings["self_check"] = time.perf_counter() - t_info
+    timings["self_check"] = information_seconds + time.perf_counter() - t_info
     timings["total"] = time.perf_counter() - t_start
     return RegistrationResult(
         transform=final,
@@ -1256,4 +1320,5 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
         pass_iterations=pass_iterations,
         bending=bending,
         anchor=anchor,
+        start_kept=start_kept,
     )
