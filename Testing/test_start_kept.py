@@ -143,3 +143,39 @@ def test_no_start_is_given_back_where_another_check_fails(bundled, monkeypatch):
     assert not result.start_kept and result.best_iteration > 0
     assert result.self_checks_failed == ["map_volume", "information"]
     assert not any("aligned as given" in w for w in result.warnings)
+
+
+
+@pytest.mark.parametrize("ndim, transform", [(2, "affine"), (2, "bspline"), (3, "bspline")])
+def test_the_start_given_back_is_exactly_the_start_in_2d_and_for_a_b_spline_stage(make_model, monkeypatch, ndim,
+                                                                                  transform):
+    """The rule's mechanics on a tiny random model: its metadata puts the validation floor so high that nothing its
+    maps find counts as a gain (refined min 10) and its loss check out of reach, and the information check is made
+    to fail. The stage gives back exactly its start (the identity; a B-spline stage its zero B-spline, still a
+    B-spline result), in 2D and 3D, and says so; the loss reported is the start's."""
+    import copy
+
+    import istn.registration as registration
+    from conftest import blob_image, rotation
+    from istn.export import load_model, rewrite_metadata
+
+    path = make_model(ndim=ndim, transform=transform, scale=2.0)
+    meta = copy.deepcopy(load_model(path).meta)
+    meta["validation"] = {"refinement_loss": {"refined": {"min": 10.0, "median": 10.0, "max": 1e6, "n": 1},
+                                              "one_pass": {"min": 10.0, "median": 10.0, "max": 1e6, "n": 1}}}
+    model = load_model(rewrite_metadata(path, meta))
+    if ndim == 2:
+        fixed = blob_image((48, 40), (1.5, 2.0), (-35.0, -38.0), rotation(2, (12,)))
+    else:
+        fixed = blob_image((28, 30, 26), (2.0, 2.0, 2.0), (-27.0, -29.0, -25.0), rotation(3, (5, 0, 0)))
+    moving = sitk.Resample(fixed, [n - 3 for n in fixed.GetSize()], sitk.Transform(), sitk.sitkLinear,
+                           fixed.GetOrigin(), [s * 1.1 for s in fixed.GetSpacing()], fixed.GetDirection(), 0.0)
+    monkeypatch.setattr(registration, "_information_check", lambda *args, **kw: "less alike")
+    result = registration.register(fixed, moving, model, iterations=5, threads=2)
+    assert result.start_kept and result.best_iteration == 0 and not result.self_checks_failed
+    assert result.transform_type == transform and result.transform.IsLinear() == (transform == "affine")
+    for f in (1 / 3, 1 / 2, 3 / 4):
+        p = fixed.TransformContinuousIndexToPhysicalPoint([n * f for n in fixed.GetSize()])
+        assert np.allclose(result.transform.TransformPoint(p), p, atol=1e-6)
+    assert result.loss_final == pytest.approx(result.similarity_final)  # the start's own loss (no penalty at zero)
+    assert any("aligned as given" in w for w in result.warnings)

@@ -912,7 +912,9 @@ def register(
     resampled from your images as they are).
     ``given_transform``: where the user placed the moving image (fixed world -> moving world), the baseline of
     ``information["as_given"]`` and of the information self-check; default None: the images as stored. A chain
-    (`istn.chain.register_chain`) passes the user's start to every stage, not the previous stage's result.
+    (`istn.chain.register_chain`) passes the user's start to every stage, not the previous stage's result. A stage
+    that starts there returns it (``start_kept``) when its result fails only the information check and its maps
+    gained almost nothing over it (`NO_GAIN`): a pair aligned already.
     """
     t_start = time.perf_counter()
     check_api_types(model=model, initial_transform=initial_transform, threads=threads, bias_correct=bias_correct)
@@ -1207,7 +1209,9 @@ def _register(fixed_in: PreparedImage, moving_in: PreparedImage, model, iteratio
                 return refine(module, s, t_map, 0, lr, None, None, to_world_t, adjust=_identity_theta,
                               pooled=model.stn_pooled(s, t_map) if split else None, **compared)
 
-            start = given_transform if given_transform is not None else sitk.AffineTransform(d)
+            # a copy of the user's start (the result is the caller's to keep), else the identity
+            start = matrix_to_sitk_affine(linear_matrix(given_transform) if given_transform is not None
+                                          else np.eye(d + 1))
             at_start, at_result = looked(start), looked(final).similarity
         else:  # the zero B-spline is the start (its affine part is the images as given), on the first look's maps
             def at(q: torch.Tensor) -> RefineOutput:
