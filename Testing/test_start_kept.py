@@ -3,7 +3,7 @@ the images less alike and its maps match no closer (`istn.registration.NO_GAIN`,
 
 Before it, a clinical thick-slice series registered to the volume of the same head it was taken with (no motion,
 the start exact) ended 0.4-1.3 mm off that start, failed the information check, and paid the second try and the
-turn search for nothing (11 of 12 acquisitions of the sample heads, /work/s41/sample_thick.py)."""
+turn search for nothing (12 of 15 series of three heads, benchmarks/results/aligned_series.md)."""
 from __future__ import annotations
 
 import json

@@ -531,8 +531,8 @@ FOREGROUND = 0.05  # fixed voxels compared: above this in the network's window (
 #: check flagged 0.4-1.3 mm (mean) from the exact start: the affine's loss fell by 0-4.4e-5 (the sample heads at
 #: 2 mm, Colin27 at 1 mm; validation floor 5.6e-4: up to 8 %), the B-spline's by up to 3.6e-5 (floor 3.5e-4: 10 %).
 #: Colin27 registered to the template it nearly sits on (Dice 0.835 -> 0.865; the check fired on 4 of 8): by
-#: 3.3-4.0e-4 (60-72 %); after a 3 degree / 3 mm motion: 8e-4 to 2e-3 (/work/s41/start_probe.py, near_probe.py,
-#: sample_thick.py). The bound lies between, a factor ~2.5 from either.
+#: 3.3-4.0e-4 (60-72 %); after a 3 degree / 3 mm motion: 8e-4 to 2.9e-3 (session 41's probes). The bound lies
+#: between, a factor ~2.5 from either (benchmarks/aligned_series.py: what it changes, rule off and on).
 NO_GAIN = 0.2
 
 
