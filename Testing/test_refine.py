@@ -58,18 +58,21 @@ def test_callback_every_iteration_with_current_transform(make_model, pair2d):
 
 
 def _cancelled_at(iteration: int, kind: str, fixed, moving, model, **kw):
-    """register(**kw) with a cancel (an Event or its is_set) set by the callback at ``iteration``."""
-    event = threading.Event()
+    """register(**kw) with a cancel (an Event, a multiprocessing one, or its is_set) set by the callback at
+    ``iteration``."""
+    import multiprocessing
+
+    event = multiprocessing.Event() if kind == "process event" else threading.Event()
 
     def on_iteration(info):
         if info.iteration == iteration:
             event.set()
 
-    return register(fixed, moving, model, callback=on_iteration, cancel=event if kind == "event" else event.is_set,
+    return register(fixed, moving, model, callback=on_iteration, cancel=event.is_set if kind == "callable" else event,
                     **kw)
 
 
-@pytest.mark.parametrize("kind", ["event", "callable"])
+@pytest.mark.parametrize("kind", ["event", "callable", "process event"])
 def test_cancel_stops_within_one_iteration_and_leaves_a_valid_result(make_model, pair2d, kind):
     fixed, moving = pair2d
     model = load_model(make_model(2, "affine"))

@@ -38,7 +38,7 @@ from .config import varied_models_beside
 from .data import foreground_centre, network_grid
 from .export import LoadedModel
 from .inputs import prepare_image
-from .refinement import IterationInfo
+from .refinement import IterationInfo, is_cancelled
 from . import registration
 from .registration import RegistrationResult, image_information
 
@@ -233,7 +233,7 @@ def search_turns(fixed: sitk.Image, moving: sitk.Image, model: LoadedModel,
     scored = []
     with model.remembering_maps():  # the fixed image's map once, not once a turn
         for turn in axis_turns(model.ndim):
-            if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
+            if is_cancelled(cancel):
                 break
             start = turned_start(turn, f.centre, moving_centre(turn))
             one_pass = registration.register(fixed, moving, model, initial_transform=start, iterations=0,

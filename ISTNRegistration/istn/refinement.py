@@ -69,11 +69,12 @@ class RefineOutput:
 
 
 def is_cancelled(cancel: CancelFlag) -> bool:
-    """True when ``cancel`` (an Event, a callable or None) asks to stop."""
+    """True when ``cancel`` (an Event, a callable or None) asks to stop. An Event: anything with ``is_set``, as
+    `istn.registration.register` accepts it (a ``multiprocessing.Event`` too, not only a ``threading.Event``)."""
     if cancel is None:
         return False
-    if isinstance(cancel, threading.Event):
-        return cancel.is_set()
+    if hasattr(cancel, "is_set"):
+        return bool(cancel.is_set())
     return bool(cancel())
 
 
