@@ -12,11 +12,17 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "ISTNRegistration"))  # the engine without installing it
+sys.path.insert(0, str(REPO / "benchmarks"))  # simulated acquisitions and files (`acquisition`)
 
 from istn.config import ModelConfig, TrainConfig  # noqa: E402
 from istn.export import build_metadata, export_model  # noqa: E402
 from istn.geometry import Grid  # noqa: E402
 from istn.networks import ISTN  # noqa: E402
+from acquisition import with_turned_header  # noqa: E402
+
+# the voxels under a header turned by right angles (a prone patient taken for supine, a sagittal acquisition
+# written as axial), as the benchmarks make them
+header_turned = with_turned_header
 
 torch.set_num_threads(1)
 
@@ -28,19 +34,6 @@ def rotation(ndim: int, degrees: tuple[float, ...]) -> np.ndarray:
         a = np.radians(degrees[0])
         return np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
     return Rotation.from_euler("xyz", degrees, degrees=True).as_matrix()
-
-
-def header_turned(image: sitk.Image, turn: np.ndarray) -> sitk.Image:
-    """``image``'s voxels under a header turned by ``turn`` ``(3, 3)`` about its centre: what a converter writes when
-    it takes a sagittal acquisition for an axial one, or a prone patient for a supine one. A world point ``x`` of
-    ``image`` is the turned image's ``c + turn (x - c)``."""
-    from istn.geometry import Grid
-
-    centre = Grid.from_image(image).centre
-    out = sitk.Image(image)
-    out.SetDirection((turn @ np.reshape(image.GetDirection(), (3, 3))).ravel().tolist())
-    out.SetOrigin((centre + turn @ (np.asarray(image.GetOrigin()) - centre)).tolist())
-    return out
 
 
 def blob_image(size, spacing, origin, direction, centre=None, extra=True) -> sitk.Image:

@@ -15,6 +15,7 @@ import pytest
 import SimpleITK as sitk
 
 from istn.registration import _starts_as_given
+from istn.transforms import linear_matrix as _matrix
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -33,12 +34,6 @@ def bundled():
     pair = demo.sample_pair()
     head = sitk.Cast(pair["fixed"], sitk.sitkFloat32)
     return [load_model(p) for p in paths], head, mask_points(sitk.OtsuThreshold(head, 0, 1), step=20)
-
-
-def _matrix(transform: sitk.Transform) -> np.ndarray:
-    from istn.transforms import linear_matrix
-
-    return linear_matrix(transform)
 
 
 @pytest.mark.parametrize("spacing", [(2.0, 2.0, 8.0), (6.0, 2.0, 2.0)])

@@ -7,6 +7,9 @@ made the same way from one source: smoothed by a Gaussian of about a voxel's poi
 at the centres of a grid of ``spacing`` mm whose axes are the source's turned by ``angles_deg`` (Euler, degrees)
 and whose centre is the source's shifted by ``shift_mm``. The axis-aligned reference is itself such an acquisition
 (angles 0), never the source as it was, so both sides of a comparison went through one resampling.
+
+`with_turned_header` makes the other kind of file: the voxels as they are, under a header that misstates the
+head's pose (a prone patient taken for supine, a sagittal acquisition written as axial).
 """
 
 from __future__ import annotations
@@ -40,6 +43,19 @@ def acquire(image: sitk.Image, spacing: float | tuple[float, float, float] = 2.0
            else image)
     return sitk.Resample(src, ref, sitk.Transform(), interpolator, 0.0, image.GetPixelID() if not smooth else
                          sitk.sitkFloat32)
+
+
+def with_turned_header(image: sitk.Image, turn: np.ndarray, centre=None) -> sitk.Image:
+    """``image``'s voxels as they are under a header turned by ``turn`` ``(3, 3)`` about ``centre`` (mm, LPS;
+    default the centre of ``image``'s grid): a world point ``x`` of ``image`` is the new image's
+    ``centre + turn (x - centre)``. A label map on the same grid takes the image's centre."""
+    if centre is None:
+        centre = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in image.GetSize()])
+    centre, turn = np.asarray(centre, dtype=float), np.asarray(turn, dtype=float)
+    out = sitk.Image(image)
+    out.SetDirection((turn @ np.reshape(image.GetDirection(), (3, 3))).ravel().tolist())
+    out.SetOrigin((centre + turn @ (np.asarray(image.GetOrigin()) - centre)).tolist())
+    return out
 
 
 def distance_mm(t1: sitk.Transform, t2: sitk.Transform, points: np.ndarray) -> tuple[float, float]:

@@ -15,7 +15,6 @@ foreground from the known transform (the identity when aligned).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from contextlib import contextmanager
@@ -29,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "ISTNRegistration"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from acquisition import acquire  # noqa: E402
+from files_users_bring import head_arguments, heads  # noqa: E402
 from report import write_report  # noqa: E402
 
 from istn import demo, registration  # noqa: E402
@@ -64,23 +64,19 @@ def rule(on: bool):
         registration.NO_GAIN = kept
 
 
-def heads(data: str | None) -> list[tuple[str, sitk.Image]]:
+def series_heads(data: str | None) -> list[tuple[str, sitk.Image]]:
+    """(name, image): the sample template (the fixed head) and `files_users_bring.heads`' (the sample moving head;
+    Colin27's whole head with ``data``)."""
     pair = demo.sample_pair()
-    found = [("sample fixed head", pair["fixed"]), ("sample moving head", pair["moving"])]
-    if data:
-        found.append(("Colin27 whole head", sitk.ReadImage(str(Path(data) / "eval" / "colin27_t1.nii.gz"))))
+    found = [("sample template (fixed head)", pair["fixed"])] + [(name, image) for name, image, _ in heads(pair, data)]
     return [(name, sitk.Cast(image, sitk.sitkFloat32)) for name, image in found]
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=None, help="output of `istn data prepare` (Colin27's whole head); optional")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "aligned_series"))
-    args = ap.parse_args(argv)
+    args = head_arguments(__doc__.splitlines()[0], "aligned_series").parse_args(argv)
     models = [load_model(demo.bundled_model(n)) for n in (demo.AFFINE_MODEL, demo.BSPLINE_MODEL)]
     rows = []
-    for head, image in heads(args.data):
+    for head, image in series_heads(args.data):
         mask = sitk.GetArrayViewFromImage(sitk.OtsuThreshold(image, 0, 1)) > 0
         points = np.array([image.TransformIndexToPhysicalPoint([int(v) for v in i[::-1]])
                            for i in np.argwhere(mask)[::50]])

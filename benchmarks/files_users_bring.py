@@ -162,15 +162,11 @@ def turned(degrees: float, axis: int):
 def header_turned(turn: np.ndarray):
     """The voxels as they are under a header turned by ``turn`` about the image's centre: a prone patient taken for
     supine, a sagittal acquisition written as axial (labels alike)."""
+    from acquisition import with_turned_header
+
     def make(image, labels):
-        centre = Grid.from_image(image).centre
-        out = []
-        for im in (image, labels):
-            im = sitk.Image(im)
-            im.SetDirection((turn @ np.reshape(im.GetDirection(), (3, 3))).ravel().tolist())
-            im.SetOrigin((centre + turn @ (np.asarray(im.GetOrigin()) - centre)).tolist())
-            out.append(im)
-        return out[0], out[1], {}
+        centre = Grid.from_image(image).centre  # the labels' too
+        return with_turned_header(image, turn, centre), with_turned_header(labels, turn, centre), {}
     return make
 
 
@@ -230,11 +226,18 @@ def heads(pair: dict, data: str | None) -> list[tuple[str, sitk.Image, sitk.Imag
     return found
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def head_arguments(description: str, results: str) -> argparse.ArgumentParser:
+    """The arguments of the benchmarks on these heads: ``--data`` (for `heads`), ``--threads``, ``--out``
+    (default ``benchmarks/results/<results>``)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--data", default=None, help="output of `istn data prepare` (Colin27's whole head); optional")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "files_users_bring"))
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / results))
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = head_arguments(__doc__.splitlines()[0], "files_users_bring")
     ap.add_argument("--before", action="append", default=[],
                     help="an earlier run's .json (e.g. this script run in a checkout of an earlier commit): its Dice "
                          "shown beside, n/a for a file it did not make; repeat for several, oldest first")

@@ -17,7 +17,6 @@ and ``turns=True`` (the default):
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from datetime import datetime, timezone
@@ -29,7 +28,7 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "ISTNRegistration"))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from files_users_bring import head_turn, header_turned, heads, turned  # noqa: E402
+from files_users_bring import head_arguments, head_turn, header_turned, heads, turned  # noqa: E402
 from report import write_report  # noqa: E402
 
 from istn import demo  # noqa: E402
@@ -63,11 +62,7 @@ def truth(image: sitk.Image, kind: str, how) -> sitk.Transform:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=None, help="output of `istn data prepare` (Colin27's whole head); optional")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "turned_heads"))
-    args = ap.parse_args(argv)
+    args = head_arguments(__doc__.splitlines()[0], "turned_heads").parse_args(argv)
     pair = demo.sample_pair()
     template, template_labels = pair["fixed"], pair["fixed_labels"]
     models = [load_model(demo.bundled_model(n)) for n in (demo.AFFINE_MODEL, demo.BSPLINE_MODEL)]
